@@ -1,0 +1,56 @@
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # lets the Triton kernels run on CPU; set before kernels import
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from kernels.ops.swiglu import swiglu, swiglu_reference  # noqa: E402
+from kernels.ops.testing import assert_close_verbose  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+GPU_ONLY = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+# dtype -> (atol, rtol, why). Reference: float64 on the same rounded inputs; elementwise op, no reductions.
+TOLERANCES = {
+    torch.float32: (1e-6, 1e-5, "fp32 exp/sigmoid vs float64: a few ulp"),
+    torch.bfloat16: (1e-2, 8e-3, "one bf16 rounding of the result (rel. step 2^-8 = 3.9e-3), x2 margin"),
+    torch.float16: (1e-3, 1e-3, "one fp16 rounding of the result (rel. step 2^-11 = 4.9e-4), x2 margin"),
+}
+DTYPES = [
+    torch.float32,
+    pytest.param(torch.bfloat16, marks=GPU_ONLY),
+    pytest.param(torch.float16, marks=GPU_ONLY),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1,), (7, 781), (2, 3, 1025), (123, 17)])
+def test_swiglu_matches_reference(shape, dtype):
+    atol, rtol, _ = TOLERANCES[dtype]
+    g = torch.Generator().manual_seed(0)
+    # scale 4 so silu's negative tail and saturation are both exercised
+    gate = (4 * torch.randn(shape, generator=g)).to(DEVICE, dtype).requires_grad_(True)
+    up = torch.randn(shape, generator=g).to(DEVICE, dtype).requires_grad_(True)
+    dout = torch.randn(shape, generator=g).to(DEVICE, dtype)
+    out = swiglu(gate, up)
+    out.backward(dout)
+    gate64 = gate.detach().double().requires_grad_(True)
+    up64 = up.detach().double().requires_grad_(True)
+    ref = swiglu_reference(gate64, up64)
+    ref.backward(dout.double())
+    assert out.dtype == dtype
+    assert_close_verbose(out, ref, atol, rtol, f"swiglu out {dtype} {shape}")
+    assert_close_verbose(gate.grad, gate64.grad, atol, rtol, f"swiglu dgate {dtype} {shape}")
+    assert_close_verbose(up.grad, up64.grad, atol, rtol, f"swiglu dup {dtype} {shape}")
+
+
+def test_swiglu_non_contiguous_halves():
+    # gate/up as the two halves of a fused gate_up projection: strided views.
+    gate_up = torch.randn(5, 2 * 96, device=DEVICE, requires_grad=True)
+    gate, up = gate_up.chunk(2, dim=-1)
+    swiglu(gate, up).sum().backward()
+    ref_in = gate_up.detach().double().requires_grad_(True)
+    rg, ru = ref_in.chunk(2, dim=-1)
+    swiglu_reference(rg, ru).sum().backward()
+    assert_close_verbose(gate_up.grad, ref_in.grad, 1e-6, 1e-5, "swiglu fused-halves grad")
