@@ -1,0 +1,281 @@
+"""Fused linear + cross-entropy (LM head + loss) that never materialises the full ``[tokens, vocab]`` logits.
+
+Per chunk of tokens: ``logits = h_chunk @ W^T (+ b)`` (cuBLAS), then one Triton program per row computes the
+online-softmax loss and overwrites the logits *in place* with ``d loss / d logits``; then
+``grad_h_chunk = dlogits @ W`` and ``grad_W += dlogits^T @ h_chunk`` (float32 accumulator, only when W needs a
+gradient). Gradients are computed during the forward and stored (as in Liger-Kernel), so backward only scales
+them by ``grad_output``; peak extra memory is one ``[chunk, vocab]`` logits buffer plus the gradients.
+
+Reduction: ``"mean"`` divides by the number of loss-bearing tokens (``labels != ignore_index``) over the whole
+batch, counted once before chunking, so the result does not depend on the chunk size. If every label is ignored
+the loss and gradients are 0 (HF's ``F.cross_entropy`` would return NaN).
+
+Labels must lie in ``[0, vocab)`` or equal ``ignore_index``; other values are not checked (checking costs a
+device sync) and read out of bounds.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.ops._utils import runnable, use_triton
+
+_BLOCK_V = 4096  # vocab columns per loop step: 16 KiB fp32 of registers per program on H100 (num_warps=8)
+
+
+@triton.jit
+def _cross_entropy_fwd_bwd_kernel(
+    logits_ptr,
+    labels_ptr,
+    loss_ptr,
+    scale_ptr,
+    stride_logits,
+    n_cols,
+    ignore_index,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    logits_ptr += row * stride_logits
+    label = tl.load(labels_ptr + row).to(tl.int64)
+    cols0 = tl.arange(0, BLOCK_V)
+    if label == ignore_index:
+        # No loss, zero gradient: the chunk GEMMs downstream read this row.
+        for off in range(0, n_cols, BLOCK_V):
+            cols = off + cols0
+            tl.store(logits_ptr + cols, tl.zeros([BLOCK_V], dtype=logits_ptr.dtype.element_ty), mask=cols < n_cols)
+        tl.store(loss_ptr + row, 0.0)
+        return
+    # Pass 1: running max m and running sum d of exp(x - m) (online softmax), all in fp32.
+    m = float("-inf")
+    d = 0.0
+    for off in range(0, n_cols, BLOCK_V):
+        cols = off + cols0
+        x = tl.load(logits_ptr + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        m = m_new
+    x_label = tl.load(logits_ptr + label).to(tl.float32)
+    lse = m + tl.log(d)
+    tl.store(loss_ptr + row, lse - x_label)
+    # Pass 2: overwrite logits with scale * (softmax - onehot(label)).
+    scale = tl.load(scale_ptr)
+    inv_d = 1.0 / d
+    for off in range(0, n_cols, BLOCK_V):
+        cols = off + cols0
+        mask = cols < n_cols
+        x = tl.load(logits_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        p = tl.exp(x - m) * inv_d
+        grad = tl.where(cols == label, p - 1.0, p) * scale
+        tl.store(logits_ptr + cols, grad.to(logits_ptr.dtype.element_ty), mask=mask)
+
+
+def cross_entropy_fwd_bwd_(logits: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor, ignore_index: int):
+    """Per-row loss of 2-D ``logits`` (returned, fp32) and, in place, ``logits <- scale * dloss/dlogits``."""
+    n_rows, n_cols = logits.shape
+    assert logits.stride(1) == 1
+    loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    runnable(_cross_entropy_fwd_bwd_kernel)[(n_rows,)](
+        logits, labels, loss, scale, logits.stride(0), n_cols, ignore_index, BLOCK_V=_BLOCK_V, num_warps=8
+    )
+    return loss
+
+
+_OUT_DTYPE_ADDMM_OK: bool | None = None  # whether torch.addmm(..., out_dtype=fp32) works here (CUDA, torch>=2.8)
+
+
+def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` with an fp32 ``acc`` and low-precision ``a``, ``b``, without a [M, N] low-precision temp.
+
+    cuBLAS can read bf16 operands and accumulate into an fp32 C directly (``out_dtype``); where that overload
+    is missing we fall back to a bf16 product added in fp32 (one extra rounding per chunk).
+    """
+    global _OUT_DTYPE_ADDMM_OK
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+        return
+    if _OUT_DTYPE_ADDMM_OK is not False and acc.is_cuda:
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            _OUT_DTYPE_ADDMM_OK = True
+            return
+        except (RuntimeError, TypeError):
+            _OUT_DTYPE_ADDMM_OK = False
+    acc.add_(a @ b)
+
+
+def default_chunk_size(n_tokens: int) -> int:
+    """Tokens per chunk: 1024 (a 263 MB bf16 logits buffer at vocab 128256).
+
+    Smaller chunks save memory but hurt twice: ``dlogits @ W`` has only ``chunk/128`` row tiles (1024 -> 8 x 32
+    = 256 CTAs, enough for 132 SMs; Liger's 128-token chunks give 32) and each chunk re-reads/writes the
+    ``[V, H]`` fp32 grad_W accumulator (2.1 GB at 8B shapes).
+    """
+    return max(1, min(n_tokens, 1024))
+
+
+def fused_linear_cross_entropy_forward(
+    h: torch.Tensor,
+    w: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    chunk_size: int,
+    need_grad_h: bool,
+    need_grad_w: bool,
+    need_grad_b: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Chunked loop on 2-D ``h`` [T, H], ``w`` [V, H], 1-D ``labels`` [T]. Returns ``(loss, gh, gw, gb)``."""
+    n_tokens = h.shape[0]
+    n_valid = (labels != ignore_index).sum()
+    if reduction == "mean":
+        scale = 1.0 / n_valid.clamp_min(1).to(torch.float32)
+    elif reduction == "sum":
+        scale = torch.ones((), dtype=torch.float32, device=h.device)
+    else:
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    scale = scale.reshape(1)  # read by the kernel through a pointer: no host sync for n_valid
+    grad_h = torch.empty_like(h) if need_grad_h else None
+    grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_grad_w else None
+    grad_b = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device) if need_grad_b else None
+    loss_rows = torch.empty(n_tokens, dtype=torch.float32, device=h.device)
+    for start in range(0, n_tokens, chunk_size):
+        end = min(start + chunk_size, n_tokens)
+        h_c = h[start:end]
+        logits = h_c @ w.t() if bias is None else torch.addmm(bias, h_c, w.t())
+        loss_rows[start:end] = cross_entropy_fwd_bwd_(logits, labels[start:end], scale, ignore_index)
+        dlogits = logits  # overwritten in place by the kernel
+        if grad_h is not None:
+            torch.mm(dlogits, w, out=grad_h[start:end])
+        if grad_w is not None:
+            _addmm_fp32_(grad_w, dlogits.t(), h_c)
+        if grad_b is not None:
+            grad_b.add_(dlogits.sum(0, dtype=torch.float32))
+        del logits, dlogits
+    loss = loss_rows.sum() * scale[0]
+    return (
+        loss,
+        grad_h,
+        grad_w.to(w.dtype) if grad_w is not None else None,
+        grad_b.to(bias.dtype) if grad_b is not None else None,
+    )
+
+
+class FusedLinearCrossEntropyFunction(torch.autograd.Function):
+    """Autograd wrapper: gradients are produced in forward; backward multiplies them by ``grad_output``.
+
+    Calling backward twice (``retain_graph=True``) is not supported: the stored gradients are released.
+    """
+
+    @staticmethod
+    def forward(ctx, h, w, labels, bias, ignore_index, reduction, chunk_size, grad_enabled):  # noqa: ANN001, ANN205
+        shape = h.shape
+        h2 = h.reshape(-1, shape[-1])
+        loss, gh, gw, gb = fused_linear_cross_entropy_forward(
+            h2,
+            w,
+            labels.reshape(-1),
+            bias,
+            ignore_index,
+            reduction,
+            chunk_size or default_chunk_size(h2.shape[0]),
+            need_grad_h=grad_enabled and ctx.needs_input_grad[0],
+            need_grad_w=grad_enabled and ctx.needs_input_grad[1],
+            need_grad_b=grad_enabled and bias is not None and ctx.needs_input_grad[3],
+        )
+        ctx.grads = (gh.view(shape) if gh is not None else None, gw, gb)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):  # noqa: ANN001, ANN205
+        gh, gw, gb = ctx.grads
+        ctx.grads = None
+        # grad_output is 1.0 in the usual loss.backward(); multiplying anyway avoids a host sync to check.
+        gh = gh * grad_output.to(gh.dtype) if gh is not None else None
+        gw = gw * grad_output.to(gw.dtype) if gw is not None else None
+        gb = gb * grad_output.to(gb.dtype) if gb is not None else None
+        return gh, gw, None, gb, None, None, None, None
+
+
+def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Labels for next-token prediction: position t gets ``labels[..., t + 1]``, the last position is ignored.
+
+    Shifts along the last dimension, so pass ``[batch, seq]`` labels (a flattened batch would leak the first
+    token of one row into the last position of the previous one).
+    """
+    pad = torch.full_like(labels[..., :1], ignore_index)
+    return torch.cat([labels[..., 1:], pad], dim=-1)
+
+
+def fused_linear_cross_entropy_reference(
+    h: torch.Tensor,
+    w: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    shift: bool = False,
+) -> torch.Tensor:
+    """Pure-PyTorch LM-head + cross-entropy in float32 (float64 for float64 inputs), autograd-differentiable.
+
+    Memory traffic: materialises ``[T, V]`` fp32 logits (2.1 GB at T=4096, V=128256), reads them for the
+    softmax and writes an equally large ``dlogits`` in backward: ~4 x T x V x 4 bytes beyond the GEMMs.
+    """
+    compute = torch.float64 if h.dtype == torch.float64 else torch.float32
+    if shift:
+        labels = shift_labels(labels, ignore_index)
+    logits = h.to(compute) @ w.to(compute).t()
+    if bias is not None:
+        logits = logits + bias.to(compute)
+    labels = labels.reshape(-1)
+    loss = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, w.shape[0]), labels, ignore_index=ignore_index, reduction="sum"
+    )
+    if reduction == "mean":
+        loss = loss / (labels != ignore_index).sum().clamp_min(1)
+    return loss
+
+
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    shift: bool = False,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Cross-entropy of ``hidden @ weight.T (+ bias)`` against ``labels`` without materialising all logits.
+
+    On CPU without ``TRITON_INTERPRET=1`` this runs :func:`fused_linear_cross_entropy_reference`, which does
+    materialise the logits.
+
+    Args:
+        hidden: ``[..., H]`` final hidden states (bf16/fp16/fp32), e.g. ``[batch, seq, H]``.
+        weight: ``[V, H]`` LM-head weight, same dtype as ``hidden``; may be frozen (then no grad_W work).
+        labels: Integer tensor with ``hidden.shape[:-1]`` (``[batch, seq]``); ``ignore_index`` marks
+            padding / prompt tokens.
+        bias: Optional ``[V]`` LM-head bias.
+        ignore_index: Label value that contributes neither loss nor gradient.
+        reduction: ``"mean"`` (over loss-bearing tokens of the whole batch) or ``"sum"``.
+        shift: If True, ``labels`` are the input ids and are shifted here (:func:`shift_labels`): position t
+            is trained to predict ``labels[..., t + 1]``.
+        chunk_size: Tokens per chunk; default :func:`default_chunk_size`.
+
+    Returns:
+        Scalar float32 loss.
+    """
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(f"labels {tuple(labels.shape)} must have hidden's leading shape {tuple(hidden.shape[:-1])}")
+    if shift:
+        labels = shift_labels(labels, ignore_index)
+    if not use_triton(hidden, weight):
+        return fused_linear_cross_entropy_reference(hidden, weight, labels, bias, ignore_index, reduction)
+    return FusedLinearCrossEntropyFunction.apply(
+        hidden, weight, labels.contiguous(), bias, ignore_index, reduction, chunk_size,
+        # needs_input_grad stays True under torch.no_grad(); this flag lets eval skip the gradient GEMMs.
+        torch.is_grad_enabled(),
+    )  # fmt: skip
