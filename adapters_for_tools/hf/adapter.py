@@ -1,0 +1,123 @@
+"""hf adapter: the scenario as a transformers ``Trainer`` run with PEFT, measured by the common hook.
+
+Settings map one to one: ``TrainingArguments`` gets micro-batch, accumulation, steps, LR, optimizer,
+gradient checkpointing (non-reentrant) and precision; PEFT's ``LoraConfig`` gets rank, alpha, dropout,
+targets and DoRA; QLoRA loads the base through ``BitsAndBytesConfig`` (nf4, double quantisation, bf16
+compute). Data is the sweep's dataset tokenised by ``harness.data`` and fed in order (sequential sampler).
+
+Decision: QLoRA does not call ``peft.prepare_model_for_kbit_training`` — it upcasts every non-quantised
+weight (norms, embeddings, LM head) to float32, which costs ~2 GB on an 8B model and which no other
+framework in the comparison does; the method (4-bit base, bf16 compute, LoRA adapters) is the same.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from harness.data import collate, load_tokenised
+from harness.effective import read_back_model, read_back_optimizer
+
+OPTIM = {"adamw_torch": "adamw_torch", "adamw_torch_fused": "adamw_torch_fused", "adamw_8bit": "adamw_bnb_8bit",
+         "sgd": "sgd"}
+
+
+def build_model(ctx):
+    """Load the checkpoint and apply the method (shared with the hand-written reference loop)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sc = ctx.scenario
+    dtype = getattr(torch, sc.model.dtype)
+    kwargs = {"dtype": dtype, "attn_implementation": sc.model.attn_implementation}
+    if sc.method.kind == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        q = sc.method.quant
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=q.quant_type, bnb_4bit_use_double_quant=q.double_quant,
+            bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype))
+        kwargs["device_map"] = {"": 0}
+    model = AutoModelForCausalLM.from_pretrained(ctx.checkpoint, **kwargs)
+    if sc.hardware.device == "cuda" and sc.method.kind != "qlora":
+        model.to("cuda")
+    tok = AutoTokenizer.from_pretrained(ctx.checkpoint)
+    if sc.method.is_peft:
+        from peft import LoraConfig, get_peft_model
+
+        cfg = LoraConfig(r=sc.method.lora_r, lora_alpha=sc.method.lora_alpha, lora_dropout=sc.method.lora_dropout,
+                         target_modules=sc.method.resolved_targets(), use_dora=sc.method.kind == "dora",
+                         bias="none", task_type="CAUSAL_LM")
+        model = get_peft_model(model, cfg)
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    return model, tok
+
+
+def run(ctx) -> None:
+    from transformers import Trainer, TrainingArguments
+
+    sc = ctx.scenario
+    t0 = time.time()
+    model, tok = build_model(ctx)
+    ctx.load_s = time.time() - t0
+    data = load_tokenised(sc, ctx.dataset_path, tok)
+    mixed = sc.model.dtype in ("bfloat16", "float16")
+    args_kw = dict(
+        output_dir=str(ctx.work_dir / "trainer"),
+        per_device_train_batch_size=sc.train.micro_batch,
+        gradient_accumulation_steps=sc.train.grad_accum,
+        max_steps=sc.train.steps,
+        learning_rate=sc.train.lr,
+        lr_scheduler_type=sc.train.lr_scheduler,
+        warmup_steps=0,
+        optim=OPTIM[sc.train.optimizer],
+        weight_decay=sc.train.weight_decay,
+        max_grad_norm=sc.train.max_grad_norm or 0.0,
+        gradient_checkpointing=sc.train.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if sc.train.gradient_checkpointing else None,
+        bf16=mixed and sc.model.dtype == "bfloat16",
+        fp16=sc.model.dtype == "float16",
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        seed=sc.train.seed,
+        data_seed=sc.train.seed,
+        dataloader_num_workers=0,
+        train_sampling_strategy="sequential",
+        remove_unused_columns=False,
+        use_cpu=sc.hardware.device == "cpu",
+        disable_tqdm=True,
+    )
+    args_kw.update(ctx.overrides.get("training_args", {}))
+    args = TrainingArguments(**args_kw)
+    ctx.save_native_config("training_args.json", json.dumps(args.to_dict(), indent=1, default=str))
+    ctx.meter.attach(model)
+
+    def on_first_step(live_model, state, targs, **kw):
+        ctx.set_effective(**read_back_model(live_model), **read_back_optimizer(kw.get("optimizer")))
+
+    from harness.measure import make_trainer_callback
+
+    trainer = Trainer(model=model, args=args, train_dataset=_ListDataset(data.rows),
+                      data_collator=lambda feats: collate(feats, tok.pad_token_id),
+                      callbacks=[make_trainer_callback(ctx.meter, on_first_step)])
+    trainer.train()
+    ctx.output_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(ctx.output_dir)
+    tok.save_pretrained(ctx.output_dir)
+    ctx.extra["saved"] = "peft adapter" if sc.method.is_peft else "hf checkpoint"
+
+
+class _ListDataset:
+    """Pre-tokenised rows as a map-style dataset (fixed order; the Trainer's sampler is sequential)."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]

@@ -1,0 +1,156 @@
+"""Command line: ``python -m harness <command> ...``.
+
+Examples::
+
+    python -m harness run scenarios/tiny_cpu.yaml            # run every framework, write results + report
+    python -m harness run scenarios/llama8b_lora.yaml --only hf --new
+    python -m harness validate scenarios/*.yaml               # check scenario files, run nothing
+    python -m harness list                                    # adapters (and why unavailable), scenarios
+    python -m harness report results/<run-id>                 # tables + charts again from stored results
+    python -m harness compare results/<old> results/<new>     # regression gate: exit 1 on regression
+    python -m harness calibrate                               # measure the GPU's bf16 matmul peak
+    python -m harness env list|check|create|pack|install ...  # per-framework environments
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from harness.envs import REPO_ROOT
+
+EXIT_BAD_INPUT = 2
+
+
+def _cmd_run(args) -> int:
+    from harness.runner import run_sweep
+    from harness.scenario import ScenarioError, load_scenario
+
+    try:
+        sc = load_scenario(args.scenario)
+    except ScenarioError as e:
+        print(e, file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if args.only:
+        unknown = [n for n in args.only if n not in sc.framework_names()]
+        if unknown:
+            print(f"{args.scenario}: --only {unknown}: not among the scenario's frameworks "
+                  f"{sc.framework_names()}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+    if args.repeats:
+        sc.measure.repeats = args.repeats
+    try:
+        out = run_sweep(sc, Path(args.results), None if args.no_report else Path(args.reports), new=args.new,
+                        quiet=args.quiet, only=args.only)
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished runs are stored; rerun the same command to resume", file=sys.stderr)
+        return 130
+    print(f"results: {out}")
+    if not args.no_report:
+        print(f"report:  {Path(args.reports) / out.name / 'report.md'}")
+    return 0
+
+
+def _cmd_validate(args) -> int:
+    from harness.scenario import ScenarioError, load_scenario
+
+    bad = 0
+    for f in args.files:
+        try:
+            sc = load_scenario(f)
+            print(f"{f}: ok ({sc.name}: {sc.model.preset or sc.model.weights}, {sc.method.kind}, "
+                  f"frameworks {', '.join(sc.framework_names())})")
+        except ScenarioError as e:
+            print(e, file=sys.stderr)
+            bad += 1
+    return EXIT_BAD_INPUT if bad else 0
+
+
+def _cmd_list(args) -> int:
+    from adapters_for_tools import registry
+    from harness.scenario import ScenarioError, load_scenario
+
+    print("frameworks:")
+    for name in registry.names():
+        info = registry.info(name)
+        why = info.unavailable()
+        cuda_note = "" if why else ("" if "cpu" in info.devices else " (CUDA only)")
+        state = f"unavailable: {why}" if why else "available" + cuda_note
+        print(f"  {name:13s} {state}")
+        print(f"  {'':13s} {info.description}; methods {', '.join(sorted(info.methods))}; env {info.env}")
+    print("scenarios:")
+    for p in sorted((REPO_ROOT / "scenarios").glob("*.yaml")):
+        try:
+            sc = load_scenario(p)
+            print(f"  {p.relative_to(REPO_ROOT)}: {sc.model.preset or sc.model.weights} {sc.method.kind} "
+                  f"on {sc.hardware.device}, frameworks {', '.join(sc.framework_names())}")
+        except ScenarioError as e:
+            print(f"  {p.relative_to(REPO_ROOT)}: INVALID: {e.problems[0]}")
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from harness import report
+
+    return report.main([args.results_dir] + (["--out", args.out] if args.out else []))
+
+
+def _cmd_compare(args, rest: list[str]) -> int:
+    from harness import compare
+
+    return compare.main(rest)
+
+
+def _cmd_calibrate(args) -> int:
+    from harness import calibrate
+
+    return calibrate.main(args)
+
+
+def _cmd_env(args, rest: list[str]) -> int:
+    from harness import env_cli
+
+    return env_cli.main(rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m harness", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run a scenario through its frameworks",
+                       description="Run every (framework x repeat) of a scenario, each in its own process; "
+                                   "resume an interrupted sweep of the same scenario. Example: "
+                                   "python -m harness run scenarios/tiny_cpu.yaml")
+    r.add_argument("scenario")
+    r.add_argument("--results", default=str(REPO_ROOT / "results"), help="results root (default: results/)")
+    r.add_argument("--reports", default=str(REPO_ROOT / "reports"), help="reports root (default: reports/)")
+    r.add_argument("--new", action="store_true", help="start a new sweep even if an interrupted one exists")
+    r.add_argument("--only", nargs="+", metavar="FRAMEWORK", help="run only these of the scenario's frameworks")
+    r.add_argument("--repeats", type=int, help="override measure.repeats")
+    r.add_argument("--no-report", action="store_true")
+    r.add_argument("--quiet", action="store_true")
+    v = sub.add_parser("validate", help="check scenario files without running",
+                       description="Example: python -m harness validate scenarios/*.yaml")
+    v.add_argument("files", nargs="+")
+    sub.add_parser("list", help="adapters (and why any is unavailable) and shipped scenarios")
+    rp = sub.add_parser("report", help="write report.md/report.html/charts from stored results",
+                        description="Example: python -m harness report results/tiny_cpu-20261123-120000")
+    rp.add_argument("results_dir")
+    rp.add_argument("--out")
+    sub.add_parser("compare", help="regression verdict between two result sets (exit 1 on regression)",
+                   add_help=False)
+    c = sub.add_parser("calibrate", help="measure the GPU's bf16 dense matmul peak (TFLOP/s)")
+    c.add_argument("--size", type=int, default=8192)
+    c.add_argument("--out", help="write the measurement as JSON here")
+    sub.add_parser("env", help="per-framework environments: list, check, create, pack, install", add_help=False)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("compare", "env"):  # these parse their own arguments
+        return {"compare": _cmd_compare, "env": _cmd_env}[argv[0]](None, argv[1:])
+    args = build_parser().parse_args(argv)
+    return {"run": _cmd_run, "validate": _cmd_validate, "list": _cmd_list, "report": _cmd_report,
+            "calibrate": _cmd_calibrate}[args.cmd](args)

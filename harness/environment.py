@@ -1,0 +1,105 @@
+"""Environment capture: what a result was measured on (hardware, driver, libraries, git sha)."""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+LIBRARIES = ("torch", "triton", "transformers", "peft", "accelerate", "bitsandbytes", "trl", "datasets", "unsloth",
+             "unsloth_zoo", "axolotl", "llamafactory", "litgpt", "lm_eval", "flash_attn", "liger_kernel",
+             "tokenizers", "safetensors", "numpy", "pandas", "nvidia-ml-py")
+
+
+def git_info() -> dict:
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+
+    sha = git("rev-parse", "HEAD") or None
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no")) if sha else None
+    return {"git_sha": sha, "git_dirty": dirty}
+
+
+def library_versions() -> dict:
+    out = {}
+    for name in LIBRARIES:
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def gpu_info() -> dict:
+    """GPU name, driver, memory and any foreign process on it, from NVML; empty values without a GPU."""
+    info = {"gpu_name": None, "gpu_count": 0, "driver": None, "gpu_memory_gib": None, "foreign_gpu_processes": [],
+            "nvml_error": None}
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        info["driver"] = pynvml.nvmlSystemGetDriverVersion()
+        n = pynvml.nvmlDeviceGetCount()
+        info["gpu_count"] = n
+        if n:
+            h = pynvml.nvmlDeviceGetHandleByIndex(0)
+            info["gpu_name"] = pynvml.nvmlDeviceGetName(h)
+            info["gpu_memory_gib"] = pynvml.nvmlDeviceGetMemoryInfo(h).total / 1024**3
+            try:
+                info["cuda_driver_version"] = pynvml.nvmlSystemGetCudaDriverVersion_v2()
+            except pynvml.NVMLError:
+                pass
+            me = os.getpid()
+            for i in range(n):
+                hi = pynvml.nvmlDeviceGetHandleByIndex(i)
+                for p in pynvml.nvmlDeviceGetComputeRunningProcesses(hi):
+                    if p.pid != me:
+                        info["foreign_gpu_processes"].append({"gpu": i, "pid": p.pid,
+                                                              "used_gib": (p.usedGpuMemory or 0) / 1024**3})
+    except Exception as e:  # no NVML here (CPU machine): leave the GPU fields empty
+        info["nvml_error"] = f"{type(e).__name__}: {e}"
+    return info
+
+
+def capture(with_torch: bool = True) -> dict:
+    """Everything needed to tell two measurements apart. ``with_torch=False`` avoids importing torch."""
+    env = {
+        "python": sys.version.split()[0],
+        "executable": sys.executable,
+        "platform": platform.platform(),
+        "hostname": platform.node(),
+        "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "libraries": library_versions(),
+        **git_info(),
+        **gpu_info(),
+    }
+    if with_torch:
+        try:
+            import torch
+
+            env["torch_cuda"] = torch.version.cuda
+            env["torch_cuda_available"] = torch.cuda.is_available()
+            if torch.cuda.is_available():
+                env["cudnn"] = torch.backends.cudnn.version()
+                env["torch_gpu_name"] = torch.cuda.get_device_name(0)
+        except ImportError:
+            pass
+    return env

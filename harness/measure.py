@@ -1,0 +1,364 @@
+"""Per-step measurement, identical for every framework.
+
+Adapters call one hook at the same point of every optimizer step:
+
+    meter.count_batch(batch)        # each micro-batch the model is fed (we count tokens ourselves)
+    meter.step_begin()
+    ...forward/backward/optimizer...
+    meter.step_end(loss)            # synchronises the device before reading the clock
+
+HF-Trainer-based tools get the same hook through :class:`MeasureCallback` plus :func:`counting_collator`.
+
+What is measured (units in names):
+- ``step_s``: wall time of each optimizer step with ``torch.cuda.synchronize()`` on both ends; the first
+  ``warmup_steps`` are dropped from the statistics (compile/autotune/allocator warm-up).
+- tokens: non-padding input tokens (``attention_mask`` sum, or all ids when there is no mask) and,
+  separately, loss-bearing tokens (labels != -100 after the one-position shift) — never a tool's own count.
+- GPU memory three ways: NVML per-process used memory sampled in a background thread, NVML device total
+  used memory, and torch ``max_memory_allocated`` / ``max_memory_reserved``. On a CPU these stay ``None``.
+- host peak RSS (``ru_maxrss``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+GIB = 1024**3
+
+
+def _percentile(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    s = sorted(xs)
+    k = (len(s) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+class GpuMemorySampler:
+    """Samples NVML memory of this process and of the whole device in a background thread.
+
+    ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` (set by the runner) makes NVML's index agree with torch's.
+    """
+
+    def __init__(self, device_index: int = 0, interval_s: float = 0.01, pid: int | None = None):
+        self.interval_s = interval_s
+        self.pid = pid or os.getpid()
+        self.peak_process_bytes: int | None = None
+        self.peak_device_bytes: int | None = None
+        self.baseline_device_bytes: int | None = None
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._handle = None
+        self.error: str | None = None
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._nvml = pynvml
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            idx = int(visible.split(",")[device_index]) if visible and visible.split(",")[0].isdigit() else device_index
+            self._handle = pynvml.nvmlDeviceGetHandleByIndex(idx)
+            self.baseline_device_bytes = pynvml.nvmlDeviceGetMemoryInfo(self._handle).used
+        except Exception as e:  # no driver / no GPU: the fields stay None, and we say why
+            self.error = f"{type(e).__name__}: {e}"
+            self._handle = None
+
+    @property
+    def available(self) -> bool:
+        return self._handle is not None
+
+    def sample(self) -> None:
+        nv = self._nvml
+        dev = nv.nvmlDeviceGetMemoryInfo(self._handle).used
+        self.peak_device_bytes = max(self.peak_device_bytes or 0, dev)
+        mine = None
+        for getter in (nv.nvmlDeviceGetComputeRunningProcesses, nv.nvmlDeviceGetGraphicsRunningProcesses):
+            try:
+                for p in getter(self._handle):
+                    if p.pid == self.pid and p.usedGpuMemory is not None:
+                        mine = (mine or 0) + p.usedGpuMemory
+            except nv.NVMLError:
+                pass
+        if mine is not None:
+            self.peak_process_bytes = max(self.peak_process_bytes or 0, mine)
+        self.samples += 1
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.sample()
+            except Exception as e:  # keep the run going; report the sampler's failure with the result
+                self.error = f"{type(e).__name__}: {e}"
+                return
+
+    def start(self) -> GpuMemorySampler:
+        if self.available and self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="nvml-sampler", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join(timeout=5)
+            self._thread = None
+            try:
+                self.sample()
+            except Exception:
+                pass
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+class StepMeter:
+    """The common per-optimizer-step hook.
+
+    Args:
+        warmup_steps: leading optimizer steps excluded from timing statistics.
+        device: ``"cuda"`` or ``"cpu"``; on cuda the clock is read after a device synchronisation.
+        progress_path: optional file updated after each step (live tokens/s for the runner's display).
+        memory_interval_ms: NVML sampling period.
+    """
+
+    def __init__(self, warmup_steps: int, device: str = "cpu", progress_path: Path | None = None,
+                 memory_interval_ms: float = 10.0, total_steps: int | None = None):
+        self.warmup_steps = warmup_steps
+        self.device = device
+        self.total_steps = total_steps
+        self.progress_path = Path(progress_path) if progress_path else None
+        self.steps: list[dict[str, Any]] = []
+        self._pending = {"tokens": 0, "loss_tokens": 0, "samples": 0, "padded_tokens": 0, "max_len": 0,
+                         "micro_batches": 0, "ctx_tokens_sq": 0}
+        self._t0: float | None = None
+        self._sync = None
+        self.memory = GpuMemorySampler(interval_s=memory_interval_ms / 1000.0) if device == "cuda" else None
+        self.started_at = time.time()
+        self._first_step_at: float | None = None
+        self.loss_by_step: dict[int, float] = {}
+        if device == "cuda":
+            import torch
+
+            self._sync = torch.cuda.synchronize
+            torch.cuda.reset_peak_memory_stats()
+        if self.memory is not None:
+            self.memory.start()
+
+    # -- token counting -----------------------------------------------------------------------------------
+    def count_batch(self, batch: dict[str, Any]) -> None:
+        """Count one micro-batch the model is fed: non-padding tokens, loss tokens, samples, widths."""
+        ids = batch["input_ids"]
+        mask = batch.get("attention_mask")
+        labels = batch.get("labels")
+        rows = int(ids.shape[0]) if hasattr(ids, "shape") else len(ids)
+        width = int(ids.shape[-1]) if hasattr(ids, "shape") else max(len(r) for r in ids)
+        if mask is not None and hasattr(mask, "sum") and getattr(mask, "dim", lambda: 2)() == 2:
+            per_row = [int(x) for x in mask.sum(-1).tolist()]
+        else:
+            per_row = [width] * rows
+        tokens = sum(per_row)
+        loss_tokens = int((labels[..., 1:] != -100).sum()) if labels is not None else tokens - rows
+        p = self._pending
+        p["tokens"] += tokens
+        p["loss_tokens"] += loss_tokens
+        p["samples"] += self._samples_in(batch, rows)
+        p["padded_tokens"] += rows * width
+        p["max_len"] = max(p["max_len"], width)
+        p["micro_batches"] += 1
+        p["rows"] = max(p.get("rows", 0), rows)
+        p["ctx_tokens_sq"] += self._ctx_sq(batch, per_row)
+
+    def attach(self, model) -> None:
+        """Count every training forward of ``model`` from the arguments it is called with.
+
+        This sees exactly what the framework feeds the model (after its own collation, packing and padding),
+        which is why Trainer-based adapters count here rather than in a collator (accelerate's data loader
+        runs one batch ahead of the step it belongs to).
+        """
+
+        def pre_hook(module, args, kwargs):
+            if not module.training:
+                return
+            batch = dict(kwargs)
+            if "input_ids" not in batch and args:
+                batch["input_ids"] = args[0]
+            if batch.get("input_ids") is None:
+                return
+            self.count_batch(batch)
+
+        self._hook = model.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+    @staticmethod
+    def _samples_in(batch, rows: int) -> int:
+        pos = batch.get("position_ids")
+        if pos is None or not hasattr(pos, "eq"):
+            return rows
+        return int(pos.eq(0).sum())  # packed rows: one sample per position 0
+
+    @staticmethod
+    def _ctx_sq(batch, per_row: list[int]) -> int:
+        """Sum over samples of length^2 (attention FLOPs scale with it); packed samples counted separately."""
+        pos = batch.get("position_ids")
+        if pos is None or not hasattr(pos, "tolist"):
+            return sum(n * n for n in per_row)
+        total = 0
+        for row, n in zip(pos.tolist(), per_row):
+            run = 0
+            for p in row[:n]:
+                if p == 0 and run:
+                    total += run * run
+                    run = 0
+                run += 1
+            total += run * run
+        return total
+
+    # -- step timing --------------------------------------------------------------------------------------
+    def step_begin(self) -> None:
+        if self._sync:
+            self._sync()
+        self._t0 = time.perf_counter()
+        if self._first_step_at is None:
+            self._first_step_at = time.time()
+
+    def step_end(self, loss: float | None = None) -> None:
+        if self._sync:
+            self._sync()
+        t1 = time.perf_counter()
+        if self._t0 is None:
+            raise RuntimeError("step_end() without step_begin()")
+        idx = len(self.steps)
+        rec = {"step": idx + 1, "step_s": t1 - self._t0, "measured": idx >= self.warmup_steps, "loss": loss,
+               **{k: self._pending.get(k, 0) for k in ("tokens", "loss_tokens", "samples", "padded_tokens",
+                                                      "max_len", "micro_batches", "rows", "ctx_tokens_sq")}}
+        self.steps.append(rec)
+        self._pending = {k: 0 for k in self._pending}
+        self._t0 = None
+        self._write_progress()
+
+    def record_loss(self, step: int, loss: float) -> None:
+        """Loss of optimizer step ``step`` (1-based) when it is known only after step_end (HF Trainer logs)."""
+        self.loss_by_step[step] = float(loss)
+        if 1 <= step <= len(self.steps) and self.steps[step - 1]["loss"] is None:
+            self.steps[step - 1]["loss"] = float(loss)
+
+    def _write_progress(self) -> None:
+        if not self.progress_path:
+            return
+        last = self.steps[-1]
+        data = {"step": last["step"], "total": self.total_steps, "tokens_per_s": last["tokens"] / last["step_s"]
+                if last["step_s"] > 0 else None, "loss": last["loss"], "measured": last["measured"]}
+        tmp = self.progress_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, self.progress_path)
+
+    # -- results --------------------------------------------------------------------------------------------
+    def finish(self) -> dict[str, Any]:
+        """Stop sampling and return the metrics dict (``None`` where a quantity does not apply)."""
+        if self.memory is not None:
+            self.memory.stop()
+        torch_peaks = {"peak_alloc_gib": None, "peak_reserved_gib": None}
+        if self.device == "cuda":
+            import torch
+
+            torch_peaks = {"peak_alloc_gib": torch.cuda.max_memory_allocated() / GIB,
+                           "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB}
+        return summarise(self.steps, self.warmup_steps) | torch_peaks | {
+            "peak_vram_nvml_gib": _gib(self.memory.peak_process_bytes) if self.memory else None,
+            "peak_vram_device_gib": _gib(self.memory.peak_device_bytes) if self.memory else None,
+            "vram_device_before_gib": _gib(self.memory.baseline_device_bytes) if self.memory else None,
+            "nvml_samples": self.memory.samples if self.memory else None,
+            "nvml_error": self.memory.error if self.memory else None,
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB,
+        }
+
+
+def _gib(b: int | None) -> float | None:
+    return None if b is None else b / GIB
+
+
+def summarise(steps: list[dict], warmup_steps: int) -> dict[str, Any]:
+    """Statistics over the measured (post-warmup) steps."""
+    measured = [s for s in steps if s["measured"]]
+    step_s = [s["step_s"] for s in measured]
+    total_s = sum(step_s)
+    tokens = sum(s["tokens"] for s in measured)
+    losses = [s["loss"] for s in steps if s["loss"] is not None]
+    tps = [s["tokens"] / s["step_s"] for s in measured if s["step_s"] > 0]
+    return {
+        "steps_total": len(steps),
+        "steps_measured": len(measured),
+        "warmup_steps": warmup_steps,
+        "step_s_median": statistics.median(step_s) if step_s else None,
+        "step_s_mean": total_s / len(step_s) if step_s else None,
+        "step_s_p10": _percentile(step_s, 0.10),
+        "step_s_p90": _percentile(step_s, 0.90),
+        "step_s_min": min(step_s) if step_s else None,
+        "step_s_max": max(step_s) if step_s else None,
+        "tokens_per_s": tokens / total_s if total_s > 0 else None,
+        "tokens_per_s_median_step": statistics.median(tps) if tps else None,
+        "tokens_per_s_p10_step": _percentile(tps, 0.10),
+        "tokens_per_s_p90_step": _percentile(tps, 0.90),
+        "loss_tokens_per_s": sum(s["loss_tokens"] for s in measured) / total_s if total_s > 0 else None,
+        "samples_per_s": sum(s["samples"] for s in measured) / total_s if total_s > 0 else None,
+        "tokens_measured": tokens,
+        "tokens_per_step_mean": tokens / len(measured) if measured else None,
+        "padding_fraction": 1 - tokens / max(1, sum(s["padded_tokens"] for s in measured)) if measured else None,
+        "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None,
+        "measured_s": total_s,
+    }
+
+
+def counting_collator(collate_fn, meter: StepMeter):
+    """Wrap a data collator so every micro-batch it yields is counted by ``meter`` (HF-Trainer-based tools)."""
+
+    def wrapped(features):
+        batch = collate_fn(features)
+        meter.count_batch(batch)
+        return batch
+
+    return wrapped
+
+
+def make_trainer_callback(meter: StepMeter, on_first_step=None):
+    """A transformers ``TrainerCallback`` that drives ``meter`` at each optimizer step.
+
+    ``on_first_step(model, trainer_state, args, **kw)`` runs once at the first step begin: the place to read
+    effective settings back from the live model (train mode and gradient checkpointing are only final here).
+    Losses come from the Trainer's per-step log (``logging_steps=1``).
+    """
+    from transformers import TrainerCallback
+
+    class MeasureCallback(TrainerCallback):
+        def __init__(self):
+            self._first = True
+
+        def on_step_begin(self, args, state, control, **kw):
+            if self._first and on_first_step is not None:
+                on_first_step(kw.get("model"), state, args, **kw)
+            self._first = False
+            meter.step_begin()
+
+        def on_step_end(self, args, state, control, **kw):
+            meter.step_end(None)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                meter.record_loss(state.global_step, float(logs["loss"]))
+
+    return MeasureCallback()

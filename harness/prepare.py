@@ -1,0 +1,42 @@
+"""Build a sweep's inputs once, in a process of its own: ``python -m harness.prepare SPEC.json``.
+
+Writes the checkpoint (random weights when asked, cached) and the dataset JSONL every framework reads,
+then prints a JSON line ``{"checkpoint": ..., "dataset_path": ...}``. Kept out of the runner's process so the
+runner never holds GPU memory or heavy imports while it measures others.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+
+def prepare(sc, data_dir: Path) -> dict:
+    from harness import data, models
+
+    ckpt = models.resolve_checkpoint(sc.model, device=sc.hardware.device)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    ds_path = data_dir / "dataset.jsonl"
+    if not ds_path.exists():
+        rows, fmt = data.build_examples(sc)
+        meta = data.dataset_meta(sc, rows, fmt)
+        (data_dir / "dataset.meta.json").write_text(json.dumps(meta, indent=1))
+        data.write_jsonl(rows, ds_path)
+    digest = hashlib.sha256(ds_path.read_bytes()).hexdigest()[:16]
+    return {"checkpoint": str(ckpt), "dataset_path": str(ds_path), "dataset_sha256_16": digest}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from harness.scenario import scenario_from_dict
+
+    argv = sys.argv[1:] if argv is None else argv
+    spec = json.loads(Path(argv[0]).read_text())
+    sc = scenario_from_dict(spec["scenario"], spec.get("scenario_source") or "<resolved>")
+    print("TUNEBENCH_PREPARED " + json.dumps(prepare(sc, Path(spec["data_dir"]))), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

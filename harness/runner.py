@@ -1,0 +1,359 @@
+"""The sweep runner: scenario -> (framework x repeat) runs, each in a fresh process, results stored safely.
+
+- Every run is a subprocess (``python -m harness.worker``) in its framework's environment, with a timeout;
+  it hands back JSON through a file written atomically. The runner itself never imports torch.
+- A crash, OOM, timeout or unavailable framework becomes a recorded row with status and reason; the sweep
+  goes on.
+- Results are append-only: a run whose JSON exists is never redone or overwritten. Rerunning an interrupted
+  sweep (Ctrl-C, kill -9) finds it by scenario hash and does only what is missing.
+- Repeats are interleaved (r0 of every framework, then r1, ...) so slow drift of the machine spreads evenly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from harness import envs, results
+from harness.envs import REPO_ROOT
+
+LOG_KEEP_BYTES = 200_000  # tail of each worker log kept in results/ (the full log stays in the work dir)
+STATUS_OK = "ok"
+
+
+def work_root() -> Path:
+    return Path(os.environ.get("TUNEBENCH_WORK", REPO_ROOT / ".work"))
+
+
+def _now_id() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+
+
+def planned_keys(sc) -> list[tuple[str, int]]:
+    return [(fw.name, r) for r in range(sc.measure.repeats) for fw in sc.frameworks]
+
+
+def find_resumable(sc, results_root: Path) -> Path | None:
+    """The newest incomplete sweep of this exact scenario (same hash), if any."""
+    h = sc.content_hash()
+    cands = []
+    for d in results_root.glob(f"{sc.name}-*"):
+        plan = d / "sweep.json"
+        if not plan.exists():
+            continue
+        meta = json.loads(plan.read_text())
+        if meta.get("scenario_hash") != h:
+            continue
+        done = {p.stem for p in (d / "runs").glob("*.json")}
+        if not set(meta["planned"]) <= done:
+            cands.append((meta.get("created", ""), d))
+    return max(cands)[1] if cands else None
+
+
+def create_sweep(sc, results_root: Path) -> Path:
+    results_root.mkdir(parents=True, exist_ok=True)
+    while True:
+        d = results_root / f"{sc.name}-{_now_id()}"
+        try:
+            d.mkdir()
+            break
+        except FileExistsError:
+            time.sleep(1.0)
+    (d / "runs").mkdir()
+    (d / "logs").mkdir()
+    results.atomic_write_text(d / "scenario.yaml", _scenario_yaml(sc))
+    from harness import environment
+
+    results.atomic_write_text(d / "environment.json", json.dumps(environment.capture(with_torch=False), indent=1))
+    plan = {"scenario": sc.name, "scenario_hash": sc.content_hash(), "created": _now_id(),
+            "scenario_source": sc.source_path, "planned": [results.run_key(f, r) for f, r in planned_keys(sc)]}
+    results.atomic_write_text(d / "sweep.json", json.dumps(plan, indent=1))
+    return d
+
+
+def _scenario_yaml(sc) -> str:
+    head = f"# resolved scenario (every default filled in); source: {sc.source_path}\n"
+    return head + yaml.safe_dump(sc.to_dict(), sort_keys=False)
+
+
+@contextlib.contextmanager
+def sweep_lock(d: Path):
+    """One runner per sweep directory; a lock left by a killed runner is taken over."""
+    lock = d / "sweep.lock"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+            break
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text() or 0)
+                os.kill(pid, 0)
+                raise RuntimeError(f"{d} is being run by process {pid}") from None
+            except (ProcessLookupError, ValueError):
+                lock.unlink(missing_ok=True)  # its runner is gone
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _set_pdeathsig() -> None:
+    """Worker dies with the runner (kill -9 of the runner must not leave a training process behind)."""
+    os.setsid()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def worker_environment(env: envs.EnvSpec) -> dict[str, str]:
+    e = dict(os.environ)
+    # the overlay first (its pins win), then the repository (harness, adapters, kernels)
+    paths = env.pythonpath + [str(REPO_ROOT)] + ([e["PYTHONPATH"]] if e.get("PYTHONPATH") else [])
+    e.update({"PYTHONPATH": os.pathsep.join(paths), "CUDA_DEVICE_ORDER": "PCI_BUS_ID", "PYTHONUNBUFFERED": "1",
+              "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+              "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "WANDB_MODE": "disabled",
+              "WANDB_DISABLED": "true", "DO_NOT_TRACK": "1"})
+    e.update(env.env_vars)
+    return e
+
+
+class Display:
+    """Progress display (rich): the sweep, the current run and its live tokens/s."""
+
+    def __init__(self, total: int, quiet: bool = False):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.console = Console(stderr=True, quiet=quiet)
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=self.console,
+                                 transient=False)
+        self.sweep = self.progress.add_task("sweep", total=total, info="")
+        self.run = None
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *a):
+        self.progress.__exit__(*a)
+
+    def start_run(self, key: str, steps: int):
+        self.run = self.progress.add_task(f"  {key}", total=steps, info="starting")
+
+    def update_run(self, prog: dict):
+        if self.run is None:
+            return
+        tps = prog.get("tokens_per_s")
+        loss = prog.get("loss")
+        info = (f"{tps:,.0f} tok/s" if tps else "") + (f"  loss {loss:.3f}" if loss is not None else "")
+        self.progress.update(self.run, completed=prog.get("step", 0), info=info)
+
+    def end_run(self, key: str, res: dict):
+        if self.run is not None:
+            self.progress.remove_task(self.run)
+            self.run = None
+        self.progress.advance(self.sweep)
+        m = res.get("metrics") or {}
+        if res["status"] == STATUS_OK:
+            tps, vram = m.get("tokens_per_s"), m.get("peak_vram_nvml_gib")
+            msg = f"[green]ok[/] {tps:,.0f} tok/s" if tps else "[green]ok[/]"
+            msg += f", peak {vram:.2f} GiB (NVML)" if vram is not None else ""
+            msg += f", final loss {m['final_loss']:.4f}" if m.get("final_loss") is not None else ""
+            if not res.get("valid", True):
+                msg += f" [yellow]INVALID: {'; '.join(res.get('invalid_reasons', []))}[/]"
+        else:
+            msg = f"[red]{res['status']}[/]: {str(res.get('reason'))[:300]}"
+        self.console.print(f"{key}: {msg}", markup=True, highlight=False)
+
+
+def _prepare(sc, sweep_dir: Path, run_root: Path, timeout_s: float) -> dict:
+    spec = {"scenario": sc.to_dict(), "scenario_source": sc.source_path, "data_dir": str(run_root / "data")}
+    spec_path = run_root / "prepare.json"
+    spec_path.write_text(json.dumps(spec))
+    env = worker_environment(envs.resolve("base"))
+    proc = subprocess.run([sys.executable, "-m", "harness.prepare", str(spec_path)], env=env, cwd=run_root,
+                          capture_output=True, text=True, timeout=timeout_s)
+    for line in proc.stdout.splitlines():
+        if line.startswith("TUNEBENCH_PREPARED "):
+            return json.loads(line.split(" ", 1)[1])
+    raise RuntimeError(f"preparing the checkpoint and data failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+
+
+def _read_json(p: Path) -> dict | None:
+    try:
+        return json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _log_tail(p: Path, n: int = LOG_KEEP_BYTES) -> str:
+    try:
+        with open(p, "rb") as f:
+            f.seek(0, 2)
+            size = f.tell()
+            f.seek(max(0, size - n))
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def classify_crash(returncode: int, log: str) -> tuple[str, str]:
+    """Status and reason of a worker that died without writing its result."""
+    low = log.lower()
+    if "out of memory" in low or "outofmemoryerror" in low:
+        line = next((ln for ln in reversed(log.splitlines()) if "out of memory" in ln.lower()), "out of memory")
+        return "oom", line.strip()[:500]
+    if returncode in (-9, 137):
+        return "crashed", "worker killed by SIGKILL (host out of memory, or killed from outside)"
+    if returncode < 0:
+        return "crashed", f"worker died from signal {-returncode}"
+    last = [ln for ln in log.strip().splitlines() if ln.strip()][-1:] or ["no output"]
+    return "crashed", f"worker exited with code {returncode} without a result: {last[0][:500]}"
+
+
+def execute_run(sc, sweep_dir: Path, run_root: Path, prepared: dict, fw, repeat: int, display: Display | None) -> dict:
+    """Run one (framework, repeat) in a fresh process and return its finished result dict."""
+    from adapters_for_tools import registry
+
+    key = results.run_key(fw.name, repeat)
+    info = registry.info(fw.name)
+    base = {"run_id": sweep_dir.name, "scenario": sc.name, "scenario_hash": sc.content_hash(), "framework": fw.name,
+            "repeat": repeat, "overrides": fw.overrides, "schema_version": results.RESULT_SCHEMA_VERSION,
+            "device": sc.hardware.device, "dataset_sha256_16": prepared.get("dataset_sha256_16"),
+            "checkpoint": prepared.get("checkpoint")}
+    why = info.unavailable(sc.hardware.device)
+    if why:
+        return base | {"status": "unavailable", "reason": why, "valid": False, "invalid_reasons": []}
+    work_dir = run_root / key
+    if work_dir.exists():  # a previous attempt died mid-run: start that run over, cleanly
+        import shutil
+
+        shutil.rmtree(work_dir)
+    work_dir.mkdir(parents=True)
+    spec = {"scenario": sc.to_dict(), "scenario_source": sc.source_path, "framework": fw.name,
+            "overrides": fw.overrides, "repeat": repeat, "checkpoint": prepared["checkpoint"],
+            "dataset_path": prepared["dataset_path"], "work_dir": str(work_dir)}
+    (work_dir / "spec.json").write_text(json.dumps(spec, indent=1))
+    env = envs.resolve(info.env)
+    log_path = work_dir / "worker.log"
+    timeout = fw.timeout_s or sc.measure.timeout_s
+    t0 = time.time()
+    if display:
+        display.start_run(key, sc.train.steps)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([env.python, "-m", "harness.worker", str(work_dir / "spec.json")], cwd=work_dir,
+                                env=worker_environment(env), stdout=log, stderr=subprocess.STDOUT,
+                                preexec_fn=_set_pdeathsig)
+        timed_out = False
+        try:
+            while True:
+                try:
+                    proc.wait(timeout=0.5)
+                    break
+                except subprocess.TimeoutExpired:
+                    if display:
+                        prog = _read_json(work_dir / "progress.json")
+                        if prog:
+                            display.update_run(prog)
+                    if time.time() - t0 > timeout:
+                        timed_out = True
+                        _kill_group(proc)
+                        break
+        except BaseException:
+            _kill_group(proc)
+            raise
+    wall = time.time() - t0
+    log_text = _log_tail(log_path)
+    results.atomic_write_text(sweep_dir / "logs" / f"{key}.log", log_text)
+    res = _read_json(work_dir / "worker_result.json")
+    if timed_out:
+        res = {"status": "timeout", "reason": f"no result within {timeout:.0f} s (killed)", "valid": False,
+               "invalid_reasons": [], "metrics": (res or {}).get("metrics")}
+    elif res is None:
+        status, reason = classify_crash(proc.returncode, log_text)
+        res = {"status": status, "reason": reason, "valid": False, "invalid_reasons": []}
+    res = base | res | {"wall_s": wall, "exit_code": proc.returncode, "env": info.env,
+                        "log": f"logs/{key}.log"}
+    if res["status"] == STATUS_OK and sc.eval.tasks:
+        res["eval"] = _evaluate(sc, work_dir, res, env)
+    return res
+
+
+def _evaluate(sc, work_dir: Path, res: dict, env: envs.EnvSpec) -> dict:
+    """Quality of the trained output through lm-eval, in the base environment (same evaluator for all)."""
+    spec = {"scenario": sc.to_dict(), "scenario_source": sc.source_path, "checkpoint": res.get("checkpoint"),
+            "output_dir": res.get("output_dir"), "work_dir": str(work_dir)}
+    p = work_dir / "eval_spec.json"
+    p.write_text(json.dumps(spec, indent=1))
+    out = work_dir / "eval_result.json"
+    proc = subprocess.run([sys.executable, "-m", "harness.evaluate", str(p)], cwd=work_dir,
+                          env=worker_environment(envs.resolve("base")), capture_output=True, text=True,
+                          timeout=sc.measure.timeout_s)
+    data = _read_json(out)
+    if data is None:
+        return {"status": "error", "error": f"evaluation failed (exit {proc.returncode}): {proc.stderr[-1500:]}"}
+    return data
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+    except ProcessLookupError:
+        pass
+
+
+def run_sweep(sc, results_root: Path, reports_root: Path | None, new: bool = False, quiet: bool = False,
+              only: list[str] | None = None) -> Path:
+    """Run (or resume) the sweep of scenario ``sc``; returns the sweep's results directory."""
+    results_root = Path(results_root)
+    sweep_dir = None if new else find_resumable(sc, results_root)
+    resumed = sweep_dir is not None
+    if sweep_dir is None:
+        sweep_dir = create_sweep(sc, results_root)
+    run_root = work_root() / sweep_dir.name
+    run_root.mkdir(parents=True, exist_ok=True)
+    keys = [(fw, r) for r in range(sc.measure.repeats) for fw in sc.frameworks if not only or fw.name in only]
+    todo = [(fw, r) for fw, r in keys if not (sweep_dir / "runs" / f"{results.run_key(fw.name, r)}.json").exists()]
+    with sweep_lock(sweep_dir), Display(total=len(keys), quiet=quiet) as display:
+        display.progress.update(display.sweep, completed=len(keys) - len(todo))
+        display.console.print(f"{'resuming' if resumed else 'sweep'} {sweep_dir} "
+                              f"({len(todo)} of {len(keys)} runs to do)")
+        if todo:
+            prepared = _prepare(sc, sweep_dir, run_root, sc.measure.timeout_s)
+            for fw, r in todo:
+                key = results.run_key(fw.name, r)
+                res = execute_run(sc, sweep_dir, run_root, prepared, fw, r, display)
+                results.write_json_once(sweep_dir / "runs" / f"{key}.json", res)
+                results.write_table(sweep_dir)
+                display.end_run(key, res)
+    results.write_table(sweep_dir)
+    if reports_root is not None:
+        from harness import report
+
+        report.write_report(sweep_dir, Path(reports_root) / sweep_dir.name)
+    return sweep_dir
+
+
+def load_result(sweep_dir: Path, framework: str, repeat: int) -> dict[str, Any] | None:
+    return _read_json(Path(sweep_dir) / "runs" / f"{results.run_key(framework, repeat)}.json")
