@@ -1,0 +1,288 @@
+"""4-bit NormalFloat (NF4) weight quantisation as in QLoRA / bitsandbytes, with double quantisation.
+
+Format (identical to bitsandbytes ``quantize_4bit(quant_type="nf4", compress_statistics=True)``, so the
+tensors of a bnb-quantised checkpoint can be wrapped without re-quantising, see :meth:`NF4Tensor.from_bnb`):
+
+* The weight ``[out, in]`` is flattened row-major and cut into blocks of ``blocksize = 64`` values.
+* Each block stores ``absmax`` (max |w| of the block); each value stores the index (0..15) of the nearest
+  entry of the 16-value NF4 code book :data:`NF4_CODE` to ``w / absmax`` (ties go to the lower entry, as in
+  bnb's ``dQuantizeNF4`` decision tree whose thresholds are the mid-points between code values).
+* Packing: two 4-bit indices per ``uint8``, element ``2i`` in the **high** nibble and ``2i + 1`` in the low
+  nibble; ``packed`` has shape ``[ceil(n / 2), 1]`` (bnb's layout; an odd tail is padded with index 0).
+* Double quantisation of the fp32 absmax vector: ``offset = absmax.mean()``; ``absmax - offset`` is cut into
+  blocks of 256, each stores ``absmax_scale`` (its max |.|, fp32) and per entry an 8-bit index into bnb's
+  signed dynamic-exponent code :func:`create_dynamic_map` (256 values in [-1, 1]).
+  Decoding: ``absmax = absmax_code[absmax_q] * absmax_scale[block // 256] + offset``.
+  bnb names: ``quant_state.absmax`` = our ``absmax_q``, ``quant_state.offset``, ``state2.absmax`` =
+  ``absmax_scale``, ``state2.code`` = ``absmax_code``, ``quant_state.code`` = :data:`NF4_CODE`.
+
+Storage: 0.5 byte per weight + 1 byte per 64 (absmax_q) + 4 bytes per 16384 = 4.127 bits per weight.
+
+Dequantisation error bound (tested): for a value ``w`` in a block with true ``absmax`` and decoded
+``absmax_hat``, with ``c`` its code index,
+``|w - NF4[c] * absmax_hat| <= g(c) * absmax + |NF4[c]| * |absmax - absmax_hat|``, where ``g(c)`` is half of the
+larger gap between ``NF4[c]`` and its neighbours; and ``|absmax - absmax_hat| <= g2(q) * absmax_scale`` with
+``g2`` the same half-gap in the dynamic code. (Plus fp32 rounding, and one rounding to the output dtype.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.ops._utils import runnable, use_triton
+
+# bitsandbytes' NF4 code book (functional.get_4bit_type("nf4")): quantiles of N(0, 1) normalised to [-1, 1],
+# with an exact zero.
+NF4_CODE = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)  # fmt: skip
+
+_BLOCK_BYTES = 1024  # packed bytes per program -> 2048 outputs (4 KiB bf16 written per program)
+
+
+@triton.jit
+def _nf4_dequant_kernel(
+    packed_ptr,
+    code_ptr,
+    absmax_ptr,
+    absmax_q_ptr,
+    absmax_code_ptr,
+    absmax_scale_ptr,
+    offset_ptr,
+    out_ptr,
+    n_elements,
+    blocksize,
+    absmax_blocksize,
+    DOUBLE_QUANT: tl.constexpr,  # a flag: decode absmax in-kernel from its 8-bit indices
+    BLOCK: tl.constexpr,
+):
+    byte_offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    elem0 = byte_offs * 2
+    byte_mask = elem0 < n_elements
+    byte = tl.load(packed_ptr + byte_offs, mask=byte_mask, other=0).to(tl.int32)
+    v_hi = tl.load(code_ptr + ((byte >> 4) & 15))  # 16-entry table: stays in L1
+    v_lo = tl.load(code_ptr + (byte & 15))
+    # blocksize is even, so both values of a byte share one absmax.
+    blk = elem0 // blocksize
+    if DOUBLE_QUANT:
+        q = tl.load(absmax_q_ptr + blk, mask=byte_mask, other=0).to(tl.int32)
+        scale = tl.load(absmax_scale_ptr + blk // absmax_blocksize, mask=byte_mask, other=0.0)
+        absmax = tl.load(absmax_code_ptr + q) * scale + tl.load(offset_ptr)
+    else:
+        absmax = tl.load(absmax_ptr + blk, mask=byte_mask, other=0.0)
+    # Interleave (hi, lo) -> consecutive elements so the store is one contiguous, coalesced 2*BLOCK run.
+    vals = tl.join(v_hi * absmax, v_lo * absmax).reshape([2 * BLOCK])
+    out_offs = tl.program_id(0).to(tl.int64) * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
+    tl.store(out_ptr + out_offs, vals.to(out_ptr.dtype.element_ty), mask=out_offs < n_elements)
+
+
+@dataclasses.dataclass
+class NF4Tensor:
+    """An NF4-quantised weight (see the module docstring for the layout). Not an autograd leaf: it is frozen."""
+
+    packed: torch.Tensor  # uint8 [ceil(n/2), 1]
+    absmax_q: torch.Tensor | None  # uint8 [n_blocks] (double quant) ...
+    absmax: torch.Tensor | None  # ... or fp32 [n_blocks] (no double quant)
+    absmax_code: torch.Tensor | None  # fp32 [256] dynamic code
+    absmax_scale: torch.Tensor | None  # fp32 [ceil(n_blocks / absmax_blocksize)]
+    offset: torch.Tensor | None  # fp32 [1]
+    code: torch.Tensor  # fp32 [16]
+    shape: torch.Size
+    dtype: torch.dtype  # dtype of the original weight, the default dequantisation dtype
+    blocksize: int = 64
+    absmax_blocksize: int = 256
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    @property
+    def double_quant(self) -> bool:
+        return self.absmax_q is not None
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def to(self, device: torch.device | str) -> NF4Tensor:
+        """Copy to ``device`` (all tensor fields)."""
+        return dataclasses.replace(
+            self,
+            **{
+                f.name: getattr(self, f.name).to(device)
+                for f in dataclasses.fields(self)
+                if isinstance(getattr(self, f.name), torch.Tensor)
+            },
+        )
+
+    @classmethod
+    def from_bnb(cls, packed: torch.Tensor, quant_state) -> NF4Tensor:  # noqa: ANN001 - bnb QuantState
+        """Wrap a bitsandbytes ``Params4bit`` payload and its ``QuantState`` (NF4 only) without copying.
+
+        Untested here (bitsandbytes is not installed in CI); the field mapping is in the module docstring.
+        """
+        if getattr(quant_state, "quant_type", "nf4") != "nf4":
+            raise ValueError(f"only nf4 is supported, got {quant_state.quant_type}")
+        nested = getattr(quant_state, "nested", False)
+        state2 = quant_state.state2 if nested else None
+        return cls(
+            packed=packed,
+            absmax_q=quant_state.absmax if nested else None,
+            absmax=None if nested else quant_state.absmax.float(),
+            absmax_code=state2.code.float() if nested else None,
+            absmax_scale=state2.absmax.float() if nested else None,
+            offset=quant_state.offset.float().reshape(1) if nested else None,
+            code=quant_state.code.float(),
+            shape=torch.Size(quant_state.shape),
+            dtype=quant_state.dtype,
+            blocksize=quant_state.blocksize,
+            absmax_blocksize=state2.blocksize if nested else 256,
+        )
+
+
+def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8) -> torch.Tensor:
+    """bitsandbytes' dynamic-exponent 8-bit code (``functional.create_dynamic_map``), same float ops."""
+    data: list[float] = []
+    non_sign_bits = total_bits - 1
+    additional_items = 2 ** (non_sign_bits - max_exponent_bits) - 1
+    for i in range(max_exponent_bits):
+        fraction_items = int(
+            2 ** (i + non_sign_bits - max_exponent_bits) + 1
+            if signed
+            else 2 ** (i + non_sign_bits - max_exponent_bits + 1) + 1
+        )
+        boundaries = torch.linspace(0.1, 1, fraction_items, dtype=torch.float32)
+        means = (boundaries[:-1] + boundaries[1:]) / 2.0
+        data += ((10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
+        if signed:
+            data += (-(10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
+    if additional_items > 0:
+        boundaries = torch.linspace(0.1, 1, additional_items + 1, dtype=torch.float32)
+        means = (boundaries[:-1] + boundaries[1:]) / 2.0
+        data += ((10 ** (-(max_exponent_bits - 1) + max_exponent_bits - 1)) * means).tolist()
+        if signed:
+            data += (-(10 ** (-(max_exponent_bits - 1) + max_exponent_bits - 1)) * means).tolist()
+    data.append(0)
+    data.append(1.0)
+    assert len(data) == 2**total_bits
+    data.sort()
+    return torch.tensor(data, dtype=torch.float32)
+
+
+def _nearest_code(x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest entry of the sorted ``code`` for each value of ``x`` (ties -> lower index)."""
+    midpoints = (code[:-1] + code[1:]) / 2
+    return torch.bucketize(x, midpoints, right=False)
+
+
+def _blocks(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
+    pad = (-flat.numel()) % blocksize
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    return flat.view(-1, blocksize)
+
+
+def quantize_nf4(
+    w: torch.Tensor, blocksize: int = 64, double_quant: bool = True, absmax_blocksize: int = 256
+) -> NF4Tensor:
+    """Quantise a weight to NF4 (pure PyTorch: runs once at load time, on ``w``'s device).
+
+    Args:
+        w: Weight of any shape (typically ``[out, in]``), any float dtype.
+        blocksize: Values per absmax block (even; 64 as in QLoRA).
+        double_quant: Quantise the absmax vector to 8 bits (QLoRA's double quantisation).
+        absmax_blocksize: Absmax values per second-level block (256 as in QLoRA).
+
+    Returns:
+        The :class:`NF4Tensor`.
+    """
+    if blocksize % 2:
+        raise ValueError("blocksize must be even (two values per byte share a block)")
+    n = w.numel()
+    code = torch.tensor(NF4_CODE, dtype=torch.float32, device=w.device)
+    blocks = _blocks(w.detach().reshape(-1).float(), blocksize)
+    absmax = blocks.abs().amax(dim=1)
+    # An all-zero block has absmax 0: divide by 1 instead so it encodes as code 7 (exactly 0).
+    normed = blocks / torch.where(absmax > 0, absmax, torch.ones_like(absmax))[:, None]
+    idx = _nearest_code(normed, code).to(torch.uint8).reshape(-1)[:n]
+    if n % 2:
+        idx = torch.cat([idx, idx.new_zeros(1)])
+    packed = ((idx[0::2] << 4) | idx[1::2]).reshape(-1, 1)
+    if not double_quant:
+        return NF4Tensor(packed, None, absmax, None, None, None, code, w.shape, w.dtype, blocksize, absmax_blocksize)
+    offset = absmax.mean()
+    centred = _blocks(absmax - offset, absmax_blocksize)
+    scale = centred.abs().amax(dim=1)
+    absmax_code = create_dynamic_map(signed=True).to(w.device)
+    normed2 = centred / torch.where(scale > 0, scale, torch.ones_like(scale))[:, None]
+    absmax_q = _nearest_code(normed2, absmax_code).to(torch.uint8).reshape(-1)[: absmax.numel()]
+    return NF4Tensor(
+        packed, absmax_q, None, absmax_code, scale, offset.reshape(1), code, w.shape, w.dtype, blocksize,
+        absmax_blocksize,
+    )  # fmt: skip
+
+
+def decode_absmax(q: NF4Tensor) -> torch.Tensor:
+    """The fp32 per-block absmax as the dequantiser sees it (after double-quant decoding)."""
+    if not q.double_quant:
+        return q.absmax
+    scale = q.absmax_scale.repeat_interleave(q.absmax_blocksize)[: q.absmax_q.numel()]
+    return q.absmax_code[q.absmax_q.long()] * scale + q.offset
+
+
+def dequantize_nf4_reference(q: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Pure-PyTorch NF4 dequantisation (fp32 math, one rounding to ``dtype``).
+
+    Memory traffic (eager): reads n/2 bytes packed, but materialises int64 indices (8n bytes), fp32 values
+    and the repeated absmax (4n each) before the output (2n for bf16): ~20 bytes/weight versus the kernel's
+    0.5 + 2 = 2.5 bytes/weight.
+    """
+    n = q.numel()
+    p = q.packed.reshape(-1)
+    idx = torch.stack([(p >> 4) & 15, p & 15], dim=-1).reshape(-1)[:n].long()
+    absmax = decode_absmax(q).repeat_interleave(q.blocksize)[:n]
+    out = q.code[idx] * absmax
+    return out.to(dtype or q.dtype).reshape(q.shape)
+
+
+def dequantize_nf4_forward(q: NF4Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Launch the dequantisation kernel; returns a contiguous tensor of ``q.shape`` in ``dtype``."""
+    n = q.numel()
+    out = torch.empty(q.shape, dtype=dtype, device=q.device)
+    dummy = q.code  # never read: stands in for the pointers of the disabled branch
+    grid = (triton.cdiv(triton.cdiv(n, 2), _BLOCK_BYTES),)
+    runnable(_nf4_dequant_kernel)[grid](
+        q.packed, q.code,
+        q.absmax if q.absmax is not None else dummy,
+        q.absmax_q if q.double_quant else dummy,
+        q.absmax_code if q.double_quant else dummy,
+        q.absmax_scale if q.double_quant else dummy,
+        q.offset if q.double_quant else dummy,
+        out, n, q.blocksize, q.absmax_blocksize,
+        DOUBLE_QUANT=q.double_quant, BLOCK=_BLOCK_BYTES, num_warps=4,
+    )  # fmt: skip
+    return out
+
+
+def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Dequantise an :class:`NF4Tensor` (Triton kernel; reference on CPU without ``TRITON_INTERPRET=1``).
+
+    Not differentiable (the base weight is frozen); callers recompute it in backward instead of saving it.
+
+    Args:
+        q: The quantised weight.
+        dtype: Output dtype; defaults to the dtype of the weight that was quantised.
+
+    Returns:
+        A new contiguous tensor of shape ``q.shape``.
+    """
+    dtype = dtype or q.dtype
+    if not use_triton(q.packed):
+        return dequantize_nf4_reference(q, dtype)
+    return dequantize_nf4_forward(q, dtype)

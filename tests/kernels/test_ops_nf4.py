@@ -1,0 +1,111 @@
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # lets the Triton kernels run on CPU; set before kernels import
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from kernels.ops.nf4 import (  # noqa: E402
+    NF4_CODE,
+    create_dynamic_map,
+    decode_absmax,
+    dequantize_nf4,
+    dequantize_nf4_reference,
+    quantize_nf4,
+)
+from kernels.ops.testing import assert_close_verbose  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+GPU_ONLY = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+SHAPES = [(1, 1), (7, 13), (3, 64), (300, 257)]
+
+
+def _half_gaps(code: torch.Tensor) -> torch.Tensor:
+    """For each code entry: half of the larger gap to its neighbours (max distance of a value mapped to it)."""
+    gaps = code[1:] - code[:-1]
+    left = torch.cat([gaps.new_zeros(1), gaps])
+    right = torch.cat([gaps, gaps.new_zeros(1)])
+    return torch.maximum(left, right) / 2
+
+
+def _codes(q):
+    p = q.packed.reshape(-1).long()
+    return torch.stack([(p >> 4) & 15, p & 15], dim=-1).reshape(-1)[: q.numel()]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_round_trip_error_bound(shape, double_quant):
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(DEVICE) * 0.05
+    w.view(-1)[0] = 0.0  # exact zero must stay exact zero
+    q = quantize_nf4(w, double_quant=double_quant)
+    w_hat = dequantize_nf4(q, torch.float32)
+    n = w.numel()
+    true_absmax = torch.nn.functional.pad(w.reshape(-1), (0, (-n) % 64)).view(-1, 64).abs().amax(1)
+    absmax_hat = decode_absmax(q)
+    # Second level: |absmax - absmax_hat| <= half-gap of the dynamic code at the chosen index * block scale.
+    if double_quant:
+        dyn = create_dynamic_map().to(DEVICE)
+        scale = q.absmax_scale.repeat_interleave(256)[: q.absmax_q.numel()]
+        bound2 = _half_gaps(dyn)[q.absmax_q.long()] * scale + 1e-7  # + fp32 rounding of code * scale + offset
+        assert ((true_absmax - absmax_hat).abs() <= bound2).all(), "double-quant absmax error above bound"
+    # First level, per element: g(c) * absmax + |NF4[c]| * |absmax - absmax_hat| (+ fp32 rounding).
+    code = torch.tensor(NF4_CODE, device=DEVICE)
+    c = _codes(q)
+    per_block = lambda t: t.repeat_interleave(64)[:n]  # noqa: E731
+    bound = (
+        _half_gaps(code)[c] * per_block(true_absmax)
+        + code[c].abs() * per_block((true_absmax - absmax_hat).abs())
+        + 1e-6 * per_block(true_absmax)
+    )
+    err = (w.reshape(-1) - w_hat.reshape(-1)).abs()
+    worst = int((err - bound).argmax())
+    assert (err <= bound).all(), f"element {worst}: error {err[worst]:.3e} > bound {bound[worst]:.3e}"
+    assert w_hat.reshape(-1)[0] == 0.0
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_kernel_matches_torch_dequant(shape, double_quant):
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    q = quantize_nf4(w, double_quant=double_quant)
+    # Same fp32 operations; atol covers an FMA contraction of code * scale + offset on GPU (1 ulp of absmax).
+    assert_close_verbose(dequantize_nf4(q, torch.float32), dequantize_nf4_reference(q, torch.float32), 1e-6, 1e-6,
+                         f"nf4 kernel vs torch {shape}")  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, marks=GPU_ONLY), pytest.param(torch.float16, marks=GPU_ONLY)])
+def test_kernel_low_precision_output(dtype):
+    w = torch.randn(64, 96, device=DEVICE, dtype=dtype)
+    q = quantize_nf4(w)
+    # One rounding of an identical fp32 value to the output dtype (bf16 step 2^-8 relative).
+    out = dequantize_nf4(q)
+    assert out.dtype == dtype
+    assert_close_verbose(out, dequantize_nf4_reference(q, torch.float32), 1e-6, 2**-8, f"nf4 -> {dtype}")
+
+
+def test_nearest_code_and_nibble_layout():
+    # Values placed exactly on code points of a block with absmax 1 -> known indices; high nibble first.
+    w = torch.tensor(list(NF4_CODE) * 4, device=DEVICE)  # 64 values, absmax 1
+    q = quantize_nf4(w, double_quant=False)
+    assert q.packed.shape == (32, 1) and q.packed.dtype == torch.uint8
+    expected_idx = torch.arange(16).repeat(4)
+    assert torch.equal(_codes(q).cpu(), expected_idx)
+    assert q.packed[0, 0].item() == (0 << 4) | 1 and q.packed[1, 0].item() == (2 << 4) | 3
+    # Brute-force nearest neighbour agrees with the bucketize quantiser away from exact ties.
+    x = torch.rand(4096, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    x[0] = 1.0  # guarantee absmax 1 in the first block
+    q = quantize_nf4(x.to(DEVICE), double_quant=False)
+    code = torch.tensor(NF4_CODE)
+    normed = x.view(-1, 64) / x.view(-1, 64).abs().amax(1, keepdim=True)
+    brute = (normed.reshape(-1, 1) - code).abs().argmin(1)
+    assert torch.equal(_codes(q).cpu(), brute)
+
+
+def test_dynamic_map_matches_bitsandbytes_properties():
+    m = create_dynamic_map()
+    # bnb's signed map: 256 sorted values, max 1.0, min -0.99297, a single exact 0, smallest magnitude 5.5e-7.
+    assert m.numel() == 256 and torch.all(m[1:] >= m[:-1])
+    assert m.max().item() == 1.0 and (m == 0).sum() == 1
+    assert abs(m.min().item() + 0.99296875) < 1e-6
+    assert abs(m[m > 0].min().item() - 5.5e-7) < 1e-9
