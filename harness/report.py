@@ -410,6 +410,10 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _invalid(v: Any) -> bool:
+    return not is_empty(v) and not bool(v)
+
+
 def _memory_series(summary) -> tuple[list[tuple[str, str]], str]:
     """Which memory columns to chart: GPU memory three ways, or host RSS where no GPU memory was measured."""
     gpu = [("nvml_gib", "NVML per-process"), ("reserved_gib", "torch reserved"), ("alloc_gib", "torch allocated")]
@@ -426,7 +430,7 @@ def chart_throughput(summary, baseline: str, path: Path) -> Path | None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(s) + 2), 4))
     lo, hi, labels = [], [], []
-    for fw, row in s.iterrows():
+    for _fw, row in s.iterrows():
         if row["n_ok"] > 1:
             a, b, lab = row["tps_min"], row["tps_max"], "min–max over repeats"
         else:
@@ -436,10 +440,10 @@ def chart_throughput(summary, baseline: str, path: Path) -> Path | None:
         lo.append(max(0.0, row["tps_median"] - a))
         hi.append(max(0.0, b - row["tps_median"]))
         labels.append(lab)
-    colors = ["#7f7f7f" if fw == baseline else ("#d62728" if not is_empty(row["valid"]) and not row["valid"] else "#1f77b4")
+    colors = ["#7f7f7f" if fw == baseline else ("#d62728" if _invalid(row["valid"]) else "#1f77b4")
               for fw, row in s.iterrows()]
     ax.bar(list(s.index), s["tps_median"], yerr=[lo, hi], capsize=4, color=colors)
-    for i, (fw, row) in enumerate(s.iterrows()):
+    for i, (_fw, row) in enumerate(s.iterrows()):
         txt = f"{row['tps_median']:,.0f}"
         if not is_empty(row["speedup"]):
             txt += f"\n{row['speedup']:.2f}x"
@@ -467,7 +471,7 @@ def chart_memory(summary, path: Path) -> Path | None:
         xs = [i + (j - (len(series) - 1) / 2) * width for i in range(len(s))]
         vals = [0.0 if is_empty(v) else float(v) for v in s[col]]  # a bar of height 0 is drawn; labelled "—"
         ax.bar(xs, vals, width=width, label=label)
-        for x, v in zip(xs, s[col]):
+        for x, v in zip(xs, s[col], strict=True):
             ax.text(x, 0 if is_empty(v) else float(v), EMPTY if is_empty(v) else f"{float(v):.1f}", ha="center",
                     va="bottom", fontsize=7)
     ax.set_xticks(range(len(s)), list(s.index))
@@ -578,7 +582,7 @@ def chart_accuracy_vs_tps(quality, summary, path: Path) -> Path | None:
         return None
     plt = _plt()
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.8), squeeze=False)
-    for ax, m in zip(axes[0], metrics):
+    for ax, m in zip(axes[0], metrics, strict=True):
         for fw in fws:
             v = quality.at[fw, m]
             if is_empty(v):
@@ -695,7 +699,8 @@ def _scenario_line(sc: dict[str, Any], sweep: Sweep) -> list[list[str]]:
         model_txt += " (random weights)"
     method_txt = str(method.get("kind", EMPTY))
     if method.get("kind") in ("lora", "qlora", "dora"):
-        method_txt += f" r={method.get('lora_r')} alpha={method.get('lora_alpha')} targets={method.get('target_modules')}"
+        method_txt += (f" r={method.get('lora_r')} alpha={method.get('lora_alpha')} "
+                       f"targets={method.get('target_modules')}")
     if quant:
         method_txt += f" {quant.get('bits', 4)}-bit {quant.get('quant_type', '')}"
     device = (sc.get("hardware") or {}).get("device") or (sweep.runs[0].get("device") if sweep.runs else None)
@@ -727,7 +732,8 @@ def _comparison_rows(summary, baseline: str) -> list[list[str | Cell]]:
             status = Cell(_short(r["failures"], 250), "bad")
         else:
             status = Cell(f"partly failed: {_short(r['failures'], 250)}", "bad")
-        spread = EMPTY if is_empty(r["tps_min"]) else f"{fmt(r['tps_min'], thousands=True)}–{fmt(r['tps_max'], thousands=True)}"
+        spread = (EMPTY if is_empty(r["tps_min"])
+                  else f"{fmt(r['tps_min'], thousands=True)}–{fmt(r['tps_max'], thousands=True)}")
         steps = (EMPTY if is_empty(r["tps_p10_step"])
                  else f"{fmt(r['tps_p10_step'], thousands=True)}–{fmt(r['tps_p90_step'], thousands=True)}")
         speed = EMPTY if is_empty(r["speedup"]) else f"{r['speedup']:.2f}x"
@@ -802,7 +808,8 @@ def _environment_rows(sweep: Sweep) -> list[list[str]]:
         ["driver", str(env.get("driver") or EMPTY)],
         ["CUDA (torch build / driver API)", f"{cuda or EMPTY} / {cuda_drv or EMPTY}"],
         ["CPU", f"{env.get('cpu') or EMPTY} ({env.get('cpu_count') or EMPTY} cores)"],
-        ["host", f"{env.get('hostname') or EMPTY}, {env.get('platform') or EMPTY}, Python {env.get('python') or EMPTY}"],
+        ["host", f"{env.get('hostname') or EMPTY}, {env.get('platform') or EMPTY}, "
+                 f"Python {env.get('python') or EMPTY}"],
         ["git sha", (f"`{sha}`" if sha else EMPTY) + (" (uncommitted changes)" if env.get("git_dirty") else "")],
     ]
     if env.get("nvml_error") and not env.get("gpu_name"):
@@ -938,7 +945,7 @@ def build_report(sweep: Sweep, out_dir: Path) -> Doc:
               ("loss.png", chart_loss(sweep, out_dir / "loss.png"), "Training loss per optimizer step"),
               ("tps_vs_memory.png", chart_tps_vs_memory(summary, out_dir / "tps_vs_memory.png"),
                "Throughput against peak memory")]
-    for name, path, alt in charts:
+    for _name, path, alt in charts:
         if path is not None:
             doc.image(path, alt)
         else:

@@ -152,7 +152,8 @@ def make_run(framework: str, repeat: int = 0, *, status: str = "ok", reason: str
         "invalid_reasons": list(invalid_reasons or []), "metrics": metrics, "steps": st, "effective": eff,
         "expected": exp, "environment": env, "framework_version": framework_version,
         "native_config": None, "output_dir": None, "extra": {}, "load_s": 1.5, "finished_at": 2.0,
-        "wall_s": 12.0, "exit_code": 0 if status == "ok" else 1, "env": "base", "log": f"logs/{framework}-r{repeat}.log",
+        "wall_s": 12.0, "exit_code": 0 if status == "ok" else 1, "env": "base",
+        "log": f"logs/{framework}-r{repeat}.log",
     }
     if eval is not None:
         out["eval"] = eval

@@ -1,0 +1,351 @@
+"""Regression gate: ``python -m harness compare BASELINE CANDIDATE``.
+
+Compares two stored sweeps (``results/<run-id>`` directories), pairing rows by (scenario, framework), on:
+
+=====================  ==========  =======================================================================
+metric                 better      threshold
+=====================  ==========  =======================================================================
+tokens_per_s           higher      ``--tokens-drop`` (relative, default 5%)
+step_s_median          lower       ``--tokens-drop`` (a step time is the same measurement seen inverted)
+peak memory            lower       ``--memory-rise`` (relative, default 5%); NVML per-process, else torch
+                                   reserved; "n/a" when neither side measured GPU memory (CPU runs)
+final_loss             lower       information only, unless ``--loss-rise`` (relative) is given
+=====================  ==========  =======================================================================
+
+Rules (DESIGN.md, "Regressions"):
+
+- Each side's value is the median over its ok repeats; with 5 or more repeats the fastest and slowest
+  (lowest and highest value) are dropped first, as MLPerf does.
+- Noise band: the relative spread seen on either side — (max - min) / median over the (trimmed) repeats, or,
+  with a single repeat, the relative per-step p10–p90 spread of tokens/s or step time — times ``noise_k``
+  (default 2). Memory and loss have no per-step spread, so with one repeat their band is 0.
+- A metric regresses when it got worse by more than ``max(threshold, noise band)``; it "improved" when it got
+  better by more than that; otherwise "ok".
+- A framework ok in the baseline but failed or absent in the candidate is REGRESSED (metric ``status``), with
+  the candidate's status and reason. One ok now that was not ok before is "new". Not ok on either side:
+  "missing" (nothing to compare; not a regression).
+- A framework whose candidate runs are ok but INVALID (effective settings differ from the scenario) while the
+  baseline's were valid is REGRESSED (metric ``valid``): its speed is not a fair measurement — the trap of
+  a silently disabled gradient checkpointing looks like a speed-up.
+
+Different settings (decision): when the same scenario name carries a different ``scenario_hash`` on the two
+sides, the settings differ and the numbers are not comparable. The comparison is still made and printed (it
+is often what one wants to see after changing a scenario), but every affected row is flagged
+"settings differ: not comparable", a warning is printed above the table and in the verdict line, and the
+``comparable`` flag of the JSON output is false. The exit code is still 1 on a regression and 0 otherwise, so
+that a nightly job keeps gating; ``--require-same-settings`` turns a hash mismatch into exit code 2.
+
+Exit codes: 0 no regression, 1 something regressed, 2 bad input (not a results directory, no run stored, or no
+scenario in common).
+
+Examples::
+
+    python -m harness compare results/nightly-20261122-020000 results/nightly-20261123-020000
+    python -m harness compare OLD NEW --tokens-drop 0.03 --memory-rise 0.02 --json compare.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+from harness.report import STATUS_OK, NotAResultsDir, Sweep, is_empty, load_sweep
+
+MLPERF_MIN_REPEATS = 5  # with at least this many repeats, drop the fastest and slowest before the median
+VERDICT_OK, VERDICT_IMPROVED, VERDICT_REGRESSED = "ok", "improved", "REGRESSED"
+VERDICT_MISSING, VERDICT_NEW, VERDICT_NA, VERDICT_INFO = "missing", "new", "n/a", "info"
+NOT_COMPARABLE = "settings differ: not comparable"
+COLUMNS = ["scenario", "framework", "metric", "better", "baseline", "candidate", "change", "threshold", "noise",
+           "n_baseline", "n_candidate", "verdict", "note", "comparable"]
+
+
+def trimmed(values: list[float]) -> list[float]:
+    """Values sorted, with the lowest and highest dropped when there are at least 5 (MLPerf)."""
+    v = sorted(values)
+    return v[1:-1] if len(v) >= MLPERF_MIN_REPEATS else v
+
+
+def robust_median(values: list[float]) -> float | None:
+    """Median after MLPerf trimming; None when there is no value."""
+    v = trimmed(values)
+    return statistics.median(v) if v else None
+
+
+def relative_spread(values: list[float]) -> float:
+    """(max - min) / median of the trimmed values; 0 for fewer than two values."""
+    v = trimmed(values)
+    if len(v) < 2:
+        return 0.0
+    med = statistics.median(v)
+    return (v[-1] - v[0]) / abs(med) if med else 0.0
+
+
+def _num(v: Any) -> float | None:
+    if is_empty(v):
+        return None
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(x) else x
+
+
+def _values(runs: list[dict[str, Any]], key: str) -> list[float]:
+    return [x for r in runs if (x := _num((r.get("metrics") or {}).get(key))) is not None]
+
+
+def _step_spread(runs: list[dict[str, Any]], lo_key: str, hi_key: str, mid_key: str) -> float:
+    """Relative per-step p10–p90 spread of a single-repeat side (0 when not recorded)."""
+    if len(runs) != 1:
+        return 0.0
+    m = runs[0].get("metrics") or {}
+    lo, hi, mid = _num(m.get(lo_key)), _num(m.get(hi_key)), _num(m.get(mid_key))
+    if lo is None or hi is None or not mid:
+        return 0.0
+    return abs(hi - lo) / abs(mid)
+
+
+def _side_spread(runs: list[dict[str, Any]], key: str) -> float:
+    """Noise seen on one side: spread over repeats, or per-step spread with one repeat."""
+    if len(runs) >= 2:
+        return relative_spread(_values(runs, key))
+    if key == "tokens_per_s":
+        return _step_spread(runs, "tokens_per_s_p10_step", "tokens_per_s_p90_step", "tokens_per_s")
+    if key == "step_s_median":
+        return _step_spread(runs, "step_s_p10", "step_s_p90", "step_s_median")
+    return 0.0
+
+
+def _memory_key(base: list[dict[str, Any]], cand: list[dict[str, Any]]) -> str | None:
+    """NVML per-process when both sides measured it, else torch reserved; None when no GPU memory on both."""
+    for key in ("peak_vram_nvml_gib", "peak_reserved_gib"):
+        if _values(base, key) and _values(cand, key):
+            return key
+    return None
+
+
+def _metric_row(key: str, label: str, better: str, base: list[dict], cand: list[dict], threshold: float | None,
+                noise_k: float) -> dict[str, Any]:
+    b, c = robust_median(_values(base, key)), robust_median(_values(cand, key))
+    row: dict[str, Any] = {"metric": label, "better": better, "baseline": b, "candidate": c, "change": None,
+                           "threshold": threshold, "noise": None, "n_baseline": len(base), "n_candidate": len(cand),
+                           "note": ""}
+    if b is None or c is None:
+        row |= {"verdict": VERDICT_NA, "note": "not measured on " + ("either side" if b is None and c is None
+                                                                     else "baseline" if b is None else "candidate")}
+        return row
+    change = (c - b) / abs(b) if b else (0.0 if c == b else math.inf)
+    noise = noise_k * max(_side_spread(base, key), _side_spread(cand, key))
+    row |= {"change": change, "noise": noise}
+    if threshold is None:
+        row |= {"verdict": VERDICT_INFO, "note": "information only (give --loss-rise to gate on it)"}
+        return row
+    allowed = max(threshold, noise)
+    worse = -change if better == "higher" else change
+    if worse > allowed:
+        row["verdict"] = VERDICT_REGRESSED
+        row["note"] = f"worse by {100 * worse:.1f}% > allowed {100 * allowed:.1f}%" + (
+            " (noise band)" if noise > threshold else "")
+    elif -worse > allowed:
+        row["verdict"] = VERDICT_IMPROVED
+    else:
+        row["verdict"] = VERDICT_OK
+        if worse > threshold:
+            row["note"] = f"worse by {100 * worse:.1f}%, within the noise band ({100 * noise:.1f}%)"
+    return row
+
+
+def _status_text(runs: list[dict[str, Any]]) -> str:
+    if not runs:
+        return "no stored run"
+    return "; ".join(f"r{r.get('repeat')} {r.get('status')}: {' '.join(str(r.get('reason') or '').split())[:200]}"
+                     for r in runs if r.get("status") != STATUS_OK) or "ok"
+
+
+def _check_dir(path: Path) -> Sweep:
+    sweep = load_sweep(Path(path))
+    if not sweep.runs:
+        raise NotAResultsDir(f"{path}: no stored run in runs/ (the sweep never finished a run)")
+    return sweep
+
+
+def compare(baseline_dir: Path, candidate_dir: Path, tps_drop: float = 0.05, mem_rise: float = 0.05,
+            loss_rise: float | None = None, noise_k: float = 2.0):
+    """Compare a candidate sweep against a baseline sweep.
+
+    Args:
+        baseline_dir: results directory of the reference sweep.
+        candidate_dir: results directory of the sweep under test.
+        tps_drop: relative tokens/s drop (and step-time rise) tolerated, e.g. 0.05 = 5%.
+        mem_rise: relative peak-memory rise tolerated.
+        loss_rise: relative final-loss rise tolerated; None: final loss is information only.
+        noise_k: the noise band is ``noise_k`` times the relative spread seen in repeats (or steps).
+
+    Returns:
+        (DataFrame with one row per scenario x framework x metric — columns ``COLUMNS`` —, regressed flag).
+
+    Raises:
+        NotAResultsDir: a directory is not a results directory, holds no run, or the two share no scenario.
+    """
+    import pandas as pd
+
+    base_sw, cand_sw = _check_dir(baseline_dir), _check_dir(candidate_dir)
+    scen_b = {r.get("scenario") for r in base_sw.runs}
+    scen_c = {r.get("scenario") for r in cand_sw.runs}
+    if not scen_b & scen_c:
+        raise NotAResultsDir(f"no scenario in common: baseline has {sorted(map(str, scen_b))}, "
+                             f"candidate has {sorted(map(str, scen_c))}")
+    rows: list[dict[str, Any]] = []
+    keys = list(dict.fromkeys([(r.get("scenario"), r.get("framework")) for r in base_sw.runs]
+                              + [(r.get("scenario"), r.get("framework")) for r in cand_sw.runs]))
+    for scen, fw in keys:
+        if scen not in scen_b or scen not in scen_c:
+            continue  # a scenario only one side ran is not a pair
+        b_all = [r for r in base_sw.runs if r.get("scenario") == scen and r.get("framework") == fw]
+        c_all = [r for r in cand_sw.runs if r.get("scenario") == scen and r.get("framework") == fw]
+        b_ok = [r for r in b_all if r.get("status") == STATUS_OK]
+        c_ok = [r for r in c_all if r.get("status") == STATUS_OK]
+        hashes_b = {r.get("scenario_hash") for r in b_all if r.get("scenario_hash")}
+        hashes_c = {r.get("scenario_hash") for r in c_all if r.get("scenario_hash")}
+        comparable = not (hashes_b and hashes_c and hashes_b != hashes_c)
+        ident = {"scenario": scen, "framework": fw, "comparable": comparable}
+        status_row = {"metric": "status", "better": "", "baseline": None, "candidate": None, "change": None,
+                      "threshold": None, "noise": None, "n_baseline": len(b_ok), "n_candidate": len(c_ok)}
+        if b_ok and not c_ok:
+            why = "missing from candidate" if not c_all else f"failed in candidate: {_status_text(c_all)}"
+            rows.append(ident | status_row | {"verdict": VERDICT_REGRESSED, "note": f"ok in baseline, {why}"})
+            continue
+        if not b_ok and c_ok:
+            why = "not in baseline" if not b_all else f"not ok in baseline: {_status_text(b_all)}"
+            rows.append(ident | status_row | {"verdict": VERDICT_NEW, "note": why})
+        if not b_ok and not c_ok:
+            rows.append(ident | status_row | {"verdict": VERDICT_MISSING,
+                                              "note": f"no ok run on either side; candidate: {_status_text(c_all)}"})
+            continue
+        if not b_ok:
+            continue
+        b_valid = all(r.get("valid", True) for r in b_ok)
+        c_invalid = [x for r in c_ok if not r.get("valid", True) for x in (r.get("invalid_reasons") or ["invalid"])]
+        if b_valid and c_invalid:
+            rows.append(ident | status_row | {"metric": "valid", "verdict": VERDICT_REGRESSED,
+                                              "note": "candidate ran with settings that differ from the scenario: "
+                                              + "; ".join(dict.fromkeys(c_invalid))})
+        rows.append(ident | _metric_row("tokens_per_s", "tokens_per_s", "higher", b_ok, c_ok, tps_drop, noise_k))
+        rows.append(ident | _metric_row("step_s_median", "step_s_median", "lower", b_ok, c_ok, tps_drop, noise_k))
+        mem = _memory_key(b_ok, c_ok)
+        if mem is None:
+            rows.append(ident | status_row | {"metric": "peak_memory", "better": "lower", "verdict": VERDICT_NA,
+                                              "threshold": mem_rise,
+                                              "note": "no GPU memory metric on both sides (CPU run?)"})
+        else:
+            rows.append(ident | _metric_row(mem, mem, "lower", b_ok, c_ok, mem_rise, noise_k))
+        rows.append(ident | _metric_row("final_loss", "final_loss", "lower", b_ok, c_ok, loss_rise, noise_k))
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    if not df.empty:
+        nc = ~df["comparable"].astype(bool)
+        df.loc[nc, "note"] = [f"{NOT_COMPARABLE}; {n}" if n else NOT_COMPARABLE for n in df.loc[nc, "note"]]
+    regressed = bool((df["verdict"] == VERDICT_REGRESSED).any()) if not df.empty else False
+    return df, regressed
+
+
+def _fmt_value(metric: str, v: Any) -> str:
+    if is_empty(v):
+        return "—"
+    if metric in ("tokens_per_s",):
+        return f"{v:,.0f}"
+    if metric == "step_s_median":
+        return f"{v:.4f}"
+    if metric == "final_loss":
+        return f"{v:.4f}"
+    return f"{v:.2f}"
+
+
+def _pct(v: Any, signed: bool = True) -> str:
+    if is_empty(v):
+        return "—"
+    if math.isinf(v):
+        return "inf"
+    return f"{100 * v:+.1f}%" if signed else f"{100 * v:.1f}%"
+
+
+def render(df, regressed: bool, baseline_dir: Path, candidate_dir: Path) -> str:
+    """The comparison as readable plain text (table, warnings and the final verdict line)."""
+    header = ["scenario", "framework", "metric", "baseline", "candidate", "change", "allowed", "verdict", "note"]
+    rows = []
+    for _, r in df.iterrows():
+        allowed = None
+        if not is_empty(r["threshold"]):
+            allowed = max(r["threshold"], r["noise"]) if not is_empty(r["noise"]) else r["threshold"]
+        rows.append([str(r["scenario"]), str(r["framework"]), str(r["metric"]), _fmt_value(r["metric"], r["baseline"]),
+                     _fmt_value(r["metric"], r["candidate"]), _pct(r["change"]), _pct(allowed, signed=False),
+                     str(r["verdict"]), str(r["note"] or "")])
+    widths = [max(len(h), *(len(x[i]) for x in rows)) if rows else len(h) for i, h in enumerate(header)]
+    widths[-1] = len(header[-1])  # the note is last and free-length
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+    out = [f"baseline:  {baseline_dir}", f"candidate: {candidate_dir}", ""]
+    not_comp = sorted({f"{r['scenario']}/{r['framework']}" for _, r in df.iterrows() if not r["comparable"]})
+    if not_comp:
+        out += [f"WARNING: {NOT_COMPARABLE} — the scenario hash differs for {', '.join(not_comp)}; "
+                "differences below may come from the settings, not the software", ""]
+    out += [line(header), line(["-" * w for w in widths])] + [line(r) for r in rows]
+    n_reg = int((df["verdict"] == VERDICT_REGRESSED).sum()) if not df.empty else 0
+    verdict = (f"VERDICT: REGRESSED ({n_reg} regression(s))" if regressed
+               else "VERDICT: ok (no regression beyond thresholds and noise)")
+    if not_comp:
+        verdict += f" — WARNING: {NOT_COMPARABLE}"
+    return "\n".join(out + ["", verdict]) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m harness compare BASELINE CANDIDATE``; exit 0 ok, 1 regression, 2 bad input."""
+    ap = argparse.ArgumentParser(
+        prog="python -m harness compare", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Regression gate between two stored sweeps (exit 1 on a regression, 2 on bad input).",
+        epilog="examples:\n"
+               "  python -m harness compare results/nightly-20261122-020000 results/nightly-20261123-020000\n"
+               "  python -m harness compare OLD NEW --tokens-drop 0.03 --memory-rise 0.02 --json compare.json")
+    ap.add_argument("baseline", type=Path, help="results directory of the reference sweep")
+    ap.add_argument("candidate", type=Path, help="results directory of the sweep under test")
+    ap.add_argument("--tokens-drop", type=float, default=0.05, help="relative tokens/s drop tolerated (0.05 = 5%%)")
+    ap.add_argument("--memory-rise", type=float, default=0.05, help="relative peak-memory rise tolerated")
+    ap.add_argument("--loss-rise", type=float, default=None,
+                    help="relative final-loss rise tolerated (default: final loss is information only)")
+    ap.add_argument("--noise-k", type=float, default=2.0, help="noise band = k x spread seen in repeats (default 2)")
+    ap.add_argument("--require-same-settings", action="store_true",
+                    help="exit 2 when a scenario's settings (hash) differ between the two sweeps")
+    ap.add_argument("--json", type=Path, default=None, help="also write the rows and the verdict as JSON here")
+    args = ap.parse_args(argv)
+    for name in ("tokens_drop", "memory_rise", "loss_rise", "noise_k"):
+        v = getattr(args, name)
+        if v is not None and (v < 0 or math.isnan(v)):
+            print(f"error: --{name.replace('_', '-')} must be >= 0, got {v}", file=sys.stderr)
+            return 2
+    try:
+        df, regressed = compare(args.baseline, args.candidate, args.tokens_drop, args.memory_rise, args.loss_rise,
+                                args.noise_k)
+    except NotAResultsDir as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(render(df, regressed, args.baseline, args.candidate), end="")
+    comparable = bool(df["comparable"].all()) if not df.empty else True
+    if args.json:
+        payload = {"baseline": str(args.baseline), "candidate": str(args.candidate), "regressed": regressed,
+                   "comparable": comparable,
+                   "thresholds": {"tokens_drop": args.tokens_drop, "memory_rise": args.memory_rise,
+                                  "loss_rise": args.loss_rise, "noise_k": args.noise_k},
+                   "rows": json.loads(df.to_json(orient="records"))}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(payload, indent=1))
+    if args.require_same_settings and not comparable:
+        print(f"error: {NOT_COMPARABLE} (--require-same-settings)", file=sys.stderr)
+        return 2
+    return 1 if regressed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
