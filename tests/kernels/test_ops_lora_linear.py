@@ -1,0 +1,86 @@
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # lets the Triton kernels run on CPU; set before kernels import
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from kernels.ops.lora_linear import dropout_mask, lora_linear, lora_linear_reference  # noqa: E402
+from kernels.ops.nf4 import dequantize_nf4_reference, quantize_nf4  # noqa: E402
+from kernels.ops.testing import assert_close_verbose  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+GPU_ONLY = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+# dtype -> (atol, rtol, why). Reference: float64 on the same rounded inputs and the same dropout mask.
+TOLERANCES = {
+    # dA/dB reduce over up to 123 tokens: fp32 error ~ 123 * 2^-24 * sum|terms| with sum|terms| ~ 100.
+    torch.float32: (1e-4, 2e-5, "fp32 GEMMs; dA/dB reduce over up to 123 tokens of O(1) products"),
+    torch.bfloat16: (3e-2, 2e-2, "bf16 GEMM outputs (rel. step 3.9e-3) and bf16 intermediates xa, dy B"),
+    torch.float16: (4e-3, 4e-3, "fp16 GEMM outputs (rel. step 4.9e-4) and fp16 intermediates xa, dy B"),
+}
+DTYPES = [
+    torch.float32,
+    pytest.param(torch.bfloat16, marks=GPU_ONLY),
+    pytest.param(torch.float16, marks=GPU_ONLY),
+]
+IN, OUT, RANK = 96, 81, 8
+
+
+def _params(dtype, with_bias, nf4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(OUT, IN, generator=g) / IN**0.5).to(DEVICE, dtype)
+    if nf4:
+        # Compare against the same dequantised weight: the quantisation error itself is nf4's test.
+        q = quantize_nf4(w)
+        w, w_ref = q, dequantize_nf4_reference(q, torch.float64)
+    else:
+        w_ref = w
+    a = (torch.randn(RANK, IN, generator=g) / IN**0.5).to(DEVICE, dtype)
+    b = (torch.randn(OUT, RANK, generator=g) / OUT**0.5).to(DEVICE, dtype)  # non-zero B: dA is non-trivial
+    bias = torch.randn(OUT, generator=g).to(DEVICE, dtype) if with_bias else None
+    return w, w_ref, a, b, bias
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("x_shape", [(1, IN), (7, IN), (3, 41, IN)])
+@pytest.mark.parametrize(("with_bias", "dropout", "nf4"), [(False, 0.0, False), (True, 0.25, False), (True, 0.0, True),
+                                                           (False, 0.1, True)])  # fmt: skip
+def test_lora_linear_matches_reference(x_shape, dtype, with_bias, dropout, nf4):
+    atol, rtol, _ = TOLERANCES[dtype]
+    w, w_ref, a, b, bias = _params(dtype, with_bias, nf4)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(x_shape, generator=g).to(DEVICE, dtype)
+    dy = torch.randn(*x_shape[:-1], OUT, generator=g).to(DEVICE, dtype)
+    scale = 2.0
+
+    leaves = [t.clone().requires_grad_(True) for t in (x, a, b)] + ([bias.clone().requires_grad_(True)] if with_bias else [])
+    torch.manual_seed(123)
+    y = lora_linear(leaves[0], w, leaves[1], leaves[2], scale, leaves[3] if with_bias else None, dropout_p=dropout)
+    y.backward(dy)
+
+    torch.manual_seed(123)  # same RNG stream -> same dropout mask
+    mask = dropout_mask(x.shape, dropout, x.device) if dropout > 0 else None
+    ref_leaves = [t.detach().double().requires_grad_(True) for t in leaves]
+    ref = lora_linear_reference(ref_leaves[0], w_ref, ref_leaves[1], ref_leaves[2], scale,
+                                ref_leaves[3] if with_bias else None, mask, dropout)  # fmt: skip
+    ref.backward(dy.double())
+    tag = f"{dtype} {x_shape} bias={with_bias} p={dropout} nf4={nf4}"
+    assert y.dtype == dtype
+    assert_close_verbose(y, ref, atol, rtol, f"lora y {tag}")
+    for name, t, r in zip(["dx", "dA", "dB", "dbias"], leaves, ref_leaves, strict=False):
+        assert_close_verbose(t.grad, r.grad, atol, rtol, f"lora {name} {tag}")
+
+
+def test_lora_linear_rejects_trainable_base_weight():
+    w = torch.randn(OUT, IN, requires_grad=True)
+    with pytest.raises(ValueError, match="never computes dW"):
+        lora_linear(torch.randn(2, IN), w, torch.randn(RANK, IN), torch.randn(OUT, RANK), 1.0)
+
+
+def test_lora_linear_eval_has_no_dropout():
+    w, _, a, b, _ = _params(torch.float32, False, False)
+    x = torch.randn(5, IN, device=DEVICE)
+    y1 = lora_linear(x, w, a, b, 1.0, dropout_p=0.5, training=False)
+    y2 = lora_linear(x, w, a, b, 1.0, dropout_p=0.0)
+    assert torch.equal(y1, y2)
