@@ -101,8 +101,5 @@ def row_settings(n_cols: int) -> tuple[int, int]:
 
 def num_programs(device: torch.device, n_rows: int) -> int:
     """Persistent-grid size: one program per SM on CUDA; a few on the CPU interpreter (each is a Python loop)."""
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        sms = 4
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
     return max(1, min(sms, n_rows))

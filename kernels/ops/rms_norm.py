@@ -108,7 +108,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 def rms_norm_forward(
     x: torch.Tensor, w: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the forward kernel on 2-D ``x`` (and ``residual``). Returns ``(y, h, rstd)``; ``h is x`` without residual."""
+    """Launch the forward kernel on 2-D ``x`` (+ ``residual``); returns ``(y, h, rstd)``, ``h is x`` if no residual."""
     n_rows, n_cols = x.shape
     block, num_warps = row_settings(n_cols)
     y = torch.empty_like(x)

@@ -57,9 +57,7 @@ def swiglu_backward(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) ->
     dgate = torch.empty_like(gate)
     dup = torch.empty_like(up)
     n = gate.numel()
-    runnable(_swiglu_bwd_kernel)[(triton.cdiv(n, _BLOCK),)](
-        dout, gate, up, dgate, dup, n, BLOCK=_BLOCK, num_warps=4
-    )
+    runnable(_swiglu_bwd_kernel)[(triton.cdiv(n, _BLOCK),)](dout, gate, up, dgate, dup, n, BLOCK=_BLOCK, num_warps=4)
     return dgate, dup
 
 

@@ -45,9 +45,10 @@ def assert_close_verbose(
     if n_bad == 0:
         return
     idx = bad.nonzero()[:max_report]
+    worst = tuple(int(i) for i in torch.unravel_index(err.argmax(), err.shape))
     lines = [
         f"{name}: {n_bad}/{a.numel()} elements outside atol={atol:g} rtol={rtol:g}",
-        f"  max abs err {err.max().item():.3e} at {tuple(int(i) for i in torch.unravel_index(err.argmax(), err.shape))}",
+        f"  max abs err {err.max().item():.3e} at {worst}",
         f"  max rel err {(err / e.abs().clamp_min(1e-30)).max().item():.3e}",
         f"  NaN actual/expected: {int(a_nan.sum())}/{int(e_nan.sum())}, inf actual/expected: "
         f"{int(a_inf.sum())}/{int(e_inf.sum())}",

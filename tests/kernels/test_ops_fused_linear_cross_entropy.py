@@ -111,4 +111,6 @@ def test_flce_frozen_weight_and_no_grad():
     assert w.grad is None and h.grad is not None
     with torch.no_grad():
         loss = fused_linear_cross_entropy(h, w, labels)
-    assert_close_verbose(loss, fused_linear_cross_entropy_reference(h.double(), w.double(), labels), 2e-5, 2e-5, "nograd")
+    assert_close_verbose(
+        loss, fused_linear_cross_entropy_reference(h.double(), w.double(), labels), 2e-5, 2e-5, "nograd"
+    )

@@ -54,7 +54,9 @@ def test_lora_linear_matches_reference(x_shape, dtype, with_bias, dropout, nf4):
     dy = torch.randn(*x_shape[:-1], OUT, generator=g).to(DEVICE, dtype)
     scale = 2.0
 
-    leaves = [t.clone().requires_grad_(True) for t in (x, a, b)] + ([bias.clone().requires_grad_(True)] if with_bias else [])
+    leaves = [t.clone().requires_grad_(True) for t in (x, a, b)] + (
+        [bias.clone().requires_grad_(True)] if with_bias else []
+    )
     torch.manual_seed(123)
     y = lora_linear(leaves[0], w, leaves[1], leaves[2], scale, leaves[3] if with_bias else None, dropout_p=dropout)
     y.backward(dy)

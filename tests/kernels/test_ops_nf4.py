@@ -74,7 +74,9 @@ def test_kernel_matches_torch_dequant(shape, double_quant):
                          f"nf4 kernel vs torch {shape}")  # fmt: skip
 
 
-@pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, marks=GPU_ONLY), pytest.param(torch.float16, marks=GPU_ONLY)])
+@pytest.mark.parametrize(
+    "dtype", [pytest.param(torch.bfloat16, marks=GPU_ONLY), pytest.param(torch.float16, marks=GPU_ONLY)]
+)
 def test_kernel_low_precision_output(dtype):
     w = torch.randn(64, 96, device=DEVICE, dtype=dtype)
     q = quantize_nf4(w)
