@@ -29,6 +29,7 @@ import html
 import json
 import math
 import re
+import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -568,8 +569,7 @@ def _time_to_target(sweep: Sweep) -> dict[str, float | None]:
         t = ev.get("time_to_target_s")
         if not is_empty(t):
             out.setdefault(r["framework"], []).append(float(t))
-    return {fw: (sorted(out[fw])[len(out[fw]) // 2] if fw in out else None) for fw in sweep.framework_order()
-            if fw in seen}
+    return {fw: (statistics.median(out[fw]) if fw in out else None) for fw in sweep.framework_order() if fw in seen}
 
 
 def chart_accuracy_vs_tps(quality, summary, path: Path) -> Path | None:

@@ -1,0 +1,215 @@
+"""harness.compare on synthetic sweeps: exit codes, thresholds, noise band, failures, bad input."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from fixtures_results import make_run, make_sweep  # noqa: E402
+
+from harness import compare  # noqa: E402
+
+
+def sweep(root: Path, name: str, *, tb_tps: float = 1500.0, tb_vram: float | None = 10.0, jitter: float = 0.01,
+          repeats: int = 3, trl_status: str = "ok", device: str = "cuda", tb_invalid: list[str] | None = None,
+          scenario_hash: str | None = None, tb_loss0: float = 2.0) -> Path:
+    """hf (steady), tunebench (the knobs) and trl (ok or failed), ``repeats`` repeats each."""
+    kw = {"scenario_hash": scenario_hash} if scenario_hash else {}
+    runs = []
+    for r in range(repeats):
+        runs.append(make_run("hf", r, tokens_per_s=1000.0 + 4 * r, device=device, **kw))
+        runs.append(make_run("tunebench", r, tokens_per_s=tb_tps * (1 + 0.002 * r), vram_gib=tb_vram, jitter=jitter,
+                             device=device, invalid_reasons=tb_invalid, loss0=tb_loss0, **kw))
+    runs.append(make_run("trl", 0, status=trl_status, device=device, with_metrics=trl_status == "ok", **kw))
+    return make_sweep(root / name, runs)
+
+
+def verdicts(df, framework: str) -> dict[str, str]:
+    return dict(zip(df[df.framework == framework].metric, df[df.framework == framework].verdict, strict=True))
+
+
+def test_identical_inputs_exit_0(tmp_path, capsys):
+    a = sweep(tmp_path, "a")
+    df, regressed = compare.compare(a, a)
+    assert not regressed
+    assert set(df.verdict) <= {"ok", "info"}, df
+    assert compare.main([str(a), str(a)]) == 0
+    assert "VERDICT: ok" in capsys.readouterr().out
+
+
+def test_tokens_drop_beyond_threshold_regresses(tmp_path, capsys):
+    a, b = sweep(tmp_path, "a"), sweep(tmp_path, "b", tb_tps=1500 * 0.85)
+    df, regressed = compare.compare(a, b)
+    assert regressed
+    v = verdicts(df, "tunebench")
+    assert v["tokens_per_s"] == "REGRESSED" and v["step_s_median"] == "REGRESSED"
+    assert verdicts(df, "hf")["tokens_per_s"] == "ok"
+    row = df[(df.framework == "tunebench") & (df.metric == "tokens_per_s")].iloc[0]
+    assert row.change == pytest.approx(-0.15, abs=0.005)
+    assert compare.main([str(a), str(b)]) == 1
+    out = capsys.readouterr().out
+    assert "REGRESSED" in out and "VERDICT: REGRESSED" in out
+
+
+def test_tokens_gain_is_improved_not_regressed(tmp_path):
+    a, b = sweep(tmp_path, "a"), sweep(tmp_path, "b", tb_tps=1500 * 1.3)
+    df, regressed = compare.compare(a, b)
+    assert not regressed
+    assert verdicts(df, "tunebench")["tokens_per_s"] == "improved"
+
+
+def test_small_drop_below_threshold_is_ok(tmp_path):
+    a, b = sweep(tmp_path, "a"), sweep(tmp_path, "b", tb_tps=1500 * 0.97)
+    df, regressed = compare.compare(a, b)
+    assert not regressed
+    assert verdicts(df, "tunebench")["tokens_per_s"] == "ok"
+    # a stricter threshold catches the same 3% drop (the repeats here are tight: noise band ~1%)
+    _, regressed_strict = compare.compare(a, b, tps_drop=0.01)
+    assert regressed_strict
+    assert compare.main([str(a), str(b), "--tokens-drop", "0.01"]) == 1
+
+
+def test_drop_within_noise_band_is_ok(tmp_path):
+    """One repeat with a wide per-step spread: an 8% drop is above 5% but inside the noise band."""
+    a = sweep(tmp_path, "a", repeats=1, jitter=0.10)
+    b = sweep(tmp_path, "b", repeats=1, jitter=0.10, tb_tps=1500 * 0.92)
+    df, regressed = compare.compare(a, b)
+    row = df[(df.framework == "tunebench") & (df.metric == "tokens_per_s")].iloc[0]
+    assert row.change < -0.05
+    assert row.noise > abs(row.change)
+    assert row.verdict == "ok" and "noise band" in row.note
+    assert not regressed
+    # the same drop with quiet steps is a regression
+    a2 = sweep(tmp_path, "a2", repeats=1, jitter=0.001)
+    b2 = sweep(tmp_path, "b2", repeats=1, jitter=0.001, tb_tps=1500 * 0.92)
+    assert compare.compare(a2, b2)[1]
+    # noise_k=0 turns the band off
+    assert compare.compare(a, b, noise_k=0)[1]
+
+
+def test_memory_rise_regresses(tmp_path):
+    a, b = sweep(tmp_path, "a"), sweep(tmp_path, "b", tb_vram=11.0)
+    df, regressed = compare.compare(a, b)
+    assert regressed
+    assert verdicts(df, "tunebench")["peak_vram_nvml_gib"] == "REGRESSED"
+    assert verdicts(df, "tunebench")["tokens_per_s"] == "ok"
+    assert compare.main([str(a), str(b)]) == 1
+    assert compare.main([str(a), str(b), "--memory-rise", "0.2"]) == 0
+
+
+def test_cpu_runs_have_no_memory_metric(tmp_path):
+    a, b = sweep(tmp_path, "a", device="cpu"), sweep(tmp_path, "b", device="cpu")
+    df, regressed = compare.compare(a, b)
+    assert not regressed
+    v = verdicts(df, "tunebench")
+    assert v["peak_memory"] == "n/a"
+    assert not any(m.startswith("peak_vram") for m in df.metric)
+
+
+def test_framework_failing_in_candidate_regresses(tmp_path, capsys):
+    a, b = sweep(tmp_path, "a"), sweep(tmp_path, "b", trl_status="oom")
+    df, regressed = compare.compare(a, b)
+    assert regressed
+    row = df[df.framework == "trl"].iloc[0]
+    assert row.metric == "status" and row.verdict == "REGRESSED" and "oom" in row.note
+    assert compare.main([str(a), str(b)]) == 1
+    assert "oom" in capsys.readouterr().out
+
+
+def test_framework_missing_in_candidate_regresses_and_new_is_not(tmp_path):
+    a = make_sweep(tmp_path / "a", [make_run("hf", 0), make_run("trl", 0)])
+    b = make_sweep(tmp_path / "b", [make_run("hf", 0), make_run("unsloth", 0)])
+    df, regressed = compare.compare(a, b)
+    assert regressed
+    assert verdicts(df, "trl") == {"status": "REGRESSED"}
+    assert "missing from candidate" in df[df.framework == "trl"].note.iloc[0]
+    assert verdicts(df, "unsloth") == {"status": "new"}
+    df2, regressed2 = compare.compare(b.parent / "a", b.parent / "a")
+    assert not regressed2 and "REGRESSED" not in set(df2.verdict)
+
+
+def test_failed_on_both_sides_is_missing_not_regressed(tmp_path):
+    a = make_sweep(tmp_path / "a", [make_run("hf", 0), make_run("unsloth", 0, status="unavailable")])
+    b = make_sweep(tmp_path / "b", [make_run("hf", 0), make_run("unsloth", 0, status="unavailable")])
+    df, regressed = compare.compare(a, b)
+    assert not regressed
+    assert verdicts(df, "unsloth") == {"status": "missing"}
+
+
+def test_candidate_invalid_settings_regresses(tmp_path):
+    """Silently disabled gradient checkpointing makes it faster: flagged, not celebrated."""
+    a = sweep(tmp_path, "a")
+    b = sweep(tmp_path, "b", tb_tps=1800, tb_invalid=["gradient_checkpointing: ran with False, scenario says True"])
+    df, regressed = compare.compare(a, b)
+    assert regressed
+    v = verdicts(df, "tunebench")
+    assert v["valid"] == "REGRESSED" and v["tokens_per_s"] == "improved"
+
+
+def test_loss_rise_is_info_unless_gated(tmp_path):
+    a, b = sweep(tmp_path, "a"), sweep(tmp_path, "b", tb_loss0=2.5)
+    df, regressed = compare.compare(a, b)
+    assert not regressed and verdicts(df, "tunebench")["final_loss"] == "info"
+    df, regressed = compare.compare(a, b, loss_rise=0.05)
+    assert regressed and verdicts(df, "tunebench")["final_loss"] == "REGRESSED"
+
+
+def test_mlperf_trimming():
+    assert compare.trimmed([5, 1, 3]) == [1, 3, 5]
+    assert compare.trimmed([5, 1, 3, 100, 2]) == [2, 3, 5]
+    assert compare.robust_median([10, 11, 12, 13, 1000]) == 12
+    assert compare.relative_spread([10, 10, 10, 10, 1000, 0]) == 0.0  # outliers dropped
+    assert compare.relative_spread([10]) == 0.0
+
+
+def test_outlier_repeat_dropped_with_five_repeats(tmp_path):
+    a = sweep(tmp_path, "a", repeats=5)
+    runs = [make_run("hf", r, tokens_per_s=1000.0 + 4 * r) for r in range(5)]
+    runs += [make_run("tunebench", r, tokens_per_s=1500.0 if r else 300.0) for r in range(5)]  # r0: a hiccup
+    runs.append(make_run("trl", 0))
+    b = make_sweep(tmp_path / "b", runs)
+    df, regressed = compare.compare(a, b)
+    assert not regressed, df[["framework", "metric", "verdict", "note"]]
+
+
+def test_settings_differ_flagged(tmp_path, capsys):
+    a = sweep(tmp_path, "a")
+    b = sweep(tmp_path, "b", scenario_hash="0therhash000")
+    df, regressed = compare.compare(a, b)
+    assert not regressed
+    assert not df.comparable.any()
+    assert all(compare.NOT_COMPARABLE in n for n in df.note)
+    assert compare.main([str(a), str(b)]) == 0
+    out = capsys.readouterr().out
+    assert "WARNING: settings differ: not comparable" in out
+    assert compare.main([str(a), str(b), "--require-same-settings"]) == 2
+
+
+def test_bad_input_exit_2(tmp_path, capsys):
+    a = sweep(tmp_path, "a")
+    assert compare.main([str(a), str(tmp_path / "nope")]) == 2
+    assert "not a results directory" in capsys.readouterr().err
+    (tmp_path / "plain").mkdir()
+    assert compare.main([str(tmp_path / "plain"), str(a)]) == 2
+    empty = tmp_path / "empty"
+    (empty / "runs").mkdir(parents=True)
+    assert compare.main([str(a), str(empty)]) == 2
+    other = make_sweep(tmp_path / "other", [make_run("hf", 0, scenario="another-scenario")])
+    assert compare.main([str(a), str(other)]) == 2
+    assert "no scenario in common" in capsys.readouterr().err
+    assert compare.main([str(a), str(a), "--tokens-drop", "-1"]) == 2
+
+
+def test_json_output(tmp_path):
+    a, b = sweep(tmp_path, "a"), sweep(tmp_path, "b", tb_tps=1000)
+    out = tmp_path / "cmp" / "compare.json"
+    assert compare.main([str(a), str(b), "--json", str(out)]) == 1
+    data = json.loads(out.read_text())
+    assert data["regressed"] is True and data["comparable"] is True
+    assert any(r["framework"] == "tunebench" and r["metric"] == "tokens_per_s" and r["verdict"] == "REGRESSED"
+               for r in data["rows"])

@@ -1,0 +1,237 @@
+"""harness.report on synthetic sweeps: files written, self-contained HTML, failures visible, "—" for n/a."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from fixtures_results import environment_dict, eval_dict, make_run, make_sweep  # noqa: E402
+
+from harness import report  # noqa: E402
+
+INVALID = "gradient_checkpointing: ran with False, scenario says True"
+
+
+@pytest.fixture(scope="module")
+def gpu_sweep(tmp_path_factory) -> Path:
+    tmp_path = tmp_path_factory.mktemp("gpu")
+    runs = [
+        make_run("hf", 0, tokens_per_s=1000), make_run("hf", 1, tokens_per_s=1040),
+        make_run("tunebench", 0, tokens_per_s=1500, vram_gib=8.0),
+        make_run("tunebench", 1, tokens_per_s=1530, vram_gib=8.0),
+        make_run("trl", 0, tokens_per_s=900, effective={"gradient_checkpointing": False}, invalid_reasons=[INVALID]),
+        make_run("trl", 1, tokens_per_s=910),
+        make_run("unsloth", 0, status="unavailable", reason="environment 'unsloth' not created: run `env create`"),
+        make_run("unsloth", 1, status="unavailable", reason="environment 'unsloth' not created: run `env create`"),
+        make_run("axolotl", 0, status="oom", reason="torch.OutOfMemoryError: CUDA out of memory. Tried 2 GiB"),
+        make_run("axolotl", 1, status="timeout", reason="no result within 1800 s (killed)", with_metrics=False),
+    ]
+    return make_sweep(tmp_path / "results" / "synthetic-tiny-20260101-000000", runs)
+
+
+@pytest.fixture(scope="module")
+def gpu_report(gpu_sweep, tmp_path_factory) -> Path:
+    """The report of ``gpu_sweep``, written once for the tests that only read it (charts take ~1 s each here)."""
+    return report.write_report(gpu_sweep, tmp_path_factory.mktemp("rep") / "rep")
+
+
+def _section(md: str, title: str) -> str:
+    m = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", md, re.S | re.M)
+    assert m, f"no section {title!r}"
+    return m.group(1)
+
+
+def _table_row(md: str, first_cell: str) -> list[str]:
+    for line in md.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0].strip("*") == first_cell:
+            return cells
+    raise AssertionError(f"no table row for {first_cell!r}")
+
+
+def test_writes_markdown_html_and_charts(gpu_report):
+    out = gpu_report.parent
+    md_path = gpu_report
+    assert md_path.name == "report.md"
+    for name in ("report.md", "report.html", "throughput.png", "memory.png", "loss.png", "tps_vs_memory.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert (out / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = md_path.read_text()
+    assert "python -m harness run scenarios/synthetic.yaml" in md
+    for chart in ("throughput.png", "memory.png", "loss.png", "tps_vs_memory.png"):
+        assert f"]({chart})" in md
+    scen = _section(md, "Scenario")
+    for key in ("model", "method", "seq_len", "micro_batch", "grad_accum", "steps", "precision", "device"):
+        assert f"| {key} |" in scen
+    assert "4·N" in md and "6·N" in md and "NOT counted" in md
+    assert "989.4 TFLOP/s (datasheet dense bf16 (H100 80GB HBM3))" in md
+
+
+def test_html_is_self_contained(gpu_report):
+    page = gpu_report.with_name("report.html").read_text()
+    assert page.startswith("<!DOCTYPE html>")
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//)""", page, re.I)
+    assert "<link" not in page and "<script" not in page and "@import" not in page
+    srcs = re.findall(r'<img[^>]*\ssrc="([^"]*)"', page)
+    assert len(srcs) >= 4
+    assert all(s.startswith("data:image/png;base64,") for s in srcs)
+    assert "<style>" in page
+
+
+def test_comparison_aggregates_repeats_and_speedup(gpu_report):
+    md = gpu_report.read_text()
+    comp = _section(md, "Comparison")
+    hf = _table_row(comp, "hf")
+    tb = _table_row(comp, "tunebench")
+    assert hf[2] == "2/2" and tb[2] == "2/2"
+    assert hf[6].startswith("1.00x")
+    hf_tps = float(hf[3].replace(",", ""))
+    tb_tps = float(tb[3].replace(",", ""))
+    assert tb[6].endswith("x") and float(tb[6][:-1]) == pytest.approx(tb_tps / hf_tps, abs=0.011)
+    assert float(tb[6][:-1]) > 1.4  # tunebench ~1515 vs hf ~1020 tokens/s
+    assert tb[7] == "8.00" and hf[7] == "10.00"  # NVML peak per framework
+    lo, hi = (float(x.replace(",", "")) for x in tb[4].split("–"))
+    assert lo < tb_tps < hi  # min–max over repeats brackets the median
+
+
+def test_failures_and_invalid_runs_are_visible(gpu_report):
+    md = gpu_report.read_text()
+    comp = _section(md, "Comparison")
+    unsloth = _table_row(comp, "unsloth")
+    assert "unavailable" in unsloth[1] and "not created" in unsloth[1]
+    assert unsloth[2] == "0/2" and unsloth[3] == "—"
+    axo = _table_row(comp, "axolotl")
+    assert "oom" in axo[1] and "timeout" in axo[1]
+    assert "INVALID" in _table_row(comp, "trl")[-1]
+    caveats = _section(md, "Failures and caveats")
+    for text in ("unsloth r0", "unsloth r1", "axolotl r0: oom", "axolotl r1: timeout", "CUDA out of memory",
+                 "trl r0: ran but is INVALID", INVALID):
+        assert text in caveats, text
+    eff = _section(md, "Effective settings")
+    assert "**False ≠**" in _table_row(eff, "`gradient_checkpointing`")[4]
+    page = gpu_report.with_name("report.html").read_text()
+    assert 'class="bad"' in page and "CUDA out of memory" in page and 'class="diff"' in page
+
+
+def test_cpu_values_render_as_dash_never_zero(tmp_path):
+    runs = [make_run("hf", 0, device="cpu", tokens_per_s=200), make_run("tunebench", 0, device="cpu", tokens_per_s=300)]
+    d = make_sweep(tmp_path / "results" / "cpu-20260101-000000", runs, device="cpu")
+    out = tmp_path / "rep"
+    md = report.write_report(d, out).read_text()
+    comp = _section(md, "Comparison")
+    row = _table_row(comp, "tunebench")
+    header = _table_row(comp, "framework")
+    cells = dict(zip(header, row, strict=True))
+    for col in ("peak VRAM NVML (GiB)", "device total (GiB)", "torch alloc / reserved (GiB)", "MFU"):
+        assert cells[col] == "—", (col, cells[col])
+    assert "0.00" not in cells["peak VRAM NVML (GiB)"]
+    gpu = _table_row(_section(md, "Environment"), "GPU")
+    assert gpu[1].startswith("—")
+    assert (out / "memory.png").is_file()  # host RSS is charted where no GPU memory exists
+    assert "cpu: no MFU" in md
+
+
+def test_baseline_without_ok_run_says_so(tmp_path):
+    runs = [make_run("hf", 0, status="error", reason="ValueError: synthetic"), make_run("tunebench", 0)]
+    d = make_sweep(tmp_path / "sw", runs)
+    md = report.write_report(d, tmp_path / "rep").read_text()
+    assert "Baseline `hf` has no ok run" in md
+    assert _table_row(_section(md, "Comparison"), "tunebench")[6] == "—"
+    assert "ValueError: synthetic" in _section(md, "Failures and caveats")
+
+
+def test_quality_section_only_with_eval(gpu_report, tmp_path):
+    assert "## Quality" not in gpu_report.read_text()
+    runs = [make_run("hf", 0, eval=eval_dict(0.6, tt_target=40.0)),
+            make_run("hf", 1, eval=eval_dict(0.7, tt_target=50.0)),
+            make_run("tunebench", 0, tokens_per_s=1500, eval=eval_dict(0.65, tt_target=None)),
+            make_run("trl", 0, eval=eval_dict(0.0, status="error")),
+            make_run("litgpt", 0, eval={"status": "ok"})]  # tolerant to missing keys
+    d = make_sweep(tmp_path / "q", runs)
+    out = tmp_path / "rep2"
+    md = report.write_report(d, out).read_text()
+    q = _section(md, "Quality")
+    hf = _table_row(q, "hf")
+    header = _table_row(q, "framework")
+    assert float(dict(zip(header, hf, strict=True))["arith/acc"]) == pytest.approx(0.65)
+    assert _table_row(q, "untrained model")[header.index("arith/acc")] == "0.2500"
+    assert "tunebench not reached" in q and "hf 45 s" in q
+    assert "synthetic evaluator failure" in q
+    assert (out / "accuracy_vs_tps.png").is_file() and (out / "time_to_target.png").is_file()
+
+
+def test_parity_fallback_or_table(gpu_report):
+    md = gpu_report.read_text()
+    try:
+        import harness.parity  # noqa: F401
+    except ImportError:
+        assert "parity check not available" in md
+    else:
+        assert "Loss parity" in md and "parity check not available" not in md
+
+
+def test_foreign_gpu_processes_warned(tmp_path):
+    env = environment_dict("cuda", foreign=[{"gpu": 0, "pid": 4242, "used_gib": 3.5}])
+    d = make_sweep(tmp_path / "sw", [make_run("hf", 0)], environment=env)
+    md = report.write_report(d, tmp_path / "rep").read_text()
+    assert "Foreign processes were found on the GPU" in md
+    assert "pid 4242" in _section(md, "Failures and caveats")
+
+
+def test_default_out_dir():
+    assert report.default_out_dir(Path("/x/proj/results/run-1")) == Path("/x/proj/reports/run-1")
+    assert report.default_out_dir(Path("/x/elsewhere/run-1")) == Path("/x/elsewhere/run-1/report")
+
+
+def test_main_exit_codes(tmp_path, capsys):
+    sweep = make_sweep(tmp_path / "results" / "one-20260101-000000", [make_run("hf", 0)])
+    assert report.main([str(sweep)]) == 0
+    assert (tmp_path / "reports" / sweep.name / "report.html").is_file()
+    assert report.main([str(sweep), "--out", str(tmp_path / "o")]) == 0
+    assert (tmp_path / "o" / "report.md").is_file()
+    assert report.main([str(tmp_path / "missing")]) == 2
+    assert "not a results directory" in capsys.readouterr().err
+
+
+def test_fmt_dash_for_empty():
+    assert report.fmt(None) == "—"
+    assert report.fmt(float("nan")) == "—"
+    assert report.fmt(0.0) == "0.00"
+    assert report.fmt(0.1234, 1, pct=True) == "12.3%"
+    assert report.fmt(12345.6, thousands=True) == "12,346"
+
+
+def test_parity_table_shown_and_departures_flagged(tmp_path, monkeypatch):
+    """With a harness.parity module present (a stand-in here), its table is shown and departures are caveats."""
+    import types
+
+    import pandas as pd
+
+    seen = {}
+
+    def parity_table(runs, baseline):
+        seen["frameworks"], seen["baseline"] = sorted({r["framework"] for r in runs}), baseline
+        return pd.DataFrame([{"framework": "tunebench", "repeat": 0, "max_abs_diff": 0.5, "mean_abs_diff": 0.2,
+                              "tolerance": 0.05, "parity_ok": False},
+                             {"framework": "hf", "repeat": 0, "max_abs_diff": 0.0, "mean_abs_diff": 0.0,
+                              "tolerance": 0.05, "parity_ok": True}])
+
+    fake = types.ModuleType("harness.parity")
+    fake.parity_table = parity_table
+    monkeypatch.setitem(sys.modules, "harness.parity", fake)
+    import harness
+
+    monkeypatch.setattr(harness, "parity", fake, raising=False)
+    d = make_sweep(tmp_path / "sw", [make_run("hf", 0), make_run("tunebench", 0, loss0=3.0),
+                                     make_run("trl", 0, status="error")])
+    md = report.write_report(d, tmp_path / "rep").read_text()
+    assert seen == {"frameworks": ["hf", "tunebench"], "baseline": "hf"}  # ok runs only
+    parity = md.split("### Loss parity", 1)[1].split("## Environment", 1)[0]
+    assert "**DEPARTS**" in _table_row(parity, "tunebench")[-1]
+    assert _table_row(parity, "hf")[-1] == "ok"
+    assert "tunebench r0: loss curve departs from hf" in _section(md, "Failures and caveats")
