@@ -367,7 +367,7 @@ def summary_frame(sweep: Sweep):
         pooled = [x for r in runs for x in _measured_step_tps(r)]
         p10.append(_quantile(pooled, 0.10) if pooled else out.at[fw, "tps_p10_col"])
         p90.append(_quantile(pooled, 0.90) if pooled else out.at[fw, "tps_p90_col"])
-        valid.append(all(bool(r.get("valid")) for r in runs) if runs else None)
+        valid.append(all(bool(r.get("valid", True)) for r in runs) if runs else None)
         reasons.append("; ".join(dict.fromkeys(x for r in runs for x in r.get("invalid_reasons") or [])))
         bad = [r for r in sweep.runs if r.get("framework") == fw and r.get("status") != STATUS_OK]
         failures.append("; ".join(f"r{r.get('repeat')} {r.get('status')}: {_short(r.get('reason'), 200)}"
