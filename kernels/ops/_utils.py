@@ -4,12 +4,14 @@ Why a launch-time backend choice: ``triton.jit`` decides between the compiled ``
 CPU ``InterpretedFunction`` when the decorator runs, i.e. when a module is imported. Under ``pytest`` over
 the whole ``tests/`` tree another test module may import ``kernels.ops`` before ours sets
 ``TRITON_INTERPRET=1``, so the decorated kernels would be GPU-only and fail on CPU tensors. ``runnable``
-re-wraps the kernel's Python function for the mode asked for at *launch* time, which makes the choice
-independent of import order.
+re-wraps the kernel's Python function for the mode asked for at *launch* time (and lets interpreted kernels
+call triton's own ``@jit`` helpers even if ``triton.language`` was imported in compiled mode), which makes the
+choice independent of import order.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -72,16 +74,52 @@ def _patch_interpreter_index() -> None:
     interpreter._tunebench_index_patched = True
 
 
+@contextlib.contextmanager
+def _jit_helpers_interpretable():
+    """Let interpreted kernels call ``@triton.jit`` helpers that were built in compiled mode.
+
+    If ``triton`` was imported before ``TRITON_INTERPRET=1`` was set, its standard library (``tl.sum``,
+    ``tl.max``, ``tl.sigmoid``, ...) consists of ``JITFunction`` objects, which refuse to be called from Python.
+    During an interpreted launch we route such calls to an interpreted twin of the same function.
+    """
+    from triton.runtime.jit import JITFunction
+
+    original = JITFunction.__call__
+
+    def call(self, *args, **kwargs):  # noqa: ANN001, ANN202
+        return _wrap(self.fn, True)(*args, **kwargs)
+
+    JITFunction.__call__ = call
+    try:
+        yield
+    finally:
+        JITFunction.__call__ = original
+
+
+class _InterpretedLaunch:
+    """``kernel[grid](...)`` wrapper that runs an interpreted kernel inside :func:`_jit_helpers_interpretable`."""
+
+    def __init__(self, kernel) -> None:  # noqa: ANN001
+        self.kernel = kernel
+
+    def __getitem__(self, grid):  # noqa: ANN001, ANN204
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            with _jit_helpers_interpretable():
+                return launch(*args, **kwargs)
+
+        return run
+
+
 def runnable(kernel):  # noqa: ANN001, ANN201 - a @triton.jit object in, a launchable kernel out
     """Return ``kernel`` in the flavour (compiled or interpreted) that the environment asks for now."""
     from triton.runtime.interpreter import InterpretedFunction
 
-    want_interpret = interpret_mode()
-    if want_interpret:
-        _patch_interpreter_index()
-    if isinstance(kernel, InterpretedFunction) == want_interpret:
-        return kernel
-    return _wrap(kernel.fn, want_interpret)
+    if not interpret_mode():
+        return kernel if not isinstance(kernel, InterpretedFunction) else _wrap(kernel.fn, False)
+    _patch_interpreter_index()
+    return _InterpretedLaunch(kernel if isinstance(kernel, InterpretedFunction) else _wrap(kernel.fn, True))
 
 
 def row_settings(n_cols: int) -> tuple[int, int]:

@@ -1,0 +1,265 @@
+"""Micro-benchmarks of the fused ops against PyTorch eager (HF-style) at Llama-3.1-8B shapes, on one GPU.
+
+Run (H100, from the repo root)::
+
+    python -m kernels.bench.bench_ops --out results/kernels_bench_h100
+    python -m kernels.bench.bench_ops --ops rms_norm swiglu --out /tmp/quick
+
+Writes ``<out>.json`` (one row per op/provider/mode) and ``<out>.md`` (the same as a table). Timing is
+``triton.testing.do_bench`` (median with p20/p80 over repetitions, L2 flushed between runs). Memory-bound ops
+report GB/s of their *minimal* traffic (each input read once, each output written once) so the number can be
+compared with the ~3.0 TB/s copy ceiling; matmul-bound ops report TFLOP/s against ~800 TFLOP/s bf16.
+An op that fails (OOM, compile error) is recorded with its error and the others still run. Exits 0 printing
+"needs CUDA" on a machine without a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+# Llama-3.1-8B, micro-batch 2 x seq 2048.
+TOKENS, HIDDEN, INTERMEDIATE, VOCAB = 4096, 4096, 14336, 128256
+N_HEADS, N_KV_HEADS, HEAD_DIM, LORA_RANK = 32, 8, 128, 16
+DTYPE = torch.bfloat16
+BF16 = 2  # bytes
+
+
+def bench(fn: Callable[[], object], grad_to_none: list[torch.Tensor] | None = None) -> dict[str, float]:
+    """Median, p20 and p80 milliseconds of ``fn`` (``triton.testing.do_bench``)."""
+    import triton.testing
+
+    med, p20, p80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], grad_to_none=grad_to_none)
+    return {"ms": med, "ms_p20": p20, "ms_p80": p80}
+
+
+def _fwd_bwd(fwd: Callable[[], torch.Tensor | tuple], grads: Callable[[], object]) -> Callable[[], None]:
+    def run() -> None:
+        out = fwd()
+        outs = out if isinstance(out, tuple) else (out,)
+        torch.autograd.backward(list(outs), list(grads()) if grads() is not None else None)
+
+    return run
+
+
+# ---- per-op setups: each returns a list of (provider, mode, fn, grad_to_none, bytes, flops) ----------------
+
+
+def _rms_norm_cases() -> list[tuple]:
+    from kernels.ops.rms_norm import rms_norm
+
+    def eager(x, w, eps, residual):  # HF LlamaRMSNorm after the residual add
+        h = x + residual
+        hf = h.float()
+        y = w * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+        return y, h
+
+    x = torch.randn(TOKENS, HIDDEN, device="cuda", dtype=DTYPE, requires_grad=True)
+    r = torch.randn_like(x, requires_grad=True)
+    w = torch.ones(HIDDEN, device="cuda", dtype=DTYPE, requires_grad=True)
+    dy, dh = torch.randn_like(x), torch.randn_like(x)
+    act = TOKENS * HIDDEN * BF16
+    fwd_bytes = 4 * act  # read x, r; write y, h
+    bwd_bytes = 4 * act  # read dy, dh, h; write dx (dres aliases dx)
+    cases = []
+    for name, fn in (("torch", eager), ("ours", rms_norm)):
+        cases.append((name, "fwd", lambda fn=fn: fn(x, w, 1e-5, r), None, fwd_bytes, 0))
+        cases.append(
+            (name, "fwd+bwd", _fwd_bwd(lambda fn=fn: fn(x, w, 1e-5, r), lambda: (dy, dh)), [x, r, w],
+             fwd_bytes + bwd_bytes, 0)
+        )  # fmt: skip
+    return cases
+
+
+def _swiglu_cases() -> list[tuple]:
+    from kernels.ops.swiglu import swiglu
+
+    g = torch.randn(TOKENS, INTERMEDIATE, device="cuda", dtype=DTYPE, requires_grad=True)
+    u = torch.randn_like(g, requires_grad=True)
+    do = torch.randn_like(g)
+    act = TOKENS * INTERMEDIATE * BF16
+    cases = []
+    for name, fn in (("torch", lambda a, b: torch.nn.functional.silu(a) * b), ("ours", swiglu)):
+        cases.append((name, "fwd", lambda fn=fn: fn(g, u), None, 3 * act, 0))
+        cases.append((name, "fwd+bwd", _fwd_bwd(lambda fn=fn: fn(g, u), lambda: (do,)), [g, u], 8 * act, 0))
+    return cases
+
+
+def _rope_cases() -> list[tuple]:
+    from kernels.ops.rope import apply_rope, rope_cos_sin
+
+    pos = torch.arange(TOKENS // 2, device="cuda").repeat(2, 1)
+    cos, sin = rope_cos_sin(pos, HEAD_DIM, 500000.0)
+    q0 = torch.randn(2, TOKENS // 2, N_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE, requires_grad=True)
+    k0 = torch.randn(2, TOKENS // 2, N_KV_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE, requires_grad=True)
+    dq, dk = torch.randn_like(q0), torch.randn_like(k0)
+    cos_b, sin_b = cos.to(DTYPE).unsqueeze(2), sin.to(DTYPE).unsqueeze(2)
+
+    def eager(q, k, *_):  # HF apply_rotary_pos_emb (cos/sin already in the activation dtype)
+        def rot(x):
+            x1, x2 = x.chunk(2, dim=-1)
+            return torch.cat((-x2, x1), dim=-1)
+
+        return q * cos_b + rot(q) * sin_b, k * cos_b + rot(k) * sin_b
+
+    qk = (q0.numel() + k0.numel()) * BF16
+    cases = []
+    for name, fn in (("torch", eager), ("ours", apply_rope)):
+        # Both include a clone of q/k (the fused op works in place on a non-leaf): +2 x qk bytes each.
+        fwd = lambda fn=fn: fn(q0.clone(), k0.clone(), cos, sin)  # noqa: E731
+        cases.append((name, "fwd", fwd, None, 2 * qk, 0))
+        cases.append((name, "fwd+bwd", _fwd_bwd(fwd, lambda: (dq, dk)), [q0, k0], 4 * qk, 0))
+    return cases
+
+
+def _flce_cases() -> list[tuple]:
+    from kernels.ops.fused_linear_cross_entropy import fused_linear_cross_entropy
+
+    h = torch.randn(TOKENS, HIDDEN, device="cuda", dtype=DTYPE, requires_grad=True)
+    w = (torch.randn(VOCAB, HIDDEN, device="cuda", dtype=DTYPE) * HIDDEN**-0.5).requires_grad_(True)
+    labels = torch.randint(0, VOCAB, (TOKENS,), device="cuda")
+
+    def eager(h, w, labels):  # HF: bf16 logits, upcast, cross_entropy
+        return torch.nn.functional.cross_entropy((h @ w.t()).float(), labels)
+
+    gemm = 2 * TOKENS * HIDDEN * VOCAB
+    cases = []
+    for name, fn in (("torch", eager), ("ours", fused_linear_cross_entropy)):
+        # "ours" computes the gradients during forward, so its fwd row already contains ~3 GEMMs.
+        cases.append((name, "fwd", lambda fn=fn: fn(h, w, labels), None, 0, gemm if name == "torch" else 3 * gemm))
+        cases.append((name, "fwd+bwd", _fwd_bwd(lambda fn=fn: fn(h, w, labels), lambda: None), [h, w], 0, 3 * gemm))
+    return cases
+
+
+def _lora_cases() -> list[tuple]:
+    from kernels.ops.lora_linear import lora_linear
+    from kernels.ops.nf4 import quantize_nf4
+
+    x = torch.randn(TOKENS, HIDDEN, device="cuda", dtype=DTYPE, requires_grad=True)
+    w = torch.randn(INTERMEDIATE, HIDDEN, device="cuda", dtype=DTYPE) * HIDDEN**-0.5
+    w_nf4 = quantize_nf4(w)
+    a = (torch.randn(LORA_RANK, HIDDEN, device="cuda", dtype=DTYPE) * 0.01).requires_grad_(True)
+    b = (torch.randn(INTERMEDIATE, LORA_RANK, device="cuda", dtype=DTYPE) * 0.01).requires_grad_(True)
+    dy = torch.randn(TOKENS, INTERMEDIATE, device="cuda", dtype=DTYPE)
+    drop = torch.nn.Dropout(0.05)
+
+    def eager(x, w, a, b, scale, dropout_p):  # PEFT LoraLayer.forward
+        return torch.nn.functional.linear(x, w) + scale * ((drop(x) @ a.t()) @ b.t())
+
+    base = 2 * TOKENS * HIDDEN * INTERMEDIATE
+    lora = 2 * TOKENS * LORA_RANK * (HIDDEN + INTERMEDIATE)
+    cases = []
+    providers = (("torch", eager, w), ("ours", lora_linear, w), ("ours_qlora", lora_linear, w_nf4))
+    for name, fn, weight in providers:
+        fwd = lambda fn=fn, weight=weight: fn(x, weight, a, b, 2.0, dropout_p=0.05)  # noqa: E731
+        cases.append((name, "fwd", fwd, None, 0, base + lora))
+        cases.append((name, "fwd+bwd", _fwd_bwd(fwd, lambda: (dy,)), [x, a, b], 0, 2 * base + 3 * lora))
+    return cases
+
+
+def _nf4_cases() -> list[tuple]:
+    from kernels.ops.nf4 import dequantize_nf4, dequantize_nf4_reference, quantize_nf4
+
+    w = torch.randn(INTERMEDIATE, HIDDEN, device="cuda", dtype=DTYPE)
+    q = quantize_nf4(w)
+    n = w.numel()
+    nbytes = n // 2 + n // 64 + n * BF16  # packed + absmax_q + output
+    return [
+        ("torch", "fwd", lambda: dequantize_nf4_reference(q, DTYPE), None, nbytes, 0),
+        ("ours", "fwd", lambda: dequantize_nf4(q, DTYPE), None, nbytes, 0),
+    ]
+
+
+OPS: dict[str, Callable[[], list[tuple]]] = {
+    "rms_norm": _rms_norm_cases,
+    "swiglu": _swiglu_cases,
+    "rope": _rope_cases,
+    "fused_linear_cross_entropy": _flce_cases,
+    "lora_linear": _lora_cases,
+    "nf4_dequant": _nf4_cases,
+}
+
+
+def run_op(op: str) -> list[dict]:
+    """Benchmark every provider/mode of one op; errors become rows with an ``error`` field."""
+    rows: list[dict] = []
+    try:
+        cases = OPS[op]()
+    except Exception as exc:  # noqa: BLE001 - record and continue with the next op
+        return [{"op": op, "provider": "-", "mode": "-", "error": f"setup: {exc!r}", "trace": traceback.format_exc()}]
+    for provider, mode, fn, grad_to_none, nbytes, flops in cases:
+        row: dict = {"op": op, "provider": provider, "mode": mode}
+        try:
+            row.update(bench(fn, grad_to_none))
+            if nbytes:
+                row["GB/s"] = nbytes / row["ms"] / 1e6
+            if flops:
+                row["TFLOP/s"] = flops / row["ms"] / 1e9
+        except Exception as exc:  # noqa: BLE001 - one failing provider must not stop the run
+            row["error"] = repr(exc)
+            row["trace"] = traceback.format_exc()
+        rows.append(row)
+    del cases
+    torch.cuda.empty_cache()
+    return rows
+
+
+def to_markdown(rows: list[dict], device: str) -> str:
+    """Rows as a Markdown table (errors in the last column)."""
+    lines = [
+        f"Device: {device}; shapes: tokens {TOKENS}, hidden {HIDDEN}, intermediate {INTERMEDIATE}, vocab {VOCAB}, "
+        f"heads {N_HEADS}/{N_KV_HEADS}x{HEAD_DIM}, LoRA r={LORA_RANK}, bf16.",
+        "",
+        "| op | provider | mode | ms (p20-p80) | GB/s | TFLOP/s | error |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ms = f"{r['ms']:.3f} ({r['ms_p20']:.3f}-{r['ms_p80']:.3f})" if "ms" in r else ""
+        gbs = f"{r['GB/s']:.0f}" if "GB/s" in r else ""
+        tfl = f"{r['TFLOP/s']:.0f}" if "TFLOP/s" in r else ""
+        err = r.get("error", "").replace("|", "/")[:120]
+        lines.append(f"| {r['op']} | {r['provider']} | {r['mode']} | {ms} | {gbs} | {tfl} | {err} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; see the module docstring."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="output path prefix: writes <out>.json and <out>.md")
+    parser.add_argument("--ops", nargs="*", choices=sorted(OPS), default=list(OPS), help="subset of ops")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("needs CUDA")
+        return 0
+    device = torch.cuda.get_device_name()
+    rows: list[dict] = []
+    for op in args.ops:
+        print(f"benchmarking {op} ...", flush=True)
+        op_rows = run_op(op)
+        for r in op_rows:
+            status = f"{r['ms']:.3f} ms" if "ms" in r else f"ERROR {r.get('error')}"
+            print(f"  {r['provider']:>10} {r['mode']:>8}: {status}", flush=True)
+        rows.extend(op_rows)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"device": device, "torch": torch.__version__, "dtype": str(DTYPE)}
+    try:
+        import triton
+
+        meta["triton"] = triton.__version__
+    except ImportError:
+        pass
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    out.with_suffix(".md").write_text(to_markdown(rows, device))
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
