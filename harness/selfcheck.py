@@ -18,7 +18,7 @@ import sys
 import time
 
 
-def run(scenario_path: str, steps: int | None = None) -> dict:
+def run(scenario_path: str, steps: int | None = None, variants: tuple[str, ...] = ("plain",)) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -52,29 +52,40 @@ def run(scenario_path: str, steps: int | None = None) -> dict:
     model.config.use_cache = False
     model.train()  # from_pretrained returns eval mode, where checkpointing would silently be skipped
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=sc.train.lr, weight_decay=sc.train.weight_decay, fused=dev == "cuda")
     # the same text the sweep feeds, tokenised here directly
     rows = [data.tokenize_example(tok, r, "text", sc.data.seq_len) for r in data.synthetic_examples(sc)]
-    n_steps = steps or sc.train.steps
+    results = {}
+    for variant in variants:
+        results[variant] = _train(model, params, rows, sc, dev, steps or sc.train.steps, variant)
+    return {"scenario": sc.name, "trainable_params": sum(p.numel() for p in params), "variants": results}
+
+
+def _train(model, params, rows, sc, dev: str, n_steps: int, variant: str) -> dict:
+    """One timed training run. Variant words: ``mask`` (pass an all-ones attention_mask, as collators do),
+    ``nofused`` (AdamW without the fused kernel, as the HF Trainer's adamw_torch)."""
+    import torch
+
+    opt = torch.optim.AdamW(params, lr=sc.train.lr, weight_decay=sc.train.weight_decay,
+                            fused=dev == "cuda" and "nofused" not in variant)
     mb, ga = sc.train.micro_batch, sc.train.grad_accum
     times, tokens = [], []
     if dev == "cuda":
         torch.cuda.reset_peak_memory_stats()
     i = 0
-    for step in range(n_steps):
+    for _ in range(n_steps):
         batches = []
         for _ in range(ga):
             chunk = [rows[(i + k) % len(rows)] for k in range(mb)]
             i += mb
-            ids = torch.tensor([r["input_ids"] for r in chunk], device=dev)  # fixed lengths: no padding
-            batches.append(ids)
+            batches.append(torch.tensor([r["input_ids"] for r in chunk], device=dev))  # fixed lengths: no padding
         if dev == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
         t0 = time.perf_counter()
         for ids in batches:
+            mask = torch.ones_like(ids) if "mask" in variant else None
             with torch.autocast(dev, dtype=torch.bfloat16, enabled=sc.model.dtype == "bfloat16"):
-                loss = model(input_ids=ids, labels=ids).loss / ga
+                loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss / ga
             loss.backward()
         if sc.train.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, sc.train.max_grad_norm)
@@ -89,9 +100,9 @@ def run(scenario_path: str, steps: int | None = None) -> dict:
         tokens.append(sum(int(b.numel()) for b in batches))
     measured = slice(sc.train.warmup_steps, None)
     secs = sum(times[measured])
-    out = {"scenario": sc.name, "steps": n_steps, "warmup_steps": sc.train.warmup_steps,
+    out = {"steps": n_steps, "warmup_steps": sc.train.warmup_steps,
            "tokens_per_s": sum(tokens[measured]) / secs, "step_s_median": statistics.median(times[measured]),
-           "final_loss": float(loss.detach()) * ga, "trainable_params": sum(p.numel() for p in params)}
+           "final_loss": float(loss.detach()) * ga}
     if dev == "cuda":
         out["peak_alloc_gib"] = torch.cuda.max_memory_allocated() / 1024**3
         out["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 1024**3
@@ -104,9 +115,10 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("scenario")
     p.add_argument("--steps", type=int)
+    p.add_argument("--variants", default="plain", help="comma-separated: plain, mask, nofused, mask+nofused")
     p.add_argument("--out")
     a = p.parse_args(argv)
-    res = run(a.scenario, a.steps)
+    res = run(a.scenario, a.steps, tuple(a.variants.split(",")))
     print(json.dumps(res, indent=1))
     if a.out:
         from pathlib import Path
