@@ -45,29 +45,25 @@ class LoRALinearFunction(torch.autograd.Function):
     """Autograd wrapper; ``weight`` is passed as a plain object so autograd never tracks it."""
 
     @staticmethod
-    def forward(ctx, x, lora_a, lora_b, bias, weight, scale, dropout_p, mask):  # noqa: ANN001, ANN205
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        w = _base_weight(weight, x.dtype)
+    def forward(ctx, x2, lora_a, lora_b, bias, weight, scale, dropout_p, mask):  # noqa: ANN001, ANN205
+        # 2-D in, 2-D out: the public wrapper reshapes outside the Function so that views of the output can be
+        # modified in place later (e.g. RoPE on q_proj(x).view(B, S, H, D)); autograd forbids that otherwise.
+        w = _base_weight(weight, x2.dtype)
         y = x2 @ w.t() if bias is None else torch.addmm(bias, x2, w.t())
         del w  # NF4: the dequantised copy dies here; backward recomputes it
-        if mask is not None:
-            mask = mask.reshape(x2.shape)
-            x_drop = x2 * mask / (1.0 - dropout_p)
-        else:
-            x_drop = x2
+        x_drop = x2 * mask / (1.0 - dropout_p) if mask is not None else x2
         xa = x_drop @ lora_a.t()
         y.addmm_(xa, lora_b.t(), alpha=scale)
         ctx.save_for_backward(x2, mask, xa, lora_a, lora_b)
         ctx.weight, ctx.scale, ctx.dropout_p = weight, scale, dropout_p
-        ctx.x_shape, ctx.has_bias = shape, bias is not None
-        return y.view(*shape[:-1], y.shape[-1])
+        ctx.has_bias = bias is not None
+        return y
 
     @staticmethod
     def backward(ctx, dy):  # noqa: ANN001, ANN205
         x2, mask, xa, lora_a, lora_b = ctx.saved_tensors
         scale, p = ctx.scale, ctx.dropout_p
-        dy2 = dy.reshape(-1, dy.shape[-1])
+        dy2 = dy
         need_dx, need_da, need_db, need_dbias = ctx.needs_input_grad[:4]
         dyb = dy2 @ lora_b if (need_dx or need_da) else None  # [T, r]
         dx = da = db = dbias = None
@@ -85,7 +81,6 @@ class LoRALinearFunction(torch.autograd.Function):
                 dx.addmm_(dyb, lora_a, alpha=scale)
             else:
                 dx.add_((dyb @ lora_a).mul_(mask).mul_(scale / (1.0 - p)))
-            dx = dx.view(ctx.x_shape)
         if need_dbias and ctx.has_bias:
             dbias = dy2.sum(0)
         return dx, da, db, dbias, None, None, None, None
@@ -152,4 +147,7 @@ def lora_linear(
     p = dropout_p if mask is not None else 0.0
     if not use_triton(x):
         return lora_linear_reference(x, weight, lora_a, lora_b, scale, bias, mask, p)
-    return LoRALinearFunction.apply(x, lora_a, lora_b, bias, weight, scale, p, mask)
+    x2 = x.reshape(-1, x.shape[-1])
+    mask2 = mask.reshape(x2.shape) if mask is not None else None
+    y = LoRALinearFunction.apply(x2, lora_a, lora_b, bias, weight, scale, p, mask2)
+    return y.view(*x.shape[:-1], y.shape[-1])

@@ -151,23 +151,20 @@ class RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, residual, eps):  # noqa: ANN001, ANN205
-        shape = x.shape
-        x2 = _rows(x)
-        r2 = _rows(residual) if residual is not None else None
-        y, h, rstd = rms_norm_forward(x2, w, eps, r2)
+        # x/residual arrive as 2-D rows; the public wrapper reshapes *outside* the Function so that views of the
+        # outputs can later be modified in place (autograd forbids that for views created inside a Function).
+        y, h, rstd = rms_norm_forward(x, w, eps, residual)
         ctx.save_for_backward(h, w, rstd)
         ctx.has_residual = residual is not None
         if residual is None:
-            return y.view(shape)
-        return y.view(shape), h.view(shape)
+            return y
+        return y, h
 
     @staticmethod
     def backward(ctx, dy, dres=None):  # noqa: ANN001, ANN205
         h, w, rstd = ctx.saved_tensors
-        shape = dy.shape
-        dres2 = _rows(dres) if dres is not None else None
-        dx, dw = rms_norm_backward(_rows(dy), h, w, rstd, dres2)
-        dx = dx.view(shape)
+        dres = _rows(dres) if dres is not None else None
+        dx, dw = rms_norm_backward(_rows(dy), h, w, rstd, dres)
         # x and residual receive the same gradient (d(x + r)/dx = d(x + r)/dr = 1).
         return dx, dw, (dx if ctx.has_residual else None), None
 
@@ -207,4 +204,8 @@ def rms_norm(
     """
     if not use_triton(x, weight, residual):
         return rms_norm_reference(x, weight, eps, residual)
-    return RMSNormFunction.apply(x, weight, residual, eps)
+    shape = x.shape
+    out = RMSNormFunction.apply(_rows(x), weight, _rows(residual) if residual is not None else None, eps)
+    if residual is None:
+        return out.view(shape)
+    return out[0].view(shape), out[1].view(shape)

@@ -147,3 +147,24 @@ def test_cos_sin_match_transformers_rotary_embedding():
     oq, ok = apply_rope(q.clone(), k.clone(), cos, sin)
     assert_close_verbose(oq, hq.transpose(1, 2), 1e-6, 1e-5, "q vs HF")
     assert_close_verbose(ok, hk.transpose(1, 2), 1e-6, 1e-5, "k vs HF")
+
+
+def test_rope_in_place_on_views_of_fused_op_outputs():
+    # The trainer's pattern: q = q_proj(x).view(B, S, H, D) where q_proj is our lora_linear (a custom Function),
+    # then in-place RoPE. Autograd forbids in-place writes to views created *inside* a Function, so the ops
+    # must reshape outside their Functions; this guards that.
+    from kernels.ops.lora_linear import lora_linear
+    from kernels.ops.rms_norm import rms_norm
+
+    bsz, seq, heads, dim, hidden = 2, 3, 2, 8, 16
+    x = torch.randn(bsz, seq, hidden, device=DEVICE, requires_grad=True)
+    a = torch.randn(4, hidden, device=DEVICE, requires_grad=True)
+    b = torch.randn(heads * dim, 4, device=DEVICE, requires_grad=True)
+    w = torch.randn(heads * dim, hidden, device=DEVICE)
+    cos, sin = rope_cos_sin(torch.arange(seq, device=DEVICE)[None], dim)
+    normed = rms_norm(x, torch.ones(hidden, device=DEVICE))
+    q = lora_linear(normed, w, a, b, 1.0).view(bsz, seq, heads, dim)
+    k = rms_norm(x, torch.ones(hidden, device=DEVICE)).view(bsz, seq, heads, dim)
+    q_rot, k_rot = apply_rope(q, k, cos, sin)
+    (q_rot.square().sum() + k_rot.sum()).backward()
+    assert x.grad is not None and a.grad is not None and torch.isfinite(x.grad).all()
