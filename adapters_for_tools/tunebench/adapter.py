@@ -1,0 +1,98 @@
+"""tunebench adapter: the scenario trained by ``kernels.trainer`` (our model, loop and fused ops).
+
+Mapping: ``model.dtype`` is the storage dtype of the frozen base (bf16 on GPU); ``method`` becomes
+:class:`kernels.trainer.model.MethodOptions` (LoRA/DoRA with PEFT's init and scale, QLoRA as NF4 base weights
+with ``quant.compute_dtype`` compute, full = every weight trainable); ``train`` drives
+:func:`kernels.trainer.train.train` (same data order and loss normalisation as the hf baseline, AdamW over the
+trainable parameters, fused on CUDA). Data is tokenised by ``harness.data.load_tokenised``, as for hf.
+
+Devices: on CUDA the ops launch their Triton kernels (bf16); on CPU without ``TRITON_INTERPRET=1`` each op runs
+its PyTorch reference (same maths; the fused cross-entropy then materialises the logits), which is how the CPU
+scenarios and CI exercise this adapter.
+
+Effective settings are read back from the live model and optimizer at the first step
+(``DecoderModel.effective_settings`` + ``harness.effective.read_back_optimizer``). Trainer knobs come from
+``overrides`` (see the package docstring) and are recorded in ``extra["trainer"]``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from harness.data import load_tokenised
+from harness.effective import read_back_optimizer
+
+KNOBS = {"offload_checkpoints": bool, "fused_ce_chunk": int, "lora_dtype": str}
+
+
+def method_options(sc, overrides: dict):  # noqa: ANN001, ANN201
+    """The scenario's method and the override knobs as :class:`MethodOptions`."""
+    import torch
+
+    from kernels.trainer.model import MethodOptions
+
+    unknown = sorted(set(overrides) - set(KNOBS))
+    if unknown:
+        raise ValueError(f"unknown tunebench overrides {unknown}; known: {sorted(KNOBS)}")
+    m = sc.method
+    lora_dtype = getattr(torch, str(overrides.get("lora_dtype", "float32")))
+    return MethodOptions(
+        kind=m.kind,
+        lora_r=m.lora_r,
+        lora_alpha=float(m.lora_alpha),
+        lora_dropout=float(m.lora_dropout),
+        target_modules=tuple(m.resolved_targets()),
+        double_quant=bool(m.quant.double_quant) if m.quant else True,
+        lora_dtype=lora_dtype,
+        gradient_checkpointing=sc.train.gradient_checkpointing,
+        offload_checkpoints=bool(overrides.get("offload_checkpoints", False)),
+        fused_ce_chunk=int(overrides["fused_ce_chunk"]) if overrides.get("fused_ce_chunk") else None,
+    )
+
+
+def ops_in_use(device: str) -> dict[str, str]:
+    """Which implementation each op runs with here (Triton kernel or PyTorch reference)."""
+    from kernels.ops._utils import interpret_mode
+    from kernels.trainer.model import _lora_op
+    from kernels.trainer.quant import ops_nf4
+
+    kern = "triton" if device == "cuda" else ("triton-interpreter" if interpret_mode() else "torch-reference")
+    return {"rms_norm": kern, "rope": kern, "swiglu": kern, "fused_linear_cross_entropy": kern,
+            "lora_linear": kern if _lora_op() is not None else "torch (kernels.ops.lora_linear not present)",
+            "nf4": "kernels.ops.nf4" if ops_nf4() is not None else "torch (kernels.trainer.quant)"}
+
+
+def run(ctx) -> None:  # noqa: ANN001
+    import torch
+    from transformers import AutoTokenizer
+
+    from kernels.trainer.model import load_model
+    from kernels.trainer.save import save_trained
+    from kernels.trainer.train import TrainSettings, train
+
+    sc = ctx.scenario
+    if sc.method.kind == "qlora" and sc.method.quant.quant_type != "nf4":
+        ctx.cannot_honour("method.quant.quant_type", f"{sc.method.quant.quant_type}: tunebench quantises to nf4 only")
+    options = method_options(sc, ctx.overrides)
+    device = torch.device("cuda" if sc.hardware.device == "cuda" else "cpu")
+    dtype = getattr(torch, sc.method.quant.compute_dtype if sc.method.kind == "qlora" else sc.model.dtype)
+    t0 = time.time()
+    model = load_model(ctx.checkpoint, options, dtype=dtype, device=device)
+    tok = AutoTokenizer.from_pretrained(ctx.checkpoint)
+    ctx.load_s = time.time() - t0
+    rows = load_tokenised(sc, ctx.dataset_path, tok).rows
+    settings = TrainSettings.from_scenario(sc, tok.pad_token_id)
+    trainer_cfg = {"method": {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in vars(options).items()},
+                   "train": {k: v for k, v in vars(settings).items() if k != "extra"},
+                   "device": str(device), "dtype": str(dtype), "ops": ops_in_use(device.type)}
+    ctx.save_native_config("tunebench_trainer.json", json.dumps(trainer_cfg, indent=1, default=str))
+    ctx.extra["trainer"] = {"overrides": dict(ctx.overrides), "ops": trainer_cfg["ops"]}
+
+    def on_first_step(opt) -> None:  # noqa: ANN001
+        ctx.set_effective(**model.effective_settings(), **read_back_optimizer(opt))
+
+    train(model, rows, settings, meter=ctx.meter, device=device, on_first_step=on_first_step)
+    ctx.output_dir.mkdir(parents=True, exist_ok=True)
+    ctx.extra["saved"] = save_trained(model, ctx.output_dir, ctx.checkpoint)
+    tok.save_pretrained(ctx.output_dir)

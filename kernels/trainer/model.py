@@ -1,0 +1,657 @@
+"""A Llama / Mistral / Qwen2 decoder for training, built on the fused ops in ``kernels.ops``.
+
+It loads the very checkpoint files transformers loads (``config.json`` + safetensors, transformers' tensor names)
+and computes the same function as ``AutoModelForCausalLM`` (tests compare logits), with:
+
+- RMSNorm from :func:`kernels.ops.rms_norm.rms_norm`; the residual add before ``post_attention_layernorm`` is fused
+  into it. The add at the end of the block stays a plain add so a layer's only input and output is the
+  residual stream (one tensor per checkpointed layer, not two).
+- RoPE from :mod:`kernels.ops.rope` (``rope_theta``, Llama-3 ``rope_scaling``), positions from ``position_ids``.
+- SwiGLU from :func:`kernels.ops.swiglu.swiglu`.
+- Attention: ``F.scaled_dot_product_attention``. Unpacked rows use ``is_causal=True`` and ``enable_gqa=True``
+  (flash attention on H100, no mask tensor, KV heads not repeated). Right padding needs no mask: pads sit after
+  every real token, a causal query never sees a later key, so real tokens' outputs are exactly those of the
+  unpadded row (pads' own outputs are junk, and their labels are -100; ``test_convergence`` checks padded vs
+  unpadded losses). Packed rows (``position_ids`` given; they restart at 0 per sample) get a block-diagonal
+  causal boolean mask built from ``position_ids`` so attention stays inside each sample; SDPA then runs its
+  memory-efficient kernel (``[B, S, S]`` bool mask: 8 MB at 2 x 2048). Why not ``torch.nn.attention.varlen``:
+  it exists in torch 2.13 here but its signature moved between releases (the GPU box runs 2.11), and
+  flex_attention is only fast under ``torch.compile``; the mask is exact on every version and packing is not
+  on the benchmark's hot path.
+- LM head + loss: :func:`kernels.ops.fused_linear_cross_entropy.fused_linear_cross_entropy` (no
+  ``[tokens, vocab]`` logits on CUDA); the loss is a *sum* so the trainer can divide by the loss tokens of the
+  whole optimizer step (what the HF Trainer does with ``num_items_in_batch``).
+- LoRA / DoRA / QLoRA linears in :class:`Linear` (see there for dtypes and init); full fine-tuning makes every
+  weight trainable.
+- Gradient checkpointing per decoder layer: ``torch.utils.checkpoint`` (non-reentrant); with
+  ``offload_checkpoints`` a small reentrant-style autograd Function that keeps the layer input in pinned host
+  memory instead (copied on a side stream), see :class:`_OffloadedCheckpoint`.
+
+On CPU without ``TRITON_INTERPRET=1`` each op runs its PyTorch reference, so the model trains anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels.ops.fused_linear_cross_entropy import fused_linear_cross_entropy
+from kernels.ops.rms_norm import rms_norm
+from kernels.ops.rope import apply_rope, rope_cos_sin
+from kernels.ops.swiglu import swiglu
+from kernels.trainer.quant import NF4Weight, nf4_linear, nf4_quantize
+
+ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+LINEAR_MODULES = ATTN_MODULES + MLP_MODULES
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# configuration
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """Architecture values read from a transformers ``config.json`` (llama, mistral, qwen2)."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DecoderConfig:
+        mt = d["model_type"]
+        if mt not in ("llama", "mistral", "qwen2"):
+            raise NotImplementedError(f"model_type {mt!r}: tunebench trains llama, mistral and qwen2")
+        if mt == "mistral" and d.get("sliding_window") and d["sliding_window"] < d.get("max_position_embeddings", 0):
+            # a window shorter than our rows would change attention; the presets set it to null
+            pass
+        # transformers 5 writes rope_parameters {rope_type, rope_theta, ...}; older files rope_theta + rope_scaling
+        rp = dict(d.get("rope_parameters") or {})
+        theta = float(rp.pop("rope_theta", d.get("rope_theta", 10000.0)))
+        scaling = rp if rp and rp.get("rope_type", "default") != "default" else d.get("rope_scaling")
+        heads = int(d["num_attention_heads"])
+        attn_bias = bool(d.get("attention_bias", False))
+        return cls(
+            model_type=mt,
+            vocab_size=int(d["vocab_size"]),
+            hidden_size=int(d["hidden_size"]),
+            intermediate_size=int(d["intermediate_size"]),
+            num_layers=int(d["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(d.get("num_key_value_heads") or heads),
+            head_dim=int(d.get("head_dim") or d["hidden_size"] // heads),
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            qkv_bias=True if mt == "qwen2" else attn_bias,  # qwen2 always has q/k/v bias, no o bias
+            o_bias=attn_bias if mt == "llama" else False,
+            mlp_bias=bool(d.get("mlp_bias", False)),
+            raw=dict(d),
+        )
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str | Path) -> DecoderConfig:
+        return cls.from_dict(json.loads((Path(checkpoint) / "config.json").read_text()))
+
+
+@dataclass
+class MethodOptions:
+    """What to train and how (the scenario's method plus trainer knobs).
+
+    Attributes:
+        kind: ``full`` | ``lora`` | ``dora`` | ``qlora``.
+        lora_r / lora_alpha / lora_dropout / target_modules: PEFT's meaning (scale = alpha / r).
+        double_quant: QLoRA: quantise the NF4 absmaxes too.
+        lora_dtype: dtype of LoRA A/B (and DoRA magnitude). float32, like PEFT's default
+            (``autocast_adapter_dtype=True``); the matmuls run in the activation dtype, as under the HF
+            Trainer's bf16 autocast.
+        gradient_checkpointing: recompute each decoder layer in backward.
+        offload_checkpoints: keep checkpointed layer inputs in pinned host memory.
+        fused_ce_chunk: tokens per chunk of the fused LM-head + loss (None: the op's default, 1024).
+    """
+
+    kind: str = "lora"
+    lora_r: int = 16
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    target_modules: tuple[str, ...] = LINEAR_MODULES
+    double_quant: bool = True
+    lora_dtype: torch.dtype = torch.float32
+    gradient_checkpointing: bool = True
+    offload_checkpoints: bool = False
+    fused_ce_chunk: int | None = None
+
+    @property
+    def is_peft(self) -> bool:
+        return self.kind in ("lora", "dora", "qlora")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# linear layers
+
+
+def _lora_op():
+    """``kernels.ops.lora_linear.lora_linear`` once the ops engineer lands it, else None (torch path)."""
+    try:
+        from kernels.ops.lora_linear import lora_linear  # noqa: F401 - optional, lands separately
+    except ImportError:
+        return None
+    return lora_linear
+
+
+def peft_lora_a_init(r: int, in_features: int, out_features: int) -> torch.Tensor:
+    """LoRA A drawn exactly as PEFT draws it, from the default CPU generator (fp32 ``[r, in]``).
+
+    PEFT builds ``nn.Linear(in, r)`` and ``nn.Linear(r, out)`` (each constructor draws a kaiming-uniform
+    weight) and then re-draws A with kaiming-uniform(a=sqrt(5)). Consuming the generator the same way, module
+    by module in the same order, gives bit-identical adapters from the same seed, so hf and tunebench runs of a
+    scenario start from the same LoRA weights and their loss curves can be compared step by step.
+    """
+    for shape in ((r, in_features), (out_features, r)):
+        nn.init.kaiming_uniform_(torch.empty(shape), a=math.sqrt(5))
+    a = torch.empty(r, in_features)
+    nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+    return a
+
+
+class Linear(nn.Module):
+    """A linear layer whose base is trainable (full FT), frozen (LoRA/DoRA) or frozen NF4 (QLoRA).
+
+    LoRA follows PEFT: ``y = x W^T + b + (alpha / r) * B(A(dropout(x)))``, ``A`` kaiming-uniform(a=sqrt(5)), ``B``
+    zeros, so the model starts exactly at the base. A/B are kept in ``lora_dtype`` (fp32 by default: the AdamW
+    update of small bf16 values would round away) and cast to the activation dtype for the matmuls, as
+    PEFT + autocast do. DoRA follows PEFT's ``DoraLinearLayer``: ``m / ||W + s B A||_row`` (norm detached)
+    rescales the LoRA-adapted output, ``m`` starts at the row norms of ``W``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight: nn.Parameter | None = nn.Parameter(
+            torch.empty(out_features, in_features, dtype=dtype, device=device), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device),
+                                 requires_grad=False) if bias else None
+        self.qweight: NF4Weight | None = None
+        self.lora_A: nn.Parameter | None = None
+        self.lora_B: nn.Parameter | None = None
+        self.magnitude: nn.Parameter | None = None
+        self.lora_r = 0
+        self.lora_alpha = 0.0
+        self.scaling = 0.0
+        self.lora_dropout = 0.0
+
+    # -- construction ---------------------------------------------------------------------------------------------
+    def quantize_(self, double_quant: bool, compute_dtype: torch.dtype) -> None:
+        """Replace the bf16 base weight by its NF4 form (frees the dense weight)."""
+        assert self.weight is not None
+        self.qweight = nf4_quantize(self.weight.data, double_quant, compute_dtype)
+        self.weight = None
+
+    def add_lora_(self, r: int, alpha: float, dropout: float, dora: bool, dtype: torch.dtype) -> None:
+        dev = self._device()
+        self.lora_A = nn.Parameter(peft_lora_a_init(r, self.in_features, self.out_features).to(dev, dtype))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=dtype, device=dev))
+        self.lora_r, self.lora_alpha, self.scaling, self.lora_dropout = r, float(alpha), alpha / r, float(dropout)
+        if dora:
+            with torch.no_grad():
+                self.magnitude = nn.Parameter(torch.linalg.norm(self.base_weight().float(), dim=1).to(dtype))
+
+    def _device(self) -> torch.device:
+        return self.weight.device if self.weight is not None else self.qweight.packed.device
+
+    def base_weight(self) -> torch.Tensor:
+        """The dense base weight (dequantised for NF4: a temporary)."""
+        return self.weight if self.weight is not None else self.qweight.dequantize()
+
+    # -- forward --------------------------------------------------------------------------------------------------
+    def _base(self, x: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
+        b = self.bias if with_bias else None
+        if self.qweight is not None:
+            return nf4_linear(x, self.qweight, b)
+        return F.linear(x, self.weight, b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lora_A is None:
+            return self._base(x)
+        a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
+        xd = F.dropout(x, self.lora_dropout, self.training) if self.lora_dropout else x
+        if self.magnitude is None:
+            op = _lora_op()
+            if op is not None and self.qweight is None and not self.lora_dropout:
+                return op(x, self.weight, a, b, self.scaling, self.bias)
+            return self._base(x) + F.linear(F.linear(xd, a), b) * self.scaling
+        # DoRA (PEFT semantics): base + (m/n - 1) * W xd + (m/n) * s * B A xd, n = ||W + s B A|| detached
+        w = self.base_weight()
+        with torch.no_grad():
+            n = torch.linalg.norm(w.to(b.dtype) + self.scaling * (b @ a), dim=1).to(x.dtype)
+        mns = self.magnitude.to(x.dtype) / n
+        base = self._base(x)
+        base_d = base if xd is x else self._base(xd)
+        if self.bias is not None:
+            base_d = base_d - self.bias
+        return base + (mns - 1) * base_d + mns * (F.linear(F.linear(xd, a), b) * self.scaling)
+
+    def extra_repr(self) -> str:
+        kind = "nf4" if self.qweight is not None else str(self.weight.dtype).removeprefix("torch.")
+        lora = f", lora_r={self.lora_r}, dora={self.magnitude is not None}" if self.lora_A is not None else ""
+        return f"{self.in_features}, {self.out_features}, base={kind}, bias={self.bias is not None}{lora}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# blocks
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, n: int, eps: float, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n, dtype=dtype, device=device), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):  # noqa: ANN201
+        return rms_norm(x, self.weight, self.eps, residual)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: DecoderConfig, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
+        self.q_proj = Linear(h, cfg.num_heads * d, cfg.qkv_bias, dtype, device)
+        self.k_proj = Linear(h, cfg.num_kv_heads * d, cfg.qkv_bias, dtype, device)
+        self.v_proj = Linear(h, cfg.num_kv_heads * d, cfg.qkv_bias, dtype, device)
+        self.o_proj = Linear(cfg.num_heads * d, h, cfg.o_bias, dtype, device)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        bsz, seq, _ = x.shape
+        q = self.q_proj(x).view(bsz, seq, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(bsz, seq, self.n_kv, self.head_dim)
+        v = self.v_proj(x).view(bsz, seq, self.n_kv, self.head_dim)
+        q, k = apply_rope(q, k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if mask is None:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
+        else:
+            # The masked (memory-efficient) kernels do not all take enable_gqa: repeat KV heads explicitly.
+            rep = self.n_heads // self.n_kv
+            if rep > 1:
+                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
+        return self.o_proj(o.transpose(1, 2).reshape(bsz, seq, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: DecoderConfig, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        h, i, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gate_proj = Linear(h, i, b, dtype, device)
+        self.up_proj = Linear(h, i, b, dtype, device)
+        self.down_proj = Linear(i, h, b, dtype, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: DecoderConfig, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.self_attn = Attention(cfg, dtype, device)
+        self.mlp = MLP(cfg, dtype, device)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        a = self.self_attn(self.input_layernorm(h), cos, sin, mask)
+        x, h = self.post_attention_layernorm(a, residual=h)  # fused: h = h + a; x = norm(h)
+        return h + self.mlp(x)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# checkpoint offload
+
+
+_COPY_STREAMS: dict[int, Any] = {}
+
+
+def _copy_stream(device: torch.device):  # noqa: ANN202
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _COPY_STREAMS:
+        _COPY_STREAMS[idx] = torch.cuda.Stream(device=idx)
+    return _COPY_STREAMS[idx]
+
+
+class _OffloadedCheckpoint(torch.autograd.Function):
+    """Checkpoint one layer keeping its input on the host (pinned), not on the GPU.
+
+    torch's non-reentrant checkpoint holds the layer input alive through its recompute closure, so
+    ``save_on_cpu`` around it would offload nothing; hence this reentrant-style Function. Forward runs the
+    layer without a graph and copies the input to pinned memory on a side stream (overlaps the next layer's
+    compute); backward copies it back, recomputes the layer with a graph (same RNG state) and backpropagates
+    through it. Parameters get their gradients from that inner backward.
+    """
+
+    @staticmethod
+    def forward(ctx, run, h, *args):  # noqa: ANN001, ANN205
+        ctx.run, ctx.device = run, h.device
+        ctx.cpu_rng = torch.get_rng_state()
+        ctx.cuda_rng = torch.cuda.get_rng_state(h.device) if h.is_cuda else None
+        with torch.no_grad():
+            out = run(h, *args)
+        if h.is_cuda:
+            host = torch.empty(h.shape, dtype=h.dtype, pin_memory=True)
+            stream = _copy_stream(h.device)
+            stream.wait_stream(torch.cuda.current_stream(h.device))
+            with torch.cuda.stream(stream):
+                host.copy_(h, non_blocking=True)
+            h.record_stream(stream)  # h's memory is not reused before the copy has read it
+            ctx.event = stream.record_event()
+            ctx.h = host
+        else:
+            ctx.h, ctx.event = h.detach(), None
+        ctx.save_for_backward(*args)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: ANN001, ANN205
+        args = ctx.saved_tensors
+        if ctx.event is not None:
+            torch.cuda.current_stream(ctx.device).wait_event(ctx.event)
+            h = ctx.h.to(ctx.device, non_blocking=True)
+        else:
+            h = ctx.h
+        h = h.detach().requires_grad_(True)
+        ctx.h = None
+        devices = [ctx.device] if ctx.cuda_rng is not None else []
+        with torch.random.fork_rng(devices=devices, enabled=True):
+            torch.set_rng_state(ctx.cpu_rng)
+            if ctx.cuda_rng is not None:
+                torch.cuda.set_rng_state(ctx.cuda_rng, ctx.device)
+            with torch.enable_grad():
+                out = ctx.run(h, *args)
+        torch.autograd.backward(out, grad_out)
+        return (None, h.grad) + (None,) * len(args)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the model
+
+
+def packed_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    """``[B, S, S]`` bool mask: causal and within the sample (a sample starts where position_ids is 0)."""
+    doc = (position_ids == 0).cumsum(-1)
+    seq = position_ids.shape[-1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=position_ids.device).tril()
+    return (doc[:, :, None] == doc[:, None, :]) & causal
+
+
+class DecoderModel(nn.Module):
+    """Causal LM with transformers' module names (``model.layers.N...``, ``lm_head``) for loading and saving.
+
+    Args:
+        cfg: architecture.
+        dtype: storage dtype of the base weights (bf16 on GPU; fp32 in CPU tests).
+        device: where the weights live.
+    """
+
+    def __init__(self, cfg: DecoderConfig, dtype: torch.dtype, device: torch.device | str):
+        super().__init__()
+        device = torch.device(device)
+        self.cfg, self.dtype = cfg, dtype
+        self.model = nn.Module()
+        # _weight: skip nn.Embedding's random init (it would move the RNG that the LoRA init must share with PEFT)
+        self.model.embed_tokens = nn.Embedding(
+            cfg.vocab_size, cfg.hidden_size, _weight=torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
+                                                                 device=device))
+        self.model.embed_tokens.weight.requires_grad_(False)
+        self.model.layers = nn.ModuleList(DecoderLayer(cfg, dtype, device) for _ in range(cfg.num_layers))
+        self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.lm_head: nn.Module | None = None
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Module()  # a bare module so the tensor is named lm_head.weight, as in transformers
+            self.lm_head.weight = nn.Parameter(
+                torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device), requires_grad=False)
+        self.options = MethodOptions(kind="none")
+        self.gradient_checkpointing = False
+        self.offload_checkpoints = False
+
+    # -- helpers --------------------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def linears(self):  # noqa: ANN201
+        """``(qualified name, Linear)`` for every projection, e.g. ``model.layers.0.self_attn.q_proj``."""
+        for name, mod in self.named_modules():
+            if isinstance(mod, Linear):
+                yield name, mod
+
+    # -- forward --------------------------------------------------------------------------------------------------
+    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-norm hidden states ``[B, S, H]``. ``position_ids`` given = packed rows (see module docstring)."""
+        cfg = self.cfg
+        h = self.model.embed_tokens(input_ids)
+        mask = None
+        if position_ids is None:
+            pos = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+        else:
+            pos = position_ids
+            mask = packed_causal_mask(position_ids)
+        cos, sin = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        if ckpt and self.offload_checkpoints and not h.requires_grad:
+            h = h.detach().requires_grad_(True)  # the reentrant-style Function needs a grad-requiring input
+        for layer in self.model.layers:
+            if not ckpt:
+                h = layer(h, cos, sin, mask)
+            elif self.offload_checkpoints:
+                extra = (cos, sin) if mask is None else (cos, sin, mask)
+                h = _OffloadedCheckpoint.apply(_LayerCall(layer, mask is not None), h, *extra)
+            else:
+                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, mask, use_reentrant=False)
+        return self.model.norm(h)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, reduction: str = "sum") -> torch.Tensor:
+        """Loss (``labels`` given: next-token cross-entropy, labels shifted here) or logits (tests, eval).
+
+        Args:
+            input_ids: ``[B, S]`` token ids (right-padded).
+            labels: ``[B, S]`` unshifted labels, -100 where no loss (padding, prompt, first token of a sample).
+            position_ids: ``[B, S]`` for packed rows only; None for one sample per row.
+            reduction: ``"sum"`` (the trainer divides by the optimizer step's loss tokens) or ``"mean"``.
+
+        Returns:
+            Scalar fp32 loss, or ``[B, S, vocab]`` logits when ``labels`` is None.
+        """
+        h = self.hidden_states(input_ids, position_ids)
+        w = self.lm_head_weight()
+        if labels is None:
+            return h @ w.t()
+        return fused_linear_cross_entropy(h, w, labels, ignore_index=-100, reduction=reduction, shift=True,
+                                          chunk_size=self.options.fused_ce_chunk)
+
+    # -- read-back ------------------------------------------------------------------------------------------------
+    def effective_settings(self) -> dict[str, Any]:
+        """Method settings read from the live modules (the keys of ``harness.effective``)."""
+        eff: dict[str, Any] = {"train_mode": bool(self.training),
+                               "gradient_checkpointing": bool(self.gradient_checkpointing and self.training)}
+        dtypes: dict[torch.dtype, int] = {}
+        quant, dq, compute = None, None, None
+        targets, lora = set(), None
+        total = trainable = 0
+        for p in self.parameters():
+            total += p.numel()
+            if p.requires_grad:
+                trainable += p.numel()
+            elif p.dtype.is_floating_point:
+                dtypes[p.dtype] = dtypes.get(p.dtype, 0) + p.numel()
+        for name, mod in self.linears():
+            if mod.qweight is not None:
+                quant, dq, compute = "nf4", mod.qweight.double_quant, mod.qweight.dtype
+                total += mod.qweight.numel_stored()
+            if mod.lora_A is not None:
+                targets.add(name.rsplit(".", 1)[-1])
+                lora = mod
+        if dtypes:
+            eff["dtype"] = str(max(dtypes, key=dtypes.get)).removeprefix("torch.")
+        eff["quantization"] = quant
+        if quant is not None:
+            eff["double_quant"] = dq
+            eff["dtype"] = str(compute).removeprefix("torch.")
+        eff["trainable_params"], eff["total_params"] = trainable, total
+        if lora is not None:
+            eff.update({"lora_r": lora.lora_r, "lora_alpha": lora.lora_alpha, "lora_dropout": lora.lora_dropout,
+                        "use_dora": lora.magnitude is not None, "target_modules": sorted(targets)})
+        return eff
+
+
+class _LayerCall:
+    """Picklable-free callable for :class:`_OffloadedCheckpoint`: ``layer(h, cos, sin, mask_or_None)``."""
+
+    def __init__(self, layer: DecoderLayer, has_mask: bool):
+        self.layer, self.has_mask = layer, has_mask
+
+    def __call__(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None):
+        return self.layer(h, cos, sin, mask if self.has_mask else None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# loading
+
+
+def _safetensors_files(checkpoint: Path) -> list[Path]:
+    index = checkpoint / "model.safetensors.index.json"
+    if index.exists():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [checkpoint / n for n in names]
+    files = sorted(checkpoint.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{checkpoint}: no *.safetensors files")
+    return files
+
+
+def load_model(checkpoint: str | Path, options: MethodOptions, dtype: torch.dtype = torch.bfloat16,
+               device: torch.device | str = "cuda", seed: int | None = None) -> DecoderModel:
+    """Build the model from a transformers checkpoint and apply the method.
+
+    Tensors are read one at a time straight to ``device`` (safetensors ``safe_open``) and, for QLoRA, quantised
+    as they arrive, so a 4-bit 8B model never holds its bf16 weights at once (peak = 4-bit model + one tensor).
+
+    Args:
+        checkpoint: directory with ``config.json`` and safetensors (what ``AutoModelForCausalLM`` loads).
+        options: method and trainer knobs.
+        dtype: base weight dtype (QLoRA: the compute dtype of the 4-bit weights).
+        device: target device.
+        seed: seeds the LoRA init (``torch.manual_seed``) when given.
+
+    Returns:
+        The model in train mode, with ``requires_grad`` set for the method.
+    """
+    from safetensors import safe_open
+
+    checkpoint = Path(checkpoint)
+    cfg = DecoderConfig.from_checkpoint(checkpoint)
+    device = torch.device(device)
+    quantize = options.kind == "qlora"
+    if quantize:
+        # build on the meta device: no bf16 allocation for the projections that become 4-bit
+        model = _build_meta_for_qlora(cfg, dtype, device)
+    else:
+        model = DecoderModel(cfg, dtype, device)
+    targets = dict(model.named_parameters())
+    linears = dict(model.linears())
+    seen = set()
+    dev_str = str(device) if device.type != "cuda" else f"cuda:{device.index or 0}"
+    for f in _safetensors_files(checkpoint):
+        with safe_open(str(f), framework="pt", device=dev_str) as st:
+            for key in st.keys():
+                if key == "lm_head.weight" and model.lm_head is None:
+                    continue  # tied: some files carry the duplicate
+                mod_name, _, leaf = key.rpartition(".")
+                if quantize and leaf == "weight" and mod_name in linears:
+                    w = st.get_tensor(key).to(dtype)
+                    linears[mod_name].qweight = nf4_quantize(w, options.double_quant, dtype)
+                    linears[mod_name].weight = None
+                    del w
+                    seen.add(key)
+                    continue
+                if key not in targets:
+                    raise KeyError(f"{f.name}: unexpected tensor {key!r} for {cfg.model_type}")
+                t = st.get_tensor(key)
+                _assign(model, key, t.to(dtype))
+                seen.add(key)
+    missing = set(targets) - seen
+    if quantize:
+        missing -= {f"{n}.weight" for n in linears}
+    if missing:
+        raise KeyError(f"{checkpoint}: tensors missing from the checkpoint: {sorted(missing)[:8]}")
+    apply_method(model, options, seed)
+    return model
+
+
+def _assign(model: DecoderModel, key: str, t: torch.Tensor) -> None:
+    mod_name, _, leaf = key.rpartition(".")
+    mod = model.get_submodule(mod_name) if mod_name else model
+    old = getattr(mod, leaf)
+    if old.is_meta:
+        setattr(mod, leaf, nn.Parameter(t, requires_grad=False))
+    else:
+        with torch.no_grad():
+            old.copy_(t)
+
+
+def _build_meta_for_qlora(cfg: DecoderConfig, dtype: torch.dtype, device: torch.device) -> DecoderModel:
+    """Projections on the meta device (become NF4), everything else materialised on ``device``."""
+    model = DecoderModel(cfg, dtype, torch.device("meta"))
+    for name, p in list(model.named_parameters()):
+        mod_name, _, leaf = name.rpartition(".")
+        mod = model.get_submodule(mod_name) if mod_name else model
+        if isinstance(mod, Linear) and leaf == "weight":
+            continue
+        init = torch.ones if isinstance(mod, RMSNorm) else torch.zeros
+        setattr(mod, leaf, nn.Parameter(init(p.shape, dtype=p.dtype, device=device), requires_grad=False))
+    return model
+
+
+def apply_method(model: DecoderModel, options: MethodOptions, seed: int | None = None) -> None:
+    """Set trainable parameters for the method; add LoRA/DoRA adapters (PEFT init) to the target linears."""
+    model.options = options
+    model.gradient_checkpointing = options.gradient_checkpointing
+    model.offload_checkpoints = options.offload_checkpoints
+    if options.kind == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+    elif options.is_peft:
+        if seed is not None:
+            torch.manual_seed(seed)
+        for name, mod in model.linears():
+            if name.rsplit(".", 1)[-1] in options.target_modules:
+                mod.add_lora_(options.lora_r, options.lora_alpha, options.lora_dropout, options.kind == "dora",
+                              options.lora_dtype)
+    else:
+        raise ValueError(f"unknown method kind {options.kind!r}")
+    model.train()

@@ -1,0 +1,155 @@
+"""The training loop: same data order, same loss normalisation and same optimizer as the hf baseline.
+
+Data order is exactly ``adapters_for_tools/dummy``'s (and the HF Trainer's sequential sampler): rows in order,
+``micro_batch`` rows per forward, ``grad_accum`` micro-batches per optimizer step, wrapping around the rows.
+
+Loss: each micro-batch's loss is the *sum* of token losses divided by the number of loss tokens of the whole
+optimizer step (labels != -100 after the one-position shift, counted over all its micro-batches), which is what
+the transformers 5 Trainer does when it passes ``num_items_in_batch`` to the model; the reported step loss is the
+sum of those, i.e. the mean over the step's loss tokens (HF logs the same number).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from harness.data import collate
+
+ROW_KEYS = ("input_ids", "labels", "position_ids")
+
+
+@dataclass
+class TrainSettings:
+    """The scenario's ``train`` section as the loop needs it.
+
+    Attributes:
+        micro_batch / grad_accum / steps / lr / weight_decay / max_grad_norm: scenario meaning.
+        lr_scheduler: ``constant`` | ``linear`` | ``cosine`` (no LR warmup), as transformers' schedulers.
+        optimizer: ``adamw_torch`` | ``adamw_torch_fused`` | ``sgd``. AdamW runs fused on CUDA either way
+            (same algorithm; the scenario check treats both names as one).
+        pad_id: padding token id for collation.
+    """
+
+    micro_batch: int
+    grad_accum: int
+    steps: int
+    lr: float = 2e-4
+    lr_scheduler: str = "constant"
+    optimizer: str = "adamw_torch"
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    pad_id: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_scenario(cls, sc, pad_id: int) -> TrainSettings:  # noqa: ANN001
+        t = sc.train
+        return cls(micro_batch=t.micro_batch, grad_accum=t.grad_accum, steps=t.steps, lr=t.lr,
+                   lr_scheduler=t.lr_scheduler, optimizer=t.optimizer, weight_decay=t.weight_decay,
+                   max_grad_norm=t.max_grad_norm, pad_id=pad_id)
+
+
+def make_optimizer(model: torch.nn.Module, s: TrainSettings) -> torch.optim.Optimizer:
+    """Optimizer over the trainable parameters only (fused AdamW on CUDA: one kernel for all tensors)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("no trainable parameters")
+    if s.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=s.lr, weight_decay=s.weight_decay)
+    if s.optimizer not in ("adamw_torch", "adamw_torch_fused"):
+        raise NotImplementedError(f"optimizer {s.optimizer!r} (tunebench has adamw_torch, adamw_torch_fused, sgd)")
+    fused = all(p.is_cuda for p in params)
+    return torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay, fused=fused or None)
+
+
+def make_scheduler(opt: torch.optim.Optimizer, s: TrainSettings) -> torch.optim.lr_scheduler.LambdaLR:
+    """transformers' constant / linear / cosine schedules with zero warmup, stepped once per optimizer step."""
+    n = max(1, s.steps)
+
+    def factor(step: int) -> float:
+        if s.lr_scheduler == "linear":
+            return max(0.0, (n - step) / n)
+        if s.lr_scheduler == "cosine":
+            return max(0.0, 0.5 * (1.0 + math.cos(math.pi * step / n)))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def micro_batches(rows: Sequence[dict], s: TrainSettings, step: int, device: torch.device | str) -> list[dict]:
+    """The ``grad_accum`` collated micro-batches of optimizer step ``step`` (0-based), on ``device``."""
+    out = []
+    n = len(rows)
+    for m in range(s.grad_accum):
+        start = (step * s.grad_accum + m) * s.micro_batch
+        chunk = [rows[(start + k) % n] for k in range(s.micro_batch)]
+        out.append({k: v.to(device, non_blocking=True) for k, v in collate(chunk, s.pad_id).items()})
+    return out
+
+
+def train(model: torch.nn.Module, rows: Sequence[dict], s: TrainSettings, meter: Any = None,
+          device: torch.device | str | None = None,
+          on_first_step: Callable[[torch.optim.Optimizer], None] | None = None,
+          optimizer: torch.optim.Optimizer | None = None) -> list[float]:
+    """Train ``model`` for ``s.steps`` optimizer steps over ``rows`` and return the per-step losses.
+
+    Args:
+        model: a :class:`kernels.trainer.model.DecoderModel` (anything with ``model(input_ids, labels,
+            position_ids, reduction="sum")`` returning a summed token loss works).
+        rows: tokenised rows (``harness.data.load_tokenised(...).rows``).
+        s: loop settings.
+        meter: the harness ``StepMeter`` (or None): ``count_batch`` per micro-batch, ``step_begin`` /
+            ``step_end(loss)`` per optimizer step (``step_end`` synchronises CUDA).
+        device: where batches go (default: the model's device).
+        on_first_step: called with the optimizer inside the first timed step, before any compute (the place
+            to read effective settings back from the live model).
+        optimizer: use this optimizer instead of :func:`make_optimizer`.
+
+    Returns:
+        Loss of each optimizer step (mean over the step's loss tokens).
+    """
+    device = device or next(model.parameters()).device
+    opt = optimizer or make_optimizer(model, s)
+    sched = make_scheduler(opt, s)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    model.train()
+    losses: list[float] = []
+    for step in range(s.steps):
+        batches = micro_batches(rows, s, step, device)
+        # loss tokens of the whole step, like num_items_in_batch (one host sync per step, before timing)
+        n_loss = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        if meter is not None:
+            meter.step_begin()
+        if step == 0 and on_first_step is not None:
+            on_first_step(opt)
+        total = torch.zeros((), dtype=torch.float32, device=device)
+        for b in batches:
+            if meter is not None:
+                meter.count_batch(b)
+            loss = model(b["input_ids"], labels=b["labels"], position_ids=b.get("position_ids"), reduction="sum")
+            loss = loss / max(n_loss, 1)
+            loss.backward()
+            total += loss.detach()
+        if s.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm, foreach=True)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        value = float(total)  # the only sync inside the step besides step_end's own
+        if meter is not None:
+            meter.step_end(value)
+        losses.append(value)
+    return losses
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    """``(fn(), seconds)``."""
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
