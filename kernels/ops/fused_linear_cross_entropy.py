@@ -105,14 +105,16 @@ def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     acc.add_(a @ b)
 
 
-def default_chunk_size(n_tokens: int) -> int:
-    """Tokens per chunk: 1024 (a 263 MB bf16 logits buffer at vocab 128256).
+def default_chunk_size(n_tokens: int, weight_needs_grad: bool) -> int:
+    """Tokens per chunk: 1024 with a frozen LM head, 4096 when it is trained.
 
-    Smaller chunks save memory but hurt twice: ``dlogits @ W`` has only ``chunk/128`` row tiles (1024 -> 8 x 32
-    = 256 CTAs, enough for 132 SMs; Liger's 128-token chunks give 32) and each chunk re-reads/writes the
-    ``[V, H]`` fp32 grad_W accumulator (2.1 GB at 8B shapes).
+    Small chunks save memory but cost twice: ``dlogits @ W`` gets only ``chunk/128`` row tiles (1024 -> 8 x 32
+    = 256 CTAs, enough for 132 SMs; Liger's 128-token chunks give 32), and with a trainable head each chunk
+    re-reads and re-writes the ``[V, H]`` fp32 grad_W accumulator (4.2 GB of traffic, ~1.4 ms at 8B shapes),
+    about as long as the chunk's grad_W GEMM itself at 1024 tokens. A 1024-token bf16 logits chunk is 263 MB
+    at vocab 128256; 4096 tokens is 1.05 GB (eager materialises ~4x that in fp32).
     """
-    return max(1, min(n_tokens, 1024))
+    return max(1, min(n_tokens, 4096 if weight_needs_grad else 1024))
 
 
 def fused_linear_cross_entropy_forward(
@@ -180,7 +182,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
             bias,
             ignore_index,
             reduction,
-            chunk_size or default_chunk_size(h2.shape[0]),
+            chunk_size or default_chunk_size(h2.shape[0], grad_enabled and ctx.needs_input_grad[1]),
             need_grad_h=grad_enabled and ctx.needs_input_grad[0],
             need_grad_w=grad_enabled and ctx.needs_input_grad[1],
             need_grad_b=grad_enabled and bias is not None and ctx.needs_input_grad[3],
