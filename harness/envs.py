@@ -33,19 +33,47 @@ class EnvSpec:
     env_vars: dict[str, str] = field(default_factory=dict)
 
 
+def site_dir(name: str) -> Path:
+    """The overlay directory of environment ``name`` (packages installed with ``pip --target``)."""
+    return envs_root() / name / "site"
+
+
+def read_meta(name: str) -> dict | None:
+    """``env.json`` of an installed environment, or None."""
+    meta = envs_root() / name / "env.json"
+    try:
+        return json.loads(meta.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
 def resolve(name: str) -> EnvSpec:
-    """The environment a worker runs in; ``ready=False`` with a reason when it is not created yet."""
+    """The environment a worker runs in; ``ready=False`` with a reason when it is not created yet.
+
+    The optional ``base`` overlay (``.envs/base``: bitsandbytes, pydantic where the interpreter lacks them) is
+    put on the path of every environment, after the environment's own overlay so that the tool's pins win.
+    """
+    base_meta = read_meta("base")
+    base_path = [str(site_dir("base"))] if base_meta is not None else []
+    base_vars = (base_meta or {}).get("env_vars", {})
     if name == "base":
-        return EnvSpec(name="base")
-    root = envs_root() / name
-    meta = root / "env.json"
-    if not meta.exists():
+        return EnvSpec(name="base", pythonpath=base_path, env_vars=dict(base_vars))
+    info = read_meta(name)
+    if info is None:
         return EnvSpec(name=name, ready=False,
                        reason=f"environment {name!r} not created: run `python -m harness env create {name}` "
                               f"(or install its offline bundle: `python -m harness env install BUNDLE`)")
-    info = json.loads(meta.read_text())
-    return EnvSpec(name=name, python=info.get("python") or sys.executable, pythonpath=[str(root / "site")],
-                   env_vars=info.get("env_vars", {}))
+    python = info.get("python") or sys.executable
+    if not Path(python).exists():
+        python = sys.executable  # installed from a bundle built elsewhere: this interpreter runs it
+    built_for = info.get("python_version")
+    here = f"{sys.version_info.major}.{sys.version_info.minor}"
+    if python == sys.executable and built_for and built_for != here:
+        return EnvSpec(name=name, ready=False,
+                       reason=f"environment {name!r} was built for Python {built_for}, this is Python {here}: "
+                              f"recreate it (`python -m harness env create {name}`)")
+    return EnvSpec(name=name, python=python, pythonpath=[str(site_dir(name))] + base_path,
+                   env_vars=base_vars | info.get("env_vars", {}))
 
 
 def has_cuda() -> bool:

@@ -1,0 +1,133 @@
+"""The scenario as TRL's own configuration: a YAML for TRL's SFT script (pure; no toolkit import).
+
+The YAML holds the four argument groups of ``trl/scripts/sft.py`` (``ScriptArguments``, ``SFTConfig``,
+``ModelConfig``, ``DatasetMixtureConfig``) in one flat mapping, so ``python -m trl.scripts.sft --config
+trl_sft.yaml`` reruns it with TRL alone; the adapter parses the same YAML with TRL's parser, so the file is
+exactly what ran.
+
+Token ids: TRL tokenises a text row with the tokenizer's defaults (our generated tokenizer puts ``<bos>`` in
+front) and appends the EOS *text* before tokenising, which gives ``<bos> + text + <eos>`` truncated to
+``max_length`` — the same ids as ``harness.data.tokenize_example`` (checked by the tests). Alpaca rows become
+prompt/completion rows (``completion_only_loss`` = not ``prompt_loss``); messages rows with one final
+assistant turn likewise (see :func:`convert_rows`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+OPTIM = {"adamw_torch": "adamw_torch", "adamw_torch_fused": "adamw_torch_fused", "adamw_8bit": "adamw_bnb_8bit",
+         "sgd": "sgd"}
+
+
+def native_config(sc, work_dir: Path, checkpoint: str, data_file: Path, fmt: str) -> dict[str, Any]:
+    """TRL SFT script arguments for scenario ``sc``.
+
+    Args:
+        sc: the scenario.
+        work_dir: the run's scratch directory (trainer output goes under it).
+        checkpoint: model directory every framework loads.
+        data_file: the JSONL TRL reads (the sweep's file for text rows, a converted one otherwise).
+        fmt: dataset format of the sweep's file (``text``, ``alpaca``, ``messages``, ``sharegpt``).
+
+    Returns:
+        A flat mapping of TRL CLI arguments (JSON/YAML-serialisable).
+    """
+    mixed = sc.model.dtype in ("bfloat16", "float16")
+    m = sc.method
+    cfg: dict[str, Any] = {
+        # ModelConfig
+        "model_name_or_path": str(checkpoint),
+        "dtype": sc.model.dtype,
+        "attn_implementation": sc.model.attn_implementation,
+        "use_peft": m.is_peft,
+        # DatasetMixtureConfig: the local JSONL, read as one "train" split, in file order
+        "datasets": [{"path": "json", "data_files": str(data_file), "split": "train"}],
+        "dataset_train_split": "train",
+        # SFTConfig (TrainingArguments)
+        "output_dir": str(Path(work_dir) / "trainer"),
+        "per_device_train_batch_size": sc.train.micro_batch,
+        "gradient_accumulation_steps": sc.train.grad_accum,
+        "max_steps": sc.train.steps,
+        "learning_rate": sc.train.lr,
+        "lr_scheduler_type": sc.train.lr_scheduler,
+        "warmup_steps": 0,
+        "optim": OPTIM[sc.train.optimizer],
+        "weight_decay": sc.train.weight_decay,
+        "max_grad_norm": sc.train.max_grad_norm or 0.0,
+        "gradient_checkpointing": sc.train.gradient_checkpointing,
+        "gradient_checkpointing_kwargs": {"use_reentrant": False} if sc.train.gradient_checkpointing else None,
+        "bf16": mixed and sc.model.dtype == "bfloat16",
+        "fp16": sc.model.dtype == "float16",
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        "seed": sc.train.seed,
+        "data_seed": sc.train.seed,
+        "dataloader_num_workers": 0,
+        "train_sampling_strategy": "sequential",  # same order as every other framework (no shuffling)
+        "shuffle_dataset": False,
+        "use_cpu": sc.hardware.device == "cpu",
+        "disable_tqdm": True,
+        # SFT specifics
+        "max_length": sc.data.seq_len,
+        "truncation_mode": "keep_start",
+        "packing": sc.data.packing,
+        "dataset_num_proc": 1,
+        "dataset_text_field": "text",
+        "pad_to_multiple_of": None,
+        "use_liger_kernel": False,
+        "activation_offloading": False,
+    }
+    if sc.data.packing:
+        # best-fit-decreasing keeps samples whole and restarts position_ids per sample (padding-free rows)
+        cfg["packing_strategy"] = "bfd"
+    if fmt != "text":
+        cfg["completion_only_loss"] = not sc.data.prompt_loss
+    if m.is_peft:
+        cfg.update({"lora_r": m.lora_r, "lora_alpha": m.lora_alpha, "lora_dropout": m.lora_dropout,
+                    "lora_target_modules": m.resolved_targets(), "use_dora": m.kind == "dora",
+                    "lora_task_type": "CAUSAL_LM"})
+    if m.kind == "qlora":
+        cfg.update({"load_in_4bit": True, "bnb_4bit_quant_type": m.quant.quant_type,
+                    "use_bnb_nested_quant": m.quant.double_quant})
+    return cfg
+
+
+def cannot_honour(sc) -> list[tuple[str, str]]:
+    """Scenario settings this TRL configuration cannot reproduce exactly: (setting, why)."""
+    out = []
+    if sc.method.kind == "qlora" and sc.method.quant.compute_dtype != sc.model.dtype:
+        out.append(("method.quant.compute_dtype", f"TRL's script computes 4-bit layers in the model dtype "
+                    f"({sc.model.dtype}), not {sc.method.quant.compute_dtype}"))
+    return out
+
+
+def convert_rows(rows: list[dict[str, Any]], fmt: str) -> tuple[list[dict[str, str]], list[str]]:
+    """Sweep rows -> rows TRL reads, rendered as ``harness.data.prompt_response`` renders them.
+
+    Returns:
+        (rows, notes): ``text`` rows unchanged; alpaca -> ``{"prompt", "completion"}``; messages/sharegpt with
+        exactly one assistant turn, last -> prompt/completion of the harness's rendering. ``notes`` lists
+        differences from the harness's labels (empty when identical).
+    """
+    from harness.data import prompt_response
+
+    if fmt == "text":
+        return [{"text": r["text"]} for r in rows], []
+    out, notes = [], set()
+    for r in rows:
+        segs = prompt_response(r, fmt)
+        loss_idx = [i for i, (_, bears) in enumerate(segs) if bears]
+        if len(loss_idx) != 1:
+            raise ValueError(f"{fmt} row with {len(loss_idx)} loss-bearing turns: TRL's prompt/completion form "
+                             f"takes exactly one")
+        i = loss_idx[0]
+        prompt = "".join(t for t, _ in segs[:i])
+        completion = "".join(t for t, _ in segs[i:])
+        if i + 1 < len(segs):
+            notes.add(f"{fmt}: text after the assistant turn ({segs[i + 1][0]!r}) bears loss in TRL's completion, "
+                      f"not in the harness's labels")
+        out.append({"prompt": prompt, "completion": completion})
+    return out, sorted(notes)
