@@ -139,7 +139,7 @@ def fused_linear_cross_entropy_forward(
     else:
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     scale = scale.reshape(1)  # read by the kernel through a pointer: no host sync for n_valid
-    grad_h = torch.empty_like(h) if need_grad_h else None
+    grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device) if need_grad_h else None  # contiguous: mm(out=)
     grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_grad_w else None
     grad_b = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device) if need_grad_b else None
     loss_rows = torch.empty(n_tokens, dtype=torch.float32, device=h.device)
