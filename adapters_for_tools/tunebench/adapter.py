@@ -54,13 +54,11 @@ def method_options(sc, overrides: dict):  # noqa: ANN001, ANN201
 def ops_in_use(device: str) -> dict[str, str]:
     """Which implementation each op runs with here (Triton kernel or PyTorch reference)."""
     from kernels.ops._utils import interpret_mode
-    from kernels.trainer.model import _lora_op
-    from kernels.trainer.quant import ops_nf4
 
     kern = "triton" if device == "cuda" else ("triton-interpreter" if interpret_mode() else "torch-reference")
-    return {"rms_norm": kern, "rope": kern, "swiglu": kern, "fused_linear_cross_entropy": kern,
-            "lora_linear": kern if _lora_op() is not None else "torch (kernels.ops.lora_linear not present)",
-            "nf4": "kernels.ops.nf4" if ops_nf4() is not None else "torch (kernels.trainer.quant)"}
+    ops = ("rms_norm", "rope", "swiglu", "fused_linear_cross_entropy", "lora_linear", "nf4_dequantize")
+    # lora_linear is cuBLAS GEMMs with a hand-written backward (no Triton kernel of its own); DoRA is plain torch
+    return {op: kern for op in ops} | {"dora": "torch"}
 
 
 def run(ctx) -> None:  # noqa: ANN001

@@ -43,10 +43,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.ops.fused_linear_cross_entropy import fused_linear_cross_entropy
+from kernels.ops.lora_linear import lora_linear
+from kernels.ops.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
 from kernels.ops.rms_norm import rms_norm
 from kernels.ops.rope import apply_rope, rope_cos_sin
 from kernels.ops.swiglu import swiglu
-from kernels.trainer.quant import NF4Weight, nf4_linear, nf4_quantize
 
 ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
@@ -152,13 +153,17 @@ class MethodOptions:
 # linear layers
 
 
-def _lora_op():
-    """``kernels.ops.lora_linear.lora_linear`` once the ops engineer lands it, else None (torch path)."""
-    try:
-        from kernels.ops.lora_linear import lora_linear  # noqa: F401 - optional, lands separately
-    except ImportError:
-        return None
-    return lora_linear
+class _NF4Linear(torch.autograd.Function):
+    """Frozen NF4 linear without an adapter (QLoRA with a subset of targets): dequantises again in backward."""
+
+    @staticmethod
+    def forward(ctx, x, bias, q):  # noqa: ANN001, ANN205
+        ctx.q = q
+        return F.linear(x, dequantize_nf4(q, x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, gy):  # noqa: ANN001, ANN205
+        return gy @ dequantize_nf4(ctx.q, gy.dtype), None, None
 
 
 def peft_lora_a_init(r: int, in_features: int, out_features: int) -> torch.Tensor:
@@ -182,7 +187,9 @@ class Linear(nn.Module):
     LoRA follows PEFT: ``y = x W^T + b + (alpha / r) * B(A(dropout(x)))``, ``A`` kaiming-uniform(a=sqrt(5)), ``B``
     zeros, so the model starts exactly at the base. A/B are kept in ``lora_dtype`` (fp32 by default: the AdamW
     update of small bf16 values would round away) and cast to the activation dtype for the matmuls, as
-    PEFT + autocast do. DoRA follows PEFT's ``DoraLinearLayer``: ``m / ||W + s B A||_row`` (norm detached)
+    PEFT + autocast do. LoRA and QLoRA run :func:`kernels.ops.lora_linear.lora_linear` (no dW; the NF4 weight
+    is dequantised per GEMM, also in backward); DoRA, which that op does not cover, is plain torch.
+    DoRA follows PEFT's ``DoraLinearLayer``: ``m / ||W + s B A||_row`` (norm detached)
     rescales the LoRA-adapted output, ``m`` starts at the row norms of ``W``.
     """
 
@@ -193,7 +200,7 @@ class Linear(nn.Module):
             torch.empty(out_features, in_features, dtype=dtype, device=device), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device),
                                  requires_grad=False) if bias else None
-        self.qweight: NF4Weight | None = None
+        self.qweight: NF4Tensor | None = None
         self.lora_A: nn.Parameter | None = None
         self.lora_B: nn.Parameter | None = None
         self.magnitude: nn.Parameter | None = None
@@ -206,7 +213,7 @@ class Linear(nn.Module):
     def quantize_(self, double_quant: bool, compute_dtype: torch.dtype) -> None:
         """Replace the bf16 base weight by its NF4 form (frees the dense weight)."""
         assert self.weight is not None
-        self.qweight = nf4_quantize(self.weight.data, double_quant, compute_dtype)
+        self.qweight = quantize_nf4(self.weight.data.to(compute_dtype), double_quant=double_quant)
         self.weight = None
 
     def add_lora_(self, r: int, alpha: float, dropout: float, dora: bool, dtype: torch.dtype) -> None:
@@ -219,39 +226,37 @@ class Linear(nn.Module):
                 self.magnitude = nn.Parameter(torch.linalg.norm(self.base_weight().float(), dim=1).to(dtype))
 
     def _device(self) -> torch.device:
-        return self.weight.device if self.weight is not None else self.qweight.packed.device
+        return self.weight.device if self.weight is not None else self.qweight.device
 
     def base_weight(self) -> torch.Tensor:
         """The dense base weight (dequantised for NF4: a temporary)."""
-        return self.weight if self.weight is not None else self.qweight.dequantize()
+        return self.weight if self.weight is not None else dequantize_nf4(self.qweight)
 
     # -- forward --------------------------------------------------------------------------------------------------
-    def _base(self, x: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
-        b = self.bias if with_bias else None
+    def _base(self, x: torch.Tensor) -> torch.Tensor:
         if self.qweight is not None:
-            return nf4_linear(x, self.qweight, b)
-        return F.linear(x, self.weight, b)
+            return _NF4Linear.apply(x, self.bias, self.qweight)
+        return F.linear(x, self.weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.lora_A is None:
             return self._base(x)
         a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
-        xd = F.dropout(x, self.lora_dropout, self.training) if self.lora_dropout else x
         if self.magnitude is None:
-            op = _lora_op()
-            if op is not None and self.qweight is None and not self.lora_dropout:
-                return op(x, self.weight, a, b, self.scaling, self.bias)
-            return self._base(x) + F.linear(F.linear(xd, a), b) * self.scaling
+            base = self.qweight if self.qweight is not None else self.weight
+            return lora_linear(x, base, a, b, self.scaling, self.bias, self.lora_dropout, self.training)
         # DoRA (PEFT semantics): base + (m/n - 1) * W xd + (m/n) * s * B A xd, n = ||W + s B A|| detached
+        xd = F.dropout(x, self.lora_dropout, self.training) if self.lora_dropout else x
         w = self.base_weight()
         with torch.no_grad():
-            n = torch.linalg.norm(w.to(b.dtype) + self.scaling * (b @ a), dim=1).to(x.dtype)
+            n = torch.linalg.norm(w.to(b.dtype) + self.scaling * (a.t() @ b.t()).t(), dim=1).to(x.dtype)
         mns = self.magnitude.to(x.dtype) / n
         base = self._base(x)
         base_d = base if xd is x else self._base(xd)
         if self.bias is not None:
             base_d = base_d - self.bias
-        return base + (mns - 1) * base_d + mns * (F.linear(F.linear(xd, a), b) * self.scaling)
+        # same association as PEFT (base + ((m/n - 1) * base_d + (m/n) * lora * s)): keeps fp32 runs bit-close
+        return base + ((mns - 1) * base_d + mns * F.linear(F.linear(xd, a), b) * self.scaling)
 
     def extra_repr(self) -> str:
         kind = "nf4" if self.qweight is not None else str(self.weight.dtype).removeprefix("torch.")
@@ -512,7 +517,7 @@ class DecoderModel(nn.Module):
         for name, mod in self.linears():
             if mod.qweight is not None:
                 quant, dq, compute = "nf4", mod.qweight.double_quant, mod.qweight.dtype
-                total += mod.qweight.numel_stored()
+                total += mod.qweight.packed.numel()  # packed bytes, as bitsandbytes' Params4bit counts
             if mod.lora_A is not None:
                 targets.add(name.rsplit(".", 1)[-1])
                 lora = mod
@@ -594,7 +599,7 @@ def load_model(checkpoint: str | Path, options: MethodOptions, dtype: torch.dtyp
                 mod_name, _, leaf = key.rpartition(".")
                 if quantize and leaf == "weight" and mod_name in linears:
                     w = st.get_tensor(key).to(dtype)
-                    linears[mod_name].qweight = nf4_quantize(w, options.double_quant, dtype)
+                    linears[mod_name].qweight = quantize_nf4(w, double_quant=options.double_quant)
                     linears[mod_name].weight = None
                     del w
                     seen.add(key)

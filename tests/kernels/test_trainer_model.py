@@ -1,0 +1,147 @@
+"""kernels.trainer.model against transformers: same checkpoint, same logits, for every supported family.
+
+Tolerances: every comparison here runs in float32 on the CPU, where our ops run their float32 PyTorch
+references; the two models then differ only in the order of float32 operations (fused residual + norm, SDPA
+vs transformers' SDPA call, LoRA added in another order), so logits agree to a few float32 ulps of their size:
+``atol = 1e-5`` on logits of magnitude ~1 (measured: < 1e-6).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from kernels.ops.nf4 import dequantize_nf4
+from kernels.trainer.model import DecoderConfig, MethodOptions, load_model
+
+ATOL = 1e-5
+PRESETS = ("tiny-llama", "tiny-mistral", "tiny-qwen2")
+
+
+def _perturbed_checkpoint(preset: str, out_dir, seed: int = 0):  # noqa: ANN001, ANN202
+    """A generated checkpoint whose norms and biases are random too (generated ones are all ones/zeros)."""
+    from transformers import AutoModelForCausalLM
+
+    from harness.models import get_preset, prepare_random_checkpoint
+
+    src = prepare_random_checkpoint(get_preset(preset), "float32", seed)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+            elif name.endswith(".bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    model.save_pretrained(out_dir)
+    for f in src.iterdir():
+        if f.name.startswith("tokenizer") or f.name.endswith(".jinja"):
+            shutil.copy(f, out_dir / f.name)
+    return out_dir
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():  # noqa: ANN202
+    """Tiny matmuls single-threaded: 2 OpenMP threads on a busy 2-core machine spin ~15 ms per matmul."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):  # noqa: ANN001, ANN201
+    root = tmp_path_factory.mktemp("trainer_model")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TUNEBENCH_CACHE", str(root / "cache"))
+        yield {p: _perturbed_checkpoint(p, root / p) for p in PRESETS}
+
+
+def _hf(ckpt):  # noqa: ANN001, ANN202
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32, attn_implementation="sdpa").eval()
+
+
+def _ids(seed: int = 0, shape=(2, 37)) -> torch.Tensor:  # noqa: ANN001
+    return torch.randint(0, 256, shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_logits_match_transformers(checkpoints, preset):  # noqa: ANN001
+    ckpt = checkpoints[preset]
+    ours = load_model(ckpt, MethodOptions(kind="lora", lora_r=4), dtype=torch.float32, device="cpu").eval()
+    ids = _ids()
+    with torch.no_grad():
+        want = _hf(ckpt)(input_ids=ids).logits
+        got = ours(ids)
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    cfg = DecoderConfig.from_checkpoint(ckpt)
+    if preset == "tiny-qwen2":
+        assert cfg.qkv_bias and not cfg.o_bias and cfg.tie_word_embeddings and ours.lm_head is None
+        assert ours.model.layers[0].self_attn.q_proj.bias is not None
+        assert ours.model.layers[0].self_attn.q_proj.bias.abs().sum() > 0  # the perturbed bias was loaded
+
+
+def test_llama3_rope_scaling_read(checkpoints):  # noqa: ANN001
+    cfg = DecoderConfig.from_checkpoint(checkpoints["tiny-llama"])
+    raw = json.loads((checkpoints["tiny-llama"] / "config.json").read_text())
+    assert cfg.rope_scaling["rope_type"] == "llama3"
+    assert cfg.rope_theta == (raw.get("rope_parameters") or raw)["rope_theta"] == 500000.0
+
+
+def test_qlora_matches_dequantised_base(checkpoints):  # noqa: ANN001
+    """QLoRA = the base with NF4-rounded projections: equal to transformers with those weights swapped in."""
+    ckpt = checkpoints["tiny-llama"]
+    ours = load_model(ckpt, MethodOptions(kind="qlora", lora_r=4), dtype=torch.float32, device="cpu").eval()
+    hf = _hf(ckpt)
+    with torch.no_grad():
+        for name, mod in ours.linears():
+            hf.get_submodule(name).weight.copy_(dequantize_nf4(mod.qweight, torch.float32))
+        ids = _ids(1)
+        torch.testing.assert_close(ours(ids), hf(input_ids=ids).logits, atol=ATOL, rtol=0)
+    eff = ours.train().effective_settings()
+    assert eff["quantization"] == "nf4" and eff["double_quant"] is True and eff["dtype"] == "float32"
+    assert all(mod.weight is None for _, mod in ours.linears())  # no dense copy kept
+
+
+def test_effective_settings_read_back(checkpoints):  # noqa: ANN001
+    ours = load_model(checkpoints["tiny-mistral"], MethodOptions(kind="lora", lora_r=8, lora_alpha=16,
+                                                                 target_modules=("q_proj", "v_proj")),
+                      dtype=torch.float32, device="cpu")
+    eff = ours.effective_settings()
+    cfg = ours.cfg
+    # q_proj: A [8, H] + B [Hq*D, 8]; v_proj: A [8, H] + B [Hkv*D, 8]
+    per_layer = 8 * cfg.hidden_size + cfg.num_heads * cfg.head_dim * 8 + 8 * cfg.hidden_size \
+        + cfg.num_kv_heads * cfg.head_dim * 8
+    assert eff["trainable_params"] == cfg.num_layers * per_layer
+    assert eff | {"trainable_params": 0, "total_params": 0} == {
+        "train_mode": True, "gradient_checkpointing": True, "dtype": "float32", "quantization": None,
+        "trainable_params": 0, "total_params": 0, "lora_r": 8, "lora_alpha": 16.0, "lora_dropout": 0.0,
+        "use_dora": False, "target_modules": ["q_proj", "v_proj"]}
+    ours.eval()
+    assert ours.effective_settings()["gradient_checkpointing"] is False  # eval mode skips checkpointing
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_checkpointing_gives_same_gradients(checkpoints, offload):  # noqa: ANN001
+    """Checkpointed layers (torch non-reentrant, or our host-offloading Function) == no checkpointing."""
+    ckpt = checkpoints["tiny-qwen2"]
+    grads = {}
+    for mode in ("plain", "ckpt"):
+        torch.manual_seed(0)
+        opts = MethodOptions(kind="lora", lora_r=4, lora_dropout=0.1, gradient_checkpointing=mode == "ckpt",
+                             offload_checkpoints=offload)
+        model = load_model(ckpt, opts, dtype=torch.float32, device="cpu")
+        for _, mod in model.linears():  # non-zero B so every LoRA parameter gets a gradient
+            torch.nn.init.normal_(mod.lora_B, std=0.02)
+        ids = _ids(2, (2, 21))
+        torch.manual_seed(1)  # same dropout masks in both modes (checkpointing replays the RNG state)
+        model(ids, labels=ids).backward()
+        grads[mode] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert grads["plain"].keys() == grads["ckpt"].keys()
+    for n in grads["plain"]:
+        torch.testing.assert_close(grads["ckpt"][n], grads["plain"][n], atol=1e-6, rtol=1e-5, msg=n)
