@@ -504,12 +504,14 @@ class DecoderModel(nn.Module):
         """Method settings read from the live modules (the keys of ``harness.effective``)."""
         eff: dict[str, Any] = {"train_mode": bool(self.training),
                                "gradient_checkpointing": bool(self.gradient_checkpointing and self.training)}
-        dtypes: dict[torch.dtype, int] = {}
+        dtypes: dict[torch.dtype, int] = {}  # of the frozen weights; of all weights for full fine-tuning
+        all_dtypes: dict[torch.dtype, int] = {}
         quant, dq, compute = None, None, None
         targets, lora = set(), None
         total = trainable = 0
         for p in self.parameters():
             total += p.numel()
+            all_dtypes[p.dtype] = all_dtypes.get(p.dtype, 0) + p.numel()
             if p.requires_grad:
                 trainable += p.numel()
             elif p.dtype.is_floating_point:
@@ -521,8 +523,8 @@ class DecoderModel(nn.Module):
             if mod.lora_A is not None:
                 targets.add(name.rsplit(".", 1)[-1])
                 lora = mod
-        if dtypes:
-            eff["dtype"] = str(max(dtypes, key=dtypes.get)).removeprefix("torch.")
+        if dtypes or all_dtypes:
+            eff["dtype"] = str(max(dtypes or all_dtypes, key=(dtypes or all_dtypes).get)).removeprefix("torch.")
         eff["quantization"] = quant
         if quant is not None:
             eff["double_quant"] = dq
