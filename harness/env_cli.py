@@ -119,7 +119,8 @@ def _install_into(name: str, pip_args: list[str]) -> Path:
 
 def cmd_create(args) -> int:
     spec = _env_spec(args.name)
-    _install_into(args.name, list(spec["packages"]))
+    # local_extra: what the GPU box's interpreter has (so bundles leave it out) but a development machine may lack
+    _install_into(args.name, list(spec["packages"]) + list(spec.get("local_extra", [])))
     p = _write_env_json(args.name, spec["packages"], spec["env_vars"], source="create")
     print(f"created {envs.site_dir(args.name)} ({_size_mb(envs.site_dir(args.name)):.0f} MB); {p}")
     return cmd_check(argparse.Namespace(names=[args.name]))
@@ -195,7 +196,7 @@ def _wheel_fits(filename: str, python_version: str) -> bool:
 
 
 def prune_and_store(wheel: Path, patterns: list[str]) -> tuple[int, int]:
-    """Rewrite ``wheel`` without files matching ``patterns``, uncompressed (xz then compresses the bundle).
+    """Rewrite ``wheel`` without files matching ``patterns`` (``!pattern`` keeps), members stored uncompressed.
 
     Storing the members uncompressed matters: deflated wheels inside a tar.xz barely shrink, stored ones
     compress about 2-4x better. Pruned files are also removed from the wheel's RECORD.
@@ -204,11 +205,14 @@ def prune_and_store(wheel: Path, patterns: list[str]) -> tuple[int, int]:
         (files dropped, bytes dropped, uncompressed).
     """
     dropped, dropped_bytes = 0, 0
+    drop = [p for p in patterns if not p.startswith("!")]
+    keep = [p[1:] for p in patterns if p.startswith("!")]
     tmp = wheel.with_suffix(".tmp")
     with zipfile.ZipFile(wheel) as zin, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zout:
         keep_names = set()
         for info in zin.infolist():
-            if any(fnmatch.fnmatch(info.filename, pat) for pat in patterns):
+            if any(fnmatch.fnmatch(info.filename, pat) for pat in drop) and not any(
+                    fnmatch.fnmatch(info.filename, pat) for pat in keep):
                 dropped += 1
                 dropped_bytes += info.file_size
                 continue

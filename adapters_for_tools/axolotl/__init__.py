@@ -1,0 +1,14 @@
+"""axolotl: Axolotl 0.19's own training entry point (YAML config), in-process, in its own environment."""
+
+from adapters_for_tools.base import AdapterInfo
+
+INFO = AdapterInfo(
+    name="axolotl",
+    description="Axolotl (YAML config -> axolotl.train.train), LoRA/DoRA/QLoRA or full fine-tuning",
+    env="axolotl",
+    devices=frozenset({"cuda"}),
+    requires=("axolotl",),
+    version_of="axolotl",
+    notes="Native config: axolotl.yml (`python -m axolotl.cli.train axolotl.yml`). Its Triton LoRA kernels stay "
+          "at Axolotl's defaults. CUDA only.",
+)

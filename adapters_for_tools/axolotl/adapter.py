@@ -1,0 +1,58 @@
+"""axolotl adapter: the scenario as an Axolotl YAML, trained in-process through Axolotl's own entry points.
+
+What ``python -m axolotl.cli.train axolotl.yml`` does, minus the CLI: ``axolotl.cli.config.load_cfg`` (validation,
+defaults, plugin registration) -> ``axolotl.common.datasets.load_datasets`` -> ``axolotl.train.train``. Running
+it in the worker process lets the common hook measure it: the config gets one extra plugin
+(:mod:`adapters_for_tools.axolotl.plugin`) that adds our ``TrainerCallback`` once Axolotl has built its trainer.
+
+Name clash: Axolotl imports the PyPI package ``kernels``, and our repository has a top-level ``kernels/``.
+The worker's ``PYTHONPATH`` is overlay first, repository root after (``harness.runner.worker_environment``), and
+its cwd is the run's work directory, so ``import kernels`` finds the overlay's; nothing on this path imports our
+``kernels`` package (tests/adapters checks both).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+import time
+
+import yaml
+
+from adapters_for_tools.axolotl import config as ax_config
+
+
+def run(ctx) -> None:
+    sc = ctx.scenario
+    fmt = json.loads(ctx.dataset_path.with_suffix(".meta.json").read_text())["format"]
+    for setting, why in ax_config.cannot_honour(sc, fmt):
+        ctx.cannot_honour(setting, why)
+    cfg = ax_config.native_config(sc, ctx.work_dir, ctx.checkpoint, ctx.dataset_path, fmt)
+    cfg.update(ctx.overrides.get("axolotl", {}))
+    path = ctx.save_native_config("axolotl.yml", yaml.safe_dump(cfg, sort_keys=False))
+    ctx.extra["rerun"] = (f"PYTHONPATH={shlex.quote(os.environ.get('PYTHONPATH', ''))} {sys.executable} "
+                          f"-m axolotl.cli.train {path}")
+    if sc.data.packing:
+        ctx.extra["packing"] = "Axolotl multipack sampler (its own grouping of samples into rows)"
+
+    from axolotl.cli.args import TrainerCliArgs
+    from axolotl.cli.config import load_cfg
+    from axolotl.common.datasets import load_datasets
+    from axolotl.train import train
+    from axolotl.utils.dict import DictDefault
+
+    from adapters_for_tools.axolotl import plugin
+
+    plugin.CTX = ctx
+    t0 = time.time()
+    parsed = load_cfg(DictDefault(dict(cfg, plugins=[plugin.PLUGIN_NAME])))
+    (ctx.work_dir / "axolotl_resolved.json").write_text(json.dumps(dict(parsed), indent=1, default=str))
+    dataset_meta = load_datasets(cfg=parsed, cli_args=TrainerCliArgs())
+    ctx.load_s = time.time() - t0  # config + data preparation; the model loads inside train()
+    import kernels as _kernels_pkg  # the overlay's PyPI `kernels`, never the repository's (see module doc)
+
+    ctx.extra["kernels_module"] = getattr(_kernels_pkg, "__file__", None)
+    train(cfg=parsed, dataset_meta=dataset_meta)
+    ctx.extra["saved"] = "peft adapter" if sc.method.is_peft else "hf checkpoint"

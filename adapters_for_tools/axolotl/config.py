@@ -1,0 +1,109 @@
+"""The scenario as an Axolotl YAML config (pure; no toolkit import).
+
+Data: the sweep's JSONL. ``text`` rows -> ``type: completion`` (tokenised ``<bos> + text``, ``<eos>`` appended:
+the harness's ids); alpaca rows -> Axolotl's user-defined prompt format carrying the harness's own alpaca
+template (``harness.data.ALPACA_PROMPT``), so prompts are the same text; messages -> ``chat_template`` with the
+tokenizer's template (renders differently from the harness: reported as not honoured).
+Order: ``curriculum_sampling: true`` gives Axolotl's sequential sampler (no shuffling) and
+``shuffle_merged_datasets: false`` keeps the file order; with ``sample_packing`` Axolotl packs with its multipack
+sampler (its own grouping; recorded as a difference by the adapter).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+OPTIM = {"adamw_torch": "adamw_torch", "adamw_torch_fused": "adamw_torch_fused", "adamw_8bit": "adamw_bnb_8bit",
+         "sgd": "sgd"}
+
+
+def native_config(sc, work_dir: Path, checkpoint: str, dataset_path: Path, fmt: str) -> dict[str, Any]:
+    """Axolotl config mapping for scenario ``sc`` (what ``axolotl.yml`` holds).
+
+    Args:
+        sc: the scenario.
+        work_dir: the run's scratch directory (outputs and the prepared-dataset cache go under it).
+        checkpoint: model directory every framework loads.
+        dataset_path: the sweep's JSONL.
+        fmt: its format (``text``, ``alpaca``, ``messages``, ``sharegpt``).
+
+    Returns:
+        The config as a plain dict (YAML-serialisable).
+    """
+    from harness.data import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT
+
+    work_dir = Path(work_dir)
+    m, t = sc.method, sc.train
+    if fmt == "text":
+        ds = {"path": str(dataset_path), "ds_type": "json", "type": "completion", "field": "text"}
+    elif fmt == "alpaca":
+        ds = {"path": str(dataset_path), "ds_type": "json", "type": {
+            "field_instruction": "instruction", "field_input": "input", "field_output": "output",
+            "format": ALPACA_PROMPT,
+            "no_input_format": ALPACA_PROMPT_NO_INPUT}}
+    else:
+        ds = {"path": str(dataset_path), "ds_type": "json", "type": "chat_template",
+              "chat_template": "tokenizer_default",
+              "field_messages": "messages" if fmt == "messages" else "conversations",
+              "roles_to_train": ["assistant"], "train_on_eos": "turn"}
+    cfg: dict[str, Any] = {
+        "base_model": str(checkpoint),
+        "tokenizer_config": str(checkpoint),
+        "model_type": "AutoModelForCausalLM",
+        "tokenizer_type": "AutoTokenizer",
+        "datasets": [ds],
+        "dataset_prepared_path": str(work_dir / "axolotl_prepared"),
+        "shuffle_merged_datasets": False,
+        "shuffle_before_merging_datasets": False,
+        "curriculum_sampling": True,  # sequential sampler: the file's order
+        "val_set_size": 0.0,
+        "dataset_processes": 1,
+        "sequence_len": sc.data.seq_len,
+        "sample_packing": sc.data.packing,
+        "pad_to_sequence_len": False,
+        "train_on_inputs": sc.data.prompt_loss,
+        "micro_batch_size": t.micro_batch,
+        "gradient_accumulation_steps": t.grad_accum,
+        "max_steps": t.steps,
+        "num_epochs": 1,
+        "learning_rate": t.lr,
+        "lr_scheduler": t.lr_scheduler,
+        "warmup_steps": 0,
+        "optimizer": OPTIM[t.optimizer],
+        "weight_decay": t.weight_decay,
+        "max_grad_norm": t.max_grad_norm or 0.0,
+        "gradient_checkpointing": t.gradient_checkpointing,
+        "bf16": sc.model.dtype == "bfloat16",
+        "fp16": sc.model.dtype == "float16",
+        "tf32": False,
+        "attn_implementation": sc.model.attn_implementation,
+        "seed": t.seed,
+        "output_dir": str(work_dir / "output"),  # = ctx.output_dir: Axolotl saves the trained adapter there
+        "save_strategy": "no",
+        "save_first_step": False,
+        "logging_steps": 1,
+        "dataloader_num_workers": 0,
+        "use_wandb": False,
+        "special_tokens": {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>", "pad_token": "<|pad|>"},
+    }
+    if t.gradient_checkpointing:
+        cfg["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
+    if m.is_peft:
+        cfg.update({"adapter": "qlora" if m.kind == "qlora" else "lora", "lora_r": m.lora_r,
+                    "lora_alpha": m.lora_alpha, "lora_dropout": m.lora_dropout,
+                    "lora_target_modules": m.resolved_targets(), "peft_use_dora": m.kind == "dora"})
+    if m.kind == "qlora":
+        cfg.update({"load_in_4bit": True, "bnb_config_kwargs": {
+            "bnb_4bit_quant_type": m.quant.quant_type, "bnb_4bit_use_double_quant": m.quant.double_quant,
+            "bnb_4bit_compute_dtype": m.quant.compute_dtype}})
+    return cfg
+
+
+def cannot_honour(sc, fmt: str) -> list[tuple[str, str]]:
+    """Scenario settings Axolotl cannot reproduce exactly: (setting, why)."""
+    out = []
+    if fmt in ("messages", "sharegpt"):
+        out.append(("data.format", "Axolotl renders conversations with the tokenizer's chat template (an <eos> after "
+                    "every turn); the harness renders them as `<|role|>\\ncontent\\n` with one final <eos>"))
+    return out

@@ -1,0 +1,32 @@
+"""An Axolotl plugin that plugs the common measurement hook into Axolotl's own trainer.
+
+Axolotl calls ``add_callbacks_post_trainer(cfg, trainer)`` on every plugin named in ``cfg.plugins`` right after
+it builds the trainer and before training: the model there is final (PEFT-wrapped, quantised), so the counting
+hook is attached to it and our ``TrainerCallback`` is returned. The adapter sets :data:`CTX` before training and
+adds this plugin to the in-process config only (the saved ``axolotl.yml`` reruns without tunebench).
+"""
+
+from __future__ import annotations
+
+from axolotl.integrations.base import BasePlugin
+
+from harness.effective import read_back_model, read_back_optimizer
+from harness.measure import make_trainer_callback
+
+CTX = None  # the worker's RunContext, set by the adapter
+PLUGIN_NAME = "adapters_for_tools.axolotl.plugin.MeasurePlugin"
+
+
+class MeasurePlugin(BasePlugin):
+    """Attaches ``CTX.meter`` to the trainer's model and adds the measuring callback."""
+
+    def add_callbacks_post_trainer(self, cfg, trainer):
+        ctx = CTX
+        if ctx is None:
+            return []
+        ctx.meter.attach(trainer.model)
+
+        def on_first_step(live_model, state, targs, **kw):
+            ctx.set_effective(**read_back_model(live_model), **read_back_optimizer(kw.get("optimizer")))
+
+        return [make_trainer_callback(ctx.meter, on_first_step)]

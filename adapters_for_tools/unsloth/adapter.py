@@ -1,0 +1,81 @@
+"""unsloth adapter: FastLanguageModel + TRL SFTTrainer, as Unsloth's notebooks do, measured by the common hook.
+
+``import unsloth`` must run before transformers, TRL and PEFT are imported (it patches them), so it is the first
+import of this module. The worker imports only light harness modules before it loads this module (harness.measure,
+harness.effective, harness.data import torch/transformers inside functions; tests/adapters checks that
+transformers is not yet imported when the adapter module is loaded). Environment: ``UNSLOTH_DISABLE_STATISTICS=1``,
+``UNSLOTH_DISABLE_CPU_FALLBACK=1`` (without a GPU Unsloth would silently train on the CPU), ``HF_HUB_OFFLINE=1``
+(set by environments.yaml / the runner).
+"""
+
+# ruff: noqa: E402, I001
+import unsloth  # noqa: F401  (first, on purpose: it patches transformers/TRL/PEFT on import)
+
+import json
+import os
+import shlex
+import sys
+import time
+
+from adapters_for_tools.trl.config import convert_rows
+from adapters_for_tools.unsloth import config as us_config
+from harness.data import read_jsonl, write_jsonl
+from harness.effective import read_back_model, read_back_optimizer
+from harness.measure import make_trainer_callback
+
+
+def run(ctx) -> None:
+    import torch
+    from datasets import load_dataset
+    from trl import SFTConfig, SFTTrainer
+    from unsloth import FastLanguageModel
+
+    sc = ctx.scenario
+    if sc.hardware.device != "cuda" or not torch.cuda.is_available():
+        raise RuntimeError("unavailable: needs CUDA (Unsloth's kernels are GPU-only)")
+    fmt = json.loads(ctx.dataset_path.with_suffix(".meta.json").read_text())["format"]
+    data_file = ctx.dataset_path
+    if fmt != "text":
+        rows, notes = convert_rows(read_jsonl(ctx.dataset_path), fmt)
+        data_file = ctx.work_dir / "unsloth_dataset.jsonl"
+        write_jsonl(rows, data_file)
+        if notes:
+            ctx.extra["differences"] = notes
+    for setting, why in us_config.cannot_honour(sc):
+        ctx.cannot_honour(setting, why)
+    cfg = us_config.native_config(sc, ctx.work_dir, ctx.checkpoint, data_file)
+    for key in ("use_gradient_checkpointing",):
+        if key in ctx.overrides:
+            cfg["from_pretrained"][key] = ctx.overrides[key]
+            if cfg["get_peft_model"]:
+                cfg["get_peft_model"][key] = ctx.overrides[key]
+    cfg["sft"].update(ctx.overrides.get("sft", {}))
+    if fmt != "text":
+        cfg["sft"]["completion_only_loss"] = not sc.data.prompt_loss
+    path = ctx.save_native_config("unsloth.json", json.dumps(cfg, indent=1))
+    ctx.extra["rerun"] = (f"PYTHONPATH={shlex.quote(os.environ.get('PYTHONPATH', ''))} {sys.executable} "
+                          f"-m adapters_for_tools.unsloth.rerun {path}")
+
+    t0 = time.time()
+    fp = dict(cfg["from_pretrained"])
+    fp["dtype"] = getattr(torch, fp["dtype"])
+    model, tok = FastLanguageModel.from_pretrained(**fp)
+    if cfg["get_peft_model"]:
+        model = FastLanguageModel.get_peft_model(model, **cfg["get_peft_model"])
+    ctx.load_s = time.time() - t0
+    dataset = load_dataset("json", data_files=str(data_file), split="train")
+    args = SFTConfig(**cfg["sft"])
+    ctx.save_native_config("sft_config.json", json.dumps(args.to_dict(), indent=1, default=str))
+    ctx.native_config = str(path)
+
+    def on_first_step(live_model, state, targs, **kw):
+        ctx.set_effective(**read_back_model(live_model), **read_back_optimizer(kw.get("optimizer")))
+
+    trainer = SFTTrainer(model=model, processing_class=tok, args=args, train_dataset=dataset,
+                         callbacks=[make_trainer_callback(ctx.meter, on_first_step)])
+    ctx.meter.attach(trainer.model)
+    trainer.train()
+    ctx.output_dir.mkdir(parents=True, exist_ok=True)
+    trainer.save_model(str(ctx.output_dir))
+    tok.save_pretrained(str(ctx.output_dir))
+    ctx.extra["saved"] = "peft adapter" if sc.method.is_peft else "hf checkpoint"

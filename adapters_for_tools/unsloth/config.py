@@ -1,0 +1,71 @@
+"""The scenario as Unsloth's own calls (pure; no toolkit import): three keyword sets saved as ``unsloth.json``.
+
+- ``from_pretrained``: ``FastLanguageModel.from_pretrained`` (checkpoint, max_seq_length, dtype, 4-bit, full FT).
+- ``get_peft_model``: ``FastLanguageModel.get_peft_model`` (r, alpha, dropout, targets, bias none,
+  ``use_gradient_checkpointing``).
+- ``sft``: TRL ``SFTConfig`` for the ``SFTTrainer`` Unsloth patches (same settings as the trl adapter).
+
+Decision: gradient checkpointing on -> ``use_gradient_checkpointing="unsloth"`` (Unsloth's own implementation,
+which offloads the checkpointed activations to CPU; what Unsloth recommends and what its users run), off ->
+``False``. Override with ``overrides: {use_gradient_checkpointing: true}`` for Transformers' implementation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from adapters_for_tools.trl.config import OPTIM
+
+
+def native_config(sc, work_dir: Path, checkpoint: str, data_file: Path) -> dict[str, Any]:
+    """Unsloth call arguments for scenario ``sc``: ``{"from_pretrained", "get_peft_model", "sft"}``."""
+    m, t = sc.method, sc.train
+    gc: bool | str = "unsloth" if t.gradient_checkpointing else False
+    fp = {"model_name": str(checkpoint), "max_seq_length": sc.data.seq_len, "dtype": sc.model.dtype,
+          "load_in_4bit": m.kind == "qlora", "load_in_8bit": False, "full_finetuning": m.kind == "full",
+          "attn_implementation": sc.model.attn_implementation, "local_files_only": True,
+          "use_gradient_checkpointing": gc}
+    peft = None
+    if m.is_peft:
+        peft = {"r": m.lora_r, "lora_alpha": m.lora_alpha, "lora_dropout": m.lora_dropout,
+                "target_modules": m.resolved_targets(), "bias": "none", "use_gradient_checkpointing": gc,
+                "random_state": t.seed, "use_rslora": False}
+    sft = {
+        "output_dir": str(Path(work_dir) / "trainer"),
+        "per_device_train_batch_size": t.micro_batch,
+        "gradient_accumulation_steps": t.grad_accum,
+        "max_steps": t.steps,
+        "learning_rate": t.lr,
+        "lr_scheduler_type": t.lr_scheduler,
+        "warmup_steps": 0,
+        "optim": OPTIM[t.optimizer],
+        "weight_decay": t.weight_decay,
+        "max_grad_norm": t.max_grad_norm or 0.0,
+        "bf16": sc.model.dtype == "bfloat16",
+        "fp16": sc.model.dtype == "float16",
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        "seed": t.seed,
+        "data_seed": t.seed,
+        "dataloader_num_workers": 0,
+        "train_sampling_strategy": "sequential",
+        "shuffle_dataset": False,
+        "disable_tqdm": True,
+        "max_length": sc.data.seq_len,
+        "packing": sc.data.packing,
+        "dataset_num_proc": 1,
+        "dataset_text_field": "text",
+    }
+    return {"from_pretrained": fp, "get_peft_model": peft, "sft": sft, "data_file": str(data_file)}
+
+
+def cannot_honour(sc) -> list[tuple[str, str]]:
+    """Scenario settings Unsloth cannot reproduce exactly: (setting, why)."""
+    out = []
+    if sc.method.kind == "qlora" and not sc.method.quant.double_quant:
+        out.append(("method.quant.double_quant", "Unsloth's 4-bit loading always uses double quantisation"))
+    if sc.method.kind == "qlora" and sc.method.quant.quant_type != "nf4":
+        out.append(("method.quant.quant_type", "Unsloth loads 4-bit weights as nf4 only"))
+    return out
