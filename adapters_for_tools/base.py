@@ -60,7 +60,8 @@ class AdapterInfo:
         if self.env == "base":
             missing = [m for m in self.requires if importlib.util.find_spec(m) is None]
             if missing:
-                return f"python packages missing: {', '.join(missing)} (pip install them, or `python -m harness env create {self.name}`)"
+                return (f"python packages missing: {', '.join(missing)} "
+                        f"(pip install them, or `python -m harness env create {self.name}`)")
         return None
 
 

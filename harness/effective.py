@@ -115,7 +115,8 @@ def read_back_model(model) -> dict[str, Any]:
     lora_targets = set()
     for name, mod in model.named_modules():
         cls = type(mod).__name__
-        if cls in ("Linear4bit",) or hasattr(mod, "weight") and type(getattr(mod, "weight", None)).__name__ == "Params4bit":
+        weight_cls = type(getattr(mod, "weight", None)).__name__
+        if cls == "Linear4bit" or weight_cls == "Params4bit":
             qs = getattr(mod.weight, "quant_state", None)
             quant = getattr(qs, "quant_type", None) or getattr(mod.weight, "quant_type", None) or "4bit"
             if qs is not None:

@@ -18,7 +18,8 @@ LIBRARIES = ("torch", "triton", "transformers", "peft", "accelerate", "bitsandby
 def git_info() -> dict:
     def git(*args):
         try:
-            return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+            proc = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+            return proc.stdout.strip()
         except (OSError, subprocess.TimeoutExpired):
             return ""
 

@@ -217,7 +217,7 @@ class StepMeter:
         if pos is None or not hasattr(pos, "tolist"):
             return sum(n * n for n in per_row)
         total = 0
-        for row, n in zip(pos.tolist(), per_row):
+        for row, n in zip(pos.tolist(), per_row, strict=True):
             run = 0
             for p in row[:n]:
                 if p == 0 and run:

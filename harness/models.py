@@ -29,6 +29,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 PRESET_DIR = REPO_ROOT / "scenarios" / "presets"
 
 BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
+# Qwen2Tokenizer (which AutoTokenizer picks for model_type qwen2) adds this as its unk token when it is missing,
+# growing the vocabulary by one; having it in the vocabulary keeps every family at exactly vocab_size.
+QWEN_UNK = "<|endoftext|>"
+TOKENIZER_VERSION = "bytes-2"  # bump when build_tokenizer changes: it is part of the checkpoint cache key
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
@@ -89,7 +93,8 @@ def model_config_dict(preset: Preset, dtype: str) -> dict[str, Any]:
 
 
 def checkpoint_dir(preset: Preset, dtype: str, seed: int) -> Path:
-    h = hashlib.sha256(json.dumps(model_config_dict(preset, dtype), sort_keys=True).encode()).hexdigest()[:8]
+    blob = json.dumps({"config": model_config_dict(preset, dtype), "tokenizer": TOKENIZER_VERSION}, sort_keys=True)
+    h = hashlib.sha256(blob.encode()).hexdigest()[:8]
     return cache_root() / "models" / f"{preset.name}-{dtype}-s{seed}-{h}"
 
 
@@ -100,7 +105,7 @@ def build_tokenizer(vocab_size: int):
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet(), key=lambda ch: _byte_of(ch))
     vocab = {ch: i for i, ch in enumerate(alphabet)}  # ids 0..255 are the bytes, in byte order
-    for tok in (BOS, EOS, PAD):
+    for tok in (BOS, EOS, PAD, QWEN_UNK):
         vocab[tok] = len(vocab)
     if vocab_size < len(vocab):
         raise ValueError(f"vocab_size {vocab_size} is smaller than the byte tokenizer's {len(vocab)} tokens")
@@ -112,7 +117,7 @@ def build_tokenizer(vocab_size: int):
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])]
     )
-    tok.add_special_tokens([BOS, EOS, PAD])
+    tok.add_special_tokens([BOS, EOS, PAD, QWEN_UNK])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
                                    model_max_length=1 << 30)
     fast.chat_template = CHAT_TEMPLATE
@@ -130,7 +135,7 @@ def _byte_table() -> dict[str, int]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
+    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
 
 
 def _byte_of(ch: str) -> int:

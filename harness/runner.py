@@ -18,7 +18,7 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +36,11 @@ def work_root() -> Path:
 
 
 def _now_id() -> str:
-    return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
 
 
 def planned_keys(sc) -> list[tuple[str, int]]:
-    return [(fw.name, r) for r in range(sc.measure.repeats) for fw in sc.frameworks]
+    return [(fw.key, r) for r in range(sc.measure.repeats) for fw in sc.frameworks]
 
 
 def find_resumable(sc, results_root: Path) -> Path | None:
@@ -231,9 +231,10 @@ def execute_run(sc, sweep_dir: Path, run_root: Path, prepared: dict, fw, repeat:
     """Run one (framework, repeat) in a fresh process and return its finished result dict."""
     from adapters_for_tools import registry
 
-    key = results.run_key(fw.name, repeat)
+    key = results.run_key(fw.key, repeat)
     info = registry.info(fw.name)
-    base = {"run_id": sweep_dir.name, "scenario": sc.name, "scenario_hash": sc.content_hash(), "framework": fw.name,
+    base = {"run_id": sweep_dir.name, "scenario": sc.name, "scenario_hash": sc.content_hash(), "framework": fw.key,
+            "adapter": fw.name,
             "repeat": repeat, "overrides": fw.overrides, "schema_version": results.RESULT_SCHEMA_VERSION,
             "device": sc.hardware.device, "dataset_sha256_16": prepared.get("dataset_sha256_16"),
             "checkpoint": prepared.get("checkpoint")}
@@ -333,8 +334,8 @@ def run_sweep(sc, results_root: Path, reports_root: Path | None, new: bool = Fal
         sweep_dir = create_sweep(sc, results_root)
     run_root = work_root() / sweep_dir.name
     run_root.mkdir(parents=True, exist_ok=True)
-    keys = [(fw, r) for r in range(sc.measure.repeats) for fw in sc.frameworks if not only or fw.name in only]
-    todo = [(fw, r) for fw, r in keys if not (sweep_dir / "runs" / f"{results.run_key(fw.name, r)}.json").exists()]
+    keys = [(fw, r) for r in range(sc.measure.repeats) for fw in sc.frameworks if not only or fw.key in only]
+    todo = [(fw, r) for fw, r in keys if not (sweep_dir / "runs" / f"{results.run_key(fw.key, r)}.json").exists()]
     with sweep_lock(sweep_dir), Display(total=len(keys), quiet=quiet) as display:
         display.progress.update(display.sweep, completed=len(keys) - len(todo))
         display.console.print(f"{'resuming' if resumed else 'sweep'} {sweep_dir} "
@@ -342,7 +343,7 @@ def run_sweep(sc, results_root: Path, reports_root: Path | None, new: bool = Fal
         if todo:
             prepared = _prepare(sc, sweep_dir, run_root, sc.measure.timeout_s)
             for fw, r in todo:
-                key = results.run_key(fw.name, r)
+                key = results.run_key(fw.key, r)
                 res = execute_run(sc, sweep_dir, run_root, prepared, fw, r, display)
                 results.write_json_once(sweep_dir / "runs" / f"{key}.json", res)
                 results.write_table(sweep_dir)

@@ -89,7 +89,8 @@ class DataSpec(_Strict):
     path: str | None = None  # jsonl only
     format: Literal["alpaca", "messages", "sharegpt", "text"] | None = None  # jsonl only; guessed when absent
     seq_len: int = Field(ge=8)
-    lengths: Literal["fixed", "uniform"] = "fixed"  # synthetic: every sample seq_len long, or uniform in [min_len, seq_len]
+    # synthetic: every sample seq_len long, or uniform in [min_len, seq_len]
+    lengths: Literal["fixed", "uniform"] = "fixed"
     min_len: int | None = Field(None, ge=2)
     num_samples: int | None = Field(None, ge=1)  # default: exactly what the steps consume
     packing: bool = False  # concatenate samples into seq_len rows (attention kept within each sample where supported)
@@ -123,7 +124,8 @@ class TrainSpec(_Strict):
     @model_validator(mode="after")
     def _check(self) -> TrainSpec:
         if self.warmup_steps >= self.steps:
-            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be < steps ({self.steps}): no step would be timed")
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be < steps ({self.steps}): "
+                             "no step would be timed")
         return self
 
 
@@ -133,9 +135,15 @@ class HardwareSpec(_Strict):
 
 
 class FrameworkSpec(_Strict):
-    name: str
+    name: str  # adapter name (python -m harness list)
+    label: str | None = Field(None, pattern=r"^[A-Za-z0-9_.+-]+$")  # to run one adapter twice, e.g. hf-eager
     overrides: dict[str, Any] = Field(default_factory=dict)  # tool-specific settings passed to the adapter
     timeout_s: float | None = Field(None, gt=0)
+
+    @property
+    def key(self) -> str:
+        """The framework's name in results and reports (its label, else the adapter name)."""
+        return self.label or self.name
 
 
 class MeasureSpec(_Strict):
@@ -149,11 +157,25 @@ class MeasureSpec(_Strict):
 class EvalSpec(_Strict):
     """Quality evaluation (lm-eval) of what each framework trained; empty by default."""
 
-    tasks: list[str] = Field(default_factory=list)
-    limit: int | None = Field(None, ge=1)
+    tasks: list[str] = Field(default_factory=list)  # lm-eval task names (local ones: scenarios/tasks/)
+    limit: int | None = Field(None, ge=1)  # documents per task (None: all)
     every_steps: int | None = Field(None, ge=1)  # evaluate during training (time-to-target)
-    target: dict[str, float] = Field(default_factory=dict)  # metric name -> value for time-to-target
+    target: dict[str, float] = Field(default_factory=dict)  # "<task>/<metric>" -> value for time-to-target
     batch_size: int = Field(16, ge=1)
+    # loss parity against measure.baseline (harness.parity): None = the default for the training dtype
+    parity_atol: float | None = Field(None, ge=0)
+    parity_rtol: float | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> EvalSpec:
+        if (self.every_steps or self.target) and not self.tasks:
+            raise ValueError("every_steps and target need `tasks` to evaluate")
+        for key in self.target:
+            task, sep, metric = key.partition("/")
+            if not sep or not metric or task not in self.tasks:
+                raise ValueError(f"target {key!r} must be '<task>/<metric>' with <task> one of {self.tasks} "
+                                 "(e.g. 'tb_mix_mc/acc')")
+        return self
 
 
 class Scenario(_Strict):
@@ -173,7 +195,7 @@ class Scenario(_Strict):
     source_path: str | None = Field(None, exclude=True)
 
     def framework_names(self) -> list[str]:
-        return [f.name for f in self.frameworks]
+        return [f.key for f in self.frameworks]
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -339,7 +361,7 @@ def _cross_checks(sc: Scenario, lines: dict, source: str) -> list[str]:
             if unknown:
                 bad(("method", "target_modules"), f"{unknown} are not linear modules of {preset.name} "
                     f"(it has {list(preset.linear_modules)})")
-    elif sc.model.weights != "random" and sc.model.weights.startswith((".", "/")) and not Path(sc.model.weights).exists():
+    elif sc.model.weights.startswith((".", "/")) and not Path(sc.model.weights).exists():
         bad(("model", "weights"), f"checkpoint path {sc.model.weights!r} does not exist")
     if sc.method.kind == "qlora" and sc.hardware.device == "cpu":
         bad(("method", "kind"), "qlora needs bitsandbytes 4-bit kernels on a GPU; use hardware.device: cuda, "
@@ -354,9 +376,9 @@ def _cross_checks(sc: Scenario, lines: dict, source: str) -> list[str]:
         bad(("data", "path"), f"file {sc.data.path!r} not found (relative paths are relative to the scenario file)")
     seen = set()
     for i, fw in enumerate(sc.frameworks):
-        if fw.name in seen:
-            bad(("frameworks", i), f"framework {fw.name!r} listed twice")
-        seen.add(fw.name)
+        if fw.key in seen:
+            bad(("frameworks", i), f"framework {fw.key!r} listed twice (give one a `label`)")
+        seen.add(fw.key)
         if fw.name not in registry.names():
             hint = difflib.get_close_matches(fw.name, registry.names(), n=1)
             bad(("frameworks", i), f"unknown framework {fw.name!r}" + (f"; did you mean {hint[0]!r}?" if hint else "")

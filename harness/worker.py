@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+INTERMEDIATE_DIRNAME = "intermediate"  # <work_dir>/intermediate/step-000050: outputs saved during training
+
 # Axolotl depends on a PyPI package called `kernels`; our repository root must not shadow it on sys.path.
 # The runner starts workers from the run's work directory, so '' on sys.path is not the repo root.
 
@@ -58,6 +60,74 @@ class RunContext:
     def cannot_honour(self, setting: str, why: str) -> None:
         """Report a scenario setting the tool cannot honour (it also marks the run invalid)."""
         self.unsupported.append(f"{setting}: {why}")
+
+    # -- intermediate outputs for time-to-target (scenario ``eval.every_steps``) ------------------------------
+    def intermediate_dir(self, step: int) -> Path | None:
+        """The directory to save the model in after optimizer step ``step``, or None when no save is due.
+
+        With ``eval.every_steps: N`` (and eval tasks) a save is due after every N-th optimizer step, except
+        the last one (the final output in ``output_dir`` stands for it). ``harness.evaluate`` later evaluates
+        every ``<work_dir>/intermediate/step-<step:06d>`` in step order to find the time to the target.
+
+        Call it after ``meter.step_end()`` and before the next ``meter.step_begin()``, so that saving is not
+        counted as step time::
+
+            ctx.meter.step_end(loss)
+            if (d := ctx.intermediate_dir(step + 1)) is not None:
+                model.save_pretrained(d)       # PEFT adapter, or the full HF checkpoint
+
+        :meth:`save_intermediate` does exactly this; HF-Trainer-based tools add
+        :meth:`intermediate_callback` after the measurement callback.
+
+        Args:
+            step: optimizer steps completed (1-based).
+
+        Returns:
+            An existing, empty directory, or None.
+        """
+        ev = self.scenario.eval
+        last = self.scenario.train.steps
+        if not ev.every_steps or not ev.tasks or step <= 0 or step % ev.every_steps or step >= last:
+            return None
+        d = self.work_dir / INTERMEDIATE_DIRNAME / f"step-{step:06d}"
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def save_intermediate(self, model: Any, step: int | None = None) -> Path | None:
+        """Save ``model`` (anything with ``save_pretrained``) if a save is due after ``step``.
+
+        Args:
+            model: the live model (a PEFT model saves only its adapter).
+            step: optimizer steps completed; default: the steps the meter has recorded so far.
+
+        Returns:
+            The directory written, or None when no save was due.
+        """
+        step = len(self.meter.steps) if step is None else step
+        d = self.intermediate_dir(step)
+        if d is None:
+            return None
+        t0 = time.perf_counter()
+        model.save_pretrained(d)
+        saves = self.extra.setdefault("intermediate_saves", [])
+        saves.append({"step": step, "save_s": time.perf_counter() - t0, "dir": str(d)})
+        return d
+
+    def intermediate_callback(self) -> Any:
+        """A transformers ``TrainerCallback`` that calls :meth:`save_intermediate` at each step end.
+
+        Pass it to the Trainer *after* the measurement callback: callbacks run in list order, so the step's
+        clock has stopped before the save starts.
+        """
+        from transformers import TrainerCallback
+
+        ctx = self
+
+        class IntermediateSaveCallback(TrainerCallback):
+            def on_step_end(self, args, state, control, model=None, **kw):
+                ctx.save_intermediate(model, state.global_step)
+
+        return IntermediateSaveCallback()
 
 
 def is_oom(exc: BaseException) -> bool:

@@ -60,5 +60,6 @@ def run(ctx) -> None:
         if ov.get("sleep_s"):
             time.sleep(float(ov["sleep_s"]))
         ctx.meter.step_end(total * float(ov.get("loss_scale", 1.0)))
+        ctx.save_intermediate(model, step + 1)  # after step_end: saving is not step time
     ctx.output_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(ctx.output_dir)

@@ -102,7 +102,8 @@ def run(ctx) -> None:
 
     trainer = Trainer(model=model, args=args, train_dataset=_ListDataset(data.rows),
                       data_collator=lambda feats: collate(feats, tok.pad_token_id),
-                      callbacks=[make_trainer_callback(ctx.meter, on_first_step)])
+                      # order matters: the measurement callback stops the step clock before a save
+                      callbacks=[make_trainer_callback(ctx.meter, on_first_step), ctx.intermediate_callback()])
     trainer.train()
     ctx.output_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(ctx.output_dir)

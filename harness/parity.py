@@ -1,0 +1,175 @@
+"""Loss parity: does a framework's per-step loss curve match the baseline framework's?
+
+In the closed division every framework trains the same checkpoint on the same data in the same order with
+the same seed, optimizer and learning rate, so the per-step training losses (``result["steps"][i]["loss"]``)
+should agree up to floating-point noise. A faster framework whose curve departs from the baseline's is
+flagged, not celebrated (a skipped loss term, wrong label masking, a different effective LR or a broken
+kernel all show here first).
+
+The check, per run, against the baseline framework's run of the same repeat index (repeat 0 when the
+baseline has no such repeat; the baseline's own repeats are compared with its repeat 0, which measures its
+run-to-run determinism)::
+
+    d_i            = |loss_i - baseline_loss_i|        over the steps both runs logged a loss for
+    max_abs_diff   = max_i d_i,   mean_abs_diff = mean_i d_i
+    tolerance      = atol + rtol * mean_i |baseline_loss_i|
+    parity_ok      = max_abs_diff <= tolerance
+
+Default tolerances, by the scenario's ``model.dtype`` (``eval.parity_atol`` / ``eval.parity_rtol`` in the
+scenario override them):
+
+- float32: atol 0.01, rtol 0.01. Two float32 implementations of the same step differ only in summation
+  order (~1e-6 relative per step), which training amplifies over steps: the hf Trainer and the plain loop
+  of ``dummy`` differ by < 1e-3 over 60 steps of the CPU quality scenario. The margin is for other kernels
+  (fused cross-entropy, different attention) which round differently.
+- bfloat16 / float16: atol 0.05, rtol 0.05. bf16 keeps 8 bits of mantissa (relative rounding 4e-3 per
+  operation); GPU kernels differ in accumulation order and atomics, and at a high LR the curves drift
+  apart by a few hundredths over hundreds of steps without anything being wrong. A real bug (a missing loss
+  term, double-counted accumulation, wrong masking) moves the loss by tens of percent.
+
+A planted divergence (``dummy`` with ``overrides: {loss_scale: 1.5}``, 50% higher losses) is flagged by
+either tolerance.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+# (atol, rtol) by training dtype; see the module docstring for why
+DEFAULT_TOLERANCE: dict[str, tuple[float, float]] = {
+    "float32": (0.01, 0.01),
+    "bfloat16": (0.05, 0.05),
+    "float16": (0.05, 0.05),
+}
+COLUMNS = ["framework", "repeat", "max_abs_diff", "mean_abs_diff", "tolerance", "parity_ok"]
+
+
+def loss_curve(run: dict[str, Any]) -> dict[int, float]:
+    """``{optimizer step: loss}`` of a run result (steps without a finite logged loss left out)."""
+    out = {}
+    for s in run.get("steps") or []:
+        loss = s.get("loss")
+        if loss is not None and math.isfinite(float(loss)):
+            out[int(s["step"])] = float(loss)
+    return out
+
+
+def tolerance_for(run: dict[str, Any], atol: float | None = None, rtol: float | None = None) -> tuple[float, float]:
+    """``(atol, rtol)``: the given values, else the default for the run's training dtype."""
+    dtype = (run.get("expected") or {}).get("dtype") or (run.get("effective") or {}).get("dtype") or "bfloat16"
+    d_atol, d_rtol = DEFAULT_TOLERANCE.get(str(dtype), DEFAULT_TOLERANCE["bfloat16"])
+    return (d_atol if atol is None else atol), (d_rtol if rtol is None else rtol)
+
+
+def compare_curves(curve: dict[int, float], ref: dict[int, float], atol: float, rtol: float) -> dict[str, Any]:
+    """Compare two loss curves on their common steps (definitions in the module docstring)."""
+    common = sorted(set(curve) & set(ref))
+    if not common:
+        return {"max_abs_diff": None, "mean_abs_diff": None, "tolerance": None, "parity_ok": None, "steps": 0}
+    diffs = [abs(curve[s] - ref[s]) for s in common]
+    tol = atol + rtol * math.fsum(abs(ref[s]) for s in common) / len(common)
+    mx = max(diffs)
+    return {"max_abs_diff": mx, "mean_abs_diff": math.fsum(diffs) / len(diffs), "tolerance": tol,
+            "parity_ok": mx <= tol, "steps": len(common)}
+
+
+def _index(runs: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, Any]]:
+    return {(r["framework"], int(r["repeat"])): r for r in runs}
+
+
+def _reference(idx: dict, framework: str, repeat: int, baseline: str) -> dict[str, Any] | None:
+    if framework != baseline and (baseline, repeat) in idx and loss_curve(idx[(baseline, repeat)]):
+        return idx[(baseline, repeat)]
+    return idx.get((baseline, 0))
+
+
+def _compare_all(runs: list[dict[str, Any]], baseline: str, atol: float | None, rtol: float | None):
+    idx = _index(runs)
+    for r in runs:
+        fw, rep = r["framework"], int(r["repeat"])
+        ref = _reference(idx, fw, rep, baseline)
+        curve = loss_curve(r) if r.get("status") == "ok" else {}
+        ref_curve = loss_curve(ref) if ref is not None and ref.get("status") == "ok" else {}
+        a, rt = tolerance_for(ref or r, atol, rtol)
+        yield fw, rep, compare_curves(curve, ref_curve, a, rt)
+
+
+def parity_table(runs: list[dict[str, Any]], baseline: str, atol: float | None = None,
+                 rtol: float | None = None):
+    """Loss parity of every run against the baseline framework.
+
+    Args:
+        runs: run results as stored (``results.load_runs``), each with ``framework``, ``repeat``, ``status``
+            and ``steps``.
+        baseline: framework name every curve is compared with (the scenario's ``measure.baseline``).
+        atol: absolute tolerance; default by training dtype (:data:`DEFAULT_TOLERANCE`).
+        rtol: tolerance relative to the baseline's mean loss; default by training dtype.
+
+    Returns:
+        A pandas DataFrame with columns framework, repeat, max_abs_diff, mean_abs_diff, tolerance, parity_ok;
+        one row per run. Rows whose run (or its baseline) did not finish or logged no loss have NaN
+        differences and ``parity_ok`` None.
+    """
+    import pandas as pd
+
+    rows = [{"framework": fw, "repeat": rep, **{k: c[k] for k in COLUMNS[2:]}}
+            for fw, rep, c in _compare_all(runs, baseline, atol, rtol)]
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    df["parity_ok"] = df["parity_ok"].astype(object)
+    return df
+
+
+def parity_columns(runs: list[dict[str, Any]], baseline: str, atol: float | None = None,
+                   rtol: float | None = None) -> dict[tuple[str, int], dict[str, Any]]:
+    """Per-run columns for ``runs.csv``: ``{(framework, repeat): {"parity_ok", "parity_max_abs_diff"}}``."""
+    return {(fw, rep): {"parity_ok": c["parity_ok"], "parity_max_abs_diff": c["max_abs_diff"]}
+            for fw, rep, c in _compare_all(runs, baseline, atol, rtol)}
+
+
+def sweep_settings(results_dir: Path) -> tuple[str, float | None, float | None]:
+    """Baseline framework and parity tolerances of a stored sweep (from its resolved ``scenario.yaml``)."""
+    import yaml
+
+    p = Path(results_dir) / "scenario.yaml"
+    sc = yaml.safe_load(p.read_text()) if p.exists() else {}
+    ev = sc.get("eval") or {}
+    return (sc.get("measure") or {}).get("baseline", "hf"), ev.get("parity_atol"), ev.get("parity_rtol")
+
+
+def flag_runs(results_dir: Path):
+    """The sweep's runs table (``results.runs_frame``) with ``parity_ok`` and ``parity_max_abs_diff`` added."""
+    from harness import results
+
+    results_dir = Path(results_dir)
+    baseline, atol, rtol = sweep_settings(results_dir)
+    runs = results.load_runs(results_dir)
+    cols = parity_columns(runs, baseline, atol, rtol)
+    df = results.runs_frame(results_dir)
+    keys = list(zip(df["framework"], df["repeat"].astype(int), strict=True))
+    df["parity_ok"] = [cols.get(k, {}).get("parity_ok") for k in keys]
+    df["parity_max_abs_diff"] = [cols.get(k, {}).get("parity_max_abs_diff") for k in keys]
+    return df
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m harness.parity RESULTS_DIR``: print the parity table of a stored sweep."""
+    import sys
+
+    from harness import results
+
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m harness.parity RESULTS_DIR", file=sys.stderr)
+        return 2
+    baseline, atol, rtol = sweep_settings(Path(argv[0]))
+    df = parity_table(results.load_runs(Path(argv[0])), baseline, atol, rtol)
+    print(df.to_string(index=False))
+    print(json.dumps({"baseline": baseline, "all_ok": bool(df["parity_ok"].fillna(False).all())}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

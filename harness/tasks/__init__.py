@@ -1,0 +1,18 @@
+"""Synthetic instruction tasks: train data for the quality scenarios and matching local lm-eval tasks.
+
+``python -m harness.tasks generate --out scenarios/tasks`` writes (see :mod:`harness.tasks.files`):
+
+- ``tb_train.jsonl``: Alpaca rows ``{instruction, input, output}``, all families interleaved, and
+  ``tb_train_<family>.jsonl`` one family each (the scenarios' ``data.path``);
+- ``tb_eval.jsonl``: the held-out split, with the exact prompt the model sees at training time, the
+  multiple-choice choices and the gold index;
+- lm-eval task YAMLs ``tb_<family>_gen`` (generate_until, exact_match) and ``tb_<family>_mc``
+  (multiple_choice, acc) per family, and ``tb_mix_gen`` / ``tb_mix_mc`` over all families;
+- ``tb_tasks.py``: the loader those YAMLs name.
+
+The generator (:mod:`harness.tasks.generator`) is deterministic in its seed.
+"""
+
+from harness.tasks.generator import FAMILIES, Example, generate
+
+__all__ = ["FAMILIES", "Example", "generate"]

@@ -1,0 +1,3 @@
+from harness.tasks.files import main
+
+raise SystemExit(main())

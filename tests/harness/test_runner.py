@@ -1,0 +1,147 @@
+"""The runner: isolated runs, failures as rows, append-only results, resume after kill -9."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from harness import results
+from harness.runner import classify_crash, find_resumable, run_sweep
+from harness.scenario import parse_scenario
+
+REPO = Path(__file__).resolve().parents[2]
+
+BASE = """\
+version: 1
+name: {name}
+model: {{preset: tiny-llama, dtype: float32}}
+method: {{kind: lora, lora_r: 4}}
+data: {{seq_len: 32}}
+train: {{micro_batch: 2, steps: {steps}, warmup_steps: 1}}
+hardware: {{device: {device}}}
+measure: {{timeout_s: 120, baseline: d-ok}}
+frameworks:
+{frameworks}
+"""
+
+
+@pytest.fixture()
+def env(tmp_path, monkeypatch):
+    monkeypatch.setenv("TUNEBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TUNEBENCH_WORK", str(tmp_path / "work"))
+    return tmp_path
+
+
+def _sc(tmp_path, frameworks: str, name="t", steps=3, device="cpu"):
+    p = tmp_path / f"{name}.yaml"
+    p.write_text(BASE.format(name=name, steps=steps, device=device, frameworks=frameworks))
+    return p, parse_scenario(p.read_text(), str(p))
+
+
+def test_failures_become_rows_and_sweep_goes_on(env):
+    _, sc = _sc(env, """\
+  - {name: dummy, label: d-crash, overrides: {crash: true}}
+  - {name: dummy, label: d-raise, overrides: {raise: "tool said no"}}
+  - {name: dummy, label: d-oom, overrides: {oom: true}}
+  - {name: dummy, label: d-slow, overrides: {sleep_s: 30}, timeout_s: 8}
+  - {name: dummy, label: d-ok}
+""")
+    d = run_sweep(sc, env / "results", None, quiet=True)
+    rows = {r["framework"]: r for r in results.load_runs(d)}
+    assert rows["d-crash"]["status"] == "crashed" and "exited with code 3" in rows["d-crash"]["reason"]
+    assert rows["d-raise"]["status"] == "error" and rows["d-raise"]["reason"] == "RuntimeError: tool said no"
+    assert rows["d-oom"]["status"] == "oom" and "out of memory" in rows["d-oom"]["reason"]
+    assert rows["d-slow"]["status"] == "timeout"
+    assert rows["d-ok"]["status"] == "ok" and rows["d-ok"]["valid"], rows["d-ok"].get("invalid_reasons")
+    assert rows["d-ok"]["metrics"]["tokens_per_s"] > 0
+    assert (d / "logs" / "d-raise-r0.log").exists()
+    df = pd.read_csv(d / "runs.csv")
+    assert list(df.columns[: len(results.ROW_COLUMNS)]) == results.ROW_COLUMNS
+    assert set(df["status"]) == {"crashed", "error", "oom", "timeout", "ok"}
+    assert df.loc[df.framework == "d-ok", "peak_vram_nvml_gib"].isna().all()  # CPU: empty, not zero
+
+
+def test_cuda_scenario_on_cpu_is_an_unavailable_row(env):
+    if os.environ.get("CUDA_VISIBLE_DEVICES") is None and _has_gpu():
+        pytest.skip("this machine has a GPU")
+    _, sc = _sc(env, "  - {name: dummy, label: d-ok}", device="cuda")
+    d = run_sweep(sc, env / "results", None, quiet=True)
+    (row,) = results.load_runs(d)
+    assert row["status"] == "unavailable" and row["reason"].startswith("needs CUDA")
+
+
+def _has_gpu() -> bool:
+    from harness.envs import has_cuda
+
+    return has_cuda()
+
+
+def test_results_are_never_overwritten(tmp_path):
+    p = tmp_path / "x.json"
+    results.write_json_once(p, {"a": 1})
+    with pytest.raises(FileExistsError):
+        results.write_json_once(p, {"a": 2})
+    assert json.loads(p.read_text()) == {"a": 1}
+
+
+def test_kill_9_mid_sweep_then_resume(env):
+    path, sc = _sc(env, """\
+  - {name: dummy, label: d-first}
+  - {name: dummy, label: d-second, overrides: {sleep_s: 2}}
+""", name="killme", steps=4)
+    cmd = [sys.executable, "-m", "harness", "run", str(path), "--results", str(env / "results"), "--no-report"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 240
+    sweep = None
+    while time.time() < deadline:
+        found = list((env / "results").glob("killme-*/runs/d-first-r0.json"))
+        if found:
+            sweep = found[0].parent.parent
+            # wait until the second run's worker is training, then kill the runner hard
+            prog = list((env / "work").glob("killme-*/d-second-r0/progress.json"))
+            if prog:
+                break
+        time.sleep(0.2)
+    assert sweep is not None, proc.stdout.read().decode() if proc.poll() is not None else "sweep never started"
+    worker_spec = next((env / "work").glob("killme-*/d-second-r0/spec.json"))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    first = sweep / "runs" / "d-first-r0.json"
+    before = first.read_text(), first.stat().st_mtime_ns
+    assert not (sweep / "runs" / "d-second-r0.json").exists()  # nothing half-written
+    time.sleep(1.0)
+    assert not _process_running(str(worker_spec)), "the worker must die with its runner"
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resuming" in r.stderr and "1 of 2 runs to do" in r.stderr
+    assert (first.read_text(), first.stat().st_mtime_ns) == before  # finished run untouched
+    second = json.loads((sweep / "runs" / "d-second-r0.json").read_text())
+    assert second["status"] == "ok"
+    assert len(pd.read_csv(sweep / "runs.csv")) == 2
+    # a complete sweep is not resumed: the next `run` starts a new one
+    assert find_resumable(sc, env / "results") is None
+
+
+def _process_running(needle: str) -> bool:
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if needle in (p / "cmdline").read_bytes().decode(errors="replace"):
+                    return True
+            except OSError:
+                continue
+    return False
+
+
+def test_classify_crash():
+    assert classify_crash(1, "...\ntorch.OutOfMemoryError: CUDA out of memory. Tried")[0] == "oom"
+    assert classify_crash(-9, "")[0] == "crashed" and "SIGKILL" in classify_crash(-9, "")[1]
+    assert "signal 11" in classify_crash(-11, "")[1]
