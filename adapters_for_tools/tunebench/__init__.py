@@ -1,8 +1,10 @@
 """tunebench: our own trainer (``kernels/trainer``) on the Triton ops of ``kernels/ops``.
 
-``overrides`` understood (trainer knobs, recorded in the run's ``extra``):
-``offload_checkpoints: true`` (checkpointed layer inputs in pinned host memory), ``fused_ce_chunk: N`` (tokens
-per chunk of the fused LM-head + loss), ``lora_dtype: float32|bfloat16`` (LoRA A/B storage).
+``overrides`` understood (trainer knobs, recorded in the run's ``extra``; see kernels/trainer/README.md):
+``offload_checkpoints: true`` (checkpointed layer inputs in pinned host memory), ``offload_weights: N``
+(frozen bf16 base weights of N decoder layers streamed from pinned host memory; -1 = all),
+``offload_embeddings: true`` / ``offload_lm_head: true`` (frozen, untied tables on the host),
+``fused_ce_chunk: N`` (tokens per chunk of the fused LM-head + loss), ``lora_dtype: float32|bfloat16``.
 """
 
 from adapters_for_tools.base import AdapterInfo

@@ -23,7 +23,8 @@ import time
 from harness.data import load_tokenised
 from harness.effective import read_back_optimizer
 
-KNOBS = {"offload_checkpoints": bool, "fused_ce_chunk": int, "lora_dtype": str}
+KNOBS = {"offload_checkpoints": bool, "offload_weights": int, "offload_embeddings": bool, "offload_lm_head": bool,
+         "fused_ce_chunk": int, "lora_dtype": str}
 
 
 def method_options(sc, overrides: dict):  # noqa: ANN001, ANN201
@@ -47,6 +48,9 @@ def method_options(sc, overrides: dict):  # noqa: ANN001, ANN201
         lora_dtype=lora_dtype,
         gradient_checkpointing=sc.train.gradient_checkpointing,
         offload_checkpoints=bool(overrides.get("offload_checkpoints", False)),
+        offload_weights=int(overrides.get("offload_weights", 0)),
+        offload_embeddings=bool(overrides.get("offload_embeddings", False)),
+        offload_lm_head=bool(overrides.get("offload_lm_head", False)),
         fused_ce_chunk=int(overrides["fused_ce_chunk"]) if overrides.get("fused_ce_chunk") else None,
     )
 
@@ -85,7 +89,9 @@ def run(ctx) -> None:  # noqa: ANN001
                    "train": {k: v for k, v in vars(settings).items() if k != "extra"},
                    "device": str(device), "dtype": str(dtype), "ops": ops_in_use(device.type)}
     ctx.save_native_config("tunebench_trainer.json", json.dumps(trainer_cfg, indent=1, default=str))
-    ctx.extra["trainer"] = {"overrides": dict(ctx.overrides), "ops": trainer_cfg["ops"]}
+    ctx.extra["trainer"] = {"overrides": dict(ctx.overrides), "ops": trainer_cfg["ops"],
+                            "streamed_layers": model.streamer.layer_ids if model.streamer else [],
+                            "host_weight_gib": _host_bytes(model) / 2**30}
 
     def on_first_step(opt) -> None:  # noqa: ANN001
         ctx.set_effective(**model.effective_settings(), **read_back_optimizer(opt))
@@ -94,3 +100,11 @@ def run(ctx) -> None:  # noqa: ANN001
     ctx.output_dir.mkdir(parents=True, exist_ok=True)
     ctx.extra["saved"] = save_trained(model, ctx.output_dir, ctx.checkpoint)
     tok.save_pretrained(ctx.output_dir)
+
+
+def _host_bytes(model) -> int:  # noqa: ANN001
+    """Bytes of weights kept in host memory by the offload knobs (0 when the model is on the CPU anyway)."""
+    dev = model.device_of_compute
+    if dev.type == "cpu":
+        return 0
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type == "cpu")

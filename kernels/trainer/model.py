@@ -23,9 +23,15 @@ and computes the same function as ``AutoModelForCausalLM`` (tests compare logits
   whole optimizer step (what the HF Trainer does with ``num_items_in_batch``).
 - LoRA / DoRA / QLoRA linears in :class:`Linear` (see there for dtypes and init); full fine-tuning makes every
   weight trainable.
-- Gradient checkpointing per decoder layer: ``torch.utils.checkpoint`` (non-reentrant); with
-  ``offload_checkpoints`` a small reentrant-style autograd Function that keeps the layer input in pinned host
-  memory instead (copied on a side stream), see :class:`_OffloadedCheckpoint`.
+- Gradient checkpointing per decoder layer: ``torch.utils.checkpoint`` (non-reentrant). With any host offload
+  (``offload_checkpoints``, ``offload_weights``) a small reentrant-style autograd Function instead,
+  :class:`_LayerCheckpoint`: it runs the layer forward without a graph (so nothing, not even a weight
+  reference, is kept per layer), optionally keeps the layer input in pinned host memory, and in backward
+  re-fetches, recomputes and backpropagates the layer.
+- Host offload of frozen weights (LoRA/DoRA on a bf16 base; see README "memory"): ``offload_weights`` streams
+  the base weights of N decoder layers from pinned host memory (:class:`WeightStreamer`: copy stream, one layer
+  prefetched ahead in the direction of travel), ``offload_embeddings`` does the input-embedding gather on the
+  host, ``offload_lm_head`` keeps the frozen LM head on the host and copies it in for the loss only.
 
 On CPU without ``TRITON_INTERPRET=1`` each op runs its PyTorch reference, so the model trains anywhere.
 """
@@ -130,6 +136,10 @@ class MethodOptions:
             Trainer's bf16 autocast.
         gradient_checkpointing: recompute each decoder layer in backward.
         offload_checkpoints: keep checkpointed layer inputs in pinned host memory.
+        offload_weights: decoder layers (count, spread evenly; -1 = all) whose frozen base weights stream
+            from pinned host memory. Needs gradient checkpointing and a dense frozen base (LoRA/DoRA).
+        offload_embeddings: input embedding table on the host (frozen, untied only).
+        offload_lm_head: frozen LM head on the host, copied to the GPU for the loss (untied only).
         fused_ce_chunk: tokens per chunk of the fused LM-head + loss (None: the op's default, 1024).
     """
 
@@ -142,6 +152,9 @@ class MethodOptions:
     lora_dtype: torch.dtype = torch.float32
     gradient_checkpointing: bool = True
     offload_checkpoints: bool = False
+    offload_weights: int = 0
+    offload_embeddings: bool = False
+    offload_lm_head: bool = False
     fused_ce_chunk: int | None = None
 
     @property
@@ -201,6 +214,7 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device),
                                  requires_grad=False) if bias else None
         self.qweight: NF4Tensor | None = None
+        self.stream_weight: torch.Tensor | None = None  # device copy of a host-offloaded weight while in use
         self.lora_A: nn.Parameter | None = None
         self.lora_B: nn.Parameter | None = None
         self.magnitude: nn.Parameter | None = None
@@ -230,20 +244,22 @@ class Linear(nn.Module):
 
     def base_weight(self) -> torch.Tensor:
         """The dense base weight (dequantised for NF4: a temporary)."""
+        if self.stream_weight is not None:
+            return self.stream_weight
         return self.weight if self.weight is not None else dequantize_nf4(self.qweight)
 
     # -- forward --------------------------------------------------------------------------------------------------
     def _base(self, x: torch.Tensor) -> torch.Tensor:
         if self.qweight is not None:
             return _NF4Linear.apply(x, self.bias, self.qweight)
-        return F.linear(x, self.weight, self.bias)
+        return F.linear(x, self.base_weight(), self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.lora_A is None:
             return self._base(x)
         a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
         if self.magnitude is None:
-            base = self.qweight if self.qweight is not None else self.weight
+            base = self.qweight if self.qweight is not None else self.base_weight()
             return lora_linear(x, base, a, b, self.scaling, self.bias, self.lora_dropout, self.training)
         # DoRA (PEFT semantics): base + (m/n - 1) * W xd + (m/n) * s * B A xd, n = ||W + s B A|| detached
         xd = F.dropout(x, self.lora_dropout, self.training) if self.lora_dropout else x
@@ -346,24 +362,102 @@ def _copy_stream(device: torch.device):  # noqa: ANN202
     return _COPY_STREAMS[idx]
 
 
-class _OffloadedCheckpoint(torch.autograd.Function):
-    """Checkpoint one layer keeping its input on the host (pinned), not on the GPU.
+class WeightStreamer:
+    """Frozen base weights of some decoder layers in pinned host memory, copied in just before use.
 
-    torch's non-reentrant checkpoint holds the layer input alive through its recompute closure, so
-    ``save_on_cpu`` around it would offload nothing; hence this reentrant-style Function. Forward runs the
-    layer without a graph and copies the input to pinned memory on a side stream (overlaps the next layer's
-    compute); backward copies it back, recomputes the layer with a graph (same RNG state) and backpropagates
-    through it. Parameters get their gradients from that inner backward.
+    ``enter(i, direction)`` makes layer ``i``'s weights usable on the compute stream (waiting for its copy) and
+    starts copying the next streamed layer in ``direction`` (+1 forward, -1 backward) on a side stream, so the
+    copy overlaps this layer's compute; ``exit(i)`` drops the device copies (``record_stream`` keeps the
+    allocator from reusing them before the compute stream is done). At most two streamed layers are on the
+    device at any time. On a CPU model (tests) the "device copy" is the host tensor itself.
+    """
+
+    def __init__(self, model: DecoderModel, layer_ids: list[int], device: torch.device):
+        self.device, self.layer_ids = device, sorted(layer_ids)
+        self.cuda = device.type == "cuda"
+        self.host: dict[int, list[tuple[Linear, torch.Tensor]]] = {}
+        for i in self.layer_ids:
+            entries = []
+            for _, mod in _layer_linears(model.model.layers[i]):
+                if mod.weight is None or mod.weight.requires_grad:
+                    raise ValueError("offload_weights needs a dense frozen base (LoRA/DoRA, not full or QLoRA)")
+                host = mod.weight.data.to("cpu")
+                if self.cuda:
+                    host = host.pin_memory()
+                mod.weight = nn.Parameter(host, requires_grad=False)  # the parameter itself now lives on the host
+                entries.append((mod, host))
+            self.host[i] = entries
+        self.on_device: dict[int, tuple[list[torch.Tensor], Any]] = {}
+
+    def nbytes(self) -> int:
+        return sum(h.numel() * h.element_size() for es in self.host.values() for _, h in es)
+
+    def _issue(self, i: int) -> None:
+        if i in self.on_device or i not in self.host:
+            return
+        if not self.cuda:
+            self.on_device[i] = ([h for _, h in self.host[i]], None)
+            return
+        stream = _copy_stream(self.device)
+        # the copy must not start before the compute stream has finished with the memory it may reuse
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            ts = [h.to(self.device, non_blocking=True) for _, h in self.host[i]]
+        self.on_device[i] = (ts, stream.record_event())
+
+    def _next(self, i: int, direction: int) -> int | None:
+        later = [j for j in self.layer_ids if (j - i) * direction > 0]
+        return (min(later) if direction > 0 else max(later)) if later else None
+
+    def enter(self, i: int, direction: int) -> None:
+        if i in self.host:
+            self._issue(i)
+            ts, event = self.on_device[i]
+            if event is not None:
+                cur = torch.cuda.current_stream(self.device)
+                cur.wait_event(event)
+                for t in ts:
+                    t.record_stream(cur)
+            for (mod, _), t in zip(self.host[i], ts, strict=True):
+                mod.stream_weight = t
+        nxt = self._next(i, direction)
+        if nxt is not None:
+            self._issue(nxt)
+
+    def exit(self, i: int, direction: int) -> None:
+        if i in self.host:
+            for mod, _ in self.host[i]:
+                mod.stream_weight = None
+            if direction > 0 and i == self.layer_ids[-1]:
+                return  # the last streamed layer of the forward is the first one backward needs: keep it
+            self.on_device.pop(i, None)
+
+
+def _layer_linears(layer: nn.Module):  # noqa: ANN202
+    return [(n, m) for n, m in layer.named_modules() if isinstance(m, Linear)]
+
+
+class _LayerCheckpoint(torch.autograd.Function):
+    """Reentrant-style checkpoint of one decoder layer, with host offload of its input and/or its weights.
+
+    torch's non-reentrant checkpoint holds the layer input alive through its recompute closure (so
+    ``save_on_cpu`` around it would offload nothing) and its forward keeps every reference an op stores on
+    ``ctx`` (``lora_linear`` keeps its weight): a streamed weight would stay on the GPU until backward. Here
+    the forward runs under ``no_grad`` (no graph at all), the input is copied to pinned memory on a side stream
+    when asked, and backward brings the input (and the layer's streamed weights) back, recomputes the layer
+    with a graph (same RNG state, for dropout) and backpropagates through it; parameters get their gradients
+    from that inner backward.
     """
 
     @staticmethod
-    def forward(ctx, run, h, *args):  # noqa: ANN001, ANN205
-        ctx.run, ctx.device = run, h.device
+    def forward(ctx, call, h, *args):  # noqa: ANN001, ANN205
+        ctx.call, ctx.device = call, h.device
         ctx.cpu_rng = torch.get_rng_state()
         ctx.cuda_rng = torch.cuda.get_rng_state(h.device) if h.is_cuda else None
         with torch.no_grad():
-            out = run(h, *args)
-        if h.is_cuda:
+            out = call.run(h, *args, direction=1)
+        ctx.event = None
+        if call.offload_input and h.is_cuda:
             host = torch.empty(h.shape, dtype=h.dtype, pin_memory=True)
             stream = _copy_stream(h.device)
             stream.wait_stream(torch.cuda.current_stream(h.device))
@@ -373,7 +467,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             ctx.event = stream.record_event()
             ctx.h = host
         else:
-            ctx.h, ctx.event = h.detach(), None
+            ctx.h = h.detach()
         ctx.save_for_backward(*args)
         return out
 
@@ -387,15 +481,41 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             h = ctx.h
         h = h.detach().requires_grad_(True)
         ctx.h = None
-        devices = [ctx.device] if ctx.cuda_rng is not None else []
+        index = None
+        if ctx.cuda_rng is not None:
+            index = ctx.device.index if ctx.device.index is not None else torch.cuda.current_device()
+        devices = [index] if index is not None else []
         with torch.random.fork_rng(devices=devices, enabled=True):
             torch.set_rng_state(ctx.cpu_rng)
             if ctx.cuda_rng is not None:
-                torch.cuda.set_rng_state(ctx.cuda_rng, ctx.device)
+                torch.cuda.set_rng_state(ctx.cuda_rng, index)
             with torch.enable_grad():
-                out = ctx.run(h, *args)
-        torch.autograd.backward(out, grad_out)
+                out = ctx.call.run(h, *args, direction=-1, keep=True)
+            torch.autograd.backward(out, grad_out)
+        ctx.call.release(-1)
         return (None, h.grad) + (None,) * len(args)
+
+
+class _LayerCall:
+    """What :class:`_LayerCheckpoint` runs: ``layer(h, cos, sin, mask)`` with its weights streamed in."""
+
+    def __init__(self, layer: DecoderLayer, index: int, has_mask: bool, offload_input: bool,
+                 streamer: WeightStreamer | None):
+        self.layer, self.index, self.has_mask = layer, index, has_mask
+        self.offload_input, self.streamer = offload_input, streamer
+
+    def run(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None, *,
+            direction: int, keep: bool = False) -> torch.Tensor:
+        if self.streamer is not None:
+            self.streamer.enter(self.index, direction)
+        out = self.layer(h, cos, sin, mask if self.has_mask else None)
+        if not keep:
+            self.release(direction)
+        return out
+
+    def release(self, direction: int) -> None:
+        if self.streamer is not None:
+            self.streamer.exit(self.index, direction)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -439,11 +559,13 @@ class DecoderModel(nn.Module):
         self.options = MethodOptions(kind="none")
         self.gradient_checkpointing = False
         self.offload_checkpoints = False
+        self.streamer: WeightStreamer | None = None
+        self._lm_head_prefetch: tuple[torch.Tensor, Any] | None = None
 
     # -- helpers --------------------------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
-        return self.model.embed_tokens.weight.device
+        return self.device_of_compute
 
     def lm_head_weight(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
@@ -458,7 +580,8 @@ class DecoderModel(nn.Module):
     def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Final-norm hidden states ``[B, S, H]``. ``position_ids`` given = packed rows (see module docstring)."""
         cfg = self.cfg
-        h = self.model.embed_tokens(input_ids)
+        h = self._embed(input_ids)
+        self._prefetch_lm_head()
         mask = None
         if position_ids is None:
             pos = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
@@ -467,17 +590,48 @@ class DecoderModel(nn.Module):
             mask = packed_causal_mask(position_ids)
         cos, sin = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        if ckpt and self.offload_checkpoints and not h.requires_grad:
+        own_ckpt = ckpt and (self.offload_checkpoints or self.streamer is not None)
+        if own_ckpt and not h.requires_grad:
             h = h.detach().requires_grad_(True)  # the reentrant-style Function needs a grad-requiring input
-        for layer in self.model.layers:
-            if not ckpt:
-                h = layer(h, cos, sin, mask)
-            elif self.offload_checkpoints:
-                extra = (cos, sin) if mask is None else (cos, sin, mask)
-                h = _OffloadedCheckpoint.apply(_LayerCall(layer, mask is not None), h, *extra)
-            else:
+        extra = (cos, sin) if mask is None else (cos, sin, mask)
+        for i, layer in enumerate(self.model.layers):
+            if own_ckpt:
+                call = _LayerCall(layer, i, mask is not None, self.offload_checkpoints, self.streamer)
+                h = _LayerCheckpoint.apply(call, h, *extra)
+            elif ckpt:
                 h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, mask, use_reentrant=False)
+            elif self.streamer is not None:
+                raise RuntimeError("offload_weights streams layers inside checkpointed training steps only; "
+                                   "for evaluation, build the model without it")
+            else:
+                h = layer(h, cos, sin, mask)
         return self.model.norm(h)
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        w = self.model.embed_tokens.weight
+        if w.device == input_ids.device:
+            return self.model.embed_tokens(input_ids)
+        # offloaded (frozen) table: gather the rows on the host, ship [B, S, H] (33 MB at 8B shapes) to the device
+        return F.embedding(input_ids.cpu(), w).to(input_ids.device, non_blocking=True)
+
+    def _prefetch_lm_head(self) -> None:
+        """Start copying a host-offloaded LM head now, so the copy overlaps the layers' forward."""
+        if self.lm_head is None or self.lm_head.weight.device == self.device_of_compute:
+            return
+        dev = self.device_of_compute
+        if dev.type != "cuda":
+            self._lm_head_prefetch = (self.lm_head.weight, None)
+            return
+        stream = _copy_stream(dev)
+        stream.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(stream):
+            w = self.lm_head.weight.to(dev, non_blocking=True)
+        self._lm_head_prefetch = (w, stream.record_event())
+
+    @property
+    def device_of_compute(self) -> torch.device:
+        """Where activations live (the norm weights never move to the host)."""
+        return self.model.norm.weight.device
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, reduction: str = "sum") -> torch.Tensor:
@@ -494,6 +648,12 @@ class DecoderModel(nn.Module):
         """
         h = self.hidden_states(input_ids, position_ids)
         w = self.lm_head_weight()
+        if self._lm_head_prefetch is not None:
+            w, event = self._lm_head_prefetch
+            self._lm_head_prefetch = None  # the device copy dies with this forward (the CE op does not keep it)
+            if event is not None:
+                torch.cuda.current_stream(w.device).wait_event(event)
+                w.record_stream(torch.cuda.current_stream(w.device))
         if labels is None:
             return h @ w.t()
         return fused_linear_cross_entropy(h, w, labels, ignore_index=-100, reduction=reduction, shift=True,
@@ -534,16 +694,6 @@ class DecoderModel(nn.Module):
             eff.update({"lora_r": lora.lora_r, "lora_alpha": lora.lora_alpha, "lora_dropout": lora.lora_dropout,
                         "use_dora": lora.magnitude is not None, "target_modules": sorted(targets)})
         return eff
-
-
-class _LayerCall:
-    """Picklable-free callable for :class:`_OffloadedCheckpoint`: ``layer(h, cos, sin, mask_or_None)``."""
-
-    def __init__(self, layer: DecoderLayer, has_mask: bool):
-        self.layer, self.has_mask = layer, has_mask
-
-    def __call__(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None):
-        return self.layer(h, cos, sin, mask if self.has_mask else None)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -661,4 +811,39 @@ def apply_method(model: DecoderModel, options: MethodOptions, seed: int | None =
                               options.lora_dtype)
     else:
         raise ValueError(f"unknown method kind {options.kind!r}")
+    _apply_offload(model, options)
     model.train()
+
+
+def streamed_layer_ids(n_layers: int, count: int) -> list[int]:
+    """``count`` layer indices spread evenly over ``n_layers`` (-1 or >= n_layers: all).
+
+    Spread, not the first ``count``: each streamed layer's copy then overlaps the compute of the resident
+    layers before it, instead of a run of streamed layers waiting on the PCIe link back to back.
+    """
+    if count < 0 or count >= n_layers:
+        return list(range(n_layers))
+    return sorted({int(k * n_layers / count) for k in range(count)}) if count else []
+
+
+def _apply_offload(model: DecoderModel, o: MethodOptions) -> None:
+    frozen_ok = o.is_peft
+    if (o.offload_weights or o.offload_embeddings or o.offload_lm_head) and not frozen_ok:
+        raise ValueError("offload_weights / offload_embeddings / offload_lm_head apply to frozen weights "
+                         "(lora, dora, qlora), not to full fine-tuning")
+    tied = model.lm_head is None
+    if o.offload_embeddings and not tied:
+        w = model.model.embed_tokens.weight
+        host = w.data.to("cpu")
+        model.model.embed_tokens.weight = nn.Parameter(host.pin_memory() if w.is_cuda else host, requires_grad=False)
+    if o.offload_lm_head and not tied:
+        w = model.lm_head.weight
+        host = w.data.to("cpu")
+        model.lm_head.weight = nn.Parameter(host.pin_memory() if w.is_cuda else host, requires_grad=False)
+    if o.offload_weights:
+        if not o.gradient_checkpointing:
+            raise ValueError("offload_weights needs gradient checkpointing (layers are re-fetched for backward)")
+        if o.kind == "qlora":
+            raise ValueError("offload_weights streams bf16 weights; QLoRA's 4-bit layers are small enough to stay")
+        ids = streamed_layer_ids(model.cfg.num_layers, o.offload_weights)
+        model.streamer = WeightStreamer(model, ids, model.device_of_compute)

@@ -114,7 +114,7 @@ def train(model: torch.nn.Module, rows: Sequence[dict], s: TrainSettings, meter:
     Returns:
         Loss of each optimizer step (mean over the step's loss tokens).
     """
-    device = device or next(model.parameters()).device
+    device = device or getattr(model, "device", None) or next(model.parameters()).device
     opt = optimizer or make_optimizer(model, s)
     sched = make_scheduler(opt, s)
     params = [p for g in opt.param_groups for p in g["params"]]

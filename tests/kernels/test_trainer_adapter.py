@@ -15,7 +15,7 @@ method: {{kind: {kind}, lora_r: 4, lora_alpha: 8, target_modules: all-linear}}
 data: {{source: synthetic, seq_len: 48, lengths: uniform, min_len: 12, packing: {packing}}}
 train: {{micro_batch: 2, grad_accum: 2, steps: 3, warmup_steps: 1, lr: 1.0e-3, gradient_checkpointing: true}}
 hardware: {{device: cpu}}
-frameworks: [{{name: tunebench, overrides: {{offload_checkpoints: {offload}, fused_ce_chunk: 64}}}}]
+frameworks: [{{name: tunebench, overrides: {{offload_checkpoints: {offload}, fused_ce_chunk: 64{more}}}}}]
 """
 
 
@@ -34,7 +34,9 @@ def test_worker_run_is_valid(tmp_path, monkeypatch, kind, packing, offload):  # 
     from harness.worker import run_spec
 
     monkeypatch.setenv("TUNEBENCH_CACHE", str(tmp_path / "cache"))
-    sc = parse_scenario(SCENARIO.format(kind=kind, packing=str(packing).lower(), offload=str(offload).lower()))
+    more = ", offload_weights: 1, offload_embeddings: true, offload_lm_head: true" if kind == "lora" else ""
+    sc = parse_scenario(SCENARIO.format(kind=kind, packing=str(packing).lower(), offload=str(offload).lower(),
+                                        more=more))
     prepared = prepare(sc, tmp_path / "data")
     work = tmp_path / "work"
     work.mkdir()
@@ -53,6 +55,7 @@ def test_worker_run_is_valid(tmp_path, monkeypatch, kind, packing, offload):  # 
         assert eff["trainable_params"] == eff["total_params"]
         assert (work / "output" / "model.safetensors").exists()
         assert res["steps"][0]["samples"] > res["steps"][0]["rows"] * 2  # packed: several samples per row
-    assert res["extra"]["trainer"]["overrides"] == {"offload_checkpoints": offload, "fused_ce_chunk": 64}
+    assert res["extra"]["trainer"]["overrides"] == sc.frameworks[0].overrides
+    assert res["extra"]["trainer"]["streamed_layers"] == ([0] if kind == "lora" else [])
     losses = [s["loss"] for s in res["steps"]]
     assert len(losses) == 3 and all(loss is not None and 0 < loss < 10 for loss in losses)

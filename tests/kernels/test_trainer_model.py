@@ -126,22 +126,43 @@ def test_effective_settings_read_back(checkpoints):  # noqa: ANN001
     assert ours.effective_settings()["gradient_checkpointing"] is False  # eval mode skips checkpointing
 
 
-@pytest.mark.parametrize("offload", [False, True])
-def test_checkpointing_gives_same_gradients(checkpoints, offload):  # noqa: ANN001
-    """Checkpointed layers (torch non-reentrant, or our host-offloading Function) == no checkpointing."""
-    ckpt = checkpoints["tiny-qwen2"]
+CKPT_VARIANTS = {
+    "torch-checkpoint": {},
+    "offload-inputs": {"offload_checkpoints": True},
+    "stream-weights": {"offload_weights": 1, "offload_embeddings": True, "offload_lm_head": True},
+    "stream-all": {"offload_weights": -1, "offload_checkpoints": True},
+}
+
+
+@pytest.mark.parametrize("variant", list(CKPT_VARIANTS))
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+def test_checkpointing_and_offload_give_same_gradients(checkpoints, variant, kind):  # noqa: ANN001
+    """Checkpointed layers (torch non-reentrant, or our Function with host offloads) == no checkpointing."""
+    ckpt = checkpoints["tiny-llama"]  # untied: the embedding / LM-head offloads apply
     grads = {}
-    for mode in ("plain", "ckpt"):
+    for mode in ("plain", variant):
         torch.manual_seed(0)
-        opts = MethodOptions(kind="lora", lora_r=4, lora_dropout=0.1, gradient_checkpointing=mode == "ckpt",
-                             offload_checkpoints=offload)
+        knobs = CKPT_VARIANTS[variant] if mode == variant else {}
+        opts = MethodOptions(kind=kind, lora_r=4, lora_dropout=0.1, gradient_checkpointing=mode != "plain", **knobs)
         model = load_model(ckpt, opts, dtype=torch.float32, device="cpu")
+        if mode == "stream-weights":
+            assert model.streamer is not None and model.streamer.layer_ids == [0]
         for _, mod in model.linears():  # non-zero B so every LoRA parameter gets a gradient
             torch.nn.init.normal_(mod.lora_B, std=0.02)
         ids = _ids(2, (2, 21))
         torch.manual_seed(1)  # same dropout masks in both modes (checkpointing replays the RNG state)
         model(ids, labels=ids).backward()
         grads[mode] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    assert grads["plain"].keys() == grads["ckpt"].keys()
+    assert grads["plain"].keys() == grads[variant].keys()
     for n in grads["plain"]:
-        torch.testing.assert_close(grads["ckpt"][n], grads["plain"][n], atol=1e-6, rtol=1e-5, msg=n)
+        torch.testing.assert_close(grads[variant][n], grads["plain"][n], atol=1e-6, rtol=1e-5, msg=n)
+
+
+def test_streamed_layers_are_spread():
+    from kernels.trainer.model import streamed_layer_ids
+
+    assert streamed_layer_ids(32, 0) == []
+    assert streamed_layer_ids(32, -1) == list(range(32))
+    assert streamed_layer_ids(32, 16) == list(range(0, 32, 2))
+    ids = streamed_layer_ids(32, 18)
+    assert len(ids) == 18 and max(b - a for a, b in zip(ids, ids[1:], strict=False)) <= 2
