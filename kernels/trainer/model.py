@@ -230,14 +230,16 @@ class Linear(nn.Module):
         self.qweight = quantize_nf4(self.weight.data.to(compute_dtype), double_quant=double_quant)
         self.weight = None
 
-    def add_lora_(self, r: int, alpha: float, dropout: float, dora: bool, dtype: torch.dtype) -> None:
-        dev = self._device()
+    def add_lora_(self, r: int, alpha: float, dropout: float, dora: bool, dtype: torch.dtype,
+                  device: torch.device | None = None) -> None:
+        dev = device or self._device()
         self.lora_A = nn.Parameter(peft_lora_a_init(r, self.in_features, self.out_features).to(dev, dtype))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=dtype, device=dev))
         self.lora_r, self.lora_alpha, self.scaling, self.lora_dropout = r, float(alpha), alpha / r, float(dropout)
         if dora:
             with torch.no_grad():
-                self.magnitude = nn.Parameter(torch.linalg.norm(self.base_weight().float(), dim=1).to(dtype))
+                norm = torch.linalg.norm(self.base_weight().to(dev).float(), dim=1)
+                self.magnitude = nn.Parameter(norm.to(dtype))
 
     def _device(self) -> torch.device:
         return self.weight.device if self.weight is not None else self.qweight.device
@@ -382,7 +384,7 @@ class WeightStreamer:
                 if mod.weight is None or mod.weight.requires_grad:
                     raise ValueError("offload_weights needs a dense frozen base (LoRA/DoRA, not full or QLoRA)")
                 host = mod.weight.data.to("cpu")
-                if self.cuda:
+                if self.cuda and not host.is_pinned():
                     host = host.pin_memory()
                 mod.weight = nn.Parameter(host, requires_grad=False)  # the parameter itself now lives on the host
                 entries.append((mod, host))
@@ -560,6 +562,7 @@ class DecoderModel(nn.Module):
         self.gradient_checkpointing = False
         self.offload_checkpoints = False
         self.streamer: WeightStreamer | None = None
+        self.compute_device: torch.device | None = None if device.type == "meta" else device
         self._lm_head_prefetch: tuple[torch.Tensor, Any] | None = None
 
     # -- helpers --------------------------------------------------------------------------------------------------
@@ -630,8 +633,8 @@ class DecoderModel(nn.Module):
 
     @property
     def device_of_compute(self) -> torch.device:
-        """Where activations live (the norm weights never move to the host)."""
-        return self.model.norm.weight.device
+        """Where activations live (the final norm weight never moves to the host)."""
+        return self.compute_device or self.model.norm.weight.device
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, reduction: str = "sum") -> torch.Tensor:
@@ -715,8 +718,10 @@ def load_model(checkpoint: str | Path, options: MethodOptions, dtype: torch.dtyp
                device: torch.device | str = "cuda", seed: int | None = None) -> DecoderModel:
     """Build the model from a transformers checkpoint and apply the method.
 
-    Tensors are read one at a time straight to ``device`` (safetensors ``safe_open``) and, for QLoRA, quantised
-    as they arrive, so a 4-bit 8B model never holds its bf16 weights at once (peak = 4-bit model + one tensor).
+    The model is built on the meta device and every tensor is read once, straight to where it will live
+    (safetensors ``safe_open``): the compute device, or pinned host memory for what the offload knobs keep on
+    the host; QLoRA projections are quantised as they arrive. So loading never needs more device memory than
+    training: a 4-bit 8B model never holds its bf16 weights at once, and streamed layers never touch the GPU.
 
     Args:
         checkpoint: directory with ``config.json`` and safetensors (what ``AutoModelForCausalLM`` loads).
@@ -733,65 +738,64 @@ def load_model(checkpoint: str | Path, options: MethodOptions, dtype: torch.dtyp
     checkpoint = Path(checkpoint)
     cfg = DecoderConfig.from_checkpoint(checkpoint)
     device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     quantize = options.kind == "qlora"
-    if quantize:
-        # build on the meta device: no bf16 allocation for the projections that become 4-bit
-        model = _build_meta_for_qlora(cfg, dtype, device)
-    else:
-        model = DecoderModel(cfg, dtype, device)
+    model = DecoderModel(cfg, dtype, torch.device("meta"))
     targets = dict(model.named_parameters())
     linears = dict(model.linears())
+    on_host = _host_tensors(cfg, options) if device.type == "cuda" else set()
     seen = set()
-    dev_str = str(device) if device.type != "cuda" else f"cuda:{device.index or 0}"
     for f in _safetensors_files(checkpoint):
-        with safe_open(str(f), framework="pt", device=dev_str) as st:
-            for key in st.keys():
+        with safe_open(str(f), framework="pt", device="cpu") as st_host, \
+                safe_open(str(f), framework="pt", device=str(device)) as st_dev:
+            for key in st_dev.keys():
                 if key == "lm_head.weight" and model.lm_head is None:
                     continue  # tied: some files carry the duplicate
+                if key not in targets:
+                    raise KeyError(f"{f.name}: unexpected tensor {key!r} for {cfg.model_type}")
                 mod_name, _, leaf = key.rpartition(".")
                 if quantize and leaf == "weight" and mod_name in linears:
-                    w = st.get_tensor(key).to(dtype)
+                    w = st_dev.get_tensor(key).to(dtype)
                     linears[mod_name].qweight = quantize_nf4(w, double_quant=options.double_quant)
                     linears[mod_name].weight = None
                     del w
-                    seen.add(key)
-                    continue
-                if key not in targets:
-                    raise KeyError(f"{f.name}: unexpected tensor {key!r} for {cfg.model_type}")
-                t = st.get_tensor(key)
-                _assign(model, key, t.to(dtype))
+                elif key in on_host:
+                    _assign(model, key, st_host.get_tensor(key).to(dtype).pin_memory())
+                else:
+                    _assign(model, key, st_dev.get_tensor(key).to(dtype))
                 seen.add(key)
     missing = set(targets) - seen
-    if quantize:
-        missing -= {f"{n}.weight" for n in linears}
     if missing:
         raise KeyError(f"{checkpoint}: tensors missing from the checkpoint: {sorted(missing)[:8]}")
+    model.compute_device = device
     apply_method(model, options, seed)
     return model
+
+
+def _host_tensors(cfg: DecoderConfig, o: MethodOptions) -> set[str]:
+    """Names of the tensors the offload knobs keep in host memory."""
+    out = set()
+    if not o.is_peft:
+        return out
+    if o.offload_weights and o.kind != "qlora":
+        for i in streamed_layer_ids(cfg.num_layers, o.offload_weights):
+            for m in ATTN_MODULES:
+                out.add(f"model.layers.{i}.self_attn.{m}.weight")
+            for m in MLP_MODULES:
+                out.add(f"model.layers.{i}.mlp.{m}.weight")
+    if not cfg.tie_word_embeddings:
+        if o.offload_embeddings:
+            out.add("model.embed_tokens.weight")
+        if o.offload_lm_head:
+            out.add("lm_head.weight")
+    return out
 
 
 def _assign(model: DecoderModel, key: str, t: torch.Tensor) -> None:
     mod_name, _, leaf = key.rpartition(".")
     mod = model.get_submodule(mod_name) if mod_name else model
-    old = getattr(mod, leaf)
-    if old.is_meta:
-        setattr(mod, leaf, nn.Parameter(t, requires_grad=False))
-    else:
-        with torch.no_grad():
-            old.copy_(t)
-
-
-def _build_meta_for_qlora(cfg: DecoderConfig, dtype: torch.dtype, device: torch.device) -> DecoderModel:
-    """Projections on the meta device (become NF4), everything else materialised on ``device``."""
-    model = DecoderModel(cfg, dtype, torch.device("meta"))
-    for name, p in list(model.named_parameters()):
-        mod_name, _, leaf = name.rpartition(".")
-        mod = model.get_submodule(mod_name) if mod_name else model
-        if isinstance(mod, Linear) and leaf == "weight":
-            continue
-        init = torch.ones if isinstance(mod, RMSNorm) else torch.zeros
-        setattr(mod, leaf, nn.Parameter(init(p.shape, dtype=p.dtype, device=device), requires_grad=False))
-    return model
+    setattr(mod, leaf, nn.Parameter(t, requires_grad=False))
 
 
 def apply_method(model: DecoderModel, options: MethodOptions, seed: int | None = None) -> None:
@@ -808,7 +812,7 @@ def apply_method(model: DecoderModel, options: MethodOptions, seed: int | None =
         for name, mod in model.linears():
             if name.rsplit(".", 1)[-1] in options.target_modules:
                 mod.add_lora_(options.lora_r, options.lora_alpha, options.lora_dropout, options.kind == "dora",
-                              options.lora_dtype)
+                              options.lora_dtype, model.device_of_compute)
     else:
         raise ValueError(f"unknown method kind {options.kind!r}")
     _apply_offload(model, options)
@@ -832,14 +836,11 @@ def _apply_offload(model: DecoderModel, o: MethodOptions) -> None:
         raise ValueError("offload_weights / offload_embeddings / offload_lm_head apply to frozen weights "
                          "(lora, dora, qlora), not to full fine-tuning")
     tied = model.lm_head is None
-    if o.offload_embeddings and not tied:
-        w = model.model.embed_tokens.weight
-        host = w.data.to("cpu")
-        model.model.embed_tokens.weight = nn.Parameter(host.pin_memory() if w.is_cuda else host, requires_grad=False)
-    if o.offload_lm_head and not tied:
-        w = model.lm_head.weight
-        host = w.data.to("cpu")
-        model.lm_head.weight = nn.Parameter(host.pin_memory() if w.is_cuda else host, requires_grad=False)
+    cuda = model.device_of_compute.type == "cuda"
+    for flag, holder in ((o.offload_embeddings, model.model.embed_tokens), (o.offload_lm_head, model.lm_head)):
+        if flag and not tied and holder.weight.device.type != "cpu":  # load_model already put it there
+            host = holder.weight.data.to("cpu")
+            holder.weight = nn.Parameter(host.pin_memory() if cuda else host, requires_grad=False)
     if o.offload_weights:
         if not o.gradient_checkpointing:
             raise ValueError("offload_weights needs gradient checkpointing (layers are re-fetched for backward)")
