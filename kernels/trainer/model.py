@@ -390,6 +390,7 @@ class WeightStreamer:
                 entries.append((mod, host))
             self.host[i] = entries
         self.on_device: dict[int, tuple[list[torch.Tensor], Any]] = {}
+        self.released: Any = None  # compute-stream event after the last released layer's work
 
     def nbytes(self) -> int:
         return sum(h.numel() * h.element_size() for es in self.host.values() for _, h in es)
@@ -400,6 +401,13 @@ class WeightStreamer:
         if not self.cuda:
             self.on_device[i] = ([h for _, h in self.host[i]], None)
             return
+        if self.released is not None:
+            # Throttle the CPU: the host runs far ahead of the GPU, and a block freed with record_stream is only
+            # reusable once the compute stream has passed it, so without this wait every prefetch issued ahead
+            # would take fresh device memory (up to all streamed layers). Waiting for the last released layer
+            # bounds the device copies at ~2 layers and still leaves the GPU a layer of queued work.
+            self.released.synchronize()
+            self.released = None
         stream = _copy_stream(self.device)
         # the copy must not start before the compute stream has finished with the memory it may reuse
         stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -433,6 +441,8 @@ class WeightStreamer:
             if direction > 0 and i == self.layer_ids[-1]:
                 return  # the last streamed layer of the forward is the first one backward needs: keep it
             self.on_device.pop(i, None)
+            if self.cuda:
+                self.released = torch.cuda.current_stream(self.device).record_event()
 
 
 def _layer_linears(layer: nn.Module):  # noqa: ANN202

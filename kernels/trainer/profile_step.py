@@ -1,0 +1,369 @@
+"""Step time, tokens/s, peak memory and a CUDA op profile of the tunebench trainer (and the hf baseline).
+
+Each run (method x knobs) trains ``--steps`` optimizer steps in a fresh subprocess, measured by the harness's
+own ``StepMeter`` (device-synchronised step times, NVML per-process / device memory sampled every 10 ms, torch
+``max_memory_allocated`` / ``max_memory_reserved`` from before the model is loaded), then ``--profile-steps``
+more steps under ``torch.profiler`` (after measuring, so the profiler never inflates the numbers). The
+``hf-*`` runs are transformers + PEFT with the model's own loss under bf16 autocast and non-reentrant gradient
+checkpointing, i.e. what the HF Trainer runs, in the same process setup, for a same-machine comparison.
+
+Examples::
+
+    # on the H100 (Llama-3.1-8B shape, random weights generated once into $TUNEBENCH_CACHE):
+    python -m kernels.trainer.profile_step --out results/trainer_profile_h100/profile.json
+    # a subset, another checkpoint
+    python -m kernels.trainer.profile_step --runs lora,qlora --checkpoint /data/llama-3.1-8b --out prof.json
+    # smoke test on a CPU
+    python -m kernels.trainer.profile_step --preset tiny-llama --device cpu --dtype float32 --out /tmp/p.json
+
+Writes ``--out`` (JSON: every run's metrics, per-step times and losses, top-20 ops by device time) and
+``<out>.txt`` (the summary table and the profiler tables).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+# name -> (implementation, method, trainer knobs). Memory arithmetic behind the "lean" knobs: README.md.
+RUNS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "hf-lora": ("hf", "lora", {}),
+    "lora": ("tunebench", "lora", {}),
+    "lora-lean16": ("tunebench", "lora", {"offload_weights": 16, "offload_embeddings": True,
+                                          "offload_checkpoints": True}),
+    "lora-leanall": ("tunebench", "lora", {"offload_weights": -1, "offload_embeddings": True,
+                                           "offload_lm_head": True, "offload_checkpoints": True}),
+    "hf-qlora": ("hf", "qlora", {}),
+    "qlora": ("tunebench", "qlora", {}),
+    "qlora-lean": ("tunebench", "qlora", {"offload_embeddings": True, "offload_lm_head": True,
+                                          "offload_checkpoints": True}),
+}
+DEFAULT_RUNS = "hf-lora,lora,lora-lean16,lora-leanall,hf-qlora,qlora,qlora-lean"
+GIB = 1024**3
+
+
+def _args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m kernels.trainer.profile_step", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="JSON output path (a .txt summary is written beside it)")
+    p.add_argument("--preset", default="llama-3.1-8b", help="architecture preset for random weights")
+    p.add_argument("--checkpoint", default=None, help="use this checkpoint directory instead of a preset")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--runs", default=DEFAULT_RUNS, help=f"comma-separated, from: {', '.join(RUNS)}")
+    p.add_argument("--knobs", default="{}", help="JSON dict of extra trainer knobs for every tunebench run")
+    p.add_argument("--steps", type=int, default=12, help="measured + warmup optimizer steps")
+    p.add_argument("--warmup", type=int, default=4, help="leading steps left out of the statistics")
+    p.add_argument("--profile-steps", type=int, default=2, help="extra steps under torch.profiler (0: none)")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--micro-batch", type=int, default=2)
+    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--lora-alpha", type=float, default=16.0)
+    p.add_argument("--timeout-s", type=float, default=420.0, help="per run")
+    p.add_argument("--single", default=None, help=argparse.SUPPRESS)  # internal: run one in this process
+    p.add_argument("--single-out", default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# one run (in its own process)
+
+
+def _rows(n: int, seq_len: int, vocab: int, seed: int = 0) -> list[dict]:
+    """Fixed-length rows of random token ids (every token bears loss except the first), like llama8b_lora."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, min(vocab, 256), (n, seq_len), generator=g)
+    return [{"input_ids": r.tolist(), "labels": [-100] + r[1:].tolist()} for r in ids]
+
+
+def _profile_table(prof, device: str) -> tuple[str, list[dict]]:  # noqa: ANN001
+    avgs = prof.key_averages()
+    keys = ("device_time_total", "cuda_time_total") if device == "cuda" else ("cpu_time_total",)
+    table = ""
+    for k in keys:
+        try:
+            table = avgs.table(sort_by=k, row_limit=20)
+            break
+        except Exception as e:  # the sort key was renamed between torch releases
+            table = f"(profiler table failed for sort_by={k}: {e})"
+
+    def dev_time(e) -> float:  # noqa: ANN001
+        for attr in ("device_time_total", "cuda_time_total", "self_device_time_total", "self_cuda_time_total"):
+            v = getattr(e, attr, None)
+            if v:
+                return float(v)
+        return 0.0
+
+    rows = sorted(avgs, key=dev_time if device == "cuda" else (lambda e: float(e.cpu_time_total)), reverse=True)
+    top = [{"name": e.key, "count": int(e.count), "device_time_total_us": dev_time(e),
+            "cpu_time_total_us": float(e.cpu_time_total)} for e in rows[:20]]
+    return table, top
+
+
+def _tunebench_model(args, method: str, knobs: dict):  # noqa: ANN001, ANN202
+    import torch
+
+    from kernels.trainer.model import LINEAR_MODULES, MethodOptions, load_model
+
+    opts = MethodOptions(kind=method, lora_r=args.lora_r, lora_alpha=args.lora_alpha, target_modules=LINEAR_MODULES,
+                         gradient_checkpointing=True, **knobs)
+    return load_model(args.checkpoint, opts, dtype=getattr(torch, args.dtype), device=args.device)
+
+
+def _hf_model(args, method: str):  # noqa: ANN001, ANN202
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    dtype = getattr(torch, args.dtype)
+    kw: dict[str, Any] = {"dtype": dtype, "attn_implementation": "sdpa"}
+    if method == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                       bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+        kw["device_map"] = {"": 0}
+    model = AutoModelForCausalLM.from_pretrained(args.checkpoint, **kw)
+    if method != "qlora":
+        model.to(args.device)
+    model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
+                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                             "up_proj", "down_proj"], task_type="CAUSAL_LM"))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    return model
+
+
+def _hf_train(model, rows, args, meter, steps: int, opt) -> list[float]:  # noqa: ANN001
+    """The HF Trainer's inner loop: bf16 autocast, model loss, clip 1.0, fused AdamW (grad_accum 1)."""
+    import torch
+
+    from harness.data import collate
+
+    losses = []
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for step in range(steps):
+        chunk = rows[(step * args.micro_batch) % len(rows):][: args.micro_batch]
+        b = {k: v.to(args.device) for k, v in collate(chunk, 0).items()}
+        if meter is not None:
+            meter.step_begin()
+            meter.count_batch(b)
+        with torch.autocast(args.device, dtype=getattr(torch, args.dtype), enabled=args.dtype != "float32"):
+            loss = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        value = float(loss)
+        if meter is not None:
+            meter.step_end(value)
+        losses.append(value)
+    return losses
+
+
+def run_single(args) -> dict[str, Any]:  # noqa: ANN001
+    """One run, measured; returns its result dict (errors included)."""
+    import torch
+
+    from harness.measure import StepMeter
+
+    impl, method, knobs = RUNS[args.single]
+    knobs = dict(knobs) | (json.loads(args.knobs) if impl == "tunebench" else {})
+    out: dict[str, Any] = {"run": args.single, "impl": impl, "method": method, "knobs": knobs, "ok": False}
+    cuda = args.device == "cuda"
+    meter = StepMeter(args.warmup, device=args.device, memory_interval_ms=10, total_steps=args.steps)
+    try:
+        t0 = time.time()
+        if impl == "hf":
+            model = _hf_model(args, method)
+            vocab = model.config.vocab_size
+        else:
+            model = _tunebench_model(args, method, knobs)
+            vocab = model.cfg.vocab_size
+            out["effective"] = model.effective_settings()
+            out["streamed_layers"] = model.streamer.layer_ids if model.streamer else []
+        if cuda:
+            torch.cuda.synchronize()
+        out["load_s"] = time.time() - t0
+        out["after_load_alloc_gib"] = torch.cuda.memory_allocated() / GIB if cuda else None
+        n_rows = args.micro_batch * (args.steps + args.profile_steps)
+        rows = _rows(n_rows, args.seq_len, vocab)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0, fused=cuda or None)
+        if impl == "hf":
+            out["losses"] = _hf_train(model, rows, args, meter, args.steps, opt)
+        else:
+            from kernels.trainer.train import TrainSettings, train
+
+            s = TrainSettings(micro_batch=args.micro_batch, grad_accum=1, steps=args.steps, lr=2e-4,
+                              optimizer="adamw_torch_fused", max_grad_norm=1.0, pad_id=0)
+            out["losses"] = train(model, rows, s, meter=meter, device=torch.device(args.device), optimizer=opt)
+        out["metrics"] = meter.finish()
+        out["steps"] = meter.steps
+        out["ok"] = True
+        if args.profile_steps > 0:
+            from torch.profiler import ProfilerActivity, profile
+
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+            prof_rows = rows[args.micro_batch * args.steps:]
+            with profile(activities=acts) as prof:
+                if impl == "hf":
+                    _hf_train(model, prof_rows, args, None, args.profile_steps, opt)
+                else:
+                    s.steps = args.profile_steps
+                    train(model, prof_rows, s, device=torch.device(args.device), optimizer=opt)
+                if cuda:
+                    torch.cuda.synchronize()
+            out["profile_table"], out["profile_top20"] = _profile_table(prof, args.device)
+    except BaseException as e:  # report it, with what was measured so far
+        out["error"] = f"{type(e).__name__}: {e}"[:2000]
+        out["traceback"] = traceback.format_exc()[-6000:]
+        if "metrics" not in out:
+            out["metrics"] = meter.finish()
+            out["steps"] = meter.steps
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# driver
+
+
+def _prepare_checkpoint(args) -> str:  # noqa: ANN001
+    if args.checkpoint:
+        return str(Path(args.checkpoint).resolve())
+    from harness.models import get_preset, prepare_random_checkpoint
+
+    t0 = time.time()
+    path = prepare_random_checkpoint(get_preset(args.preset), args.dtype, 0, device=args.device)
+    print(f"checkpoint {path} ({time.time() - t0:.0f} s)", flush=True)
+    return str(path)
+
+
+def _environment(device: str) -> dict[str, Any]:
+    import torch
+
+    env = {"torch": torch.__version__, "python": sys.version.split()[0], "device": device}
+    try:
+        import transformers
+
+        env["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    if device == "cuda" and torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(0)
+        env["gpu_total_gib"] = torch.cuda.get_device_properties(0).total_memory / GIB
+    return env
+
+
+def _skip_reason(name: str, device: str) -> str | None:
+    import importlib.util
+
+    impl, method, _ = RUNS[name]
+    if impl == "hf" and importlib.util.find_spec("peft") is None:
+        return "peft not installed"
+    if method == "qlora" and impl == "hf" and (device != "cuda" or importlib.util.find_spec("bitsandbytes") is None):
+        return "hf qlora needs bitsandbytes and CUDA"
+    return None
+
+
+def _fmt(v: Any, spec: str = ".2f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def summary(results: list[dict]) -> str:
+    """A Markdown table: speed and memory of every run, relative to the hf run of the same method."""
+    base = {r["method"]: r for r in results if r.get("impl") == "hf" and r.get("ok")}
+    lines = ["| run | ok | step s (median) | tokens/s | peak alloc GiB | peak reserved GiB | NVML proc GiB | "
+             "tokens/s vs hf | alloc vs hf | load s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        m = r.get("metrics") or {}
+        b = (base.get(r.get("method")) or {}).get("metrics") or {}
+        tps, btps = m.get("tokens_per_s"), b.get("tokens_per_s")
+        al, bal = m.get("peak_alloc_gib"), b.get("peak_alloc_gib")
+        lines.append(
+            f"| {r['run']} | {'yes' if r.get('ok') else 'NO: ' + str(r.get('error') or r.get('skipped'))[:60]} | "
+            f"{_fmt(m.get('step_s_median'), '.3f')} | {_fmt(tps, '.0f')} | {_fmt(al)} | "
+            f"{_fmt(m.get('peak_reserved_gib'))} | {_fmt(m.get('peak_vram_nvml_gib'))} | "
+            f"{_fmt(tps / btps if tps and btps else None, '.2f')}x | "
+            f"{_fmt(al / bal if al and bal else None, '.2f')}x | "
+            f"{_fmt(r.get('load_s'), '.1f')} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _args(argv)
+    if args.single:
+        res = run_single(args)
+        Path(args.single_out).write_text(json.dumps(res, default=str))
+        return 0
+    unknown = [r for r in args.runs.split(",") if r and r not in RUNS]
+    if unknown:
+        print(f"unknown runs {unknown}; known: {', '.join(RUNS)}", file=sys.stderr)
+        return 2
+    if args.device == "cuda":
+        os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # NVML and torch agree on indices
+    args.checkpoint = _prepare_checkpoint(args)
+    out_path = Path(args.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    repo_root = Path(__file__).resolve().parents[2]
+    results: list[dict] = []
+    report: dict[str, Any] = {"args": {k: v for k, v in vars(args).items() if not k.startswith("single")},
+                              "environment": _environment(args.device), "runs": results}
+    for name in [r for r in args.runs.split(",") if r]:
+        why = _skip_reason(name, args.device)
+        impl, method, knobs = RUNS[name]
+        if why:
+            results.append({"run": name, "impl": impl, "method": method, "ok": False, "skipped": why})
+            print(f"{name}: skipped ({why})", flush=True)
+            continue
+        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as tf:
+            single_out = tf.name
+        cmd = [sys.executable, "-m", "kernels.trainer.profile_step", *(argv if argv is not None else sys.argv[1:]),
+               "--checkpoint", args.checkpoint, "--single", name, "--single-out", single_out]
+        env = os.environ | {"PYTHONPATH": os.pathsep.join([str(repo_root), os.environ.get("PYTHONPATH", "")])}
+        t0 = time.time()
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout_s, env=env,
+                                  cwd=str(repo_root))
+            res = json.loads(Path(single_out).read_text()) if Path(single_out).stat().st_size else None
+            if res is None:
+                res = {"run": name, "impl": impl, "method": method, "ok": False,
+                       "error": f"exit {proc.returncode}: {proc.stderr[-1500:]}"}
+        except subprocess.TimeoutExpired:
+            res = {"run": name, "impl": impl, "method": method, "ok": False, "error": f"timeout {args.timeout_s} s"}
+        finally:
+            Path(single_out).unlink(missing_ok=True)
+        res["wall_s"] = time.time() - t0
+        results.append(res)
+        m = res.get("metrics") or {}
+        print(f"{name}: {'ok' if res.get('ok') else 'FAILED ' + str(res.get('error'))[:300]} "
+              f"step {_fmt(m.get('step_s_median'), '.3f')} s, {_fmt(m.get('tokens_per_s'), '.0f')} tok/s, "
+              f"peak alloc {_fmt(m.get('peak_alloc_gib'))} GiB, NVML {_fmt(m.get('peak_vram_nvml_gib'))} GiB "
+              f"({res['wall_s']:.0f} s)", flush=True)
+        out_path.write_text(json.dumps(report, indent=1, default=str))  # after every run: a crash keeps the rest
+    table = summary(results)
+    print("\n" + table, flush=True)
+    text = [table, ""]
+    for r in results:
+        if r.get("profile_table"):
+            text += [f"## {r['run']}: top 20 ops by device time ({args.profile_steps} steps)", r["profile_table"], ""]
+        if r.get("traceback"):
+            text += [f"## {r['run']}: error", r["traceback"], ""]
+    out_path.with_suffix(".txt").write_text("\n".join(text))
+    out_path.write_text(json.dumps(report | {"summary": table}, indent=1, default=str))
+    print(f"wrote {out_path} and {out_path.with_suffix('.txt')}")
+    return 0 if any(r.get("ok") for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
