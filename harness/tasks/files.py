@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--train", type=int, default=6000, help="training examples in all (families interleaved)")
     g.add_argument("--single", default="last",
                    help="families that also get a single-family train split tb_train_<family>.jsonl")
-    # 4800 = 300 steps x 16 (quality_small): no epoch boundary, where a Trainer's partial last batch would
+    # 4800 >= 200 steps x 16 (quality_small), with room: no epoch boundary, where a Trainer's partial last batch would
     # differ from a loop that wraps around, and the loss curves would part for a reason that is not a bug
     g.add_argument("--train-family", type=int, default=4800, help="examples of each single-family train split")
     g.add_argument("--eval", type=int, default=100, help="held-out eval examples per family")

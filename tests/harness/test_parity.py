@@ -1,0 +1,87 @@
+"""Loss parity: matching curves pass, a planted divergence is flagged (unit and through the runner)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from harness import parity
+
+REPO = Path(__file__).resolve().parents[2]
+QUALITY_SMALL = REPO / "scenarios" / "quality_small.yaml"
+
+
+def _run(fw: str, losses: list[float], repeat: int = 0, status: str = "ok", dtype: str = "float32") -> dict:
+    return {"framework": fw, "repeat": repeat, "status": status, "expected": {"dtype": dtype},
+            "steps": [{"step": i + 1, "loss": x} for i, x in enumerate(losses)]}
+
+
+BASE = [2.0, 1.5, 1.2, 1.0]
+
+
+def test_table_columns_and_verdicts():
+    runs = [_run("hf", BASE), _run("ours", [x + 0.001 for x in BASE]), _run("bad", [x * 1.5 for x in BASE]),
+            _run("crashed", [], status="error")]
+    df = parity.parity_table(runs, "hf")
+    assert list(df.columns) == ["framework", "repeat", "max_abs_diff", "mean_abs_diff", "tolerance", "parity_ok"]
+    got = {r.framework: r for r in df.itertuples()}
+    assert got["hf"].parity_ok is True and got["hf"].max_abs_diff == 0
+    assert got["ours"].parity_ok is True and got["ours"].max_abs_diff == pytest.approx(0.001)
+    assert got["bad"].parity_ok is False and got["bad"].max_abs_diff == pytest.approx(1.0)
+    assert got["bad"].mean_abs_diff == pytest.approx(sum(BASE) / len(BASE) * 0.5)
+    assert got["crashed"].parity_ok is None
+    # float32 default: 0.01 + 0.01 * mean baseline loss
+    assert got["ours"].tolerance == pytest.approx(0.01 + 0.01 * sum(BASE) / 4)
+
+
+def test_tolerance_by_dtype_and_override():
+    assert parity.tolerance_for(_run("x", BASE, dtype="bfloat16")) == (0.05, 0.05)
+    assert parity.tolerance_for(_run("x", BASE)) == (0.01, 0.01)
+    assert parity.tolerance_for(_run("x", BASE), atol=0.0, rtol=0.5) == (0.0, 0.5)
+    drift = [x + 0.03 for x in BASE]  # bf16-sized drift: fine in bf16, flagged in float32
+    assert parity.parity_table([_run("hf", BASE, dtype="bfloat16"), _run("o", drift, dtype="bfloat16")],
+                               "hf").parity_ok.tolist() == [True, True]
+    assert parity.parity_table([_run("hf", BASE), _run("o", drift)], "hf").parity_ok.tolist() == [True, False]
+
+
+def test_repeats_pair_with_the_same_baseline_repeat_else_repeat0():
+    runs = [_run("hf", BASE, 0), _run("hf", [x + 0.5 for x in BASE], 1), _run("o", [x + 0.5 for x in BASE], 1),
+            _run("o", BASE, 2)]
+    cols = parity.parity_columns(runs, "hf")
+    assert cols[("o", 1)]["parity_ok"] is True  # against hf r1
+    assert cols[("o", 2)]["parity_ok"] is True  # no hf r2: against hf r0
+    assert cols[("hf", 1)]["parity_ok"] is False  # the baseline's repeats against its r0: determinism
+    assert set(cols[("o", 1)]) == {"parity_ok", "parity_max_abs_diff"}
+
+
+def test_missing_losses_and_no_common_steps():
+    a = _run("hf", BASE)
+    b = _run("o", [None, None, 1.2, 1.0])
+    c = parity.compare_curves(parity.loss_curve(b), parity.loss_curve(a), 0.01, 0.01)
+    assert c["steps"] == 2 and c["parity_ok"] is True
+    assert parity.compare_curves({}, parity.loss_curve(a), 0.01, 0.01)["parity_ok"] is None
+
+
+@pytest.mark.slow
+def test_runner_sweep_flags_the_planted_divergence(tmp_path, monkeypatch):
+    """hf, dummy and dummy with loss_scale 1.5, same weights and data: only the planted run is flagged."""
+    from harness.runner import run_sweep
+    from harness.scenario import scenario_from_dict
+
+    monkeypatch.setenv("TUNEBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TUNEBENCH_WORK", str(tmp_path / "work"))
+    d = yaml.safe_load(QUALITY_SMALL.read_text())
+    d["name"] = "parity_small"
+    d["train"]["steps"] = 16  # the curves part at the first step already; no evaluation needed
+    d["eval"] = {}
+    d["frameworks"] = ["hf", "dummy", {"name": "dummy", "label": "dummy-diverged", "overrides": {"loss_scale": 1.5}}]
+    sc = scenario_from_dict(d, str(QUALITY_SMALL))  # the data path resolves against the scenario file
+    sweep = run_sweep(sc, tmp_path / "results", None, quiet=True)
+    df = parity.flag_runs(sweep)
+    ok = dict(zip(df["framework"], df["parity_ok"], strict=True))
+    assert ok == {"hf": True, "dummy": True, "dummy-diverged": False}, df.to_string()
+    diff = dict(zip(df["framework"], df["parity_max_abs_diff"], strict=True))
+    assert diff["dummy"] < 1e-3  # fp32 Trainer vs plain loop: summation order only
+    assert diff["dummy-diverged"] > 1.0  # 0.5 x a first-step loss of ~5.8
