@@ -84,15 +84,25 @@ def check(sc, effective: dict[str, Any]) -> list[str]:
     return out
 
 
-def from_meter(meter) -> dict[str, Any]:
-    """Batch geometry the measurement hook saw during training."""
+def from_meter(meter, packing: bool = False) -> dict[str, Any]:
+    """Batch geometry the measurement hook saw during training.
+
+    Without packing the scenario's micro-batch counts samples and its seq_len bounds each sample, so a tool
+    that joins a micro-batch's samples into one padding-free row (Unsloth does by default; position_ids
+    keep attention within samples) is read in samples. With packing, micro-batch counts rows of seq_len.
+    """
     steps = meter.steps
     if not steps:
         return {}
-    return {"micro_batch": max(s.get("rows", 0) for s in steps),
-            "grad_accum": max(s["micro_batches"] for s in steps),
-            "seq_len": max(s["max_len"] for s in steps),
-            "tokens_per_step": sum(s["tokens"] for s in steps) / len(steps)}
+    rows = max(s.get("rows", 0) for s in steps)
+    samples = max(s.get("samples_per_mb", 0) for s in steps)
+    out = {"micro_batch": rows if packing else samples,
+           "grad_accum": max(s["micro_batches"] for s in steps),
+           "seq_len": max(s["max_len"] if packing else s.get("max_sample_len", s["max_len"]) for s in steps),
+           "tokens_per_step": sum(s["tokens"] for s in steps) / len(steps)}
+    if not packing and rows < samples:
+        out["padding_free_rows"] = True
+    return out
 
 
 def read_back_model(model) -> dict[str, Any]:
@@ -110,7 +120,8 @@ def read_back_model(model) -> dict[str, Any]:
     gc = getattr(base, "is_gradient_checkpointing", None)
     if gc is None:
         gc = any(getattr(m, "gradient_checkpointing", False) for m in base.modules())
-    eff["gradient_checkpointing"] = bool(gc) and bool(model.training)
+    # transformers skips checkpointing in eval mode: train_mode (checked too) catches that trap
+    eff["gradient_checkpointing"] = bool(gc)
     quant, dq, dtypes = None, None, {}
     lora_targets = set()
     for name, mod in model.named_modules():

@@ -151,6 +151,7 @@ class StepMeter:
         self.started_at = time.time()
         self._first_step_at: float | None = None
         self.loss_by_step: dict[int, float] = {}
+        self.first_forward_training: bool | None = None  # set by attach()
         if device == "cuda":
             import torch
 
@@ -176,12 +177,15 @@ class StepMeter:
         p = self._pending
         p["tokens"] += tokens
         p["loss_tokens"] += loss_tokens
-        p["samples"] += self._samples_in(batch, rows)
+        sq, longest, samples = self._ctx_sq(batch, per_row)
+        p["samples"] += samples  # padding-free/packed rows hold several samples
         p["padded_tokens"] += rows * width
         p["max_len"] = max(p["max_len"], width)
         p["micro_batches"] += 1
         p["rows"] = max(p.get("rows", 0), rows)
-        p["ctx_tokens_sq"] += self._ctx_sq(batch, per_row)
+        p["samples_per_mb"] = max(p.get("samples_per_mb", 0), samples)
+        p["ctx_tokens_sq"] += sq
+        p["max_sample_len"] = max(p.get("max_sample_len", 0), longest)
 
     def attach(self, model) -> None:
         """Count every training forward of ``model`` from the arguments it is called with.
@@ -192,6 +196,9 @@ class StepMeter:
         """
 
         def pre_hook(module, args, kwargs):
+            if self.first_forward_training is None:
+                # train mode as the model is actually run (Trainers switch it on inside the step)
+                self.first_forward_training = bool(module.training)
             if not module.training:
                 return
             batch = dict(kwargs)
@@ -204,28 +211,29 @@ class StepMeter:
         self._hook = model.register_forward_pre_hook(pre_hook, with_kwargs=True)
 
     @staticmethod
-    def _samples_in(batch, rows: int) -> int:
-        pos = batch.get("position_ids")
-        if pos is None or not hasattr(pos, "eq"):
-            return rows
-        return int(pos.eq(0).sum())  # packed rows: one sample per position 0
+    def _ctx_sq(batch, per_row: list[int]) -> tuple[int, int, int]:
+        """(Sum over samples of length^2, longest sample, samples) of the non-padding tokens.
 
-    @staticmethod
-    def _ctx_sq(batch, per_row: list[int]) -> int:
-        """Sum over samples of length^2 (attention FLOPs scale with it); packed samples counted separately."""
+        Attention FLOPs scale with the first. Samples in packed or padding-free rows (position_ids restarting
+        at 0) are counted separately; without position_ids each row is one sample.
+        """
         pos = batch.get("position_ids")
-        if pos is None or not hasattr(pos, "tolist"):
-            return sum(n * n for n in per_row)
-        total = 0
+        if pos is None or not hasattr(pos, "tolist") or pos.dim() != 2:
+            return sum(n * n for n in per_row), max(per_row, default=0), len(per_row)
+        total, longest, count = 0, 0, 0
         for row, n in zip(pos.tolist(), per_row, strict=True):
             run = 0
             for p in row[:n]:
                 if p == 0 and run:
                     total += run * run
+                    longest = max(longest, run)
+                    count += 1
                     run = 0
                 run += 1
             total += run * run
-        return total
+            longest = max(longest, run)
+            count += 1 if run else 0
+        return total, longest, count
 
     # -- step timing --------------------------------------------------------------------------------------
     def step_begin(self) -> None:
@@ -244,7 +252,8 @@ class StepMeter:
         idx = len(self.steps)
         rec = {"step": idx + 1, "step_s": t1 - self._t0, "measured": idx >= self.warmup_steps, "loss": loss,
                **{k: self._pending.get(k, 0) for k in ("tokens", "loss_tokens", "samples", "padded_tokens",
-                                                      "max_len", "micro_batches", "rows", "ctx_tokens_sq")}}
+                                                      "max_len", "micro_batches", "rows", "ctx_tokens_sq",
+                                                      "samples_per_mb", "max_sample_len")}}
         self.steps.append(rec)
         self._pending = {k: 0 for k in self._pending}
         self._t0 = None

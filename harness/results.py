@@ -36,6 +36,8 @@ peak_rss_gib            host peak resident memory of the worker
 mfu                     model FLOPs utilisation (harness.flops convention)
 model_tflops            achieved model TFLOP/s
 first_loss, final_loss  training loss of the first and last step
+parity_ok               loss curve within tolerance of the baseline framework's (harness.parity)
+parity_max_abs_diff     largest per-step loss difference to the baseline
 eval_*                  quality metrics (lm-eval) when the scenario has an eval section
 gpu_name, device        where it ran
 framework_version       version of the tool
@@ -122,17 +124,29 @@ def to_row(result: dict[str, Any]) -> dict[str, Any]:
         "load_s": result.get("load_s"),
         "wall_s": result.get("wall_s"),
     })
-    for k, v in (result.get("eval") or {}).items():
+    ev = result.get("eval") or {}
+    for k, v in ev.items():
         if isinstance(v, (int, float, str, bool)) or v is None:
             row[f"eval_{k}"] = v
+    for k, v in (ev.get("metrics") or {}).items():  # lm-eval's numbers, e.g. eval_tb_last/exact_match
+        row[f"eval_{k}"] = v
     return row
 
 
 def runs_frame(results_dir: Path):
-    """The sweep's runs as a pandas DataFrame (ROW_COLUMNS first)."""
+    """The sweep's runs as a pandas DataFrame (ROW_COLUMNS first, then parity and eval columns)."""
     import pandas as pd
 
-    rows = [to_row(r) for r in load_runs(results_dir)]
+    from harness import parity
+
+    runs = load_runs(results_dir)
+    rows = [to_row(r) for r in runs]
+    if rows:
+        # loss parity against the baseline framework is part of each row (harness.parity states the tolerance)
+        baseline, atol, rtol = parity.sweep_settings(Path(results_dir))
+        cols = parity.parity_columns(runs, baseline, atol, rtol)
+        for row in rows:
+            row.update(cols.get((row["framework"], row["repeat"]), {"parity_ok": None, "parity_max_abs_diff": None}))
     df = pd.DataFrame(rows)
     if df.empty:
         return pd.DataFrame(columns=ROW_COLUMNS)

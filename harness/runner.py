@@ -43,24 +43,38 @@ def planned_keys(sc) -> list[tuple[str, int]]:
     return [(fw.key, r) for r in range(sc.measure.repeats) for fw in sc.frameworks]
 
 
-def find_resumable(sc, results_root: Path) -> Path | None:
-    """The newest incomplete sweep of this exact scenario (same hash), if any."""
+def find_resumable(sc, results_root: Path, wanted: list[str] | None = None) -> Path | None:
+    """The newest sweep of this exact scenario (same hash) if it lacks any of the ``wanted`` run keys.
+
+    ``wanted`` defaults to every (framework, repeat) of the scenario. A sweep that has them all is finished:
+    the next ``run`` starts a new one (stored runs are never redone).
+    """
     h = sc.content_hash()
+    wanted = wanted if wanted is not None else [results.run_key(f, r) for f, r in planned_keys(sc)]
     cands = []
     for d in results_root.glob(f"{sc.name}-*"):
         plan = d / "sweep.json"
-        if not plan.exists():
-            continue
-        meta = json.loads(plan.read_text())
-        if meta.get("scenario_hash") != h:
-            continue
-        done = {p.stem for p in (d / "runs").glob("*.json")}
-        if not set(meta["planned"]) <= done:
-            cands.append((meta.get("created", ""), d))
-    return max(cands)[1] if cands else None
+        if plan.exists():
+            meta = json.loads(plan.read_text())
+            if meta.get("scenario_hash") == h:
+                cands.append((meta.get("created", ""), d, meta))
+    if not cands:
+        return None
+    _, d, meta = max(cands, key=lambda c: c[0])
+    done = {p.stem for p in (d / "runs").glob("*.json")}
+    return d if set(wanted) - done else None
 
 
-def create_sweep(sc, results_root: Path) -> Path:
+def _extend_plan(d: Path, keys: list[str]) -> None:
+    plan_path = d / "sweep.json"
+    meta = json.loads(plan_path.read_text())
+    missing = [k for k in keys if k not in meta["planned"]]
+    if missing:
+        meta["planned"] += missing
+        results.atomic_write_text(plan_path, json.dumps(meta, indent=1))
+
+
+def create_sweep(sc, results_root: Path, keys: list[str] | None = None) -> Path:
     results_root.mkdir(parents=True, exist_ok=True)
     while True:
         d = results_root / f"{sc.name}-{_now_id()}"
@@ -76,7 +90,8 @@ def create_sweep(sc, results_root: Path) -> Path:
 
     results.atomic_write_text(d / "environment.json", json.dumps(environment.capture(with_torch=False), indent=1))
     plan = {"scenario": sc.name, "scenario_hash": sc.content_hash(), "created": _now_id(),
-            "scenario_source": sc.source_path, "planned": [results.run_key(f, r) for f, r in planned_keys(sc)]}
+            "scenario_source": sc.source_path,
+            "planned": keys if keys is not None else [results.run_key(f, r) for f, r in planned_keys(sc)]}
     results.atomic_write_text(d / "sweep.json", json.dumps(plan, indent=1))
     return d
 
@@ -328,13 +343,16 @@ def run_sweep(sc, results_root: Path, reports_root: Path | None, new: bool = Fal
               only: list[str] | None = None) -> Path:
     """Run (or resume) the sweep of scenario ``sc``; returns the sweep's results directory."""
     results_root = Path(results_root)
-    sweep_dir = None if new else find_resumable(sc, results_root)
+    keys = [(fw, r) for r in range(sc.measure.repeats) for fw in sc.frameworks if not only or fw.key in only]
+    key_names = [results.run_key(fw.key, r) for fw, r in keys]
+    sweep_dir = None if new else find_resumable(sc, results_root, key_names)
     resumed = sweep_dir is not None
     if sweep_dir is None:
-        sweep_dir = create_sweep(sc, results_root)
+        sweep_dir = create_sweep(sc, results_root, key_names)
+    else:
+        _extend_plan(sweep_dir, key_names)
     run_root = work_root() / sweep_dir.name
     run_root.mkdir(parents=True, exist_ok=True)
-    keys = [(fw, r) for r in range(sc.measure.repeats) for fw in sc.frameworks if not only or fw.key in only]
     todo = [(fw, r) for fw, r in keys if not (sweep_dir / "runs" / f"{results.run_key(fw.key, r)}.json").exists()]
     with sweep_lock(sweep_dir), Display(total=len(keys), quiet=quiet) as display:
         display.progress.update(display.sweep, completed=len(keys) - len(todo))

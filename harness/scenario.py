@@ -201,8 +201,15 @@ class Scenario(_Strict):
         return self.model_dump(mode="json")
 
     def content_hash(self) -> str:
-        """Stable hash of the resolved settings: two runs with the same hash measured the same thing."""
-        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        """Stable hash of the resolved settings: two runs with the same hash measured the same thing.
+
+        How many repeats and how long to wait are not settings of a run, so they are left out: a sweep can be
+        filled in several invocations (``--only``, ``--repeats``) and still be one sweep.
+        """
+        d = self.to_dict()
+        d["measure"] = {k: v for k, v in d["measure"].items() if k not in ("repeats", "timeout_s")}
+        d["frameworks"] = [{k: v for k, v in f.items() if k != "timeout_s"} for f in d["frameworks"]]
+        blob = json.dumps(d, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
     @property
@@ -415,7 +422,9 @@ def load_scenario(path: str | Path) -> Scenario:
     path = Path(path)
     if not path.exists():
         raise ScenarioError([f"{path}:0: <file>: no such file"])
-    return parse_scenario(path.read_text(), str(path))
+    sc = parse_scenario(path.read_text(), str(path))
+    sc.source_path = str(path.resolve())  # workers run elsewhere: relative data paths must still resolve
+    return sc
 
 
 def scenario_from_dict(d: dict, source: str = "<resolved>") -> Scenario:

@@ -173,7 +173,9 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
         if isinstance(e, KeyboardInterrupt):
             raise
     metrics = meter.finish()
-    eff = eff_mod.from_meter(meter) | ctx.effective
+    eff = eff_mod.from_meter(meter, sc.data.packing) | ctx.effective
+    if meter.first_forward_training is not None:
+        eff["train_mode"] = meter.first_forward_training
     env = environment.capture()
     try:
         cfg = load_config_dict(ctx.checkpoint)

@@ -223,6 +223,8 @@ def test_parity_table_shown_and_departures_flagged(tmp_path, monkeypatch):
 
     fake = types.ModuleType("harness.parity")
     fake.parity_table = parity_table
+    fake.sweep_settings = lambda results_dir: ("hf", None, None)
+    fake.parity_columns = lambda runs, baseline, atol=None, rtol=None: {}
     monkeypatch.setitem(sys.modules, "harness.parity", fake)
     import harness
 
