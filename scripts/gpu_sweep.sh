@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# One device call of the published GPU sweep; rerun it until everything is stored (the runner resumes).
+#   bash scripts/gpu_sweep.sh DEADLINE_SECONDS
+# Order: r0 of every framework on both 8B scenarios first (so a short lease still yields a full table),
+# then the extra repeats of hf and tunebench, then the GPU quality scenario.
+source scripts/gpu_setup.sh
+end=$(( $(date +%s) + ${1:-540} ))
+for b in base trl unsloth llamafactory axolotl; do
+  [ -f .bundles/$b.tar.xz ] && python3 -m harness env install .bundles/$b.tar.xz >/dev/null 2>&1 || echo "bundle $b: not installed"
+done
+step() {  # run one harness command with what is left of the deadline (SIGINT: the runner stops cleanly)
+  left=$(( end - $(date +%s) )); [ $left -gt 20 ] || return 1
+  timeout -s INT $left python3 -m harness run "$@" --no-report 2>&1 | grep -v "━"
+}
+step scenarios/llama8b_lora.yaml --repeats 1 &&
+step scenarios/llama8b_qlora.yaml --repeats 1 &&
+step scenarios/llama8b_lora.yaml --only hf tunebench --repeats 3 &&
+step scenarios/llama8b_qlora.yaml --only hf tunebench --repeats 3 &&
+step scenarios/quality_gpu.yaml
+exit 0
