@@ -42,7 +42,7 @@ def _cmd_run(args) -> int:
         sc.measure.repeats = args.repeats
     try:
         out = run_sweep(sc, Path(args.results), None if args.no_report else Path(args.reports), new=args.new,
-                        quiet=args.quiet, only=args.only)
+                        quiet=args.quiet, only=args.only, resume_only=args.resume)
     except KeyboardInterrupt:
         print("\ninterrupted: finished runs are stored; rerun the same command to resume", file=sys.stderr)
         return 130
@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--results", default=str(REPO_ROOT / "results"), help="results root (default: results/)")
     r.add_argument("--reports", default=str(REPO_ROOT / "reports"), help="reports root (default: reports/)")
     r.add_argument("--new", action="store_true", help="start a new sweep even if an interrupted one exists")
+    r.add_argument("--resume", action="store_true",
+                   help="only fill in the newest sweep of this scenario (never start a new one); "
+                        "for filling one sweep over several invocations with --only/--repeats")
     r.add_argument("--only", nargs="+", metavar="FRAMEWORK", help="run only these of the scenario's frameworks")
     r.add_argument("--repeats", type=int, help="override measure.repeats")
     r.add_argument("--no-report", action="store_true")

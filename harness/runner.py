@@ -65,6 +65,15 @@ def find_resumable(sc, results_root: Path, wanted: list[str] | None = None) -> P
     return d if set(wanted) - done else None
 
 
+def newest_sweep(sc, results_root: Path) -> Path | None:
+    """The newest stored sweep of this exact scenario (same hash), complete or not."""
+    h = sc.content_hash()
+    cands = [(json.loads((d / "sweep.json").read_text()).get("created", ""), d)
+             for d in results_root.glob(f"{sc.name}-*") if (d / "sweep.json").exists()
+             and json.loads((d / "sweep.json").read_text()).get("scenario_hash") == h]
+    return max(cands)[1] if cands else None
+
+
 def _extend_plan(d: Path, keys: list[str]) -> None:
     plan_path = d / "sweep.json"
     meta = json.loads(plan_path.read_text())
@@ -340,12 +349,19 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 
 def run_sweep(sc, results_root: Path, reports_root: Path | None, new: bool = False, quiet: bool = False,
-              only: list[str] | None = None) -> Path:
-    """Run (or resume) the sweep of scenario ``sc``; returns the sweep's results directory."""
+              only: list[str] | None = None, resume_only: bool = False) -> Path:
+    """Run (or resume) the sweep of scenario ``sc``; returns the sweep's results directory.
+
+    ``resume_only``: fill in the newest sweep of this scenario even when it is complete for the requested
+    runs (then nothing runs); never start a new one. Scripts that fill one sweep over several invocations use
+    it so that a repeated invocation cannot start a duplicate sweep.
+    """
     results_root = Path(results_root)
     keys = [(fw, r) for r in range(sc.measure.repeats) for fw in sc.frameworks if not only or fw.key in only]
     key_names = [results.run_key(fw.key, r) for fw, r in keys]
     sweep_dir = None if new else find_resumable(sc, results_root, key_names)
+    if sweep_dir is None and resume_only:
+        sweep_dir = newest_sweep(sc, results_root)
     resumed = sweep_dir is not None
     if sweep_dir is None:
         sweep_dir = create_sweep(sc, results_root, key_names)
