@@ -5,13 +5,13 @@ Light: importing the registry imports only the adapters' ``__init__`` modules, n
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import pkgutil
 from functools import cache
 from pathlib import Path
 
 from adapters_for_tools.base import AdapterInfo
+from harness.names import unknown
 
 _PKG_DIR = Path(__file__).resolve().parent
 
@@ -36,9 +36,7 @@ def names() -> list[str]:
 def info(name: str) -> AdapterInfo:
     infos = _infos()
     if name not in infos:
-        hint = difflib.get_close_matches(name, list(infos), n=1)
-        raise KeyError(f"unknown framework {name!r}" + (f"; did you mean {hint[0]!r}?" if hint else "")
-                       + f" (available: {', '.join(infos)})")
+        raise KeyError(unknown("framework", name, infos))
     return infos[name]
 
 

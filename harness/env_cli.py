@@ -66,11 +66,9 @@ def load_config(path: Path = CONFIG_PATH) -> dict[str, dict[str, Any]]:
 def _env_spec(name: str) -> dict[str, Any]:
     cfg = load_config()
     if name not in cfg:
-        import difflib
+        from harness.names import unknown
 
-        hint = difflib.get_close_matches(name, list(cfg), n=1)
-        raise SystemExit(f"unknown environment {name!r}" + (f"; did you mean {hint[0]!r}?" if hint else "")
-                         + f" (known: {', '.join(cfg)})")
+        raise SystemExit(unknown("environment", name, cfg))
     return cfg[name]
 
 

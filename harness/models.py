@@ -75,13 +75,11 @@ def presets() -> dict[str, Preset]:
 
 
 def get_preset(name: str) -> Preset:
-    import difflib
+    from harness.names import unknown
 
     ps = presets()
     if name not in ps:
-        hint = difflib.get_close_matches(name, list(ps), n=1)
-        raise KeyError(f"unknown preset {name!r}" + (f"; did you mean {hint[0]!r}?" if hint else "")
-                       + f" (available: {', '.join(ps)})")
+        raise KeyError(unknown("preset", name, ps))
     return ps[name]
 
 

@@ -348,6 +348,7 @@ def _cross_checks(sc: Scenario, lines: dict, source: str) -> list[str]:
     """Rules that span sections: model limits, device, frameworks."""
     from adapters_for_tools import registry
     from harness import models
+    from harness.names import unknown
 
     out: list[str] = []
 
@@ -387,9 +388,7 @@ def _cross_checks(sc: Scenario, lines: dict, source: str) -> list[str]:
             bad(("frameworks", i), f"framework {fw.key!r} listed twice (give one a `label`)")
         seen.add(fw.key)
         if fw.name not in registry.names():
-            hint = difflib.get_close_matches(fw.name, registry.names(), n=1)
-            bad(("frameworks", i), f"unknown framework {fw.name!r}" + (f"; did you mean {hint[0]!r}?" if hint else "")
-                + f" (available: {', '.join(registry.names())})")
+            bad(("frameworks", i), unknown("framework", fw.name, registry.names()))
             continue
         info = registry.info(fw.name)
         why = info.cannot_run(sc)

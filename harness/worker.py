@@ -93,12 +93,13 @@ class RunContext:
         d.mkdir(parents=True, exist_ok=True)
         return d
 
-    def save_intermediate(self, model: Any, step: int | None = None) -> Path | None:
+    def save_intermediate(self, model: Any, step: int | None = None, save: Any = None) -> Path | None:
         """Save ``model`` (anything with ``save_pretrained``) if a save is due after ``step``.
 
         Args:
             model: the live model (a PEFT model saves only its adapter).
             step: optimizer steps completed; default: the steps the meter has recorded so far.
+            save: ``save(directory)`` for models without ``save_pretrained`` (our trainer's).
 
         Returns:
             The directory written, or None when no save was due.
@@ -108,7 +109,7 @@ class RunContext:
         if d is None:
             return None
         t0 = time.perf_counter()
-        model.save_pretrained(d)
+        save(d) if save is not None else model.save_pretrained(d)
         saves = self.extra.setdefault("intermediate_saves", [])
         saves.append({"step": step, "save_s": time.perf_counter() - t0, "dir": str(d)})
         return d

@@ -70,6 +70,7 @@ def run(ctx) -> None:
 
     t0 = time.time()
     run_exp(args=dict(args), callbacks=[attach_on_train_begin(ctx.meter),
-                                        make_trainer_callback(ctx.meter, on_first_step)])
+                                        make_trainer_callback(ctx.meter, on_first_step),
+                                        ctx.intermediate_callback()])
     ctx.extra["run_exp_s"] = time.time() - t0
     ctx.extra["saved"] = "peft adapter" if sc.method.is_peft else "hf checkpoint"

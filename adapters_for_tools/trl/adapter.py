@@ -76,7 +76,8 @@ def run(ctx) -> None:
     trainer = SFTTrainer(model=model_args.model_name_or_path, args=args,
                          train_dataset=dataset[script_args.dataset_train_split],
                          quantization_config=quant, peft_config=get_peft_config(model_args),
-                         callbacks=[make_trainer_callback(ctx.meter, _on_first_step(ctx))])
+                         callbacks=[make_trainer_callback(ctx.meter, _on_first_step(ctx)),
+                                    ctx.intermediate_callback()])
     ctx.load_s = time.time() - t0  # model load + TRL's tokenisation (both before the first step)
     ctx.meter.attach(trainer.model)
     trainer.train()

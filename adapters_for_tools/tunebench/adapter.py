@@ -96,7 +96,11 @@ def run(ctx) -> None:  # noqa: ANN001
     def on_first_step(opt) -> None:  # noqa: ANN001
         ctx.set_effective(**model.effective_settings(), **read_back_optimizer(opt))
 
-    train(model, rows, settings, meter=ctx.meter, device=device, on_first_step=on_first_step)
+    def save_due(step: int) -> None:  # intermediate outputs for time-to-target (eval.every_steps)
+        ctx.save_intermediate(model, step, save=lambda d: save_trained(model, d, ctx.checkpoint))
+
+    train(model, rows, settings, meter=ctx.meter, device=device, on_first_step=on_first_step,
+          on_step_end=save_due)
     ctx.output_dir.mkdir(parents=True, exist_ok=True)
     ctx.extra["saved"] = save_trained(model, ctx.output_dir, ctx.checkpoint)
     tok.save_pretrained(ctx.output_dir)

@@ -72,7 +72,7 @@ def run(ctx) -> None:
         ctx.set_effective(**read_back_model(live_model), **read_back_optimizer(kw.get("optimizer")))
 
     trainer = SFTTrainer(model=model, processing_class=tok, args=args, train_dataset=dataset,
-                         callbacks=[make_trainer_callback(ctx.meter, on_first_step)])
+                         callbacks=[make_trainer_callback(ctx.meter, on_first_step), ctx.intermediate_callback()])
     ctx.meter.attach(trainer.model)
     trainer.train()
     ctx.output_dir.mkdir(parents=True, exist_ok=True)

@@ -96,7 +96,8 @@ def micro_batches(rows: Sequence[dict], s: TrainSettings, step: int, device: tor
 def train(model: torch.nn.Module, rows: Sequence[dict], s: TrainSettings, meter: Any = None,
           device: torch.device | str | None = None,
           on_first_step: Callable[[torch.optim.Optimizer], None] | None = None,
-          optimizer: torch.optim.Optimizer | None = None) -> list[float]:
+          optimizer: torch.optim.Optimizer | None = None,
+          on_step_end: Callable[[int], None] | None = None) -> list[float]:
     """Train ``model`` for ``s.steps`` optimizer steps over ``rows`` and return the per-step losses.
 
     Args:
@@ -110,6 +111,8 @@ def train(model: torch.nn.Module, rows: Sequence[dict], s: TrainSettings, meter:
         on_first_step: called with the optimizer inside the first timed step, before any compute (the place
             to read effective settings back from the live model).
         optimizer: use this optimizer instead of :func:`make_optimizer`.
+        on_step_end: called with the number of finished optimizer steps after the step's clock stopped
+            (intermediate saves for time-to-target go here, outside the timed step).
 
     Returns:
         Loss of each optimizer step (mean over the step's loss tokens).
@@ -145,6 +148,8 @@ def train(model: torch.nn.Module, rows: Sequence[dict], s: TrainSettings, meter:
         if meter is not None:
             meter.step_end(value)
         losses.append(value)
+        if on_step_end is not None:
+            on_step_end(step + 1)
     return losses
 
 

@@ -165,7 +165,7 @@ def quality_sweep(tmp_path_factory):
 @pytest.mark.slow
 def test_trained_model_beats_untrained_by_lm_eval(quality_sweep):
     runs = quality_sweep["runs"]
-    assert set(runs) == {"hf", "dummy"}
+    assert set(runs) == {"hf", "dummy", "tunebench", "trl"}
     for fw, r in runs.items():
         assert r["status"] == "ok", (fw, r.get("reason"))
         ev = r["eval"]

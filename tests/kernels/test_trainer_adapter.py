@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from harness.scenario import parse_scenario
 
@@ -19,13 +18,7 @@ frameworks: [{{name: tunebench, overrides: {{offload_checkpoints: {offload}, fus
 """
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():  # noqa: ANN202
-    """Tiny matmuls single-threaded: 2 OpenMP threads on a busy 2-core machine spin ~15 ms per matmul."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize(("kind", "packing", "offload"), [("lora", False, False), ("full", True, True)])

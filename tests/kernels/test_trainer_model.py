@@ -43,13 +43,7 @@ def _perturbed_checkpoint(preset: str, out_dir, seed: int = 0):  # noqa: ANN001,
     return out_dir
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():  # noqa: ANN202
-    """Tiny matmuls single-threaded: 2 OpenMP threads on a busy 2-core machine spin ~15 ms per matmul."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -18,13 +18,7 @@ from kernels.trainer.train import TrainSettings, train
 ATOL = 1e-5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():  # noqa: ANN202
-    """Tiny matmuls single-threaded: 2 OpenMP threads on a busy 2-core machine spin ~15 ms per matmul."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
