@@ -17,7 +17,8 @@ Rules (DESIGN.md, "Regressions"):
 - Each side's value is the median over its ok repeats; with 5 or more repeats the fastest and slowest
   (lowest and highest value) are dropped first, as MLPerf does.
 - Noise band: the relative spread seen on either side — (max - min) / median over the (trimmed) repeats, or,
-  with a single repeat, the relative per-step p10–p90 spread of tokens/s or step time — times ``noise_k``
+  with a single repeat, the relative per-step p10–p90 spread of tokens/s or step time over sqrt(steps) —
+  times ``noise_k``
   (default 2). Memory and loss have no per-step spread, so with one repeat their band is 0.
 - A metric regresses when it got worse by more than ``max(threshold, noise band)``; it "improved" when it got
   better by more than that; otherwise "ok".
@@ -100,14 +101,20 @@ def _values(runs: list[dict[str, Any]], key: str) -> list[float]:
 
 
 def _step_spread(runs: list[dict[str, Any]], lo_key: str, hi_key: str, mid_key: str) -> float:
-    """Relative per-step p10–p90 spread of a single-repeat side (0 when not recorded)."""
+    """Relative uncertainty of a single repeat's mean, from its per-step p10–p90 spread (0 when not recorded).
+
+    The metric is a mean over the measured steps, so its uncertainty is the per-step spread divided by
+    sqrt(steps): with 30 steps a ±12 % per-step spread means ±2 % on the run's tokens/s. (Drift between
+    machines or days is not in it; the thresholds cover that, and repeats measure it.)
+    """
     if len(runs) != 1:
         return 0.0
     m = runs[0].get("metrics") or {}
     lo, hi, mid = _num(m.get(lo_key)), _num(m.get(hi_key)), _num(m.get(mid_key))
+    n = _num(m.get("steps_measured")) or 1
     if lo is None or hi is None or not mid:
         return 0.0
-    return abs(hi - lo) / abs(mid)
+    return abs(hi - lo) / abs(mid) / max(1.0, n) ** 0.5
 
 
 def _side_spread(runs: list[dict[str, Any]], key: str) -> float:

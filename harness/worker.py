@@ -227,6 +227,10 @@ def _version(dist: str | None) -> str | None:
     try:
         return md.version(dist)
     except md.PackageNotFoundError:
+        if dist == "tunebench":  # running from a checkout that was not pip-installed (the GPU box)
+            from harness import __version__
+
+            return __version__
         return None
 
 
