@@ -14,7 +14,12 @@ cuBLAS. What the structure saves:
   no extra pass over ``y``; likewise ``(dy B) A`` into ``dx`` when there is no dropout.
 * Saved for backward: ``x`` (usually already alive: shared with the other projections reading the same
   normed activations), a bool dropout mask (1 byte/elt instead of the 2-byte dropped copy autograd would keep),
-  and ``xa = x_drop A^T`` (``[T, r]``, tiny). PEFT additionally saves the dropped ``x`` and ``dy B`` paths twice.
+  and ``s * x_drop A^T`` as a bf16 (hi, lo) pair (``[T, 2r]``, tiny). PEFT additionally saves the dropped ``x``.
+* Precision: the ``[T, r]`` intermediates ``s * x_drop A^T`` and ``s * dy B`` are GEMM outputs in fp32
+  (``out_dtype=float32``) and enter the token-reduction GEMMs of dB / dA as hi + lo bf16 pairs (2r columns,
+  same bytes read), so dA/dB are rounded once. Rounding them to bf16 first (what PEFT/eager does) gives an
+  absolute dA error ~ s sqrt(T) 2^-9 |dy B| |x| that does not shrink with |dA| (H100 test failure; NOTES.md).
+  ``1/(1-p)`` is folded into ``s`` so the dropped ``x`` is ``x * mask``, exact.
 * QLoRA: the NF4 weight is dequantised into a temporary, used by one GEMM and freed at once; backward
   dequantises again (117 MB write + read per 4096 x 14336 projection, ~0.08 ms at 3 TB/s against a 0.6 ms
   GEMM) instead of keeping a bf16 copy alive across the whole forward.
@@ -41,6 +46,44 @@ def _base_weight(weight: torch.Tensor | NF4Tensor, dtype: torch.dtype) -> torch.
     return dequantize_nf4(weight, dtype) if isinstance(weight, NF4Tensor) else weight
 
 
+def _low_precision(dtype: torch.dtype) -> bool:
+    return dtype in (torch.bfloat16, torch.float16)
+
+
+def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` with an fp32 result for bf16/fp16 inputs (cuBLAS accumulates in fp32 anyway: only the output
+    rounding is avoided). CUDA: ``torch.mm(out_dtype=float32)`` (torch >= 2.8), no fp32 copy of the inputs.
+    CPU (tests): upcast, same values. fp32/fp64 inputs: plain ``a @ b``."""
+    if not _low_precision(a.dtype):
+        return a @ b
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
+
+
+def _hi_lo(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fp32 ``[n, r]`` -> ``[n, 2r]`` in ``dtype`` holding ``hi = rn(t)`` and ``lo = rn(t - hi)``.
+
+    ``hi + lo`` equals ``t`` to ~2^-17 (bf16) relative, so a GEMM with this as one operand and an fp32 output is
+    as accurate as an fp32 operand would be, at bf16 GEMM speed (one GEMM with 2r instead of r columns: at
+    r = 16 these GEMMs are bandwidth-bound on the other, [T, in] or [T, out], operand). fp32/fp64: ``t``."""
+    if not _low_precision(dtype):
+        return t.to(dtype)
+    n, r = t.shape
+    out = torch.empty(n, 2 * r, dtype=dtype, device=t.device)
+    out[:, :r].copy_(t)
+    torch.sub(t, out[:, :r], out=out[:, r:])
+    return out
+
+
+def _sum_halves(p: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of :func:`_hi_lo` on a GEMM result: add the hi and lo halves along ``dim`` (fp32), round once."""
+    if not _low_precision(dtype):
+        return p.to(dtype)
+    hi, lo = p.chunk(2, dim)
+    return torch.add(hi, lo, out=torch.empty(hi.shape, dtype=dtype, device=p.device))
+
+
 class LoRALinearFunction(torch.autograd.Function):
     """Autograd wrapper; ``weight`` is passed as a plain object so autograd never tracks it."""
 
@@ -51,36 +94,44 @@ class LoRALinearFunction(torch.autograd.Function):
         w = _base_weight(weight, x2.dtype)
         y = x2 @ w.t() if bias is None else torch.addmm(bias, x2, w.t())
         del w  # NF4: the dequantised copy dies here; backward recomputes it
-        x_drop = x2 * mask / (1.0 - dropout_p) if mask is not None else x2
-        xa = x_drop @ lora_a.t()
-        y.addmm_(xa, lora_b.t(), alpha=scale)
-        ctx.save_for_backward(x2, mask, xa, lora_a, lora_b)
-        ctx.weight, ctx.scale, ctx.dropout_p = weight, scale, dropout_p
+        # 1/(1-p) is folded into the scale: x * mask is exact in any dtype, x * mask / (1-p) would round.
+        s = scale / (1.0 - dropout_p) if mask is not None else scale
+        x_m = x2 * mask if mask is not None else x2
+        xa = _mm_f32(x_m, lora_a.t()).mul_(s)  # [T, r] fp32: s * x_drop A^T
+        del x_m
+        xa_hl = _hi_lo(xa, x2.dtype)  # [T, 2r] (hi, lo); saved for dB instead of a rounded xa
+        y.addmm_(xa_hl[:, : lora_a.shape[0]], lora_b.t())
+        ctx.save_for_backward(x2, mask, xa_hl, lora_a, lora_b)
+        ctx.weight, ctx.scale = weight, s
         ctx.has_bias = bias is not None
         return y
 
     @staticmethod
     def backward(ctx, dy):  # noqa: ANN001, ANN205
-        x2, mask, xa, lora_a, lora_b = ctx.saved_tensors
-        scale, p = ctx.scale, ctx.dropout_p
+        x2, mask, xa_hl, lora_a, lora_b = ctx.saved_tensors
+        s, r, dtype = ctx.scale, lora_a.shape[0], dy.dtype
         dy2 = dy
         need_dx, need_da, need_db, need_dbias = ctx.needs_input_grad[:4]
-        dyb = dy2 @ lora_b if (need_dx or need_da) else None  # [T, r]
         dx = da = db = dbias = None
-        if need_db:
-            db = (dy2.t() @ xa).mul_(scale)
-        if need_da:
-            x_drop = x2 * mask / (1.0 - p) if mask is not None else x2
-            da = (dyb.t() @ x_drop).mul_(scale)
-            del x_drop
-        if need_dx:
-            w = _base_weight(ctx.weight, dy.dtype)
-            dx = dy2 @ w
-            del w
-            if mask is None:
-                dx.addmm_(dyb, lora_a, alpha=scale)
-            else:
-                dx.add_((dyb @ lora_a).mul_(mask).mul_(scale / (1.0 - p)))
+        if need_db:  # dB = dy^T (s xa): reduction over tokens with fp32 output, (s xa) as hi + lo
+            db = _sum_halves(_mm_f32(dy2.t(), xa_hl), 1, dtype)
+        if need_dx or need_da:
+            # s * dy B in fp32, as hi + lo: rounding it to bf16 (rel. 2^-9) before the token reduction of dA
+            # is what failed the bf16 GPU test (see kernels/NOTES.md, "lora_linear bf16 dA").
+            sdyb_hl = _hi_lo(_mm_f32(dy2, lora_b).mul_(s), dtype)  # [T, 2r]
+            if need_da:
+                x_m = x2 * mask if mask is not None else x2
+                da = _sum_halves(_mm_f32(sdyb_hl.t(), x_m), 0, dtype)
+                del x_m
+            if need_dx:
+                w = _base_weight(ctx.weight, dtype)
+                dx = dy2 @ w
+                del w
+                # r-term reduction with O(1/sqrt(in)) weights: the hi part alone is accurate enough here
+                if mask is None:
+                    dx.addmm_(sdyb_hl[:, :r], lora_a)
+                else:
+                    dx.add_((sdyb_hl[:, :r] @ lora_a).mul_(mask))
         if need_dbias and ctx.has_bias:
             dbias = dy2.sum(0)
         return dx, da, db, dbias, None, None, None, None
