@@ -56,9 +56,15 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     CPU (tests): upcast, same values. fp32/fp64 inputs: plain ``a @ b``."""
     if not _low_precision(a.dtype):
         return a @ b
-    if a.is_cuda:
-        return torch.mm(a, b, out_dtype=torch.float32)
+    if a.is_cuda and _MM_OUT_DTYPE[0]:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (RuntimeError, TypeError, NotImplementedError):  # a torch without mm.dtype on CUDA
+            _MM_OUT_DTYPE[0] = False
     return a.float() @ b.float()
+
+
+_MM_OUT_DTYPE = [True]  # flips to False once if this torch lacks the fp32-output matmul (never seen on 2.11)
 
 
 def _hi_lo(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
