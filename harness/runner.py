@@ -145,7 +145,16 @@ def _set_pdeathsig() -> None:
 
 
 def worker_environment(env: envs.EnvSpec) -> dict[str, str]:
+    """The worker's environment variables: ours, the overlay first on PYTHONPATH, offline hubs, no telemetry.
+
+    TRITON_INTERPRET is not passed on: the kernel tests set it for their own process, and a tunebench worker
+    that inherited it would run every op in Triton's CPU interpreter (~100x slower than the PyTorch fallback).
+    Set TUNEBENCH_TRITON_INTERPRET=1 to run workers under the interpreter on purpose.
+    """
     e = dict(os.environ)
+    e.pop("TRITON_INTERPRET", None)
+    if e.get("TUNEBENCH_TRITON_INTERPRET") == "1":
+        e["TRITON_INTERPRET"] = "1"
     # the overlay first (its pins win), then the repository (harness, adapters, kernels)
     paths = env.pythonpath + [str(REPO_ROOT)] + ([e["PYTHONPATH"]] if e.get("PYTHONPATH") else [])
     e.update({"PYTHONPATH": os.pathsep.join(paths), "CUDA_DEVICE_ORDER": "PCI_BUS_ID", "PYTHONUNBUFFERED": "1",

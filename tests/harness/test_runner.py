@@ -145,3 +145,14 @@ def test_classify_crash():
     assert classify_crash(1, "...\ntorch.OutOfMemoryError: CUDA out of memory. Tried")[0] == "oom"
     assert classify_crash(-9, "")[0] == "crashed" and "SIGKILL" in classify_crash(-9, "")[1]
     assert "signal 11" in classify_crash(-11, "")[1]
+
+
+def test_worker_does_not_inherit_the_triton_interpreter(monkeypatch):
+    from harness import envs
+    from harness.runner import worker_environment
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delenv("TUNEBENCH_TRITON_INTERPRET", raising=False)
+    assert "TRITON_INTERPRET" not in worker_environment(envs.resolve("base"))
+    monkeypatch.setenv("TUNEBENCH_TRITON_INTERPRET", "1")
+    assert worker_environment(envs.resolve("base"))["TRITON_INTERPRET"] == "1"
