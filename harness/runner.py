@@ -336,8 +336,11 @@ def _evaluate(sc, work_dir: Path, res: dict, env: envs.EnvSpec) -> dict:
     p = work_dir / "eval_spec.json"
     p.write_text(json.dumps(spec, indent=1))
     out = work_dir / "eval_result.json"
-    proc = subprocess.run([sys.executable, "-m", "harness.evaluate", str(p)], cwd=work_dir,
-                          env=worker_environment(envs.resolve("base")), capture_output=True, text=True,
+    # the `lmeval` environment where one was installed (GPU boxes without lm-eval), else this interpreter
+    ev_env = envs.resolve("lmeval")
+    ev_env = ev_env if ev_env.ready else envs.resolve("base")
+    proc = subprocess.run([ev_env.python, "-m", "harness.evaluate", str(p)], cwd=work_dir,
+                          env=worker_environment(ev_env), capture_output=True, text=True,
                           timeout=sc.measure.timeout_s)
     data = _read_json(out)
     if data is None:
