@@ -8,8 +8,16 @@ import torch
 
 @pytest.fixture(scope="module")
 def one_thread():
-    """Tiny matmuls single-threaded: 2 OpenMP threads on a busy 2-core machine spin ~15 ms per matmul."""
+    """The trainer tests' CPU setup.
+
+    Tiny matmuls single-threaded: 2 OpenMP threads on a busy 2-core machine spin ~15 ms per matmul. And the
+    ops' PyTorch fallback rather than Triton's interpreter: the ops test modules set TRITON_INTERPRET=1 for
+    the whole session when they are collected, which would make every trainer test run each kernel in the
+    interpreter (minutes instead of seconds); the ops themselves are tested under the interpreter there.
+    """
     n = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "0")
+        yield
     torch.set_num_threads(n)
