@@ -20,7 +20,6 @@ import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import yaml
 
@@ -43,35 +42,29 @@ def planned_keys(sc) -> list[tuple[str, int]]:
     return [(fw.key, r) for r in range(sc.measure.repeats) for fw in sc.frameworks]
 
 
+def newest_sweep(sc, results_root: Path) -> Path | None:
+    """The newest stored sweep of this exact scenario (same hash), complete or not."""
+    h = sc.content_hash()
+    cands = []
+    for d in Path(results_root).glob(f"{sc.name}-*"):
+        meta = _read_json(d / "sweep.json")
+        if meta and meta.get("scenario_hash") == h:
+            cands.append((meta.get("created", ""), d))
+    return max(cands)[1] if cands else None
+
+
 def find_resumable(sc, results_root: Path, wanted: list[str] | None = None) -> Path | None:
     """The newest sweep of this exact scenario (same hash) if it lacks any of the ``wanted`` run keys.
 
     ``wanted`` defaults to every (framework, repeat) of the scenario. A sweep that has them all is finished:
     the next ``run`` starts a new one (stored runs are never redone).
     """
-    h = sc.content_hash()
-    wanted = wanted if wanted is not None else [results.run_key(f, r) for f, r in planned_keys(sc)]
-    cands = []
-    for d in results_root.glob(f"{sc.name}-*"):
-        plan = d / "sweep.json"
-        if plan.exists():
-            meta = json.loads(plan.read_text())
-            if meta.get("scenario_hash") == h:
-                cands.append((meta.get("created", ""), d, meta))
-    if not cands:
+    d = newest_sweep(sc, results_root)
+    if d is None:
         return None
-    _, d, meta = max(cands, key=lambda c: c[0])
+    wanted = wanted if wanted is not None else [results.run_key(f, r) for f, r in planned_keys(sc)]
     done = {p.stem for p in (d / "runs").glob("*.json")}
     return d if set(wanted) - done else None
-
-
-def newest_sweep(sc, results_root: Path) -> Path | None:
-    """The newest stored sweep of this exact scenario (same hash), complete or not."""
-    h = sc.content_hash()
-    cands = [(json.loads((d / "sweep.json").read_text()).get("created", ""), d)
-             for d in results_root.glob(f"{sc.name}-*") if (d / "sweep.json").exists()
-             and json.loads((d / "sweep.json").read_text()).get("scenario_hash") == h]
-    return max(cands)[1] if cands else None
 
 
 def _extend_plan(d: Path, keys: list[str]) -> None:
@@ -400,7 +393,3 @@ def run_sweep(sc, results_root: Path, reports_root: Path | None, new: bool = Fal
 
         report.write_report(sweep_dir, Path(reports_root) / sweep_dir.name)
     return sweep_dir
-
-
-def load_result(sweep_dir: Path, framework: str, repeat: int) -> dict[str, Any] | None:
-    return _read_json(Path(sweep_dir) / "runs" / f"{results.run_key(framework, repeat)}.json")

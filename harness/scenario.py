@@ -396,9 +396,6 @@ def _cross_checks(sc: Scenario, lines: dict, source: str) -> list[str]:
             bad(("frameworks", i), f"{fw.name} cannot run this scenario: {why}")
     if not sc.frameworks:
         bad(("frameworks",), "name at least one framework")
-    if sc.measure.baseline not in seen and sc.frameworks:
-        # not fatal for running; speed-ups are then relative to the first framework
-        pass
     return out
 
 
