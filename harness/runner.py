@@ -393,3 +393,8 @@ def run_sweep(sc, results_root: Path, reports_root: Path | None, new: bool = Fal
 
         report.write_report(sweep_dir, Path(reports_root) / sweep_dir.name)
     return sweep_dir
+
+
+def load_result(sweep_dir: Path, framework: str, repeat: int) -> dict | None:
+    """One stored run of a sweep (the JSON of runs/<framework>-r<repeat>.json), or None if it is missing."""
+    return _read_json(Path(sweep_dir) / "runs" / f"{results.run_key(framework, repeat)}.json")
