@@ -4,10 +4,11 @@
 # The device syncs its copy of the repository with yours at every call, deleting result directories it
 # does not have here: everything stored is packed into $OUT/results.tgz at the end of each call.
 # Order: r0 of every framework on both 8B scenarios first (so a short lease still yields a full table),
-# then the extra repeats of hf and tunebench, then the GPU quality scenario.
+# then the extra repeats of hf and tunebench, then the GPU quality scenario, then (time left) a rerun of the
+# per-op micro-benchmarks of the ops changed since the last one (rms_norm backward grid, lora_linear precision).
 source scripts/gpu_setup.sh
 end=$(( $(date +%s) + ${1:-540} ))
-for b in base trl unsloth llamafactory axolotl lmeval; do
+for b in base trl unsloth llamafactory axolotl litgpt lmeval; do
   [ -f .bundles/$b.tar.xz ] && python3 -m harness env install .bundles/$b.tar.xz >/dev/null 2>&1 || echo "bundle $b: not installed"
 done
 step() {  # run one harness command with what is left of the deadline (SIGINT: the runner stops cleanly)
@@ -19,5 +20,11 @@ step scenarios/llama8b_qlora.yaml --repeats 1 ;
 step scenarios/llama8b_lora.yaml --only hf tunebench --repeats 3 ;
 step scenarios/llama8b_qlora.yaml --only hf tunebench --repeats 3 ;
 step scenarios/quality_gpu.yaml  # evaluates with the lmeval bundle (not yet tried on the box)
+left=$(( end - $(date +%s) ))
+if [ $left -gt 90 ] && [ ! -f results/kernels_bench_h100-rerun/bench_ops.md ]; then
+  mkdir -p results/kernels_bench_h100-rerun
+  timeout $(( left - 30 )) python3 -m kernels.bench.bench_ops --out results/kernels_bench_h100-rerun/bench_ops \
+    --ops rms_norm lora_linear 2>&1 | tail -20
+fi
 [ -n "${OUT:-}" ] && tar czf "$OUT/results.tgz" results
 exit 0

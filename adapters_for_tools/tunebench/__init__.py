@@ -1,6 +1,7 @@
 """tunebench: our own trainer (``kernels/trainer``) on the Triton ops of ``kernels/ops``.
 
 ``overrides`` understood (trainer knobs, recorded in the run's ``extra``; see kernels/trainer/README.md):
+``recompute_layers: N`` (selective recomputation: N evenly spread layers recompute, the others keep activations),
 ``offload_checkpoints: true`` (checkpointed layer inputs in pinned host memory), ``offload_weights: N``
 (frozen bf16 base weights of N decoder layers streamed from pinned host memory; -1 = all),
 ``offload_embeddings: true`` / ``offload_lm_head: true`` (frozen, untied tables on the host),

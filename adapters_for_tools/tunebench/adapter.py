@@ -23,8 +23,8 @@ import time
 from harness.data import load_tokenised
 from harness.effective import read_back_optimizer
 
-KNOBS = {"offload_checkpoints": bool, "offload_weights": int, "offload_embeddings": bool, "offload_lm_head": bool,
-         "fused_ce_chunk": int, "lora_dtype": str}
+KNOBS = {"recompute_layers": int, "offload_checkpoints": bool, "offload_weights": int, "offload_embeddings": bool,
+         "offload_lm_head": bool, "fused_ce_chunk": int, "lora_dtype": str}
 
 
 def method_options(sc, overrides: dict):  # noqa: ANN001, ANN201
@@ -47,6 +47,7 @@ def method_options(sc, overrides: dict):  # noqa: ANN001, ANN201
         double_quant=bool(m.quant.double_quant) if m.quant else True,
         lora_dtype=lora_dtype,
         gradient_checkpointing=sc.train.gradient_checkpointing,
+        recompute_layers=int(overrides.get("recompute_layers", -1)),
         offload_checkpoints=bool(overrides.get("offload_checkpoints", False)),
         offload_weights=int(overrides.get("offload_weights", 0)),
         offload_embeddings=bool(overrides.get("offload_embeddings", False)),
@@ -91,6 +92,9 @@ def run(ctx) -> None:  # noqa: ANN001
     ctx.save_native_config("tunebench_trainer.json", json.dumps(trainer_cfg, indent=1, default=str))
     ctx.extra["trainer"] = {"overrides": dict(ctx.overrides), "ops": trainer_cfg["ops"],
                             "streamed_layers": model.streamer.layer_ids if model.streamer else [],
+                            "recomputed_layers": (sorted(model.checkpointed_layers)
+                                                  if model.checkpointed_layers is not None
+                                                  else "all" if options.gradient_checkpointing else []),
                             "host_weight_gib": _host_bytes(model) / 2**30}
 
     def on_first_step(opt) -> None:  # noqa: ANN001

@@ -64,6 +64,9 @@ def run(ctx) -> None:
         model = FastLanguageModel.get_peft_model(model, **cfg["get_peft_model"])
     ctx.load_s = time.time() - t0
     dataset = load_dataset("json", data_files=str(data_file), split="train")
+    note = us_config.bos_note(tok, dataset[0])
+    if note:
+        ctx.extra["differences"] = [*ctx.extra.get("differences", []), note]
     args = SFTConfig(**cfg["sft"])
     ctx.save_native_config("sft_config.json", json.dumps(args.to_dict(), indent=1, default=str))
     ctx.native_config = str(path)
@@ -79,3 +82,4 @@ def run(ctx) -> None:
     trainer.save_model(str(ctx.output_dir))
     tok.save_pretrained(str(ctx.output_dir))
     ctx.extra["saved"] = "peft adapter" if sc.method.is_peft else "hf checkpoint"
+

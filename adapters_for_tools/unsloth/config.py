@@ -69,3 +69,17 @@ def cannot_honour(sc) -> list[tuple[str, str]]:
     if sc.method.kind == "qlora" and sc.method.quant.quant_type != "nf4":
         out.append(("method.quant.quant_type", "Unsloth loads 4-bit weights as nf4 only"))
     return out
+
+
+def bos_note(tok, first_row: dict) -> str | None:  # noqa: ANN001
+    """Unsloth's SFTTrainer tokenises with ``add_special_tokens=False`` unless the first sample already starts with
+    the BOS text (unsloth/models/rl_replacements.py, the ``has_bos_token_already`` check): on plain text our
+    tokenizer's BOS is then not added and every sample is one token shorter than in the other frameworks (2047
+    of 2048 in the 8B scenarios). Tokens are counted by the harness, so tokens/s stays comparable; the note says so.
+    """
+    text = first_row.get("text") or (first_row.get("prompt", "") if isinstance(first_row.get("prompt"), str) else "")
+    bos = getattr(tok, "bos_token", None)
+    if not bos or text.startswith(bos):
+        return None
+    return (f"Unsloth tokenises without special tokens when the text does not start with {bos!r}: samples lack the "
+            "BOS the other frameworks add (one token shorter; tokens/s counts the tokens actually trained)")

@@ -137,7 +137,11 @@ def row_settings(n_cols: int) -> tuple[int, int]:
     return block, num_warps
 
 
-def num_programs(device: torch.device, n_rows: int) -> int:
-    """Persistent-grid size: one program per SM on CUDA; a few on the CPU interpreter (each is a Python loop)."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    return max(1, min(sms, n_rows))
+def num_programs(device: torch.device, n_rows: int, per_sm: int = 1) -> int:
+    """Persistent-grid size: ``per_sm`` programs per SM on CUDA; a few on the CPU interpreter (each a Python loop).
+
+    ``per_sm`` > 1 keeps more rows' loads in flight per SM when each program walks its rows one after another
+    (one program per SM left the RMSNorm backward latency-bound on the H100: kernels/NOTES.md).
+    """
+    progs = torch.cuda.get_device_properties(device).multi_processor_count * per_sm if device.type == "cuda" else 4
+    return max(1, min(progs, n_rows))

@@ -18,6 +18,8 @@ import triton.language as tl
 
 from kernels.ops._utils import num_programs, row_settings, runnable, use_triton
 
+BWD_PROGRAMS_PER_SM = 8
+
 
 @triton.jit
 def _rms_norm_fwd_kernel(
@@ -133,7 +135,9 @@ def rms_norm_backward(
     """Launch the backward kernel on 2-D tensors. Returns ``(dx, dw)``; ``dx`` includes ``dres`` when given."""
     n_rows, n_cols = h.shape
     block, num_warps = row_settings(n_cols)
-    n_prog = num_programs(h.device, n_rows)
+    # 8 programs per SM: [8 x 132, N] fp32 dw partials (17 MB at N = 4096) against one program per SM, whose
+    # serial row walk kept too few loads in flight (0.54 ms measured for a 45 us floor, kernels/NOTES.md)
+    n_prog = num_programs(h.device, n_rows, per_sm=BWD_PROGRAMS_PER_SM)
     rows_per_program = triton.cdiv(n_rows, n_prog)
     dx = torch.empty_like(h)
     dw_partial = torch.empty((n_prog, n_cols), dtype=torch.float32, device=h.device)

@@ -147,6 +147,18 @@ def test_unsloth_big(big, tiny, tmp_path):
     assert native_config(tiny, tmp_path, "/ckpt", tmp_path / "d.jsonl")["from_pretrained"]["load_in_4bit"] is False
 
 
+def test_unsloth_missing_bos_is_noted():
+    """Unsloth drops the tokenizer's BOS on plain text that lacks it (its has_bos_token_already check): noted."""
+    from adapters_for_tools.unsloth.config import bos_note
+    from harness.models import build_tokenizer
+
+    tok = build_tokenizer(512)
+    assert tok("ab")["input_ids"][0] == tok.bos_token_id  # the other frameworks get a BOS first
+    assert "one token shorter" in bos_note(tok, {"text": "ab"})
+    assert bos_note(tok, {"text": tok.bos_token + "ab"}) is None
+    assert "one token shorter" in bos_note(tok, {"prompt": "q", "completion": "a"})
+
+
 def test_capabilities_declared():
     from adapters_for_tools import registry
 

@@ -27,7 +27,8 @@ def test_worker_run_is_valid(tmp_path, monkeypatch, kind, packing, offload):  # 
     from harness.worker import run_spec
 
     monkeypatch.setenv("TUNEBENCH_CACHE", str(tmp_path / "cache"))
-    more = ", offload_weights: 1, offload_embeddings: true, offload_lm_head: true" if kind == "lora" else ""
+    more = (", offload_weights: 1, offload_embeddings: true, offload_lm_head: true" if kind == "lora"
+            else ", recompute_layers: 1")
     sc = parse_scenario(SCENARIO.format(kind=kind, packing=str(packing).lower(), offload=str(offload).lower(),
                                         more=more))
     prepared = prepare(sc, tmp_path / "data")
@@ -54,5 +55,6 @@ def test_worker_run_is_valid(tmp_path, monkeypatch, kind, packing, offload):  # 
         assert max(st["max_sample_len"] for st in res["steps"]) <= 48
     assert res["extra"]["trainer"]["overrides"] == sc.frameworks[0].overrides
     assert res["extra"]["trainer"]["streamed_layers"] == ([0] if kind == "lora" else [])
+    assert res["extra"]["trainer"]["recomputed_layers"] == ("all" if kind == "lora" else [0])
     losses = [s["loss"] for s in res["steps"]]
     assert len(losses) == 3 and all(loss is not None and 0 < loss < 10 for loss in losses)

@@ -125,6 +125,8 @@ CKPT_VARIANTS = {
     "offload-inputs": {"offload_checkpoints": True},
     "stream-weights": {"offload_weights": 1, "offload_embeddings": True, "offload_lm_head": True},
     "stream-all": {"offload_weights": -1, "offload_checkpoints": True},
+    "recompute-some": {"recompute_layers": 1},
+    "recompute-streamed": {"recompute_layers": 1, "offload_weights": 1, "offload_checkpoints": True},
 }
 
 
@@ -141,15 +143,42 @@ def test_checkpointing_and_offload_give_same_gradients(checkpoints, variant, kin
         model = load_model(ckpt, opts, dtype=torch.float32, device="cpu")
         if mode == "stream-weights":
             assert model.streamer is not None and model.streamer.layer_ids == [0]
+        calls = [0] * len(model.model.layers)
+        for i, layer in enumerate(model.model.layers):
+            layer.register_forward_pre_hook(lambda *_, i=i, c=calls: c.__setitem__(i, c[i] + 1))
         for _, mod in model.linears():  # non-zero B so every LoRA parameter gets a gradient
             torch.nn.init.normal_(mod.lora_B, std=0.02)
         ids = _ids(2, (2, 21))
         torch.manual_seed(1)  # same dropout masks in both modes (checkpointing replays the RNG state)
         model(ids, labels=ids).backward()
         grads[mode] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        recomputed = {i for i, c in enumerate(calls) if c == 2}
+        assert set(calls) <= {1, 2}
+        want = set(range(len(calls))) if mode != "plain" else set()
+        if "recompute_layers" in knobs:
+            want = {0}  # streamed layer 0 / the evenly spread pick of 1 of 2 layers
+        assert recomputed == want, (mode, calls)
     assert grads["plain"].keys() == grads[variant].keys()
     for n in grads["plain"]:
         torch.testing.assert_close(grads[variant][n], grads["plain"][n], atol=1e-6, rtol=1e-5, msg=n)
+
+
+def test_selective_recomputation_choice():
+    from kernels.trainer.model import checkpointed_layer_ids
+
+    def ids(**kw):  # noqa: ANN003, ANN202
+        return checkpointed_layer_ids(32, MethodOptions(kind="lora", **kw))
+
+    assert ids() is None and ids(recompute_layers=32) is None  # all: the plain path
+    assert ids(recompute_layers=8, gradient_checkpointing=False) is None
+    assert ids(recompute_layers=8) == frozenset(range(0, 32, 4))
+    # streamed layers (every other one) always recompute; the rest fill up to the count
+    got = ids(recompute_layers=20, offload_weights=16)
+    assert len(got) == 20 and set(range(0, 32, 2)) <= got
+    with pytest.raises(ValueError, match="fewer than the 16 layers"):
+        ids(recompute_layers=8, offload_weights=16)
+    with pytest.raises(ValueError, match="switch gradient checkpointing off"):
+        ids(recompute_layers=0)
 
 
 def test_streamed_layers_are_spread():
