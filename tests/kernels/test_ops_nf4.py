@@ -7,6 +7,7 @@ import torch  # noqa: E402
 
 from kernels.ops.nf4 import (  # noqa: E402
     NF4_CODE,
+    NF4Tensor,
     create_dynamic_map,
     decode_absmax,
     dequantize_nf4,
@@ -111,3 +112,32 @@ def test_dynamic_map_matches_bitsandbytes_properties():
     assert m.max().item() == 1.0 and (m == 0).sum() == 1
     assert abs(m.min().item() + 0.99296875) < 1e-6
     assert abs(m[m > 0].min().item() - 5.5e-7) < 1e-9
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (96, 320), (300, 257)])
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_same_bytes_as_bitsandbytes_and_wraps_its_tensors(shape, double_quant):
+    """Bit-for-bit against bitsandbytes' own quantize_4bit/dequantize_4bit (its CPU build, no GPU needed).
+
+    Our quantiser writes the very bytes bnb writes (packed nibbles, 8-bit absmax indices, second-level scales and
+    offset), and ``NF4Tensor.from_bnb`` wraps bnb's payload so that our kernel decodes it exactly as bnb does.
+    """
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    w = (torch.randn(shape, generator=torch.Generator().manual_seed(1)) * 0.03).to(torch.bfloat16)
+    packed, st = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=double_quant)
+    ours = quantize_nf4(w, double_quant=double_quant)
+    assert torch.equal(ours.packed.cpu(), packed)
+    if double_quant:
+        assert torch.equal(ours.absmax_q.cpu(), st.absmax)
+        assert torch.equal(ours.absmax_scale.cpu(), st.state2.absmax)
+        torch.testing.assert_close(ours.offset.cpu(), st.offset.reshape(1).float(), rtol=0, atol=0)
+        assert torch.equal(ours.absmax_code.cpu(), st.state2.code.float())
+    else:
+        assert torch.equal(ours.absmax.cpu(), st.absmax.float())
+    assert torch.equal(ours.code.cpu(), st.code.float())
+    wrapped = NF4Tensor.from_bnb(packed, st)
+    want = bnbf.dequantize_4bit(packed, st)  # bf16, bnb's CPU kernel
+    for q in (wrapped, ours):
+        got = dequantize_nf4(q.to(DEVICE), torch.float32).cpu()
+        # bnb rounds absmax * code once to bf16; we compute in fp32: equal after that same rounding
+        assert torch.equal(got.to(torch.bfloat16), want), (got.to(torch.bfloat16) - want).abs().max()
