@@ -13,6 +13,9 @@ tensors of a bnb-quantised checkpoint can be wrapped without re-quantising, see 
   blocks of 256, each stores ``absmax_scale`` (its max |.|, fp32) and per entry an 8-bit index into bnb's
   signed dynamic-exponent code :func:`create_dynamic_map` (256 values in [-1, 1]).
   Decoding: ``absmax = absmax_code[absmax_q] * absmax_scale[block // 256] + offset``.
+  ``absmax_q`` is the exact nearest code; bitsandbytes' binary search (CPU build, checked in the tests) sometimes
+  takes its neighbour, so a bnb-quantised weight can differ from ours in a rare 8-bit absmax index (one block's
+  scale, < 1e-4 relative) while every 4-bit nibble is the same.
   bnb names: ``quant_state.absmax`` = our ``absmax_q``, ``quant_state.offset``, ``state2.absmax`` =
   ``absmax_scale``, ``state2.code`` = ``absmax_code``, ``quant_state.code`` = :data:`NF4_CODE`.
 
@@ -144,6 +147,41 @@ class NF4Tensor:
             dtype=quant_state.dtype,
             blocksize=quant_state.blocksize,
             absmax_blocksize=state2.blocksize if nested else 256,
+        )
+
+    BNB_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4")
+
+    @classmethod
+    def from_bnb_serialized(cls, packed: torch.Tensor, parts: dict[str, torch.Tensor],
+                            dtype: torch.dtype | None = None) -> NF4Tensor:
+        """Wrap a weight as transformers saves a bitsandbytes 4-bit model (no bitsandbytes import needed).
+
+        A saved ``Linear4bit`` weight ``X.weight`` (uint8 ``[n / 2, 1]``) comes with ``X.weight.<suffix>`` tensors
+        for the suffixes in :attr:`BNB_SUFFIXES`; the last one is the quant state's JSON as uint8 bytes
+        (``quant_type``, ``blocksize``, ``dtype``, ``shape``, and with double quantisation ``nested_blocksize``,
+        ``nested_offset``). ``parts`` maps suffix -> tensor. ``dtype`` overrides the stored original dtype
+        (the dequantisation dtype).
+        """
+        import json
+
+        meta = json.loads(bytes(parts["quant_state.bitsandbytes__nf4"].tolist()).decode())
+        if meta.get("quant_type") != "nf4":
+            raise ValueError(f"only nf4 4-bit weights are supported, got {meta.get('quant_type')!r}")
+        nested = "nested_absmax" in parts
+        stored = getattr(torch, str(meta.get("dtype", "bfloat16")).removeprefix("torch."))
+        dev = packed.device
+        return cls(
+            packed=packed.reshape(-1, 1),
+            absmax_q=parts["absmax"] if nested else None,
+            absmax=None if nested else parts["absmax"].float(),
+            absmax_code=parts["nested_quant_map"].float() if nested else None,
+            absmax_scale=parts["nested_absmax"].float() if nested else None,
+            offset=torch.tensor([float(meta["nested_offset"])], dtype=torch.float32, device=dev) if nested else None,
+            code=parts["quant_map"].float(),
+            shape=torch.Size(meta["shape"]),
+            dtype=dtype or stored,
+            blocksize=int(meta["blocksize"]),
+            absmax_blocksize=int(meta.get("nested_blocksize", 256)),
         )
 
 

@@ -742,6 +742,10 @@ def load_model(checkpoint: str | Path, options: MethodOptions, dtype: torch.dtyp
     the host; QLoRA projections are quantised as they arrive. So loading never needs more device memory than
     training: a 4-bit 8B model never holds its bf16 weights at once, and streamed layers never touch the GPU.
 
+    A checkpoint saved by transformers with bitsandbytes 4-bit nf4 weights (``quantization_config`` in
+    ``config.json``, e.g. the ``*-bnb-4bit`` uploads) is read as it is: its packed weights and quant states become
+    :class:`NF4Tensor` s without re-quantising (QLoRA only; bitsandbytes itself is not needed).
+
     Args:
         checkpoint: directory with ``config.json`` and safetensors (what ``AutoModelForCausalLM`` loads).
         options: method and trainer knobs.
@@ -760,6 +764,10 @@ def load_model(checkpoint: str | Path, options: MethodOptions, dtype: torch.dtyp
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     quantize = options.kind == "qlora"
+    prequantized = _bnb_4bit(checkpoint)
+    if prequantized and not quantize:
+        raise ValueError(f"{checkpoint}: a bitsandbytes 4-bit checkpoint trains with method qlora only "
+                         f"(got {options.kind!r})")
     model = DecoderModel(cfg, dtype, torch.device("meta"))
     targets = dict(model.named_parameters())
     linears = dict(model.linears())
@@ -768,13 +776,21 @@ def load_model(checkpoint: str | Path, options: MethodOptions, dtype: torch.dtyp
     for f in _safetensors_files(checkpoint):
         with safe_open(str(f), framework="pt", device="cpu") as st_host, \
                 safe_open(str(f), framework="pt", device=str(device)) as st_dev:
-            for key in st_dev.keys():
+            keys = set(st_dev.keys())
+            for key in sorted(keys):
                 if key == "lm_head.weight" and model.lm_head is None:
                     continue  # tied: some files carry the duplicate
+                if prequantized and any(key.endswith(".weight." + sfx) for sfx in NF4Tensor.BNB_SUFFIXES):
+                    continue  # a 4-bit weight's quant state: read with its weight below
                 if key not in targets:
                     raise KeyError(f"{f.name}: unexpected tensor {key!r} for {cfg.model_type}")
                 mod_name, _, leaf = key.rpartition(".")
-                if quantize and leaf == "weight" and mod_name in linears:
+                if prequantized and leaf == "weight" and f"{key}.quant_state.bitsandbytes__nf4" in keys:
+                    parts = {sfx: st_dev.get_tensor(f"{key}.{sfx}") for sfx in NF4Tensor.BNB_SUFFIXES
+                             if f"{key}.{sfx}" in keys}
+                    linears[mod_name].qweight = NF4Tensor.from_bnb_serialized(st_dev.get_tensor(key), parts, dtype)
+                    linears[mod_name].weight = None
+                elif quantize and leaf == "weight" and mod_name in linears:
                     w = st_dev.get_tensor(key).to(dtype)
                     linears[mod_name].qweight = quantize_nf4(w, double_quant=options.double_quant)
                     linears[mod_name].weight = None
@@ -790,6 +806,16 @@ def load_model(checkpoint: str | Path, options: MethodOptions, dtype: torch.dtyp
     model.compute_device = device
     apply_method(model, options, seed)
     return model
+
+
+def _bnb_4bit(checkpoint: Path) -> bool:
+    """Whether ``config.json`` says the checkpoint holds bitsandbytes 4-bit weights (saved by transformers)."""
+    q = json.loads((checkpoint / "config.json").read_text()).get("quantization_config") or {}
+    if q.get("quant_method") != "bitsandbytes":
+        return False
+    if q.get("load_in_8bit") or q.get("_load_in_8bit"):
+        raise NotImplementedError(f"{checkpoint}: bitsandbytes 8-bit checkpoints are not supported (4-bit nf4 only)")
+    return bool(q.get("load_in_4bit") or q.get("_load_in_4bit"))
 
 
 def _host_tensors(cfg: DecoderConfig, o: MethodOptions) -> set[str]:

@@ -102,6 +102,43 @@ def test_qlora_matches_dequantised_base(checkpoints):  # noqa: ANN001
     assert all(mod.weight is None for _, mod in ours.linears())  # no dense copy kept
 
 
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_loads_a_bitsandbytes_4bit_checkpoint(checkpoints, tmp_path, double_quant):  # noqa: ANN001
+    """A checkpoint transformers saved with bitsandbytes 4-bit weights (bnb's CPU build) trains as QLoRA as is.
+
+    Our model reads bnb's bytes, so it computes transformers' bnb model's function (same dequantised weights,
+    float32 matmuls in another order). Against quantising the dense checkpoint ourselves: the same 4-bit
+    nibbles; the rare double-quantised absmax index where bnb's search picks a neighbour of the nearest code
+    (tests/kernels/test_ops_nf4.py) moves a block's scale by < 1e-4 relative.
+    """
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    dense = checkpoints["tiny-llama"]
+    cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
+                             bnb_4bit_compute_dtype=torch.float32)
+    hf4 = AutoModelForCausalLM.from_pretrained(dense, quantization_config=cfg, device_map="cpu", dtype=torch.float32)
+    hf4.save_pretrained(tmp_path / "bnb4")
+    opts = MethodOptions(kind="qlora", lora_r=4, double_quant=double_quant)
+    ours = load_model(tmp_path / "bnb4", opts, dtype=torch.float32, device="cpu").eval()
+    ref = load_model(dense, opts, dtype=torch.float32, device="cpu").eval()
+    for (name, mod), (_, mref) in zip(ours.linears(), ref.linears(), strict=True):
+        assert mod.weight is None and mod.qweight.shape == mref.qweight.shape, name
+        assert torch.equal(mod.qweight.packed, mref.qweight.packed), name
+        torch.testing.assert_close(dequantize_nf4(mod.qweight, torch.float32),
+                                   dequantize_nf4(mref.qweight, torch.float32), rtol=1e-4, atol=0)
+        bnb_w = hf4.get_submodule(name).weight
+        torch.testing.assert_close(dequantize_nf4(mod.qweight, torch.float32),
+                                   bnbf.dequantize_4bit(bnb_w.data, bnb_w.quant_state).float(), rtol=0, atol=0)
+    ids = _ids(2)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), hf4.eval()(input_ids=ids).logits, atol=ATOL, rtol=0)
+        torch.testing.assert_close(ours(ids), ref(ids), atol=1e-3, rtol=0)
+    assert ours.train().effective_settings()["double_quant"] is double_quant
+    with pytest.raises(ValueError, match="qlora only"):
+        load_model(tmp_path / "bnb4", MethodOptions(kind="lora"), dtype=torch.float32, device="cpu")
+
+
 def test_effective_settings_read_back(checkpoints):  # noqa: ANN001
     ours = load_model(checkpoints["tiny-mistral"], MethodOptions(kind="lora", lora_r=8, lora_alpha=16,
                                                                  target_modules=("q_proj", "v_proj")),
