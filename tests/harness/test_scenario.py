@@ -108,6 +108,18 @@ def test_quant_only_for_qlora():
     assert "quant` applies to qlora only" in msg
 
 
+def test_prequantized_checkpoint_needs_qlora(tmp_path):
+    ckpt = tmp_path / "llama-bnb-4bit"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text('{"model_type": "llama", "quantization_config": '
+                                      '{"quant_method": "bitsandbytes", "load_in_4bit": true}}')
+    text = GOOD.replace("  preset: tiny-llama\n", f"  weights: {ckpt}\n")
+    msg = _err(text)
+    assert "s.yaml:7: method.kind: lora: the checkpoint in model.weights is bitsandbytes-quantised (4-bit)" in msg
+    (ckpt / "config.json").write_text('{"model_type": "llama"}')
+    parse_scenario(text, "s.yaml")  # a plain local checkpoint trains with lora
+
+
 def test_cli_validate_exit_codes(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(GOOD.replace("steps: 4", "steps: 4\n  stepz: 3"))
