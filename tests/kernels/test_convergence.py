@@ -179,7 +179,7 @@ def test_right_padding_needs_no_mask(ckpt):  # noqa: ANN001
             torch.nn.init.normal_(mod.lora_B, std=0.02)
         loss = _loss_sum(model, samples) if batched else sum(_loss_sum(model, [s]) for s in samples)
         loss.backward()
-        grads.append((float(loss), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+        grads.append((float(loss.detach()), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
     assert grads[0][0] == pytest.approx(grads[1][0], abs=1e-4)
     for a, b in zip(grads[0][1], grads[1][1], strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
