@@ -772,23 +772,23 @@ def load_model(checkpoint: str | Path, options: MethodOptions, dtype: torch.dtyp
     targets = dict(model.named_parameters())
     linears = dict(model.linears())
     on_host = _host_tensors(cfg, options) if device.type == "cuda" else set()
+    files = _safetensors_files(checkpoint)
+    bnb_parts = _bnb_quant_states(files, device) if prequantized else {}
     seen = set()
-    for f in _safetensors_files(checkpoint):
+    for f in files:
         with safe_open(str(f), framework="pt", device="cpu") as st_host, \
                 safe_open(str(f), framework="pt", device=str(device)) as st_dev:
-            keys = set(st_dev.keys())
-            for key in sorted(keys):
+            for key in st_dev.keys():
                 if key == "lm_head.weight" and model.lm_head is None:
                     continue  # tied: some files carry the duplicate
-                if prequantized and any(key.endswith(".weight." + sfx) for sfx in NF4Tensor.BNB_SUFFIXES):
+                if _bnb_part(key):
                     continue  # a 4-bit weight's quant state: read with its weight below
                 if key not in targets:
                     raise KeyError(f"{f.name}: unexpected tensor {key!r} for {cfg.model_type}")
                 mod_name, _, leaf = key.rpartition(".")
-                if prequantized and leaf == "weight" and f"{key}.quant_state.bitsandbytes__nf4" in keys:
-                    parts = {sfx: st_dev.get_tensor(f"{key}.{sfx}") for sfx in NF4Tensor.BNB_SUFFIXES
-                             if f"{key}.{sfx}" in keys}
-                    linears[mod_name].qweight = NF4Tensor.from_bnb_serialized(st_dev.get_tensor(key), parts, dtype)
+                if key in bnb_parts:
+                    linears[mod_name].qweight = NF4Tensor.from_bnb_serialized(st_dev.get_tensor(key), bnb_parts[key],
+                                                                              dtype)
                     linears[mod_name].weight = None
                 elif quantize and leaf == "weight" and mod_name in linears:
                     w = st_dev.get_tensor(key).to(dtype)
@@ -816,6 +816,25 @@ def _bnb_4bit(checkpoint: Path) -> bool:
     if q.get("load_in_8bit") or q.get("_load_in_8bit"):
         raise NotImplementedError(f"{checkpoint}: bitsandbytes 8-bit checkpoints are not supported (4-bit nf4 only)")
     return bool(q.get("load_in_4bit") or q.get("_load_in_4bit"))
+
+
+def _bnb_part(key: str) -> str | None:
+    """The suffix if ``key`` is one of the quant-state tensors saved beside a bitsandbytes 4-bit weight."""
+    return next((sfx for sfx in NF4Tensor.BNB_SUFFIXES if key.endswith(".weight." + sfx)), None)
+
+
+def _bnb_quant_states(files: list[Path], device: torch.device) -> dict[str, dict[str, torch.Tensor]]:
+    """``{weight key: {suffix: tensor}}`` of every 4-bit weight's quant state, from any shard (they are small)."""
+    from safetensors import safe_open
+
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt", device=str(device)) as st:
+            for key in st.keys():
+                sfx = _bnb_part(key)
+                if sfx:
+                    out.setdefault(key[: -len(sfx) - 1], {})[sfx] = st.get_tensor(key)
+    return out
 
 
 def _host_tensors(cfg: DecoderConfig, o: MethodOptions) -> set[str]:
