@@ -41,6 +41,14 @@ def run(ctx) -> None:
         write_jsonl(rows, data_file)
         if notes:
             ctx.extra["differences"] = notes
+    from transformers import AutoTokenizer
+
+    rows, changed = us_config.with_bos(read_jsonl(data_file), AutoTokenizer.from_pretrained(ctx.checkpoint).bos_token)
+    if changed:
+        data_file = ctx.work_dir / "unsloth_dataset_bos.jsonl"
+        write_jsonl(rows, data_file)
+        ctx.extra["data"] = ("BOS text written at the start of every sample: Unsloth tokenises without special "
+                             "tokens unless the text starts with it; so it trains the same token ids as the others")
     for setting, why in us_config.cannot_honour(sc):
         ctx.cannot_honour(setting, why)
     cfg = us_config.native_config(sc, ctx.work_dir, ctx.checkpoint, data_file)
@@ -64,9 +72,6 @@ def run(ctx) -> None:
         model = FastLanguageModel.get_peft_model(model, **cfg["get_peft_model"])
     ctx.load_s = time.time() - t0
     dataset = load_dataset("json", data_files=str(data_file), split="train")
-    note = us_config.bos_note(tok, dataset[0])
-    if note:
-        ctx.extra["differences"] = [*ctx.extra.get("differences", []), note]
     args = SFTConfig(**cfg["sft"])
     ctx.save_native_config("sft_config.json", json.dumps(args.to_dict(), indent=1, default=str))
     ctx.native_config = str(path)

@@ -71,15 +71,19 @@ def cannot_honour(sc) -> list[tuple[str, str]]:
     return out
 
 
-def bos_note(tok, first_row: dict) -> str | None:  # noqa: ANN001
-    """Unsloth's SFTTrainer tokenises with ``add_special_tokens=False`` unless the first sample already starts with
-    the BOS text (unsloth/models/rl_replacements.py, the ``has_bos_token_already`` check): on plain text our
-    tokenizer's BOS is then not added and every sample is one token shorter than in the other frameworks (2047
-    of 2048 in the 8B scenarios). Tokens are counted by the harness, so tokens/s stays comparable; the note says so.
+
+def with_bos(rows: list[dict], bos: str | None) -> tuple[list[dict], bool]:
+    """Rows whose text (``text``, or ``prompt`` for prompt/completion rows) starts with the BOS text.
+
+    Unsloth's SFTTrainer patch tokenises with ``add_special_tokens=False`` unless the first sample already starts
+    with the BOS text (unsloth/models/rl_replacements.py, the ``has_bos_token_already`` check). On plain text that
+    drops the BOS every other framework trains on (2047 tokens per sample where the others have 2048 in the 8B
+    scenarios). Writing the BOS into the text, as a chat template would, gives Unsloth the same token ids.
+    Returns ``(rows, changed)``.
     """
-    text = first_row.get("text") or (first_row.get("prompt", "") if isinstance(first_row.get("prompt"), str) else "")
-    bos = getattr(tok, "bos_token", None)
-    if not bos or text.startswith(bos):
-        return None
-    return (f"Unsloth tokenises without special tokens when the text does not start with {bos!r}: samples lack the "
-            "BOS the other frameworks add (one token shorter; tokens/s counts the tokens actually trained)")
+    if not bos or not rows:
+        return rows, False
+    field = "text" if "text" in rows[0] else "prompt"
+    if all(str(r.get(field, "")).startswith(bos) for r in rows):
+        return rows, False
+    return [r | {field: bos + r[field]} if not str(r[field]).startswith(bos) else r for r in rows], True

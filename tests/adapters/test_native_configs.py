@@ -147,16 +147,20 @@ def test_unsloth_big(big, tiny, tmp_path):
     assert native_config(tiny, tmp_path, "/ckpt", tmp_path / "d.jsonl")["from_pretrained"]["load_in_4bit"] is False
 
 
-def test_unsloth_missing_bos_is_noted():
-    """Unsloth drops the tokenizer's BOS on plain text that lacks it (its has_bos_token_already check): noted."""
-    from adapters_for_tools.unsloth.config import bos_note
+def test_unsloth_gets_the_bos_written_into_its_text():
+    """Unsloth adds no special tokens to text lacking the BOS text; with it written in, the token ids are ours."""
+    from adapters_for_tools.unsloth.config import with_bos
     from harness.models import build_tokenizer
 
     tok = build_tokenizer(512)
-    assert tok("ab")["input_ids"][0] == tok.bos_token_id  # the other frameworks get a BOS first
-    assert "one token shorter" in bos_note(tok, {"text": "ab"})
-    assert bos_note(tok, {"text": tok.bos_token + "ab"}) is None
-    assert "one token shorter" in bos_note(tok, {"prompt": "q", "completion": "a"})
+    rows = [{"text": "ab cd"}, {"text": "efg"}]
+    fixed, changed = with_bos(rows, tok.bos_token)
+    assert changed and [r["text"] for r in fixed] == [tok.bos_token + "ab cd", tok.bos_token + "efg"]
+    for raw, r in zip(rows, fixed, strict=True):
+        assert tok(r["text"], add_special_tokens=False)["input_ids"] == tok(raw["text"])["input_ids"]
+    assert with_bos(fixed, tok.bos_token) == (fixed, False)
+    pc, changed = with_bos([{"prompt": "q", "completion": "a"}], tok.bos_token)
+    assert changed and pc == [{"prompt": tok.bos_token + "q", "completion": "a"}]
 
 
 def test_capabilities_declared():
