@@ -796,6 +796,32 @@ def _parity(sweep: Sweep):
         return None, f"parity check failed: {type(e).__name__}: {e}"
 
 
+# what adapters record in a run's ``extra`` about how they fed their tool and where it differs (shown as notes)
+NOTE_KEYS = ("differences", "data", "data_order", "packing", "rerun_note")
+
+
+def how_run_rows(sweep: Sweep) -> list[list[str]]:
+    """One row per framework (its first stored run): native config file, rerun command, adapter notes."""
+    rows, seen = [], set()
+    for r in sorted(sweep.runs, key=lambda r: (r.get("repeat", 0), r.get("framework", ""))):
+        fw = r.get("framework")
+        if fw in seen:
+            continue
+        seen.add(fw)
+        extra = r.get("extra") or {}
+        notes: list[str] = []
+        for k in NOTE_KEYS:
+            v = extra.get(k)
+            notes += [str(x) for x in v] if isinstance(v, list) else ([str(v)] if v else [])
+        trainer = extra.get("trainer") or {}
+        if trainer.get("overrides"):
+            notes.append("trainer knobs: " + ", ".join(f"{k}={v}" for k, v in trainer["overrides"].items()))
+        native = Path(r["native_config"]).name if r.get("native_config") else EMPTY
+        rows.append([str(fw), native, f"`{_short(extra['rerun'], 300)}`" if extra.get("rerun") else EMPTY,
+                     "; ".join(_short(n, 400) for n in notes) or EMPTY])
+    return rows
+
+
 def _environment_rows(sweep: Sweep) -> list[list[str]]:
     env = sweep.environment
     run_env = next((r.get("environment") for r in sweep.runs if r.get("environment")), {}) or {}
@@ -960,6 +986,12 @@ def build_report(sweep: Sweep, out_dir: Path) -> Doc:
         doc.table(*eff)
     else:
         doc.p("No run recorded effective settings.", "warn")
+
+    doc.h(1, "How each framework was run")
+    doc.p("Each tool runs through its own entry point from a native config the adapter generated (stored with the "
+          "run, rerunnable with the tool alone); the notes say where a tool was fed differently or behaves "
+          "differently from the scenario's letter, and why.")
+    doc.table(["framework", "native config", "rerun with the tool alone", "notes"], how_run_rows(sweep))
 
     eval_errors: list[str] = []
     if _evals(sweep):

@@ -183,6 +183,23 @@ def test_foreign_gpu_processes_warned(tmp_path):
     assert "pid 4242" in _section(md, "Failures and caveats")
 
 
+def test_how_each_framework_ran_shows_adapter_notes(tmp_path):
+    uns = make_run("unsloth", 0)
+    uns["native_config"] = "/w/native/unsloth.json"
+    uns["extra"] = {"rerun": "python -m adapters_for_tools.unsloth.rerun /w/native/unsloth.json",
+                    "data": "BOS text written at the start of every sample", "differences": ["alpaca: note A"]}
+    tb = make_run("tunebench", 0)
+    tb["extra"] = {"trainer": {"overrides": {"recompute_layers": 4}}}
+    sweep = make_sweep(tmp_path / "results" / "notes-20260101-000000", [make_run("hf", 0), uns, tb])
+    md = report.write_report(sweep, tmp_path / "rep").read_text()
+    sec = _section(md, "How each framework was run")
+    row = _table_row(sec, "unsloth")
+    assert row[1] == "unsloth.json" and "adapters_for_tools.unsloth.rerun" in row[2]
+    assert "BOS text written" in row[3] and "alpaca: note A" in row[3]
+    assert "recompute_layers=4" in _table_row(sec, "tunebench")[3]
+    assert _table_row(sec, "hf")[1:] == ["—", "—", "—"]
+
+
 def test_default_out_dir():
     assert report.default_out_dir(Path("/x/proj/results/run-1")) == Path("/x/proj/reports/run-1")
     assert report.default_out_dir(Path("/x/elsewhere/run-1")) == Path("/x/elsewhere/run-1/report")
