@@ -36,7 +36,8 @@ peak_rss_gib            host peak resident memory of the worker
 mfu                     model FLOPs utilisation (harness.flops convention)
 model_tflops            achieved model TFLOP/s
 first_loss, final_loss  training loss of the first and last step
-parity_ok               loss curve within tolerance of the baseline framework's (harness.parity)
+parity_ok               loss curve within tolerance of the baseline framework's, or only a transient excursion
+parity_status           ok | transient | departs (definitions in harness.parity)
 parity_max_abs_diff     largest per-step loss difference to the baseline
 eval_*                  quality metrics (lm-eval) when the scenario has an eval section
 gpu_name, device        where it ran
@@ -146,7 +147,8 @@ def runs_frame(results_dir: Path):
         baseline, atol, rtol = parity.sweep_settings(Path(results_dir))
         cols = parity.parity_columns(runs, baseline, atol, rtol)
         for row in rows:
-            row.update(cols.get((row["framework"], row["repeat"]), {"parity_ok": None, "parity_max_abs_diff": None}))
+            row.update(cols.get((row["framework"], row["repeat"]),
+                                {"parity_ok": None, "parity_status": None, "parity_max_abs_diff": None}))
     df = pd.DataFrame(rows)
     if df.empty:
         return pd.DataFrame(columns=ROW_COLUMNS)

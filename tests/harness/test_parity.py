@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -25,11 +26,14 @@ def test_table_columns_and_verdicts():
     runs = [_run("hf", BASE), _run("ours", [x + 0.001 for x in BASE]), _run("bad", [x * 1.5 for x in BASE]),
             _run("crashed", [], status="error")]
     df = parity.parity_table(runs, "hf")
-    assert list(df.columns) == ["framework", "repeat", "max_abs_diff", "mean_abs_diff", "tolerance", "parity_ok"]
+    assert list(df.columns) == ["framework", "repeat", "max_abs_diff", "mean_abs_diff", "tolerance",
+                                "first_departure_step", "parity_status", "parity_ok"]
     got = {r.framework: r for r in df.itertuples()}
     assert got["hf"].parity_ok is True and got["hf"].max_abs_diff == 0
     assert got["ours"].parity_ok is True and got["ours"].max_abs_diff == pytest.approx(0.001)
     assert got["bad"].parity_ok is False and got["bad"].max_abs_diff == pytest.approx(1.0)
+    assert got["bad"].parity_status == "departs" and got["bad"].first_departure_step == 1
+    assert got["ours"].parity_status == "ok" and got["ours"].first_departure_step is pd.NA
     assert got["bad"].mean_abs_diff == pytest.approx(sum(BASE) / len(BASE) * 0.5)
     assert got["crashed"].parity_ok is None
     # float32 default: 0.01 + 0.01 * mean baseline loss
@@ -53,7 +57,34 @@ def test_repeats_pair_with_the_same_baseline_repeat_else_repeat0():
     assert cols[("o", 1)]["parity_ok"] is True  # against hf r1
     assert cols[("o", 2)]["parity_ok"] is True  # no hf r2: against hf r0
     assert cols[("hf", 1)]["parity_ok"] is False  # the baseline's repeats against its r0: determinism
-    assert set(cols[("o", 1)]) == {"parity_ok", "parity_max_abs_diff"}
+    assert set(cols[("o", 1)]) == {"parity_ok", "parity_status", "parity_max_abs_diff"}
+
+
+def _decay(n: int) -> list[float]:
+    return [2.0 * 0.97**i + 0.1 for i in range(n)]
+
+
+def test_transient_excursion_versus_departure():
+    """A spike in one curve that settles again is 'transient' (ok, warned); not settling or early is 'departs'."""
+    base = _decay(100)
+    spike = [x + (0.3 if 60 <= i < 66 else 0.0) for i, x in enumerate(base)]
+    late = [x + (0.3 if i >= 60 else 0.0) for i, x in enumerate(base)]  # never comes back
+    early = [x + (0.3 if 10 <= i < 16 else 0.0) for i, x in enumerate(base)]  # parts in the first quarter
+    short = spike[:]  # too few steps for the windows to mean anything
+    df = parity.parity_table([_run("hf", base), _run("spike", spike), _run("late", late), _run("early", early)],
+                             "hf")
+    got = {r.framework: r for r in df.itertuples()}
+    assert got["spike"].parity_status == "transient" and got["spike"].parity_ok is True
+    assert got["spike"].first_departure_step == 61 and got["spike"].max_abs_diff == pytest.approx(0.3)
+    assert got["late"].parity_status == "departs" and got["late"].parity_ok is False
+    assert got["early"].parity_status == "departs" and got["early"].first_departure_step == 11
+    c = parity.compare_curves(parity.loss_curve(_run("s", short[:19])), parity.loss_curve(_run("hf", base[:19])),
+                              0.01, 0.01)
+    assert c["parity_status"] == "ok"  # the spike is after step 19
+    spike19 = [x + (0.3 if 12 <= i < 14 else 0.0) for i, x in enumerate(base[:19])]
+    c = parity.compare_curves(parity.loss_curve(_run("s", spike19)), parity.loss_curve(_run("hf", base[:19])),
+                              0.01, 0.01)
+    assert c["parity_status"] == "departs"  # under 20 steps there is no transient
 
 
 def test_missing_losses_and_no_common_steps():

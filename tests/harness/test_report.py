@@ -218,6 +218,9 @@ def test_main_exit_codes(tmp_path, capsys):
 def test_fmt_dash_for_empty():
     assert report.fmt(None) == "—"
     assert report.fmt(float("nan")) == "—"
+    import pandas as pd
+
+    assert report.fmt(pd.NA) == "—" and report.is_empty(pd.NA)
     assert report.fmt(0.0) == "0.00"
     assert report.fmt(0.1234, 1, pct=True) == "12.3%"
     assert report.fmt(12345.6, thousands=True) == "12,346"
@@ -234,9 +237,14 @@ def test_parity_table_shown_and_departures_flagged(tmp_path, monkeypatch):
     def parity_table(runs, baseline):
         seen["frameworks"], seen["baseline"] = sorted({r["framework"] for r in runs}), baseline
         return pd.DataFrame([{"framework": "tunebench", "repeat": 0, "max_abs_diff": 0.5, "mean_abs_diff": 0.2,
-                              "tolerance": 0.05, "parity_ok": False},
+                              "tolerance": 0.05, "first_departure_step": 3, "parity_status": "departs",
+                              "parity_ok": False},
+                             {"framework": "trl", "repeat": 0, "max_abs_diff": 0.2, "mean_abs_diff": 0.01,
+                              "tolerance": 0.05, "first_departure_step": 47, "parity_status": "transient",
+                              "parity_ok": True},
                              {"framework": "hf", "repeat": 0, "max_abs_diff": 0.0, "mean_abs_diff": 0.0,
-                              "tolerance": 0.05, "parity_ok": True}])
+                              "tolerance": 0.05, "first_departure_step": None, "parity_status": "ok",
+                              "parity_ok": True}])
 
     fake = types.ModuleType("harness.parity")
     fake.parity_table = parity_table
@@ -251,6 +259,9 @@ def test_parity_table_shown_and_departures_flagged(tmp_path, monkeypatch):
     md = report.write_report(d, tmp_path / "rep").read_text()
     assert seen == {"frameworks": ["hf", "tunebench"], "baseline": "hf"}  # ok runs only
     parity = md.split("### Loss parity", 1)[1].split("## Environment", 1)[0]
-    assert "**DEPARTS**" in _table_row(parity, "tunebench")[-1]
-    assert _table_row(parity, "hf")[-1] == "ok"
-    assert "tunebench r0: loss curve departs from hf" in _section(md, "Failures and caveats")
+    assert "**DEPARTS**" in _table_row(parity, "tunebench")[-1] and _table_row(parity, "tunebench")[-2] == "3"
+    assert _table_row(parity, "hf")[-1] == "ok" and _table_row(parity, "hf")[-2] == "—"
+    assert "transient" in _table_row(parity, "trl")[-1]
+    caveats = _section(md, "Failures and caveats")
+    assert "tunebench r0: loss curve departs from hf from step 3" in caveats
+    assert "trl r0: loss curve parted for a while from (transient, then agreed again) hf from step 47" in caveats
