@@ -168,18 +168,11 @@ def sweep_settings(results_dir: Path) -> tuple[str, float | None, float | None]:
 
 
 def flag_runs(results_dir: Path):
-    """The sweep's runs table (``results.runs_frame``) with the parity columns added."""
+    """The sweep's runs table with its parity columns (``results.runs_frame`` adds them from
+    :func:`parity_columns`; this is the parity module's entry point to it)."""
     from harness import results
 
-    results_dir = Path(results_dir)
-    baseline, atol, rtol = sweep_settings(results_dir)
-    runs = results.load_runs(results_dir)
-    cols = parity_columns(runs, baseline, atol, rtol)
-    df = results.runs_frame(results_dir)
-    keys = list(zip(df["framework"], df["repeat"].astype(int), strict=True))
-    for c in ("parity_ok", "parity_status", "parity_max_abs_diff"):
-        df[c] = [cols.get(k, {}).get(c) for k in keys]
-    return df
+    return results.runs_frame(Path(results_dir))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -163,26 +163,18 @@ class NF4Tensor:
         (the dequantisation dtype).
         """
         import json
+        from types import SimpleNamespace as NS
 
         meta = json.loads(bytes(parts["quant_state.bitsandbytes__nf4"].tolist()).decode())
-        if meta.get("quant_type") != "nf4":
-            raise ValueError(f"only nf4 4-bit weights are supported, got {meta.get('quant_type')!r}")
         nested = "nested_absmax" in parts
-        stored = getattr(torch, str(meta.get("dtype", "bfloat16")).removeprefix("torch."))
-        dev = packed.device
-        return cls(
-            packed=packed.reshape(-1, 1),
-            absmax_q=parts["absmax"] if nested else None,
-            absmax=None if nested else parts["absmax"].float(),
-            absmax_code=parts["nested_quant_map"].float() if nested else None,
-            absmax_scale=parts["nested_absmax"].float() if nested else None,
-            offset=torch.tensor([float(meta["nested_offset"])], dtype=torch.float32, device=dev) if nested else None,
-            code=parts["quant_map"].float(),
-            shape=torch.Size(meta["shape"]),
-            dtype=dtype or stored,
-            blocksize=int(meta["blocksize"]),
-            absmax_blocksize=int(meta.get("nested_blocksize", 256)),
-        )
+        # the QuantState fields from_bnb reads, rebuilt from the saved tensors and the JSON (one mapping only)
+        state = NS(quant_type=meta.get("quant_type"), nested=nested, absmax=parts["absmax"],
+                   code=parts["quant_map"], shape=meta["shape"], blocksize=int(meta["blocksize"]),
+                   dtype=dtype or getattr(torch, str(meta.get("dtype", "bfloat16")).removeprefix("torch.")),
+                   offset=torch.tensor(float(meta["nested_offset"]), device=packed.device) if nested else None,
+                   state2=NS(code=parts["nested_quant_map"], absmax=parts["nested_absmax"],
+                             blocksize=int(meta.get("nested_blocksize", 256))) if nested else None)
+        return cls.from_bnb(packed.reshape(-1, 1), state)
 
 
 def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8) -> torch.Tensor:
