@@ -157,14 +157,18 @@ def parity_columns(runs: list[dict[str, Any]], baseline: str, atol: float | None
             for fw, rep, c in _compare_all(runs, baseline, atol, rtol)}
 
 
+def settings(scenario: dict[str, Any]) -> tuple[str, float | None, float | None]:
+    """Baseline framework and parity tolerances (``eval.parity_atol`` / ``parity_rtol``) of a scenario dict."""
+    ev = scenario.get("eval") or {}
+    return (scenario.get("measure") or {}).get("baseline", "hf"), ev.get("parity_atol"), ev.get("parity_rtol")
+
+
 def sweep_settings(results_dir: Path) -> tuple[str, float | None, float | None]:
-    """Baseline framework and parity tolerances of a stored sweep (from its resolved ``scenario.yaml``)."""
+    """:func:`settings` of a stored sweep (from its resolved ``scenario.yaml``)."""
     import yaml
 
     p = Path(results_dir) / "scenario.yaml"
-    sc = yaml.safe_load(p.read_text()) if p.exists() else {}
-    ev = sc.get("eval") or {}
-    return (sc.get("measure") or {}).get("baseline", "hf"), ev.get("parity_atol"), ev.get("parity_rtol")
+    return settings(yaml.safe_load(p.read_text()) if p.exists() else {})
 
 
 def flag_runs(results_dir: Path):

@@ -84,7 +84,7 @@ class Sweep:
 
     def framework_order(self) -> list[str]:
         """Frameworks in scenario order, then any others that have stored runs."""
-        names = [f.get("name") for f in self.scenario.get("frameworks") or [] if isinstance(f, dict)]
+        names = [f.get("label") or f.get("name") for f in self.scenario.get("frameworks") or [] if isinstance(f, dict)]
         names += [r.get("framework") for r in self.runs]
         return [n for n in dict.fromkeys(names) if n]
 
@@ -796,7 +796,8 @@ def _parity(sweep: Sweep):
         return None, "parity check not available (harness.parity is not installed in this checkout)"
     ok_runs = [r for r in sweep.runs if r.get("status") == STATUS_OK]
     try:
-        return parity.parity_table(ok_runs, sweep.baseline), ""
+        _, atol, rtol = parity.settings(sweep.scenario)  # the scenario's tolerances, as in runs.csv
+        return parity.parity_table(ok_runs, sweep.baseline, atol, rtol), ""
     except Exception as e:  # a report must still be written; say what went wrong instead
         return None, f"parity check failed: {type(e).__name__}: {e}"
 

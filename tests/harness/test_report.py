@@ -234,7 +234,7 @@ def test_parity_table_shown_and_departures_flagged(tmp_path, monkeypatch):
 
     seen = {}
 
-    def parity_table(runs, baseline):
+    def parity_table(runs, baseline, atol=None, rtol=None):
         seen["frameworks"], seen["baseline"] = sorted({r["framework"] for r in runs}), baseline
         return pd.DataFrame([{"framework": "tunebench", "repeat": 0, "max_abs_diff": 0.5, "mean_abs_diff": 0.2,
                               "tolerance": 0.05, "first_departure_step": 3, "parity_status": "departs",
@@ -249,6 +249,7 @@ def test_parity_table_shown_and_departures_flagged(tmp_path, monkeypatch):
     fake = types.ModuleType("harness.parity")
     fake.parity_table = parity_table
     fake.sweep_settings = lambda results_dir: ("hf", None, None)
+    fake.settings = lambda scenario: ("hf", None, None)
     fake.parity_columns = lambda runs, baseline, atol=None, rtol=None: {}
     monkeypatch.setitem(sys.modules, "harness.parity", fake)
     import harness
