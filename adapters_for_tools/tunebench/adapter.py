@@ -87,7 +87,7 @@ def run(ctx) -> None:  # noqa: ANN001
     rows = load_tokenised(sc, ctx.dataset_path, tok).rows
     settings = TrainSettings.from_scenario(sc, tok.pad_token_id)
     trainer_cfg = {"method": {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in vars(options).items()},
-                   "train": {k: v for k, v in vars(settings).items() if k != "extra"},
+                   "train": dict(vars(settings)),
                    "device": str(device), "dtype": str(dtype), "ops": ops_in_use(device.type)}
     ctx.save_native_config("tunebench_trainer.json", json.dumps(trainer_cfg, indent=1, default=str))
     ctx.extra["trainer"] = {"overrides": dict(ctx.overrides), "ops": trainer_cfg["ops"],

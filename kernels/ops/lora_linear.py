@@ -116,22 +116,21 @@ class LoRALinearFunction(torch.autograd.Function):
     def backward(ctx, dy):  # noqa: ANN001, ANN205
         x2, mask, xa_hl, lora_a, lora_b = ctx.saved_tensors
         s, r, dtype = ctx.scale, lora_a.shape[0], dy.dtype
-        dy2 = dy
         need_dx, need_da, need_db, need_dbias = ctx.needs_input_grad[:4]
         dx = da = db = dbias = None
         if need_db:  # dB = dy^T (s xa): reduction over tokens with fp32 output, (s xa) as hi + lo
-            db = _sum_halves(_mm_f32(dy2.t(), xa_hl), 1, dtype)
+            db = _sum_halves(_mm_f32(dy.t(), xa_hl), 1, dtype)
         if need_dx or need_da:
             # s * dy B in fp32, as hi + lo: rounding it to bf16 (rel. 2^-9) before the token reduction of dA
             # is what failed the bf16 GPU test (see kernels/NOTES.md, "lora_linear bf16 dA").
-            sdyb_hl = _hi_lo(_mm_f32(dy2, lora_b).mul_(s), dtype)  # [T, 2r]
+            sdyb_hl = _hi_lo(_mm_f32(dy, lora_b).mul_(s), dtype)  # [T, 2r]
             if need_da:
                 x_m = x2 * mask if mask is not None else x2
                 da = _sum_halves(_mm_f32(sdyb_hl.t(), x_m), 0, dtype)
                 del x_m
             if need_dx:
                 w = _base_weight(ctx.weight, dtype)
-                dx = dy2 @ w
+                dx = dy @ w
                 del w
                 # r-term reduction with O(1/sqrt(in)) weights: the hi part alone is accurate enough here
                 if mask is None:
@@ -139,7 +138,7 @@ class LoRALinearFunction(torch.autograd.Function):
                 else:
                     dx.add_((sdyb_hl[:, :r] @ lora_a).mul_(mask))
         if need_dbias and ctx.has_bias:
-            dbias = dy2.sum(0)
+            dbias = dy.sum(0)
         return dx, da, db, dbias, None, None, None, None
 
 

@@ -90,9 +90,6 @@ class DecoderConfig:
         mt = d["model_type"]
         if mt not in ("llama", "mistral", "qwen2"):
             raise NotImplementedError(f"model_type {mt!r}: tunebench trains llama, mistral and qwen2")
-        if mt == "mistral" and d.get("sliding_window") and d["sliding_window"] < d.get("max_position_embeddings", 0):
-            # a window shorter than our rows would change attention; the presets set it to null
-            pass
         # transformers 5 writes rope_parameters {rope_type, rope_theta, ...}; older files rope_theta + rope_scaling
         rp = dict(d.get("rope_parameters") or {})
         theta = float(rp.pop("rope_theta", d.get("rope_theta", 10000.0)))
@@ -229,15 +226,8 @@ class Linear(nn.Module):
         self.lora_dropout = 0.0
 
     # -- construction ---------------------------------------------------------------------------------------------
-    def quantize_(self, double_quant: bool, compute_dtype: torch.dtype) -> None:
-        """Replace the bf16 base weight by its NF4 form (frees the dense weight)."""
-        assert self.weight is not None
-        self.qweight = quantize_nf4(self.weight.data.to(compute_dtype), double_quant=double_quant)
-        self.weight = None
-
     def add_lora_(self, r: int, alpha: float, dropout: float, dora: bool, dtype: torch.dtype,
-                  device: torch.device | None = None) -> None:
-        dev = device or self._device()
+                  dev: torch.device) -> None:
         self.lora_A = nn.Parameter(peft_lora_a_init(r, self.in_features, self.out_features).to(dev, dtype))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=dtype, device=dev))
         self.lora_r, self.lora_alpha, self.scaling, self.lora_dropout = r, float(alpha), alpha / r, float(dropout)
@@ -245,9 +235,6 @@ class Linear(nn.Module):
             with torch.no_grad():
                 norm = torch.linalg.norm(self.base_weight().to(dev).float(), dim=1)
                 self.magnitude = nn.Parameter(norm.to(dtype))
-
-    def _device(self) -> torch.device:
-        return self.weight.device if self.weight is not None else self.qweight.device
 
     def base_weight(self) -> torch.Tensor:
         """The dense base weight (dequantised for NF4: a temporary)."""
@@ -397,9 +384,6 @@ class WeightStreamer:
         self.on_device: dict[int, tuple[list[torch.Tensor], Any]] = {}
         self.released: Any = None  # compute-stream event after the last released layer's work
 
-    def nbytes(self) -> int:
-        return sum(h.numel() * h.element_size() for es in self.host.values() for _, h in es)
-
     def _issue(self, i: int) -> None:
         if i in self.on_device or i not in self.host:
             return
@@ -516,16 +500,15 @@ class _LayerCheckpoint(torch.autograd.Function):
 class _LayerCall:
     """What :class:`_LayerCheckpoint` runs: ``layer(h, cos, sin, mask)`` with its weights streamed in."""
 
-    def __init__(self, layer: DecoderLayer, index: int, has_mask: bool, offload_input: bool,
-                 streamer: WeightStreamer | None):
-        self.layer, self.index, self.has_mask = layer, index, has_mask
+    def __init__(self, layer: DecoderLayer, index: int, offload_input: bool, streamer: WeightStreamer | None):
+        self.layer, self.index = layer, index
         self.offload_input, self.streamer = offload_input, streamer
 
     def run(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None, *,
             direction: int, keep: bool = False) -> torch.Tensor:
         if self.streamer is not None:
             self.streamer.enter(self.index, direction)
-        out = self.layer(h, cos, sin, mask if self.has_mask else None)
+        out = self.layer(h, cos, sin, mask)  # mask is passed (saved) only for packed rows
         if not keep:
             self.release(direction)
         return out
@@ -617,7 +600,7 @@ class DecoderModel(nn.Module):
             if ckpt and self.checkpointed_layers is not None and i not in self.checkpointed_layers:
                 h = layer(h, cos, sin, mask)  # selective recomputation: this layer keeps its activations
             elif own_ckpt:
-                call = _LayerCall(layer, i, mask is not None, self.offload_checkpoints, self.streamer)
+                call = _LayerCall(layer, i, self.offload_checkpoints, self.streamer)
                 h = _LayerCheckpoint.apply(call, h, *extra)
             elif ckpt:
                 h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, mask, use_reentrant=False)
@@ -764,7 +747,7 @@ def load_model(checkpoint: str | Path, options: MethodOptions, dtype: torch.dtyp
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     quantize = options.kind == "qlora"
-    prequantized = _bnb_4bit(checkpoint)
+    prequantized = _bnb_4bit(cfg.raw, checkpoint)
     if prequantized and not quantize:
         raise ValueError(f"{checkpoint}: a bitsandbytes 4-bit checkpoint trains with method qlora only "
                          f"(got {options.kind!r})")
@@ -808,9 +791,9 @@ def load_model(checkpoint: str | Path, options: MethodOptions, dtype: torch.dtyp
     return model
 
 
-def _bnb_4bit(checkpoint: Path) -> bool:
-    """Whether ``config.json`` says the checkpoint holds bitsandbytes 4-bit weights (saved by transformers)."""
-    q = json.loads((checkpoint / "config.json").read_text()).get("quantization_config") or {}
+def _bnb_4bit(config: dict[str, Any], checkpoint: Path) -> bool:
+    """Whether a checkpoint's ``config.json`` (``config``) says it holds bitsandbytes 4-bit weights."""
+    q = config.get("quantization_config") or {}
     if q.get("quant_method") != "bitsandbytes":
         return False
     if q.get("load_in_8bit") or q.get("_load_in_8bit"):
@@ -908,7 +891,7 @@ def checkpointed_layer_ids(n_layers: int, o: MethodOptions) -> frozenset[int] | 
     if k == 0:
         raise ValueError("recompute_layers: 0 would switch gradient checkpointing off; set "
                          "train.gradient_checkpointing: false in the scenario for that")
-    streamed = set(streamed_layer_ids(n_layers, o.offload_weights)) if o.offload_weights else set()
+    streamed = set(streamed_layer_ids(n_layers, o.offload_weights))
     if len(streamed) > k:
         raise ValueError(f"recompute_layers: {k} is fewer than the {len(streamed)} layers offload_weights "
                          "streams from the host (those always recompute)")

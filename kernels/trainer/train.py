@@ -12,16 +12,13 @@ sum of those, i.e. the mean over the step's loss tokens (HF logs the same number
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from harness.data import collate
-
-ROW_KEYS = ("input_ids", "labels", "position_ids")
 
 
 @dataclass
@@ -45,7 +42,6 @@ class TrainSettings:
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
     pad_id: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_scenario(cls, sc, pad_id: int) -> TrainSettings:  # noqa: ANN001
@@ -151,10 +147,3 @@ def train(model: torch.nn.Module, rows: Sequence[dict], s: TrainSettings, meter:
         if on_step_end is not None:
             on_step_end(step + 1)
     return losses
-
-
-def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
-    """``(fn(), seconds)``."""
-    t0 = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t0
