@@ -10,7 +10,6 @@ Layout: ``.envs/<name>/site/`` (packages) and ``.envs/<name>/env.json`` (what wa
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -40,11 +39,9 @@ def site_dir(name: str) -> Path:
 
 def read_meta(name: str) -> dict | None:
     """``env.json`` of an installed environment, or None."""
-    meta = envs_root() / name / "env.json"
-    try:
-        return json.loads(meta.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+    from harness.results import read_json
+
+    return read_json(envs_root() / name / "env.json")
 
 
 def resolve(name: str) -> EnvSpec:

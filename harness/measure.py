@@ -7,7 +7,8 @@ Adapters call one hook at the same point of every optimizer step:
     ...forward/backward/optimizer...
     meter.step_end(loss)            # synchronises the device before reading the clock
 
-HF-Trainer-based tools get the same hook through :class:`MeasureCallback` plus :func:`counting_collator`.
+HF-Trainer-based tools get the same hook through :func:`make_trainer_callback` (a ``TrainerCallback``), with
+tokens counted by a forward pre-hook on the model (:meth:`StepMeter.attach`).
 
 What is measured (units in names):
 - ``step_s``: wall time of each optimizer step with ``torch.cuda.synchronize()`` on both ends; the first
@@ -331,17 +332,6 @@ def summarise(steps: list[dict], warmup_steps: int) -> dict[str, Any]:
         "final_loss": losses[-1] if losses else None,
         "measured_s": total_s,
     }
-
-
-def counting_collator(collate_fn, meter: StepMeter):
-    """Wrap a data collator so every micro-batch it yields is counted by ``meter`` (HF-Trainer-based tools)."""
-
-    def wrapped(features):
-        batch = collate_fn(features)
-        meter.count_batch(batch)
-        return batch
-
-    return wrapped
 
 
 def make_trainer_callback(meter: StepMeter, on_first_step=None):

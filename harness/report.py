@@ -95,14 +95,6 @@ def is_results_dir(path: Path) -> bool:
     return path.is_dir() and ((path / "runs").is_dir() or (path / "sweep.json").is_file())
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-        return data if isinstance(data, dict) else {}
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
 def load_sweep(results_dir: Path) -> Sweep:
     """Load a stored sweep.
 
@@ -128,7 +120,8 @@ def load_sweep(results_dir: Path) -> Sweep:
     if (path / "scenario.yaml").is_file():
         loaded = yaml.safe_load((path / "scenario.yaml").read_text())
         scenario = loaded if isinstance(loaded, dict) else {}
-    return Sweep(path, runs, frame, scenario, _read_json(path / "environment.json"), _read_json(path / "sweep.json"))
+    return Sweep(path, runs, frame, scenario, results.read_json(path / "environment.json") or {},
+                 results.read_json(path / "sweep.json") or {})
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -65,6 +65,15 @@ ROW_COLUMNS = [
 RESULT_SCHEMA_VERSION = 1
 
 
+def read_json(path: Path) -> dict | None:
+    """A stored JSON object, or None when the file is missing, unreadable, half-written or not an object."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write via a temp file in the same directory and rename: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)

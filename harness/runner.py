@@ -47,7 +47,7 @@ def newest_sweep(sc, results_root: Path) -> Path | None:
     h = sc.content_hash()
     cands = []
     for d in Path(results_root).glob(f"{sc.name}-*"):
-        meta = _read_json(d / "sweep.json")
+        meta = results.read_json(d / "sweep.json")
         if meta and meta.get("scenario_hash") == h:
             cands.append((meta.get("created", ""), d))
     return max(cands)[1] if cands else None
@@ -221,13 +221,6 @@ def _prepare(sc, sweep_dir: Path, run_root: Path, timeout_s: float) -> dict:
     raise RuntimeError(f"preparing the checkpoint and data failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
 
 
-def _read_json(p: Path) -> dict | None:
-    try:
-        return json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
 def _log_tail(p: Path, n: int = LOG_KEEP_BYTES) -> str:
     try:
         with open(p, "rb") as f:
@@ -295,7 +288,7 @@ def execute_run(sc, sweep_dir: Path, run_root: Path, prepared: dict, fw, repeat:
                     break
                 except subprocess.TimeoutExpired:
                     if display:
-                        prog = _read_json(work_dir / "progress.json")
+                        prog = results.read_json(work_dir / "progress.json")
                         if prog:
                             display.update_run(prog)
                     if time.time() - t0 > timeout:
@@ -308,7 +301,7 @@ def execute_run(sc, sweep_dir: Path, run_root: Path, prepared: dict, fw, repeat:
     wall = time.time() - t0
     log_text = _log_tail(log_path)
     results.atomic_write_text(sweep_dir / "logs" / f"{key}.log", log_text)
-    res = _read_json(work_dir / "worker_result.json")
+    res = results.read_json(work_dir / "worker_result.json")
     if timed_out:
         res = {"status": "timeout", "reason": f"no result within {timeout:.0f} s (killed)", "valid": False,
                "invalid_reasons": [], "metrics": (res or {}).get("metrics")}
@@ -318,12 +311,13 @@ def execute_run(sc, sweep_dir: Path, run_root: Path, prepared: dict, fw, repeat:
     res = base | res | {"wall_s": wall, "exit_code": proc.returncode, "env": info.env,
                         "log": f"logs/{key}.log"}
     if res["status"] == STATUS_OK and sc.eval.tasks:
-        res["eval"] = _evaluate(sc, work_dir, res, env)
+        res["eval"] = _evaluate(sc, work_dir, res)
     return res
 
 
-def _evaluate(sc, work_dir: Path, res: dict, env: envs.EnvSpec) -> dict:
-    """Quality of the trained output through lm-eval, in the base environment (same evaluator for all)."""
+def _evaluate(sc, work_dir: Path, res: dict) -> dict:
+    """Quality of the trained output through lm-eval, the same evaluator for every framework: in the `lmeval`
+    environment where one is installed, else in this interpreter's (base) environment."""
     spec = {"scenario": sc.to_dict(), "scenario_source": sc.source_path, "checkpoint": res.get("checkpoint"),
             "output_dir": res.get("output_dir"), "work_dir": str(work_dir)}
     p = work_dir / "eval_spec.json"
@@ -335,7 +329,7 @@ def _evaluate(sc, work_dir: Path, res: dict, env: envs.EnvSpec) -> dict:
     proc = subprocess.run([ev_env.python, "-m", "harness.evaluate", str(p)], cwd=work_dir,
                           env=worker_environment(ev_env), capture_output=True, text=True,
                           timeout=sc.measure.timeout_s)
-    data = _read_json(out)
+    data = results.read_json(out)
     if data is None:
         return {"status": "error", "error": f"evaluation failed (exit {proc.returncode}): {proc.stderr[-1500:]}"}
     return data
@@ -397,4 +391,4 @@ def run_sweep(sc, results_root: Path, reports_root: Path | None, new: bool = Fal
 
 def load_result(sweep_dir: Path, framework: str, repeat: int) -> dict | None:
     """One stored run of a sweep (the JSON of runs/<framework>-r<repeat>.json), or None if it is missing."""
-    return _read_json(Path(sweep_dir) / "runs" / f"{results.run_key(framework, repeat)}.json")
+    return results.read_json(Path(sweep_dir) / "runs" / f"{results.run_key(framework, repeat)}.json")

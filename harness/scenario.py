@@ -371,9 +371,9 @@ def _cross_checks(sc: Scenario, lines: dict, source: str) -> list[str]:
                     f"(it has {list(preset.linear_modules)})")
     elif sc.model.weights.startswith((".", "/")) and not Path(sc.model.weights).exists():
         bad(("model", "weights"), f"checkpoint path {sc.model.weights!r} does not exist")
-    elif _prequantized(sc.model.weights) and sc.method.kind != "qlora":
+    elif (quantised := _prequantized(sc.model.weights)) and sc.method.kind != "qlora":
         bad(("method", "kind"), f"{sc.method.kind}: the checkpoint in model.weights is bitsandbytes-quantised "
-            f"({_prequantized(sc.model.weights)}); train it with method kind qlora")
+            f"({quantised}); train it with method kind qlora")
     if sc.method.kind == "qlora" and sc.hardware.device == "cpu":
         bad(("method", "kind"), "qlora needs bitsandbytes 4-bit kernels on a GPU; use hardware.device: cuda, "
             "or method lora on cpu")
@@ -403,12 +403,13 @@ def _cross_checks(sc: Scenario, lines: dict, source: str) -> list[str]:
 
 
 def _prequantized(weights: str) -> str | None:
-    """``"bitsandbytes 4-bit"`` / ``"8-bit"`` if a local checkpoint's config.json says its weights are quantised."""
-    cfg = Path(weights) / "config.json"
-    if weights == "random" or not cfg.is_file():
+    """``"4-bit"`` / ``"8-bit"`` if a local checkpoint's config.json says its weights are bitsandbytes-quantised."""
+    from harness.models import load_config_dict
+
+    if not (Path(weights) / "config.json").is_file():
         return None
     try:
-        q = json.loads(cfg.read_text()).get("quantization_config") or {}
+        q = load_config_dict(weights).get("quantization_config") or {}
     except (OSError, ValueError):
         return None
     if q.get("quant_method") != "bitsandbytes":
