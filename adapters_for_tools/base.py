@@ -17,6 +17,9 @@ Keep adapters independent: a little duplication beats a deep class hierarchy.
 from __future__ import annotations
 
 import importlib.util
+import os
+import shlex
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,3 +77,9 @@ def _family_of(sc) -> str | None:
         except KeyError:
             return None
     return None
+
+
+def rerun_command(module_args: str) -> str:
+    """The shell command that reruns ``python -m <module_args>`` with the tool alone, in this worker's
+    interpreter and package overlay (its ``PYTHONPATH``): what adapters store as ``extra["rerun"]``."""
+    return f"PYTHONPATH={shlex.quote(os.environ.get('PYTHONPATH', ''))} {sys.executable} -m {module_args}"

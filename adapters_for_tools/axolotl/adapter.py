@@ -14,14 +14,12 @@ its cwd is the run's work directory, so ``import kernels`` finds the overlay's; 
 from __future__ import annotations
 
 import json
-import os
-import shlex
-import sys
 import time
 
 import yaml
 
 from adapters_for_tools.axolotl import config as ax_config
+from adapters_for_tools.base import rerun_command
 
 
 def run(ctx) -> None:
@@ -32,8 +30,7 @@ def run(ctx) -> None:
     cfg = ax_config.native_config(sc, ctx.work_dir, ctx.checkpoint, ctx.dataset_path, fmt)
     cfg.update(ctx.overrides.get("axolotl", {}))
     path = ctx.save_native_config("axolotl.yml", yaml.safe_dump(cfg, sort_keys=False))
-    ctx.extra["rerun"] = (f"PYTHONPATH={shlex.quote(os.environ.get('PYTHONPATH', ''))} {sys.executable} "
-                          f"-m axolotl.cli.train {path}")
+    ctx.extra["rerun"] = rerun_command(f"axolotl.cli.train {path}")
     if sc.data.packing:
         ctx.extra["packing"] = "Axolotl multipack sampler (its own grouping of samples into rows)"
 

@@ -10,9 +10,6 @@ from __future__ import annotations
 
 from axolotl.integrations.base import BasePlugin
 
-from harness.effective import read_back_model, read_back_optimizer
-from harness.measure import make_trainer_callback
-
 CTX = None  # the worker's RunContext, set by the adapter
 PLUGIN_NAME = "adapters_for_tools.axolotl.plugin.MeasurePlugin"
 
@@ -25,8 +22,4 @@ class MeasurePlugin(BasePlugin):
         if ctx is None:
             return []
         ctx.meter.attach(trainer.model)
-
-        def on_first_step(live_model, state, targs, **kw):
-            ctx.set_effective(**read_back_model(live_model), **read_back_optimizer(kw.get("optimizer")))
-
-        return [make_trainer_callback(ctx.meter, on_first_step)]
+        return ctx.trainer_callbacks(intermediate=False)

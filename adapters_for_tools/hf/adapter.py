@@ -16,7 +16,6 @@ import json
 import time
 
 from harness.data import collate, load_tokenised
-from harness.effective import read_back_model, read_back_optimizer
 
 OPTIM = {"adamw_torch": "adamw_torch", "adamw_torch_fused": "adamw_torch_fused", "adamw_8bit": "adamw_bnb_8bit",
          "sgd": "sgd"}
@@ -95,15 +94,10 @@ def run(ctx) -> None:
     ctx.save_native_config("training_args.json", json.dumps(args.to_dict(), indent=1, default=str))
     ctx.meter.attach(model)
 
-    def on_first_step(live_model, state, targs, **kw):
-        ctx.set_effective(**read_back_model(live_model), **read_back_optimizer(kw.get("optimizer")))
-
-    from harness.measure import make_trainer_callback
-
     trainer = Trainer(model=model, args=args, train_dataset=_ListDataset(data.rows),
                       data_collator=lambda feats: collate(feats, tok.pad_token_id),
                       # order matters: the measurement callback stops the step clock before a save
-                      callbacks=[make_trainer_callback(ctx.meter, on_first_step), ctx.intermediate_callback()])
+                      callbacks=ctx.trainer_callbacks())
     trainer.train()
     ctx.output_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(ctx.output_dir)

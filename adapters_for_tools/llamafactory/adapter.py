@@ -9,17 +9,13 @@ meter at each optimizer step.
 from __future__ import annotations
 
 import json
-import os
-import shlex
-import sys
 import time
 
 import yaml
 
+from adapters_for_tools.base import rerun_command
 from adapters_for_tools.llamafactory import config as lf_config
 from harness.data import read_jsonl, write_jsonl
-from harness.effective import read_back_model, read_back_optimizer
-from harness.measure import make_trainer_callback
 
 
 def attach_on_train_begin(meter):
@@ -60,17 +56,11 @@ def run(ctx) -> None:
         args["use_cpu"] = True
     args.update(ctx.overrides.get("llamafactory", {}))
     path = ctx.save_native_config("llamafactory.yaml", yaml.safe_dump(args, sort_keys=False))
-    ctx.extra["rerun"] = (f"PYTHONPATH={shlex.quote(os.environ.get('PYTHONPATH', ''))} {sys.executable} "
-                          f"-m llamafactory.cli train {path}")
+    ctx.extra["rerun"] = rerun_command(f"llamafactory.cli train {path}")
 
     from llamafactory.train.tuner import run_exp
 
-    def on_first_step(live_model, state, targs, **kw):
-        ctx.set_effective(**read_back_model(live_model), **read_back_optimizer(kw.get("optimizer")))
-
     t0 = time.time()
-    run_exp(args=dict(args), callbacks=[attach_on_train_begin(ctx.meter),
-                                        make_trainer_callback(ctx.meter, on_first_step),
-                                        ctx.intermediate_callback()])
+    run_exp(args=dict(args), callbacks=[attach_on_train_begin(ctx.meter), *ctx.trainer_callbacks()])
     ctx.extra["run_exp_s"] = time.time() - t0
     ctx.extra["saved"] = "peft adapter" if sc.method.is_peft else "hf checkpoint"

@@ -14,17 +14,13 @@ best-fit-decreasing (samples grouped differently from the harness's first-fit or
 from __future__ import annotations
 
 import json
-import os
-import shlex
-import sys
 import time
 
 import yaml
 
+from adapters_for_tools.base import rerun_command
 from adapters_for_tools.trl import config as trl_config
 from harness.data import read_jsonl, write_jsonl
-from harness.effective import read_back_model, read_back_optimizer
-from harness.measure import make_trainer_callback
 
 
 def run(ctx) -> None:
@@ -55,8 +51,7 @@ def run(ctx) -> None:
     cfg = trl_config.native_config(sc, ctx.work_dir, ctx.checkpoint, data_file, fmt)
     cfg.update(ctx.overrides.get("sft", {}))
     cfg_path = ctx.save_native_config("trl_sft.yaml", yaml.safe_dump(cfg, sort_keys=False))
-    ctx.extra["rerun"] = (f"PYTHONPATH={shlex.quote(os.environ.get('PYTHONPATH', ''))} {sys.executable} "
-                          f"-m trl.scripts.sft --config {cfg_path}")
+    ctx.extra["rerun"] = rerun_command(f"trl.scripts.sft --config {cfg_path}")
     if sc.data.packing:
         ctx.extra["packing"] = "TRL best-fit-decreasing packing (samples whole, position_ids per sample)"
 
@@ -76,8 +71,7 @@ def run(ctx) -> None:
     trainer = SFTTrainer(model=model_args.model_name_or_path, args=args,
                          train_dataset=dataset[script_args.dataset_train_split],
                          quantization_config=quant, peft_config=get_peft_config(model_args),
-                         callbacks=[make_trainer_callback(ctx.meter, _on_first_step(ctx)),
-                                    ctx.intermediate_callback()])
+                         callbacks=ctx.trainer_callbacks())
     ctx.load_s = time.time() - t0  # model load + TRL's tokenisation (both before the first step)
     ctx.meter.attach(trainer.model)
     trainer.train()
@@ -86,9 +80,3 @@ def run(ctx) -> None:
     trainer.processing_class.save_pretrained(str(ctx.output_dir))
     ctx.extra["saved"] = "peft adapter" if sc.method.is_peft else "hf checkpoint"
 
-
-def _on_first_step(ctx):
-    def on_first_step(live_model, state, targs, **kw):
-        ctx.set_effective(**read_back_model(live_model), **read_back_optimizer(kw.get("optimizer")))
-
-    return on_first_step

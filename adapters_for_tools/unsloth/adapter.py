@@ -12,16 +12,12 @@ transformers is not yet imported when the adapter module is loaded). Environment
 import unsloth  # noqa: F401  (first, on purpose: it patches transformers/TRL/PEFT on import)
 
 import json
-import os
-import shlex
-import sys
 import time
 
+from adapters_for_tools.base import rerun_command
 from adapters_for_tools.trl.config import convert_rows
 from adapters_for_tools.unsloth import config as us_config
 from harness.data import read_jsonl, write_jsonl
-from harness.effective import read_back_model, read_back_optimizer
-from harness.measure import make_trainer_callback
 
 
 def run(ctx) -> None:
@@ -34,35 +30,36 @@ def run(ctx) -> None:
     if sc.hardware.device != "cuda" or not torch.cuda.is_available():
         raise RuntimeError("unavailable: needs CUDA (Unsloth's kernels are GPU-only)")
     fmt = json.loads(ctx.dataset_path.with_suffix(".meta.json").read_text())["format"]
-    data_file = ctx.dataset_path
-    if fmt != "text":
-        rows, notes = convert_rows(read_jsonl(ctx.dataset_path), fmt)
-        data_file = ctx.work_dir / "unsloth_dataset.jsonl"
-        write_jsonl(rows, data_file)
-        if notes:
-            ctx.extra["differences"] = notes
     from transformers import AutoTokenizer
 
-    rows, changed = us_config.with_bos(read_jsonl(data_file), AutoTokenizer.from_pretrained(ctx.checkpoint).bos_token)
+    # the rows Unsloth trains on, written once: chat/alpaca rows as prompt/completion (as for TRL), and the BOS
+    # text at the start of each sample (us_config.with_bos says why)
+    rows, data_file = read_jsonl(ctx.dataset_path), ctx.dataset_path
+    if fmt != "text":
+        rows, notes = convert_rows(rows, fmt)
+        data_file = ctx.work_dir / "unsloth_dataset.jsonl"
+        if notes:
+            ctx.extra["differences"] = notes
+    rows, changed = us_config.with_bos(rows, AutoTokenizer.from_pretrained(ctx.checkpoint).bos_token)
     if changed:
         data_file = ctx.work_dir / "unsloth_dataset_bos.jsonl"
-        write_jsonl(rows, data_file)
         ctx.extra["data"] = ("BOS text written at the start of every sample: Unsloth tokenises without special "
                              "tokens unless the text starts with it; so it trains the same token ids as the others")
+    if data_file != ctx.dataset_path:
+        write_jsonl(rows, data_file)
     for setting, why in us_config.cannot_honour(sc):
         ctx.cannot_honour(setting, why)
     cfg = us_config.native_config(sc, ctx.work_dir, ctx.checkpoint, data_file)
-    for key in ("use_gradient_checkpointing",):
-        if key in ctx.overrides:
-            cfg["from_pretrained"][key] = ctx.overrides[key]
-            if cfg["get_peft_model"]:
-                cfg["get_peft_model"][key] = ctx.overrides[key]
+    if "use_gradient_checkpointing" in ctx.overrides:
+        gc = ctx.overrides["use_gradient_checkpointing"]
+        cfg["from_pretrained"]["use_gradient_checkpointing"] = gc
+        if cfg["get_peft_model"]:
+            cfg["get_peft_model"]["use_gradient_checkpointing"] = gc
     cfg["sft"].update(ctx.overrides.get("sft", {}))
     if fmt != "text":
         cfg["sft"]["completion_only_loss"] = not sc.data.prompt_loss
     path = ctx.save_native_config("unsloth.json", json.dumps(cfg, indent=1))
-    ctx.extra["rerun"] = (f"PYTHONPATH={shlex.quote(os.environ.get('PYTHONPATH', ''))} {sys.executable} "
-                          f"-m adapters_for_tools.unsloth.rerun {path}")
+    ctx.extra["rerun"] = rerun_command(f"adapters_for_tools.unsloth.rerun {path}")
 
     t0 = time.time()
     fp = dict(cfg["from_pretrained"])
@@ -76,11 +73,9 @@ def run(ctx) -> None:
     ctx.save_native_config("sft_config.json", json.dumps(args.to_dict(), indent=1, default=str))
     ctx.native_config = str(path)
 
-    def on_first_step(live_model, state, targs, **kw):
-        ctx.set_effective(**read_back_model(live_model), **read_back_optimizer(kw.get("optimizer")))
 
     trainer = SFTTrainer(model=model, processing_class=tok, args=args, train_dataset=dataset,
-                         callbacks=[make_trainer_callback(ctx.meter, on_first_step), ctx.intermediate_callback()])
+                         callbacks=ctx.trainer_callbacks())
     ctx.meter.attach(trainer.model)
     trainer.train()
     ctx.output_dir.mkdir(parents=True, exist_ok=True)
