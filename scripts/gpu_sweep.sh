@@ -3,9 +3,10 @@
 #   bash scripts/gpu_sweep.sh DEADLINE_SECONDS     (then: tar xzf <files_at>/results.tgz, commit, call again)
 # The device syncs its copy of the repository with yours at every call, deleting result directories it
 # does not have here: everything stored is packed into $OUT/results.tgz at the end of each call.
-# Order: r0 of every framework on both 8B scenarios first (so a short lease still yields a full table),
-# then the extra repeats of hf and tunebench, then the GPU quality scenario, then (time left) a rerun of the
-# per-op micro-benchmarks of the ops changed since the last one (rms_norm backward grid, lora_linear precision).
+# Order: per 8B scenario, r0 of every framework, then the extra repeats of hf, tunebench and tunebench-fast (so each
+# scenario's sweep finishes on one machine: a machine goes back after 30 min held), then the GPU quality
+# scenario, then (time left) a rerun of the per-op micro-benchmarks of the ops changed since the last one
+# (rms_norm backward grid, lora_linear precision).
 source scripts/gpu_setup.sh
 end=$(( $(date +%s) + ${1:-540} ))
 for b in base trl unsloth llamafactory axolotl litgpt lmeval; do
@@ -15,10 +16,10 @@ step() {  # run one harness command with what is left of the deadline (SIGINT: t
   left=$(( end - $(date +%s) )); [ $left -gt 20 ] || return 1
   timeout -s INT $left python3 -m harness run "$@" --resume --no-report 2>&1 | grep -v "━"
 }
-step scenarios/llama8b_lora.yaml --repeats 1 ;
-step scenarios/llama8b_qlora.yaml --repeats 1 ;
-step scenarios/llama8b_lora.yaml --only hf tunebench --repeats 3 ;
-step scenarios/llama8b_qlora.yaml --only hf tunebench --repeats 3 ;
+for sc in scenarios/llama8b_lora.yaml scenarios/llama8b_qlora.yaml; do
+  step $sc --repeats 1 ;
+  step $sc --only hf tunebench tunebench-fast --repeats 3 ;
+done
 step scenarios/quality_gpu.yaml  # evaluates with the lmeval bundle (not yet tried on the box)
 left=$(( end - $(date +%s) ))
 if [ $left -gt 90 ] && [ ! -f results/kernels_bench_h100-rerun/bench_ops.md ]; then

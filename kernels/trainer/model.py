@@ -23,11 +23,11 @@ and computes the same function as ``AutoModelForCausalLM`` (tests compare logits
   whole optimizer step (what the HF Trainer does with ``num_items_in_batch``).
 - LoRA / DoRA / QLoRA linears in :class:`Linear` (see there for dtypes and init); full fine-tuning makes every
   weight trainable.
-- Gradient checkpointing per decoder layer: ``torch.utils.checkpoint`` (non-reentrant). With any host offload
-  (``offload_checkpoints``, ``offload_weights``) a small reentrant-style autograd Function instead,
-  :class:`_LayerCheckpoint`: it runs the layer forward without a graph (so nothing, not even a weight
-  reference, is kept per layer), optionally keeps the layer input in pinned host memory, and in backward
-  re-fetches, recomputes and backpropagates the layer.
+- Gradient checkpointing per decoder layer (all layers, or ``recompute_layers`` of them) through a small
+  reentrant-style autograd Function, :class:`_LayerCheckpoint`: it runs the layer forward without a graph (so
+  nothing, not even a weight reference, is kept per layer, and no saved-tensor hooks cost host time),
+  optionally keeps the layer input in pinned host memory, and in backward re-fetches, recomputes and
+  backpropagates the layer.
 - Host offload of frozen weights (LoRA/DoRA on a bf16 base; see README "memory"): ``offload_weights`` streams
   the base weights of N decoder layers from pinned host memory (:class:`WeightStreamer`: copy stream, one layer
   prefetched ahead in the direction of travel), ``offload_embeddings`` does the input-embedding gather on the
@@ -453,8 +453,8 @@ class _LayerCheckpoint(torch.autograd.Function):
     @staticmethod
     def forward(ctx, call, h, *args):  # noqa: ANN001, ANN205
         ctx.call, ctx.device = call, h.device
-        ctx.cpu_rng = torch.get_rng_state()
-        ctx.cuda_rng = torch.cuda.get_rng_state(h.device) if h.is_cuda else None
+        ctx.cpu_rng = torch.get_rng_state() if call.rng else None
+        ctx.cuda_rng = torch.cuda.get_rng_state(h.device) if (call.rng and h.is_cuda) else None
         with torch.no_grad():
             out = call.run(h, *args, direction=1)
         ctx.event = None
@@ -486,8 +486,11 @@ class _LayerCheckpoint(torch.autograd.Function):
         if ctx.cuda_rng is not None:
             index = ctx.device.index if ctx.device.index is not None else torch.cuda.current_device()
         devices = [index] if index is not None else []
-        with torch.random.fork_rng(devices=devices, enabled=True):
-            torch.set_rng_state(ctx.cpu_rng)
+        # RNG replay only where the layer draws random numbers (LoRA dropout): forking the CUDA generator
+        # costs host time at every layer of every step
+        with torch.random.fork_rng(devices=devices, enabled=ctx.cpu_rng is not None):
+            if ctx.cpu_rng is not None:
+                torch.set_rng_state(ctx.cpu_rng)
             if ctx.cuda_rng is not None:
                 torch.cuda.set_rng_state(ctx.cuda_rng, index)
             with torch.enable_grad():
@@ -500,9 +503,11 @@ class _LayerCheckpoint(torch.autograd.Function):
 class _LayerCall:
     """What :class:`_LayerCheckpoint` runs: ``layer(h, cos, sin, mask)`` with its weights streamed in."""
 
-    def __init__(self, layer: DecoderLayer, index: int, offload_input: bool, streamer: WeightStreamer | None):
+    def __init__(self, layer: DecoderLayer, index: int, offload_input: bool, streamer: WeightStreamer | None,
+                 rng: bool):
         self.layer, self.index = layer, index
         self.offload_input, self.streamer = offload_input, streamer
+        self.rng = rng  # the layer draws random numbers (dropout): its recompute must replay the RNG state
 
     def run(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None, *,
             direction: int, keep: bool = False) -> torch.Tensor:
@@ -592,18 +597,18 @@ class DecoderModel(nn.Module):
             mask = packed_causal_mask(position_ids)
         cos, sin = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        own_ckpt = ckpt and (self.offload_checkpoints or self.streamer is not None)
-        if own_ckpt and not h.requires_grad:
+        if ckpt and not h.requires_grad:
             h = h.detach().requires_grad_(True)  # the reentrant-style Function needs a grad-requiring input
         extra = (cos, sin) if mask is None else (cos, sin, mask)
+        rng = self.training and self.options.lora_dropout > 0
         for i, layer in enumerate(self.model.layers):
             if ckpt and self.checkpointed_layers is not None and i not in self.checkpointed_layers:
                 h = layer(h, cos, sin, mask)  # selective recomputation: this layer keeps its activations
-            elif own_ckpt:
-                call = _LayerCall(layer, i, self.offload_checkpoints, self.streamer)
-                h = _LayerCheckpoint.apply(call, h, *extra)
             elif ckpt:
-                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, mask, use_reentrant=False)
+                # our own checkpoint, not torch.utils.checkpoint's non-reentrant one, whose forward builds the
+                # graph and runs saved-tensor hooks: host time in a step that is host-bound (kernels/NOTES.md)
+                call = _LayerCall(layer, i, self.offload_checkpoints, self.streamer, rng)
+                h = _LayerCheckpoint.apply(call, h, *extra)
             elif self.streamer is not None:
                 raise RuntimeError("offload_weights streams layers inside checkpointed training steps only; "
                                    "for evaluation, build the model without it")
