@@ -42,7 +42,8 @@ def _cmd_run(args) -> int:
         sc.measure.repeats = args.repeats
     try:
         out = run_sweep(sc, Path(args.results), None if args.no_report else Path(args.reports), new=args.new,
-                        quiet=args.quiet, only=args.only, resume_only=args.resume)
+                        quiet=args.quiet, only=args.only, resume_only=args.resume,
+                        retry_failed=args.retry_failed)
     except KeyboardInterrupt:
         print("\ninterrupted: finished runs are stored; rerun the same command to resume", file=sys.stderr)
         return 130
@@ -131,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "for filling one sweep over several invocations with --only/--repeats")
     r.add_argument("--only", nargs="+", metavar="FRAMEWORK", help="run only these of the scenario's frameworks")
     r.add_argument("--repeats", type=int, help="override measure.repeats")
+    r.add_argument("--retry-failed", action="store_true",
+                   help="in the newest sweep of this scenario, do runs stored as error/crashed/timeout again "
+                        "(for failures of the machine, e.g. a full disk); the failed attempt is kept in "
+                        "runs/attempts/ and listed in the new row")
     r.add_argument("--no-report", action="store_true")
     r.add_argument("--quiet", action="store_true")
     v = sub.add_parser("validate", help="check scenario files without running",

@@ -347,19 +347,70 @@ def _kill_group(proc: subprocess.Popen) -> None:
         pass
 
 
+RETRYABLE = ("error", "crashed", "timeout")  # an OOM is a measurement of the framework, not retried
+
+
+def set_aside_failed(sweep_dir: Path, keys: list[str]) -> list[str]:
+    """Move the stored failed rows among ``keys`` (status in :data:`RETRYABLE`) and their logs to
+    ``runs/attempts/`` and ``logs/attempts/`` as ``<key>.<n>`` (never overwritten), so the runs are done again.
+
+    For failures of the machine rather than of the framework (a full disk, a lost device): the failed attempt
+    stays on record and the new row lists it under ``previous_attempts``. Returns the keys set aside."""
+    moved = []
+    for key in keys:
+        row = results.read_json(sweep_dir / "runs" / f"{key}.json")
+        if row is None or row.get("status") not in RETRYABLE:
+            continue
+        for sub, suffix in (("runs", ".json"), ("logs", ".log")):
+            src = sweep_dir / sub / f"{key}{suffix}"
+            if not src.exists():
+                continue
+            (sweep_dir / sub / "attempts").mkdir(exist_ok=True)
+            n = 1
+            while (sweep_dir / sub / "attempts" / f"{key}.{n}{suffix}").exists():
+                n += 1
+            os.replace(src, sweep_dir / sub / "attempts" / f"{key}.{n}{suffix}")
+        moved.append(key)
+    return moved
+
+
+def previous_attempts(sweep_dir: Path, key: str) -> list[dict]:
+    """``status``/``reason``/file of each set-aside attempt of ``key`` (see :func:`set_aside_failed`)."""
+    out = []
+    for p in sorted((sweep_dir / "runs" / "attempts").glob(f"{key}.*.json")):
+        row = results.read_json(p) or {}
+        out.append({"file": f"runs/attempts/{p.name}", "status": row.get("status"), "reason": row.get("reason")})
+    return out
+
+
+def prune_outputs(work_dir: Path, limit_bytes: int = 1 << 30) -> list[str]:
+    """Delete files over ``limit_bytes`` from a finished run's scratch directory (merged full-model copies,
+    e.g. LitGPT's ``final/lit_model.pth``, 16 GB at 8B): a sweep of several tools would fill a 64 GB disk.
+    Adapters, configs and logs stay. ``TUNEBENCH_KEEP_OUTPUTS=1`` keeps everything. Returns what was deleted."""
+    if os.environ.get("TUNEBENCH_KEEP_OUTPUTS") == "1" or not work_dir.is_dir():
+        return []
+    gone = []
+    for p in work_dir.rglob("*"):
+        if p.is_file() and not p.is_symlink() and p.stat().st_size > limit_bytes:
+            p.unlink()
+            gone.append(str(p.relative_to(work_dir)))
+    return gone
+
+
 def run_sweep(sc, results_root: Path, reports_root: Path | None, new: bool = False, quiet: bool = False,
-              only: list[str] | None = None, resume_only: bool = False) -> Path:
+              only: list[str] | None = None, resume_only: bool = False, retry_failed: bool = False) -> Path:
     """Run (or resume) the sweep of scenario ``sc``; returns the sweep's results directory.
 
     ``resume_only``: fill in the newest sweep of this scenario even when it is complete for the requested
     runs (then nothing runs); never start a new one. Scripts that fill one sweep over several invocations use
-    it so that a repeated invocation cannot start a duplicate sweep.
+    it so that a repeated invocation cannot start a duplicate sweep. ``retry_failed``: runs of that sweep stored
+    as error/crashed/timeout are done again, the failed attempt kept (:func:`set_aside_failed`).
     """
     results_root = Path(results_root)
     keys = [(fw, r) for r in range(sc.measure.repeats) for fw in sc.frameworks if not only or fw.key in only]
     key_names = [results.run_key(fw.key, r) for fw, r in keys]
     sweep_dir = None if new else find_resumable(sc, results_root, key_names)
-    if sweep_dir is None and resume_only:
+    if sweep_dir is None and (resume_only or retry_failed):
         sweep_dir = newest_sweep(sc, results_root)
     resumed = sweep_dir is not None
     if sweep_dir is None:
@@ -368,6 +419,9 @@ def run_sweep(sc, results_root: Path, reports_root: Path | None, new: bool = Fal
         _extend_plan(sweep_dir, key_names)
     run_root = work_root() / sweep_dir.name
     run_root.mkdir(parents=True, exist_ok=True)
+    if retry_failed and resumed:
+        with sweep_lock(sweep_dir):
+            set_aside_failed(sweep_dir, key_names)
     todo = [(fw, r) for fw, r in keys if not (sweep_dir / "runs" / f"{results.run_key(fw.key, r)}.json").exists()]
     with sweep_lock(sweep_dir), Display(total=len(keys), quiet=quiet) as display:
         display.progress.update(display.sweep, completed=len(keys) - len(todo))
@@ -378,7 +432,10 @@ def run_sweep(sc, results_root: Path, reports_root: Path | None, new: bool = Fal
             for fw, r in todo:
                 key = results.run_key(fw.key, r)
                 res = execute_run(sc, sweep_dir, run_root, prepared, fw, r, display)
+                if earlier := previous_attempts(sweep_dir, key):
+                    res["previous_attempts"] = earlier
                 results.write_json_once(sweep_dir / "runs" / f"{key}.json", res)
+                prune_outputs(run_root / key)
                 results.write_table(sweep_dir)
                 display.end_run(key, res)
     results.write_table(sweep_dir)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call of the published GPU sweep; rerun it until everything is stored (the runner resumes).
 #   bash scripts/gpu_sweep.sh DEADLINE_SECONDS     (then: tar xzf <files_at>/results.tgz, commit, call again)
+#   RETRY=1 bash scripts/gpu_sweep.sh ...           (also redo runs stored as error/crashed/timeout, e.g. disk full)
 # The device syncs its copy of the repository with yours at every call, deleting result directories it
 # does not have here: everything stored is packed into $OUT/results.tgz at the end of each call.
 # Order: per 8B scenario, r0 of every framework, then the extra repeats of hf, tunebench and tunebench-fast (so each
@@ -9,18 +10,23 @@
 # (rms_norm backward grid, lora_linear precision).
 source scripts/gpu_setup.sh
 end=$(( $(date +%s) + ${1:-540} ))
-for b in base trl unsloth llamafactory axolotl litgpt lmeval; do
-  [ -f .bundles/$b.tar.xz ] && python3 -m harness env install .bundles/$b.tar.xz >/dev/null 2>&1 || echo "bundle $b: not installed"
-done
+mkdir -p "$TUNEBENCH_CACHE"
+if [ ! -f "$TUNEBENCH_CACHE/.bundles-installed" ]; then  # once per machine (a warm machine keeps /tmp)
+  for b in base trl unsloth llamafactory axolotl litgpt lmeval; do
+    [ -f .bundles/$b.tar.xz ] && python3 -m harness env install .bundles/$b.tar.xz >/dev/null 2>&1 || echo "bundle $b: not installed"
+  done
+  touch "$TUNEBENCH_CACHE/.bundles-installed"
+fi
 step() {  # run one harness command with what is left of the deadline (SIGINT: the runner stops cleanly)
   left=$(( end - $(date +%s) )); [ $left -gt 20 ] || return 1
-  timeout -s INT $left python3 -m harness run "$@" --resume --no-report 2>&1 | grep -v "━"
+  timeout -s INT $left python3 -m harness run "$@" --resume ${RETRY:+--retry-failed} --no-report 2>&1 | grep -v "━"
 }
 for sc in scenarios/llama8b_lora.yaml scenarios/llama8b_qlora.yaml; do
   step $sc --repeats 1 ;
-  step $sc --only hf tunebench tunebench-fast --repeats 3 ;
+  step $sc --only hf tunebench --repeats 3 ;
 done
 step scenarios/quality_gpu.yaml  # evaluates with the lmeval bundle (not yet tried on the box)
+step scenarios/llama8b_lora.yaml --only tunebench-fast --repeats 3 ;
 left=$(( end - $(date +%s) ))
 if [ $left -gt 90 ] && [ ! -f results/kernels_bench_h100-rerun/bench_ops.md ]; then
   mkdir -p results/kernels_bench_h100-rerun
