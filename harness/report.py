@@ -768,6 +768,10 @@ def _run_rows(sweep: Sweep) -> list[list[str | Cell]]:
 def _failure_rows(sweep: Sweep) -> list[list[str | Cell]]:
     rows = []
     for r in sweep.runs:
+        for a in r.get("previous_attempts") or []:  # failed attempts set aside by `run --retry-failed`
+            rows.append([r.get("framework", EMPTY), fmt(r.get("repeat"), 0),
+                         Cell(f"{a.get('status')}, then retried", "warn"), _short(a.get("reason"), 1000),
+                         f"`{a['file']}`" if a.get("file") else EMPTY])
         ok = r.get("status") == STATUS_OK
         if ok and r.get("valid", True):
             continue
@@ -962,7 +966,7 @@ def build_report(sweep: Sweep, out_dir: Path) -> Doc:
                "host RSS GiB", "final loss", "wall s", "reason / invalid"], _run_rows(sweep))
     fails = _failure_rows(sweep)
     if fails:
-        doc.h(2, "Failed and invalid runs")
+        doc.h(2, "Failed, retried and invalid runs")
         doc.table(["framework", "repeat", "status", "reason", "log"], fails)
 
     doc.h(1, "Charts")
