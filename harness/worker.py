@@ -114,10 +114,10 @@ class RunContext:
         saves.append({"step": step, "save_s": time.perf_counter() - t0, "dir": str(d)})
         return d
 
-    def trainer_callbacks(self, intermediate: bool = True) -> list[Any]:
+    def trainer_callbacks(self) -> list[Any]:
         """The callbacks an HF-Trainer-based tool gets: the measuring callback, whose first step reads the
-        effective settings back from the live model and optimizer, then (``intermediate``) the intermediate-save
-        callback, in that order (see :meth:`intermediate_callback`)."""
+        effective settings back from the live model and optimizer, then the intermediate-save callback, in that
+        order (see :meth:`intermediate_callback`)."""
         from harness.effective import read_back_model, read_back_optimizer
         from harness.measure import make_trainer_callback
 
@@ -125,7 +125,7 @@ class RunContext:
             self.set_effective(**read_back_model(live_model), **read_back_optimizer(kw.get("optimizer")))
 
         cbs = [make_trainer_callback(self.meter, on_first_step)]
-        return cbs + [self.intermediate_callback()] if intermediate else cbs
+        return cbs + [self.intermediate_callback()]
 
     def intermediate_callback(self) -> Any:
         """A transformers ``TrainerCallback`` that calls :meth:`save_intermediate` at each step end.

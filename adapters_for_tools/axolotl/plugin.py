@@ -22,4 +22,6 @@ class MeasurePlugin(BasePlugin):
         if ctx is None:
             return []
         ctx.meter.attach(trainer.model)
-        return ctx.trainer_callbacks(intermediate=False)
+        # measuring callback first, then the intermediate saves of eval.every_steps (time-to-target), as for the
+        # other HF-Trainer-based tools
+        return ctx.trainer_callbacks()
