@@ -23,6 +23,9 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+# scenario train.optimizer -> transformers TrainingArguments.optim (hf, TRL, Axolotl and LLaMA-Factory all take it)
+HF_OPTIM = {"adamw_torch": "adamw_torch", "adamw_torch_fused": "adamw_torch_fused", "adamw_8bit": "adamw_bnb_8bit",
+            "sgd": "sgd"}
 ALL_METHODS = frozenset({"full", "lora", "qlora", "dora"})
 ALL_FAMILIES = frozenset({"llama", "mistral", "qwen2"})
 

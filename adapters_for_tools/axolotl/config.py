@@ -14,8 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-OPTIM = {"adamw_torch": "adamw_torch", "adamw_torch_fused": "adamw_torch_fused", "adamw_8bit": "adamw_bnb_8bit",
-         "sgd": "sgd"}
+from adapters_for_tools.base import HF_OPTIM
 
 
 def native_config(sc, work_dir: Path, checkpoint: str, dataset_path: Path, fmt: str) -> dict[str, Any]:
@@ -70,7 +69,7 @@ def native_config(sc, work_dir: Path, checkpoint: str, dataset_path: Path, fmt: 
         "learning_rate": t.lr,
         "lr_scheduler": t.lr_scheduler,
         "warmup_steps": 0,
-        "optimizer": OPTIM[t.optimizer],
+        "optimizer": HF_OPTIM[t.optimizer],
         "weight_decay": t.weight_decay,
         "max_grad_norm": t.max_grad_norm or 0.0,
         "gradient_checkpointing": t.gradient_checkpointing,

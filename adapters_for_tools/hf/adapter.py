@@ -15,10 +15,8 @@ from __future__ import annotations
 import json
 import time
 
+from adapters_for_tools.base import HF_OPTIM
 from harness.data import collate, load_tokenised
-
-OPTIM = {"adamw_torch": "adamw_torch", "adamw_torch_fused": "adamw_torch_fused", "adamw_8bit": "adamw_bnb_8bit",
-         "sgd": "sgd"}
 
 
 def build_model(ctx):
@@ -71,7 +69,7 @@ def run(ctx) -> None:
         learning_rate=sc.train.lr,
         lr_scheduler_type=sc.train.lr_scheduler,
         warmup_steps=0,
-        optim=OPTIM[sc.train.optimizer],
+        optim=HF_OPTIM[sc.train.optimizer],
         weight_decay=sc.train.weight_decay,
         max_grad_norm=sc.train.max_grad_norm or 0.0,
         gradient_checkpointing=sc.train.gradient_checkpointing,

@@ -11,9 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from adapters_for_tools.base import HF_OPTIM
+
 DATASET_NAME = "tunebench"
-OPTIM = {"adamw_torch": "adamw_torch", "adamw_torch_fused": "adamw_torch_fused", "adamw_8bit": "adamw_bnb_8bit",
-         "sgd": "sgd"}
 
 
 def dataset_info(file_name: str) -> dict[str, Any]:
@@ -57,7 +57,7 @@ def native_config(sc, work_dir: Path, checkpoint: str, dataset_dir: Path) -> dic
         "learning_rate": t.lr,
         "lr_scheduler_type": t.lr_scheduler,
         "warmup_steps": 0,
-        "optim": OPTIM[t.optimizer],
+        "optim": HF_OPTIM[t.optimizer],
         "weight_decay": t.weight_decay,
         "max_grad_norm": t.max_grad_norm or 0.0,
         "bf16": sc.model.dtype == "bfloat16",

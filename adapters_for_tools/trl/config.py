@@ -17,8 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-OPTIM = {"adamw_torch": "adamw_torch", "adamw_torch_fused": "adamw_torch_fused", "adamw_8bit": "adamw_bnb_8bit",
-         "sgd": "sgd"}
+from adapters_for_tools.base import HF_OPTIM
 
 
 def native_config(sc, work_dir: Path, checkpoint: str, data_file: Path, fmt: str) -> dict[str, Any]:
@@ -53,7 +52,7 @@ def native_config(sc, work_dir: Path, checkpoint: str, data_file: Path, fmt: str
         "learning_rate": sc.train.lr,
         "lr_scheduler_type": sc.train.lr_scheduler,
         "warmup_steps": 0,
-        "optim": OPTIM[sc.train.optimizer],
+        "optim": HF_OPTIM[sc.train.optimizer],
         "weight_decay": sc.train.weight_decay,
         "max_grad_norm": sc.train.max_grad_norm or 0.0,
         "gradient_checkpointing": sc.train.gradient_checkpointing,

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from adapters_for_tools.trl.config import OPTIM
+from adapters_for_tools.base import HF_OPTIM
 
 
 def native_config(sc, work_dir: Path, checkpoint: str, data_file: Path) -> dict[str, Any]:
@@ -39,7 +39,7 @@ def native_config(sc, work_dir: Path, checkpoint: str, data_file: Path) -> dict[
         "learning_rate": t.lr,
         "lr_scheduler_type": t.lr_scheduler,
         "warmup_steps": 0,
-        "optim": OPTIM[t.optimizer],
+        "optim": HF_OPTIM[t.optimizer],
         "weight_decay": t.weight_decay,
         "max_grad_norm": t.max_grad_norm or 0.0,
         "bf16": sc.model.dtype == "bfloat16",
