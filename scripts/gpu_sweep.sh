@@ -25,7 +25,8 @@ for sc in scenarios/llama8b_lora.yaml scenarios/llama8b_qlora.yaml; do
   step $sc --repeats 1 ;
   step $sc --only hf tunebench --repeats 3 ;
 done
-step scenarios/quality_gpu.yaml  # evaluates with the lmeval bundle (not yet tried on the box)
+step scenarios/quality_gpu.yaml  # evaluates with the lmeval bundle
+step scenarios/quality_gpu_parity.yaml  # bisects tunebench's bf16 full-FT departure (kernels/NOTES.md)
 step scenarios/llama8b_lora.yaml --only tunebench-fast --repeats 3 ;
 left=$(( end - $(date +%s) ))
 if [ $left -gt 90 ] && [ ! -f results/kernels_bench_h100-rerun/bench_ops.md ]; then

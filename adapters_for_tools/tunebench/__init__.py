@@ -5,7 +5,9 @@
 ``offload_checkpoints: true`` (checkpointed layer inputs in pinned host memory), ``offload_weights: N``
 (frozen bf16 base weights of N decoder layers streamed from pinned host memory; -1 = all),
 ``offload_embeddings: true`` / ``offload_lm_head: true`` (frozen, untied tables on the host),
-``fused_ce_chunk: N`` (tokens per chunk of the fused LM-head + loss), ``lora_dtype: float32|bfloat16``.
+``fused_ce_chunk: N`` (tokens per chunk of the fused LM-head + loss), ``lora_dtype: float32|bfloat16``,
+``reference_ops: [rms_norm, rope, swiglu, fused_linear_cross_entropy]`` (run those ops as their PyTorch
+references: for bisecting a loss-parity departure op by op).
 """
 
 from adapters_for_tools.base import AdapterInfo

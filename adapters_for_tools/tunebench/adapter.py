@@ -24,7 +24,7 @@ from harness.data import load_tokenised
 from harness.effective import read_back_optimizer
 
 KNOBS = {"recompute_layers": int, "offload_checkpoints": bool, "offload_weights": int, "offload_embeddings": bool,
-         "offload_lm_head": bool, "fused_ce_chunk": int, "lora_dtype": str}
+         "offload_lm_head": bool, "fused_ce_chunk": int, "lora_dtype": str, "reference_ops": list}
 
 
 def method_options(sc, overrides: dict):  # noqa: ANN001, ANN201
@@ -53,17 +53,19 @@ def method_options(sc, overrides: dict):  # noqa: ANN001, ANN201
         offload_embeddings=bool(overrides.get("offload_embeddings", False)),
         offload_lm_head=bool(overrides.get("offload_lm_head", False)),
         fused_ce_chunk=int(overrides["fused_ce_chunk"]) if overrides.get("fused_ce_chunk") else None,
+        reference_ops=tuple(overrides.get("reference_ops", ())),
     )
 
 
-def ops_in_use(device: str) -> dict[str, str]:
-    """Which implementation each op runs with here (Triton kernel or PyTorch reference)."""
+def ops_in_use(device: str, reference_ops: tuple[str, ...] = ()) -> dict[str, str]:
+    """Which implementation each op runs with here (Triton kernel or PyTorch reference; ``reference_ops``:
+    the knob of that name)."""
     from kernels.ops._utils import interpret_mode
 
     kern = "triton" if device == "cuda" else ("triton-interpreter" if interpret_mode() else "torch-reference")
     ops = ("rms_norm", "rope", "swiglu", "fused_linear_cross_entropy", "lora_linear", "nf4_dequantize")
     # lora_linear is cuBLAS GEMMs with a hand-written backward (no Triton kernel of its own); DoRA is plain torch
-    return {op: kern for op in ops} | {"dora": "torch"}
+    return {op: ("torch-reference" if op in reference_ops else kern) for op in ops} | {"dora": "torch"}
 
 
 def run(ctx) -> None:  # noqa: ANN001
@@ -88,7 +90,7 @@ def run(ctx) -> None:  # noqa: ANN001
     settings = TrainSettings.from_scenario(sc, tok.pad_token_id)
     trainer_cfg = {"method": {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in vars(options).items()},
                    "train": dict(vars(settings)),
-                   "device": str(device), "dtype": str(dtype), "ops": ops_in_use(device.type)}
+                   "device": str(device), "dtype": str(dtype), "ops": ops_in_use(device.type, options.reference_ops)}
     ctx.save_native_config("tunebench_trainer.json", json.dumps(trainer_cfg, indent=1, default=str))
     ctx.extra["trainer"] = {"overrides": dict(ctx.overrides), "ops": trainer_cfg["ops"],
                             "streamed_layers": model.streamer.layer_ids if model.streamer else [],

@@ -48,16 +48,48 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.ops.fused_linear_cross_entropy import fused_linear_cross_entropy
+from kernels.ops.fused_linear_cross_entropy import fused_linear_cross_entropy, fused_linear_cross_entropy_reference
 from kernels.ops.lora_linear import lora_linear
 from kernels.ops.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
-from kernels.ops.rms_norm import rms_norm
-from kernels.ops.rope import apply_rope, rope_cos_sin
-from kernels.ops.swiglu import swiglu
+from kernels.ops.rms_norm import rms_norm, rms_norm_reference
+from kernels.ops.rope import apply_rope, apply_rope_reference, rope_cos_sin
+from kernels.ops.swiglu import swiglu, swiglu_reference
 
 ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 LINEAR_MODULES = ATTN_MODULES + MLP_MODULES
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# which implementation of each op the blocks call
+
+
+def _ce_reference(h, w, labels, chunk_size=None, **kw):  # noqa: ANN001, ANN003, ANN202, ARG001 - fused-op signature
+    return fused_linear_cross_entropy_reference(h, w, labels, **kw)
+
+
+@dataclass(frozen=True)
+class OpSet:
+    """The ops the decoder blocks call. Each field is the fused op (Triton on CUDA) or, when named in
+    ``MethodOptions.reference_ops``, its pure-PyTorch reference (fp32 maths, autograd backward, same call
+    signature): for bisecting a loss-parity departure op by op on the GPU, at the reference's speed and memory."""
+
+    rms_norm: Any = rms_norm
+    rope: Any = apply_rope
+    swiglu: Any = swiglu
+    fused_linear_cross_entropy: Any = fused_linear_cross_entropy
+
+    @classmethod
+    def with_references(cls, names: tuple[str, ...] | list[str]) -> OpSet:
+        refs = {"rms_norm": rms_norm_reference, "rope": apply_rope_reference, "swiglu": swiglu_reference,
+                "fused_linear_cross_entropy": _ce_reference}
+        unknown = sorted(set(names) - set(refs))
+        if unknown:
+            raise ValueError(f"reference_ops {unknown}: not among {sorted(refs)}")
+        return cls(**{n: refs[n] for n in names})
+
+
+FUSED_OPS = OpSet()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -142,6 +174,8 @@ class MethodOptions:
         offload_embeddings: input embedding table on the host (frozen, untied only).
         offload_lm_head: frozen LM head on the host, copied to the GPU for the loss (untied only).
         fused_ce_chunk: tokens per chunk of the fused LM-head + loss (None: the op's default, 1024).
+        reference_ops: ops (``rms_norm``, ``rope``, ``swiglu``, ``fused_linear_cross_entropy``) to run as their
+            PyTorch references instead (:class:`OpSet`), for isolating a numerical difference on the GPU.
     """
 
     kind: str = "lora"
@@ -158,6 +192,7 @@ class MethodOptions:
     offload_embeddings: bool = False
     offload_lm_head: bool = False
     fused_ce_chunk: int | None = None
+    reference_ops: tuple[str, ...] = ()
 
     @property
     def is_peft(self) -> bool:
@@ -279,16 +314,20 @@ class Linear(nn.Module):
 
 
 class RMSNorm(nn.Module):
+    ops = FUSED_OPS  # apply_method sets the model's OpSet on every block
+
     def __init__(self, n: int, eps: float, dtype: torch.dtype, device: torch.device):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(n, dtype=dtype, device=device), requires_grad=False)
         self.eps = eps
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):  # noqa: ANN201
-        return rms_norm(x, self.weight, self.eps, residual)
+        return self.ops.rms_norm(x, self.weight, self.eps, residual)
 
 
 class Attention(nn.Module):
+    ops = FUSED_OPS
+
     def __init__(self, cfg: DecoderConfig, dtype: torch.dtype, device: torch.device):
         super().__init__()
         h, d = cfg.hidden_size, cfg.head_dim
@@ -303,7 +342,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(bsz, seq, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(bsz, seq, self.n_kv, self.head_dim)
         v = self.v_proj(x).view(bsz, seq, self.n_kv, self.head_dim)
-        q, k = apply_rope(q, k, cos, sin)
+        q, k = self.ops.rope(q, k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if mask is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
@@ -317,6 +356,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    ops = FUSED_OPS
+
     def __init__(self, cfg: DecoderConfig, dtype: torch.dtype, device: torch.device):
         super().__init__()
         h, i, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
@@ -325,7 +366,7 @@ class MLP(nn.Module):
         self.down_proj = Linear(i, h, b, dtype, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        return self.down_proj(self.ops.swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -544,6 +585,8 @@ class DecoderModel(nn.Module):
         device: where the weights live.
     """
 
+    ops = FUSED_OPS
+
     def __init__(self, cfg: DecoderConfig, dtype: torch.dtype, device: torch.device | str):
         super().__init__()
         device = torch.device(device)
@@ -665,7 +708,7 @@ class DecoderModel(nn.Module):
                 w.record_stream(torch.cuda.current_stream(w.device))
         if labels is None:
             return h @ w.t()
-        return fused_linear_cross_entropy(h, w, labels, ignore_index=-100, reduction=reduction, shift=True,
+        return self.ops.fused_linear_cross_entropy(h, w, labels, ignore_index=-100, reduction=reduction, shift=True,
                                           chunk_size=self.options.fused_ce_chunk)
 
     # -- read-back ------------------------------------------------------------------------------------------------
@@ -853,6 +896,10 @@ def _assign(model: DecoderModel, key: str, t: torch.Tensor) -> None:
 def apply_method(model: DecoderModel, options: MethodOptions, seed: int | None = None) -> None:
     """Set trainable parameters for the method; add LoRA/DoRA adapters (PEFT init) to the target linears."""
     model.options = options
+    ops = OpSet.with_references(options.reference_ops) if options.reference_ops else FUSED_OPS
+    for m in model.modules():
+        if isinstance(m, (DecoderModel, RMSNorm, Attention, MLP)):
+            m.ops = ops
     model.gradient_checkpointing = options.gradient_checkpointing
     model.offload_checkpoints = options.offload_checkpoints
     model.checkpointed_layers = None

@@ -227,3 +227,27 @@ def test_streamed_layers_are_spread():
     assert streamed_layer_ids(32, 16) == list(range(0, 32, 2))
     ids = streamed_layer_ids(32, 18)
     assert len(ids) == 18 and max(b - a for a, b in zip(ids, ids[1:], strict=False)) <= 2
+
+
+def test_reference_ops_switch_the_blocks_ops(checkpoints, monkeypatch):  # noqa: ANN001
+    """``reference_ops`` puts the named ops' PyTorch references into every block; the rest stay fused."""
+    from kernels.ops.rms_norm import rms_norm_reference
+    from kernels.ops.swiglu import swiglu
+    from kernels.trainer.model import FUSED_OPS
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # so that "fused" really runs the Triton kernels here
+    ckpt = checkpoints["tiny-llama"]
+    ids = torch.randint(3, 200, (2, 24))
+    losses = []
+    for names in ((), ("rms_norm", "rope", "swiglu", "fused_linear_cross_entropy")):
+        model = load_model(ckpt, MethodOptions(kind="full", reference_ops=names), dtype=torch.float32, device="cpu")
+        layer = model.model.layers[0]
+        assert (layer.input_layernorm.ops.rms_norm is rms_norm_reference) == bool(names)
+        assert (layer.mlp.ops.swiglu is swiglu) != bool(names)
+        assert (model.ops is FUSED_OPS) != bool(names)
+        losses.append(model(ids, labels=ids))
+    # same maths in fp32: the Triton kernels (interpreted) and the references agree
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="reference_ops"):
+        load_model(ckpt, MethodOptions(kind="full", reference_ops=("lora_linear",)), dtype=torch.float32,
+                   device="cpu")
