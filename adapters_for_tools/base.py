@@ -26,6 +26,24 @@ from typing import Any
 # scenario train.optimizer -> transformers TrainingArguments.optim (hf, TRL, Axolotl and LLaMA-Factory all take it)
 HF_OPTIM = {"adamw_torch": "adamw_torch", "adamw_torch_fused": "adamw_torch_fused", "adamw_8bit": "adamw_bnb_8bit",
             "sgd": "sgd"}
+
+
+def trainer_args(sc) -> dict[str, Any]:  # noqa: ANN001
+    """The transformers ``TrainingArguments`` that carry the scenario's optimisation settings, under their own
+    names: shared by every HF-Trainer-based tool that takes them as such (hf, TRL, Unsloth, LLaMA-Factory).
+    No LR warmup (the scenario has none); ``max_grad_norm`` 0 = no clipping."""
+    t = sc.train
+    return {
+        "per_device_train_batch_size": t.micro_batch,
+        "gradient_accumulation_steps": t.grad_accum,
+        "max_steps": t.steps,
+        "learning_rate": t.lr,
+        "lr_scheduler_type": t.lr_scheduler,
+        "warmup_steps": 0,
+        "optim": HF_OPTIM[t.optimizer],
+        "weight_decay": t.weight_decay,
+        "max_grad_norm": t.max_grad_norm or 0.0,
+    }
 ALL_METHODS = frozenset({"full", "lora", "qlora", "dora"})
 ALL_FAMILIES = frozenset({"llama", "mistral", "qwen2"})
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import time
 
-from adapters_for_tools.base import HF_OPTIM
+from adapters_for_tools.base import trainer_args
 from harness.data import collate, load_tokenised
 
 
@@ -63,15 +63,7 @@ def run(ctx) -> None:
     mixed = sc.model.dtype in ("bfloat16", "float16")
     args_kw = dict(
         output_dir=str(ctx.work_dir / "trainer"),
-        per_device_train_batch_size=sc.train.micro_batch,
-        gradient_accumulation_steps=sc.train.grad_accum,
-        max_steps=sc.train.steps,
-        learning_rate=sc.train.lr,
-        lr_scheduler_type=sc.train.lr_scheduler,
-        warmup_steps=0,
-        optim=HF_OPTIM[sc.train.optimizer],
-        weight_decay=sc.train.weight_decay,
-        max_grad_norm=sc.train.max_grad_norm or 0.0,
+        **trainer_args(sc),
         gradient_checkpointing=sc.train.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if sc.train.gradient_checkpointing else None,
         bf16=mixed and sc.model.dtype == "bfloat16",

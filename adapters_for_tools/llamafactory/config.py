@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from adapters_for_tools.base import HF_OPTIM
+from adapters_for_tools.base import trainer_args
 
 DATASET_NAME = "tunebench"
 
@@ -51,15 +51,7 @@ def native_config(sc, work_dir: Path, checkpoint: str, dataset_dir: Path) -> dic
         "dataloader_num_workers": 0,
         "output_dir": str(work_dir / "output"),  # = ctx.output_dir: LLaMA-Factory saves the trained output there
         "overwrite_output_dir": True,
-        "per_device_train_batch_size": t.micro_batch,
-        "gradient_accumulation_steps": t.grad_accum,
-        "max_steps": t.steps,
-        "learning_rate": t.lr,
-        "lr_scheduler_type": t.lr_scheduler,
-        "warmup_steps": 0,
-        "optim": HF_OPTIM[t.optimizer],
-        "weight_decay": t.weight_decay,
-        "max_grad_norm": t.max_grad_norm or 0.0,
+        **trainer_args(sc),
         "bf16": sc.model.dtype == "bfloat16",
         "fp16": sc.model.dtype == "float16",
         "disable_gradient_checkpointing": not t.gradient_checkpointing,

@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from adapters_for_tools.base import HF_OPTIM
+from adapters_for_tools.base import trainer_args
 
 
 def native_config(sc, work_dir: Path, checkpoint: str, data_file: Path, fmt: str) -> dict[str, Any]:
@@ -46,15 +46,7 @@ def native_config(sc, work_dir: Path, checkpoint: str, data_file: Path, fmt: str
         "dataset_train_split": "train",
         # SFTConfig (TrainingArguments)
         "output_dir": str(Path(work_dir) / "trainer"),
-        "per_device_train_batch_size": sc.train.micro_batch,
-        "gradient_accumulation_steps": sc.train.grad_accum,
-        "max_steps": sc.train.steps,
-        "learning_rate": sc.train.lr,
-        "lr_scheduler_type": sc.train.lr_scheduler,
-        "warmup_steps": 0,
-        "optim": HF_OPTIM[sc.train.optimizer],
-        "weight_decay": sc.train.weight_decay,
-        "max_grad_norm": sc.train.max_grad_norm or 0.0,
+        **trainer_args(sc),
         "gradient_checkpointing": sc.train.gradient_checkpointing,
         "gradient_checkpointing_kwargs": {"use_reentrant": False} if sc.train.gradient_checkpointing else None,
         "bf16": mixed and sc.model.dtype == "bfloat16",

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from adapters_for_tools.base import HF_OPTIM
+from adapters_for_tools.base import trainer_args
 
 
 def native_config(sc, work_dir: Path, checkpoint: str, data_file: Path) -> dict[str, Any]:
@@ -33,15 +33,7 @@ def native_config(sc, work_dir: Path, checkpoint: str, data_file: Path) -> dict[
                 "random_state": t.seed, "use_rslora": False}
     sft = {
         "output_dir": str(Path(work_dir) / "trainer"),
-        "per_device_train_batch_size": t.micro_batch,
-        "gradient_accumulation_steps": t.grad_accum,
-        "max_steps": t.steps,
-        "learning_rate": t.lr,
-        "lr_scheduler_type": t.lr_scheduler,
-        "warmup_steps": 0,
-        "optim": HF_OPTIM[t.optimizer],
-        "weight_decay": t.weight_decay,
-        "max_grad_norm": t.max_grad_norm or 0.0,
+        **trainer_args(sc),
         "bf16": sc.model.dtype == "bfloat16",
         "fp16": sc.model.dtype == "float16",
         "logging_steps": 1,
