@@ -82,12 +82,13 @@ def _hi_lo(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
-def _sum_halves(p: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
-    """Inverse of :func:`_hi_lo` on a GEMM result: add the hi and lo halves along ``dim`` (fp32), round once."""
-    if not _low_precision(dtype):
-        return p.to(dtype)
+def _sum_halves(p: torch.Tensor, dim: int, compute: torch.dtype, out: torch.dtype) -> torch.Tensor:
+    """Inverse of :func:`_hi_lo` on a GEMM result computed in ``compute`` precision: add the hi and lo halves
+    along ``dim`` (fp32) and round once to ``out`` (the parameter's storage dtype: no rounding for fp32)."""
+    if not _low_precision(compute):
+        return p.to(out)
     hi, lo = p.chunk(2, dim)
-    return torch.add(hi, lo, out=torch.empty(hi.shape, dtype=dtype, device=p.device))
+    return torch.add(hi, lo, out=torch.empty(hi.shape, dtype=out, device=p.device))
 
 
 class LoRALinearFunction(torch.autograd.Function):
@@ -97,6 +98,10 @@ class LoRALinearFunction(torch.autograd.Function):
     def forward(ctx, x2, lora_a, lora_b, bias, weight, scale, dropout_p, mask):  # noqa: ANN001, ANN205
         # 2-D in, 2-D out: the public wrapper reshapes outside the Function so that views of the output can be
         # modified in place later (e.g. RoPE on q_proj(x).view(B, S, H, D)); autograd forbids that otherwise.
+        # A/B may be stored in another dtype (fp32, PEFT's default): cast here for the GEMMs (no autograd node
+        # per cast), and dA/dB go back in the storage dtype, rounded once (backward)
+        ctx.ab_dtypes = (lora_a.dtype, lora_b.dtype)
+        lora_a, lora_b = lora_a.to(x2.dtype), lora_b.to(x2.dtype)
         w = _base_weight(weight, x2.dtype)
         y = x2 @ w.t() if bias is None else torch.addmm(bias, x2, w.t())
         del w  # NF4: the dequantised copy dies here; backward recomputes it
@@ -118,15 +123,16 @@ class LoRALinearFunction(torch.autograd.Function):
         s, r, dtype = ctx.scale, lora_a.shape[0], dy.dtype
         need_dx, need_da, need_db, need_dbias = ctx.needs_input_grad[:4]
         dx = da = db = dbias = None
+        a_dtype, b_dtype = ctx.ab_dtypes
         if need_db:  # dB = dy^T (s xa): reduction over tokens with fp32 output, (s xa) as hi + lo
-            db = _sum_halves(_mm_f32(dy.t(), xa_hl), 1, dtype)
+            db = _sum_halves(_mm_f32(dy.t(), xa_hl), 1, dtype, b_dtype)
         if need_dx or need_da:
             # s * dy B in fp32, as hi + lo: rounding it to bf16 (rel. 2^-9) before the token reduction of dA
             # is what failed the bf16 GPU test (see kernels/NOTES.md, "lora_linear bf16 dA").
             sdyb_hl = _hi_lo(_mm_f32(dy, lora_b).mul_(s), dtype)  # [T, 2r]
             if need_da:
                 x_m = x2 * mask if mask is not None else x2
-                da = _sum_halves(_mm_f32(sdyb_hl.t(), x_m), 0, dtype)
+                da = _sum_halves(_mm_f32(sdyb_hl.t(), x_m), 0, dtype, a_dtype)
                 del x_m
             if need_dx:
                 w = _base_weight(ctx.weight, dtype)
@@ -187,8 +193,10 @@ def lora_linear(
         x: ``[..., in]`` activations (bf16/fp16/fp32).
         weight: Frozen base weight ``[out, in]`` in ``x``'s dtype, or an :class:`NF4Tensor` of that shape.
             A dense weight with ``requires_grad=True`` is rejected (its gradient would silently be missing).
-        lora_a: ``[r, in]`` LoRA A, same dtype as ``x``.
-        lora_b: ``[out, r]`` LoRA B, same dtype as ``x``.
+        lora_a: ``[r, in]`` LoRA A, in ``x``'s dtype or a wider storage dtype (fp32, as PEFT keeps it): cast to
+            ``x``'s dtype for the GEMMs inside the op; its gradient comes back in the storage dtype, computed
+            in fp32 and rounded once (not rounded to ``x``'s dtype first, as a separate cast would).
+        lora_b: ``[out, r]`` LoRA B, likewise.
         scale: ``lora_alpha / r`` (or ``lora_alpha / sqrt(r)`` for rsLoRA).
         bias: Optional ``[out]`` bias (trainable or frozen).
         dropout_p: LoRA dropout probability on the input of A.

@@ -286,10 +286,11 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.lora_A is None:
             return self._base(x)
-        a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
-        if self.magnitude is None:
+        if self.magnitude is None:  # lora_linear casts A/B (lora_dtype) to x's dtype itself
             base = self.qweight if self.qweight is not None else self.base_weight()
-            return lora_linear(x, base, a, b, self.scaling, self.bias, self.lora_dropout, self.training)
+            return lora_linear(x, base, self.lora_A, self.lora_B, self.scaling, self.bias, self.lora_dropout,
+                               self.training)
+        a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
         # DoRA (PEFT semantics): base + (m/n - 1) * W xd + (m/n) * s * B A xd, n = ||W + s B A|| detached
         xd = F.dropout(x, self.lora_dropout, self.training) if self.lora_dropout else x
         w = self.base_weight()

@@ -86,3 +86,32 @@ def test_lora_linear_eval_has_no_dropout():
     y1 = lora_linear(x, w, a, b, 1.0, dropout_p=0.5, training=False)
     y2 = lora_linear(x, w, a, b, 1.0, dropout_p=0.0)
     assert torch.equal(y1, y2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+def test_lora_linear_fp32_adapter_weights(dtype, dropout):
+    """A/B stored in fp32 (the trainer's default, as PEFT) with bf16/fp16 activations: the op casts them for the
+    GEMMs and returns dA/dB in fp32, rounded once. They agree with the float64 reference on the *rounded* A/B
+    (what the GEMMs see) more tightly than a gradient rounded to bf16 could (rtol 2e-5, not 2e-2)."""
+    w, _, a, b, _ = _params(torch.float32, False, False)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 41, IN, generator=g).to(DEVICE, dtype)
+    dy = torch.randn(3, 41, OUT, generator=g).to(DEVICE, dtype)
+    w = w.to(dtype)
+    a32, b32 = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
+    torch.manual_seed(5)
+    y = lora_linear(x, w, a32, b32, 2.0, dropout_p=dropout)
+    y.backward(dy)
+    assert y.dtype == dtype and a32.grad.dtype == torch.float32 and b32.grad.dtype == torch.float32
+    torch.manual_seed(5)
+    mask = dropout_mask(x.shape, dropout, x.device) if dropout > 0 else None
+    ra = a.to(dtype).double().requires_grad_(True)  # the values the op's GEMMs use
+    rb = b.to(dtype).double().requires_grad_(True)
+    ref = lora_linear_reference(x.double(), w.double(), ra, rb, 2.0, None, mask, dropout)
+    ref.backward(dy.double())
+    atol = TOLERANCES[dtype][0]
+    assert_close_verbose(y, ref, atol, TOLERANCES[dtype][1], f"y {dtype} p={dropout}")
+    # fp32 dA/dB: the only roundings left are the bf16 operands the reference shares, and fp32 accumulation
+    assert_close_verbose(a32.grad, ra.grad, 1e-3, 2e-5, f"dA fp32 {dtype} p={dropout}")
+    assert_close_verbose(b32.grad, rb.grad, 1e-3, 2e-5, f"dB fp32 {dtype} p={dropout}")
