@@ -419,11 +419,11 @@ def run_sweep(sc, results_root: Path, reports_root: Path | None, new: bool = Fal
         _extend_plan(sweep_dir, key_names)
     run_root = work_root() / sweep_dir.name
     run_root.mkdir(parents=True, exist_ok=True)
-    if retry_failed and resumed:
-        with sweep_lock(sweep_dir):
-            set_aside_failed(sweep_dir, key_names)
-    todo = [(fw, r) for fw, r in keys if not (sweep_dir / "runs" / f"{results.run_key(fw.key, r)}.json").exists()]
     with sweep_lock(sweep_dir), Display(total=len(keys), quiet=quiet) as display:
+        if retry_failed and resumed:
+            set_aside_failed(sweep_dir, key_names)
+        todo = [(fw, r) for fw, r in keys
+                if not (sweep_dir / "runs" / f"{results.run_key(fw.key, r)}.json").exists()]
         display.progress.update(display.sweep, completed=len(keys) - len(todo))
         display.console.print(f"{'resuming' if resumed else 'sweep'} {sweep_dir} "
                               f"({len(todo)} of {len(keys)} runs to do)")

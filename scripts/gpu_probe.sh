@@ -4,9 +4,6 @@
 #   bash scripts/gpu_probe.sh DEADLINE_SECONDS
 source scripts/gpu_setup.sh
 end=$(( $(date +%s) + ${1:-540} ))
-for b in base trl unsloth llamafactory axolotl litgpt; do
-  [ -f .bundles/$b.tar.xz ] && python3 -m harness env install .bundles/$b.tar.xz >/dev/null 2>&1 || echo "bundle $b: not installed"
-done
 mkdir -p /tmp/probe
 left() { echo $(( end - $(date +%s) )); }
 timeout $(( $(left) - 30 )) python3 -m kernels.trainer.profile_step --runs lora,qlora --steps 10 --warmup 3 \

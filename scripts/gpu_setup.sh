@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On an offline GPU box: install the packages carried in .whl/ into /tmp/site (wheels with pip --no-deps,
-# pre-pruned trees as .tar.xz), then `export PYTHONPATH=/tmp/site` in the calling shell.
+# pre-pruned trees as .tar.xz), `export PYTHONPATH=/tmp/site` in the calling shell, and install the framework
+# bundles carried in .bundles/.
 #   source scripts/gpu_setup.sh
 set -e
 mkdir -p /tmp/site
@@ -9,4 +10,12 @@ ls .whl/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps 
 for t in .whl/*.tar.xz; do [ -e "$t" ] && tar xJf "$t" -C /tmp/site; done
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 export TUNEBENCH_CACHE=${TUNEBENCH_CACHE:-/tmp/tbcache} PYTHONUNBUFFERED=1 CUDA_DEVICE_ORDER=PCI_BUS_ID
+# the per-framework offline bundles carried in .bundles/ (python -m harness env pack all), once per machine
+mkdir -p "$TUNEBENCH_CACHE"
+if [ ! -f "$TUNEBENCH_CACHE/.bundles-installed" ]; then  # once per machine (a warm machine keeps /tmp)
+  for b in base trl unsloth llamafactory axolotl litgpt lmeval; do
+    [ -f .bundles/$b.tar.xz ] && python3 -m harness env install .bundles/$b.tar.xz >/dev/null 2>&1 || echo "bundle $b: not installed"
+  done
+  touch "$TUNEBENCH_CACHE/.bundles-installed"
+fi
 set +e

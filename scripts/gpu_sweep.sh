@@ -10,13 +10,6 @@
 # (rms_norm backward grid, lora_linear precision).
 source scripts/gpu_setup.sh
 end=$(( $(date +%s) + ${1:-540} ))
-mkdir -p "$TUNEBENCH_CACHE"
-if [ ! -f "$TUNEBENCH_CACHE/.bundles-installed" ]; then  # once per machine (a warm machine keeps /tmp)
-  for b in base trl unsloth llamafactory axolotl litgpt lmeval; do
-    [ -f .bundles/$b.tar.xz ] && python3 -m harness env install .bundles/$b.tar.xz >/dev/null 2>&1 || echo "bundle $b: not installed"
-  done
-  touch "$TUNEBENCH_CACHE/.bundles-installed"
-fi
 step() {  # run one harness command with what is left of the deadline (SIGINT: the runner stops cleanly)
   left=$(( end - $(date +%s) )); [ $left -gt 20 ] || return 1
   timeout -s INT $left python3 -m harness run "$@" --resume ${RETRY:+--retry-failed} --no-report 2>&1 | grep -v "━"
