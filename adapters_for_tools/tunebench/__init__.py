@@ -7,7 +7,8 @@
 ``offload_embeddings: true`` / ``offload_lm_head: true`` (frozen, untied tables on the host),
 ``fused_ce_chunk: N`` (tokens per chunk of the fused LM-head + loss), ``lora_dtype: float32|bfloat16``,
 ``reference_ops: [rms_norm, rope, swiglu, fused_linear_cross_entropy]`` (run those ops as their PyTorch
-references: for bisecting a loss-parity departure op by op).
+references: for bisecting a loss-parity departure op by op), ``group_projections: false`` (one LoRA call per
+projection instead of one per q/k/v and gate/up group).
 """
 
 from adapters_for_tools.base import AdapterInfo

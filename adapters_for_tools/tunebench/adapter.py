@@ -24,7 +24,8 @@ from harness.data import load_tokenised
 from harness.effective import read_back_optimizer
 
 KNOBS = {"recompute_layers": int, "offload_checkpoints": bool, "offload_weights": int, "offload_embeddings": bool,
-         "offload_lm_head": bool, "fused_ce_chunk": int, "lora_dtype": str, "reference_ops": list}
+         "offload_lm_head": bool, "fused_ce_chunk": int, "lora_dtype": str, "reference_ops": list,
+         "group_projections": bool}
 
 
 def method_options(sc, overrides: dict):  # noqa: ANN001, ANN201
@@ -54,6 +55,7 @@ def method_options(sc, overrides: dict):  # noqa: ANN001, ANN201
         offload_lm_head=bool(overrides.get("offload_lm_head", False)),
         fused_ce_chunk=int(overrides["fused_ce_chunk"]) if overrides.get("fused_ce_chunk") else None,
         reference_ops=tuple(overrides.get("reference_ops", ())),
+        group_projections=bool(overrides.get("group_projections", True)),
     )
 
 

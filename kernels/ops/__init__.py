@@ -5,7 +5,7 @@ Every public function runs its Triton kernels on CUDA tensors (bf16/fp16/fp32) a
 """
 
 from kernels.ops.fused_linear_cross_entropy import fused_linear_cross_entropy, shift_labels
-from kernels.ops.lora_linear import lora_linear
+from kernels.ops.lora_linear import lora_linear, lora_linear_group
 from kernels.ops.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
 from kernels.ops.rms_norm import rms_norm
 from kernels.ops.rope import apply_rope, rope_cos_sin
@@ -17,6 +17,7 @@ __all__ = [
     "dequantize_nf4",
     "fused_linear_cross_entropy",
     "lora_linear",
+    "lora_linear_group",
     "quantize_nf4",
     "rms_norm",
     "rope_cos_sin",

@@ -148,6 +148,105 @@ class LoRALinearFunction(torch.autograd.Function):
         return dx, da, db, dbias, None, None, None, None
 
 
+def _hi_lo_blocks(t: torch.Tensor, dtype: torch.dtype, n: int) -> torch.Tensor:
+    """:func:`_hi_lo` of ``n`` equal column blocks of fp32 ``t [T, n r]``, laid out block by block:
+    ``[hi_0, lo_0, hi_1, lo_1, ...]`` (``[T, 2 n r]``), so block ``i``'s pair is one contiguous column range
+    (one GEMM operand) and its hi part alone another. fp32/fp64: ``t`` itself, blocks of ``r``."""
+    if not _low_precision(dtype):
+        return t.to(dtype)
+    rows, cols = t.shape
+    r = cols // n
+    out = torch.empty(rows, n, 2, r, dtype=dtype, device=t.device)
+    t3 = t.view(rows, n, r)
+    out[:, :, 0].copy_(t3)
+    torch.sub(t3, out[:, :, 0], out=out[:, :, 1])
+    return out.view(rows, 2 * cols)
+
+
+class LoRAGroupFunction(torch.autograd.Function):
+    """``n`` LoRA projections of one input (q/k/v, gate/up) as one autograd node.
+
+    The same maths as ``n`` :class:`LoRALinearFunction` calls (no dropout: PEFT draws one mask per module, so
+    dropped inputs differ per projection and cannot share a GEMM). What it saves per group:
+
+    * one ``x [A_0; ...; A_n]^T`` GEMM instead of ``n`` (the A's concatenated: ``[T, n r]``), one hi/lo split;
+    * in backward, ``dx = sum_i dy_i W_i + [s dy_0 B_0, ...] [A_0; ...]`` accumulated by ``addmm_`` (beta = 1)
+      into one buffer: no ``n - 1`` separate ``[T, in]`` gradient tensors for autograd to add up; one dA GEMM
+      for all A's; one autograd node instead of ``n`` (host time in a launch-bound step).
+
+    The LoRA term of ``dx`` uses ``hi + lo`` of ``s dy B`` (K = 2 n r), i.e. is more accurate than the single
+    op's hi-only term. Inputs after ``x2``: ``weights`` (tuple, untracked), ``scale``, then ``n`` A's, ``n`` B's
+    and ``n`` biases (None where absent). Returns ``n`` separate 2-D outputs (not views of one buffer: each
+    may be modified in place later, as RoPE does to q and k).
+    """
+
+    @staticmethod
+    def forward(ctx, x2, weights, scale, *params):  # noqa: ANN001, ANN205
+        n = len(weights)
+        lora_as, lora_bs, biases = params[:n], params[n:2 * n], params[2 * n:]
+        dtype = x2.dtype
+        ctx.ab_dtypes = [(a.dtype, b.dtype) for a, b in zip(lora_as, lora_bs, strict=True)]
+        a_cat = torch.cat([a.to(dtype) for a in lora_as])  # [n r, in]
+        bs = [b.to(dtype) for b in lora_bs]
+        r = lora_as[0].shape[0]
+        xa_hl = _hi_lo_blocks(_mm_f32(x2, a_cat.t()).mul_(scale), dtype, n)  # [T, 2 n r]: (hi_i, lo_i) per block
+        outs = []
+        for i, (w, b, bias) in enumerate(zip(weights, bs, biases, strict=True)):
+            wd = _base_weight(w, dtype)
+            y = x2 @ wd.t() if bias is None else torch.addmm(bias, x2, wd.t())
+            del wd  # NF4: the dequantised copy dies here
+            y.addmm_(_block(xa_hl, i, r, dtype)[:, :r], b.t())
+            outs.append(y)
+        ctx.save_for_backward(x2, xa_hl, a_cat, *bs)
+        ctx.weights, ctx.scale, ctx.n, ctx.r = weights, scale, n, r
+        ctx.has_bias = [bias is not None for bias in biases]
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *dys):  # noqa: ANN001, ANN205
+        x2, xa_hl, a_cat, *bs = ctx.saved_tensors
+        n, r, s, dtype = ctx.n, ctx.r, ctx.scale, dys[0].dtype
+        needs = ctx.needs_input_grad
+        need_dx = needs[0]
+        need_da = any(needs[3:3 + n])
+        dbs, das, dbias = [None] * n, [None] * n, [None] * n
+        for i, dy in enumerate(dys):
+            if needs[3 + n + i]:  # dB_i = dy_i^T (s xa_i), (s xa_i) as hi + lo
+                dbs[i] = _sum_halves(_mm_f32(dy.t(), _block(xa_hl, i, r, dtype)), 1, dtype, ctx.ab_dtypes[i][1])
+            if needs[3 + 2 * n + i] and ctx.has_bias[i]:
+                dbias[i] = dy.sum(0)
+        dx = None
+        if need_dx or need_da:
+            sdyb = torch.cat([_mm_f32(dy, b) for dy, b in zip(dys, bs, strict=True)], 1).mul_(s)  # [T, n r] fp32
+            sdyb_hl = _hi_lo_blocks(sdyb, dtype, n)
+            del sdyb
+            if need_da:  # all dA_i in one GEMM: rows (hi_0, lo_0, hi_1, ...) of [2 n r, in]
+                da_hl = _mm_f32(sdyb_hl.t(), x2)
+                for i in range(n):
+                    if needs[3 + i]:
+                        das[i] = _sum_halves(_block(da_hl, i, r, dtype, 0), 0, dtype, ctx.ab_dtypes[i][0])
+            if need_dx:
+                for i, dy in enumerate(dys):
+                    w = _base_weight(ctx.weights[i], dtype)
+                    if dx is None:
+                        dx = dy @ w
+                    else:
+                        dx.addmm_(dy, w)
+                    del w
+                # hi and lo both meet A (K = 2 n r): [A_0; A_0; A_1; A_1; ...] for fp32 halves, A itself otherwise
+                a_rep = (a_cat.view(n, 1, r, -1).expand(n, 2, r, a_cat.shape[1]).reshape(2 * n * r, -1)
+                         if _low_precision(dtype) else a_cat)
+                dx.addmm_(sdyb_hl, a_rep)
+        return (dx, None, None, *das, *dbs, *dbias)
+
+
+def _block(t: torch.Tensor, i: int, r: int, dtype: torch.dtype, dim: int = 1) -> torch.Tensor:
+    """Block ``i`` along ``dim`` of a :func:`_hi_lo_blocks` layout: ``(hi_i, lo_i)`` (``2r``) for bf16/fp16,
+    the ``r`` entries themselves for fp32/fp64."""
+    w = 2 * r if _low_precision(dtype) else r
+    return t.narrow(dim, i * w, w)
+
+
 def lora_linear_reference(
     x: torch.Tensor,
     weight: torch.Tensor | NF4Tensor,
@@ -215,3 +314,35 @@ def lora_linear(
     mask2 = mask.reshape(x2.shape) if mask is not None else None
     y = LoRALinearFunction.apply(x2, lora_a, lora_b, bias, weight, scale, p, mask2)
     return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def lora_linear_group(
+    x: torch.Tensor,
+    weights: list[torch.Tensor | NF4Tensor],
+    lora_as: list[torch.Tensor],
+    lora_bs: list[torch.Tensor],
+    scale: float,
+    biases: list[torch.Tensor | None] | None = None,
+) -> list[torch.Tensor]:
+    """``[lora_linear(x, weights[i], lora_as[i], lora_bs[i], scale, biases[i]) for i ...]`` in one autograd node
+    (:class:`LoRAGroupFunction`): the projections of one input that share a rank and a scale, without dropout
+    (q/k/v of attention, gate/up of the MLP). Same arguments as :func:`lora_linear`, one list entry per
+    projection; returns one ``[..., out_i]`` tensor per projection. On CPU without ``TRITON_INTERPRET=1``
+    each projection runs :func:`lora_linear_reference`.
+    """
+    n = len(weights)
+    biases = list(biases) if biases is not None else [None] * n
+    if not (len(lora_as) == len(lora_bs) == len(biases) == n) or n == 0:
+        raise ValueError(f"lora_linear_group: {n} weights, {len(lora_as)} A's, {len(lora_bs)} B's, "
+                         f"{len(biases)} biases")
+    if len({a.shape[0] for a in lora_as}) != 1:
+        raise ValueError(f"lora_linear_group: ranks differ {[a.shape[0] for a in lora_as]}; call lora_linear")
+    for w in weights:
+        if isinstance(w, torch.Tensor) and w.requires_grad:
+            raise ValueError("lora_linear never computes dW: freeze the base weight (requires_grad_(False))")
+    if not use_triton(x):
+        return [lora_linear_reference(x, w, a, b, scale, bias)
+                for w, a, b, bias in zip(weights, lora_as, lora_bs, biases, strict=True)]
+    x2 = x.reshape(-1, x.shape[-1])
+    ys = LoRAGroupFunction.apply(x2, tuple(weights), scale, *lora_as, *lora_bs, *biases)
+    return [y.view(*x.shape[:-1], y.shape[-1]) for y in ys]

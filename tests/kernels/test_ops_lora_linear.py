@@ -5,7 +5,12 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # lets the Triton kernels run on
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from kernels.ops.lora_linear import dropout_mask, lora_linear, lora_linear_reference  # noqa: E402
+from kernels.ops.lora_linear import (  # noqa: E402
+    dropout_mask,
+    lora_linear,
+    lora_linear_group,
+    lora_linear_reference,
+)
 from kernels.ops.nf4 import dequantize_nf4_reference, quantize_nf4  # noqa: E402
 from kernels.ops.testing import assert_close_verbose  # noqa: E402
 
@@ -115,3 +120,88 @@ def test_lora_linear_fp32_adapter_weights(dtype, dropout):
     # fp32 dA/dB: the only roundings left are the bf16 operands the reference shares, and fp32 accumulation
     assert_close_verbose(a32.grad, ra.grad, 1e-3, 2e-5, f"dA fp32 {dtype} p={dropout}")
     assert_close_verbose(b32.grad, rb.grad, 1e-3, 2e-5, f"dB fp32 {dtype} p={dropout}")
+
+
+# q/k/v of a GQA attention (odd, unequal widths) and gate/up of an MLP
+GROUPS = {"qkv": (OUT, 24, 24), "gate_up": (57, 57)}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("x_shape", [(1, IN), (3, 41, IN)])
+@pytest.mark.parametrize("group", sorted(GROUPS))
+@pytest.mark.parametrize(("with_bias", "nf4", "ab32"),
+                         [(False, False, False), (True, False, True), (False, True, True)])
+def test_lora_linear_group_matches_reference(dtype, x_shape, group, with_bias, nf4, ab32):
+    """The grouped op (one autograd node for q/k/v or gate/up) against the float64 reference of each projection:
+    outputs, dx (summed over the projections by the op itself) and every dA/dB/dbias; A/B in the activation
+    dtype or in fp32 storage (then compared on the rounded values the GEMMs see, like the single op's test)."""
+    atol, rtol, _ = TOLERANCES[dtype]
+    g = torch.Generator().manual_seed(7)
+    outs = GROUPS[group]
+    ws, w_refs, As, Bs, biases = [], [], [], [], []
+    for o in outs:
+        w = (torch.randn(o, IN, generator=g) / IN**0.5).to(DEVICE, dtype)
+        if nf4:
+            q = quantize_nf4(w)
+            ws.append(q)
+            w_refs.append(dequantize_nf4_reference(q, torch.float64))
+        else:
+            ws.append(w)
+            w_refs.append(w)
+        As.append((torch.randn(RANK, IN, generator=g) / IN**0.5).to(DEVICE, dtype))
+        Bs.append((torch.randn(o, RANK, generator=g) / o**0.5).to(DEVICE, dtype))
+        biases.append(torch.randn(o, generator=g).to(DEVICE, dtype) if with_bias else None)
+    x = torch.randn(x_shape, generator=g).to(DEVICE, dtype)
+    dys = [torch.randn(*x_shape[:-1], o, generator=g).to(DEVICE, dtype) for o in outs]
+    store = torch.float32 if ab32 else dtype
+    xl = x.clone().requires_grad_(True)
+    al = [a.to(store).clone().requires_grad_(True) for a in As]
+    bl = [b.to(store).clone().requires_grad_(True) for b in Bs]
+    biasl = [b.clone().requires_grad_(True) if b is not None else None for b in biases]
+    ys = lora_linear_group(xl, ws, al, bl, 2.0, biasl)
+    torch.autograd.backward(ys, dys)
+
+    xr = x.double().requires_grad_(True)
+    ar = [a.double().requires_grad_(True) for a in As]
+    br = [b.double().requires_grad_(True) for b in Bs]
+    biasr = [b.double().requires_grad_(True) if b is not None else None for b in biases]
+    refs = [lora_linear_reference(xr, w, a, b, 2.0, bias) for w, a, b, bias in zip(w_refs, ar, br, biasr, strict=True)]
+    torch.autograd.backward(refs, [d.double() for d in dys])
+    tag = f"{group} {dtype} {x_shape} bias={with_bias} nf4={nf4} ab32={ab32}"
+    assert_close_verbose(xl.grad, xr.grad, atol, rtol, f"group dx {tag}")
+    for i, (y, ref) in enumerate(zip(ys, refs, strict=True)):
+        assert y.dtype == dtype and y.shape == ref.shape
+        assert_close_verbose(y, ref, atol, rtol, f"group y{i} {tag}")
+        assert al[i].grad.dtype == store and bl[i].grad.dtype == store
+        assert_close_verbose(al[i].grad, ar[i].grad, atol, rtol, f"group dA{i} {tag}")
+        assert_close_verbose(bl[i].grad, br[i].grad, atol, rtol, f"group dB{i} {tag}")
+        if with_bias:
+            assert_close_verbose(biasl[i].grad, biasr[i].grad, atol, rtol, f"group dbias{i} {tag}")
+
+
+def test_lora_linear_group_equals_single_calls_fp32():
+    """fp32: the grouped op computes what separate lora_linear calls compute (up to summation order)."""
+    g = torch.Generator().manual_seed(3)
+    ws = [torch.randn(o, IN, generator=g).to(DEVICE) / IN**0.5 for o in (40, 8, 8)]
+    As = [torch.randn(RANK, IN, generator=g).to(DEVICE).requires_grad_(True) for _ in ws]
+    Bs = [torch.randn(w.shape[0], RANK, generator=g).to(DEVICE).requires_grad_(True) for w in ws]
+    x = torch.randn(5, 9, IN, generator=g).to(DEVICE).requires_grad_(True)
+    ys = lora_linear_group(x, ws, As, Bs, 0.5)
+    sum(y.square().sum() for y in ys).backward()
+    grads = [t.grad.clone() for t in (x, *As, *Bs)]
+    for t in (x, *As, *Bs):
+        t.grad = None
+    ys1 = [lora_linear(x, w, a, b, 0.5) for w, a, b in zip(ws, As, Bs, strict=True)]
+    sum(y.square().sum() for y in ys1).backward()
+    for y, y1 in zip(ys, ys1, strict=True):
+        torch.testing.assert_close(y, y1, atol=1e-5, rtol=1e-5)
+    # gradients up to ~7e3 here: fp32 summation order, ~2e-7 of the largest
+    for got, t in zip(grads, (x, *As, *Bs), strict=True):
+        torch.testing.assert_close(got, t.grad, atol=1e-6 * float(t.grad.abs().max()), rtol=1e-5)
+
+
+def test_lora_linear_group_rejects_unequal_ranks():
+    ws = [torch.randn(8, IN), torch.randn(8, IN)]
+    with pytest.raises(ValueError, match="ranks differ"):
+        lora_linear_group(torch.randn(2, IN), ws, [torch.randn(4, IN), torch.randn(8, IN)],
+                          [torch.randn(8, 4), torch.randn(8, 8)], 1.0)

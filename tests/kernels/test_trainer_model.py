@@ -251,3 +251,39 @@ def test_reference_ops_switch_the_blocks_ops(checkpoints, monkeypatch):  # noqa:
     with pytest.raises(ValueError, match="reference_ops"):
         load_model(ckpt, MethodOptions(kind="full", reference_ops=("lora_linear",)), dtype=torch.float32,
                    device="cpu")
+
+
+@pytest.mark.parametrize(("preset", "kind"), [("tiny-llama", "lora"), ("tiny-qwen2", "lora"), ("tiny-llama", "qlora")])
+def test_grouped_projections_give_same_gradients(checkpoints, monkeypatch, preset, kind):  # noqa: ANN001
+    """q/k/v and gate/up as one ``lora_linear_group`` call each == one ``lora_linear`` per projection (fp32,
+    the ops' autograd Functions under the interpreter; qwen2 brings q/k/v biases); with LoRA dropout the model
+    falls back to single calls (PEFT draws a mask per projection)."""
+    import sys
+
+    ll = sys.modules["kernels.ops.lora_linear"]  # the module (the package re-exports the function of that name)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the Functions, not the references, for lora_linear
+    calls = {"group": 0}
+    real = ll.LoRAGroupFunction.apply
+    monkeypatch.setattr(ll.LoRAGroupFunction, "apply", lambda *a: calls.__setitem__("group", calls["group"] + 1)
+                        or real(*a))
+    refs = ("rms_norm", "rope", "swiglu", "fused_linear_cross_entropy")  # fast: only LoRA runs the Functions
+    ids = _ids(3, (2, 19))
+    grads, losses = {}, {}
+    for group, dropout in ((True, 0.0), (False, 0.0), (True, 0.1)):
+        calls["group"] = 0
+        opts = MethodOptions(kind=kind, lora_r=4, lora_dropout=dropout, group_projections=group,
+                             reference_ops=refs)
+        model = load_model(checkpoints[preset], opts, dtype=torch.float32, device="cpu", seed=0)
+        for _, mod in model.linears():  # non-zero B so every LoRA parameter gets a gradient
+            torch.nn.init.normal_(mod.lora_B, std=0.02, generator=torch.Generator().manual_seed(5))
+        loss = model(ids, labels=ids)
+        loss.backward()
+        n_layers = len(model.model.layers)
+        # forward + checkpoint recompute, two groups per layer; none with dropout or without grouping
+        assert calls["group"] == (4 * n_layers if group and not dropout else 0), (group, dropout, calls)
+        losses[group, dropout] = loss.detach()
+        grads[group, dropout] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    torch.testing.assert_close(losses[True, 0.0], losses[False, 0.0], atol=1e-6, rtol=1e-6)
+    assert grads[True, 0.0].keys() == grads[False, 0.0].keys()
+    for n, g in grads[True, 0.0].items():
+        torch.testing.assert_close(g, grads[False, 0.0][n], atol=1e-6, rtol=1e-5, msg=n)
