@@ -144,24 +144,24 @@ def _hf_model(args, method: str):  # noqa: ANN001, ANN202
     return model
 
 
-def _hf_train(model, rows, args, meter, steps: int, opt) -> list[float]:  # noqa: ANN001
-    """The HF Trainer's inner loop: bf16 autocast, model loss, clip 1.0, fused AdamW (grad_accum 1)."""
+def _hf_train(model, rows, s, device: str, meter, opt) -> list[float]:  # noqa: ANN001
+    """The HF Trainer's inner loop: bf16 autocast, model loss, clip, fused AdamW; the trainer's own batches."""
     import torch
 
-    from harness.data import collate
+    from kernels.trainer.train import micro_batches
 
     losses = []
     params = [p for g in opt.param_groups for p in g["params"]]
-    for step in range(steps):
-        chunk = rows[(step * args.micro_batch) % len(rows):][: args.micro_batch]
-        b = {k: v.to(args.device) for k, v in collate(chunk, 0).items()}
+    dtype = next(p for p in model.parameters()).dtype
+    for step in range(s.steps):
+        (b,) = micro_batches(rows, s, step, device)  # grad_accum 1
         if meter is not None:
             meter.step_begin()
             meter.count_batch(b)
-        with torch.autocast(args.device, dtype=getattr(torch, args.dtype), enabled=args.dtype != "float32"):
+        with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
             loss = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
         value = float(loss)
@@ -176,6 +176,7 @@ def run_single(args) -> dict[str, Any]:  # noqa: ANN001
     import torch
 
     from harness.measure import StepMeter
+    from kernels.trainer.train import TrainSettings, make_optimizer, train
 
     impl, method, knobs = RUNS[args.single]
     knobs = dict(knobs) | (json.loads(args.knobs) if impl == "tunebench" else {})
@@ -198,15 +199,12 @@ def run_single(args) -> dict[str, Any]:  # noqa: ANN001
         out["after_load_alloc_gib"] = torch.cuda.memory_allocated() / GIB if cuda else None
         n_rows = args.micro_batch * (args.steps + args.profile_steps)
         rows = _rows(n_rows, args.seq_len, vocab)
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0, fused=cuda or None)
+        s = TrainSettings(micro_batch=args.micro_batch, grad_accum=1, steps=args.steps, lr=2e-4,
+                          optimizer="adamw_torch_fused", max_grad_norm=1.0, pad_id=0)
+        opt = make_optimizer(model, s)  # one fused AdamW over the trainable parameters, for both
         if impl == "hf":
-            out["losses"] = _hf_train(model, rows, args, meter, args.steps, opt)
+            out["losses"] = _hf_train(model, rows, s, args.device, meter, opt)
         else:
-            from kernels.trainer.train import TrainSettings, train
-
-            s = TrainSettings(micro_batch=args.micro_batch, grad_accum=1, steps=args.steps, lr=2e-4,
-                              optimizer="adamw_torch_fused", max_grad_norm=1.0, pad_id=0)
             out["losses"] = train(model, rows, s, meter=meter, device=torch.device(args.device), optimizer=opt)
         out["metrics"] = meter.finish()
         out["steps"] = meter.steps
@@ -216,11 +214,11 @@ def run_single(args) -> dict[str, Any]:  # noqa: ANN001
 
             acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
             prof_rows = rows[args.micro_batch * args.steps:]
+            s.steps = args.profile_steps
             with profile(activities=acts) as prof:
                 if impl == "hf":
-                    _hf_train(model, prof_rows, args, None, args.profile_steps, opt)
+                    _hf_train(model, prof_rows, s, args.device, None, opt)
                 else:
-                    s.steps = args.profile_steps
                     train(model, prof_rows, s, device=torch.device(args.device), optimizer=opt)
                 if cuda:
                     torch.cuda.synchronize()

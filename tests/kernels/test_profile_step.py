@@ -1,0 +1,35 @@
+"""``python -m kernels.trainer.profile_step`` (the GPU profiling tool) end to end on the CPU with a tiny preset:
+each run in its own process, the same optimizer and batches for hf and tunebench, knobs passed through."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from kernels.trainer import profile_step
+
+
+@pytest.mark.timeout(600)
+def test_profile_step_runs_on_cpu(tmp_path, monkeypatch):  # noqa: ANN001
+    monkeypatch.setenv("TUNEBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the ops' PyTorch references: seconds, not minutes
+    out = tmp_path / "prof.json"
+    rc = profile_step.main(["--out", str(out), "--device", "cpu", "--dtype", "float32", "--preset", "tiny-llama",
+                            "--seq-len", "32", "--micro-batch", "2", "--steps", "3", "--warmup", "1",
+                            "--profile-steps", "1", "--runs", "hf-lora,lora,qlora",
+                            "--knobs", json.dumps({"group_projections": False, "recompute_layers": 1})])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    runs = {r["run"]: r for r in report["runs"]}
+    assert set(runs) == {"hf-lora", "lora", "qlora"}
+    for name, r in runs.items():
+        assert r["ok"], (name, r.get("error"))
+        assert len(r["losses"]) == 3 and all(math.isfinite(v) for v in r["losses"]), name
+        assert r["metrics"]["tokens_per_s"] > 0
+    assert runs["lora"]["knobs"] == {"group_projections": False, "recompute_layers": 1}
+    assert "knobs" in runs["hf-lora"] and runs["hf-lora"]["knobs"] == {}  # knobs are for tunebench runs only
+    # same checkpoint and batches (LoRA B starts at zero): the first loss is the base model's for both
+    assert runs["lora"]["losses"][0] == pytest.approx(runs["hf-lora"]["losses"][0], rel=1e-4)
+    assert "| lora |" in out.with_suffix(".txt").read_text()
