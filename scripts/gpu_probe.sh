@@ -1,18 +1,37 @@
 #!/usr/bin/env bash
-# Exploratory device call (not a published sweep): trainer step profiles of the current code and the
-# toolkit rows that never ran on the GPU, into a scratch results root packed as $OUT/probe.tgz.
+# Exploratory device call (not a published sweep): trainer step profiles of the current code, packed as
+# $OUT/probe.tgz (untar into results/trainer_profile_h100-<date>/ and commit).
 #   bash scripts/gpu_probe.sh DEADLINE_SECONDS
+# Now: the A/B of group_projections (q/k/v and gate/up as one LoRA call each, session 4, never run on a GPU),
+# on the fast row's setting (4 of 32 layers recompute) and on full recomputation, LoRA and QLoRA, with one
+# profiled step each; then the rms_norm backward's registers/spills (kernels/NOTES.md, "rms_norm").
 source scripts/gpu_setup.sh
 end=$(( $(date +%s) + ${1:-540} ))
 mkdir -p /tmp/probe
 left() { echo $(( end - $(date +%s) )); }
-timeout $(( $(left) - 30 )) python3 -m kernels.trainer.profile_step --runs lora,qlora --steps 10 --warmup 3 \
-  --profile-steps 1 --out /tmp/probe/prof_base.json 2>&1 | tail -5
-timeout $(( $(left) - 30 )) python3 -m kernels.trainer.profile_step --runs lora,qlora --steps 10 --warmup 3 \
-  --profile-steps 1 --knobs '{"recompute_layers": 4}' --out /tmp/probe/prof_fast.json 2>&1 | tail -5
-for fw in axolotl llamafactory litgpt; do
-  l=$(left); [ $l -gt 60 ] || break
-  timeout -s INT $(( l - 20 )) python3 -m harness run scenarios/llama8b_qlora.yaml --only $fw --repeats 1 \
-    --results /tmp/probe/results --no-report 2>&1 | grep -v "━" | tail -8
-done
+prof() {  # prof NAME KNOBS_JSON
+  l=$(left); [ $l -gt 60 ] || return 1
+  timeout $(( l - 30 )) python3 -m kernels.trainer.profile_step --runs lora,qlora --steps 10 --warmup 3 \
+    --profile-steps 1 --knobs "$2" --out /tmp/probe/prof_$1.json 2>&1 | tail -4
+}
+prof fast_grouped '{"recompute_layers": 4}'
+prof fast_single '{"recompute_layers": 4, "group_projections": false}'
+prof all_grouped '{}'
+prof all_single '{"group_projections": false}'
+l=$(left)
+[ $l -gt 40 ] && timeout $(( l - 20 )) python3 - > /tmp/probe/rms_norm_regs.txt 2>&1 <<'PY'
+import torch
+from kernels.ops.rms_norm import rms_norm
+x = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+w = torch.ones(4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+rms_norm(x, w, 1e-5).sum().backward()
+torch.cuda.synchronize()
+import kernels.ops.rms_norm as m
+for name in dir(m):  # every compiled Triton kernel of the module: registers and spills per specialisation
+    fn = getattr(m, name)
+    for dev_cache in getattr(getattr(fn, "device_caches", None) or {}, "values", lambda: [])():
+        for key, k in dev_cache[0].items():
+            print(name, "n_regs", getattr(k, "n_regs", None), "n_spills", getattr(k, "n_spills", None),
+                  "num_warps", getattr(getattr(k, "metadata", None), "num_warps", None))
+PY
 cd /tmp/probe && tar czf "$OUT/probe.tgz" . ; exit 0

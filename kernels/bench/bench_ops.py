@@ -163,6 +163,41 @@ def _lora_cases() -> list[tuple]:
     return cases
 
 
+def _lora_qkv_cases() -> list[tuple]:
+    """q/k/v of one 8B attention layer with LoRA (the 3 outputs' grads given): PEFT eager, three ``lora_linear``
+    calls, one ``lora_linear_group`` call; dense and NF4 bases. fp32 A/B storage, as the trainer keeps them."""
+    from kernels.ops.lora_linear import lora_linear, lora_linear_group
+    from kernels.ops.nf4 import quantize_nf4
+
+    outs = (N_HEADS * HEAD_DIM, N_KV_HEADS * HEAD_DIM, N_KV_HEADS * HEAD_DIM)
+    x = torch.randn(TOKENS, HIDDEN, device="cuda", dtype=DTYPE, requires_grad=True)
+    ws = [torch.randn(o, HIDDEN, device="cuda", dtype=DTYPE) * HIDDEN**-0.5 for o in outs]
+    ws_nf4 = [quantize_nf4(w) for w in ws]
+    As = [(torch.randn(LORA_RANK, HIDDEN, device="cuda") * 0.01).requires_grad_(True) for _ in outs]
+    Bs = [(torch.randn(o, LORA_RANK, device="cuda") * 0.01).requires_grad_(True) for o in outs]
+    dys = [torch.randn(TOKENS, o, device="cuda", dtype=DTYPE) for o in outs]
+
+    def eager(weights):  # PEFT LoraLayer.forward under autocast, per projection
+        return tuple(torch.nn.functional.linear(x, w) + 2.0 * ((x @ a.to(DTYPE).t()) @ b.to(DTYPE).t())
+                     for w, a, b in zip(weights, As, Bs, strict=True))
+
+    def single(weights):
+        return tuple(lora_linear(x, w, a, b, 2.0) for w, a, b in zip(weights, As, Bs, strict=True))
+
+    def group(weights):
+        return tuple(lora_linear_group(x, list(weights), As, Bs, 2.0))
+
+    n_out = sum(outs)
+    base, lora = 2 * TOKENS * HIDDEN * n_out, 2 * TOKENS * LORA_RANK * (3 * HIDDEN + n_out)
+    cases = []
+    for name, fn, weights in (("torch", eager, ws), ("ours_single", single, ws), ("ours_group", group, ws),
+                              ("ours_single_qlora", single, ws_nf4), ("ours_group_qlora", group, ws_nf4)):
+        fwd = lambda fn=fn, weights=weights: fn(weights)  # noqa: E731
+        cases.append((name, "fwd", fwd, None, 0, base + lora))
+        cases.append((name, "fwd+bwd", _fwd_bwd(fwd, lambda: dys), [x, *As, *Bs], 0, 2 * base + 3 * lora))
+    return cases
+
+
 def _nf4_cases() -> list[tuple]:
     from kernels.ops.nf4 import dequantize_nf4, dequantize_nf4_reference, quantize_nf4
 
@@ -182,6 +217,7 @@ OPS: dict[str, Callable[[], list[tuple]]] = {
     "rope": _rope_cases,
     "fused_linear_cross_entropy": _flce_cases,
     "lora_linear": _lora_cases,
+    "lora_qkv": _lora_qkv_cases,
     "nf4_dequant": _nf4_cases,
 }
 
