@@ -174,4 +174,6 @@ def read_back_optimizer(optimizer) -> dict[str, Any]:
     elif "8bit" in name:
         name = "adamw_8bit"
     lr = opt.param_groups[0].get("initial_lr", opt.param_groups[0]["lr"]) if opt.param_groups else None
+    if hasattr(lr, "item"):  # a device tensor (capturable optimizers for CUDA graphs)
+        lr = float(lr)
     return {"optimizer": name, "lr": lr}

@@ -2,22 +2,25 @@
 # Exploratory device call (not a published sweep): trainer step profiles of the current code, packed as
 # $OUT/probe.tgz (untar into results/trainer_profile_h100-<date>/ and commit).
 #   bash scripts/gpu_probe.sh DEADLINE_SECONDS
-# Now: the A/B of group_projections (q/k/v and gate/up as one LoRA call each, session 4, never run on a GPU),
-# on the fast row's setting (4 of 32 layers recompute) and on full recomputation, LoRA and QLoRA, with one
-# profiled step each; then the rms_norm backward's registers/spills (kernels/NOTES.md, "rms_norm").
+# Now (session 4's changes, never run on a GPU): the whole step as one CUDA graph (cuda_graph) and the A/B of
+# group_projections (q/k/v and gate/up as one LoRA call each), on the fast row's setting (4 of 32 layers
+# recompute) and on full recomputation, with one profiled step each; then the rms_norm backward's
+# registers/spills (kernels/NOTES.md, "rms_norm"). Most informative first: the deadline cuts the tail.
 source scripts/gpu_setup.sh
 end=$(( $(date +%s) + ${1:-540} ))
 mkdir -p /tmp/probe
 left() { echo $(( end - $(date +%s) )); }
-prof() {  # prof NAME KNOBS_JSON
+prof() {  # prof NAME RUNS KNOBS_JSON
   l=$(left); [ $l -gt 60 ] || return 1
-  timeout $(( l - 30 )) python3 -m kernels.trainer.profile_step --runs lora,qlora --steps 10 --warmup 3 \
-    --profile-steps 1 --knobs "$2" --out /tmp/probe/prof_$1.json 2>&1 | tail -4
+  timeout $(( l - 30 )) python3 -m kernels.trainer.profile_step --runs $2 --steps 10 --warmup 3 \
+    --profile-steps 1 --knobs "$3" --out /tmp/probe/prof_$1.json 2>&1 | tail -4
 }
-prof fast_grouped '{"recompute_layers": 4}'
-prof fast_single '{"recompute_layers": 4, "group_projections": false}'
-prof all_grouped '{}'
-prof all_single '{"group_projections": false}'
+prof fast_graph lora,qlora '{"recompute_layers": 4, "cuda_graph": true}'
+prof fast_grouped lora,qlora '{"recompute_layers": 4}'
+prof all_graph lora,qlora '{"cuda_graph": true}'
+prof fast_single lora '{"recompute_layers": 4, "group_projections": false}'
+prof all_grouped lora '{}'
+prof all_single lora '{"group_projections": false}'
 l=$(left)
 [ $l -gt 40 ] && timeout $(( l - 20 )) python3 - > /tmp/probe/rms_norm_regs.txt 2>&1 <<'PY'
 import torch

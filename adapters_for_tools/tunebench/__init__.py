@@ -8,7 +8,8 @@
 ``fused_ce_chunk: N`` (tokens per chunk of the fused LM-head + loss), ``lora_dtype: float32|bfloat16``,
 ``reference_ops: [rms_norm, rope, swiglu, fused_linear_cross_entropy]`` (run those ops as their PyTorch
 references: for bisecting a loss-parity departure op by op), ``group_projections: false`` (one LoRA call per
-projection instead of one per q/k/v and gate/up group).
+projection instead of one per q/k/v and gate/up group), ``cuda_graph: true`` (the whole optimizer step captured
+as one CUDA graph and replayed).
 """
 
 from adapters_for_tools.base import AdapterInfo

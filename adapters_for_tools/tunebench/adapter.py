@@ -25,7 +25,7 @@ from harness.effective import read_back_optimizer
 
 KNOBS = {"recompute_layers": int, "offload_checkpoints": bool, "offload_weights": int, "offload_embeddings": bool,
          "offload_lm_head": bool, "fused_ce_chunk": int, "lora_dtype": str, "reference_ops": list,
-         "group_projections": bool}
+         "group_projections": bool, "cuda_graph": bool}
 
 
 def method_options(sc, overrides: dict):  # noqa: ANN001, ANN201
@@ -56,6 +56,7 @@ def method_options(sc, overrides: dict):  # noqa: ANN001, ANN201
         fused_ce_chunk=int(overrides["fused_ce_chunk"]) if overrides.get("fused_ce_chunk") else None,
         reference_ops=tuple(overrides.get("reference_ops", ())),
         group_projections=bool(overrides.get("group_projections", True)),
+        cuda_graph=bool(overrides.get("cuda_graph", False)),
     )
 
 

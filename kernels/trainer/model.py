@@ -179,6 +179,10 @@ class MethodOptions:
         group_projections: run q/k/v and gate/up, where all of a group carry LoRA of one rank and scale without
             dropout, as one :func:`~kernels.ops.lora_linear.lora_linear_group` call each (one A GEMM, one
             autograd node, dx accumulated in one buffer) instead of one ``lora_linear`` per projection.
+        cuda_graph: capture the whole optimizer step as one CUDA graph and replay it
+            (:class:`kernels.trainer.train.StepGraph`): no per-kernel host launches. CUDA only; not with host
+            offload (its copies and events are host-driven), LoRA dropout (RNG state replayed from the host) or
+            packed rows.
     """
 
     kind: str = "lora"
@@ -197,6 +201,7 @@ class MethodOptions:
     fused_ce_chunk: int | None = None
     reference_ops: tuple[str, ...] = ()
     group_projections: bool = True
+    cuda_graph: bool = False
 
     @property
     def is_peft(self) -> bool:
@@ -657,11 +662,10 @@ class DecoderModel(nn.Module):
         self._prefetch_lm_head()
         mask = None
         if position_ids is None:
-            pos = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+            cos, sin = self._rope_tables(input_ids.shape[1], input_ids.device)
         else:
-            pos = position_ids
             mask = packed_causal_mask(position_ids)
-        cos, sin = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+            cos, sin = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         if ckpt and not h.requires_grad:
             h = h.detach().requires_grad_(True)  # the reentrant-style Function needs a grad-requiring input
@@ -681,6 +685,16 @@ class DecoderModel(nn.Module):
             else:
                 h = layer(h, cos, sin, mask)
         return self.model.norm(h)
+
+    def _rope_tables(self, seq: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin of positions ``0..seq-1``, kept for the next call of the same length (no host-to-device
+        copy of the frequencies per forward: a CUDA graph cannot capture one)."""
+        cached = self.__dict__.get("_rope_cache")
+        if cached is None or cached[0] != (seq, device):
+            pos = torch.arange(seq, device=device)[None]
+            cached = ((seq, device), *rope_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling))
+            self.__dict__["_rope_cache"] = cached
+        return cached[1], cached[2]
 
     def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         w = self.model.embed_tokens.weight
@@ -1000,3 +1014,10 @@ def _apply_offload(model: DecoderModel, o: MethodOptions) -> None:
         ids = streamed_layer_ids(model.cfg.num_layers, o.offload_weights)
         model.streamer = WeightStreamer(model, ids, model.device_of_compute)
     model.checkpointed_layers = checkpointed_layer_ids(model.cfg.num_layers, o)
+    if o.cuda_graph:
+        why = [w for w, bad in (("a CUDA device", model.device_of_compute.type != "cuda"),
+                                ("no host offload (offload_*)", o.offload_weights or o.offload_embeddings
+                                 or o.offload_lm_head or o.offload_checkpoints),
+                                ("lora_dropout 0", o.lora_dropout > 0)) if bad]
+        if why:
+            raise ValueError(f"cuda_graph needs {' and '.join(why)}")

@@ -7,6 +7,10 @@ Loss: each micro-batch's loss is the *sum* of token losses divided by the number
 optimizer step (labels != -100 after the one-position shift, counted over all its micro-batches), which is what
 the transformers 5 Trainer does when it passes ``num_items_in_batch`` to the model; the reported step loss is the
 sum of those, i.e. the mean over the step's loss tokens (HF logs the same number).
+
+CUDA graphs (``MethodOptions.cuda_graph``): the whole optimizer step (forward, backward with recomputation,
+clipping, AdamW) is captured once as one CUDA graph and replayed every step, so the host launches one graph instead
+of ~10^4 kernels (:class:`StepGraph`).
 """
 
 from __future__ import annotations
@@ -51,16 +55,29 @@ class TrainSettings:
                    max_grad_norm=t.max_grad_norm, pad_id=pad_id)
 
 
+def _graphed(model: torch.nn.Module) -> bool:
+    return bool(getattr(getattr(model, "options", None), "cuda_graph", False))
+
+
 def make_optimizer(model: torch.nn.Module, s: TrainSettings) -> torch.optim.Optimizer:
-    """Optimizer over the trainable parameters only (fused AdamW on CUDA: one kernel for all tensors)."""
+    """Optimizer over the trainable parameters only (fused AdamW on CUDA: one kernel for all tensors).
+
+    For a CUDA-graphed step the AdamW is ``capturable`` (step count on the device) and its learning rate a device
+    tensor, which the scheduler updates in place between replays."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters")
+    graphed = _graphed(model)
     if s.optimizer == "sgd":
+        if graphed:
+            raise NotImplementedError("cuda_graph: AdamW only (sgd has no capturable step)")
         return torch.optim.SGD(params, lr=s.lr, weight_decay=s.weight_decay)
     if s.optimizer not in ("adamw_torch", "adamw_torch_fused"):
         raise NotImplementedError(f"optimizer {s.optimizer!r} (tunebench has adamw_torch, adamw_torch_fused, sgd)")
     fused = all(p.is_cuda for p in params)
+    if graphed:
+        return torch.optim.AdamW(params, lr=torch.tensor(s.lr, dtype=torch.float32, device=params[0].device),
+                                 weight_decay=s.weight_decay, fused=True, capturable=True)
     return torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay, fused=fused or None)
 
 
@@ -87,6 +104,89 @@ def micro_batches(rows: Sequence[dict], s: TrainSettings, step: int, device: tor
         chunk = [rows[(start + k) % n] for k in range(s.micro_batch)]
         out.append({k: v.to(device, non_blocking=True) for k, v in collate(chunk, s.pad_id).items()})
     return out
+
+
+class StepGraph:
+    """One optimizer step on static buffers, captured as a CUDA graph after ``warmup`` eager steps.
+
+    Every step's micro-batches are copied into static ``[micro_batch, length]`` buffers (right-padded to the
+    longest row of the data: shapes must not change between replays; right padding changes no real token's
+    output, and pads carry no loss) and the step's loss-token count into a device scalar, then:
+
+    * the first ``warmup`` steps run eagerly (Triton compiles and autotunes, cuBLAS picks its kernels, AdamW
+      allocates its state), on the same side stream the capture uses, as CUDA graphs require;
+    * the next step is captured (recorded, not run) and then replayed; every later step is one replay.
+
+    Gradients live in the graph's memory pool: the captured backward writes them (``grad`` is None at capture,
+    so nothing accumulates across replays) and the captured AdamW reads them; they are never set to None.
+    ``capture=False`` runs the same static-buffer step eagerly every time (CPU tests of everything but the
+    capture itself).
+    """
+
+    def __init__(self, model: torch.nn.Module, opt: torch.optim.Optimizer, s: TrainSettings, length: int,
+                 device: torch.device, params: list[torch.Tensor], capture: bool = True, warmup: int = 2):
+        self.model, self.opt, self.s, self.params = model, opt, s, params
+        self.capture, self.warmup, self.done = capture, warmup, 0
+        shape = (s.micro_batch, length)
+        self.ids = [torch.full(shape, s.pad_id, dtype=torch.long, device=device) for _ in range(s.grad_accum)]
+        self.labels = [torch.full(shape, -100, dtype=torch.long, device=device) for _ in range(s.grad_accum)]
+        self.n_loss = torch.ones((), dtype=torch.float32, device=device)
+        self.stream = torch.cuda.Stream(device=device) if capture else None
+        self.graph: Any = None
+        self.total: torch.Tensor | None = None
+
+    def _load(self, batches: list[dict], n_loss: int) -> None:
+        for ids, labels, b in zip(self.ids, self.labels, batches, strict=True):
+            n = b["input_ids"].shape[1]
+            if n > ids.shape[1]:
+                raise ValueError(f"cuda_graph: a batch of length {n} exceeds the static length {ids.shape[1]}")
+            ids[:, :n].copy_(b["input_ids"])
+            ids[:, n:].fill_(self.s.pad_id)
+            labels[:, :n].copy_(b["labels"])
+            labels[:, n:].fill_(-100)
+        self.n_loss.fill_(max(n_loss, 1))
+
+    def _step(self) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float32, device=self.n_loss.device)
+        for ids, labels in zip(self.ids, self.labels, strict=True):
+            loss = self.model(ids, labels=labels, reduction="sum") / self.n_loss
+            loss.backward()
+            total += loss.detach()
+        if self.s.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, self.s.max_grad_norm, foreach=True)
+        self.opt.step()
+        return total
+
+    def run(self, batches: list[dict], n_loss: int) -> torch.Tensor:
+        """One optimizer step on these micro-batches; returns the step loss (a device scalar)."""
+        if not self.capture:
+            self._load(batches, n_loss)
+            total = self._step()
+            self.opt.zero_grad(set_to_none=True)
+            return total
+        self.stream.wait_stream(torch.cuda.current_stream())  # the batches were copied on the current stream
+        with torch.cuda.stream(self.stream):
+            self._load(batches, n_loss)
+            if self.done < self.warmup:
+                total = self._step()
+                self.opt.zero_grad(set_to_none=True)
+            else:
+                if self.graph is None:
+                    torch.cuda.synchronize()
+                    torch.cuda.empty_cache()  # the eager steps' cached blocks: the graph gets its own pool
+                    self.graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(self.graph, stream=self.stream):
+                        self.total = self._step()
+                self.graph.replay()
+                total = self.total
+        torch.cuda.current_stream().wait_stream(self.stream)
+        self.done += 1
+        return total
+
+
+def static_length(rows: Sequence[dict]) -> int:
+    """The longest row: the static length of a CUDA-graphed step's buffers."""
+    return max(len(r["input_ids"]) for r in rows)
 
 
 def train(model: torch.nn.Module, rows: Sequence[dict], s: TrainSettings, meter: Any = None,
@@ -118,6 +218,12 @@ def train(model: torch.nn.Module, rows: Sequence[dict], s: TrainSettings, meter:
     sched = make_scheduler(opt, s)
     params = [p for g in opt.param_groups for p in g["params"]]
     model.train()
+    graph = None
+    if _graphed(model):
+        if any("position_ids" in r for r in rows):
+            raise ValueError("cuda_graph: packed rows (position_ids) build a mask per batch; not graphed")
+        graph = StepGraph(model, opt, s, static_length(rows), torch.device(device), params,
+                          capture=torch.device(device).type == "cuda")
     losses: list[float] = []
     for step in range(s.steps):
         batches = micro_batches(rows, s, step, device)
@@ -127,19 +233,24 @@ def train(model: torch.nn.Module, rows: Sequence[dict], s: TrainSettings, meter:
             meter.step_begin()
         if step == 0 and on_first_step is not None:
             on_first_step(opt)
-        total = torch.zeros((), dtype=torch.float32, device=device)
-        for b in batches:
-            if meter is not None:
+        if meter is not None:
+            for b in batches:
                 meter.count_batch(b)
-            loss = model(b["input_ids"], labels=b["labels"], position_ids=b.get("position_ids"), reduction="sum")
-            loss = loss / max(n_loss, 1)
-            loss.backward()
-            total += loss.detach()
-        if s.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm, foreach=True)
-        opt.step()
+        if graph is not None:
+            total = graph.run(batches, n_loss)
+        else:
+            total = torch.zeros((), dtype=torch.float32, device=device)
+            for b in batches:
+                loss = model(b["input_ids"], labels=b["labels"], position_ids=b.get("position_ids"),
+                             reduction="sum")
+                loss = loss / max(n_loss, 1)
+                loss.backward()
+                total += loss.detach()
+            if s.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm, foreach=True)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         sched.step()
-        opt.zero_grad(set_to_none=True)
         value = float(total)  # the only sync inside the step besides step_end's own
         if meter is not None:
             meter.step_end(value)

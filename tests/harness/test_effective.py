@@ -59,3 +59,14 @@ def test_settings_differences_listed():
     assert "lora_r: ran with 8, scenario says 4" in problems
     assert "micro_batch: ran with 4, scenario says 2" in problems
     assert any("optimizer" in p for p in problems) and any("seq_len" in p for p in problems)
+
+
+def test_read_back_optimizer_tensor_lr():
+    """A capturable optimizer (CUDA-graphed trainer) keeps its learning rate as a tensor: read back as a float."""
+    import torch
+
+    from harness.effective import read_back_optimizer
+
+    p = torch.nn.Parameter(torch.zeros(2))
+    got = read_back_optimizer(torch.optim.AdamW([p], lr=torch.tensor(2e-4), foreach=False))
+    assert got == {"optimizer": "adamw_torch", "lr": pytest.approx(2e-4)} and isinstance(got["lr"], float)

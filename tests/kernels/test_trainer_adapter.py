@@ -58,3 +58,20 @@ def test_worker_run_is_valid(tmp_path, monkeypatch, kind, packing, offload):  # 
     assert res["extra"]["trainer"]["recomputed_layers"] == ("all" if kind == "lora" else [0])
     losses = [s["loss"] for s in res["steps"]]
     assert len(losses) == 3 and all(loss is not None and 0 < loss < 10 for loss in losses)
+
+
+def test_method_options_knobs():
+    """Every knob the adapter documents reaches MethodOptions; an unknown one is refused with the known list."""
+    from types import SimpleNamespace
+
+    from adapters_for_tools.tunebench.adapter import method_options
+
+    m = SimpleNamespace(kind="lora", lora_r=8, lora_alpha=16, lora_dropout=0.0, quant=None,
+                        resolved_targets=lambda: ["q_proj", "v_proj"])
+    sc = SimpleNamespace(method=m, train=SimpleNamespace(gradient_checkpointing=True))
+    o = method_options(sc, {"group_projections": False, "cuda_graph": True, "recompute_layers": 4})
+    assert (o.group_projections, o.cuda_graph, o.recompute_layers) == (False, True, 4)
+    d = method_options(sc, {})
+    assert (d.group_projections, d.cuda_graph, d.recompute_layers) == (True, False, -1)
+    with pytest.raises(ValueError, match="unknown tunebench overrides.*cuda_graph"):
+        method_options(sc, {"cuda_graphs": True})
