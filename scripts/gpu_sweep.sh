@@ -7,6 +7,8 @@
 #                                                    later calls with the same TAG resume those sweeps)
 # The device syncs its copy of the repository with yours at every call, deleting result directories it
 # does not have here: everything stored is packed into $OUT/results.tgz at the end of each call.
+# Session 4 added rows to both 8B scenarios (tunebench-graph, tunebench-fast-graph): their hash changed, so the
+# next call starts new 8B sweeps by itself (the session-3 sweeps stay as they are).
 # Order: the GPU quality scenario and its parity bisection first (they resume: the sweeps of session 3 lack
 # trl/unsloth/axolotl/llamafactory and the bisection), then per 8B scenario r0 of every framework and the extra
 # repeats of hf, tunebench and tunebench-fast (each scenario's sweep finishes on one machine: a machine goes
@@ -27,7 +29,7 @@ for sc in scenarios/llama8b_lora.yaml scenarios/llama8b_qlora.yaml; do
     step --new $sc --repeats 1 --only hf  # creates the sweep (hf first: the baseline of every ratio)
   fi
   step $sc --repeats 1 ;
-  step $sc --only hf tunebench tunebench-fast --repeats 3 ;
+  step $sc --only hf tunebench tunebench-fast tunebench-fast-graph --repeats 3 ;
 done
 left=$(( end - $(date +%s) ))
 if [ $left -gt 90 ] && [ ! -f results/kernels_bench_h100-session4/bench_ops.md ]; then
