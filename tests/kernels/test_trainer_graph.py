@@ -25,12 +25,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):  # noqa: ANN001, ANN201
-    from harness.models import get_preset, prepare_random_checkpoint
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TUNEBENCH_CACHE", str(tmp_path_factory.mktemp("graph_cache")))
-        yield prepare_random_checkpoint(get_preset("tiny-llama"), "float32", 0)
+def ckpt(tiny_llama_fp32):  # noqa: ANN001, ANN201
+    return tiny_llama_fp32
 
 
 def _rows(n: int, seed: int = 0) -> list[dict]:
