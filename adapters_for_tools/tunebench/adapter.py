@@ -25,7 +25,7 @@ from harness.effective import read_back_optimizer
 
 KNOBS = {"recompute_layers": int, "offload_checkpoints": bool, "offload_weights": int, "offload_embeddings": bool,
          "offload_lm_head": bool, "fused_ce_chunk": int, "lora_dtype": str, "reference_ops": list,
-         "group_projections": bool, "cuda_graph": bool}
+         "group_projections": bool, "cuda_graph": bool, "varlen_attention": bool}
 
 
 def method_options(sc, overrides: dict):  # noqa: ANN001, ANN201
@@ -57,18 +57,23 @@ def method_options(sc, overrides: dict):  # noqa: ANN001, ANN201
         reference_ops=tuple(overrides.get("reference_ops", ())),
         group_projections=bool(overrides.get("group_projections", True)),
         cuda_graph=bool(overrides.get("cuda_graph", False)),
+        varlen_attention=bool(overrides.get("varlen_attention", True)),
     )
 
 
-def ops_in_use(device: str, reference_ops: tuple[str, ...] = ()) -> dict[str, str]:
+def ops_in_use(device: str, reference_ops: tuple[str, ...] = (), dtype: str = "bfloat16",
+               varlen: bool = True) -> dict[str, str]:
     """Which implementation each op runs with here (Triton kernel or PyTorch reference; ``reference_ops``:
-    the knob of that name)."""
+    the knob of that name), and which attention packed rows get."""
     from kernels.ops._utils import interpret_mode
+    from kernels.trainer.model import VARLEN
 
     kern = "triton" if device == "cuda" else ("triton-interpreter" if interpret_mode() else "torch-reference")
     ops = ("rms_norm", "rope", "swiglu", "fused_linear_cross_entropy", "lora_linear", "nf4_dequantize")
     # lora_linear is cuBLAS GEMMs with a hand-written backward (no Triton kernel of its own); DoRA is plain torch
-    return {op: ("torch-reference" if op in reference_ops else kern) for op in ops} | {"dora": "torch"}
+    flash = varlen and VARLEN is not None and device == "cuda" and dtype in ("bfloat16", "float16")
+    return {op: ("torch-reference" if op in reference_ops else kern) for op in ops} | {
+        "dora": "torch", "attention_packed": "varlen-flash" if flash else "sdpa-block-mask"}
 
 
 def run(ctx) -> None:  # noqa: ANN001
@@ -91,9 +96,9 @@ def run(ctx) -> None:  # noqa: ANN001
     ctx.load_s = time.time() - t0
     rows = load_tokenised(sc, ctx.dataset_path, tok).rows
     settings = TrainSettings.from_scenario(sc, tok.pad_token_id)
+    ops = ops_in_use(device.type, options.reference_ops, str(dtype).removeprefix("torch."), options.varlen_attention)
     trainer_cfg = {"method": {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in vars(options).items()},
-                   "train": dict(vars(settings)),
-                   "device": str(device), "dtype": str(dtype), "ops": ops_in_use(device.type, options.reference_ops)}
+                   "train": dict(vars(settings)), "device": str(device), "dtype": str(dtype), "ops": ops}
     ctx.save_native_config("tunebench_trainer.json", json.dumps(trainer_cfg, indent=1, default=str))
     ctx.extra["trainer"] = {"overrides": dict(ctx.overrides), "ops": trainer_cfg["ops"],
                             "streamed_layers": model.streamer.layer_ids if model.streamer else [],

@@ -12,12 +12,12 @@ and computes the same function as ``AutoModelForCausalLM`` (tests compare logits
   (flash attention on H100, no mask tensor, KV heads not repeated). Right padding needs no mask: pads sit after
   every real token, a causal query never sees a later key, so real tokens' outputs are exactly those of the
   unpadded row (pads' own outputs are junk, and their labels are -100; ``test_convergence`` checks padded vs
-  unpadded losses). Packed rows (``position_ids`` given; they restart at 0 per sample) get a block-diagonal
-  causal boolean mask built from ``position_ids`` so attention stays inside each sample; SDPA then runs its
-  memory-efficient kernel (``[B, S, S]`` bool mask: 8 MB at 2 x 2048). Why not ``torch.nn.attention.varlen``:
-  it exists in torch 2.13 here but its signature moved between releases (the GPU box runs 2.11), and
-  flex_attention is only fast under ``torch.compile``; the mask is exact on every version and packing is not
-  on the benchmark's hot path.
+  unpadded losses). Packed rows (``position_ids`` given; they restart at 0 per sample) attend only inside their
+  sample: on CUDA in bf16/fp16 through variable-length flash attention (``torch.nn.attention.varlen``, the
+  flattened batch cut at every position 0: no mask, no wasted blocks; its causal argument is read from the
+  installed signature, which moved between torch releases), otherwise (CPU, fp32, a torch without it, or
+  ``varlen_attention: false``) with a block-diagonal causal boolean mask built from ``position_ids`` and SDPA's
+  memory-efficient kernel (``[B, S, S]`` bool: 8 MB at 2 x 2048).
 - LM head + loss: :func:`kernels.ops.fused_linear_cross_entropy.fused_linear_cross_entropy` (no
   ``[tokens, vocab]`` logits on CUDA); the loss is a *sum* so the trainer can divide by the loss tokens of the
   whole optimizer step (what the HF Trainer does with ``num_items_in_batch``).
@@ -38,6 +38,7 @@ On CPU without ``TRITON_INTERPRET=1`` each op runs its PyTorch reference, so the
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from dataclasses import dataclass, field
@@ -183,6 +184,8 @@ class MethodOptions:
             (:class:`kernels.trainer.train.StepGraph`): no per-kernel host launches. CUDA only; not with host
             offload (its copies and events are host-driven), LoRA dropout (RNG state replayed from the host) or
             packed rows.
+        varlen_attention: packed rows on CUDA in bf16/fp16 through variable-length flash attention where this
+            torch has it (else, or False: SDPA with a block-diagonal causal mask).
     """
 
     kind: str = "lora"
@@ -202,6 +205,7 @@ class MethodOptions:
     reference_ops: tuple[str, ...] = ()
     group_projections: bool = True
     cuda_graph: bool = False
+    varlen_attention: bool = True
 
     @property
     def is_peft(self) -> bool:
@@ -369,6 +373,8 @@ class Attention(nn.Module):
         k = k.view(bsz, seq, self.n_kv, self.head_dim)
         v = v.view(bsz, seq, self.n_kv, self.head_dim)
         q, k = self.ops.rope(q, k, cos, sin)
+        if mask is not None and mask.dtype == torch.int32:  # cu_seqlens of packed samples: varlen flash attention
+            return self.o_proj(varlen_attention(q, k, v, mask).view(bsz, seq, self.n_heads * self.head_dim))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if mask is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
@@ -596,6 +602,56 @@ class _LayerCall:
 # the model
 
 
+def _find_varlen() -> tuple[Any, dict[str, Any], bool] | None:
+    """``(varlen_attn, causal kwargs, takes enable_gqa)`` for the installed torch, or None where it has none.
+
+    torch 2.9-2.10 take ``is_causal=True``; later releases ``window_size=(-1, 0)`` (and ``enable_gqa``)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    if "window_size" in params:
+        causal = {"window_size": (-1, 0)}
+    elif "is_causal" in params:
+        causal = {"is_causal": True}
+    else:
+        return None
+    return varlen_attn, causal, "enable_gqa" in params
+
+
+VARLEN = _find_varlen()
+
+
+def _varlen_ok(h: torch.Tensor) -> bool:
+    """Flash varlen attention exists here and takes these activations (CUDA, bf16/fp16)."""
+    return VARLEN is not None and h.is_cuda and h.dtype in (torch.bfloat16, torch.float16)
+
+
+def packed_cu_seqlens(position_ids: torch.Tensor) -> torch.Tensor:
+    """int32 ``[N + 1]``: where each packed sample starts in the flattened ``[B * S]`` batch (a sample starts at
+    every position 0, so each row starts one and each right pad is a sample of its own), then ``B * S``."""
+    flat = position_ids.reshape(-1)
+    starts = torch.nonzero(flat == 0).flatten()
+    return torch.cat([starts, starts.new_tensor([flat.numel()])]).to(torch.int32)
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Causal attention inside each packed sample: ``[B, S, H, D]`` q and ``[B, S, Hkv, D]`` k/v in, ``[B, S, H, D]``
+    out. ``max_q = max_k = S`` is an upper bound of every sample's length (no host sync to find the longest)."""
+    fn, causal, takes_gqa = VARLEN
+    bsz, seq, n_heads, d = q.shape
+    n_kv = k.shape[2]
+    q, k, v = q.reshape(bsz * seq, n_heads, d), k.reshape(bsz * seq, n_kv, d), v.reshape(bsz * seq, n_kv, d)
+    kw = dict(causal)
+    if n_kv != n_heads:
+        if takes_gqa:
+            kw["enable_gqa"] = True
+        else:
+            k, v = k.repeat_interleave(n_heads // n_kv, dim=1), v.repeat_interleave(n_heads // n_kv, dim=1)
+    return fn(q, k, v, cu_seqlens, cu_seqlens, seq, seq, **kw).view(bsz, seq, n_heads, d)
+
+
 def packed_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
     """``[B, S, S]`` bool mask: causal and within the sample (a sample starts where position_ids is 0)."""
     doc = (position_ids == 0).cumsum(-1)
@@ -664,7 +720,9 @@ class DecoderModel(nn.Module):
         if position_ids is None:
             cos, sin = self._rope_tables(input_ids.shape[1], input_ids.device)
         else:
-            mask = packed_causal_mask(position_ids)
+            # the layers' "mask" argument: int32 cu_seqlens (varlen) or the [B, S, S] bool mask
+            varlen = self.options.varlen_attention and _varlen_ok(h)
+            mask = packed_cu_seqlens(position_ids) if varlen else packed_causal_mask(position_ids)
             cos, sin = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         if ckpt and not h.requires_grad:
