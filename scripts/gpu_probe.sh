@@ -15,6 +15,9 @@ prof() {  # prof NAME RUNS KNOBS_JSON
   timeout $(( l - 30 )) python3 -m kernels.trainer.profile_step --runs $2 --steps 10 --warmup 3 \
     --profile-steps 1 --knobs "$3" --out /tmp/probe/prof_$1.json 2>&1 | tail -4
 }
+# the GPU-only tests first (~1-2 min): CUDA-graph capture vs eager, flash varlen vs block mask, bf16 ops
+TRITON_INTERPRET=0 timeout $(( $(left) > 300 ? 240 : $(left) / 3 )) python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels \
+  > /tmp/probe/gpu_tests.txt 2>&1; tail -15 /tmp/probe/gpu_tests.txt
 prof fast_graph lora,qlora '{"recompute_layers": 4, "cuda_graph": true}'
 prof fast_grouped lora,qlora '{"recompute_layers": 4}'
 prof all_graph lora,qlora '{"cuda_graph": true}'
