@@ -9,7 +9,8 @@
 ``reference_ops: [rms_norm, rope, swiglu, fused_linear_cross_entropy]`` (run those ops as their PyTorch
 references: for bisecting a loss-parity departure op by op), ``group_projections: false`` (one LoRA call per
 projection instead of one per q/k/v and gate/up group), ``cuda_graph: true`` (the whole optimizer step captured
-as one CUDA graph and replayed).
+as one CUDA graph and replayed), ``varlen_attention: false`` (packed rows through a block mask instead of flash
+varlen), ``expandable_segments: false`` (leave the CUDA allocator in its default mode).
 """
 
 from adapters_for_tools.base import AdapterInfo

@@ -25,7 +25,8 @@ from harness.effective import read_back_optimizer
 
 KNOBS = {"recompute_layers": int, "offload_checkpoints": bool, "offload_weights": int, "offload_embeddings": bool,
          "offload_lm_head": bool, "fused_ce_chunk": int, "lora_dtype": str, "reference_ops": list,
-         "group_projections": bool, "cuda_graph": bool, "varlen_attention": bool}
+         "group_projections": bool, "cuda_graph": bool, "varlen_attention": bool,
+         "expandable_segments": bool}
 
 
 def method_options(sc, overrides: dict):  # noqa: ANN001, ANN201
@@ -58,6 +59,7 @@ def method_options(sc, overrides: dict):  # noqa: ANN001, ANN201
         group_projections=bool(overrides.get("group_projections", True)),
         cuda_graph=bool(overrides.get("cuda_graph", False)),
         varlen_attention=bool(overrides.get("varlen_attention", True)),
+        expandable_segments=bool(overrides.get("expandable_segments", True)),
     )
 
 
@@ -105,7 +107,7 @@ def run(ctx) -> None:  # noqa: ANN001
                             "recomputed_layers": (sorted(model.checkpointed_layers)
                                                   if model.checkpointed_layers is not None
                                                   else "all" if options.gradient_checkpointing else []),
-                            "host_weight_gib": _host_bytes(model) / 2**30}
+                            "host_weight_gib": _host_bytes(model) / 2**30, "allocator": options.allocator}
 
     def on_first_step(opt) -> None:  # noqa: ANN001
         ctx.set_effective(**model.effective_settings(), **read_back_optimizer(opt))

@@ -186,6 +186,7 @@ class MethodOptions:
             packed rows.
         varlen_attention: packed rows on CUDA in bf16/fp16 through variable-length flash attention where this
             torch has it (else, or False: SDPA with a block-diagonal causal mask).
+        expandable_segments: the CUDA caching allocator in expandable-segments mode (:func:`configure_allocator`).
     """
 
     kind: str = "lora"
@@ -206,6 +207,8 @@ class MethodOptions:
     group_projections: bool = True
     cuda_graph: bool = False
     varlen_attention: bool = True
+    expandable_segments: bool = True
+    allocator: str = ""  # what load_model did to the CUDA allocator (configure_allocator); recorded with the run
 
     @property
     def is_peft(self) -> bool:
@@ -848,6 +851,27 @@ class DecoderModel(nn.Module):
 # loading
 
 
+def configure_allocator(options: MethodOptions) -> str:
+    """Switch this process's CUDA caching allocator to expandable segments (``options.expandable_segments``),
+    before the first weight is allocated: the allocator then grows one mapped range instead of caching
+    fixed-size segments, so NVML's per-process memory stays near torch's allocated peak (the session-3 sweep:
+    0.8 GiB reserved above allocated in the tunebench rows). Left alone where the user set
+    ``PYTORCH_CUDA_ALLOC_CONF``/``PYTORCH_ALLOC_CONF`` and with ``cuda_graph`` (the graph's private pool and
+    expandable segments have been switched off and on again between torch releases). Returns what was done."""
+    import os
+
+    user = os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF")
+    if user:
+        return f"user: {user}"
+    if not options.expandable_segments or options.cuda_graph:
+        return "default"
+    try:
+        torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+    except (AttributeError, RuntimeError) as e:  # a torch without the setter, or a refused setting
+        return f"default ({type(e).__name__}: {e})"[:200]
+    return "expandable_segments:True"
+
+
 def _safetensors_files(checkpoint: Path) -> list[Path]:
     index = checkpoint / "model.safetensors.index.json"
     if index.exists():
@@ -889,6 +913,8 @@ def load_model(checkpoint: str | Path, options: MethodOptions, dtype: torch.dtyp
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
+    if device.type == "cuda":
+        options.allocator = configure_allocator(options)
     quantize = options.kind == "qlora"
     prequantized = _bnb_4bit(cfg.raw, checkpoint)
     if prequantized and not quantize:

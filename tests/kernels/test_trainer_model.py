@@ -375,3 +375,20 @@ def test_packed_varlen_flash_matches_block_mask_on_gpu(checkpoints):  # noqa: AN
                            dtype=torch.bfloat16, device="cuda", seed=0)
         losses.append(float(model(ids, labels=ids, position_ids=pos)))
     assert losses[0] == pytest.approx(losses[1], rel=2e-2)
+
+
+def test_allocator_configuration(monkeypatch):  # noqa: ANN001
+    """Expandable segments by default; a user's allocator setting and cuda_graph runs are left alone."""
+    from kernels.trainer import model as M
+
+    calls = []
+    monkeypatch.setattr(torch.cuda.memory, "_set_allocator_settings", calls.append)
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    assert M.configure_allocator(MethodOptions()) == "expandable_segments:True"
+    assert calls == ["expandable_segments:True"]
+    assert M.configure_allocator(MethodOptions(cuda_graph=True)) == "default"
+    assert M.configure_allocator(MethodOptions(expandable_segments=False)) == "default"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:64")
+    assert M.configure_allocator(MethodOptions()) == "user: max_split_size_mb:64"
+    assert len(calls) == 1
