@@ -171,6 +171,40 @@ def _hf_train(model, rows, s, device: str, meter, opt) -> list[float]:  # noqa: 
     return losses
 
 
+def _phase_peaks(model, impl: str, rows: list[dict], s, device: str, opt) -> dict[str, float]:  # noqa: ANN001
+    """One more (eager) step with the allocator's peak reset between phases: where the step's memory peak is
+    (forward incl. loss, backward incl. recomputation, optimizer), in GiB, and what is allocated between."""
+    import torch
+
+    from kernels.trainer.train import micro_batches
+
+    (b,) = micro_batches(rows, s, 0, device)
+    out: dict[str, float] = {}
+
+    def mark(name: str) -> None:
+        torch.cuda.synchronize()
+        out[f"{name}_peak_gib"] = torch.cuda.max_memory_allocated() / GIB
+        out[f"after_{name}_gib"] = torch.cuda.memory_allocated() / GIB
+        torch.cuda.reset_peak_memory_stats()
+
+    torch.cuda.synchronize()
+    out["before_gib"] = torch.cuda.memory_allocated() / GIB
+    torch.cuda.reset_peak_memory_stats()
+    if impl == "hf":
+        with torch.autocast(device, dtype=next(model.parameters()).dtype):
+            loss = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
+    else:
+        loss = model(b["input_ids"], labels=b["labels"], reduction="sum") / max(int((b["labels"] != -100).sum()), 1)
+    mark("forward")
+    loss.backward()
+    del loss
+    mark("backward")
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    mark("optimizer")
+    return out
+
+
 def run_single(args) -> dict[str, Any]:  # noqa: ANN001
     """One run, measured; returns its result dict (errors included)."""
     import torch
@@ -209,6 +243,8 @@ def run_single(args) -> dict[str, Any]:  # noqa: ANN001
         out["metrics"] = meter.finish()
         out["steps"] = meter.steps
         out["ok"] = True
+        if cuda and not knobs.get("cuda_graph"):  # a graphed step has no phases to stop between
+            out["phase_memory"] = _phase_peaks(model, impl, rows, s, args.device, opt)
         if args.profile_steps > 0:
             from torch.profiler import ProfilerActivity, profile
 
@@ -353,6 +389,9 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + table, flush=True)
     text = [table, ""]
     for r in results:
+        if r.get("phase_memory"):
+            text += [f"## {r['run']}: memory by phase (GiB)",
+                     ", ".join(f"{k} {v:.2f}" for k, v in r["phase_memory"].items()), ""]
         if r.get("profile_table"):
             text += [f"## {r['run']}: top 20 ops by device time ({args.profile_steps} steps)", r["profile_table"], ""]
         if r.get("traceback"):

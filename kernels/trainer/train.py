@@ -135,6 +135,13 @@ class StepGraph:
         self.graph: Any = None
         self.total: torch.Tensor | None = None
 
+    def fits(self, opt: torch.optim.Optimizer, s: TrainSettings, length: int) -> bool:
+        """Whether a new ``train`` call can replay this graph (same optimizer, batch shape and step maths)."""
+        t = self.s
+        return (opt is self.opt and length <= self.ids[0].shape[1]
+                and (s.micro_batch, s.grad_accum, s.max_grad_norm, s.pad_id)
+                == (t.micro_batch, t.grad_accum, t.max_grad_norm, t.pad_id))
+
     def _load(self, batches: list[dict], n_loss: int) -> None:
         for ids, labels, b in zip(self.ids, self.labels, batches, strict=True):
             n = b["input_ids"].shape[1]
@@ -222,8 +229,11 @@ def train(model: torch.nn.Module, rows: Sequence[dict], s: TrainSettings, meter:
     if _graphed(model):
         if any("position_ids" in r for r in rows):
             raise ValueError("cuda_graph: packed rows (position_ids) build a mask per batch; not graphed")
-        graph = StepGraph(model, opt, s, static_length(rows), torch.device(device), params,
-                          capture=torch.device(device).type == "cuda")
+        graph = model.__dict__.get("_step_graph")  # a later train() call with the same optimizer replays it
+        if graph is None or not graph.fits(opt, s, static_length(rows)):
+            graph = StepGraph(model, opt, s, static_length(rows), torch.device(device), params,
+                              capture=torch.device(device).type == "cuda")
+            model.__dict__["_step_graph"] = graph
     losses: list[float] = []
     for step in range(s.steps):
         batches = micro_batches(rows, s, step, device)

@@ -85,3 +85,21 @@ def test_captured_step_matches_eager_on_gpu(ckpt, kind):  # noqa: ANN001
     assert graphed == pytest.approx(eager, abs=1e-4)
     for n, p in p_eager.items():
         torch.testing.assert_close(p_graphed[n], p, atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_step_graph_is_reused_by_a_later_train_call(ckpt):  # noqa: ANN001
+    """profile_step trains, then profiles more steps with the same optimizer: those must replay the graph
+    captured by the first call, not warm up and capture a second one."""
+    from kernels.trainer.train import make_optimizer
+
+    model = load_model(ckpt, MethodOptions(kind="lora", lora_r=8), dtype=torch.float32, device="cpu", seed=0)
+    model.options.cuda_graph = True
+    s = TrainSettings(micro_batch=2, grad_accum=1, steps=3, lr=1e-3, pad_id=PAD)
+    opt = make_optimizer(model, s)
+    rows = _rows(12)
+    train(model, rows, s, device=torch.device("cpu"), optimizer=opt)
+    graph = model._step_graph
+    train(model, rows[6:], s, device=torch.device("cpu"), optimizer=opt)
+    assert model._step_graph is graph
+    train(model, rows, s, device=torch.device("cpu"), optimizer=make_optimizer(model, s))  # another optimizer
+    assert model._step_graph is not graph
