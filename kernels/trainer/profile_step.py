@@ -194,7 +194,8 @@ def _phase_peaks(model, impl: str, rows: list[dict], s, device: str, opt) -> dic
         with torch.autocast(device, dtype=next(model.parameters()).dtype):
             loss = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
     else:
-        loss = model(b["input_ids"], labels=b["labels"], reduction="sum") / max(int((b["labels"] != -100).sum()), 1)
+        n_loss = max(int((b["labels"][:, 1:] != -100).sum()), 1)
+        loss = model(b["input_ids"], labels=b["labels"], reduction="sum") / n_loss
     mark("forward")
     loss.backward()
     del loss
