@@ -6,8 +6,8 @@
 # group_projections (q/k/v and gate/up as one LoRA call each), on the fast row's setting (4 of 32 layers
 # recompute) and on full recomputation, with one profiled step each; then the rms_norm backward's
 # registers/spills (kernels/NOTES.md, "rms_norm"). Most informative first: the deadline cuts the tail.
+end=$(( $(date +%s) + ${1:-540} ))  # the deadline counts the setup too
 source scripts/gpu_setup.sh
-end=$(( $(date +%s) + ${1:-540} ))
 mkdir -p /tmp/probe
 left() { echo $(( end - $(date +%s) )); }
 prof() {  # prof NAME RUNS KNOBS_JSON

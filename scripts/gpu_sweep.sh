@@ -13,8 +13,8 @@
 # trl/unsloth/axolotl/llamafactory and the bisection), then per 8B scenario r0 of every framework and the extra
 # repeats of hf, tunebench and tunebench-fast (each scenario's sweep finishes on one machine: a machine goes
 # back after 30 min held), then (time left) the per-op micro-benchmarks of ops changed since the last run.
+end=$(( $(date +%s) + ${1:-540} ))  # the deadline counts the setup too
 source scripts/gpu_setup.sh
-end=$(( $(date +%s) + ${1:-540} ))
 step() {  # run one harness command with what is left of the deadline (SIGINT: the runner stops cleanly)
   left=$(( end - $(date +%s) )); [ $left -gt 20 ] || return 1
   mode=--resume; [ "$1" = "--new" ] && { mode=--new; shift; }
