@@ -42,6 +42,11 @@ def dropout_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Ten
     return torch.rand(shape, dtype=torch.float32, device=device) >= p
 
 
+def _check_frozen(weight: torch.Tensor | NF4Tensor) -> None:
+    if isinstance(weight, torch.Tensor) and weight.requires_grad:
+        raise ValueError("lora_linear never computes dW: freeze the base weight (requires_grad_(False))")
+
+
 def _base_weight(weight: torch.Tensor | NF4Tensor, dtype: torch.dtype) -> torch.Tensor:
     return dequantize_nf4(weight, dtype) if isinstance(weight, NF4Tensor) else weight
 
@@ -72,14 +77,9 @@ def _hi_lo(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
     ``hi + lo`` equals ``t`` to ~2^-17 (bf16) relative, so a GEMM with this as one operand and an fp32 output is
     as accurate as an fp32 operand would be, at bf16 GEMM speed (one GEMM with 2r instead of r columns: at
-    r = 16 these GEMMs are bandwidth-bound on the other, [T, in] or [T, out], operand). fp32/fp64: ``t``."""
-    if not _low_precision(dtype):
-        return t.to(dtype)
-    n, r = t.shape
-    out = torch.empty(n, 2 * r, dtype=dtype, device=t.device)
-    out[:, :r].copy_(t)
-    torch.sub(t, out[:, :r], out=out[:, r:])
-    return out
+    r = 16 these GEMMs are bandwidth-bound on the other, [T, in] or [T, out], operand). fp32/fp64: ``t``.
+    One block of :func:`_hi_lo_blocks`."""
+    return _hi_lo_blocks(t, dtype, 1)
 
 
 def _sum_halves(p: torch.Tensor, dim: int, compute: torch.dtype, out: torch.dtype) -> torch.Tensor:
@@ -304,8 +304,7 @@ def lora_linear(
     Returns:
         ``[..., out]`` in ``x``'s dtype.
     """
-    if isinstance(weight, torch.Tensor) and weight.requires_grad:
-        raise ValueError("lora_linear never computes dW: freeze the base weight (requires_grad_(False))")
+    _check_frozen(weight)
     mask = dropout_mask(x.shape, dropout_p, x.device) if (training and dropout_p > 0) else None
     p = dropout_p if mask is not None else 0.0
     if not use_triton(x):
@@ -338,8 +337,7 @@ def lora_linear_group(
     if len({a.shape[0] for a in lora_as}) != 1:
         raise ValueError(f"lora_linear_group: ranks differ {[a.shape[0] for a in lora_as]}; call lora_linear")
     for w in weights:
-        if isinstance(w, torch.Tensor) and w.requires_grad:
-            raise ValueError("lora_linear never computes dW: freeze the base weight (requires_grad_(False))")
+        _check_frozen(w)
     if not use_triton(x):
         return [lora_linear_reference(x, w, a, b, scale, bias)
                 for w, a, b, bias in zip(weights, lora_as, lora_bs, biases, strict=True)]

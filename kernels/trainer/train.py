@@ -154,15 +154,8 @@ class StepGraph:
         self.n_loss.fill_(max(n_loss, 1))
 
     def _step(self) -> torch.Tensor:
-        total = torch.zeros((), dtype=torch.float32, device=self.n_loss.device)
-        for ids, labels in zip(self.ids, self.labels, strict=True):
-            loss = self.model(ids, labels=labels, reduction="sum") / self.n_loss
-            loss.backward()
-            total += loss.detach()
-        if self.s.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.params, self.s.max_grad_norm, foreach=True)
-        self.opt.step()
-        return total
+        batches = [{"input_ids": ids, "labels": labels} for ids, labels in zip(self.ids, self.labels, strict=True)]
+        return optimizer_step(self.model, batches, self.n_loss, self.params, self.s, self.opt)
 
     def run(self, batches: list[dict], n_loss: int) -> torch.Tensor:
         """One optimizer step on these micro-batches; returns the step loss (a device scalar)."""
@@ -189,6 +182,22 @@ class StepGraph:
         torch.cuda.current_stream().wait_stream(self.stream)
         self.done += 1
         return total
+
+
+def optimizer_step(model: torch.nn.Module, batches: list[dict], n_loss: int | torch.Tensor,
+                   params: list[torch.Tensor], s: TrainSettings, opt: torch.optim.Optimizer) -> torch.Tensor:
+    """Forward + backward of each micro-batch (summed token loss / the step's loss tokens), clipping, optimizer
+    step; returns the step loss as a device scalar. ``n_loss``: a number, or a device scalar (CUDA graphs)."""
+    total = torch.zeros((), dtype=torch.float32, device=batches[0]["input_ids"].device)
+    for b in batches:
+        loss = model(b["input_ids"], labels=b["labels"], position_ids=b.get("position_ids"), reduction="sum")
+        loss = loss / n_loss
+        loss.backward()
+        total += loss.detach()
+    if s.max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm, foreach=True)
+    opt.step()
+    return total
 
 
 def static_length(rows: Sequence[dict]) -> int:
@@ -249,16 +258,7 @@ def train(model: torch.nn.Module, rows: Sequence[dict], s: TrainSettings, meter:
         if graph is not None:
             total = graph.run(batches, n_loss)
         else:
-            total = torch.zeros((), dtype=torch.float32, device=device)
-            for b in batches:
-                loss = model(b["input_ids"], labels=b["labels"], position_ids=b.get("position_ids"),
-                             reduction="sum")
-                loss = loss / max(n_loss, 1)
-                loss.backward()
-                total += loss.detach()
-            if s.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm, foreach=True)
-            opt.step()
+            total = optimizer_step(model, batches, max(n_loss, 1), params, s, opt)
             opt.zero_grad(set_to_none=True)
         sched.step()
         value = float(total)  # the only sync inside the step besides step_end's own
