@@ -199,16 +199,28 @@ def _lora_qkv_cases() -> list[tuple]:
 
 
 def _nf4_cases() -> list[tuple]:
-    from kernels.ops.nf4 import dequantize_nf4, dequantize_nf4_reference, quantize_nf4
+    """torch vs ours at the gate/up/down shape, plus each launch variant of the kernel at three weight shapes
+    (down/up 14336 x 4096, q/o 4096 x 4096, k/v 1024 x 4096): ``ours_flat`` is the per-byte kernel,
+    ``ours_r{rows}w{warps}{g|s|t}`` the blocked one, the code gathered from L1 (g), selected in registers (s) or
+    ``tl.gather``-ed from a register table (t). ~45 timings, well under a minute on an H100."""
+    from kernels.ops.nf4 import dequantize_nf4, dequantize_nf4_forward, dequantize_nf4_reference, quantize_nf4
 
-    w = torch.randn(INTERMEDIATE, HIDDEN, device="cuda", dtype=DTYPE)
-    q = quantize_nf4(w)
-    n = w.numel()
-    nbytes = n // 2 + n // 64 + n * BF16  # packed + absmax_q + output
-    return [
-        ("torch", "fwd", lambda: dequantize_nf4_reference(q, DTYPE), None, nbytes, 0),
-        ("ours", "fwd", lambda: dequantize_nf4(q, DTYPE), None, nbytes, 0),
-    ]
+    configs = [(r, w, 0) for r in (8, 16, 32, 64) for w in (4, 8)] + [(r, 4, lk) for lk in (1, 2) for r in (16, 32)]
+    variants = {"ours_flat": {"flat": True}} | {
+        f"ours_r{r}w{w}{'gst'[lk]}": {"flat": False, "rows": r, "num_warps": w, "lookup": lk} for r, w, lk in configs
+    }
+    cases = []
+    for shape in ((INTERMEDIATE, HIDDEN), (HIDDEN, HIDDEN), (N_KV_HEADS * HEAD_DIM, HIDDEN)):
+        q = quantize_nf4(torch.randn(shape, device="cuda", dtype=DTYPE))
+        n = q.numel()
+        nbytes = n // 2 + n // 64 + n * BF16  # packed + absmax_q + output
+        tag = "" if shape == (INTERMEDIATE, HIDDEN) else f"@{shape[0]}x{shape[1]}"
+        cases.append((f"torch{tag}", "fwd", lambda q=q: dequantize_nf4_reference(q, DTYPE), None, nbytes, 0))
+        cases.append((f"ours{tag}", "fwd", lambda q=q: dequantize_nf4(q, DTYPE), None, nbytes, 0))
+        for name, cfg in variants.items():
+            fn = lambda q=q, cfg=cfg: dequantize_nf4_forward(q, DTYPE, **cfg)  # noqa: E731
+            cases.append((f"{name}{tag}", "fwd", fn, None, nbytes, 0))
+    return cases
 
 
 OPS: dict[str, Callable[[], list[tuple]]] = {

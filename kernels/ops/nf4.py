@@ -47,7 +47,16 @@ NF4_CODE = (
     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
 )  # fmt: skip
 
-_BLOCK_BYTES = 1024  # packed bytes per program -> 2048 outputs (4 KiB bf16 written per program)
+_BLOCK_BYTES = 1024  # packed bytes per program of the flat (fallback) kernel -> 2048 outputs
+
+# Launch settings of the blocked kernel; keyword arguments of dequantize_nf4_forward override them (the benchmark
+# sweeps them: python -m kernels.bench.bench_ops --ops nf4_dequant). rows: quant blocks of 64 values per program
+# (scaled to keep the bytes per program for other blocksizes); lookup: 0 = gather from the 16-entry table in L1,
+# 1 = select tree in registers, 2 = tl.gather from the table held in registers (shuffles / shared memory).
+# flat: the default stays the flat kernel (the one the session-5 H100 sweeps ran) until the benchmark has measured
+# the blocked one on a GPU; its predicted default then: rows 32 (2048 outputs per program as the flat kernel),
+# L1 gather, 4 warps, 0.123 -> ~0.06-0.08 ms for 14336 x 4096 (kernels/NOTES.md).
+DEQUANT_DEFAULTS = {"flat": True, "rows": 32, "num_warps": 4, "lookup": 0}
 
 
 @triton.jit
@@ -83,6 +92,68 @@ def _nf4_dequant_kernel(
     # Interleave (hi, lo) -> consecutive elements so the store is one contiguous, coalesced 2*BLOCK run.
     vals = tl.join(v_hi * absmax, v_lo * absmax).reshape([2 * BLOCK])
     out_offs = tl.program_id(0).to(tl.int64) * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
+    tl.store(out_ptr + out_offs, vals.to(out_ptr.dtype.element_ty), mask=out_offs < n_elements)
+
+
+@triton.jit
+def _code_select(idx, code_ptr):
+    """``code[idx]`` without a memory gather: 16 scalars in registers and a 4-level select tree (15 selects)."""
+    b0, b1, b2, b3 = (idx & 1) != 0, (idx & 2) != 0, (idx & 4) != 0, (idx & 8) != 0
+    c = code_ptr
+    p0 = tl.where(b0, tl.load(c + 1), tl.load(c + 0))
+    p1 = tl.where(b0, tl.load(c + 3), tl.load(c + 2))
+    p2 = tl.where(b0, tl.load(c + 5), tl.load(c + 4))
+    p3 = tl.where(b0, tl.load(c + 7), tl.load(c + 6))
+    p4 = tl.where(b0, tl.load(c + 9), tl.load(c + 8))
+    p5 = tl.where(b0, tl.load(c + 11), tl.load(c + 10))
+    p6 = tl.where(b0, tl.load(c + 13), tl.load(c + 12))
+    p7 = tl.where(b0, tl.load(c + 15), tl.load(c + 14))
+    q0, q1, q2, q3 = tl.where(b1, p1, p0), tl.where(b1, p3, p2), tl.where(b1, p5, p4), tl.where(b1, p7, p6)
+    return tl.where(b3, tl.where(b2, q3, q2), tl.where(b2, q1, q0))
+
+
+@triton.jit
+def _nf4_dequant_blocked_kernel(
+    packed_ptr,
+    code_ptr,
+    absmax_ptr,
+    absmax_q_ptr,
+    absmax_code_ptr,
+    absmax_scale_ptr,
+    offset_ptr,
+    out_ptr,
+    n_elements,
+    absmax_blocksize,
+    DOUBLE_QUANT: tl.constexpr,
+    HALF: tl.constexpr,  # blocksize // 2 = packed bytes per quant block (a power of two)
+    ROWS: tl.constexpr,  # quant blocks per program
+    LOOKUP: tl.constexpr,  # 0: gather code[idx] from L1; 1: select tree; 2: tl.gather from a register table
+):
+    """A [ROWS, HALF] tile of whole quant blocks: the absmax chain is decoded once per block, not once per byte."""
+    blk = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # [ROWS] quant-block indices
+    blk_mask = blk * (2 * HALF) < n_elements
+    if DOUBLE_QUANT:
+        q = tl.load(absmax_q_ptr + blk, mask=blk_mask, other=0).to(tl.int32)
+        scale = tl.load(absmax_scale_ptr + blk // absmax_blocksize, mask=blk_mask, other=0.0)
+        absmax = tl.load(absmax_code_ptr + q) * scale + tl.load(offset_ptr)  # same expression as the flat kernel
+    else:
+        absmax = tl.load(absmax_ptr + blk, mask=blk_mask, other=0.0)
+    byte_offs = blk[:, None] * HALF + tl.arange(0, HALF)[None, :]
+    byte = tl.load(packed_ptr + byte_offs, mask=byte_offs * 2 < n_elements, other=0).to(tl.int32)
+    if LOOKUP == 0:
+        v_hi = tl.load(code_ptr + ((byte >> 4) & 15))
+        v_lo = tl.load(code_ptr + (byte & 15))
+    elif LOOKUP == 1:
+        v_hi = _code_select((byte >> 4) & 15, code_ptr)
+        v_lo = _code_select(byte & 15, code_ptr)
+    else:
+        table = tl.broadcast_to(tl.load(code_ptr + tl.arange(0, 16))[None, :], (ROWS, 16))
+        v_hi = tl.gather(table, (byte >> 4) & 15, 1)
+        v_lo = tl.gather(table, byte & 15, 1)
+    a = absmax[:, None]
+    # (hi, lo) interleaved -> each row is one whole quant block of 2*HALF consecutive outputs.
+    vals = tl.join(v_hi * a, v_lo * a).reshape([ROWS, 2 * HALF])
+    out_offs = blk[:, None] * (2 * HALF) + tl.arange(0, 2 * HALF)[None, :]
     tl.store(out_ptr + out_offs, vals.to(out_ptr.dtype.element_ty), mask=out_offs < n_elements)
 
 
@@ -282,21 +353,48 @@ def dequantize_nf4_reference(q: NF4Tensor, dtype: torch.dtype | None = None) -> 
     return out.to(dtype or q.dtype).reshape(q.shape)
 
 
-def dequantize_nf4_forward(q: NF4Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Launch the dequantisation kernel; returns a contiguous tensor of ``q.shape`` in ``dtype``."""
+def dequantize_nf4_forward(
+    q: NF4Tensor,
+    dtype: torch.dtype,
+    *,
+    rows: int | None = None,
+    num_warps: int | None = None,
+    lookup: int | None = None,
+    flat: bool | None = None,
+) -> torch.Tensor:
+    """Launch the dequantisation kernel; returns a contiguous tensor of ``q.shape`` in ``dtype``.
+
+    The blocked kernel needs a power-of-two blocksize (bnb's are 32..4096); other even blocksizes, or
+    ``flat`` (None: :data:`DEQUANT_DEFAULTS`), use the flat kernel (one program per 1024 packed bytes, absmax
+    decoded per byte). Both give bit-identical outputs. ``rows``, ``num_warps``, ``lookup``: see
+    :data:`DEQUANT_DEFAULTS` (None = default).
+    """
     n = q.numel()
     out = torch.empty(q.shape, dtype=dtype, device=q.device)
     dummy = q.code  # never read: stands in for the pointers of the disabled branch
-    grid = (triton.cdiv(triton.cdiv(n, 2), _BLOCK_BYTES),)
-    runnable(_nf4_dequant_kernel)[grid](
-        q.packed, q.code,
+    absmax_args = (
         q.absmax if q.absmax is not None else dummy,
         q.absmax_q if q.double_quant else dummy,
         q.absmax_code if q.double_quant else dummy,
         q.absmax_scale if q.double_quant else dummy,
         q.offset if q.double_quant else dummy,
-        out, n, q.blocksize, q.absmax_blocksize,
-        DOUBLE_QUANT=q.double_quant, BLOCK=_BLOCK_BYTES, num_warps=4,
+    )
+    bs = q.blocksize
+    if (DEQUANT_DEFAULTS["flat"] if flat is None else flat) or bs & (bs - 1):
+        grid = (triton.cdiv(triton.cdiv(n, 2), _BLOCK_BYTES),)
+        runnable(_nf4_dequant_kernel)[grid](
+            q.packed, q.code, *absmax_args, out, n, bs, q.absmax_blocksize,
+            DOUBLE_QUANT=q.double_quant, BLOCK=_BLOCK_BYTES, num_warps=4,
+        )  # fmt: skip
+        return out
+    rows = rows or DEQUANT_DEFAULTS["rows"]
+    rows = triton.next_power_of_2(max(1, rows * 64 // bs))  # the same bytes per program for any blocksize
+    grid = (triton.cdiv(triton.cdiv(n, bs), rows),)
+    runnable(_nf4_dequant_blocked_kernel)[grid](
+        q.packed, q.code, *absmax_args, out, n, q.absmax_blocksize,
+        DOUBLE_QUANT=q.double_quant, HALF=bs // 2, ROWS=rows,
+        LOOKUP=DEQUANT_DEFAULTS["lookup"] if lookup is None else lookup,
+        num_warps=num_warps or DEQUANT_DEFAULTS["num_warps"],
     )  # fmt: skip
     return out
 

@@ -11,6 +11,7 @@ from kernels.ops.nf4 import (  # noqa: E402
     create_dynamic_map,
     decode_absmax,
     dequantize_nf4,
+    dequantize_nf4_forward,
     dequantize_nf4_reference,
     quantize_nf4,
 )
@@ -85,6 +86,36 @@ def test_kernel_low_precision_output(dtype):
     out = dequantize_nf4(q)
     assert out.dtype == dtype
     assert_close_verbose(out, dequantize_nf4_reference(q, torch.float32), 1e-6, 2**-8, f"nf4 -> {dtype}")
+
+
+# Blocked-kernel variants (rows, num_warps, lookup): every lookup, two tile sizes (rows=2 leaves ragged tiles).
+VARIANTS = [(2, 4, 0), (2, 4, 1), (2, 4, 2), (8, 8, 0), (8, 8, 1), (8, 8, 2)]
+# Awkward sizes: n = 1, odd n (padded low nibble), n not a multiple of the tile, several quant / absmax blocks;
+# blocksize 6 is not a power of two and goes through the flat kernel, 32 and 128 scale the rows.
+DEQUANT_CASES = [(1, 64), (7 * 13, 64), (3 * 64, 64), (1031, 64), (64 * 40 + 5, 64), (333, 32), (1000, 128), (99, 6)]
+# Kernel vs reference, one step of the output dtype (relative, at worst): the CPU interpreter truncates fp32 ->
+# bf16 where torch rounds to nearest, and on GPU an FMA-contracted absmax (1e-6 atol in fp32) can flip a rounding.
+REF_RTOL = {torch.float32: 0.0, torch.float16: 2**-10, torch.bfloat16: 2**-7}
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({torch.float32: torch.int32}.get(t.dtype, torch.int16))
+
+
+@pytest.mark.parametrize(("n", "blocksize"), DEQUANT_CASES)
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_blocked_kernel_bit_identical_to_flat(n, blocksize, double_quant, dtype):
+    w = torch.randn(n, generator=torch.Generator().manual_seed(n)).to(DEVICE)
+    q = quantize_nf4(w, blocksize=blocksize, double_quant=double_quant, absmax_blocksize=4)  # several absmax blocks
+    flat = dequantize_nf4_forward(q, dtype, flat=True)
+    assert_close_verbose(flat, dequantize_nf4_reference(q, torch.float32).to(dtype), 1e-6 if double_quant else 0.0,
+                         REF_RTOL[dtype], f"nf4 flat kernel vs torch n={n} bs={blocksize} {dtype}")  # fmt: skip
+    for rows, num_warps, lookup in VARIANTS:
+        got = dequantize_nf4_forward(q, dtype, rows=rows, num_warps=num_warps, lookup=lookup, flat=False)
+        assert got.shape == (n,) and got.dtype == dtype
+        bad = (_bits(got) != _bits(flat)).nonzero().flatten()
+        assert bad.numel() == 0, f"rows={rows} lookup={lookup}: {bad.numel()} differ, first {bad[:5].tolist()}"
 
 
 def test_nearest_code_and_nibble_layout():
