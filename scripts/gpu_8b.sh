@@ -7,11 +7,6 @@ sc=$1; tag=$2
 end=$(( $(date +%s) + ${3:-570} ))  # the deadline counts the setup too
 source scripts/gpu_setup.sh
 name=$(basename "$sc" .yaml)
-step() {  # one harness command with what is left of the deadline (SIGINT: the runner stops cleanly)
-  left=$(( end - $(date +%s) )); [ $left -gt 30 ] || return 1
-  mode=--resume; [ "$1" = "--new" ] && { mode=--new; shift; }
-  timeout -s INT $left python3 -m harness run "$@" $mode --no-report 2>&1 | grep -v "━"
-}
 if [ ! -f results/.new8b-$tag-$name ]; then  # the marker travels back in results.tgz
   mkdir -p results && touch results/.new8b-$tag-$name
   step --new "$sc" --repeats 1 --only hf

@@ -4,10 +4,6 @@
 #   bash scripts/gpu_last.sh DEADLINE_SECONDS
 end=$(( $(date +%s) + ${1:-540} ))  # the deadline counts the setup too
 source scripts/gpu_setup.sh
-step() {
-  left=$(( end - $(date +%s) )); [ $left -gt 20 ] || return 1
-  timeout -s INT $left python3 -m harness run "$@" --resume --no-report 2>&1 | grep -v "━"
-}
 step scenarios/quality_gpu_parity.yaml --only hf tunebench
 step scenarios/llama8b_lora.yaml --repeats 1 --only hf tunebench-fast-graph tunebench-graph tunebench-fast tunebench
 [ -n "${OUT:-}" ] && tar czf "$OUT/results.tgz" results

@@ -15,11 +15,6 @@
 # back after 30 min held), then (time left) the per-op micro-benchmarks of ops changed since the last run.
 end=$(( $(date +%s) + ${1:-540} ))  # the deadline counts the setup too
 source scripts/gpu_setup.sh
-step() {  # run one harness command with what is left of the deadline (SIGINT: the runner stops cleanly)
-  left=$(( end - $(date +%s) )); [ $left -gt 20 ] || return 1
-  mode=--resume; [ "$1" = "--new" ] && { mode=--new; shift; }
-  timeout -s INT $left python3 -m harness run "$@" $mode ${RETRY:+--retry-failed} --no-report 2>&1 | grep -v "━"
-}
 step scenarios/quality_gpu.yaml  # evaluates with the lmeval bundle
 step scenarios/quality_gpu_parity.yaml  # bisects tunebench's bf16 full-FT departure (kernels/NOTES.md)
 for sc in scenarios/llama8b_lora.yaml scenarios/llama8b_qlora.yaml; do

@@ -60,6 +60,17 @@ DEQUANT_DEFAULTS = {"flat": True, "rows": 32, "num_warps": 4, "lookup": 0}
 
 
 @triton.jit
+def _absmax(blk, mask, absmax_ptr, absmax_q_ptr, absmax_code_ptr, absmax_scale_ptr, offset_ptr, absmax_blocksize,
+            DOUBLE_QUANT: tl.constexpr):
+    """fp32 absmax of quant blocks ``blk``: stored, or decoded from its 8-bit index (double quantisation)."""
+    if DOUBLE_QUANT:
+        q = tl.load(absmax_q_ptr + blk, mask=mask, other=0).to(tl.int32)
+        scale = tl.load(absmax_scale_ptr + blk // absmax_blocksize, mask=mask, other=0.0)
+        return tl.load(absmax_code_ptr + q) * scale + tl.load(offset_ptr)
+    return tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+
+
+@triton.jit
 def _nf4_dequant_kernel(
     packed_ptr,
     code_ptr,
@@ -83,12 +94,8 @@ def _nf4_dequant_kernel(
     v_lo = tl.load(code_ptr + (byte & 15))
     # blocksize is even, so both values of a byte share one absmax.
     blk = elem0 // blocksize
-    if DOUBLE_QUANT:
-        q = tl.load(absmax_q_ptr + blk, mask=byte_mask, other=0).to(tl.int32)
-        scale = tl.load(absmax_scale_ptr + blk // absmax_blocksize, mask=byte_mask, other=0.0)
-        absmax = tl.load(absmax_code_ptr + q) * scale + tl.load(offset_ptr)
-    else:
-        absmax = tl.load(absmax_ptr + blk, mask=byte_mask, other=0.0)
+    absmax = _absmax(blk, byte_mask, absmax_ptr, absmax_q_ptr, absmax_code_ptr, absmax_scale_ptr, offset_ptr,
+                     absmax_blocksize, DOUBLE_QUANT)
     # Interleave (hi, lo) -> consecutive elements so the store is one contiguous, coalesced 2*BLOCK run.
     vals = tl.join(v_hi * absmax, v_lo * absmax).reshape([2 * BLOCK])
     out_offs = tl.program_id(0).to(tl.int64) * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
@@ -132,12 +139,8 @@ def _nf4_dequant_blocked_kernel(
     """A [ROWS, HALF] tile of whole quant blocks: the absmax chain is decoded once per block, not once per byte."""
     blk = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # [ROWS] quant-block indices
     blk_mask = blk * (2 * HALF) < n_elements
-    if DOUBLE_QUANT:
-        q = tl.load(absmax_q_ptr + blk, mask=blk_mask, other=0).to(tl.int32)
-        scale = tl.load(absmax_scale_ptr + blk // absmax_blocksize, mask=blk_mask, other=0.0)
-        absmax = tl.load(absmax_code_ptr + q) * scale + tl.load(offset_ptr)  # same expression as the flat kernel
-    else:
-        absmax = tl.load(absmax_ptr + blk, mask=blk_mask, other=0.0)
+    absmax = _absmax(blk, blk_mask, absmax_ptr, absmax_q_ptr, absmax_code_ptr, absmax_scale_ptr, offset_ptr,
+                     absmax_blocksize, DOUBLE_QUANT)
     byte_offs = blk[:, None] * HALF + tl.arange(0, HALF)[None, :]
     byte = tl.load(packed_ptr + byte_offs, mask=byte_offs * 2 < n_elements, other=0).to(tl.int32)
     if LOOKUP == 0:
@@ -379,22 +382,22 @@ def dequantize_nf4_forward(
         q.absmax_scale if q.double_quant else dummy,
         q.offset if q.double_quant else dummy,
     )
+    given = {"flat": flat, "rows": rows, "num_warps": num_warps, "lookup": lookup}
+    cfg = DEQUANT_DEFAULTS | {k: v for k, v in given.items() if v is not None}
     bs = q.blocksize
-    if (DEQUANT_DEFAULTS["flat"] if flat is None else flat) or bs & (bs - 1):
+    if cfg["flat"] or bs & (bs - 1):
         grid = (triton.cdiv(triton.cdiv(n, 2), _BLOCK_BYTES),)
         runnable(_nf4_dequant_kernel)[grid](
             q.packed, q.code, *absmax_args, out, n, bs, q.absmax_blocksize,
             DOUBLE_QUANT=q.double_quant, BLOCK=_BLOCK_BYTES, num_warps=4,
         )  # fmt: skip
         return out
-    rows = rows or DEQUANT_DEFAULTS["rows"]
-    rows = triton.next_power_of_2(max(1, rows * 64 // bs))  # the same bytes per program for any blocksize
+    rows = triton.next_power_of_2(max(1, cfg["rows"] * 64 // bs))  # the same bytes per program for any blocksize
     grid = (triton.cdiv(triton.cdiv(n, bs), rows),)
     runnable(_nf4_dequant_blocked_kernel)[grid](
         q.packed, q.code, *absmax_args, out, n, q.absmax_blocksize,
         DOUBLE_QUANT=q.double_quant, HALF=bs // 2, ROWS=rows,
-        LOOKUP=DEQUANT_DEFAULTS["lookup"] if lookup is None else lookup,
-        num_warps=num_warps or DEQUANT_DEFAULTS["num_warps"],
+        LOOKUP=cfg["lookup"], num_warps=cfg["num_warps"],
     )  # fmt: skip
     return out
 
