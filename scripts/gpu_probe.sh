@@ -1,57 +1,41 @@
 #!/usr/bin/env bash
-# Exploratory device call (not a published sweep): trainer step profiles of the current code, packed as
-# $OUT/probe.tgz (untar into results/trainer_profile_h100-<date>/ and commit).
+# Exploratory device call (not a published sweep): GPU-only tests, op benchmarks and trainer step profiles of the
+# current code, packed as $OUT/probe.tgz (untar into results/trainer_profile_h100-<date>/ and commit).
 #   bash scripts/gpu_probe.sh DEADLINE_SECONDS
-# Now (session 4's changes, never run on a GPU): the whole step as one CUDA graph (cuda_graph) and the A/B of
-# group_projections (q/k/v and gate/up as one LoRA call each), on the fast row's setting (4 of 32 layers
-# recompute) and on full recomputation, with one profiled step each; then the rms_norm backward's
-# registers/spills (kernels/NOTES.md, "rms_norm"). Most informative first: the deadline cuts the tail.
+# Now (session 6): the blocked NF4 dequant kernel, never run on a GPU: its GPU-only tests, every launch variant
+# in the bench, then the fast-graph QLoRA step with the flat kernel and with the bench's fastest variant
+# (TUNEBENCH_NF4_DEQUANT, same machine); then fewer recomputing layers (recompute_layers 2 and 1) for LoRA and
+# QLoRA. Most informative first: the deadline cuts the tail.
 end=$(( $(date +%s) + ${1:-540} ))  # the deadline counts the setup too
 source scripts/gpu_setup.sh
 mkdir -p /tmp/probe
 left() { echo $(( end - $(date +%s) )); }
-prof() {  # prof NAME RUNS KNOBS_JSON
+prof() {  # prof NAME RUNS KNOBS_JSON [PROFILE_STEPS]
   l=$(left); [ $l -gt 60 ] || return 1
-  timeout $(( l - 30 )) python3 -m kernels.trainer.profile_step --runs $2 --steps 10 --warmup 3 \
-    --profile-steps 1 --knobs "$3" --out /tmp/probe/prof_$1.json 2>&1 | tail -4
+  timeout $(( l - 30 )) python3 -m kernels.trainer.profile_step --runs $2 --steps 12 --warmup 4 \
+    --profile-steps ${4:-0} --knobs "$3" --out /tmp/probe/prof_$1.json 2>&1 | grep -E "^(lora|qlora)" | tail -4
 }
-# the GPU-only tests first (~1-2 min): CUDA-graph capture vs eager, flash varlen vs block mask, bf16 ops
-TRITON_INTERPRET=0 timeout $(( $(left) > 300 ? 240 : $(left) / 3 )) python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels \
-  > /tmp/probe/gpu_tests.txt 2>&1; tail -15 /tmp/probe/gpu_tests.txt
-prof fast_graph lora,qlora '{"recompute_layers": 4, "cuda_graph": true}'
-prof fast_grouped lora,qlora '{"recompute_layers": 4}'
-prof all_graph lora,qlora '{"cuda_graph": true}'
-prof fast_single lora '{"recompute_layers": 4, "group_projections": false}'
-prof all_grouped lora '{}'
-prof all_single lora '{"group_projections": false}'
-l=$(left)
-[ $l -gt 40 ] && timeout $(( l - 20 )) python3 - > /tmp/probe/rms_norm_regs.txt 2>&1 <<'PY'
-# Is rms_norm's backward slow on the GPU, or is the bench's fwd+bwd (0.596 ms against a ~45 us floor) host time
-# of the autograd call? Kernel launches alone, with do_bench and with do_bench_cudagraph (no host time), then
-# registers/spills of the compiled kernels.
-import torch, triton.testing as tt
-from kernels.ops.rms_norm import rms_norm, rms_norm_backward, rms_norm_forward
-x = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-w = torch.ones(4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-dy = torch.randn_like(x)
-y, h, rstd = rms_norm_forward(x.detach(), w.detach(), 1e-5)
-cases = {"fwd kernel": lambda: rms_norm_forward(x.detach(), w.detach(), 1e-5),
-         "bwd kernel + dw sum": lambda: rms_norm_backward(dy, h, w.detach(), rstd),
-         "autograd fwd+bwd": lambda: torch.autograd.backward(rms_norm(x, w, 1e-5), dy)}
-for name, fn in cases.items():
-    fn(); torch.cuda.synchronize()
-    ms = tt.do_bench(fn, quantiles=[0.5, 0.2, 0.8], grad_to_none=[x, w])
-    try:
-        g = tt.do_bench_cudagraph(fn, quantiles=[0.5, 0.2, 0.8], grad_to_none=[x, w])
-    except Exception as e:  # autograd inside a graph capture may refuse
-        g = repr(e)[:200]
-    print(f"{name}: do_bench {ms} ms; do_bench_cudagraph {g} ms (floor fwd ~0.045, bwd ~0.07 at 3 TB/s)")
-import kernels.ops.rms_norm as m
-for name in dir(m):  # every compiled Triton kernel of the module: registers and spills per specialisation
-    fn = getattr(m, name)
-    for dev_cache in getattr(getattr(fn, "device_caches", None) or {}, "values", lambda: [])():
-        for key, k in dev_cache[0].items():
-            print(name, "n_regs", getattr(k, "n_regs", None), "n_spills", getattr(k, "n_spills", None),
-                  "num_warps", getattr(getattr(k, "metadata", None), "num_warps", None))
+TRITON_INTERPRET=0 timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_ops_nf4.py \
+  > /tmp/probe/gpu_tests_nf4.txt 2>&1; tail -3 /tmp/probe/gpu_tests_nf4.txt
+timeout 180 python3 -m kernels.bench.bench_ops --ops nf4_dequant --out /tmp/probe/bench_nf4 > /dev/null 2>&1
+# the fastest blocked variant at the largest shape (gate/up/down: ~80 % of the dequantised bytes)
+best=$(python3 - <<'PY'
+import json
+rows = json.load(open("/tmp/probe/bench_nf4.json"))["rows"]
+ok = {r["provider"]: r for r in rows if "ms" in r}
+for p in ["ours_flat", *sorted((p for p in ok if p.startswith("ours_r") and "@" not in p), key=lambda p: ok[p]["ms"])[:3]]:
+    print(p, *(f"{ok[q]['ms']:.4f}" for q in (p, p + "@4096x4096", p + "@1024x4096") if q in ok), file=open("/dev/stderr", "w"))
+b = min((p for p in ok if p.startswith("ours_r") and "@" not in p), key=lambda p: ok[p]["ms"])
+r, rest = b[len("ours_r"):].split("w")
+print(json.dumps({"flat": False, "rows": int(r), "num_warps": int(rest[:-1]), "lookup": "gst".index(rest[-1])}))
 PY
+)
+echo "fastest blocked variant: $best"; echo "$best" > /tmp/probe/nf4_best.json
+TUNEBENCH_NF4_DEQUANT='{"flat": true}' prof qlora_flat qlora '{"recompute_layers": 4, "cuda_graph": true}'
+TUNEBENCH_NF4_DEQUANT="$best" prof qlora_blocked qlora '{"recompute_layers": 4, "cuda_graph": true}' 1
+prof lora_r4 lora '{"recompute_layers": 4, "cuda_graph": true}'
+prof lora_r2 lora '{"recompute_layers": 2, "cuda_graph": true}'
+prof lora_r1 lora '{"recompute_layers": 1, "cuda_graph": true}' 1
+TUNEBENCH_NF4_DEQUANT="$best" prof qlora_blocked_r1 qlora '{"recompute_layers": 1, "cuda_graph": true}'
+TUNEBENCH_NF4_DEQUANT="$best" prof qlora_blocked_r2 qlora '{"recompute_layers": 2, "cuda_graph": true}'
 cd /tmp/probe && tar czf "$OUT/probe.tgz" . ; exit 0

@@ -31,6 +31,8 @@ larger gap between ``NF4[c]`` and its neighbours; and ``|absmax - absmax_hat| <=
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 
 import torch
 import triton
@@ -57,6 +59,25 @@ _BLOCK_BYTES = 1024  # packed bytes per program of the flat (fallback) kernel ->
 # the blocked one on a GPU; its predicted default then: rows 32 (2048 outputs per program as the flat kernel),
 # L1 gather, 4 warps, 0.123 -> ~0.06-0.08 ms for 14336 x 4096 (kernels/NOTES.md).
 DEQUANT_DEFAULTS = {"flat": True, "rows": 32, "num_warps": 4, "lookup": 0}
+
+
+def _env_dequant_settings() -> dict:
+    """Overrides of :data:`DEQUANT_DEFAULTS` from ``TUNEBENCH_NF4_DEQUANT`` (a JSON object), so an A/B run of a
+    whole trainer step or sweep (its subprocesses inherit the environment) needs no code change."""
+    raw = os.environ.get("TUNEBENCH_NF4_DEQUANT", "").strip()
+    if not raw:
+        return {}
+    try:
+        cfg = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"TUNEBENCH_NF4_DEQUANT: not JSON ({e}): {raw!r}") from None
+    if not isinstance(cfg, dict) or set(cfg) - set(DEQUANT_DEFAULTS):
+        raise ValueError(f"TUNEBENCH_NF4_DEQUANT: expected a JSON object with keys from {sorted(DEQUANT_DEFAULTS)}, "
+                         f"got {raw!r}")
+    return cfg
+
+
+DEQUANT_DEFAULTS |= _env_dequant_settings()
 
 
 @triton.jit

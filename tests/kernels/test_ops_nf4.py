@@ -190,3 +190,21 @@ def test_wraps_bitsandbytes_tensors(double_quant):
     got = dequantize_nf4(NF4Tensor.from_bnb(packed, st).to(DEVICE), torch.float32).cpu()
     # bnb computes code * absmax in fp32 and rounds once to bf16; so do we (fp32 here, rounded the same way after)
     assert torch.equal(got.to(torch.bfloat16), bnbf.dequantize_4bit(packed, st))
+
+
+@pytest.mark.parametrize(
+    ("value", "expect"),
+    [('{"flat": false, "rows": 16}', "{'flat': False, 'rows': 16, 'num_warps': 4, 'lookup': 0}"),
+     ('{"rowz": 16}', "TUNEBENCH_NF4_DEQUANT: expected a JSON object with keys from"),
+     ("flat", "TUNEBENCH_NF4_DEQUANT: not JSON")],
+)
+def test_dequant_settings_from_environment(value, expect):
+    # read once at import: a fresh interpreter sees the override, or fails at import with the variable named
+    import subprocess
+    import sys
+
+    code = "from kernels.ops.nf4 import DEQUANT_DEFAULTS as d; print(dict(sorted(d.items(), key=lambda kv: "
+    code += "['flat', 'rows', 'num_warps', 'lookup'].index(kv[0]))))"
+    env = os.environ | {"TUNEBENCH_NF4_DEQUANT": value}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert expect in (r.stdout if r.returncode == 0 else r.stderr), (r.returncode, r.stdout, r.stderr[-800:])
