@@ -20,11 +20,11 @@ TRITON_INTERPRET=0 timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider t
 timeout 180 python3 -m kernels.bench.bench_ops --ops nf4_dequant --out /tmp/probe/bench_nf4 > /dev/null 2>&1
 # the fastest blocked variant at the largest shape (gate/up/down: ~80 % of the dequantised bytes)
 best=$(python3 - <<'PY'
-import json
+import json, sys
 rows = json.load(open("/tmp/probe/bench_nf4.json"))["rows"]
 ok = {r["provider"]: r for r in rows if "ms" in r}
 for p in ["ours_flat", *sorted((p for p in ok if p.startswith("ours_r") and "@" not in p), key=lambda p: ok[p]["ms"])[:3]]:
-    print(p, *(f"{ok[q]['ms']:.4f}" for q in (p, p + "@4096x4096", p + "@1024x4096") if q in ok), file=open("/dev/stderr", "w"))
+    print(p, *(f"{ok[q]['ms']:.4f}" for q in (p, p + "@4096x4096", p + "@1024x4096") if q in ok), file=sys.stderr)
 b = min((p for p in ok if p.startswith("ours_r") and "@" not in p), key=lambda p: ok[p]["ms"])
 r, rest = b[len("ours_r"):].split("w")
 print(json.dumps({"flat": False, "rows": int(r), "num_warps": int(rest[:-1]), "lookup": "gst".index(rest[-1])}))
