@@ -51,14 +51,14 @@ NF4_CODE = (
 
 _BLOCK_BYTES = 1024  # packed bytes per program of the flat (fallback) kernel -> 2048 outputs
 
-# Launch settings of the blocked kernel; keyword arguments of dequantize_nf4_forward override them (the benchmark
-# sweeps them: python -m kernels.bench.bench_ops --ops nf4_dequant). rows: quant blocks of 64 values per program
-# (scaled to keep the bytes per program for other blocksizes); lookup: 0 = gather from the 16-entry table in L1,
-# 1 = select tree in registers, 2 = tl.gather from the table held in registers (shuffles / shared memory).
-# flat: the default stays the flat kernel (the one the session-5 H100 sweeps ran) until the benchmark has measured
-# the blocked one on a GPU; its predicted default then: rows 32 (2048 outputs per program as the flat kernel),
-# L1 gather, 4 warps, 0.123 -> ~0.06-0.08 ms for 14336 x 4096 (kernels/NOTES.md).
-DEQUANT_DEFAULTS = {"flat": True, "rows": 32, "num_warps": 4, "lookup": 0}
+# Launch settings of the blocked kernel; keyword arguments of dequantize_nf4_forward (and the environment variable
+# TUNEBENCH_NF4_DEQUANT) override them. rows: quant blocks of 64 values per program (scaled to keep the bytes per
+# program for other blocksizes); lookup: 0 = gather from the 16-entry table in L1, 1 = select tree in registers,
+# 2 = tl.gather from the table held in registers; flat: the per-byte kernel instead (non-power-of-two blocksizes always use it).
+# Measured (H100, session 6, results/trainer_profile_h100-20261123-session6/bench_nf4.md; all 13 variants): rows 64,
+# 4 warps, L1 gather is the fastest at 14336 x 4096: 0.058 ms against the flat kernel's 0.121 ms (2.1x; rows 32
+# within 1 %), and the fast-graph QLoRA step 295 -> 281 ms.
+DEQUANT_DEFAULTS = {"flat": False, "rows": 64, "num_warps": 4, "lookup": 0}
 
 
 def _env_dequant_settings() -> dict:
