@@ -21,12 +21,14 @@ cuBLAS. What the structure saves:
   absolute dA error ~ s sqrt(T) 2^-9 |dy B| |x| that does not shrink with |dA| (H100 test failure; NOTES.md).
   ``1/(1-p)`` is folded into ``s`` so the dropped ``x`` is ``x * mask``, exact.
 * QLoRA: the NF4 weight is dequantised into a temporary, used by one GEMM and freed at once; backward
-  dequantises again (117 MB write + read per 4096 x 14336 projection, ~0.08 ms at 3 TB/s against a 0.6 ms
-  GEMM) instead of keeping a bf16 copy alive across the whole forward.
+  dequantises again (29 MB read + 117 MB written per 4096 x 14336 projection: 0.058 ms measured on an H100
+  against a ~0.66 ms GEMM) instead of keeping a bf16 copy alive across the whole forward.
 
-Where further fusion would pay (not done): dropout applied in the prologue of the ``x A^T`` GEMM (no
-``x_drop`` temporary), and NF4 dequantisation inside the GEMM's weight-tile load (no temporary at all;
-the ~13% dequant overhead above disappears). DoRA is not implemented.
+Further fusion, not done: dropout applied in the prologue of the ``x A^T`` GEMM (no ``x_drop`` temporary) would
+pay; NF4 dequantisation inside the GEMM's weight-tile load would remove the temporary but decode every weight
+tile once per M-tile (32 times at 4096 tokens), which kernels/NOTES.md estimates slower than the separate kernel
+(~6 % of a fast QLoRA step since session 6) at training shapes. DoRA is not in this op: the trainer runs it in
+plain torch (kernels/trainer/model.py).
 """
 
 from __future__ import annotations

@@ -54,7 +54,8 @@ _BLOCK_BYTES = 1024  # packed bytes per program of the flat (fallback) kernel ->
 # Launch settings of the blocked kernel; keyword arguments of dequantize_nf4_forward (and the environment variable
 # TUNEBENCH_NF4_DEQUANT) override them. rows: quant blocks of 64 values per program (scaled to keep the bytes per
 # program for other blocksizes); lookup: 0 = gather from the 16-entry table in L1, 1 = select tree in registers,
-# 2 = tl.gather from the table held in registers; flat: the per-byte kernel instead (non-power-of-two blocksizes always use it).
+# 2 = tl.gather from the table held in registers; flat: the per-byte kernel instead (non-power-of-two blocksizes
+# always use it).
 # Measured (H100, session 6, results/trainer_profile_h100-20261123-session6/bench_nf4.md; all 13 variants): rows 64,
 # 4 warps, L1 gather is the fastest at 14336 x 4096: 0.058 ms against the flat kernel's 0.121 ms (2.1x; rows 32
 # within 1 %), and the fast-graph QLoRA step 295 -> 281 ms.
