@@ -29,12 +29,14 @@ Rules (DESIGN.md, "Regressions"):
   baseline's were valid is REGRESSED (metric ``valid``): its speed is not a fair measurement — the trap of
   a silently disabled gradient checkpointing looks like a speed-up.
 
-Different settings (decision): when the same scenario name carries a different ``scenario_hash`` on the two
-sides, the settings differ and the numbers are not comparable. The comparison is still made and printed (it
-is often what one wants to see after changing a scenario), but every affected row is flagged
-"settings differ: not comparable", a warning is printed above the table and in the verdict line, and the
-``comparable`` flag of the JSON output is false. The exit code is still 1 on a regression and 0 otherwise, so
-that a nightly job keeps gating; ``--require-same-settings`` turns a hash mismatch into exit code 2.
+Different settings (decision): when a framework's runs carry a different ``settings_hash`` on the two sides (the
+shared settings plus that framework's own scenario entry; results without it fall back to the whole scenario's
+``scenario_hash``), its settings differ and its numbers are not comparable; editing another framework's row does
+not make this one incomparable. The comparison is still made and printed (it is often what one wants to see after
+changing a scenario), but every affected row is flagged "settings differ: not comparable", a warning is printed
+above the table and in the verdict line, and the ``comparable`` flag of the JSON output is false. The exit code is
+still 1 on a regression and 0 otherwise, so that a nightly job keeps gating; ``--require-same-settings`` turns a
+hash mismatch into exit code 2.
 
 Exit codes: 0 no regression, 1 something regressed, 2 bad input (not a results directory, no run stored, or no
 scenario in common).
@@ -181,6 +183,16 @@ def _check_dir(path: Path) -> Sweep:
     return sweep
 
 
+def _same_settings(b_all: list[dict], c_all: list[dict]) -> bool:
+    """Whether one framework's baseline and candidate runs measured the same settings: by ``settings_hash`` when
+    every run of both sides has one, else by ``scenario_hash`` (results from before the per-row hash). A side
+    with no hash at all cannot disagree."""
+    key = "settings_hash" if all(r.get("settings_hash") for r in b_all + c_all) else "scenario_hash"
+    hashes_b = {r.get(key) for r in b_all if r.get(key)}
+    hashes_c = {r.get(key) for r in c_all if r.get(key)}
+    return not (hashes_b and hashes_c and hashes_b != hashes_c)
+
+
 def compare(baseline_dir: Path, candidate_dir: Path, tps_drop: float = 0.05, mem_rise: float = 0.05,
             loss_rise: float | None = None, noise_k: float = 2.0):
     """Compare a candidate sweep against a baseline sweep.
@@ -217,9 +229,7 @@ def compare(baseline_dir: Path, candidate_dir: Path, tps_drop: float = 0.05, mem
         c_all = [r for r in cand_sw.runs if r.get("scenario") == scen and r.get("framework") == fw]
         b_ok = [r for r in b_all if r.get("status") == STATUS_OK]
         c_ok = [r for r in c_all if r.get("status") == STATUS_OK]
-        hashes_b = {r.get("scenario_hash") for r in b_all if r.get("scenario_hash")}
-        hashes_c = {r.get("scenario_hash") for r in c_all if r.get("scenario_hash")}
-        comparable = not (hashes_b and hashes_c and hashes_b != hashes_c)
+        comparable = _same_settings(b_all, c_all)
         ident = {"scenario": scen, "framework": fw, "comparable": comparable}
         status_row = {"metric": "status", "better": "", "baseline": None, "candidate": None, "change": None,
                       "threshold": None, "noise": None, "n_baseline": len(b_ok), "n_candidate": len(c_ok)}
@@ -297,7 +307,7 @@ def render(df, regressed: bool, baseline_dir: Path, candidate_dir: Path) -> str:
     out = [f"baseline:  {baseline_dir}", f"candidate: {candidate_dir}", ""]
     not_comp = sorted({f"{r['scenario']}/{r['framework']}" for _, r in df.iterrows() if not r["comparable"]})
     if not_comp:
-        out += [f"WARNING: {NOT_COMPARABLE} — the scenario hash differs for {', '.join(not_comp)}; "
+        out += [f"WARNING: {NOT_COMPARABLE} — the settings hash differs for {', '.join(not_comp)}; "
                 "differences below may come from the settings, not the software", ""]
     out += [line(header), line(["-" * w for w in widths])] + [line(r) for r in rows]
     n_reg = int((df["verdict"] == VERDICT_REGRESSED).sum()) if not df.empty else 0

@@ -14,6 +14,8 @@ Row schema (runs.csv; units in names; empty = not applicable, e.g. GPU memory on
 ======================  =====================================================================================
 scenario                scenario name
 scenario_hash           hash of the resolved scenario; equal hashes measured the same settings
+settings_hash           hash of the shared settings and this framework's own entry only (other rows, the
+                        description and the report's baseline left out); empty in results before session 6
 framework               adapter name
 repeat                  0-based repeat index
 status                  ok | error | oom | timeout | crashed | unavailable
@@ -56,11 +58,12 @@ from pathlib import Path
 from typing import Any
 
 ROW_COLUMNS = [
-    "scenario", "scenario_hash", "framework", "repeat", "status", "reason", "valid", "invalid_reasons",
-    "tokens_per_s", "tokens_per_s_p10_step", "tokens_per_s_p90_step", "loss_tokens_per_s", "samples_per_s",
-    "step_s_median", "step_s_p10", "step_s_p90", "steps_measured", "peak_vram_nvml_gib", "peak_vram_device_gib",
-    "peak_alloc_gib", "peak_reserved_gib", "peak_rss_gib", "mfu", "model_tflops", "first_loss", "final_loss",
-    "gpu_name", "device", "framework_version", "torch_version", "git_sha", "load_s", "wall_s",
+    "scenario", "scenario_hash", "settings_hash", "framework", "repeat", "status", "reason", "valid",
+    "invalid_reasons", "tokens_per_s", "tokens_per_s_p10_step", "tokens_per_s_p90_step", "loss_tokens_per_s",
+    "samples_per_s", "step_s_median", "step_s_p10", "step_s_p90", "steps_measured", "peak_vram_nvml_gib",
+    "peak_vram_device_gib", "peak_alloc_gib", "peak_reserved_gib", "peak_rss_gib", "mfu", "model_tflops",
+    "first_loss", "final_loss", "gpu_name", "device", "framework_version", "torch_version", "git_sha", "load_s",
+    "wall_s",
 ]
 RESULT_SCHEMA_VERSION = 1
 
@@ -120,6 +123,7 @@ def to_row(result: dict[str, Any]) -> dict[str, Any]:
     row.update({
         "scenario": result.get("scenario"),
         "scenario_hash": result.get("scenario_hash"),
+        "settings_hash": result.get("settings_hash"),
         "framework": result.get("framework"),
         "repeat": result.get("repeat"),
         "status": result.get("status"),

@@ -253,7 +253,7 @@ def execute_run(sc, sweep_dir: Path, run_root: Path, prepared: dict, fw, repeat:
     key = results.run_key(fw.key, repeat)
     info = registry.info(fw.name)
     base = {"run_id": sweep_dir.name, "scenario": sc.name, "scenario_hash": sc.content_hash(), "framework": fw.key,
-            "adapter": fw.name,
+            "settings_hash": sc.settings_hash(fw.key), "adapter": fw.name,
             "repeat": repeat, "overrides": fw.overrides, "schema_version": results.RESULT_SCHEMA_VERSION,
             "device": sc.hardware.device, "dataset_sha256_16": prepared.get("dataset_sha256_16"),
             "checkpoint": prepared.get("checkpoint")}

@@ -178,6 +178,10 @@ class EvalSpec(_Strict):
         return self
 
 
+def _hash(d: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
 class Scenario(_Strict):
     version: int
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
@@ -206,11 +210,28 @@ class Scenario(_Strict):
         How many repeats and how long to wait are not settings of a run, so they are left out: a sweep can be
         filled in several invocations (``--only``, ``--repeats``) and still be one sweep.
         """
+        return _hash(self._settings_dict())
+
+    def settings_hash(self, framework: str) -> str:
+        """Hash of what one framework's runs measured: the shared settings and that framework's own entry.
+
+        Unlike :meth:`content_hash` it stays the same when other framework rows are added, dropped or changed,
+        the description is edited or the report's baseline is switched, so ``compare`` can tell which rows of two
+        sweeps still measured the same thing after a scenario was edited.
+        """
+        d = self._settings_dict()
+        d.pop("description", None)
+        d["measure"].pop("baseline", None)
+        d["frameworks"] = [f for f in d["frameworks"] if (f.get("label") or f["name"]) == framework]
+        if not d["frameworks"]:
+            raise KeyError(f"{framework!r} is not a framework of scenario {self.name!r}: {self.framework_names()}")
+        return _hash(d)
+
+    def _settings_dict(self) -> dict[str, Any]:
         d = self.to_dict()
         d["measure"] = {k: v for k, v in d["measure"].items() if k not in ("repeats", "timeout_s")}
         d["frameworks"] = [{k: v for k, v in f.items() if k != "timeout_s"} for f in d["frameworks"]]
-        blob = json.dumps(d, sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:12]
+        return d
 
     @property
     def tokens_per_step_max(self) -> int:

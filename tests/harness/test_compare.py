@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from fixtures_results import make_run, make_sweep  # noqa: E402
+from fixtures_results import SCENARIO_NAME, make_run, make_sweep  # noqa: E402
 
 from harness import compare  # noqa: E402
 
@@ -188,6 +188,27 @@ def test_settings_differ_flagged(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "WARNING: settings differ: not comparable" in out
     assert compare.main([str(a), str(b), "--require-same-settings"]) == 2
+
+
+def test_settings_hash_decides_per_framework(tmp_path, capsys):
+    # the scenario changed (another scenario_hash on every run), but only tunebench's own row did: hf stays
+    # comparable; results without settings_hash on every run fall back to the scenario hash
+    def side(name: str, scenario_hash: str, tb_settings: str | None) -> Path:
+        runs = [make_run("hf", r, scenario_hash=scenario_hash) | {"settings_hash": "hf0settings0"} for r in range(2)]
+        runs += [make_run("tunebench", r, tokens_per_s=1500.0, scenario_hash=scenario_hash)
+                 | ({"settings_hash": tb_settings} if tb_settings else {}) for r in range(2)]
+        return make_sweep(tmp_path / name, runs)
+
+    a = side("a", "scenario0000", "tb0settings0")
+    df, _ = compare.compare(a, side("b", "scenario1111", "tb1settings1"))
+    comparable = df.groupby("framework").comparable.all().to_dict()
+    assert comparable == {"hf": True, "tunebench": False}
+    assert compare.main([str(a), str(tmp_path / "b")]) == 0
+    assert f"the settings hash differs for {SCENARIO_NAME}/tunebench;" in capsys.readouterr().out
+    df, _ = compare.compare(a, side("c", "scenario1111", "tb0settings0"))
+    assert df.comparable.all()
+    df, _ = compare.compare(side("d", "scenario0000", None), side("e", "scenario1111", None))
+    assert df.groupby("framework").comparable.all().to_dict() == {"hf": True, "tunebench": False}  # fallback
 
 
 def test_bad_input_exit_2(tmp_path, capsys):

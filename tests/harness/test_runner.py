@@ -67,6 +67,9 @@ def test_failures_become_rows_and_sweep_goes_on(env):
     assert list(df.columns[: len(results.ROW_COLUMNS)]) == results.ROW_COLUMNS
     assert set(df["status"]) == {"crashed", "error", "oom", "timeout", "ok"}
     assert df.loc[df.framework == "d-ok", "peak_vram_nvml_gib"].isna().all()  # CPU: empty, not zero
+    # every row carries its own settings hash (compare's per-framework comparability): differs between rows
+    assert df.set_index("framework").settings_hash.to_dict() == {k: sc.settings_hash(k) for k in rows}
+    assert df.settings_hash.nunique() == len(rows) and df.scenario_hash.nunique() == 1
 
 
 def test_cuda_scenario_on_cpu_is_an_unavailable_row(env):

@@ -52,6 +52,25 @@ def test_good_scenario_defaults_filled():
     assert sc.content_hash() == parse_scenario(GOOD, "other.yaml").content_hash()
 
 
+def test_settings_hash_covers_one_framework_row():
+    def h(text: str, fw: str = "hf") -> str:
+        return parse_scenario(text, "s.yaml").settings_hash(fw)
+
+    two = GOOD.replace("frameworks: [hf]", "frameworks: [hf, tunebench]")
+    other = two.replace("[hf, tunebench]", "[hf, {name: tunebench, label: tb-fast, overrides: {x: 1}}]")
+    # other rows, the description and the report's baseline are not settings of hf's runs ...
+    assert h(GOOD) == h(two) == h(other) == h(two.replace("name: t\n", "name: t\ndescription: edited\n"))
+    assert h(two) == h(two + "measure:\n  baseline: tunebench\n  repeats: 3\n")
+    assert parse_scenario(two, "s.yaml").content_hash() != parse_scenario(other, "s.yaml").content_hash()
+    # ... while the shared settings and the row's own entry are
+    assert h(GOOD) != h(GOOD.replace("steps: 4", "steps: 5"))
+    assert h(two, "tunebench") != h(two.replace("[hf, tunebench]", "[hf, {name: tunebench, overrides: {x: 1}}]"),
+                                    "tunebench")
+    assert h(other, "tb-fast") != h(two, "tunebench")
+    with pytest.raises(KeyError, match="'trl' is not a framework"):
+        h(GOOD, "trl")
+
+
 def test_unknown_key_has_line_and_suggestion():
     msg = _err(GOOD.replace("  lora_r: 4", "  lora_rank: 4"))
     assert msg.startswith("s.yaml:8: method.lora_rank: unknown key")
