@@ -29,14 +29,16 @@ Rules (DESIGN.md, "Regressions"):
   baseline's were valid is REGRESSED (metric ``valid``): its speed is not a fair measurement — the trap of
   a silently disabled gradient checkpointing looks like a speed-up.
 
-Different settings (decision): when a framework's runs carry a different ``settings_hash`` on the two sides (the
-shared settings plus that framework's own scenario entry; results without it fall back to the whole scenario's
-``scenario_hash``), its settings differ and its numbers are not comparable; editing another framework's row does
-not make this one incomparable. The comparison is still made and printed (it is often what one wants to see after
-changing a scenario), but every affected row is flagged "settings differ: not comparable", a warning is printed
-above the table and in the verdict line, and the ``comparable`` flag of the JSON output is false. The exit code is
-still 1 on a regression and 0 otherwise, so that a nightly job keeps gating; ``--require-same-settings`` turns a
-hash mismatch into exit code 2.
+Different settings (decision): a framework's numbers are comparable only if its own settings are the same on both
+sides: the shared scenario settings plus its own row (the description, the report's baseline, repeats, time limits
+and the other rows left out; harness.scenario.row_settings). They are read from the two sweeps' stored scenarios,
+which also name the keys that changed (printed under the warning, and in the ``changes`` column); where a side has
+no stored scenario, the runs' ``settings_hash`` decides, else the whole ``scenario_hash``. So editing one row of a
+scenario leaves the other rows comparable. The comparison is still made and printed (it is often what one wants to
+see after changing a scenario), but every affected row is flagged "settings differ: not comparable", a warning is
+printed above the table and in the verdict line, and the ``comparable`` flag of the JSON output is false. The exit
+code is still 1 on a regression and 0 otherwise, so that a nightly job keeps gating; ``--require-same-settings``
+turns a mismatch into exit code 2.
 
 Exit codes: 0 no regression, 1 something regressed, 2 bad input (not a results directory, no run stored, or no
 scenario in common).
@@ -58,13 +60,14 @@ from pathlib import Path
 from typing import Any
 
 from harness.report import STATUS_OK, NotAResultsDir, Sweep, is_empty, load_sweep
+from harness.scenario import row_settings
 
 MLPERF_MIN_REPEATS = 5  # with at least this many repeats, drop the fastest and slowest before the median
 VERDICT_OK, VERDICT_IMPROVED, VERDICT_REGRESSED = "ok", "improved", "REGRESSED"
 VERDICT_MISSING, VERDICT_NEW, VERDICT_NA, VERDICT_INFO = "missing", "new", "n/a", "info"
 NOT_COMPARABLE = "settings differ: not comparable"
 COLUMNS = ["scenario", "framework", "metric", "better", "baseline", "candidate", "change", "threshold", "noise",
-           "n_baseline", "n_candidate", "verdict", "note", "comparable"]
+           "n_baseline", "n_candidate", "verdict", "note", "comparable", "changes"]
 
 
 def trimmed(values: list[float]) -> list[float]:
@@ -183,14 +186,45 @@ def _check_dir(path: Path) -> Sweep:
     return sweep
 
 
-def _same_settings(b_all: list[dict], c_all: list[dict]) -> bool:
-    """Whether one framework's baseline and candidate runs measured the same settings: by ``settings_hash`` when
-    every run of both sides has one, else by ``scenario_hash`` (results from before the per-row hash). A side
-    with no hash at all cannot disagree."""
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out |= _flat(v, f"{prefix}.{k}" if prefix else str(k))
+    return out
+
+
+def settings_changes(base: dict, cand: dict, framework: str) -> list[str] | None:
+    """The settings of one framework's runs that differ between two stored (resolved) scenarios, as
+    ``key: old -> new`` (its own row shown as ``framework.<key>``); None when a side has no such row."""
+    try:
+        b, c = row_settings(base, framework), row_settings(cand, framework)
+    except KeyError:
+        return None
+    for d in (b, c):
+        d["framework"] = d.pop("frameworks")[0]
+    fb, fc = _flat(b), _flat(c)
+    return [f"{k}: {fb.get(k, '(unset)')} -> {fc.get(k, '(unset)')}" for k in sorted(fb.keys() | fc.keys())
+            if fb.get(k, _UNSET) != fc.get(k, _UNSET)]
+
+
+_UNSET = object()
+
+
+def _same_settings(b_sw: Sweep, c_sw: Sweep, fw: str, b_all: list[dict], c_all: list[dict]) -> tuple[bool, list]:
+    """Whether one framework's baseline and candidate runs measured the same settings, and what changed.
+
+    From the two sweeps' stored scenarios where both have the framework's row (the changed keys come with it);
+    else by the runs' ``settings_hash`` where every run has one, else by ``scenario_hash``. A side with no hash
+    at all cannot disagree."""
+    changes = settings_changes(b_sw.scenario, c_sw.scenario, fw) if b_sw.scenario and c_sw.scenario else None
+    if changes is not None:
+        return not changes, changes
     key = "settings_hash" if all(r.get("settings_hash") for r in b_all + c_all) else "scenario_hash"
     hashes_b = {r.get(key) for r in b_all if r.get(key)}
     hashes_c = {r.get(key) for r in c_all if r.get(key)}
-    return not (hashes_b and hashes_c and hashes_b != hashes_c)
+    return not (hashes_b and hashes_c and hashes_b != hashes_c), []
 
 
 def compare(baseline_dir: Path, candidate_dir: Path, tps_drop: float = 0.05, mem_rise: float = 0.05,
@@ -229,8 +263,8 @@ def compare(baseline_dir: Path, candidate_dir: Path, tps_drop: float = 0.05, mem
         c_all = [r for r in cand_sw.runs if r.get("scenario") == scen and r.get("framework") == fw]
         b_ok = [r for r in b_all if r.get("status") == STATUS_OK]
         c_ok = [r for r in c_all if r.get("status") == STATUS_OK]
-        comparable = _same_settings(b_all, c_all)
-        ident = {"scenario": scen, "framework": fw, "comparable": comparable}
+        comparable, changes = _same_settings(base_sw, cand_sw, fw, b_all, c_all)
+        ident = {"scenario": scen, "framework": fw, "comparable": comparable, "changes": "; ".join(changes)}
         status_row = {"metric": "status", "better": "", "baseline": None, "candidate": None, "change": None,
                       "threshold": None, "noise": None, "n_baseline": len(b_ok), "n_candidate": len(c_ok)}
         if b_ok and not c_ok:
@@ -305,10 +339,11 @@ def render(df, regressed: bool, baseline_dir: Path, candidate_dir: Path) -> str:
     widths[-1] = len(header[-1])  # the note is last and free-length
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
     out = [f"baseline:  {baseline_dir}", f"candidate: {candidate_dir}", ""]
-    not_comp = sorted({f"{r['scenario']}/{r['framework']}" for _, r in df.iterrows() if not r["comparable"]})
+    not_comp = {f"{r['scenario']}/{r['framework']}": r["changes"] for _, r in df.iterrows() if not r["comparable"]}
     if not_comp:
-        out += [f"WARNING: {NOT_COMPARABLE} — the settings hash differs for {', '.join(not_comp)}; "
-                "differences below may come from the settings, not the software", ""]
+        out += [f"WARNING: {NOT_COMPARABLE} — the settings differ for {', '.join(sorted(not_comp))}; "
+                "differences below may come from the settings, not the software"]
+        out += [f"  {k}: {v}" for k, v in sorted(not_comp.items()) if v] + [""]
     out += [line(header), line(["-" * w for w in widths])] + [line(r) for r in rows]
     n_reg = int((df["verdict"] == VERDICT_REGRESSED).sum()) if not df.empty else 0
     verdict = (f"VERDICT: REGRESSED ({n_reg} regression(s))" if regressed

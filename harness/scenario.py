@@ -182,6 +182,32 @@ def _hash(d: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def _run_settings(d: dict[str, Any]) -> dict[str, Any]:
+    """A resolved scenario dict without what is not a setting of a run: repeats and time limits."""
+    d = dict(d)
+    d["measure"] = {k: v for k, v in (d.get("measure") or {}).items() if k not in ("repeats", "timeout_s")}
+    d["frameworks"] = [{k: v for k, v in f.items() if k != "timeout_s"} for f in d.get("frameworks") or []]
+    return d
+
+
+def row_settings(d: dict[str, Any], framework: str) -> dict[str, Any]:
+    """What one framework's runs measured, from a resolved scenario dict (``Scenario.to_dict()`` or a sweep's
+    stored ``scenario.yaml``): the shared settings and that framework's own entry (matched by label, else name);
+    the description, the report's baseline and the other rows left out. Hashed into ``settings_hash``.
+
+    Raises:
+        KeyError: ``framework`` is not a row of the scenario.
+    """
+    d = _run_settings(d)
+    d.pop("description", None)
+    d["measure"].pop("baseline", None)
+    names = [f.get("label") or f.get("name") for f in d["frameworks"]]
+    d["frameworks"] = [f for f, n in zip(d["frameworks"], names, strict=True) if n == framework]
+    if not d["frameworks"]:
+        raise KeyError(f"{framework!r} is not a framework of scenario {d.get('name')!r}: {names}")
+    return d
+
+
 class Scenario(_Strict):
     version: int
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
@@ -219,19 +245,10 @@ class Scenario(_Strict):
         the description is edited or the report's baseline is switched, so ``compare`` can tell which rows of two
         sweeps still measured the same thing after a scenario was edited.
         """
-        d = self._settings_dict()
-        d.pop("description", None)
-        d["measure"].pop("baseline", None)
-        d["frameworks"] = [f for f in d["frameworks"] if (f.get("label") or f["name"]) == framework]
-        if not d["frameworks"]:
-            raise KeyError(f"{framework!r} is not a framework of scenario {self.name!r}: {self.framework_names()}")
-        return _hash(d)
+        return _hash(row_settings(self.to_dict(), framework))
 
     def _settings_dict(self) -> dict[str, Any]:
-        d = self.to_dict()
-        d["measure"] = {k: v for k, v in d["measure"].items() if k not in ("repeats", "timeout_s")}
-        d["frameworks"] = [{k: v for k, v in f.items() if k != "timeout_s"} for f in d["frameworks"]]
-        return d
+        return _run_settings(self.to_dict())
 
     @property
     def tokens_per_step_max(self) -> int:

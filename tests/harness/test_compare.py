@@ -10,14 +10,14 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from fixtures_results import SCENARIO_NAME, make_run, make_sweep  # noqa: E402
+from fixtures_results import SCENARIO_NAME, make_run, make_sweep, scenario_dict  # noqa: E402
 
 from harness import compare  # noqa: E402
 
 
 def sweep(root: Path, name: str, *, tb_tps: float = 1500.0, tb_vram: float | None = 10.0, jitter: float = 0.01,
           repeats: int = 3, trl_status: str = "ok", device: str = "cuda", tb_invalid: list[str] | None = None,
-          scenario_hash: str | None = None, tb_loss0: float = 2.0) -> Path:
+          scenario_hash: str | None = None, tb_loss0: float = 2.0, lr: float | None = None) -> Path:
     """hf (steady), tunebench (the knobs) and trl (ok or failed), ``repeats`` repeats each."""
     kw = {"scenario_hash": scenario_hash} if scenario_hash else {}
     runs = []
@@ -26,7 +26,10 @@ def sweep(root: Path, name: str, *, tb_tps: float = 1500.0, tb_vram: float | Non
         runs.append(make_run("tunebench", r, tokens_per_s=tb_tps * (1 + 0.002 * r), vram_gib=tb_vram, jitter=jitter,
                              device=device, invalid_reasons=tb_invalid, loss0=tb_loss0, **kw))
     runs.append(make_run("trl", 0, status=trl_status, device=device, with_metrics=trl_status == "ok", **kw))
-    return make_sweep(root / name, runs)
+    sc = scenario_dict(frameworks=["hf", "tunebench", "trl"], device=device, repeats=repeats)
+    if lr is not None:  # a shared setting changed: every framework's runs measured something else
+        sc["train"]["lr"] = lr
+    return make_sweep(root / name, runs, scenario=sc)
 
 
 def verdicts(df, framework: str) -> dict[str, str]:
@@ -179,7 +182,7 @@ def test_outlier_repeat_dropped_with_five_repeats(tmp_path):
 
 def test_settings_differ_flagged(tmp_path, capsys):
     a = sweep(tmp_path, "a")
-    b = sweep(tmp_path, "b", scenario_hash="0therhash000")
+    b = sweep(tmp_path, "b", scenario_hash="0therhash000", lr=1e-4)
     df, regressed = compare.compare(a, b)
     assert not regressed
     assert not df.comparable.any()
@@ -187,28 +190,40 @@ def test_settings_differ_flagged(tmp_path, capsys):
     assert compare.main([str(a), str(b)]) == 0
     out = capsys.readouterr().out
     assert "WARNING: settings differ: not comparable" in out
+    assert f"  {SCENARIO_NAME}/hf: train.lr: 0.0002 -> 0.0001" in out  # what changed, from the stored scenarios
     assert compare.main([str(a), str(b), "--require-same-settings"]) == 2
 
 
-def test_settings_hash_decides_per_framework(tmp_path, capsys):
-    # the scenario changed (another scenario_hash on every run), but only tunebench's own row did: hf stays
-    # comparable; results without settings_hash on every run fall back to the scenario hash
-    def side(name: str, scenario_hash: str, tb_settings: str | None) -> Path:
-        runs = [make_run("hf", r, scenario_hash=scenario_hash) | {"settings_hash": "hf0settings0"} for r in range(2)]
-        runs += [make_run("tunebench", r, tokens_per_s=1500.0, scenario_hash=scenario_hash)
-                 | ({"settings_hash": tb_settings} if tb_settings else {}) for r in range(2)]
-        return make_sweep(tmp_path / name, runs)
+def test_settings_compared_per_framework(tmp_path, capsys):
+    # the scenario file changed (another scenario_hash on every run), but only tunebench's own row did: hf stays
+    # comparable, tunebench is flagged with the changed key
+    def side(name: str, scenario_hash: str, tb_overrides: dict, stored: bool = True) -> Path:
+        runs = [make_run(f, r, scenario_hash=scenario_hash) for f in ("hf", "tunebench") for r in range(2)]
+        sc = scenario_dict(frameworks=["hf", "tunebench"], repeats=2)
+        sc["frameworks"][1]["overrides"] = tb_overrides
+        d = make_sweep(tmp_path / name, runs, scenario=sc)
+        if not stored:
+            (d / "scenario.yaml").unlink()
+        return d
 
-    a = side("a", "scenario0000", "tb0settings0")
-    df, _ = compare.compare(a, side("b", "scenario1111", "tb1settings1"))
-    comparable = df.groupby("framework").comparable.all().to_dict()
-    assert comparable == {"hf": True, "tunebench": False}
+    a = side("a", "scenario0000", {"recompute_layers": 4})
+    df, _ = compare.compare(a, side("b", "scenario1111", {"recompute_layers": 1}))
+    assert df.groupby("framework").comparable.all().to_dict() == {"hf": True, "tunebench": False}
     assert compare.main([str(a), str(tmp_path / "b")]) == 0
-    assert f"the settings hash differs for {SCENARIO_NAME}/tunebench;" in capsys.readouterr().out
-    df, _ = compare.compare(a, side("c", "scenario1111", "tb0settings0"))
-    assert df.comparable.all()
-    df, _ = compare.compare(side("d", "scenario0000", None), side("e", "scenario1111", None))
-    assert df.groupby("framework").comparable.all().to_dict() == {"hf": True, "tunebench": False}  # fallback
+    out = capsys.readouterr().out
+    assert f"the settings differ for {SCENARIO_NAME}/tunebench;" in out
+    assert f"  {SCENARIO_NAME}/tunebench: framework.overrides.recompute_layers: 4 -> 1" in out
+    df, _ = compare.compare(a, side("c", "scenario1111", {"recompute_layers": 4}))
+    assert df.comparable.all()  # only the hash of the whole file differs
+    # no stored scenario on a side: the runs' settings_hash decides where every run has one, else scenario_hash
+    d, e = side("d", "scenario0000", {}, stored=False), side("e", "scenario1111", {}, stored=False)
+    assert not compare.compare(d, e)[0].comparable.any()
+    for sweep_dir, tb in ((d, "tb0settings0"), (e, "tb1settings1")):
+        for f in (sweep_dir / "runs").glob("*.json"):
+            run = json.loads(f.read_text())
+            f.write_text(json.dumps(run | {"settings_hash": tb if run["framework"] == "tunebench" else "hf0"}))
+    df, _ = compare.compare(d, e)
+    assert df.groupby("framework").comparable.all().to_dict() == {"hf": True, "tunebench": False}
 
 
 def test_bad_input_exit_2(tmp_path, capsys):
