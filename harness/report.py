@@ -330,7 +330,8 @@ def summary_frame(sweep: Sweep):
 
     Returns:
         DataFrame indexed by framework with tokens/s median/min/max over repeats, pooled per-step p10/p90,
-        speed-up against the baseline, memory (max over repeats: a peak is a peak), MFU and final loss
+        speed-up against the baseline, memory (max over repeats: a peak is a peak; ``memory_ratio``: NVML peak
+        against the baseline's), MFU and final loss
         (median/mean over repeats), repeats ok/total, validity and failure reasons.
     """
     import pandas as pd
@@ -372,6 +373,8 @@ def summary_frame(sweep: Sweep):
     base = sweep.baseline
     base_tps = out.at[base, "tps_median"] if base in out.index else None
     out["speedup"] = out["tps_median"] / base_tps if not is_empty(base_tps) and base_tps else float("nan")
+    base_mem = out.at[base, "nvml_gib"] if base in out.index else None
+    out["memory_ratio"] = out["nvml_gib"] / base_mem if not is_empty(base_mem) and base_mem else float("nan")
     return out.drop(columns=["tps_p10_col", "tps_p90_col"])
 
 
@@ -744,6 +747,7 @@ def _comparison_rows(summary, baseline: str) -> list[list[str | Cell]]:
             valid = Cell("INVALID: " + (_short(r["invalid_reasons"], 250) or "see failures"), "bad")
         rows.append([f"**{fw}**" if fw == baseline else fw, status, f"{n_ok}/{n_total}",
                      fmt(r["tps_median"], thousands=True), spread, steps, speed, fmt(r["nvml_gib"]),
+                     EMPTY if is_empty(r["memory_ratio"]) else f"{100 * r['memory_ratio']:.1f} %",
                      fmt(r["device_gib"]), torch_mem, fmt(r["mfu"], 1, pct=True), fmt(r["final_loss"], 4), valid])
     return rows
 
@@ -952,7 +956,8 @@ def build_report(sweep: Sweep, out_dir: Path) -> Doc:
     if base not in summary.index or is_empty(summary.at[base, "tps_median"]):
         doc.p(f"Baseline `{base}` has no ok run: speed-ups are not shown.", "warn")
     doc.table(["framework", "status", "repeats ok", "tokens/s (median)", "repeats min–max", "steps p10–p90",
-               f"speed-up vs {base}", "peak VRAM NVML (GiB)", "device total (GiB)", "torch alloc / reserved (GiB)",
+               f"speed-up vs {base}", "peak VRAM NVML (GiB)", f"NVML vs {base}", "device total (GiB)",
+               "torch alloc / reserved (GiB)",
                "MFU", "final loss", "valid"], _comparison_rows(summary, base))
     peak = next(((r.get("metrics") or {}).get("peak_tflops") for r in sweep.runs
                  if (r.get("metrics") or {}).get("peak_tflops")), None)

@@ -95,6 +95,7 @@ def test_comparison_aggregates_repeats_and_speedup(gpu_report):
     assert tb[6].endswith("x") and float(tb[6][:-1]) == pytest.approx(tb_tps / hf_tps, abs=0.011)
     assert float(tb[6][:-1]) > 1.4  # tunebench ~1515 vs hf ~1020 tokens/s
     assert tb[7] == "8.00" and hf[7] == "10.00"  # NVML peak per framework
+    assert tb[8] == "80.0 %" and hf[8] == "100.0 %"  # ... and against the baseline's
     lo, hi = (float(x.replace(",", "")) for x in tb[4].split("–"))
     assert lo < tb_tps < hi  # min–max over repeats brackets the median
 
@@ -127,7 +128,7 @@ def test_cpu_values_render_as_dash_never_zero(tmp_path):
     row = _table_row(comp, "tunebench")
     header = _table_row(comp, "framework")
     cells = dict(zip(header, row, strict=True))
-    for col in ("peak VRAM NVML (GiB)", "device total (GiB)", "torch alloc / reserved (GiB)", "MFU"):
+    for col in ("peak VRAM NVML (GiB)", "NVML vs hf", "device total (GiB)", "torch alloc / reserved (GiB)", "MFU"):
         assert cells[col] == "—", (col, cells[col])
     assert "0.00" not in cells["peak VRAM NVML (GiB)"]
     gpu = _table_row(_section(md, "Environment"), "GPU")
