@@ -186,6 +186,9 @@ def _check_dir(path: Path) -> Sweep:
     return sweep
 
 
+_UNSET = object()
+
+
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
     if not isinstance(d, dict):
         return {prefix: d}
@@ -207,9 +210,6 @@ def settings_changes(base: dict, cand: dict, framework: str) -> list[str] | None
     fb, fc = _flat(b), _flat(c)
     return [f"{k}: {fb.get(k, '(unset)')} -> {fc.get(k, '(unset)')}" for k in sorted(fb.keys() | fc.keys())
             if fb.get(k, _UNSET) != fc.get(k, _UNSET)]
-
-
-_UNSET = object()
 
 
 def _same_settings(b_sw: Sweep, c_sw: Sweep, fw: str, b_all: list[dict], c_all: list[dict]) -> tuple[bool, list]:
