@@ -15,6 +15,16 @@ LIBRARIES = ("torch", "triton", "transformers", "peft", "accelerate", "bitsandby
              "tokenizers", "safetensors", "numpy", "pandas", "nvidia-ml-py")
 
 
+# environment variables that can change what a run does or how fast it runs (our own knobs such as
+# TUNEBENCH_NF4_DEQUANT, Triton / PyTorch / CUDA / NCCL settings): stored with every result
+KNOB_PREFIXES = ("TUNEBENCH_", "TRITON_", "TORCH_", "PYTORCH_", "CUDA_", "CUBLAS", "NCCL_")
+
+
+def knob_variables() -> dict[str, str]:
+    """The set environment variables whose names start with one of :data:`KNOB_PREFIXES`, sorted."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith(KNOB_PREFIXES)}
+
+
 def git_info() -> dict:
     def git(*args):
         try:
@@ -89,6 +99,7 @@ def capture(with_torch: bool = True) -> dict:
         "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "libraries": library_versions(),
+        "variables": knob_variables(),
         **git_info(),
         **gpu_info(),
     }

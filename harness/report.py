@@ -847,6 +847,11 @@ def _environment_rows(sweep: Sweep) -> list[list[str]]:
     ]
     if env.get("nvml_error") and not env.get("gpu_name"):
         rows.append(["NVML", f"not available: {_short(env['nvml_error'], 200)}"])
+    # the workers' knob variables (what the runs saw), else the runner's; absent in results before session 6
+    variables = run_env.get("variables", env.get("variables"))
+    if variables is not None:
+        rows.append(["environment variables (knobs)",
+                     ", ".join(f"`{k}={_short(str(v), 80)}`" for k, v in variables.items()) or "none set"])
     return rows
 
 

@@ -267,3 +267,23 @@ def test_parity_table_shown_and_departures_flagged(tmp_path, monkeypatch):
     caveats = _section(md, "Failures and caveats")
     assert "tunebench r0: loss curve departs from hf from step 3" in caveats
     assert "trl r0: loss curve parted for a while from (transient, then agreed again) hf from step 47" in caveats
+
+
+def test_knob_variables_recorded_and_reported(tmp_path, monkeypatch):
+    from harness import environment
+
+    monkeypatch.setenv("TUNEBENCH_NF4_DEQUANT", '{"flat": true}')
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("UNRELATED_SETTING", "x")
+    got = environment.capture(with_torch=False)["variables"]
+    assert got["TUNEBENCH_NF4_DEQUANT"] == '{"flat": true}' and got["TRITON_INTERPRET"] == "1"
+    assert "UNRELATED_SETTING" not in got and list(got) == sorted(got)
+    # the report shows the runs' variables; results from before they were recorded have no such row
+    runs = [make_run("hf", 0, device="cpu")]
+    runs[0]["environment"]["variables"] = {"TUNEBENCH_NF4_DEQUANT": '{"flat": true}'}
+    md = report.write_report(make_sweep(tmp_path / "results" / "a-20260101-000000", runs), tmp_path / "a").read_text()
+    row = _table_row(_section(md, "Environment"), "environment variables (knobs)")
+    assert row[1] == '`TUNEBENCH_NF4_DEQUANT={"flat": true}`'
+    md = report.write_report(make_sweep(tmp_path / "results" / "b-20260101-000000", [make_run("hf", 0, device="cpu")]),
+                             tmp_path / "b").read_text()
+    assert "environment variables" not in md
