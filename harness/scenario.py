@@ -236,7 +236,7 @@ class Scenario(_Strict):
         How many repeats and how long to wait are not settings of a run, so they are left out: a sweep can be
         filled in several invocations (``--only``, ``--repeats``) and still be one sweep.
         """
-        return _hash(self._settings_dict())
+        return _hash(_run_settings(self.to_dict()))
 
     def settings_hash(self, framework: str) -> str:
         """Hash of what one framework's runs measured: the shared settings and that framework's own entry.
@@ -246,9 +246,6 @@ class Scenario(_Strict):
         sweeps still measured the same thing after a scenario was edited.
         """
         return _hash(row_settings(self.to_dict(), framework))
-
-    def _settings_dict(self) -> dict[str, Any]:
-        return _run_settings(self.to_dict())
 
     @property
     def tokens_per_step_max(self) -> int:
