@@ -52,7 +52,7 @@ ALL_FAMILIES = frozenset({"llama", "mistral", "qwen2"})
 class AdapterInfo:
     name: str
     description: str
-    env: str = "base"  # environment the worker runs in (harness.envs); "base" = this interpreter
+    env: str = "base"  # environment the worker runs in (harness.running.envs); "base" = this interpreter
     methods: frozenset[str] = ALL_METHODS
     families: frozenset[str] = ALL_FAMILIES
     devices: frozenset[str] = frozenset({"cpu", "cuda"})
@@ -74,7 +74,7 @@ class AdapterInfo:
 
     def unavailable(self, device: str | None = None) -> str | None:
         """Why the adapter cannot run on this machine now (recorded as an 'unavailable' row), or None."""
-        from harness import envs
+        from harness.running import envs
 
         env = envs.resolve(self.env)
         if not env.ready:
@@ -91,7 +91,7 @@ class AdapterInfo:
 
 def _family_of(sc) -> str | None:
     if sc.model.preset:
-        from harness.models import get_preset
+        from harness.inputs.models import get_preset
 
         try:
             return get_preset(sc.model.preset).family

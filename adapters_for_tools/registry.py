@@ -11,7 +11,7 @@ from functools import cache
 from pathlib import Path
 
 from adapters_for_tools.base import AdapterInfo
-from harness.names import unknown
+from harness.common.names import unknown
 
 _PKG_DIR = Path(__file__).resolve().parent
 

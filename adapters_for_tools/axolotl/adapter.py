@@ -6,7 +6,7 @@ it in the worker process lets the common hook measure it: the config gets one ex
 (:mod:`adapters_for_tools.axolotl.plugin`) that adds our ``TrainerCallback`` once Axolotl has built its trainer.
 
 Name clash: Axolotl imports the PyPI package ``kernels``, and our repository has a top-level ``kernels/``.
-The worker's ``PYTHONPATH`` is overlay first, repository root after (``harness.runner.worker_environment``), and
+The worker's ``PYTHONPATH`` is overlay first, repository root after (``harness.running.runner.worker_environment``), and
 its cwd is the run's work directory, so ``import kernels`` finds the overlay's; nothing on this path imports our
 ``kernels`` package (tests/adapters checks both).
 """

@@ -2,7 +2,7 @@
 
 Data: the sweep's JSONL. ``text`` rows -> ``type: completion`` (tokenised ``<bos> + text``, ``<eos>`` appended:
 the harness's ids); alpaca rows -> Axolotl's user-defined prompt format carrying the harness's own alpaca
-template (``harness.data.ALPACA_PROMPT``), so prompts are the same text; messages -> ``chat_template`` with the
+template (``harness.inputs.data.ALPACA_PROMPT``), so prompts are the same text; messages -> ``chat_template`` with the
 tokenizer's template (renders differently from the harness: reported as not honoured).
 Order: ``curriculum_sampling: true`` gives Axolotl's sequential sampler (no shuffling) and
 ``shuffle_merged_datasets: false`` keeps the file order; with ``sample_packing`` Axolotl packs with its multipack
@@ -30,7 +30,7 @@ def native_config(sc, work_dir: Path, checkpoint: str, dataset_path: Path, fmt: 
     Returns:
         The config as a plain dict (YAML-serialisable).
     """
-    from harness.data import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT
+    from harness.inputs.data import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT
 
     work_dir = Path(work_dir)
     m, t = sc.method, sc.train

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import time
 
-from harness.data import collate, load_tokenised
-from harness.effective import read_back_model, read_back_optimizer
+from harness.inputs.data import collate, load_tokenised
+from harness.measuring.effective import read_back_model, read_back_optimizer
 
 
 def run(ctx) -> None:

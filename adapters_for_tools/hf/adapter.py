@@ -3,7 +3,7 @@
 Settings map one to one: ``TrainingArguments`` gets micro-batch, accumulation, steps, LR, optimizer,
 gradient checkpointing (non-reentrant) and precision; PEFT's ``LoraConfig`` gets rank, alpha, dropout,
 targets and DoRA; QLoRA loads the base through ``BitsAndBytesConfig`` (nf4, double quantisation, bf16
-compute). Data is the sweep's dataset tokenised by ``harness.data`` and fed in order (sequential sampler).
+compute). Data is the sweep's dataset tokenised by ``harness.inputs.data`` and fed in order (sequential sampler).
 
 Decision: QLoRA does not call ``peft.prepare_model_for_kbit_training`` — it upcasts every non-quantised
 weight (norms, embeddings, LM head) to float32, which costs ~2 GB on an 8B model and which no other
@@ -16,7 +16,7 @@ import json
 import time
 
 from adapters_for_tools.base import trainer_args
-from harness.data import collate, load_tokenised
+from harness.inputs.data import collate, load_tokenised
 
 
 def build_model(ctx):

@@ -12,7 +12,7 @@ Three pieces:
 - :func:`convert_rows` — the sweep's rows as LitGPT ``instruction``/``output`` rows for ``litgpt.data.JSON`` with the
   ``default`` prompt style (prompt passed through unchanged). A text row becomes ``instruction=""``,
   ``output=text``: LitGPT encodes the prompt ``""`` as ``<bos>`` and the output as ``text + <eos>``, giving
-  ``<bos> + text + <eos>`` truncated to ``seq_len`` — the ids of ``harness.data.tokenize_example``. With
+  ``<bos> + text + <eos>`` truncated to ``seq_len`` — the ids of ``harness.inputs.data.tokenize_example``. With
   ``mask_prompt=False`` LitGPT's labels are the ids (the ``<bos>`` label is dropped by the one-position shift).
 
 LoRA targets map onto LitGPT's flags: ``q/k/v_proj`` -> ``lora_query/key/value`` (LitGPT's fused ``qkv`` carries
@@ -198,7 +198,7 @@ def cannot_honour(sc) -> list[tuple[str, str]]:
         out.append(("train.optimizer", "LitGPT instantiates bitsandbytes optimizers only with --quantize"))
     if sc.eval.every_steps and sc.eval.tasks:
         out.append(("eval.every_steps", "intermediate saves are LitGPT LoRA checkpoints, not PEFT/HF directories "
-                    "harness.evaluate reads"))
+                    "harness.analysis.evaluate reads"))
     return out
 
 
@@ -208,7 +208,7 @@ def convert_rows(rows: list[dict[str, Any]], fmt: str) -> tuple[list[dict[str, s
     Returns:
         (rows, notes): notes list differences from the harness's labels (empty when identical).
     """
-    from harness.data import prompt_response
+    from harness.inputs.data import prompt_response
 
     out, notes = [], set()
     for r in rows:

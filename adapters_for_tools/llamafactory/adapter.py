@@ -15,7 +15,7 @@ import yaml
 
 from adapters_for_tools.base import rerun_command
 from adapters_for_tools.llamafactory import config as lf_config
-from harness.data import read_jsonl, write_jsonl
+from harness.inputs.data import read_jsonl, write_jsonl
 
 
 def attach_on_train_begin(meter):

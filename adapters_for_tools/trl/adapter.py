@@ -20,7 +20,7 @@ import yaml
 
 from adapters_for_tools.base import rerun_command
 from adapters_for_tools.trl import config as trl_config
-from harness.data import read_jsonl, write_jsonl
+from harness.inputs.data import read_jsonl, write_jsonl
 
 
 def run(ctx) -> None:

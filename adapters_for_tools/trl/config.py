@@ -7,7 +7,7 @@ exactly what ran.
 
 Token ids: TRL tokenises a text row with the tokenizer's defaults (our generated tokenizer puts ``<bos>`` in
 front) and appends the EOS *text* before tokenising, which gives ``<bos> + text + <eos>`` truncated to
-``max_length`` — the same ids as ``harness.data.tokenize_example`` (checked by the tests). Alpaca rows become
+``max_length`` — the same ids as ``harness.inputs.data.tokenize_example`` (checked by the tests). Alpaca rows become
 prompt/completion rows (``completion_only_loss`` = not ``prompt_loss``); messages rows with one final
 assistant turn likewise (see :func:`convert_rows`).
 """
@@ -96,14 +96,14 @@ def cannot_honour(sc) -> list[tuple[str, str]]:
 
 
 def convert_rows(rows: list[dict[str, Any]], fmt: str) -> tuple[list[dict[str, str]], list[str]]:
-    """Sweep rows -> rows TRL reads, rendered as ``harness.data.prompt_response`` renders them.
+    """Sweep rows -> rows TRL reads, rendered as ``harness.inputs.data.prompt_response`` renders them.
 
     Returns:
         (rows, notes): ``text`` rows unchanged; alpaca -> ``{"prompt", "completion"}``; messages/sharegpt with
         exactly one assistant turn, last -> prompt/completion of the harness's rendering. ``notes`` lists
         differences from the harness's labels (empty when identical).
     """
-    from harness.data import prompt_response
+    from harness.inputs.data import prompt_response
 
     if fmt == "text":
         return [{"text": r["text"]} for r in rows], []

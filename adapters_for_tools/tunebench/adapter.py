@@ -4,14 +4,14 @@ Mapping: ``model.dtype`` is the storage dtype of the frozen base (bf16 on GPU); 
 :class:`kernels.trainer.model.MethodOptions` (LoRA/DoRA with PEFT's init and scale, QLoRA as NF4 base weights
 with ``quant.compute_dtype`` compute, full = every weight trainable); ``train`` drives
 :func:`kernels.trainer.train.train` (same data order and loss normalisation as the hf baseline, AdamW over the
-trainable parameters, fused on CUDA). Data is tokenised by ``harness.data.load_tokenised``, as for hf.
+trainable parameters, fused on CUDA). Data is tokenised by ``harness.inputs.data.load_tokenised``, as for hf.
 
 Devices: on CUDA the ops launch their Triton kernels (bf16); on CPU without ``TRITON_INTERPRET=1`` each op runs
 its PyTorch reference (same maths; the fused cross-entropy then materialises the logits), which is how the CPU
 scenarios and CI exercise this adapter.
 
 Effective settings are read back from the live model and optimizer at the first step
-(``DecoderModel.effective_settings`` + ``harness.effective.read_back_optimizer``). Trainer knobs come from
+(``DecoderModel.effective_settings`` + ``harness.measuring.effective.read_back_optimizer``). Trainer knobs come from
 ``overrides`` (see the package docstring) and are recorded in ``extra["trainer"]``.
 """
 
@@ -20,8 +20,8 @@ from __future__ import annotations
 import json
 import time
 
-from harness.data import load_tokenised
-from harness.effective import read_back_optimizer
+from harness.inputs.data import load_tokenised
+from harness.measuring.effective import read_back_optimizer
 
 KNOBS = {"recompute_layers": int, "offload_checkpoints": bool, "offload_weights": int, "offload_embeddings": bool,
          "offload_lm_head": bool, "fused_ce_chunk": int, "lora_dtype": str, "reference_ops": list,

@@ -1,8 +1,9 @@
 """unsloth adapter: FastLanguageModel + TRL SFTTrainer, as Unsloth's notebooks do, measured by the common hook.
 
 ``import unsloth`` must run before transformers, TRL and PEFT are imported (it patches them), so it is the first
-import of this module. The worker imports only light harness modules before it loads this module (harness.measure,
-harness.effective, harness.data import torch/transformers inside functions; tests/adapters checks that
+import of this module. The worker imports only light harness modules before it loads this module
+(harness.measuring.meter,
+harness.measuring.effective, harness.inputs.data import torch/transformers inside functions; tests/adapters checks that
 transformers is not yet imported when the adapter module is loaded). Environment: ``UNSLOTH_DISABLE_STATISTICS=1``,
 ``UNSLOTH_DISABLE_CPU_FALLBACK=1`` (without a GPU Unsloth would silently train on the CPU), ``HF_HUB_OFFLINE=1``
 (set by environments.yaml / the runner).
@@ -17,7 +18,7 @@ import time
 from adapters_for_tools.base import rerun_command
 from adapters_for_tools.trl.config import convert_rows
 from adapters_for_tools.unsloth import config as us_config
-from harness.data import read_jsonl, write_jsonl
+from harness.inputs.data import read_jsonl, write_jsonl
 
 
 def run(ctx) -> None:

@@ -811,7 +811,7 @@ class DecoderModel(nn.Module):
 
     # -- read-back ------------------------------------------------------------------------------------------------
     def effective_settings(self) -> dict[str, Any]:
-        """Method settings read from the live modules (the keys of ``harness.effective``)."""
+        """Method settings read from the live modules (the keys of ``harness.measuring.effective``)."""
         ckpt = bool(self.gradient_checkpointing and self.training
                     and (self.checkpointed_layers is None or self.checkpointed_layers))
         eff: dict[str, Any] = {"train_mode": bool(self.training), "gradient_checkpointing": ckpt}

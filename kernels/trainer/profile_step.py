@@ -210,7 +210,7 @@ def run_single(args) -> dict[str, Any]:  # noqa: ANN001
     """One run, measured; returns its result dict (errors included)."""
     import torch
 
-    from harness.measure import StepMeter
+    from harness.measuring.meter import StepMeter
     from kernels.trainer.train import TrainSettings, make_optimizer, train
 
     impl, method, knobs = RUNS[args.single]
@@ -276,7 +276,7 @@ def run_single(args) -> dict[str, Any]:  # noqa: ANN001
 def _prepare_checkpoint(args) -> str:  # noqa: ANN001
     if args.checkpoint:
         return str(Path(args.checkpoint).resolve())
-    from harness.models import get_preset, prepare_random_checkpoint
+    from harness.inputs.models import get_preset, prepare_random_checkpoint
 
     t0 = time.time()
     path = prepare_random_checkpoint(get_preset(args.preset), args.dtype, 0, device=args.device)

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from harness.data import collate
+from harness.inputs.data import collate
 
 
 @dataclass
@@ -215,7 +215,7 @@ def train(model: torch.nn.Module, rows: Sequence[dict], s: TrainSettings, meter:
     Args:
         model: a :class:`kernels.trainer.model.DecoderModel` (anything with ``model(input_ids, labels,
             position_ids, reduction="sum")`` returning a summed token loss works).
-        rows: tokenised rows (``harness.data.load_tokenised(...).rows``).
+        rows: tokenised rows (``harness.inputs.data.load_tokenised(...).rows``).
         s: loop settings.
         meter: the harness ``StepMeter`` (or None): ``count_batch`` per micro-batch, ``step_begin`` /
             ``step_end(loss)`` per optimizer step (``step_end`` synchronises CUDA).

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from harness import env_cli, envs
-from harness.scenario import parse_scenario
+from harness.cli import env as env_cli
+from harness.running import envs
+from harness.spec.scenario import parse_scenario
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -34,7 +35,7 @@ def test_environments_file_is_pinned_and_complete():
 
 def test_worker_path_puts_overlay_before_repo_and_its_kernels_wins(tmp_path, monkeypatch):
     """Axolotl's PyPI `kernels` must shadow our repository's `kernels/` package in a worker."""
-    from harness.runner import worker_environment
+    from harness.running.runner import worker_environment
 
     monkeypatch.setenv("TUNEBENCH_ENVS", str(tmp_path / "envs"))
     _fake_env(tmp_path / "envs", "axolotl")
@@ -65,8 +66,9 @@ def test_base_overlay_follows_tool_overlay(tmp_path, monkeypatch):
 
 def test_worker_imports_no_hf_library_before_the_adapter():
     """Unsloth must be imported before transformers/TRL/PEFT: the worker's own imports must not pull them in."""
-    code = ("import sys, harness.worker, harness.measure, harness.effective, harness.data, harness.models, "
-            "harness.scenario, harness.environment, harness.flops, adapters_for_tools.registry as r; r.names(); "
+    code = ("import sys, harness.running.worker, harness.measuring.meter, harness.measuring.effective, "
+            "harness.inputs.data, harness.inputs.models, harness.spec.scenario, harness.measuring.environment, "
+            "harness.measuring.flops, adapters_for_tools.registry as r; r.names(); "
             "import adapters_for_tools.unsloth.config, adapters_for_tools.trl.config; "
             "print(sorted(m for m in ('transformers', 'trl', 'peft', 'unsloth') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -77,7 +79,7 @@ def test_worker_imports_no_hf_library_before_the_adapter():
 @pytest.mark.skipif(envs.has_cuda(), reason="checks the CPU-only behaviour")
 def test_cuda_only_toolkits_are_recorded_unavailable(tmp_path, monkeypatch):
     from adapters_for_tools import registry
-    from harness import runner
+    from harness.running import runner
 
     monkeypatch.setenv("TUNEBENCH_ENVS", str(tmp_path / "envs"))
     monkeypatch.setenv("TUNEBENCH_WORK", str(tmp_path / "work"))

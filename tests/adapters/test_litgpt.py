@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from adapters_for_tools.litgpt import config as lit_config
-from harness import envs
-from harness.scenario import parse_scenario
+from harness.running import envs
+from harness.spec.scenario import parse_scenario
 
 TINY_CPU = Path(__file__).resolve().parents[2] / "scenarios" / "tiny_cpu.yaml"
 
@@ -76,7 +76,7 @@ def test_native_config_qlora_full_and_targets(tmp_path):
 
 
 def test_model_config_and_rows():
-    from harness.models import get_preset, model_config_dict
+    from harness.inputs.models import get_preset, model_config_dict
 
     hf = model_config_dict(get_preset("tiny-llama"), "float32")
     mc = lit_config.model_config(hf, "tunebench-x")
@@ -93,7 +93,7 @@ def test_model_config_and_rows():
 @pytest.mark.skipif(not envs.resolve("litgpt").ready,
                     reason="litgpt environment not created: run `python -m harness env create litgpt`")
 def test_litgpt_matches_hf_on_cpu(tmp_path, monkeypatch):
-    from harness import runner
+    from harness.running import runner
 
     monkeypatch.setenv("TUNEBENCH_WORK", str(tmp_path / "work"))
     sc = parse_scenario(SCENARIO, "litgpt_vs_hf_cpu.yaml")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.scenario import load_scenario, parse_scenario
+from harness.spec.scenario import load_scenario, parse_scenario
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -67,7 +67,7 @@ def test_trl_llama8b_qlora(big, tmp_path):
 
 def test_trl_alpaca_rows_render_like_the_harness():
     from adapters_for_tools.trl.config import convert_rows
-    from harness.data import ALPACA_PROMPT
+    from harness.inputs.data import ALPACA_PROMPT
 
     rows, notes = convert_rows([{"instruction": "add", "input": "1 2", "output": "3"}], "alpaca")
     assert rows == [{"prompt": ALPACA_PROMPT.format(instruction="add", input="1 2"), "completion": "3"}]
@@ -105,7 +105,7 @@ def test_axolotl_tiny_and_big(tiny, big, tmp_path):
 
 def test_axolotl_alpaca_uses_the_harness_template(tiny, tmp_path):
     from adapters_for_tools.axolotl.config import native_config
-    from harness.data import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT
+    from harness.inputs.data import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT
 
     ds = native_config(tiny, tmp_path, "/ckpt", tmp_path / "d.jsonl", "alpaca")["datasets"][0]
     assert ds["type"]["format"] == ALPACA_PROMPT and ds["type"]["no_input_format"] == ALPACA_PROMPT_NO_INPUT
@@ -150,7 +150,7 @@ def test_unsloth_big(big, tiny, tmp_path):
 def test_unsloth_gets_the_bos_written_into_its_text():
     """Unsloth adds no special tokens to text lacking the BOS text; with it written in, the token ids are ours."""
     from adapters_for_tools.unsloth.config import with_bos
-    from harness.models import build_tokenizer
+    from harness.inputs.models import build_tokenizer
 
     tok = build_tokenizer(512)
     rows = [{"text": "ab cd"}, {"text": "efg"}]

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 
-from harness import envs
-from harness.scenario import parse_scenario
+from harness.running import envs
+from harness.spec.scenario import parse_scenario
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +31,7 @@ measure: {timeout_s: 600}
 @pytest.mark.skipif(not envs.resolve("trl").ready,
                     reason="trl environment not created: run `python -m harness env create trl`")
 def test_trl_matches_hf_on_cpu(tmp_path, monkeypatch):
-    from harness import runner
+    from harness.running import runner
 
     monkeypatch.setenv("TUNEBENCH_WORK", str(tmp_path / "work"))
     sc = parse_scenario(SCENARIO, "trl_vs_hf_cpu.yaml")

@@ -1,8 +1,9 @@
 """Synthetic sweep directories for report/compare tests (clearly fake numbers; no torch, no GPU).
 
-The files follow the layout of :mod:`harness.results` and the run-result keys written by
-``harness.runner.execute_run`` / ``harness.worker.run_spec``; the metrics are computed from the synthetic steps
-with the real :func:`harness.measure.summarise`, so the fixtures cannot drift from the stored format silently.
+The files follow the layout of :mod:`harness.storing.results` and the run-result keys written by
+``harness.running.runner.execute_run`` / ``harness.running.worker.run_spec``;
+the metrics are computed from the synthetic steps
+with the real :func:`harness.measuring.meter.summarise`, so the fixtures cannot drift from the stored format silently.
 
 Example::
 
@@ -23,8 +24,8 @@ if str(REPO_ROOT) not in sys.path:
 
 import yaml  # noqa: E402
 
-from harness import results  # noqa: E402
-from harness.measure import summarise  # noqa: E402
+from harness.measuring.meter import summarise  # noqa: E402
+from harness.storing import results  # noqa: E402
 
 SCENARIO_NAME = "synthetic-tiny"
 SCENARIO_HASH = "5y47h371c000"  # synthetic
@@ -54,7 +55,7 @@ def scenario_dict(name: str = SCENARIO_NAME, frameworks: list[str] | None = None
 
 
 def environment_dict(device: str = "cuda", foreign: list[dict] | None = None) -> dict[str, Any]:
-    """An ``environment.json``; GPU fields empty on a CPU, as harness.environment.capture leaves them."""
+    """An ``environment.json``; GPU fields empty on a CPU, as harness.measuring.environment.capture leaves them."""
     gpu = device == "cuda"
     return {
         "python": "3.11.9", "platform": "Linux-synthetic", "hostname": "fixture-host", "cpu": "Synthetic CPU @ 1 GHz",
@@ -84,7 +85,7 @@ def _steps(tokens_per_s: float, n: int, warmup: int, jitter: float, loss0: float
 
 
 def expected_settings() -> dict[str, Any]:
-    """What the synthetic scenario asks for, in harness.effective keys."""
+    """What the synthetic scenario asks for, in harness.measuring.effective keys."""
     return {"train_mode": True, "gradient_checkpointing": True, "dtype": "bfloat16", "quantization": None,
             "micro_batch": MICRO_BATCH, "grad_accum": GRAD_ACCUM, "optimizer": "adamw_torch", "lr": 2e-4,
             "lora_r": 16, "lora_alpha": 16.0, "lora_dropout": 0.0, "use_dora": False,
@@ -199,7 +200,7 @@ def make_sweep(sweep_dir: Path, runs: list[dict[str, Any]], *, scenario: dict[st
 
 def eval_dict(acc: float, *, baseline: float | None = 0.25, tt_target: float | None = 30.0,
               status: str = "ok") -> dict[str, Any]:
-    """A synthetic evaluator result (the contract of harness.evaluate), one task with one metric."""
+    """A synthetic evaluator result (the contract of harness.analysis.evaluate), one task with one metric."""
     if status != "ok":
         return {"status": status, "error": "synthetic evaluator failure"}
     out: dict[str, Any] = {"status": "ok", "metrics": {"arith/acc": acc, "arith/exact_match": acc / 2},

@@ -1,4 +1,4 @@
-"""harness.compare on synthetic sweeps: exit codes, thresholds, noise band, failures, bad input."""
+"""harness.analysis.compare on synthetic sweeps: exit codes, thresholds, noise band, failures, bad input."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from fixtures_results import SCENARIO_NAME, make_run, make_sweep, scenario_dict  # noqa: E402
 
-from harness import compare  # noqa: E402
+from harness.analysis import compare  # noqa: E402
 
 
 def sweep(root: Path, name: str, *, tb_tps: float = 1500.0, tb_vram: float | None = 10.0, jitter: float = 0.01,

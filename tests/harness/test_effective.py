@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from harness import effective
-from harness.scenario import parse_scenario
+from harness.measuring import effective
+from harness.spec.scenario import parse_scenario
 
 YAML = """\
 version: 1
@@ -25,7 +25,7 @@ def lora_model(tmp_path, monkeypatch):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from harness.models import get_preset, prepare_random_checkpoint
+    from harness.inputs.models import get_preset, prepare_random_checkpoint
 
     d = prepare_random_checkpoint(get_preset("tiny-llama"), "float32", 0)
     m = AutoModelForCausalLM.from_pretrained(d)
@@ -65,7 +65,7 @@ def test_read_back_optimizer_tensor_lr():
     """A capturable optimizer (CUDA-graphed trainer) keeps its learning rate as a tensor: read back as a float."""
     import torch
 
-    from harness.effective import read_back_optimizer
+    from harness.measuring.effective import read_back_optimizer
 
     p = torch.nn.Parameter(torch.zeros(2))
     got = read_back_optimizer(torch.optim.AdamW([p], lr=torch.tensor(2e-4), foreach=False))

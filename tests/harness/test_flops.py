@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from harness import flops
-from harness.models import get_preset
+from harness.inputs.models import get_preset
+from harness.measuring import flops
 
 
 def test_matmul_params_8b():

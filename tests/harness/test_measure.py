@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from harness.measure import StepMeter
+from harness.measuring.meter import StepMeter
 
 
 def test_counts_non_padding_and_loss_tokens(tmp_path):

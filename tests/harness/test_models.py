@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from harness import models
+from harness.inputs import models
 
 
 @pytest.fixture()

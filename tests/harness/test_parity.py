@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from harness import parity
+from harness.analysis import parity
 
 REPO = Path(__file__).resolve().parents[2]
 QUALITY_SMALL = REPO / "scenarios" / "quality_small.yaml"
@@ -98,8 +98,8 @@ def test_missing_losses_and_no_common_steps():
 @pytest.mark.slow
 def test_runner_sweep_flags_the_planted_divergence(tmp_path, monkeypatch):
     """hf, dummy and dummy with loss_scale 1.5, same weights and data: only the planted run is flagged."""
-    from harness.runner import run_sweep
-    from harness.scenario import scenario_from_dict
+    from harness.running.runner import run_sweep
+    from harness.spec.scenario import scenario_from_dict
 
     monkeypatch.setenv("TUNEBENCH_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("TUNEBENCH_WORK", str(tmp_path / "work"))

@@ -1,7 +1,7 @@
 """Quality side: synthetic tasks, lm-eval evaluation of saved outputs, intermediate saves, time to target.
 
 The end-to-end test runs ``scenarios/quality_small.yaml`` through the real runner (hf and dummy train a tiny
-model from scratch, then ``python -m harness.evaluate`` scores the saved outputs with lm-eval): ~2 min on
+model from scratch, then ``python -m harness.analysis.evaluate`` scores the saved outputs with lm-eval): ~2 min on
 2 idle cores.
 """
 
@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harness import evaluate
-from harness.data import ALPACA_PROMPT
-from harness.scenario import ScenarioError, load_scenario, parse_scenario
-from harness.tasks import FAMILIES, generate
-from harness.tasks.files import eval_row, write
+from harness.analysis import evaluate
+from harness.inputs.data import ALPACA_PROMPT
+from harness.inputs.tasks import FAMILIES, generate
+from harness.inputs.tasks.files import eval_row, write
+from harness.spec.scenario import ScenarioError, load_scenario, parse_scenario
 
 REPO = Path(__file__).resolve().parents[2]
 QUALITY_SMALL = REPO / "scenarios" / "quality_small.yaml"
@@ -71,7 +71,7 @@ def test_eval_rows_use_the_training_prompt():
 
 def test_shipped_task_files_are_what_the_generator_writes(tmp_path):
     """scenarios/tasks/ is generated: regenerating with the defaults reproduces it byte for byte."""
-    from harness.tasks.files import main
+    from harness.inputs.tasks.files import main
 
     assert main(["generate", "--out", str(tmp_path)]) == 0
     shipped = sorted(p.name for p in TASK_DIR.iterdir() if p.is_file())
@@ -132,7 +132,7 @@ def test_eval_spec_validation():
 
 
 def test_intermediate_dir_schedule(tmp_path):
-    from harness.worker import RunContext
+    from harness.running.worker import RunContext
 
     sc = load_scenario(QUALITY_SMALL)  # every_steps 50, steps 200
     ctx = RunContext(scenario=sc, framework="x", overrides={}, repeat=0, checkpoint="", dataset_path=tmp_path,
@@ -148,8 +148,8 @@ def test_intermediate_dir_schedule(tmp_path):
 @pytest.fixture(scope="module")
 def quality_sweep(tmp_path_factory):
     pytest.importorskip("lm_eval")
-    from harness import results
-    from harness.runner import run_sweep
+    from harness.running.runner import run_sweep
+    from harness.storing import results
 
     tmp = tmp_path_factory.mktemp("quality")
     mp = pytest.MonkeyPatch()

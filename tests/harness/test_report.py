@@ -1,4 +1,4 @@
-"""harness.report on synthetic sweeps: files written, self-contained HTML, failures visible, "—" for n/a."""
+"""harness.reporting.report on synthetic sweeps: files written, self-contained HTML, failures visible, "—" for n/a."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from fixtures_results import environment_dict, eval_dict, make_run, make_sweep  # noqa: E402
 
-from harness import report  # noqa: E402
+from harness.reporting import report  # noqa: E402
 
 INVALID = "gradient_checkpointing: ran with False, scenario says True"
 
@@ -169,7 +169,7 @@ def test_quality_section_only_with_eval(gpu_report, tmp_path):
 def test_parity_fallback_or_table(gpu_report):
     md = gpu_report.read_text()
     try:
-        import harness.parity  # noqa: F401
+        import harness.analysis.parity  # noqa: F401
     except ImportError:
         assert "parity check not available" in md
     else:
@@ -228,7 +228,7 @@ def test_fmt_dash_for_empty():
 
 
 def test_parity_table_shown_and_departures_flagged(tmp_path, monkeypatch):
-    """With a harness.parity module present (a stand-in here), its table is shown and departures are caveats."""
+    """With an analysis.parity module present (a stand-in here), its table is shown and departures are caveats."""
     import types
 
     import pandas as pd
@@ -247,12 +247,12 @@ def test_parity_table_shown_and_departures_flagged(tmp_path, monkeypatch):
                               "tolerance": 0.05, "first_departure_step": None, "parity_status": "ok",
                               "parity_ok": True}])
 
-    fake = types.ModuleType("harness.parity")
+    fake = types.ModuleType("harness.analysis.parity")
     fake.parity_table = parity_table
     fake.sweep_settings = lambda results_dir: ("hf", None, None)
     fake.settings = lambda scenario: ("hf", None, None)
     fake.parity_columns = lambda runs, baseline, atol=None, rtol=None: {}
-    monkeypatch.setitem(sys.modules, "harness.parity", fake)
+    monkeypatch.setitem(sys.modules, "harness.analysis.parity", fake)
     import harness
 
     monkeypatch.setattr(harness, "parity", fake, raising=False)
@@ -270,7 +270,7 @@ def test_parity_table_shown_and_departures_flagged(tmp_path, monkeypatch):
 
 
 def test_knob_variables_recorded_and_reported(tmp_path, monkeypatch):
-    from harness import environment
+    from harness.measuring import environment
 
     monkeypatch.setenv("TUNEBENCH_NF4_DEQUANT", '{"flat": true}')
     monkeypatch.setenv("TRITON_INTERPRET", "1")

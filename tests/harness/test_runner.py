@@ -13,9 +13,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from harness import results
-from harness.runner import classify_crash, find_resumable, run_sweep
-from harness.scenario import parse_scenario
+from harness.running.runner import classify_crash, find_resumable, run_sweep
+from harness.spec.scenario import parse_scenario
+from harness.storing import results
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -82,7 +82,7 @@ def test_cuda_scenario_on_cpu_is_an_unavailable_row(env):
 
 
 def _has_gpu() -> bool:
-    from harness.envs import has_cuda
+    from harness.running.envs import has_cuda
 
     return has_cuda()
 
@@ -151,8 +151,8 @@ def test_classify_crash():
 
 
 def test_worker_does_not_inherit_the_triton_interpreter(monkeypatch):
-    from harness import envs
-    from harness.runner import worker_environment
+    from harness.running import envs
+    from harness.running.runner import worker_environment
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.delenv("TUNEBENCH_TRITON_INTERPRET", raising=False)

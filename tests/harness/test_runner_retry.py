@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from harness import runner
+from harness.running import runner
 
 
 def _row(d, key, status):  # noqa: ANN001

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.scenario import ScenarioError, load_scenario, parse_scenario
+from harness.spec.scenario import ScenarioError, load_scenario, parse_scenario
 
 REPO = Path(__file__).resolve().parents[2]
 GOOD = """\

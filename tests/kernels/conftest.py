@@ -26,7 +26,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def tiny_llama_fp32(tmp_path_factory):  # noqa: ANN001, ANN201
     """A generated tiny-llama float32 checkpoint (seed 0) in a cache private to the test module."""
-    from harness.models import get_preset, prepare_random_checkpoint
+    from harness.inputs.models import get_preset, prepare_random_checkpoint
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TUNEBENCH_CACHE", str(tmp_path_factory.mktemp("tiny_llama_cache")))

@@ -23,7 +23,7 @@ import random
 import pytest
 import torch
 
-from harness.data import IGNORE_INDEX, collate, pack
+from harness.inputs.data import IGNORE_INDEX, collate, pack
 from kernels.trainer.model import MethodOptions, load_model
 from kernels.trainer.save import peft_state_dict
 from kernels.trainer.train import TrainSettings, train
@@ -44,7 +44,7 @@ def ckpt(tiny_llama_fp32):  # noqa: ANN001, ANN201
 
 
 def _rows(n: int, seed: int = 0, lo: int = 12, hi: int = 40) -> list[dict]:
-    """Rows like harness.data.tokenize_example: <bos> text <eos>, label -100 on <bos>."""
+    """Rows like harness.inputs.data.tokenize_example: <bos> text <eos>, label -100 on <bos>."""
     rng = random.Random(seed)
     rows = []
     for _ in range(n):

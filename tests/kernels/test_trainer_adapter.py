@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from harness.scenario import parse_scenario
+from harness.spec.scenario import parse_scenario
 
 SCENARIO = """
 version: 1
@@ -23,8 +23,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.mark.parametrize(("kind", "packing", "offload"), [("lora", False, False), ("full", True, True)])
 def test_worker_run_is_valid(tmp_path, monkeypatch, kind, packing, offload):  # noqa: ANN001
-    from harness.prepare import prepare
-    from harness.worker import run_spec
+    from harness.running.prepare import prepare
+    from harness.running.worker import run_spec
 
     monkeypatch.setenv("TUNEBENCH_CACHE", str(tmp_path / "cache"))
     more = (", offload_weights: 1, offload_embeddings: true, offload_lm_head: true" if kind == "lora"

@@ -16,7 +16,7 @@ import random
 import pytest
 import torch
 
-from harness.data import IGNORE_INDEX
+from harness.inputs.data import IGNORE_INDEX
 from kernels.trainer.model import MethodOptions, load_model
 from kernels.trainer.train import TrainSettings, train
 

@@ -25,7 +25,7 @@ def _perturbed_checkpoint(preset: str, out_dir, seed: int = 0):  # noqa: ANN001,
     """A generated checkpoint whose norms and biases are random too (generated ones are all ones/zeros)."""
     from transformers import AutoModelForCausalLM
 
-    from harness.models import get_preset, prepare_random_checkpoint
+    from harness.inputs.models import get_preset, prepare_random_checkpoint
 
     src = prepare_random_checkpoint(get_preset(preset), "float32", seed)
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)

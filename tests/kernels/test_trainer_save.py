@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):  # noqa: ANN001, ANN201
-    from harness.models import get_preset, prepare_random_checkpoint
+    from harness.inputs.models import get_preset, prepare_random_checkpoint
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TUNEBENCH_CACHE", str(tmp_path_factory.mktemp("save_cache")))

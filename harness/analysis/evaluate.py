@@ -1,4 +1,4 @@
-"""Quality of a trained output through lm-eval: ``python -m harness.evaluate EVAL_SPEC.json``.
+"""Quality of a trained output through lm-eval: ``python -m harness.analysis.evaluate EVAL_SPEC.json``.
 
 The runner starts this in the base environment after a run finished ``ok`` and the scenario has
 ``eval.tasks``, so every framework's output is scored by the same evaluator, the same lm-eval and the same
@@ -56,7 +56,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from harness.envs import REPO_ROOT
+from harness.common.paths import REPO_ROOT
 
 LOCAL_TASK_DIR = REPO_ROOT / "scenarios" / "tasks"
 BASELINE_CACHE = "eval_baselines"  # under the work root
@@ -116,7 +116,7 @@ def model_args(sc, checkpoint: str, output_dir: str | None) -> dict[str, Any]:
     """lm-eval ``hf`` model arguments: base + PEFT adapter, a full checkpoint, or the base alone."""
     args: dict[str, Any] = {"pretrained": checkpoint, "tokenizer": checkpoint, "dtype": sc.model.dtype,
                             "device": "cuda" if sc.hardware.device == "cuda" else "cpu",
-                            # training rows start with <bos> (harness.data.tokenize_example): so must eval prompts
+                            # training rows start with <bos> (inputs.data.tokenize_example): so must eval prompts
                             "add_bos_token": True}
     if output_dir is not None:
         if (Path(output_dir) / "adapter_config.json").exists():
@@ -164,7 +164,7 @@ def baseline_key(sc, checkpoint: str, task_dir: Path = LOCAL_TASK_DIR) -> str:
 
 def baseline(sc, checkpoint: str, tm, cache_dir: Path) -> dict[str, Any]:
     """The untrained model's evaluation, computed once per key and cached in ``cache_dir``."""
-    from harness.results import atomic_write_text
+    from harness.storing.results import atomic_write_text
 
     path = cache_dir / f"{baseline_key(sc, checkpoint)}.json"
     if path.exists():
@@ -176,7 +176,7 @@ def baseline(sc, checkpoint: str, tm, cache_dir: Path) -> dict[str, Any]:
 
 def intermediate_points(work_dir: Path) -> list[tuple[int, Path]]:
     """Intermediate outputs ``<work_dir>/intermediate/step-NNNNNN`` as ``(step, dir)``, in step order."""
-    from harness.worker import INTERMEDIATE_DIRNAME
+    from harness.running.worker import INTERMEDIATE_DIRNAME
 
     pts = []
     for d in (work_dir / INTERMEDIATE_DIRNAME).glob("step-*"):
@@ -202,8 +202,8 @@ def time_to_target(history: list[dict[str, Any]], target: dict[str, float]) -> f
 
 def evaluate_spec(spec: dict[str, Any]) -> dict[str, Any]:
     """Evaluate one finished run as described by the runner's spec; returns the ``eval_result.json`` dict."""
-    from harness.runner import work_root
-    from harness.scenario import scenario_from_dict
+    from harness.running.runner import work_root
+    from harness.spec.scenario import scenario_from_dict
 
     t0 = time.perf_counter()
     sc = scenario_from_dict(spec["scenario"], spec.get("scenario_source") or "<resolved>")
@@ -247,11 +247,11 @@ def evaluate_spec(spec: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: evaluate, and always leave an ``eval_result.json`` (an error is a result too)."""
-    from harness.results import atomic_write_text
+    from harness.storing.results import atomic_write_text
 
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python -m harness.evaluate EVAL_SPEC.json", file=sys.stderr)
+        print("usage: python -m harness.analysis.evaluate EVAL_SPEC.json", file=sys.stderr)
         return 2
     _offline()
     spec = json.loads(Path(argv[0]).read_text())

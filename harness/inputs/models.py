@@ -25,7 +25,8 @@ from typing import Any
 
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from harness.common.paths import REPO_ROOT
+
 PRESET_DIR = REPO_ROOT / "scenarios" / "presets"
 
 BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
@@ -75,7 +76,7 @@ def presets() -> dict[str, Preset]:
 
 
 def get_preset(name: str) -> Preset:
-    from harness.names import unknown
+    from harness.common.names import unknown
 
     ps = presets()
     if name not in ps:

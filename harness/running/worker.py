@@ -1,4 +1,4 @@
-"""One run in its own process: ``python -m harness.worker SPEC.json``.
+"""One run in its own process: ``python -m harness.running.worker SPEC.json``.
 
 The runner starts this in the framework's environment with a timeout. It loads the adapter, trains,
 measures, and writes ``worker_result.json`` atomically into the run's work directory; the runner then
@@ -27,7 +27,7 @@ INTERMEDIATE_DIRNAME = "intermediate"  # <work_dir>/intermediate/step-000050: ou
 class RunContext:
     """What an adapter gets: the scenario, the files to use, the hook to drive, and where to put things."""
 
-    scenario: Any  # harness.scenario.Scenario
+    scenario: Any  # harness.spec.scenario.Scenario
     framework: str
     overrides: dict[str, Any]
     repeat: int
@@ -36,7 +36,7 @@ class RunContext:
     work_dir: Path  # scratch for this run: native configs, logs
     output_dir: Path  # the trained output (PEFT adapter / HF checkpoint)
     device: str
-    meter: Any  # harness.measure.StepMeter
+    meter: Any  # harness.measuring.meter.StepMeter
     effective: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     native_config: str | None = None  # path of the tool's own config, saved for rerunning with the tool alone
@@ -66,7 +66,7 @@ class RunContext:
         """The directory to save the model in after optimizer step ``step``, or None when no save is due.
 
         With ``eval.every_steps: N`` (and eval tasks) a save is due after every N-th optimizer step, except
-        the last one (the final output in ``output_dir`` stands for it). ``harness.evaluate`` later evaluates
+        the last one (the final output in ``output_dir`` stands for it). ``harness.analysis.evaluate`` later evaluates
         every ``<work_dir>/intermediate/step-<step:06d>`` in step order to find the time to the target.
 
         Call it after ``meter.step_end()`` and before the next ``meter.step_begin()``, so that saving is not
@@ -118,8 +118,8 @@ class RunContext:
         """The callbacks an HF-Trainer-based tool gets: the measuring callback, whose first step reads the
         effective settings back from the live model and optimizer, then the intermediate-save callback, in that
         order (see :meth:`intermediate_callback`)."""
-        from harness.effective import read_back_model, read_back_optimizer
-        from harness.measure import make_trainer_callback
+        from harness.measuring.effective import read_back_model, read_back_optimizer
+        from harness.measuring.meter import make_trainer_callback
 
         def on_first_step(live_model, state, targs, **kw):  # noqa: ANN001, ANN003, ANN202
             self.set_effective(**read_back_model(live_model), **read_back_optimizer(kw.get("optimizer")))
@@ -158,11 +158,11 @@ def _atomic_json(path: Path, data: dict) -> None:
 def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
     """Execute one run described by the runner's spec and return the worker result dict."""
     from adapters_for_tools import registry
-    from harness import effective as eff_mod
-    from harness import environment, flops
-    from harness.measure import StepMeter
-    from harness.models import load_config_dict
-    from harness.scenario import scenario_from_dict
+    from harness.inputs.models import load_config_dict
+    from harness.measuring import effective as eff_mod
+    from harness.measuring import environment, flops
+    from harness.measuring.meter import StepMeter
+    from harness.spec.scenario import scenario_from_dict
 
     t0 = time.time()
     sc = scenario_from_dict(spec["scenario"], spec.get("scenario_source") or "<resolved>")
@@ -263,7 +263,7 @@ def _seed_everything(seed: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python -m harness.worker SPEC.json", file=sys.stderr)
+        print("usage: python -m harness.running.worker SPEC.json", file=sys.stderr)
         return 2
     spec_path = Path(argv[0])
     spec = json.loads(spec_path.read_text())

@@ -9,7 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from harness.common.paths import REPO_ROOT
+
 LIBRARIES = ("torch", "triton", "transformers", "peft", "accelerate", "bitsandbytes", "trl", "datasets", "unsloth",
              "unsloth_zoo", "axolotl", "llamafactory", "litgpt", "lm_eval", "flash_attn", "liger_kernel",
              "tokenizers", "safetensors", "numpy", "pandas", "nvidia-ml-py")

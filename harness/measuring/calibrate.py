@@ -1,7 +1,7 @@
 """``python -m harness calibrate``: measure the GPU's dense bf16 matmul rate, the MFU denominator's check.
 
 Times an N x N x N bf16 product on fresh random data with ``triton.testing.do_bench`` (median of many
-launches after warm-up). Datasheet peaks (harness.flops) are what MFU uses by default; this tells how far
+launches after warm-up). Datasheet peaks (harness.measuring.flops) are what MFU uses by default; this tells how far
 the card as found is from them (seen: ~800 of 989 TFLOP/s on an H100 SXM).
 """
 
@@ -21,7 +21,7 @@ def measure(size: int = 8192) -> dict:
     b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
     ms = triton.testing.do_bench(lambda: a @ b, warmup=200, rep=1000, return_mode="median")
     tflops = 2 * size**3 / (ms / 1e3) / 1e12
-    from harness.flops import peak_tflops_for
+    from harness.measuring.flops import peak_tflops_for
 
     name = torch.cuda.get_device_name(0)
     table, src = peak_tflops_for(name)

@@ -1,6 +1,6 @@
 """Synthetic instruction tasks: train data for the quality scenarios and matching local lm-eval tasks.
 
-``python -m harness.tasks generate --out scenarios/tasks`` writes (see :mod:`harness.tasks.files`):
+``python -m harness.inputs.tasks generate --out scenarios/tasks`` writes (see :mod:`harness.inputs.tasks.files`):
 
 - ``tb_train.jsonl``: Alpaca rows ``{instruction, input, output}``, all families interleaved, and
   ``tb_train_<family>.jsonl`` one family each (the scenarios' ``data.path``);
@@ -10,9 +10,9 @@
   (multiple_choice, acc) per family, and ``tb_mix_gen`` / ``tb_mix_mc`` over all families;
 - ``tb_tasks.py``: the loader those YAMLs name.
 
-The generator (:mod:`harness.tasks.generator`) is deterministic in its seed.
+The generator (:mod:`harness.inputs.tasks.generator`) is deterministic in its seed.
 """
 
-from harness.tasks.generator import FAMILIES, Example, generate
+from harness.inputs.tasks.generator import FAMILIES, Example, generate
 
 __all__ = ["FAMILIES", "Example", "generate"]

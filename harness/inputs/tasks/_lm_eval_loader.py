@@ -1,4 +1,4 @@
-"""lm-eval loader for tunebench's synthetic tasks (copied beside the task YAMLs by ``python -m harness.tasks``).
+"""lm-eval loader for tunebench's synthetic tasks (copied beside the task YAMLs by ``python -m harness.inputs.tasks``).
 
 lm-eval resolves ``!function tb_tasks.load`` relative to the YAML, and this module resolves the JSONL relative
 to itself, so the task directory works from any working directory (``datasets.load_dataset('json', ...)``

@@ -6,7 +6,7 @@ run. Everything is checked before anything runs: unknown keys, wrong types and i
 
 Example::
 
-    from harness.scenario import load_scenario
+    from harness.spec.scenario import load_scenario
     sc = load_scenario("scenarios/tiny_cpu.yaml")
     sc.train.micro_batch, sc.method.kind
 """
@@ -162,7 +162,7 @@ class EvalSpec(_Strict):
     every_steps: int | None = Field(None, ge=1)  # evaluate during training (time-to-target)
     target: dict[str, float] = Field(default_factory=dict)  # "<task>/<metric>" -> value for time-to-target
     batch_size: int = Field(16, ge=1)
-    # loss parity against measure.baseline (harness.parity): None = the default for the training dtype
+    # loss parity against measure.baseline (harness.analysis.parity): None = the default for the training dtype
     parity_atol: float | None = Field(None, ge=0)
     parity_rtol: float | None = Field(None, ge=0)
 
@@ -382,8 +382,8 @@ def _model_of(annotation) -> type[BaseModel] | None:
 def _cross_checks(sc: Scenario, lines: dict, source: str) -> list[str]:
     """Rules that span sections: model limits, device, frameworks."""
     from adapters_for_tools import registry
-    from harness import models
-    from harness.names import unknown
+    from harness.common.names import unknown
+    from harness.inputs import models
 
     out: list[str] = []
 
@@ -439,7 +439,7 @@ def _cross_checks(sc: Scenario, lines: dict, source: str) -> list[str]:
 
 def _prequantized(weights: str) -> str | None:
     """``"4-bit"`` / ``"8-bit"`` if a local checkpoint's config.json says its weights are bitsandbytes-quantised."""
-    from harness.models import load_config_dict
+    from harness.inputs.models import load_config_dict
 
     if not (Path(weights) / "config.json").is_file():
         return None

@@ -1,4 +1,4 @@
-"""Build a sweep's inputs once, in a process of its own: ``python -m harness.prepare SPEC.json``.
+"""Build a sweep's inputs once, in a process of its own: ``python -m harness.running.prepare SPEC.json``.
 
 Writes the checkpoint (random weights when asked, cached) and the dataset JSONL every framework reads,
 then prints a JSON line ``{"checkpoint": ..., "dataset_path": ...}``. Kept out of the runner's process so the
@@ -14,7 +14,7 @@ from pathlib import Path
 
 
 def prepare(sc, data_dir: Path) -> dict:
-    from harness import data, models
+    from harness.inputs import data, models
 
     ckpt = models.resolve_checkpoint(sc.model, device=sc.hardware.device)
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -29,7 +29,7 @@ def prepare(sc, data_dir: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from harness.scenario import scenario_from_dict
+    from harness.spec.scenario import scenario_from_dict
 
     argv = sys.argv[1:] if argv is None else argv
     spec = json.loads(Path(argv[0]).read_text())

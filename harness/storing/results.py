@@ -35,11 +35,11 @@ peak_vram_device_gib    NVML peak used memory of the whole device
 peak_alloc_gib          torch.cuda.max_memory_allocated
 peak_reserved_gib       torch.cuda.max_memory_reserved
 peak_rss_gib            host peak resident memory of the worker
-mfu                     model FLOPs utilisation (harness.flops convention)
+mfu                     model FLOPs utilisation (harness.measuring.flops convention)
 model_tflops            achieved model TFLOP/s
 first_loss, final_loss  training loss of the first and last step
 parity_ok               loss curve within tolerance of the baseline framework's, or only a transient excursion
-parity_status           ok | transient | departs (definitions in harness.parity)
+parity_status           ok | transient | departs (definitions in harness.analysis.parity)
 parity_max_abs_diff     largest per-step loss difference to the baseline
 eval_*                  quality metrics (lm-eval) when the scenario has an eval section
 gpu_name, device        where it ran
@@ -151,12 +151,12 @@ def runs_frame(results_dir: Path):
     """The sweep's runs as a pandas DataFrame (ROW_COLUMNS first, then parity and eval columns)."""
     import pandas as pd
 
-    from harness import parity
+    from harness.analysis import parity
 
     runs = load_runs(results_dir)
     rows = [to_row(r) for r in runs]
     if rows:
-        # loss parity against the baseline framework is part of each row (harness.parity states the tolerance)
+        # loss parity against the baseline framework is part of each row (harness.analysis.parity states the tolerance)
         baseline, atol, rtol = parity.sweep_settings(Path(results_dir))
         cols = parity.parity_columns(runs, baseline, atol, rtol)
         for row in rows:

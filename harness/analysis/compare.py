@@ -31,7 +31,7 @@ Rules (DESIGN.md, "Regressions"):
 
 Different settings (decision): a framework's numbers are comparable only if its own settings are the same on both
 sides: the shared scenario settings plus its own row (the description, the report's baseline, repeats, time limits
-and the other rows left out; harness.scenario.row_settings). They are read from the two sweeps' stored scenarios,
+and the other rows left out; harness.spec.scenario.row_settings). They are read from the two sweeps' stored scenarios,
 which also name the keys that changed (printed under the warning, and in the ``changes`` column); where a side has
 no stored scenario, the runs' ``settings_hash`` decides, else the whole ``scenario_hash``. So editing one row of a
 scenario leaves the other rows comparable. The comparison is still made and printed (it is often what one wants to
@@ -59,8 +59,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from harness.report import STATUS_OK, NotAResultsDir, Sweep, is_empty, load_sweep
-from harness.scenario import row_settings
+from harness.reporting.report import STATUS_OK, NotAResultsDir, Sweep, is_empty, load_sweep
+from harness.spec.scenario import row_settings
 
 MLPERF_MIN_REPEATS = 5  # with at least this many repeats, drop the fastest and slowest before the median
 VERDICT_OK, VERDICT_IMPROVED, VERDICT_REGRESSED = "ok", "improved", "REGRESSED"

@@ -1,7 +1,7 @@
 """``python -m harness env ...``: create, pack, install and check per-framework environments.
 
 Each toolkit runs in an overlay of packages installed with ``pip --target`` and put first on ``PYTHONPATH`` over
-the base interpreter (see :mod:`harness.envs`). The package lists live in ``harness/environments.yaml``.
+the base interpreter (see :mod:`harness.running.envs`). The package lists live in ``harness/running/environments.yaml``.
 
 Decision: overlays are installed with ``--no-deps`` from an explicit, complete, pinned list. Installing with
 dependencies and deleting torch/nvidia-*/triton afterwards would download gigabytes of CUDA wheels, and would
@@ -37,10 +37,10 @@ from typing import Any
 
 import yaml
 
-from harness import envs
-from harness.envs import REPO_ROOT
+from harness.common.paths import REPO_ROOT
+from harness.running import envs
 
-CONFIG_PATH = Path(__file__).resolve().parent / "environments.yaml"
+CONFIG_PATH = REPO_ROOT / "harness" / "running" / "environments.yaml"
 BUNDLE_FORMAT = 1
 DEFAULT_PLATFORMS = ["manylinux_2_39_x86_64", "manylinux_2_35_x86_64", "manylinux_2_34_x86_64",
                      "manylinux_2_31_x86_64", "manylinux_2_28_x86_64", "manylinux_2_27_x86_64",
@@ -66,7 +66,7 @@ def load_config(path: Path = CONFIG_PATH) -> dict[str, dict[str, Any]]:
 def _env_spec(name: str) -> dict[str, Any]:
     cfg = load_config()
     if name not in cfg:
-        from harness.names import unknown
+        from harness.common.names import unknown
 
         raise SystemExit(unknown("environment", name, cfg))
     return cfg[name]
@@ -334,7 +334,7 @@ def check_env(name: str, timeout_s: float = 300) -> dict[str, Any]:
         where ``mismatched`` lists pinned packages whose loaded version differs from the pin (e.g. the base
         interpreter's copy shadows a missing overlay package).
     """
-    from harness.runner import worker_environment
+    from harness.running.runner import worker_environment
 
     spec = _env_spec(name)
     env = envs.resolve(name)
@@ -411,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m harness env", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("list", help="environments from harness/environments.yaml and whether they are installed")
+    sub.add_parser("list", help="environments from harness/running/environments.yaml and whether they are installed")
     c = sub.add_parser("check", help="import each environment's modules in a subprocess; report versions")
     c.add_argument("names", nargs="*", help="environments (default: every installed one)")
     cr = sub.add_parser("create", help="pip install --no-deps --target .envs/NAME/site (needs the registry)")

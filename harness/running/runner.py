@@ -1,6 +1,6 @@
 """The sweep runner: scenario -> (framework x repeat) runs, each in a fresh process, results stored safely.
 
-- Every run is a subprocess (``python -m harness.worker``) in its framework's environment, with a timeout;
+- Every run is a subprocess (``python -m harness.running.worker``) in its framework's environment, with a timeout;
   it hands back JSON through a file written atomically. The runner itself never imports torch.
 - A crash, OOM, timeout or unavailable framework becomes a recorded row with status and reason; the sweep
   goes on.
@@ -23,8 +23,9 @@ from pathlib import Path
 
 import yaml
 
-from harness import envs, results
-from harness.envs import REPO_ROOT
+from harness.common.paths import REPO_ROOT
+from harness.running import envs
+from harness.storing import results
 
 LOG_KEEP_BYTES = 200_000  # tail of each worker log kept in results/ (the full log stays in the work dir)
 STATUS_OK = "ok"
@@ -88,7 +89,7 @@ def create_sweep(sc, results_root: Path, keys: list[str] | None = None) -> Path:
     (d / "runs").mkdir()
     (d / "logs").mkdir()
     results.atomic_write_text(d / "scenario.yaml", _scenario_yaml(sc))
-    from harness import environment
+    from harness.measuring import environment
 
     results.atomic_write_text(d / "environment.json", json.dumps(environment.capture(with_torch=False), indent=1))
     plan = {"scenario": sc.name, "scenario_hash": sc.content_hash(), "created": _now_id(),
@@ -213,7 +214,7 @@ def _prepare(sc, sweep_dir: Path, run_root: Path, timeout_s: float) -> dict:
     spec_path = run_root / "prepare.json"
     spec_path.write_text(json.dumps(spec))
     env = worker_environment(envs.resolve("base"))
-    proc = subprocess.run([sys.executable, "-m", "harness.prepare", str(spec_path)], env=env, cwd=run_root,
+    proc = subprocess.run([sys.executable, "-m", "harness.running.prepare", str(spec_path)], env=env, cwd=run_root,
                           capture_output=True, text=True, timeout=timeout_s)
     for line in proc.stdout.splitlines():
         if line.startswith("TUNEBENCH_PREPARED "):
@@ -277,7 +278,7 @@ def execute_run(sc, sweep_dir: Path, run_root: Path, prepared: dict, fw, repeat:
     if display:
         display.start_run(key, sc.train.steps)
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([env.python, "-m", "harness.worker", str(work_dir / "spec.json")], cwd=work_dir,
+        proc = subprocess.Popen([env.python, "-m", "harness.running.worker", str(work_dir / "spec.json")], cwd=work_dir,
                                 env=worker_environment(env), stdout=log, stderr=subprocess.STDOUT,
                                 preexec_fn=_set_pdeathsig)
         timed_out = False
@@ -326,7 +327,7 @@ def _evaluate(sc, work_dir: Path, res: dict) -> dict:
     # the `lmeval` environment where one was installed (GPU boxes without lm-eval), else this interpreter
     ev_env = envs.resolve("lmeval")
     ev_env = ev_env if ev_env.ready else envs.resolve("base")
-    proc = subprocess.run([ev_env.python, "-m", "harness.evaluate", str(p)], cwd=work_dir,
+    proc = subprocess.run([ev_env.python, "-m", "harness.analysis.evaluate", str(p)], cwd=work_dir,
                           env=worker_environment(ev_env), capture_output=True, text=True,
                           timeout=sc.measure.timeout_s)
     data = results.read_json(out)
@@ -440,7 +441,7 @@ def run_sweep(sc, results_root: Path, reports_root: Path | None, new: bool = Fal
                 display.end_run(key, res)
     results.write_table(sweep_dir)
     if reports_root is not None:
-        from harness import report
+        from harness.reporting import report
 
         report.write_report(sweep_dir, Path(reports_root) / sweep_dir.name)
     return sweep_dir

@@ -1,4 +1,4 @@
-"""A careful hand-written training loop, to check the harness's own numbers: ``python -m harness.selfcheck``.
+"""A careful hand-written training loop, to check the harness's own numbers: ``python -m harness.measuring.selfcheck``.
 
 It shares nothing with the measurement code (no StepMeter, no Trainer, no harness data loader): it loads
 the same checkpoint with transformers + PEFT at the scenario's settings, trains with a plain loop under
@@ -6,7 +6,7 @@ bf16 autocast (what the HF Trainer does with ``bf16=True``), times steps with CU
 from the tensors it feeds, and reads torch's peak memory. If its tokens/s or peak memory disagree with
 the hf adapter's stored result at the same settings, either the measurement or the settings are wrong.
 
-    python -m harness.selfcheck scenarios/llama8b_lora.yaml --out selfcheck.json
+    python -m harness.measuring.selfcheck scenarios/llama8b_lora.yaml --out selfcheck.json
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ def run(scenario_path: str, steps: int | None = None, variants: tuple[str, ...] 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from harness import data, models
-    from harness.scenario import load_scenario
+    from harness.inputs import data, models
+    from harness.spec.scenario import load_scenario
 
     sc = load_scenario(scenario_path)
     ckpt = str(models.resolve_checkpoint(sc.model, device=sc.hardware.device))
@@ -111,7 +111,7 @@ def _train(model, params, rows, sc, dev: str, n_steps: int, variant: str) -> dic
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m harness.selfcheck", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m harness.measuring.selfcheck", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("scenario")
     p.add_argument("--steps", type=int)

@@ -174,20 +174,20 @@ def sweep_settings(results_dir: Path) -> tuple[str, float | None, float | None]:
 def flag_runs(results_dir: Path):
     """The sweep's runs table with its parity columns (``results.runs_frame`` adds them from
     :func:`parity_columns`; this is the parity module's entry point to it)."""
-    from harness import results
+    from harness.storing import results
 
     return results.runs_frame(Path(results_dir))
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m harness.parity RESULTS_DIR``: print the parity table of a stored sweep."""
+    """``python -m harness.analysis.parity RESULTS_DIR``: print the parity table of a stored sweep."""
     import sys
 
-    from harness import results
+    from harness.storing import results
 
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python -m harness.parity RESULTS_DIR", file=sys.stderr)
+        print("usage: python -m harness.analysis.parity RESULTS_DIR", file=sys.stderr)
         return 2
     baseline, atol, rtol = sweep_settings(Path(argv[0]))
     df = parity_table(results.load_runs(Path(argv[0])), baseline, atol, rtol)

@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from harness.common.paths import REPO_ROOT
 
 
 def envs_root() -> Path:
@@ -39,7 +39,7 @@ def site_dir(name: str) -> Path:
 
 def read_meta(name: str) -> dict | None:
     """``env.json`` of an installed environment, or None."""
-    from harness.results import read_json
+    from harness.storing.results import read_json
 
     return read_json(envs_root() / name / "env.json")
 

@@ -1,6 +1,6 @@
 """Reports from stored results: ``python -m harness report RESULTS_DIR [--out DIR]``.
 
-Reads only what a sweep stored (``runs/*.json``, ``runs.csv`` via :func:`harness.results.runs_frame`,
+Reads only what a sweep stored (``runs/*.json``, ``runs.csv`` via :func:`harness.storing.results.runs_frame`,
 ``scenario.yaml``, ``environment.json``, ``sweep.json``) and writes into the output directory:
 
 - ``report.md``   Markdown, charts referenced as PNG files beside it;
@@ -37,13 +37,13 @@ from typing import Any
 
 import yaml
 
-from harness import results
+from harness.storing import results
 
 STATUS_OK = "ok"
 EMPTY = "—"
 DEFAULT_BASELINE = "hf"
 DPI = 110
-# the convention sentence of harness/flops.py, stated in every report
+# the convention sentence of harness/measuring/flops.py, stated in every report
 MFU_CONVENTION = ("Model FLOPs per trained token: frozen-base LoRA/QLoRA/DoRA = 4·N, full fine-tuning = 6·N "
                   "(N = parameters in the decoder's linear layers plus the LM head; the embedding lookup is not "
                   "counted), plus causal attention 6·L·s·d_attn per token; recomputation from gradient "
@@ -621,14 +621,14 @@ def chart_time_to_target(ttt: dict[str, float | None], path: Path) -> Path | Non
 
 def _norm_optimizer(v: Any) -> Any:
     try:
-        from harness.effective import OPTIMIZER_NAMES
-    except ImportError:  # pragma: no cover - harness.effective ships with the harness
+        from harness.measuring.effective import OPTIMIZER_NAMES
+    except ImportError:  # pragma: no cover - harness.measuring.effective ships with the harness
         return v
     return OPTIMIZER_NAMES.get(str(v).lower(), v) if v is not None else v
 
 
 def setting_differs(key: str, want: Any, got: Any) -> bool:
-    """Mirror of harness.effective.check for one key (a key the adapter could not read is not a difference)."""
+    """Mirror of measuring.effective.check for one key (a key the adapter could not read is not a difference)."""
     if key == "seq_len_max":
         return got is not None and want is not None and got > want
     if got is None and want is not None:
@@ -790,11 +790,11 @@ PARITY_CELLS = {"ok": Cell("ok", "good"), "transient": Cell("transient", "warn")
 
 
 def _parity(sweep: Sweep):
-    """(DataFrame | None, message): harness.parity's table when that module is importable."""
+    """(DataFrame | None, message): harness.analysis.parity's table when that module is importable."""
     try:
-        from harness import parity
+        from harness.analysis import parity
     except ImportError:
-        return None, "parity check not available (harness.parity is not installed in this checkout)"
+        return None, "parity check not available (harness.analysis.parity is not installed in this checkout)"
     ok_runs = [r for r in sweep.runs if r.get("status") == STATUS_OK]
     try:
         _, atol, rtol = parity.settings(sweep.scenario)  # the scenario's tolerances, as in runs.csv
@@ -1058,7 +1058,8 @@ def build_report(sweep: Sweep, out_dir: Path) -> Doc:
                 else:
                     cells.append(fmt(v, 4) if isinstance(v, float) else (EMPTY if is_empty(v) else str(v)))
             rows.append(cells)
-        doc.p(f"Per-step training loss of each framework against `{base}` (harness.parity): 'transient' means the "
+        doc.p(f"Per-step training loss of each framework against `{base}` (harness.analysis.parity): "
+              f"'transient' means the "
               "curves agreed through the first quarter of the steps, parted for a while (typically at a loss "
               "spike, where rounding differences are amplified) and agree again over the last tenth; "
               "'DEPARTS' means they did not come back, or were apart from the start.")

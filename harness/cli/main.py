@@ -18,14 +18,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from harness.envs import REPO_ROOT
+from harness.common.paths import REPO_ROOT
 
 EXIT_BAD_INPUT = 2
 
 
 def _cmd_run(args) -> int:
-    from harness.runner import run_sweep
-    from harness.scenario import ScenarioError, load_scenario
+    from harness.running.runner import run_sweep
+    from harness.spec.scenario import ScenarioError, load_scenario
 
     try:
         sc = load_scenario(args.scenario)
@@ -54,7 +54,7 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_validate(args) -> int:
-    from harness.scenario import ScenarioError, load_scenario
+    from harness.spec.scenario import ScenarioError, load_scenario
 
     bad = 0
     for f in args.files:
@@ -70,7 +70,7 @@ def _cmd_validate(args) -> int:
 
 def _cmd_list(args) -> int:
     from adapters_for_tools import registry
-    from harness.scenario import ScenarioError, load_scenario
+    from harness.spec.scenario import ScenarioError, load_scenario
 
     print("frameworks:")
     for name in registry.names():
@@ -92,25 +92,25 @@ def _cmd_list(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    from harness import report
+    from harness.reporting import report
 
     return report.main([args.results_dir] + (["--out", args.out] if args.out else []))
 
 
 def _cmd_compare(args, rest: list[str]) -> int:
-    from harness import compare
+    from harness.analysis import compare
 
     return compare.main(rest)
 
 
 def _cmd_calibrate(args) -> int:
-    from harness import calibrate
+    from harness.measuring import calibrate
 
     return calibrate.main(args)
 
 
 def _cmd_env(args, rest: list[str]) -> int:
-    from harness import env_cli
+    from harness.cli import env as env_cli
 
     return env_cli.main(rest)
 

@@ -1,0 +1,3 @@
+from harness.inputs.tasks.files import main
+
+raise SystemExit(main())

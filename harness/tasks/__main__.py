@@ -1,3 +1,0 @@
-from harness.tasks.files import main
-
-raise SystemExit(main())
