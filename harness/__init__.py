@@ -1,3 +1,5 @@
 """tunebench harness: scenario -> isolated runs -> measured results -> tables, charts and reports."""
 
-__version__ = "0.1.0"
+from harness.common.version import __version__
+
+__all__ = ["__version__"]

@@ -21,9 +21,12 @@ from pathlib import Path
 from harness.common.paths import REPO_ROOT
 
 EXIT_BAD_INPUT = 2
+EXIT_BUSY = 3  # the sweep, or the machine, is being measured by another runner
 
 
 def _cmd_run(args) -> int:
+    from harness.reporting.report import write_report
+    from harness.running.locks import Busy
     from harness.running.runner import run_sweep
     from harness.spec.scenario import ScenarioError, load_scenario
 
@@ -41,15 +44,23 @@ def _cmd_run(args) -> int:
     if args.repeats:
         sc.measure.repeats = args.repeats
     try:
-        out = run_sweep(sc, Path(args.results), None if args.no_report else Path(args.reports), new=args.new,
-                        quiet=args.quiet, only=args.only, resume_only=args.resume,
-                        retry_failed=args.retry_failed)
+        out = run_sweep(sc, Path(args.results), new=args.new, quiet=args.quiet, only=args.only,
+                        resume_only=args.resume, retry_failed=args.retry_failed,
+                        allow_contention=args.allow_contention)
+        print(f"results: {out}")
+        if not args.no_report:
+            report_dir = Path(args.reports) / out.name
+            write_report(out, report_dir)
+            print(f"report:  {report_dir / 'report.md'}")
     except KeyboardInterrupt:
         print("\ninterrupted: finished runs are stored; rerun the same command to resume", file=sys.stderr)
         return 130
-    print(f"results: {out}")
-    if not args.no_report:
-        print(f"report:  {Path(args.reports) / out.name / 'report.md'}")
+    except Busy as e:
+        print(f"{args.scenario}: {e}", file=sys.stderr)
+        return EXIT_BUSY
+    except OSError as e:  # a read-only results/reports folder or cache, a full disk
+        print(f"{args.scenario}: cannot write {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     return 0
 
 
@@ -70,12 +81,13 @@ def _cmd_validate(args) -> int:
 
 def _cmd_list(args) -> int:
     from adapters_for_tools import registry
+    from harness.running import envs
     from harness.spec.scenario import ScenarioError, load_scenario
 
     print("frameworks:")
     for name in registry.names():
         info = registry.info(name)
-        why = info.unavailable()
+        why = envs.unavailable(info)
         cuda_note = "" if why else ("" if "cpu" in info.devices else " (CUDA only)")
         state = f"unavailable: {why}" if why else "available" + cuda_note
         print(f"  {name:13s} {state}")
@@ -132,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "for filling one sweep over several invocations with --only/--repeats")
     r.add_argument("--only", nargs="+", metavar="FRAMEWORK", help="run only these of the scenario's frameworks")
     r.add_argument("--repeats", type=int, help="override measure.repeats")
+    r.add_argument("--allow-contention", action="store_true",
+                   help="run even while another sweep runs on this machine (exit 3 otherwise); every row of this "
+                        "sweep is then marked invalid: measured under contention")
     r.add_argument("--retry-failed", action="store_true",
                    help="in the newest sweep of this scenario, do runs stored as error/crashed/timeout again "
                         "(for failures of the machine, e.g. a full disk); the failed attempt is kept in "

@@ -75,13 +75,21 @@ def detect_format(row: dict[str, Any]) -> str:
     raise ValueError(f"cannot tell the format of a row with keys {sorted(row)}")
 
 
+def resolve_path(path: str | None, source: str | None) -> Path:
+    """Absolute path of a local data file: relative paths resolve against the scenario file, then the cwd."""
+    p = Path(path or "")
+    if not p.is_absolute() and source and not source.startswith("<"):
+        cand = Path(source).parent / p
+        if cand.exists():
+            return cand.resolve()
+    return p.resolve()
+
+
 def build_examples(sc) -> tuple[list[dict[str, Any]], str]:
     """The sweep's dataset rows and their format."""
     if sc.data.source == "synthetic":
         return synthetic_examples(sc), "text"
-    from harness.spec.scenario import data_path
-
-    rows = read_jsonl(data_path(sc))
+    rows = read_jsonl(resolve_path(sc.data.path, sc.source_path))
     if not rows:
         raise ValueError(f"{sc.data.path}: no rows")
     fmt = sc.data.format or detect_format(rows[0])

@@ -56,6 +56,7 @@ class GpuMemorySampler:
         self.peak_device_bytes: int | None = None
         self.baseline_device_bytes: int | None = None
         self.samples = 0
+        self.foreign: dict[int, int] = {}  # pid -> most GPU memory seen, for other processes on this GPU
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._handle = None
@@ -87,6 +88,8 @@ class GpuMemorySampler:
                 for p in getter(self._handle):
                     if p.pid == self.pid and p.usedGpuMemory is not None:
                         mine = (mine or 0) + p.usedGpuMemory
+                    elif p.pid != self.pid:  # another process shares the GPU while we measure
+                        self.foreign[p.pid] = max(self.foreign.get(p.pid, 0), p.usedGpuMemory or 0)
             except nv.NVMLError:
                 pass
         if mine is not None:
@@ -293,6 +296,8 @@ class StepMeter:
             "vram_device_before_gib": _gib(self.memory.baseline_device_bytes) if self.memory else None,
             "nvml_samples": self.memory.samples if self.memory else None,
             "nvml_error": self.memory.error if self.memory else None,
+            "foreign_gpu_processes": ([{"pid": pid, "max_gib": _gib(b)}
+                                       for pid, b in sorted(self.memory.foreign.items())] if self.memory else None),
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB,
         }
 

@@ -23,8 +23,12 @@ from pathlib import Path
 
 import yaml
 
+from harness.common.dicts import changes
 from harness.common.paths import REPO_ROOT
+from harness.inputs.models import cache_root
 from harness.running import envs
+from harness.running.display import Display
+from harness.running.locks import Busy, machine_lock, sweep_lock
 from harness.storing import results
 
 LOG_KEEP_BYTES = 200_000  # tail of each worker log kept in results/ (the full log stays in the work dir)
@@ -104,29 +108,6 @@ def _scenario_yaml(sc) -> str:
     return head + yaml.safe_dump(sc.to_dict(), sort_keys=False)
 
 
-@contextlib.contextmanager
-def sweep_lock(d: Path):
-    """One runner per sweep directory; a lock left by a killed runner is taken over."""
-    lock = d / "sweep.lock"
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            os.write(fd, str(os.getpid()).encode())
-            os.close(fd)
-            break
-        except FileExistsError:
-            try:
-                pid = int(lock.read_text() or 0)
-                os.kill(pid, 0)
-                raise RuntimeError(f"{d} is being run by process {pid}") from None
-            except (ProcessLookupError, ValueError):
-                lock.unlink(missing_ok=True)  # its runner is gone
-    try:
-        yield
-    finally:
-        lock.unlink(missing_ok=True)
-
-
 def _set_pdeathsig() -> None:
     """Worker dies with the runner (kill -9 of the runner must not leave a training process behind)."""
     os.setsid()
@@ -159,67 +140,36 @@ def worker_environment(env: envs.EnvSpec) -> dict[str, str]:
     return e
 
 
-class Display:
-    """Progress display (rich): the sweep, the current run and its live tokens/s."""
+class PrepareFailed(RuntimeError):
+    """Building the checkpoint or the dataset failed: every run of the sweep gets a row saying so."""
 
-    def __init__(self, total: int, quiet: bool = False):
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.console = Console(stderr=True, quiet=quiet)
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=self.console,
-                                 transient=False)
-        self.sweep = self.progress.add_task("sweep", total=total, info="")
-        self.run = None
-
-    def __enter__(self):
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *a):
-        self.progress.__exit__(*a)
-
-    def start_run(self, key: str, steps: int):
-        self.run = self.progress.add_task(f"  {key}", total=steps, info="starting")
-
-    def update_run(self, prog: dict):
-        if self.run is None:
-            return
-        tps = prog.get("tokens_per_s")
-        loss = prog.get("loss")
-        info = (f"{tps:,.0f} tok/s" if tps else "") + (f"  loss {loss:.3f}" if loss is not None else "")
-        self.progress.update(self.run, completed=prog.get("step", 0), info=info)
-
-    def end_run(self, key: str, res: dict):
-        if self.run is not None:
-            self.progress.remove_task(self.run)
-            self.run = None
-        self.progress.advance(self.sweep)
-        m = res.get("metrics") or {}
-        if res["status"] == STATUS_OK:
-            tps, vram = m.get("tokens_per_s"), m.get("peak_vram_nvml_gib")
-            msg = f"[green]ok[/] {tps:,.0f} tok/s" if tps else "[green]ok[/]"
-            msg += f", peak {vram:.2f} GiB (NVML)" if vram is not None else ""
-            msg += f", final loss {m['final_loss']:.4f}" if m.get("final_loss") is not None else ""
-            if not res.get("valid", True):
-                msg += f" [yellow]INVALID: {'; '.join(res.get('invalid_reasons', []))}[/]"
-        else:
-            msg = f"[red]{res['status']}[/]: {str(res.get('reason'))[:300]}"
-        self.console.print(f"{key}: {msg}", markup=True, highlight=False)
+    def __init__(self, status: str, reason: str):
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
 
 
-def _prepare(sc, sweep_dir: Path, run_root: Path, timeout_s: float) -> dict:
+def _prepare(sc, run_root: Path, timeout_s: float) -> dict:
+    """Build the checkpoint and the tokenised dataset once per sweep, in a subprocess.
+
+    Raises:
+        PrepareFailed: with status "timeout" or "error" and a one-line reason naming what failed.
+    """
     spec = {"scenario": sc.to_dict(), "scenario_source": sc.source_path, "data_dir": str(run_root / "data")}
     spec_path = run_root / "prepare.json"
     spec_path.write_text(json.dumps(spec))
     env = worker_environment(envs.resolve("base"))
-    proc = subprocess.run([sys.executable, "-m", "harness.running.prepare", str(spec_path)], env=env, cwd=run_root,
-                          capture_output=True, text=True, timeout=timeout_s)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "harness.running.prepare", str(spec_path)], env=env,
+                              cwd=run_root, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise PrepareFailed("timeout", f"preparing the checkpoint and data took longer than the timeout "
+                                       f"({timeout_s:g} s, measure.timeout_s)") from None
     for line in proc.stdout.splitlines():
         if line.startswith("TUNEBENCH_PREPARED "):
             return json.loads(line.split(" ", 1)[1])
-    raise RuntimeError(f"preparing the checkpoint and data failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    last = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip()][-1:] or [f"exit code {proc.returncode}"]
+    raise PrepareFailed("error", f"preparing the checkpoint and data failed: {last[0][:500]}")
 
 
 def _log_tail(p: Path, n: int = LOG_KEEP_BYTES) -> str:
@@ -247,18 +197,23 @@ def classify_crash(returncode: int, log: str) -> tuple[str, str]:
     return "crashed", f"worker exited with code {returncode} without a result: {last[0][:500]}"
 
 
+def run_header(sc, sweep_dir: Path, prepared: dict, fw, repeat: int) -> dict:
+    """The identity fields every stored run starts with, whatever became of it."""
+    return {"run_id": sweep_dir.name, "scenario": sc.name, "scenario_hash": sc.content_hash(), "framework": fw.key,
+            "settings_hash": sc.settings_hash(fw.key), "adapter": fw.name,
+            "repeat": repeat, "overrides": fw.overrides, "schema_version": results.RESULT_SCHEMA_VERSION,
+            "device": sc.hardware.device, "dataset_sha256_16": prepared.get("dataset_sha256_16"),
+            "checkpoint": prepared.get("checkpoint")}
+
+
 def execute_run(sc, sweep_dir: Path, run_root: Path, prepared: dict, fw, repeat: int, display: Display | None) -> dict:
     """Run one (framework, repeat) in a fresh process and return its finished result dict."""
     from adapters_for_tools import registry
 
     key = results.run_key(fw.key, repeat)
     info = registry.info(fw.name)
-    base = {"run_id": sweep_dir.name, "scenario": sc.name, "scenario_hash": sc.content_hash(), "framework": fw.key,
-            "settings_hash": sc.settings_hash(fw.key), "adapter": fw.name,
-            "repeat": repeat, "overrides": fw.overrides, "schema_version": results.RESULT_SCHEMA_VERSION,
-            "device": sc.hardware.device, "dataset_sha256_16": prepared.get("dataset_sha256_16"),
-            "checkpoint": prepared.get("checkpoint")}
-    why = info.unavailable(sc.hardware.device)
+    base = run_header(sc, sweep_dir, prepared, fw, repeat)
+    why = envs.unavailable(info, sc.hardware.device)
     if why:
         return base | {"status": "unavailable", "reason": why, "valid": False, "invalid_reasons": []}
     work_dir = run_root / key
@@ -398,8 +353,45 @@ def prune_outputs(work_dir: Path, limit_bytes: int = 1 << 30) -> list[str]:
     return gone
 
 
-def run_sweep(sc, results_root: Path, reports_root: Path | None, new: bool = False, quiet: bool = False,
-              only: list[str] | None = None, resume_only: bool = False, retry_failed: bool = False) -> Path:
+@contextlib.contextmanager
+def _machine(sweep_dir: Path, allow_contention: bool):
+    """Hold the machine lock for the sweep; yield None, or what this sweep contends with when allowed to."""
+    lock_dir = cache_root()  # shared by every checkout of this user on the machine
+    try:
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        writable = os.access(lock_dir, os.W_OK)
+    except OSError:
+        writable = False
+    if not writable:  # an unwritable cache is the prepare step's error (a row per run), not the lock's
+        lock_dir = work_root()
+    try:
+        with machine_lock(lock_dir, sweep_dir):
+            yield None
+    except Busy as e:
+        if not allow_contention:
+            raise Busy(f"another sweep is running on this machine ({e}); two sweeps at once measure each other's "
+                       f"load. Wait for it, or pass --allow-contention to run anyway with every row marked "
+                       f"invalid (measured under contention)") from None
+        yield str(e)
+
+
+def resume_changes(sc, sweep_dir: Path) -> list[str]:
+    """What differs between the scenario that started a sweep (its stored scenario.yaml) and ``sc``."""
+    try:
+        stored = yaml.safe_load((sweep_dir / "scenario.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return ["its stored scenario.yaml cannot be read"]
+    now = sc.to_dict()
+    for d in (stored, now):  # repeats extend a sweep by design (--repeats); they are not a change of scenario
+        d.get("measure", {}).pop("repeats", None)
+    diffs = changes(stored, now)
+    if (src := results.read_json(sweep_dir / "sweep.json") or {}).get("scenario_source") != sc.source_path:
+        diffs.append(f"source: {src.get('scenario_source')} -> {sc.source_path}")
+    return diffs
+
+
+def run_sweep(sc, results_root: Path, new: bool = False, quiet: bool = False, only: list[str] | None = None,
+              resume_only: bool = False, retry_failed: bool = False, allow_contention: bool = False) -> Path:
     """Run (or resume) the sweep of scenario ``sc``; returns the sweep's results directory.
 
     ``resume_only``: fill in the newest sweep of this scenario even when it is complete for the requested
@@ -420,7 +412,11 @@ def run_sweep(sc, results_root: Path, reports_root: Path | None, new: bool = Fal
         _extend_plan(sweep_dir, key_names)
     run_root = work_root() / sweep_dir.name
     run_root.mkdir(parents=True, exist_ok=True)
-    with sweep_lock(sweep_dir), Display(total=len(keys), quiet=quiet) as display:
+    with sweep_lock(sweep_dir), _machine(sweep_dir, allow_contention) as contention, \
+            Display(total=len(keys), quiet=quiet) as display:
+        if resumed and (changed := resume_changes(sc, sweep_dir)):
+            display.console.print(f"[yellow]resuming {sweep_dir}, started from a different scenario file: "
+                                  f"{'; '.join(changed)}[/]", markup=True, highlight=False)
         if retry_failed and resumed:
             set_aside_failed(sweep_dir, key_names)
         todo = [(fw, r) for fw, r in keys
@@ -429,10 +425,21 @@ def run_sweep(sc, results_root: Path, reports_root: Path | None, new: bool = Fal
         display.console.print(f"{'resuming' if resumed else 'sweep'} {sweep_dir} "
                               f"({len(todo)} of {len(keys)} runs to do)")
         if todo:
-            prepared = _prepare(sc, sweep_dir, run_root, sc.measure.timeout_s)
+            try:
+                prepared: dict | PrepareFailed = _prepare(sc, run_root, sc.measure.timeout_s)
+            except PrepareFailed as e:
+                prepared = e
             for fw, r in todo:
                 key = results.run_key(fw.key, r)
-                res = execute_run(sc, sweep_dir, run_root, prepared, fw, r, display)
+                if isinstance(prepared, PrepareFailed):
+                    res = run_header(sc, sweep_dir, {}, fw, r) | {
+                        "status": prepared.status, "reason": prepared.reason, "valid": False, "invalid_reasons": []}
+                else:
+                    res = execute_run(sc, sweep_dir, run_root, prepared, fw, r, display)
+                if contention:
+                    res["valid"] = False
+                    res["invalid_reasons"] = [*res.get("invalid_reasons", []),
+                                              f"measured under contention: {contention}"]
                 if earlier := previous_attempts(sweep_dir, key):
                     res["previous_attempts"] = earlier
                 results.write_json_once(sweep_dir / "runs" / f"{key}.json", res)
@@ -440,10 +447,6 @@ def run_sweep(sc, results_root: Path, reports_root: Path | None, new: bool = Fal
                 results.write_table(sweep_dir)
                 display.end_run(key, res)
     results.write_table(sweep_dir)
-    if reports_root is not None:
-        from harness.reporting import report
-
-        report.write_report(sweep_dir, Path(reports_root) / sweep_dir.name)
     return sweep_dir
 
 
