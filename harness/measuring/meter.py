@@ -31,7 +31,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from harness.measuring.telemetry import GpuTelemetry
+
 GIB = 1024**3
+TELEMETRY_EVERY = 10  # clocks/power/temperature every 10th memory sample (~100 ms): 5 NVML calls each
 
 
 def _percentile(xs: list[float], q: float) -> float | None:
@@ -60,6 +63,7 @@ class GpuMemorySampler:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._handle = None
+        self.telemetry: GpuTelemetry | None = None
         self.error: str | None = None
         try:
             import pynvml
@@ -70,6 +74,8 @@ class GpuMemorySampler:
             idx = int(visible.split(",")[device_index]) if visible and visible.split(",")[0].isdigit() else device_index
             self._handle = pynvml.nvmlDeviceGetHandleByIndex(idx)
             self.baseline_device_bytes = pynvml.nvmlDeviceGetMemoryInfo(self._handle).used
+            self.telemetry = GpuTelemetry(pynvml, self._handle)
+            self.telemetry.begin()
         except Exception as e:  # no driver / no GPU: the fields stay None, and we say why
             self.error = f"{type(e).__name__}: {e}"
             self._handle = None
@@ -100,6 +106,8 @@ class GpuMemorySampler:
         while not self._stop.wait(self.interval_s):
             try:
                 self.sample()
+                if self.telemetry is not None and self.samples % TELEMETRY_EVERY == 0:
+                    self.telemetry.sample()
             except Exception as e:  # keep the run going; report the sampler's failure with the result
                 self.error = f"{type(e).__name__}: {e}"
                 return
@@ -163,6 +171,7 @@ class StepMeter:
             torch.cuda.reset_peak_memory_stats()
         if self.memory is not None:
             self.memory.start()
+        self._telemetry = self.memory.telemetry if self.memory is not None else None
 
     # -- token counting -----------------------------------------------------------------------------------
     def count_batch(self, batch: dict[str, Any]) -> None:
@@ -243,6 +252,8 @@ class StepMeter:
     def step_begin(self) -> None:
         if self._sync:
             self._sync()
+        if self._telemetry and len(self.steps) >= self.warmup_steps:
+            self._telemetry.step_begin()  # energy over the measured steps only, read after the sync
         self._t0 = time.perf_counter()
         if self._first_step_at is None:
             self._first_step_at = time.time()
@@ -254,6 +265,8 @@ class StepMeter:
         if self._t0 is None:
             raise RuntimeError("step_end() without step_begin()")
         idx = len(self.steps)
+        if self._telemetry and idx >= self.warmup_steps:
+            self._telemetry.step_end()
         rec = {"step": idx + 1, "step_s": t1 - self._t0, "measured": idx >= self.warmup_steps, "loss": loss,
                **{k: self._pending.get(k, 0) for k in ("tokens", "loss_tokens", "samples", "padded_tokens",
                                                       "max_len", "micro_batches", "rows", "ctx_tokens_sq",
@@ -290,7 +303,10 @@ class StepMeter:
 
             torch_peaks = {"peak_alloc_gib": torch.cuda.max_memory_allocated() / GIB,
                            "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB}
-        return summarise(self.steps, self.warmup_steps) | torch_peaks | {
+        stats = summarise(self.steps, self.warmup_steps)
+        telemetry = (self._telemetry.summary(stats["measured_s"], stats["tokens_measured"]) if self._telemetry
+                     else {"energy_j": None, "joules_per_token": None, "avg_power_w": None, "throttled": None})
+        return stats | torch_peaks | telemetry | {
             "peak_vram_nvml_gib": _gib(self.memory.peak_process_bytes) if self.memory else None,
             "peak_vram_device_gib": _gib(self.memory.peak_device_bytes) if self.memory else None,
             "vram_device_before_gib": _gib(self.memory.baseline_device_bytes) if self.memory else None,
