@@ -1,1 +1,1 @@
-"""One package per fine-tuning framework. See ``base.py`` for the contract and ``dummy/`` for the template."""
+"""One package per fine-tuning framework. ``contract.py`` says what an adapter provides; ``dummy/`` is the template."""

@@ -10,7 +10,7 @@ import pkgutil
 from functools import cache
 from pathlib import Path
 
-from adapters_for_tools.base import AdapterInfo
+from adapters_for_tools.contract import AdapterInfo
 from harness.common.names import unknown
 
 _PKG_DIR = Path(__file__).resolve().parent

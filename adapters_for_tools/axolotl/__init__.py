@@ -1,6 +1,18 @@
 """axolotl: Axolotl 0.19's own training entry point (YAML config), in-process, in its own environment."""
 
-from adapters_for_tools.base import AdapterInfo
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field
+
+from adapters_for_tools.contract import AdapterInfo, Overrides
+
+
+class AxolotlOverrides(Overrides):
+    # entries of axolotl.yml, over the scenario's; Axolotl's own config validation checks them
+    axolotl: dict[str, Any] = Field(default_factory=dict)
+
 
 INFO = AdapterInfo(
     name="axolotl",
@@ -11,4 +23,5 @@ INFO = AdapterInfo(
     version_of="axolotl",
     notes="Native config: axolotl.yml (`python -m axolotl.cli.train axolotl.yml`). Its Triton LoRA kernels stay "
           "at Axolotl's defaults. CUDA only.",
+    overrides=AxolotlOverrides,
 )

@@ -19,7 +19,7 @@ import time
 import yaml
 
 from adapters_for_tools.axolotl import config as ax_config
-from adapters_for_tools.base import rerun_command
+from adapters_for_tools.contract import rerun_command
 
 
 def run(ctx) -> None:
@@ -28,7 +28,7 @@ def run(ctx) -> None:
     for setting, why in ax_config.cannot_honour(sc, fmt):
         ctx.cannot_honour(setting, why)
     cfg = ax_config.native_config(sc, ctx.work_dir, ctx.checkpoint, ctx.dataset_path, fmt)
-    cfg.update(ctx.overrides.get("axolotl", {}))
+    cfg.update(ctx.options.axolotl)
     path = ctx.save_native_config("axolotl.yml", yaml.safe_dump(cfg, sort_keys=False))
     ctx.extra["rerun"] = rerun_command(f"axolotl.cli.train {path}")
     if sc.data.packing:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from adapters_for_tools.base import HF_OPTIM
+from adapters_for_tools.contract import HF_OPTIM
 
 
 def native_config(sc, work_dir: Path, checkpoint: str, dataset_path: Path, fmt: str) -> dict[str, Any]:

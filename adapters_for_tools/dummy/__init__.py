@@ -1,12 +1,27 @@
 """dummy: the adapter template and test double — a tiny plain PyTorch loop with the common hook.
 
-Copy this package to start a new adapter. It trains the scenario's model with a hand-written loop (no
-toolkit), so it also exercises the harness end to end. ``overrides`` understood (for tests):
-``crash: true`` (exit without a result), ``raise: "message"``, ``oom: true``, ``sleep_s: N`` per step,
-``loss_scale: x`` (multiply the reported loss: a planted divergence).
+Copy this package to start a new adapter: ``INFO`` and the overrides model here (light), ``run`` in
+``adapter.py`` (heavy); ``adapters_for_tools/contract.py`` says what each must provide. It trains the scenario's
+model with a hand-written loop (no toolkit), so it also exercises the harness end to end; its overrides plant
+failures for the tests.
 """
 
-from adapters_for_tools.base import AdapterInfo
+from __future__ import annotations
+
+from pydantic import Field
+
+from adapters_for_tools.contract import AdapterInfo, Overrides
+
+
+class DummyOverrides(Overrides):
+    """Planted failures and slowness (``frameworks: [{name: dummy, overrides: {oom: true}}]``)."""
+
+    crash: bool = False  # exit the worker without a result (a crash the runner must record)
+    raise_: str | None = Field(None, alias="raise")  # raise RuntimeError with this message
+    oom: bool = False  # raise a CUDA out-of-memory error
+    sleep_s: float = Field(0.0, ge=0)  # sleep this long after each optimizer step (timeouts, progress)
+    loss_scale: float = Field(1.0, gt=0)  # multiply the reported loss: a planted divergence
+
 
 INFO = AdapterInfo(
     name="dummy",
@@ -15,4 +30,5 @@ INFO = AdapterInfo(
     methods=frozenset({"full", "lora", "dora"}),
     requires=("torch", "transformers", "peft"),
     version_of="torch",
+    overrides=DummyOverrides,
 )

@@ -1,4 +1,4 @@
-"""The template adapter: a plain training loop driving the common hook (see ``__init__`` for overrides)."""
+"""The template adapter: a plain training loop driving the common hook (``__init__`` declares its overrides)."""
 
 from __future__ import annotations
 
@@ -9,20 +9,43 @@ from harness.inputs.data import collate, load_tokenised
 from harness.measuring.effective import read_back_model, read_back_optimizer
 
 
-def run(ctx) -> None:
-    import torch
+def load_model(ctx):  # noqa: ANN001, ANN201
+    """The checkpoint with the scenario's method applied: PEFT LoRA/DoRA, or every weight trainable (full)."""
+    import torch  # heavy: the worker's environment only
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from adapters_for_tools.hf.adapter import build_model
+    sc = ctx.scenario
+    model = AutoModelForCausalLM.from_pretrained(ctx.checkpoint, dtype=getattr(torch, sc.model.dtype),
+                                                 attn_implementation=sc.model.attn_implementation)
+    if sc.hardware.device == "cuda":
+        model.to("cuda")
+    tok = AutoTokenizer.from_pretrained(ctx.checkpoint)
+    if sc.method.is_peft:
+        from peft import LoraConfig, get_peft_model
 
-    sc, ov = ctx.scenario, ctx.overrides
-    if ov.get("crash"):
+        m = sc.method
+        cfg = LoraConfig(r=m.lora_r, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout,
+                         target_modules=m.resolved_targets(), use_dora=m.kind == "dora", bias="none",
+                         task_type="CAUSAL_LM")
+        model = get_peft_model(model, cfg)
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    return model, tok
+
+
+def run(ctx) -> None:  # noqa: ANN001
+    import torch  # heavy: the worker's environment only
+
+    sc, ov = ctx.scenario, ctx.options
+    if ov.crash:
         os._exit(3)
-    if ov.get("raise"):
-        raise RuntimeError(ov["raise"])
-    if ov.get("oom"):
+    if ov.raise_:
+        raise RuntimeError(ov.raise_)
+    if ov.oom:
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (planted by dummy)")
     t0 = time.time()
-    model, tok = build_model(ctx)
+    model, tok = load_model(ctx)
     ctx.load_s = time.time() - t0
     if sc.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -57,9 +80,9 @@ def run(ctx) -> None:
             torch.nn.utils.clip_grad_norm_(params, sc.train.max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if ov.get("sleep_s"):
-            time.sleep(float(ov["sleep_s"]))
-        ctx.meter.step_end(total * float(ov.get("loss_scale", 1.0)))
+        if ov.sleep_s:
+            time.sleep(ov.sleep_s)
+        ctx.meter.step_end(total * ov.loss_scale)
         ctx.save_intermediate(model, step + 1)  # after step_end: saving is not step time
     ctx.output_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(ctx.output_dir)

@@ -1,6 +1,19 @@
 """hf: Hugging Face transformers + PEFT with the HF Trainer — the baseline every speed-up is measured against."""
 
-from adapters_for_tools.base import AdapterInfo
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field
+
+from adapters_for_tools.contract import AdapterInfo, Overrides
+
+
+class HfOverrides(Overrides):
+    # extra transformers TrainingArguments, over the scenario's (e.g. {torch_compile: true}); TrainingArguments
+    # itself refuses a name it does not know
+    training_args: dict[str, Any] = Field(default_factory=dict)
+
 
 INFO = AdapterInfo(
     name="hf",
@@ -9,4 +22,5 @@ INFO = AdapterInfo(
     requires=("torch", "transformers", "peft", "accelerate"),
     version_of="transformers",
     notes="QLoRA needs bitsandbytes and a CUDA GPU.",
+    overrides=HfOverrides,
 )

@@ -15,12 +15,12 @@ from __future__ import annotations
 import json
 import time
 
-from adapters_for_tools.base import trainer_args
+from adapters_for_tools.contract import trainer_args
 from harness.inputs.data import collate, load_tokenised
 
 
 def build_model(ctx):
-    """Load the checkpoint and apply the method (shared with the hand-written reference loop)."""
+    """Load the checkpoint and apply the method: PEFT LoRA/DoRA, QLoRA on a 4-bit base, or full fine-tuning."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -79,7 +79,7 @@ def run(ctx) -> None:
         use_cpu=sc.hardware.device == "cpu",
         disable_tqdm=True,
     )
-    args_kw.update(ctx.overrides.get("training_args", {}))
+    args_kw.update(ctx.options.training_args)
     args = TrainingArguments(**args_kw)
     ctx.save_native_config("training_args.json", json.dumps(args.to_dict(), indent=1, default=str))
     ctx.meter.attach(model)

@@ -5,7 +5,20 @@ by ``litgpt.finetune.lora`` / ``litgpt.finetune.full`` in-process; see ``adapter
 sits and ``config.py`` for what differs from the scenario.
 """
 
-from adapters_for_tools.base import AdapterInfo
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field
+
+from adapters_for_tools.contract import AdapterInfo, Overrides
+
+
+class LitgptOverrides(Overrides):
+    # keyword arguments of LitGPT's finetune setup(...) in its CLI YAML form (litgpt_finetune.yaml), over the
+    # scenario's; setup() refuses names it does not take
+    setup: dict[str, Any] = Field(default_factory=dict)
+
 
 INFO = AdapterInfo(
     name="litgpt",
@@ -18,4 +31,5 @@ INFO = AdapterInfo(
     notes="Native config: a LitGPT CLI YAML (`litgpt finetune_lora CKPT --config litgpt_finetune.yaml`). "
           "LoRA and full verified on CPU (float32); QLoRA needs CUDA (bitsandbytes). No gradient checkpointing and no "
           "gradient clipping in LitGPT's single-device finetune scripts (runs asking for them are marked invalid).",
+    overrides=LitgptOverrides,
 )

@@ -90,7 +90,7 @@ def run(ctx) -> None:
         ctx.extra["data_order"] += "; later epochs in LitGPT's own shuffled order"
 
     cfg = lit_config.native_config(sc, ckpt, data_dir, ctx.output_dir, len(rows))
-    cfg.update(ctx.overrides.get("setup", {}))
+    cfg.update(ctx.options.setup)
     cfg_path = ctx.save_native_config("litgpt_finetune.yaml", yaml.safe_dump(cfg, sort_keys=False))
     ctx.extra["rerun"] = lit_config.cli_command(sc, cfg_path, os.environ.get("PYTHONPATH", ""), sys.executable)
 

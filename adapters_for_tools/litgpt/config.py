@@ -26,6 +26,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from adapters_for_tools.prompt_completion import split_rows
+
 MODEL_NAME_PREFIX = "tunebench-"  # LitGPT model names of our converted checkpoints
 PRECISION = {"float32": "32-true", "bfloat16": "bf16-true", "float16": "16-true"}
 OPTIMIZER = {"adamw_torch": "torch.optim.AdamW", "adamw_torch_fused": "torch.optim.AdamW",
@@ -208,24 +210,9 @@ def convert_rows(rows: list[dict[str, Any]], fmt: str) -> tuple[list[dict[str, s
     Returns:
         (rows, notes): notes list differences from the harness's labels (empty when identical).
     """
-    from harness.inputs.data import prompt_response
-
-    out, notes = [], set()
-    for r in rows:
-        if fmt == "text":
-            out.append({"instruction": "", "output": r["text"]})
-            continue
-        segs = prompt_response(r, fmt)
-        loss_idx = [i for i, (_, bears) in enumerate(segs) if bears]
-        if len(loss_idx) != 1:
-            raise ValueError(f"{fmt} row with {len(loss_idx)} loss-bearing turns: LitGPT's instruction/output form "
-                             f"takes exactly one")
-        i = loss_idx[0]
-        if i + 1 < len(segs):
-            notes.add(f"{fmt}: text after the assistant turn ({segs[i + 1][0]!r}) bears loss in LitGPT's output, "
-                      f"not in the harness's labels")
-        out.append({"instruction": "".join(s for s, _ in segs[:i]), "output": "".join(s for s, _ in segs[i:])})
-    return out, sorted(notes)
+    if fmt == "text":
+        return [{"instruction": "", "output": r["text"]} for r in rows], []
+    return split_rows(rows, fmt, "LitGPT", "instruction", "output")
 
 
 def cli_command(sc, cfg_path: Path, pythonpath: str = "", python: str = "python") -> str:

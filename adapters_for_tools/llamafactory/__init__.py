@@ -1,6 +1,18 @@
 """llamafactory: LLaMA-Factory 0.9.5's ``run_exp`` (YAML-style args), in-process, in its own environment."""
 
-from adapters_for_tools.base import AdapterInfo
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field
+
+from adapters_for_tools.contract import AdapterInfo, Overrides
+
+
+class LlamaFactoryOverrides(Overrides):
+    # entries of llamafactory.yaml, over the scenario's; LLaMA-Factory's argument parser checks them
+    llamafactory: dict[str, Any] = Field(default_factory=dict)
+
 
 INFO = AdapterInfo(
     name="llamafactory",
@@ -11,4 +23,5 @@ INFO = AdapterInfo(
     version_of="llamafactory",
     notes="Native config: llamafactory.yaml (`python -m llamafactory.cli train llamafactory.yaml`). Text data "
           "only (alpaca/messages render through LLaMA-Factory templates: reported as not honoured). CUDA only.",
+    overrides=LlamaFactoryOverrides,
 )

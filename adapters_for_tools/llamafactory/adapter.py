@@ -13,7 +13,7 @@ import time
 
 import yaml
 
-from adapters_for_tools.base import rerun_command
+from adapters_for_tools.contract import rerun_command
 from adapters_for_tools.llamafactory import config as lf_config
 from harness.inputs.data import read_jsonl, write_jsonl
 
@@ -54,7 +54,7 @@ def run(ctx) -> None:
     args = lf_config.native_config(sc, ctx.work_dir, ctx.checkpoint, ds_dir)
     if sc.hardware.device == "cpu":
         args["use_cpu"] = True
-    args.update(ctx.overrides.get("llamafactory", {}))
+    args.update(ctx.options.llamafactory)
     path = ctx.save_native_config("llamafactory.yaml", yaml.safe_dump(args, sort_keys=False))
     ctx.extra["rerun"] = rerun_command(f"llamafactory.cli train {path}")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from adapters_for_tools.base import trainer_args
+from adapters_for_tools.contract import trainer_args
 
 DATASET_NAME = "tunebench"
 

@@ -1,6 +1,18 @@
 """trl: TRL's ``SFTTrainer`` (HF Trainer underneath) with PEFT, in its own environment (``env create trl``)."""
 
-from adapters_for_tools.base import AdapterInfo
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field
+
+from adapters_for_tools.contract import AdapterInfo, Overrides
+
+
+class TrlOverrides(Overrides):
+    # entries of the TRL SFT script's YAML (trl_sft.yaml), over the scenario's; TRL's parser refuses unknown ones
+    sft: dict[str, Any] = Field(default_factory=dict)
+
 
 INFO = AdapterInfo(
     name="trl",
@@ -9,4 +21,5 @@ INFO = AdapterInfo(
     requires=("trl", "datasets"),
     version_of="trl",
     notes="Native config: a TRL CLI YAML (`python -m trl.scripts.sft --config trl_sft.yaml`). QLoRA needs CUDA.",
+    overrides=TrlOverrides,
 )

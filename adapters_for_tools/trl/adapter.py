@@ -18,7 +18,7 @@ import time
 
 import yaml
 
-from adapters_for_tools.base import rerun_command
+from adapters_for_tools.contract import rerun_command
 from adapters_for_tools.trl import config as trl_config
 from harness.inputs.data import read_jsonl, write_jsonl
 
@@ -49,7 +49,7 @@ def run(ctx) -> None:
     for setting, why in trl_config.cannot_honour(sc):
         ctx.cannot_honour(setting, why)
     cfg = trl_config.native_config(sc, ctx.work_dir, ctx.checkpoint, data_file, fmt)
-    cfg.update(ctx.overrides.get("sft", {}))
+    cfg.update(ctx.options.sft)
     cfg_path = ctx.save_native_config("trl_sft.yaml", yaml.safe_dump(cfg, sort_keys=False))
     ctx.extra["rerun"] = rerun_command(f"trl.scripts.sft --config {cfg_path}")
     if sc.data.packing:

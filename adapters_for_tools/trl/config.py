@@ -17,7 +17,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from adapters_for_tools.base import trainer_args
+from adapters_for_tools.contract import trainer_args
+from adapters_for_tools.prompt_completion import split_rows
 
 
 def native_config(sc, work_dir: Path, checkpoint: str, data_file: Path, fmt: str) -> dict[str, Any]:
@@ -103,22 +104,6 @@ def convert_rows(rows: list[dict[str, Any]], fmt: str) -> tuple[list[dict[str, s
         exactly one assistant turn, last -> prompt/completion of the harness's rendering. ``notes`` lists
         differences from the harness's labels (empty when identical).
     """
-    from harness.inputs.data import prompt_response
-
     if fmt == "text":
         return [{"text": r["text"]} for r in rows], []
-    out, notes = [], set()
-    for r in rows:
-        segs = prompt_response(r, fmt)
-        loss_idx = [i for i, (_, bears) in enumerate(segs) if bears]
-        if len(loss_idx) != 1:
-            raise ValueError(f"{fmt} row with {len(loss_idx)} loss-bearing turns: TRL's prompt/completion form "
-                             f"takes exactly one")
-        i = loss_idx[0]
-        prompt = "".join(t for t, _ in segs[:i])
-        completion = "".join(t for t, _ in segs[i:])
-        if i + 1 < len(segs):
-            notes.add(f"{fmt}: text after the assistant turn ({segs[i + 1][0]!r}) bears loss in TRL's completion, "
-                      f"not in the harness's labels")
-        out.append({"prompt": prompt, "completion": completion})
-    return out, sorted(notes)
+    return split_rows(rows, fmt, "TRL", "prompt", "completion")

@@ -1,19 +1,47 @@
 """tunebench: our own trainer (``kernels/trainer``) on the Triton ops of ``kernels/ops``.
 
-``overrides`` understood (trainer knobs, recorded in the run's ``extra``; see kernels/trainer/README.md):
-``recompute_layers: N`` (selective recomputation: N evenly spread layers recompute, the others keep activations),
-``offload_checkpoints: true`` (checkpointed layer inputs in pinned host memory), ``offload_weights: N``
-(frozen bf16 base weights of N decoder layers streamed from pinned host memory; -1 = all),
-``offload_embeddings: true`` / ``offload_lm_head: true`` (frozen, untied tables on the host),
-``fused_ce_chunk: N`` (tokens per chunk of the fused LM-head + loss), ``lora_dtype: float32|bfloat16``,
-``reference_ops: [rms_norm, rope, swiglu, fused_linear_cross_entropy]`` (run those ops as their PyTorch
-references: for bisecting a loss-parity departure op by op), ``group_projections: false`` (one LoRA call per
-projection instead of one per q/k/v and gate/up group), ``cuda_graph: true`` (the whole optimizer step captured
-as one CUDA graph and replayed), ``varlen_attention: false`` (packed rows through a block mask instead of flash
-varlen), ``expandable_segments: false`` (leave the CUDA allocator in its default mode).
+Its overrides are the trainer's knobs (:class:`TunebenchOverrides`; kernels/trainer/README.md, "Knobs", says
+what each costs and saves); the run records them in its ``extra["trainer"]``.
 """
 
-from adapters_for_tools.base import AdapterInfo
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from adapters_for_tools.contract import AdapterInfo, Overrides
+
+REFERENCE_OPS = Literal["rms_norm", "rope", "swiglu", "fused_linear_cross_entropy"]
+
+
+class TunebenchOverrides(Overrides):
+    """The trainer's knobs (``frameworks: [{name: tunebench, overrides: {recompute_layers: 1}}]``)."""
+
+    # selective recomputation: N evenly spread layers recompute, the others keep activations (-1: all recompute)
+    recompute_layers: int = Field(-1, ge=-1)
+    offload_checkpoints: bool = False  # checkpointed layer inputs in pinned host memory
+    # frozen bf16 base weights of N decoder layers streamed from pinned host memory (-1: all)
+    offload_weights: int = Field(0, ge=-1)
+    offload_embeddings: bool = False  # the frozen, untied input embedding table on the host
+    offload_lm_head: bool = False  # the frozen, untied LM head on the host
+    fused_ce_chunk: int | None = Field(None, ge=1)  # tokens per chunk of the fused LM head + loss (None: op default)
+    lora_dtype: Literal["float32", "bfloat16"] = "float32"  # LoRA A/B (and DoRA magnitude) storage dtype
+    # ops run as their PyTorch references: for bisecting a loss-parity departure op by op
+    reference_ops: list[REFERENCE_OPS] = Field(default_factory=list)
+    group_projections: bool = True  # false: one LoRA call per projection instead of one per q/k/v and gate/up group
+    cuda_graph: bool = False  # the whole optimizer step captured as one CUDA graph and replayed
+    varlen_attention: bool = True  # false: packed rows through a block mask instead of flash varlen
+    expandable_segments: bool = True  # false: leave the CUDA allocator in its default mode
+
+    @field_validator("recompute_layers")
+    @classmethod
+    def _not_zero(cls, v: int) -> int:
+        if v == 0:
+            raise ValueError("0 would switch gradient checkpointing off; set train.gradient_checkpointing: false "
+                             "in the scenario for that")
+        return v
+
 
 INFO = AdapterInfo(
     name="tunebench",
@@ -22,4 +50,5 @@ INFO = AdapterInfo(
     requires=("torch", "triton", "safetensors", "transformers"),
     version_of="tunebench",
     notes="On CPU the ops run their PyTorch references (TRITON_INTERPRET=1 runs the Triton interpreter instead).",
+    overrides=TunebenchOverrides,
 )

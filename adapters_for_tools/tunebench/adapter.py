@@ -1,10 +1,13 @@
 """tunebench adapter: the scenario trained by ``kernels.trainer`` (our model, loop and fused ops).
 
-Mapping: ``model.dtype`` is the storage dtype of the frozen base (bf16 on GPU); ``method`` becomes
-:class:`kernels.trainer.model.MethodOptions` (LoRA/DoRA with PEFT's init and scale, QLoRA as NF4 base weights
-with ``quant.compute_dtype`` compute, full = every weight trainable); ``train`` drives
-:func:`kernels.trainer.train.train` (same data order and loss normalisation as the hf baseline, AdamW over the
-trainable parameters, fused on CUDA). Data is tokenised by ``harness.inputs.data.load_tokenised``, as for hf.
+The trainer is a library with its own settings (:class:`kernels.trainer.config.TrainerConfig`); this adapter
+translates the scenario into them. Mapping: ``model.dtype`` is the storage dtype of the frozen base (bf16 on GPU);
+``method`` plus the override knobs become :class:`kernels.trainer.config.MethodOptions` (LoRA/DoRA with PEFT's
+init and scale, QLoRA as NF4 base weights with ``quant.compute_dtype`` compute, full = every weight trainable);
+``train`` becomes :class:`kernels.trainer.config.TrainSettings` and drives :func:`kernels.trainer.train.train`
+(same data order and loss normalisation as the hf baseline, AdamW over the trainable parameters, fused on CUDA).
+Data is tokenised by ``harness.inputs.data.load_tokenised``, as for hf; the trainer pads its micro-batches itself
+(:mod:`kernels.trainer.batches`, the same tensors as the harness's ``collate``).
 
 Devices: on CUDA the ops launch their Triton kernels (bf16); on CPU without ``TRITON_INTERPRET=1`` each op runs
 its PyTorch reference (same maths; the fused cross-entropy then materialises the logits), which is how the CPU
@@ -31,9 +34,9 @@ KNOBS = {"recompute_layers": int, "offload_checkpoints": bool, "offload_weights"
 
 def method_options(sc, overrides: dict):  # noqa: ANN001, ANN201
     """The scenario's method and the override knobs as :class:`MethodOptions`."""
-    import torch
+    import torch  # torch and the trainer (heavy) load when a run needs them, not with the adapter module
 
-    from kernels.trainer.model import MethodOptions
+    from kernels.trainer.config import MethodOptions
 
     unknown = sorted(set(overrides) - set(KNOBS))
     if unknown:
@@ -63,12 +66,34 @@ def method_options(sc, overrides: dict):  # noqa: ANN001, ANN201
     )
 
 
+def train_settings(sc, pad_id: int):  # noqa: ANN001, ANN201
+    """The scenario's ``train`` section as the trainer's :class:`TrainSettings`."""
+    from kernels.trainer.config import TrainSettings
+
+    t = sc.train
+    return TrainSettings(micro_batch=t.micro_batch, grad_accum=t.grad_accum, steps=t.steps, lr=t.lr,
+                         lr_scheduler=t.lr_scheduler, optimizer=t.optimizer, weight_decay=t.weight_decay,
+                         max_grad_norm=t.max_grad_norm, pad_id=pad_id)
+
+
+def trainer_config(sc, overrides: dict, pad_id: int):  # noqa: ANN001, ANN201
+    """The whole :class:`TrainerConfig` of a scenario: method and knobs, loop, precision and device."""
+    import torch
+
+    from kernels.trainer.config import TrainerConfig
+
+    device = torch.device("cuda" if sc.hardware.device == "cuda" else "cpu")
+    dtype = getattr(torch, sc.method.quant.compute_dtype if sc.method.kind == "qlora" else sc.model.dtype)
+    return TrainerConfig(method=method_options(sc, overrides), train=train_settings(sc, pad_id), dtype=dtype,
+                         device=device)
+
+
 def ops_in_use(device: str, reference_ops: tuple[str, ...] = (), dtype: str = "bfloat16",
                varlen: bool = True) -> dict[str, str]:
     """Which implementation each op runs with here (Triton kernel or PyTorch reference; ``reference_ops``:
     the knob of that name), and which attention packed rows get."""
     from kernels.ops._utils import interpret_mode
-    from kernels.trainer.model import VARLEN
+    from kernels.trainer.attention import VARLEN
 
     kern = "triton" if device == "cuda" else ("triton-interpreter" if interpret_mode() else "torch-reference")
     ops = ("rms_norm", "rope", "swiglu", "fused_linear_cross_entropy", "lora_linear", "nf4_dequantize")
@@ -79,28 +104,24 @@ def ops_in_use(device: str, reference_ops: tuple[str, ...] = (), dtype: str = "b
 
 
 def run(ctx) -> None:  # noqa: ANN001
-    import torch
     from transformers import AutoTokenizer
 
-    from kernels.trainer.model import load_model
+    from kernels.trainer.loading import load_model
     from kernels.trainer.save import save_trained
-    from kernels.trainer.train import TrainSettings, train
+    from kernels.trainer.train import train
 
     sc = ctx.scenario
     if sc.method.kind == "qlora" and sc.method.quant.quant_type != "nf4":
         ctx.cannot_honour("method.quant.quant_type", f"{sc.method.quant.quant_type}: tunebench quantises to nf4 only")
-    options = method_options(sc, ctx.overrides)
-    device = torch.device("cuda" if sc.hardware.device == "cuda" else "cpu")
-    dtype = getattr(torch, sc.method.quant.compute_dtype if sc.method.kind == "qlora" else sc.model.dtype)
     t0 = time.time()
-    model = load_model(ctx.checkpoint, options, dtype=dtype, device=device)
     tok = AutoTokenizer.from_pretrained(ctx.checkpoint)
+    cfg = trainer_config(sc, ctx.overrides, tok.pad_token_id)
+    options, device, dtype = cfg.method, cfg.device, cfg.dtype
+    model = load_model(ctx.checkpoint, options, dtype=dtype, device=device)
     ctx.load_s = time.time() - t0
     rows = load_tokenised(sc, ctx.dataset_path, tok).rows
-    settings = TrainSettings.from_scenario(sc, tok.pad_token_id)
     ops = ops_in_use(device.type, options.reference_ops, str(dtype).removeprefix("torch."), options.varlen_attention)
-    trainer_cfg = {"method": {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in vars(options).items()},
-                   "train": dict(vars(settings)), "device": str(device), "dtype": str(dtype), "ops": ops}
+    trainer_cfg = cfg.to_dict() | {"ops": ops}  # after loading: options.allocator says what the load did
     ctx.save_native_config("tunebench_trainer.json", json.dumps(trainer_cfg, indent=1, default=str))
     ctx.extra["trainer"] = {"overrides": dict(ctx.overrides), "ops": trainer_cfg["ops"],
                             "streamed_layers": model.streamer.layer_ids if model.streamer else [],
@@ -115,7 +136,7 @@ def run(ctx) -> None:  # noqa: ANN001
     def save_due(step: int) -> None:  # intermediate outputs for time-to-target (eval.every_steps)
         ctx.save_intermediate(model, step, save=lambda d: save_trained(model, d, ctx.checkpoint))
 
-    train(model, rows, settings, meter=ctx.meter, device=device, on_first_step=on_first_step,
+    train(model, rows, cfg.train, meter=ctx.meter, device=device, on_first_step=on_first_step,
           on_step_end=save_due)
     ctx.output_dir.mkdir(parents=True, exist_ok=True)
     ctx.extra["saved"] = save_trained(model, ctx.output_dir, ctx.checkpoint)

@@ -1,6 +1,22 @@
 """unsloth: Unsloth's FastLanguageModel + TRL's SFTTrainer (patched by Unsloth), in its own environment."""
 
-from adapters_for_tools.base import AdapterInfo
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from adapters_for_tools.contract import AdapterInfo, Overrides
+
+
+class UnslothOverrides(Overrides):
+    # Unsloth's checkpoint mode, for from_pretrained and get_peft_model: "unsloth" (its own, offloading the
+    # checkpointed activations to the host), true (Transformers' implementation), false (none). Unset: "unsloth"
+    # when the scenario checkpoints, else false (config.py).
+    use_gradient_checkpointing: bool | Literal["unsloth"] | None = None
+    # TRL SFTConfig entries, over the scenario's
+    sft: dict[str, Any] = Field(default_factory=dict)
+
 
 INFO = AdapterInfo(
     name="unsloth",
@@ -12,4 +28,5 @@ INFO = AdapterInfo(
     version_of="unsloth",
     notes="Imported before transformers/TRL/PEFT (it patches them). Gradient checkpointing: Unsloth's own "
           "('unsloth', offloads activations). Compiles decoder blocks during the first steps: warm up longer.",
+    overrides=UnslothOverrides,
 )

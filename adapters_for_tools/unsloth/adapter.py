@@ -15,8 +15,8 @@ import unsloth  # noqa: F401  (first, on purpose: it patches transformers/TRL/PE
 import json
 import time
 
-from adapters_for_tools.base import rerun_command
-from adapters_for_tools.trl.config import convert_rows
+from adapters_for_tools.contract import rerun_command
+from adapters_for_tools.prompt_completion import split_rows
 from adapters_for_tools.unsloth import config as us_config
 from harness.inputs.data import read_jsonl, write_jsonl
 
@@ -37,7 +37,7 @@ def run(ctx) -> None:
     # text at the start of each sample (us_config.with_bos says why)
     rows, data_file = read_jsonl(ctx.dataset_path), ctx.dataset_path
     if fmt != "text":
-        rows, notes = convert_rows(rows, fmt)
+        rows, notes = split_rows(rows, fmt, "TRL", "prompt", "completion")
         data_file = ctx.work_dir / "unsloth_dataset.jsonl"
         if notes:
             ctx.extra["differences"] = notes
@@ -51,12 +51,11 @@ def run(ctx) -> None:
     for setting, why in us_config.cannot_honour(sc):
         ctx.cannot_honour(setting, why)
     cfg = us_config.native_config(sc, ctx.work_dir, ctx.checkpoint, data_file)
-    if "use_gradient_checkpointing" in ctx.overrides:
-        gc = ctx.overrides["use_gradient_checkpointing"]
+    if (gc := ctx.options.use_gradient_checkpointing) is not None:
         cfg["from_pretrained"]["use_gradient_checkpointing"] = gc
         if cfg["get_peft_model"]:
             cfg["get_peft_model"]["use_gradient_checkpointing"] = gc
-    cfg["sft"].update(ctx.overrides.get("sft", {}))
+    cfg["sft"].update(ctx.options.sft)
     if fmt != "text":
         cfg["sft"]["completion_only_loss"] = not sc.data.prompt_loss
     path = ctx.save_native_config("unsloth.json", json.dumps(cfg, indent=1))

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from adapters_for_tools.base import trainer_args
+from adapters_for_tools.contract import trainer_args
 
 
 def native_config(sc, work_dir: Path, checkpoint: str, data_file: Path) -> dict[str, Any]:

@@ -56,9 +56,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from harness.common.paths import REPO_ROOT
+from harness.inputs.tasks.local import LOCAL_TASK_DIR, local_task_names
 
-LOCAL_TASK_DIR = REPO_ROOT / "scenarios" / "tasks"
 BASELINE_CACHE = "eval_baselines"  # under the work root
 
 
@@ -67,23 +66,6 @@ def _offline() -> None:
     for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         os.environ[k] = "1"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def local_task_names(task_dir: Path = LOCAL_TASK_DIR) -> set[str]:
-    """Names of the local lm-eval tasks shipped in ``task_dir`` (one ``task:`` per YAML)."""
-    import yaml
-
-    class _Loader(yaml.SafeLoader):
-        pass
-
-    # lm-eval's `!function` tag: irrelevant for reading the task name
-    _Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
-    names = set()
-    for p in sorted(task_dir.glob("*.yaml")):
-        cfg = yaml.load(p.read_text(), Loader=_Loader) or {}
-        if isinstance(cfg, dict) and isinstance(cfg.get("task"), str):
-            names.add(cfg["task"])
-    return names
 
 
 def task_manager(tasks: list[str], task_dir: Path = LOCAL_TASK_DIR):
@@ -176,7 +158,7 @@ def baseline(sc, checkpoint: str, tm, cache_dir: Path) -> dict[str, Any]:
 
 def intermediate_points(work_dir: Path) -> list[tuple[int, Path]]:
     """Intermediate outputs ``<work_dir>/intermediate/step-NNNNNN`` as ``(step, dir)``, in step order."""
-    from harness.running.worker import INTERMEDIATE_DIRNAME
+    from adapters_for_tools.contract import INTERMEDIATE_DIRNAME
 
     pts = []
     for d in (work_dir / INTERMEDIATE_DIRNAME).glob("step-*"):

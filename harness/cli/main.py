@@ -35,6 +35,12 @@ def _cmd_run(args) -> int:
     except ScenarioError as e:
         print(e, file=sys.stderr)
         return EXIT_BAD_INPUT
+    except Exception as e:  # a bug in validation: name the file and exit 2 rather than print a traceback
+        print(f"{args.scenario}: internal error while validating: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if not args.quiet:
+        for note in sc.notes:
+            print(f"{args.scenario}: {note}")
     if args.only:
         unknown = [n for n in args.only if n not in sc.framework_names()]
         if unknown:
@@ -71,11 +77,18 @@ def _cmd_validate(args) -> int:
     for f in args.files:
         try:
             sc = load_scenario(f)
-            print(f"{f}: ok ({sc.name}: {sc.model.preset or sc.model.weights}, {sc.method.kind}, "
-                  f"frameworks {', '.join(sc.framework_names())})")
         except ScenarioError as e:
             print(e, file=sys.stderr)
             bad += 1
+            continue
+        except Exception as e:  # a bug in validation: report it for this file and go on with the others
+            print(f"{f}: internal error while validating: {type(e).__name__}: {e}", file=sys.stderr)
+            bad += 1
+            continue
+        print(f"{f}: ok ({sc.name}: {sc.model.preset or sc.model.weights}, {sc.method.kind}, "
+              f"frameworks {', '.join(sc.framework_names())})")
+        for note in sc.notes:
+            print(f"  {note}")
     return EXIT_BAD_INPUT if bad else 0
 
 
@@ -104,15 +117,15 @@ def _cmd_list(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    from harness.reporting import report
+    from harness.cli import report as report_cli
 
-    return report.main([args.results_dir] + (["--out", args.out] if args.out else []))
+    return report_cli.main([args.results_dir] + (["--out", args.out] if args.out else []))
 
 
 def _cmd_compare(args, rest: list[str]) -> int:
-    from harness.analysis import compare
+    from harness.cli import compare as compare_cli
 
-    return compare.main(rest)
+    return compare_cli.main(rest)
 
 
 def _cmd_calibrate(args) -> int:

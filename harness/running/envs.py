@@ -10,12 +10,15 @@ Layout: ``.envs/<name>/site/`` (packages) and ``.envs/<name>/env.json`` (what wa
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from adapters_for_tools.contract import AdapterInfo
 from harness.common.paths import REPO_ROOT
+from harness.storing.results import read_json
 
 
 def envs_root() -> Path:
@@ -39,8 +42,6 @@ def site_dir(name: str) -> Path:
 
 def read_meta(name: str) -> dict | None:
     """``env.json`` of an installed environment, or None."""
-    from harness.storing.results import read_json
-
     return read_json(envs_root() / name / "env.json")
 
 
@@ -78,9 +79,32 @@ def has_cuda() -> bool:
     if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
         return False
     try:
-        import pynvml
+        import pynvml  # optional (nvidia-ml-py): absent on machines without NVIDIA drivers
 
         pynvml.nvmlInit()
         return pynvml.nvmlDeviceGetCount() > 0
     except Exception:
         return False
+
+
+def unavailable(info: AdapterInfo, device: str | None = None) -> str | None:
+    """Why adapter ``info`` cannot run on this machine now (recorded as an 'unavailable' row), or None.
+
+    Args:
+        info: the adapter's declaration.
+        device: the scenario's device; ``"cuda"`` also needs a visible NVIDIA GPU.
+
+    Returns:
+        The reason (environment not created, no GPU, packages missing from this interpreter), or None.
+    """
+    env = resolve(info.env)
+    if not env.ready:
+        return env.reason
+    if device == "cuda" and not has_cuda():
+        return "needs CUDA: no NVIDIA GPU visible on this machine"
+    if info.env == "base":  # a tool environment is another sys.path: its packages cannot be looked up from here
+        missing = [m for m in info.requires if importlib.util.find_spec(m) is None]
+        if missing:
+            return (f"python packages missing: {', '.join(missing)} "
+                    f"(pip install them, or `python -m harness env create {info.name}`)")
+    return None

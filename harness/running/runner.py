@@ -30,9 +30,9 @@ from harness.running import envs
 from harness.running.display import Display
 from harness.running.locks import Busy, machine_lock, sweep_lock
 from harness.storing import results
+from harness.storing.schema import STATUS_OK
 
 LOG_KEEP_BYTES = 200_000  # tail of each worker log kept in results/ (the full log stays in the work dir)
-STATUS_OK = "ok"
 
 
 def work_root() -> Path:
@@ -442,7 +442,7 @@ def run_sweep(sc, results_root: Path, new: bool = False, quiet: bool = False, on
                                               f"measured under contention: {contention}"]
                 if earlier := previous_attempts(sweep_dir, key):
                     res["previous_attempts"] = earlier
-                results.write_json_once(sweep_dir / "runs" / f"{key}.json", res)
+                results.write_result(sweep_dir / "runs" / f"{key}.json", res)
                 prune_outputs(run_root / key)
                 results.write_table(sweep_dir)
                 display.end_run(key, res)

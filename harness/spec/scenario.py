@@ -17,14 +17,53 @@ import difflib
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
+
+from adapters_for_tools import registry
+from harness.common.names import unknown
+from harness.inputs import models
+from harness.inputs.data import resolve_path
+from harness.spec import checks, yamlsafe
 
 SCHEMA_VERSION = 1
 
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# Bounds on numbers: each far beyond any real run, small enough that a typo (an extra zero, a unit slip) is caught
+# here rather than after hours of building data or training.
+MAX_SEED = 2**32 - 1  # numpy's seed range (transformers' set_seed seeds numpy too)
+MAX_STEPS = 1_000_000  # optimizer steps; the longest shipped scenario runs 1,000
+MAX_SEQ_LEN = 1 << 20  # tokens; 8x the longest context of any preset (131,072)
+MAX_BATCH = 65536  # micro_batch, grad_accum, eval batch_size
+MAX_TIMEOUT_S = 7 * 24 * 3600  # a week: no single run or evaluation of a benchmark takes longer
+MAX_NAME = 100  # scenario names and labels become file names (results/<name>-<time>/..., well under 255 bytes)
+MAX_PROBLEMS = 30  # problems listed for one file: a hostile file may hold thousands
+
+
+def _not_dots(name: str) -> str:
+    """Refuse ``.``, ``..`` and other all-dot names: as a path part they mean this or the parent directory."""
+    if not name.strip("."):
+        raise ValueError(f"{name!r} cannot be a file name (it names the current or parent directory)")
+    return name
+
+
+# a scenario name or framework label: one file name of letters, digits and _ . - (+ in labels)
+ScenarioName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]+$", max_length=MAX_NAME),
+                         AfterValidator(_not_dots)]
+FrameworkLabel = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.+-]+$", max_length=MAX_NAME),
+                           AfterValidator(_not_dots)]
 
 
 class ScenarioError(Exception):
@@ -36,14 +75,15 @@ class ScenarioError(Exception):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan: YAML's .inf and .nan are floats; no setting of a run means anything infinite or undefined
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelSpec(_Strict):
     preset: str | None = None  # architecture preset name (scenarios/presets/<name>.yaml)
     weights: str = "random"  # "random", or a local checkpoint path / hub id
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-    seed: int = 0  # seed of the random weights
+    seed: int = Field(0, ge=0, le=MAX_SEED)  # seed of the random weights
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
 
     @model_validator(mode="after")
@@ -63,7 +103,7 @@ class QuantSpec(_Strict):
 class MethodSpec(_Strict):
     kind: Literal["full", "lora", "qlora", "dora"]
     lora_r: int = Field(16, ge=1, le=4096)
-    lora_alpha: float = Field(16, gt=0)
+    lora_alpha: float = Field(16, gt=0, le=65536)  # scale alpha/r: 16x the largest rank is already absurd
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
     quant: QuantSpec | None = None
@@ -88,13 +128,14 @@ class DataSpec(_Strict):
     source: Literal["synthetic", "jsonl"] = "synthetic"
     path: str | None = None  # jsonl only
     format: Literal["alpaca", "messages", "sharegpt", "text"] | None = None  # jsonl only; guessed when absent
-    seq_len: int = Field(ge=8)
+    seq_len: int = Field(ge=8, le=MAX_SEQ_LEN)
     # synthetic: every sample seq_len long, or uniform in [min_len, seq_len]
     lengths: Literal["fixed", "uniform"] = "fixed"
-    min_len: int | None = Field(None, ge=2)
-    num_samples: int | None = Field(None, ge=1)  # default: exactly what the steps consume
+    min_len: int | None = Field(None, ge=2, le=MAX_SEQ_LEN)
+    # default: exactly what the steps consume. Rows are held in memory: 10 million is far beyond any benchmark here
+    num_samples: int | None = Field(None, ge=1, le=10_000_000)
     packing: bool = False  # concatenate samples into seq_len rows (attention kept within each sample where supported)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     prompt_loss: bool = False  # jsonl: train on prompt tokens too
 
     @model_validator(mode="after")
@@ -109,17 +150,17 @@ class DataSpec(_Strict):
 
 
 class TrainSpec(_Strict):
-    micro_batch: int = Field(ge=1)
-    grad_accum: int = Field(1, ge=1)
-    steps: int = Field(ge=1)  # optimizer steps
+    micro_batch: int = Field(ge=1, le=MAX_BATCH)
+    grad_accum: int = Field(1, ge=1, le=MAX_BATCH)
+    steps: int = Field(ge=1, le=MAX_STEPS)  # optimizer steps
     warmup_steps: int = Field(2, ge=0)  # first optimizer steps left out of timing (not an LR warmup)
-    lr: float = Field(2e-4, gt=0)
+    lr: float = Field(2e-4, gt=0, le=10)  # fine-tuning LRs are ~1e-5..1e-2; above 10 every optimizer diverges
     lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
     optimizer: Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "sgd"] = "adamw_torch"
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float | None = Field(1.0, gt=0)
+    weight_decay: float = Field(0.0, ge=0, le=10)  # decoupled: lr * weight_decay of each weight goes every step
+    max_grad_norm: float | None = Field(1.0, gt=0, le=1e6)
     gradient_checkpointing: bool = True
-    seed: int = 42
+    seed: int = Field(42, ge=0, le=MAX_SEED)
 
     @model_validator(mode="after")
     def _check(self) -> TrainSpec:
@@ -131,14 +172,14 @@ class TrainSpec(_Strict):
 
 class HardwareSpec(_Strict):
     device: Literal["cuda", "cpu"] = "cuda"
-    gpus: int = Field(1, ge=1)
+    gpus: int = Field(1, ge=1, le=64)  # of one host (the largest boxes hold 8-16)
 
 
 class FrameworkSpec(_Strict):
     name: str  # adapter name (python -m harness list)
-    label: str | None = Field(None, pattern=r"^[A-Za-z0-9_.+-]+$")  # to run one adapter twice, e.g. hf-eager
+    label: FrameworkLabel | None = None  # to run one adapter twice, e.g. hf-eager
     overrides: dict[str, Any] = Field(default_factory=dict)  # tool-specific settings passed to the adapter
-    timeout_s: float | None = Field(None, gt=0)
+    timeout_s: float | None = Field(None, gt=0, le=MAX_TIMEOUT_S)
 
     @property
     def key(self) -> str:
@@ -147,24 +188,26 @@ class FrameworkSpec(_Strict):
 
 
 class MeasureSpec(_Strict):
-    repeats: int = Field(1, ge=1)
+    repeats: int = Field(1, ge=1, le=1000)
     memory_interval_ms: float = Field(10, gt=0, le=10_000)
-    timeout_s: float = Field(1800, gt=0)  # per run
-    baseline: str = "hf"  # framework every speed-up is measured against
-    peak_tflops: float | None = Field(None, gt=0)  # override the GPU's bf16 dense peak used for MFU
+    timeout_s: float = Field(1800, gt=0, le=MAX_TIMEOUT_S)  # per run
+    baseline: str = Field("hf", max_length=MAX_NAME)  # framework every speed-up is measured against
+    # override the GPU's bf16 dense peak used for MFU (an H200's is ~990 TFLOP/s)
+    peak_tflops: float | None = Field(None, gt=0, le=100_000)
 
 
 class EvalSpec(_Strict):
     """Quality evaluation (lm-eval) of what each framework trained; empty by default."""
 
     tasks: list[str] = Field(default_factory=list)  # lm-eval task names (local ones: scenarios/tasks/)
-    limit: int | None = Field(None, ge=1)  # documents per task (None: all)
-    every_steps: int | None = Field(None, ge=1)  # evaluate during training (time-to-target)
+    limit: int | None = Field(None, ge=1, le=10_000_000)  # documents per task (None: all)
+    every_steps: int | None = Field(None, ge=1, le=MAX_STEPS)  # evaluate during training (time-to-target)
     target: dict[str, float] = Field(default_factory=dict)  # "<task>/<metric>" -> value for time-to-target
-    batch_size: int = Field(16, ge=1)
-    # loss parity against measure.baseline (harness.analysis.parity): None = the default for the training dtype
-    parity_atol: float | None = Field(None, ge=0)
-    parity_rtol: float | None = Field(None, ge=0)
+    batch_size: int = Field(16, ge=1, le=MAX_BATCH)
+    # loss parity against measure.baseline (harness.analysis.parity): None = the default for the training dtype;
+    # a loss is a few nats, so a tolerance of 100 already accepts anything
+    parity_atol: float | None = Field(None, ge=0, le=100)
+    parity_rtol: float | None = Field(None, ge=0, le=100)
 
     @model_validator(mode="after")
     def _check(self) -> EvalSpec:
@@ -210,7 +253,7 @@ def row_settings(d: dict[str, Any], framework: str) -> dict[str, Any]:
 
 class Scenario(_Strict):
     version: int
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: ScenarioName
     description: str = ""
     model: ModelSpec
     method: MethodSpec
@@ -223,6 +266,12 @@ class Scenario(_Strict):
 
     # where it came from (not part of the YAML)
     source_path: str | None = Field(None, exclude=True)
+    _notes: list[str] = PrivateAttr(default_factory=list)
+
+    @property
+    def notes(self) -> list[str]:
+        """Facts found while validating that do not stop the run (e.g. data rows cut at seq_len)."""
+        return self._notes
 
     def framework_names(self) -> list[str]:
         return [f.key for f in self.frameworks]
@@ -253,32 +302,7 @@ class Scenario(_Strict):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# loading with line numbers
-
-
-class _LineLoader(yaml.SafeLoader):
-    """SafeLoader that remembers the line of every mapping key, keyed by its dotted path."""
-
-
-def _compose_lines(text: str) -> dict[tuple, int]:
-    lines: dict[tuple, int] = {}
-    node = yaml.compose(text, Loader=_LineLoader)
-
-    def walk(n, path: tuple):
-        lines[path] = n.start_mark.line + 1
-        if isinstance(n, yaml.MappingNode):
-            for k, v in n.value:
-                key = k.value
-                lines[path + (key,)] = k.start_mark.line + 1
-                walk(v, path + (key,))
-                lines[path + (key,)] = k.start_mark.line + 1
-        elif isinstance(n, yaml.SequenceNode):
-            for i, v in enumerate(n.value):
-                walk(v, path + (i,))
-
-    if node is not None:
-        walk(node, ())
-    return lines
+# loading with line numbers (reading and parsing: harness.spec.yamlsafe)
 
 
 def _line_for(lines: dict[tuple, int], loc: tuple) -> int:
@@ -302,26 +326,29 @@ def _normalise_frameworks(raw: dict) -> None:
         raw["frameworks"] = [{"name": f} if isinstance(f, str) else f for f in fws]
 
 
-def parse_scenario(text: str, source: str = "<string>") -> Scenario:
+def _yaml_error(e: yamlsafe.YamlError, source: str) -> ScenarioError:
+    return ScenarioError([f"{source}:{line}: {_fmt_loc(loc)}: {reason}" for line, loc, reason in e.problems])
+
+
+def parse_scenario(text: str, source: str = "<string>", deep: bool = True) -> Scenario:
     """Parse and validate scenario YAML text.
 
     Args:
         text: the YAML document.
         source: file name used in error messages.
+        deep: also open what the scenario names (data file, local checkpoint, eval tasks: harness.spec.checks);
+            off for a stored scenario rebuilt in a worker, which its sweep checked when it started.
 
     Returns:
-        The validated :class:`Scenario`.
+        The validated :class:`Scenario`; its :attr:`Scenario.notes` say what validation noticed.
 
     Raises:
         ScenarioError: with one ``source:line: key: reason`` line per problem.
     """
     try:
-        raw = yaml.safe_load(text)
-        lines = _compose_lines(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = mark.line + 1 if mark else 1
-        raise ScenarioError([f"{source}:{line}: <yaml>: {getattr(e, 'problem', None) or e}"]) from None
+        raw, lines = yamlsafe.load(text)
+    except yamlsafe.YamlError as e:
+        raise _yaml_error(e, source) from None
     if not isinstance(raw, dict):
         raise ScenarioError([f"{source}:1: <top>: a scenario is a YAML mapping, got {type(raw).__name__}"])
     _normalise_frameworks(raw)
@@ -342,14 +369,25 @@ def parse_scenario(text: str, source: str = "<string>") -> Scenario:
                 if parent:
                     msg += f" (allowed: {', '.join(parent)})"
             problems.append(f"{source}:{_line_for(lines, loc)}: {_fmt_loc(loc)}: {msg}")
-        raise ScenarioError(problems) from None
+        raise ScenarioError(_capped(problems)) from None
     if problems:
         raise ScenarioError(problems)
     problems += _cross_checks(sc, lines, source)
+    found = checks.check(sc, source, deep=deep)
+    problems += [f"{source}:{_line_for(lines, p.loc)}: {_fmt_loc(p.shown or p.loc)}: {p.reason}"
+                 for p in found.problems]
     if problems:
-        raise ScenarioError(problems)
+        raise ScenarioError(_capped(problems))
     sc.source_path = source
+    sc._notes = found.notes
     return sc
+
+
+def _capped(problems: list[str]) -> list[str]:
+    """The first :data:`MAX_PROBLEMS` problems and how many more there are."""
+    if len(problems) <= MAX_PROBLEMS:
+        return problems
+    return problems[:MAX_PROBLEMS] + [f"... and {len(problems) - MAX_PROBLEMS} more problems"]
 
 
 def _fields_at(loc: tuple) -> list[str]:
@@ -380,11 +418,7 @@ def _model_of(annotation) -> type[BaseModel] | None:
 
 
 def _cross_checks(sc: Scenario, lines: dict, source: str) -> list[str]:
-    """Rules that span sections: model limits, device, frameworks."""
-    from adapters_for_tools import registry
-    from harness.common.names import unknown
-    from harness.inputs import models
-
+    """Rules that span sections: model limits, device, frameworks and their overrides."""
     out: list[str] = []
 
     def bad(loc: tuple, msg: str):
@@ -400,12 +434,10 @@ def _cross_checks(sc: Scenario, lines: dict, source: str) -> list[str]:
             bad(("data", "seq_len"), f"{sc.data.seq_len} is beyond the model's maximum "
                 f"({preset.max_position_embeddings} for {preset.name})")
         if preset is not None and sc.method.target_modules != "all-linear":
-            unknown = [t for t in sc.method.target_modules if t not in preset.linear_modules]
-            if unknown:
-                bad(("method", "target_modules"), f"{unknown} are not linear modules of {preset.name} "
+            not_linear = [t for t in sc.method.target_modules if t not in preset.linear_modules]
+            if not_linear:
+                bad(("method", "target_modules"), f"{not_linear} are not linear modules of {preset.name} "
                     f"(it has {list(preset.linear_modules)})")
-    elif sc.model.weights.startswith((".", "/")) and not Path(sc.model.weights).exists():
-        bad(("model", "weights"), f"checkpoint path {sc.model.weights!r} does not exist")
     elif (quantised := _prequantized(sc.model.weights)) and sc.method.kind != "qlora":
         bad(("method", "kind"), f"{sc.method.kind}: the checkpoint in model.weights is bitsandbytes-quantised "
             f"({quantised}); train it with method kind qlora")
@@ -418,7 +450,7 @@ def _cross_checks(sc: Scenario, lines: dict, source: str) -> list[str]:
         bad(("hardware", "gpus"), "gpus applies to device cuda only")
     if sc.data.lengths == "uniform" and sc.data.source != "synthetic":
         bad(("data", "lengths"), "lengths applies to synthetic data; jsonl samples have their own lengths")
-    if sc.data.source == "jsonl" and sc.data.path and not _data_path(sc, source).exists():
+    if sc.data.source == "jsonl" and sc.data.path and not resolve_path(sc.data.path, source).exists():
         bad(("data", "path"), f"file {sc.data.path!r} not found (relative paths are relative to the scenario file)")
     seen = set()
     for i, fw in enumerate(sc.frameworks):
@@ -432,6 +464,10 @@ def _cross_checks(sc: Scenario, lines: dict, source: str) -> list[str]:
         why = info.cannot_run(sc)
         if why:
             bad(("frameworks", i), f"{fw.name} cannot run this scenario: {why}")
+        # the row is named by its label (or adapter): easier to find in the file than frameworks[i]
+        for loc, reason in info.check_overrides(fw.overrides):
+            out.append(f"{source}:{_line_for(lines, ('frameworks', i, 'overrides', *loc))}: "
+                       f"{_fmt_loc(('frameworks', fw.key, 'overrides', *loc))}: {reason}")
     if not sc.frameworks:
         bad(("frameworks",), "name at least one framework")
     return out
@@ -439,31 +475,20 @@ def _cross_checks(sc: Scenario, lines: dict, source: str) -> list[str]:
 
 def _prequantized(weights: str) -> str | None:
     """``"4-bit"`` / ``"8-bit"`` if a local checkpoint's config.json says its weights are bitsandbytes-quantised."""
-    from harness.inputs.models import load_config_dict
-
     if not (Path(weights) / "config.json").is_file():
         return None
     try:
-        q = load_config_dict(weights).get("quantization_config") or {}
-    except (OSError, ValueError):
+        q = models.load_config_dict(weights).get("quantization_config") or {}
+    except (OSError, ValueError, AttributeError):  # AttributeError: config.json holds no JSON object
         return None
-    if q.get("quant_method") != "bitsandbytes":
+    if not isinstance(q, dict) or q.get("quant_method") != "bitsandbytes":
         return None
     return "8-bit" if q.get("load_in_8bit") or q.get("_load_in_8bit") else "4-bit"
 
 
-def _data_path(sc: Scenario, source: str) -> Path:
-    p = Path(sc.data.path or "")
-    if not p.is_absolute() and source and not source.startswith("<"):
-        cand = Path(source).parent / p
-        if cand.exists():
-            return cand
-    return p
-
-
 def data_path(sc: Scenario) -> Path:
     """Absolute path of a jsonl data file (relative paths resolve against the scenario file, then the cwd)."""
-    return _data_path(sc, sc.source_path or "").resolve()
+    return resolve_path(sc.data.path, sc.source_path)
 
 
 def load_scenario(path: str | Path) -> Scenario:
@@ -471,11 +496,16 @@ def load_scenario(path: str | Path) -> Scenario:
     path = Path(path)
     if not path.exists():
         raise ScenarioError([f"{path}:0: <file>: no such file"])
-    sc = parse_scenario(path.read_text(), str(path))
+    try:
+        text = yamlsafe.read_text(path)
+    except yamlsafe.YamlError as e:
+        raise _yaml_error(e, str(path)) from None
+    sc = parse_scenario(text, str(path))
     sc.source_path = str(path.resolve())  # workers run elsewhere: relative data paths must still resolve
     return sc
 
 
 def scenario_from_dict(d: dict, source: str = "<resolved>") -> Scenario:
-    """Rebuild a scenario from its resolved dict (as stored in results)."""
-    return parse_scenario(yaml.safe_dump(d, sort_keys=False), source)
+    """Rebuild a scenario from its resolved dict (as stored in results); what it names outside itself is not
+    opened again (``deep=False``)."""
+    return parse_scenario(yaml.safe_dump(d, sort_keys=False), source, deep=False)

@@ -85,7 +85,7 @@ def test_cuda_only_toolkits_are_recorded_unavailable(tmp_path, monkeypatch):
     monkeypatch.setenv("TUNEBENCH_WORK", str(tmp_path / "work"))
     for name in ("unsloth", "axolotl", "llamafactory"):
         _fake_env(tmp_path / "envs", name)
-        assert "needs CUDA" in registry.info(name).unavailable("cuda")
+        assert "needs CUDA" in envs.unavailable(registry.info(name), "cuda")
     sc = parse_scenario("""
 version: 1
 name: cuda_toolkits_on_cpu
@@ -97,7 +97,7 @@ hardware: {device: cuda}
 frameworks: [unsloth, axolotl, llamafactory]
 measure: {timeout_s: 120}
 """, "cuda_toolkits_on_cpu.yaml")
-    sweep = runner.run_sweep(sc, tmp_path / "results", None, new=True, quiet=True)
+    sweep = runner.run_sweep(sc, tmp_path / "results", new=True, quiet=True)
     for name in ("unsloth", "axolotl", "llamafactory"):
         row = runner.load_result(sweep, name, 0)
         assert row["status"] == "unavailable" and "needs CUDA" in row["reason"], row

@@ -97,7 +97,7 @@ def test_litgpt_matches_hf_on_cpu(tmp_path, monkeypatch):
 
     monkeypatch.setenv("TUNEBENCH_WORK", str(tmp_path / "work"))
     sc = parse_scenario(SCENARIO, "litgpt_vs_hf_cpu.yaml")
-    sweep = runner.run_sweep(sc, tmp_path / "results", None, new=True, quiet=True)
+    sweep = runner.run_sweep(sc, tmp_path / "results", new=True, quiet=True)
     hf, lit = runner.load_result(sweep, "hf", 0), runner.load_result(sweep, "litgpt", 0)
     assert hf["status"] == "ok", hf.get("reason")
     assert lit["status"] == "ok", lit.get("reason")

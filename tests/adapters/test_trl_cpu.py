@@ -35,7 +35,7 @@ def test_trl_matches_hf_on_cpu(tmp_path, monkeypatch):
 
     monkeypatch.setenv("TUNEBENCH_WORK", str(tmp_path / "work"))
     sc = parse_scenario(SCENARIO, "trl_vs_hf_cpu.yaml")
-    sweep = runner.run_sweep(sc, tmp_path / "results", None, new=True, quiet=True)
+    sweep = runner.run_sweep(sc, tmp_path / "results", new=True, quiet=True)
     hf, trl = runner.load_result(sweep, "hf", 0), runner.load_result(sweep, "trl", 0)
     assert hf["status"] == "ok", hf.get("reason")
     assert trl["status"] == "ok", trl.get("reason")

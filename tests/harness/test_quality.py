@@ -132,7 +132,7 @@ def test_eval_spec_validation():
 
 
 def test_intermediate_dir_schedule(tmp_path):
-    from harness.running.worker import RunContext
+    from adapters_for_tools.contract import RunContext
 
     sc = load_scenario(QUALITY_SMALL)  # every_steps 50, steps 200
     ctx = RunContext(scenario=sc, framework="x", overrides={}, repeat=0, checkpoint="", dataset_path=tmp_path,
@@ -156,7 +156,7 @@ def quality_sweep(tmp_path_factory):
     mp.setenv("TUNEBENCH_CACHE", str(tmp / "cache"))
     mp.setenv("TUNEBENCH_WORK", str(tmp / "work"))
     try:
-        sweep = run_sweep(load_scenario(QUALITY_SMALL), tmp / "results", None, quiet=True)
+        sweep = run_sweep(load_scenario(QUALITY_SMALL), tmp / "results", quiet=True)
         yield {"sweep": sweep, "runs": {r["framework"]: r for r in results.load_runs(sweep)}, "tmp": tmp}
     finally:
         mp.undo()

@@ -57,15 +57,15 @@ def test_settings_hash_covers_one_framework_row():
         return parse_scenario(text, "s.yaml").settings_hash(fw)
 
     two = GOOD.replace("frameworks: [hf]", "frameworks: [hf, tunebench]")
-    other = two.replace("[hf, tunebench]", "[hf, {name: tunebench, label: tb-fast, overrides: {x: 1}}]")
+    other = two.replace("[hf, tunebench]", "[hf, {name: tunebench, label: tb-fast, overrides: {recompute_layers: 1}}]")
     # other rows, the description and the report's baseline are not settings of hf's runs ...
     assert h(GOOD) == h(two) == h(other) == h(two.replace("name: t\n", "name: t\ndescription: edited\n"))
     assert h(two) == h(two + "measure:\n  baseline: tunebench\n  repeats: 3\n")
     assert parse_scenario(two, "s.yaml").content_hash() != parse_scenario(other, "s.yaml").content_hash()
     # ... while the shared settings and the row's own entry are
     assert h(GOOD) != h(GOOD.replace("steps: 4", "steps: 5"))
-    assert h(two, "tunebench") != h(two.replace("[hf, tunebench]", "[hf, {name: tunebench, overrides: {x: 1}}]"),
-                                    "tunebench")
+    tuned = two.replace("[hf, tunebench]", "[hf, {name: tunebench, overrides: {recompute_layers: 1}}]")
+    assert h(two, "tunebench") != h(tuned, "tunebench")
     assert h(other, "tb-fast") != h(two, "tunebench")
     with pytest.raises(KeyError, match="'trl' is not a framework"):
         h(GOOD, "trl")
@@ -132,6 +132,7 @@ def test_prequantized_checkpoint_needs_qlora(tmp_path):
     ckpt.mkdir()
     (ckpt / "config.json").write_text('{"model_type": "llama", "quantization_config": '
                                       '{"quant_method": "bitsandbytes", "load_in_4bit": true}}')
+    (ckpt / "model.safetensors").write_bytes(b"")  # validation checks that a local checkpoint has weight files
     text = GOOD.replace("  preset: tiny-llama\n", f"  weights: {ckpt}\n")
     msg = _err(text)
     assert "s.yaml:7: method.kind: lora: the checkpoint in model.weights is bitsandbytes-quantised (4-bit)" in msg
@@ -154,3 +155,73 @@ def test_cli_validate_exit_codes(tmp_path):
     assert r.returncode == 2 and "train.stepz" in r.stderr
     r = run("validate", str(tmp_path / "missing.yaml"))
     assert r.returncode == 2 and "no such file" in r.stderr
+
+
+def test_unknown_framework_beside_explicit_targets():
+    """Explicit target_modules and a misspelled framework: file:line and "did you mean", not a TypeError."""
+    text = GOOD.replace("  lora_r: 4", "  lora_r: 4\n  target_modules: [q_proj, v_proj]")
+    msg = _err(text.replace("frameworks: [hf]", "frameworks: [hff]"))
+    assert "s.yaml:18: frameworks[0]: unknown framework 'hff'; did you mean 'hf'?" in msg
+    msg = _err(text.replace("v_proj]", "vproj]"))
+    assert "s.yaml:9: method.target_modules: ['vproj'] are not linear modules of tiny-llama" in msg
+
+
+TUNEBENCH_ROWS = GOOD.replace("frameworks: [hf]", """\
+frameworks:
+  - hf
+  - name: tunebench
+    label: tb-fast
+    overrides:
+      recompute_layers: 1""")
+
+
+def test_overrides_typo_has_line_and_suggestion():
+    assert parse_scenario(TUNEBENCH_ROWS, "s.yaml").frameworks[1].overrides == {"recompute_layers": 1}
+    msg = _err(TUNEBENCH_ROWS.replace("recompute_layers: 1", "recompute_layer: 1"))
+    assert msg.startswith("s.yaml:22: frameworks.tb-fast.overrides.recompute_layer: unknown tunebench override "
+                          "'recompute_layer'; did you mean 'recompute_layers'?"), msg
+    # the short form names the row by its adapter
+    msg = _err(GOOD.replace("frameworks: [hf]", "frameworks: [{name: tunebench, overrides: {cuda_graphs: true}}]"))
+    assert "s.yaml:17: frameworks.tunebench.overrides.cuda_graphs: unknown tunebench override 'cuda_graphs'; " \
+           "did you mean 'cuda_graph'?" in msg
+
+
+@pytest.mark.parametrize(("value", "where", "reason"), [
+    ("recompute_layers: '1'", "recompute_layers", "valid integer"),
+    ("recompute_layers: 0", "recompute_layers", "would switch gradient checkpointing off"),
+    ("offload_weights: -2", "offload_weights", "greater than or equal to -1"),
+    ("cuda_graph: 1", "cuda_graph", "valid boolean"),
+    ("reference_ops: [rope, swiglue]", "reference_ops[1]", "'swiglu'"),
+    ("lora_dtype: float16", "lora_dtype", "'bfloat16'"),
+])
+def test_overrides_mistyped_value(value, where, reason):
+    msg = _err(TUNEBENCH_ROWS.replace("recompute_layers: 1", value))
+    assert msg.startswith(f"s.yaml:22: frameworks.tb-fast.overrides.{where}: "), msg
+    assert reason in msg
+
+
+def test_every_adapter_checks_its_overrides():
+    from adapters_for_tools import registry
+
+    for name in registry.names():
+        text = GOOD.replace("frameworks: [hf]", f"frameworks: [{{name: {name}, overrides: {{no_such_knob: 1}}}}]")
+        text = text.replace("device: cpu", "device: cuda")
+        msg = _err(text)
+        assert f"frameworks.{name}.overrides.no_such_knob: unknown {name} override 'no_such_knob'" in msg
+
+
+def test_cli_validate_names_the_override_and_the_framework(tmp_path):
+    run = lambda *a: subprocess.run([sys.executable, "-m", "harness", *a], cwd=REPO, capture_output=True, text=True)
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(TUNEBENCH_ROWS.replace("recompute_layers: 1", "recompute_layer: 1"))
+    r = run("validate", str(typo))
+    assert r.returncode == 2, r.stderr
+    assert f"{typo}:22: frameworks.tb-fast.overrides.recompute_layer: " in r.stderr
+    assert "did you mean 'recompute_layers'?" in r.stderr
+    shadow = tmp_path / "shadow.yaml"
+    shadow.write_text(GOOD.replace("  lora_r: 4", "  lora_r: 4\n  target_modules: [q_proj, v_proj]")
+                      .replace("frameworks: [hf]", "frameworks: [hff]"))
+    r = run("validate", str(shadow))
+    assert r.returncode == 2, r.stderr
+    assert f"{shadow}:18: frameworks[0]: unknown framework 'hff'; did you mean 'hf'?" in r.stderr
+    assert "Traceback" not in r.stderr

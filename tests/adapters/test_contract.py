@@ -1,0 +1,102 @@
+"""The adapter contract: typed overrides, what adapters read from them, the run context, availability."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from adapters_for_tools import registry
+from adapters_for_tools.contract import AdapterInfo, Overrides, RunContext, override_names
+from harness.running import envs
+
+ADAPTERS_DIR = Path(__file__).resolve().parents[2] / "adapters_for_tools"
+
+
+@pytest.mark.parametrize("name", registry.names())
+def test_every_adapter_declares_strict_typed_overrides(name):
+    model = registry.info(name).overrides
+    assert issubclass(model, Overrides) and model is not Overrides
+    assert model.model_config["extra"] == "forbid" and model.model_config["strict"]
+    assert override_names(model), "an adapter with no overrides leaves the base model in place"
+    model.model_validate({})  # every override has a default: a row without overrides runs
+
+
+def _options_read(path: Path) -> set[str]:
+    """Attributes read as ``ctx.options.<name>`` (or through a local bound to ``ctx.options``) in a module."""
+    tree = ast.parse(path.read_text())
+    aliases = {"ctx.options"}
+    for node in ast.walk(tree):  # `sc, ov = ctx.scenario, ctx.options` binds ov
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Tuple | ast.Attribute):
+            targets = node.targets[0].elts if isinstance(node.targets[0], ast.Tuple) else node.targets
+            values = node.value.elts if isinstance(node.value, ast.Tuple) else [node.value]
+            for t, v in zip(targets, values, strict=False):
+                if isinstance(t, ast.Name) and ast.unparse(v) == "ctx.options":
+                    aliases.add(t.id)
+    return {node.attr for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute) and ast.unparse(node.value) in aliases}
+
+
+@pytest.mark.parametrize("name", registry.names())
+def test_adapters_read_only_declared_overrides(name):
+    model = registry.info(name).overrides
+    read = set().union(*(_options_read(p) for p in (ADAPTERS_DIR / name).glob("*.py")))
+    assert read <= set(model.model_fields), f"{name} reads overrides its model does not declare: {read}"
+
+
+def test_overrides_models_type_the_values_adapters_read():
+    dummy = registry.info("dummy").overrides.model_validate({"raise": "tool said no", "sleep_s": 2})
+    assert dummy.raise_ == "tool said no" and dummy.sleep_s == 2.0 and dummy.loss_scale == 1.0
+    unsloth = registry.info("unsloth").overrides
+    assert unsloth.model_validate({}).use_gradient_checkpointing is None  # the scenario decides
+    assert unsloth.model_validate({"use_gradient_checkpointing": "unsloth"}).use_gradient_checkpointing == "unsloth"
+    tb = registry.info("tunebench").overrides.model_validate({"reference_ops": ["rope"], "offload_weights": -1})
+    assert tb.reference_ops == ["rope"] and tb.offload_weights == -1 and tb.recompute_layers == -1
+
+
+def test_check_overrides_locates_each_problem():
+    info = registry.info("tunebench")
+    assert info.check_overrides({"recompute_layers": 1, "cuda_graph": True}) == []
+    problems = dict(info.check_overrides({"recompute_layer": 1, "cuda_graph": "yes", "reference_ops": ["ropee"]}))
+    assert set(problems) == {("recompute_layer",), ("cuda_graph",), ("reference_ops", 0)}
+    assert problems[("recompute_layer",)].startswith("unknown tunebench override 'recompute_layer'; "
+                                                     "did you mean 'recompute_layers'?")
+    assert "valid boolean" in problems[("cuda_graph",)]
+    unsloth = dict(registry.info("unsloth").check_overrides({"use_gradient_checkpointing": "offload"}))
+    assert "'unsloth'" in unsloth[("use_gradient_checkpointing",)]
+    assert registry.info("dummy").check_overrides({"raise": "x"}) == []  # a key spelled by its alias
+
+
+def test_trainer_callbacks_come_from_the_worker(tmp_path):
+    ctx = RunContext(scenario=None, framework="x", overrides={}, repeat=0, checkpoint="", dataset_path=tmp_path,
+                     work_dir=tmp_path, output_dir=tmp_path / "output", device="cpu", meter=None)
+    with pytest.raises(RuntimeError, match="measure_callback is not set"):
+        ctx.trainer_callbacks()
+
+
+def test_unavailable_says_why(tmp_path, monkeypatch):
+    monkeypatch.setenv("TUNEBENCH_ENVS", str(tmp_path / "envs"))
+    missing = AdapterInfo(name="x", description="", requires=("json", "no_such_module_tb"))
+    assert envs.unavailable(missing) == ("python packages missing: no_such_module_tb (pip install them, or "
+                                         "`python -m harness env create x`)")
+    assert envs.unavailable(AdapterInfo(name="y", description="", requires=("json",))) is None
+    own_env = AdapterInfo(name="z", description="", env="z_env")
+    assert "environment 'z_env' not created" in envs.unavailable(own_env)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU visible, whatever this machine has
+    assert envs.unavailable(AdapterInfo(name="w", description=""), "cuda").startswith("needs CUDA")
+
+
+def test_prompt_completion_split_is_shared_by_trl_and_litgpt():
+    from adapters_for_tools.litgpt.config import convert_rows as litgpt_rows
+    from adapters_for_tools.trl.config import convert_rows as trl_rows
+
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}]
+    (trl,), trl_notes = trl_rows(rows, "messages")
+    (lit,), lit_notes = litgpt_rows(rows, "messages")
+    assert (trl["prompt"], trl["completion"]) == (lit["instruction"], lit["output"]) == ("<|user|>\nhi\n"
+                                                                                         "<|assistant|>\n", "yo\n")
+    assert "TRL's completion" in trl_notes[0] and "LitGPT's output" in lit_notes[0]
+    two_turns = [{"messages": rows[0]["messages"] * 2}]
+    with pytest.raises(ValueError, match="2 loss-bearing turns: TRL's prompt/completion form takes exactly one"):
+        trl_rows(two_turns, "messages")
