@@ -1,20 +1,25 @@
 """Step time, tokens/s, peak memory and a CUDA op profile of the tunebench trainer (and the hf baseline).
 
 Each run (method x knobs) trains ``--steps`` optimizer steps in a fresh subprocess, measured by the harness's
-own ``StepMeter`` (device-synchronised step times, NVML per-process / device memory sampled every 10 ms, torch
+``StepMeter`` (device-synchronised step times, NVML per-process / device memory sampled every 10 ms, torch
 ``max_memory_allocated`` / ``max_memory_reserved`` from before the model is loaded), then ``--profile-steps``
 more steps under ``torch.profiler`` (after measuring, so the profiler never inflates the numbers). The
 ``hf-*`` runs are transformers + PEFT with the model's own loss under bf16 autocast and non-reentrant gradient
 checkpointing, i.e. what the HF Trainer runs, in the same process setup, for a same-machine comparison.
 
+The hf loop is this module's own, not ``harness.measuring.selfcheck``'s: selfcheck deliberately shares nothing
+with the ``StepMeter`` (it exists to cross-check it) and builds its own optimizer and unpadded batches from a
+scenario, while here both implementations must be measured by the same meter, fed the same collated batches and
+keep one optimizer across the measured, phase-memory and profiled steps.
+
 Examples::
 
-    # on the H100 (Llama-3.1-8B shape, random weights generated once into $TUNEBENCH_CACHE):
-    python -m kernels.trainer.profile_step --out results/trainer_profile_h100/profile.json
+    # on the GPU box (Llama-3.1-8B shape, random weights generated once into $TUNEBENCH_CACHE):
+    python -m harness.measuring.profile_step --out results/trainer_profile_h100/profile.json
     # a subset, another checkpoint
-    python -m kernels.trainer.profile_step --runs lora,qlora --checkpoint /data/llama-3.1-8b --out prof.json
+    python -m harness.measuring.profile_step --runs lora,qlora --checkpoint /data/llama-3.1-8b --out prof.json
     # smoke test on a CPU
-    python -m kernels.trainer.profile_step --preset tiny-llama --device cpu --dtype float32 --out /tmp/p.json
+    python -m harness.measuring.profile_step --preset tiny-llama --device cpu --dtype float32 --out /tmp/p.json
 
 Writes ``--out`` (JSON: every run's metrics, per-step times and losses, top-20 ops by device time) and
 ``<out>.txt`` (the summary table and the profiler tables).
@@ -23,6 +28,7 @@ Writes ``--out`` (JSON: every run's metrics, per-step times and losses, top-20 o
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -33,7 +39,13 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-# name -> (implementation, method, trainer knobs). Memory arithmetic behind the "lean" knobs: README.md.
+from harness.common.paths import REPO_ROOT
+from harness.inputs.models import get_preset, prepare_random_checkpoint
+from harness.measuring import environment
+from harness.measuring.meter import StepMeter
+
+# name -> (implementation, method, trainer knobs). Memory arithmetic behind the "lean" knobs:
+# kernels/trainer/README.md.
 RUNS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "hf-lora": ("hf", "lora", {}),
     "lora": ("tunebench", "lora", {}),
@@ -51,7 +63,7 @@ GIB = 1024**3
 
 
 def _args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m kernels.trainer.profile_step", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m harness.measuring.profile_step", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="JSON output path (a .txt summary is written beside it)")
     p.add_argument("--preset", default="llama-3.1-8b", help="architecture preset for random weights")
@@ -79,6 +91,8 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _rows(n: int, seq_len: int, vocab: int, seed: int = 0) -> list[dict]:
     """Fixed-length rows of random token ids (every token bears loss except the first), like llama8b_lora."""
+    # torch, transformers, peft and the trainer (which imports torch) are heavy: only the runs' own processes
+    # load them, never the driver
     import torch
 
     g = torch.Generator().manual_seed(seed)
@@ -113,7 +127,8 @@ def _profile_table(prof, device: str) -> tuple[str, list[dict]]:  # noqa: ANN001
 def _tunebench_model(args, method: str, knobs: dict):  # noqa: ANN001, ANN202
     import torch
 
-    from kernels.trainer.model import LINEAR_MODULES, MethodOptions, load_model
+    from kernels.trainer.config import LINEAR_MODULES, MethodOptions
+    from kernels.trainer.loading import load_model
 
     opts = MethodOptions(kind=method, lora_r=args.lora_r, lora_alpha=args.lora_alpha, target_modules=LINEAR_MODULES,
                          gradient_checkpointing=True, **knobs)
@@ -148,7 +163,7 @@ def _hf_train(model, rows, s, device: str, meter, opt) -> list[float]:  # noqa: 
     """The HF Trainer's inner loop: bf16 autocast, model loss, clip, fused AdamW; the trainer's own batches."""
     import torch
 
-    from kernels.trainer.train import micro_batches
+    from kernels.trainer.batches import micro_batches
 
     losses = []
     params = [p for g in opt.param_groups for p in g["params"]]
@@ -176,7 +191,7 @@ def _phase_peaks(model, impl: str, rows: list[dict], s, device: str, opt) -> dic
     (forward incl. loss, backward incl. recomputation, optimizer), in GiB, and what is allocated between."""
     import torch
 
-    from kernels.trainer.train import micro_batches
+    from kernels.trainer.batches import micro_batches
 
     (b,) = micro_batches(rows, s, 0, device)
     out: dict[str, float] = {}
@@ -210,8 +225,8 @@ def run_single(args) -> dict[str, Any]:  # noqa: ANN001
     """One run, measured; returns its result dict (errors included)."""
     import torch
 
-    from harness.measuring.meter import StepMeter
-    from kernels.trainer.train import TrainSettings, make_optimizer, train
+    from kernels.trainer.config import TrainSettings
+    from kernels.trainer.train import make_optimizer, train
 
     impl, method, knobs = RUNS[args.single]
     knobs = dict(knobs) | (json.loads(args.knobs) if impl == "tunebench" else {})
@@ -276,33 +291,13 @@ def run_single(args) -> dict[str, Any]:  # noqa: ANN001
 def _prepare_checkpoint(args) -> str:  # noqa: ANN001
     if args.checkpoint:
         return str(Path(args.checkpoint).resolve())
-    from harness.inputs.models import get_preset, prepare_random_checkpoint
-
     t0 = time.time()
     path = prepare_random_checkpoint(get_preset(args.preset), args.dtype, 0, device=args.device)
     print(f"checkpoint {path} ({time.time() - t0:.0f} s)", flush=True)
     return str(path)
 
 
-def _environment(device: str) -> dict[str, Any]:
-    import torch
-
-    env = {"torch": torch.__version__, "python": sys.version.split()[0], "device": device}
-    try:
-        import transformers
-
-        env["transformers"] = transformers.__version__
-    except ImportError:
-        pass
-    if device == "cuda" and torch.cuda.is_available():
-        env["gpu"] = torch.cuda.get_device_name(0)
-        env["gpu_total_gib"] = torch.cuda.get_device_properties(0).total_memory / GIB
-    return env
-
-
 def _skip_reason(name: str, device: str) -> str | None:
-    import importlib.util
-
     impl, method, _ = RUNS[name]
     if impl == "hf" and importlib.util.find_spec("peft") is None:
         return "peft not installed"
@@ -350,10 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     args.checkpoint = _prepare_checkpoint(args)
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    repo_root = Path(__file__).resolve().parents[2]
     results: list[dict] = []
     report: dict[str, Any] = {"args": {k: v for k, v in vars(args).items() if not k.startswith("single")},
-                              "environment": _environment(args.device), "runs": results}
+                              "environment": environment.capture() | {"device": args.device}, "runs": results}
     for name in [r for r in args.runs.split(",") if r]:
         why = _skip_reason(name, args.device)
         impl, method, knobs = RUNS[name]
@@ -363,13 +357,13 @@ def main(argv: list[str] | None = None) -> int:
             continue
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as tf:
             single_out = tf.name
-        cmd = [sys.executable, "-m", "kernels.trainer.profile_step", *(argv if argv is not None else sys.argv[1:]),
+        cmd = [sys.executable, "-m", "harness.measuring.profile_step", *(argv if argv is not None else sys.argv[1:]),
                "--checkpoint", args.checkpoint, "--single", name, "--single-out", single_out]
-        env = os.environ | {"PYTHONPATH": os.pathsep.join([str(repo_root), os.environ.get("PYTHONPATH", "")])}
+        env = os.environ | {"PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
         t0 = time.time()
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout_s, env=env,
-                                  cwd=str(repo_root))
+                                  cwd=str(REPO_ROOT))
             res = json.loads(Path(single_out).read_text()) if Path(single_out).stat().st_size else None
             if res is None:
                 res = {"run": name, "impl": impl, "method": method, "ok": False,

@@ -23,6 +23,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import triton
+import triton.testing
+
+from kernels.ops.fused_linear_cross_entropy import fused_linear_cross_entropy
+from kernels.ops.lora_linear import lora_linear, lora_linear_group
+from kernels.ops.nf4 import dequantize_nf4, dequantize_nf4_forward, dequantize_nf4_reference, quantize_nf4
+from kernels.ops.rms_norm import rms_norm
+from kernels.ops.rope import apply_rope, rope_cos_sin
+from kernels.ops.swiglu import swiglu
 
 # Llama-3.1-8B, micro-batch 2 x seq 2048.
 TOKENS, HIDDEN, INTERMEDIATE, VOCAB = 4096, 4096, 14336, 128256
@@ -33,8 +42,6 @@ BF16 = 2  # bytes
 
 def bench(fn: Callable[[], object], grad_to_none: list[torch.Tensor] | None = None) -> dict[str, float]:
     """Median, p20 and p80 milliseconds of ``fn`` (``triton.testing.do_bench``)."""
-    import triton.testing
-
     med, p20, p80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], grad_to_none=grad_to_none)
     return {"ms": med, "ms_p20": p20, "ms_p80": p80}
 
@@ -52,8 +59,6 @@ def _fwd_bwd(fwd: Callable[[], torch.Tensor | tuple], grads: Callable[[], object
 
 
 def _rms_norm_cases() -> list[tuple]:
-    from kernels.ops.rms_norm import rms_norm
-
     def eager(x, w, eps, residual):  # HF LlamaRMSNorm after the residual add
         h = x + residual
         hf = h.float()
@@ -78,8 +83,6 @@ def _rms_norm_cases() -> list[tuple]:
 
 
 def _swiglu_cases() -> list[tuple]:
-    from kernels.ops.swiglu import swiglu
-
     g = torch.randn(TOKENS, INTERMEDIATE, device="cuda", dtype=DTYPE, requires_grad=True)
     u = torch.randn_like(g, requires_grad=True)
     do = torch.randn_like(g)
@@ -92,8 +95,6 @@ def _swiglu_cases() -> list[tuple]:
 
 
 def _rope_cases() -> list[tuple]:
-    from kernels.ops.rope import apply_rope, rope_cos_sin
-
     pos = torch.arange(TOKENS // 2, device="cuda").repeat(2, 1)
     cos, sin = rope_cos_sin(pos, HEAD_DIM, 500000.0)
     q0 = torch.randn(2, TOKENS // 2, N_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE, requires_grad=True)
@@ -119,8 +120,6 @@ def _rope_cases() -> list[tuple]:
 
 
 def _flce_cases() -> list[tuple]:
-    from kernels.ops.fused_linear_cross_entropy import fused_linear_cross_entropy
-
     h = torch.randn(TOKENS, HIDDEN, device="cuda", dtype=DTYPE, requires_grad=True)
     w = (torch.randn(VOCAB, HIDDEN, device="cuda", dtype=DTYPE) * HIDDEN**-0.5).requires_grad_(True)
     labels = torch.randint(0, VOCAB, (TOKENS,), device="cuda")
@@ -138,9 +137,6 @@ def _flce_cases() -> list[tuple]:
 
 
 def _lora_cases() -> list[tuple]:
-    from kernels.ops.lora_linear import lora_linear
-    from kernels.ops.nf4 import quantize_nf4
-
     x = torch.randn(TOKENS, HIDDEN, device="cuda", dtype=DTYPE, requires_grad=True)
     w = torch.randn(INTERMEDIATE, HIDDEN, device="cuda", dtype=DTYPE) * HIDDEN**-0.5
     w_nf4 = quantize_nf4(w)
@@ -166,9 +162,6 @@ def _lora_cases() -> list[tuple]:
 def _lora_qkv_cases() -> list[tuple]:
     """q/k/v of one 8B attention layer with LoRA (the 3 outputs' grads given): PEFT eager, three ``lora_linear``
     calls, one ``lora_linear_group`` call; dense and NF4 bases. fp32 A/B storage, as the trainer keeps them."""
-    from kernels.ops.lora_linear import lora_linear, lora_linear_group
-    from kernels.ops.nf4 import quantize_nf4
-
     outs = (N_HEADS * HEAD_DIM, N_KV_HEADS * HEAD_DIM, N_KV_HEADS * HEAD_DIM)
     x = torch.randn(TOKENS, HIDDEN, device="cuda", dtype=DTYPE, requires_grad=True)
     ws = [torch.randn(o, HIDDEN, device="cuda", dtype=DTYPE) * HIDDEN**-0.5 for o in outs]
@@ -203,8 +196,6 @@ def _nf4_cases() -> list[tuple]:
     (down/up 14336 x 4096, q/o 4096 x 4096, k/v 1024 x 4096): ``ours_flat`` is the per-byte kernel,
     ``ours_r{rows}w{warps}{g|s|t}`` the blocked one, the code gathered from L1 (g), selected in registers (s) or
     ``tl.gather``-ed from a register table (t). ~45 timings, well under a minute on an H100."""
-    from kernels.ops.nf4 import dequantize_nf4, dequantize_nf4_forward, dequantize_nf4_reference, quantize_nf4
-
     configs = [(r, w, 0) for r in (8, 16, 32, 64) for w in (4, 8)] + [(r, 4, lk) for lk in (1, 2) for r in (16, 32)]
     variants = {"ours_flat": {"flat": True}} | {
         f"ours_r{r}w{w}{'gst'[lk]}": {"flat": False, "rows": r, "num_warps": w, "lookup": lk} for r, w, lk in configs
@@ -296,13 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.extend(op_rows)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"device": device, "torch": torch.__version__, "dtype": str(DTYPE)}
-    try:
-        import triton
-
-        meta["triton"] = triton.__version__
-    except ImportError:
-        pass
+    meta = {"device": device, "torch": torch.__version__, "triton": triton.__version__, "dtype": str(DTYPE)}
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     out.with_suffix(".md").write_text(to_markdown(rows, device))
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")

@@ -1,12 +1,12 @@
 """Small helpers shared by the ops: backend choice, launch settings.
 
 Why a launch-time backend choice: ``triton.jit`` decides between the compiled ``JITFunction`` and the
-CPU ``InterpretedFunction`` when the decorator runs, i.e. when a module is imported. Under ``pytest`` over
-the whole ``tests/`` tree another test module may import ``kernels.ops`` before ours sets
-``TRITON_INTERPRET=1``, so the decorated kernels would be GPU-only and fail on CPU tensors. ``runnable``
-re-wraps the kernel's Python function for the mode asked for at *launch* time (and lets interpreted kernels
-call triton's own ``@jit`` helpers even if ``triton.language`` was imported in compiled mode), which makes the
-choice independent of import order.
+CPU ``InterpretedFunction`` when the decorator runs, i.e. when a module is imported, while ``TRITON_INTERPRET``
+may change after that (a test switches it with ``monkeypatch``; a program imports ``kernels.ops`` before setting
+it). ``runnable`` re-wraps the kernel's Python function for the mode asked for at *launch* time (and lets
+interpreted kernels call triton's own ``@jit`` helpers even if ``triton.language`` was imported in compiled mode),
+which makes the choice independent of import order. The interpreter's modules (and numpy) are imported only when
+a kernel is interpreted.
 """
 
 from __future__ import annotations
@@ -140,8 +140,7 @@ def row_settings(n_cols: int) -> tuple[int, int]:
 def num_programs(device: torch.device, n_rows: int, per_sm: int = 1) -> int:
     """Persistent-grid size: ``per_sm`` programs per SM on CUDA; a few on the CPU interpreter (each a Python loop).
 
-    ``per_sm`` > 1 keeps more rows' loads in flight per SM when each program walks its rows one after another
-    (one program per SM left the RMSNorm backward latency-bound on the H100: kernels/NOTES.md).
+    ``per_sm`` > 1 keeps more rows' loads in flight per SM when each program walks its rows one after another.
     """
     progs = torch.cuda.get_device_properties(device).multi_processor_count * per_sm if device.type == "cuda" else 4
     return max(1, min(progs, n_rows))

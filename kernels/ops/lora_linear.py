@@ -18,7 +18,7 @@ cuBLAS. What the structure saves:
 * Precision: the ``[T, r]`` intermediates ``s * x_drop A^T`` and ``s * dy B`` are GEMM outputs in fp32
   (``out_dtype=float32``) and enter the token-reduction GEMMs of dB / dA as hi + lo bf16 pairs (2r columns,
   same bytes read), so dA/dB are rounded once. Rounding them to bf16 first (what PEFT/eager does) gives an
-  absolute dA error ~ s sqrt(T) 2^-9 |dy B| |x| that does not shrink with |dA| (H100 test failure; NOTES.md).
+  absolute dA error ~ s sqrt(T) 2^-9 |dy B| |x| that does not shrink with |dA| (kernels/NOTES.md).
   ``1/(1-p)`` is folded into ``s`` so the dropped ``x`` is ``x * mask``, exact.
 * QLoRA: the NF4 weight is dequantised into a temporary, used by one GEMM and freed at once; backward
   dequantises again (29 MB read + 117 MB written per 4096 x 14336 projection: 0.058 ms measured on an H100
@@ -27,8 +27,8 @@ cuBLAS. What the structure saves:
 Further fusion, not done: dropout applied in the prologue of the ``x A^T`` GEMM (no ``x_drop`` temporary) would
 pay; NF4 dequantisation inside the GEMM's weight-tile load would remove the temporary but decode every weight
 tile once per M-tile (32 times at 4096 tokens), which kernels/NOTES.md estimates slower than the separate kernel
-(~6 % of a fast QLoRA step since session 6) at training shapes. DoRA is not in this op: the trainer runs it in
-plain torch (kernels/trainer/model.py).
+(~6 % of a fast QLoRA step with the blocked NF4 kernel) at training shapes. DoRA is not in this op: the trainer
+runs it in plain torch (kernels/trainer/linear.py).
 """
 
 from __future__ import annotations
@@ -129,8 +129,8 @@ class LoRALinearFunction(torch.autograd.Function):
         if need_db:  # dB = dy^T (s xa): reduction over tokens with fp32 output, (s xa) as hi + lo
             db = _sum_halves(_mm_f32(dy.t(), xa_hl), 1, dtype, b_dtype)
         if need_dx or need_da:
-            # s * dy B in fp32, as hi + lo: rounding it to bf16 (rel. 2^-9) before the token reduction of dA
-            # is what failed the bf16 GPU test (see kernels/NOTES.md, "lora_linear bf16 dA").
+            # s * dy B in fp32, as hi + lo: rounded to bf16 (rel. 2^-9) before the token reduction, dA misses
+            # the bf16 tolerance near zero (kernels/NOTES.md, "lora_linear precision")
             sdyb_hl = _hi_lo(_mm_f32(dy, lora_b).mul_(s), dtype)  # [T, 2r]
             if need_da:
                 x_m = x2 * mask if mask is not None else x2

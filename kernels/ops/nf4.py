@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from types import SimpleNamespace as NS
 
 import torch
 import triton
@@ -56,9 +57,9 @@ _BLOCK_BYTES = 1024  # packed bytes per program of the flat (fallback) kernel ->
 # program for other blocksizes); lookup: 0 = gather from the 16-entry table in L1, 1 = select tree in registers,
 # 2 = tl.gather from the table held in registers; flat: the per-byte kernel instead (non-power-of-two blocksizes
 # always use it).
-# Measured (H100, session 6, results/trainer_profile_h100-20261123-session6/bench_nf4.md; all 13 variants): rows 64,
-# 4 warps, L1 gather is the fastest at 14336 x 4096: 0.058 ms against the flat kernel's 0.121 ms (2.1x; rows 32
-# within 1 %), and the fast-graph QLoRA step 295 -> 281 ms.
+# Measured (H100, results/trainer_profile_h100-20261123/bench_nf4.md; all 13 variants): rows 64, 4 warps,
+# L1 gather is the fastest at 14336 x 4096: 0.058 ms against the flat kernel's 0.121 ms (2.1x; rows 32 within 1 %);
+# the fast-graph QLoRA step takes 281 ms with it, 295 ms with the flat kernel.
 DEQUANT_DEFAULTS = {"flat": False, "rows": 64, "num_warps": 4, "lookup": 0}
 
 
@@ -258,9 +259,6 @@ class NF4Tensor:
         ``nested_offset``). ``parts`` maps suffix -> tensor. ``dtype`` overrides the stored original dtype
         (the dequantisation dtype).
         """
-        import json
-        from types import SimpleNamespace as NS
-
         meta = json.loads(bytes(parts["quant_state.bitsandbytes__nf4"].tolist()).decode())
         nested = "nested_absmax" in parts
         # the QuantState fields from_bnb reads, rebuilt from the saved tensors and the JSON (one mapping only)

@@ -135,8 +135,9 @@ def rms_norm_backward(
     """Launch the backward kernel on 2-D tensors. Returns ``(dx, dw)``; ``dx`` includes ``dres`` when given."""
     n_rows, n_cols = h.shape
     block, num_warps = row_settings(n_cols)
-    # 8 programs per SM: [8 x 132, N] fp32 dw partials (17 MB at N = 4096) against one program per SM, whose
-    # serial row walk kept too few loads in flight (0.54 ms measured for a 45 us floor, kernels/NOTES.md)
+    # 8 programs per SM ([8 x 132, N] fp32 dw partials, 17 MB at N = 4096): more rows' loads in flight than one
+    # program per SM walking ~31 rows; both measure the same on an H100, the kernel is at its floor either way
+    # (kernels/NOTES.md, rms_norm)
     n_prog = num_programs(h.device, n_rows, per_sm=BWD_PROGRAMS_PER_SM)
     rows_per_program = triton.cdiv(n_rows, n_prog)
     dx = torch.empty_like(h)

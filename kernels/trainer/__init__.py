@@ -1,10 +1,16 @@
 """tunebench's own trainer: a Llama/Mistral/Qwen2 decoder on the fused ops of ``kernels.ops``.
 
-- :mod:`kernels.trainer.model`: the model, LoRA/DoRA/QLoRA/full, loading transformers checkpoints.
-- :mod:`kernels.trainer.train`: the loop (data order, loss normalisation and optimizer as the hf baseline).
+A library: it knows nothing of the benchmark harness (``adapters_for_tools/tunebench`` translates a scenario into
+:class:`~kernels.trainer.config.TrainerConfig` and feeds it tokenised rows).
+
+- :mod:`kernels.trainer.config`: architecture, method, loop settings.
+- :mod:`kernels.trainer.model`: the decoder; :mod:`~kernels.trainer.attention`, :mod:`~kernels.trainer.linear`
+  (LoRA / DoRA / QLoRA projections), :mod:`~kernels.trainer.opset` (fused op or reference) are its parts.
+- :mod:`kernels.trainer.offload`: per-layer recomputation, host offload of weights and checkpointed inputs.
+- :mod:`kernels.trainer.loading`: the model from a transformers checkpoint, with the method applied.
+- :mod:`kernels.trainer.batches` and :mod:`kernels.trainer.train`: data order, collation and the loop.
 - :mod:`kernels.trainer.save`: PEFT adapters / HF checkpoints that transformers and PEFT load.
 - NF4 storage for QLoRA is :mod:`kernels.ops.nf4` (the trainer also reads bitsandbytes 4-bit checkpoints).
-- ``python -m kernels.trainer.profile_step``: step time, tokens/s, memory and a CUDA profile at 8B shapes.
 
 See ``kernels/trainer/README.md`` for the design and the memory budget.
 """

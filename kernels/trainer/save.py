@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from kernels.trainer.model import DecoderModel
 
@@ -72,8 +73,6 @@ def full_state_dict(model: DecoderModel) -> dict[str, torch.Tensor]:
 
 def save_peft_adapter(model: DecoderModel, out_dir: str | Path, base_checkpoint: str | Path) -> Path:
     """Write a PEFT LoRA/DoRA adapter for ``model`` into ``out_dir``; returns the directory."""
-    from safetensors.torch import save_file
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     mods = [(n, m) for n, m in model.linears() if m.lora_A is not None]
@@ -115,8 +114,6 @@ def save_peft_adapter(model: DecoderModel, out_dir: str | Path, base_checkpoint:
 
 def save_full_checkpoint(model: DecoderModel, out_dir: str | Path, base_checkpoint: str | Path) -> Path:
     """Write ``config.json`` (from the base, dtype updated) + ``model.safetensors``; copies tokenizer files."""
-    from safetensors.torch import save_file
-
     out_dir, base = Path(out_dir), Path(base_checkpoint)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = json.loads((base / "config.json").read_text())

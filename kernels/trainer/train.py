@@ -1,7 +1,7 @@
-"""The training loop: same data order, same loss normalisation and same optimizer as the hf baseline.
+"""The training loop: data order, loss normalisation and optimizer as the HF Trainer's.
 
-Data order is exactly ``adapters_for_tools/dummy``'s (and the HF Trainer's sequential sampler): rows in order,
-``micro_batch`` rows per forward, ``grad_accum`` micro-batches per optimizer step, wrapping around the rows.
+Data order: :mod:`kernels.trainer.batches` (rows in order, ``micro_batch`` rows per forward, ``grad_accum``
+micro-batches per optimizer step, wrapping around the rows).
 
 Loss: each micro-batch's loss is the *sum* of token losses divided by the number of loss tokens of the whole
 optimizer step (labels != -100 after the one-position shift, counted over all its micro-batches), which is what
@@ -17,42 +17,25 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
-from harness.inputs.data import collate
+from kernels.trainer.batches import micro_batches, static_length
+from kernels.trainer.config import TrainSettings
 
 
-@dataclass
-class TrainSettings:
-    """The scenario's ``train`` section as the loop needs it.
+class StepHook(Protocol):
+    """What :func:`train` reports each step to (a benchmark's step meter, say)."""
 
-    Attributes:
-        micro_batch / grad_accum / steps / lr / weight_decay / max_grad_norm: scenario meaning.
-        lr_scheduler: ``constant`` | ``linear`` | ``cosine`` (no LR warmup), as transformers' schedulers.
-        optimizer: ``adamw_torch`` | ``adamw_torch_fused`` | ``sgd``. AdamW runs fused on CUDA either way
-            (same algorithm; the scenario check treats both names as one).
-        pad_id: padding token id for collation.
-    """
+    def step_begin(self) -> None:
+        """An optimizer step starts (before its batches are counted)."""
 
-    micro_batch: int
-    grad_accum: int
-    steps: int
-    lr: float = 2e-4
-    lr_scheduler: str = "constant"
-    optimizer: str = "adamw_torch"
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
-    pad_id: int = 0
+    def count_batch(self, batch: dict[str, torch.Tensor]) -> None:
+        """One collated micro-batch of the step, as fed to the model."""
 
-    @classmethod
-    def from_scenario(cls, sc, pad_id: int) -> TrainSettings:  # noqa: ANN001
-        t = sc.train
-        return cls(micro_batch=t.micro_batch, grad_accum=t.grad_accum, steps=t.steps, lr=t.lr,
-                   lr_scheduler=t.lr_scheduler, optimizer=t.optimizer, weight_decay=t.weight_decay,
-                   max_grad_norm=t.max_grad_norm, pad_id=pad_id)
+    def step_end(self, loss: float) -> None:
+        """The step ended with this loss (the hook may synchronise the device to stop its clock)."""
 
 
 def _graphed(model: torch.nn.Module) -> bool:
@@ -93,17 +76,6 @@ def make_scheduler(opt: torch.optim.Optimizer, s: TrainSettings) -> torch.optim.
         return 1.0
 
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
-
-
-def micro_batches(rows: Sequence[dict], s: TrainSettings, step: int, device: torch.device | str) -> list[dict]:
-    """The ``grad_accum`` collated micro-batches of optimizer step ``step`` (0-based), on ``device``."""
-    out = []
-    n = len(rows)
-    for m in range(s.grad_accum):
-        start = (step * s.grad_accum + m) * s.micro_batch
-        chunk = [rows[(start + k) % n] for k in range(s.micro_batch)]
-        out.append({k: v.to(device, non_blocking=True) for k, v in collate(chunk, s.pad_id).items()})
-    return out
 
 
 class StepGraph:
@@ -200,12 +172,7 @@ def optimizer_step(model: torch.nn.Module, batches: list[dict], n_loss: int | to
     return total
 
 
-def static_length(rows: Sequence[dict]) -> int:
-    """The longest row: the static length of a CUDA-graphed step's buffers."""
-    return max(len(r["input_ids"]) for r in rows)
-
-
-def train(model: torch.nn.Module, rows: Sequence[dict], s: TrainSettings, meter: Any = None,
+def train(model: torch.nn.Module, rows: Sequence[dict], s: TrainSettings, meter: StepHook | None = None,
           device: torch.device | str | None = None,
           on_first_step: Callable[[torch.optim.Optimizer], None] | None = None,
           optimizer: torch.optim.Optimizer | None = None,
@@ -215,10 +182,10 @@ def train(model: torch.nn.Module, rows: Sequence[dict], s: TrainSettings, meter:
     Args:
         model: a :class:`kernels.trainer.model.DecoderModel` (anything with ``model(input_ids, labels,
             position_ids, reduction="sum")`` returning a summed token loss works).
-        rows: tokenised rows (``harness.inputs.data.load_tokenised(...).rows``).
+        rows: tokenised rows (:mod:`kernels.trainer.batches` describes them).
         s: loop settings.
-        meter: the harness ``StepMeter`` (or None): ``count_batch`` per micro-batch, ``step_begin`` /
-            ``step_end(loss)`` per optimizer step (``step_end`` synchronises CUDA).
+        meter: a :class:`StepHook` (or None): ``count_batch`` per micro-batch, ``step_begin`` /
+            ``step_end(loss)`` per optimizer step.
         device: where batches go (default: the model's device).
         on_first_step: called with the optimizer inside the first timed step, before any compute (the place
             to read effective settings back from the live model).

@@ -1,5 +1,5 @@
-"""``python -m kernels.trainer.profile_step`` (the GPU profiling tool) end to end on the CPU with a tiny preset:
-each run in its own process, the same optimizer and batches for hf and tunebench, knobs passed through."""
+"""``python -m harness.measuring.profile_step`` (the trainer's step profiler) end to end on the CPU with a tiny
+preset: each run in its own process, the same optimizer and batches for hf and tunebench, knobs passed through."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from kernels.trainer import profile_step
+from harness.measuring import profile_step
 
 
 @pytest.mark.timeout(600)

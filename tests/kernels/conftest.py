@@ -11,9 +11,9 @@ def one_thread():
     """The trainer tests' CPU setup.
 
     Tiny matmuls single-threaded: 2 OpenMP threads on a busy 2-core machine spin ~15 ms per matmul. And the
-    ops' PyTorch fallback rather than Triton's interpreter: the ops test modules set TRITON_INTERPRET=1 for
-    the whole session when they are collected, which would make every trainer test run each kernel in the
-    interpreter (minutes instead of seconds); the ops themselves are tested under the interpreter there.
+    ops' PyTorch fallback rather than Triton's interpreter, which tests/conftest.py switches on for the session
+    on a machine without a GPU: each kernel interpreted in every trainer test would take minutes instead of
+    seconds; the ops themselves are tested under the interpreter in the ``test_ops_*`` modules.
     """
     n = torch.get_num_threads()
     torch.set_num_threads(1)

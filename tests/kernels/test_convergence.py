@@ -23,10 +23,12 @@ import random
 import pytest
 import torch
 
-from harness.inputs.data import IGNORE_INDEX, collate, pack
-from kernels.trainer.model import MethodOptions, load_model
+from harness.inputs.data import pack
+from kernels.trainer.batches import IGNORE_INDEX, collate
+from kernels.trainer.config import MethodOptions, TrainSettings
+from kernels.trainer.loading import load_model
 from kernels.trainer.save import peft_state_dict
-from kernels.trainer.train import TrainSettings, train
+from kernels.trainer.train import train
 
 STEPS = 6
 LOSS_ATOL = 1e-4

@@ -1,19 +1,14 @@
-import os
+import pytest
+import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # lets the Triton kernels run on CPU; set before kernels import
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from kernels.ops.fused_linear_cross_entropy import (  # noqa: E402
+from kernels.ops.fused_linear_cross_entropy import (
     fused_linear_cross_entropy,
     fused_linear_cross_entropy_reference,
     shift_labels,
 )
-from kernels.ops.testing import assert_close_verbose  # noqa: E402
+from kernels.ops.testing import assert_close_verbose
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-GPU_ONLY = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 # dtype -> (atol, rtol, why). Reference: float64 logits from the same rounded inputs.
 TOLERANCES = {
@@ -23,8 +18,8 @@ TOLERANCES = {
 }
 DTYPES = [
     torch.float32,
-    pytest.param(torch.bfloat16, marks=GPU_ONLY),
-    pytest.param(torch.float16, marks=GPU_ONLY),
+    pytest.param(torch.bfloat16, marks=pytest.mark.gpu),
+    pytest.param(torch.float16, marks=pytest.mark.gpu),
 ]
 # (batch, seq, hidden, vocab, chunk): 1 token; vocab not a multiple of the 4096 block and > one block;
 # chunk sizes that do not divide the token count.

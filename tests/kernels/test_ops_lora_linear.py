@@ -1,18 +1,14 @@
-import os
+import pytest
+import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # lets the Triton kernels run on CPU; set before kernels import
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from kernels.ops.lora_linear import (  # noqa: E402
+from kernels.ops.lora_linear import (
     dropout_mask,
     lora_linear,
     lora_linear_group,
     lora_linear_reference,
 )
-from kernels.ops.nf4 import dequantize_nf4_reference, quantize_nf4  # noqa: E402
-from kernels.ops.testing import assert_close_verbose  # noqa: E402
+from kernels.ops.nf4 import dequantize_nf4_reference, quantize_nf4
+from kernels.ops.testing import assert_close_verbose
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

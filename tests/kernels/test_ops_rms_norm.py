@@ -1,15 +1,10 @@
-import os
+import pytest
+import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # lets the Triton kernels run on CPU; set before kernels import
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from kernels.ops.rms_norm import rms_norm, rms_norm_reference  # noqa: E402
-from kernels.ops.testing import assert_close_verbose  # noqa: E402
+from kernels.ops.rms_norm import rms_norm, rms_norm_reference
+from kernels.ops.testing import assert_close_verbose
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-GPU_ONLY = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 # dtype -> (atol, rtol, why). The reference runs in float64 on the same (already rounded) inputs.
 TOLERANCES = {
@@ -19,8 +14,8 @@ TOLERANCES = {
 }
 DTYPES = [
     torch.float32,
-    pytest.param(torch.bfloat16, marks=GPU_ONLY),
-    pytest.param(torch.float16, marks=GPU_ONLY),
+    pytest.param(torch.bfloat16, marks=pytest.mark.gpu),
+    pytest.param(torch.float16, marks=pytest.mark.gpu),
 ]
 SHAPES = [(1, 7), (7, 781), (3, 5, 64), (123, 33)]
 

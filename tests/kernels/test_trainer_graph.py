@@ -16,9 +16,10 @@ import random
 import pytest
 import torch
 
-from harness.inputs.data import IGNORE_INDEX
-from kernels.trainer.model import MethodOptions, load_model
-from kernels.trainer.train import TrainSettings, train
+from kernels.trainer.batches import IGNORE_INDEX
+from kernels.trainer.config import MethodOptions, TrainSettings
+from kernels.trainer.loading import load_model
+from kernels.trainer.train import train
 
 BOS, EOS, PAD = 256, 257, 258
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -75,7 +76,6 @@ def test_graphed_step_refuses_packed_rows(ckpt):  # noqa: ANN001
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("kind", ["lora", "qlora", "full"])
 def test_captured_step_matches_eager_on_gpu(ckpt, kind):  # noqa: ANN001
     """Capture after 2 eager steps, then replays: same losses as the eager loop (fp32; padding to the longest row
@@ -88,7 +88,7 @@ def test_captured_step_matches_eager_on_gpu(ckpt, kind):  # noqa: ANN001
 
 
 def test_step_graph_is_reused_by_a_later_train_call(ckpt):  # noqa: ANN001
-    """profile_step trains, then profiles more steps with the same optimizer: those must replay the graph
+    """A step profiler trains, then profiles more steps with the same optimizer: those must replay the graph
     captured by the first call, not warm up and capture a second one."""
     from kernels.trainer.train import make_optimizer
 

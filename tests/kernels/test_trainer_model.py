@@ -15,7 +15,11 @@ import pytest
 import torch
 
 from kernels.ops.nf4 import dequantize_nf4
-from kernels.trainer.model import DecoderConfig, MethodOptions, load_model
+from kernels.trainer import attention as A
+from kernels.trainer.config import DecoderConfig, MethodOptions
+from kernels.trainer.loading import configure_allocator, load_model
+from kernels.trainer.offload import checkpointed_layer_ids, streamed_layer_ids
+from kernels.trainer.opset import FUSED_OPS
 
 ATOL = 1e-5
 PRESETS = ("tiny-llama", "tiny-mistral", "tiny-qwen2")
@@ -202,8 +206,6 @@ def test_checkpointing_and_offload_give_same_gradients(checkpoints, variant, kin
 
 
 def test_selective_recomputation_choice():
-    from kernels.trainer.model import checkpointed_layer_ids
-
     def ids(**kw):  # noqa: ANN003, ANN202
         return checkpointed_layer_ids(32, MethodOptions(kind="lora", **kw))
 
@@ -220,8 +222,6 @@ def test_selective_recomputation_choice():
 
 
 def test_streamed_layers_are_spread():
-    from kernels.trainer.model import streamed_layer_ids
-
     assert streamed_layer_ids(32, 0) == []
     assert streamed_layer_ids(32, -1) == list(range(32))
     assert streamed_layer_ids(32, 16) == list(range(0, 32, 2))
@@ -233,7 +233,6 @@ def test_reference_ops_switch_the_blocks_ops(checkpoints, monkeypatch):  # noqa:
     """``reference_ops`` puts the named ops' PyTorch references into every block; the rest stay fused."""
     from kernels.ops.rms_norm import rms_norm_reference
     from kernels.ops.swiglu import swiglu
-    from kernels.trainer.model import FUSED_OPS
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # so that "fused" really runs the Triton kernels here
     ckpt = checkpoints["tiny-llama"]
@@ -311,20 +310,19 @@ def test_packed_varlen_path_matches_block_mask(checkpoints, monkeypatch, gqa_arg
     """Packed rows through the varlen branch (cu_seqlens from position_ids, reshapes, GQA by argument or by
     repeating KV heads) == the block-diagonal mask path: same loss and LoRA gradients (fp32). Flash varlen
     itself needs a GPU; a per-sample SDPA stands in for it here."""
-    from kernels.trainer import model as M
 
     ids = torch.randint(3, 200, (2, 23), generator=torch.Generator().manual_seed(4))
     pos = torch.tensor([list(range(9)) + list(range(11)) + [0, 0, 0],  # two samples, then 3 pads
                         list(range(5)) + list(range(18))])
-    assert M.packed_cu_seqlens(pos).tolist() == [0, 9, 20, 21, 22, 23, 28, 46]
+    assert A.packed_cu_seqlens(pos).tolist() == [0, 9, 20, 21, 22, 23, 28, 46]
     out = {}
     for path in ("mask", "varlen"):
         if path == "varlen":
             def fn(q, k, v, cu_q, cu_k, max_q, max_k, window_size=(-1, -1), **kw):  # noqa: ANN001, ANN003, ANN202
                 assert ("enable_gqa" in kw) == gqa_arg and (gqa_arg or k.shape[1] == q.shape[1])
                 return _varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, window_size, kw.get("enable_gqa", False))
-            monkeypatch.setattr(M, "VARLEN", (fn, {"window_size": (-1, 0)}, gqa_arg))
-            monkeypatch.setattr(M, "_varlen_ok", lambda h: True)
+            monkeypatch.setattr(A, "VARLEN", (fn, {"window_size": (-1, 0)}, gqa_arg))
+            monkeypatch.setattr(A, "_varlen_ok", lambda h: True)
         model = load_model(checkpoints["tiny-llama"], MethodOptions(kind="lora", lora_r=4), dtype=torch.float32,
                            device="cpu", seed=0)
         for _, mod in model.linears():
@@ -342,7 +340,6 @@ def test_varlen_signature_detection(monkeypatch):  # noqa: ANN001
     """The causal argument is read from the installed varlen_attn's signature (it moved between releases)."""
     import torch.nn.attention.varlen as tv
 
-    from kernels.trainer import model as M
 
     def new(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, window_size=(-1, -1), enable_gqa=False):  # noqa: ANN001, ANN202, ARG001
         return None
@@ -355,17 +352,15 @@ def test_varlen_signature_detection(monkeypatch):  # noqa: ANN001
 
     for fn, want in ((new, ({"window_size": (-1, 0)}, True)), (old, ({"is_causal": True}, False)), (unknown, None)):
         monkeypatch.setattr(tv, "varlen_attn", fn)
-        got = M._find_varlen()
+        got = A._find_varlen()
         assert (got[1:] if got else None) == want, fn.__name__
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_packed_varlen_flash_matches_block_mask_on_gpu(checkpoints):  # noqa: ANN001
     """The real flash varlen kernel (bf16) against SDPA with the block mask: same loss to bf16 precision."""
-    from kernels.trainer import model as M
 
-    if M.VARLEN is None:
+    if A.VARLEN is None:
         pytest.skip("this torch has no torch.nn.attention.varlen")
     ids = torch.randint(3, 200, (2, 64), generator=torch.Generator().manual_seed(4)).cuda()
     pos = torch.tensor([list(range(30)) + list(range(34)), list(range(64))]).cuda()
@@ -379,16 +374,15 @@ def test_packed_varlen_flash_matches_block_mask_on_gpu(checkpoints):  # noqa: AN
 
 def test_allocator_configuration(monkeypatch):  # noqa: ANN001
     """Expandable segments by default; a user's allocator setting and cuda_graph runs are left alone."""
-    from kernels.trainer import model as M
 
     calls = []
     monkeypatch.setattr(torch.cuda.memory, "_set_allocator_settings", calls.append)
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
     monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
-    assert M.configure_allocator(MethodOptions()) == "expandable_segments:True"
+    assert configure_allocator(MethodOptions()) == "expandable_segments:True"
     assert calls == ["expandable_segments:True"]
-    assert M.configure_allocator(MethodOptions(cuda_graph=True)) == "default"
-    assert M.configure_allocator(MethodOptions(expandable_segments=False)) == "default"
+    assert configure_allocator(MethodOptions(cuda_graph=True)) == "default"
+    assert configure_allocator(MethodOptions(expandable_segments=False)) == "default"
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:64")
-    assert M.configure_allocator(MethodOptions()) == "user: max_split_size_mb:64"
+    assert configure_allocator(MethodOptions()) == "user: max_split_size_mb:64"
     assert len(calls) == 1

@@ -11,9 +11,10 @@ import json
 import pytest
 import torch
 
-from kernels.trainer.model import MethodOptions, load_model
+from kernels.trainer.config import MethodOptions, TrainSettings
+from kernels.trainer.loading import load_model
 from kernels.trainer.save import load_peft_state_dict, peft_state_dict, save_trained
-from kernels.trainer.train import TrainSettings, train
+from kernels.trainer.train import train
 
 ATOL = 1e-5
 

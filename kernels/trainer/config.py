@@ -1,0 +1,195 @@
+"""The trainer's settings: the architecture read from a checkpoint, the method, the loop, and the three together.
+
+- :class:`DecoderConfig`: architecture values of a transformers ``config.json`` (llama, mistral, qwen2).
+- :class:`MethodOptions`: what to train (full / LoRA / DoRA / QLoRA, LoRA settings) and the trainer's knobs
+  (recomputation, host offload, CUDA graph, attention path, allocator).
+- :class:`TrainSettings`: the loop (micro-batch, grad accumulation, steps, optimizer, learning rate, schedule).
+- :class:`TrainerConfig`: method + loop + precision + device, with the JSON record of a run's settings.
+
+Plain dataclasses with the trainer's own defaults: whoever drives the trainer (the tunebench adapter, a script)
+translates its own configuration into these.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+LINEAR_MODULES = ATTN_MODULES + MLP_MODULES
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """Architecture values read from a transformers ``config.json`` (llama, mistral, qwen2)."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DecoderConfig:
+        mt = d["model_type"]
+        if mt not in ("llama", "mistral", "qwen2"):
+            raise NotImplementedError(f"model_type {mt!r}: tunebench trains llama, mistral and qwen2")
+        # transformers 5 writes rope_parameters {rope_type, rope_theta, ...}; older files rope_theta + rope_scaling
+        rp = dict(d.get("rope_parameters") or {})
+        theta = float(rp.pop("rope_theta", d.get("rope_theta", 10000.0)))
+        scaling = rp if rp and rp.get("rope_type", "default") != "default" else d.get("rope_scaling")
+        heads = int(d["num_attention_heads"])
+        attn_bias = bool(d.get("attention_bias", False))
+        return cls(
+            model_type=mt,
+            vocab_size=int(d["vocab_size"]),
+            hidden_size=int(d["hidden_size"]),
+            intermediate_size=int(d["intermediate_size"]),
+            num_layers=int(d["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(d.get("num_key_value_heads") or heads),
+            head_dim=int(d.get("head_dim") or d["hidden_size"] // heads),
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            qkv_bias=True if mt == "qwen2" else attn_bias,  # qwen2 always has q/k/v bias, no o bias
+            o_bias=attn_bias if mt == "llama" else False,
+            mlp_bias=bool(d.get("mlp_bias", False)),
+            raw=dict(d),
+        )
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str | Path) -> DecoderConfig:
+        return cls.from_dict(json.loads((Path(checkpoint) / "config.json").read_text()))
+
+
+@dataclass
+class MethodOptions:
+    """What to train and how (the scenario's method plus trainer knobs).
+
+    Attributes:
+        kind: ``full`` | ``lora`` | ``dora`` | ``qlora``.
+        lora_r / lora_alpha / lora_dropout / target_modules: PEFT's meaning (scale = alpha / r).
+        double_quant: QLoRA: quantise the NF4 absmaxes too.
+        lora_dtype: dtype of LoRA A/B (and DoRA magnitude). float32, like PEFT's default
+            (``autocast_adapter_dtype=True``); the matmuls run in the activation dtype, as under the HF
+            Trainer's bf16 autocast.
+        gradient_checkpointing: recompute decoder layers in backward.
+        recompute_layers: with gradient checkpointing, how many decoder layers recompute (spread evenly;
+            -1 = all). The others keep their activations (~570 MB per layer at the 8B shapes, micro-batch 2 x
+            2048), trading memory for the recompute forward (1/4 of the layer's GEMM time). Layers whose
+            weights stream from the host always recompute.
+        offload_checkpoints: keep checkpointed layer inputs in pinned host memory.
+        offload_weights: decoder layers (count, spread evenly; -1 = all) whose frozen base weights stream
+            from pinned host memory. Needs gradient checkpointing and a dense frozen base (LoRA/DoRA).
+        offload_embeddings: input embedding table on the host (frozen, untied only).
+        offload_lm_head: frozen LM head on the host, copied to the GPU for the loss (untied only).
+        fused_ce_chunk: tokens per chunk of the fused LM-head + loss (None: the op's default, 1024).
+        reference_ops: ops (``rms_norm``, ``rope``, ``swiglu``, ``fused_linear_cross_entropy``) to run as their
+            PyTorch references instead (:class:`kernels.trainer.opset.OpSet`), for isolating a numerical
+            difference on the GPU.
+        group_projections: run q/k/v and gate/up, where all of a group carry LoRA of one rank and scale without
+            dropout, as one :func:`~kernels.ops.lora_linear.lora_linear_group` call each (one A GEMM, one
+            autograd node, dx accumulated in one buffer) instead of one ``lora_linear`` per projection.
+        cuda_graph: capture the whole optimizer step as one CUDA graph and replay it
+            (:class:`kernels.trainer.train.StepGraph`): no per-kernel host launches. CUDA only; not with host
+            offload (its copies and events are host-driven), LoRA dropout (RNG state replayed from the host) or
+            packed rows.
+        varlen_attention: packed rows on CUDA in bf16/fp16 through variable-length flash attention where this
+            torch has it (else, or False: SDPA with a block-diagonal causal mask).
+        expandable_segments: the CUDA caching allocator in expandable-segments mode
+            (:func:`kernels.trainer.loading.configure_allocator`).
+    """
+
+    kind: str = "lora"
+    lora_r: int = 16
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    target_modules: tuple[str, ...] = LINEAR_MODULES
+    double_quant: bool = True
+    lora_dtype: torch.dtype = torch.float32
+    gradient_checkpointing: bool = True
+    recompute_layers: int = -1
+    offload_checkpoints: bool = False
+    offload_weights: int = 0
+    offload_embeddings: bool = False
+    offload_lm_head: bool = False
+    fused_ce_chunk: int | None = None
+    reference_ops: tuple[str, ...] = ()
+    group_projections: bool = True
+    cuda_graph: bool = False
+    varlen_attention: bool = True
+    expandable_segments: bool = True
+    allocator: str = ""  # what load_model did to the CUDA allocator (configure_allocator); recorded with the run
+
+    @property
+    def is_peft(self) -> bool:
+        return self.kind in ("lora", "dora", "qlora")
+
+
+@dataclass
+class TrainSettings:
+    """The training loop's settings.
+
+    Attributes:
+        micro_batch: rows per forward.
+        grad_accum: micro-batches per optimizer step.
+        steps: optimizer steps.
+        lr: peak learning rate.
+        lr_scheduler: ``constant`` | ``linear`` | ``cosine`` (no LR warmup), as transformers' schedulers.
+        optimizer: ``adamw_torch`` | ``adamw_torch_fused`` | ``sgd``. AdamW runs fused on CUDA either way
+            (same algorithm, so both names mean one optimizer here).
+        weight_decay: decoupled weight decay (AdamW) or L2 (SGD).
+        max_grad_norm: gradient clipping norm (None or 0: no clipping).
+        pad_id: padding token id for collation.
+    """
+
+    micro_batch: int
+    grad_accum: int
+    steps: int
+    lr: float = 2e-4
+    lr_scheduler: str = "constant"
+    optimizer: str = "adamw_torch"
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    pad_id: int = 0
+
+
+@dataclass
+class TrainerConfig:
+    """One training run's settings: method and knobs, loop, precision and device.
+
+    Attributes:
+        method: what to train and the trainer's knobs.
+        train: the loop.
+        dtype: storage dtype of the frozen base (QLoRA: the compute dtype of the 4-bit weights).
+        device: where the model computes.
+    """
+
+    method: MethodOptions
+    train: TrainSettings
+    dtype: torch.dtype = torch.bfloat16
+    device: torch.device = field(default_factory=lambda: torch.device("cuda"))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as JSON-able values (dtypes as strings), for the run's record."""
+        method = {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in vars(self.method).items()}
+        return {"method": method, "train": dict(vars(self.train)), "device": str(self.device),
+                "dtype": str(self.dtype)}
