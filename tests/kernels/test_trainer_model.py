@@ -106,6 +106,23 @@ def test_qlora_matches_dequantised_base(checkpoints):  # noqa: ANN001
     assert all(mod.weight is None for _, mod in ours.linears())  # no dense copy kept
 
 
+def _bnb_cpu_dequant_broken(bnbf, shape: tuple[int, ...]) -> str | None:
+    """Why bitsandbytes' own CPU round trip is wrong at ``shape`` on this machine, or None.
+
+    bitsandbytes 0.50.2's CPU ``dequantize_4bit`` decodes some shapes wrongly on AVX-512 machines (64x176: errors
+    of 2.0 on randn data, where NF4's bound is half the widest code gap, 0.152, times the block's absmax). Then
+    neither its dequantised weights nor transformers' bnb model are a reference to compare with.
+    """
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    q, state = bnbf.quantize_4bit(w, quant_type="nf4", blocksize=64)
+    err = (bnbf.dequantize_4bit(q, state).float() - w).abs().reshape(-1, 64).amax(1)
+    bound = w.reshape(-1, 64).abs().amax(1) * 0.152 + 1e-6
+    if bool((err > bound).any()):
+        return (f"bitsandbytes' CPU dequantize_4bit is wrong on this machine at shape {tuple(shape)}: round-trip "
+                f"error {err.max().item():.3f} over NF4's bound {bound.max().item():.3f}")
+    return None
+
+
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_loads_a_bitsandbytes_4bit_checkpoint(checkpoints, tmp_path, double_quant):  # noqa: ANN001
     """A checkpoint transformers saved with bitsandbytes 4-bit weights (bnb's CPU build) trains as QLoRA as is.
@@ -124,6 +141,10 @@ def test_loads_a_bitsandbytes_4bit_checkpoint(checkpoints, tmp_path, double_quan
     hf4 = AutoModelForCausalLM.from_pretrained(dense, quantization_config=cfg, device_map="cpu", dtype=torch.float32)
     hf4.save_pretrained(tmp_path / "bnb4", max_shard_size="20KB")  # small shards: quant states may land apart
     assert len(list((tmp_path / "bnb4").glob("*.safetensors"))) > 1
+    broken = [why for _, m in hf4.named_modules() if hasattr(m, "weight") and hasattr(m.weight, "quant_state")
+              if (why := _bnb_cpu_dequant_broken(bnbf, (m.out_features, m.in_features)))]
+    if broken:
+        pytest.skip(broken[0])
     opts = MethodOptions(kind="qlora", lora_r=4, double_quant=double_quant)
     ours = load_model(tmp_path / "bnb4", opts, dtype=torch.float32, device="cpu").eval()
     ref = load_model(dense, opts, dtype=torch.float32, device="cpu").eval()
