@@ -37,8 +37,10 @@ from typing import Any
 
 import yaml
 
+from harness.common.names import unknown
 from harness.common.paths import REPO_ROOT
 from harness.running import envs
+from harness.running.runner import worker_environment
 
 CONFIG_PATH = REPO_ROOT / "harness" / "running" / "environments.yaml"
 BUNDLE_FORMAT = 1
@@ -66,8 +68,6 @@ def load_config(path: Path = CONFIG_PATH) -> dict[str, dict[str, Any]]:
 def _env_spec(name: str) -> dict[str, Any]:
     cfg = load_config()
     if name not in cfg:
-        from harness.common.names import unknown
-
         raise SystemExit(unknown("environment", name, cfg))
     return cfg[name]
 
@@ -334,8 +334,6 @@ def check_env(name: str, timeout_s: float = 300) -> dict[str, Any]:
         where ``mismatched`` lists pinned packages whose loaded version differs from the pin (e.g. the base
         interpreter's copy shadows a missing overlay package).
     """
-    from harness.running.runner import worker_environment
-
     spec = _env_spec(name)
     env = envs.resolve(name)
     out: dict[str, Any] = {"ready": env.ready, "reason": env.reason, "imports": {}, "versions": {}, "mismatched": []}

@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from harness.common.names import unknown
 from harness.common.paths import REPO_ROOT
 
 PRESET_DIR = REPO_ROOT / "scenarios" / "presets"
@@ -76,8 +77,6 @@ def presets() -> dict[str, Preset]:
 
 
 def get_preset(name: str) -> Preset:
-    from harness.common.names import unknown
-
     ps = presets()
     if name not in ps:
         raise KeyError(unknown("preset", name, ps))

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import sys
 
+from harness.measuring.flops import peak_tflops_for
+
 
 def measure(size: int = 8192) -> dict:
     import torch
@@ -21,8 +23,6 @@ def measure(size: int = 8192) -> dict:
     b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
     ms = triton.testing.do_bench(lambda: a @ b, warmup=200, rep=1000, return_mode="median")
     tflops = 2 * size**3 / (ms / 1e3) / 1e12
-    from harness.measuring.flops import peak_tflops_for
-
     name = torch.cuda.get_device_name(0)
     table, src = peak_tflops_for(name)
     return {"gpu_name": name, "size": size, "median_ms": ms, "measured_tflops": tflops, "table_tflops": table,

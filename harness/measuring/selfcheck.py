@@ -16,14 +16,16 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
+
+from harness.inputs import data, models
+from harness.spec.scenario import load_scenario
 
 
 def run(scenario_path: str, steps: int | None = None, variants: tuple[str, ...] = ("plain",)) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from harness.inputs import data, models
-    from harness.spec.scenario import load_scenario
 
     sc = load_scenario(scenario_path)
     ckpt = str(models.resolve_checkpoint(sc.model, device=sc.hardware.device))
@@ -121,8 +123,6 @@ def main(argv: list[str] | None = None) -> int:
     res = run(a.scenario, a.steps, tuple(a.variants.split(",")))
     print(json.dumps(res, indent=1))
     if a.out:
-        from pathlib import Path
-
         Path(a.out).write_text(json.dumps(res, indent=1))
     return 0
 

@@ -12,10 +12,11 @@ import json
 import sys
 from pathlib import Path
 
+from harness.inputs import data, models
+from harness.spec.scenario import scenario_from_dict
+
 
 def prepare(sc, data_dir: Path) -> dict:
-    from harness.inputs import data, models
-
     ckpt = models.resolve_checkpoint(sc.model, device=sc.hardware.device)
     data_dir.mkdir(parents=True, exist_ok=True)
     ds_path = data_dir / "dataset.jsonl"
@@ -29,8 +30,6 @@ def prepare(sc, data_dir: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from harness.spec.scenario import scenario_from_dict
-
     argv = sys.argv[1:] if argv is None else argv
     spec = json.loads(Path(argv[0]).read_text())
     sc = scenario_from_dict(spec["scenario"], spec.get("scenario_source") or "<resolved>")

@@ -23,9 +23,11 @@ from pathlib import Path
 
 import yaml
 
+from adapters_for_tools import registry
 from harness.common.dicts import changes
 from harness.common.paths import REPO_ROOT
 from harness.inputs.models import cache_root
+from harness.measuring import environment
 from harness.running import envs
 from harness.running.display import Display
 from harness.running.locks import Busy, machine_lock, sweep_lock
@@ -93,8 +95,6 @@ def create_sweep(sc, results_root: Path, keys: list[str] | None = None) -> Path:
     (d / "runs").mkdir()
     (d / "logs").mkdir()
     results.atomic_write_text(d / "scenario.yaml", _scenario_yaml(sc))
-    from harness.measuring import environment
-
     results.atomic_write_text(d / "environment.json", json.dumps(environment.capture(with_torch=False), indent=1))
     plan = {"scenario": sc.name, "scenario_hash": sc.content_hash(), "created": _now_id(),
             "scenario_source": sc.source_path,
@@ -208,8 +208,6 @@ def run_header(sc, sweep_dir: Path, prepared: dict, fw, repeat: int) -> dict:
 
 def execute_run(sc, sweep_dir: Path, run_root: Path, prepared: dict, fw, repeat: int, display: Display | None) -> dict:
     """Run one (framework, repeat) in a fresh process and return its finished result dict."""
-    from adapters_for_tools import registry
-
     key = results.run_key(fw.key, repeat)
     info = registry.info(fw.name)
     base = run_header(sc, sweep_dir, prepared, fw, repeat)
