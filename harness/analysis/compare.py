@@ -1,4 +1,4 @@
-"""Regression gate: ``python -m harness compare BASELINE CANDIDATE``.
+"""Regression gate between two stored sweeps (the command is ``python -m harness compare``, harness.cli.compare).
 
 Compares two stored sweeps (``results/<run-id>`` directories), pairing rows by (scenario, framework), on:
 
@@ -12,14 +12,14 @@ peak memory            lower       ``--memory-rise`` (relative, default 5%); NVM
 final_loss             lower       information only, unless ``--loss-rise`` (relative) is given
 =====================  ==========  =======================================================================
 
-Rules (DESIGN.md, "Regressions"):
+Rules:
 
-- Each side's value is the median over its ok repeats; with 5 or more repeats the fastest and slowest
-  (lowest and highest value) are dropped first, as MLPerf does.
+- Each side's value is the figure the report shows (harness.analysis.aggregate, one rule for both): the median
+  over its ok repeats, with the fastest and slowest (lowest and highest value) dropped first when there are 5
+  or more, as MLPerf does.
 - Noise band: the relative spread seen on either side — (max - min) / median over the (trimmed) repeats, or,
   with a single repeat, the relative per-step p10–p90 spread of tokens/s or step time over sqrt(steps) —
-  times ``noise_k``
-  (default 2). Memory and loss have no per-step spread, so with one repeat their band is 0.
+  times ``noise_k`` (default 2). Memory and loss have no per-step spread, so with one repeat their band is 0.
 - A metric regresses when it got worse by more than ``max(threshold, noise band)``; it "improved" when it got
   better by more than that; otherwise "ok".
 - A framework ok in the baseline but failed or absent in the candidate is REGRESSED (metric ``status``), with
@@ -40,29 +40,21 @@ printed above the table and in the verdict line, and the ``comparable`` flag of 
 code is still 1 on a regression and 0 otherwise, so that a nightly job keeps gating; ``--require-same-settings``
 turns a mismatch into exit code 2.
 
-Exit codes: 0 no regression, 1 something regressed, 2 bad input (not a results directory, no run stored, or no
-scenario in common).
-
-Examples::
-
-    python -m harness compare results/nightly-20261122-020000 results/nightly-20261123-020000
-    python -m harness compare OLD NEW --tokens-drop 0.03 --memory-rise 0.02 --json compare.json
+Bad input (not a results directory, no run stored, or no scenario in common) raises :class:`NotAResultsDir`; the
+command turns it into exit code 2.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import statistics
-import sys
 from pathlib import Path
 from typing import Any
 
-from harness.reporting.report import STATUS_OK, NotAResultsDir, Sweep, is_empty, load_sweep
+from harness.analysis.aggregate import is_empty, number, over_repeats
 from harness.spec.scenario import row_settings
+from harness.storing.schema import STATUS_OK, RunResult
+from harness.storing.sweep import NotAResultsDir, Sweep, load_sweep
 
-MLPERF_MIN_REPEATS = 5  # with at least this many repeats, drop the fastest and slowest before the median
 VERDICT_OK, VERDICT_IMPROVED, VERDICT_REGRESSED = "ok", "improved", "REGRESSED"
 VERDICT_MISSING, VERDICT_NEW, VERDICT_NA, VERDICT_INFO = "missing", "new", "n/a", "info"
 NOT_COMPARABLE = "settings differ: not comparable"
@@ -70,42 +62,7 @@ COLUMNS = ["scenario", "framework", "metric", "better", "baseline", "candidate",
            "n_baseline", "n_candidate", "verdict", "note", "comparable", "changes"]
 
 
-def trimmed(values: list[float]) -> list[float]:
-    """Values sorted, with the lowest and highest dropped when there are at least 5 (MLPerf)."""
-    v = sorted(values)
-    return v[1:-1] if len(v) >= MLPERF_MIN_REPEATS else v
-
-
-def robust_median(values: list[float]) -> float | None:
-    """Median after MLPerf trimming; None when there is no value."""
-    v = trimmed(values)
-    return statistics.median(v) if v else None
-
-
-def relative_spread(values: list[float]) -> float:
-    """(max - min) / median of the trimmed values; 0 for fewer than two values."""
-    v = trimmed(values)
-    if len(v) < 2:
-        return 0.0
-    med = statistics.median(v)
-    return (v[-1] - v[0]) / abs(med) if med else 0.0
-
-
-def _num(v: Any) -> float | None:
-    if is_empty(v):
-        return None
-    try:
-        x = float(v)
-    except (TypeError, ValueError):
-        return None
-    return None if math.isnan(x) else x
-
-
-def _values(runs: list[dict[str, Any]], key: str) -> list[float]:
-    return [x for r in runs if (x := _num((r.get("metrics") or {}).get(key))) is not None]
-
-
-def _step_spread(runs: list[dict[str, Any]], lo_key: str, hi_key: str, mid_key: str) -> float:
+def _step_spread(runs: list[RunResult], lo_key: str, hi_key: str, mid_key: str) -> float:
     """Relative uncertainty of a single repeat's mean, from its per-step p10–p90 spread (0 when not recorded).
 
     The metric is a mean over the measured steps, so its uncertainty is the per-step spread divided by
@@ -114,18 +71,18 @@ def _step_spread(runs: list[dict[str, Any]], lo_key: str, hi_key: str, mid_key: 
     """
     if len(runs) != 1:
         return 0.0
-    m = runs[0].get("metrics") or {}
-    lo, hi, mid = _num(m.get(lo_key)), _num(m.get(hi_key)), _num(m.get(mid_key))
-    n = _num(m.get("steps_measured")) or 1
+    m = runs[0].metrics
+    lo, hi, mid = number(getattr(m, lo_key)), number(getattr(m, hi_key)), number(getattr(m, mid_key))
+    n = number(m.steps_measured) or 1
     if lo is None or hi is None or not mid:
         return 0.0
     return abs(hi - lo) / abs(mid) / max(1.0, n) ** 0.5
 
 
-def _side_spread(runs: list[dict[str, Any]], key: str) -> float:
+def _side_spread(runs: list[RunResult], key: str) -> float:
     """Noise seen on one side: spread over repeats, or per-step spread with one repeat."""
     if len(runs) >= 2:
-        return relative_spread(_values(runs, key))
+        return over_repeats(runs, key).relative_spread
     if key == "tokens_per_s":
         return _step_spread(runs, "tokens_per_s_p10_step", "tokens_per_s_p90_step", "tokens_per_s")
     if key == "step_s_median":
@@ -133,17 +90,17 @@ def _side_spread(runs: list[dict[str, Any]], key: str) -> float:
     return 0.0
 
 
-def _memory_key(base: list[dict[str, Any]], cand: list[dict[str, Any]]) -> str | None:
+def _memory_key(base: list[RunResult], cand: list[RunResult]) -> str | None:
     """NVML per-process when both sides measured it, else torch reserved; None when no GPU memory on both."""
     for key in ("peak_vram_nvml_gib", "peak_reserved_gib"):
-        if _values(base, key) and _values(cand, key):
+        if over_repeats(base, key).n and over_repeats(cand, key).n:
             return key
     return None
 
 
-def _metric_row(key: str, label: str, better: str, base: list[dict], cand: list[dict], threshold: float | None,
-                noise_k: float) -> dict[str, Any]:
-    b, c = robust_median(_values(base, key)), robust_median(_values(cand, key))
+def _metric_row(key: str, label: str, better: str, base: list[RunResult], cand: list[RunResult],
+                threshold: float | None, noise_k: float) -> dict[str, Any]:
+    b, c = over_repeats(base, key).median, over_repeats(cand, key).median
     row: dict[str, Any] = {"metric": label, "better": better, "baseline": b, "candidate": c, "change": None,
                            "threshold": threshold, "noise": None, "n_baseline": len(base), "n_candidate": len(cand),
                            "note": ""}
@@ -172,11 +129,11 @@ def _metric_row(key: str, label: str, better: str, base: list[dict], cand: list[
     return row
 
 
-def _status_text(runs: list[dict[str, Any]]) -> str:
+def _status_text(runs: list[RunResult]) -> str:
     if not runs:
         return "no stored run"
-    return "; ".join(f"r{r.get('repeat')} {r.get('status')}: {' '.join(str(r.get('reason') or '').split())[:200]}"
-                     for r in runs if r.get("status") != STATUS_OK) or "ok"
+    return "; ".join(f"r{r.repeat} {r.status}: {' '.join(str(r.reason or '').split())[:200]}"
+                     for r in runs if r.status != STATUS_OK) or "ok"
 
 
 def _check_dir(path: Path) -> Sweep:
@@ -212,7 +169,8 @@ def settings_changes(base: dict, cand: dict, framework: str) -> list[str] | None
             if fb.get(k, _UNSET) != fc.get(k, _UNSET)]
 
 
-def _same_settings(b_sw: Sweep, c_sw: Sweep, fw: str, b_all: list[dict], c_all: list[dict]) -> tuple[bool, list]:
+def _same_settings(b_sw: Sweep, c_sw: Sweep, fw: str, b_all: list[RunResult],
+                   c_all: list[RunResult]) -> tuple[bool, list]:
     """Whether one framework's baseline and candidate runs measured the same settings, and what changed.
 
     From the two sweeps' stored scenarios where both have the framework's row (the changed keys come with it);
@@ -221,9 +179,9 @@ def _same_settings(b_sw: Sweep, c_sw: Sweep, fw: str, b_all: list[dict], c_all: 
     changes = settings_changes(b_sw.scenario, c_sw.scenario, fw) if b_sw.scenario and c_sw.scenario else None
     if changes is not None:
         return not changes, changes
-    key = "settings_hash" if all(r.get("settings_hash") for r in b_all + c_all) else "scenario_hash"
-    hashes_b = {r.get(key) for r in b_all if r.get(key)}
-    hashes_c = {r.get(key) for r in c_all if r.get(key)}
+    key = "settings_hash" if all(r.settings_hash for r in b_all + c_all) else "scenario_hash"
+    hashes_b = {getattr(r, key) for r in b_all if getattr(r, key)}
+    hashes_c = {getattr(r, key) for r in c_all if getattr(r, key)}
     return not (hashes_b and hashes_c and hashes_b != hashes_c), []
 
 
@@ -245,24 +203,24 @@ def compare(baseline_dir: Path, candidate_dir: Path, tps_drop: float = 0.05, mem
     Raises:
         NotAResultsDir: a directory is not a results directory, holds no run, or the two share no scenario.
     """
-    import pandas as pd
+    import pandas as pd  # heavy optional dependency: only the result table needs it
 
     base_sw, cand_sw = _check_dir(baseline_dir), _check_dir(candidate_dir)
-    scen_b = {r.get("scenario") for r in base_sw.runs}
-    scen_c = {r.get("scenario") for r in cand_sw.runs}
+    scen_b = {r.scenario for r in base_sw.runs}
+    scen_c = {r.scenario for r in cand_sw.runs}
     if not scen_b & scen_c:
         raise NotAResultsDir(f"no scenario in common: baseline has {sorted(map(str, scen_b))}, "
                              f"candidate has {sorted(map(str, scen_c))}")
     rows: list[dict[str, Any]] = []
-    keys = list(dict.fromkeys([(r.get("scenario"), r.get("framework")) for r in base_sw.runs]
-                              + [(r.get("scenario"), r.get("framework")) for r in cand_sw.runs]))
+    keys = list(dict.fromkeys([(r.scenario, r.framework) for r in base_sw.runs]
+                              + [(r.scenario, r.framework) for r in cand_sw.runs]))
     for scen, fw in keys:
         if scen not in scen_b or scen not in scen_c:
             continue  # a scenario only one side ran is not a pair
-        b_all = [r for r in base_sw.runs if r.get("scenario") == scen and r.get("framework") == fw]
-        c_all = [r for r in cand_sw.runs if r.get("scenario") == scen and r.get("framework") == fw]
-        b_ok = [r for r in b_all if r.get("status") == STATUS_OK]
-        c_ok = [r for r in c_all if r.get("status") == STATUS_OK]
+        b_all = [r for r in base_sw.runs if r.scenario == scen and r.framework == fw]
+        c_all = [r for r in cand_sw.runs if r.scenario == scen and r.framework == fw]
+        b_ok = [r for r in b_all if r.ok]
+        c_ok = [r for r in c_all if r.ok]
         comparable, changes = _same_settings(base_sw, cand_sw, fw, b_all, c_all)
         ident = {"scenario": scen, "framework": fw, "comparable": comparable, "changes": "; ".join(changes)}
         status_row = {"metric": "status", "better": "", "baseline": None, "candidate": None, "change": None,
@@ -280,8 +238,8 @@ def compare(baseline_dir: Path, candidate_dir: Path, tps_drop: float = 0.05, mem
             continue
         if not b_ok:
             continue
-        b_valid = all(r.get("valid", True) for r in b_ok)
-        c_invalid = [x for r in c_ok if not r.get("valid", True) for x in (r.get("invalid_reasons") or ["invalid"])]
+        b_valid = all(r.valid for r in b_ok)
+        c_invalid = [x for r in c_ok if not r.valid for x in (r.invalid_reasons or ["invalid"])]
         if b_valid and c_invalid:
             rows.append(ident | status_row | {"metric": "valid", "verdict": VERDICT_REGRESSED,
                                               "note": "candidate ran with settings that differ from the scenario: "
@@ -351,53 +309,3 @@ def render(df, regressed: bool, baseline_dir: Path, candidate_dir: Path) -> str:
     if not_comp:
         verdict += f" — WARNING: {NOT_COMPARABLE}"
     return "\n".join(out + ["", verdict]) + "\n"
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m harness compare BASELINE CANDIDATE``; exit 0 ok, 1 regression, 2 bad input."""
-    ap = argparse.ArgumentParser(
-        prog="python -m harness compare", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Regression gate between two stored sweeps (exit 1 on a regression, 2 on bad input).",
-        epilog="examples:\n"
-               "  python -m harness compare results/nightly-20261122-020000 results/nightly-20261123-020000\n"
-               "  python -m harness compare OLD NEW --tokens-drop 0.03 --memory-rise 0.02 --json compare.json")
-    ap.add_argument("baseline", type=Path, help="results directory of the reference sweep")
-    ap.add_argument("candidate", type=Path, help="results directory of the sweep under test")
-    ap.add_argument("--tokens-drop", type=float, default=0.05, help="relative tokens/s drop tolerated (0.05 = 5%%)")
-    ap.add_argument("--memory-rise", type=float, default=0.05, help="relative peak-memory rise tolerated")
-    ap.add_argument("--loss-rise", type=float, default=None,
-                    help="relative final-loss rise tolerated (default: final loss is information only)")
-    ap.add_argument("--noise-k", type=float, default=2.0, help="noise band = k x spread seen in repeats (default 2)")
-    ap.add_argument("--require-same-settings", action="store_true",
-                    help="exit 2 when a scenario's settings (hash) differ between the two sweeps")
-    ap.add_argument("--json", type=Path, default=None, help="also write the rows and the verdict as JSON here")
-    args = ap.parse_args(argv)
-    for name in ("tokens_drop", "memory_rise", "loss_rise", "noise_k"):
-        v = getattr(args, name)
-        if v is not None and (v < 0 or math.isnan(v)):
-            print(f"error: --{name.replace('_', '-')} must be >= 0, got {v}", file=sys.stderr)
-            return 2
-    try:
-        df, regressed = compare(args.baseline, args.candidate, args.tokens_drop, args.memory_rise, args.loss_rise,
-                                args.noise_k)
-    except NotAResultsDir as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(render(df, regressed, args.baseline, args.candidate), end="")
-    comparable = bool(df["comparable"].all()) if not df.empty else True
-    if args.json:
-        payload = {"baseline": str(args.baseline), "candidate": str(args.candidate), "regressed": regressed,
-                   "comparable": comparable,
-                   "thresholds": {"tokens_drop": args.tokens_drop, "memory_rise": args.memory_rise,
-                                  "loss_rise": args.loss_rise, "noise_k": args.noise_k},
-                   "rows": json.loads(df.to_json(orient="records"))}
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(payload, indent=1))
-    if args.require_same_settings and not comparable:
-        print(f"error: {NOT_COMPARABLE} (--require-same-settings)", file=sys.stderr)
-        return 2
-    return 1 if regressed else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

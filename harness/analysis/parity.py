@@ -1,7 +1,7 @@
 """Loss parity: does a framework's per-step loss curve match the baseline framework's?
 
 In the closed division every framework trains the same checkpoint on the same data in the same order with
-the same seed, optimizer and learning rate, so the per-step training losses (``result["steps"][i]["loss"]``)
+the same seed, optimizer and learning rate, so the per-step training losses (``RunResult.steps[i].loss``)
 should agree up to floating-point noise. A faster framework whose curve departs from the baseline's is
 flagged, not celebrated (a skipped loss term, wrong label masking, a different effective LR or a broken
 kernel all show here first).
@@ -48,8 +48,12 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
+
+from harness.storing.schema import RunResult
+from harness.storing.sweep import DEFAULT_BASELINE, NotAResultsDir, load_sweep
 
 # (atol, rtol) by training dtype; see the module docstring for why
 DEFAULT_TOLERANCE: dict[str, tuple[float, float]] = {
@@ -62,19 +66,14 @@ COLUMNS = ["framework", "repeat", "max_abs_diff", "mean_abs_diff", "tolerance", 
 TRANSIENT_MIN_STEPS = 20  # fewer common steps: no early and final windows to speak of, any departure departs
 
 
-def loss_curve(run: dict[str, Any]) -> dict[int, float]:
-    """``{optimizer step: loss}`` of a run result (steps without a finite logged loss left out)."""
-    out = {}
-    for s in run.get("steps") or []:
-        loss = s.get("loss")
-        if loss is not None and math.isfinite(float(loss)):
-            out[int(s["step"])] = float(loss)
-    return out
+def loss_curve(run: RunResult) -> dict[int, float]:
+    """``{optimizer step: loss}`` of a run (steps without a finite logged loss left out)."""
+    return {s.step: float(s.loss) for s in run.steps if s.loss is not None and math.isfinite(s.loss)}
 
 
-def tolerance_for(run: dict[str, Any], atol: float | None = None, rtol: float | None = None) -> tuple[float, float]:
+def tolerance_for(run: RunResult, atol: float | None = None, rtol: float | None = None) -> tuple[float, float]:
     """``(atol, rtol)``: the given values, else the default for the run's training dtype."""
-    dtype = (run.get("expected") or {}).get("dtype") or (run.get("effective") or {}).get("dtype") or "bfloat16"
+    dtype = run.expected.get("dtype") or run.effective.get("dtype") or "bfloat16"
     d_atol, d_rtol = DEFAULT_TOLERANCE.get(str(dtype), DEFAULT_TOLERANCE["bfloat16"])
     return (d_atol if atol is None else atol), (d_rtol if rtol is None else rtol)
 
@@ -101,44 +100,37 @@ def compare_curves(curve: dict[int, float], ref: dict[int, float], atol: float, 
             "first_departure_step": first, "parity_status": status, "parity_ok": status != "departs", "steps": n}
 
 
-def _index(runs: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, Any]]:
-    return {(r["framework"], int(r["repeat"])): r for r in runs}
-
-
-def _reference(idx: dict, framework: str, repeat: int, baseline: str) -> dict[str, Any] | None:
+def _reference(idx: dict[tuple[str, int], RunResult], framework: str, repeat: int,
+               baseline: str) -> RunResult | None:
     if framework != baseline and (baseline, repeat) in idx and loss_curve(idx[(baseline, repeat)]):
         return idx[(baseline, repeat)]
     return idx.get((baseline, 0))
 
 
-def _compare_all(runs: list[dict[str, Any]], baseline: str, atol: float | None, rtol: float | None):
-    idx = _index(runs)
+def _compare_all(runs: list[RunResult], baseline: str, atol: float | None, rtol: float | None):
+    idx = {(r.framework, r.repeat): r for r in runs}
     for r in runs:
-        fw, rep = r["framework"], int(r["repeat"])
-        ref = _reference(idx, fw, rep, baseline)
-        curve = loss_curve(r) if r.get("status") == "ok" else {}
-        ref_curve = loss_curve(ref) if ref is not None and ref.get("status") == "ok" else {}
+        ref = _reference(idx, r.framework, r.repeat, baseline)
+        curve = loss_curve(r) if r.ok else {}
+        ref_curve = loss_curve(ref) if ref is not None and ref.ok else {}
         a, rt = tolerance_for(ref or r, atol, rtol)
-        yield fw, rep, compare_curves(curve, ref_curve, a, rt)
+        yield r.framework, r.repeat, compare_curves(curve, ref_curve, a, rt)
 
 
-def parity_table(runs: list[dict[str, Any]], baseline: str, atol: float | None = None,
-                 rtol: float | None = None):
+def parity_table(runs: list[RunResult], baseline: str, atol: float | None = None, rtol: float | None = None):
     """Loss parity of every run against the baseline framework.
 
     Args:
-        runs: run results as stored (``results.load_runs``), each with ``framework``, ``repeat``, ``status``
-            and ``steps``.
+        runs: stored runs (``harness.storing.results.load_results``).
         baseline: framework name every curve is compared with (the scenario's ``measure.baseline``).
         atol: absolute tolerance; default by training dtype (:data:`DEFAULT_TOLERANCE`).
         rtol: tolerance relative to the baseline's mean loss; default by training dtype.
 
     Returns:
-        A pandas DataFrame with columns framework, repeat, max_abs_diff, mean_abs_diff, tolerance, parity_ok;
-        one row per run. Rows whose run (or its baseline) did not finish or logged no loss have NaN
-        differences and ``parity_ok`` None.
+        A pandas DataFrame with columns :data:`COLUMNS`, one row per run. Rows whose run (or its baseline) did
+        not finish or logged no loss have NaN differences and ``parity_ok`` None.
     """
-    import pandas as pd
+    import pandas as pd  # heavy optional dependency: only the tables need it
 
     rows = [{"framework": fw, "repeat": rep, **{k: c[k] for k in COLUMNS[2:]}}
             for fw, rep, c in _compare_all(runs, baseline, atol, rtol)]
@@ -148,9 +140,9 @@ def parity_table(runs: list[dict[str, Any]], baseline: str, atol: float | None =
     return df
 
 
-def parity_columns(runs: list[dict[str, Any]], baseline: str, atol: float | None = None,
+def parity_columns(runs: list[RunResult], baseline: str, atol: float | None = None,
                    rtol: float | None = None) -> dict[tuple[str, int], dict[str, Any]]:
-    """Per-run columns for ``runs.csv``: ``{(framework, repeat): {"parity_ok", "parity_status",
+    """Per-run columns of the runs table: ``{(framework, repeat): {"parity_ok", "parity_status",
     "parity_max_abs_diff"}}``."""
     return {(fw, rep): {"parity_ok": c["parity_ok"], "parity_status": c["parity_status"],
                         "parity_max_abs_diff": c["max_abs_diff"]}
@@ -158,39 +150,25 @@ def parity_columns(runs: list[dict[str, Any]], baseline: str, atol: float | None
 
 
 def settings(scenario: dict[str, Any]) -> tuple[str, float | None, float | None]:
-    """Baseline framework and parity tolerances (``eval.parity_atol`` / ``parity_rtol``) of a scenario dict."""
+    """Baseline framework and parity tolerances (``eval.parity_atol`` / ``parity_rtol``) of a resolved scenario."""
     ev = scenario.get("eval") or {}
-    return (scenario.get("measure") or {}).get("baseline", "hf"), ev.get("parity_atol"), ev.get("parity_rtol")
-
-
-def sweep_settings(results_dir: Path) -> tuple[str, float | None, float | None]:
-    """:func:`settings` of a stored sweep (from its resolved ``scenario.yaml``)."""
-    import yaml
-
-    p = Path(results_dir) / "scenario.yaml"
-    return settings(yaml.safe_load(p.read_text()) if p.exists() else {})
-
-
-def flag_runs(results_dir: Path):
-    """The sweep's runs table with its parity columns (``results.runs_frame`` adds them from
-    :func:`parity_columns`; this is the parity module's entry point to it)."""
-    from harness.storing import results
-
-    return results.runs_frame(Path(results_dir))
+    baseline = (scenario.get("measure") or {}).get("baseline", DEFAULT_BASELINE)
+    return baseline, ev.get("parity_atol"), ev.get("parity_rtol")
 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m harness.analysis.parity RESULTS_DIR``: print the parity table of a stored sweep."""
-    import sys
-
-    from harness.storing import results
-
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
         print("usage: python -m harness.analysis.parity RESULTS_DIR", file=sys.stderr)
         return 2
-    baseline, atol, rtol = sweep_settings(Path(argv[0]))
-    df = parity_table(results.load_runs(Path(argv[0])), baseline, atol, rtol)
+    try:
+        sweep = load_sweep(Path(argv[0]))
+    except NotAResultsDir as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    baseline, atol, rtol = settings(sweep.scenario)
+    df = parity_table(sweep.runs, baseline, atol, rtol)
     print(df.to_string(index=False))
     print(json.dumps({"baseline": baseline, "all_ok": bool(df["parity_ok"].fillna(False).all())}))
     return 0

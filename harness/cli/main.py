@@ -25,6 +25,7 @@ EXIT_BUSY = 3  # the sweep, or the machine, is being measured by another runner
 
 
 def _cmd_run(args) -> int:
+    from harness.analysis import runs_table
     from harness.reporting.report import write_report
     from harness.running.locks import Busy
     from harness.running.runner import run_sweep
@@ -53,6 +54,7 @@ def _cmd_run(args) -> int:
         out = run_sweep(sc, Path(args.results), new=args.new, quiet=args.quiet, only=args.only,
                         resume_only=args.resume, retry_failed=args.retry_failed,
                         allow_contention=args.allow_contention)
+        runs_table.write_table(out)  # the runs table again, now with the parity columns
         print(f"results: {out}")
         if not args.no_report:
             report_dir = Path(args.reports) / out.name

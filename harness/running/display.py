@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-STATUS_OK = "ok"
+from harness.storing.schema import STATUS_OK
 
 
 class Display:

@@ -1,9 +1,10 @@
 """Synthetic sweep directories for report/compare tests (clearly fake numbers; no torch, no GPU).
 
-The files follow the layout of :mod:`harness.storing.results` and the run-result keys written by
-``harness.running.runner.execute_run`` / ``harness.running.worker.run_spec``;
-the metrics are computed from the synthetic steps
-with the real :func:`harness.measuring.meter.summarise`, so the fixtures cannot drift from the stored format silently.
+The files follow the layout of :mod:`harness.storing.results`; runs are built with the keys
+``harness.running.runner.execute_run`` / ``harness.running.worker.run_spec`` write and stored through
+:func:`harness.storing.results.write_result` (checked against :class:`harness.storing.schema.RunResult`), as the
+runner stores them. The metrics are computed from the synthetic steps with the real
+:func:`harness.measuring.meter.summarise`, so the fixtures cannot drift from the stored format silently.
 
 Example::
 
@@ -24,6 +25,7 @@ if str(REPO_ROOT) not in sys.path:
 
 import yaml  # noqa: E402
 
+from harness.analysis import runs_table  # noqa: E402
 from harness.measuring.meter import summarise  # noqa: E402
 from harness.storing import results  # noqa: E402
 
@@ -120,7 +122,8 @@ def make_run(framework: str, repeat: int = 0, *, status: str = "ok", reason: str
         with_metrics: False for failures that never produced metrics (unavailable, crashed).
     """
     base = {"run_id": f"{scenario}-20260101-000000", "scenario": scenario, "scenario_hash": scenario_hash,
-            "framework": framework, "repeat": repeat, "overrides": {}, "schema_version": results.RESULT_SCHEMA_VERSION,
+            "framework": framework, "adapter": framework, "repeat": repeat, "overrides": {},
+            "schema_version": results.RESULT_SCHEMA_VERSION,
             "device": device, "dataset_sha256_16": "feedfacefeedface", "checkpoint": "/synthetic/checkpoint"}
     if status == "unavailable":
         return base | {"status": status, "reason": reason or "needs CUDA (synthetic)", "valid": False,
@@ -163,7 +166,7 @@ def make_run(framework: str, repeat: int = 0, *, status: str = "ok", reason: str
 
 def make_sweep(sweep_dir: Path, runs: list[dict[str, Any]], *, scenario: dict[str, Any] | None = None,
                environment: dict[str, Any] | None = None, device: str | None = None) -> Path:
-    """Write a results directory (scenario.yaml, sweep.json, environment.json, runs/*.json, runs.csv).
+    """Write a results directory (scenario.yaml, sweep.json, environment.json, runs/*.json, runs.csv with parity).
 
     Args:
         sweep_dir: the directory to create, e.g. ``tmp/results/<run-id>``.
@@ -192,9 +195,9 @@ def make_sweep(sweep_dir: Path, runs: list[dict[str, Any]], *, scenario: dict[st
     (sweep_dir / "sweep.json").write_text(json.dumps(plan, indent=1))
     (sweep_dir / "environment.json").write_text(json.dumps(environment or environment_dict(device), indent=1))
     for r in runs:
-        results.write_json_once(sweep_dir / "runs" / f"{results.run_key(r['framework'], r['repeat'])}.json", r)
+        results.write_result(sweep_dir / "runs" / f"{results.run_key(r['framework'], r['repeat'])}.json", r)
         (sweep_dir / "logs" / f"{results.run_key(r['framework'], r['repeat'])}.log").write_text("synthetic log\n")
-    results.write_table(sweep_dir)
+    runs_table.write_table(sweep_dir)
     return sweep_dir
 
 

@@ -1,4 +1,5 @@
-"""harness.analysis.compare on synthetic sweeps: exit codes, thresholds, noise band, failures, bad input."""
+"""harness.analysis.compare and its command on synthetic sweeps: exit codes, thresholds, noise band, failures, bad
+input, and the same figures as the report."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from fixtures_results import SCENARIO_NAME, make_run, make_sweep, scenario_dict  # noqa: E402
 
-from harness.analysis import compare  # noqa: E402
+from harness.analysis import aggregate, compare  # noqa: E402
+from harness.cli import compare as compare_cli  # noqa: E402
+from harness.reporting.report import write_report  # noqa: E402
 
 
 def sweep(root: Path, name: str, *, tb_tps: float = 1500.0, tb_vram: float | None = 10.0, jitter: float = 0.01,
@@ -41,7 +44,7 @@ def test_identical_inputs_exit_0(tmp_path, capsys):
     df, regressed = compare.compare(a, a)
     assert not regressed
     assert set(df.verdict) <= {"ok", "info"}, df
-    assert compare.main([str(a), str(a)]) == 0
+    assert compare_cli.main([str(a), str(a)]) == 0
     assert "VERDICT: ok" in capsys.readouterr().out
 
 
@@ -54,7 +57,7 @@ def test_tokens_drop_beyond_threshold_regresses(tmp_path, capsys):
     assert verdicts(df, "hf")["tokens_per_s"] == "ok"
     row = df[(df.framework == "tunebench") & (df.metric == "tokens_per_s")].iloc[0]
     assert row.change == pytest.approx(-0.15, abs=0.005)
-    assert compare.main([str(a), str(b)]) == 1
+    assert compare_cli.main([str(a), str(b)]) == 1
     out = capsys.readouterr().out
     assert "REGRESSED" in out and "VERDICT: REGRESSED" in out
 
@@ -74,7 +77,7 @@ def test_small_drop_below_threshold_is_ok(tmp_path):
     # a stricter threshold catches the same 3% drop (the repeats here are tight: noise band ~1%)
     _, regressed_strict = compare.compare(a, b, tps_drop=0.01)
     assert regressed_strict
-    assert compare.main([str(a), str(b), "--tokens-drop", "0.01"]) == 1
+    assert compare_cli.main([str(a), str(b), "--tokens-drop", "0.01"]) == 1
 
 
 def test_drop_within_noise_band_is_ok(tmp_path):
@@ -101,8 +104,8 @@ def test_memory_rise_regresses(tmp_path):
     assert regressed
     assert verdicts(df, "tunebench")["peak_vram_nvml_gib"] == "REGRESSED"
     assert verdicts(df, "tunebench")["tokens_per_s"] == "ok"
-    assert compare.main([str(a), str(b)]) == 1
-    assert compare.main([str(a), str(b), "--memory-rise", "0.2"]) == 0
+    assert compare_cli.main([str(a), str(b)]) == 1
+    assert compare_cli.main([str(a), str(b), "--memory-rise", "0.2"]) == 0
 
 
 def test_cpu_runs_have_no_memory_metric(tmp_path):
@@ -120,7 +123,7 @@ def test_framework_failing_in_candidate_regresses(tmp_path, capsys):
     assert regressed
     row = df[df.framework == "trl"].iloc[0]
     assert row.metric == "status" and row.verdict == "REGRESSED" and "oom" in row.note
-    assert compare.main([str(a), str(b)]) == 1
+    assert compare_cli.main([str(a), str(b)]) == 1
     assert "oom" in capsys.readouterr().out
 
 
@@ -163,11 +166,11 @@ def test_loss_rise_is_info_unless_gated(tmp_path):
 
 
 def test_mlperf_trimming():
-    assert compare.trimmed([5, 1, 3]) == [1, 3, 5]
-    assert compare.trimmed([5, 1, 3, 100, 2]) == [2, 3, 5]
-    assert compare.robust_median([10, 11, 12, 13, 1000]) == 12
-    assert compare.relative_spread([10, 10, 10, 10, 1000, 0]) == 0.0  # outliers dropped
-    assert compare.relative_spread([10]) == 0.0
+    assert aggregate.trimmed([5, 1, 3]) == [1, 3, 5]
+    assert aggregate.trimmed([5, 1, 3, 100, 2]) == [2, 3, 5]
+    assert aggregate.robust_median([10, 11, 12, 13, 1000]) == 12
+    assert aggregate.relative_spread([10, 10, 10, 10, 1000, 0]) == 0.0  # outliers dropped
+    assert aggregate.relative_spread([10]) == 0.0
 
 
 def test_outlier_repeat_dropped_with_five_repeats(tmp_path):
@@ -187,11 +190,11 @@ def test_settings_differ_flagged(tmp_path, capsys):
     assert not regressed
     assert not df.comparable.any()
     assert all(compare.NOT_COMPARABLE in n for n in df.note)
-    assert compare.main([str(a), str(b)]) == 0
+    assert compare_cli.main([str(a), str(b)]) == 0
     out = capsys.readouterr().out
     assert "WARNING: settings differ: not comparable" in out
     assert f"  {SCENARIO_NAME}/hf: train.lr: 0.0002 -> 0.0001" in out  # what changed, from the stored scenarios
-    assert compare.main([str(a), str(b), "--require-same-settings"]) == 2
+    assert compare_cli.main([str(a), str(b), "--require-same-settings"]) == 2
 
 
 def test_settings_compared_per_framework(tmp_path, capsys):
@@ -209,7 +212,7 @@ def test_settings_compared_per_framework(tmp_path, capsys):
     a = side("a", "scenario0000", {"recompute_layers": 4})
     df, _ = compare.compare(a, side("b", "scenario1111", {"recompute_layers": 1}))
     assert df.groupby("framework").comparable.all().to_dict() == {"hf": True, "tunebench": False}
-    assert compare.main([str(a), str(tmp_path / "b")]) == 0
+    assert compare_cli.main([str(a), str(tmp_path / "b")]) == 0
     out = capsys.readouterr().out
     assert f"the settings differ for {SCENARIO_NAME}/tunebench;" in out
     assert f"  {SCENARIO_NAME}/tunebench: framework.overrides.recompute_layers: 4 -> 1" in out
@@ -228,24 +231,57 @@ def test_settings_compared_per_framework(tmp_path, capsys):
 
 def test_bad_input_exit_2(tmp_path, capsys):
     a = sweep(tmp_path, "a")
-    assert compare.main([str(a), str(tmp_path / "nope")]) == 2
+    assert compare_cli.main([str(a), str(tmp_path / "nope")]) == 2
     assert "not a results directory" in capsys.readouterr().err
     (tmp_path / "plain").mkdir()
-    assert compare.main([str(tmp_path / "plain"), str(a)]) == 2
+    assert compare_cli.main([str(tmp_path / "plain"), str(a)]) == 2
     empty = tmp_path / "empty"
     (empty / "runs").mkdir(parents=True)
-    assert compare.main([str(a), str(empty)]) == 2
+    assert compare_cli.main([str(a), str(empty)]) == 2
     other = make_sweep(tmp_path / "other", [make_run("hf", 0, scenario="another-scenario")])
-    assert compare.main([str(a), str(other)]) == 2
+    assert compare_cli.main([str(a), str(other)]) == 2
     assert "no scenario in common" in capsys.readouterr().err
-    assert compare.main([str(a), str(a), "--tokens-drop", "-1"]) == 2
+    assert compare_cli.main([str(a), str(a), "--tokens-drop", "-1"]) == 2
 
 
 def test_json_output(tmp_path):
     a, b = sweep(tmp_path, "a"), sweep(tmp_path, "b", tb_tps=1000)
     out = tmp_path / "cmp" / "compare.json"
-    assert compare.main([str(a), str(b), "--json", str(out)]) == 1
+    assert compare_cli.main([str(a), str(b), "--json", str(out)]) == 1
     data = json.loads(out.read_text())
     assert data["regressed"] is True and data["comparable"] is True
     assert any(r["framework"] == "tunebench" and r["metric"] == "tokens_per_s" and r["verdict"] == "REGRESSED"
                for r in data["rows"])
+
+
+def _row(md: str, section: str, first_cell: str) -> dict[str, str]:
+    """A row of a report table as {header: cell}."""
+    part = md.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
+    lines = [[c.strip().strip("*") for c in ln.strip().strip("|").split("|")] for ln in part.splitlines()
+             if ln.startswith("|")]
+    return dict(zip(lines[0], next(c for c in lines if c[0] == first_cell), strict=True))
+
+
+def test_report_and_compare_give_the_same_figures(tmp_path):
+    """Five repeats with a hiccup and final losses that differ: the report prints the figures compare gates on."""
+    runs = [make_run("hf", r, tokens_per_s=1000.0 + 10 * r, loss0=2.0 + 0.01 * r) for r in range(5)]
+    runs += [make_run("tunebench", r, tokens_per_s=[300.0, 1500.0, 1510.0, 1530.0, 2500.0][r],
+                      loss0=[2.0, 2.1, 2.15, 2.6, 3.5][r], vram_gib=[8.0, 8.0, 8.5, 9.0, 12.0][r]) for r in range(5)]
+    d = make_sweep(tmp_path / "results" / "same-20260101-000000", runs)
+    md = write_report(d, tmp_path / "rep").read_text()
+    df, regressed = compare.compare(d, d)
+    assert not regressed
+    for fw in ("hf", "tunebench"):
+        figures = dict(zip(df[df.framework == fw].metric, df[df.framework == fw].baseline, strict=True))
+        row = _row(md, "Comparison", fw)
+        assert row["tokens/s (median)"] == f"{figures['tokens_per_s']:,.0f}"
+        assert row["final loss"] == f"{figures['final_loss']:.4f}"
+        assert row["peak VRAM NVML (GiB)"] == f"{figures['peak_vram_nvml_gib']:.2f}"
+    tb = dict(zip(df[df.framework == "tunebench"].metric, df[df.framework == "tunebench"].baseline, strict=True))
+    # the hiccup (300) and the burst (2500) are dropped: median of 1500, 1510, 1530; the range shown is theirs
+    assert tb["tokens_per_s"] == pytest.approx(1510.0, rel=1e-3)
+    lo, hi = (float(x.replace(",", "")) for x in _row(md, "Comparison", "tunebench")["repeats min–max"].split("–"))
+    assert 1490 < lo < hi < 1540  # neither 300 nor 2500
+    final = sorted(r["metrics"]["final_loss"] for r in runs if r["framework"] == "tunebench")
+    assert tb["final_loss"] == pytest.approx(final[2])  # the median (1.70), not the mean of five (2.02)
+    assert tb["peak_vram_nvml_gib"] == pytest.approx(8.5)

@@ -8,15 +8,17 @@ import pandas as pd
 import pytest
 import yaml
 
-from harness.analysis import parity
+from harness.analysis import parity, runs_table
+from harness.storing.schema import RunResult
+from harness.storing.sweep import load_sweep
 
 REPO = Path(__file__).resolve().parents[2]
 QUALITY_SMALL = REPO / "scenarios" / "quality_small.yaml"
 
 
-def _run(fw: str, losses: list[float], repeat: int = 0, status: str = "ok", dtype: str = "float32") -> dict:
-    return {"framework": fw, "repeat": repeat, "status": status, "expected": {"dtype": dtype},
-            "steps": [{"step": i + 1, "loss": x} for i, x in enumerate(losses)]}
+def _run(fw: str, losses: list[float | None], repeat: int = 0, status: str = "ok", dtype: str = "float32") -> RunResult:
+    return RunResult(scenario="parity", framework=fw, repeat=repeat, status=status, expected={"dtype": dtype},
+                     steps=[{"step": i + 1, "loss": x} for i, x in enumerate(losses)])
 
 
 BASE = [2.0, 1.5, 1.2, 1.0]
@@ -109,8 +111,8 @@ def test_runner_sweep_flags_the_planted_divergence(tmp_path, monkeypatch):
     d["eval"] = {}
     d["frameworks"] = ["hf", "dummy", {"name": "dummy", "label": "dummy-diverged", "overrides": {"loss_scale": 1.5}}]
     sc = scenario_from_dict(d, str(QUALITY_SMALL))  # the data path resolves against the scenario file
-    sweep = run_sweep(sc, tmp_path / "results", None, quiet=True)
-    df = parity.flag_runs(sweep)
+    sweep = run_sweep(sc, tmp_path / "results", quiet=True)
+    df = runs_table.runs_frame(load_sweep(sweep))
     ok = dict(zip(df["framework"], df["parity_ok"], strict=True))
     assert ok == {"hf": True, "dummy": True, "dummy-diverged": False}, df.to_string()
     diff = dict(zip(df["framework"], df["parity_max_abs_diff"], strict=True))

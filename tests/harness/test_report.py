@@ -1,4 +1,4 @@
-"""harness.reporting.report on synthetic sweeps: files written, self-contained HTML, failures visible, "—" for n/a."""
+"""harness.reporting on synthetic sweeps: files written, self-contained HTML, failures visible, "—" for n/a."""
 
 from __future__ import annotations
 
@@ -12,7 +12,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from fixtures_results import environment_dict, eval_dict, make_run, make_sweep  # noqa: E402
 
-from harness.reporting import report  # noqa: E402
+from harness.analysis.aggregate import is_empty  # noqa: E402
+from harness.cli import report as report_cli  # noqa: E402
+from harness.reporting.document import fmt  # noqa: E402
+from harness.reporting.report import default_out_dir, write_report  # noqa: E402
 
 INVALID = "gradient_checkpointing: ran with False, scenario says True"
 
@@ -37,7 +40,7 @@ def gpu_sweep(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def gpu_report(gpu_sweep, tmp_path_factory) -> Path:
     """The report of ``gpu_sweep``, written once for the tests that only read it (charts take ~1 s each here)."""
-    return report.write_report(gpu_sweep, tmp_path_factory.mktemp("rep") / "rep")
+    return write_report(gpu_sweep, tmp_path_factory.mktemp("rep") / "rep")
 
 
 def _section(md: str, title: str) -> str:
@@ -123,7 +126,7 @@ def test_cpu_values_render_as_dash_never_zero(tmp_path):
     runs = [make_run("hf", 0, device="cpu", tokens_per_s=200), make_run("tunebench", 0, device="cpu", tokens_per_s=300)]
     d = make_sweep(tmp_path / "results" / "cpu-20260101-000000", runs, device="cpu")
     out = tmp_path / "rep"
-    md = report.write_report(d, out).read_text()
+    md = write_report(d, out).read_text()
     comp = _section(md, "Comparison")
     row = _table_row(comp, "tunebench")
     header = _table_row(comp, "framework")
@@ -140,7 +143,7 @@ def test_cpu_values_render_as_dash_never_zero(tmp_path):
 def test_baseline_without_ok_run_says_so(tmp_path):
     runs = [make_run("hf", 0, status="error", reason="ValueError: synthetic"), make_run("tunebench", 0)]
     d = make_sweep(tmp_path / "sw", runs)
-    md = report.write_report(d, tmp_path / "rep").read_text()
+    md = write_report(d, tmp_path / "rep").read_text()
     assert "Baseline `hf` has no ok run" in md
     assert _table_row(_section(md, "Comparison"), "tunebench")[6] == "—"
     assert "ValueError: synthetic" in _section(md, "Failures and caveats")
@@ -155,7 +158,7 @@ def test_quality_section_only_with_eval(gpu_report, tmp_path):
             make_run("litgpt", 0, eval={"status": "ok"})]  # tolerant to missing keys
     d = make_sweep(tmp_path / "q", runs)
     out = tmp_path / "rep2"
-    md = report.write_report(d, out).read_text()
+    md = write_report(d, out).read_text()
     q = _section(md, "Quality")
     hf = _table_row(q, "hf")
     header = _table_row(q, "framework")
@@ -166,20 +169,31 @@ def test_quality_section_only_with_eval(gpu_report, tmp_path):
     assert (out / "accuracy_vs_tps.png").is_file() and (out / "time_to_target.png").is_file()
 
 
-def test_parity_fallback_or_table(gpu_report):
-    md = gpu_report.read_text()
-    try:
-        import harness.analysis.parity  # noqa: F401
-    except ImportError:
-        assert "parity check not available" in md
-    else:
-        assert "Loss parity" in md and "parity check not available" not in md
+def _parity_section(md: str) -> str:
+    assert "### Loss parity" in md, "no loss-parity section"
+    return md.split("### Loss parity", 1)[1].split("## Environment", 1)[0]
+
+
+def test_parity_section_compares_every_ok_run(gpu_report):
+    """Every ok run of the GPU sweep has the same loss curve as hf's: one "ok" row each, failed runs left out."""
+    sec = _parity_section(gpu_report.read_text())
+    header = _table_row(sec, "framework")
+    assert header == ["framework", "repeat", "max_abs_diff", "mean_abs_diff", "tolerance", "first_departure_step",
+                      "parity_status"]
+    rows = [c for line in sec.splitlines() if line.startswith("| ") and (c := [x.strip() for x in
+                                                                            line.strip("|").split("|")]) != header]
+    assert sorted((r[0].strip("*"), r[1]) for r in rows) == [(fw, rep) for fw in ("hf", "trl", "tunebench")
+                                                             for rep in ("0", "1")]
+    for r in rows:
+        cells = dict(zip(header, r, strict=True))
+        assert cells["parity_status"] == "ok" and cells["max_abs_diff"] == "0.0000", r
+        assert cells["first_departure_step"] == "—"
 
 
 def test_foreign_gpu_processes_warned(tmp_path):
     env = environment_dict("cuda", foreign=[{"gpu": 0, "pid": 4242, "used_gib": 3.5}])
     d = make_sweep(tmp_path / "sw", [make_run("hf", 0)], environment=env)
-    md = report.write_report(d, tmp_path / "rep").read_text()
+    md = write_report(d, tmp_path / "rep").read_text()
     assert "Foreign processes were found on the GPU" in md
     assert "pid 4242" in _section(md, "Failures and caveats")
 
@@ -192,7 +206,7 @@ def test_how_each_framework_ran_shows_adapter_notes(tmp_path):
     tb = make_run("tunebench", 0)
     tb["extra"] = {"trainer": {"overrides": {"recompute_layers": 4}}}
     sweep = make_sweep(tmp_path / "results" / "notes-20260101-000000", [make_run("hf", 0), uns, tb])
-    md = report.write_report(sweep, tmp_path / "rep").read_text()
+    md = write_report(sweep, tmp_path / "rep").read_text()
     sec = _section(md, "How each framework was run")
     row = _table_row(sec, "unsloth")
     assert row[1] == "unsloth.json" and "adapters_for_tools.unsloth.rerun" in row[2]
@@ -202,71 +216,55 @@ def test_how_each_framework_ran_shows_adapter_notes(tmp_path):
 
 
 def test_default_out_dir():
-    assert report.default_out_dir(Path("/x/proj/results/run-1")) == Path("/x/proj/reports/run-1")
-    assert report.default_out_dir(Path("/x/elsewhere/run-1")) == Path("/x/elsewhere/run-1/report")
+    assert default_out_dir(Path("/x/proj/results/run-1")) == Path("/x/proj/reports/run-1")
+    assert default_out_dir(Path("/x/elsewhere/run-1")) == Path("/x/elsewhere/run-1/report")
 
 
 def test_main_exit_codes(tmp_path, capsys):
     sweep = make_sweep(tmp_path / "results" / "one-20260101-000000", [make_run("hf", 0)])
-    assert report.main([str(sweep)]) == 0
+    assert report_cli.main([str(sweep)]) == 0
     assert (tmp_path / "reports" / sweep.name / "report.html").is_file()
-    assert report.main([str(sweep), "--out", str(tmp_path / "o")]) == 0
+    assert report_cli.main([str(sweep), "--out", str(tmp_path / "o")]) == 0
     assert (tmp_path / "o" / "report.md").is_file()
-    assert report.main([str(tmp_path / "missing")]) == 2
+    assert report_cli.main([str(tmp_path / "missing")]) == 2
     assert "not a results directory" in capsys.readouterr().err
 
 
 def test_fmt_dash_for_empty():
-    assert report.fmt(None) == "—"
-    assert report.fmt(float("nan")) == "—"
+    assert fmt(None) == "—"
+    assert fmt(float("nan")) == "—"
     import pandas as pd
 
-    assert report.fmt(pd.NA) == "—" and report.is_empty(pd.NA)
-    assert report.fmt(0.0) == "0.00"
-    assert report.fmt(0.1234, 1, pct=True) == "12.3%"
-    assert report.fmt(12345.6, thousands=True) == "12,346"
+    assert fmt(pd.NA) == "—" and is_empty(pd.NA)
+    assert fmt(0.0) == "0.00"
+    assert fmt(0.1234, 1, pct=True) == "12.3%"
+    assert fmt(12345.6, thousands=True) == "12,346"
 
 
-def test_parity_table_shown_and_departures_flagged(tmp_path, monkeypatch):
-    """With an analysis.parity module present (a stand-in here), its table is shown and departures are caveats."""
-    import types
-
-    import pandas as pd
-
-    seen = {}
-
-    def parity_table(runs, baseline, atol=None, rtol=None):
-        seen["frameworks"], seen["baseline"] = sorted({r["framework"] for r in runs}), baseline
-        return pd.DataFrame([{"framework": "tunebench", "repeat": 0, "max_abs_diff": 0.5, "mean_abs_diff": 0.2,
-                              "tolerance": 0.05, "first_departure_step": 3, "parity_status": "departs",
-                              "parity_ok": False},
-                             {"framework": "trl", "repeat": 0, "max_abs_diff": 0.2, "mean_abs_diff": 0.01,
-                              "tolerance": 0.05, "first_departure_step": 47, "parity_status": "transient",
-                              "parity_ok": True},
-                             {"framework": "hf", "repeat": 0, "max_abs_diff": 0.0, "mean_abs_diff": 0.0,
-                              "tolerance": 0.05, "first_departure_step": None, "parity_status": "ok",
-                              "parity_ok": True}])
-
-    fake = types.ModuleType("harness.analysis.parity")
-    fake.parity_table = parity_table
-    fake.sweep_settings = lambda results_dir: ("hf", None, None)
-    fake.settings = lambda scenario: ("hf", None, None)
-    fake.parity_columns = lambda runs, baseline, atol=None, rtol=None: {}
-    monkeypatch.setitem(sys.modules, "harness.analysis.parity", fake)
-    import harness
-
-    monkeypatch.setattr(harness, "parity", fake, raising=False)
-    d = make_sweep(tmp_path / "sw", [make_run("hf", 0), make_run("tunebench", 0, loss0=3.0),
-                                     make_run("trl", 0, status="error")])
-    md = report.write_report(d, tmp_path / "rep").read_text()
-    assert seen == {"frameworks": ["hf", "tunebench"], "baseline": "hf"}  # ok runs only
-    parity = md.split("### Loss parity", 1)[1].split("## Environment", 1)[0]
-    assert "**DEPARTS**" in _table_row(parity, "tunebench")[-1] and _table_row(parity, "tunebench")[-2] == "3"
-    assert _table_row(parity, "hf")[-1] == "ok" and _table_row(parity, "hf")[-2] == "—"
-    assert "transient" in _table_row(parity, "trl")[-1]
+def test_parity_departures_and_transients_flagged(tmp_path):
+    """A curve apart from the start departs; a spike that settles again is transient; both are caveats."""
+    spiky = make_run("trl", 0, steps=40)
+    for s in spiky["steps"][20:26]:  # steps 21-26 parted by 0.3 (bf16 tolerance ~0.1 here), then agree again
+        s["loss"] += 0.3
+    runs = [make_run("hf", 0, steps=40), make_run("tunebench", 0, steps=40, loss0=3.0), spiky,
+            make_run("axolotl", 0, status="error")]
+    md = write_report(make_sweep(tmp_path / "sw", runs), tmp_path / "rep").read_text()
+    sec = _parity_section(md)
+    tb, trl, hf = _table_row(sec, "tunebench"), _table_row(sec, "trl"), _table_row(sec, "hf")
+    assert tb[-1] == "**DEPARTS**" and tb[-2] == "1" and tb[2] == "1.0000"
+    assert trl[-1] == "⚠ transient" and trl[-2] == "21" and trl[2] == "0.3000"
+    assert hf[-1] == "ok" and hf[-2] == "—"
+    assert "axolotl" not in sec  # only ok runs have a curve to compare
     caveats = _section(md, "Failures and caveats")
-    assert "tunebench r0: loss curve departs from hf from step 3" in caveats
-    assert "trl r0: loss curve parted for a while from (transient, then agreed again) hf from step 47" in caveats
+    assert "tunebench r0: loss curve departs from hf from step 1 (max \\|Δ\\| 1.0000 > tolerance 0.1" in caveats
+    assert "trl r0: loss curve parted for a while from (transient, then agreed again) hf from step 21" in caveats
+
+
+def test_run_warnings_are_caveats(tmp_path):
+    run = make_run("hf", 0)
+    run["warnings"] = ["GPU throttled while measuring: hw_slowdown"]
+    md = write_report(make_sweep(tmp_path / "sw", [run]), tmp_path / "rep").read_text()
+    assert "hf r0: GPU throttled while measuring: hw_slowdown" in _section(md, "Failures and caveats")
 
 
 def test_knob_variables_recorded_and_reported(tmp_path, monkeypatch):
@@ -281,9 +279,9 @@ def test_knob_variables_recorded_and_reported(tmp_path, monkeypatch):
     # the report shows the runs' variables; results from before they were recorded have no such row
     runs = [make_run("hf", 0, device="cpu")]
     runs[0]["environment"]["variables"] = {"TUNEBENCH_NF4_DEQUANT": '{"flat": true}'}
-    md = report.write_report(make_sweep(tmp_path / "results" / "a-20260101-000000", runs), tmp_path / "a").read_text()
+    md = write_report(make_sweep(tmp_path / "results" / "a-20260101-000000", runs), tmp_path / "a").read_text()
     row = _table_row(_section(md, "Environment"), "environment variables (knobs)")
     assert row[1] == '`TUNEBENCH_NF4_DEQUANT={"flat": true}`'
-    md = report.write_report(make_sweep(tmp_path / "results" / "b-20260101-000000", [make_run("hf", 0, device="cpu")]),
+    md = write_report(make_sweep(tmp_path / "results" / "b-20260101-000000", [make_run("hf", 0, device="cpu")]),
                              tmp_path / "b").read_text()
     assert "environment variables" not in md

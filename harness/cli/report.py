@@ -1,0 +1,50 @@
+"""``python -m harness report RESULTS_DIR [--out DIR]``: tables, charts and a report from a stored sweep.
+
+What the report holds is in :mod:`harness.reporting.report`. Exit codes: 0 written, 2 not a results directory.
+
+Examples::
+
+    python -m harness report results/llama8b_qlora-20261123-101500          # -> reports/llama8b_qlora-2026...
+    python -m harness report results/llama8b_qlora-20261123-101500 --out /tmp/rep
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from harness.reporting.report import default_out_dir, write_report
+from harness.storing.sweep import NotAResultsDir
+
+EXIT_OK, EXIT_BAD_INPUT = 0, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command's options (``python -m harness report --help``)."""
+    ap = argparse.ArgumentParser(
+        prog="python -m harness report", description="Tables, charts and a report from a stored sweep.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  python -m harness report results/tiny_cpu-20261123-101500\n"
+               "  python -m harness report results/tiny_cpu-20261123-101500 --out /tmp/report")
+    ap.add_argument("results_dir", type=Path, help="a sweep's results directory (results/<run-id>)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="output directory (default: reports/<run-id> beside results/, else RESULTS_DIR/report)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command; returns the exit code (2 on bad input)."""
+    args = build_parser().parse_args(argv)
+    out = args.out or default_out_dir(args.results_dir)
+    try:
+        md = write_report(args.results_dir, out)
+    except NotAResultsDir as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"report: {md}\n        {md.with_name('report.html')}")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

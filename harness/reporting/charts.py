@@ -1,0 +1,200 @@
+"""The report's charts (matplotlib, Agg backend, PNG): throughput, memory, loss curves, throughput against
+memory, accuracy against throughput, time to target. Each returns the PNG's path, or None when there is nothing
+to plot (the report then says so)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from harness.analysis.aggregate import is_empty
+from harness.reporting.document import EMPTY
+from harness.storing.schema import RunResult
+from harness.storing.sweep import Sweep
+
+DPI = 110
+
+
+def _plt():
+    import matplotlib  # heavy optional dependency: only charts need it
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    _plt().close(fig)
+    return path
+
+
+def _invalid(v: Any) -> bool:
+    return not is_empty(v) and not bool(v)
+
+
+def _memory_series(summary) -> tuple[list[tuple[str, str]], str]:
+    """Which memory columns to chart: GPU memory three ways, or host RSS where no GPU memory was measured."""
+    gpu = [("nvml_gib", "NVML per-process"), ("reserved_gib", "torch reserved"), ("alloc_gib", "torch allocated")]
+    if any(summary[c].notna().any() for c, _ in gpu):
+        return gpu, "peak GPU memory (GiB)"
+    return [("rss_gib", "host peak RSS")], "host peak RSS (GiB) — no GPU memory on this device"
+
+
+def chart_throughput(summary, baseline: str, path: Path) -> Path | None:
+    """Bars of median tokens/s; error bars: min–max over repeats, or per-step p10–p90 with one repeat."""
+    s = summary[summary["tps_median"].notna()]
+    if s.empty:
+        return None
+    plt = _plt()
+    from matplotlib.patches import Patch  # with matplotlib, above
+
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(s) + 2), 4))
+    lo, hi, labels = [], [], []
+    for _fw, row in s.iterrows():
+        if row["n_ok"] > 1:
+            a, b, lab = row["tps_min"], row["tps_max"], "min–max over repeats"
+        else:
+            a, b, lab = row["tps_p10_step"], row["tps_p90_step"], "per-step p10–p90"
+        a = row["tps_median"] if is_empty(a) else a
+        b = row["tps_median"] if is_empty(b) else b
+        lo.append(max(0.0, row["tps_median"] - a))
+        hi.append(max(0.0, b - row["tps_median"]))
+        labels.append(lab)
+    colors = ["#7f7f7f" if fw == baseline else ("#d62728" if _invalid(row["valid"]) else "#1f77b4")
+              for fw, row in s.iterrows()]
+    ax.bar(list(s.index), s["tps_median"], yerr=[lo, hi], capsize=4, color=colors)
+    for i, (_fw, row) in enumerate(s.iterrows()):
+        txt = f"{row['tps_median']:,.0f}"
+        if not is_empty(row["speedup"]):
+            txt += f"\n{row['speedup']:.2f}x"
+        ax.text(i, row["tps_median"] + hi[i], txt, ha="center", va="bottom", fontsize=8)
+    ax.legend(handles=[Patch(color="#7f7f7f", label=f"baseline ({baseline})"), Patch(color="#1f77b4", label="valid"),
+                       Patch(color="#d62728", label="INVALID settings")], fontsize=7, loc="lower right")
+    ax.set_ylabel("tokens/s (non-padding input tokens)")
+    ax.set_title("Throughput (median; bars: " + ", ".join(sorted(set(labels))) + ")", fontsize=10)
+    ax.margins(y=0.15)
+    return _save(fig, path)
+
+
+def chart_memory(summary, path: Path) -> Path | None:
+    """Peak memory bars, three ways side by side (NVML per-process, torch reserved, torch allocated)."""
+    series, ylabel = _memory_series(summary)
+    s = summary[summary[[c for c, _ in series]].notna().any(axis=1)]
+    if s.empty:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.5 * len(s) + 2), 4))
+    width = 0.8 / len(series)
+    for j, (col, label) in enumerate(series):
+        xs = [i + (j - (len(series) - 1) / 2) * width for i in range(len(s))]
+        vals = [0.0 if is_empty(v) else float(v) for v in s[col]]  # a bar of height 0 is drawn; labelled "—"
+        ax.bar(xs, vals, width=width, label=label)
+        for x, v in zip(xs, s[col], strict=True):
+            ax.text(x, 0 if is_empty(v) else float(v), EMPTY if is_empty(v) else f"{float(v):.1f}", ha="center",
+                    va="bottom", fontsize=7)
+    ax.set_xticks(range(len(s)), list(s.index))
+    ax.set_ylabel(ylabel)
+    ax.set_title("Peak memory", fontsize=10)
+    ax.legend(fontsize=8, ncol=len(series), loc="upper center")
+    ax.set_ylim(0, 1.3 * max([float(v) for c, _ in series for v in s[c] if not is_empty(v)] or [1.0]))
+    return _save(fig, path)
+
+
+def mean_loss_curve(runs: list[RunResult]) -> tuple[list[int], list[float]]:
+    """Per-step loss, mean over the repeats that logged that step."""
+    by_step: dict[int, list[float]] = {}
+    for r in runs:
+        for s in r.steps:
+            if not is_empty(s.loss):
+                by_step.setdefault(s.step, []).append(float(s.loss))
+    steps = sorted(by_step)
+    return steps, [sum(by_step[k]) / len(by_step[k]) for k in steps]
+
+
+def chart_loss(sweep: Sweep, path: Path) -> Path | None:
+    """Per-step training loss, one line per framework (mean over ok repeats)."""
+    curves = {fw: mean_loss_curve(sweep.ok_runs(fw)) for fw in sweep.framework_order()}
+    curves = {fw: c for fw, c in curves.items() if c[0]}
+    if not curves:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for fw, (xs, ys) in curves.items():
+        ax.plot(xs, ys, marker="." if len(xs) < 40 else None, label=fw,
+                linewidth=2.5 if fw == sweep.baseline else 1.3)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.set_title("Loss curves (mean over ok repeats)", fontsize=10)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def chart_tps_vs_memory(summary, path: Path) -> Path | None:
+    """One point per framework: throughput against peak memory (NVML, else torch reserved, else host RSS)."""
+    mem_col, label = next(((c, lab) for c, lab in (("nvml_gib", "peak NVML per-process GiB"),
+                                                   ("reserved_gib", "peak torch reserved GiB"),
+                                                   ("rss_gib", "host peak RSS GiB (no GPU memory)"))
+                           if summary[c].notna().any()), (None, None))
+    if mem_col is None:
+        return None
+    s = summary[summary["tps_median"].notna() & summary[mem_col].notna()]
+    if s.empty:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter(s[mem_col], s["tps_median"], s=50)
+    for fw, row in s.iterrows():
+        ax.annotate(fw, (row[mem_col], row["tps_median"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.set_xlabel(label)
+    ax.set_ylabel("tokens/s (median)")
+    ax.set_title("Throughput against peak memory (up-left is better)", fontsize=10)
+    ax.margins(0.2)
+    return _save(fig, path)
+
+
+def chart_accuracy_vs_tps(quality, summary, path: Path) -> Path | None:
+    """Accuracy against tokens/s, one subplot per metric (at most four), one point per framework."""
+    if quality.empty:
+        return None
+    metrics = list(quality.columns)[:4]
+    fws = [f for f in quality.index if f in summary.index and not is_empty(summary.at[f, "tps_median"])]
+    if not fws:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.8), squeeze=False)
+    for ax, m in zip(axes[0], metrics, strict=True):
+        for fw in fws:
+            v = quality.at[fw, m]
+            if is_empty(v):
+                continue
+            ax.scatter(summary.at[fw, "tps_median"], v, s=45)
+            ax.annotate(fw, (summary.at[fw, "tps_median"], v), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        if "untrained model" in quality.index and not is_empty(quality.at["untrained model", m]):
+            ax.axhline(quality.at["untrained model", m], color="#999", linestyle="--", label="untrained")
+            ax.legend(fontsize=7)
+        ax.set_xlabel("tokens/s (median)")
+        ax.set_ylabel(m)
+        ax.margins(0.2)
+    fig.suptitle("Accuracy against throughput (up-right is better)", fontsize=10)
+    return _save(fig, path)
+
+
+def chart_time_to_target(ttt: dict[str, float | None], path: Path) -> Path | None:
+    """Bars of time to reach the eval target; frameworks that never reached it are marked."""
+    if not ttt:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(ttt) + 2), 3.8))
+    names = list(ttt)
+    vals = [0.0 if v is None else v for v in ttt.values()]
+    ax.bar(names, vals, color=["#1f77b4" if v is not None else "#d62728" for v in ttt.values()])
+    for i, v in enumerate(ttt.values()):
+        ax.text(i, 0 if v is None else v, "not reached" if v is None else f"{v:.0f} s", ha="center", va="bottom",
+                fontsize=8)
+    ax.set_ylabel("seconds to target (lower is better)")
+    ax.set_title("Time to target", fontsize=10)
+    ax.margins(y=0.15)
+    return _save(fig, path)

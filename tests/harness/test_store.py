@@ -1,0 +1,126 @@
+"""The results store: the typed result (schema 2), the v1 migration on every committed result, writing, loading."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from fixtures_results import make_run, make_sweep  # noqa: E402
+
+from harness.analysis import runs_table  # noqa: E402
+from harness.storing import results  # noqa: E402
+from harness.storing.migrate import ResultSchemaError, migrate  # noqa: E402
+from harness.storing.schema import RESULT_SCHEMA_VERSION, STATUSES, RunResult  # noqa: E402
+from harness.storing.sweep import NotAResultsDir, load_sweep  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+COMMITTED = sorted(REPO.glob("results/*/runs/*.json")) + sorted(REPO.glob("results/*/runs/attempts/*.json"))
+COMMITTED_SWEEPS = sorted({p.parents[1] if p.parent.name == "runs" else p.parents[2] for p in COMMITTED})
+
+
+def test_there_are_committed_results_to_check():
+    assert COMMITTED and COMMITTED_SWEEPS
+
+
+@pytest.mark.parametrize("path", COMMITTED, ids=lambda p: f"{p.parents[1].name}/{p.name}")
+def test_every_committed_result_loads_as_version_2(path):
+    raw = json.loads(path.read_text())
+    run = results.read_result(path)
+    assert run.schema_version == RESULT_SCHEMA_VERSION and raw.get("schema_version", 1) <= RESULT_SCHEMA_VERSION
+    # the schema names every key the committed results hold: nothing lands in the open sections' extras
+    assert not run.model_extra and not run.metrics.model_extra, (run.model_extra, run.metrics.model_extra)
+    assert run.environment is None or not run.environment.model_extra
+    assert run.eval is None or not run.eval.model_extra
+    assert all(not s.model_extra for s in run.steps)
+    assert run.status in STATUSES and run.adapter
+    # nothing measured is lost or changed on the way
+    for k, v in (raw.get("metrics") or {}).items():
+        assert getattr(run.metrics, k) == v or (isinstance(v, float) and math.isnan(v)), k
+    assert [s.model_dump(exclude_unset=True) for s in run.steps] == raw.get("steps", [])
+    assert (run.eval.model_dump(exclude_unset=True) if run.eval else None) == raw.get("eval")
+    assert run.effective == raw["effective"] and run.expected == raw["expected"]
+    # and the stored form of the migrated result reads back as the same result
+    assert RunResult.model_validate(json.loads(json.dumps(run.to_dict(), default=str))) == run
+
+
+@pytest.mark.parametrize("sweep_dir", COMMITTED_SWEEPS, ids=lambda p: p.name)
+def test_committed_runs_csv_rows_are_reproduced(sweep_dir):
+    """The table rebuilt from the migrated results holds the committed runs.csv's values, column for column."""
+    csv = sweep_dir / "runs.csv"
+    if not csv.exists():
+        pytest.skip("no runs.csv committed")
+    old = pd.read_csv(csv).set_index(["framework", "repeat"])
+    new = runs_table.runs_frame(load_sweep(sweep_dir))
+    new = pd.read_csv(pd.io.common.StringIO(new.to_csv(index=False))).set_index(["framework", "repeat"])
+    assert set(old.index) == set(new.index)
+    cols = [c for c in old.columns if c in new.columns]
+    assert set(results.ROW_COLUMNS) - {"framework", "repeat", "settings_hash"} <= set(cols)
+    pd.testing.assert_frame_equal(old.loc[new.index, cols], new[cols], check_dtype=False)
+
+
+def test_version_1_is_migrated():
+    v1 = {"schema_version": 1, "scenario": "s", "framework": "hf", "repeat": 0, "status": "timeout",
+          "reason": "no result within 60 s (killed)", "valid": False, "invalid_reasons": [], "metrics": None}
+    run = results.parse_result(v1)
+    assert run.adapter == "hf"  # before framework labels, the framework was the adapter's name
+    assert run.metrics.tokens_per_s is None and run.steps == [] and run.eval is None and run.settings_hash is None
+    assert migrate(v1)["schema_version"] == 2 and v1["schema_version"] == 1  # the input is left alone
+    assert results.parse_result({k: v for k, v in v1.items() if k != "schema_version"}).adapter == "hf"
+
+
+def test_bad_results_are_refused_with_the_key():
+    good = make_run("hf", 0)
+    with pytest.raises(ResultSchemaError, match="newer than this harness"):
+        results.parse_result(good | {"schema_version": RESULT_SCHEMA_VERSION + 1})
+    with pytest.raises(ResultSchemaError, match=r"x\.json: not a run result: repeat"):
+        results.parse_result(good | {"repeat": "first"}, "x.json")
+    with pytest.raises(ResultSchemaError, match="metrics.tokens_per_s"):
+        results.parse_result(good | {"metrics": good["metrics"] | {"tokens_per_s": "fast"}})
+
+
+def test_write_result_stores_every_key_once(tmp_path):
+    p = tmp_path / "runs" / "hf-r0.json"
+    raw = make_run("hf", 0) | {"new_field_from_a_writer": 1}
+    run = results.write_result(p, raw)
+    stored = json.loads(p.read_text())
+    assert stored["schema_version"] == RESULT_SCHEMA_VERSION
+    assert set(RunResult.model_fields) <= set(stored)  # every key present, null where it does not apply
+    assert stored["new_field_from_a_writer"] == 1  # a field the schema does not name yet is kept, not dropped
+    assert stored["metrics"]["tokens_per_s"] == raw["metrics"]["tokens_per_s"]
+    assert results.read_result(p) == run
+    with pytest.raises(FileExistsError):
+        results.write_result(p, raw)
+
+
+def test_load_results_in_plan_order_without_attempts(tmp_path):
+    runs = [make_run(fw, r) for r in range(2) for fw in ("hf", "tunebench")]
+    d = make_sweep(tmp_path / "sw", runs)
+    (d / "runs" / "attempts").mkdir()
+    (d / "runs" / "attempts" / "hf-r0.1.json").write_text(json.dumps(make_run("hf", 0, status="error")))
+    assert [r.key for r in results.load_results(d)] == ["hf-r0", "tunebench-r0", "hf-r1", "tunebench-r1"]
+    assert [r["framework"] for r in results.load_runs(d)] == ["hf", "tunebench", "hf", "tunebench"]
+
+
+def test_load_sweep_rejects_what_is_not_a_sweep(tmp_path):
+    with pytest.raises(NotAResultsDir, match="not a results directory"):
+        load_sweep(tmp_path / "missing")
+    d = make_sweep(tmp_path / "sw", [make_run("hf", 0)])
+    (d / "runs" / "trl-r0.json").write_text("{half a file")
+    with pytest.raises(NotAResultsDir, match="trl-r0.json: not valid JSON"):
+        load_sweep(d)
+
+
+def test_runs_table_adds_parity_after_the_stored_columns(tmp_path):
+    d = make_sweep(tmp_path / "sw", [make_run("hf", 0), make_run("tunebench", 0, loss0=3.0)])
+    plain = pd.read_csv(results.write_table(d))
+    assert list(plain.columns) == results.ROW_COLUMNS
+    full = pd.read_csv(runs_table.write_table(d))
+    assert list(full.columns) == results.ROW_COLUMNS + runs_table.PARITY_COLUMNS
+    assert dict(zip(full.framework, full.parity_status, strict=True)) == {"hf": "ok", "tunebench": "departs"}
