@@ -44,3 +44,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _machine_in_junit(record_testsuite_property) -> None:  # noqa: ANN001
+    """Name the machine in the JUnit XML (``--junitxml``), so a stored GPU test report says where it ran."""
+    record_testsuite_property("torch", torch.__version__)
+    record_testsuite_property("cuda_available", str(CUDA))
+    if CUDA:
+        record_testsuite_property("gpu", torch.cuda.get_device_name(0))
+        record_testsuite_property("cuda", str(torch.version.cuda))
+        try:
+            import pynvml  # optional here: the driver version when NVML is installed
+
+            pynvml.nvmlInit()
+            record_testsuite_property("driver", str(pynvml.nvmlSystemGetDriverVersion()))
+        except Exception as e:  # the GPU name above is what matters; say why the driver is missing
+            record_testsuite_property("driver", f"unknown ({type(e).__name__})")

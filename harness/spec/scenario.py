@@ -66,6 +66,20 @@ FrameworkLabel = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.+-]+$",
                            AfterValidator(_not_dots)]
 
 
+def _path_text(value: str) -> str:
+    """Refuse what no file system takes (the OS would raise instead of answering "no such file")."""
+    if "\0" in value:
+        raise ValueError("a path cannot hold a NUL character")
+    if len(value.encode("utf-8", "surrogatepass")) > 4096:  # PATH_MAX on Linux
+        raise ValueError("a path longer than 4096 bytes")
+    if any(len(part.encode("utf-8", "surrogatepass")) > 255 for part in value.split("/")):  # NAME_MAX
+        raise ValueError("a path part longer than 255 bytes")
+    return value
+
+
+PathText = Annotated[str, AfterValidator(_path_text)]  # a local path (or a hub id, which is a short path too)
+
+
 class ScenarioError(Exception):
     """A scenario that cannot run; ``str()`` gives one ``file:line: key: reason`` line per problem."""
 
@@ -81,7 +95,7 @@ class _Strict(BaseModel):
 
 class ModelSpec(_Strict):
     preset: str | None = None  # architecture preset name (scenarios/presets/<name>.yaml)
-    weights: str = "random"  # "random", or a local checkpoint path / hub id
+    weights: PathText = "random"  # "random", or a local checkpoint path / hub id
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     seed: int = Field(0, ge=0, le=MAX_SEED)  # seed of the random weights
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
@@ -126,7 +140,7 @@ class MethodSpec(_Strict):
 
 class DataSpec(_Strict):
     source: Literal["synthetic", "jsonl"] = "synthetic"
-    path: str | None = None  # jsonl only
+    path: PathText | None = None  # jsonl only
     format: Literal["alpaca", "messages", "sharegpt", "text"] | None = None  # jsonl only; guessed when absent
     seq_len: int = Field(ge=8, le=MAX_SEQ_LEN)
     # synthetic: every sample seq_len long, or uniform in [min_len, seq_len]
@@ -494,7 +508,11 @@ def data_path(sc: Scenario) -> Path:
 def load_scenario(path: str | Path) -> Scenario:
     """Read and validate a scenario file. Raises :class:`ScenarioError`."""
     path = Path(path)
-    if not path.exists():
+    try:
+        exists = path.exists()
+    except (OSError, ValueError) as e:  # a name too long for the file system, a NUL byte
+        raise ScenarioError([f"{path}:0: <file>: {getattr(e, 'strerror', None) or e}"]) from None
+    if not exists:
         raise ScenarioError([f"{path}:0: <file>: no such file"])
     try:
         text = yamlsafe.read_text(path)

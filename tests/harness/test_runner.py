@@ -27,7 +27,7 @@ method: {{kind: lora, lora_r: 4}}
 data: {{seq_len: 32}}
 train: {{micro_batch: 2, steps: {steps}, warmup_steps: 1}}
 hardware: {{device: {device}}}
-measure: {{timeout_s: 120, baseline: d-ok}}
+measure: {{timeout_s: 120, baseline: {baseline}}}
 frameworks:
 {frameworks}
 """
@@ -40,9 +40,9 @@ def env(tmp_path, monkeypatch):
     return tmp_path
 
 
-def _sc(tmp_path, frameworks: str, name="t", steps=3, device="cpu"):
+def _sc(tmp_path, frameworks: str, name="t", steps=3, device="cpu", baseline="d-ok"):
     p = tmp_path / f"{name}.yaml"
-    p.write_text(BASE.format(name=name, steps=steps, device=device, frameworks=frameworks))
+    p.write_text(BASE.format(name=name, steps=steps, device=device, frameworks=frameworks, baseline=baseline))
     return p, parse_scenario(p.read_text(), str(p))
 
 
@@ -54,7 +54,7 @@ def test_failures_become_rows_and_sweep_goes_on(env):
   - {name: dummy, label: d-slow, overrides: {sleep_s: 30}, timeout_s: 8}
   - {name: dummy, label: d-ok}
 """)
-    d = run_sweep(sc, env / "results", None, quiet=True)
+    d = run_sweep(sc, env / "results", quiet=True)
     rows = {r["framework"]: r for r in results.load_runs(d)}
     assert rows["d-crash"]["status"] == "crashed" and "exited with code 3" in rows["d-crash"]["reason"]
     assert rows["d-raise"]["status"] == "error" and rows["d-raise"]["reason"] == "RuntimeError: tool said no"
@@ -76,7 +76,7 @@ def test_cuda_scenario_on_cpu_is_an_unavailable_row(env):
     if os.environ.get("CUDA_VISIBLE_DEVICES") is None and _has_gpu():
         pytest.skip("this machine has a GPU")
     _, sc = _sc(env, "  - {name: dummy, label: d-ok}", device="cuda")
-    d = run_sweep(sc, env / "results", None, quiet=True)
+    d = run_sweep(sc, env / "results", quiet=True)
     (row,) = results.load_runs(d)
     assert row["status"] == "unavailable" and row["reason"].startswith("needs CUDA")
 
@@ -99,7 +99,7 @@ def test_kill_9_mid_sweep_then_resume(env):
     path, sc = _sc(env, """\
   - {name: dummy, label: d-first}
   - {name: dummy, label: d-second, overrides: {sleep_s: 2}}
-""", name="killme", steps=4)
+""", name="killme", steps=4, baseline="d-first")
     cmd = [sys.executable, "-m", "harness", "run", str(path), "--results", str(env / "results"), "--no-report"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 240
