@@ -74,6 +74,7 @@ EXPECTED = {
     "name_slash": ":3: name: String should match pattern",
     "label_dotdot": ":18: frameworks[0].label: '..' cannot be a file name",
     "label_too_long": ":18: frameworks[0].label: String should have at most 100 characters",
+    "baseline_hf_absent": ":20: measure.baseline: unknown baseline framework 'hf' (the scenario's frameworks: trl)",
     "baseline_unknown": ":20: measure.baseline: unknown baseline framework 'trl' (the scenario's frameworks: hf)",
     "eval_task_unknown": ":20: eval.tasks[1]: unknown eval task 'no_such_task_anywhere'",
     "override_parent_dir": ":18: frameworks.hf.overrides.training_args.output_dir: '../../results' climbs out",
