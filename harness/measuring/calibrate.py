@@ -7,9 +7,6 @@ the card as found is from them (seen: ~800 of 989 TFLOP/s on an H100 SXM).
 
 from __future__ import annotations
 
-import json
-import sys
-
 from harness.measuring.flops import peak_tflops_for
 
 
@@ -28,16 +25,3 @@ def measure(size: int = 8192) -> dict:
     return {"gpu_name": name, "size": size, "median_ms": ms, "measured_tflops": tflops, "table_tflops": table,
             "table_source": src, "fraction_of_table": tflops / table if table else None}
 
-
-def main(args) -> int:
-    try:
-        res = measure(args.size)
-    except RuntimeError as e:
-        print(f"calibrate: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(res, indent=1))
-    if args.out:
-        from pathlib import Path
-
-        Path(args.out).write_text(json.dumps(res, indent=1))
-    return 0

@@ -1,0 +1,95 @@
+"""``python -m harness run SCENARIO``: every (framework x repeat) of a scenario, each in its own process.
+
+An interrupted sweep of the same scenario resumes: finished runs are kept, only missing ones run.
+Exit codes: 0 done (failed runs are rows, not errors), 2 bad input or an unwritable folder, 3 the sweep or the
+machine is being measured by another runner, 130 interrupted.
+
+Examples::
+
+    python -m harness run scenarios/tiny_cpu.yaml
+    python -m harness run scenarios/llama8b_lora.yaml --only hf tunebench --repeats 3
+    python -m harness run scenarios/llama8b_lora.yaml --retry-failed
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from harness.analysis import runs_table
+from harness.cli.validate import EXIT_BAD_INPUT, load_or_report
+from harness.common.paths import REPO_ROOT
+from harness.reporting.report import write_report
+from harness.running.locks import Busy
+from harness.running.runner import run_sweep
+
+EXIT_BUSY = 3  # the sweep, or the machine, is being measured by another runner
+EXIT_INTERRUPTED = 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command's options (``python -m harness run --help``)."""
+    r = argparse.ArgumentParser(prog="python -m harness run", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.add_argument("scenario")
+    r.add_argument("--results", default=str(REPO_ROOT / "results"), help="results root (default: results/)")
+    r.add_argument("--reports", default=str(REPO_ROOT / "reports"), help="reports root (default: reports/)")
+    r.add_argument("--new", action="store_true", help="start a new sweep even if an interrupted one exists")
+    r.add_argument("--resume", action="store_true",
+                   help="only fill in the newest sweep of this scenario (never start a new one); "
+                        "for filling one sweep over several invocations with --only/--repeats")
+    r.add_argument("--only", nargs="+", metavar="FRAMEWORK", help="run only these of the scenario's frameworks")
+    r.add_argument("--repeats", type=int, help="override measure.repeats")
+    r.add_argument("--allow-contention", action="store_true",
+                   help="run even while another sweep runs on this machine (exit 3 otherwise); every row of this "
+                        "sweep is then marked invalid: measured under contention")
+    r.add_argument("--retry-failed", action="store_true",
+                   help="in the newest sweep of this scenario, do runs stored as error/crashed/timeout again "
+                        "(for failures of the machine, e.g. a full disk); the failed attempt is kept in "
+                        "runs/attempts/ and listed in the new row")
+    r.add_argument("--no-report", action="store_true")
+    r.add_argument("--quiet", action="store_true")
+    return r
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    sc = load_or_report(args.scenario)
+    if sc is None:
+        return EXIT_BAD_INPUT
+    if not args.quiet:
+        for note in sc.notes:
+            print(f"{args.scenario}: {note}")
+    if args.only:
+        unknown = [n for n in args.only if n not in sc.framework_names()]
+        if unknown:
+            print(f"{args.scenario}: --only {unknown}: not among the scenario's frameworks "
+                  f"{sc.framework_names()}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+    if args.repeats is not None:
+        if not 1 <= args.repeats <= 1000:
+            print(f"{args.scenario}: --repeats {args.repeats}: must be between 1 and 1000", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        sc.measure.repeats = args.repeats
+    try:
+        out = run_sweep(sc, Path(args.results), new=args.new, quiet=args.quiet, only=args.only,
+                        resume_only=args.resume, retry_failed=args.retry_failed,
+                        allow_contention=args.allow_contention)
+        runs_table.write_table(out)  # the runs table again, now with the parity columns
+        print(f"results: {out}")
+        if not args.no_report:
+            report_dir = Path(args.reports) / out.name
+            write_report(out, report_dir)
+            print(f"report:  {report_dir / 'report.md'}")
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished runs are stored; rerun the same command to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Busy as e:
+        print(f"{args.scenario}: {e}", file=sys.stderr)
+        return EXIT_BUSY
+    except OSError as e:  # a read-only results/reports folder or cache, a full disk
+        print(f"{args.scenario}: cannot write {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
