@@ -1,6 +1,6 @@
 """Model FLOPs and MFU, with the convention stated once, here.
 
-Convention (DESIGN.md, "Measurement rules"):
+Convention (docs/measurement.md, "MFU"):
 
 - ``N`` = parameters that take part in matrix products per token: every linear layer of the decoder plus
   the LM head. The input embedding is a lookup and is not counted (when embeddings are tied the LM head
