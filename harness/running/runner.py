@@ -211,9 +211,6 @@ def execute_run(sc, sweep_dir: Path, run_root: Path, prepared: dict, fw, repeat:
     key = results.run_key(fw.key, repeat)
     info = registry.info(fw.name)
     base = run_header(sc, sweep_dir, prepared, fw, repeat)
-    why = envs.unavailable(info, sc.hardware.device)
-    if why:
-        return base | {"status": "unavailable", "reason": why, "valid": False, "invalid_reasons": []}
     work_dir = run_root / key
     if work_dir.exists():  # a previous attempt died mid-run: start that run over, cleanly
         import shutil
@@ -422,28 +419,33 @@ def run_sweep(sc, results_root: Path, new: bool = False, quiet: bool = False, on
         display.progress.update(display.sweep, completed=len(keys) - len(todo))
         display.console.print(f"{'resuming' if resumed else 'sweep'} {sweep_dir} "
                               f"({len(todo)} of {len(keys)} runs to do)")
-        if todo:
-            try:
-                prepared: dict | PrepareFailed = _prepare(sc, run_root, sc.measure.timeout_s)
-            except PrepareFailed as e:
-                prepared = e
-            for fw, r in todo:
-                key = results.run_key(fw.key, r)
+        prepared: dict | PrepareFailed | None = None  # built once, when the first runnable framework needs it
+        for fw, r in todo:
+            key = results.run_key(fw.key, r)
+            if why := envs.unavailable(registry.info(fw.name), sc.hardware.device):
+                res = run_header(sc, sweep_dir, {}, fw, r) | {
+                    "status": "unavailable", "reason": why, "valid": False, "invalid_reasons": []}
+            else:
+                if prepared is None:
+                    try:
+                        prepared = _prepare(sc, run_root, sc.measure.timeout_s)
+                    except PrepareFailed as e:
+                        prepared = e
                 if isinstance(prepared, PrepareFailed):
                     res = run_header(sc, sweep_dir, {}, fw, r) | {
                         "status": prepared.status, "reason": prepared.reason, "valid": False, "invalid_reasons": []}
                 else:
                     res = execute_run(sc, sweep_dir, run_root, prepared, fw, r, display)
-                if contention:
-                    res["valid"] = False
-                    res["invalid_reasons"] = [*res.get("invalid_reasons", []),
-                                              f"measured under contention: {contention}"]
-                if earlier := previous_attempts(sweep_dir, key):
-                    res["previous_attempts"] = earlier
-                results.write_result(sweep_dir / "runs" / f"{key}.json", res)
-                prune_outputs(run_root / key)
-                results.write_table(sweep_dir)
-                display.end_run(key, res)
+            if contention:
+                res["valid"] = False
+                res["invalid_reasons"] = [*res.get("invalid_reasons", []),
+                                          f"measured under contention: {contention}"]
+            if earlier := previous_attempts(sweep_dir, key):
+                res["previous_attempts"] = earlier
+            results.write_result(sweep_dir / "runs" / f"{key}.json", res)
+            prune_outputs(run_root / key)
+            results.write_table(sweep_dir)
+            display.end_run(key, res)
     results.write_table(sweep_dir)
     return sweep_dir
 

@@ -62,7 +62,7 @@ def check(sc: Any, source: str, deep: bool = True) -> Findings:
         The problems (empty for a scenario that can run) and notes.
     """
     out = Findings()
-    out.problems += baseline_problems(sc)
+    out.problems += baseline_problems(sc, written_default_counts=deep)
     out.problems += synthetic_problems(sc)
     for i, fw in enumerate(sc.frameworks):
         for sub, reason in override_problems(fw.overrides):
@@ -83,15 +83,17 @@ def check(sc: Any, source: str, deep: bool = True) -> Findings:
     return out
 
 
-def baseline_problems(sc: Any) -> list[Problem]:
+def baseline_problems(sc: Any, written_default_counts: bool = True) -> list[Problem]:
     """``measure.baseline`` must name one of the scenario's framework rows.
 
     The default (``hf``, not written in the file) may be absent: the report then shows no speed-ups and says so.
-    Written out, it must name a row, ``hf`` included.
+    Written out in a user's file, it must name a row, ``hf`` included; a stored, resolved scenario has every
+    default written out, so there (``written_default_counts=False``) ``hf`` is always accepted.
     """
     names = sc.framework_names()
     base = sc.measure.baseline
-    if base in names or (base == DEFAULT_BASELINE and "baseline" not in sc.measure.model_fields_set):
+    explicit = "baseline" in sc.measure.model_fields_set and written_default_counts
+    if base in names or (base == DEFAULT_BASELINE and not explicit):
         return []
     return [Problem(("measure", "baseline"), unknown("baseline framework", base, names)
                     .replace("(available:", "(the scenario's frameworks:"))]

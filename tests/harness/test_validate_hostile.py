@@ -206,18 +206,18 @@ def test_run_rejects_the_same_files(tmp_path):
 
 
 def test_internal_error_names_the_file_and_goes_on(tmp_path, monkeypatch, capsys):
-    from harness.spec import scenario
+    from harness.cli import validate
 
     good = tmp_path / "good.yaml"
     good.write_text(GOOD)
-    real = scenario.load_scenario
+    real = validate.load_scenario
 
     def flaky(path):
         if Path(path).name == "boom.yaml":
             raise RuntimeError("a bug in validation")
         return real(path)
 
-    monkeypatch.setattr(scenario, "load_scenario", flaky)
+    monkeypatch.setattr(validate, "load_scenario", flaky)  # what both validate and run call
     assert cli.main(["validate", str(tmp_path / "boom.yaml"), str(good)]) == 2
     out = capsys.readouterr()
     assert f"{tmp_path / 'boom.yaml'}: internal error while validating: RuntimeError: a bug in validation" in out.err
