@@ -27,6 +27,8 @@ with ``ctx`` a :class:`RunContext`. It must:
 4. Read back what actually ran, from the live model and optimizer at the first step, never from the scenario:
    ``ctx.set_effective(train_mode=..., gradient_checkpointing=..., dtype=..., quantization=..., lora_r=..., ...)``
    (``harness.measuring.effective.read_back_model`` / ``read_back_optimizer`` do it for transformers models).
+   A row's speed switches (Liger-Kernel, a checkpoint mode) are read back the same way, and a switch that did not
+   take effect marks the run invalid: ``adapters_for_tools/switches.py``.
 5. Save the trained output (PEFT adapter or HF checkpoint) in ``ctx.output_dir``; with ``eval.every_steps`` also
    the intermediate ones (``ctx.save_intermediate``).
 

@@ -10,6 +10,9 @@ from adapters_for_tools.contract import AdapterInfo, Overrides
 
 
 class AxolotlOverrides(Overrides):
+    # Liger-Kernel through Axolotl's plugin (axolotl.integrations.liger.LigerPlugin with liger_rope, liger_rms_norm,
+    # liger_glu_activation, liger_fused_linear_cross_entropy); its fused LoRA kernels are on either way (its default)
+    liger: bool = False
     # entries of axolotl.yml, over the scenario's; Axolotl's own config validation checks them
     axolotl: dict[str, Any] = Field(default_factory=dict)
 
@@ -22,6 +25,6 @@ INFO = AdapterInfo(
     requires=("axolotl",),
     version_of="axolotl",
     notes="Native config: axolotl.yml (`python -m axolotl.cli.train axolotl.yml`). Its Triton LoRA kernels stay "
-          "at Axolotl's defaults. CUDA only.",
+          "at Axolotl's defaults (on for LoRA/QLoRA), read back from the live model. CUDA only.",
     overrides=AxolotlOverrides,
 )

@@ -16,8 +16,14 @@ from typing import Any
 
 from adapters_for_tools.contract import HF_OPTIM
 
+LIGER_PLUGIN = "axolotl.integrations.liger.LigerPlugin"
+# the plugin's switches that apply to a Llama-family model (liger_layer_norm is for LayerNorm models)
+LIGER_FLAGS = ("liger_rope", "liger_rms_norm", "liger_glu_activation", "liger_fused_linear_cross_entropy")
+LORA_KERNELS = {"lora_mlp_kernel": "mlp", "lora_o_kernel": "o", "lora_qkv_kernel": "qkv"}
 
-def native_config(sc, work_dir: Path, checkpoint: str, dataset_path: Path, fmt: str) -> dict[str, Any]:
+
+def native_config(sc, work_dir: Path, checkpoint: str, dataset_path: Path, fmt: str,
+                  liger: bool = False) -> dict[str, Any]:
     """Axolotl config mapping for scenario ``sc`` (what ``axolotl.yml`` holds).
 
     Args:
@@ -26,6 +32,7 @@ def native_config(sc, work_dir: Path, checkpoint: str, dataset_path: Path, fmt: 
         checkpoint: model directory every framework loads.
         dataset_path: the sweep's JSONL.
         fmt: its format (``text``, ``alpaca``, ``messages``, ``sharegpt``).
+        liger: the row's ``liger`` override: Axolotl's Liger plugin with :data:`LIGER_FLAGS` on.
 
     Returns:
         The config as a plain dict (YAML-serialisable).
@@ -96,7 +103,23 @@ def native_config(sc, work_dir: Path, checkpoint: str, dataset_path: Path, fmt: 
         cfg.update({"load_in_4bit": True, "bnb_config_kwargs": {
             "bnb_4bit_quant_type": m.quant.quant_type, "bnb_4bit_use_double_quant": m.quant.double_quant,
             "bnb_4bit_compute_dtype": m.quant.compute_dtype}})
+    if liger:
+        cfg["plugins"] = [LIGER_PLUGIN]
+        cfg.update(dict.fromkeys(LIGER_FLAGS, True))
     return cfg
+
+
+def switches(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The speed switches a config asks for, under the read-back keys of :mod:`adapters_for_tools.switches`.
+
+    Liger-Kernel: the plugin listed and one of its switches on. Axolotl's fused LoRA kernels only where the config
+    sets them: left unset, Axolotl decides (on for LoRA/QLoRA), and the live model shows what it decided.
+    """
+    out: dict[str, Any] = {"liger_kernel": LIGER_PLUGIN in (cfg.get("plugins") or [])
+                           and any(cfg.get(f) for f in (*LIGER_FLAGS, "liger_swiglu", "liger_cross_entropy"))}
+    if any(cfg.get(k) is not None for k in LORA_KERNELS):
+        out["axolotl_lora_kernels"] = sorted(kind for k, kind in LORA_KERNELS.items() if cfg.get(k))
+    return out
 
 
 def cannot_honour(sc, fmt: str) -> list[tuple[str, str]]:

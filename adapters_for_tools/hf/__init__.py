@@ -10,6 +10,9 @@ from adapters_for_tools.contract import AdapterInfo, Overrides
 
 
 class HfOverrides(Overrides):
+    # Liger-Kernel (TrainingArguments.use_liger_kernel: its RMSNorm, SwiGLU, RoPE and fused linear cross-entropy),
+    # read back from the live model; needs liger-kernel in the environment (the `base` overlay carries it)
+    liger: bool = False
     # extra transformers TrainingArguments, over the scenario's (e.g. {torch_compile: true}); TrainingArguments
     # itself refuses a name it does not know
     training_args: dict[str, Any] = Field(default_factory=dict)
@@ -21,6 +24,6 @@ INFO = AdapterInfo(
     env="base",
     requires=("torch", "transformers", "peft", "accelerate"),
     version_of="transformers",
-    notes="QLoRA needs bitsandbytes and a CUDA GPU.",
+    notes="QLoRA needs bitsandbytes and a CUDA GPU. `liger: true` needs liger-kernel (the `base` overlay).",
     overrides=HfOverrides,
 )

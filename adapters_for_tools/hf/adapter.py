@@ -1,9 +1,11 @@
 """hf adapter: the scenario as a transformers ``Trainer`` run with PEFT, measured by the common hook.
 
-Settings map one to one: ``TrainingArguments`` gets micro-batch, accumulation, steps, LR, optimizer,
-gradient checkpointing (non-reentrant) and precision; PEFT's ``LoraConfig`` gets rank, alpha, dropout,
-targets and DoRA; QLoRA loads the base through ``BitsAndBytesConfig`` (nf4, double quantisation, bf16
-compute). Data is the sweep's dataset tokenised by ``harness.inputs.data`` and fed in order (sequential sampler).
+Settings map one to one: ``TrainingArguments`` (:func:`adapters_for_tools.hf.config.training_args`) gets
+micro-batch, accumulation, steps, LR, optimizer, gradient checkpointing (non-reentrant) and precision; PEFT's
+``LoraConfig`` gets rank, alpha, dropout, targets and DoRA; QLoRA loads the base through ``BitsAndBytesConfig``
+(nf4, double quantisation, bf16 compute). Data is the sweep's dataset tokenised by ``harness.inputs.data`` and fed
+in order (sequential sampler). A ``liger: true`` row (``use_liger_kernel``) is read back from the live model at
+the first step (:mod:`adapters_for_tools.switches`): no Liger module there marks the run invalid.
 
 Decision: QLoRA does not call ``peft.prepare_model_for_kbit_training`` — it upcasts every non-quantised
 weight (norms, embeddings, LM head) to float32, which costs ~2 GB on an 8B model and which no other
@@ -15,7 +17,8 @@ from __future__ import annotations
 import json
 import time
 
-from adapters_for_tools.contract import trainer_args
+from adapters_for_tools import switches
+from adapters_for_tools.hf.config import training_args
 from harness.inputs.data import collate, load_tokenised
 
 
@@ -56,39 +59,26 @@ def run(ctx) -> None:
     from transformers import Trainer, TrainingArguments
 
     sc = ctx.scenario
+    args_kw = training_args(sc, ctx.work_dir, ctx.options)
+    if args_kw.get("use_liger_kernel"):
+        switches.require_liger("hf")  # before the model loads: an 8B load is minutes lost
     t0 = time.time()
     model, tok = build_model(ctx)
     ctx.load_s = time.time() - t0
     data = load_tokenised(sc, ctx.dataset_path, tok)
-    mixed = sc.model.dtype in ("bfloat16", "float16")
-    args_kw = dict(
-        output_dir=str(ctx.work_dir / "trainer"),
-        **trainer_args(sc),
-        gradient_checkpointing=sc.train.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if sc.train.gradient_checkpointing else None,
-        bf16=mixed and sc.model.dtype == "bfloat16",
-        fp16=sc.model.dtype == "float16",
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        seed=sc.train.seed,
-        data_seed=sc.train.seed,
-        dataloader_num_workers=0,
-        train_sampling_strategy="sequential",
-        remove_unused_columns=False,
-        use_cpu=sc.hardware.device == "cpu",
-        disable_tqdm=True,
-    )
-    args_kw.update(ctx.options.training_args)
     args = TrainingArguments(**args_kw)
+    switches.expect(ctx, **{switches.LIGER: bool(args.use_liger_kernel)})
     ctx.save_native_config("training_args.json", json.dumps(args.to_dict(), indent=1, default=str))
     ctx.meter.attach(model)
 
     trainer = Trainer(model=model, args=args, train_dataset=_ListDataset(data.rows),
                       data_collator=lambda feats: collate(feats, tok.pad_token_id),
-                      # order matters: the measurement callback stops the step clock before a save
-                      callbacks=ctx.trainer_callbacks())
+                      # order matters: the switch read-back runs before the measurement callback starts the step
+                      # clock, and the measurement callback stops it before a save
+                      callbacks=[switches.read_back_callback(ctx, switches.read_trainer_model),
+                                 *ctx.trainer_callbacks()])
     trainer.train()
+    switches.settle(ctx)
     ctx.output_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(ctx.output_dir)
     tok.save_pretrained(ctx.output_dir)

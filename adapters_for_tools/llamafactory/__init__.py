@@ -10,6 +10,12 @@ from adapters_for_tools.contract import AdapterInfo, Overrides
 
 
 class LlamaFactoryOverrides(Overrides):
+    # Liger-Kernel (enable_liger_kernel: its RMSNorm, SwiGLU, RoPE and fused linear cross-entropy, patched in before
+    # the model loads); needs liger-kernel (the `base` overlay every environment sees carries it)
+    liger: bool = False
+    # LLaMA-Factory's offloading checkpoints (use_unsloth_gc: each checkpointed layer's input kept in host memory;
+    # Unsloth itself not needed): leaner, slower
+    unsloth_gc: bool = False
     # entries of llamafactory.yaml, over the scenario's; LLaMA-Factory's argument parser checks them
     llamafactory: dict[str, Any] = Field(default_factory=dict)
 

@@ -13,6 +13,7 @@ import time
 
 import yaml
 
+from adapters_for_tools import switches
 from adapters_for_tools.contract import rerun_command
 from adapters_for_tools.llamafactory import config as lf_config
 from harness.inputs.data import read_jsonl, write_jsonl
@@ -51,16 +52,23 @@ def run(ctx) -> None:
     prefix = "" if getattr(tok, "add_bos_token", False) else tok.bos_token
     write_jsonl([{"text": prefix + r["text"]} for r in read_jsonl(ctx.dataset_path)], ds_dir / "data.jsonl")
     (ds_dir / "dataset_info.json").write_text(json.dumps(lf_config.dataset_info("data.jsonl"), indent=1))
-    args = lf_config.native_config(sc, ctx.work_dir, ctx.checkpoint, ds_dir)
+    ov = ctx.options
+    args = lf_config.native_config(sc, ctx.work_dir, ctx.checkpoint, ds_dir, liger=ov.liger, unsloth_gc=ov.unsloth_gc)
     if sc.hardware.device == "cpu":
         args["use_cpu"] = True
-    args.update(ctx.options.llamafactory)
+    args.update(ov.llamafactory)
+    switches.expect(ctx, **lf_config.switches(args))
+    if args.get("enable_liger_kernel"):
+        switches.require_liger("llamafactory")
     path = ctx.save_native_config("llamafactory.yaml", yaml.safe_dump(args, sort_keys=False))
     ctx.extra["rerun"] = rerun_command(f"llamafactory.cli train {path}")
 
     from llamafactory.train.tuner import run_exp
 
     t0 = time.time()
-    run_exp(args=dict(args), callbacks=[attach_on_train_begin(ctx.meter), *ctx.trainer_callbacks()])
+    # the switch read-back first: it reads before the measurement callback starts the step clock
+    run_exp(args=dict(args), callbacks=[switches.read_back_callback(ctx, switches.read_trainer_model),
+                                        attach_on_train_begin(ctx.meter), *ctx.trainer_callbacks()])
+    switches.settle(ctx)
     ctx.extra["run_exp_s"] = time.time() - t0
     ctx.extra["saved"] = "peft adapter" if sc.method.is_peft else "hf checkpoint"

@@ -21,7 +21,8 @@ def dataset_info(file_name: str) -> dict[str, Any]:
     return {DATASET_NAME: {"file_name": file_name, "formatting": "alpaca", "columns": {"prompt": "text"}}}
 
 
-def native_config(sc, work_dir: Path, checkpoint: str, dataset_dir: Path) -> dict[str, Any]:
+def native_config(sc, work_dir: Path, checkpoint: str, dataset_dir: Path, liger: bool = False,
+                  unsloth_gc: bool = False) -> dict[str, Any]:
     """LLaMA-Factory training arguments (the YAML ``llamafactory-cli train`` reads) for scenario ``sc``.
 
     Args:
@@ -29,6 +30,8 @@ def native_config(sc, work_dir: Path, checkpoint: str, dataset_dir: Path) -> dic
         work_dir: the run's scratch directory.
         checkpoint: model directory every framework loads.
         dataset_dir: directory holding ``dataset_info.json`` and the data file.
+        liger: the row's ``liger`` override: ``enable_liger_kernel``.
+        unsloth_gc: the row's ``unsloth_gc`` override: ``use_unsloth_gc`` (offloading checkpoints).
 
     Returns:
         The arguments as a plain dict.
@@ -58,7 +61,8 @@ def native_config(sc, work_dir: Path, checkpoint: str, dataset_dir: Path) -> dic
         "use_reentrant_gc": False,
         "flash_attn": {"sdpa": "sdpa", "eager": "disabled", "flash_attention_2": "fa2"}[sc.model.attn_implementation],
         "use_unsloth": False,
-        "enable_liger_kernel": False,
+        "use_unsloth_gc": unsloth_gc,
+        "enable_liger_kernel": liger,
         "upcast_layernorm": False,
         "disable_shuffling": True,
         "seed": t.seed,
@@ -75,6 +79,14 @@ def native_config(sc, work_dir: Path, checkpoint: str, dataset_dir: Path) -> dic
         cfg.update({"quantization_bit": 4, "quantization_method": "bnb", "quantization_type": m.quant.quant_type,
                     "double_quantization": m.quant.double_quant})
     return cfg
+
+
+def switches(args: dict[str, Any]) -> dict[str, bool]:
+    """The speed switches final arguments ask for, under the read-back keys of :mod:`adapters_for_tools.switches`:
+    Liger-Kernel, and whether the checkpointed layers offload (``use_unsloth_gc`` with checkpointing on)."""
+    gc = not args.get("disable_gradient_checkpointing", False)
+    return {"liger_kernel": bool(args.get("enable_liger_kernel")),
+            "gradient_checkpointing_offload": gc and bool(args.get("use_unsloth_gc"))}
 
 
 def cannot_honour(sc, fmt: str) -> list[tuple[str, str]]:

@@ -10,6 +10,9 @@ from adapters_for_tools.contract import AdapterInfo, Overrides
 
 
 class TrlOverrides(Overrides):
+    # Liger-Kernel (SFTConfig.use_liger_kernel: its RMSNorm, SwiGLU and RoPE; TRL keeps its own fused LM head),
+    # read back from the live model; needs liger-kernel (the `base` overlay every environment sees carries it)
+    liger: bool = False
     # entries of the TRL SFT script's YAML (trl_sft.yaml), over the scenario's; TRL's parser refuses unknown ones
     sft: dict[str, Any] = Field(default_factory=dict)
 

@@ -18,6 +18,7 @@ import time
 
 import yaml
 
+from adapters_for_tools import switches
 from adapters_for_tools.contract import rerun_command
 from adapters_for_tools.trl import config as trl_config
 from harness.inputs.data import read_jsonl, write_jsonl
@@ -48,8 +49,11 @@ def run(ctx) -> None:
             ctx.extra["differences"] = notes
     for setting, why in trl_config.cannot_honour(sc):
         ctx.cannot_honour(setting, why)
-    cfg = trl_config.native_config(sc, ctx.work_dir, ctx.checkpoint, data_file, fmt)
+    cfg = trl_config.native_config(sc, ctx.work_dir, ctx.checkpoint, data_file, fmt, liger=ctx.options.liger)
     cfg.update(ctx.options.sft)
+    switches.expect(ctx, **{switches.LIGER: bool(cfg["use_liger_kernel"])})
+    if cfg["use_liger_kernel"]:
+        switches.require_liger("trl")
     cfg_path = ctx.save_native_config("trl_sft.yaml", yaml.safe_dump(cfg, sort_keys=False))
     ctx.extra["rerun"] = rerun_command(f"trl.scripts.sft --config {cfg_path}")
     if sc.data.packing:
@@ -71,10 +75,13 @@ def run(ctx) -> None:
     trainer = SFTTrainer(model=model_args.model_name_or_path, args=args,
                          train_dataset=dataset[script_args.dataset_train_split],
                          quantization_config=quant, peft_config=get_peft_config(model_args),
-                         callbacks=ctx.trainer_callbacks())
+                         # the switch read-back first: it reads before the measurement callback starts the clock
+                         callbacks=[switches.read_back_callback(ctx, switches.read_trainer_model),
+                                    *ctx.trainer_callbacks()])
     ctx.load_s = time.time() - t0  # model load + TRL's tokenisation (both before the first step)
     ctx.meter.attach(trainer.model)
     trainer.train()
+    switches.settle(ctx)
     ctx.output_dir.mkdir(parents=True, exist_ok=True)
     trainer.save_model(str(ctx.output_dir))
     trainer.processing_class.save_pretrained(str(ctx.output_dir))

@@ -21,7 +21,8 @@ from adapters_for_tools.contract import trainer_args
 from adapters_for_tools.prompt_completion import split_rows
 
 
-def native_config(sc, work_dir: Path, checkpoint: str, data_file: Path, fmt: str) -> dict[str, Any]:
+def native_config(sc, work_dir: Path, checkpoint: str, data_file: Path, fmt: str,
+                  liger: bool = False) -> dict[str, Any]:
     """TRL SFT script arguments for scenario ``sc``.
 
     Args:
@@ -30,6 +31,7 @@ def native_config(sc, work_dir: Path, checkpoint: str, data_file: Path, fmt: str
         checkpoint: model directory every framework loads.
         data_file: the JSONL TRL reads (the sweep's file for text rows, a converted one otherwise).
         fmt: dataset format of the sweep's file (``text``, ``alpaca``, ``messages``, ``sharegpt``).
+        liger: the row's ``liger`` override: ``use_liger_kernel``.
 
     Returns:
         A flat mapping of TRL CLI arguments (JSON/YAML-serialisable).
@@ -69,7 +71,7 @@ def native_config(sc, work_dir: Path, checkpoint: str, data_file: Path, fmt: str
         "dataset_num_proc": 1,
         "dataset_text_field": "text",
         "pad_to_multiple_of": None,
-        "use_liger_kernel": False,
+        "use_liger_kernel": liger,
         "activation_offloading": False,
     }
     if sc.data.packing:

@@ -5,7 +5,7 @@ translates the scenario into them. Mapping: ``model.dtype`` is the storage dtype
 ``method`` plus the override knobs become :class:`kernels.trainer.config.MethodOptions` (LoRA/DoRA with PEFT's
 init and scale, QLoRA as NF4 base weights with ``quant.compute_dtype`` compute, full = every weight trainable);
 ``train`` becomes :class:`kernels.trainer.config.TrainSettings` and drives :func:`kernels.trainer.train.train`
-(same data order and loss normalisation as the hf baseline, AdamW over the trainable parameters, fused on CUDA).
+(the hf baseline's data order, loss normalisation, AdamW parameter groups and implementation, and clipping).
 Data is tokenised by ``harness.inputs.data.load_tokenised``, as for hf; the trainer pads its micro-batches itself
 (:mod:`kernels.trainer.batches`, the same tensors as the harness's ``collate``).
 

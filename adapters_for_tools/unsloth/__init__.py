@@ -11,8 +11,8 @@ from adapters_for_tools.contract import AdapterInfo, Overrides
 
 class UnslothOverrides(Overrides):
     # Unsloth's checkpoint mode, for from_pretrained and get_peft_model: "unsloth" (its own, offloading the
-    # checkpointed activations to the host), true (Transformers' implementation), false (none). Unset: "unsloth"
-    # when the scenario checkpoints, else false (config.py).
+    # checkpointed activations to the host), true (Transformers' implementation, on the GPU: faster), false (none).
+    # Unset: "unsloth" when the scenario checkpoints, else false (config.py). Read back from the live model.
     use_gradient_checkpointing: bool | Literal["unsloth"] | None = None
     # TRL SFTConfig entries, over the scenario's
     sft: dict[str, Any] = Field(default_factory=dict)

@@ -15,6 +15,7 @@ import unsloth  # noqa: F401  (first, on purpose: it patches transformers/TRL/PE
 import json
 import time
 
+from adapters_for_tools import switches
 from adapters_for_tools.contract import rerun_command
 from adapters_for_tools.prompt_completion import split_rows
 from adapters_for_tools.unsloth import config as us_config
@@ -50,12 +51,10 @@ def run(ctx) -> None:
         write_jsonl(rows, data_file)
     for setting, why in us_config.cannot_honour(sc):
         ctx.cannot_honour(setting, why)
-    cfg = us_config.native_config(sc, ctx.work_dir, ctx.checkpoint, data_file)
-    if (gc := ctx.options.use_gradient_checkpointing) is not None:
-        cfg["from_pretrained"]["use_gradient_checkpointing"] = gc
-        if cfg["get_peft_model"]:
-            cfg["get_peft_model"]["use_gradient_checkpointing"] = gc
+    cfg = us_config.native_config(sc, ctx.work_dir, ctx.checkpoint, data_file,
+                                  use_gradient_checkpointing=ctx.options.use_gradient_checkpointing)
     cfg["sft"].update(ctx.options.sft)
+    switches.expect(ctx, **{switches.UNSLOTH_GC: us_config.checkpoint_mode(cfg)})
     if fmt != "text":
         cfg["sft"]["completion_only_loss"] = not sc.data.prompt_loss
     path = ctx.save_native_config("unsloth.json", json.dumps(cfg, indent=1))
@@ -75,11 +74,17 @@ def run(ctx) -> None:
 
 
     trainer = SFTTrainer(model=model, processing_class=tok, args=args, train_dataset=dataset,
-                         callbacks=ctx.trainer_callbacks())
+                         # the switch read-back first: it reads before the measurement callback starts the clock
+                         callbacks=[switches.read_back_callback(ctx, _read_back), *ctx.trainer_callbacks()])
     ctx.meter.attach(trainer.model)
     trainer.train()
+    switches.settle(ctx)
     ctx.output_dir.mkdir(parents=True, exist_ok=True)
     trainer.save_model(str(ctx.output_dir))
     tok.save_pretrained(str(ctx.output_dir))
     ctx.extra["saved"] = "peft adapter" if sc.method.is_peft else "hf checkpoint"
 
+
+def _read_back(model) -> dict:
+    """Unsloth's checkpoint mode as installed on the live model, and any Liger-Kernel replacement."""
+    return switches.read_unsloth_checkpointing(model) | switches.read_liger(model)

@@ -7,7 +7,9 @@
 
 Decision: gradient checkpointing on -> ``use_gradient_checkpointing="unsloth"`` (Unsloth's own implementation,
 which offloads the checkpointed activations to CPU; what Unsloth recommends and what its users run), off ->
-``False``. Override with ``overrides: {use_gradient_checkpointing: true}`` for Transformers' implementation.
+``False``. Override with ``overrides: {use_gradient_checkpointing: true}`` for Transformers' implementation (Unsloth's
+plain mode: activations stay on the GPU, faster). The adapter reads the mode back from the live model
+(:func:`adapters_for_tools.switches.read_unsloth_checkpointing`) and compares it with :func:`checkpoint_mode`.
 """
 
 from __future__ import annotations
@@ -18,10 +20,22 @@ from typing import Any
 from adapters_for_tools.contract import trainer_args
 
 
-def native_config(sc, work_dir: Path, checkpoint: str, data_file: Path) -> dict[str, Any]:
-    """Unsloth call arguments for scenario ``sc``: ``{"from_pretrained", "get_peft_model", "sft"}``."""
+def native_config(sc, work_dir: Path, checkpoint: str, data_file: Path,
+                  use_gradient_checkpointing: bool | str | None = None) -> dict[str, Any]:
+    """Unsloth call arguments for scenario ``sc``: ``{"from_pretrained", "get_peft_model", "sft", "data_file"}``.
+
+    Args:
+        sc: the scenario.
+        work_dir: the run's scratch directory (trainer output goes under it).
+        checkpoint: model directory every framework loads.
+        data_file: the JSONL Unsloth reads.
+        use_gradient_checkpointing: the row's override (``"unsloth"``, True, False); None: ``"unsloth"`` when the
+            scenario checkpoints, else False.
+    """
     m, t = sc.method, sc.train
     gc: bool | str = "unsloth" if t.gradient_checkpointing else False
+    if use_gradient_checkpointing is not None:
+        gc = use_gradient_checkpointing
     fp = {"model_name": str(checkpoint), "max_seq_length": sc.data.seq_len, "dtype": sc.model.dtype,
           "load_in_4bit": m.kind == "qlora", "load_in_8bit": False, "full_finetuning": m.kind == "full",
           "attn_implementation": sc.model.attn_implementation, "local_files_only": True,
@@ -51,6 +65,12 @@ def native_config(sc, work_dir: Path, checkpoint: str, data_file: Path) -> dict[
         "dataset_text_field": "text",
     }
     return {"from_pretrained": fp, "get_peft_model": peft, "sft": sft, "data_file": str(data_file)}
+
+
+def checkpoint_mode(cfg: dict[str, Any]) -> bool | str:
+    """The checkpoint mode a native config asks Unsloth for (``get_peft_model``'s, or ``from_pretrained``'s for
+    full fine-tuning): what the live model must show."""
+    return (cfg["get_peft_model"] or cfg["from_pretrained"])["use_gradient_checkpointing"]
 
 
 def cannot_honour(sc) -> list[tuple[str, str]]:
