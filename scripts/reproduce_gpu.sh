@@ -67,7 +67,8 @@ for sc in scenarios/llama8b_lora.yaml scenarios/llama8b_qlora.yaml; do
   step $sc --repeats 1 --only hf
   step $sc --repeats 1 --only hf tunebench tunebench-fast-graph $lean unsloth
   step $sc --repeats 3 --only hf tunebench tunebench-fast-graph
-  step $sc --repeats 1 --only tunebench-fast tunebench-graph tunebench-lean trl axolotl llamafactory litgpt
+  step $sc --repeats 1 --only tunebench-fast tunebench-graph tunebench-lean trl axolotl llamafactory litgpt \
+    hf-liger trl-liger unsloth-plain-ckpt axolotl-liger llamafactory-liger llamafactory-offload-ckpt
 done
 step scenarios/quality_gpu.yaml          # lm-eval runs in the lmeval environment
 step scenarios/quality_gpu_parity.yaml   # hf twice against tunebench with and without reference ops
