@@ -126,7 +126,8 @@ def quantile(xs: list[float], q: float) -> float | None:
 
 
 SUMMARY_METRICS = ("tokens_per_s", "step_s_median", "peak_vram_nvml_gib", "peak_vram_device_gib", "peak_alloc_gib",
-                   "peak_reserved_gib", "peak_rss_gib", "mfu", "model_tflops", "final_loss")
+                   "peak_reserved_gib", "peak_rss_gib", "mfu", "model_tflops", "final_loss", "joules_per_token",
+                   "avg_power_w")
 
 
 @dataclass

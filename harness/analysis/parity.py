@@ -11,14 +11,22 @@ baseline has no such repeat; the baseline's own repeats are compared with its re
 run-to-run determinism)::
 
     d_i            = |loss_i - baseline_loss_i|        over the n steps both runs logged a loss for
+                     (infinite where either loss is NaN or infinite)
     max_abs_diff   = max_i d_i,   mean_abs_diff = mean_i d_i
     tolerance      = atol + rtol * mean_i |baseline_loss_i|
     first_departure_step = the first step with d_i > tolerance (None if none)
     parity_status  = "ok"        if max_abs_diff <= tolerance
+                     "departs"   if either curve has a NaN or infinite loss at a common step (a departure at
+                                 that step, whatever comes after)
                      "transient" if not, but n >= 20, every d_i of the first quarter of the steps is within
                                  tolerance, and the mean d_i of the last tenth is too
                      "departs"   otherwise
     parity_ok      = parity_status != "departs"
+
+Which runs have a curve: ok runs and runs stored as "diverged" (harness.measuring.trained: a loss became NaN or
+infinite). A diverged run is compared like any other, so the report shows where its curve left the baseline's;
+a NaN is never dropped before comparing (dropping it would let a run trained at ``lr: .inf`` read "ok, max diff
+0" over the one step before its loss went to NaN). Failed runs (error, OOM, timeout, ...) have no curve.
 
 Why "transient": two implementations of the same step that agree bit for bit for tens of steps can still part
 at a loss spike, where a rounding difference of 1e-6 is amplified for a few steps before both curves settle
@@ -52,6 +60,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from harness.measuring.trained import STATUS_DIVERGED
 from harness.storing.schema import RunResult
 from harness.storing.sweep import DEFAULT_BASELINE, NotAResultsDir, load_sweep
 
@@ -67,8 +76,13 @@ TRANSIENT_MIN_STEPS = 20  # fewer common steps: no early and final windows to sp
 
 
 def loss_curve(run: RunResult) -> dict[int, float]:
-    """``{optimizer step: loss}`` of a run (steps without a finite logged loss left out)."""
-    return {s.step: float(s.loss) for s in run.steps if s.loss is not None and math.isfinite(s.loss)}
+    """``{optimizer step: loss}`` of a run (steps that logged no loss left out; NaN and infinite losses kept)."""
+    return {s.step: float(s.loss) for s in run.steps if s.loss is not None}
+
+
+def has_curve(run: RunResult) -> bool:
+    """The run trained to the end (ok) or until its loss diverged: it has a loss curve to compare."""
+    return run.ok or run.status == STATUS_DIVERGED
 
 
 def tolerance_for(run: RunResult, atol: float | None = None, rtol: float | None = None) -> tuple[float, float]:
@@ -84,19 +98,25 @@ def compare_curves(curve: dict[int, float], ref: dict[int, float], atol: float, 
     if not common:
         return {"max_abs_diff": None, "mean_abs_diff": None, "tolerance": None, "first_departure_step": None,
                 "parity_status": None, "parity_ok": None, "steps": 0}
-    diffs = [abs(curve[s] - ref[s]) for s in common]
+    # a NaN or infinite loss on either side is an infinite difference: a departure at that step
+    diffs = [abs(curve[s] - ref[s]) if math.isfinite(curve[s]) and math.isfinite(ref[s]) else math.inf
+             for s in common]
     n = len(common)
-    tol = atol + rtol * math.fsum(abs(ref[s]) for s in common) / n
+    finite_ref = [abs(ref[s]) for s in common if math.isfinite(ref[s])]
+    tol = atol + rtol * (math.fsum(finite_ref) / len(finite_ref) if finite_ref else 0.0)
     mx = max(diffs)
     first = next((s for s, d in zip(common, diffs, strict=True) if d > tol), None)
     if mx <= tol:
         status = "ok"
+    elif math.isinf(mx):
+        status = "departs"
     else:
         early = diffs[: math.ceil(n / 4)]
         late = diffs[n - math.ceil(n / 10):]
         settled = n >= TRANSIENT_MIN_STEPS and max(early) <= tol and math.fsum(late) / len(late) <= tol
         status = "transient" if settled else "departs"
-    return {"max_abs_diff": mx, "mean_abs_diff": math.fsum(diffs) / n, "tolerance": tol,
+    return {"max_abs_diff": mx, "mean_abs_diff": math.fsum(diffs) / n if not math.isinf(mx) else math.inf,
+            "tolerance": tol,
             "first_departure_step": first, "parity_status": status, "parity_ok": status != "departs", "steps": n}
 
 
@@ -111,8 +131,8 @@ def _compare_all(runs: list[RunResult], baseline: str, atol: float | None, rtol:
     idx = {(r.framework, r.repeat): r for r in runs}
     for r in runs:
         ref = _reference(idx, r.framework, r.repeat, baseline)
-        curve = loss_curve(r) if r.ok else {}
-        ref_curve = loss_curve(ref) if ref is not None and ref.ok else {}
+        curve = loss_curve(r) if has_curve(r) else {}
+        ref_curve = loss_curve(ref) if ref is not None and has_curve(ref) else {}
         a, rt = tolerance_for(ref or r, atol, rtol)
         yield r.framework, r.repeat, compare_curves(curve, ref_curve, a, rt)
 

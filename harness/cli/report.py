@@ -1,6 +1,8 @@
 """``python -m harness report RESULTS_DIR [--out DIR]``: tables, charts and a report from a stored sweep.
 
-What the report holds is in :mod:`harness.reporting.report`. Exit codes: 0 written, 2 not a results directory.
+What the report holds is in :mod:`harness.reporting.report`. Exit codes: 0 written, 2 not a results directory
+(or anything unexpected while reading it, or the output cannot be written). A stored file that cannot be read is
+left out with a warning line on stderr naming it, and a caveat in the report; the rest of the sweep reports.
 
 Examples::
 
@@ -14,8 +16,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from harness.reporting.report import default_out_dir, write_report
-from harness.storing.sweep import NotAResultsDir
+from harness.reporting.report import default_out_dir, write_sweep_report
+from harness.storing.sweep import NotAResultsDir, load_sweep
 
 EXIT_OK, EXIT_BAD_INPUT = 0, 2
 
@@ -25,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m harness report", description="Tables, charts and a report from a stored sweep.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n  python -m harness report results/tiny_cpu-20261123-101500\n"
+        epilog="exit codes: 0 written; 2 not a results directory, unexpected content, or the output cannot be "
+               "written\n\nexamples:\n  python -m harness report results/tiny_cpu-20261123-101500\n"
                "  python -m harness report results/tiny_cpu-20261123-101500 --out /tmp/report")
     ap.add_argument("results_dir", type=Path, help="a sweep's results directory (results/<run-id>)")
     ap.add_argument("--out", type=Path, default=None,
@@ -36,11 +39,21 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the command; returns the exit code (2 on bad input)."""
     args = build_parser().parse_args(argv)
-    out = args.out or default_out_dir(args.results_dir)
     try:
-        md = write_report(args.results_dir, out)
+        out = args.out or default_out_dir(args.results_dir)
+        sweep = load_sweep(args.results_dir)
+        for u in sweep.unreadable:
+            print(f"warning: skipped {u}", file=sys.stderr)
+        md = write_sweep_report(sweep, out)
     except NotAResultsDir as e:
         print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as e:  # the output directory cannot be written (read-only, full disk)
+        print(f"error: {e.filename or args.results_dir}: {e.strerror or e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Exception as e:  # a stored sweep of a shape nothing here foresaw: name it and exit 2, no traceback
+        print(f"error: {args.results_dir}: cannot report on what it stores: {type(e).__name__}: "
+              f"{' '.join(str(e).split())[:500]}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(f"report: {md}\n        {md.with_name('report.html')}")
     return EXIT_OK

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from harness.analysis.aggregate import is_empty
 from harness.reporting.document import Cell, fmt, short
 from harness.storing.sweep import Sweep
@@ -20,7 +22,7 @@ def caveats(sweep: Sweep, summary, foreign: list[str], parity_df, eval_errors: l
     Returns:
         List items; marked "bad" (a failure or an invalid run) or "warn", or plain text.
     """
-    items: list[str | Cell] = []
+    items: list[str | Cell] = [Cell(f"skipped, could not be read: {u}", "bad") for u in sweep.unreadable]
     for r in sweep.runs:
         if not r.ok:
             items.append(Cell(f"{r.framework} r{r.repeat}: {r.status} — {short(r.reason, 400)}", "bad"))
@@ -29,6 +31,10 @@ def caveats(sweep: Sweep, summary, foreign: list[str], parity_df, eval_errors: l
                               f"{'; '.join(r.invalid_reasons) or 'marked invalid'}", "bad"))
     for r in sweep.runs:  # e.g. a throttled GPU: the figures stand but are less trustworthy
         items += [Cell(f"{r.framework} r{r.repeat}: {w}", "warn") for w in r.warnings]
+        if r.metrics.throttled and not any("throttl" in w.lower() for w in r.warnings):
+            reasons = ", ".join(r.metrics.throttle_reasons_seen or []) or "reason not recorded"
+            items.append(Cell(f"{r.framework} r{r.repeat}: GPU throttled while measuring ({reasons}): its tokens/s "
+                              "understate the framework", "warn"))
     stored = {r.key for r in sweep.runs}
     missing = [k for k in sweep.planned if k not in stored]
     if missing:
@@ -57,9 +63,12 @@ def caveats(sweep: Sweep, summary, foreign: list[str], parity_df, eval_errors: l
     for _, row in parity_df[parity_df["parity_status"].isin(["departs", "transient"])].iterrows():
         what, cls = (("departs from", "bad") if row["parity_status"] == "departs"
                      else ("parted for a while from (transient, then agreed again)", "warn"))
+        why = (f"max |Δ| {fmt(row['max_abs_diff'], 4)} > tolerance {fmt(row['tolerance'], 4)}"
+               if math.isfinite(row["max_abs_diff"]) else "a loss is NaN or infinite")
         items.append(Cell(f"{row['framework']} r{row['repeat']}: loss curve {what} {sweep.baseline} "
-                          f"from step {int(row['first_departure_step'])} (max |Δ| "
-                          f"{fmt(row['max_abs_diff'], 4)} > tolerance {fmt(row['tolerance'], 4)})", cls))
+                          f"from step {int(row['first_departure_step'])} ({why})", cls))
+    if not sweep.runs:
+        items.append(Cell("no run is stored: nothing was measured", "bad"))
     if not items:
         items.append("none: every planned run finished ok with valid settings")
     return items

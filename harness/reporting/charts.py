@@ -145,9 +145,12 @@ def chart_tps_vs_memory(summary, path: Path) -> Path | None:
         return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.scatter(s[mem_col], s["tps_median"], s=50)
+    # an invalid row is drawn red and labelled so: its position is not a fair measurement
+    ax.scatter(s[mem_col], s["tps_median"], s=50,
+               c=["#d62728" if _invalid(v) else "#1f77b4" for v in s["valid"]])
     for fw, row in s.iterrows():
-        ax.annotate(fw, (row[mem_col], row["tps_median"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        ax.annotate(f"{fw} (INVALID)" if _invalid(row["valid"]) else fw, (row[mem_col], row["tps_median"]),
+                    textcoords="offset points", xytext=(5, 5), fontsize=8)
     ax.set_xlabel(label)
     ax.set_ylabel("tokens/s (median)")
     ax.set_title("Throughput against peak memory (up-left is better)", fontsize=10)

@@ -71,9 +71,10 @@ def target_text(sweep: Sweep) -> str:
 
 
 def parity_frame(sweep: Sweep):
-    """harness.analysis.parity's table over the sweep's ok runs, with the scenario's tolerances."""
+    """harness.analysis.parity's table over the sweep's runs that have a loss curve (ok or diverged), with the
+    scenario's tolerances."""
     _, atol, rtol = parity.settings(sweep.scenario)  # the scenario's tolerances, as in runs.csv
-    return parity.parity_table([r for r in sweep.runs if r.ok], sweep.baseline, atol, rtol)
+    return parity.parity_table([r for r in sweep.runs if parity.has_curve(r)], sweep.baseline, atol, rtol)
 
 
 def parity_rows(parity_df) -> tuple[list[str], list[list[str | Cell]]]:

@@ -9,22 +9,28 @@ Reads only what a sweep stored (``runs/*.json``, ``scenario.yaml``, ``environmen
 
 Contents: scenario summary and the command to reproduce; one row per framework aggregated over its ok repeats
 (harness.analysis.aggregate: tokens/s median with the spread over repeats and over steps, speed-up against
-``measure.baseline``, peak memory three ways, MFU, final loss, repeats, validity); every failed, unavailable,
-OOM, timed-out or invalid run with its reason; the MFU convention; charts; effective settings against the
-scenario; quality (when runs carry an evaluation) and loss parity; the environment; how to read it; failures
-and caveats.
+``measure.baseline``, peak memory three ways, MFU, energy per token and average power where a GPU measured them,
+final loss, repeats, validity); the fastest and the leanest framework among the fair measurements
+(harness.reporting.ranking); every failed, diverged, unavailable, OOM, timed-out or invalid run with its reason;
+GPU telemetry (clocks, power, temperature, throttling, energy) where recorded; the MFU convention; charts;
+effective settings against the scenario; quality (when runs carry an evaluation) and loss parity; the
+environment; how to read it; failures and caveats.
 
-A value that does not apply (GPU memory on a CPU, MFU without a peak) renders as "—", never as 0.
+A value that does not apply (GPU memory on a CPU, MFU without a peak) renders as "—", never as 0. A stored file
+that cannot be read is left out and named at the top and in the caveats; a sweep with no finished run still gets
+a report that says so.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 from harness.analysis.aggregate import is_empty
 from harness.reporting import charts, quality, tables
 from harness.reporting.caveats import caveats
 from harness.reporting.document import Cell, Doc, fmt
+from harness.reporting.ranking import rank, ranking_text
 from harness.storing.results import atomic_write_text
 from harness.storing.sweep import Sweep, load_sweep
 
@@ -37,6 +43,10 @@ MFU_CONVENTION = ("Model FLOPs per trained token: frozen-base LoRA/QLoRA/DoRA = 
 COMPARISON_HEADER = ["framework", "status", "repeats ok", "tokens/s (median)", "repeats min–max", "steps p10–p90",
                      "speed-up vs {base}", "peak VRAM NVML (GiB)", "NVML vs {base}", "device total (GiB)",
                      "torch alloc / reserved (GiB)", "MFU", "final loss", "valid"]
+ENERGY_HEADER = ["J/token", "avg power (W)"]  # after MFU, where a GPU run measured energy
+HOW_TO_READ_ENERGY = ("J/token and avg power: GPU energy from NVML's total-energy counter over the measured steps, "
+                      "per non-padding token and per second; a throttled GPU (power cap, thermal, hardware slowdown) "
+                      "is flagged in the status and the caveats: its tokens/s understate the framework.")
 HOW_TO_READ = [
     "tokens/s counts non-padding input tokens, counted by the harness from each batch (never a tool's own "
     "figure), over the measured optimizer steps; warmup steps are left out.",
@@ -62,18 +72,28 @@ def default_out_dir(results_dir: Path) -> Path:
     return p / "report"
 
 
-def _comparison(doc: Doc, sweep: Sweep, summary) -> None:
+def _comparison(doc: Doc, sweep: Sweep, summary, parity_df) -> None:
     base = sweep.baseline
     doc.h(1, "Comparison")
     if base not in summary.index or is_empty(summary.at[base, "tps_median"]):
         doc.p(f"Baseline `{base}` has no ok run: speed-ups are not shown.", "warn")
-    doc.table([h.format(base=base) for h in COMPARISON_HEADER], tables.comparison_rows(summary, base))
+    energy = tables.has_energy(summary)
+    header = [h.format(base=base) for h in COMPARISON_HEADER]
+    if energy:
+        header[header.index("MFU") + 1:header.index("MFU") + 1] = ENERGY_HEADER
+    doc.table(header, tables.comparison_rows(summary, base, energy))
+    if not summary.empty:
+        doc.p(ranking_text(rank(sweep, summary, parity_df)))
     peak = next((r.metrics.peak_tflops for r in sweep.runs if r.metrics.peak_tflops), None)
     src = next((r.metrics.peak_tflops_source for r in sweep.runs if r.metrics.peak_tflops_source), None)
     doc.p(f"**MFU convention.** {MFU_CONVENTION} Peak used: {fmt(peak, 1)} TFLOP/s" + (f" ({src})." if src else "."))
     doc.h(2, "All runs")
     doc.table(["framework", "repeat", "status", "valid", "tokens/s", "step s (median)", "NVML GiB", "reserved GiB",
                "host RSS GiB", "final loss", "wall s", "reason / invalid"], tables.run_rows(sweep))
+    telemetry = tables.telemetry_rows(sweep)
+    if telemetry:
+        doc.h(2, "GPU telemetry")
+        doc.table(tables.TELEMETRY_HEADER, telemetry)
     fails = tables.failure_rows(sweep)
     if fails:
         doc.h(2, "Failed, retried and invalid runs")
@@ -171,6 +191,16 @@ def build_report(sweep: Sweep, out_dir: Path) -> Doc:
           + (f" of {len(sweep.planned)} planned" if sweep.planned else "") + ".")
     if sc.get("description"):
         doc.p(str(sc["description"]))
+    if sweep.unreadable:
+        names = dict.fromkeys(f"`{u.path.name}`" for u in sweep.unreadable)
+        doc.p(f"Stored files that could not be read, in whole or in part, are left out: {', '.join(names)} — see "
+              "'Failures and caveats'.", "bad")
+    if not sweep.runs:
+        doc.p("No run is stored: the sweep stopped before any run finished" + (
+            f" ({len(sweep.planned)} planned)" if sweep.planned else "") + ". There is nothing to compare.", "bad")
+    elif not any(r.ok for r in sweep.runs):
+        statuses = ", ".join(f"{n} {st}" for st, n in Counter(r.status for r in sweep.runs).items())
+        doc.p(f"No run finished ok ({statuses}): there are no figures to compare; the reasons are below.", "bad")
     n_bad = sum(1 for r in sweep.runs if not r.ok or not r.valid)
     if n_bad:
         doc.p(f"{n_bad} run(s) failed or are invalid — see the table and 'Failures and caveats'.", "bad")
@@ -182,17 +212,18 @@ def build_report(sweep: Sweep, out_dir: Path) -> Doc:
     doc.table(["setting", "value"], tables.scenario_rows(sweep))
     doc.p("Reproduce with:")
     doc.code(f"python -m harness run {sweep.source or '<scenario.yaml>'}\npython -m harness report {sweep.path}")
-    _comparison(doc, sweep, summary)
+    parity_df = quality.parity_frame(sweep)
+    _comparison(doc, sweep, summary, parity_df)
     _charts(doc, sweep, summary, out_dir)
     _settings(doc, sweep)
     eval_errors = quality.eval_errors(sweep)
     if quality.evaluated_runs(sweep):
         _quality(doc, sweep, summary, out_dir, eval_errors)
-    parity_df = quality.parity_frame(sweep)
     _parity(doc, sweep, parity_df)
     _environment(doc, sweep, foreign)
     doc.h(1, "How to read this")
-    doc.ul([item.format(base=sweep.baseline) for item in HOW_TO_READ])
+    doc.ul([item.format(base=sweep.baseline) for item in HOW_TO_READ]
+           + ([HOW_TO_READ_ENERGY] if tables.has_energy(summary) else []))
     doc.h(1, "Failures and caveats")
     doc.ul(caveats(sweep, summary, foreign, parity_df, eval_errors))
     return doc
@@ -211,7 +242,15 @@ def write_report(results_dir: Path, out_dir: Path) -> Path:
     Raises:
         NotAResultsDir: ``results_dir`` is not a sweep's results directory.
     """
-    sweep = load_sweep(Path(results_dir))
+    return write_sweep_report(load_sweep(Path(results_dir)), out_dir)
+
+
+def write_sweep_report(sweep: Sweep, out_dir: Path) -> Path:
+    """:func:`write_report` of a sweep already loaded (the command loads it first to warn about unreadable files).
+
+    Returns:
+        Path of ``report.md``.
+    """
     out_dir = Path(out_dir)
     doc = build_report(sweep, out_dir)
     md = out_dir / "report.md"

@@ -21,7 +21,8 @@ from harness.storing.sweep import Sweep
 # summary_frame column <- RunResult.metrics name
 _FIGURES = {"tps_median": "tokens_per_s", "step_s_median": "step_s_median", "nvml_gib": "peak_vram_nvml_gib",
             "device_gib": "peak_vram_device_gib", "alloc_gib": "peak_alloc_gib", "reserved_gib": "peak_reserved_gib",
-            "rss_gib": "peak_rss_gib", "mfu": "mfu", "model_tflops": "model_tflops", "final_loss": "final_loss"}
+            "rss_gib": "peak_rss_gib", "mfu": "mfu", "model_tflops": "model_tflops", "final_loss": "final_loss",
+            "joules_per_token": "joules_per_token", "avg_power_w": "avg_power_w"}
 
 
 def summary_frame(sweep: Sweep):
@@ -31,8 +32,9 @@ def summary_frame(sweep: Sweep):
         DataFrame indexed by framework, figures per harness.analysis.aggregate (MLPerf-trimmed medians):
         ``tps_median`` with ``tps_min``/``tps_max`` (the range of the repeats kept) and pooled per-step
         ``tps_p10_step``/``tps_p90_step``, ``speedup`` against the baseline, the runs' memory peaks
-        (``memory_ratio``: NVML peak against the baseline's), MFU, model TFLOP/s, final loss,
-        ``n_ok``/``n_total``, ``valid``, ``invalid_reasons``, ``failures``.
+        (``memory_ratio``: NVML peak against the baseline's), MFU, model TFLOP/s, final loss, energy per token
+        and average power (GPU runs with NVML's energy counter), ``n_ok``/``n_total``, ``valid``,
+        ``invalid_reasons``, ``failures``, ``throttled`` (the ok runs a throttled GPU measured, with the reasons).
     """
     import pandas as pd  # heavy optional dependency: the report's tables and charts are pandas frames
 
@@ -44,11 +46,13 @@ def summary_frame(sweep: Sweep):
         row |= {"tps_min": tps.low, "tps_max": tps.high, "tps_p10_step": s.step_p10, "tps_p90_step": s.step_p90,
                 "n_ok": len(s.ok_runs), "n_total": len(s.runs), "valid": s.valid,
                 "invalid_reasons": "; ".join(s.invalid_reasons),
-                "failures": "; ".join(f"r{r.repeat} {r.status}: {short(r.reason, 200)}" for r in s.failed_runs)}
+                "failures": "; ".join(f"r{r.repeat} {r.status}: {short(r.reason, 200)}" for r in s.failed_runs),
+                "throttled": "; ".join(f"r{r.repeat} ({', '.join(r.metrics.throttle_reasons_seen or []) or '?'})"
+                                       for r in s.ok_runs if r.metrics.throttled)}
         rows.append(row)
     num = list(_FIGURES) + ["tps_min", "tps_max", "tps_p10_step", "tps_p90_step"]
     out = pd.DataFrame(rows, index=pd.Index(sweep.framework_order(), name="framework"),
-                       columns=num + ["n_ok", "n_total", "valid", "invalid_reasons", "failures"])
+                       columns=num + ["n_ok", "n_total", "valid", "invalid_reasons", "failures", "throttled"])
     out[num] = out[num].astype(float)  # None -> NaN: "does not apply" renders as "—"
     out["valid"] = out["valid"].astype(object)
     base = sweep.baseline
@@ -59,15 +63,27 @@ def summary_frame(sweep: Sweep):
     return out
 
 
-def comparison_rows(summary, baseline: str) -> list[list[str | Cell]]:
-    """Rows of the comparison table (header in harness.reporting.report), one per framework."""
+def has_energy(summary) -> bool:
+    """Whether any framework has an energy figure (GPU runs with NVML's energy counter): the comparison table then
+    shows J/token and average power."""
+    return bool(summary[["joules_per_token", "avg_power_w"]].notna().any().any())
+
+
+def comparison_rows(summary, baseline: str, energy: bool = False) -> list[list[str | Cell]]:
+    """Rows of the comparison table (header in harness.reporting.report), one per framework.
+
+    Args:
+        summary: :func:`summary_frame`.
+        baseline: the baseline framework (bold, speed-up 1.00x).
+        energy: add the J/token and average-power cells after MFU (:func:`has_energy`).
+    """
     rows = []
     for fw, r in summary.iterrows():
         n_ok, n_total = int(r["n_ok"]), int(r["n_total"])
         if n_total == 0:
             status = Cell("no stored run", "bad")
         elif n_ok == n_total:
-            status = Cell("ok", "good")
+            status = Cell(f"ok, throttled: {r['throttled']}", "warn") if r["throttled"] else Cell("ok", "good")
         elif n_ok == 0:
             status = Cell(short(r["failures"], 250), "bad")
         else:
@@ -87,10 +103,13 @@ def comparison_rows(summary, baseline: str) -> list[list[str | Cell]]:
             valid = "yes"
         else:
             valid = Cell("INVALID: " + (short(r["invalid_reasons"], 250) or "see failures"), "bad")
-        rows.append([f"**{fw}**" if fw == baseline else fw, status, f"{n_ok}/{n_total}",
-                     fmt(r["tps_median"], thousands=True), spread, steps, speed, fmt(r["nvml_gib"]),
-                     EMPTY if is_empty(r["memory_ratio"]) else f"{100 * r['memory_ratio']:.1f} %",
-                     fmt(r["device_gib"]), torch_mem, fmt(r["mfu"], 1, pct=True), fmt(r["final_loss"], 4), valid])
+        cells = [f"**{fw}**" if fw == baseline else fw, status, f"{n_ok}/{n_total}",
+                 fmt(r["tps_median"], thousands=True), spread, steps, speed, fmt(r["nvml_gib"]),
+                 EMPTY if is_empty(r["memory_ratio"]) else f"{100 * r['memory_ratio']:.1f} %",
+                 fmt(r["device_gib"]), torch_mem, fmt(r["mfu"], 1, pct=True)]
+        if energy:
+            cells += [fmt(r["joules_per_token"], 4), fmt(r["avg_power_w"], 0)]
+        rows.append(cells + [fmt(r["final_loss"], 4), valid])
     return rows
 
 
@@ -107,6 +126,34 @@ def run_rows(sweep: Sweep) -> list[list[str | Cell]]:
         rows.append([r.framework, fmt(r.repeat, 0), status, valid, fmt(m.tokens_per_s, thousands=True),
                      fmt(m.step_s_median, 4), fmt(m.peak_vram_nvml_gib), fmt(m.peak_reserved_gib),
                      fmt(m.peak_rss_gib), fmt(m.final_loss, 4), fmt(r.wall_s, 1), Cell(note, "bad") if note else EMPTY])
+    return rows
+
+
+def _three(readings: list[dict[str, Any]], key: str) -> str:
+    return " / ".join(fmt(x.get(key), 0) for x in readings)
+
+
+TELEMETRY_HEADER = ["framework", "repeat", "SM clock MHz (start / at peak power / end)",
+                    "power W (start / peak / end)", "power limit W", "temperature °C (start / peak / end)",
+                    "throttle reasons seen", "energy J", "J/token", "avg power W"]
+
+
+def telemetry_rows(sweep: Sweep) -> list[list[str | Cell]]:
+    """One row per run that recorded GPU telemetry or energy (:mod:`harness.measuring.telemetry`); [] if none."""
+    rows = []
+    for r in sweep.runs:
+        m = r.metrics
+        tel = m.telemetry if isinstance(m.telemetry, dict) else {}
+        readings = [tel.get(when) if isinstance(tel.get(when), dict) else {} for when in ("start", "peak_power", "end")]
+        if not any(readings) and m.energy_j is None and m.throttled is None:
+            continue
+        limit = next((x.get("power_limit_w") for x in readings if x.get("power_limit_w") is not None), None)
+        reasons = ", ".join(m.throttle_reasons_seen or []) or EMPTY
+        seen: str | Cell = Cell(f"THROTTLED: {reasons}", "warn") if m.throttled else reasons
+        energy: str | Cell = fmt(m.energy_j, 1) if m.energy_error is None else Cell(short(m.energy_error, 120), "warn")
+        rows.append([r.framework, fmt(r.repeat, 0), _three(readings, "sm_clock_mhz"), _three(readings, "power_w"),
+                     fmt(limit, 0), _three(readings, "temperature_c"), seen, energy, fmt(m.joules_per_token, 4),
+                     fmt(m.avg_power_w, 0)])
     return rows
 
 

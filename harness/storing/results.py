@@ -20,7 +20,7 @@ settings_hash           hash of the shared settings and this framework's own ent
                         description and the report's baseline left out); empty where the run recorded none
 framework               the framework row's label (its adapter name unless the row has a label)
 repeat                  0-based repeat index
-status                  ok | error | oom | timeout | crashed | unavailable
+status                  ok | error | oom | timeout | crashed | unavailable | diverged
 reason                  why, when status is not ok (the tool's own error where there is one)
 valid                   effective settings matched the scenario (False: see invalid_reasons)
 invalid_reasons         "; "-joined differences between effective settings and the scenario
@@ -40,6 +40,13 @@ peak_rss_gib            host peak resident memory of the worker
 mfu                     model FLOPs utilisation (harness.measuring.flops convention)
 model_tflops            achieved model TFLOP/s
 first_loss, final_loss  training loss of the first and last step
+energy_j                GPU energy over the measured steps (NVML total-energy counter), J
+joules_per_token        energy_j / tokens of the measured steps
+avg_power_w             energy_j / measured seconds, W
+throttled               a clock-slowing throttle reason was seen while measuring (power cap, thermal, ...)
+throttle_reasons_seen   "; "-joined NVML throttle reasons seen while measuring (slowing or not)
+telemetry_<when>_<key>  GPU readings at ``start``, at ``peak_power`` and at the ``end`` of the run, for
+                        <key> in sm_clock_mhz, mem_clock_mhz, power_w, power_limit_w, temperature_c
 eval_*                  quality metrics (lm-eval) when the scenario has an eval section
 gpu_name, device        where it ran
 framework_version       version of the tool
@@ -53,6 +60,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,36 +69,58 @@ from pydantic import ValidationError
 from harness.storing.migrate import ResultSchemaError, migrate
 from harness.storing.schema import RESULT_SCHEMA_VERSION, RunResult, run_key
 
-__all__ = ["RESULT_SCHEMA_VERSION", "ROW_COLUMNS", "ResultSchemaError", "atomic_write_text", "load_results",
-           "load_runs", "parse_result", "read_json", "read_result", "rows_frame", "run_key", "to_row",
-           "write_json_once", "write_result", "write_table"]
+__all__ = ["RESULT_SCHEMA_VERSION", "ROW_COLUMNS", "ResultSchemaError", "Unreadable", "atomic_write_text",
+           "file_mode", "load_results", "load_runs", "parse_result", "read_json", "read_result", "read_runs",
+           "rows_frame", "run_key", "to_row", "write_json_once", "write_result", "write_table"]
 
 ROW_COLUMNS = [
     "scenario", "scenario_hash", "settings_hash", "framework", "repeat", "status", "reason", "valid",
     "invalid_reasons", "tokens_per_s", "tokens_per_s_p10_step", "tokens_per_s_p90_step", "loss_tokens_per_s",
     "samples_per_s", "step_s_median", "step_s_p10", "step_s_p90", "steps_measured", "peak_vram_nvml_gib",
     "peak_vram_device_gib", "peak_alloc_gib", "peak_reserved_gib", "peak_rss_gib", "mfu", "model_tflops",
-    "first_loss", "final_loss", "gpu_name", "device", "framework_version", "torch_version", "git_sha", "load_s",
-    "wall_s",
+    "first_loss", "final_loss", "energy_j", "joules_per_token", "avg_power_w", "throttled", "throttle_reasons_seen",
 ]
+# GPU readings of harness.measuring.telemetry, flattened as telemetry_<when>_<key>
+TELEMETRY_MOMENTS = ("start", "peak_power", "end")
+TELEMETRY_KEYS = ("sm_clock_mhz", "mem_clock_mhz", "power_w", "power_limit_w", "temperature_c")
+ROW_COLUMNS += [f"telemetry_{when}_{key}" for when in TELEMETRY_MOMENTS for key in TELEMETRY_KEYS]
+ROW_COLUMNS += ["gpu_name", "device", "framework_version", "torch_version", "git_sha", "load_s", "wall_s"]
 # the row columns that come from RunResult.metrics under the same name
-_METRIC_COLUMNS = ROW_COLUMNS[ROW_COLUMNS.index("tokens_per_s"): ROW_COLUMNS.index("final_loss") + 1]
+_METRIC_COLUMNS = ROW_COLUMNS[ROW_COLUMNS.index("tokens_per_s"): ROW_COLUMNS.index("throttled") + 1]
+
+
+# what reading a stored file can raise besides a schema error: a missing or unreadable file, bytes that are not
+# UTF-8 (UnicodeDecodeError is a ValueError), JSON nested deeper than the parser's recursion limit
+_READ_ERRORS = (OSError, ValueError, RecursionError)
 
 
 def read_json(path: Path) -> dict | None:
     """A stored JSON object, or None when the file is missing, unreadable, half-written or not an object."""
     try:
         data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError):
+    except _READ_ERRORS:
         return None
     return data if isinstance(data, dict) else None
 
 
+def file_mode() -> int:
+    """The mode a file created with ``open()`` gets here: 0o666 less the process umask (0o644 under umask 022)."""
+    # os.umask can only be read by setting it; set it back at once (no thread of the harness creates files)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file in the same directory and rename: readers never see half a file."""
+    """Write via a temp file in the same directory and rename: readers never see half a file.
+
+    The file gets the mode of a plain ``open()`` (:func:`file_mode`), not mkstemp's private 0600: results and
+    reports are read by other users and by the web server that publishes reports.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.fchmod(fd, file_mode())
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -130,14 +160,24 @@ def read_result(path: Path) -> RunResult:
     """One stored run.
 
     Raises:
-        ResultSchemaError: the file is not valid JSON or not a run result.
+        ResultSchemaError: the file cannot be read, is not valid UTF-8 JSON, or is not a run result (the message
+            names the file and why).
     """
     try:
-        data = json.loads(Path(path).read_text())
+        text = Path(path).read_bytes().decode("utf-8")
+    except OSError as e:
+        raise ResultSchemaError(f"{path}: cannot be read: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:
+        raise ResultSchemaError(f"{path}: not a text file (byte {e.start} is not UTF-8)") from e
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ResultSchemaError(f"{path}: not valid JSON: {e}") from e
+        what = "empty" if not text.strip() else "not valid JSON (truncated?)"
+        raise ResultSchemaError(f"{path}: {what}: {e}") from e
+    except RecursionError as e:
+        raise ResultSchemaError(f"{path}: JSON nested too deeply to read") from e
     if not isinstance(data, dict):
-        raise ResultSchemaError(f"{path}: not a JSON object")
+        raise ResultSchemaError(f"{path}: not a run result: a JSON {type(data).__name__}, not an object")
     return parse_result(data, str(path))
 
 
@@ -160,17 +200,48 @@ def write_result(path: Path, result: RunResult | dict[str, Any]) -> RunResult:
     return res
 
 
+@dataclass(frozen=True)
+class Unreadable:
+    """A stored file that could not be read, left out of everything built from the sweep."""
+
+    path: Path
+    why: str  # the message of the error, naming the file
+
+    def __str__(self) -> str:
+        return self.why
+
+
+def read_runs(results_dir: Path) -> tuple[list[RunResult], list[Unreadable]]:
+    """Every readable stored run of a sweep, and the run files that are not (truncated, not JSON, not a result).
+
+    One bad file never hides the rest of a sweep: reports and compare name it and go on.
+
+    Returns:
+        (runs in plan order where a plan exists, else file order; the unreadable files, each with why).
+    """
+    results_dir = Path(results_dir)
+    runs, bad = [], []
+    for p in sorted((results_dir / "runs").glob("*.json")):
+        try:
+            runs.append(read_result(p))
+        except ResultSchemaError as e:
+            bad.append(Unreadable(p, str(e)))
+    planned = (read_json(results_dir / "sweep.json") or {}).get("planned")
+    order = {k: i for i, k in enumerate(planned)} if isinstance(planned, list) and all(
+        isinstance(k, str) for k in planned) else {}
+    runs.sort(key=lambda r: order.get(r.key, 1 << 30))  # stable: unplanned runs keep file order, at the end
+    return runs, bad
+
+
 def load_results(results_dir: Path) -> list[RunResult]:
     """Every stored run of a sweep (``runs/*.json``, not the set-aside attempts), in plan order where a plan exists.
 
     Raises:
-        ResultSchemaError: a stored file is not a run result.
+        ResultSchemaError: a stored file is not a run result (:func:`read_runs` skips such files instead).
     """
-    results_dir = Path(results_dir)
-    runs = [read_result(p) for p in sorted((results_dir / "runs").glob("*.json"))]
-    plan = read_json(results_dir / "sweep.json") or {}
-    order = {k: i for i, k in enumerate(plan.get("planned") or [])}
-    runs.sort(key=lambda r: order.get(r.key, 1 << 30))  # stable: unplanned runs keep file order, at the end
+    runs, bad = read_runs(results_dir)
+    if bad:
+        raise ResultSchemaError(bad[0].why)
     return runs
 
 
@@ -182,8 +253,14 @@ def load_runs(results_dir: Path) -> list[dict[str, Any]]:
 def to_row(result: RunResult) -> dict[str, Any]:
     """Flatten one run into a ``runs.csv`` row (:data:`ROW_COLUMNS`, then ``eval_*``)."""
     env = result.environment
+    m = result.metrics
     row: dict[str, Any] = {c: None for c in ROW_COLUMNS}
-    row |= {c: getattr(result.metrics, c) for c in _METRIC_COLUMNS}
+    row |= {c: getattr(m, c) for c in _METRIC_COLUMNS}
+    row["throttle_reasons_seen"] = "; ".join(map(str, m.throttle_reasons_seen)) if m.throttle_reasons_seen else None
+    telemetry = m.telemetry if isinstance(m.telemetry, dict) else {}
+    for when in TELEMETRY_MOMENTS:
+        reading = telemetry.get(when) if isinstance(telemetry.get(when), dict) else {}
+        row |= {f"telemetry_{when}_{key}": reading.get(key) for key in TELEMETRY_KEYS}
     row |= {
         "scenario": result.scenario, "scenario_hash": result.scenario_hash, "settings_hash": result.settings_hash,
         "framework": result.framework, "repeat": result.repeat, "status": result.status, "reason": result.reason,
@@ -218,13 +295,13 @@ def write_table(results_dir: Path, frame: Any = None) -> Path:
 
     Args:
         results_dir: the sweep's directory.
-        frame: the table to write; default :func:`rows_frame` of the stored runs (the analysis layer passes
-            the same rows with its parity columns, :func:`harness.analysis.runs_table.write_table`).
+        frame: the table to write; default :func:`rows_frame` of the readable stored runs (the analysis layer
+            passes the same rows with its parity columns, :func:`harness.analysis.runs_table.write_table`).
 
     Returns:
         Path of ``runs.csv``.
     """
-    df = rows_frame(load_results(results_dir)) if frame is None else frame
+    df = rows_frame(read_runs(results_dir)[0]) if frame is None else frame
     out = Path(results_dir) / "runs.csv"
     atomic_write_text(out, df.to_csv(index=False))
     return out

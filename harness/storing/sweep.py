@@ -1,12 +1,16 @@
 """A stored sweep loaded once: its runs (typed), resolved scenario, environment and plan.
 
 Reports and the regression gate read sweeps only through :func:`load_sweep`, so both see the same runs in the
-same order.
+same order. Stored files never block a report: a run file that cannot be read (truncated, not JSON, not a run
+result) and a ``scenario.yaml``, ``environment.json`` or ``sweep.json`` that cannot be used are left out and
+listed in :attr:`Sweep.unreadable`, each naming the file and why; the commands print them and the report shows
+them as caveats. Only a directory that is not a sweep's at all raises :class:`NotAResultsDir`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +36,7 @@ class Sweep:
     scenario: dict[str, Any]  # the resolved scenario as stored (scenario.yaml); {} when missing
     environment: Environment  # the machine at sweep start (environment.json)
     plan: dict[str, Any]  # sweep.json; {} when missing
+    unreadable: list[results.Unreadable] = field(default_factory=list)  # stored files left out, with why
 
     @property
     def name(self) -> str:
@@ -55,9 +60,16 @@ class Sweep:
 
     def framework_order(self) -> list[str]:
         """Frameworks in scenario order, then any others that have stored runs."""
-        names = [f.get("label") or f.get("name") for f in self.scenario.get("frameworks") or [] if isinstance(f, dict)]
+        rows = self.scenario.get("frameworks")
+        names = [f.get("label") or f.get("name") for f in (rows if isinstance(rows, list) else [])
+                 if isinstance(f, dict)]
         names += [r.framework for r in self.runs]
-        return [n for n in dict.fromkeys(names) if n]
+        return [str(n) for n in dict.fromkeys(names) if n]
+
+    def unreadable_runs(self, framework: str) -> list[results.Unreadable]:
+        """The unreadable run files whose name (``<framework>-r<k>.json``) says they were ``framework``'s."""
+        return [u for u in self.unreadable if u.path.parent.name == "runs"
+                and u.path.stem.rpartition("-r")[0] == framework]
 
     def runs_of(self, framework: str) -> list[RunResult]:
         """Every stored run of one framework, in plan order."""
@@ -74,33 +86,86 @@ def is_results_dir(path: Path) -> bool:
     return path.is_dir() and ((path / "runs").is_dir() or (path / "sweep.json").is_file())
 
 
+def _read_mapping(path: Path, kind: str, unreadable: list[results.Unreadable]) -> dict[str, Any]:
+    """A stored JSON (``.json``) or YAML mapping, or {} with the reason in ``unreadable`` (absent: {} without a
+    word, a sweep that died before writing it)."""
+    if not path.exists():
+        return {}
+    try:
+        text = path.read_bytes().decode("utf-8")
+        # JSON by its own parser: YAML 1.1 reads json.dumps' "1e-05" as a string
+        loaded = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (OSError, ValueError, yaml.YAMLError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        unreadable.append(results.Unreadable(path, f"{path}: cannot be read as {kind}: "
+                                                   f"{' '.join(str(e).split())[:300]}"))
+        return {}
+    if not isinstance(loaded, dict):
+        unreadable.append(results.Unreadable(path, f"{path}: not {kind} (a {type(loaded).__name__}, not a mapping)"))
+        return {}
+    return loaded
+
+
+SCENARIO_SECTIONS = ("model", "method", "data", "train", "hardware", "measure", "eval")  # mappings in a scenario
+
+
+def _check_scenario(path: Path, sc: dict[str, Any], unreadable: list[results.Unreadable]) -> dict[str, Any]:
+    """The stored scenario with every top-level section of the wrong shape left out (and named)."""
+    out = dict(sc)
+    for key in SCENARIO_SECTIONS:
+        if out.get(key) is not None and not isinstance(out[key], dict):
+            unreadable.append(results.Unreadable(path, f"{path}: section {key!r} is not a mapping: ignored"))
+            out.pop(key)
+    rows = out.get("frameworks")
+    if rows is not None and not (isinstance(rows, list) and all(isinstance(f, dict) for f in rows)):
+        unreadable.append(results.Unreadable(path, f"{path}: 'frameworks' is not a list of rows: ignored"))
+        out.pop("frameworks")
+    return out
+
+
+def _check_plan(path: Path, plan: dict[str, Any], unreadable: list[results.Unreadable]) -> dict[str, Any]:
+    """The stored plan without a ``planned`` list of the wrong shape (named in ``unreadable``)."""
+    planned = plan.get("planned")
+    if planned is not None and not (isinstance(planned, list) and all(isinstance(k, str) for k in planned)):
+        unreadable.append(results.Unreadable(path, f"{path}: 'planned' is not a list of run names: ignored"))
+        plan = {k: v for k, v in plan.items() if k != "planned"}
+    return plan
+
+
 def load_sweep(results_dir: Path) -> Sweep:
-    """Load a stored sweep.
+    """Load a stored sweep, leaving out (and listing) what cannot be read.
 
     Args:
         results_dir: ``results/<run-id>``.
 
     Returns:
-        The sweep's runs (plan order), resolved scenario, environment and plan (missing files: empty).
+        The sweep's readable runs (plan order), resolved scenario, environment and plan (missing files: empty);
+        :attr:`Sweep.unreadable` names every stored file left out and why.
 
     Raises:
-        NotAResultsDir: the directory does not exist, holds neither ``runs/`` nor ``sweep.json``, or a stored
-            run cannot be read as a run result.
+        NotAResultsDir: the directory does not exist or holds neither ``runs/`` nor ``sweep.json``.
     """
     path = Path(results_dir)
     if not is_results_dir(path):
         raise NotAResultsDir(f"{path}: not a results directory (expected runs/ or sweep.json inside; "
                              "give results/<run-id> as written by `python -m harness run`)")
+    unreadable: list[results.Unreadable] = []
+    runs: list[RunResult] = []
+    if (path / "runs").is_dir():
+        try:
+            runs, bad = results.read_runs(path)
+        except OSError as e:  # runs/ itself cannot be listed
+            bad = [results.Unreadable(path / "runs", f"{path / 'runs'}: cannot be listed: {e.strerror or e}")]
+        unreadable += bad
+    scenario = _check_scenario(path / "scenario.yaml", _read_mapping(path / "scenario.yaml", "a scenario", unreadable),
+                               unreadable)
+    env_data = _read_mapping(path / "environment.json", "an environment record", unreadable)
     try:
-        runs = results.load_results(path) if (path / "runs").is_dir() else []
-    except results.ResultSchemaError as e:
-        raise NotAResultsDir(f"{path}: a stored run cannot be read: {e}") from e
-    scenario: dict[str, Any] = {}
-    if (path / "scenario.yaml").is_file():
-        loaded = yaml.safe_load((path / "scenario.yaml").read_text())
-        scenario = loaded if isinstance(loaded, dict) else {}
-    try:
-        env = Environment.model_validate(results.read_json(path / "environment.json") or {})
+        env = Environment.model_validate(env_data)
     except ValidationError as e:
-        raise NotAResultsDir(f"{path / 'environment.json'}: not an environment record: {e}") from e
-    return Sweep(path, runs, scenario, env, results.read_json(path / "sweep.json") or {})
+        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()[:3])
+        unreadable.append(results.Unreadable(path / "environment.json",
+                                             f"{path / 'environment.json'}: not an environment record: {problems}"))
+        env = Environment()
+    plan = _check_plan(path / "sweep.json", _read_mapping(path / "sweep.json", "a sweep plan", unreadable),
+                       unreadable)
+    return Sweep(path, runs, scenario, env, plan, unreadable)

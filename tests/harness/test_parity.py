@@ -97,6 +97,25 @@ def test_missing_losses_and_no_common_steps():
     assert parity.compare_curves({}, parity.loss_curve(a), 0.01, 0.01)["parity_ok"] is None
 
 
+def test_nan_or_inf_loss_is_a_departure_at_its_step():
+    """A run trained at lr .inf: finite first loss, then NaN. Dropping the NaN steps read "ok, max diff 0"."""
+    nan, inf = float("nan"), float("inf")
+    base = _decay(30)
+    runs = [_run("hf", base), _run("lr-inf", base[:1] + [nan] * 29, status="diverged"),
+            _run("spike-inf", base[:25] + [inf] + base[26:]), _run("crashed", base, status="error")]
+    got = {r.framework: r for r in parity.parity_table(runs, "hf").itertuples()}
+    assert got["lr-inf"].parity_status == "departs" and got["lr-inf"].parity_ok is False
+    assert got["lr-inf"].first_departure_step == 2 and got["lr-inf"].max_abs_diff == inf
+    # one infinite loss late in a long run is not a "transient": it departs at that step
+    assert got["spike-inf"].parity_status == "departs" and got["spike-inf"].first_departure_step == 26
+    assert got["crashed"].parity_ok is None  # a failed run has no curve
+    # NaN in the baseline's curve is a departure too, for every run compared with it (itself included)
+    bad_base = [_run("hf", base[:5] + [nan] * 25), _run("o", base)]
+    assert parity.parity_table(bad_base, "hf").parity_status.tolist() == ["departs", "departs"]
+    c = parity.compare_curves({1: 2.0, 2: nan}, {1: 2.0, 2: nan}, 0.01, 0.01)
+    assert c["parity_status"] == "departs" and c["first_departure_step"] == 2
+
+
 @pytest.mark.slow
 def test_runner_sweep_flags_the_planted_divergence(tmp_path, monkeypatch):
     """hf, dummy and dummy with loss_scale 1.5, same weights and data: only the planted run is flagged."""

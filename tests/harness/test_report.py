@@ -285,3 +285,153 @@ def test_knob_variables_recorded_and_reported(tmp_path, monkeypatch):
     md = write_report(make_sweep(tmp_path / "results" / "b-20260101-000000", [make_run("hf", 0, device="cpu")]),
                              tmp_path / "b").read_text()
     assert "environment variables" not in md
+
+
+def test_unreadable_run_file_is_skipped_and_named(tmp_path, capsys):
+    """A truncated run file no longer refuses the whole sweep: the rest reports, the file is named twice."""
+    d = make_sweep(tmp_path / "results" / "t-20260101-000000", [make_run("hf", 0), make_run("tunebench", 0)])
+    bad = d / "runs" / "trl-r0.json"
+    bad.write_text('{"scenario": "synthetic-tiny", "framework": "trl", "repeat": 0, "sta')
+    assert report_cli.main([str(d), "--out", str(tmp_path / "rep")]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: skipped {bad}: not valid JSON" in err
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "Stored files that could not be read, in whole or in part, are left out: `trl-r0.json`" in md
+    assert f"skipped, could not be read: {bad}" in _section(md, "Failures and caveats")
+    assert _table_row(_section(md, "Comparison"), "tunebench")[2] == "1/1"
+
+
+HOSTILE = {
+    "empty runs/": lambda d: [p.unlink() for p in (d / "runs").glob("*.json")],
+    "a run file that is a list": lambda d: (d / "runs" / "hf-r0.json").write_text("[1, 2]"),
+    "binary garbage": lambda d: (d / "runs" / "hf-r0.json").write_bytes(bytes(range(256)) * 8),
+    "sweep.json missing": lambda d: (d / "sweep.json").unlink(),
+    "scenario.yaml not YAML": lambda d: (d / "scenario.yaml").write_text("model: [unclosed\n  - : :"),
+    "scenario.yaml of another shape": lambda d: (d / "scenario.yaml").write_text("frameworks: 3\nmeasure: [1]\n"),
+    "environment.json a list": lambda d: (d / "environment.json").write_text("[]"),
+    "sweep.json planned not a list": lambda d: (d / "sweep.json").write_text('{"planned": {"a": 1}}'),
+    "a directory named like a run": lambda d: (d / "runs" / "trl-r0.json").mkdir(),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_hostile_result_folders_never_traceback(tmp_path, capsys, case):
+    """report and compare on damaged sweeps: a report (or a clear exit 2), never a traceback."""
+    from harness.cli import compare as compare_cli
+
+    good = make_sweep(tmp_path / "good", [make_run("hf", r) for r in range(3)])
+    d = make_sweep(tmp_path / "results" / "h-20260101-000000", [make_run("hf", r) for r in range(3)])
+    HOSTILE[case](d)
+    assert report_cli.main([str(d), "--out", str(tmp_path / "rep")]) == 0
+    assert (tmp_path / "rep" / "report.html").is_file()
+    assert compare_cli.main([str(good), str(d)]) in (0, 1, 2, 3)
+    out = capsys.readouterr()
+    assert "Traceback" not in out.out + out.err
+    if case in ("a run file that is a list", "binary garbage"):
+        assert f"warning: skipped {d / 'runs' / 'hf-r0.json'}" in out.err
+
+
+def test_not_a_results_folder_and_unexpected_errors_exit_2(tmp_path, capsys, monkeypatch):
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "notes.txt").write_text("x")
+    assert report_cli.main([str(tmp_path / "plain"), "--out", str(tmp_path / "o")]) == 2
+    assert "not a results directory" in capsys.readouterr().err
+    d = make_sweep(tmp_path / "sw", [make_run("hf", 0)])
+
+    def boom(*_a, **_k):
+        raise KeyError("a shape nothing foresaw")
+
+    monkeypatch.setattr(report_cli, "write_sweep_report", boom)
+    assert report_cli.main([str(d), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {d}: cannot report on what it stores: KeyError" in err and "Traceback" not in err
+
+
+def test_sweep_without_finished_rows_says_so(tmp_path):
+    empty = tmp_path / "empty"
+    (empty / "runs").mkdir(parents=True)
+    md = write_report(empty, tmp_path / "r1").read_text()
+    assert "No run is stored: the sweep stopped before any run finished" in md
+    assert "no run is stored: nothing was measured" in _section(md, "Failures and caveats")
+    assert "every planned run finished ok" not in md
+    runs = [make_run("hf", 0, status="error", reason="ValueError: synthetic"),
+            make_run("tunebench", 0, status="crashed", with_metrics=False)]
+    md = write_report(make_sweep(tmp_path / "failed", runs), tmp_path / "r2").read_text()
+    assert "No run finished ok (1 error, 1 crashed): there are no figures to compare" in md
+    assert "No framework qualifies for a ranking" in md
+
+
+def test_report_files_are_world_readable(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        md = write_report(make_sweep(tmp_path / "sw", [make_run("hf", 0)]), tmp_path / "rep")
+    finally:
+        os.umask(old)
+    for name in ("report.md", "report.html", "throughput.png"):
+        assert stat.S_IMODE((md.parent / name).stat().st_mode) == 0o644, name
+
+
+def test_diverged_and_invalid_runs_are_never_ranked(tmp_path):
+    """The fastest-looking rows are an invalid one and a diverged one; neither is ranked, both say why."""
+    diverged = make_run("unsloth", 0, tokens_per_s=5000, status="ok")
+    for s in diverged["steps"][3:]:
+        s["loss"] = float("nan")
+    diverged |= {"status": "diverged", "valid": False, "reason": "loss is nan at step 4 (7 of 10 recorded losses "
+                                                                  "not finite)"}
+    runs = [make_run("hf", 0, tokens_per_s=1000, vram_gib=10.0),
+            make_run("tunebench", 0, tokens_per_s=1500, vram_gib=9.0),
+            make_run("trl", 0, tokens_per_s=4000, vram_gib=4.0, invalid_reasons=[INVALID]), diverged,
+            make_run("axolotl", 0, tokens_per_s=3000, vram_gib=2.0, loss0=3.0)]
+    md = write_report(make_sweep(tmp_path / "sw", runs), tmp_path / "rep").read_text()
+    comp = _section(md, "Comparison")
+    assert "**Fastest:** tunebench (1,501 tokens/s, 1.50x hf). **Leanest:** tunebench (9.00 GiB NVML" in comp
+    assert ("Not ranked: trl (INVALID settings); unsloth (diverged: loss not finite); axolotl (loss curve departs "
+            "from hf)") in comp
+    assert "diverged: loss is nan at step 4" in _table_row(comp, "unsloth")[1]
+    par = _parity_section(md)
+    uns = _table_row(par, "unsloth")
+    assert uns[-1] == "**DEPARTS**" and uns[-2] == "4" and uns[2] == "inf"
+    assert "unsloth r0: loss curve departs from hf from step 4 (a loss is NaN or infinite)" in _section(
+        md, "Failures and caveats")
+
+
+def _telemetry_run(framework: str, jpt: float | None, throttled: bool = False, warn: bool = True) -> dict:
+    run = make_run(framework, 0)
+    reading = {"sm_clock_mhz": 1980, "mem_clock_mhz": 2619, "power_w": 450.0, "power_limit_w": 700.0,
+               "temperature_c": 55, "throttle_reasons": []}
+    reasons = ["sw_power_cap"] if throttled else []
+    run["metrics"] |= {"energy_j": None if jpt is None else jpt * 8192, "joules_per_token": jpt,
+                       "avg_power_w": None if jpt is None else 480.0, "throttled": throttled,
+                       "throttle_reasons_seen": reasons,
+                       "telemetry": {"start": reading, "peak_power": reading | {"power_w": 690.0, "temperature_c": 71},
+                                     "end": reading}}
+    if throttled and warn:
+        run["warnings"] = [f"GPU throttled while measuring: {', '.join(reasons)}"]
+    return run
+
+
+def test_energy_columns_telemetry_and_throttling(tmp_path, gpu_report):
+    assert "J/token" not in gpu_report.read_text()  # no run measured energy: no column, no telemetry section
+    assert "## GPU telemetry" not in gpu_report.read_text()
+    runs = [_telemetry_run("hf", 0.0625), _telemetry_run("tunebench", None, throttled=True, warn=False),
+            make_run("trl", 0)]
+    md = write_report(make_sweep(tmp_path / "sw", runs), tmp_path / "rep").read_text()
+    comp = _section(md, "Comparison")
+    header = _table_row(comp, "framework")
+    assert header[header.index("MFU") + 1: header.index("MFU") + 3] == ["J/token", "avg power (W)"]
+    cells = {fw: dict(zip(header, _table_row(comp, fw), strict=True)) for fw in ("hf", "tunebench", "trl")}
+    assert cells["hf"]["J/token"] == "0.0625" and cells["hf"]["avg power (W)"] == "480"
+    assert cells["trl"]["J/token"] == "—" and cells["tunebench"]["avg power (W)"] == "—"
+    assert cells["tunebench"]["status"] == "⚠ ok, throttled: r0 (sw_power_cap)"
+    tel = md.split("### GPU telemetry\n", 1)[1].split("\n#", 1)[0]
+    row = _table_row(tel, "hf")
+    assert row[2:6] == ["1980 / 1980 / 1980", "450 / 690 / 450", "700", "55 / 71 / 55"]
+    assert _table_row(tel, "tunebench")[6] == "⚠ THROTTLED: sw_power_cap"
+    with pytest.raises(AssertionError):
+        _table_row(tel, "trl")  # no telemetry recorded: no row
+    caveats = _section(md, "Failures and caveats")
+    assert "tunebench r0: GPU throttled while measuring (sw_power_cap): its tokens/s understate" in caveats
+    assert "J/token and avg power: GPU energy from NVML's total-energy counter" in md

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 import sys
 from pathlib import Path
 
@@ -61,7 +63,10 @@ def test_committed_runs_csv_rows_are_reproduced(sweep_dir):
     new = pd.read_csv(pd.io.common.StringIO(new.to_csv(index=False))).set_index(["framework", "repeat"])
     assert set(old.index) == set(new.index)
     cols = [c for c in old.columns if c in new.columns]
-    assert set(results.ROW_COLUMNS) - {"framework", "repeat", "settings_hash"} <= set(cols)
+    # a column the committed table lacks is one these runs did not record (GPU telemetry, energy): empty here
+    absent = set(results.ROW_COLUMNS) - {"framework", "repeat", "settings_hash"} - set(cols)
+    assert absent <= set(results.ROW_COLUMNS[results.ROW_COLUMNS.index("energy_j"):]), absent
+    assert new[sorted(absent)].isna().all().all(), new[sorted(absent)].dropna(how="all", axis=1)
     pd.testing.assert_frame_equal(old.loc[new.index, cols], new[cols], check_dtype=False)
 
 
@@ -111,10 +116,85 @@ def test_load_results_in_plan_order_without_attempts(tmp_path):
 def test_load_sweep_rejects_what_is_not_a_sweep(tmp_path):
     with pytest.raises(NotAResultsDir, match="not a results directory"):
         load_sweep(tmp_path / "missing")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(NotAResultsDir, match="not a results directory"):
+        load_sweep(tmp_path / "plain")
+
+
+BAD_RUN_FILES = {
+    "trl-r0.json": (b'{"scenario": "synthetic-tiny", "framework": "trl", "rep', "not valid JSON (truncated?)"),
+    "unsloth-r0.json": (b"[1, 2, 3]", "not a run result: a JSON list, not an object"),
+    "axolotl-r0.json": (bytes(range(128, 256)) * 4, "not a text file"),
+    "litgpt-r0.json": (b"", "empty"),
+    "other-r0.json": (b'{"framework": "other"}', "not a run result: scenario"),
+    "deep-r0.json": (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+}
+
+
+def test_unreadable_run_files_are_skipped_and_named(tmp_path):
+    """One bad file never hides the rest of the sweep: it is left out with its path and why."""
+    d = make_sweep(tmp_path / "sw", [make_run("hf", 0), make_run("tunebench", 0)])
+    for name, (data, _) in BAD_RUN_FILES.items():
+        (d / "runs" / name).write_bytes(data)
+    sweep = load_sweep(d)
+    assert [r.key for r in sweep.runs] == ["hf-r0", "tunebench-r0"]
+    why = {u.path.name: u.why for u in sweep.unreadable}
+    assert set(why) == set(BAD_RUN_FILES)
+    for name, (_, expected) in BAD_RUN_FILES.items():
+        assert str(d / "runs" / name) in why[name] and expected in why[name], why[name]
+    assert [u.path.name for u in sweep.unreadable_runs("trl")] == ["trl-r0.json"]
+    with pytest.raises(ResultSchemaError, match="axolotl-r0.json: not a text file"):  # the strict loader refuses
+        results.load_results(d)
+    # runs.csv is rebuilt from the readable runs
+    assert list(pd.read_csv(results.write_table(d)).framework) == ["hf", "tunebench"]
+
+
+def test_unusable_sweep_files_are_named_not_fatal(tmp_path):
     d = make_sweep(tmp_path / "sw", [make_run("hf", 0)])
-    (d / "runs" / "trl-r0.json").write_text("{half a file")
-    with pytest.raises(NotAResultsDir, match="trl-r0.json: not valid JSON"):
-        load_sweep(d)
+    (d / "scenario.yaml").write_text(": : not yaml [")
+    (d / "environment.json").write_text('{"gpu_count": "many"}')
+    (d / "sweep.json").write_text('{"planned": 5}')
+    sweep = load_sweep(d)
+    assert [r.key for r in sweep.runs] == ["hf-r0"] and sweep.scenario == {} and sweep.planned == []
+    why = {u.path.name: u.why for u in sweep.unreadable}
+    assert "cannot be read as a scenario" in why["scenario.yaml"]
+    assert "not an environment record: gpu_count" in why["environment.json"]
+    assert "'planned' is not a list" in why["sweep.json"]
+    (d / "sweep.json").write_text("[]")
+    assert "not a sweep plan (a list, not a mapping)" in str(load_sweep(d).unreadable[-1])
+    (d / "sweep.json").unlink()  # a sweep without its plan still loads, without a word
+    assert not [u for u in load_sweep(d).unreadable if u.path.name == "sweep.json"]
+
+
+def test_stored_files_are_world_readable(tmp_path):
+    """Results and reports are read by others (a web server publishing reports): 0644 under umask 022, not 0600."""
+    old = os.umask(0o022)
+    try:
+        d = make_sweep(tmp_path / "sw", [make_run("hf", 0)])
+        for f in [d / "runs" / "hf-r0.json", d / "runs.csv"]:
+            assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
+        os.umask(0o077)  # a stricter umask is respected
+        results.atomic_write_text(tmp_path / "private.txt", "x")
+        assert stat.S_IMODE((tmp_path / "private.txt").stat().st_mode) == 0o600
+    finally:
+        os.umask(old)
+
+
+def test_runs_csv_has_the_telemetry_columns(tmp_path):
+    run = make_run("hf", 0)
+    reading = {"sm_clock_mhz": 1980, "mem_clock_mhz": 2619, "power_w": 512.5, "power_limit_w": 700.0,
+               "temperature_c": 61, "throttle_reasons": ["sw_power_cap"]}
+    run["metrics"] |= {"energy_j": 1234.5, "joules_per_token": 0.0123, "avg_power_w": 498.0, "throttled": True,
+                       "throttle_reasons_seen": ["gpu_idle", "sw_power_cap"],
+                       "telemetry": {"start": reading, "peak_power": reading | {"power_w": 690.0}, "end": None}}
+    d = make_sweep(tmp_path / "sw", [run, make_run("tunebench", 0, device="cpu")])
+    df = pd.read_csv(d / "runs.csv").set_index("framework")
+    hf = df.loc["hf"]
+    assert (hf.energy_j, hf.joules_per_token, hf.avg_power_w) == (1234.5, 0.0123, 498.0)
+    assert bool(hf.throttled) and hf.throttle_reasons_seen == "gpu_idle; sw_power_cap"
+    assert hf.telemetry_start_sm_clock_mhz == 1980 and hf.telemetry_peak_power_power_w == 690.0
+    assert math.isnan(hf.telemetry_end_power_w)
+    assert df.loc["tunebench", ["energy_j", "throttled", "telemetry_start_power_w"]].isna().all()
 
 
 def test_runs_table_adds_parity_after_the_stored_columns(tmp_path):

@@ -109,3 +109,30 @@ def test_flce_frozen_weight_and_no_grad():
     assert_close_verbose(
         loss, fused_linear_cross_entropy_reference(h.double(), w.double(), labels), 2e-5, 2e-5, "nograd"
     )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_flce_num_items_in_batch_divides_the_sum(as_tensor, dtype):
+    """``reduction="sum"`` with ``num_items_in_batch`` (the trainer's loss tokens of a whole optimizer step, here
+    more than this micro-batch's own): the loss and every gradient are the reference's sum / num_items, with the
+    scale applied in the kernel (grad_output 2.5 still multiplies in backward)."""
+    atol, rtol, _ = TOLERANCES[dtype]
+    h, w, _, labels = _inputs((2, 9, 32, 700, None), dtype, False)
+    n_items = 37  # 12 of the 18 labels bear loss here; the rest belong to other micro-batches of the step
+    arg = torch.tensor(float(n_items), device=DEVICE) if as_tensor else n_items
+    loss, grads = _loss_and_grads(fused_linear_cross_entropy, h, w, None, labels, False, reduction="sum",
+                                  chunk_size=5, num_items_in_batch=arg)
+    ref, ref_grads = _loss_and_grads(fused_linear_cross_entropy_reference, h, w, None, labels, True,
+                                     reduction="sum", num_items_in_batch=n_items)
+    assert_close_verbose(loss, ref, atol, rtol, f"flce loss / num_items {dtype}")
+    for name, a, e in zip(["dh", "dw"], grads, ref_grads, strict=True):
+        assert a.dtype == dtype
+        assert_close_verbose(a, e, atol, rtol, f"flce {name} / num_items {dtype}")
+
+
+def test_flce_num_items_needs_a_sum():
+    h, w, _, labels = _inputs((1, 5, 16, 100, None), torch.float32, False)
+    for fn in (fused_linear_cross_entropy, fused_linear_cross_entropy_reference):
+        with pytest.raises(ValueError, match="num_items_in_batch divides a 'sum'"):
+            fn(h, w, labels, reduction="mean", num_items_in_batch=3)
