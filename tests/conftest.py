@@ -47,6 +47,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _own_machine_lock(tmp_path_factory) -> None:  # noqa: ANN001
+    """The suite's sweeps take a machine lock of their own: a real sweep running beside the tests is neither
+    refused because of them nor marked as contended (tests of the lock set TUNEBENCH_LOCK_DIR themselves)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TUNEBENCH_LOCK_DIR", str(tmp_path_factory.mktemp("machine_lock")))
+        yield
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _machine_in_junit(record_testsuite_property) -> None:  # noqa: ANN001
     """Name the machine in the JUnit XML (``--junitxml``), so a stored GPU test report says where it ran."""
     record_testsuite_property("torch", torch.__version__)

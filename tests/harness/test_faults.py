@@ -91,8 +91,8 @@ def test_second_sweep_on_the_machine_is_refused_or_marked(env, monkeypatch):
 
     p = _write(env)
     sc = parse_scenario(p.read_text(), str(p))
-    (env / "cache").mkdir()
-    with hold(env / "cache" / "machine.lock", "another sweep"):
+    monkeypatch.setenv("TUNEBENCH_LOCK_DIR", str(env / "locks"))
+    with hold(env / "locks" / "machine.lock", "another sweep"):
         with pytest.raises(Busy, match="another sweep is running on this machine"):
             run_sweep(sc, env / "results", quiet=True)
         monkeypatch.setattr(runner, "execute_run", lambda sc, d, root, prep, fw, r, disp: runner.run_header(
