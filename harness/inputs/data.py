@@ -186,27 +186,14 @@ def load_tokenised(sc, dataset_path: Path, tokenizer) -> TokenisedData:
 
 
 def collate(rows: list[dict], pad_id: int):
-    """Pad a micro-batch to its longest row: input_ids, attention_mask, labels (and position_ids if packed)."""
-    import torch
+    """Pad a micro-batch to its longest row: input_ids, attention_mask, labels (and position_ids if packed).
 
-    width = max(len(r["input_ids"]) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    pos = torch.zeros((len(rows), width), dtype=torch.long) if "position_ids" in rows[0] else None
-    for i, r in enumerate(rows):
-        n = len(r["input_ids"])
-        ids[i, :n] = torch.tensor(r["input_ids"])
-        labels[i, :n] = torch.tensor(r["labels"])
-        mask[i, :n] = 1
-        if pos is not None:
-            pos[i, :n] = torch.tensor(r["position_ids"])
-    out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    if pos is not None:
-        out["position_ids"] = pos
-        # packed rows have no padding inside a sample; the mask is dropped so position_ids drive attention
-        # in implementations that support it (flash-attention varlen); SDPA then attends across samples.
-    return out
+    The trainer library's own padding (:func:`kernels.trainer.batches.collate`), so that the frameworks the
+    harness feeds and tunebench's trainer see the same tensors.
+    """
+    from kernels.trainer.batches import collate as pad_batch  # imports torch: only where batches are built
+
+    return pad_batch(rows, pad_id)
 
 
 def dataset_meta(sc, rows: list[dict], fmt: str) -> dict:
