@@ -20,28 +20,10 @@ from harness.inputs.data import IGNORE_INDEX, tokenize_example
 from harness.spec import yamlsafe
 from harness.spec.datacheck import check_jsonl, row_tokens
 from harness.spec.scenario import ScenarioError, load_scenario, parse_scenario
+from test_scenario import GOOD  # the smallest valid scenario, the base of hostile variants
 
 REPO = Path(__file__).resolve().parents[2]
 HOSTILE = REPO / "tests" / "harness" / "hostile"
-GOOD = """\
-version: 1
-name: t
-model:
-  preset: tiny-llama
-  dtype: float32
-method:
-  kind: lora
-  lora_r: 4
-data:
-  seq_len: 64
-train:
-  micro_batch: 2
-  steps: 4
-  warmup_steps: 1
-hardware:
-  device: cpu
-frameworks: [hf]
-"""
 
 # corpus file -> what its message must name (the key, or the line and "<yaml>"/"<file>")
 EXPECTED = {
