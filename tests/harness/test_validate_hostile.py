@@ -14,13 +14,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_scenario import GOOD  # the smallest valid scenario, the base of hostile variants
 
 from harness.cli import main as cli
 from harness.inputs.data import IGNORE_INDEX, tokenize_example
 from harness.spec import yamlsafe
 from harness.spec.datacheck import check_jsonl, row_tokens
 from harness.spec.scenario import ScenarioError, load_scenario, parse_scenario
-from test_scenario import GOOD  # the smallest valid scenario, the base of hostile variants
 
 REPO = Path(__file__).resolve().parents[2]
 HOSTILE = REPO / "tests" / "harness" / "hostile"
