@@ -8,7 +8,13 @@ them by ``grad_output``; peak extra memory is one ``[chunk, vocab]`` logits buff
 
 Reduction: ``"mean"`` divides by the number of loss-bearing tokens (``labels != ignore_index``) over the whole
 batch, counted once before chunking, so the result does not depend on the chunk size. If every label is ignored
-the loss and gradients are 0 (HF's ``F.cross_entropy`` would return NaN).
+the loss and gradients are 0 (HF's ``F.cross_entropy`` would return NaN). ``"sum"`` with ``num_items_in_batch``
+divides the sum by that count instead (the loss tokens of a whole optimizer step, over all its micro-batches), as
+transformers' ``ForCausalLMLoss`` does: the kernel then writes ``(softmax - onehot) / num_items`` computed in fp32
+and rounds once, as the eager fp32 loss divided before backward does, instead of rounding the unscaled gradients
+and multiplying them by a bf16-rounded ``1 / num_items`` in backward (a step-wide gradient scale off by up to 2^-9,
+and a second rounding of every gradient element). fp16 is the exception: without loss scaling, small probabilities
+divided by a few thousand tokens would fall below fp16's range, so there the division stays in backward.
 
 Labels must lie in ``[0, vocab)`` or equal ``ignore_index``; other values are not checked (checking costs a
 device sync) and read out of bounds.
@@ -128,17 +134,13 @@ def fused_linear_cross_entropy_forward(
     need_grad_h: bool,
     need_grad_w: bool,
     need_grad_b: bool,
+    num_items: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Chunked loop on 2-D ``h`` [T, H], ``w`` [V, H], 1-D ``labels`` [T]. Returns ``(loss, gh, gw, gb)``."""
+    """Chunked loop on 2-D ``h`` [T, H], ``w`` [V, H], 1-D ``labels`` [T]. Returns ``(loss, gh, gw, gb)``.
+    ``num_items``: the divisor of a ``"sum"`` (a one-element fp32 device tensor), or None."""
     n_tokens = h.shape[0]
-    n_valid = (labels != ignore_index).sum()
-    if reduction == "mean":
-        scale = 1.0 / n_valid.clamp_min(1).to(torch.float32)
-    elif reduction == "sum":
-        scale = torch.ones((), dtype=torch.float32, device=h.device)
-    else:
-        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    scale = scale.reshape(1)  # read by the kernel through a pointer: no host sync for n_valid
+    divisor = _divisor(labels, ignore_index, reduction, num_items)
+    scale = 1.0 / divisor  # read by the kernel through a pointer: no host sync for the token count
     grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device) if need_grad_h else None  # contiguous: mm(out=)
     grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_grad_w else None
     grad_b = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device) if need_grad_b else None
@@ -156,13 +158,34 @@ def fused_linear_cross_entropy_forward(
         if grad_b is not None:
             grad_b.add_(dlogits.sum(0, dtype=torch.float32))
         del logits, dlogits
-    loss = loss_rows.sum() * scale[0]
+    loss = loss_rows.sum() / divisor[0]
     return (
         loss,
         grad_h,
         grad_w.to(w.dtype) if grad_w is not None else None,
         grad_b.to(bias.dtype) if grad_b is not None else None,
     )
+
+
+def _divisor(labels: torch.Tensor, ignore_index: int, reduction: str,
+             num_items: torch.Tensor | None) -> torch.Tensor:
+    """The one-element fp32 device tensor the summed loss is divided by (1 for a plain sum)."""
+    if reduction == "mean":
+        if num_items is not None:
+            raise ValueError("num_items_in_batch divides a 'sum'; 'mean' counts its own loss tokens")
+        return (labels != ignore_index).sum().clamp_min(1).to(torch.float32).reshape(1)
+    if reduction != "sum":
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if num_items is None:
+        return torch.ones(1, dtype=torch.float32, device=labels.device)
+    return num_items.to(torch.float32).reshape(1)
+
+
+def _items_tensor(num_items: int | float | torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """``num_items_in_batch`` as a one-element fp32 tensor on ``device`` (a fill, not a host-to-device copy)."""
+    if num_items is None or isinstance(num_items, torch.Tensor):
+        return num_items
+    return torch.full((1,), float(num_items), dtype=torch.float32, device=device)
 
 
 class FusedLinearCrossEntropyFunction(torch.autograd.Function):
@@ -172,9 +195,16 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, w, labels, bias, ignore_index, reduction, chunk_size, grad_enabled):  # noqa: ANN001, ANN205
+    def forward(ctx, h, w, labels, bias, ignore_index, reduction, chunk_size, grad_enabled,  # noqa: ANN001, ANN205
+                num_items=None):  # noqa: ANN001
         shape = h.shape
         h2 = h.reshape(-1, shape[-1])
+        ctx.post_scale = None
+        if num_items is not None and h.dtype == torch.float16:
+            # fp16 (no loss scaling here): softmax / num_items of a few thousand tokens falls below fp16's range
+            # for small probabilities, so fp16 keeps unscaled gradients and takes 1 / num_items in backward
+            ctx.post_scale = 1.0 / num_items.to(torch.float32).reshape(())
+            num_items = None
         loss, gh, gw, gb = fused_linear_cross_entropy_forward(
             h2,
             w,
@@ -186,19 +216,22 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
             need_grad_h=grad_enabled and ctx.needs_input_grad[0],
             need_grad_w=grad_enabled and ctx.needs_input_grad[1],
             need_grad_b=grad_enabled and bias is not None and ctx.needs_input_grad[3],
+            num_items=num_items,
         )
         ctx.grads = (gh.view(shape) if gh is not None else None, gw, gb)
-        return loss
+        return loss if ctx.post_scale is None else loss * ctx.post_scale
 
     @staticmethod
     def backward(ctx, grad_output):  # noqa: ANN001, ANN205
         gh, gw, gb = ctx.grads
         ctx.grads = None
+        if ctx.post_scale is not None:
+            grad_output = grad_output * ctx.post_scale
         # grad_output is 1.0 in the usual loss.backward(); multiplying anyway avoids a host sync to check.
         gh = gh * grad_output.to(gh.dtype) if gh is not None else None
         gw = gw * grad_output.to(gw.dtype) if gw is not None else None
         gb = gb * grad_output.to(gb.dtype) if gb is not None else None
-        return gh, gw, None, gb, None, None, None, None
+        return gh, gw, None, gb, None, None, None, None, None
 
 
 def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
@@ -219,6 +252,7 @@ def fused_linear_cross_entropy_reference(
     ignore_index: int = -100,
     reduction: str = "mean",
     shift: bool = False,
+    num_items_in_batch: int | float | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pure-PyTorch LM-head + cross-entropy in float32 (float64 for float64 inputs), autograd-differentiable.
 
@@ -235,8 +269,14 @@ def fused_linear_cross_entropy_reference(
     loss = torch.nn.functional.cross_entropy(
         logits.reshape(-1, w.shape[0]), labels, ignore_index=ignore_index, reduction="sum"
     )
-    if reduction == "mean":
+    if num_items_in_batch is not None:
+        if reduction != "sum":
+            raise ValueError("num_items_in_batch divides a 'sum'; 'mean' counts its own loss tokens")
+        loss = loss / num_items_in_batch  # as transformers' fixed_cross_entropy: before backward
+    elif reduction == "mean":
         loss = loss / (labels != ignore_index).sum().clamp_min(1)
+    elif reduction != "sum":
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     return loss
 
 
@@ -249,6 +289,7 @@ def fused_linear_cross_entropy(
     reduction: str = "mean",
     shift: bool = False,
     chunk_size: int | None = None,
+    num_items_in_batch: int | float | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Cross-entropy of ``hidden @ weight.T (+ bias)`` against ``labels`` without materialising all logits.
 
@@ -266,6 +307,9 @@ def fused_linear_cross_entropy(
         shift: If True, ``labels`` are the input ids and are shifted here (:func:`shift_labels`): position t
             is trained to predict ``labels[..., t + 1]``.
         chunk_size: Tokens per chunk; default :func:`default_chunk_size`.
+        num_items_in_batch: With ``reduction="sum"``: divide the sum by this (a number or a device scalar), with
+            the gradients scaled before their rounding to the input dtype (module docstring). The loss tokens
+            of a whole optimizer step, as transformers' Trainer passes it.
 
     Returns:
         Scalar float32 loss.
@@ -275,9 +319,11 @@ def fused_linear_cross_entropy(
     if shift:
         labels = shift_labels(labels, ignore_index)
     if not use_triton(hidden, weight):
-        return fused_linear_cross_entropy_reference(hidden, weight, labels, bias, ignore_index, reduction)
+        return fused_linear_cross_entropy_reference(hidden, weight, labels, bias, ignore_index, reduction,
+                                                    num_items_in_batch=num_items_in_batch)
     return FusedLinearCrossEntropyFunction.apply(
         hidden, weight, labels.contiguous(), bias, ignore_index, reduction, chunk_size,
         # needs_input_grad stays True under torch.no_grad(); this flag lets eval skip the gradient GEMMs.
         torch.is_grad_enabled(),
+        _items_tensor(num_items_in_batch, hidden.device),
     )  # fmt: skip

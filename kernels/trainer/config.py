@@ -154,9 +154,11 @@ class TrainSettings:
         steps: optimizer steps.
         lr: peak learning rate.
         lr_scheduler: ``constant`` | ``linear`` | ``cosine`` (no LR warmup), as transformers' schedulers.
-        optimizer: ``adamw_torch`` | ``adamw_torch_fused`` | ``sgd``. AdamW runs fused on CUDA either way
-            (same algorithm, so both names mean one optimizer here).
-        weight_decay: decoupled weight decay (AdamW) or L2 (SGD).
+        optimizer: ``adamw_torch`` | ``adamw_torch_fused`` | ``sgd``: torch's AdamW in its default
+            implementation (foreach on CUDA, per tensor on the CPU) or fused, as the transformers Trainer maps
+            those names (:func:`kernels.trainer.train.make_optimizer`).
+        weight_decay: decoupled weight decay (AdamW) or L2 (SGD), on all trainable parameters but biases and
+            norm weights, as the transformers Trainer groups them.
         max_grad_norm: gradient clipping norm (None or 0: no clipping).
         pad_id: padding token id for collation.
     """

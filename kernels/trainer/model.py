@@ -11,8 +11,9 @@ checkpoint files transformers loads (:mod:`kernels.trainer.loading`) and compute
 - SwiGLU from :func:`kernels.ops.swiglu.swiglu`.
 - Attention: :mod:`kernels.trainer.attention` (SDPA; packed rows through flash varlen or a block mask).
 - LM head + loss: :func:`kernels.ops.fused_linear_cross_entropy.fused_linear_cross_entropy` (no
-  ``[tokens, vocab]`` logits on CUDA); the loss is a *sum* so the trainer can divide by the loss tokens of the
-  whole optimizer step (what the HF Trainer does with ``num_items_in_batch``).
+  ``[tokens, vocab]`` logits on CUDA); the loss is a *sum*, divided inside the op by ``num_items`` when the
+  trainer passes the loss tokens of the whole optimizer step (what the HF Trainer does with
+  ``num_items_in_batch``).
 - LoRA / DoRA / QLoRA projections: :class:`kernels.trainer.linear.Linear`; full fine-tuning makes every
   weight trainable.
 - Gradient checkpointing per decoder layer (all layers, or ``recompute_layers`` of them) and host offload of
@@ -201,14 +202,17 @@ class DecoderModel(nn.Module):
         return self.compute_device or self.model.norm.weight.device
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, reduction: str = "sum") -> torch.Tensor:
+                position_ids: torch.Tensor | None = None, reduction: str = "sum",
+                num_items: int | torch.Tensor | None = None) -> torch.Tensor:
         """Loss (``labels`` given: next-token cross-entropy, labels shifted here) or logits (tests, eval).
 
         Args:
             input_ids: ``[B, S]`` token ids (right-padded).
             labels: ``[B, S]`` unshifted labels, -100 where no loss (padding, prompt, first token of a sample).
             position_ids: ``[B, S]`` for packed rows only; None for one sample per row.
-            reduction: ``"sum"`` (the trainer divides by the optimizer step's loss tokens) or ``"mean"``.
+            reduction: ``"sum"`` or ``"mean"``.
+            num_items: with ``"sum"``: divide by this inside the loss op (the optimizer step's loss tokens, a
+                number or a device scalar), so the gradients are scaled before they are rounded.
 
         Returns:
             Scalar fp32 loss, or ``[B, S, vocab]`` logits when ``labels`` is None.
@@ -224,7 +228,8 @@ class DecoderModel(nn.Module):
         if labels is None:
             return h @ w.t()
         return self.ops.fused_linear_cross_entropy(h, w, labels, ignore_index=-100, reduction=reduction, shift=True,
-                                          chunk_size=self.options.fused_ce_chunk)
+                                                   chunk_size=self.options.fused_ce_chunk,
+                                                   num_items_in_batch=num_items)
 
     # -- read-back ------------------------------------------------------------------------------------------------
     def effective_settings(self) -> dict[str, Any]:

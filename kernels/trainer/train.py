@@ -1,12 +1,18 @@
-"""The training loop: data order, loss normalisation and optimizer as the HF Trainer's.
+"""The training loop: data order, loss normalisation and optimizer as the HF Trainer's (transformers 5.17).
 
 Data order: :mod:`kernels.trainer.batches` (rows in order, ``micro_batch`` rows per forward, ``grad_accum``
-micro-batches per optimizer step, wrapping around the rows).
+micro-batches per optimizer step, epoch by epoch as the Trainer's sequential sampler reads them).
 
 Loss: each micro-batch's loss is the *sum* of token losses divided by the number of loss tokens of the whole
 optimizer step (labels != -100 after the one-position shift, counted over all its micro-batches), which is what
-the transformers 5 Trainer does when it passes ``num_items_in_batch`` to the model; the reported step loss is the
-sum of those, i.e. the mean over the step's loss tokens (HF logs the same number).
+the transformers 5 Trainer does when it passes ``num_items_in_batch`` to the model. The division happens inside
+the loss op, before the gradients are rounded to the activation dtype, as transformers divides its fp32 loss
+before backward. The reported step loss is the sum of those, i.e. the mean over the step's loss tokens (HF logs
+the same number).
+
+Optimizer (:func:`make_optimizer`): the Trainer's two parameter groups (weight decay on all but biases and norm
+weights, :func:`decay_parameter_names`), and the same torch AdamW implementation for the same optimizer name.
+Clipping runs over the trainable parameters in the model's order, as the Trainer's ``model.parameters()``.
 
 CUDA graphs (``MethodOptions.cuda_graph``): the whole optimizer step (forward, backward with recomputation,
 clipping, AdamW) is captured once as one CUDA graph and replayed every step, so the host launches one graph instead
@@ -16,6 +22,7 @@ of ~10^4 kernels (:class:`StepGraph`).
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -42,26 +49,61 @@ def _graphed(model: torch.nn.Module) -> bool:
     return bool(getattr(getattr(model, "options", None), "cuda_graph", False))
 
 
-def make_optimizer(model: torch.nn.Module, s: TrainSettings) -> torch.optim.Optimizer:
-    """Optimizer over the trainable parameters only (fused AdamW on CUDA: one kernel for all tensors).
+# transformers' Trainer.get_decay_parameter_names: no weight decay for these names (lower-cased, searched anywhere)
+NO_DECAY_PATTERNS = tuple(re.compile(p) for p in (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)",
+                                                    r"_norm(?:$|\.)"))
 
-    For a CUDA-graphed step the AdamW is ``capturable`` (step count on the device) and its learning rate a device
-    tensor, which the scheduler updates in place between replays."""
-    params = [p for p in model.parameters() if p.requires_grad]
+
+def decay_parameter_names(model: torch.nn.Module) -> set[str]:
+    """Names of the parameters that get weight decay: all but biases and norm weights, by the transformers
+    Trainer's rule (name patterns, plus parameters of ``nn.LayerNorm`` modules).
+
+    Why it matters: decaying the RMSNorm weights too moves each of them toward 0 by ``lr * weight_decay * w`` per
+    step; measured in fp32 (tiny-llama, weight decay 0.1, lr 3e-3, cosine) that puts the loss 7e-5 off hf's at
+    step 2 and 2.3e-3 off by step 12, where the grouped update is bit-identical. In bf16 a decay that small is
+    below half a bf16 step of a weight near 1 and rounds away."""
+    layer_norms = {f"{m}.{n}" if m else n for m, mod in model.named_modules() if isinstance(mod, torch.nn.LayerNorm)
+                   for n, _ in mod.named_parameters(recurse=False)}
+    return {n for n, _ in model.named_parameters()
+            if n not in layer_norms and not any(p.search(n.lower()) for p in NO_DECAY_PATTERNS)}
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """The trainable parameters as the Trainer's two optimizer groups: ``weight_decay`` on
+    :func:`decay_parameter_names`, 0 on the rest (each group in the model's parameter order)."""
+    decay = decay_parameter_names(model)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [{"params": [p for n, p in named if n in decay], "weight_decay": weight_decay},
+            {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}]
+
+
+def make_optimizer(model: torch.nn.Module, s: TrainSettings) -> torch.optim.Optimizer:
+    """The optimizer over the trainable parameters, built as the transformers Trainer builds it.
+
+    Two parameter groups (:func:`parameter_groups`); ``adamw_torch_fused`` is torch's fused AdamW (one kernel for
+    all tensors; also on the CPU) and ``adamw_torch`` torch's default implementation for the device (foreach on
+    CUDA, per tensor on the CPU), as the Trainer asks torch for them. In bf16 the choice matters beyond rounding
+    order: the fused kernel does the whole update in fp32 and rounds once, the others round intermediates to
+    bf16. A CUDA-graphed step always uses the fused AdamW, ``capturable`` (step count on the device) with its
+    learning rate a device tensor, which the scheduler updates in place between replays (torch's foreach AdamW is
+    capturable on CUDA only, and the CPU tests run the graphed step's maths uncaptured)."""
+    groups = parameter_groups(model, s.weight_decay)
+    params = [p for g in groups for p in g["params"]]
     if not params:
         raise ValueError("no trainable parameters")
+    groups = [g for g in groups if g["params"]]  # LoRA trains no norm weight or bias: no empty group to step
     graphed = _graphed(model)
     if s.optimizer == "sgd":
         if graphed:
             raise NotImplementedError("cuda_graph: AdamW only (sgd has no capturable step)")
-        return torch.optim.SGD(params, lr=s.lr, weight_decay=s.weight_decay)
+        return torch.optim.SGD(groups, lr=s.lr)
     if s.optimizer not in ("adamw_torch", "adamw_torch_fused"):
         raise NotImplementedError(f"optimizer {s.optimizer!r} (tunebench has adamw_torch, adamw_torch_fused, sgd)")
-    fused = all(p.is_cuda for p in params)
+    fused = s.optimizer == "adamw_torch_fused"
     if graphed:
-        return torch.optim.AdamW(params, lr=torch.tensor(s.lr, dtype=torch.float32, device=params[0].device),
-                                 weight_decay=s.weight_decay, fused=True, capturable=True)
-    return torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay, fused=fused or None)
+        return torch.optim.AdamW(groups, lr=torch.tensor(s.lr, dtype=torch.float32, device=params[0].device),
+                                 fused=True, capturable=True)
+    return torch.optim.AdamW(groups, lr=s.lr, fused=fused or None)
 
 
 def make_scheduler(opt: torch.optim.Optimizer, s: TrainSettings) -> torch.optim.lr_scheduler.LambdaLR:
@@ -115,14 +157,21 @@ class StepGraph:
                 == (t.micro_batch, t.grad_accum, t.max_grad_norm, t.pad_id))
 
     def _load(self, batches: list[dict], n_loss: int) -> None:
-        for ids, labels, b in zip(self.ids, self.labels, batches, strict=True):
-            n = b["input_ids"].shape[1]
+        """Copy a step's micro-batches into the static buffers. The short step at the end of an epoch has fewer
+        micro-batches, its last one fewer rows: the buffers left over hold pads with no loss, whose gradients
+        are exact zeros."""
+        if len(batches) > len(self.ids):
+            raise ValueError(f"cuda_graph: {len(batches)} micro-batches for {len(self.ids)} buffers")
+        for i, (ids, labels) in enumerate(zip(self.ids, self.labels, strict=True)):
+            ids.fill_(self.s.pad_id)
+            labels.fill_(-100)
+            if i >= len(batches):
+                continue
+            rows, n = batches[i]["input_ids"].shape
             if n > ids.shape[1]:
                 raise ValueError(f"cuda_graph: a batch of length {n} exceeds the static length {ids.shape[1]}")
-            ids[:, :n].copy_(b["input_ids"])
-            ids[:, n:].fill_(self.s.pad_id)
-            labels[:, :n].copy_(b["labels"])
-            labels[:, n:].fill_(-100)
+            ids[:rows, :n].copy_(batches[i]["input_ids"])
+            labels[:rows, :n].copy_(batches[i]["labels"])
         self.n_loss.fill_(max(n_loss, 1))
 
     def _step(self) -> torch.Tensor:
@@ -159,15 +208,16 @@ class StepGraph:
 def optimizer_step(model: torch.nn.Module, batches: list[dict], n_loss: int | torch.Tensor,
                    params: list[torch.Tensor], s: TrainSettings, opt: torch.optim.Optimizer) -> torch.Tensor:
     """Forward + backward of each micro-batch (summed token loss / the step's loss tokens), clipping, optimizer
-    step; returns the step loss as a device scalar. ``n_loss``: a number, or a device scalar (CUDA graphs)."""
+    step; returns the step loss as a device scalar. ``n_loss``: a number, or a device scalar (CUDA graphs).
+    ``params``: what to clip, in the model's parameter order (the order the norm sums in, as the Trainer's)."""
     total = torch.zeros((), dtype=torch.float32, device=batches[0]["input_ids"].device)
     for b in batches:
-        loss = model(b["input_ids"], labels=b["labels"], position_ids=b.get("position_ids"), reduction="sum")
-        loss = loss / n_loss
+        loss = model(b["input_ids"], labels=b["labels"], position_ids=b.get("position_ids"), reduction="sum",
+                     num_items=n_loss)
         loss.backward()
         total += loss.detach()
     if s.max_grad_norm:
-        torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm, foreach=True)
+        torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)  # foreach where torch picks it, as accelerate
     opt.step()
     return total
 
@@ -181,7 +231,7 @@ def train(model: torch.nn.Module, rows: Sequence[dict], s: TrainSettings, meter:
 
     Args:
         model: a :class:`kernels.trainer.model.DecoderModel` (anything with ``model(input_ids, labels,
-            position_ids, reduction="sum")`` returning a summed token loss works).
+            position_ids, reduction="sum", num_items=n)`` returning the summed token loss divided by ``n`` works).
         rows: tokenised rows (:mod:`kernels.trainer.batches` describes them).
         s: loop settings.
         meter: a :class:`StepHook` (or None): ``count_batch`` per micro-batch, ``step_begin`` /
@@ -199,7 +249,8 @@ def train(model: torch.nn.Module, rows: Sequence[dict], s: TrainSettings, meter:
     device = device or getattr(model, "device", None) or next(model.parameters()).device
     opt = optimizer or make_optimizer(model, s)
     sched = make_scheduler(opt, s)
-    params = [p for g in opt.param_groups for p in g["params"]]
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    params = [p for p in model.parameters() if id(p) in in_opt]  # clipped in the model's order, as the Trainer
     model.train()
     graph = None
     if _graphed(model):

@@ -159,3 +159,26 @@ def test_worker_does_not_inherit_the_triton_interpreter(monkeypatch):
     assert "TRITON_INTERPRET" not in worker_environment(envs.resolve("base"))
     monkeypatch.setenv("TUNEBENCH_TRITON_INTERPRET", "1")
     assert worker_environment(envs.resolve("base"))["TRITON_INTERPRET"] == "1"
+
+
+def test_second_runner_is_refused_and_sigint_stops_cleanly(env):
+    path, _ = _sc(env, """\
+  - {name: dummy, label: d-first}
+  - {name: dummy, label: d-second, overrides: {sleep_s: 30}}
+""", name="twice", steps=4, baseline="d-first")
+    cmd = [sys.executable, "-m", "harness", "run", str(path), "--results", str(env / "results"), "--no-report"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list((env / "work").glob("twice-*/d-second-r0/progress.json")):
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.2)
+    second = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 3, second.stderr
+    assert "is held by process" in second.stderr and "Traceback" not in second.stderr
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted: finished runs are stored" in err and "Traceback" not in err
+    sweep = next((env / "results").glob("twice-*"))
+    assert sorted(p.name for p in (sweep / "runs").glob("*.json")) == ["d-first-r0.json"]  # nothing half-written
