@@ -197,3 +197,15 @@ def test_no_source_file_over_600_lines():
     big = [f"{p.relative_to(REPO)}: {n} lines" for pkg in (*PACKAGES, "tests") for p in (REPO / pkg).rglob("*.py")
            if (n := len(p.read_text().splitlines())) > 600]
     assert not big, "\n".join(big)
+
+
+def test_function_level_project_imports_say_why(graph):
+    """An import of a project module inside a function is allowed only with a comment on its line saying why
+    (e.g. a module that must load after a toolkit patched the world); never to dodge a cycle."""
+    bad = []
+    for m, path in _modules().items():
+        lines = path.read_text().splitlines()
+        for t, line, in_func in graph[m]:
+            if in_func and "#" not in lines[line - 1]:
+                bad.append(f"{path.relative_to(REPO)}:{line}: imports {t} inside a function without a reason")
+    assert not bad, "\n".join(sorted(set(bad)))

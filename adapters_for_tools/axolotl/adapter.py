@@ -43,7 +43,7 @@ def run(ctx) -> None:
     from axolotl.train import train
     from axolotl.utils.dict import DictDefault
 
-    from adapters_for_tools.axolotl import plugin
+    from adapters_for_tools.axolotl import plugin  # imports axolotl: only inside the worker, after the toolkit
 
     plugin.CTX = ctx
     plugin.READ_BACK = _read_back

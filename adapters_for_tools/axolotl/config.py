@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from adapters_for_tools.contract import HF_OPTIM
+from harness.inputs.data import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT
 
 LIGER_PLUGIN = "axolotl.integrations.liger.LigerPlugin"
 # the plugin's switches that apply to a Llama-family model (liger_layer_norm is for LayerNorm models)
@@ -37,7 +38,6 @@ def native_config(sc, work_dir: Path, checkpoint: str, dataset_path: Path, fmt: 
     Returns:
         The config as a plain dict (YAML-serialisable).
     """
-    from harness.inputs.data import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT
 
     work_dir = Path(work_dir)
     m, t = sc.method, sc.train

@@ -53,6 +53,7 @@ import yaml
 
 from adapters_for_tools.litgpt import config as lit_config
 from harness.inputs.data import read_jsonl, write_jsonl
+from harness.inputs.models import cache_root
 from harness.measuring.effective import OPTIMIZER_NAMES
 
 
@@ -130,8 +131,6 @@ def run(ctx) -> None:
 
 def convert_checkpoint(hf_dir: Path, lcfg) -> Path:
     """LitGPT-converted copy of ``hf_dir`` (cached; converted by LitGPT's own ``convert_hf_checkpoint``)."""
-    from harness.inputs.models import cache_root
-
     hf = json.loads((hf_dir / "config.json").read_text())
     h = hashlib.sha256((json.dumps(hf, sort_keys=True) + str(hf_dir.resolve())).encode()).hexdigest()[:10]
     name = f"{lit_config.MODEL_NAME_PREFIX}{hf_dir.name}-{h}"

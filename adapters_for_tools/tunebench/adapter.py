@@ -23,8 +23,16 @@ from __future__ import annotations
 import json
 import time
 
+import torch
+
 from harness.inputs.data import load_tokenised
 from harness.measuring.effective import read_back_optimizer
+from kernels.ops._utils import interpret_mode
+from kernels.trainer.attention import VARLEN
+from kernels.trainer.config import MethodOptions, TrainerConfig, TrainSettings
+from kernels.trainer.loading import load_model
+from kernels.trainer.save import save_trained
+from kernels.trainer.train import train
 
 KNOBS = {"recompute_layers": int, "offload_checkpoints": bool, "offload_weights": int, "offload_embeddings": bool,
          "offload_lm_head": bool, "fused_ce_chunk": int, "lora_dtype": str, "reference_ops": list,
@@ -34,10 +42,6 @@ KNOBS = {"recompute_layers": int, "offload_checkpoints": bool, "offload_weights"
 
 def method_options(sc, overrides: dict):  # noqa: ANN001, ANN201
     """The scenario's method and the override knobs as :class:`MethodOptions`."""
-    import torch  # torch and the trainer (heavy) load when a run needs them, not with the adapter module
-
-    from kernels.trainer.config import MethodOptions
-
     unknown = sorted(set(overrides) - set(KNOBS))
     if unknown:
         raise ValueError(f"unknown tunebench overrides {unknown}; known: {sorted(KNOBS)}")
@@ -68,8 +72,6 @@ def method_options(sc, overrides: dict):  # noqa: ANN001, ANN201
 
 def train_settings(sc, pad_id: int):  # noqa: ANN001, ANN201
     """The scenario's ``train`` section as the trainer's :class:`TrainSettings`."""
-    from kernels.trainer.config import TrainSettings
-
     t = sc.train
     return TrainSettings(micro_batch=t.micro_batch, grad_accum=t.grad_accum, steps=t.steps, lr=t.lr,
                          lr_scheduler=t.lr_scheduler, optimizer=t.optimizer, weight_decay=t.weight_decay,
@@ -78,10 +80,6 @@ def train_settings(sc, pad_id: int):  # noqa: ANN001, ANN201
 
 def trainer_config(sc, overrides: dict, pad_id: int):  # noqa: ANN001, ANN201
     """The whole :class:`TrainerConfig` of a scenario: method and knobs, loop, precision and device."""
-    import torch
-
-    from kernels.trainer.config import TrainerConfig
-
     device = torch.device("cuda" if sc.hardware.device == "cuda" else "cpu")
     dtype = getattr(torch, sc.method.quant.compute_dtype if sc.method.kind == "qlora" else sc.model.dtype)
     return TrainerConfig(method=method_options(sc, overrides), train=train_settings(sc, pad_id), dtype=dtype,
@@ -92,8 +90,6 @@ def ops_in_use(device: str, reference_ops: tuple[str, ...] = (), dtype: str = "b
                varlen: bool = True) -> dict[str, str]:
     """Which implementation each op runs with here (Triton kernel or PyTorch reference; ``reference_ops``:
     the knob of that name), and which attention packed rows get."""
-    from kernels.ops._utils import interpret_mode
-    from kernels.trainer.attention import VARLEN
 
     kern = "triton" if device == "cuda" else ("triton-interpreter" if interpret_mode() else "torch-reference")
     ops = ("rms_norm", "rope", "swiglu", "fused_linear_cross_entropy", "lora_linear", "nf4_dequantize")
@@ -105,10 +101,6 @@ def ops_in_use(device: str, reference_ops: tuple[str, ...] = (), dtype: str = "b
 
 def run(ctx) -> None:  # noqa: ANN001
     from transformers import AutoTokenizer
-
-    from kernels.trainer.loading import load_model
-    from kernels.trainer.save import save_trained
-    from kernels.trainer.train import train
 
     sc = ctx.scenario
     if sc.method.kind == "qlora" and sc.method.quant.quant_type != "nf4":

@@ -56,7 +56,11 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from adapters_for_tools.contract import INTERMEDIATE_DIRNAME
 from harness.inputs.tasks.local import LOCAL_TASK_DIR, local_task_names
+from harness.running.runner import work_root
+from harness.spec.scenario import scenario_from_dict
+from harness.storing.results import atomic_write_text
 
 BASELINE_CACHE = "eval_baselines"  # under the work root
 
@@ -146,8 +150,6 @@ def baseline_key(sc, checkpoint: str, task_dir: Path = LOCAL_TASK_DIR) -> str:
 
 def baseline(sc, checkpoint: str, tm, cache_dir: Path) -> dict[str, Any]:
     """The untrained model's evaluation, computed once per key and cached in ``cache_dir``."""
-    from harness.storing.results import atomic_write_text
-
     path = cache_dir / f"{baseline_key(sc, checkpoint)}.json"
     if path.exists():
         return json.loads(path.read_text()) | {"cached": True}
@@ -158,8 +160,6 @@ def baseline(sc, checkpoint: str, tm, cache_dir: Path) -> dict[str, Any]:
 
 def intermediate_points(work_dir: Path) -> list[tuple[int, Path]]:
     """Intermediate outputs ``<work_dir>/intermediate/step-NNNNNN`` as ``(step, dir)``, in step order."""
-    from adapters_for_tools.contract import INTERMEDIATE_DIRNAME
-
     pts = []
     for d in (work_dir / INTERMEDIATE_DIRNAME).glob("step-*"):
         if d.is_dir() and any(d.iterdir()):
@@ -184,9 +184,6 @@ def time_to_target(history: list[dict[str, Any]], target: dict[str, float]) -> f
 
 def evaluate_spec(spec: dict[str, Any]) -> dict[str, Any]:
     """Evaluate one finished run as described by the runner's spec; returns the ``eval_result.json`` dict."""
-    from harness.running.runner import work_root
-    from harness.spec.scenario import scenario_from_dict
-
     t0 = time.perf_counter()
     sc = scenario_from_dict(spec["scenario"], spec.get("scenario_source") or "<resolved>")
     work_dir = Path(spec["work_dir"])
@@ -229,8 +226,6 @@ def evaluate_spec(spec: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: evaluate, and always leave an ``eval_result.json`` (an error is a result too)."""
-    from harness.storing.results import atomic_write_text
-
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
         print("usage: python -m harness.analysis.evaluate EVAL_SPEC.json", file=sys.stderr)

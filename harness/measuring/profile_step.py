@@ -43,6 +43,10 @@ from harness.common.paths import REPO_ROOT
 from harness.inputs.models import get_preset, prepare_random_checkpoint
 from harness.measuring import environment
 from harness.measuring.meter import StepMeter
+from kernels.trainer.batches import micro_batches
+from kernels.trainer.config import LINEAR_MODULES, MethodOptions, TrainSettings
+from kernels.trainer.loading import load_model
+from kernels.trainer.train import make_optimizer, train
 
 # name -> (implementation, method, trainer knobs). Memory arithmetic behind the "lean" knobs:
 # kernels/trainer/README.md.
@@ -127,9 +131,6 @@ def _profile_table(prof, device: str) -> tuple[str, list[dict]]:  # noqa: ANN001
 def _tunebench_model(args, method: str, knobs: dict):  # noqa: ANN001, ANN202
     import torch
 
-    from kernels.trainer.config import LINEAR_MODULES, MethodOptions
-    from kernels.trainer.loading import load_model
-
     opts = MethodOptions(kind=method, lora_r=args.lora_r, lora_alpha=args.lora_alpha, target_modules=LINEAR_MODULES,
                          gradient_checkpointing=True, **knobs)
     return load_model(args.checkpoint, opts, dtype=getattr(torch, args.dtype), device=args.device)
@@ -163,8 +164,6 @@ def _hf_train(model, rows, s, device: str, meter, opt) -> list[float]:  # noqa: 
     """The HF Trainer's inner loop: bf16 autocast, model loss, clip, fused AdamW; the trainer's own batches."""
     import torch
 
-    from kernels.trainer.batches import micro_batches
-
     losses = []
     params = [p for g in opt.param_groups for p in g["params"]]
     dtype = next(p for p in model.parameters()).dtype
@@ -190,8 +189,6 @@ def _phase_peaks(model, impl: str, rows: list[dict], s, device: str, opt) -> dic
     """One more (eager) step with the allocator's peak reset between phases: where the step's memory peak is
     (forward incl. loss, backward incl. recomputation, optimizer), in GiB, and what is allocated between."""
     import torch
-
-    from kernels.trainer.batches import micro_batches
 
     (b,) = micro_batches(rows, s, 0, device)
     out: dict[str, float] = {}
@@ -224,9 +221,6 @@ def _phase_peaks(model, impl: str, rows: list[dict], s, device: str, opt) -> dic
 def run_single(args) -> dict[str, Any]:  # noqa: ANN001
     """One run, measured; returns its result dict (errors included)."""
     import torch
-
-    from kernels.trainer.config import TrainSettings
-    from kernels.trainer.train import make_optimizer, train
 
     impl, method, knobs = RUNS[args.single]
     knobs = dict(knobs) | (json.loads(args.knobs) if impl == "tunebench" else {})

@@ -48,6 +48,43 @@ def _why_not(sweep: Sweep, fw: str, row, departs: set[str]) -> str | None:
     return None
 
 
+def qualification(sweep: Sweep, summary, parity_df) -> dict[str, str | None]:
+    """Why each row of the summary is not a fair measurement, or None when it qualifies.
+
+    The one rule set behind the overall ranking, each tool's best rows (harness.reporting.tool_best) and the
+    claims check (harness.reporting.claims).
+
+    Args:
+        sweep: the loaded sweep.
+        summary: :func:`harness.reporting.tables.summary_frame` of it.
+        parity_df: :func:`harness.reporting.quality.parity_frame` of it.
+
+    Returns:
+        Row label -> the reason it is left out (``"INVALID settings"``, ``"diverged: loss not finite"``...), or
+        None, in the summary's order.
+    """
+    departs = set(parity_df.loc[parity_df["parity_status"] == "departs", "framework"]) if not parity_df.empty else set()
+    return {str(fw): _why_not(sweep, str(fw), row, departs) for fw, row in summary.iterrows()}
+
+
+def fastest_of(s) -> str:
+    """The row with the highest median tokens/s among the summary rows ``s`` (all qualifying, not empty)."""
+    return str(s["tps_median"].astype(float).idxmax())
+
+
+def leanest_of(s) -> tuple[str, float, str] | None:
+    """The row with the lowest peak memory among the summary rows ``s``: ``(row, GiB, what was measured)``.
+
+    Memory is compared in the first of :data:`MEMORY_COLUMNS` that any of the rows measured (NVML per-process on a
+    GPU; torch reserved, then host RSS, where NVML could not read); None when none did.
+    """
+    for col, label in MEMORY_COLUMNS:
+        mem = s[col].astype(float).dropna()
+        if not mem.empty:
+            return str(mem.idxmin()), float(mem.min()), label
+    return None
+
+
 def rank(sweep: Sweep, summary, parity_df) -> Ranking:
     """Rank the qualifying frameworks of a sweep.
 
@@ -59,28 +96,24 @@ def rank(sweep: Sweep, summary, parity_df) -> Ranking:
     Returns:
         The :class:`Ranking`; ``fastest``/``leanest`` None when no framework qualifies (or none measured memory).
     """
-    departs = set(parity_df.loc[parity_df["parity_status"] == "departs", "framework"]) if not parity_df.empty else set()
     out = Ranking()
     ok = []
-    for fw, row in summary.iterrows():
-        why = _why_not(sweep, str(fw), row, departs)
+    for fw, why in qualification(sweep, summary, parity_df).items():
         if why:
-            out.excluded[str(fw)] = why
+            out.excluded[fw] = why
         else:
-            ok.append(str(fw))
+            ok.append(fw)
     if not ok:
         return out
     s = summary.loc[ok]
-    out.fastest = str(s["tps_median"].astype(float).idxmax())
+    out.fastest = fastest_of(s)
     fast = s.loc[out.fastest]
     out.fastest_text = f"{fmt(fast['tps_median'], thousands=True)} tokens/s" + (
         f", {fast['speedup']:.2f}x {sweep.baseline}" if not is_empty(fast["speedup"]) else "")
-    for col, label in MEMORY_COLUMNS:
-        mem = s[col].astype(float).dropna()
-        if not mem.empty:
-            out.leanest = str(mem.idxmin())
-            out.leanest_text = f"{fmt(mem.min())} {label}"
-            break
+    lean = leanest_of(s)
+    if lean is not None:
+        out.leanest = lean[0]
+        out.leanest_text = f"{fmt(lean[1])} {lean[2]}"
     return out
 
 
