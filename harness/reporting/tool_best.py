@@ -19,8 +19,8 @@ from harness.reporting.ranking import fastest_of, leanest_of, qualification
 from harness.storing.sweep import Sweep
 
 FASTEST, LEANEST = "fastest", "leanest"
-HEADER = ["tool", "fastest row", "tokens/s", "its switches", "leanest row", "peak memory (GiB)", "its switches",
-          "rows left out"]
+HEADER = ["tool", "fastest row", "tokens/s", "its switches", "leanest row", "peak memory (GiB)",
+          "the leanest row's switches", "rows left out"]
 INTRO = ("A tool's rows (its closed-division default and its own speed or memory switches, read back from the live "
          "run) compared with each other: its fastest row (highest median tokens/s) and its leanest row (lowest "
          "median peak memory). Only fair measurements qualify, by the ranking's rules (valid, ok, not diverged, loss "
@@ -89,15 +89,23 @@ def best_of_tools(sweep: Sweep, summary, parity_df) -> list[ToolBest]:
     return out
 
 
+def _several(sweep: Sweep, rows: list[str]) -> bool:
+    """Two or more of the rows have stored runs: only then is one of them its tool's best."""
+    return sum(1 for r in rows if sweep.runs_of(r)) >= 2
+
+
 def has_several_rows(sweep: Sweep, summary) -> bool:
-    """Whether some tool has two or more rows with stored runs (only then is a tool's best row worth marking)."""
-    return any(sum(1 for r in rows if sweep.runs_of(r)) >= 2 for rows in rows_by_tool(sweep, summary).values())
+    """Whether some tool ran two or more rows in the sweep."""
+    return any(_several(sweep, rows) for rows in rows_by_tool(sweep, summary).values())
 
 
-def marks(best: list[ToolBest]) -> dict[str, str]:
-    """Row -> "fastest", "leanest" or "fastest, leanest" for the rows that are their tool's best."""
+def marks(sweep: Sweep, best: list[ToolBest]) -> dict[str, str]:
+    """Row -> "fastest", "leanest" or "fastest, leanest" for the rows that are the best of a tool that ran several
+    (a tool's only row is trivially its best, and marking it would say nothing)."""
     out: dict[str, list[str]] = {}
     for b in best:
+        if not _several(sweep, b.rows):
+            continue
         if b.fastest:
             out.setdefault(b.fastest, []).append(FASTEST)
         if b.leanest:
@@ -109,7 +117,7 @@ def mark_column(sweep: Sweep, summary, parity_df) -> list[str] | None:
     """The comparison table's "best of tool" cells in summary order; None when every tool ran one row."""
     if not has_several_rows(sweep, summary):
         return None
-    m = marks(best_of_tools(sweep, summary, parity_df))
+    m = marks(sweep, best_of_tools(sweep, summary, parity_df))
     return [m.get(str(row), EMPTY) for row in summary.index]
 
 

@@ -435,3 +435,72 @@ def test_energy_columns_telemetry_and_throttling(tmp_path, gpu_report):
     caveats = _section(md, "Failures and caveats")
     assert "tunebench r0: GPU throttled while measuring (sw_power_cap): its tokens/s understate" in caveats
     assert "J/token and avg power: GPU energy from NVML's total-energy counter" in md
+
+
+def _row_of(tool: str, label: str, repeat: int = 0, *, switches: dict | None = None,
+            overrides: dict | None = None, **kw) -> dict:
+    """A run of ``tool`` stored under the row label ``label``: one of the tool's variant rows."""
+    run = make_run(tool, repeat, **kw) | {"framework": label, "log": f"logs/{label}-r{repeat}.log"}
+    run |= {"overrides": overrides or {}, "extra": {"switches": switches} if switches else {}}
+    return run
+
+
+@pytest.fixture(scope="module")
+def variants_report(tmp_path_factory) -> str:
+    """Several rows per tool: defaults, switch rows, and unfair rows that look best (invalid, loss departing)."""
+    tmp_path = tmp_path_factory.mktemp("variants")
+    runs = [make_run("hf", 0, tokens_per_s=1000, vram_gib=10.0),
+            _row_of("hf", "hf-liger", tokens_per_s=1150, vram_gib=7.0, overrides={"liger": True},
+                    switches={"liger_kernel": True}),
+            make_run("unsloth", 0, tokens_per_s=1400, vram_gib=6.0),
+            _row_of("unsloth", "unsloth-plain-ckpt", tokens_per_s=1600, vram_gib=9.0,
+                    overrides={"use_gradient_checkpointing": True}, switches={"unsloth_gradient_checkpointing": True}),
+            _row_of("unsloth", "unsloth-broken", tokens_per_s=5000, vram_gib=1.0,
+                    invalid_reasons=["liger_kernel: asked for True, not read back from the live run"]),
+            make_run("tunebench", 0, tokens_per_s=2000, vram_gib=8.0),
+            _row_of("tunebench", "tunebench-lean", tokens_per_s=1500, vram_gib=5.0,
+                    overrides={"offload_embeddings": True}),  # no switch read back: its row as written
+            _row_of("tunebench", "tunebench-odd", tokens_per_s=9000, vram_gib=2.0, loss0=3.0,
+                    overrides={"recompute_layers": 1}),
+            make_run("trl", 0, tokens_per_s=950, vram_gib=9.5)]
+    return write_report(make_sweep(tmp_path / "results" / "variants-20260101-000000", runs),
+                        tmp_path / "rep").read_text()
+
+
+def test_each_tool_marks_its_fastest_and_leanest_fair_row(variants_report):
+    comp = _section(variants_report, "Comparison")
+    header = _table_row(comp, "framework")
+    assert header[-1] == "best of tool"
+    best = {fw: _table_row(comp, fw)[-1] for fw in ("hf", "hf-liger", "unsloth", "unsloth-plain-ckpt",
+                                                     "unsloth-broken", "tunebench", "tunebench-lean", "tunebench-odd",
+                                                     "trl")}
+    assert best == {"hf": "—", "hf-liger": "fastest, leanest", "unsloth": "leanest", "unsloth-plain-ckpt": "fastest",
+                    "unsloth-broken": "—", "tunebench": "fastest", "tunebench-lean": "leanest", "tunebench-odd": "—",
+                    "trl": "—"}  # trl ran one row: nothing to choose between
+
+
+def test_each_tool_at_its_best_table(variants_report):
+    sec = variants_report.split("### Each tool at its best\n", 1)[1].split("\n## ", 1)[0].split("\n### ", 1)[0]
+    head = _table_row(sec, "tool")
+    rows = {t: dict(zip(head, _table_row(sec, t), strict=True)) for t in ("hf", "unsloth", "tunebench", "trl")}
+    assert rows["hf"]["fastest row"] == "hf-liger" and rows["hf"]["leanest row"] == "hf-liger"
+    assert rows["hf"]["its switches"] == "liger_kernel=true"
+    u = rows["unsloth"]
+    assert (u["fastest row"], u["leanest row"]) == ("unsloth-plain-ckpt", "unsloth")
+    assert u["peak memory (GiB)"] == "6.00 (NVML per-process)"
+    assert "unsloth-broken (INVALID settings)" in u["rows left out"]
+    assert float(u["tokens/s"].replace(",", "")) == pytest.approx(1600, rel=0.02)
+    tb = rows["tunebench"]
+    assert tb["fastest row"] == "tunebench" and tb["its switches"] == "default"
+    assert tb["leanest row"] == "tunebench-lean"
+    assert tb["the leanest row's switches"] == "offload_embeddings=true (as written)"
+    assert tb["rows left out"] == "tunebench-odd (loss curve departs from hf)"
+    assert rows["trl"]["fastest row"] == "trl" and rows["trl"]["rows left out"] == "—"
+    # the overall ranking keeps its own rules: the unfair rows are not ranked there either
+    assert "**Fastest:** tunebench (" in _section(variants_report, "Comparison")
+
+
+def test_one_row_per_tool_has_no_best_of_tool_marks(gpu_report):
+    md = gpu_report.read_text()
+    assert "best of tool" not in md and "Each tool at its best" not in md
+    assert "Claimed vs measured" not in md  # the synthetic scenario is named by no published claim
