@@ -10,6 +10,7 @@ Examples::
     python -m harness compare results/<old> results/<new>     # regression gate: exit 1 on regression
     python -m harness calibrate                               # measure the GPU's bf16 matmul peak
     python -m harness env list|check|create|pack|install ...  # per-framework environments
+    python -m harness selfcheck SCENARIO --against results/<run-id>  # harness vs hand-written loops
 
 ``python -m harness <command> --help`` shows a command's options and exit codes.
 """
@@ -20,7 +21,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from harness.cli import calibrate, compare, env, listing, report, run, validate
+from harness.cli import calibrate, compare, env, listing, report, run, selfcheck, validate
 
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "run": (run.main, "run a scenario through its frameworks"),
@@ -30,6 +31,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "compare": (compare.main, "regression verdict between two result sets"),
     "calibrate": (calibrate.main, "measure the GPU's bf16 dense matmul peak (TFLOP/s)"),
     "env": (env.main, "per-framework environments: list, check, create, pack, install"),
+    "selfcheck": (selfcheck.main, "the harness's figures against plain hand-written training loops"),
 }
 
 

@@ -7,10 +7,10 @@ more steps under ``torch.profiler`` (after measuring, so the profiler never infl
 ``hf-*`` runs are transformers + PEFT with the model's own loss under bf16 autocast and non-reentrant gradient
 checkpointing, i.e. what the HF Trainer runs, in the same process setup, for a same-machine comparison.
 
-The hf loop is this module's own, not ``harness.measuring.selfcheck``'s: selfcheck deliberately shares nothing
-with the ``StepMeter`` (it exists to cross-check it) and builds its own optimizer and unpadded batches from a
-scenario, while here both implementations must be measured by the same meter, fed the same collated batches and
-keep one optimizer across the measured, phase-memory and profiled steps.
+The hf loop is this module's own, not ``harness.measuring.handloop``'s: the hand loops deliberately share nothing
+with the ``StepMeter`` (they exist to cross-check it) and time each step themselves, while here both
+implementations must be measured by the same meter, fed the same collated batches and keep one optimizer across
+the measured, phase-memory and profiled steps.
 
 Examples::
 

@@ -11,7 +11,9 @@ Contents: scenario summary and the command to reproduce; one row per framework a
 (harness.analysis.aggregate: tokens/s median with the spread over repeats and over steps, speed-up against
 ``measure.baseline``, peak memory three ways, MFU, energy per token and average power where a GPU measured them,
 final loss, repeats, validity); the fastest and the leanest framework among the fair measurements
-(harness.reporting.ranking); every failed, diverged, unavailable, OOM, timed-out or invalid run with its reason;
+(harness.reporting.ranking), and each tool's own fastest and leanest row where a tool ran several
+(harness.reporting.tool_best); the published claims this scenario can test, claimed against measured
+(harness.reporting.claims); every failed, diverged, unavailable, OOM, timed-out or invalid run with its reason;
 GPU telemetry (clocks, power, temperature, throttling, energy) where recorded; the MFU convention; charts;
 effective settings against the scenario; quality (when runs carry an evaluation) and loss parity; the
 environment; how to read it; failures and caveats.
@@ -27,7 +29,7 @@ from collections import Counter
 from pathlib import Path
 
 from harness.analysis.aggregate import is_empty
-from harness.reporting import charts, quality, tables
+from harness.reporting import charts, claims, handloop, quality, tables, tool_best
 from harness.reporting.caveats import caveats
 from harness.reporting.document import Cell, Doc, fmt
 from harness.reporting.ranking import rank, ranking_text
@@ -81,12 +83,18 @@ def _comparison(doc: Doc, sweep: Sweep, summary, parity_df) -> None:
     header = [h.format(base=base) for h in COMPARISON_HEADER]
     if energy:
         header[header.index("MFU") + 1:header.index("MFU") + 1] = ENERGY_HEADER
-    doc.table(header, tables.comparison_rows(summary, base, energy))
+    rows = tables.comparison_rows(summary, base, energy)
+    marks = tool_best.mark_column(sweep, summary, parity_df)  # None when every tool ran a single row
+    if marks is not None:
+        header.append("best of tool")
+        rows = [row + [mark] for row, mark in zip(rows, marks, strict=True)]
+    doc.table(header, rows)
     if not summary.empty:
         doc.p(ranking_text(rank(sweep, summary, parity_df)))
     peak = next((r.metrics.peak_tflops for r in sweep.runs if r.metrics.peak_tflops), None)
     src = next((r.metrics.peak_tflops_source for r in sweep.runs if r.metrics.peak_tflops_source), None)
     doc.p(f"**MFU convention.** {MFU_CONVENTION} Peak used: {fmt(peak, 1)} TFLOP/s" + (f" ({src})." if src else "."))
+    tool_best.add_section(doc, sweep, summary, parity_df)
     doc.h(2, "All runs")
     doc.table(["framework", "repeat", "status", "valid", "tokens/s", "step s (median)", "NVML GiB", "reserved GiB",
                "host RSS GiB", "final loss", "wall s", "reason / invalid"], tables.run_rows(sweep))
@@ -214,12 +222,14 @@ def build_report(sweep: Sweep, out_dir: Path) -> Doc:
     doc.code(f"python -m harness run {sweep.source or '<scenario.yaml>'}\npython -m harness report {sweep.path}")
     parity_df = quality.parity_frame(sweep)
     _comparison(doc, sweep, summary, parity_df)
+    claims.add_section(doc, sweep, summary, parity_df)
     _charts(doc, sweep, summary, out_dir)
     _settings(doc, sweep)
     eval_errors = quality.eval_errors(sweep)
     if quality.evaluated_runs(sweep):
         _quality(doc, sweep, summary, out_dir, eval_errors)
     _parity(doc, sweep, parity_df)
+    handloop.add_section(doc, sweep)
     _environment(doc, sweep, foreign)
     doc.h(1, "How to read this")
     doc.ul([item.format(base=sweep.baseline) for item in HOW_TO_READ]

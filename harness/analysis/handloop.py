@@ -1,0 +1,162 @@
+"""Harness against hand loop: a stored sweep's figure for a framework beside the same training in a plain
+hand-written loop (:mod:`harness.measuring.handloop`), the difference, and the settings in which the two differ.
+
+The harness's figure is the one the report prints (:func:`harness.analysis.aggregate.summarise`: the median over
+the framework's ok repeats). The difference is ``(harness - loop) / loop`` of tokens/s, in percent: positive when
+the harness measured more tokens/s than the loop. Within :data:`AGREE_PCT` the two **agree**; beyond it the
+settings that differ are the stated cause, and where none differs that is said too (the cause is then in what
+neither side records, or in the harness itself).
+
+Settings compared: every key both sides have, from the stored run's ``effective`` settings and identity
+(checkpoint, dataset digest, steps, warmup, GPU, library versions, overrides, settings hash) and the loop's
+read-back (:mod:`harness.measuring.handloop.common`). Keys only the loop records (attention implementation,
+input-grad hook, whether an attention mask was fed, ...) are kept beside, as "not recorded by the harness".
+
+The check is stored in the sweep as ``selfcheck.json`` (a later one as ``selfcheck-2.json``, ...; never
+overwritten: :func:`next_selfcheck_path`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from harness.analysis.aggregate import number, summarise
+from harness.storing.schema import RunResult
+from harness.storing.sweep import Sweep
+
+AGREE_PCT = 3.0  # |harness - loop| / loop of tokens/s within this: the harness's figure is the loop's
+SELFCHECK_NAME = re.compile(r"^selfcheck(?:-(\d+))?\.json$")
+HARNESS_FIGURES = ("tokens_per_s", "step_s_median", "peak_alloc_gib", "peak_reserved_gib")
+# what a loop records about itself that is no setting of a run (how it timed, its own knobs, descriptions)
+NOT_COMPARED = frozenset({"timing", "data_order", "hand_loop_knobs", "trainer", "unsloth_calls", "dataset_rows",
+                          "data_format", "loss_normalisation"})
+
+
+def selfcheck_paths(sweep_dir: Path) -> list[Path]:
+    """The stored checks of a sweep, oldest first (``selfcheck.json``, ``selfcheck-2.json``, ...)."""
+    found = []
+    for p in Path(sweep_dir).iterdir() if Path(sweep_dir).is_dir() else []:
+        m = SELFCHECK_NAME.match(p.name)
+        if m and p.is_file():
+            found.append((int(m.group(1) or 1), p))
+    return [p for _, p in sorted(found)]
+
+
+def next_selfcheck_path(sweep_dir: Path) -> Path:
+    """Where the next check of a sweep is stored: ``selfcheck.json``, then ``selfcheck-2.json``, ..."""
+    taken = [int(SELFCHECK_NAME.match(p.name).group(1) or 1) for p in selfcheck_paths(sweep_dir)]
+    n = max(taken, default=0) + 1
+    return Path(sweep_dir) / ("selfcheck.json" if n == 1 else f"selfcheck-{n}.json")
+
+
+def verdict(difference_pct: float | None, within_pct: float = AGREE_PCT) -> str | None:
+    """``"agrees"`` within ``within_pct`` percent, else ``"differs"``; None without a difference."""
+    if difference_pct is None:
+        return None
+    return "agrees" if abs(difference_pct) <= within_pct else "differs"
+
+
+def difference_pct(harness: float | None, loop: float | None) -> float | None:
+    """``100 * (harness - loop) / loop``; None when either is missing or the loop's is 0."""
+    h, lo = number(harness), number(loop)
+    if h is None or lo is None or lo == 0:
+        return None
+    return 100.0 * (h - lo) / lo
+
+
+def harness_settings(run: RunResult) -> dict[str, Any]:
+    """A stored run's settings in the loop's keys: its effective settings and what identifies what it ran."""
+    env = run.environment
+    identity = {"checkpoint": run.checkpoint, "dataset_sha256_16": run.dataset_sha256_16, "device": run.device,
+                "steps": number(getattr(run.metrics, "steps_total", None)),
+                "warmup_steps": number(getattr(run.metrics, "warmup_steps", None)),
+                "overrides": dict(run.overrides), "settings_hash": run.settings_hash}
+    if env is not None:
+        identity |= {"gpu_name": env.gpu_name} | {f"{name}_version": v for name, v in env.libraries.items()}
+    # an identity field the run did not record is left out; an effective setting read back as None is a value
+    return dict(run.effective) | {k: v for k, v in identity.items() if v is not None}
+
+
+def loop_settings(loop: dict[str, Any]) -> dict[str, Any]:
+    """A loop result's settings, with the steps it ran and its identity in the run's keys."""
+    identity = {"steps": loop.get("steps"), "warmup_steps": loop.get("warmup_steps"), "overrides": {},
+                "settings_hash": loop.get("settings_hash")}
+    settings = {k: v for k, v in (loop.get("settings") or {}).items() if k not in NOT_COMPARED}
+    return settings | {k: v for k, v in identity.items() if v is not None}
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a == b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+    return a == b
+
+
+def settings_differ(harness: dict[str, Any], loop: dict[str, Any]) -> list[dict[str, Any]]:
+    """The settings both sides recorded with different values: ``{"key", "harness", "loop"}`` each, by key."""
+    return [{"key": k, "harness": harness[k], "loop": loop[k]} for k in sorted(set(harness) & set(loop))
+            if not _same(harness[k], loop[k])]
+
+
+def _representative(runs: list[RunResult]) -> RunResult | None:
+    """The run whose settings stand for the framework: the first ok run, repeat 0 where it is ok."""
+    ok = sorted((r for r in runs if r.ok), key=lambda r: r.repeat)
+    return ok[0] if ok else None
+
+
+def compare_framework(sweep: Sweep, framework: str, loop: dict[str, Any],
+                      within_pct: float = AGREE_PCT) -> dict[str, Any]:
+    """One framework's stored figure against its hand loop's.
+
+    Args:
+        sweep: the stored sweep.
+        framework: the framework row (the loop's adapter name: the closed-division row).
+        loop: the loop's result (:func:`harness.measuring.handloop.__main__.run_loop`).
+        within_pct: the agreement band.
+
+    Returns:
+        ``status`` (compared | loop unavailable | loop failed | no harness run) with ``reason``; when compared,
+        ``harness`` and ``loop`` figures, ``difference_pct`` (tokens/s), ``step_time_difference_pct``,
+        ``verdict``, ``settings_differ`` and ``not_recorded_by_harness``.
+    """
+    out: dict[str, Any] = {"framework": framework}
+    if loop.get("status") != "ok":
+        status = "loop unavailable" if loop.get("status") == "unavailable" else "loop failed"
+        return out | {"status": status, "reason": loop.get("reason")}
+    runs = sweep.runs_of(framework)
+    run = _representative(runs)
+    if run is None:
+        why = (f"no ok run of {framework} in the sweep ({len(runs)} stored)" if runs
+               else f"{framework} has no stored run in the sweep")
+        return out | {"status": "no harness run", "reason": why}
+    summary = summarise(framework, runs)
+    harness = {m: summary.median(m) for m in HARNESS_FIGURES} | {
+        "repeats_ok": len(summary.ok_runs), "runs": [r.key for r in summary.ok_runs], "valid": summary.valid,
+        "invalid_reasons": summary.invalid_reasons}
+    mine = {m: loop.get(m) for m in (*HARNESS_FIGURES, "steps", "warmup_steps", "final_loss")}
+    h_set, l_set = harness_settings(run), loop_settings(loop)
+    diff = difference_pct(harness["tokens_per_s"], mine["tokens_per_s"])
+    return out | {
+        "status": "compared", "reason": None, "harness": harness, "loop": mine, "difference_pct": diff,
+        "step_time_difference_pct": difference_pct(harness["step_s_median"], mine["step_s_median"]),
+        "verdict": verdict(diff, within_pct), "settings_from_run": run.key,
+        "settings_differ": settings_differ(h_set, l_set),
+        "not_recorded_by_harness": {k: v for k, v in sorted(l_set.items()) if k not in h_set}}
+
+
+def compare(sweep: Sweep, loops: dict[str, dict[str, Any]], within_pct: float = AGREE_PCT) -> dict[str, Any]:
+    """Every framework's stored figure against its hand loop (:func:`compare_framework`), keyed by framework."""
+    return {fw: compare_framework(sweep, fw, loop, within_pct) for fw, loop in loops.items()}
+
+
+def cause(entry: dict[str, Any]) -> str:
+    """The stated cause of a compared framework's difference: the settings that differ, or that none does."""
+    diffs = entry.get("settings_differ") or []
+    if diffs:
+        return "; ".join(f"{d['key']}: harness {d['harness']!r}, loop {d['loop']!r}" for d in diffs)
+    unrecorded = ", ".join(sorted(entry.get("not_recorded_by_harness") or {}))
+    return ("no recorded setting differs" + (f" (not recorded by the harness: {unrecorded})" if unrecorded else ""))

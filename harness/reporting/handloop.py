@@ -1,0 +1,92 @@
+"""The report's "Harness vs hand loop" section: each stored ``selfcheck*.json`` of the sweep as a table.
+
+``python -m harness selfcheck SCENARIO --against results/<sweep>`` stores the checks (:mod:`harness.analysis.
+handloop` says what they hold). Per framework the table shows the harness's tokens/s (the report's median), the
+plain hand-written loop's, and the verdict: **agrees** within the check's band (3 %), otherwise the measured
+difference, flagged, with the settings that differ between the stored run and the loop as the stated cause. A
+sweep without a check gets no section; a check file that cannot be read is named, not fatal.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from harness.analysis.handloop import AGREE_PCT, cause, selfcheck_paths, verdict
+from harness.reporting.document import EMPTY, Cell, Doc, fmt, short
+from harness.storing.results import read_json
+from harness.storing.sweep import Sweep
+
+HEADER = ["check", "framework", "harness tokens/s", "hand loop tokens/s", "difference", "step s harness / loop",
+          "verdict", "settings that differ (stated cause)"]
+INTRO = ("Each framework's figure beside the same training in a plain hand-written loop (`python -m harness "
+         "selfcheck`, harness/measuring/handloop): the same checkpoint, rows, order and settings, each optimizer step "
+         "timed between two device synchronisations, and none of the harness around it (no worker, meter or "
+         "callbacks). Difference = (harness − loop) / loop of tokens/s; within {band:g} % the harness's figure "
+         "agrees. Beyond it the settings that differ between the stored run and the loop are the stated cause; "
+         "where none differs, the settings only the loop records are listed.")
+
+
+def _pct(x: Any) -> str:
+    return EMPTY if not isinstance(x, (int, float)) or isinstance(x, bool) else f"{x:+.1f} %"
+
+
+def _row(check: str, fw: str, entry: dict[str, Any], band: float) -> list[str | Cell]:
+    """One framework's row of one check."""
+    if not isinstance(entry, dict) or entry.get("status") != "compared":
+        status = entry.get("status", "unreadable") if isinstance(entry, dict) else "unreadable"
+        reason = entry.get("reason") if isinstance(entry, dict) else None
+        return [check, fw, EMPTY, EMPTY, EMPTY, EMPTY, Cell(f"{status}: {short(reason, 200)}", "warn"), EMPTY]
+    h, lo = entry.get("harness") or {}, entry.get("loop") or {}
+    diff = entry.get("difference_pct")
+    said = verdict(diff, band)
+    differs = entry.get("settings_differ") or []
+    if said == "agrees":
+        verdict_cell = Cell("agrees", "good")
+        cause_cell: str | Cell = (Cell(cause(entry), "warn") if differs else EMPTY)
+    elif said == "differs":
+        verdict_cell = Cell(f"differs by {_pct(diff)}", "bad")
+        cause_cell = Cell(cause(entry), "bad" if differs else "warn")
+    else:
+        verdict_cell, cause_cell = Cell("no figure to compare", "warn"), EMPTY
+    steps = f"{fmt(h.get('step_s_median'), 4)} / {fmt(lo.get('step_s_median'), 4)}"
+    return [check, fw, fmt(h.get("tokens_per_s"), thousands=True), fmt(lo.get("tokens_per_s"), thousands=True),
+            _pct(diff), steps, verdict_cell, cause_cell]
+
+
+def rows(sweep_dir: Path) -> tuple[list[list[str | Cell]], list[str], int]:
+    """The table rows of every stored check, the check files that cannot be read, and how many frameworks differ."""
+    out: list[list[str | Cell]] = []
+    unreadable: list[str] = []
+    n_differ = 0
+    for path in selfcheck_paths(sweep_dir):
+        check = read_json(path)
+        entries = check.get("frameworks") if check else None
+        if not isinstance(entries, dict):
+            unreadable.append(path.name)
+            continue
+        band = check.get("agree_within_pct")
+        band = float(band) if isinstance(band, (int, float)) and not isinstance(band, bool) else AGREE_PCT
+        for fw, entry in entries.items():
+            row = _row(path.name, str(fw), entry, band)
+            if isinstance(row[6], Cell) and row[6].mark == "bad":
+                n_differ += 1
+            out.append(row)
+    return out, unreadable, n_differ
+
+
+def add_section(doc: Doc, sweep: Sweep) -> None:
+    """Add "Harness vs hand loop" when the sweep stores a check (nothing otherwise)."""
+    if not selfcheck_paths(sweep.path):
+        return
+    table, unreadable, n_differ = rows(sweep.path)
+    doc.h(1, "Harness vs hand loop")
+    doc.p(INTRO.format(band=AGREE_PCT))
+    if n_differ:
+        doc.p(f"{n_differ} framework figure(s) differ from the hand loop by more than the band: the cause column "
+              "says which settings differ.", "bad")
+    if table:
+        doc.table(HEADER, table)
+    for name in unreadable:
+        doc.p(f"`{name}` cannot be read as a check (not JSON, or no per-framework comparison in it): left out.",
+              "warn")

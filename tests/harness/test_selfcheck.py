@@ -1,0 +1,260 @@
+"""Hand loops against the harness: the loops run and read their settings back (CPU, tiny-llama, float32), they
+hold the adapters' settings, the comparison is built from a stored sweep, stored once per check, and reported."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import stat
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from fixtures_results import make_run, make_sweep  # noqa: E402
+
+from adapters_for_tools.contract import HF_OPTIM  # noqa: E402
+from adapters_for_tools.hf import HfOverrides  # noqa: E402
+from adapters_for_tools.hf.config import training_args  # noqa: E402
+from adapters_for_tools.tunebench.adapter import trainer_config  # noqa: E402
+from adapters_for_tools.unsloth.config import native_config  # noqa: E402
+from harness.analysis import handloop as analysis  # noqa: E402
+from harness.cli import selfcheck as selfcheck_cli  # noqa: E402
+from harness.inputs import data, models  # noqa: E402
+from harness.measuring import effective  # noqa: E402
+from harness.measuring.handloop import tunebench, unsloth  # noqa: E402
+from harness.measuring.handloop.__main__ import run_loop  # noqa: E402
+from harness.measuring.handloop.knobs import HfKnobs, parse_knobs  # noqa: E402
+from harness.reporting import handloop as report_section  # noqa: E402
+from harness.reporting.document import Doc  # noqa: E402
+from harness.reporting.report import write_report  # noqa: E402
+from harness.running.prepare import prepare  # noqa: E402
+from harness.spec.scenario import load_scenario  # noqa: E402
+from harness.storing.sweep import load_sweep  # noqa: E402
+
+# uniform lengths: the micro-batches carry padding, so "non-padding tokens" is tested, not assumed
+SCENARIO = """\
+version: 1
+name: handloop_test
+model: {preset: tiny-llama, weights: random, dtype: float32, seed: 0}
+method: {kind: lora, lora_r: 4, lora_alpha: 8, target_modules: all-linear}
+data: {source: synthetic, seq_len: 48, lengths: uniform, min_len: 12}
+train: {micro_batch: 2, grad_accum: 2, steps: 3, warmup_steps: 1, lr: 1.0e-3, optimizer: adamw_torch,
+        gradient_checkpointing: true}
+hardware: {device: cpu}
+frameworks: [hf, tunebench]
+"""
+CHECKPOINT_FN = "torch.utils.checkpoint.checkpoint(use_reentrant=False)"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):  # noqa: ANN001, ANN201
+    """The scenario file and its parsed scenario, with a private checkpoint cache; tiny matmuls on one thread and
+    the trainer's PyTorch op references (not Triton's interpreter, which tests/conftest.py switches on)."""
+    d = tmp_path_factory.mktemp("handloop")
+    path = d / "handloop_test.yaml"
+    path.write_text(SCENARIO)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TUNEBENCH_CACHE", str(d / "cache"))
+        mp.setenv("TRITON_INTERPRET", "0")
+        yield path, load_scenario(path)
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def hf_loop(tiny):  # noqa: ANN001, ANN201
+    return run_loop("hf", tiny[1])
+
+
+@pytest.fixture(scope="module")
+def tb_loop(tiny):  # noqa: ANN001, ANN201
+    return run_loop("tunebench", tiny[1])
+
+
+def _non_padding_tokens(sc, steps: range) -> int:  # noqa: ANN001
+    """Tokens of the rows of ``steps``: each row's own length, which padding to the micro-batch's widest does not
+    change."""
+    from transformers import AutoTokenizer  # heavy
+
+    ckpt = models.resolve_checkpoint(sc.model, device="cpu")
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    rows = [data.tokenize_example(tok, r, "text", sc.data.seq_len) for r in data.build_examples(sc)[0]]
+    per_step = sc.train.micro_batch * sc.train.grad_accum
+    assert len(rows) == per_step * sc.train.steps, "one epoch exactly: step k reads rows 4k..4k+3"
+    return sum(len(rows[i]["input_ids"]) for s in steps for i in range(s * per_step, (s + 1) * per_step))
+
+
+def test_hf_loop_measures_and_reads_its_settings_back(tiny, hf_loop, tmp_path):
+    _, sc = tiny
+    assert hf_loop["status"] == "ok", hf_loop.get("traceback")
+    assert hf_loop["steps"] == 3 and hf_loop["warmup_steps"] == 1 and hf_loop["steps_measured"] == 2
+    assert hf_loop["tokens_per_s"] > 0 and hf_loop["step_s_median"] > 0
+    # tokens: the non-padding tokens of the two measured steps, not their padded width
+    assert hf_loop["tokens_measured"] == _non_padding_tokens(sc, range(1, 3))
+    s = hf_loop["settings"]
+    # what the HF Trainer does at the hf adapter's TrainingArguments, read back from the live model
+    assert s["checkpoint_function"] == CHECKPOINT_FN and s["input_require_grads"] is True
+    assert s["attention_mask_fed"] is True and s["attn_implementation"] == "sdpa"
+    assert s["optimizer"] == "adamw_torch" and s["autocast"] is None  # float32: no autocast
+    assert s["micro_batch"] == 2 and s["grad_accum"] == 2 and s["seq_len"] <= 48
+    # the harness's own validity check finds nothing to object to in the loop's settings
+    assert effective.check(sc, s) == []
+    # the same rows as the sweep: the digest prepare records for its dataset file
+    assert s["dataset_sha256_16"] == prepare(sc, tmp_path / "data")["dataset_sha256_16"]
+
+
+def test_hf_knobs_change_what_the_loop_runs(tiny):
+    res = run_loop("hf", tiny[1], steps=2, knob_pairs=["attention_mask=false", "input_require_grads=false"])
+    assert res["status"] == "ok", res.get("traceback")
+    s = res["settings"]
+    assert s["attention_mask_fed"] is False and s["input_require_grads"] is False
+    assert s["hand_loop_knobs"]["attention_mask"] is False and s["checkpoint_function"] == CHECKPOINT_FN
+    assert parse_knobs(["optimizer=adamw_torch_fused"]).optimizer == "adamw_torch_fused"
+    for bad in (["attention_mask=maybe"], ["no_such_knob=1"], ["attention_mask"]):
+        with pytest.raises(ValueError):
+            parse_knobs(bad)
+    refused = run_loop("tunebench", tiny[1], knob_pairs=["attention_mask=false"])
+    assert refused["status"] == "error" and "hf's" in refused["reason"]
+
+
+def test_tunebench_loop_runs_the_library(tiny, tb_loop, hf_loop):
+    _, sc = tiny
+    assert tb_loop["status"] == "ok", tb_loop.get("traceback")
+    assert tb_loop["tokens_per_s"] > 0 and tb_loop["steps_measured"] == 2
+    s = tb_loop["settings"]
+    assert effective.check(sc, s) == [] and s["gradient_checkpointing"] is True and s["lora_r"] == 4
+    assert s["trainer"]["method"]["kind"] == "lora" and s["device"] == "cpu"
+    # same rows in the same order as the hf loop: the same tokens, and (fp32, same loss normalisation) the same
+    # losses; tests/kernels/test_trainer_hf_parity.py holds the trainer to hf much tighter
+    assert tb_loop["tokens_measured"] == hf_loop["tokens_measured"]
+    assert s["dataset_sha256_16"] == hf_loop["settings"]["dataset_sha256_16"]
+    assert max(abs(a - b) for a, b in zip(tb_loop["losses"], hf_loop["losses"], strict=True)) < 1e-3
+
+
+def test_loops_hold_the_adapters_settings(tiny, tmp_path):
+    """Each loop writes down its adapter's settings by hand (measuring sits below the adapters' heavy side);
+    these keep the two equal."""
+    _, sc = tiny
+    args, knobs = training_args(sc, tmp_path, HfOverrides()), HfKnobs()
+    assert args["gradient_checkpointing_kwargs"] == {"use_reentrant": knobs.use_reentrant}
+    assert args["optim"] == HF_OPTIM[sc.train.optimizer] and knobs.optimizer is None  # None: the scenario's
+    assert tunebench.trainer_config(sc, 7) == trainer_config(sc, {}, 7)
+    native, calls = native_config(sc, tmp_path, "/ckpt", tmp_path / "d.jsonl"), unsloth.unsloth_calls(sc, "/ckpt")
+    assert calls == {"from_pretrained": native["from_pretrained"], "get_peft_model": native["get_peft_model"]}
+
+
+def test_unsloth_loop_is_unavailable_without_unsloth(tiny):
+    if importlib.util.find_spec("unsloth") is not None:
+        pytest.skip("unsloth imports here: the loop would run")
+    res = run_loop("unsloth", tiny[1])
+    assert res["status"] == "unavailable" and "unsloth" in res["reason"]
+
+
+# -- the comparison, its storage and the report, on a synthetic sweep -----------------------------------------------
+def _loop(tokens_per_s: float, **settings) -> dict:  # noqa: ANN003
+    """A hand loop's result as run_loop returns it (clearly fake figures)."""
+    eff = {"train_mode": True, "gradient_checkpointing": True, "dtype": "bfloat16", "micro_batch": 2,
+           "grad_accum": 2, "optimizer": "adamw_torch", "lr": 2e-4, "lora_r": 16,
+           "dataset_sha256_16": "feedfacefeedface", "checkpoint": "/synthetic/checkpoint",
+           "attn_implementation": "sdpa", "attention_mask_fed": True, "timing": "synthetic"}
+    return {"status": "ok", "reason": None, "tokens_per_s": tokens_per_s, "step_s_median": 512 / tokens_per_s,
+            "steps": 10, "warmup_steps": 2, "peak_alloc_gib": 7.5, "settings": eff | settings}
+
+
+LOOPS = {"hf": _loop(1000.0),  # the harness's median is 1020: +2.0 %, agrees
+         "tunebench": _loop(1300.0, gradient_checkpointing=False),  # 1500 against 1300: +15.4 %, differs
+         "unsloth": {"framework": "unsloth", "status": "unavailable", "reason": "unsloth is not importable here"}}
+
+
+@pytest.fixture
+def sweep_dir(tmp_path):  # noqa: ANN001, ANN201
+    # no step-time jitter: each run's tokens/s is exactly the one given
+    runs = [make_run("hf", 0, tokens_per_s=1000, jitter=0), make_run("hf", 1, tokens_per_s=1040, jitter=0),
+            make_run("tunebench", 0, tokens_per_s=1500, jitter=0)]
+    return make_sweep(tmp_path / "results" / "synthetic-tiny-20260101-000000", runs)
+
+
+def test_comparison_puts_each_loop_beside_the_stored_figure(sweep_dir):
+    got = analysis.compare(load_sweep(sweep_dir), LOOPS)
+    hf, tb, us = got["hf"], got["tunebench"], got["unsloth"]
+    assert hf["status"] == "compared" and hf["harness"]["repeats_ok"] == 2
+    assert hf["harness"]["tokens_per_s"] == pytest.approx(1020, rel=1e-6)  # the report's median over repeats
+    assert hf["difference_pct"] == pytest.approx(2.0, abs=1e-6) and hf["verdict"] == "agrees"
+    assert hf["settings_differ"] == []
+    # what only the loop records is kept beside, not called a difference
+    assert hf["not_recorded_by_harness"]["attention_mask_fed"] is True
+    assert "timing" not in hf["not_recorded_by_harness"]
+    assert tb["difference_pct"] == pytest.approx(100 * 200 / 1300) and tb["verdict"] == "differs"
+    assert tb["settings_differ"] == [{"key": "gradient_checkpointing", "harness": True, "loop": False}]
+    assert "gradient_checkpointing: harness True, loop False" in analysis.cause(tb)
+    assert us == {"framework": "unsloth", "status": "loop unavailable", "reason": "unsloth is not importable here"}
+    missing = analysis.compare_framework(load_sweep(sweep_dir), "trl", _loop(900.0))
+    assert missing["status"] == "no harness run" and "no stored run" in missing["reason"]
+    assert analysis.verdict(-3.0) == "agrees" and analysis.verdict(3.01) == "differs"
+
+
+def test_selfcheck_is_stored_once_per_check_and_reported(sweep_dir, tmp_path, monkeypatch, capsys):
+    scenario = tmp_path / "handloop_test.yaml"
+    scenario.write_text(SCENARIO)
+    monkeypatch.setattr(selfcheck_cli, "run_loop", lambda fw, *a: LOOPS[fw])
+    argv = [str(scenario), "--against", str(sweep_dir)]
+    old = os.umask(0o022)
+    try:
+        assert selfcheck_cli.main(argv) == selfcheck_cli.EXIT_DIFFERS  # tunebench differs by more than 3 %
+        first = (sweep_dir / "selfcheck.json").read_bytes()
+        assert selfcheck_cli.main(argv + ["--out", str(tmp_path / "copy.json")]) == selfcheck_cli.EXIT_DIFFERS
+    finally:
+        os.umask(old)
+    assert (sweep_dir / "selfcheck.json").read_bytes() == first  # never overwritten: the second is -2
+    assert analysis.selfcheck_paths(sweep_dir) == [sweep_dir / "selfcheck.json", sweep_dir / "selfcheck-2.json"]
+    assert stat.S_IMODE((sweep_dir / "selfcheck.json").stat().st_mode) == 0o644
+    check = json.loads(first)
+    assert check["frameworks"]["hf"]["verdict"] == "agrees" and check["loops"]["hf"]["tokens_per_s"] == 1000.0
+    assert json.loads((tmp_path / "copy.json").read_text())["frameworks"] == check["frameworks"]
+    out = capsys.readouterr().out
+    assert "hf: harness 1,020 tokens/s, hand loop 1,000 tokens/s, +2.0 % -> agrees" in out
+    assert "tunebench:" in out and "differs (gradient_checkpointing" in out
+
+    md = write_report(sweep_dir, tmp_path / "rep").read_text()
+    section = md.split("## Harness vs hand loop", 1)[1].split("\n## ", 1)[0]
+    rows = {line.split("|")[2].strip(): line for line in section.splitlines()
+            if line.startswith("| selfcheck.json")}
+    assert "agrees" in rows["hf"] and "+2.0 %" in rows["hf"]
+    assert "**differs by +15.4 %**" in rows["tunebench"]
+    assert "**gradient_checkpointing: harness True, loop False**" in rows["tunebench"]
+    assert "loop unavailable: unsloth is not importable here" in rows["unsloth"]
+    assert "2 framework figure(s) differ from the hand loop" in section  # tunebench, in each check
+
+
+def test_no_section_without_a_check_and_an_unreadable_check_is_named(sweep_dir):
+    doc = Doc("t")
+    report_section.add_section(doc, load_sweep(sweep_dir))
+    assert doc.blocks == []
+    (sweep_dir / "selfcheck.json").write_text("{not json")
+    report_section.add_section(doc, load_sweep(sweep_dir))
+    assert "`selfcheck.json` cannot be read as a check" in doc.to_markdown()
+    assert analysis.next_selfcheck_path(sweep_dir).name == "selfcheck-2.json"
+
+
+def test_bad_input_exits_2(sweep_dir, tmp_path, capsys):
+    scenario = tmp_path / "handloop_test.yaml"
+    scenario.write_text(SCENARIO)
+    assert selfcheck_cli.main([str(scenario), "--frameworks", "hf,unslot"]) == selfcheck_cli.EXIT_BAD_INPUT
+    assert "did you mean 'unsloth'?" in capsys.readouterr().err
+    assert selfcheck_cli.main([str(scenario), "--against", str(tmp_path / "nowhere")]) == 2
+    assert selfcheck_cli.main([str(scenario), "--set", "colour=blue"]) == 2
+    assert not analysis.selfcheck_paths(sweep_dir)
+
+
+def test_cli_runs_a_loop_in_its_own_process(tiny):
+    """The command's wiring: the loop in a fresh interpreter in the framework's environment, its JSON back."""
+    path, sc = tiny
+    res = selfcheck_cli.run_loop("tunebench", path, sc, 2, [])
+    assert res["status"] == "ok", res.get("reason")
+    assert res["steps"] == 2 and res["tokens_per_s"] > 0 and res["settings"]["gradient_checkpointing"] is True
