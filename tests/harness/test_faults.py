@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_runner import _sc  # the runner tests' scenario template
 
 from harness.common.dicts import changes
 from harness.measuring.trained import check_training
@@ -23,31 +24,8 @@ from harness.storing import results
 
 REPO = Path(__file__).resolve().parents[2]
 
-SCENARIO = """\
-version: 1
-name: {name}
-model: {{preset: tiny-llama, dtype: float32}}
-method: {{kind: lora, lora_r: 4}}
-data: {{seq_len: 32}}
-train: {{micro_batch: 2, steps: 3, warmup_steps: 1}}
-hardware: {{device: cpu}}
-measure: {{timeout_s: {timeout}, baseline: dummy}}
-frameworks:
-  - {{name: dummy}}
-"""
-
-
-@pytest.fixture()
-def env(tmp_path, monkeypatch):
-    monkeypatch.setenv("TUNEBENCH_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("TUNEBENCH_WORK", str(tmp_path / "work"))
-    return tmp_path
-
-
 def _write(tmp_path: Path, name: str = "f", timeout: int = 120) -> Path:
-    p = tmp_path / f"{name}.yaml"
-    p.write_text(SCENARIO.format(name=name, timeout=timeout))
-    return p
+    return _sc(tmp_path, "  - {name: dummy}", name=name, baseline="dummy", timeout=timeout)[0]
 
 
 def _steps(losses, loss_tokens=10):

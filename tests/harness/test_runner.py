@@ -27,22 +27,16 @@ method: {{kind: lora, lora_r: 4}}
 data: {{seq_len: 32}}
 train: {{micro_batch: 2, steps: {steps}, warmup_steps: 1}}
 hardware: {{device: {device}}}
-measure: {{timeout_s: 120, baseline: {baseline}}}
+measure: {{timeout_s: {timeout}, baseline: {baseline}}}
 frameworks:
 {frameworks}
 """
 
 
-@pytest.fixture()
-def env(tmp_path, monkeypatch):
-    monkeypatch.setenv("TUNEBENCH_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("TUNEBENCH_WORK", str(tmp_path / "work"))
-    return tmp_path
-
-
-def _sc(tmp_path, frameworks: str, name="t", steps=3, device="cpu", baseline="d-ok"):
+def _sc(tmp_path, frameworks: str, name="t", steps=3, device="cpu", baseline="d-ok", timeout=120):
     p = tmp_path / f"{name}.yaml"
-    p.write_text(BASE.format(name=name, steps=steps, device=device, frameworks=frameworks, baseline=baseline))
+    p.write_text(BASE.format(name=name, steps=steps, device=device, frameworks=frameworks, baseline=baseline,
+                             timeout=timeout))
     return p, parse_scenario(p.read_text(), str(p))
 
 
