@@ -1,6 +1,6 @@
 """The report's charts (matplotlib, Agg backend, PNG): throughput, memory, loss curves, throughput against
-memory, accuracy against throughput, time to target. Each returns the PNG's path, or None when there is nothing
-to plot (the report then says so)."""
+memory, the Pareto view of a GPU sweep, accuracy against throughput, time to target. Each returns the PNG's
+path, or None when there is nothing to plot (the report then says so)."""
 
 from __future__ import annotations
 
@@ -155,6 +155,52 @@ def chart_tps_vs_memory(summary, path: Path) -> Path | None:
     ax.set_ylabel("tokens/s (median)")
     ax.set_title("Throughput against peak memory (up-left is better)", fontsize=10)
     ax.margins(0.2)
+    return _save(fig, path)
+
+
+def chart_pareto(points: list[tuple[str, str, float, float]], tool_fronts: dict[str, list[str]], front: list[str],
+                 budgets: tuple[float, ...], path: Path) -> Path | None:
+    """Tokens/s against NVML per-process peak, one colour per tool (harness.reporting.pareto computes the fronts).
+
+    Args:
+        points: ``(row, tool, NVML peak GiB, tokens/s)`` of each qualifying row.
+        tool_fronts: tool -> its frontier's rows, leanest first; drawn as a step line, since within a budget a
+            tool reaches the speed of its fastest frontier row that fits, not a blend of two rows.
+        front: the overall front's rows, leanest first: ringed and joined by a thick grey step line.
+        budgets: memory budgets (GiB), dotted verticals where they fall inside the plotted range.
+        path: the PNG to write.
+    """
+    if not points:
+        return None
+    plt = _plt()
+    at = {row: (gib, tps) for row, _tool, gib, tps in points}
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    xmax = 1.25 * max(g for _r, _t, g, _s in points)
+    for b in budgets:
+        if b <= xmax:
+            ax.axvline(b, color="#bbbbbb", linestyle=":", linewidth=1)
+            ax.text(b, 0.99, f"{b:g} GiB ", rotation=90, va="top", ha="right", fontsize=7, color="#888888",
+                    transform=ax.get_xaxis_transform())
+    if len(front) > 1:
+        ax.plot([at[r][0] for r in front], [at[r][1] for r in front], drawstyle="steps-post", color="#555555",
+                linewidth=5, alpha=0.25, label="overall Pareto front", zorder=1)
+    for i, (tool, rows) in enumerate(tool_fronts.items()):
+        color = f"C{i % 10}"
+        mine = [(g, s) for _r, t, g, s in points if t == tool]
+        ax.scatter([g for g, _ in mine], [s for _, s in mine], s=40, color=color, label=tool, zorder=3)
+        if len(rows) > 1:
+            ax.plot([at[r][0] for r in rows], [at[r][1] for r in rows], drawstyle="steps-post", color=color,
+                    linewidth=1.5, zorder=2)
+    ax.scatter([at[r][0] for r in front], [at[r][1] for r in front], s=140, facecolors="none", edgecolors="black",
+               linewidths=1.2, zorder=4)
+    for row, _tool, gib, tps in points:
+        ax.annotate(row, (gib, tps), textcoords="offset points", xytext=(6, 4), fontsize=7)
+    ax.set_xlim(0, xmax)
+    ax.set_ylim(0, 1.15 * max(s for _r, _t, _g, s in points))
+    ax.set_xlabel("peak NVML per-process GiB (median over repeats)")
+    ax.set_ylabel("tokens/s (median)")
+    ax.set_title("Pareto view: speed against memory (up-left is better; ringed: overall front)", fontsize=10)
+    ax.legend(fontsize=7, loc="lower right")
     return _save(fig, path)
 
 

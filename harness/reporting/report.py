@@ -13,7 +13,8 @@ Contents: scenario summary and the command to reproduce; one row per framework a
 final loss, repeats, validity); the fastest and the leanest framework among the fair measurements
 (harness.reporting.ranking), and each tool's own fastest and leanest row where a tool ran several
 (harness.reporting.tool_best); the published claims this scenario can test, claimed against measured
-(harness.reporting.claims); every failed, diverged, unavailable, OOM, timed-out or invalid run with its reason;
+(harness.reporting.claims); on a GPU, the fastest row within each memory budget and the speed-memory Pareto view
+(harness.reporting.pareto); every failed, diverged, unavailable, OOM, timed-out or invalid run with its reason;
 GPU telemetry (clocks, power, temperature, throttling, energy) where recorded; the MFU convention; charts;
 effective settings against the scenario; quality (when runs carry an evaluation) and loss parity; the
 environment; how to read it; failures and caveats.
@@ -29,7 +30,7 @@ from collections import Counter
 from pathlib import Path
 
 from harness.analysis.aggregate import is_empty
-from harness.reporting import charts, claims, handloop, quality, tables, tool_best
+from harness.reporting import charts, claims, handloop, pareto, quality, tables, tool_best
 from harness.reporting.caveats import caveats
 from harness.reporting.document import Cell, Doc, fmt
 from harness.reporting.ranking import rank, ranking_text
@@ -223,6 +224,7 @@ def build_report(sweep: Sweep, out_dir: Path) -> Doc:
     parity_df = quality.parity_frame(sweep)
     _comparison(doc, sweep, summary, parity_df)
     claims.add_section(doc, sweep, summary, parity_df)
+    pareto.add_section(doc, sweep, summary, parity_df, out_dir)
     _charts(doc, sweep, summary, out_dir)
     _settings(doc, sweep)
     eval_errors = quality.eval_errors(sweep)
