@@ -21,6 +21,10 @@ class DummyOverrides(Overrides):
     oom: bool = False  # raise a CUDA out-of-memory error
     sleep_s: float = Field(0.0, ge=0)  # sleep this long after each optimizer step (timeouts, progress)
     loss_scale: float = Field(1.0, gt=0)  # multiply the reported loss: a planted divergence
+    # Simulated memory, the CPU test double of a memory budget: the run "needs" sim_base_gib + sim_gib_per_token x
+    # (micro_batch x seq_len) and raises an out-of-memory error when that is above hardware.memory_budget_gib
+    sim_gib_per_token: float | None = Field(None, gt=0)
+    sim_base_gib: float = Field(0.0, ge=0)
 
 
 INFO = AdapterInfo(
@@ -31,4 +35,5 @@ INFO = AdapterInfo(
     requires=("torch", "transformers", "peft"),
     version_of="torch",
     overrides=DummyOverrides,
+    extra={"simulated_memory": "sim_gib_per_token"},  # the override that lets a memory budget apply on a cpu
 )

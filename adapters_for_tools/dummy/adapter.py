@@ -34,6 +34,19 @@ def load_model(ctx):  # noqa: ANN001, ANN201
     return model, tok
 
 
+def _simulate_memory(ctx, torch) -> None:  # noqa: ANN001
+    """Raise out of memory when the simulated need is above the budget (known from the shapes, so before loading)."""
+    sc, ov = ctx.scenario, ctx.options
+    if ov.sim_gib_per_token is None:
+        return
+    need = ov.sim_base_gib + ov.sim_gib_per_token * sc.train.micro_batch * sc.data.seq_len
+    ctx.extra["simulated_peak_gib"] = need
+    budget = sc.hardware.memory_budget_gib
+    if budget is not None and need > budget:
+        raise torch.OutOfMemoryError(f"CUDA out of memory (simulated by dummy): needs {need:g} GiB, "
+                                     f"budget {budget:g} GiB")
+
+
 def run(ctx) -> None:  # noqa: ANN001
     import torch  # heavy: the worker's environment only
 
@@ -44,6 +57,7 @@ def run(ctx) -> None:  # noqa: ANN001
         raise RuntimeError(ov.raise_)
     if ov.oom:
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (planted by dummy)")
+    _simulate_memory(ctx, torch)
     t0 = time.time()
     model, tok = load_model(ctx)
     ctx.load_s = time.time() - t0

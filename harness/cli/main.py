@@ -11,6 +11,7 @@ Examples::
     python -m harness calibrate                               # measure the GPU's bf16 matmul peak
     python -m harness env list|check|create|pack|install ...  # per-framework environments
     python -m harness selfcheck SCENARIO --against results/<run-id>  # harness vs hand-written loops
+    python -m harness frontier SCENARIO --vary seq_len --budgets 8,16,24  # longest context per memory budget
 
 ``python -m harness <command> --help`` shows a command's options and exit codes.
 """
@@ -21,7 +22,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from harness.cli import calibrate, compare, env, listing, report, run, selfcheck, validate
+from harness.cli import calibrate, compare, env, frontier, listing, report, run, selfcheck, validate
 
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "run": (run.main, "run a scenario through its frameworks"),
@@ -32,6 +33,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "calibrate": (calibrate.main, "measure the GPU's bf16 dense matmul peak (TFLOP/s)"),
     "env": (env.main, "per-framework environments: list, check, create, pack, install"),
     "selfcheck": (selfcheck.main, "the harness's figures against plain hand-written training loops"),
+    "frontier": (frontier.main, "per framework and memory budget, the longest seq_len / biggest micro-batch"),
 }
 
 

@@ -21,8 +21,10 @@ from harness.analysis import runs_table
 from harness.cli.validate import EXIT_BAD_INPUT, load_or_report
 from harness.common.paths import REPO_ROOT
 from harness.reporting.report import write_report
+from harness.running.derive import derive
 from harness.running.locks import Busy
 from harness.running.runner import run_sweep
+from harness.spec.scenario import ScenarioError
 
 EXIT_BUSY = 3  # the sweep, or the machine, is being measured by another runner
 EXIT_INTERRUPTED = 130
@@ -41,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "for filling one sweep over several invocations with --only/--repeats")
     r.add_argument("--only", nargs="+", metavar="FRAMEWORK", help="run only these of the scenario's frameworks")
     r.add_argument("--repeats", type=int, help="override measure.repeats")
+    r.add_argument("--memory-budget-gib", type=float, metavar="GIB",
+                   help="set hardware.memory_budget_gib: every run capped to this much GPU memory")
     r.add_argument("--allow-contention", action="store_true",
                    help="run even while another sweep runs on this machine (exit 3 otherwise); every row of this "
                         "sweep is then marked invalid: measured under contention")
@@ -59,6 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     sc = load_or_report(args.scenario)
     if sc is None:
         return EXIT_BAD_INPUT
+    if args.memory_budget_gib is not None:
+        try:
+            sc = derive(sc, hardware={"memory_budget_gib": args.memory_budget_gib})
+        except ScenarioError as e:
+            print(f"--memory-budget-gib: {e}", file=sys.stderr)
+            return EXIT_BAD_INPUT
     if not args.quiet:
         for note in sc.notes:
             print(f"{args.scenario}: {note}")

@@ -22,6 +22,7 @@ grad_accum                 micro-batches per optimizer step seen by the hook
 seq_len                    widest row seen
 optimizer                  normalised optimizer name
 lr                         learning rate the optimizer started with
+memory_budget_gib          the memory budget the worker applied (harness.measuring.memcap); only with a budget
 =========================  =========================================================================
 """
 
@@ -56,6 +57,8 @@ def expected(sc) -> dict[str, Any]:
                     "target_modules": sorted(sc.method.resolved_targets())})
     if not sc.data.packing:
         exp["seq_len_max"] = sc.data.seq_len
+    if sc.hardware.memory_budget_gib is not None:
+        exp["memory_budget_gib"] = sc.hardware.memory_budget_gib
     return exp
 
 

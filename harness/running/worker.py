@@ -21,7 +21,7 @@ from adapters_for_tools.contract import RunContext
 from harness.common.version import __version__
 from harness.inputs.models import load_config_dict
 from harness.measuring import effective as eff_mod
-from harness.measuring import environment, flops
+from harness.measuring import environment, flops, memcap
 from harness.measuring.meter import StepMeter, make_trainer_callback
 from harness.measuring.trained import check_training
 from harness.spec.scenario import scenario_from_dict
@@ -79,7 +79,10 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
                      output_dir=work_dir / "output", device=sc.hardware.device, meter=meter,
                      options=info.overrides.model_validate(overrides))
     ctx.measure_callback = lambda: _measure_callback(ctx)
+    cap: dict[str, Any] = {}
     try:
+        # before the adapter imports its tool: every framework's allocations then go through the same cap
+        cap = memcap.apply(sc.hardware.memory_budget_gib, sc.hardware.device)
         _seed_everything(sc.train.seed)
         adapter = registry.load_adapter(spec["framework"])
         adapter.run(ctx)
@@ -90,8 +93,10 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
         out["traceback"] = traceback.format_exc()[-8000:]
         if isinstance(e, KeyboardInterrupt):
             raise
-    metrics = meter.finish()
+    metrics = meter.finish() | cap
     eff = eff_mod.from_meter(meter, sc.data.packing) | ctx.effective
+    if cap:
+        eff["memory_budget_gib"] = cap["memory_budget_gib"]
     if meter.first_forward_training is not None:
         eff["train_mode"] = meter.first_forward_training
     env = environment.capture()
@@ -117,7 +122,9 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
             invalid.append("measurement hook counted no tokens")
         if len(meter.steps) != sc.train.steps:
             invalid.append(f"ran {len(meter.steps)} optimizer steps, scenario says {sc.train.steps}")
-        out["warnings"] = run_warnings(metrics)
+        over_budget, cap_warnings = memcap.check(cap, metrics)
+        invalid += over_budget
+        out["warnings"] = run_warnings(metrics) + cap_warnings
         status, not_trained = check_training(meter.steps)
         invalid += not_trained
         if status is not None:

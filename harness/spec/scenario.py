@@ -48,6 +48,7 @@ MAX_STEPS = 1_000_000  # optimizer steps; the longest shipped scenario runs 1,00
 MAX_SEQ_LEN = 1 << 20  # tokens; 8x the longest context of any preset (131,072)
 MAX_BATCH = 65536  # micro_batch, grad_accum, eval batch_size
 MAX_TIMEOUT_S = 7 * 24 * 3600  # a week: no single run or evaluation of a benchmark takes longer
+MAX_MEMORY_BUDGET_GIB = 4096  # GiB for one process; the largest GPUs hold under 300
 MAX_NAME = 100  # scenario names and labels become file names (results/<name>-<time>/..., well under 255 bytes)
 MAX_PROBLEMS = 30  # problems listed for one file: a hostile file may hold thousands
 
@@ -187,6 +188,8 @@ class TrainSpec(_Strict):
 class HardwareSpec(_Strict):
     device: Literal["cuda", "cpu"] = "cuda"
     gpus: int = Field(1, ge=1, le=64)  # of one host (the largest boxes hold 8-16)
+    # GiB this run's process may use on each GPU, applied before the tool loads (harness.measuring.memcap)
+    memory_budget_gib: float | None = Field(None, gt=0, le=MAX_MEMORY_BUDGET_GIB)
 
 
 class FrameworkSpec(_Strict):
@@ -462,6 +465,13 @@ def _cross_checks(sc: Scenario, lines: dict, source: str) -> list[str]:
         bad(("model", "dtype"), "float16 training on cpu is not supported; use float32 or bfloat16")
     if sc.hardware.device == "cpu" and sc.hardware.gpus != 1:
         bad(("hardware", "gpus"), "gpus applies to device cuda only")
+    if sc.hardware.memory_budget_gib is not None and sc.hardware.device == "cpu":
+        for fw in sc.frameworks:
+            key = registry.info(fw.name).extra.get("simulated_memory") if fw.name in registry.names() else None
+            if not (key and fw.overrides.get(key)):
+                bad(("hardware", "memory_budget_gib"), f"a memory budget needs device cuda ({fw.key}): a cpu has no "
+                    "per-process cap PyTorch honours (RLIMIT_AS bounds address space, not memory used)")
+                break
     if sc.data.lengths == "uniform" and sc.data.source != "synthetic":
         bad(("data", "lengths"), "lengths applies to synthetic data; jsonl samples have their own lengths")
     if sc.data.source == "jsonl" and sc.data.path and not resolve_path(sc.data.path, source).exists():

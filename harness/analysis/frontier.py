@@ -1,0 +1,188 @@
+"""The frontier table from a frontier folder's stored probes: per framework and budget, the largest value that
+trained and its tokens/s (``frontier.csv``, ``frontier.md``).
+
+Read only from stored results (every probe sweep under ``results/<scenario>-frontier-<time>/``, each probe's
+budget and value taken from its sweep's stored scenario), so the table can be rebuilt at any time, also from an
+interrupted frontier. A cell's ``state``:
+
+- ``found``: the largest fitting value is the grid's top, or the next grid value ran out of memory;
+- ``incomplete``: a value fits but the bisection has not closed above it (the frontier was interrupted);
+- ``none fits``: only out-of-memory probes at this budget;
+- ``stopped``: a probe failed otherwise (error, crash, timeout, ...), here or under a smaller budget;
+- ``not probed``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from harness.running.frontier import FAILED, FITS, NO_FIT, PLAN_FILE, Grid, outcome
+from harness.storing import results
+from harness.storing.schema import RunResult
+from harness.storing.sweep import is_results_dir, load_sweep
+
+COLUMNS = ("framework", "budget_gib", "vary", "value", "state", "tokens_per_s", "peak_vram_nvml_gib",
+           "peak_reserved_gib", "valid", "next_oom_value", "probes", "reason")
+
+
+@dataclass
+class Cell:
+    """One framework at one budget (a row of ``frontier.csv``)."""
+
+    framework: str
+    budget_gib: float
+    vary: str
+    value: int | None  # the largest value that trained within the budget
+    state: str  # see the module docstring
+    tokens_per_s: float | None = None  # of the probe at ``value``
+    peak_vram_nvml_gib: float | None = None
+    peak_reserved_gib: float | None = None
+    valid: bool | None = None  # the probe at ``value`` was valid (invalid reasons in ``reason``)
+    next_oom_value: int | None = None  # the smallest value above ``value`` that did not fit
+    probes: int = 0  # probes stored at this budget
+    reason: str | None = None
+
+
+@dataclass
+class _Probe:
+    budget: float
+    value: int
+    run: RunResult
+
+
+def read_probes(folder: Path) -> tuple[dict[str, Any], list[_Probe]]:
+    """The frontier's plan (``frontier.json``) and every stored probe under ``folder``."""
+    plan = results.read_json(Path(folder) / PLAN_FILE)
+    if not plan:
+        raise ValueError(f"{folder}: not a frontier folder (no readable {PLAN_FILE})")
+    vary = plan["grid"]["vary"]
+    probes = []
+    for d in sorted(p for p in Path(folder).iterdir() if is_results_dir(p)):
+        sweep = load_sweep(d)
+        budget = (sweep.scenario.get("hardware") or {}).get("memory_budget_gib")
+        section = "data" if vary == "seq_len" else "train"
+        value = (sweep.scenario.get(section) or {}).get(vary)
+        if budget is None or value is None:
+            continue
+        probes += [_Probe(float(budget), int(value), r) for r in sweep.runs]
+    return plan, probes
+
+
+def frontier_cells(folder: Path) -> list[Cell]:
+    """Every (framework, budget) cell of a frontier folder, frameworks in the scenario's order, budgets ascending."""
+    plan, probes = read_probes(folder)
+    g = plan["grid"]
+    values = Grid(g["vary"], g["lo"], g["hi"], g["step"]).values()
+    frameworks = list(dict.fromkeys(p.run.framework for p in probes))
+    order = _scenario_order(Path(folder))
+    frameworks.sort(key=lambda f: order.index(f) if f in order else len(order))
+    budgets = sorted({float(b) for b in plan.get("budgets", [])} | {p.budget for p in probes})
+    out = []
+    for fw in frameworks:
+        stopped: str | None = None
+        for budget in budgets:
+            mine = [p for p in probes if p.run.framework == fw and p.budget == budget]
+            cell = _cell(fw, budget, g["vary"], mine, values, stopped)
+            stopped = stopped or (cell.reason if cell.state == "stopped" else None)
+            out.append(cell)
+    return out
+
+
+def _scenario_order(folder: Path) -> list[str]:
+    try:
+        sc = yaml.safe_load((folder / "scenario.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return []
+    return [f.get("label") or f.get("name") for f in sc.get("frameworks") or [] if isinstance(f, dict)]
+
+
+def _cell(fw: str, budget: float, vary: str, probes: list[_Probe], values: list[int], stopped: str | None) -> Cell:
+    cell = Cell(fw, budget, vary, None, "not probed", probes=len(probes))
+    fits = [p for p in probes if outcome(p.run) == FITS]
+    no_fit = sorted(p.value for p in probes if outcome(p.run) == NO_FIT)
+    failed = [p for p in probes if outcome(p.run) == FAILED]
+    if fits:
+        top = max(fits, key=lambda p: p.value)
+        m = top.run.metrics
+        cell.value, cell.tokens_per_s, cell.valid = top.value, m.tokens_per_s, top.run.valid
+        cell.peak_vram_nvml_gib, cell.peak_reserved_gib = m.peak_vram_nvml_gib, m.peak_reserved_gib
+        cell.next_oom_value = next((v for v in no_fit if v > top.value), None)
+        above = [v for v in values if v > top.value]
+        closed = not above or cell.next_oom_value == above[0]
+        cell.state = "found" if closed else "incomplete"
+        if not top.run.valid:
+            cell.reason = "invalid: " + "; ".join(top.run.invalid_reasons)
+    elif no_fit:
+        cell.state, cell.next_oom_value = "none fits", no_fit[0]
+    if failed:
+        p = failed[0]
+        cell.state, cell.reason = "stopped", f"{vary} {p.value}: {p.run.status}: {p.run.reason}"
+    elif stopped and not probes:
+        cell.state, cell.reason = "stopped", f"under a smaller budget: {stopped}"
+    return cell
+
+
+def to_csv(cells: list[Cell]) -> str:
+    """``frontier.csv``: one row per (framework, budget), :data:`COLUMNS`."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COLUMNS)
+    w.writeheader()
+    for c in cells:
+        w.writerow(asdict(c))
+    return buf.getvalue()
+
+
+def to_markdown(cells: list[Cell], title: str) -> str:
+    """``frontier.md``: frameworks x budgets, each cell the largest value and its tokens/s."""
+    budgets = sorted({c.budget_gib for c in cells})
+    frameworks = list(dict.fromkeys(c.framework for c in cells))
+    by = {(c.framework, c.budget_gib): c for c in cells}
+    vary = cells[0].vary if cells else "value"
+    lines = [f"# {title}", "",
+             f"Largest {vary} that trains the scenario's steps within each memory budget (bisection, out of memory "
+             "as the signal), and tokens/s there. `≥`: interrupted before the bisection closed; `*`: the run was "
+             "invalid (reasons below).", "",
+             "| framework | " + " | ".join(f"{b:g} GiB" for b in budgets) + " |",
+             "|---|" + "---|" * len(budgets)]
+    notes = []
+    for fw in frameworks:
+        row = []
+        for b in budgets:
+            c = by.get((fw, b))
+            row.append(_md_cell(c) if c else "—")
+            if c and c.reason:
+                notes.append(f"- {fw} at {b:g} GiB: {c.reason}")
+        lines.append(f"| {fw} | " + " | ".join(row) + " |")
+    if notes:
+        lines += ["", *notes]
+    return "\n".join(lines) + "\n"
+
+
+def _md_cell(c: Cell) -> str:
+    if c.state in ("found", "incomplete") and c.value is not None:
+        speed = f" ({c.tokens_per_s:,.0f} tok/s)" if c.tokens_per_s is not None else ""
+        mark = "≥ " if c.state == "incomplete" else ""
+        return f"{mark}{c.value:,}{speed}{'' if c.valid else ' *'}"
+    if c.state == "none fits":
+        return f"none ({c.next_oom_value:,} out of memory)" if c.next_oom_value is not None else "none"
+    return c.state
+
+
+def write_frontier_table(folder: Path) -> tuple[Path, Path]:
+    """Write ``frontier.csv`` and ``frontier.md`` into the frontier folder (derived data: rebuilt each time).
+
+    Returns:
+        The two paths.
+    """
+    folder = Path(folder)
+    cells = frontier_cells(folder)
+    csv_path, md_path = folder / "frontier.csv", folder / "frontier.md"
+    results.atomic_write_text(csv_path, to_csv(cells))
+    results.atomic_write_text(md_path, to_markdown(cells, f"Memory frontier: {folder.name}"))
+    return csv_path, md_path

@@ -1,0 +1,104 @@
+"""``python -m harness frontier SCENARIO --vary seq_len|micro_batch --budgets 8,12,...``: the memory frontier.
+
+For each framework row and memory budget (GiB, applied to every run as ``hardware.memory_budget_gib``), the
+largest seq_len (or micro-batch) that trains the scenario's steps without running out of memory, found by
+bisection, and tokens/s there. Each probe is an ordinary stored run under ``results/<scenario>-frontier-<time>/``:
+rerunning the same command resumes (finished probes are not redone), ``--retry-failed`` redoes probes stored as
+error/crashed/timeout. A probe that fails otherwise than by memory stops its row, not the frontier. The table is
+written as ``frontier.csv`` and ``frontier.md`` in that folder. Exit codes: 0 done (failed probes are cells, not
+errors), 2 bad input, 3 another sweep holds the machine, 130 interrupted.
+
+Examples::
+
+    python -m harness frontier scenarios/llama8b_qlora_frontier.yaml --vary seq_len --budgets 8,12,16,24,40,80
+    python -m harness frontier scenarios/llama8b_lora_frontier.yaml --vary micro_batch --budgets 24,80 --max 32
+    python -m harness frontier scenarios/llama8b_qlora_frontier.yaml --vary seq_len --budgets 24 --only hf unsloth
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from harness.analysis.frontier import write_frontier_table
+from harness.cli.validate import EXIT_BAD_INPUT, load_or_report
+from harness.common.paths import REPO_ROOT
+from harness.running.frontier import VARIES, FrontierError, make_grid, probe_scenario, run_frontier
+from harness.running.locks import Busy
+from harness.spec.scenario import MAX_MEMORY_BUDGET_GIB, ScenarioError
+
+EXIT_BUSY = 3
+EXIT_INTERRUPTED = 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command's options (``python -m harness frontier --help``)."""
+    p = argparse.ArgumentParser(prog="python -m harness frontier", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("scenario")
+    p.add_argument("--vary", required=True, choices=VARIES, help="the setting to push as far as each budget allows")
+    p.add_argument("--budgets", required=True, type=_budgets, help="memory budgets in GiB, comma-separated: 8,12,24")
+    p.add_argument("--max", type=int, dest="hi",
+                   help="upper bound of the search (default: the model's max_position_embeddings for seq_len, "
+                        "64 for micro_batch)")
+    p.add_argument("--step", type=int, help="grid spacing of the values tried (default: 256 for seq_len, 1 for "
+                                            "micro_batch); the smallest valid value and --max are tried too")
+    p.add_argument("--only", nargs="+", metavar="FRAMEWORK", help="these framework rows only")
+    p.add_argument("--results", default=str(REPO_ROOT / "results"), help="results root (default: results/)")
+    p.add_argument("--new", action="store_true", help="start a new frontier folder even if one can be resumed")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="redo probes stored as error/crashed/timeout (the failed attempt is kept)")
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+def _budgets(text: str) -> list[float]:
+    try:
+        out = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: GiB numbers separated by commas, e.g. 8,12,24") from None
+    if not out or any(not 0 < b <= MAX_MEMORY_BUDGET_GIB for b in out):
+        raise argparse.ArgumentTypeError(f"{text!r}: each budget must be > 0 and <= {MAX_MEMORY_BUDGET_GIB} GiB")
+    return sorted(set(out))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    sc = load_or_report(args.scenario)
+    if sc is None:
+        return EXIT_BAD_INPUT
+    if args.only and (unknown := [n for n in args.only if n not in sc.framework_names()]):
+        print(f"{args.scenario}: --only {unknown}: not among the scenario's frameworks {sc.framework_names()}",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        grid = make_grid(sc, args.vary, args.hi, args.step)
+        probe_scenario(sc, args.budgets[0], args.vary, grid.lo)  # a budget on a cpu etc.: refused before any run
+    except (FrontierError, ScenarioError) as e:
+        print(f"{args.scenario}: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+    def show(p: dict) -> None:
+        if not args.quiet:
+            how = "ran" if p["ran"] else "stored"
+            print(f"{p['framework']} @ {p['budget_gib']:g} GiB, {args.vary} {p['value']}: {p['outcome']} "
+                  f"({p['status']}, {how})")
+
+    try:
+        folder, log = run_frontier(sc, grid, args.budgets, Path(args.results), only=args.only, new=args.new,
+                                   retry_failed=args.retry_failed, quiet=args.quiet, on_probe=show)
+        print(f"{len(log.probes)} probes ({log.ran} run now)")
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished probes are stored; rerun the same command to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Busy as e:
+        print(f"{args.scenario}: {e}", file=sys.stderr)
+        return EXIT_BUSY
+    except OSError as e:
+        print(f"{args.scenario}: cannot write {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    csv_path, md_path = write_frontier_table(folder)
+    print(f"results: {folder}\ntable:   {md_path} ({csv_path.name})")
+    return 0

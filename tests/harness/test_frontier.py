@@ -1,0 +1,168 @@
+"""The memory frontier: bisection to a known threshold, stored probes, resume, a failed probe stopping its row.
+
+The end-to-end tests run the dummy adapter, whose simulated memory (``sim_gib_per_token``) runs out above a known
+number of tokens per micro-batch; each probe is a real stored run (~6 s on 2 cores: prepare + worker), so the grids
+are small. The bisection's own logic is checked without processes, through a stand-in for the probe runner.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from harness.cli import frontier as frontier_cli
+from harness.running import frontier, runner
+from harness.spec.scenario import parse_scenario
+from harness.storing.schema import RunResult
+
+SCENARIO = """\
+version: 1
+name: fr
+model: {{preset: tiny-llama, dtype: float32}}
+method: {{kind: lora, lora_r: 4}}
+data: {{seq_len: 16, lengths: {lengths}}}
+train: {{micro_batch: 1, steps: 2, warmup_steps: 1}}
+hardware: {{device: cpu}}
+measure: {{timeout_s: 120, baseline: d-sim}}
+frameworks:
+{frameworks}
+"""
+# 1/64 GiB per token: 0.5 GiB holds 32 tokens per micro-batch (micro_batch 2 of seq_len 16), 1 GiB holds 64 (4)
+SIM = "  - {name: dummy, label: d-sim, overrides: {sim_gib_per_token: 0.015625}}"
+CRASH = "  - {name: dummy, label: d-crash, overrides: {sim_gib_per_token: 0.015625, crash: true}}"
+
+
+def _scenario(tmp_path, frameworks: str = SIM, lengths: str = "fixed"):
+    p = tmp_path / "fr.yaml"
+    p.write_text(SCENARIO.format(frameworks=frameworks, lengths=lengths))
+    return p
+
+
+def _frontier(path, tmp_path, *extra: str) -> int:
+    return frontier_cli.main([str(path), "--vary", "micro_batch", "--budgets", "0.5,1", "--max", "4",
+                              "--results", str(tmp_path / "results"), "--quiet", *extra])
+
+
+def _table(tmp_path) -> pd.DataFrame:
+    (folder,) = (tmp_path / "results").glob("fr-frontier-*")
+    return pd.read_csv(folder / "frontier.csv").set_index(["framework", "budget_gib"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# grid, outcome, bisection logic (no processes)
+
+
+def test_grid_holds_the_bounds_and_the_multiples_of_step():
+    assert frontier.Grid("seq_len", 8, 512, 128).values() == [8, 128, 256, 384, 512]
+    assert frontier.Grid("seq_len", 8, 300, 128).values() == [8, 128, 256, 300]
+    assert frontier.Grid("micro_batch", 1, 4, 1).values() == [1, 2, 3, 4]
+
+
+def test_grid_bounds_come_from_the_model_and_are_checked(tmp_path):
+    sc = parse_scenario(_scenario(tmp_path).read_text())
+    assert frontier.make_grid(sc, "seq_len").hi == 2048  # tiny-llama's max_position_embeddings
+    assert frontier.make_grid(sc, "micro_batch").hi == frontier.MICRO_BATCH_MAX
+    with pytest.raises(frontier.FrontierError, match="beyond the model's maximum"):
+        frontier.make_grid(sc, "seq_len", hi=4096)
+    with pytest.raises(frontier.FrontierError, match="one of seq_len, micro_batch"):
+        frontier.make_grid(sc, "lora_r")
+    uniform = parse_scenario(SCENARIO.format(frameworks=SIM, lengths="uniform"))
+    with pytest.raises(frontier.FrontierError, match="exactly seq_len tokens"):
+        frontier.make_grid(uniform, "seq_len")
+
+
+def _run(status: str, invalid: list[str] | None = None) -> RunResult:
+    return RunResult(scenario="fr", framework="d", repeat=0, status=status, invalid_reasons=invalid or [])
+
+
+def test_outcome_reads_out_of_memory_and_over_budget_as_not_fitting():
+    assert frontier.outcome(_run("ok")) == frontier.FITS
+    assert frontier.outcome(_run("ok", ["lora_r: ran with 8, scenario says 4"])) == frontier.FITS
+    assert frontier.outcome(_run("oom")) == frontier.NO_FIT
+    over = "memory budget exceeded: NVML per-process peak 8.70 GiB > 8 GiB"
+    assert frontier.outcome(_run("ok", [over])) == frontier.NO_FIT
+    for status in ("error", "crashed", "timeout", "unavailable", "diverged"):
+        assert frontier.outcome(_run(status)) == frontier.FAILED
+
+
+@pytest.mark.parametrize("thresholds", [(0, 5), (3, 3), (7, 40), (40, 64), (1, 2)])
+def test_bisection_finds_each_threshold_in_logarithmic_probes(tmp_path, monkeypatch, thresholds):
+    """A stand-in probe: micro_batch v fits under budget b iff v <= thresholds[b]; no process runs."""
+    sc = parse_scenario(_scenario(tmp_path).read_text())
+    grid = frontier.make_grid(sc, "micro_batch")
+    limit = dict(zip((1.0, 2.0), thresholds, strict=True))
+
+    def fake_probe(probe_sc, keys, folder, retry_failed, quiet):
+        fits = probe_sc.train.micro_batch <= limit[probe_sc.hardware.memory_budget_gib]
+        return {k: (_run("ok" if fits else "oom"), True) for k in keys}
+
+    monkeypatch.setattr(frontier, "_probe", fake_probe)
+    _, log = frontier.run_frontier(sc, grid, [2.0, 1.0], tmp_path / "results")
+    for budget, want in limit.items():
+        mine = [p for p in log.probes if p["budget_gib"] == budget]
+        found = max((p["value"] for p in mine if p["outcome"] == frontier.FITS), default=0)
+        assert found == want
+        assert len(mine) <= math.ceil(math.log2(len(grid.values()) + 1)) + 1, mine
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# end to end with the dummy tool
+
+
+def test_frontier_finds_the_threshold_and_a_crash_stops_only_its_row(tmp_path, env):
+    path = _scenario(tmp_path, SIM + "\n" + CRASH)
+    assert _frontier(path, tmp_path) == 0
+    t = _table(tmp_path)
+    assert t.loc[("d-sim", 0.5), "value"] == 2 and t.loc[("d-sim", 0.5), "next_oom_value"] == 3
+    assert t.loc[("d-sim", 1.0), "value"] == 4
+    assert (t.loc["d-sim", "state"] == "found").all() and (t.loc["d-sim", "tokens_per_s"] > 0).all()
+    assert t.loc[("d-sim", 0.5), "probes"] == 2 and t.loc[("d-sim", 1.0), "probes"] == 2
+    # the crashed probe stopped d-crash at its first value and under every larger budget; d-sim went on
+    assert list(t.loc["d-crash", "state"]) == ["stopped", "stopped"]
+    assert "micro_batch 2: crashed: worker exited with code 3" in t.loc[("d-crash", 0.5), "reason"]
+    assert t.loc[("d-crash", 1.0), "reason"].startswith("under a smaller budget")
+    (folder,) = (tmp_path / "results").glob("fr-frontier-*")
+    md = (folder / "frontier.md").read_text()
+    assert "| d-sim | 2 (" in md and "| d-crash | stopped | stopped |" in md
+
+    # --retry-failed redoes the crashed probe only, keeping the failed attempt
+    assert _frontier(path, tmp_path, "--retry-failed") == 0
+    attempts = list(folder.glob("*/runs/attempts/d-crash-r0.1.json"))
+    assert len(attempts) == 1
+    assert not list(folder.glob("*/runs/attempts/d-sim-*"))
+
+
+def test_interrupted_frontier_resumes_without_redoing_finished_probes(tmp_path, env, monkeypatch, capsys):
+    path = _scenario(tmp_path)
+    real = runner.execute_run
+    calls = []
+
+    def interrupted_after_two(*args, **kwargs):
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # Ctrl-C as the third probe starts
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "execute_run", interrupted_after_two)
+    assert _frontier(path, tmp_path) == frontier_cli.EXIT_INTERRUPTED
+    monkeypatch.setattr(runner, "execute_run", real)
+    (folder,) = (tmp_path / "results").glob("fr-frontier-*")
+    done = {p: p.stat().st_mtime_ns for p in folder.glob("*/runs/*.json")}
+    assert len(done) == 2
+    capsys.readouterr()
+
+    assert _frontier(path, tmp_path) == 0
+    assert "4 probes (2 run now)" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in done} == done  # the finished probes were read, not run again
+    t = _table(tmp_path)
+    assert t.loc[("d-sim", 0.5), "value"] == 2 and t.loc[("d-sim", 1.0), "value"] == 4
+    assert len(list(folder.glob("*/runs/*.json"))) == 4 and len(list(folder.glob("fr.*"))) == 4
+
+
+def test_frontier_refuses_a_budget_a_row_cannot_honour(tmp_path, env, capsys):
+    path = _scenario(tmp_path, "  - {name: dummy, label: d-sim}")
+    assert _frontier(path, tmp_path) == 2
+    assert "a memory budget needs device cuda (d-sim)" in capsys.readouterr().err
+    assert not (tmp_path / "results").exists()
