@@ -1,0 +1,123 @@
+"""``python -m harness nightly SUITE.yaml``: run a suite, add it to the history, judge tonight against the past.
+
+Each scenario of the suite runs as ``run`` would (an interrupted sweep resumes), with its results in results/
+and its report in reports/; every run is appended to the history database; then every (scenario, framework,
+metric) the suite gates is judged against the rolling median of the last N comparable nights, with a noise band
+taken from those nights (:mod:`harness.analysis.trend`). ``verdict.md`` (for a CI job to post) and ``trend.html``
+are written to ``reports/nightly-<suite>/``. Exit codes:
+
+- 0: no regression;
+- 1: a regression (the verdict names scenario, framework and metric);
+- 2: bad input (the suite or a scenario file, a framework none of the scenarios has, an unwritable folder);
+- 3: inconclusive: no history yet or fewer comparable nights than ``min_nights``, nothing judged, or the
+  machine is being measured by another runner.
+
+Examples::
+
+    python -m harness nightly scenarios/suites/nightly_cpu.yaml
+    python -m harness nightly SUITE.yaml --tonight results/tiny_cpu-20261203-020000   # judge stored sweeps only
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from harness.analysis import runs_table
+from harness.analysis.trend import EXIT_INCONCLUSIVE, exit_code, judge
+from harness.cli.validate import load_or_report
+from harness.common.paths import REPO_ROOT
+from harness.reporting.report import write_report
+from harness.reporting.trend import verdict_markdown, write_trend
+from harness.running.locks import Busy
+from harness.running.runner import run_sweep
+from harness.spec.suite import Suite, SuiteError, load_suite
+from harness.storing import history
+from harness.storing.sweep import NotAResultsDir
+
+EXIT_BAD_INPUT = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command's options (``python -m harness nightly --help``)."""
+    ap = argparse.ArgumentParser(prog="python -m harness nightly", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("suite", type=Path, help="suite YAML file (scenarios/suites/*.yaml)")
+    ap.add_argument("--results", type=Path, default=REPO_ROOT / "results", help="results root (default: results/)")
+    ap.add_argument("--reports", type=Path, default=REPO_ROOT / "reports", help="reports root (default: reports/)")
+    ap.add_argument("--db", type=Path, default=None, help="history database (default: <results>/.cache/history.duckdb)")
+    ap.add_argument("--tonight", type=Path, nargs="+", metavar="SWEEP_DIR",
+                    help="judge these stored sweeps as tonight instead of running the suite")
+    ap.add_argument("--quiet", action="store_true")
+    return ap
+
+
+def _run_suite(suite: Suite, args) -> list[Path] | int:
+    """Run every scenario of the suite; the sweep directories, or an exit code when it cannot start."""
+    scenarios = []
+    for path in suite.scenario_paths():
+        sc = load_or_report(str(path))
+        if sc is None:
+            return EXIT_BAD_INPUT
+        only = [f for f in sc.framework_names() if f in suite.frameworks] if suite.frameworks else None
+        if suite.frameworks and not only:
+            print(f"{suite.source_path}: frameworks {suite.frameworks}: none is among {path}'s "
+                  f"{sc.framework_names()}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        if suite.repeats is not None:
+            sc.measure.repeats = suite.repeats
+        scenarios.append((sc, only))
+    done = []
+    for sc, only in scenarios:
+        out = run_sweep(sc, args.results, quiet=args.quiet, only=only)
+        runs_table.write_table(out)
+        write_report(out, args.reports / out.name)
+        print(f"results: {out}")
+        done.append(out)
+    return done
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command; returns the exit code (0 ok, 1 regression, 2 bad input, 3 inconclusive)."""
+    args = build_parser().parse_args(argv)
+    try:
+        suite = load_suite(args.suite)
+    except SuiteError as e:
+        print("\n".join(e.problems), file=sys.stderr)
+        return EXIT_BAD_INPUT
+    db = args.db or history.default_db(args.results)
+    try:
+        sweeps = args.tonight if args.tonight else _run_suite(suite, args)
+        if isinstance(sweeps, int):
+            return sweeps
+        for d in sweeps:
+            history.append(db, d)
+        rows = history.query(db)
+        tonight = {Path(d).name for d in sweeps}
+        judgements = judge(rows, tonight, suite.gate, suite.reference_nights, suite.min_nights, suite.noise_k)
+        code = exit_code(judgements)
+        out_dir = args.reports / f"nightly-{suite.name}"
+        md = verdict_markdown(suite.name, judgements, code, out_dir / "trend.html")
+        scenarios = {r["scenario"] for r in rows if r["sweep_id"] in tonight}
+        write_trend(out_dir, [r for r in rows if r["scenario"] in scenarios], suite.gate, suite.reference_nights,
+                    suite.min_nights, suite.noise_k, f"Nightly {suite.name}", md)
+    except NotAResultsDir as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished runs are stored; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except Busy as e:
+        print(f"{args.suite}: {e}", file=sys.stderr)
+        return EXIT_INCONCLUSIVE
+    except OSError as e:  # a read-only results/reports folder, a full disk
+        print(f"{args.suite}: cannot write {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(md, end="")
+    print(f"verdict: {out_dir / 'verdict.md'}\ntrend:   {out_dir / 'trend.html'}")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

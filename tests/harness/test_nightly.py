@@ -1,0 +1,141 @@
+"""The nightly gate, the history database and the trend report, on synthetic stored sweeps (CPU, seconds)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from harness.cli import history as history_cli
+from harness.cli import nightly
+from harness.spec.suite import SuiteError, load_suite
+from harness.storing import history
+from tests.harness.fixtures_results import environment_dict, make_run, make_sweep
+
+SUITE = """\
+version: 1
+name: synthetic
+scenarios: [scenario.yaml]
+reference_nights: 7
+min_nights: 3
+noise_k: 3.0
+gate:
+  tokens_per_s: 0.05
+  peak_vram_nvml_gib: 0.05
+"""
+
+
+def _night(results: Path, day: int, hf_tps: float, git_sha: str = "a" * 40, transformers: str = "5.17.0") -> Path:
+    """One stored sweep ("night") of hf and tunebench, created at 02:00 on 2026-12-<day>."""
+    created = f"202612{day:02d}-020000"
+    env = environment_dict() | {"git_sha": git_sha}
+    env["libraries"] = env["libraries"] | {"transformers": transformers}
+    runs = [make_run("hf", 0, tokens_per_s=hf_tps), make_run("tunebench", 0, tokens_per_s=1500.0)]
+    for r in runs:
+        r["environment"] = env
+    d = make_sweep(results / f"synthetic-tiny-{created}", runs, environment=env)
+    plan = json.loads((d / "sweep.json").read_text())
+    (d / "sweep.json").write_text(json.dumps(plan | {"created": created}))
+    return d
+
+
+@pytest.fixture
+def setup(tmp_path: Path):
+    results = tmp_path / "results"
+    nights = [_night(results, day, tps) for day, tps in ((1, 1000.0), (2, 1010.0), (3, 990.0))]
+    (tmp_path / "scenario.yaml").write_text("name: unused\n")  # --tonight judges stored sweeps: never opened
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(SUITE)
+    db = tmp_path / "h.duckdb"
+    for d in nights:
+        history.append(db, d)
+    return tmp_path, results, suite, db
+
+
+def _nightly(tmp: Path, results: Path, suite: Path, db: Path, tonight: Path) -> int:
+    return nightly.main([str(suite), "--results", str(results), "--reports", str(tmp / "reports"), "--db", str(db),
+                         "--tonight", str(tonight), "--quiet"])
+
+
+def test_planted_drop_exits_1_naming_scenario_framework_metric(setup, capsys):
+    tmp, results, suite, db = setup
+    fourth = _night(results, 4, 700.0, git_sha="b" * 40, transformers="5.18.0")  # a planted 30 % drop
+    assert _nightly(tmp, results, suite, db, fourth) == 1
+    md = (tmp / "reports" / "nightly-synthetic" / "verdict.md").read_text()
+    assert "REGRESSION" in md
+    assert re.search(r"synthetic-tiny / hf / tokens_per_s: REGRESSED: 70\d.* of 3 nights \(worse by \+30\.0%", md)
+    assert "tunebench / tokens_per_s: REGRESSED" not in md  # its figure held
+    page = (tmp / "reports" / "nightly-synthetic" / "trend.html").read_text()
+    assert "transformers 5.17.0 -&gt; 5.18.0" in page and "git aaaaaaaa -&gt; bbbbbbbb" in page
+    assert 'class="bad"' in page and "<svg" in page
+    # self-contained: nothing fetched from elsewhere
+    assert not re.search(r"<script|<link|src=|https?://", page)
+
+
+def test_steady_fourth_night_exits_0(setup, capsys):
+    tmp, results, suite, db = setup
+    assert _nightly(tmp, results, suite, db, _night(results, 4, 1005.0)) == 0
+    assert "no regression" in capsys.readouterr().out
+
+
+def test_too_few_nights_is_inconclusive(tmp_path: Path):
+    results = tmp_path / "results"
+    first, second = _night(results, 1, 1000.0), _night(results, 2, 600.0)
+    (tmp_path / "scenario.yaml").write_text("name: unused\n")
+    (tmp_path / "suite.yaml").write_text(SUITE)
+    db = tmp_path / "h.duckdb"
+    history.append(db, first)
+    assert _nightly(tmp_path, results, tmp_path / "suite.yaml", db, second) == 3
+    md = (tmp_path / "reports" / "nightly-synthetic" / "verdict.md").read_text()
+    assert "1 comparable night(s)" in md and "3 needed" in md
+
+
+def test_rebuild_reproduces_the_rows_and_exports(setup):
+    tmp, results, suite, db = setup
+    before = history.query(db)
+    assert len(before) == 6 and {r["framework"] for r in before} == {"hf", "tunebench"}
+    assert before[0]["git_sha"] == "a" * 40 and json.loads(before[0]["libraries"])["transformers"] == "5.17.0"
+    rebuilt = tmp / "rebuilt.duckdb"
+    assert history_cli.main(["rebuild", "--results", str(results), "--db", str(rebuilt)]) == 0
+    assert history.query(rebuilt) == before
+    out_csv, out_pq = tmp / "x.csv", tmp / "x.parquet"
+    assert history_cli.main(["--db", str(rebuilt), "--framework", "hf", "--since", "2026-12-02",
+                             "--csv", str(out_csv), "--parquet", str(out_pq)]) == 0
+    with out_csv.open() as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["tokens_per_s"]) for r in rows] == pytest.approx([1010.0, 990.0], rel=0.02)
+    assert list(rows[0]) == list(history.COLUMNS)
+    with duckdb.connect() as con:
+        assert con.execute("SELECT count(*) FROM read_parquet(?)", [str(out_pq)]).fetchall() == [(2,)]
+
+
+def test_bad_since_exits_2(setup, capsys):
+    _, _, _, db = setup
+    assert history_cli.main(["--db", str(db), "--since", "not-a-date"]) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text, line, key", [
+    (SUITE.replace("min_nights: 3", "min_nigths: 3"), 5, "min_nigths: unknown key; did you mean 'min_nights'"),
+    (SUITE.replace("peak_vram_nvml_gib: 0.05", "peak_vram: 0.05"), 9,
+     "gate.peak_vram: unknown metric; did you mean 'peak_vram_nvml_gib'"),
+    (SUITE.replace("noise_k: 3.0", "noise_k: -1"), 6, "noise_k: Input should be greater than 0"),
+    (SUITE.replace("scenarios: [scenario.yaml]", "scenarios: [missing.yaml]"), 3, "scenarios[0]: no such scenario"),
+])
+def test_bad_suite_exits_2_with_file_line_and_key(tmp_path: Path, capsys, text: str, line: int, key: str):
+    (tmp_path / "scenario.yaml").write_text("name: unused\n")
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(text)
+    with pytest.raises(SuiteError):
+        load_suite(suite)
+    assert nightly.main([str(suite), "--results", str(tmp_path / "r"), "--tonight", str(tmp_path)]) == 2
+    assert f"{suite}:{line}: {key}" in capsys.readouterr().err
+
+
+def test_shipped_suite_is_valid():
+    suite = load_suite(Path(__file__).resolve().parents[2] / "scenarios" / "suites" / "nightly_cpu.yaml")
+    assert suite.name == "nightly_cpu" and all(p.is_file() for p in suite.scenario_paths())
