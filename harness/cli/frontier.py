@@ -22,14 +22,11 @@ import sys
 from pathlib import Path
 
 from harness.analysis.frontier import write_frontier_table
-from harness.cli.validate import EXIT_BAD_INPUT, load_or_report
+from harness.cli.guard import EXIT_BAD_INPUT, guarded
+from harness.cli.validate import load_or_report
 from harness.common.paths import REPO_ROOT
 from harness.running.frontier import VARIES, FrontierError, make_grid, probe_scenario, run_frontier
-from harness.running.locks import Busy
 from harness.spec.scenario import MAX_MEMORY_BUDGET_GIB, ScenarioError
-
-EXIT_BUSY = 3
-EXIT_INTERRUPTED = 130
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,19 +83,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{p['framework']} @ {p['budget_gib']:g} GiB, {args.vary} {p['value']}: {p['outcome']} "
                   f"({p['status']}, {how})")
 
-    try:
+    def body() -> int:
         folder, log = run_frontier(sc, grid, args.budgets, Path(args.results), only=args.only, new=args.new,
                                    retry_failed=args.retry_failed, quiet=args.quiet, on_probe=show)
         print(f"{len(log.probes)} probes ({log.ran} run now)")
-    except KeyboardInterrupt:
-        print("\ninterrupted: finished probes are stored; rerun the same command to resume", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except Busy as e:
-        print(f"{args.scenario}: {e}", file=sys.stderr)
-        return EXIT_BUSY
-    except OSError as e:
-        print(f"{args.scenario}: cannot write {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    csv_path, md_path = write_frontier_table(folder)
-    print(f"results: {folder}\ntable:   {md_path} ({csv_path.name})")
-    return 0
+        csv_path, md_path = write_frontier_table(folder)
+        print(f"results: {folder}\ntable:   {md_path} ({csv_path.name})")
+        return 0
+
+    return guarded(args.scenario, "probes", body)

@@ -24,19 +24,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from harness.analysis import runs_table
-from harness.analysis.trend import EXIT_INCONCLUSIVE, exit_code, judge
+from harness.analysis.trend import exit_code, judge
+from harness.cli.guard import EXIT_BAD_INPUT, guarded
+from harness.cli.run import run_and_report
 from harness.cli.validate import load_or_report
 from harness.common.paths import REPO_ROOT
-from harness.reporting.report import write_report
 from harness.reporting.trend import verdict_markdown, write_trend
-from harness.running.locks import Busy
-from harness.running.runner import run_sweep
 from harness.spec.suite import Suite, SuiteError, load_suite
 from harness.storing import history
 from harness.storing.sweep import NotAResultsDir
-
-EXIT_BAD_INPUT = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,14 +64,7 @@ def _run_suite(suite: Suite, args) -> list[Path] | int:
         if suite.repeats is not None:
             sc.measure.repeats = suite.repeats
         scenarios.append((sc, only))
-    done = []
-    for sc, only in scenarios:
-        out = run_sweep(sc, args.results, quiet=args.quiet, only=only)
-        runs_table.write_table(out)
-        write_report(out, args.reports / out.name)
-        print(f"results: {out}")
-        done.append(out)
-    return done
+    return [run_and_report(sc, args.results, args.reports, quiet=args.quiet, only=only) for sc, only in scenarios]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(e.problems), file=sys.stderr)
         return EXIT_BAD_INPUT
     db = args.db or history.default_db(args.results)
-    try:
+
+    def body() -> int:
         sweeps = args.tonight if args.tonight else _run_suite(suite, args)
         if isinstance(sweeps, int):
             return sweeps
@@ -102,21 +92,15 @@ def main(argv: list[str] | None = None) -> int:
         scenarios = {r["scenario"] for r in rows if r["sweep_id"] in tonight}
         write_trend(out_dir, [r for r in rows if r["scenario"] in scenarios], suite.gate, suite.reference_nights,
                     suite.min_nights, suite.noise_k, f"Nightly {suite.name}", md)
+        print(md, end="")
+        print(f"verdict: {out_dir / 'verdict.md'}\ntrend:   {out_dir / 'trend.html'}")
+        return code
+
+    try:
+        return guarded(str(args.suite), "runs", body)  # a busy machine: exit 3, as an inconclusive night
     except NotAResultsDir as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("\ninterrupted: finished runs are stored; rerun the same command to resume", file=sys.stderr)
-        return 130
-    except Busy as e:
-        print(f"{args.suite}: {e}", file=sys.stderr)
-        return EXIT_INCONCLUSIVE
-    except OSError as e:  # a read-only results/reports folder, a full disk
-        print(f"{args.suite}: cannot write {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    print(md, end="")
-    print(f"verdict: {out_dir / 'verdict.md'}\ntrend:   {out_dir / 'trend.html'}")
-    return code
 
 
 if __name__ == "__main__":

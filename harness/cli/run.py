@@ -16,18 +16,16 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from harness.analysis import runs_table
-from harness.cli.validate import EXIT_BAD_INPUT, load_or_report
+from harness.cli.guard import EXIT_BAD_INPUT, guarded
+from harness.cli.validate import load_or_report
 from harness.common.paths import REPO_ROOT
 from harness.reporting.report import write_report
 from harness.running.derive import derive
-from harness.running.locks import Busy
 from harness.running.runner import run_sweep
-from harness.spec.scenario import ScenarioError
-
-EXIT_BUSY = 3  # the sweep, or the machine, is being measured by another runner
-EXIT_INTERRUPTED = 130
+from harness.spec.scenario import Scenario, ScenarioError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,23 +81,23 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.scenario}: --repeats {args.repeats}: must be between 1 and 1000", file=sys.stderr)
             return EXIT_BAD_INPUT
         sc.measure.repeats = args.repeats
-    try:
-        out = run_sweep(sc, Path(args.results), new=args.new, quiet=args.quiet, only=args.only,
-                        resume_only=args.resume, retry_failed=args.retry_failed,
-                        allow_contention=args.allow_contention)
-        runs_table.write_table(out)  # the runs table again, now with the parity columns
-        print(f"results: {out}")
-        if not args.no_report:
-            report_dir = Path(args.reports) / out.name
-            write_report(out, report_dir)
-            print(f"report:  {report_dir / 'report.md'}")
-    except KeyboardInterrupt:
-        print("\ninterrupted: finished runs are stored; rerun the same command to resume", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except Busy as e:
-        print(f"{args.scenario}: {e}", file=sys.stderr)
-        return EXIT_BUSY
-    except OSError as e:  # a read-only results/reports folder or cache, a full disk
-        print(f"{args.scenario}: cannot write {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    return 0
+
+    def body() -> int:
+        run_and_report(sc, Path(args.results), None if args.no_report else Path(args.reports), new=args.new,
+                       quiet=args.quiet, only=args.only, resume_only=args.resume, retry_failed=args.retry_failed,
+                       allow_contention=args.allow_contention)
+        return 0
+
+    return guarded(args.scenario, "runs", body)
+
+
+def run_and_report(sc: Scenario, results: Path, reports: Path | None, **sweep_options: Any) -> Path:
+    """Run (or resume) the sweep of ``sc``, then its runs table with parity columns and, unless ``reports`` is
+    None, its report; returns the sweep's results directory. ``sweep_options``: those of ``run_sweep``."""
+    out = run_sweep(sc, results, **sweep_options)
+    runs_table.write_table(out)  # the runner's table again, now with the parity columns
+    print(f"results: {out}")
+    if reports is not None:
+        write_report(out, reports / out.name)
+        print(f"report:  {reports / out.name / 'report.md'}")
+    return out

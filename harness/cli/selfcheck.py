@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -35,12 +34,11 @@ from typing import Any
 from adapters_for_tools import registry
 from harness.analysis.handloop import AGREE_PCT, cause, compare, next_selfcheck_path
 from harness.common.names import unknown
-from harness.inputs.models import cache_root
 from harness.measuring.handloop import FRAMEWORKS
 from harness.measuring.handloop.knobs import parse_knobs
 from harness.running import envs
 from harness.running.locks import Busy, machine_lock
-from harness.running.runner import worker_environment
+from harness.running.runner import machine_lock_dir, worker_environment
 from harness.spec.scenario import ScenarioError, load_scenario
 from harness.storing.results import atomic_write_text, read_json, write_json_once
 from harness.storing.sweep import NotAResultsDir, load_sweep
@@ -119,9 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ScenarioError, ValueError, NotAResultsDir, OSError) as e:
         print(f"selfcheck: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    lock_dir = Path(os.environ.get("TUNEBENCH_LOCK_DIR") or cache_root())
     try:
-        with machine_lock(lock_dir, Path(f"selfcheck {args.scenario}")):
+        with machine_lock(machine_lock_dir(), Path(f"selfcheck {args.scenario}")):
             loops = {fw: run_loop(fw, Path(args.scenario), sc, args.steps, args.set) for fw in wanted}
     except Busy as e:
         print(f"selfcheck: another sweep is running on this machine ({e}): a check now would measure its load",

@@ -348,21 +348,27 @@ def prune_outputs(work_dir: Path, limit_bytes: int = 1 << 30) -> list[str]:
     return gone
 
 
-@contextlib.contextmanager
-def _machine(sweep_dir: Path, allow_contention: bool):
-    """Hold the machine lock for the sweep; yield None, or what this sweep contends with when allowed to."""
-    # shared by every checkout of this user on the machine; TUNEBENCH_LOCK_DIR moves it (the test suite does, so
-    # that its own small sweeps neither wait for nor disturb a real sweep running on the same machine)
+def machine_lock_dir() -> Path:
+    """Where the one-measurement-per-machine lock lives: the cache, shared by every checkout of this user.
+
+    ``TUNEBENCH_LOCK_DIR`` moves it (the test suite does, so that its own small sweeps neither wait for nor disturb
+    a real sweep on the same machine). An unwritable cache falls back to the work area: the cache's failure is the
+    prepare step's error (a row per run), not the lock's.
+    """
     lock_dir = Path(os.environ.get("TUNEBENCH_LOCK_DIR") or cache_root())
     try:
         lock_dir.mkdir(parents=True, exist_ok=True)
         writable = os.access(lock_dir, os.W_OK)
     except OSError:
         writable = False
-    if not writable:  # an unwritable cache is the prepare step's error (a row per run), not the lock's
-        lock_dir = work_root()
+    return lock_dir if writable else work_root()
+
+
+@contextlib.contextmanager
+def _machine(sweep_dir: Path, allow_contention: bool):
+    """Hold the machine lock for the sweep; yield None, or what this sweep contends with when allowed to."""
     try:
-        with machine_lock(lock_dir, sweep_dir):
+        with machine_lock(machine_lock_dir(), sweep_dir):
             yield None
     except Busy as e:
         if not allow_contention:

@@ -36,6 +36,7 @@ from harness.common.names import unknown
 from harness.inputs import models
 from harness.inputs.data import resolve_path
 from harness.spec import checks, yamlsafe
+from harness.spec.yamlsafe import dotted, line_of
 
 SCHEMA_VERSION = 1
 
@@ -322,20 +323,6 @@ class Scenario(_Strict):
 # loading with line numbers (reading and parsing: harness.spec.yamlsafe)
 
 
-def _line_for(lines: dict[tuple, int], loc: tuple) -> int:
-    loc = tuple(loc)
-    while loc and loc not in lines:
-        loc = loc[:-1]
-    return lines.get(loc, 1)
-
-
-def _fmt_loc(loc: tuple) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "<top>"
-
-
 def _normalise_frameworks(raw: dict) -> None:
     """Accept `frameworks: [hf, {name: trl, overrides: {...}}]` as well as the long form."""
     fws = raw.get("frameworks")
@@ -344,7 +331,7 @@ def _normalise_frameworks(raw: dict) -> None:
 
 
 def _yaml_error(e: yamlsafe.YamlError, source: str) -> ScenarioError:
-    return ScenarioError([f"{source}:{line}: {_fmt_loc(loc)}: {reason}" for line, loc, reason in e.problems])
+    return ScenarioError([f"{source}:{line}: {dotted(loc)}: {reason}" for line, loc, reason in e.problems])
 
 
 def parse_scenario(text: str, source: str = "<string>", deep: bool = True) -> Scenario:
@@ -371,7 +358,7 @@ def parse_scenario(text: str, source: str = "<string>", deep: bool = True) -> Sc
     _normalise_frameworks(raw)
     problems: list[str] = []
     if "version" in raw and raw["version"] != SCHEMA_VERSION:
-        problems.append(f"{source}:{_line_for(lines, ('version',))}: version: unsupported schema version "
+        problems.append(f"{source}:{line_of(lines, ('version',))}: version: unsupported schema version "
                         f"{raw['version']!r}; this tunebench reads version {SCHEMA_VERSION}")
     try:
         sc = Scenario.model_validate(raw)
@@ -385,13 +372,13 @@ def parse_scenario(text: str, source: str = "<string>", deep: bool = True) -> Sc
                 msg = "unknown key" + (f"; did you mean {hint[0]!r}?" if hint else "")
                 if parent:
                     msg += f" (allowed: {', '.join(parent)})"
-            problems.append(f"{source}:{_line_for(lines, loc)}: {_fmt_loc(loc)}: {msg}")
+            problems.append(f"{source}:{line_of(lines, loc)}: {dotted(loc)}: {msg}")
         raise ScenarioError(_capped(problems)) from None
     if problems:
         raise ScenarioError(problems)
     problems += _cross_checks(sc, lines, source)
     found = checks.check(sc, source, deep=deep)
-    problems += [f"{source}:{_line_for(lines, p.loc)}: {_fmt_loc(p.shown or p.loc)}: {p.reason}"
+    problems += [f"{source}:{line_of(lines, p.loc)}: {dotted(p.shown or p.loc)}: {p.reason}"
                  for p in found.problems]
     if problems:
         raise ScenarioError(_capped(problems))
@@ -439,7 +426,7 @@ def _cross_checks(sc: Scenario, lines: dict, source: str) -> list[str]:
     out: list[str] = []
 
     def bad(loc: tuple, msg: str):
-        out.append(f"{source}:{_line_for(lines, loc)}: {_fmt_loc(loc)}: {msg}")
+        out.append(f"{source}:{line_of(lines, loc)}: {dotted(loc)}: {msg}")
 
     if sc.model.preset is not None:
         try:
@@ -490,8 +477,8 @@ def _cross_checks(sc: Scenario, lines: dict, source: str) -> list[str]:
             bad(("frameworks", i), f"{fw.name} cannot run this scenario: {why}")
         # the row is named by its label (or adapter): easier to find in the file than frameworks[i]
         for loc, reason in info.check_overrides(fw.overrides):
-            out.append(f"{source}:{_line_for(lines, ('frameworks', i, 'overrides', *loc))}: "
-                       f"{_fmt_loc(('frameworks', fw.key, 'overrides', *loc))}: {reason}")
+            out.append(f"{source}:{line_of(lines, ('frameworks', i, 'overrides', *loc))}: "
+                       f"{dotted(('frameworks', fw.key, 'overrides', *loc))}: {reason}")
     if not sc.frameworks:
         bad(("frameworks",), "name at least one framework")
     return out

@@ -24,6 +24,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from harness.spec import yamlsafe
+from harness.spec.yamlsafe import dotted, line_of
 
 SCHEMA_VERSION = 1
 # gate-able metrics (stored per run in the history) and whether a higher value is better
@@ -83,20 +84,6 @@ class Suite(BaseModel):
         return [p if (p := Path(s)).is_absolute() else base / p for s in self.scenarios]
 
 
-def _line(lines: dict[tuple, int], loc: tuple) -> int:
-    loc = tuple(loc)
-    while loc and loc not in lines:
-        loc = loc[:-1]
-    return lines.get(loc, 1)
-
-
-def _fmt(loc: tuple) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "<top>"
-
-
 def parse_suite(text: str, source: str = "<string>") -> Suite:
     """Parse and validate suite YAML text.
 
@@ -113,15 +100,15 @@ def parse_suite(text: str, source: str = "<string>") -> Suite:
     try:
         raw, lines = yamlsafe.load(text)
     except yamlsafe.YamlError as e:
-        raise SuiteError([f"{source}:{line}: {_fmt(loc)}: {reason}" for line, loc, reason in e.problems]) from None
+        raise SuiteError([f"{source}:{line}: {dotted(loc)}: {reason}" for line, loc, reason in e.problems]) from None
     if not isinstance(raw, dict):
         raise SuiteError([f"{source}:1: <top>: a suite is a YAML mapping, got {type(raw).__name__}"])
     if "version" in raw and raw["version"] != SCHEMA_VERSION:
-        raise SuiteError([f"{source}:{_line(lines, ('version',))}: version: unsupported suite version "
+        raise SuiteError([f"{source}:{line_of(lines, ('version',))}: version: unsupported suite version "
                           f"{yamlsafe.short_repr(raw['version'])}; this tunebench reads version {SCHEMA_VERSION}"])
     gate = raw.get("gate")
     unknown = [m for m in gate if m not in GATED_METRICS] if isinstance(gate, dict) else []
-    problems = [f"{source}:{_line(lines, ('gate', m))}: gate.{m}: unknown metric"
+    problems = [f"{source}:{line_of(lines, ('gate', m))}: gate.{m}: unknown metric"
                 + (f"; did you mean {hint[0]!r}?" if (hint := difflib.get_close_matches(str(m), GATED_METRICS, n=1))
                    else "") + f" (gate-able: {', '.join(GATED_METRICS)})" for m in unknown]
     try:
@@ -135,12 +122,12 @@ def parse_suite(text: str, source: str = "<string>") -> Suite:
                 msg = "unknown key" + (f"; did you mean {hint[0]!r}?" if hint else "") + \
                     f" (allowed: {', '.join(k for k in Suite.model_fields if k != 'source_path')})"
             if not (loc == ("gate",) and unknown):  # already named, each at its own line
-                problems.append(f"{source}:{_line(lines, loc)}: {_fmt(loc)}: {msg}")
+                problems.append(f"{source}:{line_of(lines, loc)}: {dotted(loc)}: {msg}")
         raise SuiteError(problems[:30]) from None
     if problems:
         raise SuiteError(problems)
     if suite.min_nights > suite.reference_nights:
-        raise SuiteError([f"{source}:{_line(lines, ('min_nights',))}: min_nights: {suite.min_nights} is more than "
+        raise SuiteError([f"{source}:{line_of(lines, ('min_nights',))}: min_nights: {suite.min_nights} is more than "
                           f"reference_nights ({suite.reference_nights}): no night could ever be judged"])
     suite.source_path = source
     return suite
@@ -156,12 +143,12 @@ def load_suite(path: str | Path) -> Suite:
     try:
         text = yamlsafe.read_text(path) if path.exists() else None
     except yamlsafe.YamlError as e:
-        raise SuiteError([f"{path}:{line}: {_fmt(loc)}: {reason}" for line, loc, reason in e.problems]) from None
+        raise SuiteError([f"{path}:{line}: {dotted(loc)}: {reason}" for line, loc, reason in e.problems]) from None
     if text is None:
         raise SuiteError([f"{path}:0: <file>: no such file"])
     suite = parse_suite(text, str(path))
     _, lines = yamlsafe.load(text)
-    missing = [f"{path}:{_line(lines, ('scenarios', i))}: scenarios[{i}]: no such scenario file: {p}"
+    missing = [f"{path}:{line_of(lines, ('scenarios', i))}: scenarios[{i}]: no such scenario file: {p}"
                for i, p in enumerate(suite.scenario_paths()) if not p.is_file()]
     if missing:
         raise SuiteError(missing)

@@ -194,3 +194,19 @@ def short_repr(value: Any, limit: int = 60) -> str:
     """``repr`` cut to ``limit`` characters, so a hostile value cannot flood an error message."""
     r = repr(value)
     return r if len(r) <= limit else r[: limit - 3] + "..."
+
+
+def line_of(lines: dict[tuple, int], loc: tuple) -> int:
+    """The line of ``loc`` in a :func:`load` line map, else of its nearest enclosing key (1 for the top)."""
+    loc = tuple(loc)
+    while loc and loc not in lines:
+        loc = loc[:-1]
+    return lines.get(loc, 1)
+
+
+def dotted(loc: tuple) -> str:
+    """A key path as the user writes it: ``("frameworks", 0, "overrides", "x")`` -> ``frameworks[0].overrides.x``."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "<top>"

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 from harness.cli import frontier as frontier_cli
+from harness.cli import guard
 from harness.running import frontier, runner
 from harness.spec.scenario import parse_scenario
 from harness.storing.schema import RunResult
@@ -146,7 +147,7 @@ def test_interrupted_frontier_resumes_without_redoing_finished_probes(tmp_path, 
         return real(*args, **kwargs)
 
     monkeypatch.setattr(runner, "execute_run", interrupted_after_two)
-    assert _frontier(path, tmp_path) == frontier_cli.EXIT_INTERRUPTED
+    assert _frontier(path, tmp_path) == guard.EXIT_INTERRUPTED
     monkeypatch.setattr(runner, "execute_run", real)
     (folder,) = (tmp_path / "results").glob("fr-frontier-*")
     done = {p: p.stat().st_mtime_ns for p in folder.glob("*/runs/*.json")}
