@@ -25,6 +25,7 @@ import time
 
 import torch
 
+from adapters_for_tools.tunebench import TunebenchOverrides
 from harness.inputs.data import load_tokenised
 from harness.measuring.effective import read_back_optimizer
 from kernels.ops._utils import interpret_mode
@@ -34,19 +35,15 @@ from kernels.trainer.loading import load_model
 from kernels.trainer.save import save_trained
 from kernels.trainer.train import train
 
-KNOBS = {"recompute_layers": int, "offload_checkpoints": bool, "offload_weights": int, "offload_embeddings": bool,
-         "offload_lm_head": bool, "fused_ce_chunk": int, "lora_dtype": str, "reference_ops": list,
-         "group_projections": bool, "cuda_graph": bool, "varlen_attention": bool,
-         "expandable_segments": bool}
-
 
 def method_options(sc, overrides: dict):  # noqa: ANN001, ANN201
-    """The scenario's method and the override knobs as :class:`MethodOptions`."""
-    unknown = sorted(set(overrides) - set(KNOBS))
-    if unknown:
-        raise ValueError(f"unknown tunebench overrides {unknown}; known: {sorted(KNOBS)}")
+    """The scenario's method and the override knobs as :class:`MethodOptions`.
+
+    The knobs go through the adapter's typed model (:class:`TunebenchOverrides`, the one ``validate`` checks), so
+    an unknown or mistyped knob raises (a pydantic ``ValidationError``, a ``ValueError``) and defaults are its.
+    """
+    o = TunebenchOverrides.model_validate(overrides)
     m = sc.method
-    lora_dtype = getattr(torch, str(overrides.get("lora_dtype", "float32")))
     return MethodOptions(
         kind=m.kind,
         lora_r=m.lora_r,
@@ -54,19 +51,19 @@ def method_options(sc, overrides: dict):  # noqa: ANN001, ANN201
         lora_dropout=float(m.lora_dropout),
         target_modules=tuple(m.resolved_targets()),
         double_quant=bool(m.quant.double_quant) if m.quant else True,
-        lora_dtype=lora_dtype,
+        lora_dtype=getattr(torch, o.lora_dtype),
         gradient_checkpointing=sc.train.gradient_checkpointing,
-        recompute_layers=int(overrides.get("recompute_layers", -1)),
-        offload_checkpoints=bool(overrides.get("offload_checkpoints", False)),
-        offload_weights=int(overrides.get("offload_weights", 0)),
-        offload_embeddings=bool(overrides.get("offload_embeddings", False)),
-        offload_lm_head=bool(overrides.get("offload_lm_head", False)),
-        fused_ce_chunk=int(overrides["fused_ce_chunk"]) if overrides.get("fused_ce_chunk") else None,
-        reference_ops=tuple(overrides.get("reference_ops", ())),
-        group_projections=bool(overrides.get("group_projections", True)),
-        cuda_graph=bool(overrides.get("cuda_graph", False)),
-        varlen_attention=bool(overrides.get("varlen_attention", True)),
-        expandable_segments=bool(overrides.get("expandable_segments", True)),
+        recompute_layers=o.recompute_layers,
+        offload_checkpoints=o.offload_checkpoints,
+        offload_weights=o.offload_weights,
+        offload_embeddings=o.offload_embeddings,
+        offload_lm_head=o.offload_lm_head,
+        fused_ce_chunk=o.fused_ce_chunk,
+        reference_ops=tuple(o.reference_ops),
+        group_projections=o.group_projections,
+        cuda_graph=o.cuda_graph,
+        varlen_attention=o.varlen_attention,
+        expandable_segments=o.expandable_segments,
     )
 
 

@@ -61,7 +61,7 @@ def test_worker_run_is_valid(tmp_path, monkeypatch, kind, packing, offload):  # 
 
 
 def test_method_options_knobs():
-    """Every knob the adapter documents reaches MethodOptions; an unknown one is refused with the known list."""
+    """Every knob the adapter documents reaches MethodOptions; an unknown one is refused by the typed model."""
     from types import SimpleNamespace
 
     from adapters_for_tools.tunebench.adapter import method_options
@@ -73,5 +73,7 @@ def test_method_options_knobs():
     assert (o.group_projections, o.cuda_graph, o.recompute_layers) == (False, True, 4)
     d = method_options(sc, {})
     assert (d.group_projections, d.cuda_graph, d.recompute_layers) == (True, False, -1)
-    with pytest.raises(ValueError, match="unknown tunebench overrides.*cuda_graph"):
+    with pytest.raises(ValueError, match=r"cuda_graphs\n  Extra inputs are not permitted"):
         method_options(sc, {"cuda_graphs": True})
+    with pytest.raises(ValueError, match="recompute_layers"):
+        method_options(sc, {"recompute_layers": "four"})
