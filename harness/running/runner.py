@@ -20,6 +20,7 @@ import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Protocol
 
 import yaml
 
@@ -217,7 +218,9 @@ def execute_run(sc, sweep_dir: Path, run_root: Path, prepared: dict, fw, repeat:
 
         shutil.rmtree(work_dir)
     work_dir.mkdir(parents=True)
-    spec = {"scenario": sc.to_dict(), "scenario_source": sc.source_path, "framework": fw.name,
+    trained = sc.for_repeat(repeat)  # the seeds this repeat trains with (measure.seed_per_repeat)
+    base["seeds"] = {"train": trained.train.seed, "model": trained.model.seed}
+    spec = {"scenario": trained.to_dict(), "scenario_source": sc.source_path, "framework": fw.name,
             "overrides": fw.overrides, "repeat": repeat, "checkpoint": prepared["checkpoint"],
             "dataset_path": prepared["dataset_path"], "work_dir": str(work_dir)}
     (work_dir / "spec.json").write_text(json.dumps(spec, indent=1))
@@ -393,14 +396,76 @@ def resume_changes(sc, sweep_dir: Path) -> list[str]:
     return diffs
 
 
+def inputs_for(sc, run_root: Path, repeat: int, prepared_by_seed: dict[int, dict | PrepareFailed]
+               ) -> dict | PrepareFailed:
+    """The checkpoint and dataset repeat ``repeat`` trains on, built once per checkpoint seed (cached in
+    ``prepared_by_seed``), or why building them failed."""
+    trained = sc.for_repeat(repeat)
+    prepared = prepared_by_seed.get(trained.model.seed)
+    if prepared is None:
+        try:
+            prepared = _prepare(trained, run_root, sc.measure.timeout_s)
+        except PrepareFailed as e:
+            prepared = e
+        prepared_by_seed[trained.model.seed] = prepared
+    return prepared
+
+
+def attempt_run(sc, sweep_dir: Path, run_root: Path, fw, repeat: int,
+                prepared_by_seed: dict[int, dict | PrepareFailed], display: Display | None) -> dict:
+    """One run's finished result dict: an unavailable framework, inputs that failed to build, or the worker's run.
+
+    ``prepared_by_seed``: the inputs built so far (:func:`inputs_for`); the first runnable framework builds them.
+    """
+    if why := envs.unavailable(registry.info(fw.name), sc.hardware.device):
+        return run_header(sc, sweep_dir, {}, fw, repeat) | {
+            "status": "unavailable", "reason": why, "valid": False, "invalid_reasons": []}
+    prepared = inputs_for(sc, run_root, repeat, prepared_by_seed)
+    if isinstance(prepared, PrepareFailed):
+        return run_header(sc, sweep_dir, {}, fw, repeat) | {
+            "status": prepared.status, "reason": prepared.reason, "valid": False, "invalid_reasons": []}
+    return execute_run(sc, sweep_dir, run_root, prepared, fw, repeat, display)
+
+
+def store_run(sweep_dir: Path, run_root: Path, key: str, res: dict, contention: str | None = None) -> None:
+    """Store one finished run (atomically, never over a stored one) and prune its large scratch outputs.
+
+    ``contention``: what else measured this machine at the same time; the row is then marked invalid.
+    """
+    if contention:
+        res["valid"] = False
+        res["invalid_reasons"] = [*res.get("invalid_reasons", []), f"measured under contention: {contention}"]
+    if earlier := previous_attempts(sweep_dir, key):
+        res["previous_attempts"] = earlier
+    results.write_result(sweep_dir / "runs" / f"{key}.json", res)
+    prune_outputs(run_root / key)
+
+
+class Launcher(Protocol):
+    """Runs a sweep's remaining runs somewhere else than this process, one job each (:mod:`harness.running.cluster`).
+
+    It stores a row for every run of ``todo`` (through :func:`attempt_run` and :func:`store_run` in the job, or a
+    row for a job that died) and returns when all are stored. ``measures_here``: its jobs run on this machine, so
+    the sweep takes the machine lock as a local sweep does.
+    """
+
+    measures_here: bool
+
+    def __call__(self, sc, sweep_dir: Path, run_root: Path, todo: list, display: Display,
+                 contention: str | None) -> None: ...
+
+
 def run_sweep(sc, results_root: Path, new: bool = False, quiet: bool = False, only: list[str] | None = None,
-              resume_only: bool = False, retry_failed: bool = False, allow_contention: bool = False) -> Path:
+              resume_only: bool = False, retry_failed: bool = False, allow_contention: bool = False,
+              launch: Launcher | None = None) -> Path:
     """Run (or resume) the sweep of scenario ``sc``; returns the sweep's results directory.
 
     ``resume_only``: fill in the newest sweep of this scenario even when it is complete for the requested
     runs (then nothing runs); never start a new one. Scripts that fill one sweep over several invocations use
     it so that a repeated invocation cannot start a duplicate sweep. ``retry_failed``: runs of that sweep stored
-    as error/crashed/timeout are done again, the failed attempt kept (:func:`set_aside_failed`).
+    as error/crashed/timeout are done again, the failed attempt kept (:func:`set_aside_failed`). ``launch``: run
+    them as cluster jobs instead of here (:mod:`harness.running.cluster`); a launcher whose jobs run on other
+    machines takes no machine lock.
     """
     results_root = Path(results_root)
     keys = [(fw, r) for r in range(sc.measure.repeats) for fw in sc.frameworks if not only or fw.key in only]
@@ -415,8 +480,9 @@ def run_sweep(sc, results_root: Path, new: bool = False, quiet: bool = False, on
         _extend_plan(sweep_dir, key_names)
     run_root = work_root() / sweep_dir.name
     run_root.mkdir(parents=True, exist_ok=True)
-    with sweep_lock(sweep_dir), _machine(sweep_dir, allow_contention) as contention, \
-            Display(total=len(keys), quiet=quiet) as display:
+    measures_here = launch is None or launch.measures_here
+    machine = _machine(sweep_dir, allow_contention) if measures_here else contextlib.nullcontext()
+    with sweep_lock(sweep_dir), machine as contention, Display(total=len(keys), quiet=quiet) as display:
         if resumed and (changed := resume_changes(sc, sweep_dir)):
             display.console.print(f"[yellow]resuming {sweep_dir}, started from a different scenario file: "
                                   f"{'; '.join(changed)}[/]", markup=True, highlight=False)
@@ -427,33 +493,16 @@ def run_sweep(sc, results_root: Path, new: bool = False, quiet: bool = False, on
         display.progress.update(display.sweep, completed=len(keys) - len(todo))
         display.console.print(f"{'resuming' if resumed else 'sweep'} {sweep_dir} "
                               f"({len(todo)} of {len(keys)} runs to do)")
-        prepared: dict | PrepareFailed | None = None  # built once, when the first runnable framework needs it
-        for fw, r in todo:
-            key = results.run_key(fw.key, r)
-            if why := envs.unavailable(registry.info(fw.name), sc.hardware.device):
-                res = run_header(sc, sweep_dir, {}, fw, r) | {
-                    "status": "unavailable", "reason": why, "valid": False, "invalid_reasons": []}
-            else:
-                if prepared is None:
-                    try:
-                        prepared = _prepare(sc, run_root, sc.measure.timeout_s)
-                    except PrepareFailed as e:
-                        prepared = e
-                if isinstance(prepared, PrepareFailed):
-                    res = run_header(sc, sweep_dir, {}, fw, r) | {
-                        "status": prepared.status, "reason": prepared.reason, "valid": False, "invalid_reasons": []}
-                else:
-                    res = execute_run(sc, sweep_dir, run_root, prepared, fw, r, display)
-            if contention:
-                res["valid"] = False
-                res["invalid_reasons"] = [*res.get("invalid_reasons", []),
-                                          f"measured under contention: {contention}"]
-            if earlier := previous_attempts(sweep_dir, key):
-                res["previous_attempts"] = earlier
-            results.write_result(sweep_dir / "runs" / f"{key}.json", res)
-            prune_outputs(run_root / key)
-            results.write_table(sweep_dir)
-            display.end_run(key, res)
+        if launch is not None:
+            launch(sc, sweep_dir, run_root, todo, display, contention)
+        else:
+            prepared_by_seed: dict[int, dict | PrepareFailed] = {}
+            for fw, r in todo:
+                key = results.run_key(fw.key, r)
+                res = attempt_run(sc, sweep_dir, run_root, fw, r, prepared_by_seed, display)
+                store_run(sweep_dir, run_root, key, res, contention)
+                results.write_table(sweep_dir)
+                display.end_run(key, res)
     results.write_table(sweep_dir)
     return sweep_dir
 

@@ -212,6 +212,10 @@ class MeasureSpec(_Strict):
     baseline: str = Field("hf", max_length=MAX_NAME)  # framework every speed-up is measured against
     # override the GPU's bf16 dense peak used for MFU (an H200's is ~990 TFLOP/s)
     peak_tflops: float | None = Field(None, gt=0, le=100_000)
+    # repeat r trains with train.seed + r and, for random weights, a checkpoint drawn with model.seed + r: the
+    # repeats then measure the seed-to-seed spread of the result (what a quality comparison needs) instead of the
+    # run-to-run noise of one seed (Scenario.for_repeat)
+    seed_per_repeat: bool = False
 
 
 class EvalSpec(_Strict):
@@ -243,9 +247,18 @@ def _hash(d: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
+# Settings whose default leaves a run exactly as it is without them: left out of the hashes at that default, so a
+# scenario that does not use them hashes the same whether or not the schema knows them.
+NEUTRAL_DEFAULTS: dict[tuple[str, str], Any] = {("measure", "seed_per_repeat"): False}
+
+
 def _run_settings(d: dict[str, Any]) -> dict[str, Any]:
-    """A resolved scenario dict without what is not a setting of a run: repeats and time limits."""
+    """A resolved scenario dict without what is not a setting of a run: repeats, time limits, and the settings of
+    :data:`NEUTRAL_DEFAULTS` at their default."""
     d = dict(d)
+    for (section, key), default in NEUTRAL_DEFAULTS.items():
+        if isinstance(d.get(section), dict) and key in d[section] and d[section][key] == default:
+            d[section] = {k: v for k, v in d[section].items() if k != key}
     d["measure"] = {k: v for k, v in (d.get("measure") or {}).items() if k not in ("repeats", "timeout_s")}
     d["frameworks"] = [{k: v for k, v in f.items() if k != "timeout_s"} for f in d.get("frameworks") or []]
     return d
@@ -313,6 +326,20 @@ class Scenario(_Strict):
         sweeps still measured the same thing after a scenario was edited.
         """
         return _hash(row_settings(self.to_dict(), framework))
+
+    def for_repeat(self, repeat: int) -> Scenario:
+        """The scenario repeat ``repeat`` trains: itself, or with ``measure.seed_per_repeat`` its seeds moved by
+        ``repeat`` (train.seed, and model.seed when the weights are drawn at random). Hashes and the sweep stay the
+        scenario's own; only the worker and the checkpoint it loads see the moved seeds."""
+        if not self.measure.seed_per_repeat or repeat == 0:
+            return self
+        model = self.model
+        if model.weights == "random":
+            model = model.model_copy(update={"seed": (model.seed + repeat) % (MAX_SEED + 1)})
+        train = self.train.model_copy(update={"seed": (self.train.seed + repeat) % (MAX_SEED + 1)})
+        out = self.model_copy(update={"model": model, "train": train})
+        out.source_path = self.source_path
+        return out
 
     @property
     def tokens_per_step_max(self) -> int:

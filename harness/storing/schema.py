@@ -221,6 +221,7 @@ class RunResult(_Open):
     dataset_sha256_16: str | None = None
     expected: dict[str, Any] = Field(default_factory=dict)
     effective: dict[str, Any] = Field(default_factory=dict)
+    seeds: dict[str, int] = Field(default_factory=dict)  # {"train": .., "model": ..} this repeat trained with
     framework_version: str | None = None
     env: str | None = None
     native_config: str | None = None

@@ -176,3 +176,21 @@ def test_second_runner_is_refused_and_sigint_stops_cleanly(env):
     assert "interrupted: finished runs are stored" in err and "Traceback" not in err
     sweep = next((env / "results").glob("twice-*"))
     assert sorted(p.name for p in (sweep / "runs").glob("*.json")) == ["d-first-r0.json"]  # nothing half-written
+
+
+def test_seed_per_repeat_moves_seeds_and_checkpoint_but_not_the_hash(env):
+    p, sc = _sc(env, "  - {name: dummy, label: d-ok}\n", name="seeds")
+    text = p.read_text().replace("measure: {", "measure: {seed_per_repeat: true, repeats: 2, ")
+    seeded = parse_scenario(text, str(p))
+    assert seeded.content_hash() != sc.content_hash()  # a different measurement: repeats are seeds now
+    assert parse_scenario(p.read_text().replace("measure: {", "measure: {seed_per_repeat: false, "),
+                          str(p)).content_hash() == sc.content_hash()  # the default hashes as if absent
+    assert seeded.for_repeat(0) is seeded
+    r1 = seeded.for_repeat(1)
+    assert (r1.train.seed, r1.model.seed) == (seeded.train.seed + 1, seeded.model.seed + 1)
+    assert r1.content_hash() == seeded.for_repeat(1).content_hash() and r1.source_path == seeded.source_path
+    d = run_sweep(seeded, env / "results", quiet=True)
+    rows = sorted(results.load_runs(d), key=lambda r: r["repeat"])
+    assert [r["seeds"] for r in rows] == [{"train": 42, "model": 0}, {"train": 43, "model": 1}]
+    assert rows[0]["checkpoint"] != rows[1]["checkpoint"]  # each repeat trained its own random init
+    assert {r["scenario_hash"] for r in rows} == {seeded.content_hash()}
