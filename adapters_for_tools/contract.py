@@ -51,12 +51,12 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from harness.common.names import unknown
-from harness.inputs.models import get_preset
+from harness.inputs.models import FAMILIES, get_preset
 
 INTERMEDIATE_DIRNAME = "intermediate"  # <work_dir>/intermediate/step-000050: outputs saved during training
 
 ALL_METHODS = frozenset({"full", "lora", "qlora", "dora"})
-ALL_FAMILIES = frozenset({"llama", "mistral", "qwen2"})
+ALL_FAMILIES = frozenset(FAMILIES)  # every model family with presets (harness.inputs.models.FAMILIES)
 
 # scenario train.optimizer -> transformers TrainingArguments.optim (hf, TRL, Axolotl and LLaMA-Factory all take it)
 HF_OPTIM = {"adamw_torch": "adamw_torch", "adamw_torch_fused": "adamw_torch_fused", "adamw_8bit": "adamw_bnb_8bit",
@@ -85,6 +85,9 @@ class AdapterInfo:
     description: str
     env: str = "base"  # environment the worker runs in (harness.running.envs); "base" = this interpreter
     methods: frozenset[str] = ALL_METHODS
+    # training objectives it runs (scenario `objective.kind`, harness.spec.objective)
+    objectives: frozenset[str] = frozenset({"sft"})
+    objectives_note: str = ""  # why an objective is missing, said when a scenario asks for it
     families: frozenset[str] = ALL_FAMILIES
     devices: frozenset[str] = frozenset({"cpu", "cuda"})
     requires: tuple[str, ...] = ()  # import names that must be importable in the adapter's environment
@@ -92,16 +95,40 @@ class AdapterInfo:
     notes: str = ""
     overrides: type[Overrides] = Overrides  # the typed model of a framework row's `overrides:`
     extra: dict[str, Any] = field(default_factory=dict)
+    # hardware.strategy -> the methods the tool spreads over several GPUs with it (none: one GPU only)
+    strategies: dict[str, frozenset[str]] = field(default_factory=dict)
+    strategies_note: str = ""  # why a strategy is missing, said when a scenario asks for it
+    # how its ranks start (harness.running.launch): "torchrun", or "accelerate" (accelerate launch, the tool's own)
+    launcher: str = "torchrun"
 
     def cannot_run(self, sc) -> str | None:  # noqa: ANN001
-        """Why this adapter can never run the scenario (checked at validation), or None."""
+        """Why this adapter can never run the scenario (checked at validation: the scenario is refused), or None.
+
+        A model family the adapter does not support is not among the reasons (:meth:`family_unsupported`): the
+        other rows of a Gemma or Falcon scenario still run, and this one is stored saying why it did not."""
         if sc.method.kind not in self.methods:
             return f"method {sc.method.kind!r} not supported (supports {sorted(self.methods)})"
+        objective = sc.objective.kind
+        if objective not in self.objectives:
+            return (f"objective {objective!r} not supported (supports {sorted(self.objectives)})"
+                    + (f": {self.objectives_note}" if self.objectives_note else ""))
+        strategy = sc.hardware.strategy
+        if strategy is not None and sc.method.kind not in self.strategies.get(strategy, ()):
+            if strategy not in self.strategies:
+                has = f"has {sorted(self.strategies)}" if self.strategies else "runs on one GPU only"
+                return f"strategy {strategy!r} not supported ({self.strategies_note or has})"
+            return (f"strategy {strategy!r} with method {sc.method.kind!r} not supported (with {strategy}: "
+                    f"{sorted(self.strategies[strategy])})")
         if sc.hardware.device not in self.devices:
             return f"device {sc.hardware.device!r} not supported (supports {sorted(self.devices)})"
+        return None
+
+    def family_unsupported(self, sc) -> str | None:  # noqa: ANN001
+        """Why this adapter does not train the scenario's model family, or None (the runner stores the row as
+        unavailable with this reason)."""
         family = _family_of(sc)
         if family and family not in self.families:
-            return f"model family {family!r} not supported (supports {sorted(self.families)})"
+            return f"model family {family!r} not supported by {self.name} (supports {', '.join(sorted(self.families))})"
         return None
 
     def check_overrides(self, overrides: dict[str, Any]) -> list[tuple[tuple[str | int, ...], str]]:

@@ -7,6 +7,7 @@ from typing import Any
 from pydantic import Field
 
 from adapters_for_tools.contract import AdapterInfo, Overrides
+from adapters_for_tools.distributed import TRAINER_STRATEGIES
 
 
 class AxolotlOverrides(Overrides):
@@ -27,4 +28,6 @@ INFO = AdapterInfo(
     notes="Native config: axolotl.yml (`python -m axolotl.cli.train axolotl.yml`). Its Triton LoRA kernels stay "
           "at Axolotl's defaults (on for LoRA/QLoRA), read back from the live model. CUDA only.",
     overrides=AxolotlOverrides,
+    strategies=TRAINER_STRATEGIES,  # DDP by the launch; FSDP and DeepSpeed from its YAML
+    launcher="accelerate",  # `axolotl train` starts its ranks with accelerate launch
 )

@@ -20,9 +20,10 @@ import time
 
 import yaml
 
-from adapters_for_tools import switches
+from adapters_for_tools import distributed, switches
 from adapters_for_tools.axolotl import config as ax_config
 from adapters_for_tools.contract import rerun_command
+from harness.inputs.models import load_config_dict
 
 
 def run(ctx) -> None:
@@ -30,10 +31,15 @@ def run(ctx) -> None:
     fmt = json.loads(ctx.dataset_path.with_suffix(".meta.json").read_text())["format"]
     for setting, why in ax_config.cannot_honour(sc, fmt):
         ctx.cannot_honour(setting, why)
-    cfg = ax_config.native_config(sc, ctx.work_dir, ctx.checkpoint, ctx.dataset_path, fmt, liger=ctx.options.liger)
+    layer_class = distributed.decoder_layer_class(load_config_dict(ctx.checkpoint))
+    cfg = ax_config.native_config(sc, ctx.work_dir, ctx.checkpoint, ctx.dataset_path, fmt, liger=ctx.options.liger,
+                                  layer_class=layer_class)
     cfg.update(ctx.options.axolotl)
     path = ctx.save_native_config("axolotl.yml", yaml.safe_dump(cfg, sort_keys=False))
     ctx.extra["rerun"] = rerun_command(f"axolotl.cli.train {path}")
+    if distributed.strategy(sc) is not None:  # Axolotl's own multi-GPU command: `axolotl train` launches this way
+        ctx.extra["rerun"] = rerun_command(f"accelerate.commands.launch --num_processes {sc.hardware.gpus} "
+                                           f"-m axolotl.cli.train {path}")
     if sc.data.packing:
         ctx.extra["packing"] = "Axolotl multipack sampler (its own grouping of samples into rows)"
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from adapters_for_tools import distributed
 from adapters_for_tools.contract import HF_OPTIM
 from harness.inputs.data import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT
 
@@ -24,7 +25,7 @@ LORA_KERNELS = {"lora_mlp_kernel": "mlp", "lora_o_kernel": "o", "lora_qkv_kernel
 
 
 def native_config(sc, work_dir: Path, checkpoint: str, dataset_path: Path, fmt: str,
-                  liger: bool = False) -> dict[str, Any]:
+                  liger: bool = False, layer_class: str | None = None) -> dict[str, Any]:
     """Axolotl config mapping for scenario ``sc`` (what ``axolotl.yml`` holds).
 
     Args:
@@ -34,6 +35,7 @@ def native_config(sc, work_dir: Path, checkpoint: str, dataset_path: Path, fmt: 
         dataset_path: the sweep's JSONL.
         fmt: its format (``text``, ``alpaca``, ``messages``, ``sharegpt``).
         liger: the row's ``liger`` override: Axolotl's Liger plugin with :data:`LIGER_FLAGS` on.
+        layer_class: the checkpoint's decoder layer class, FSDP's wrapping unit (multi-GPU ``fsdp`` only).
 
     Returns:
         The config as a plain dict (YAML-serialisable).
@@ -103,6 +105,9 @@ def native_config(sc, work_dir: Path, checkpoint: str, dataset_path: Path, fmt: 
         cfg.update({"load_in_4bit": True, "bnb_config_kwargs": {
             "bnb_4bit_quant_type": m.quant.quant_type, "bnb_4bit_use_double_quant": m.quant.double_quant,
             "bnb_4bit_compute_dtype": m.quant.compute_dtype}})
+    if distributed.sharded_4bit(sc):  # stored in the compute dtype: the 4-bit weights shard with the rest
+        cfg["bnb_config_kwargs"]["bnb_4bit_quant_storage"] = m.quant.compute_dtype
+    cfg.update(distributed.axolotl_config(sc, work_dir, layer_class))  # FSDP / ZeRO-3 in Axolotl's own keys
     if liger:
         cfg["plugins"] = [LIGER_PLUGIN]
         cfg.update(dict.fromkeys(LIGER_FLAGS, True))

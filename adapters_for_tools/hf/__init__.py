@@ -7,6 +7,7 @@ from typing import Any
 from pydantic import Field
 
 from adapters_for_tools.contract import AdapterInfo, Overrides
+from adapters_for_tools.distributed import TRAINER_STRATEGIES
 
 
 class HfOverrides(Overrides):
@@ -26,4 +27,6 @@ INFO = AdapterInfo(
     version_of="transformers",
     notes="QLoRA needs bitsandbytes and a CUDA GPU. `liger: true` needs liger-kernel (the `base` overlay).",
     overrides=HfOverrides,
+    objectives_note="the plain Trainer trains sft only; dpo, orpo, kto and grpo run through TRL (framework trl)",
+    strategies=TRAINER_STRATEGIES,  # the Trainer runs DDP, FSDP and DeepSpeed under torchrun
 )

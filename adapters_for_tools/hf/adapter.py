@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import time
 
-from adapters_for_tools import switches
+from adapters_for_tools import distributed, switches
 from adapters_for_tools.hf.config import training_args
 from harness.inputs.data import collate, load_tokenised
 
@@ -34,10 +34,12 @@ def build_model(ctx):
         from transformers import BitsAndBytesConfig
 
         q = sc.method.quant
+        sharded = {"bnb_4bit_quant_storage": getattr(torch, q.compute_dtype)} if distributed.sharded_4bit(sc) else {}
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type=q.quant_type, bnb_4bit_use_double_quant=q.double_quant,
-            bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype))
-        kwargs["device_map"] = {"": 0}
+            bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype), **sharded)
+        if not sharded:  # this rank's GPU (the current device: LOCAL_RANK under several); FSDP/ZeRO-3 place shards
+            kwargs["device_map"] = {"": torch.cuda.current_device()}
     model = AutoModelForCausalLM.from_pretrained(ctx.checkpoint, **kwargs)
     if sc.hardware.device == "cuda" and sc.method.kind != "qlora":
         model.to("cuda")
@@ -80,8 +82,12 @@ def run(ctx) -> None:
     trainer.train()
     switches.settle(ctx)
     ctx.output_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(ctx.output_dir)
-    tok.save_pretrained(ctx.output_dir)
+    if distributed.strategy(sc) is None:
+        model.save_pretrained(ctx.output_dir)
+    else:  # the Trainer gathers FSDP / ZeRO-3 shards and writes from rank 0 only
+        trainer.save_model(str(ctx.output_dir))
+    if args.should_save:  # rank 0 (the only process of a one-GPU run)
+        tok.save_pretrained(ctx.output_dir)
     ctx.extra["saved"] = "peft adapter" if sc.method.is_peft else "hf checkpoint"
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from adapters_for_tools import distributed
 from adapters_for_tools.contract import trainer_args
 
 
@@ -45,6 +46,7 @@ def training_args(sc, work_dir: Path, options) -> dict[str, Any]:  # noqa: ANN00
         "use_cpu": sc.hardware.device == "cpu",
         "disable_tqdm": True,
         "use_liger_kernel": options.liger,
+        **distributed.trainer_args(sc, work_dir),  # DDP / FSDP / ZeRO-3 (adapters_for_tools/distributed.py)
     }
     args.update(options.training_args)
     return args

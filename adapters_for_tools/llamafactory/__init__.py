@@ -7,6 +7,7 @@ from typing import Any
 from pydantic import Field
 
 from adapters_for_tools.contract import AdapterInfo, Overrides
+from adapters_for_tools.distributed import TRAINER_STRATEGIES
 
 
 class LlamaFactoryOverrides(Overrides):
@@ -30,4 +31,5 @@ INFO = AdapterInfo(
     notes="Native config: llamafactory.yaml (`python -m llamafactory.cli train llamafactory.yaml`). Text data "
           "only (alpaca/messages render through LLaMA-Factory templates: reported as not honoured). CUDA only.",
     overrides=LlamaFactoryOverrides,
+    strategies=TRAINER_STRATEGIES,  # DDP by the launch (its FORCE_TORCHRUN); FSDP and DeepSpeed as its arguments
 )

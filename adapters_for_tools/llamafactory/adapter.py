@@ -62,6 +62,9 @@ def run(ctx) -> None:
         switches.require_liger("llamafactory")
     path = ctx.save_native_config("llamafactory.yaml", yaml.safe_dump(args, sort_keys=False))
     ctx.extra["rerun"] = rerun_command(f"llamafactory.cli train {path}")
+    if sc.hardware.strategy is not None:  # LLaMA-Factory's own multi-GPU command: torchrun of its launcher.py
+        ctx.extra["rerun"] = (f"FORCE_TORCHRUN=1 NPROC_PER_NODE={sc.hardware.gpus} "
+                              + rerun_command(f"llamafactory.cli train {path}"))
 
     from llamafactory.train.tuner import run_exp
 

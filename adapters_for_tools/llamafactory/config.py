@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from adapters_for_tools import distributed
 from adapters_for_tools.contract import trainer_args
 
 DATASET_NAME = "tunebench"
@@ -71,6 +72,9 @@ def native_config(sc, work_dir: Path, checkpoint: str, dataset_dir: Path, liger:
         "save_strategy": "no",
         "report_to": "none",
         "plot_loss": False,
+        # DDP / FSDP / ZeRO-3 as TrainingArguments, which LLaMA-Factory passes on (adapters_for_tools/distributed.py);
+        # with a sharded 4-bit base it stores the 4-bit weights in the compute dtype and sets no device map itself
+        **distributed.trainer_args(sc, work_dir),
     }
     if m.is_peft:
         cfg.update({"lora_rank": m.lora_r, "lora_alpha": m.lora_alpha, "lora_dropout": m.lora_dropout,

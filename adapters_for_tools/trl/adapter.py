@@ -1,4 +1,5 @@
-"""trl adapter: the scenario as TRL's SFT script configuration, run in-process with the common hook.
+"""trl adapter: the scenario as TRL's SFT script configuration, run in-process with the common hook (the other
+objectives: :mod:`adapters_for_tools.trl.objectives`).
 
 Flow: :func:`adapters_for_tools.trl.config.native_config` -> ``trl_sft.yaml`` (saved; rerun with TRL alone:
 ``python -m trl.scripts.sft --config trl_sft.yaml``) -> parsed back with TRL's own ``TrlParser`` into
@@ -18,9 +19,10 @@ import time
 
 import yaml
 
-from adapters_for_tools import switches
+from adapters_for_tools import distributed, switches
 from adapters_for_tools.contract import rerun_command
 from adapters_for_tools.trl import config as trl_config
+from adapters_for_tools.trl import objectives
 from harness.inputs.data import read_jsonl, write_jsonl
 
 
@@ -38,6 +40,12 @@ def run(ctx) -> None:
     )
 
     sc = ctx.scenario
+    if not sc.objective.is_sft:  # dpo, orpo, kto, grpo: TRL's other trainers (objectives.py)
+        objectives.run(ctx)
+        return
+    if ctx.options.objective_config:
+        raise ValueError("the trl override objective_config applies to objectives dpo, orpo, kto and grpo; give an "
+                         "sft row's entries in sft")
     meta = json.loads(ctx.dataset_path.with_suffix(".meta.json").read_text())
     fmt = meta["format"]
     data_file = ctx.dataset_path
@@ -68,8 +76,10 @@ def run(ctx) -> None:
     args.model_init_kwargs = {"dtype": model_args.dtype, "attn_implementation": model_args.attn_implementation,
                               **(args.model_init_kwargs or {})}
     quant = get_quantization_config(model_args)
-    if quant is not None:
-        args.model_init_kwargs["device_map"] = {"": 0}
+    if quant is not None and not distributed.sharded_4bit(sc):  # FSDP / ZeRO-3 place the 4-bit shards themselves
+        import torch  # heavy: the worker's environment only
+
+        args.model_init_kwargs["device_map"] = {"": torch.cuda.current_device()}  # this rank's GPU (LOCAL_RANK)
     dataset = get_dataset(dataset_args)
     t0 = time.time()
     trainer = SFTTrainer(model=model_args.model_name_or_path, args=args,
@@ -84,6 +94,7 @@ def run(ctx) -> None:
     switches.settle(ctx)
     ctx.output_dir.mkdir(parents=True, exist_ok=True)
     trainer.save_model(str(ctx.output_dir))
-    trainer.processing_class.save_pretrained(str(ctx.output_dir))
+    if args.should_save:  # rank 0 (the only process of a one-GPU run)
+        trainer.processing_class.save_pretrained(str(ctx.output_dir))
     ctx.extra["saved"] = "peft adapter" if sc.method.is_peft else "hf checkpoint"
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from adapters_for_tools import distributed
 from adapters_for_tools.contract import trainer_args
 from adapters_for_tools.prompt_completion import split_rows
 
@@ -36,34 +37,10 @@ def native_config(sc, work_dir: Path, checkpoint: str, data_file: Path, fmt: str
     Returns:
         A flat mapping of TRL CLI arguments (JSON/YAML-serialisable).
     """
-    mixed = sc.model.dtype in ("bfloat16", "float16")
-    m = sc.method
     cfg: dict[str, Any] = {
-        # ModelConfig
-        "model_name_or_path": str(checkpoint),
-        "dtype": sc.model.dtype,
-        "attn_implementation": sc.model.attn_implementation,
-        "use_peft": m.is_peft,
-        # DatasetMixtureConfig: the local JSONL, read as one "train" split, in file order
-        "datasets": [{"path": "json", "data_files": str(data_file), "split": "train"}],
-        "dataset_train_split": "train",
-        # SFTConfig (TrainingArguments)
-        "output_dir": str(Path(work_dir) / "trainer"),
-        **trainer_args(sc),
-        "gradient_checkpointing": sc.train.gradient_checkpointing,
-        "gradient_checkpointing_kwargs": {"use_reentrant": False} if sc.train.gradient_checkpointing else None,
-        "bf16": mixed and sc.model.dtype == "bfloat16",
-        "fp16": sc.model.dtype == "float16",
-        "logging_steps": 1,
-        "save_strategy": "no",
-        "report_to": "none",
-        "seed": sc.train.seed,
-        "data_seed": sc.train.seed,
-        "dataloader_num_workers": 0,
+        **script_args(sc, work_dir, checkpoint, data_file),
         "train_sampling_strategy": "sequential",  # same order as every other framework (no shuffling)
         "shuffle_dataset": False,
-        "use_cpu": sc.hardware.device == "cpu",
-        "disable_tqdm": True,
         # SFT specifics
         "max_length": sc.data.seq_len,
         "truncation_mode": "keep_start",
@@ -79,14 +56,55 @@ def native_config(sc, work_dir: Path, checkpoint: str, data_file: Path, fmt: str
         cfg["packing_strategy"] = "bfd"
     if fmt != "text":
         cfg["completion_only_loss"] = not sc.data.prompt_loss
+    return cfg | method_args(sc)
+
+
+def script_args(sc, work_dir: Path, checkpoint: str, data_file: Path) -> dict[str, Any]:  # noqa: ANN001
+    """The arguments every TRL script gets alike (SFT here, DPO / ORPO / KTO / GRPO in ``rl_config``): the model,
+    the local JSONL as one "train" split, the scenario's optimisation settings, precision, checkpointing, seed,
+    logging every step, no saving or reporting."""
+    mixed = sc.model.dtype in ("bfloat16", "float16")
+    return {
+        # ModelConfig
+        "model_name_or_path": str(checkpoint),
+        "dtype": sc.model.dtype,
+        "attn_implementation": sc.model.attn_implementation,
+        "use_peft": sc.method.is_peft,
+        # DatasetMixtureConfig: the local JSONL, read as one "train" split, in file order
+        "datasets": [{"path": "json", "data_files": str(data_file), "split": "train"}],
+        "dataset_train_split": "train",
+        # the trainer's config (TrainingArguments)
+        "output_dir": str(Path(work_dir) / "trainer"),
+        **trainer_args(sc),
+        "gradient_checkpointing": sc.train.gradient_checkpointing,
+        "gradient_checkpointing_kwargs": {"use_reentrant": False} if sc.train.gradient_checkpointing else None,
+        "bf16": mixed and sc.model.dtype == "bfloat16",
+        "fp16": sc.model.dtype == "float16",
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        "seed": sc.train.seed,
+        "data_seed": sc.train.seed,
+        "dataloader_num_workers": 0,
+        "use_cpu": sc.hardware.device == "cpu",
+        "disable_tqdm": True,
+        **distributed.trainer_args(sc, work_dir),  # DDP / FSDP / ZeRO-3 (adapters_for_tools/distributed.py)
+    }
+
+
+def method_args(sc) -> dict[str, Any]:  # noqa: ANN001
+    """ModelConfig's PEFT and 4-bit arguments for the scenario's method (empty for full fine-tuning)."""
+    m, out = sc.method, {}
     if m.is_peft:
-        cfg.update({"lora_r": m.lora_r, "lora_alpha": m.lora_alpha, "lora_dropout": m.lora_dropout,
+        out.update({"lora_r": m.lora_r, "lora_alpha": m.lora_alpha, "lora_dropout": m.lora_dropout,
                     "lora_target_modules": m.resolved_targets(), "use_dora": m.kind == "dora",
                     "lora_task_type": "CAUSAL_LM"})
     if m.kind == "qlora":
-        cfg.update({"load_in_4bit": True, "bnb_4bit_quant_type": m.quant.quant_type,
+        out.update({"load_in_4bit": True, "bnb_4bit_quant_type": m.quant.quant_type,
                     "use_bnb_nested_quant": m.quant.double_quant})
-    return cfg
+        if distributed.sharded_4bit(sc):  # TRL computes 4-bit layers in the model dtype: stored in it to shard
+            out["bnb_4bit_quant_storage"] = sc.model.dtype
+    return out
 
 
 def cannot_honour(sc) -> list[tuple[str, str]]:

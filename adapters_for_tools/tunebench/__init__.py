@@ -6,13 +6,16 @@ what each costs and saves); the run records them in its ``extra["trainer"]``.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from adapters_for_tools.contract import AdapterInfo, Overrides
 
-REFERENCE_OPS = Literal["rms_norm", "rope", "swiglu", "fused_linear_cross_entropy"]
+REFERENCE_OPS = Literal["rms_norm", "rope", "swiglu", "fused_linear_cross_entropy", "fused_linear_logprobs"]
+# what `plan` chooses (kernels/trainer/plan.py, Plan)
+PLANNED = frozenset({"recompute_layers", "offload_checkpoints", "offload_weights", "offload_embeddings",
+                     "offload_lm_head", "cuda_graph"})
 
 
 class TunebenchOverrides(Overrides):
@@ -33,6 +36,19 @@ class TunebenchOverrides(Overrides):
     cuda_graph: bool = False  # the whole optimizer step captured as one CUDA graph and replayed
     varlen_attention: bool = True  # false: packed rows through a block mask instead of flash varlen
     expandable_segments: bool = True  # false: leave the CUDA allocator in its default mode
+    # dpo/orpo: a micro-batch's chosen and rejected sequences as one packed row, one row with each prompt computed
+    # once for both of its completions, or TRL's right-padded rows (kernels/trainer/preference.py)
+    pair_layout: Literal["packed", "shared_prompt", "padded"] = "packed"
+    # plan to a memory budget: the trainer sets the PLANNED knobs itself, fastest predicted within the budget.
+    # auto: hardware.memory_budget_gib when the scenario has one, else the GPU's free memory; a number: GiB
+    plan: Literal["auto"] | Annotated[float, Field(gt=0)] | None = None
+
+    @model_validator(mode="after")
+    def _plan_sets_the_knobs(self) -> TunebenchOverrides:
+        both = sorted(PLANNED & self.model_fields_set) if self.plan is not None else []
+        if both:
+            raise ValueError(f"plan chooses {', '.join(both)} itself: leave {'it' if len(both) == 1 else 'them'} out")
+        return self
 
     @field_validator("recompute_layers")
     @classmethod
@@ -47,8 +63,13 @@ INFO = AdapterInfo(
     name="tunebench",
     description="tunebench's Triton-fused trainer (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy, LoRA, NF4)",
     env="base",
+    families=frozenset({"llama", "mistral", "qwen2"}),  # the model types kernels/trainer/config.py reads
     requires=("torch", "triton", "safetensors", "transformers"),
     version_of="tunebench",
     notes="On CPU the ops run their PyTorch references (TRITON_INTERPRET=1 runs the Triton interpreter instead).",
     overrides=TunebenchOverrides,
+    # kernels/trainer/distributed.py: DDP of the adapters; FSDP2 of every weight, a 4-bit base included
+    strategies={"ddp": frozenset({"lora", "dora", "qlora"}), "fsdp": frozenset({"full", "lora", "qlora"})},
+    objectives=frozenset({"sft", "dpo", "orpo"}),  # kernels/trainer/preference.py: TRL's DPO and ORPO losses
+    objectives_note="kto and grpo are not built in tunebench's trainer",
 )

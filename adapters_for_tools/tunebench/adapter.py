@@ -13,6 +13,18 @@ Devices: on CUDA the ops launch their Triton kernels (bf16); on CPU without ``TR
 its PyTorch reference (same maths; the fused cross-entropy then materialises the logits), which is how the CPU
 scenarios and CI exercise this adapter.
 
+Objectives (``objective.kind``): sft as above; dpo and orpo read the sweep's prompt/chosen/rejected rows,
+tokenised as TRL tokenises them for that objective (:mod:`adapters_for_tools.tunebench.pairs`), and train through
+:func:`kernels.trainer.preference.train_preference` (TRL 1.16's losses; DPO's reference is the model with its
+adapters switched off). The ``pair_layout`` knob says how a micro-batch's sequences enter the model; the run stores
+the training batches' reward statistics (``extra["train_rewards"]``) and, for DPO, the reference pass's forwards
+(``extra["reference_pass"]``) under the trl adapter's keys. Preference runs are one process, with the knobs given.
+
+Several GPUs (``hardware.strategy``): every rank loads the model whole, then :class:`kernels.trainer.distributed.
+DataParallel` makes it one rank of the run (``ddp``: the adapters' gradients all-reduced; ``fsdp``: FSDP2 shards
+of every weight, a 4-bit base included), gives each rank its micro-batches of the global batch, and the save
+gathers the shards to rank 0, which alone writes.
+
 Effective settings are read back from the live model and optimizer at the first step
 (``DecoderModel.effective_settings`` + ``harness.measuring.effective.read_back_optimizer``). Trainer knobs come from
 ``overrides`` (see the package docstring) and are recorded in ``extra["trainer"]``.
@@ -20,18 +32,23 @@ Effective settings are read back from the live model and optimizer at the first 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 
 import torch
 
 from adapters_for_tools.tunebench import TunebenchOverrides
-from harness.inputs.data import load_tokenised
+from adapters_for_tools.tunebench.pairs import dpo_pairs, orpo_pairs
+from harness.inputs.data import load_tokenised, read_jsonl
 from harness.measuring.effective import read_back_optimizer
 from kernels.ops._utils import interpret_mode
 from kernels.trainer.attention import VARLEN
-from kernels.trainer.config import MethodOptions, TrainerConfig, TrainSettings
+from kernels.trainer.config import DecoderConfig, MethodOptions, ObjectiveOptions, TrainerConfig, TrainSettings
+from kernels.trainer.distributed import DataParallel
 from kernels.trainer.loading import load_model
+from kernels.trainer.planner import Planner
+from kernels.trainer.preference import effective_objective, train_preference
 from kernels.trainer.save import save_trained
 from kernels.trainer.train import train
 
@@ -64,7 +81,16 @@ def method_options(sc, overrides: dict):  # noqa: ANN001, ANN201
         cuda_graph=o.cuda_graph,
         varlen_attention=o.varlen_attention,
         expandable_segments=o.expandable_segments,
+        plan=o.plan,  # trainer_config resolves it against the scenario's memory budget
     )
+
+
+def plan_budget(plan: float | str | None, scenario_gib: float | None) -> float | str | None:
+    """The budget the trainer plans to: ``auto`` is the scenario's memory budget when it has one (else the GPU's
+    free memory, the trainer's ``auto``); a number is capped at the scenario's budget."""
+    if plan is None or scenario_gib is None:
+        return plan
+    return scenario_gib if plan == "auto" else min(float(plan), scenario_gib)
 
 
 def train_settings(sc, pad_id: int):  # noqa: ANN001, ANN201
@@ -75,12 +101,33 @@ def train_settings(sc, pad_id: int):  # noqa: ANN001, ANN201
                          max_grad_norm=t.max_grad_norm, pad_id=pad_id)
 
 
+def objective_options(sc, overrides: dict):  # noqa: ANN001, ANN201
+    """The scenario's ``objective`` (sft, dpo, orpo) and the ``pair_layout`` knob as :class:`ObjectiveOptions`."""
+    ob = sc.objective
+    if ob.is_sft:
+        return ObjectiveOptions()
+    return ObjectiveOptions(kind=ob.kind, beta=ob.beta, loss_type=ob.loss_type or "sigmoid",
+                            pair_layout=TunebenchOverrides.model_validate(overrides).pair_layout)
+
+
+def preference_pairs(sc, dataset_path, tok):  # noqa: ANN001, ANN201
+    """The sweep's prompt/chosen/rejected rows as token-id pairs, tokenised and cut at ``data.seq_len`` as TRL
+    does for the objective (:mod:`adapters_for_tools.tunebench.pairs`)."""
+    rows = read_jsonl(dataset_path)
+    pairs = (dpo_pairs if sc.objective.kind == "dpo" else orpo_pairs)(rows, tok, sc.data.seq_len)
+    if not pairs:
+        raise ValueError(f"{dataset_path}: no pair leaves a completion token within seq_len {sc.data.seq_len}")
+    return pairs
+
+
 def trainer_config(sc, overrides: dict, pad_id: int):  # noqa: ANN001, ANN201
-    """The whole :class:`TrainerConfig` of a scenario: method and knobs, loop, precision and device."""
+    """The whole :class:`TrainerConfig` of a scenario: method and knobs, loop, objective, precision and device."""
     device = torch.device("cuda" if sc.hardware.device == "cuda" else "cpu")
     dtype = getattr(torch, sc.method.quant.compute_dtype if sc.method.kind == "qlora" else sc.model.dtype)
-    return TrainerConfig(method=method_options(sc, overrides), train=train_settings(sc, pad_id), dtype=dtype,
-                         device=device)
+    method = method_options(sc, overrides)
+    method.plan = plan_budget(method.plan, sc.hardware.memory_budget_gib)
+    return TrainerConfig(method=method, train=train_settings(sc, pad_id), dtype=dtype, device=device,
+                         objective=objective_options(sc, overrides))
 
 
 def ops_in_use(device: str, reference_ops: tuple[str, ...] = (), dtype: str = "bfloat16",
@@ -89,7 +136,8 @@ def ops_in_use(device: str, reference_ops: tuple[str, ...] = (), dtype: str = "b
     the knob of that name), and which attention packed rows get."""
 
     kern = "triton" if device == "cuda" else ("triton-interpreter" if interpret_mode() else "torch-reference")
-    ops = ("rms_norm", "rope", "swiglu", "fused_linear_cross_entropy", "lora_linear", "nf4_dequantize")
+    ops = ("rms_norm", "rope", "swiglu", "fused_linear_cross_entropy", "fused_linear_logprobs", "lora_linear",
+           "nf4_dequantize")
     # lora_linear is cuBLAS GEMMs with a hand-written backward (no Triton kernel of its own); DoRA is plain torch
     flash = varlen and VARLEN is not None and device == "cuda" and dtype in ("bfloat16", "float16")
     return {op: ("torch-reference" if op in reference_ops else kern) for op in ops} | {
@@ -106,30 +154,89 @@ def run(ctx) -> None:  # noqa: ANN001
     tok = AutoTokenizer.from_pretrained(ctx.checkpoint)
     cfg = trainer_config(sc, ctx.overrides, tok.pad_token_id)
     options, device, dtype = cfg.method, cfg.device, cfg.dtype
+    if options.plan is not None and sc.hardware.strategy:
+        raise ValueError(f"plan: not with hardware.strategy {sc.hardware.strategy} (what it plans, host offload and "
+                         "CUDA graphs, runs in one process)")
+    # the plan is made before loading, so what it puts in host memory never touches the device
+    planner = (Planner.start(cfg, DecoderConfig.from_checkpoint(ctx.checkpoint), sc.data.seq_len, sc.data.packing)
+               if options.plan is not None else None)
     model = load_model(ctx.checkpoint, options, dtype=dtype, device=device)
+    # one rank of several (hardware.strategy): DDP of the adapters or FSDP2 shards, loaded whole first
+    dp = DataParallel(sc.hardware.strategy) if sc.hardware.strategy else None
+    if dp is not None:
+        model = dp.prepare(model)
     ctx.load_s = time.time() - t0
-    rows = load_tokenised(sc, ctx.dataset_path, tok).rows
+    objective = cfg.objective
+    if objective.is_preference and (dp is not None or planner is not None):
+        raise ValueError(f"{objective.kind}: tunebench trains preference objectives in one process, with the "
+                         "knobs as given (not with hardware.strategy or plan)")
+    rows = (preference_pairs(sc, ctx.dataset_path, tok) if objective.is_preference
+            else load_tokenised(sc, ctx.dataset_path, tok).rows)
     ops = ops_in_use(device.type, options.reference_ops, str(dtype).removeprefix("torch."), options.varlen_attention)
     trainer_cfg = cfg.to_dict() | {"ops": ops}  # after loading: options.allocator says what the load did
     ctx.save_native_config("tunebench_trainer.json", json.dumps(trainer_cfg, indent=1, default=str))
-    ctx.extra["trainer"] = {"overrides": dict(ctx.overrides), "ops": trainer_cfg["ops"],
-                            "streamed_layers": model.streamer.layer_ids if model.streamer else [],
-                            "recomputed_layers": (sorted(model.checkpointed_layers)
-                                                  if model.checkpointed_layers is not None
-                                                  else "all" if options.gradient_checkpointing else []),
-                            "host_weight_gib": _host_bytes(model) / 2**30, "allocator": options.allocator}
+    ctx.extra["trainer"] = {"overrides": dict(ctx.overrides), "ops": trainer_cfg["ops"], **_layout(model, options),
+                            "allocator": options.allocator}
+    if planner is not None:
+        planner.attach(model)
+        ctx.extra["trainer"]["plan"] = planner.record  # updated in place by a re-plan
 
     def on_first_step(opt) -> None:  # noqa: ANN001
-        ctx.set_effective(**model.effective_settings(), **read_back_optimizer(opt))
+        ctx.set_effective(**model.effective_settings(), **read_back_optimizer(opt), **(dp.effective() if dp else {}),
+                          **(effective_objective(objective) if objective.is_preference else {}))
+
+    def save(d) -> str | None:  # noqa: ANN001
+        # several ranks: every one takes part in gathering the shards, rank 0 writes
+        with dp.whole_parameters(model) if dp else contextlib.nullcontext():
+            return save_trained(model, d, ctx.checkpoint) if dp is None or dp.rank == 0 else None
 
     def save_due(step: int) -> None:  # intermediate outputs for time-to-target (eval.every_steps)
-        ctx.save_intermediate(model, step, save=lambda d: save_trained(model, d, ctx.checkpoint))
+        ctx.save_intermediate(model, step, save=save)
 
-    train(model, rows, cfg.train, meter=ctx.meter, device=device, on_first_step=on_first_step,
-          on_step_end=save_due)
+    def step_done(step: int) -> None:  # outside the timed step
+        timed = getattr(ctx.meter, "steps", None)  # the meter's own step time leaves intermediate saves out
+        if planner is not None and planner.after_step(step, timed[-1]["step_s"] if timed else None):
+            ctx.extra["trainer"].update(_layout(model, options))  # the layers the new plan streams and recomputes
+        save_due(step)
+
+    if objective.is_preference:
+        # per step, under TRL's names: rewards/chosen, rewards/accuracies, rewards/margins, logps/*, ...
+        history = train_preference(model, rows, cfg.train, objective, meter=ctx.meter, device=device,
+                                   on_first_step=on_first_step, on_step_end=step_done)
+        # pairs per micro-batch, the scenario's unit (the meter sees two sequences per pair)
+        ctx.set_effective(micro_batch=max(h["pairs"] for h in history))
+        ctx.extra.update(preference_extra(history, ctx.meter.steps, objective))
+    else:
+        train(model, rows, cfg.train, meter=ctx.meter, device=device, on_first_step=on_first_step,
+              on_step_end=step_done, dist=dp)
     ctx.output_dir.mkdir(parents=True, exist_ok=True)
-    ctx.extra["saved"] = save_trained(model, ctx.output_dir, ctx.checkpoint)
-    tok.save_pretrained(ctx.output_dir)
+    ctx.extra["saved"] = save(ctx.output_dir)
+    if dp is None or dp.rank == 0:
+        tok.save_pretrained(ctx.output_dir)
+
+
+def preference_extra(history: list[dict], steps: list[dict], objective: ObjectiveOptions) -> dict:
+    """What a preference run stores beside the common metrics, under the trl adapter's keys: the training batches'
+    reward statistics per step (``train_rewards``) and, for DPO, the reference pass's forwards (no gradient, not in
+    tokens/s: one per micro-batch over the same sequences, counted as the meter counts them)."""
+    names = {"accuracy": "rewards/accuracies", "margin": "rewards/margins", "chosen": "rewards/chosen",
+             "rejected": "rewards/rejected"}
+    out: dict = {"train_rewards": [{"step": i, **{k: h[v] for k, v in names.items()}}
+                                   for i, h in enumerate(history, 1)]}
+    if objective.kind == "dpo" and steps:
+        out["reference_pass"] = {"what": "forwards without gradient (reference log-probs, adapters disabled): not "
+                                         "in tokens/s",
+                                 "tokens_per_step_mean": sum(s["tokens"] for s in steps) / len(steps),
+                                 "tokens_before_training": 0, "forwards": sum(s["micro_batches"] for s in steps)}
+    return out
+
+
+def _layout(model, options: MethodOptions) -> dict:  # noqa: ANN001
+    """Which layers stream and recompute, and the weight bytes in host memory, read from the live model."""
+    return {"streamed_layers": model.streamer.layer_ids if model.streamer else [],
+            "recomputed_layers": (sorted(model.checkpointed_layers) if model.checkpointed_layers is not None
+                                  else "all" if options.gradient_checkpointing else []),
+            "host_weight_gib": _host_bytes(model) / 2**30}
 
 
 def _host_bytes(model) -> int:  # noqa: ANN001

@@ -29,4 +29,5 @@ INFO = AdapterInfo(
     notes="Imported before transformers/TRL/PEFT (it patches them). Gradient checkpointing: Unsloth's own "
           "('unsloth', offloads activations). Compiles decoder blocks during the first steps: warm up longer.",
     overrides=UnslothOverrides,
+    strategies_note="Unsloth's open-source version trains on one GPU only",
 )

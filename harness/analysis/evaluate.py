@@ -52,11 +52,11 @@ import math
 import os
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
 from adapters_for_tools.contract import INTERMEDIATE_DIRNAME
+from harness.analysis.entry import spec_main
 from harness.inputs.tasks.local import LOCAL_TASK_DIR, local_task_names
 from harness.running.runner import work_root
 from harness.spec.scenario import scenario_from_dict
@@ -225,21 +225,9 @@ def evaluate_spec(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: evaluate, and always leave an ``eval_result.json`` (an error is a result too)."""
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python -m harness.analysis.evaluate EVAL_SPEC.json", file=sys.stderr)
-        return 2
+    """Entry point: evaluate, and always leave a ``eval_result.json`` (an error is a result too)."""
     _offline()
-    spec = json.loads(Path(argv[0]).read_text())
-    out = Path(spec["work_dir"]) / "eval_result.json"
-    try:
-        result = evaluate_spec(spec)
-    except Exception as e:  # recorded in the run's result; the sweep goes on
-        result = {"status": "error", "error": f"{type(e).__name__}: {e}"[:2000],
-                  "traceback": traceback.format_exc()[-6000:]}
-    atomic_write_text(out, json.dumps(result, indent=1))
-    return 0 if result["status"] == "ok" else 1
+    return spec_main(argv, "harness.analysis.evaluate", "eval_result.json", evaluate_spec)
 
 
 if __name__ == "__main__":

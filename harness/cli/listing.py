@@ -20,12 +20,14 @@ def main(argv: list[str] | None = None) -> int:
         cuda_note = "" if why else ("" if "cpu" in info.devices else " (CUDA only)")
         state = f"unavailable: {why}" if why else "available" + cuda_note
         print(f"  {name:13s} {state}")
-        print(f"  {'':13s} {info.description}; methods {', '.join(sorted(info.methods))}; env {info.env}")
+        print(f"  {'':13s} {info.description}; methods {', '.join(sorted(info.methods))}; objectives "
+              f"{', '.join(sorted(info.objectives))}; env {info.env}")
     print("scenarios:")
     for p in sorted((REPO_ROOT / "scenarios").glob("*.yaml")):
         try:
             sc = load_scenario(p)
-            print(f"  {p.relative_to(REPO_ROOT)}: {sc.model.preset or sc.model.weights} {sc.method.kind} "
+            objective = "" if sc.objective.is_sft else f" {sc.objective.kind}"
+            print(f"  {p.relative_to(REPO_ROOT)}: {sc.model.preset or sc.model.weights} {sc.method.kind}{objective} "
                   f"on {sc.hardware.device}, frameworks {', '.join(sc.framework_names())}")
         except ScenarioError as e:
             print(f"  {p.relative_to(REPO_ROOT)}: INVALID: {e.problems[0]}")

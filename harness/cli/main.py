@@ -12,6 +12,7 @@ Examples::
     python -m harness env list|check|create|pack|install ...  # per-framework environments
     python -m harness selfcheck SCENARIO --against results/<run-id>  # harness vs hand-written loops
     python -m harness frontier SCENARIO --vary seq_len --budgets 8,16,24  # longest context per memory budget
+    python -m harness matrix --device cpu --frameworks hf,trl        # which framework trains which family
     python -m harness nightly scenarios/suites/nightly_cpu.yaml  # nightly gate against the recent past
     python -m harness history rebuild | --scenario S --csv F    # the run history database
 
@@ -24,7 +25,20 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from harness.cli import calibrate, compare, env, frontier, history, listing, nightly, report, run, selfcheck, validate
+from harness.cli import (
+    calibrate,
+    compare,
+    env,
+    frontier,
+    history,
+    listing,
+    matrix,
+    nightly,
+    report,
+    run,
+    selfcheck,
+    validate,
+)
 
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "run": (run.main, "run a scenario through its frameworks"),
@@ -38,6 +52,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "frontier": (frontier.main, "per framework and memory budget, the longest seq_len / biggest micro-batch"),
     "nightly": (nightly.main, "run a suite, add it to the history, gate tonight against the recent nights"),
     "history": (history.main, "list/filter/export the run history database, or rebuild it from the run files"),
+    "matrix": (matrix.main, "each model family's tiny model through every framework x method: ok or the tool's error"),
 }
 
 

@@ -16,6 +16,7 @@ Examples::
 
     python -m harness nightly scenarios/suites/nightly_cpu.yaml
     python -m harness nightly SUITE.yaml --tonight results/tiny_cpu-20261203-020000   # judge stored sweeps only
+    python -m harness nightly SUITE.yaml --cluster slurm --partition gpu   # each run a Slurm job (submitit)
 """
 
 from __future__ import annotations
@@ -25,11 +26,13 @@ import sys
 from pathlib import Path
 
 from harness.analysis.trend import exit_code, judge
+from harness.cli import cluster_options
 from harness.cli.guard import EXIT_BAD_INPUT, guarded
 from harness.cli.run import run_and_report
 from harness.cli.validate import load_or_report
 from harness.common.paths import REPO_ROOT
 from harness.reporting.trend import verdict_markdown, write_trend
+from harness.running.cluster import ClusterLauncher
 from harness.spec.suite import Suite, SuiteError, load_suite
 from harness.storing import history
 from harness.storing.sweep import NotAResultsDir
@@ -46,10 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tonight", type=Path, nargs="+", metavar="SWEEP_DIR",
                     help="judge these stored sweeps as tonight instead of running the suite")
     ap.add_argument("--quiet", action="store_true")
+    cluster_options.add_arguments(ap)
     return ap
 
 
-def _run_suite(suite: Suite, args) -> list[Path] | int:
+def _run_suite(suite: Suite, args, launcher: ClusterLauncher | None) -> list[Path] | int:
     """Run every scenario of the suite; the sweep directories, or an exit code when it cannot start."""
     scenarios = []
     for path in suite.scenario_paths():
@@ -64,7 +68,8 @@ def _run_suite(suite: Suite, args) -> list[Path] | int:
         if suite.repeats is not None:
             sc.measure.repeats = suite.repeats
         scenarios.append((sc, only))
-    return [run_and_report(sc, args.results, args.reports, quiet=args.quiet, only=only) for sc, only in scenarios]
+    return [run_and_report(sc, args.results, args.reports, quiet=args.quiet, only=only, launcher=launcher)
+            for sc, only in scenarios]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,10 +80,15 @@ def main(argv: list[str] | None = None) -> int:
     except SuiteError as e:
         print("\n".join(e.problems), file=sys.stderr)
         return EXIT_BAD_INPUT
+    try:
+        launcher = cluster_options.launcher_from(args, suite.cluster)
+    except cluster_options.ClusterOptionsError as e:
+        print(f"{args.suite}: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     db = args.db or history.default_db(args.results)
 
     def body() -> int:
-        sweeps = args.tonight if args.tonight else _run_suite(suite, args)
+        sweeps = args.tonight if args.tonight else _run_suite(suite, args, launcher)
         if isinstance(sweeps, int):
             return sweeps
         for d in sweeps:

@@ -9,6 +9,8 @@ Examples::
     python -m harness run scenarios/tiny_cpu.yaml
     python -m harness run scenarios/llama8b_lora.yaml --only hf tunebench --repeats 3
     python -m harness run scenarios/llama8b_lora.yaml --retry-failed
+    python -m harness run scenarios/llama8b_lora_ddp.yaml --gpus 4   # the 2-GPU scenario on 4 GPUs
+    python -m harness run scenarios/llama8b_lora.yaml --cluster slurm --partition gpu   # each run a Slurm job
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.analysis import runs_table
+from harness.cli import cluster_options
 from harness.cli.guard import EXIT_BAD_INPUT, guarded
 from harness.cli.validate import load_or_report
 from harness.common.paths import REPO_ROOT
@@ -43,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--repeats", type=int, help="override measure.repeats")
     r.add_argument("--memory-budget-gib", type=float, metavar="GIB",
                    help="set hardware.memory_budget_gib: every run capped to this much GPU memory")
+    r.add_argument("--gpus", type=int, metavar="N",
+                   help="set hardware.gpus: N GPUs with the scenario's strategy, or 1 for the same settings on one "
+                        "GPU (the reference of the report's scaling table)")
     r.add_argument("--allow-contention", action="store_true",
                    help="run even while another sweep runs on this machine (exit 3 otherwise); every row of this "
                         "sweep is then marked invalid: measured under contention")
@@ -52,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "runs/attempts/ and listed in the new row")
     r.add_argument("--no-report", action="store_true")
     r.add_argument("--quiet", action="store_true")
+    cluster_options.add_arguments(r)
     return r
 
 
@@ -67,6 +74,12 @@ def main(argv: list[str] | None = None) -> int:
         except ScenarioError as e:
             print(f"--memory-budget-gib: {e}", file=sys.stderr)
             return EXIT_BAD_INPUT
+    if args.gpus is not None:
+        try:  # one GPU drops the strategy: a one-GPU run of the same settings
+            sc = derive(sc, hardware={"gpus": args.gpus} | ({"strategy": None} if args.gpus == 1 else {}))
+        except ScenarioError as e:
+            print(f"--gpus: {e}", file=sys.stderr)
+            return EXIT_BAD_INPUT
     if not args.quiet:
         for note in sc.notes:
             print(f"{args.scenario}: {note}")
@@ -81,11 +94,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.scenario}: --repeats {args.repeats}: must be between 1 and 1000", file=sys.stderr)
             return EXIT_BAD_INPUT
         sc.measure.repeats = args.repeats
+    try:
+        launcher = cluster_options.launcher_from(args)
+    except cluster_options.ClusterOptionsError as e:
+        print(f"{args.scenario}: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
 
     def body() -> int:
         run_and_report(sc, Path(args.results), None if args.no_report else Path(args.reports), new=args.new,
                        quiet=args.quiet, only=args.only, resume_only=args.resume, retry_failed=args.retry_failed,
-                       allow_contention=args.allow_contention)
+                       allow_contention=args.allow_contention, launcher=launcher)
         return 0
 
     return guarded(args.scenario, "runs", body)

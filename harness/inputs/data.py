@@ -23,8 +23,9 @@ ALPACA_PROMPT_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
 
 
 def samples_needed(sc) -> int:
-    """How many samples the training steps consume (before packing)."""
-    return sc.train.steps * sc.train.micro_batch * sc.train.grad_accum
+    """How many samples the training steps consume (before packing): of every process of a multi-GPU run."""
+    processes = sc.hardware.gpus if sc.hardware.strategy else 1  # each reads micro_batch rows per micro-batch
+    return sc.train.steps * sc.train.micro_batch * sc.train.grad_accum * processes
 
 
 def synthetic_examples(sc) -> list[dict[str, str]]:

@@ -23,6 +23,11 @@ seq_len                    widest row seen
 optimizer                  normalised optimizer name
 lr                         learning rate the optimizer started with
 memory_budget_gib          the memory budget the worker applied (harness.measuring.memcap); only with a budget
+world_size / strategy      processes of a multi-GPU run and how the tool spread it (ddp, fsdp, zero3), read back on
+                           every rank (harness.running.ranks); only with hardware.strategy
+objective, beta, ...       a preference / RL objective's settings from the live trainer (``objective`` the kind,
+                           ``reference`` resolved: copy | adapter_disabled | precomputed | none; the keys of
+                           ``harness.spec.objective.ObjectiveSpec.expected``); only for an objective other than sft
 =========================  =========================================================================
 """
 
@@ -59,6 +64,10 @@ def expected(sc) -> dict[str, Any]:
         exp["seq_len_max"] = sc.data.seq_len
     if sc.hardware.memory_budget_gib is not None:
         exp["memory_budget_gib"] = sc.hardware.memory_budget_gib
+    if sc.hardware.strategy is not None:
+        exp["world_size"] = sc.hardware.gpus
+        exp["strategy"] = sc.hardware.strategy
+    exp.update(sc.objective.expected(sc.method.is_peft))  # preference / RL settings (none for sft)
     return exp
 
 

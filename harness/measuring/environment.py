@@ -35,6 +35,10 @@ def git_info() -> dict:
             return ""
 
     sha = git("rev-parse", "HEAD") or None
+    if sha is None and (exported := os.environ.get("TUNEBENCH_GIT_SHA")):
+        # a copy of the code without .git (`git archive` of one commit, as a GPU box receives it): the exporter
+        # names the commit, and an archive is that commit exactly
+        return {"git_sha": exported, "git_dirty": False}
     dirty = bool(git("status", "--porcelain", "--untracked-files=no")) if sha else None
     return {"git_sha": sha, "git_dirty": dirty}
 

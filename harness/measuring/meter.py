@@ -28,6 +28,7 @@ import resource
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +53,11 @@ class GpuMemorySampler:
     ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` (set by the runner) makes NVML's index agree with torch's.
     """
 
-    def __init__(self, device_index: int = 0, interval_s: float = 0.01, pid: int | None = None):
+    def __init__(self, device_index: int = 0, interval_s: float = 0.01, pid: int | None = None,
+                 ignore_pids: tuple[int, ...] = ()):
         self.interval_s = interval_s
         self.pid = pid or os.getpid()
+        self.ignore_pids = set(ignore_pids)  # the other ranks of a multi-GPU run: not someone else's load
         self.peak_process_bytes: int | None = None
         self.peak_device_bytes: int | None = None
         self.baseline_device_bytes: int | None = None
@@ -94,7 +97,7 @@ class GpuMemorySampler:
                 for p in getter(self._handle):
                     if p.pid == self.pid and p.usedGpuMemory is not None:
                         mine = (mine or 0) + p.usedGpuMemory
-                    elif p.pid != self.pid:  # another process shares the GPU while we measure
+                    elif p.pid != self.pid and p.pid not in self.ignore_pids:  # another process shares the GPU
                         self.foreign[p.pid] = max(self.foreign.get(p.pid, 0), p.usedGpuMemory or 0)
             except nv.NVMLError:
                 pass
@@ -146,10 +149,15 @@ class StepMeter:
         device: ``"cuda"`` or ``"cpu"``; on cuda the clock is read after a device synchronisation.
         progress_path: optional file updated after each step (live tokens/s for the runner's display).
         memory_interval_ms: NVML sampling period.
+        device_index: the GPU this process trains on (a multi-GPU run's ``LOCAL_RANK``): the one NVML samples.
+        barrier: called after the device synchronisation at both ends of a step (a multi-GPU run's barrier: the
+            step then ends when the slowest rank's does).
+        ignore_pids: the other ranks of a multi-GPU run, not reported as foreign processes on the GPU.
     """
 
     def __init__(self, warmup_steps: int, device: str = "cpu", progress_path: Path | None = None,
-                 memory_interval_ms: float = 10.0, total_steps: int | None = None):
+                 memory_interval_ms: float = 10.0, total_steps: int | None = None, device_index: int = 0,
+                 barrier: Callable[[], None] | None = None, ignore_pids: tuple[int, ...] = ()):
         self.warmup_steps = warmup_steps
         self.device = device
         self.total_steps = total_steps
@@ -159,7 +167,9 @@ class StepMeter:
                          "micro_batches": 0, "ctx_tokens_sq": 0}
         self._t0: float | None = None
         self._sync = None
-        self.memory = GpuMemorySampler(interval_s=memory_interval_ms / 1000.0) if device == "cuda" else None
+        self._barrier = barrier
+        self.memory = (GpuMemorySampler(device_index, memory_interval_ms / 1000.0, ignore_pids=ignore_pids)
+                       if device == "cuda" else None)
         self.started_at = time.time()
         self._first_step_at: float | None = None
         self.loss_by_step: dict[int, float] = {}
@@ -252,6 +262,8 @@ class StepMeter:
     def step_begin(self) -> None:
         if self._sync:
             self._sync()
+        if self._barrier:
+            self._barrier()
         if self._telemetry and len(self.steps) >= self.warmup_steps:
             self._telemetry.step_begin()  # energy over the measured steps only, read after the sync
         self._t0 = time.perf_counter()
@@ -261,6 +273,8 @@ class StepMeter:
     def step_end(self, loss: float | None = None) -> None:
         if self._sync:
             self._sync()
+        if self._barrier:
+            self._barrier()
         t1 = time.perf_counter()
         if self._t0 is None:
             raise RuntimeError("step_end() without step_begin()")

@@ -9,7 +9,8 @@ from harness.storing.schema import RunResult
 from harness.storing.sweep import Sweep
 
 UNTRAINED = "untrained model"
-PARITY_CELLS = {"ok": Cell("ok", "good"), "transient": Cell("transient", "warn"), "departs": Cell("DEPARTS", "bad")}
+PARITY_CELLS = {"ok": Cell("ok", "good"), "transient": Cell("transient", "warn"),
+                "seed-spread": Cell("within seed spread", "good"), "departs": Cell("DEPARTS", "bad")}
 
 
 def evaluated_runs(sweep: Sweep) -> list[RunResult]:
@@ -49,6 +50,48 @@ def quality_frame(sweep: Sweep):
                                  index=pd.Index([UNTRAINED], name="framework"))
         table = pd.concat([table, untrained.reindex(columns=table.columns)])
     return table
+
+
+def _seed_values(sweep: Sweep) -> dict[str, dict[str, dict[tuple, float]]]:
+    """framework -> metric -> {seeds: value}: each evaluated metric and the final loss of the ok runs, one value
+    per distinct seed pair (a repeat of the same seeds is not another seed)."""
+    out: dict[str, dict[str, dict[tuple, float]]] = {}
+    for r in sweep.runs:
+        seeds = tuple(sorted((r.seeds or {}).items()))
+        if not r.ok or not seeds:
+            continue
+        vals = dict(r.eval.metrics) if r.eval is not None and r.eval.ok else {}
+        vals["final_loss"] = r.metrics.final_loss
+        for k, v in vals.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v:
+                out.setdefault(r.framework, {}).setdefault(k, {}).setdefault(seeds, float(v))
+    return out
+
+
+def seed_spread_rows(sweep: Sweep) -> tuple[list[str], list[list[str | Cell]]] | None:
+    """Header and rows of the seed-spread table: per framework and metric, the mean and range over the seeds it
+    trained, and whether that mean lies within the baseline's range over its seeds. None unless the baseline
+    trained at least two seeds (``measure.seed_per_repeat``)."""
+    values = _seed_values(sweep)
+    base = values.get(sweep.baseline, {})
+    if not any(len(v) >= 2 for v in base.values()):
+        return None
+    header = ["framework", "metric", "seeds", "mean", "min", "max", f"mean within {sweep.baseline}'s seed range"]
+    rows: list[list[str | Cell]] = []
+    for fw in sweep.framework_order():
+        for metric, per_seed in sorted(values.get(fw, {}).items()):
+            v = list(per_seed.values())
+            mean = sum(v) / len(v)
+            ref = list(base.get(metric, {}).values())
+            if fw == sweep.baseline or len(ref) < 2:
+                verdict: str | Cell = EMPTY
+            elif min(ref) <= mean <= max(ref):
+                verdict = Cell("yes", "good")
+            else:  # outside: on the good side (a lower loss, a higher accuracy) or not
+                better = mean < min(ref) if metric == "final_loss" else mean > max(ref)
+                verdict = Cell("better", "good") if better else Cell("NO", "bad")
+            rows.append([fw, metric, str(len(v)), fmt(mean, 4), fmt(min(v), 4), fmt(max(v), 4), verdict])
+    return header, rows
 
 
 def time_to_target(sweep: Sweep) -> dict[str, float | None]:

@@ -14,7 +14,8 @@ final loss, repeats, validity); the fastest and the leanest framework among the 
 (harness.reporting.ranking), and each tool's own fastest and leanest row where a tool ran several
 (harness.reporting.tool_best); the published claims this scenario can test, claimed against measured
 (harness.reporting.claims); on a GPU, the fastest row within each memory budget and the speed-memory Pareto view
-(harness.reporting.pareto); every failed, diverged, unavailable, OOM, timed-out or invalid run with its reason;
+(harness.reporting.pareto); on several GPUs, the scaling against the one-GPU runs (harness.reporting.scaling); every
+failed, diverged, unavailable, OOM, timed-out or invalid run with its reason;
 GPU telemetry (clocks, power, temperature, throttling, energy) where recorded; the MFU convention; charts;
 effective settings against the scenario; quality (when runs carry an evaluation) and loss parity; the
 environment; how to read it; failures and caveats.
@@ -30,7 +31,7 @@ from collections import Counter
 from pathlib import Path
 
 from harness.analysis.aggregate import is_empty
-from harness.reporting import charts, claims, handloop, pareto, quality, tables, tool_best
+from harness.reporting import charts, claims, handloop, objective, pareto, quality, scaling, tables, tool_best
 from harness.reporting.caveats import caveats
 from harness.reporting.document import Cell, Doc, fmt
 from harness.reporting.ranking import rank, ranking_text
@@ -152,6 +153,12 @@ def _quality(doc: Doc, sweep: Sweep, summary, out_dir: Path, eval_errors: list[s
             doc.image(p, "Accuracy against throughput")
     else:
         doc.p("No successful evaluation.", "bad")
+    if spread := quality.seed_spread_rows(sweep):
+        doc.p(f"Seed to seed: each repeat trained its own seeds (measure.seed_per_repeat: a random init and "
+              f"training seed of its own). A framework trains the same model as `{sweep.baseline}` as far as its "
+              f"results can show when its mean lies within `{sweep.baseline}`'s range over its seeds; 'better' is "
+              f"outside that range on the good side.")
+        doc.table(*spread)
     ttt = quality.time_to_target(sweep)
     if ttt:
         doc.p("Time to target" + quality.target_text(sweep) + ": "
@@ -172,7 +179,10 @@ def _parity(doc: Doc, sweep: Sweep, parity_df) -> None:
     doc.p(f"Per-step training loss of each framework against `{sweep.baseline}` (harness.analysis.parity): "
           "'transient' means the curves agreed through the first quarter of the steps, parted for a while "
           "(typically at a loss spike, where rounding differences are amplified) and agree again over the last "
-          "tenth; 'DEPARTS' means they did not come back, or were apart from the start.")
+          "tenth; 'within seed spread' means the curves parted for good but, averaged over a short window, never "
+          f"lay further apart than `{sweep.baseline}`'s own curves for different seeds (plus the tolerance): "
+          "training from random weights in bf16 is chaotic, and that is how far two correct runs part; "
+          "'DEPARTS' means they did not come back, or were apart from the start.")
     doc.table(*quality.parity_rows(parity_df))
 
 
@@ -220,17 +230,20 @@ def build_report(sweep: Sweep, out_dir: Path) -> Doc:
     doc.h(1, "Scenario")
     doc.table(["setting", "value"], tables.scenario_rows(sweep))
     doc.p("Reproduce with:")
-    doc.code(f"python -m harness run {sweep.source or '<scenario.yaml>'}\npython -m harness report {sweep.path}")
+    source = sweep.source_in_repo or "<scenario.yaml>"
+    doc.code(f"python -m harness run {source}\npython -m harness report {sweep.path}")
     parity_df = quality.parity_frame(sweep)
     _comparison(doc, sweep, summary, parity_df)
     claims.add_section(doc, sweep, summary, parity_df)
     pareto.add_section(doc, sweep, summary, parity_df, out_dir)
+    scaling.add_section(doc, sweep)  # a multi-GPU sweep against the one-GPU sweeps stored beside it
     _charts(doc, sweep, summary, out_dir)
     _settings(doc, sweep)
     eval_errors = quality.eval_errors(sweep)
     if quality.evaluated_runs(sweep):
         _quality(doc, sweep, summary, out_dir, eval_errors)
     _parity(doc, sweep, parity_df)
+    objective.add_section(doc, sweep, out_dir)  # a preference / RL objective's rewards and sampling; none for sft
     handloop.add_section(doc, sweep)
     _environment(doc, sweep, foreign)
     doc.h(1, "How to read this")

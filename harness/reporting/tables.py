@@ -266,6 +266,8 @@ def scenario_rows(sweep: Sweep) -> list[list[str]]:
         model_txt = f"{model.get('weights')}"
     elif model.get("preset"):
         model_txt += " (random weights)"
+    if isinstance(ws := model.get("warm_start"), dict):  # harness.inputs.warmstart: every framework starts from it
+        model_txt += f", warm-started: {ws.get('steps')} SFT steps on {ws.get('data')}"
     method_txt = str(method.get("kind", EMPTY))
     if method.get("kind") in ("lora", "qlora", "dora"):
         method_txt += (f" r={method.get('lora_r')} alpha={method.get('lora_alpha')} "

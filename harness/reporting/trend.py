@@ -110,7 +110,8 @@ def trend_html(rows: list[dict[str, Any]], gate: dict[str, float], reference_nig
             body.append("<table><tr><th>night</th><th>sweep</th><th>value</th><th>reference ± band</th>"
                         "<th>verdict</th><th>changed since the night before</th></tr>" + "".join(table) + "</table>")
     style = ("body{font-family:sans-serif;max-width:960px;margin:auto}table{border-collapse:collapse;font-size:13px}"
-             "td,th{border:1px solid #ccc;padding:2px 6px}tr.bad{background:#fdd}.small{color:#666;font-size:12px}")
+             "td,th{border:1px solid #ccc;padding:2px 6px}tr.bad{background:#fdd}.small{color:#666;font-size:12px}"
+             "pre{white-space:pre-wrap}")  # a verdict line is longer than the page is wide: wrap, do not scroll
     return (f'<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
 

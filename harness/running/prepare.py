@@ -12,16 +12,20 @@ import json
 import sys
 from pathlib import Path
 
-from harness.inputs import data, models
+from harness.inputs import data, models, preference, warmstart
 from harness.spec.scenario import scenario_from_dict
 
 
 def prepare(sc, data_dir: Path) -> dict:
     ckpt = models.resolve_checkpoint(sc.model, device=sc.hardware.device)
+    if sc.model.warm_start is not None:  # every framework loads the warm-started copy
+        ckpt = warmstart.warm_checkpoint(ckpt, sc.model.warm_start, sc.model.dtype, sc.source_path,
+                                         sc.hardware.device)
     data_dir.mkdir(parents=True, exist_ok=True)
     ds_path = data_dir / "dataset.jsonl"
     if not ds_path.exists():
-        rows, fmt = data.build_examples(sc)
+        # a preference or RL objective reads its own row form (harness.inputs.preference), SFT the formats of data
+        rows, fmt = data.build_examples(sc) if sc.objective.is_sft else preference.build_rows(sc)
         meta = data.dataset_meta(sc, rows, fmt)
         (data_dir / "dataset.meta.json").write_text(json.dumps(meta, indent=1))
         data.write_jsonl(rows, ds_path)

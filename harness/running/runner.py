@@ -29,7 +29,7 @@ from harness.common.dicts import changes
 from harness.common.paths import REPO_ROOT
 from harness.inputs.models import cache_root
 from harness.measuring import environment
-from harness.running import envs
+from harness.running import envs, launch
 from harness.running.display import Display
 from harness.running.locks import Busy, machine_lock, sweep_lock
 from harness.storing import results
@@ -230,10 +230,11 @@ def execute_run(sc, sweep_dir: Path, run_root: Path, prepared: dict, fw, repeat:
     t0 = time.time()
     if display:
         display.start_run(key, sc.train.steps)
+    # one process, or one per GPU through the tool's own launcher (harness.running.launch), same rules either way
+    command = launch.worker_command(env.python, work_dir / "spec.json", sc, info.launcher, work_dir)
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([env.python, "-m", "harness.running.worker", str(work_dir / "spec.json")], cwd=work_dir,
-                                env=worker_environment(env), stdout=log, stderr=subprocess.STDOUT,
-                                preexec_fn=_set_pdeathsig)
+        proc = subprocess.Popen(command, cwd=work_dir, env=launch.distributed_environment(sc, worker_environment(env)),
+                                stdout=log, stderr=subprocess.STDOUT, preexec_fn=_set_pdeathsig)
         timed_out = False
         try:
             while True:
@@ -255,7 +256,7 @@ def execute_run(sc, sweep_dir: Path, run_root: Path, prepared: dict, fw, repeat:
     wall = time.time() - t0
     log_text = _log_tail(log_path)
     results.atomic_write_text(sweep_dir / "logs" / f"{key}.log", log_text)
-    res = results.read_json(work_dir / "worker_result.json")
+    res = results.read_json(work_dir / launch.RESULT_NAME) or launch.failed_rank_result(work_dir)
     if timed_out:
         res = {"status": "timeout", "reason": f"no result within {timeout:.0f} s (killed)", "valid": False,
                "invalid_reasons": [], "metrics": (res or {}).get("metrics")}
@@ -266,21 +267,24 @@ def execute_run(sc, sweep_dir: Path, run_root: Path, prepared: dict, fw, repeat:
                         "log": f"logs/{key}.log"}
     if res["status"] == STATUS_OK and sc.eval.tasks:
         res["eval"] = _evaluate(sc, work_dir, res)
+    if res["status"] == STATUS_OK and sc.objective.eval_pairs:  # reward accuracy on held-out pairs
+        res["reward_eval"] = _evaluate(sc, work_dir, res, "harness.analysis.reward", "reward")
     return res
 
 
-def _evaluate(sc, work_dir: Path, res: dict) -> dict:
-    """Quality of the trained output through lm-eval, the same evaluator for every framework: in the `lmeval`
-    environment where one is installed, else in this interpreter's (base) environment."""
+def _evaluate(sc, work_dir: Path, res: dict, module: str = "harness.analysis.evaluate", name: str = "eval") -> dict:
+    """Quality of the trained output, the same evaluator for every framework: lm-eval (``module``
+    harness.analysis.evaluate), or the reward accuracy on held-out pairs (harness.analysis.reward, ``name``
+    "reward"); in the `lmeval` environment where one is installed, else in this interpreter's (base) environment."""
     spec = {"scenario": sc.to_dict(), "scenario_source": sc.source_path, "checkpoint": res.get("checkpoint"),
             "output_dir": res.get("output_dir"), "work_dir": str(work_dir)}
-    p = work_dir / "eval_spec.json"
+    p = work_dir / f"{name}_spec.json"
     p.write_text(json.dumps(spec, indent=1))
-    out = work_dir / "eval_result.json"
+    out = work_dir / f"{name}_result.json"
     # the `lmeval` environment where one was installed (GPU boxes without lm-eval), else this interpreter
     ev_env = envs.resolve("lmeval")
     ev_env = ev_env if ev_env.ready else envs.resolve("base")
-    proc = subprocess.run([ev_env.python, "-m", "harness.analysis.evaluate", str(p)], cwd=work_dir,
+    proc = subprocess.run([ev_env.python, "-m", module, str(p)], cwd=work_dir,
                           env=worker_environment(ev_env), capture_output=True, text=True,
                           timeout=sc.measure.timeout_s)
     data = results.read_json(out)
@@ -417,7 +421,8 @@ def attempt_run(sc, sweep_dir: Path, run_root: Path, fw, repeat: int,
 
     ``prepared_by_seed``: the inputs built so far (:func:`inputs_for`); the first runnable framework builds them.
     """
-    if why := envs.unavailable(registry.info(fw.name), sc.hardware.device):
+    info = registry.info(fw.name)
+    if why := envs.unavailable(info, sc.hardware.device) or info.family_unsupported(sc):
         return run_header(sc, sweep_dir, {}, fw, repeat) | {
             "status": "unavailable", "reason": why, "valid": False, "invalid_reasons": []}
     prepared = inputs_for(sc, run_root, repeat, prepared_by_seed)
@@ -457,13 +462,13 @@ class Launcher(Protocol):
 
 def run_sweep(sc, results_root: Path, new: bool = False, quiet: bool = False, only: list[str] | None = None,
               resume_only: bool = False, retry_failed: bool = False, allow_contention: bool = False,
-              launch: Launcher | None = None) -> Path:
+              launcher: Launcher | None = None) -> Path:
     """Run (or resume) the sweep of scenario ``sc``; returns the sweep's results directory.
 
     ``resume_only``: fill in the newest sweep of this scenario even when it is complete for the requested
     runs (then nothing runs); never start a new one. Scripts that fill one sweep over several invocations use
     it so that a repeated invocation cannot start a duplicate sweep. ``retry_failed``: runs of that sweep stored
-    as error/crashed/timeout are done again, the failed attempt kept (:func:`set_aside_failed`). ``launch``: run
+    as error/crashed/timeout are done again, the failed attempt kept (:func:`set_aside_failed`). ``launcher``: run
     them as cluster jobs instead of here (:mod:`harness.running.cluster`); a launcher whose jobs run on other
     machines takes no machine lock.
     """
@@ -480,7 +485,7 @@ def run_sweep(sc, results_root: Path, new: bool = False, quiet: bool = False, on
         _extend_plan(sweep_dir, key_names)
     run_root = work_root() / sweep_dir.name
     run_root.mkdir(parents=True, exist_ok=True)
-    measures_here = launch is None or launch.measures_here
+    measures_here = launcher is None or launcher.measures_here
     machine = _machine(sweep_dir, allow_contention) if measures_here else contextlib.nullcontext()
     with sweep_lock(sweep_dir), machine as contention, Display(total=len(keys), quiet=quiet) as display:
         if resumed and (changed := resume_changes(sc, sweep_dir)):
@@ -493,8 +498,8 @@ def run_sweep(sc, results_root: Path, new: bool = False, quiet: bool = False, on
         display.progress.update(display.sweep, completed=len(keys) - len(todo))
         display.console.print(f"{'resuming' if resumed else 'sweep'} {sweep_dir} "
                               f"({len(todo)} of {len(keys)} runs to do)")
-        if launch is not None:
-            launch(sc, sweep_dir, run_root, todo, display, contention)
+        if launcher is not None:
+            launcher(sc, sweep_dir, run_root, todo, display, contention)
         else:
             prepared_by_seed: dict[int, dict | PrepareFailed] = {}
             for fw, r in todo:

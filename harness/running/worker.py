@@ -4,6 +4,11 @@ The runner starts this in the framework's environment with a timeout. It loads t
 measures, and writes ``worker_result.json`` atomically into the run's work directory; the runner then
 finishes and stores the result. Any exception becomes a result with status ``error`` or ``oom`` and the
 tool's own message; a crash that kills the process is recorded by the runner from the exit code and log.
+
+A multi-GPU run starts one worker per GPU (:mod:`harness.running.launch`); each is a rank
+(:mod:`harness.running.ranks`) that trains and measures its share, and rank 0 writes the one result with every
+rank's figures. A rank whose tool raised writes its own ``worker_result.rank<k>.json`` and exits at once (the others
+may be waiting for it in a collective; the launcher then stops them).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from harness.measuring import effective as eff_mod
 from harness.measuring import environment, flops, memcap
 from harness.measuring.meter import StepMeter, make_trainer_callback
 from harness.measuring.trained import check_training
+from harness.running import launch, ranks
 from harness.spec.scenario import scenario_from_dict
 
 # Axolotl depends on a PyPI package called `kernels`; our repository root must not shadow it on sys.path.
@@ -63,15 +69,23 @@ def run_warnings(metrics: dict[str, Any]) -> list[str]:
     return out
 
 
-def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
-    """Execute one run described by the runner's spec and return the worker result dict."""
+def run_spec(spec: dict[str, Any]) -> dict[str, Any] | None:
+    """Execute one run described by the runner's spec and return the worker result dict.
+
+    Returns None in a rank other than 0 of a multi-GPU run (rank 0 writes the result), and in a rank whose tool
+    failed, after writing that rank's own result (:func:`harness.running.launch.rank_result_path`).
+    """
     t0 = time.time()
     sc = scenario_from_dict(spec["scenario"], spec.get("scenario_source") or "<resolved>")
     work_dir = Path(spec["work_dir"])
     out: dict[str, Any] = {"status": "error", "reason": None, "started_at": t0}
+    rank = ranks.start(sc.hardware.device, work_dir)  # None: one process
+    main = rank is None or rank.is_main
     meter = StepMeter(sc.train.warmup_steps, device=sc.hardware.device,
-                      progress_path=work_dir / "progress.json", memory_interval_ms=sc.measure.memory_interval_ms,
-                      total_steps=sc.train.steps)
+                      progress_path=work_dir / "progress.json" if main else None,
+                      memory_interval_ms=sc.measure.memory_interval_ms, total_steps=sc.train.steps,
+                      device_index=rank.local_rank if rank else 0, barrier=rank.barrier if rank else None,
+                      ignore_pids=rank.siblings if rank else ())
     info = registry.info(spec["framework"])
     overrides = spec.get("overrides") or {}
     ctx = RunContext(scenario=sc, framework=spec["framework"], overrides=overrides, repeat=spec["repeat"],
@@ -93,13 +107,36 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
         out["traceback"] = traceback.format_exc()[-8000:]
         if isinstance(e, KeyboardInterrupt):
             raise
+    if rank is not None and out["status"] != "ok":
+        meter.finish()
+        _atomic_json(launch.rank_result_path(work_dir, rank.rank),
+                     out | {"rank": rank.rank, "valid": False, "invalid_reasons": [], "finished_at": time.time()})
+        return None
     metrics = meter.finish() | cap
     eff = eff_mod.from_meter(meter, sc.data.packing) | ctx.effective
     if cap:
         eff["memory_budget_gib"] = cap["memory_budget_gib"]
     if meter.first_forward_training is not None:
         eff["train_mode"] = meter.first_forward_training
+    rank_problems: list[str] = []
+    if rank is not None:
+        # what the tool ran with on this rank; its own read-back (ctx.effective) wins over accelerate's state
+        eff = {"world_size": rank.world_size} | ranks.read_back_strategy() | eff
+        rank.write_part({"steps": meter.steps, "metrics": metrics, "effective": eff})
+        if not rank.is_main:
+            rank.close()
+            return None
+        parts = rank.collect_parts()
+        meter.steps = ranks.merge_steps([p["steps"] for p in parts])
+        metrics = ranks.merge_metrics([p["metrics"] for p in parts], meter.steps, sc.train.warmup_steps)
+        eff["tokens_per_step"] = eff_mod.from_meter(meter, sc.data.packing).get("tokens_per_step")
+        ctx.extra["ranks"] = ranks.rank_summary(parts)
+        rank_problems = ranks.rank_disagreements(parts)
+        rank.close()
     env = environment.capture()
+    if rank is not None:  # the run's other ranks, still finishing on their GPUs, are no one else's load
+        env["foreign_gpu_processes"] = [p for p in env.get("foreign_gpu_processes") or []
+                                        if p.get("pid") not in rank.siblings]
     try:
         cfg = load_config_dict(ctx.checkpoint)
         peak = sc.measure.peak_tflops
@@ -108,14 +145,17 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
             peak, peak_src = flops.peak_tflops_for(env.get("gpu_name"))
         if sc.hardware.device == "cpu":
             peak, peak_src = None, "cpu: no MFU"
-        metrics["mfu"], metrics["model_tflops"] = flops.mfu(cfg, sc.method.kind, meter.steps, peak)
+        # the job's FLOPs (tokens of every rank) against the peak of all its GPUs; peak_tflops stays one GPU's
+        gpus = launch.world_size(sc)
+        metrics["mfu"], metrics["model_tflops"] = flops.mfu(cfg, sc.method.kind, meter.steps,
+                                                            peak * gpus if peak is not None else None)
         metrics["peak_tflops"], metrics["peak_tflops_source"] = peak, peak_src
         metrics["matmul_params"] = flops.matmul_params(cfg)
     except (OSError, KeyError) as e:
         metrics["mfu_error"] = f"{type(e).__name__}: {e}"
     invalid = []
     if out["status"] == "ok":
-        invalid = eff_mod.check(sc, eff) + [f"not honoured: {u}" for u in ctx.unsupported]
+        invalid = eff_mod.check(sc, eff) + [f"not honoured: {u}" for u in ctx.unsupported] + rank_problems
         if metrics["steps_measured"] == 0:
             invalid.append("no measured steps")
         if meter.steps and sum(s["tokens"] for s in meter.steps) == 0:
@@ -182,7 +222,14 @@ def main(argv: list[str] | None = None) -> int:
     spec_path = Path(argv[0])
     spec = json.loads(spec_path.read_text())
     result = run_spec(spec)
-    _atomic_json(Path(spec["work_dir"]) / "worker_result.json", result)
+    work_dir = Path(spec["work_dir"])
+    if result is None:  # a rank other than 0, or a rank whose tool failed (it wrote its own result)
+        if launch.rank_result_path(work_dir, int(os.environ.get("RANK", "0"))).exists():
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)  # at once: the other ranks may wait in a collective that this one will never join
+        return 0
+    _atomic_json(work_dir / launch.RESULT_NAME, result)
     return 0 if result["status"] == "ok" else 1
 
 

@@ -20,9 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, NamedTuple
 
+from adapters_for_tools import registry
 from harness.common.names import unknown
 from harness.inputs.data import resolve_path, samples_needed
 from harness.inputs.tasks.local import LOCAL_TASK_DIR, local_task_names
+from harness.spec import objective
 from harness.spec.datacheck import check_jsonl
 from harness.spec.yamlsafe import short_repr
 
@@ -64,6 +66,10 @@ def check(sc: Any, source: str, deep: bool = True) -> Findings:
     out = Findings()
     out.problems += baseline_problems(sc, written_default_counts=deep)
     out.problems += synthetic_problems(sc)
+    out.problems += [Problem(loc, reason) for loc, reason in objective.problems(sc)]
+    for fw in sc.frameworks:
+        if fw.name in registry.names() and (why := registry.info(fw.name).family_unsupported(sc)):
+            out.notes.append(f"{fw.key}: {why}: its row will be stored as unavailable, the others run")
     for i, fw in enumerate(sc.frameworks):
         for sub, reason in override_problems(fw.overrides):
             out.problems.append(Problem(("frameworks", i, "overrides", *sub), reason,
@@ -73,7 +79,10 @@ def check(sc: Any, source: str, deep: bool = True) -> Findings:
     out.problems += eval_task_problems(sc.eval.tasks, out.notes)
     if sc.model.weights != "random" and (why := checkpoint_problem(sc.model.weights)):
         out.problems.append(Problem(("model", "weights"), why))
-    if sc.data.source == "jsonl" and sc.data.path:
+    found_objective, objective_notes = objective.file_problems(sc, source)  # the rows of dpo, orpo, kto, grpo
+    out.problems += [Problem(loc, reason) for loc, reason in found_objective]
+    out.notes += objective_notes
+    if sc.data.source == "jsonl" and sc.data.path and sc.objective.is_sft:
         path = resolve_path(sc.data.path, source)
         if path.exists():  # a missing file is reported by the scenario's own checks
             found = check_jsonl(path, sc.data.path, sc.data.format, sc.data.seq_len, prompt_loss=sc.data.prompt_loss,
@@ -97,6 +106,27 @@ def baseline_problems(sc: Any, written_default_counts: bool = True) -> list[Prob
         return []
     return [Problem(("measure", "baseline"), unknown("baseline framework", base, names)
                     .replace("(available:", "(the scenario's frameworks:"))]
+
+
+def strategy_problems(sc: Any) -> list[tuple[tuple, str]]:
+    """``hardware.gpus`` and ``hardware.strategy`` together: several GPUs need a strategy, a strategy several GPUs.
+
+    On device ``cpu``, ``gpus`` counts processes (gloo backend): the multi-process path without a GPU, which the
+    CPU tests run. Which strategies each framework has is its adapter's declaration (``AdapterInfo.strategies``).
+
+    Returns:
+        ``(location, reason)`` pairs.
+    """
+    hw = sc.hardware
+    if hw.strategy is None and hw.gpus > 1:
+        return [(("hardware", "gpus"), f"{hw.gpus} GPUs need hardware.strategy (ddp, fsdp or zero3): how the "
+                                       "frameworks spread one run over them")]
+    if hw.strategy is not None and hw.gpus == 1:
+        return [(("hardware", "strategy"), f"{hw.strategy} spreads a run over several GPUs: give hardware.gpus > 1, "
+                                           "or leave strategy out for a one-GPU run")]
+    if hw.strategy == "zero3" and hw.device == "cpu":
+        return [(("hardware", "strategy"), "zero3 (DeepSpeed ZeRO-3) needs device cuda")]
+    return []
 
 
 def synthetic_problems(sc: Any) -> list[Problem]:

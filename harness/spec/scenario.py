@@ -36,6 +36,7 @@ from harness.common.names import unknown
 from harness.inputs import models
 from harness.inputs.data import resolve_path
 from harness.spec import checks, yamlsafe
+from harness.spec.objective import ObjectiveSpec, WarmStartSpec
 from harness.spec.yamlsafe import dotted, line_of
 
 SCHEMA_VERSION = 1
@@ -101,6 +102,9 @@ class ModelSpec(_Strict):
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     seed: int = Field(0, ge=0, le=MAX_SEED)  # seed of the random weights
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    # a short SFT of the checkpoint before any framework loads it (harness.spec.objective.WarmStartSpec); left out of
+    # the resolved scenario when absent
+    warm_start: WarmStartSpec | None = Field(None, exclude_if=lambda v: v is None)
 
     @model_validator(mode="after")
     def _need_source(self) -> ModelSpec:
@@ -136,8 +140,11 @@ class MethodSpec(_Strict):
     def is_peft(self) -> bool:
         return self.kind in ("lora", "qlora", "dora")
 
+    # what "all-linear" stands for: the model family's linear modules, set by Scenario from its model
+    _all_linear: tuple[str, ...] = PrivateAttr(default=LINEAR_MODULES)
+
     def resolved_targets(self) -> list[str]:
-        return list(LINEAR_MODULES) if self.target_modules == "all-linear" else list(self.target_modules)
+        return list(self._all_linear) if self.target_modules == "all-linear" else list(self.target_modules)
 
 
 class DataSpec(_Strict):
@@ -191,6 +198,9 @@ class HardwareSpec(_Strict):
     gpus: int = Field(1, ge=1, le=64)  # of one host (the largest boxes hold 8-16)
     # GiB this run's process may use on each GPU, applied before the tool loads (harness.measuring.memcap)
     memory_budget_gib: float | None = Field(None, gt=0, le=MAX_MEMORY_BUDGET_GIB)
+    # how a run spreads over `gpus` processes of one host, each the framework's own (harness.running.launch); none:
+    # one process on one GPU. Left out of the resolved scenario when none, so one-GPU scenarios keep their hashes
+    strategy: Literal["ddp", "fsdp", "zero3"] | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class FrameworkSpec(_Strict):
@@ -288,6 +298,9 @@ class Scenario(_Strict):
     description: str = ""
     model: ModelSpec
     method: MethodSpec
+    # what the model is trained to do (harness.spec.objective); sft, the default, has no settings and is left out of
+    # the resolved scenario, so an SFT scenario's hash is the same whether or not it writes the section
+    objective: ObjectiveSpec = Field(default_factory=ObjectiveSpec, exclude_if=lambda o: o.kind == "sft")
     data: DataSpec
     train: TrainSpec
     hardware: HardwareSpec = Field(default_factory=HardwareSpec)
@@ -298,6 +311,11 @@ class Scenario(_Strict):
     # where it came from (not part of the YAML)
     source_path: str | None = Field(None, exclude=True)
     _notes: list[str] = PrivateAttr(default_factory=list)
+
+    @model_validator(mode="after")
+    def _family_targets(self) -> Scenario:
+        self.method._all_linear = models.all_linear_for(self.model.preset, self.model.weights)
+        return self
 
     @property
     def notes(self) -> list[str]:
@@ -477,8 +495,8 @@ def _cross_checks(sc: Scenario, lines: dict, source: str) -> list[str]:
             "or method lora on cpu")
     if sc.hardware.device == "cpu" and sc.model.dtype == "float16":
         bad(("model", "dtype"), "float16 training on cpu is not supported; use float32 or bfloat16")
-    if sc.hardware.device == "cpu" and sc.hardware.gpus != 1:
-        bad(("hardware", "gpus"), "gpus applies to device cuda only")
+    for loc, reason in checks.strategy_problems(sc):
+        bad(loc, reason)
     if sc.hardware.memory_budget_gib is not None and sc.hardware.device == "cpu":
         for fw in sc.frameworks:
             key = registry.info(fw.name).extra.get("simulated_memory") if fw.name in registry.names() else None

@@ -14,6 +14,7 @@ refused, the line of every key recorded); every problem is reported as ``file:li
     gate:
       tokens_per_s: 0.05               # relative drop tolerated
       peak_vram_nvml_gib: 0.05         # relative rise tolerated
+    cluster: {executor: slurm, partition: gpu}   # optional: each run a job (harness.spec.cluster)
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from harness.spec import yamlsafe
+from harness.spec.cluster import ClusterSettings
 from harness.spec.yamlsafe import dotted, line_of
 
 SCHEMA_VERSION = 1
@@ -61,6 +63,7 @@ class Suite(BaseModel):
     min_nights: int = Field(default=3, ge=1, le=MAX_NIGHTS)
     noise_k: float = Field(default=3.0, gt=0, le=100)
     gate: dict[str, float] = Field(default_factory=lambda: {"tokens_per_s": 0.05, "peak_vram_nvml_gib": 0.05})
+    cluster: ClusterSettings | None = None  # submit each run as a job instead of running it here
     source_path: str | None = Field(default=None, exclude=True)
 
     @field_validator("gate")
@@ -117,10 +120,11 @@ def parse_suite(text: str, source: str = "<string>") -> Suite:
         for err in e.errors():
             loc = tuple(err["loc"])
             msg = err["msg"].removeprefix("Value error, ")
-            if err["type"] == "extra_forbidden" and len(loc) == 1:
-                hint = difflib.get_close_matches(str(loc[0]), Suite.model_fields, n=1)
+            if err["type"] == "extra_forbidden" and (len(loc) == 1 or loc[:1] == ("cluster",) and len(loc) == 2):
+                fields = [k for k in (Suite if len(loc) == 1 else ClusterSettings).model_fields if k != "source_path"]
+                hint = difflib.get_close_matches(str(loc[-1]), fields, n=1)
                 msg = "unknown key" + (f"; did you mean {hint[0]!r}?" if hint else "") + \
-                    f" (allowed: {', '.join(k for k in Suite.model_fields if k != 'source_path')})"
+                    f" (allowed: {', '.join(fields)})"
             if not (loc == ("gate",) and unknown):  # already named, each at its own line
                 problems.append(f"{source}:{line_of(lines, loc)}: {dotted(loc)}: {msg}")
         raise SuiteError(problems[:30]) from None

@@ -15,7 +15,8 @@ Sections of a :class:`RunResult`:
   settings (keys of :mod:`harness.measuring.effective`), ``framework_version``, ``env`` (the tool environment
   the worker ran in, see :mod:`harness.running.envs`), ``native_config``, ``output_dir``, ``extra`` (adapter
   notes: how it fed its tool, the rerun command);
-- measurement: :class:`Metrics`, per-step records (:class:`Step`), the evaluation (:class:`EvalResult`);
+- measurement: :class:`Metrics`, per-step records (:class:`Step`), the evaluation (:class:`EvalResult`), the
+  reward accuracy on held-out pairs of a preference objective (:class:`RewardEval`);
 - the machine: :class:`Environment` (:func:`harness.measuring.environment.capture` in the worker);
 - bookkeeping: ``started_at`` / ``finished_at`` (epoch s), ``load_s``, ``wall_s``, ``exit_code``, ``log``,
   ``traceback``, ``previous_attempts`` (failed attempts set aside by ``run --retry-failed``).
@@ -112,6 +113,17 @@ class Metrics(_Open):
     throttled: bool | None = None  # a clock-slowing throttle reason was seen while measuring
     throttle_reasons_seen: list[str] | None = None
     telemetry: dict[str, Any] | None = None  # clocks, power, temperature at start, at peak power, at the end
+    # a multi-GPU run (harness.running.ranks): its processes, and each GPU's figure where the fields above hold the
+    # largest (memory) or the sum (energy, power) over the GPUs; None for a one-GPU run
+    world_size: int | None = None
+    peak_vram_nvml_gib_per_gpu: list[float | None] | None = None
+    peak_vram_device_gib_per_gpu: list[float | None] | None = None
+    peak_alloc_gib_per_gpu: list[float | None] | None = None
+    peak_reserved_gib_per_gpu: list[float | None] | None = None
+    vram_device_before_gib_per_gpu: list[float | None] | None = None
+    peak_rss_gib_per_gpu: list[float | None] | None = None
+    energy_j_per_gpu: list[float | None] | None = None
+    avg_power_w_per_gpu: list[float | None] | None = None
 
 
 class Step(_Open):
@@ -189,6 +201,24 @@ class EvalResult(_Open):
         return self.status == STATUS_OK
 
 
+class RewardEval(_Open):
+    """Reward accuracy on held-out pairs (the contract of :mod:`harness.analysis.reward`)."""
+
+    status: str = STATUS_OK
+    error: str | None = None
+    pairs: int | None = None
+    beta: float | None = None
+    reward_accuracy: float | None = None  # r(chosen) > r(rejected), r = beta * log(pi / pi_ref)
+    reward_margin: float | None = None  # mean r(chosen) - r(rejected)
+    likelihood_accuracy: float | None = None  # log pi(chosen) > log pi(rejected), the trained output
+    baseline_likelihood_accuracy: float | None = None  # the same, the untrained checkpoint
+
+    @property
+    def ok(self) -> bool:
+        """The scoring succeeded."""
+        return self.status == STATUS_OK
+
+
 class Attempt(_Open):
     """A failed attempt set aside by ``run --retry-failed`` (its JSON kept under ``runs/attempts/``)."""
 
@@ -231,6 +261,7 @@ class RunResult(_Open):
     metrics: Metrics = Field(default_factory=Metrics)
     steps: list[Step] = Field(default_factory=list)
     eval: EvalResult | None = None
+    reward_eval: RewardEval | None = None  # objective.eval_pairs: reward accuracy of the saved output
     environment: Environment | None = None  # None: the worker never ran (e.g. unavailable)
     # bookkeeping
     started_at: float | None = None

@@ -54,6 +54,16 @@ class Sweep:
         return self.plan.get("scenario_source")
 
     @property
+    def source_in_repo(self) -> str | None:
+        """:attr:`source` from its ``scenarios/`` folder on (``scenarios/llama8b_lora.yaml``), as a reader's checkout
+        names it; the stored path as is when it lies in no ``scenarios/`` folder."""
+        if not self.source:
+            return None
+        parts = Path(self.source).parts
+        cut = max((i for i, p in enumerate(parts) if p == "scenarios"), default=None)
+        return str(Path(*parts[cut:])) if cut is not None else self.source
+
+    @property
     def planned(self) -> list[str]:
         """Run keys (``<framework>-r<k>``) the plan lists."""
         return list(self.plan.get("planned") or [])

@@ -27,6 +27,7 @@ import triton
 import triton.testing
 
 from kernels.ops.fused_linear_cross_entropy import fused_linear_cross_entropy
+from kernels.ops.fused_linear_logprobs import fused_linear_logprobs
 from kernels.ops.lora_linear import lora_linear, lora_linear_group
 from kernels.ops.nf4 import dequantize_nf4, dequantize_nf4_forward, dequantize_nf4_reference, quantize_nf4
 from kernels.ops.rms_norm import rms_norm
@@ -136,6 +137,26 @@ def _flce_cases() -> list[tuple]:
     return cases
 
 
+def _logprobs_cases() -> list[tuple]:
+    """DPO's LM head: label log-probs of every token (frozen head), against eager's fp32 log-softmax + gather."""
+    h = torch.randn(TOKENS, HIDDEN, device="cuda", dtype=DTYPE, requires_grad=True)
+    w = torch.randn(VOCAB, HIDDEN, device="cuda", dtype=DTYPE) * HIDDEN**-0.5
+    labels = torch.randint(0, VOCAB, (TOKENS,), device="cuda")
+    g = torch.randn(TOKENS, device="cuda")
+
+    def eager(h, w, labels):  # TRL's selective_log_softmax on bf16 logits upcast
+        return torch.log_softmax((h @ w.t()).float(), -1).gather(-1, labels[:, None])[:, 0]
+
+    gemm = 2 * TOKENS * HIDDEN * VOCAB
+    cases = []
+    for name, fn in (("torch", eager), ("ours", fused_linear_logprobs)):
+        # ours recomputes the logits in backward: 1 GEMM forward, 2 in backward (eager: 1 + 1)
+        cases.append((name, "fwd", lambda fn=fn: fn(h, w, labels), None, 0, gemm))
+        cases.append((name, "fwd+bwd", _fwd_bwd(lambda fn=fn: fn(h, w, labels), lambda: (g,)), [h], 0,
+                      2 * gemm if name == "torch" else 3 * gemm))
+    return cases
+
+
 def _lora_cases() -> list[tuple]:
     x = torch.randn(TOKENS, HIDDEN, device="cuda", dtype=DTYPE, requires_grad=True)
     w = torch.randn(INTERMEDIATE, HIDDEN, device="cuda", dtype=DTYPE) * HIDDEN**-0.5
@@ -219,6 +240,7 @@ OPS: dict[str, Callable[[], list[tuple]]] = {
     "swiglu": _swiglu_cases,
     "rope": _rope_cases,
     "fused_linear_cross_entropy": _flce_cases,
+    "fused_linear_logprobs": _logprobs_cases,
     "lora_linear": _lora_cases,
     "lora_qkv": _lora_qkv_cases,
     "nf4_dequant": _nf4_cases,

@@ -18,6 +18,10 @@ divided by a few thousand tokens would fall below fp16's range, so there the div
 
 Labels must lie in ``[0, vocab)`` or equal ``ignore_index``; other values are not checked (checking costs a
 device sync) and read out of bounds.
+
+The row kernel also serves :mod:`kernels.ops.fused_linear_logprobs` (the preference objectives' LM head): without
+its gradient pass (:func:`cross_entropy_rows`, per-row loss only) and with one scale per row (the upstream gradient
+of each row's log-prob) in that op's recomputing backward.
 """
 
 from __future__ import annotations
@@ -38,19 +42,23 @@ def _cross_entropy_fwd_bwd_kernel(
     loss_ptr,
     scale_ptr,
     stride_logits,
+    stride_scale,
     n_cols,
     ignore_index,
     BLOCK_V: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     logits_ptr += row * stride_logits
     label = tl.load(labels_ptr + row).to(tl.int64)
     cols0 = tl.arange(0, BLOCK_V)
     if label == ignore_index:
-        # No loss, zero gradient: the chunk GEMMs downstream read this row.
-        for off in range(0, n_cols, BLOCK_V):
-            cols = off + cols0
-            tl.store(logits_ptr + cols, tl.zeros([BLOCK_V], dtype=logits_ptr.dtype.element_ty), mask=cols < n_cols)
+        if WRITE_GRAD:
+            # No loss, zero gradient: the chunk GEMMs downstream read this row.
+            for off in range(0, n_cols, BLOCK_V):
+                cols = off + cols0
+                tl.store(logits_ptr + cols, tl.zeros([BLOCK_V], dtype=logits_ptr.dtype.element_ty),
+                         mask=cols < n_cols)
         tl.store(loss_ptr + row, 0.0)
         return
     # Pass 1: running max m and running sum d of exp(x - m) (online softmax), all in fp32.
@@ -65,25 +73,43 @@ def _cross_entropy_fwd_bwd_kernel(
     x_label = tl.load(logits_ptr + label).to(tl.float32)
     lse = m + tl.log(d)
     tl.store(loss_ptr + row, lse - x_label)
-    # Pass 2: overwrite logits with scale * (softmax - onehot(label)).
-    scale = tl.load(scale_ptr)
-    inv_d = 1.0 / d
-    for off in range(0, n_cols, BLOCK_V):
-        cols = off + cols0
-        mask = cols < n_cols
-        x = tl.load(logits_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        p = tl.exp(x - m) * inv_d
-        grad = tl.where(cols == label, p - 1.0, p) * scale
-        tl.store(logits_ptr + cols, grad.to(logits_ptr.dtype.element_ty), mask=mask)
+    if WRITE_GRAD:
+        # Pass 2: overwrite logits with scale * (softmax - onehot(label)); one scale, or one per row.
+        scale = tl.load(scale_ptr + row * stride_scale)
+        inv_d = 1.0 / d
+        for off in range(0, n_cols, BLOCK_V):
+            cols = off + cols0
+            mask = cols < n_cols
+            x = tl.load(logits_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
+            p = tl.exp(x - m) * inv_d
+            grad = tl.where(cols == label, p - 1.0, p) * scale
+            tl.store(logits_ptr + cols, grad.to(logits_ptr.dtype.element_ty), mask=mask)
 
 
 def cross_entropy_fwd_bwd_(logits: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor, ignore_index: int):
-    """Per-row loss of 2-D ``logits`` (returned, fp32) and, in place, ``logits <- scale * dloss/dlogits``."""
+    """Per-row loss of 2-D ``logits`` (returned, fp32) and, in place, ``logits <- scale * dloss/dlogits``.
+
+    ``scale``: fp32, one element (the whole chunk) or one per row (a per-row upstream gradient)."""
     n_rows, n_cols = logits.shape
     assert logits.stride(1) == 1
     loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
     runnable(_cross_entropy_fwd_bwd_kernel)[(n_rows,)](
-        logits, labels, loss, scale, logits.stride(0), n_cols, ignore_index, BLOCK_V=_BLOCK_V, num_warps=8
+        logits, labels, loss, scale, logits.stride(0), 1 if scale.numel() > 1 else 0, n_cols, ignore_index,
+        BLOCK_V=_BLOCK_V, WRITE_GRAD=True, num_warps=8,
+    )
+    return loss
+
+
+def cross_entropy_rows(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Per-row loss ``logsumexp(row) - row[label]`` of 2-D ``logits`` (fp32; 0 where ignored), logits untouched.
+
+    The forward half of :func:`cross_entropy_fwd_bwd_`: one read of the chunk, no gradient written."""
+    n_rows, n_cols = logits.shape
+    assert logits.stride(1) == 1
+    loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    runnable(_cross_entropy_fwd_bwd_kernel)[(n_rows,)](
+        logits, labels, loss, loss, logits.stride(0), 0, n_cols, ignore_index, BLOCK_V=_BLOCK_V, WRITE_GRAD=False,
+        num_warps=8,
     )
     return loss
 

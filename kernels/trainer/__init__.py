@@ -7,8 +7,10 @@ A library: it knows nothing of the benchmark harness (``adapters_for_tools/tuneb
 - :mod:`kernels.trainer.model`: the decoder; :mod:`~kernels.trainer.attention`, :mod:`~kernels.trainer.linear`
   (LoRA / DoRA / QLoRA projections), :mod:`~kernels.trainer.opset` (fused op or reference) are its parts.
 - :mod:`kernels.trainer.offload`: per-layer recomputation, host offload of weights and checkpointed inputs.
+- :mod:`kernels.trainer.plan` and :mod:`kernels.trainer.planner`: the knobs above chosen to a memory budget.
 - :mod:`kernels.trainer.loading`: the model from a transformers checkpoint, with the method applied.
 - :mod:`kernels.trainer.batches` and :mod:`kernels.trainer.train`: data order, collation and the loop.
+- :mod:`kernels.trainer.preference`: DPO and ORPO (pairs, their collation, TRL's losses, the step and its loop).
 - :mod:`kernels.trainer.save`: PEFT adapters / HF checkpoints that transformers and PEFT load.
 - NF4 storage for QLoRA is :mod:`kernels.ops.nf4` (the trainer also reads bitsandbytes 4-bit checkpoints).
 

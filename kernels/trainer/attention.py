@@ -13,11 +13,14 @@ Packed rows (``position_ids`` given; they restart at 0 per sample) attend only i
 - otherwise (CPU, fp32, a torch without it, or ``varlen_attention: false``): SDPA with a ``[B, S, S]``
   block-diagonal causal bool mask built from ``position_ids`` (8 MB at 2 x 2048), KV heads repeated (the masked
   SDPA kernels do not all take ``enable_gqa``).
+
+Preference pairs packed with their prompt once (:class:`SharedPrompts`) take two varlen calls, or their own mask.
 """
 
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -63,20 +66,81 @@ def packed_cu_seqlens(position_ids: torch.Tensor) -> torch.Tensor:
     return torch.cat([starts, starts.new_tensor([flat.numel()])]).to(torch.int32)
 
 
-def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """Causal attention inside each packed sample: ``[B, S, H, D]`` q and ``[B, S, Hkv, D]`` k/v in, ``[B, S, H, D]``
-    out. ``max_q = max_k = S`` is an upper bound of every sample's length (no host sync to find the longest)."""
+def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int,
+            max_k: int) -> torch.Tensor:
+    """Flash varlen attention on ``[tokens, heads, D]`` tensors, causal (bottom-right aligned where a sample has more
+    keys than queries, as flash attention aligns it), GQA by argument or by repeating KV heads."""
     fn, causal, takes_gqa = VARLEN
-    bsz, seq, n_heads, d = q.shape
-    n_kv = k.shape[2]
-    q, k, v = q.reshape(bsz * seq, n_heads, d), k.reshape(bsz * seq, n_kv, d), v.reshape(bsz * seq, n_kv, d)
+    n_heads, n_kv = q.shape[1], k.shape[1]
     kw = dict(causal)
     if n_kv != n_heads:
         if takes_gqa:
             kw["enable_gqa"] = True
         else:
             k, v = k.repeat_interleave(n_heads // n_kv, dim=1), v.repeat_interleave(n_heads // n_kv, dim=1)
-    return fn(q, k, v, cu_seqlens, cu_seqlens, seq, seq, **kw).view(bsz, seq, n_heads, d)
+    return fn(q, k, v, cu_q, cu_k, max_q, max_k, **kw)
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Causal attention inside each packed sample: ``[B, S, H, D]`` q and ``[B, S, Hkv, D]`` k/v in, ``[B, S, H, D]``
+    out. ``max_q = max_k = S`` is an upper bound of every sample's length (no host sync to find the longest)."""
+    bsz, seq, n_heads, d = q.shape
+    n_kv = k.shape[2]
+    q, k, v = q.reshape(bsz * seq, n_heads, d), k.reshape(bsz * seq, n_kv, d), v.reshape(bsz * seq, n_kv, d)
+    return _varlen(q, k, v, cu_seqlens, cu_seqlens, seq, seq).view(bsz, seq, n_heads, d)
+
+
+@dataclass
+class SharedPrompts:
+    """Preference pairs packed in one row as ``[prompt, chosen, rejected]`` each, the prompt once for both
+    completions: chosen tokens attend to the prompt and to the chosen tokens before them, rejected tokens to the
+    prompt and to the rejected tokens before them (position ids continue from the prompt in both), so every token
+    computes what it would in its own ``prompt + completion`` sequence.
+
+    On the flash varlen path that is two calls: one over ``[prompt + chosen]`` and ``[rejected]`` segments of the
+    row (the rejected tokens' outputs there are discarded), one with the rejected tokens as queries over their
+    pair's prompt and rejected keys (gathered), causal aligned bottom-right. Elsewhere: a ``[1, T, T]`` bool mask.
+
+    Attributes:
+        doc: ``[T]`` the pair of each token of the row.
+        branch: ``[T]`` 0 prompt, 1 chosen, 2 rejected.
+        cu_main: int32 starts of the ``[prompt + chosen]`` and ``[rejected]`` segments, then ``T``.
+        rejected: ``[n_r]`` row positions of the rejected tokens (the second call's queries).
+        keys: row positions of each pair's prompt then its rejected tokens (the second call's keys).
+        cu_q / cu_k: int32 cumulative query / key counts per pair of the second call.
+        max_main / max_q / max_k: longest segment of each.
+    """
+
+    doc: torch.Tensor
+    branch: torch.Tensor
+    cu_main: torch.Tensor
+    rejected: torch.Tensor
+    keys: torch.Tensor
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+    max_main: int
+    max_q: int
+    max_k: int
+
+    def to(self, device: torch.device | str) -> SharedPrompts:
+        return SharedPrompts(**{k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
+                                for k, v in vars(self).items()})
+
+    def mask(self, position_ids: torch.Tensor) -> torch.Tensor:
+        """``[1, T, T]`` bool: same pair, key in the prompt or the query's own branch, key position <= query's."""
+        pos = position_ids.reshape(-1)
+        same = (self.doc[:, None] == self.doc[None, :]) & (pos[None, :] <= pos[:, None])
+        return (same & ((self.branch[None, :] == 0) | (self.branch[None, :] == self.branch[:, None])))[None]
+
+
+def shared_prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: SharedPrompts) -> torch.Tensor:
+    """:class:`SharedPrompts` attention through flash varlen: ``[1, T, H, D]`` q, ``[1, T, Hkv, D]`` k/v in."""
+    _, seq, n_heads, d = q.shape
+    q, k, v = q[0], k[0], v[0]
+    main = _varlen(q, k, v, s.cu_main, s.cu_main, s.max_main, s.max_main)
+    rejected = _varlen(q.index_select(0, s.rejected), k.index_select(0, s.keys), v.index_select(0, s.keys),
+                       s.cu_q, s.cu_k, s.max_q, s.max_k)
+    return main.index_copy(0, s.rejected, rejected).view(1, seq, n_heads, d)
 
 
 def packed_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
@@ -87,9 +151,13 @@ def packed_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
     return (doc[:, :, None] == doc[:, None, :]) & causal
 
 
-def packed_attention_mask(position_ids: torch.Tensor, h: torch.Tensor, varlen: bool) -> torch.Tensor:
+def packed_attention_mask(position_ids: torch.Tensor, h: torch.Tensor, varlen: bool,
+                          shared: SharedPrompts | None = None) -> torch.Tensor | SharedPrompts:
     """The layers' ``mask`` argument for packed rows: int32 cu_seqlens where flash varlen attention runs here
-    (``varlen`` asked and available for ``h``), else the ``[B, S, S]`` bool block mask."""
+    (``varlen`` asked and available for ``h``), else the ``[B, S, S]`` bool block mask. With ``shared`` prompts:
+    the :class:`SharedPrompts` itself on the varlen path, else its bool mask."""
+    if shared is not None:
+        return shared if varlen and _varlen_ok(h) else shared.mask(position_ids)
     if varlen and _varlen_ok(h):
         return packed_cu_seqlens(position_ids)
     return packed_causal_mask(position_ids)
@@ -115,6 +183,8 @@ class Attention(nn.Module):
         k = k.view(bsz, seq, self.n_kv, self.head_dim)
         v = v.view(bsz, seq, self.n_kv, self.head_dim)
         q, k = self.ops.rope(q, k, cos, sin)
+        if isinstance(mask, SharedPrompts):  # preference pairs sharing their prompt: two varlen flash calls
+            return self.o_proj(shared_prompt_attention(q, k, v, mask).view(bsz, seq, self.n_heads * self.head_dim))
         if mask is not None and mask.dtype == torch.int32:  # cu_seqlens of packed samples: varlen flash attention
             return self.o_proj(varlen_attention(q, k, v, mask).view(bsz, seq, self.n_heads * self.head_dim))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)

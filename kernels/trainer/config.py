@@ -4,7 +4,9 @@
 - :class:`MethodOptions`: what to train (full / LoRA / DoRA / QLoRA, LoRA settings) and the trainer's knobs
   (recomputation, host offload, CUDA graph, attention path, allocator).
 - :class:`TrainSettings`: the loop (micro-batch, grad accumulation, steps, optimizer, learning rate, schedule).
-- :class:`TrainerConfig`: method + loop + precision + device, with the JSON record of a run's settings.
+- :class:`ObjectiveOptions`: what the loss is: next-token cross-entropy (``sft``) or a preference objective
+  (``dpo``, ``orpo``: :mod:`kernels.trainer.preference`).
+- :class:`TrainerConfig`: method + loop + objective + precision + device, with the JSON record of a run's settings.
 
 Plain dataclasses with the trainer's own defaults: whoever drives the trainer (the tunebench adapter, a script)
 translates its own configuration into these.
@@ -116,6 +118,9 @@ class MethodOptions:
             torch has it (else, or False: SDPA with a block-diagonal causal mask).
         expandable_segments: the CUDA caching allocator in expandable-segments mode
             (:func:`kernels.trainer.loading.configure_allocator`).
+        plan: a memory budget in GiB, or ``"auto"`` (the device's free memory): the trainer then sets
+            ``recompute_layers``, the ``offload_*`` knobs and ``cuda_graph`` itself, to the plan predicted fastest
+            within the budget (:class:`kernels.trainer.planner.Planner`). None: the knobs as given.
     """
 
     kind: str = "lora"
@@ -137,6 +142,7 @@ class MethodOptions:
     cuda_graph: bool = False
     varlen_attention: bool = True
     expandable_segments: bool = True
+    plan: float | str | None = None
     allocator: str = ""  # what load_model did to the CUDA allocator (configure_allocator); recorded with the run
 
     @property
@@ -174,24 +180,74 @@ class TrainSettings:
     pad_id: int = 0
 
 
+OBJECTIVES = ("sft", "dpo", "orpo")
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "apo_zero", "apo_down")
+PAIR_LAYOUTS = ("packed", "shared_prompt", "padded")
+
+
+@dataclass
+class ObjectiveOptions:
+    """The training objective (TRL 1.16's definitions for the preference ones: :mod:`kernels.trainer.preference`).
+
+    Attributes:
+        kind: ``sft`` (next-token cross-entropy on the rows' labels), ``dpo`` (pairs of chosen / rejected
+            completions against the frozen base as reference: LoRA / DoRA / QLoRA only) or ``orpo`` (odds-ratio
+            term + NLL of the chosen sequences, no reference).
+        beta: DPO's temperature of the log-ratio margin (IPO's regularisation tau); ORPO's weight of the
+            odds-ratio term (TRL's default 0.1 for both).
+        loss_type: DPO's loss of the margin: ``sigmoid`` (the DPO paper), ``hinge`` (SLiC), ``ipo``, ``robust``
+            (label-smoothed), ``apo_zero`` or ``apo_down`` (APO).
+        label_smoothing: ``robust`` DPO's assumed share of flipped labels (TRL's default 0: then it is ``sigmoid``).
+        pair_layout: how a preference micro-batch enters the model, the same function each way
+            (:func:`kernels.trainer.preference.collate_pairs`): ``packed`` (one row, every ``prompt + chosen`` and
+            ``prompt + rejected`` sequence back to back, position ids restarting per sequence: no padding),
+            ``shared_prompt`` (one row of ``[prompt, chosen, rejected]`` per pair: each prompt computed once for
+            both completions) or ``padded`` (``2 x pairs`` right-padded rows, TRL's layout).
+    """
+
+    kind: str = "sft"
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
+    pair_layout: str = "packed"
+
+    def __post_init__(self) -> None:
+        if self.kind not in OBJECTIVES:
+            raise ValueError(f"objective {self.kind!r}: tunebench trains {', '.join(OBJECTIVES)}")
+        if self.loss_type not in DPO_LOSS_TYPES:
+            raise ValueError(f"loss_type {self.loss_type!r}: DPO here has {', '.join(DPO_LOSS_TYPES)}")
+        if self.beta <= 0:
+            raise ValueError(f"beta must be > 0, got {self.beta}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must lie in [0, 0.5), got {self.label_smoothing}")
+        if self.pair_layout not in PAIR_LAYOUTS:
+            raise ValueError(f"pair_layout {self.pair_layout!r}: one of {', '.join(PAIR_LAYOUTS)}")
+
+    @property
+    def is_preference(self) -> bool:
+        return self.kind in ("dpo", "orpo")
+
+
 @dataclass
 class TrainerConfig:
-    """One training run's settings: method and knobs, loop, precision and device.
+    """One training run's settings: method and knobs, loop, objective, precision and device.
 
     Attributes:
         method: what to train and the trainer's knobs.
         train: the loop.
         dtype: storage dtype of the frozen base (QLoRA: the compute dtype of the 4-bit weights).
         device: where the model computes.
+        objective: the loss (default: next-token cross-entropy).
     """
 
     method: MethodOptions
     train: TrainSettings
     dtype: torch.dtype = torch.bfloat16
     device: torch.device = field(default_factory=lambda: torch.device("cuda"))
+    objective: ObjectiveOptions = field(default_factory=ObjectiveOptions)
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as JSON-able values (dtypes as strings), for the run's record."""
         method = {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in vars(self.method).items()}
         return {"method": method, "train": dict(vars(self.train)), "device": str(self.device),
-                "dtype": str(self.dtype)}
+                "dtype": str(self.dtype), "objective": dict(vars(self.objective))}

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +71,7 @@ class Linear(nn.Module):
         self.lora_alpha = 0.0
         self.scaling = 0.0
         self.lora_dropout = 0.0
+        self.adapter_disabled = False  # set by adapters_disabled(): the frozen base alone (a reference pass)
 
     # -- construction ---------------------------------------------------------------------------------------------
     def add_lora_(self, r: int, alpha: float, dropout: float, dora: bool, dtype: torch.dtype,
@@ -94,7 +97,7 @@ class Linear(nn.Module):
         return F.linear(x, self.base_weight(), self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.lora_A is None:
+        if self.lora_A is None or self.adapter_disabled:
             return self._base(x)
         if self.magnitude is None:  # lora_linear casts A/B (lora_dtype) to x's dtype itself
             base = self.qweight if self.qweight is not None else self.base_weight()
@@ -121,7 +124,8 @@ class Linear(nn.Module):
 
 
 def _groupable(m: Linear) -> bool:
-    return m.lora_A is not None and m.magnitude is None and (m.lora_dropout == 0 or not m.training)
+    return (m.lora_A is not None and not m.adapter_disabled and m.magnitude is None
+            and (m.lora_dropout == 0 or not m.training))
 
 
 def project(x: torch.Tensor, linears: tuple[Linear, ...], group: bool) -> list[torch.Tensor]:
@@ -132,3 +136,21 @@ def project(x: torch.Tensor, linears: tuple[Linear, ...], group: bool) -> list[t
                                  [m.lora_A for m in linears], [m.lora_B for m in linears], linears[0].scaling,
                                  [m.bias for m in linears])
     return [m(x) for m in linears]
+
+
+@contextlib.contextmanager
+def adapters_disabled(modules: Iterable[nn.Module]) -> Iterator[None]:
+    """Run the :class:`Linear` layers among ``modules`` (e.g. ``model.modules()``) as their frozen base alone.
+
+    LoRA / DoRA / QLoRA projections skip A/B (and DoRA's magnitude) while inside, so the same model computes the
+    base model's function: the reference of DPO from the same weights, with no second copy of the model (what
+    PEFT's ``disable_adapter()`` does for TRL). Full fine-tuning has no adapter to switch off: nothing changes.
+    """
+    linears = [m for m in modules if isinstance(m, Linear) and m.lora_A is not None]
+    for m in linears:
+        m.adapter_disabled = True
+    try:
+        yield
+    finally:
+        for m in linears:
+            m.adapter_disabled = False

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.ops.rope import rope_cos_sin
-from kernels.trainer.attention import Attention, packed_attention_mask
+from kernels.trainer.attention import Attention, SharedPrompts, packed_attention_mask
 from kernels.trainer.config import DecoderConfig, MethodOptions
 from kernels.trainer.linear import Linear, project
 from kernels.trainer.offload import LayerCall, LayerCheckpoint, WeightStreamer, copy_stream
@@ -132,9 +132,10 @@ class DecoderModel(nn.Module):
                 yield name, mod
 
     # -- forward --------------------------------------------------------------------------------------------------
-    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Final-norm hidden states ``[B, S, H]``. ``position_ids`` given = packed rows
-        (:mod:`kernels.trainer.attention`)."""
+    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                      shared: SharedPrompts | None = None) -> torch.Tensor:
+        """Final-norm hidden states ``[B, S, H]``. ``position_ids`` given = packed rows; with ``shared``, packed
+        preference pairs whose completions share their prompt (:mod:`kernels.trainer.attention`)."""
         cfg = self.cfg
         h = self._embed(input_ids)
         self._prefetch_lm_head()
@@ -143,7 +144,7 @@ class DecoderModel(nn.Module):
             cos, sin = self._rope_tables(input_ids.shape[1], input_ids.device)
         else:
             # the layers' "mask" argument: int32 cu_seqlens (varlen) or the [B, S, S] bool mask
-            mask = packed_attention_mask(position_ids, h, self.options.varlen_attention)
+            mask = packed_attention_mask(position_ids, h, self.options.varlen_attention, shared)
             cos, sin = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         if ckpt and not h.requires_grad:
@@ -218,6 +219,15 @@ class DecoderModel(nn.Module):
             Scalar fp32 loss, or ``[B, S, vocab]`` logits when ``labels`` is None.
         """
         h = self.hidden_states(input_ids, position_ids)
+        w = self._head_for_loss()
+        if labels is None:
+            return h @ w.t()
+        return self.ops.fused_linear_cross_entropy(h, w, labels, ignore_index=-100, reduction=reduction, shift=True,
+                                                   chunk_size=self.options.fused_ce_chunk,
+                                                   num_items_in_batch=num_items)
+
+    def _head_for_loss(self) -> torch.Tensor:
+        """The LM head weight on the compute device: a host-offloaded head's prefetched copy (waited for here)."""
         w = self.lm_head_weight()
         if self._lm_head_prefetch is not None:
             w, event = self._lm_head_prefetch
@@ -225,11 +235,29 @@ class DecoderModel(nn.Module):
             if event is not None:
                 torch.cuda.current_stream(w.device).wait_event(event)
                 w.record_stream(torch.cuda.current_stream(w.device))
-        if labels is None:
-            return h @ w.t()
-        return self.ops.fused_linear_cross_entropy(h, w, labels, ignore_index=-100, reduction=reduction, shift=True,
-                                                   chunk_size=self.options.fused_ce_chunk,
-                                                   num_items_in_batch=num_items)
+        return w
+
+    def token_logprobs(self, input_ids: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor,
+                       position_ids: torch.Tensor | None = None, shared: SharedPrompts | None = None) -> torch.Tensor:
+        """Log-probabilities of ``targets`` at some positions: the LM head of the preference objectives.
+
+        Only the scored positions go through the head (:func:`kernels.ops.fused_linear_logprobs`, chunked: no
+        ``[tokens, vocab]`` logits): for DPO, the completion tokens, not the prompts twice over.
+
+        Args:
+            input_ids: ``[B, S]`` token ids (right-padded rows, or packed rows with ``position_ids``).
+            rows: ``[N]`` int64 flat positions (``b * S + t``) whose next-token distribution is scored.
+            targets: ``[N]`` the token each of those positions should predict (the id at ``t + 1``).
+            position_ids: ``[B, S]`` for packed rows only.
+            shared: packed pairs sharing their prompt (:class:`kernels.trainer.attention.SharedPrompts`).
+
+        Returns:
+            ``[N]`` fp32 log-probabilities, differentiable with respect to the trainable parameters.
+        """
+        h = self.hidden_states(input_ids, position_ids, shared)
+        w = self._head_for_loss()
+        scored = h.reshape(-1, h.shape[-1]).index_select(0, rows)
+        return self.ops.fused_linear_logprobs(scored, w, targets, chunk_size=self.options.fused_ce_chunk)
 
     # -- read-back ------------------------------------------------------------------------------------------------
     def effective_settings(self) -> dict[str, Any]:
@@ -243,7 +271,9 @@ class DecoderModel(nn.Module):
         quant, dq, compute = None, None, None
         targets, lora = set(), None
         total = trainable = 0
-        for p in self.parameters():
+        for name, p in self.named_parameters():
+            if name.rsplit(".", 1)[-1].startswith("nf4_"):
+                continue  # an NF4 weight's parts as FSDP-sharded parameters (kernels.trainer.distributed): below
             total += p.numel()
             all_dtypes[p.dtype] = all_dtypes.get(p.dtype, 0) + p.numel()
             if p.requires_grad:

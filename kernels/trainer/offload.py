@@ -143,12 +143,15 @@ class LayerCheckpoint(torch.autograd.Function):
             ctx.h = host
         else:
             ctx.h = h.detach()
-        ctx.save_for_backward(*args)
+        # tensors through save_for_backward; other arguments (a SharedPrompts attention spec) kept as they are
+        ctx.others = [None if isinstance(a, torch.Tensor) else a for a in args]
+        ctx.save_for_backward(*(a for a in args if isinstance(a, torch.Tensor)))
         return out
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: ANN001, ANN205
-        args = ctx.saved_tensors
+        saved = iter(ctx.saved_tensors)
+        args = [next(saved) if a is None else a for a in ctx.others]
         if ctx.event is not None:
             torch.cuda.current_stream(ctx.device).wait_event(ctx.event)
             h = ctx.h.to(ctx.device, non_blocking=True)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kernels.ops.fused_linear_cross_entropy import fused_linear_cross_entropy, fused_linear_cross_entropy_reference
+from kernels.ops.fused_linear_logprobs import fused_linear_logprobs, fused_linear_logprobs_reference
 from kernels.ops.rms_norm import rms_norm, rms_norm_reference
 from kernels.ops.rope import apply_rope, apply_rope_reference
 from kernels.ops.swiglu import swiglu, swiglu_reference
@@ -25,11 +26,12 @@ class OpSet:
     rope: Any = apply_rope
     swiglu: Any = swiglu
     fused_linear_cross_entropy: Any = fused_linear_cross_entropy
+    fused_linear_logprobs: Any = fused_linear_logprobs  # the LM head of the preference objectives
 
     @classmethod
     def with_references(cls, names: tuple[str, ...] | list[str]) -> OpSet:
         refs = {"rms_norm": rms_norm_reference, "rope": apply_rope_reference, "swiglu": swiglu_reference,
-                "fused_linear_cross_entropy": _ce_reference}
+                "fused_linear_cross_entropy": _ce_reference, "fused_linear_logprobs": fused_linear_logprobs_reference}
         unknown = sorted(set(names) - set(refs))
         if unknown:
             raise ValueError(f"reference_ops {unknown}: not among {sorted(refs)}")

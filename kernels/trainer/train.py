@@ -24,12 +24,15 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from kernels.trainer.batches import micro_batches, static_length
 from kernels.trainer.config import TrainSettings
+
+if TYPE_CHECKING:  # only a type here: one-process training never imports torch.distributed's FSDP
+    from kernels.trainer.distributed import DataParallel
 
 
 class StepHook(Protocol):
@@ -206,16 +209,20 @@ class StepGraph:
 
 
 def optimizer_step(model: torch.nn.Module, batches: list[dict], n_loss: int | torch.Tensor,
-                   params: list[torch.Tensor], s: TrainSettings, opt: torch.optim.Optimizer) -> torch.Tensor:
+                   params: list[torch.Tensor], s: TrainSettings, opt: torch.optim.Optimizer,
+                   sync: Callable[[list[torch.Tensor]], None] | None = None) -> torch.Tensor:
     """Forward + backward of each micro-batch (summed token loss / the step's loss tokens), clipping, optimizer
     step; returns the step loss as a device scalar. ``n_loss``: a number, or a device scalar (CUDA graphs).
-    ``params``: what to clip, in the model's parameter order (the order the norm sums in, as the Trainer's)."""
+    ``params``: what to clip, in the model's parameter order (the order the norm sums in, as the Trainer's).
+    ``sync``: called with ``params`` after the last backward, before clipping (gradients summed over ranks)."""
     total = torch.zeros((), dtype=torch.float32, device=batches[0]["input_ids"].device)
     for b in batches:
         loss = model(b["input_ids"], labels=b["labels"], position_ids=b.get("position_ids"), reduction="sum",
                      num_items=n_loss)
         loss.backward()
         total += loss.detach()
+    if sync is not None:
+        sync(params)
     if s.max_grad_norm:
         torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)  # foreach where torch picks it, as accelerate
     opt.step()
@@ -226,7 +233,7 @@ def train(model: torch.nn.Module, rows: Sequence[dict], s: TrainSettings, meter:
           device: torch.device | str | None = None,
           on_first_step: Callable[[torch.optim.Optimizer], None] | None = None,
           optimizer: torch.optim.Optimizer | None = None,
-          on_step_end: Callable[[int], None] | None = None) -> list[float]:
+          on_step_end: Callable[[int], None] | None = None, dist: DataParallel | None = None) -> list[float]:
     """Train ``model`` for ``s.steps`` optimizer steps over ``rows`` and return the per-step losses.
 
     Args:
@@ -242,6 +249,8 @@ def train(model: torch.nn.Module, rows: Sequence[dict], s: TrainSettings, meter:
         optimizer: use this optimizer instead of :func:`make_optimizer`.
         on_step_end: called with the number of finished optimizer steps after the step's clock stopped
             (intermediate saves for time-to-target go here, outside the timed step).
+        dist: this process's share of a data-parallel run (:mod:`kernels.trainer.distributed`: its rows of each
+            step, loss tokens and gradients summed over ranks, the step loss of all ranks); None: one process.
 
     Returns:
         Loss of each optimizer step (mean over the step's loss tokens).
@@ -254,6 +263,8 @@ def train(model: torch.nn.Module, rows: Sequence[dict], s: TrainSettings, meter:
     model.train()
     graph = None
     if _graphed(model):
+        if dist is not None:
+            raise ValueError("cuda_graph: one process only (the step's collectives are not captured)")
         if any("position_ids" in r for r in rows):
             raise ValueError("cuda_graph: packed rows (position_ids) build a mask per batch; not graphed")
         graph = model.__dict__.get("_step_graph")  # a later train() call with the same optimizer replays it
@@ -263,9 +274,11 @@ def train(model: torch.nn.Module, rows: Sequence[dict], s: TrainSettings, meter:
             model.__dict__["_step_graph"] = graph
     losses: list[float] = []
     for step in range(s.steps):
-        batches = micro_batches(rows, s, step, device)
+        batches = micro_batches(rows, s, step, device) if dist is None else dist.micro_batches(rows, s, step, device)
         # loss tokens of the whole step, like num_items_in_batch (one host sync per step, before timing)
         n_loss = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        if dist is not None:
+            n_loss = dist.global_count(n_loss, device)  # of every rank's micro-batches: the global step's
         if meter is not None:
             meter.step_begin()
         if step == 0 and on_first_step is not None:
@@ -276,8 +289,11 @@ def train(model: torch.nn.Module, rows: Sequence[dict], s: TrainSettings, meter:
         if graph is not None:
             total = graph.run(batches, n_loss)
         else:
-            total = optimizer_step(model, batches, max(n_loss, 1), params, s, opt)
+            total = optimizer_step(model, batches, max(n_loss, 1), params, s, opt,
+                                   sync=dist.sync_gradients if dist is not None else None)
             opt.zero_grad(set_to_none=True)
+        if dist is not None:
+            total = dist.step_loss(total)
         sched.step()
         value = float(total)  # the only sync inside the step besides step_end's own
         if meter is not None:

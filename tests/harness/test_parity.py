@@ -137,3 +137,41 @@ def test_runner_sweep_flags_the_planted_divergence(tmp_path, monkeypatch):
     diff = dict(zip(df["framework"], df["parity_max_abs_diff"], strict=True))
     assert diff["dummy"] < 1e-3  # fp32 Trainer vs plain loop: summation order only
     assert diff["dummy-diverged"] > 1.0  # 0.5 x a first-step loss of ~5.8
+
+
+def _chaotic(n: int, seed: int, amp: float = 0.15) -> list[float]:
+    """A decaying loss with a seed's own wiggle after step 30 (how bf16 runs from random weights part)."""
+    import random
+
+    rng = random.Random(seed)
+    return [2.0 * 0.99**i + (amp * rng.uniform(-1, 1) if i > 30 else 0.0) for i in range(n)]
+
+
+def _seeded(fw: str, losses: list[float], repeat: int) -> RunResult:
+    r = _run(fw, losses, repeat=repeat, dtype="bfloat16")
+    r.seeds = {"train": 42 + repeat, "model": repeat}
+    return r
+
+
+def test_seed_spread_tells_chaos_from_a_bug():
+    n = 300
+    hf = [_seeded("hf", _chaotic(n, s), s) for s in range(3)]
+    ours = [_seeded("ours", _chaotic(n, 10 + s), s) for s in range(3)]  # another implementation: its own chaos
+    bug = [_seeded("bug", [x * 1.5 for x in _chaotic(n, 20 + s)], s) for s in range(3)]  # a planted loss scale
+    got = {(r.framework, r.repeat): r for r in parity.parity_table(hf + ours + bug, "hf").itertuples()}
+    for s in range(3):
+        assert got[("ours", s)].parity_status == "seed-spread" and got[("ours", s)].parity_ok is True
+        assert got[("bug", s)].parity_status == "departs" and got[("bug", s)].parity_ok is False
+    # one seed (the repeats measured run-to-run noise, not chaos): no band, the chaotic run departs
+    one_seed = [_run("hf", _chaotic(n, 0), dtype="bfloat16"), _run("ours", _chaotic(n, 10), dtype="bfloat16")]
+    assert parity.seed_band(one_seed[:1]) is None
+    assert parity.parity_table(one_seed, "hf").set_index("framework").loc["ours", "parity_status"] == "departs"
+
+
+def test_seed_band_and_window():
+    a, b, c = _seeded("hf", [1.0, 2.0, 3.0], 0), _seeded("hf", [1.5, 2.0, 2.0], 1), _seeded("hf", [1.0, 2.5, 3.0], 2)
+    assert parity.seed_band([a, b, c]) == {1: 0.5, 2: 0.5, 3: 1.0}
+    same_seed = _seeded("hf", [9.0, 9.0, 9.0], 0)
+    assert parity.seed_band([a, same_seed]) is None  # the same seeds twice: one seed
+    assert parity.within_seed_band({1: 1.0, 2: float("nan")}, {1: 1.0, 2: 1.0}, {1: 1.0, 2: 1.0}, 0.1) is False
+    assert parity._windowed([1.0, 3.0, 5.0], 2) == [1.0, 2.0, 4.0]

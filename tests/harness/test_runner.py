@@ -194,3 +194,13 @@ def test_seed_per_repeat_moves_seeds_and_checkpoint_but_not_the_hash(env):
     assert [r["seeds"] for r in rows] == [{"train": 42, "model": 0}, {"train": 43, "model": 1}]
     assert rows[0]["checkpoint"] != rows[1]["checkpoint"]  # each repeat trained its own random init
     assert {r["scenario_hash"] for r in rows} == {seeded.content_hash()}
+
+
+def test_a_model_family_the_tool_lacks_is_a_row_saying_so(env):
+    p, _ = _sc(env, "  - tunebench\n  - {name: dummy, label: d-ok}\n", name="family")
+    sc = parse_scenario(p.read_text().replace("preset: tiny-llama", "preset: tiny-falcon"), str(p))
+    assert any("tunebench: model family 'falcon' not supported" in n for n in sc.notes)  # validate says so
+    d = run_sweep(sc, env / "results", quiet=True)
+    rows = {r["framework"]: r for r in results.load_runs(d)}
+    assert rows["tunebench"]["status"] == "unavailable" and "model family 'falcon'" in rows["tunebench"]["reason"]
+    assert rows["d-ok"]["status"] == "ok"  # the other rows of the scenario still run

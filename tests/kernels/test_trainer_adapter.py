@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from harness.spec.scenario import parse_scenario
+from tests.worker_run import run_first_row
 
 SCENARIO = """
 version: 1
@@ -23,22 +24,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.mark.parametrize(("kind", "packing", "offload"), [("lora", False, False), ("full", True, True)])
 def test_worker_run_is_valid(tmp_path, monkeypatch, kind, packing, offload):  # noqa: ANN001
-    from harness.running.prepare import prepare
-    from harness.running.worker import run_spec
-
     monkeypatch.setenv("TUNEBENCH_CACHE", str(tmp_path / "cache"))
     more = (", offload_weights: 1, offload_embeddings: true, offload_lm_head: true" if kind == "lora"
             else ", recompute_layers: 1")
     sc = parse_scenario(SCENARIO.format(kind=kind, packing=str(packing).lower(), offload=str(offload).lower(),
                                         more=more))
-    prepared = prepare(sc, tmp_path / "data")
+    res = run_first_row(sc, tmp_path)
     work = tmp_path / "work"
-    work.mkdir()
-    res = run_spec({"scenario": sc.to_dict(), "framework": "tunebench", "overrides": sc.frameworks[0].overrides,
-                    "repeat": 0, "checkpoint": prepared["checkpoint"], "dataset_path": prepared["dataset_path"],
-                    "work_dir": str(work)})
-    assert res["status"] == "ok", res.get("traceback")
-    assert res["valid"], res["invalid_reasons"]
     eff = res["effective"]
     assert eff["train_mode"] and eff["gradient_checkpointing"] and eff["optimizer"] == "adamw_torch"
     assert eff["quantization"] is None and eff["dtype"] == "float32"

@@ -18,6 +18,7 @@ import yaml
 
 from harness.inputs.data import prompt_response
 from harness.inputs.models import EOS
+from harness.inputs.tasks import pairs as pref
 from harness.inputs.tasks.generator import FAMILIES, Example, generate
 
 TRAIN_FILE, EVAL_FILE, LOADER = "tb_train.jsonl", "tb_eval.jsonl", "tb_tasks.py"
@@ -73,10 +74,18 @@ def _dump_yaml(cfg: dict) -> str:
 
 
 def write(out: Path, families: list[str], n_train: int, n_eval: int, seed: int, single: list[str] | None = None,
-          n_train_family: int = 0) -> list[Path]:
-    """Generate the tasks and write every file into ``out``; returns the paths written."""
+          n_train_family: int = 0, pairs: list[str] | None = None, prompts: list[str] | None = None,
+          n_prompts: int = 1000) -> list[Path]:
+    """Generate the tasks and write every file into ``out``; returns the paths written.
+
+    ``pairs`` and ``prompts`` name the families that get preference files and GRPO prompt files (the first
+    ``n_prompts`` examples: a GRPO step samples several completions per prompt, so it reads few), drawn from
+    single-family examples as ``single``'s train splits are (each family has its own random stream, so drawing one
+    family's examples leaves every other file unchanged).
+    """
     out.mkdir(parents=True, exist_ok=True)
-    train, evals, by_family = generate(families, n_train, n_eval, seed, n_train_family, single)
+    drawn = list(dict.fromkeys([*(single or []), *(pairs or []), *(prompts or [])]))
+    train, evals, by_family = generate(families, n_train, n_eval, seed, n_train_family, drawn)
     rng = random.Random(f"{seed}:choices")
     written = []
 
@@ -85,8 +94,15 @@ def write(out: Path, families: list[str], n_train: int, n_eval: int, seed: int, 
         written.append(out / name)
 
     put(TRAIN_FILE, "".join(json.dumps(e.alpaca()) + "\n" for e in train))
-    for fam, rows in by_family.items():
-        put(f"tb_train_{fam}.jsonl", "".join(json.dumps(e.alpaca()) + "\n" for e in rows))
+    for fam in single or []:
+        put(f"tb_train_{fam}.jsonl", "".join(json.dumps(e.alpaca()) + "\n" for e in by_family[fam]))
+    for fam in pairs or []:
+        train_pairs = pref.pairs(by_family[fam], seed, fam)
+        put(f"tb_pref_{fam}.jsonl", _jsonl(train_pairs))
+        put(f"tb_kto_{fam}.jsonl", _jsonl(pref.labelled(train_pairs)))
+        put(f"tb_pref_eval_{fam}.jsonl", _jsonl(pref.pairs([e for e in evals if e.family == fam], seed, f"eval:{fam}")))
+    for fam in prompts or []:
+        put(f"tb_prompts_{fam}.jsonl", _jsonl(pref.prompts(by_family[fam][:n_prompts])))
     put(EVAL_FILE, "".join(json.dumps(eval_row(e, rng)) + "\n" for e in evals))
     shutil.copyfile(Path(__file__).with_name("_lm_eval_loader.py"), out / LOADER)
     written.append(out / LOADER)
@@ -97,6 +113,10 @@ def write(out: Path, families: list[str], n_train: int, n_eval: int, seed: int, 
             name = f"tb_{fam}_{kind}"
             put(f"{name}.yaml", header + _dump_yaml(task_yaml(name, kind, None if fam == "mix" else fam)))
     return written
+
+
+def _jsonl(rows: list[dict]) -> str:
+    return "".join(json.dumps(r) + "\n" for r in rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,11 +136,16 @@ def main(argv: list[str] | None = None) -> int:
     # 4800 >= 200 steps x 16 (quality_small), with room: no epoch boundary, where a Trainer's partial last batch would
     # differ from a loop that wraps around, and the loss curves would part for a reason that is not a bug
     g.add_argument("--train-family", type=int, default=4800, help="examples of each single-family train split")
+    g.add_argument("--pairs", default="last",
+                   help="families that get preference files tb_pref_/tb_kto_/tb_pref_eval_<family>.jsonl")
+    g.add_argument("--prompts", default="add", help="families that get GRPO prompt files tb_prompts_<family>.jsonl")
+    g.add_argument("--prompt-rows", type=int, default=1000, help="rows of each tb_prompts_<family>.jsonl")
     g.add_argument("--eval", type=int, default=100, help="held-out eval examples per family")
     g.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     paths = write(a.out, [f for f in a.families.split(",") if f], a.train, a.eval, a.seed,
-                  [f for f in a.single.split(",") if f], a.train_family)
+                  [f for f in a.single.split(",") if f], a.train_family, [f for f in a.pairs.split(",") if f],
+                  [f for f in a.prompts.split(",") if f], a.prompt_rows)
     for path in paths:
         print(path)
     return 0

@@ -1,0 +1,355 @@
+"""What a plan costs, and which plan to run under a memory budget: which layers recompute and what lives in host memory.
+
+- :class:`CostModel`: per decoder layer, the bytes a layer keeps when it does not recompute, its checkpoint (its
+  input) when it does, its frozen weights, the transient of its recompute + backward, and its forward / backward
+  time; per model, what always stays on the device (trainable parameters, their gradients and optimizer state),
+  the embeddings, the LM head, the loss chunk, and the host link's speed. :func:`costs_for` builds it
+  analytically from the architecture, the method and the loop; :meth:`CostModel.corrected` applies what the first
+  steps measured (one factor on activation bytes, one on compute time, the static bytes seen after loading).
+- :class:`Plan`: the knobs the planner sets (``recompute_layers``, ``offload_weights``, ``offload_checkpoints``,
+  ``offload_embeddings``, ``offload_lm_head``, ``cuda_graph``); :func:`predict` gives its peak allocated bytes and
+  step time under a cost model.
+- :func:`choose`: the plan with the lowest predicted step time whose predicted peak fits the budget (None when none
+  does); pure, so a bigger budget never gives a slower predicted plan. :func:`lean_plan`: the smallest peak.
+
+A run plans through :class:`kernels.trainer.planner.Planner` (budget, device rates, probe, re-plan).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, replace
+from functools import lru_cache
+from itertools import accumulate
+from typing import Any
+
+import torch
+
+from kernels.ops.fused_linear_cross_entropy import default_chunk_size
+from kernels.trainer.config import DecoderConfig, MethodOptions
+from kernels.trainer.offload import checkpointed_layer_ids, streamed_layer_ids
+
+GIB = 2**30
+# A CUDA-graphed step: +0.4 GiB NVML measured on the 8B LoRA row, plus the expandable-segments saving it gives up
+# (0.55 GiB NVML), and ~0.25 ms per kept layer and micro-batch of host launches saved (4-recompute row: 278 ->
+# 271 ms; all-recompute: 376 -> 375 ms), kernels/NOTES.md.
+GRAPH_EXTRA_BYTES = GIB
+GRAPH_SAVING_S = 0.25e-3
+# Realised GEMM rate in a training step over the best-tile rate a bare matmul measures (8B step on the H100:
+# lora_linear ran at ~520 TFLOP/s where the best tile reached ~730).
+STEP_EFFICIENCY = 0.7
+
+
+@dataclass(frozen=True)
+class DeviceSpeed:
+    """Rates the time model uses: bf16 matmul, pinned host<->device copies, host memory (embedding gather)."""
+
+    matmul_tflops: float = 700.0
+    h2d_gbps: float = 50.0  # PCIe 5 x16, pinned
+    d2h_gbps: float = 50.0
+    host_gbps: float = 10.0
+    hbm_gbps: float = 3000.0
+    measured: bool = False
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """One decoder layer, per micro-batch.
+
+    Attributes:
+        weight_bytes: frozen base weights on the device (bf16, or NF4 as stored).
+        keep_bytes: activations kept for backward when the layer does not recompute.
+        checkpoint_bytes: its input, kept (on the device or the host) when it recomputes.
+        transient_bytes: extra memory while it recomputes and backpropagates.
+        forward_s: its forward; also what recomputing it costs.
+        backward_s: its backward.
+    """
+
+    weight_bytes: int
+    keep_bytes: int
+    checkpoint_bytes: int
+    transient_bytes: int
+    forward_s: float
+    backward_s: float
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """What a plan costs in memory and time (:func:`predict`), per layer and for the rest of the model.
+
+    Attributes:
+        layers: one :class:`LayerCost` per decoder layer.
+        grad_accum: micro-batches per optimizer step.
+        fixed_bytes: on the device after loading whatever the plan (norms, biases, trainable parameters).
+        trainable_state_bytes: gradients and optimizer state, allocated by the first step.
+        embed_bytes / head_bytes: the input embedding table / untied LM head (0: tied).
+        loss_bytes: the fused LM head + loss at its peak (logits chunk, hidden states and their gradient).
+        hidden_bytes: one ``[tokens, hidden]`` activation (what an offloaded embedding ships per micro-batch).
+        loss_s / optimizer_s: LM head + loss per micro-batch; the optimizer step.
+        speed: the device's rates.
+        checkpointing: gradient checkpointing on (else nothing recomputes and nothing streams).
+        can_stream / can_offload_embeddings / can_offload_head / can_graph: which knobs apply.
+        act_factor / time_factor / static_offset: measured corrections (activation bytes, compute time, bytes on
+            the device after loading beyond the model's count).
+    """
+
+    layers: tuple[LayerCost, ...]
+    grad_accum: int
+    fixed_bytes: int
+    trainable_state_bytes: int
+    embed_bytes: int
+    head_bytes: int
+    loss_bytes: int
+    hidden_bytes: int
+    loss_s: float
+    optimizer_s: float
+    speed: DeviceSpeed = DeviceSpeed()
+    checkpointing: bool = True
+    can_stream: bool = True
+    can_offload_embeddings: bool = True
+    can_offload_head: bool = True
+    can_graph: bool = False
+    act_factor: float = 1.0
+    time_factor: float = 1.0
+    static_offset: int = 0
+
+    def corrected(self, **factors: float) -> CostModel:
+        """This model with measured corrections (``act_factor``, ``time_factor``, ``static_offset``)."""
+        return replace(self, **factors)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The knobs a plan sets (:class:`~kernels.trainer.config.MethodOptions` names; -1 = all layers)."""
+
+    recompute_layers: int = -1
+    offload_weights: int = 0
+    offload_checkpoints: bool = False
+    offload_embeddings: bool = False
+    offload_lm_head: bool = False
+    cuda_graph: bool = False
+
+    @property
+    def offloads(self) -> bool:
+        return bool(self.offload_weights or self.offload_checkpoints or self.offload_embeddings
+                    or self.offload_lm_head)
+
+    def knobs(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """A plan's predicted cost: peak allocated bytes (torch's count), bytes after loading, optimizer step time."""
+
+    peak_bytes: int
+    static_bytes: int
+    step_s: float
+
+    def as_record(self) -> dict[str, float]:
+        return {"predicted_peak_alloc_gib": round(self.peak_bytes / GIB, 3),
+                "predicted_static_gib": round(self.static_bytes / GIB, 3),
+                "predicted_step_s": round(self.step_s, 4)}
+
+
+@lru_cache(maxsize=4096)
+def _layout(n: int, recompute: int, streamed: int, checkpointing: bool) -> tuple[tuple[int, ...], frozenset[int]]:
+    """The streamed layers (sorted) and the recomputed ones, as the trainer picks them (:mod:`~.offload`)."""
+    stream = tuple(sorted(streamed_layer_ids(n, streamed))) if streamed else ()
+    if not checkpointing:
+        return stream, frozenset()
+    ids = checkpointed_layer_ids(n, MethodOptions(recompute_layers=recompute, offload_weights=streamed))
+    return stream, frozenset(range(n)) if ids is None else ids
+
+
+def _prefix(xs: list[float]) -> list[float]:
+    return [0.0, *accumulate(xs)]
+
+
+def predict(m: CostModel, p: Plan) -> Prediction:
+    """Peak allocated bytes and step time of plan ``p`` under cost model ``m``.
+
+    Memory: what stays after loading (fixed bytes, resident layers, embeddings and head unless offloaded), then
+    gradients and optimizer state, at most two streamed layers, checkpoints (on the host: the one in flight and
+    the one fetched back), kept activations, and the larger of the forward's end (loss chunk, plus the LM head's
+    device copy when it lives on the host) and one layer's recompute + backward.
+
+    Time per micro-batch: every layer's forward and backward, the recomputed layers' forward again, the loss; plus
+    the host copies the compute does not hide: a streamed layer's copy overlaps the layers since the previous
+    streamed one (forward) or after it (backward; the forward's last streamed layer stays), with offloaded
+    checkpoints sharing the copy stream in forward and fetched back on the compute stream in backward; an offloaded
+    embedding is gathered on the host and shipped; the LM head's copy overlaps the whole forward. A CUDA graph saves
+    the host launches of kept layers.
+    """
+    lay, n, a, f, sp = m.layers, len(m.layers), m.act_factor, m.time_factor, m.speed
+    streamed, rec = _layout(n, p.recompute_layers, p.offload_weights, m.checkpointing)
+    in_stream = set(streamed)
+    static = (m.fixed_bytes + m.static_offset + sum(c.weight_bytes for i, c in enumerate(lay) if i not in in_stream)
+              + (0 if p.offload_embeddings else m.embed_bytes) + (0 if p.offload_lm_head else m.head_bytes))
+    ckpts = [lay[i].checkpoint_bytes for i in rec]
+    ckpt = 2 * max(ckpts, default=0) if p.offload_checkpoints else sum(ckpts)
+    keep = sum(c.keep_bytes for i, c in enumerate(lay) if i not in rec)
+    forward_end = a * m.loss_bytes + (m.head_bytes if p.offload_lm_head else 0)
+    backward = a * max(c.transient_bytes for c in lay)
+    dynamic = (m.trainable_state_bytes + sum(sorted((lay[i].weight_bytes for i in streamed), reverse=True)[:2])
+               + a * (ckpt + keep) + max(forward_end, backward) + (GRAPH_EXTRA_BYTES if p.cuda_graph else 0))
+
+    h2d, d2h = sp.h2d_gbps * 1e9, sp.d2h_gbps * 1e9
+    fwd = [c.forward_s * f for c in lay]
+    bwd = [c.backward_s * f + (c.forward_s * f if i in rec else 0.0) for i, c in enumerate(lay)]  # + recompute
+    ck_out = [lay[i].checkpoint_bytes / d2h if (p.offload_checkpoints and i in rec) else 0.0 for i in range(n)]
+    pf, pb, pc = _prefix(fwd), _prefix(bwd), _prefix(ck_out)
+    exposed, prev = 0.0, 0
+    for j in streamed:  # j's copy is issued on entering the previous streamed layer (or the first layer)
+        exposed += max(0.0, lay[j].weight_bytes / h2d + pc[j] - pc[prev] - (pf[j] - pf[prev]))
+        prev = j
+    exposed += sum(max(0.0, ck_out[i] - fwd[i]) for i in range(prev, n))
+    for hi, j in zip(streamed[::-1], streamed[-2::-1], strict=False):  # backward: copy j while hi..j+1 run
+        exposed += max(0.0, lay[j].weight_bytes / h2d - (pb[hi + 1] - pb[j + 1]))
+    if p.offload_checkpoints:
+        exposed += sum(ckpts) / h2d  # fetched back on the compute stream
+    if p.offload_embeddings:
+        exposed += m.hidden_bytes / h2d + m.hidden_bytes / (sp.host_gbps * 1e9)
+    if p.offload_lm_head:
+        exposed += max(0.0, m.head_bytes / h2d - pf[n])
+    compute = pf[n] + pb[n] + m.loss_s * f
+    saving = GRAPH_SAVING_S * (n - len(rec)) if p.cuda_graph else 0.0
+    step = m.grad_accum * (compute + exposed - saving) + m.optimizer_s
+    return Prediction(peak_bytes=int(static + dynamic), static_bytes=int(static), step_s=step)
+
+
+def candidates(m: CostModel, cuda_graph: bool | None = None) -> Iterator[Plan]:
+    """Every plan the cost model allows (streamed layers always among the recomputed ones; a CUDA graph only without
+    host offload); ``cuda_graph`` True / False keeps only plans with / without one."""
+    n = len(m.layers)
+    flags = (False, True)
+    recompute = [-1, *range(n - 1, 0, -1)] if m.checkpointing else [-1]
+    for k in recompute:
+        stream_max = (n if k == -1 else k) if (m.checkpointing and m.can_stream) else 0
+        for s in range(stream_max + 1):
+            for ck in flags if m.checkpointing else (False,):
+                for emb in flags if m.can_offload_embeddings else (False,):
+                    for head in flags if m.can_offload_head else (False,):
+                        plan = Plan(k, s, ck, emb, head)
+                        for g in flags if (m.can_graph and not plan.offloads) else (False,):
+                            if cuda_graph is None or g == cuda_graph:
+                                yield replace(plan, cuda_graph=g)
+
+
+def _ranked(m: CostModel, cuda_graph: bool | None) -> list[tuple[Prediction, Plan]]:
+    return [(predict(m, p), p) for p in candidates(m, cuda_graph)]
+
+
+def _order(p: Plan) -> tuple:
+    """A total order on plans for ties: fewer knobs away from their defaults first (a host copy the model predicts
+    to be hidden still takes the link and pinned memory), then the knobs' values."""
+    moved = sum(map(bool, (p.offload_weights, p.offload_checkpoints, p.offload_embeddings, p.offload_lm_head,
+                           p.cuda_graph)))
+    return (moved, p.recompute_layers == -1, p.recompute_layers, p.offload_weights, p.offload_checkpoints,
+            p.offload_embeddings, p.offload_lm_head, p.cuda_graph)
+
+
+def choose(m: CostModel, budget_bytes: float, cuda_graph: bool | None = None) -> Plan | None:
+    """The plan with the lowest predicted step time whose predicted peak is within ``budget_bytes``.
+
+    Ties go to the plan with fewer knobs moved, then to the smaller peak (a fixed order of plans), so the choice
+    is a function of the cost model and the budget only: a bigger budget keeps every plan a smaller one allowed,
+    so it never gives a slower predicted plan.
+
+    Returns:
+        The plan, or None when even the leanest one is predicted over the budget.
+    """
+    fitting = [(pr.step_s, _order(p)[0], pr.peak_bytes, _order(p), p) for pr, p in _ranked(m, cuda_graph)
+               if pr.peak_bytes <= budget_bytes]
+    return min(fitting, key=lambda t: t[:4])[4] if fitting else None
+
+
+def lean_plan(m: CostModel, cuda_graph: bool | None = None) -> Plan:
+    """The plan with the smallest predicted peak (ties: the faster one)."""
+    return min(_ranked(m, cuda_graph), key=lambda t: (t[0].peak_bytes, t[0].step_s, _order(t[1])))[1]
+
+
+def _layer_params(cfg: DecoderConfig) -> dict[str, tuple[int, int]]:
+    h, i, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+
+def costs_for(cfg: DecoderConfig, method: MethodOptions, micro_batch: int, grad_accum: int, seq_len: int,
+              dtype: torch.dtype, device: torch.device, optimizer: str = "adamw_torch", packed: bool = False,
+              speed: DeviceSpeed | None = None) -> CostModel:
+    """The analytic cost model of a run (before any correction from measured steps).
+
+    Per layer and token, the kept activations are what the block saves for backward: its input, both norms'
+    outputs, the residual after attention, q / k / v, the attention output, gate, up and the SwiGLU output, plus the
+    LoRA ``x A^T`` intermediates (at the 8B shapes 570 MB per layer at 4096 tokens, the figure in
+    kernels/trainer/README.md); a recompute + backward needs about twice that. Times are FLOPs at
+    ``STEP_EFFICIENCY`` of the measured matmul rate; the backward of a frozen base computes dX only (one GEMM per
+    projection, as the forward), a trained one dX and dW. QLoRA's dequantisation adds 12 % (kernels/NOTES.md).
+
+    Args:
+        cfg: the architecture.
+        method: the method and its fixed knobs (LoRA rank, targets, dtype of A/B, checkpointing, dropout).
+        micro_batch / grad_accum / seq_len: the loop's shapes (``seq_len``: the longest row).
+        dtype: the base weights' (and activations') dtype.
+        device: where the model computes (a CUDA graph needs CUDA).
+        optimizer: the optimizer's name (``sgd`` keeps no state and cannot be graphed).
+        packed: rows packed with ``position_ids`` (not graphed).
+        speed: the device's rates (default: :class:`DeviceSpeed`'s H100-like figures).
+
+    Returns:
+        The cost model.
+    """
+    speed = speed or DeviceSpeed()
+    act = torch.empty((), dtype=dtype).element_size()
+    tokens, h, inter = micro_batch * seq_len, cfg.hidden_size, cfg.intermediate_size
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    shapes = _layer_params(cfg)
+    n_proj = sum(i * o for i, o in shapes.values())
+    peft, full, qlora = method.is_peft, method.kind == "full", method.kind == "qlora"
+    targets = [name for name in shapes if name in method.target_modules] if peft else []
+    if qlora:
+        # NF4: half a byte per weight plus the block absmaxes (one byte each with double quantisation, else fp32)
+        weight = int(n_proj * (0.5 + (1 + 4 / 256 if method.double_quant else 4) / 64))
+    else:
+        weight = n_proj * act
+    biases = (2 * kv + q) * cfg.qkv_bias + h * cfg.o_bias + (2 * inter + h) * cfg.mlp_bias
+    lora_bytes = torch.empty((), dtype=method.lora_dtype).element_size()
+    lora_params = sum(method.lora_r * sum(shapes[t]) + (shapes[t][1] if method.kind == "dora" else 0)
+                      for t in targets)
+    per_layer_small = (2 * h + biases) * act  # norms and biases stay on the device
+    embed = cfg.vocab_size * h * act
+    head = 0 if cfg.tie_word_embeddings else embed
+    n = cfg.num_layers
+    if full:
+        trainable = n * (n_proj + 2 * h + biases) + cfg.vocab_size * h * (1 if cfg.tie_word_embeddings else 2) + h
+        state_bytes_per = act if optimizer == "sgd" else 3 * act  # grad, then Adam m and v in the weights' dtype
+        fixed = n * per_layer_small + h * act
+        trainable_state = trainable * state_bytes_per
+    else:
+        trainable = n * lora_params
+        fixed = n * (per_layer_small + lora_params * lora_bytes) + h * act
+        trainable_state = trainable * lora_bytes * (1 if optimizer == "sgd" else 3)
+    r_cols = method.lora_r * len(targets)
+    keep = tokens * (act * (4 * h + q + 2 * kv + q + 3 * inter + r_cols) + 2 * 4)  # + the norms' fp32 rstd
+    ckpt = tokens * h * act
+    chunk = method.fused_ce_chunk or default_chunk_size(tokens, full)
+    loss_bytes = 2 * chunk * cfg.vocab_size * act + 2 * tokens * h * act + (cfg.vocab_size * h * 4 if full else 0)
+    rate = speed.matmul_tflops * 1e12 * STEP_EFFICIENCY
+    attn = 2 * tokens * seq_len * q  # causal QK^T and PV
+    lora_flops = 2 * tokens * method.lora_r * sum(sum(shapes[t]) for t in targets)  # x A^T, then B
+    fwd_flops = 2 * tokens * n_proj + lora_flops + attn
+    bwd_flops = (2 if full else 1) * 2 * tokens * n_proj + 2 * lora_flops + 2.5 * attn
+    slow = 1.12 if qlora else 1.0
+    layer = LayerCost(weight_bytes=weight, keep_bytes=keep, checkpoint_bytes=ckpt, transient_bytes=2 * keep,
+                      forward_s=slow * fwd_flops / rate, backward_s=slow * bwd_flops / rate)
+    loss_s = (3 if full else 2) * 2 * tokens * cfg.vocab_size * h / rate
+    optimizer_s = trainable * (act if full else lora_bytes) * 8 / (speed.hbm_gbps * 1e9)
+    untied = not cfg.tie_word_embeddings
+    return CostModel(
+        layers=(layer,) * n, grad_accum=grad_accum, fixed_bytes=fixed, trainable_state_bytes=trainable_state,
+        embed_bytes=embed, head_bytes=head, loss_bytes=loss_bytes, hidden_bytes=tokens * h * act, loss_s=loss_s,
+        optimizer_s=optimizer_s, speed=speed, checkpointing=method.gradient_checkpointing,
+        can_stream=method.kind in ("lora", "dora"), can_offload_embeddings=peft and untied,
+        can_offload_head=peft and untied,
+        can_graph=(device.type == "cuda" and method.lora_dropout == 0 and not packed and optimizer != "sgd"))

@@ -1,0 +1,42 @@
+"""scenarios/quality_dpo_small.yaml end to end on the CPU: DPO makes the model prefer the right answer.
+
+The shipped scenario, as a user runs it: the tiny model warm-started by 40 SFT steps, TRL's DPOTrainer trains it on
+last-letter pairs, then the
+saved model is scored on the held-out pairs (reward accuracy, from the saved files: harness/analysis/reward.py)
+and by lm-eval on the held-out task, both next to the untrained model. Needs the trl environment (skipped
+otherwise). Measured on 2 CPU cores (45 s): reward and likelihood accuracy 1.00 against the untrained model's
+likelihood accuracy 0.49; lm-eval multiple choice 1.00 against 0.21 (chance 0.25).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from harness.running import envs
+from harness.spec.scenario import load_scenario
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not envs.resolve("trl").ready,
+                    reason="trl environment not created: run `python -m harness env create trl`")
+def test_dpo_gains_reward_and_lm_eval_accuracy(tmp_path, monkeypatch):
+    from harness.running import runner
+
+    monkeypatch.setenv("TUNEBENCH_WORK", str(tmp_path / "work"))
+    sc = load_scenario(REPO / "scenarios" / "quality_dpo_small.yaml")
+    sweep = runner.run_sweep(sc, tmp_path / "results", new=True, quiet=True)
+    res = runner.load_result(sweep, "trl", 0)
+    assert res["status"] == "ok" and res["valid"], (res.get("reason"), res["invalid_reasons"])
+    rw = res["reward_eval"]
+    assert rw["status"] == "ok" and rw["pairs"] == 100, rw
+    assert rw["reward_accuracy"] >= 0.9, rw  # chance: 0.5; the untrained model's rewards are all 0
+    assert rw["likelihood_accuracy"] >= rw["baseline_likelihood_accuracy"] + 0.3, rw
+    assert rw["reward_margin"] > 0, rw
+    ev = res["eval"]
+    assert ev["status"] == "ok", ev.get("error")
+    # lm-eval, 100 held-out documents: better than the untrained model and than chance (0.25)
+    assert ev["metrics"]["tb_last_mc/acc"] >= max(0.8, ev["baseline_metrics"]["tb_last_mc/acc"] + 0.3), ev

@@ -1,0 +1,336 @@
+"""The trainer's planner: cost model, plan choice under a budget, re-planning, and a planned run (CPU; one GPU test)."""
+
+from __future__ import annotations
+
+import json
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+
+from kernels.trainer import plan as plan_mod
+from kernels.trainer import planner as planner_mod
+from kernels.trainer.batches import IGNORE_INDEX
+from kernels.trainer.config import DecoderConfig, MethodOptions, TrainerConfig, TrainSettings
+from kernels.trainer.loading import load_model
+from kernels.trainer.plan import (
+    GIB,
+    CostModel,
+    DeviceSpeed,
+    LayerCost,
+    Plan,
+    candidates,
+    choose,
+    costs_for,
+    lean_plan,
+    predict,
+)
+from kernels.trainer.planner import Planner, apply_plan, plan_of, reconfigure, usable_bytes
+from kernels.trainer.train import train
+from tests.worker_run import run_first_row
+
+MIB = 2**20
+PAD, BOS, EOS = 0, 1, 2
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def synthetic(n: int = 8, h2d_gbps: float = 20.0, graph: bool = True, grad_accum: int = 2) -> CostModel:
+    """A made-up model: 8 layers of 100 MiB weights keeping 50 MiB of activations, 10 ms forward, 12 ms backward;
+    a 200 MiB embedding and head; a slow-ish link (20 GB/s), so streaming costs time."""
+    layer = LayerCost(weight_bytes=100 * MIB, keep_bytes=50 * MIB, checkpoint_bytes=4 * MIB,
+                      transient_bytes=100 * MIB, forward_s=0.010, backward_s=0.012)
+    return CostModel(layers=(layer,) * n, grad_accum=grad_accum, fixed_bytes=10 * MIB,
+                     trainable_state_bytes=30 * MIB, embed_bytes=200 * MIB, head_bytes=200 * MIB,
+                     loss_bytes=60 * MIB, hidden_bytes=4 * MIB, loss_s=0.008, optimizer_s=0.001,
+                     speed=DeviceSpeed(h2d_gbps=h2d_gbps, d2h_gbps=h2d_gbps), can_graph=graph)
+
+
+def _peaks(m: CostModel) -> list[int]:
+    return sorted({predict(m, p).peak_bytes for p in candidates(m)})
+
+
+# -- the choice ---------------------------------------------------------------------------------------------------
+
+
+def test_a_bigger_budget_never_gives_a_slower_plan_and_no_plan_is_over_budget():
+    m = synthetic()
+    lo, hi = predict(m, lean_plan(m)).peak_bytes, max(_peaks(m))
+    budgets = [lo + (hi - lo) * k // 40 for k in range(41)] + [hi * 2]
+    steps = []
+    for b in budgets:
+        p = choose(m, b)
+        assert p is not None
+        pr = predict(m, p)
+        assert pr.peak_bytes <= b
+        steps.append(pr.step_s)
+    assert steps == sorted(steps, reverse=True)
+    assert steps[0] > steps[-1]  # the budget matters: the lean end is slower
+
+
+def test_a_tight_budget_gives_the_lean_plan():
+    m = synthetic()
+    lean = lean_plan(m)
+    # everything on the host and every layer recomputing is the smallest this model gets
+    assert lean == Plan(recompute_layers=-1, offload_weights=8, offload_checkpoints=True, offload_embeddings=True,
+                        offload_lm_head=True)
+    assert choose(m, predict(m, lean).peak_bytes) == lean
+
+
+def test_nothing_fits_gives_none_and_the_planner_runs_the_lean_plan_marked():
+    m = synthetic()
+    too_small = predict(m, lean_plan(m)).peak_bytes - 1
+    assert choose(m, too_small) is None
+    options = MethodOptions(kind="lora")
+    planner = Planner(m, too_small, {"setting": "test"}, options)
+    assert planner.plan == lean_plan(m) and planner.record["fits"] is False
+    assert (options.offload_weights, options.offload_embeddings, options.recompute_layers) == (8, True, -1)
+
+
+def test_a_roomy_budget_gives_the_fastest_plan():
+    m = synthetic()
+    p = choose(m, 100 * GIB)
+    assert p == Plan(recompute_layers=1, cuda_graph=True)  # keep 7 of 8 layers' activations, graphed, no offload
+    assert not synthetic(graph=False).can_graph and choose(synthetic(graph=False), 100 * GIB).cuda_graph is False
+    assert choose(m, 100 * GIB, cuda_graph=False) == Plan(recompute_layers=1)
+
+
+def test_predicted_costs_of_each_knob():
+    m = synthetic()
+    base = predict(m, Plan())
+    keep1 = predict(m, Plan(recompute_layers=7))
+    # one layer keeps its activations: + keep bytes, minus its recompute forward per micro-batch
+    assert keep1.peak_bytes - base.peak_bytes == 50 * MIB - 4 * MIB
+    assert base.step_s - keep1.step_s == pytest.approx(2 * 0.010)
+    # checkpoints on the host: only two on the device; fetched back on the compute stream in backward
+    ck = predict(m, Plan(offload_checkpoints=True))
+    assert base.peak_bytes - ck.peak_bytes == 8 * 4 * MIB - 2 * 4 * MIB
+    assert ck.step_s - base.step_s == pytest.approx(2 * 8 * 4 * MIB / 20e9)
+    # a streamed layer leaves the device's static bytes; a fast link hides its copy behind the layers before it
+    s2 = predict(m, Plan(offload_weights=2))
+    assert base.static_bytes - s2.static_bytes == 2 * 100 * MIB
+    fast = synthetic(h2d_gbps=1000.0)
+    assert predict(fast, Plan(offload_weights=2)).step_s == pytest.approx(predict(fast, Plan()).step_s, rel=1e-3)
+    assert s2.step_s > base.step_s
+    # the LM head on the host: its device copy is there at the forward's end instead of all the time
+    head = predict(m, Plan(offload_lm_head=True))
+    assert head.static_bytes == base.static_bytes - 200 * MIB and head.peak_bytes <= base.peak_bytes
+    graph = predict(m, Plan(recompute_layers=1, cuda_graph=True))
+    assert graph.peak_bytes - predict(m, Plan(recompute_layers=1)).peak_bytes == plan_mod.GRAPH_EXTRA_BYTES
+
+
+def test_candidates_respect_the_trainers_rules():
+    m = synthetic()
+    plans = list(candidates(m))
+    assert all(not (p.cuda_graph and p.offloads) for p in plans)
+    assert all(p.offload_weights <= (8 if p.recompute_layers == -1 else p.recompute_layers) for p in plans)
+    assert len(plans) == len(set(plans))
+    no_ckpt = CostModel(**{**vars(m), "checkpointing": False})
+    assert {(p.recompute_layers, p.offload_weights, p.offload_checkpoints) for p in candidates(no_ckpt)} == {(-1, 0,
+                                                                                                             False)}
+
+
+def test_measured_corrections_make_the_planner_replan(monkeypatch):
+    """A probe peak above the prediction: the activation factor is solved from it, and the plan moves to one that
+    fits the corrected model (and is applied to the live model)."""
+    m = synthetic()
+    options = MethodOptions(kind="lora")
+    budget = predict(m, Plan(recompute_layers=3)).peak_bytes
+    planner = Planner(m, budget, {"setting": "test"}, options)
+    first = planner.plan
+    assert predict(m, first).peak_bytes <= budget
+    moved = []
+    monkeypatch.setattr(planner_mod, "reconfigure", lambda model, o: moved.append(plan_of(o)))
+    planner.model = SimpleNamespace(device_of_compute=torch.device("cuda"))
+    planner._static = planner.prediction.static_bytes
+    measured = planner.prediction.peak_bytes + 300 * MIB  # activations 300 MiB above the model's count
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda dev=None: measured)
+    assert planner.after_step(1) is False
+    assert planner.after_step(2) is True
+    probe = planner.record["probe"]
+    assert probe["act_factor"] > 1.0 and probe["measured_peak_alloc_gib"] == round(measured / GIB, 3)
+    corrected = m.corrected(act_factor=probe["act_factor"], time_factor=probe["time_factor"])
+    assert predict(corrected, first).peak_bytes == pytest.approx(measured, rel=1e-3)  # the factor as recorded
+    assert moved == [planner.plan] and planner.plan != first
+    assert predict(corrected, planner.plan).peak_bytes <= budget
+    assert planner.record["replanned"]["why"] == "peak above the prediction"
+    assert planner.record["plan"] == planner.plan.knobs() == plan_of(options).knobs()
+    assert planner.after_step(3) is False  # once
+
+
+# -- the analytic model on real shapes ----------------------------------------------------------------------------
+
+
+def _preset(name: str) -> DecoderConfig:
+    return DecoderConfig.from_dict(yaml.safe_load(open(f"scenarios/presets/{name}.yaml"))["config"])
+
+
+def test_costs_at_the_8b_shapes_match_the_readme_table():
+    cfg = _preset("llama-3.1-8b")
+    m = costs_for(cfg, MethodOptions(kind="lora"), 2, 1, 2048, torch.bfloat16, torch.device("cuda"))
+    layer = m.layers[0]
+    assert layer.weight_bytes / GIB == pytest.approx(0.406, abs=1e-3)  # 218.1 M x 2 B
+    assert layer.keep_bytes / 1e6 == pytest.approx(570, rel=0.01)  # kernels/trainer/README.md: ~570 MB
+    assert m.embed_bytes / GIB == pytest.approx(0.98, abs=0.01) and m.head_bytes == m.embed_bytes
+    # the plain row (every layer recomputes, nothing offloaded): measured 17.28 GiB allocated on the H100
+    assert predict(m, Plan()).peak_bytes / GIB == pytest.approx(17.3, abs=0.6)
+    q = costs_for(cfg, MethodOptions(kind="qlora"), 2, 1, 2048, torch.bfloat16, torch.device("cuda"))
+    assert not q.can_stream and q.layers[0].weight_bytes / layer.weight_bytes == pytest.approx(0.258, abs=0.002)
+
+
+def test_which_knobs_a_model_allows():
+    tied = costs_for(_preset("llama-3.2-1b"), MethodOptions(kind="lora"), 1, 1, 512, torch.bfloat16,
+                     torch.device("cuda"))
+    assert not (tied.can_offload_embeddings or tied.can_offload_head) and tied.head_bytes == 0
+    full = costs_for(_preset("tiny-llama"), MethodOptions(kind="full"), 1, 1, 64, torch.float32, torch.device("cpu"))
+    assert not (full.can_stream or full.can_offload_embeddings or full.can_graph)
+    assert all(not p.offloads or p.offload_checkpoints and not (p.offload_weights or p.offload_embeddings)
+               for p in candidates(full))
+    dropout = costs_for(_preset("tiny-llama"), MethodOptions(kind="lora", lora_dropout=0.1), 1, 1, 64,
+                        torch.float32, torch.device("cuda"))
+    assert not dropout.can_graph
+
+
+def test_budget_setting():
+    usable, rec = usable_bytes(4.0, torch.device("cpu"))
+    assert usable == int(4 * GIB * (1 - planner_mod.MARGIN_FRACTION) - planner_mod.MARGIN_GIB * GIB)
+    assert rec["usable_gib"] == round(usable / GIB, 3)
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        usable_bytes("auto", torch.device("cpu"))
+
+
+# -- a planned run on the CPU -------------------------------------------------------------------------------------
+
+
+def _rows(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        ids = [BOS] + [rng.randrange(97, 123) for _ in range(rng.randint(8, 30))] + [EOS]
+        rows.append({"input_ids": ids, "labels": [IGNORE_INDEX] + ids[1:]})
+    return rows
+
+
+def _settings(steps: int) -> TrainSettings:
+    return TrainSettings(micro_batch=2, grad_accum=2, steps=steps, lr=1e-3, pad_id=PAD)
+
+
+def test_replanning_mid_run_keeps_the_losses(tiny_llama_fp32):  # noqa: ANN001
+    """Moving a live model between plans (streaming, host embeddings and head, checkpoints, recomputation) changes
+    where tensors live and what is recomputed, not the maths: the same losses as a run that never moved."""
+    s = _settings(6)
+    fixed = load_model(tiny_llama_fp32, MethodOptions(kind="lora", lora_r=8), dtype=torch.float32, device="cpu",
+                       seed=0)
+    want = train(fixed, _rows(24), s, device=torch.device("cpu"))
+    options = MethodOptions(kind="lora", lora_r=8)
+    model = load_model(tiny_llama_fp32, options, dtype=torch.float32, device="cpu", seed=0)
+    plans = {2: Plan(-1, 2, True, True, True), 4: Plan(recompute_layers=1)}
+    layouts = []
+
+    def move(step: int) -> None:
+        if step in plans:
+            apply_plan(options, plans[step])
+            reconfigure(model, options)
+            layouts.append((model.streamer.layer_ids if model.streamer else [], model.checkpointed_layers,
+                            model.offload_checkpoints))
+
+    got = train(model, _rows(24), s, device=torch.device("cpu"), on_step_end=move)
+    assert got == pytest.approx(want, abs=1e-6)
+    assert layouts == [([0, 1], None, True), ([], frozenset({0}), False)]
+    assert all(mod.weight is not None and mod.stream_weight is None for _, mod in model.linears())
+
+
+def test_a_planned_lean_run_trains_and_records_its_plan(tiny_llama_fp32):  # noqa: ANN001
+    """The planner's choice reaches the loaded model and the record: at the smallest budget it fits, the lean
+    plan (for a 2-layer model: embeddings and head on the host; streaming both layers, or offloading both
+    checkpoints, would leave the peak where it is)."""
+    cfg = TrainerConfig(method=MethodOptions(kind="lora", lora_r=8, plan=1.0), train=_settings(3), dtype=torch.float32,
+                        device=torch.device("cpu"))
+    decoder = DecoderConfig.from_checkpoint(tiny_llama_fp32)
+    m = costs_for(decoder, cfg.method, 2, 2, 32, torch.float32, cfg.device)
+    planner = Planner(m, predict(m, lean_plan(m)).peak_bytes, {"setting": 1.0}, cfg.method)
+    assert planner.record["fits"] and planner.plan == lean_plan(m)
+    model = load_model(tiny_llama_fp32, cfg.method, dtype=torch.float32, device="cpu", seed=0)
+    planner.attach(model)
+    losses = train(model, _rows(12), cfg.train, device=cfg.device, on_step_end=planner.after_step)
+    assert len(losses) == 3 and all(0 < x < 10 for x in losses)
+    assert plan_of(model.options) == lean_plan(m) == Plan(offload_embeddings=True, offload_lm_head=True)
+    rec = json.loads(json.dumps(planner.record))  # JSON-able, as the run stores it
+    assert rec["plan"] == lean_plan(m).knobs() and rec["probe"]["after_step"] == 2
+    assert rec["probe"]["measured_step_s"] > 0 and "measured_peak_alloc_gib" not in rec["probe"]  # no CUDA stats
+
+
+def test_the_adapter_plans_and_records(tmp_path, monkeypatch):  # noqa: ANN001
+    """Through the harness worker: the `plan` override reaches the trainer, the run is valid and stores its plan."""
+    from harness.spec.scenario import parse_scenario
+
+    monkeypatch.setenv("TUNEBENCH_CACHE", str(tmp_path / "cache"))
+    sc = parse_scenario("""
+version: 1
+name: tb_plan_test
+model: {preset: tiny-llama, weights: random, dtype: float32, seed: 0}
+method: {kind: lora, lora_r: 4, lora_alpha: 8, target_modules: all-linear}
+data: {source: synthetic, seq_len: 48, lengths: uniform, min_len: 12}
+train: {micro_batch: 2, grad_accum: 1, steps: 3, warmup_steps: 1, lr: 1.0e-3, gradient_checkpointing: true}
+hardware: {device: cpu}
+frameworks: [{name: tunebench, label: tunebench-planned, overrides: {plan: 2}}]
+""")
+    res = run_first_row(sc, tmp_path)
+    trainer = res["extra"]["trainer"]
+    plan = trainer["plan"]
+    assert plan["budget"]["setting"] == 2.0 and plan["fits"] and plan["probe"]["after_step"] == 2
+    assert {"predicted_peak_alloc_gib", "predicted_step_s"} <= set(plan)
+    # 2 GiB is roomy for a tiny model: the fastest plan, one layer recomputing, nothing on the host (no graph: CPU)
+    assert plan["plan"] == Plan(recompute_layers=1).knobs()
+    assert trainer["recomputed_layers"] == [0] and trainer["streamed_layers"] == []
+
+
+def test_plan_budget_follows_the_scenario():
+    from adapters_for_tools.tunebench.adapter import plan_budget
+
+    assert plan_budget("auto", None) == "auto" and plan_budget("auto", 24.0) == 24.0
+    assert plan_budget(30.0, 24.0) == 24.0 and plan_budget(12.0, 24.0) == 12.0 and plan_budget(None, 24.0) is None
+
+
+@pytest.fixture(scope="module")
+def llama_1b_bf16(tmp_path_factory):  # noqa: ANN001, ANN201
+    """A random Llama-3.2-1B-shaped bf16 checkpoint (built on the GPU, once per module)."""
+    from harness.inputs.models import get_preset, prepare_random_checkpoint
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TUNEBENCH_CACHE", str(tmp_path_factory.mktemp("llama_1b_cache")))
+        yield prepare_random_checkpoint(get_preset("llama-3.2-1b"), "bfloat16", 0, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("budget_gib", [4.0, 8.0])
+def test_planned_run_stays_under_its_cap_on_gpu(llama_1b_bf16, budget_gib):  # noqa: ANN001
+    """Llama-3.2-1B shapes (bf16 LoRA, 2 x 2048 tokens) under a per-process cap of ``budget_gib``: the planned run
+    trains and torch's reserved peak stays under the cap. Prints the plan record (predicted vs measured)."""
+    dev = torch.device("cuda", torch.cuda.current_device())
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(dev)
+    total = torch.cuda.get_device_properties(dev).total_memory
+    torch.cuda.set_per_process_memory_fraction(budget_gib * GIB / total, dev)
+    try:
+        s = TrainSettings(micro_batch=2, grad_accum=1, steps=6, lr=1e-4, optimizer="adamw_torch_fused", pad_id=PAD)
+        cfg = TrainerConfig(method=MethodOptions(kind="lora", plan=budget_gib), train=s, dtype=torch.bfloat16,
+                            device=dev)
+        planner = Planner.start(cfg, DecoderConfig.from_checkpoint(llama_1b_bf16), seq_len=2048)
+        model = load_model(llama_1b_bf16, cfg.method, dtype=torch.bfloat16, device=dev, seed=0)
+        planner.attach(model)
+        rng = random.Random(0)
+        rows = [{"input_ids": (ids := [rng.randrange(3, 128000) for _ in range(2048)]), "labels": ids}
+                for _ in range(12)]
+        losses = train(model, rows, s, device=dev, on_step_end=planner.after_step)
+        peak = torch.cuda.max_memory_reserved(dev)
+        print(json.dumps({"budget_gib": budget_gib, "peak_reserved_gib": peak / GIB,
+                          "peak_alloc_gib": torch.cuda.max_memory_allocated(dev) / GIB, "losses": losses,
+                          "record": planner.record}))
+        assert planner.record["fits"] and planner.record["probe"]["after_step"] == 2
+        assert all(0 < x < 20 for x in losses)
+        assert peak <= budget_gib * GIB
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, dev)
