@@ -117,6 +117,20 @@ def cross_entropy_rows(logits: torch.Tensor, labels: torch.Tensor, ignore_index:
 _OUT_DTYPE_ADDMM_OK: bool | None = None  # whether torch.addmm(..., out_dtype=fp32) works here (CUDA, torch>=2.8)
 
 
+def accumulate_chunk_grads_(dlogits: torch.Tensor, h_c: torch.Tensor, w: torch.Tensor, start: int,
+                            grad_h: torch.Tensor | None, grad_w: torch.Tensor | None,
+                            grad_b: torch.Tensor | None) -> None:
+    """One chunk's share of the LM head's gradients from d(loss)/d(logits) of its rows (those from ``start`` on):
+    ``grad_h[rows] = dlogits @ w``, ``grad_w += dlogits^T h_c`` and ``grad_b += column sums`` (both fp32
+    accumulators); a None gradient is not wanted."""
+    if grad_h is not None:
+        torch.mm(dlogits, w, out=grad_h[start:start + dlogits.shape[0]])
+    if grad_w is not None:
+        _addmm_fp32_(grad_w, dlogits.t(), h_c)
+    if grad_b is not None:
+        grad_b.add_(dlogits.sum(0, dtype=torch.float32))
+
+
 def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """``acc += a @ b`` with an fp32 ``acc`` and low-precision ``a``, ``b``, without a [M, N] low-precision temp.
 
@@ -177,12 +191,7 @@ def fused_linear_cross_entropy_forward(
         logits = h_c @ w.t() if bias is None else torch.addmm(bias, h_c, w.t())
         loss_rows[start:end] = cross_entropy_fwd_bwd_(logits, labels[start:end], scale, ignore_index)
         dlogits = logits  # overwritten in place by the kernel
-        if grad_h is not None:
-            torch.mm(dlogits, w, out=grad_h[start:end])
-        if grad_w is not None:
-            _addmm_fp32_(grad_w, dlogits.t(), h_c)
-        if grad_b is not None:
-            grad_b.add_(dlogits.sum(0, dtype=torch.float32))
+        accumulate_chunk_grads_(dlogits, h_c, w, start, grad_h, grad_w, grad_b)
         del logits, dlogits
     loss = loss_rows.sum() / divisor[0]
     return (

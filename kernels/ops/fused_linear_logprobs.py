@@ -24,7 +24,7 @@ import torch
 
 from kernels.ops._utils import use_triton
 from kernels.ops.fused_linear_cross_entropy import (
-    _addmm_fp32_,
+    accumulate_chunk_grads_,
     cross_entropy_fwd_bwd_,
     cross_entropy_rows,
     default_chunk_size,
@@ -70,12 +70,7 @@ def fused_linear_logprobs_backward(
         h_c = h[start:end]
         dlogits = _chunk_logits(h_c, w, bias)
         cross_entropy_fwd_bwd_(dlogits, labels[start:end], scale[start:end], ignore_index)  # in place
-        if grad_h is not None:
-            torch.mm(dlogits, w, out=grad_h[start:end])
-        if grad_w is not None:
-            _addmm_fp32_(grad_w, dlogits.t(), h_c)
-        if grad_b is not None:
-            grad_b.add_(dlogits.sum(0, dtype=torch.float32))
+        accumulate_chunk_grads_(dlogits, h_c, w, start, grad_h, grad_w, grad_b)
         del dlogits
     return (grad_h,
             grad_w.to(w.dtype) if grad_w is not None else None,
