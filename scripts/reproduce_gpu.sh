@@ -13,6 +13,9 @@
 #               library) go in .whl/ (as wheels, or as pre-pruned trees .whl/*.tar.xz); this script installs both.
 # A framework whose environment is missing is stored as an 'unavailable' row; the sweep goes on.
 #
+# A copy of the code without .git (`git archive` of one commit): export TUNEBENCH_GIT_SHA=<that commit> first, so
+# every run records which commit it measured.
+#
 # Calls of limited length (a lent GPU machine that takes commands of a few minutes): DEADLINE_S seconds after the
 # start, counting the set-up, the run in progress is interrupted (SIGINT: the runner stores what finished) and the
 # script stops. Call it again, with the results of the earlier calls in results/, until it prints "all stored":
@@ -70,7 +73,9 @@ for sc in scenarios/llama8b_lora.yaml scenarios/llama8b_qlora.yaml; do
   step $sc --repeats 1 --only tunebench-fast tunebench-graph tunebench-lean trl axolotl llamafactory litgpt \
     hf-liger trl-liger unsloth-plain-ckpt axolotl-liger llamafactory-liger llamafactory-offload-ckpt
 done
-step scenarios/quality_gpu.yaml          # lm-eval runs in the lmeval environment
+# lm-eval runs in the lmeval environment; three seeds for hf and tunebench, one for the others
+step scenarios/quality_gpu.yaml --only hf tunebench --repeats 3
+step scenarios/quality_gpu.yaml --repeats 1
 step scenarios/quality_gpu_parity.yaml   # hf twice against tunebench with and without reference ops
 
 mine=$(for n in llama8b_lora llama8b_qlora quality_gpu quality_gpu_parity; do ours $n | tail -1; done)
