@@ -225,7 +225,8 @@ class MeasureSpec(_Strict):
     # repeat r trains with train.seed + r and, for random weights, a checkpoint drawn with model.seed + r: the
     # repeats then measure the seed-to-seed spread of the result (what a quality comparison needs) instead of the
     # run-to-run noise of one seed (Scenario.for_repeat)
-    seed_per_repeat: bool = False
+    # (left out of the resolved scenario when off, so a scenario without it hashes as it always did)
+    seed_per_repeat: bool = Field(False, exclude_if=lambda v: not v)
 
 
 class EvalSpec(_Strict):
@@ -257,18 +258,9 @@ def _hash(d: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
-# Settings whose default leaves a run exactly as it is without them: left out of the hashes at that default, so a
-# scenario that does not use them hashes the same whether or not the schema knows them.
-NEUTRAL_DEFAULTS: dict[tuple[str, str], Any] = {("measure", "seed_per_repeat"): False}
-
-
 def _run_settings(d: dict[str, Any]) -> dict[str, Any]:
-    """A resolved scenario dict without what is not a setting of a run: repeats, time limits, and the settings of
-    :data:`NEUTRAL_DEFAULTS` at their default."""
+    """A resolved scenario dict without what is not a setting of a run: repeats and time limits."""
     d = dict(d)
-    for (section, key), default in NEUTRAL_DEFAULTS.items():
-        if isinstance(d.get(section), dict) and key in d[section] and d[section][key] == default:
-            d[section] = {k: v for k, v in d[section].items() if k != key}
     d["measure"] = {k: v for k, v in (d.get("measure") or {}).items() if k not in ("repeats", "timeout_s")}
     d["frameworks"] = [{k: v for k, v in f.items() if k != "timeout_s"} for f in d.get("frameworks") or []]
     return d
@@ -355,9 +347,7 @@ class Scenario(_Strict):
         if model.weights == "random":
             model = model.model_copy(update={"seed": (model.seed + repeat) % (MAX_SEED + 1)})
         train = self.train.model_copy(update={"seed": (self.train.seed + repeat) % (MAX_SEED + 1)})
-        out = self.model_copy(update={"model": model, "train": train})
-        out.source_path = self.source_path
-        return out
+        return self.model_copy(update={"model": model, "train": train})
 
     @property
     def tokens_per_step_max(self) -> int:

@@ -55,7 +55,7 @@ from kernels.trainer.attention import SharedPrompts
 from kernels.trainer.batches import IGNORE_INDEX, step_rows
 from kernels.trainer.config import DPO_LOSS_TYPES, ObjectiveOptions, TrainSettings
 from kernels.trainer.linear import Linear, adapters_disabled
-from kernels.trainer.train import StepHook, make_optimizer, make_scheduler
+from kernels.trainer.train import StepHook, begin_step, prepare_training
 
 
 @dataclass
@@ -404,23 +404,12 @@ def train_preference(model: torch.nn.Module, pairs: Sequence[dict], s: TrainSett
     if not objective.is_preference:
         raise ValueError(f"train_preference trains dpo or orpo, not {objective.kind!r} (sft: kernels.trainer.train)")
     _check_model(model, objective)
-    device = device or getattr(model, "device", None) or next(model.parameters()).device
-    opt = optimizer or make_optimizer(model, s)
-    sched = make_scheduler(opt, s)
-    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
-    params = [p for p in model.parameters() if id(p) in in_opt]
-    model.train()
+    device, opt, sched, params = prepare_training(model, s, device, optimizer)
     history: list[dict[str, float]] = []
     for step in range(s.steps):
         batches = [collate_pairs([pairs[i] for i in idx], s.pad_id, objective.kind, objective.pair_layout).to(device)
                    for idx in step_rows(len(pairs), s, step)]
-        if meter is not None:
-            meter.step_begin()
-        if step == 0 and on_first_step is not None:
-            on_first_step(opt)
-        if meter is not None:
-            for b in batches:
-                meter.count_batch(b.meter_view())
+        begin_step(meter, step, on_first_step, opt, [b.meter_view() for b in batches])
         total, stats = preference_step(model, batches, objective, params, s, opt)
         opt.zero_grad(set_to_none=True)
         sched.step()

@@ -229,6 +229,32 @@ def optimizer_step(model: torch.nn.Module, batches: list[dict], n_loss: int | to
     return total
 
 
+def prepare_training(model: torch.nn.Module, s: TrainSettings, device: torch.device | str | None,
+                     optimizer: torch.optim.Optimizer | None):
+    """What every training loop starts with: the device, the optimizer (``optimizer`` or :func:`make_optimizer`),
+    its scheduler, the parameters it steps in the model's order (clipped in that order, as the Trainer clips
+    ``model.parameters()``), and the model in train mode."""
+    device = device or getattr(model, "device", None) or next(model.parameters()).device
+    opt = optimizer or make_optimizer(model, s)
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    params = [p for p in model.parameters() if id(p) in in_opt]
+    model.train()
+    return device, opt, make_scheduler(opt, s), params
+
+
+def begin_step(meter: StepHook | None, step: int, on_first_step: Callable | None, opt: torch.optim.Optimizer,
+               counted: Sequence[dict[str, torch.Tensor]]) -> None:
+    """Start an optimizer step: the meter's clock, the first-step callback (after the clock, so its work is
+    timed like the step's), and the micro-batches the meter counts."""
+    if meter is not None:
+        meter.step_begin()
+    if step == 0 and on_first_step is not None:
+        on_first_step(opt)
+    if meter is not None:
+        for b in counted:
+            meter.count_batch(b)
+
+
 def train(model: torch.nn.Module, rows: Sequence[dict], s: TrainSettings, meter: StepHook | None = None,
           device: torch.device | str | None = None,
           on_first_step: Callable[[torch.optim.Optimizer], None] | None = None,
@@ -255,12 +281,7 @@ def train(model: torch.nn.Module, rows: Sequence[dict], s: TrainSettings, meter:
     Returns:
         Loss of each optimizer step (mean over the step's loss tokens).
     """
-    device = device or getattr(model, "device", None) or next(model.parameters()).device
-    opt = optimizer or make_optimizer(model, s)
-    sched = make_scheduler(opt, s)
-    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
-    params = [p for p in model.parameters() if id(p) in in_opt]  # clipped in the model's order, as the Trainer
-    model.train()
+    device, opt, sched, params = prepare_training(model, s, device, optimizer)
     graph = None
     if _graphed(model):
         if dist is not None:
@@ -279,13 +300,7 @@ def train(model: torch.nn.Module, rows: Sequence[dict], s: TrainSettings, meter:
         n_loss = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
         if dist is not None:
             n_loss = dist.global_count(n_loss, device)  # of every rank's micro-batches: the global step's
-        if meter is not None:
-            meter.step_begin()
-        if step == 0 and on_first_step is not None:
-            on_first_step(opt)
-        if meter is not None:
-            for b in batches:
-                meter.count_batch(b)
+        begin_step(meter, step, on_first_step, opt, batches)
         if graph is not None:
             total = graph.run(batches, n_loss)
         else:

@@ -213,3 +213,19 @@ def eval_dict(acc: float, *, baseline: float | None = 0.25, tt_target: float | N
     if baseline is not None:
         out["baseline_metrics"] = {"arith/acc": baseline, "arith/exact_match": baseline / 2}
     return out
+
+
+def make_night(results_root: Path, day: int, hf_tps: float, git_sha: str = "a" * 40,
+               transformers: str = "5.17.0") -> Path:
+    """One stored sweep ("night") of hf and tunebench, created at 02:00 on 2026-12-<day>, with this git sha and
+    transformers version in every run's environment (what the nightly history annotates)."""
+    created = f"202612{day:02d}-020000"
+    env = environment_dict() | {"git_sha": git_sha}
+    env["libraries"] = env["libraries"] | {"transformers": transformers}
+    runs = [make_run("hf", 0, tokens_per_s=hf_tps), make_run("tunebench", 0, tokens_per_s=1500.0)]
+    for r in runs:
+        r["environment"] = env
+    d = make_sweep(results_root / f"synthetic-tiny-{created}", runs, environment=env)
+    plan = json.loads((d / "sweep.json").read_text())
+    (d / "sweep.json").write_text(json.dumps(plan | {"created": created}))
+    return d

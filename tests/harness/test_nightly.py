@@ -14,7 +14,7 @@ from harness.cli import history as history_cli
 from harness.cli import nightly
 from harness.spec.suite import SuiteError, load_suite
 from harness.storing import history
-from tests.harness.fixtures_results import environment_dict, make_run, make_sweep
+from tests.harness.fixtures_results import make_night
 
 SUITE = """\
 version: 1
@@ -29,24 +29,12 @@ gate:
 """
 
 
-def _night(results: Path, day: int, hf_tps: float, git_sha: str = "a" * 40, transformers: str = "5.17.0") -> Path:
-    """One stored sweep ("night") of hf and tunebench, created at 02:00 on 2026-12-<day>."""
-    created = f"202612{day:02d}-020000"
-    env = environment_dict() | {"git_sha": git_sha}
-    env["libraries"] = env["libraries"] | {"transformers": transformers}
-    runs = [make_run("hf", 0, tokens_per_s=hf_tps), make_run("tunebench", 0, tokens_per_s=1500.0)]
-    for r in runs:
-        r["environment"] = env
-    d = make_sweep(results / f"synthetic-tiny-{created}", runs, environment=env)
-    plan = json.loads((d / "sweep.json").read_text())
-    (d / "sweep.json").write_text(json.dumps(plan | {"created": created}))
-    return d
 
 
 @pytest.fixture
 def setup(tmp_path: Path):
     results = tmp_path / "results"
-    nights = [_night(results, day, tps) for day, tps in ((1, 1000.0), (2, 1010.0), (3, 990.0))]
+    nights = [make_night(results, day, tps) for day, tps in ((1, 1000.0), (2, 1010.0), (3, 990.0))]
     (tmp_path / "scenario.yaml").write_text("name: unused\n")  # --tonight judges stored sweeps: never opened
     suite = tmp_path / "suite.yaml"
     suite.write_text(SUITE)
@@ -63,7 +51,7 @@ def _nightly(tmp: Path, results: Path, suite: Path, db: Path, tonight: Path) -> 
 
 def test_planted_drop_exits_1_naming_scenario_framework_metric(setup, capsys):
     tmp, results, suite, db = setup
-    fourth = _night(results, 4, 700.0, git_sha="b" * 40, transformers="5.18.0")  # a planted 30 % drop
+    fourth = make_night(results, 4, 700.0, git_sha="b" * 40, transformers="5.18.0")  # a planted 30 % drop
     assert _nightly(tmp, results, suite, db, fourth) == 1
     md = (tmp / "reports" / "nightly-synthetic" / "verdict.md").read_text()
     assert "REGRESSION" in md
@@ -78,13 +66,13 @@ def test_planted_drop_exits_1_naming_scenario_framework_metric(setup, capsys):
 
 def test_steady_fourth_night_exits_0(setup, capsys):
     tmp, results, suite, db = setup
-    assert _nightly(tmp, results, suite, db, _night(results, 4, 1005.0)) == 0
+    assert _nightly(tmp, results, suite, db, make_night(results, 4, 1005.0)) == 0
     assert "no regression" in capsys.readouterr().out
 
 
 def test_too_few_nights_is_inconclusive(tmp_path: Path):
     results = tmp_path / "results"
-    first, second = _night(results, 1, 1000.0), _night(results, 2, 600.0)
+    first, second = make_night(results, 1, 1000.0), make_night(results, 2, 600.0)
     (tmp_path / "scenario.yaml").write_text("name: unused\n")
     (tmp_path / "suite.yaml").write_text(SUITE)
     db = tmp_path / "h.duckdb"

@@ -18,7 +18,7 @@ import pytest
 
 from harness.cli import nightly
 from harness.storing import history
-from tests.harness.fixtures_results import environment_dict, make_run, make_sweep
+from tests.harness.fixtures_results import make_night
 
 BROWSER = next((b for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
 pytestmark = pytest.mark.skipif(BROWSER is None, reason="no headless browser: apt-get install -y chromium")
@@ -51,16 +51,6 @@ addEventListener("load", () => {
 </script>"""
 
 
-def _night(results: Path, day: int, hf_tps: float) -> Path:
-    created = f"202612{day:02d}-020000"
-    env = environment_dict() | {"git_sha": f"{day:x}" * 40}
-    runs = [make_run("hf", 0, tokens_per_s=hf_tps), make_run("tunebench", 0, tokens_per_s=1500.0)]
-    for r in runs:
-        r["environment"] = env
-    d = make_sweep(results / f"synthetic-tiny-{created}", runs, environment=env)
-    plan = json.loads((d / "sweep.json").read_text())
-    (d / "sweep.json").write_text(json.dumps(plan | {"created": created}))
-    return d
 
 
 def _chromium(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -76,7 +66,7 @@ def page(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("trend")
     results, db = tmp / "results", tmp / "h.duckdb"
     tps = (1000.0, 1010.0, 990.0, 1005.0, 995.0, 700.0)
-    nights = [_night(results, day, v) for day, v in enumerate(tps, start=1)]
+    nights = [make_night(results, day, v, git_sha=f"{day:x}" * 40) for day, v in enumerate(tps, start=1)]
     for d in nights[:-1]:
         history.append(db, d)
     (tmp / "scenario.yaml").write_text("name: unused\n")
