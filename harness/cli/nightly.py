@@ -98,7 +98,10 @@ def main(argv: list[str] | None = None) -> int:
         judgements = judge(rows, tonight, suite.gate, suite.reference_nights, suite.min_nights, suite.noise_k)
         code = exit_code(judgements)
         out_dir = args.reports / f"nightly-{suite.name}"
-        md = verdict_markdown(suite.name, judgements, code, out_dir / "trend.html")
+        trend = out_dir / "trend.html"
+        # the path as the caller gave it (relative to where the command ran), so a posted verdict names no host paths
+        shown = trend.relative_to(Path.cwd()) if trend.is_relative_to(Path.cwd()) else trend
+        md = verdict_markdown(suite.name, judgements, code, shown)
         scenarios = {r["scenario"] for r in rows if r["sweep_id"] in tonight}
         write_trend(out_dir, [r for r in rows if r["scenario"] in scenarios], suite.gate, suite.reference_nights,
                     suite.min_nights, suite.noise_k, f"Nightly {suite.name}", md)

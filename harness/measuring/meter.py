@@ -319,7 +319,8 @@ class StepMeter:
                            "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB}
         stats = summarise(self.steps, self.warmup_steps)
         telemetry = (self._telemetry.summary(stats["measured_s"], stats["tokens_measured"]) if self._telemetry
-                     else {"energy_j": None, "joules_per_token": None, "avg_power_w": None, "throttled": None})
+                     else {"energy_j": None, "joules_per_token": None, "avg_power_w": None, "throttled": None,
+                           "power_capped": None})
         return stats | torch_peaks | telemetry | {
             "peak_vram_nvml_gib": _gib(self.memory.peak_process_bytes) if self.memory else None,
             "peak_vram_device_gib": _gib(self.memory.peak_device_bytes) if self.memory else None,

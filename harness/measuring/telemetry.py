@@ -9,6 +9,7 @@ end, and at the moment of highest power draw in between (sampled from the memory
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 # NVML's clocks-event (throttle) reason bits, as documented in nvml.h (nvmlClocksEventReason*). Named here so
@@ -24,13 +25,22 @@ THROTTLE_BITS = {
     0x80: "hw_power_brake_slowdown",
     0x100: "display_clock_setting",
 }
-# Reasons that mean the GPU ran below the clocks it could have run at while we measured. Idle, application
-# clock settings, sync boost and display clocks say nothing about the run's speed.
-SLOWING = frozenset({"sw_power_cap", "hw_slowdown", "sw_thermal_slowdown", "hw_thermal_slowdown",
-                     "hw_power_brake_slowdown"})
+# Reasons that mean the GPU ran below the clocks a healthy, unshared GPU of its kind runs at: thermal and hardware
+# slowdowns, and an enforced power limit below the GPU's default (a capped box). The software power cap alone is
+# not among them: a dense training load holds an H100/H200 at its (default) power limit, so it is seen in nearly
+# every GPU run; it is recorded (``power_capped``) and shown, but it does not make a run "throttled".
+SLOWING = frozenset({"hw_slowdown", "sw_thermal_slowdown", "hw_thermal_slowdown", "hw_power_brake_slowdown",
+                     "power_limit_below_default"})
+POWER_CAP = "sw_power_cap"
 NVML_CLOCK_SM = 1  # nvmlClockType_t: NVML_CLOCK_GRAPHICS 0, SM 1, MEM 2
 NVML_CLOCK_MEM = 2
 NVML_TEMPERATURE_GPU = 0
+
+
+def throttle_flags(reasons: Iterable[str]) -> dict[str, bool]:
+    """``throttled`` (a reason in :data:`SLOWING` was seen) and ``power_capped`` (the software power cap was)."""
+    seen = set(reasons)
+    return {"throttled": bool(seen & SLOWING), "power_capped": POWER_CAP in seen}
 
 
 def throttle_names(mask: int) -> list[str]:
@@ -69,8 +79,11 @@ class GpuTelemetry:
         """Clocks (MHz), power draw and limit (W), temperature (C) and throttle reasons now."""
         power = self._call("nvmlDeviceGetPowerUsage")
         limit = self._call("nvmlDeviceGetEnforcedPowerLimit")
+        default = self._call("nvmlDeviceGetPowerManagementDefaultLimit")
         mask = self._throttle_mask()
         reasons = throttle_names(mask) if mask is not None else None
+        if limit is not None and default is not None and limit < default:
+            reasons = [*(reasons or []), "power_limit_below_default"]
         if reasons:
             self.throttle_seen.update(reasons)
         return {
@@ -110,7 +123,6 @@ class GpuTelemetry:
         """The run's telemetry metrics: energy over the timed steps, per token and as average watts."""
         end = self.snapshot()
         have_energy = self.energy_error is None and self.energy_j > 0
-        slowing = sorted(self.throttle_seen & SLOWING)
         return {
             "energy_j": self.energy_j if have_energy else None,
             "joules_per_token": self.energy_j / tokens_measured if have_energy and tokens_measured else None,
@@ -118,5 +130,5 @@ class GpuTelemetry:
             "energy_error": self.energy_error,
             "telemetry": {"start": self.start, "peak_power": self.at_peak_power, "end": end},
             "throttle_reasons_seen": sorted(self.throttle_seen),
-            "throttled": bool(slowing),
+            **throttle_flags(self.throttle_seen),
         }

@@ -8,6 +8,10 @@ from harness.analysis.aggregate import is_empty
 from harness.reporting.document import Cell, fmt, short
 from harness.storing.sweep import Sweep
 
+# the caveat of a throttled run; runs stored by an earlier worker carry it among their warnings, judged by an
+# earlier rule, and those copies are left out
+THROTTLE_WARNING = "GPU throttled while measuring"
+
 
 def caveats(sweep: Sweep, summary, foreign: list[str], parity_df, eval_errors: list[str]) -> list[str | Cell]:
     """The caveats of a sweep, worst first.
@@ -30,10 +34,12 @@ def caveats(sweep: Sweep, summary, foreign: list[str], parity_df, eval_errors: l
             items.append(Cell(f"{r.framework} r{r.repeat}: ran but is INVALID — "
                               f"{'; '.join(r.invalid_reasons) or 'marked invalid'}", "bad"))
     for r in sweep.runs:  # e.g. a throttled GPU: the figures stand but are less trustworthy
-        items += [Cell(f"{r.framework} r{r.repeat}: {w}", "warn") for w in r.warnings]
-        if r.metrics.throttled and not any("throttl" in w.lower() for w in r.warnings):
+        # throttling is judged here from the recorded reasons (schema.Metrics), not from a stored warning text
+        items += [Cell(f"{r.framework} r{r.repeat}: {w}", "warn") for w in r.warnings
+                  if not w.startswith(THROTTLE_WARNING)]
+        if r.metrics.throttled:
             reasons = ", ".join(r.metrics.throttle_reasons_seen or []) or "reason not recorded"
-            items.append(Cell(f"{r.framework} r{r.repeat}: GPU throttled while measuring ({reasons}): its tokens/s "
+            items.append(Cell(f"{r.framework} r{r.repeat}: {THROTTLE_WARNING} ({reasons}): its tokens/s "
                               "understate the framework", "warn"))
     stored = {r.key for r in sweep.runs}
     missing = [k for k in sweep.planned if k not in stored]

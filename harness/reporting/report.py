@@ -49,8 +49,10 @@ COMPARISON_HEADER = ["framework", "status", "repeats ok", "tokens/s (median)", "
                      "torch alloc / reserved (GiB)", "MFU", "final loss", "valid"]
 ENERGY_HEADER = ["J/token", "avg power (W)"]  # after MFU, where a GPU run measured energy
 HOW_TO_READ_ENERGY = ("J/token and avg power: GPU energy from NVML's total-energy counter over the measured steps, "
-                      "per non-padding token and per second; a throttled GPU (power cap, thermal, hardware slowdown) "
-                      "is flagged in the status and the caveats: its tokens/s understate the framework.")
+                      "per non-padding token and per second; a throttled GPU (thermal or hardware slowdown, power "
+                      "brake, a power limit below the GPU's default) is flagged in the status and the caveats: its "
+                      "tokens/s understate the framework. The software power cap, which a loaded H100/H200 reaches "
+                      "in nearly every run, is listed under GPU telemetry and not flagged.")
 HOW_TO_READ = [
     "tokens/s counts non-padding input tokens, counted by the harness from each batch (never a tool's own "
     "figure), over the measured optimizer steps; warmup steps are left out.",

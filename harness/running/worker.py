@@ -64,9 +64,7 @@ def run_warnings(metrics: dict[str, Any]) -> list[str]:
     if foreign := metrics.get("foreign_gpu_processes"):
         out.append(f"{len(foreign)} other process(es) used the GPU during the run: "
                    + ", ".join(f"pid {f['pid']} ({f['max_gib']:.1f} GiB)" for f in foreign))
-    if metrics.get("throttled"):
-        out.append(f"GPU throttled while measuring: {', '.join(metrics.get('throttle_reasons_seen') or [])}")
-    return out
+    return out  # a throttled GPU: the report derives it from the recorded reasons (reporting/caveats.py)
 
 
 def run_spec(spec: dict[str, Any]) -> dict[str, Any] | None:

@@ -43,7 +43,9 @@ first_loss, final_loss  training loss of the first and last step
 energy_j                GPU energy over the measured steps (NVML total-energy counter), J
 joules_per_token        energy_j / tokens of the measured steps
 avg_power_w             energy_j / measured seconds, W
-throttled               a clock-slowing throttle reason was seen while measuring (power cap, thermal, ...)
+throttled               a slowing reason was seen while measuring (thermal or hardware slowdown, power brake, a power
+                        limit below the GPU's default: harness.measuring.telemetry.SLOWING)
+power_capped            the software power cap was seen while measuring (normal for a GPU under a dense load)
 throttle_reasons_seen   "; "-joined NVML throttle reasons seen while measuring (slowing or not)
 telemetry_<when>_<key>  GPU readings at ``start``, at ``peak_power`` and at the ``end`` of the run, for
                         <key> in sm_clock_mhz, mem_clock_mhz, power_w, power_limit_w, temperature_c
@@ -78,7 +80,8 @@ ROW_COLUMNS = [
     "invalid_reasons", "tokens_per_s", "tokens_per_s_p10_step", "tokens_per_s_p90_step", "loss_tokens_per_s",
     "samples_per_s", "step_s_median", "step_s_p10", "step_s_p90", "steps_measured", "peak_vram_nvml_gib",
     "peak_vram_device_gib", "peak_alloc_gib", "peak_reserved_gib", "peak_rss_gib", "mfu", "model_tflops",
-    "first_loss", "final_loss", "energy_j", "joules_per_token", "avg_power_w", "throttled", "throttle_reasons_seen",
+    "first_loss", "final_loss", "energy_j", "joules_per_token", "avg_power_w", "throttled", "power_capped",
+    "throttle_reasons_seen",
 ]
 # GPU readings of harness.measuring.telemetry, flattened as telemetry_<when>_<key>
 TELEMETRY_MOMENTS = ("start", "peak_power", "end")
@@ -86,7 +89,7 @@ TELEMETRY_KEYS = ("sm_clock_mhz", "mem_clock_mhz", "power_w", "power_limit_w", "
 ROW_COLUMNS += [f"telemetry_{when}_{key}" for when in TELEMETRY_MOMENTS for key in TELEMETRY_KEYS]
 ROW_COLUMNS += ["gpu_name", "device", "framework_version", "torch_version", "git_sha", "load_s", "wall_s"]
 # the row columns that come from RunResult.metrics under the same name
-_METRIC_COLUMNS = ROW_COLUMNS[ROW_COLUMNS.index("tokens_per_s"): ROW_COLUMNS.index("throttled") + 1]
+_METRIC_COLUMNS = ROW_COLUMNS[ROW_COLUMNS.index("tokens_per_s"): ROW_COLUMNS.index("power_capped") + 1]
 
 
 # what reading a stored file can raise besides a schema error: a missing or unreadable file, bytes that are not

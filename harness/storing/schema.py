@@ -34,8 +34,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from harness.measuring.telemetry import throttle_flags
 from harness.measuring.trained import STATUS_DIVERGED
 
 RESULT_SCHEMA_VERSION = 2
@@ -110,7 +111,8 @@ class Metrics(_Open):
     joules_per_token: float | None = None
     avg_power_w: float | None = None
     energy_error: str | None = None
-    throttled: bool | None = None  # a clock-slowing throttle reason was seen while measuring
+    throttled: bool | None = None  # a slowing reason was seen while measuring (telemetry.SLOWING)
+    power_capped: bool | None = None  # the software power cap was seen (normal under a dense load)
     throttle_reasons_seen: list[str] | None = None
     telemetry: dict[str, Any] | None = None  # clocks, power, temperature at start, at peak power, at the end
     # a multi-GPU run (harness.running.ranks): its processes, and each GPU's figure where the fields above hold the
@@ -124,6 +126,15 @@ class Metrics(_Open):
     peak_rss_gib_per_gpu: list[float | None] | None = None
     energy_j_per_gpu: list[float | None] | None = None
     avg_power_w_per_gpu: list[float | None] | None = None
+
+    @model_validator(mode="after")
+    def _flags_from_reasons(self) -> Metrics:
+        """``throttled`` and ``power_capped`` follow from the recorded NVML reasons by the current rule, so a run
+        stored under an earlier rule reads the same as one measured now (the reasons are the raw record)."""
+        if self.throttle_reasons_seen is not None:
+            for key, value in throttle_flags(self.throttle_reasons_seen).items():
+                setattr(self, key, value)
+        return self
 
 
 class Step(_Open):

@@ -260,11 +260,16 @@ def test_parity_departures_and_transients_flagged(tmp_path):
     assert "trl r0: loss curve parted for a while from (transient, then agreed again) hf from step 21" in caveats
 
 
-def test_run_warnings_are_caveats(tmp_path):
-    run = make_run("hf", 0)
-    run["warnings"] = ["GPU throttled while measuring: hw_slowdown"]
-    md = write_report(make_sweep(tmp_path / "sw", [run]), tmp_path / "rep").read_text()
-    assert "hf r0: GPU throttled while measuring: hw_slowdown" in _section(md, "Failures and caveats")
+def test_run_warnings_are_caveats_and_throttling_follows_the_recorded_reasons(tmp_path):
+    hf, trl = make_run("hf", 0), make_run("trl", 0)
+    hf["warnings"] = ["1 other process(es) used the GPU during the run: pid 7 (2.0 GiB)"]
+    # stored by a worker that still counted the software power cap as throttling: warning text and flag
+    trl["warnings"] = ["GPU throttled while measuring: gpu_idle, sw_power_cap"]
+    trl["metrics"] |= {"throttled": True, "throttle_reasons_seen": ["gpu_idle", "sw_power_cap"]}
+    md = write_report(make_sweep(tmp_path / "sw", [hf, trl]), tmp_path / "rep").read_text()
+    caveats = _section(md, "Failures and caveats")
+    assert "hf r0: 1 other process(es) used the GPU during the run: pid 7 (2.0 GiB)" in caveats
+    assert "throttled" not in caveats
 
 
 def test_knob_variables_recorded_and_reported(tmp_path, monkeypatch):
@@ -402,7 +407,7 @@ def _telemetry_run(framework: str, jpt: float | None, throttled: bool = False, w
     run = make_run(framework, 0)
     reading = {"sm_clock_mhz": 1980, "mem_clock_mhz": 2619, "power_w": 450.0, "power_limit_w": 700.0,
                "temperature_c": 55, "throttle_reasons": []}
-    reasons = ["sw_power_cap"] if throttled else []
+    reasons = ["hw_thermal_slowdown", "sw_power_cap"] if throttled else ["sw_power_cap"]
     run["metrics"] |= {"energy_j": None if jpt is None else jpt * 8192, "joules_per_token": jpt,
                        "avg_power_w": None if jpt is None else 480.0, "throttled": throttled,
                        "throttle_reasons_seen": reasons,
@@ -425,15 +430,18 @@ def test_energy_columns_telemetry_and_throttling(tmp_path, gpu_report):
     cells = {fw: dict(zip(header, _table_row(comp, fw), strict=True)) for fw in ("hf", "tunebench", "trl")}
     assert cells["hf"]["J/token"] == "0.0625" and cells["hf"]["avg power (W)"] == "480"
     assert cells["trl"]["J/token"] == "—" and cells["tunebench"]["avg power (W)"] == "—"
-    assert cells["tunebench"]["status"] == "⚠ ok, throttled: r0 (sw_power_cap)"
+    assert cells["tunebench"]["status"] == "⚠ ok, throttled: r0 (hw_thermal_slowdown, sw_power_cap)"
+    assert cells["hf"]["status"] == "ok"  # power-capped only: what every loaded H200 reports
     tel = md.split("### GPU telemetry\n", 1)[1].split("\n#", 1)[0]
     row = _table_row(tel, "hf")
     assert row[2:6] == ["1980 / 1980 / 1980", "450 / 690 / 450", "700", "55 / 71 / 55"]
-    assert _table_row(tel, "tunebench")[6] == "⚠ THROTTLED: sw_power_cap"
+    assert _table_row(tel, "tunebench")[6] == "⚠ THROTTLED: hw_thermal_slowdown, sw_power_cap"
+    assert _table_row(tel, "hf")[6] == "sw_power_cap"
     with pytest.raises(AssertionError):
         _table_row(tel, "trl")  # no telemetry recorded: no row
     caveats = _section(md, "Failures and caveats")
-    assert "tunebench r0: GPU throttled while measuring (sw_power_cap): its tokens/s understate" in caveats
+    assert ("tunebench r0: GPU throttled while measuring (hw_thermal_slowdown, sw_power_cap): its tokens/s "
+            "understate") in caveats
     assert "J/token and avg power: GPU energy from NVML's total-energy counter" in md
 
 

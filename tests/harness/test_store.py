@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from fixtures_results import make_run, make_sweep  # noqa: E402
 
 from harness.analysis import runs_table  # noqa: E402
+from harness.measuring.telemetry import throttle_flags
 from harness.storing import results  # noqa: E402
 from harness.storing.migrate import ResultSchemaError, migrate  # noqa: E402
 from harness.storing.schema import RESULT_SCHEMA_VERSION, STATUSES, RunResult  # noqa: E402
@@ -43,7 +44,11 @@ def test_every_committed_result_loads_as_version_2(path):
     assert all(not s.model_extra for s in run.steps)
     assert run.status in STATUSES and run.adapter
     # nothing measured is lost or changed on the way
+    derived = throttle_flags(run.metrics.throttle_reasons_seen or [])  # judged from the recorded reasons
     for k, v in (raw.get("metrics") or {}).items():
+        if k in derived and run.metrics.throttle_reasons_seen is not None:
+            assert getattr(run.metrics, k) == derived[k], k
+            continue
         assert getattr(run.metrics, k) == v or (isinstance(v, float) and math.isnan(v)), k
     assert [s.model_dump(exclude_unset=True) for s in run.steps] == raw.get("steps", [])
     assert (run.eval.model_dump(exclude_unset=True) if run.eval else None) == raw.get("eval")
@@ -191,7 +196,8 @@ def test_runs_csv_has_the_telemetry_columns(tmp_path):
     df = pd.read_csv(d / "runs.csv").set_index("framework")
     hf = df.loc["hf"]
     assert (hf.energy_j, hf.joules_per_token, hf.avg_power_w) == (1234.5, 0.0123, 498.0)
-    assert bool(hf.throttled) and hf.throttle_reasons_seen == "gpu_idle; sw_power_cap"
+    assert hf.throttle_reasons_seen == "gpu_idle; sw_power_cap"
+    assert not hf.throttled and hf.power_capped  # the power cap alone: recorded, not throttling
     assert hf.telemetry_start_sm_clock_mhz == 1980 and hf.telemetry_peak_power_power_w == 690.0
     assert math.isnan(hf.telemetry_end_power_w)
     assert df.loc["tunebench", ["energy_j", "throttled", "telemetry_start_power_w"]].isna().all()

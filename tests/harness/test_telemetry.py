@@ -6,7 +6,7 @@ import pytest
 
 from harness.measuring.meter import StepMeter
 from harness.measuring.telemetry import GpuTelemetry, throttle_names
-from harness.running.worker import run_warnings
+from harness.storing.schema import Metrics
 
 
 class FakeNvml:
@@ -16,6 +16,7 @@ class FakeNvml:
         self.energy_mj = 1_000_000
         self.power_mw = 400_000
         self.mask = 0x1
+        self.limit_mw = 700_000
 
     def nvmlDeviceGetTotalEnergyConsumption(self, h):  # noqa: N802 (NVML's names)
         return self.energy_mj
@@ -24,6 +25,9 @@ class FakeNvml:
         return self.power_mw
 
     def nvmlDeviceGetEnforcedPowerLimit(self, h):  # noqa: N802
+        return self.limit_mw
+
+    def nvmlDeviceGetPowerManagementDefaultLimit(self, h):  # noqa: N802
         return 700_000
 
     def nvmlDeviceGetClockInfo(self, h, kind):  # noqa: N802
@@ -41,8 +45,8 @@ def test_throttle_bits_named():
     assert throttle_names(0x10000) == ["0x10000"]
 
 
-def test_energy_counts_measured_steps_only_and_throttling_is_flagged():
-    nv = FakeNvml()
+def _measure(nv: FakeNvml, last_step_mask: int) -> dict:
+    """Three steps (one warmup) on a fake GPU; the last step's telemetry sample sees ``last_step_mask``."""
     meter = StepMeter(warmup_steps=1, device="cpu")
     meter._telemetry = tel = GpuTelemetry(nv, handle=None)
     tel.begin()
@@ -51,17 +55,40 @@ def test_energy_counts_measured_steps_only_and_throttling_is_flagged():
         meter.step_begin()
         nv.energy_mj += int(joules * 1000)
         if i == 2:
-            nv.mask, nv.power_mw = 0x4, 690_000  # power capped during the last step
+            nv.mask, nv.power_mw = last_step_mask, 690_000
             tel.sample()
         meter.step_end(loss=1.0 - i / 10)
-    m = meter.finish()
+    return meter.finish()
+
+
+def test_energy_counts_measured_steps_only_and_the_power_cap_is_not_throttling():
+    m = _measure(FakeNvml(), 0x4)  # at its default power limit during the last step: what a loaded H200 reports
     assert m["energy_j"] == pytest.approx(400.0)
     assert m["joules_per_token"] == pytest.approx(400.0 / 20)
     assert m["avg_power_w"] == pytest.approx(400.0 / m["measured_s"])
-    assert m["throttled"] is True and m["throttle_reasons_seen"] == ["gpu_idle", "sw_power_cap"]
+    assert m["throttle_reasons_seen"] == ["gpu_idle", "sw_power_cap"]
+    assert m["power_capped"] is True and m["throttled"] is False
     assert m["telemetry"]["peak_power"]["power_w"] == 690.0
     assert m["telemetry"]["start"]["sm_clock_mhz"] == 1980
-    assert any("throttled" in w and "sw_power_cap" in w for w in run_warnings(m))
+
+
+@pytest.mark.parametrize("mask, limit_mw, reason", [
+    (0x40, 700_000, "hw_thermal_slowdown"), (0x8, 700_000, "hw_slowdown"),
+    (0x4, 500_000, "power_limit_below_default"),  # an administrator's lower cap: slower than the GPU's kind
+])
+def test_thermal_hardware_and_lowered_power_limit_are_throttling(mask, limit_mw, reason):
+    nv = FakeNvml()
+    nv.limit_mw = limit_mw
+    m = _measure(nv, mask)
+    assert m["throttled"] is True and reason in m["throttle_reasons_seen"]
+
+
+def test_stored_flags_are_rederived_from_the_recorded_reasons():
+    # a run stored when the power cap still counted as throttling reads by the current rule
+    old = Metrics.model_validate({"throttled": True, "throttle_reasons_seen": ["gpu_idle", "sw_power_cap"]})
+    assert old.throttled is False and old.power_capped is True
+    hot = Metrics.model_validate({"throttled": False, "throttle_reasons_seen": ["sw_thermal_slowdown"]})
+    assert hot.throttled is True and hot.power_capped is False
 
 
 def test_missing_energy_counter_says_so():
