@@ -26,6 +26,7 @@ from statistics import fmean
 from typing import Any
 
 from harness.running.matrix import NOT_RUN_FILE, read_plan
+from harness.running.runner import CONTENTION
 from harness.storing import results
 from harness.storing.schema import RunResult
 
@@ -50,6 +51,7 @@ class MatrixCell:
     loss_falling: bool | None = None
     framework_version: str | None = None
     run: str | None = None  # the stored run, relative to the matrix folder
+    shared_machine: bool | None = None  # it shared the machine with other rows (``--jobs``): timings not comparable
 
 
 def loss_falling(losses: list[float]) -> bool | None:
@@ -78,6 +80,13 @@ def _unreadable(planned: dict[str, Any], error: Exception) -> MatrixCell:
                       framework=planned["framework"], outcome=UNREADABLE, detail=str(error))
 
 
+def settings_reasons(invalid_reasons: list[str]) -> list[str]:
+    """The invalid reasons that concern what was trained: those of a run that shared the machine (a matrix run
+    several rows at a time, ``run_matrix(jobs=...)``) say its timings are not comparable, which the matrix, a
+    record of support rather than speed, does not judge."""
+    return [r for r in invalid_reasons if not r.startswith(CONTENTION)]
+
+
 def cell_of(planned: dict[str, Any], run: RunResult | None, run_path: str | None, not_run: str | None) -> MatrixCell:
     """The outcome of one planned cell from its stored run (or the absence of one)."""
     cell = MatrixCell(family=planned["family"], model=planned["model"], method=planned["method"],
@@ -89,12 +98,13 @@ def cell_of(planned: dict[str, Any], run: RunResult | None, run_path: str | None
         return cell
     losses = [float(s.loss) for s in run.steps if s.loss is not None]
     cell.run, cell.framework_version = run_path, run.framework_version
+    cell.shared_machine = len(settings_reasons(run.invalid_reasons)) < len(run.invalid_reasons)
     if losses:
         cell.loss_first, cell.loss_last, cell.loss_falling = losses[0], losses[-1], loss_falling(losses)
     if not run.ok:
         cell.outcome, cell.detail = run.status, run.reason
-    elif not run.valid:
-        cell.outcome, cell.detail = INVALID, "; ".join(run.invalid_reasons)
+    elif not run.valid and (reasons := settings_reasons(run.invalid_reasons)):
+        cell.outcome, cell.detail = INVALID, "; ".join(reasons)
     elif cell.loss_falling is False:
         cell.outcome, cell.detail = NOT_FALLING, f"loss {cell.loss_first:.4g} -> {cell.loss_last:.4g}"
     else:

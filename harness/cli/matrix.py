@@ -14,6 +14,7 @@ Examples::
     python -m harness matrix --device cpu --frameworks hf,trl --methods lora,full   # what runs on a CPU (CI)
     python -m harness matrix --families gemma2,phi3 --frameworks hf,unsloth --methods qlora
     python -m harness matrix --device cuda --only unsloth --time-limit-s 480   # fill it a framework at a time
+    python -m harness matrix --device cuda --jobs 8                 # eight rows at once: support, not speed
     python -m harness matrix --report-from results/support-matrix-cuda-20261202-101500   # the report again
 """
 
@@ -59,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "--frameworks, so later invocations with other --only values fill the same folder")
     p.add_argument("--time-limit-s", type=float, metavar="S",
                    help="start no further scenario after S seconds; rerun the same command to go on")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="run N rows (scenarios) at once on this machine (default 1): for a matrix of tiny models, "
+                        "whose cells ask whether a tool trains a family, not how fast; the runs are then marked as "
+                        "measured under contention")
     p.add_argument("--report-from", metavar="FOLDER",
                    help="run nothing: write the report of this matrix folder again from its stored runs")
     p.add_argument("--quiet", action="store_true")
@@ -82,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
             print(e, file=sys.stderr)
             return EXIT_BAD_INPUT
         return 0
+    if args.jobs < 1:
+        print(f"matrix: --jobs {args.jobs}: at least 1", file=sys.stderr)
+        return EXIT_BAD_INPUT
     frameworks = args.frameworks or default_frameworks()
     try:
         plan = plan_matrix(args.families, frameworks, args.methods, args.device)
@@ -98,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         folder = open_matrix(plan, Path(args.results), new=args.new)
         started = run_matrix(folder, retry_failed=args.retry_failed, quiet=args.quiet, only=args.only,
-                             time_limit_s=args.time_limit_s, on_row=show)
+                             time_limit_s=args.time_limit_s, on_row=show, jobs=args.jobs)
         print(f"{len(plan.cells)} cells, {len(plan.scenarios)} scenarios ({started} runs now)")
         _write_outputs(folder, Path(args.reports))
         return 0

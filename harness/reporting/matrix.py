@@ -71,6 +71,9 @@ def matrix_doc(folder: Path) -> Doc:
           f"loss fell (the mean of the second half of the steps below that of the first); otherwise it shows the "
           f"tool's own error, the settings that differed, or why the framework cannot run it. {len(ran)} of "
           f"{len(cells)} cells ran, {sum(c.outcome == OK for c in cells)} ok.")
+    if shared := sum(bool(c.shared_machine) for c in cells):
+        doc.p(f"{shared} of the runs shared the machine with other rows of the matrix (`--jobs`): the matrix records "
+              f"which tool trains which family, not how fast; those runs' timings are not comparable.")
     doc.p(f"Results: `{_shown(folder)}` (one sweep per model and method; the generated scenarios in "
           f"`{planning.SCENARIO_DIR}/`, each rerunnable with `python -m harness run`). Again: `python -m harness "
           f"matrix --device {device} --families {','.join(dict.fromkeys(c.family for c in cells))} --frameworks "

@@ -49,7 +49,8 @@ def sweep_lock(sweep_dir: Path) -> contextlib.AbstractContextManager[None]:
     return hold(Path(sweep_dir) / "sweep.lock", f"running {sweep_dir}")
 
 
-def machine_lock(lock_dir: Path, sweep_dir: Path) -> contextlib.AbstractContextManager[None]:
-    """One measuring sweep per machine: a second sweep would measure the first one's load."""
-    return hold(Path(lock_dir) / "machine.lock", f"running {sweep_dir}")
+def machine_lock(lock_dir: Path, sweep_dir: Path, what: str | None = None) -> contextlib.AbstractContextManager[None]:
+    """One measuring sweep per machine: a second sweep would measure the first one's load. ``what``: how the
+    holder is described to a second runner (default: ``running <sweep_dir>``)."""
+    return hold(Path(lock_dir) / "machine.lock", what or f"running {sweep_dir}")
 

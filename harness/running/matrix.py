@@ -18,7 +18,8 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,6 +31,7 @@ from adapters_for_tools import registry
 from harness.common.names import unknown
 from harness.inputs.models import FAMILIES, Preset, tiny_presets
 from harness.running import envs, runner
+from harness.running.locks import machine_lock
 from harness.spec.scenario import Scenario, ScenarioError, load_scenario, parse_scenario
 from harness.storing import results
 from harness.storing.schema import RunResult
@@ -247,7 +249,7 @@ def stored_runs(sc: Scenario, folder: Path) -> dict[str, RunResult]:
 
 def run_matrix(folder: Path, retry_failed: bool = False, quiet: bool = False, only: list[str] | None = None,
                time_limit_s: float | None = None,
-               on_row: Callable[[str, dict[str, str]], None] | None = None) -> int:
+               on_row: Callable[[str, dict[str, str]], None] | None = None, jobs: int = 1) -> int:
     """Run every missing cell of the matrix in ``folder``; returns how many runs were started.
 
     Args:
@@ -257,20 +259,22 @@ def run_matrix(folder: Path, retry_failed: bool = False, quiet: bool = False, on
         only: run the cells of these frameworks only (the others stay as they are: a matrix can be filled one
             framework at a time).
         time_limit_s: start no further scenario after this many seconds (a machine lent for a limited time: the
-            next invocation resumes where this one stopped).
+            next invocation resumes where this one stopped; with ``jobs`` > 1 the rows already started finish).
         on_row: called after each scenario with its name and each framework's status (or why it did not run).
+        jobs: how many rows (scenarios) run at once on this machine. The matrix asks whether a tool trains a
+            model, not how fast: with ``jobs`` > 1 the machine is held for the whole matrix and every run it
+            stores is marked as measured under contention (its timings are not comparable), which the matrix's
+            outcome ignores (:func:`harness.analysis.matrix.cell_of`).
 
     Raises:
         harness.running.locks.Busy: another sweep holds the machine.
     """
     device = read_plan(folder)["device"]
-    started = 0
     not_run: dict[str, dict[str, str]] = results.read_json(folder / NOT_RUN_FILE) or {}
     t0 = time.monotonic()
-    for path in sorted((folder / SCENARIO_DIR).glob("*.yaml")):
-        if time_limit_s is not None and time.monotonic() - t0 >= time_limit_s:
-            break
-        sc = load_scenario(path)
+
+    def todo_of(sc: Scenario) -> tuple[list[str], dict[str, str]]:
+        """The frameworks of ``sc`` to run now, and why the others of the plan have no stored row."""
         stored = stored_runs(sc, folder)
         missing = dict(not_run.get(sc.name) or {})  # the frameworks not considered now keep their reason
         todo = []
@@ -285,14 +289,50 @@ def run_matrix(folder: Path, retry_failed: bool = False, quiet: bool = False, on
                 missing[fw.key] = f"unavailable: {why}"
             else:
                 todo.append(fw.key)
-        if todo:
-            runner.run_sweep(sc, folder, quiet=quiet, only=todo, resume_only=True, retry_failed=retry_failed)
-            started += len(todo)
-            stored = stored_runs(sc, folder)
-        missing = {k: v for k, v in missing.items() if k not in stored}
-        not_run[sc.name] = missing
+        return todo, missing
+
+    def finish(sc: Scenario, missing: dict[str, str]) -> None:
+        stored = stored_runs(sc, folder)
+        not_run[sc.name] = {k: v for k, v in missing.items() if k not in stored}
         # stored with the results, so that the report says why a cell is empty wherever it is regenerated
         results.atomic_write_text(folder / NOT_RUN_FILE, json.dumps(not_run, indent=1))
         if on_row:
-            on_row(sc.name, {k: r.status for k, r in stored.items()} | missing)
+            on_row(sc.name, {k: r.status for k, r in stored.items()} | not_run[sc.name])
+
+    def rows() -> Iterator[tuple[Scenario, list[str], dict[str, str]]]:
+        for path in sorted((folder / SCENARIO_DIR).glob("*.yaml")):
+            if time_limit_s is not None and time.monotonic() - t0 >= time_limit_s:
+                return
+            sc = load_scenario(path)
+            yield sc, *todo_of(sc)
+
+    started = 0
+    if jobs <= 1:
+        for sc, todo, missing in rows():
+            if todo:
+                runner.run_sweep(sc, folder, quiet=quiet, only=todo, resume_only=True, retry_failed=retry_failed)
+                started += len(todo)
+            finish(sc, missing)
+        return started
+    what = f"support matrix {folder.name}, {jobs} rows at a time"
+    with machine_lock(runner.machine_lock_dir(), folder, what), ThreadPoolExecutor(jobs) as pool:
+        running: dict[Future, tuple[Scenario, dict[str, str]]] = {}
+        for sc, todo, missing in rows():
+            if not todo:
+                finish(sc, missing)
+                continue
+            while len(running) >= jobs:  # a free slot first, so that the time limit is checked at each start
+                _collect(running, wait(running, return_when=FIRST_COMPLETED).done, finish)
+            running[pool.submit(runner.run_sweep, sc, folder, quiet=True, only=todo, resume_only=True,
+                                retry_failed=retry_failed, allow_contention=True)] = (sc, missing)
+            started += len(todo)
+        _collect(running, list(running), finish)
     return started
+
+
+def _collect(running: dict[Future, tuple[Scenario, dict[str, str]]], done, finish) -> None:  # noqa: ANN001
+    """Wait for the rows ``done`` (futures of ``running``), record each, and drop them from ``running``."""
+    for fut in done:
+        sc, missing = running.pop(fut)
+        fut.result()  # a row's error (the machine taken, a broken folder) is the matrix's error
+        finish(sc, missing)

@@ -35,6 +35,8 @@ from harness.running.locks import Busy, machine_lock, sweep_lock
 from harness.storing import results
 from harness.storing.schema import STATUS_OK
 
+# the invalid reason of a run that shared the machine with another measuring sweep (or matrix row)
+CONTENTION = "measured under contention"
 LOG_KEEP_BYTES = 200_000  # tail of each worker log kept in results/ (the full log stays in the work dir)
 
 
@@ -439,7 +441,7 @@ def store_run(sweep_dir: Path, run_root: Path, key: str, res: dict, contention: 
     """
     if contention:
         res["valid"] = False
-        res["invalid_reasons"] = [*res.get("invalid_reasons", []), f"measured under contention: {contention}"]
+        res["invalid_reasons"] = [*res.get("invalid_reasons", []), f"{CONTENTION}: {contention}"]
     if earlier := previous_attempts(sweep_dir, key):
         res["previous_attempts"] = earlier
     results.write_result(sweep_dir / "runs" / f"{key}.json", res)

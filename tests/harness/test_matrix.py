@@ -23,11 +23,11 @@ def _cell(plan: planning.MatrixPlan, model: str, method: str, framework: str) ->
 
 
 def test_plan_says_why_a_framework_cannot_run_a_cell():
-    plan = planning.plan_matrix(["llama", "gemma2"], ["hf", "tunebench", "unsloth"], ["lora", "qlora", "full"], "cpu")
-    assert plan.models == ["tiny-llama", "tiny-llama2", "tiny-gemma2"]
+    plan = planning.plan_matrix(["llama", "gemma3"], ["hf", "tunebench", "unsloth"], ["lora", "qlora", "full"], "cpu")
+    assert plan.models == ["tiny-llama", "tiny-llama2", "tiny-gemma3"]
     assert len(plan.cells) == 3 * 3 * 3
     # the trainer's declared families
-    assert "model family 'gemma2' not supported" in _cell(plan, "tiny-gemma2", "lora", "tunebench").unsupported
+    assert "model family 'gemma3' not supported" in _cell(plan, "tiny-gemma3", "lora", "tunebench").unsupported
     assert _cell(plan, "tiny-llama", "lora", "tunebench").unsupported is None
     # a CUDA-only tool on a CPU
     assert "device 'cpu' not supported" in _cell(plan, "tiny-llama", "full", "unsloth").unsupported
@@ -35,9 +35,9 @@ def test_plan_says_why_a_framework_cannot_run_a_cell():
     for fw in ("hf", "tunebench"):
         assert "qlora needs bitsandbytes" in _cell(plan, "tiny-llama", "qlora", fw).unsupported
     assert "matrix.tiny-llama.qlora" not in plan.scenarios
-    sc = plan.scenarios["matrix.tiny-gemma2.lora"]
+    sc = plan.scenarios["matrix.tiny-gemma3.lora"]
     assert sc["frameworks"] == ["hf"] and sc["measure"]["baseline"] == "hf"
-    assert _cell(plan, "tiny-gemma2", "lora", "hf").scenario == "matrix.tiny-gemma2.lora"
+    assert _cell(plan, "tiny-gemma3", "lora", "hf").scenario == "matrix.tiny-gemma3.lora"
 
 
 def test_every_cell_scenario_of_the_gpu_matrix_validates():
@@ -135,6 +135,22 @@ def test_a_matrix_fills_one_framework_at_a_time(env):
     assert planning.run_matrix(folder, quiet=True, only=["dummy"]) == 0  # stored: not again
 
 
+def test_rows_at_once_share_the_machine_and_say_so(env):
+    """``jobs=2``: two rows train at the same time; their runs say they shared the machine (timings not comparable),
+    which the matrix's outcome does not count against the tool, and the report says it."""
+    plan = planning.plan_matrix(["falcon", "gpt_neox"], ["dummy"], ["lora"], "cpu")
+    folder = planning.open_matrix(plan, env / "results")
+    assert planning.run_matrix(folder, quiet=True, jobs=2) == 2
+    _, cells = analysis.read_matrix(folder)
+    assert [c.outcome for c in cells] == ["ok", "ok"] and all(c.shared_machine for c in cells)
+    runs = [RunResult.model_validate_json((folder / c.run).read_text()) for c in cells]
+    assert all(not r.valid and r.invalid_reasons[0].startswith("measured under contention") for r in runs)
+    assert max(r.started_at for r in runs) < min(r.finished_at for r in runs)  # the two rows overlapped
+    md = cli_report(folder, env / "reports").read_text()
+    assert "2 of the runs shared the machine with other rows of the matrix (`--jobs`)" in md
+    assert cli.main(["--jobs", "0", "--device", "cpu"]) == 2
+
+
 def cli_report(folder, reports):  # noqa: ANN001, ANN201
     assert cli.main(["--report-from", str(folder), "--reports", str(reports)]) == 0
     return reports / folder.name / "report.md"
@@ -142,8 +158,8 @@ def cli_report(folder, reports):  # noqa: ANN001, ANN201
 
 @pytest.mark.slow
 def test_cpu_matrix_runs_resumes_and_reports(env, capsys):
-    """Qwen2 (which tunebench trains) and Phi-3 (which it does not) through hf, TRL (where its environment exists) and
-    tunebench, LoRA / QLoRA / full, on the CPU."""
+    """Qwen2 and Phi-3 (fused projections) through hf, TRL (where its environment exists) and tunebench, LoRA /
+    QLoRA / full, on the CPU."""
     results, reports = env / "results", env / "reports"
     args = ["--device", "cpu", "--families", "qwen2,phi3", "--frameworks", "hf,trl,tunebench",
             "--methods", "lora,qlora,full", "--results", str(results), "--reports", str(reports), "--quiet"]
@@ -166,7 +182,7 @@ def test_cpu_matrix_runs_resumes_and_reports(env, capsys):
                 assert c.framework_version
             assert by[(model, "qlora", "hf")].outcome == "unsupported"
     assert by[("tiny-qwen2", "lora", "tunebench")].outcome == "ok"
-    assert "model family 'phi3'" in by[("tiny-phi3", "full", "tunebench")].detail
+    assert by[("tiny-phi3", "full", "tunebench")].outcome == "ok"
     # every cell that ran is an ordinary stored run, its scenario rerunnable from the folder
     sc = load_scenario(folder / "scenarios" / "matrix.tiny-phi3.lora.yaml")
     assert sc.method.resolved_targets() == ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
@@ -175,7 +191,7 @@ def test_cpu_matrix_runs_resumes_and_reports(env, capsys):
     rows = list(csv.DictReader((folder / "matrix.csv").open()))
     assert len(rows) == len(cells) == 2 * 3 * 3
     md = (reports / folder.name / "report.md").read_text()
-    assert "# Support matrix: cpu" in md and "unsupported: model family 'phi3' not supported" in md
+    assert "# Support matrix: cpu" in md
     assert "unsupported: method.kind: qlora needs bitsandbytes 4-bit kernels on a GPU" in md
     assert "loss 5." in md and "(falling)" in md and "## Measured on" in md and "5.17.0" in md  # transformers
     assert (reports / folder.name / "report.html").read_text().startswith("<!DOCTYPE html>")
