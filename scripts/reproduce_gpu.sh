@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduces the published GPU numbers (README, "Published numbers"): the GPU scenarios whose sweeps are kept in
 # results/ run through `python -m harness run`, each in a new sweep of its own, on one GPU (the published ones: an
-# H100 80GB). Run it from anywhere on the GPU machine; about an hour on an H100.
+# H200 141GB). Run it from anywhere on the GPU machine; about an hour and a half on an H200.
 #
 #   bash scripts/reproduce_gpu.sh [DEADLINE_S]
 #
@@ -63,15 +63,15 @@ step() {  # step SCENARIO ARGS..: one `harness run` into this reproduction's swe
   return 0
 }
 
-# The 8B scenarios with the repeats of the published table: hf first (the baseline of every ratio), the rows the
-# comparison is read on, then their repeats, then one repeat of every other row.
+# The 8B scenarios: hf first (the baseline of every ratio), then three repeats of hf, Unsloth's two modes and every
+# tunebench row, then one repeat of every other row (peers' default and best-setting rows). About 33 runs of ~50 s
+# each per scenario on an H200: one scenario per half hour of a lent machine.
 for sc in scenarios/llama8b_lora.yaml scenarios/llama8b_qlora.yaml; do
-  lean=tunebench-lean; [ "$sc" = scenarios/llama8b_qlora.yaml ] && lean=tunebench-half
+  ours_rows="tunebench tunebench-lean tunebench-fast-graph tunebench-graph"
+  [ "$sc" = scenarios/llama8b_qlora.yaml ] && ours_rows="$ours_rows tunebench-half"
   step $sc --repeats 1 --only hf
-  step $sc --repeats 1 --only hf tunebench tunebench-fast-graph $lean unsloth
-  step $sc --repeats 3 --only hf tunebench tunebench-fast-graph
-  step $sc --repeats 1 --only tunebench-fast tunebench-graph tunebench-lean trl axolotl llamafactory litgpt \
-    hf-liger trl-liger unsloth-plain-ckpt axolotl-liger llamafactory-liger llamafactory-offload-ckpt
+  step $sc --repeats 3 --only hf unsloth unsloth-plain-ckpt $ours_rows
+  step $sc --repeats 1
 done
 # lm-eval runs in the lmeval environment; three seeds for hf and tunebench, one for the others
 step scenarios/quality_gpu.yaml --only hf tunebench --repeats 3
