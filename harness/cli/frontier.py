@@ -1,9 +1,10 @@
 """``python -m harness frontier SCENARIO --vary seq_len|micro_batch --budgets 8,12,...``: the memory frontier.
 
 For each framework row and memory budget (GiB, applied to every run as ``hardware.memory_budget_gib``), the
-largest seq_len (or micro-batch) that trains the scenario's steps without running out of memory, found by
-bisection, and tokens/s there. Each probe is an ordinary stored run under ``results/<scenario>-frontier-<time>/``:
-rerunning the same command resumes (finished probes are not redone), ``--retry-failed`` redoes probes stored as
+largest seq_len (or micro-batch) that trains the scenario's steps without running out of memory, found by a
+search of the grid guided by each row's measured memory curve (harness.running.frontier), and tokens/s there.
+Each probe is an ordinary stored run under ``results/<scenario>-frontier-<time>/``: rerunning the same command
+resumes (finished probes are not redone), ``--retry-failed`` redoes probes stored as
 error/crashed/timeout. A probe that fails otherwise than by memory stops its row, not the frontier. The table is
 written as ``frontier.csv`` and ``frontier.md`` in that folder. Exit codes: 0 done (failed probes are cells, not
 errors), 2 bad input, 3 another sweep holds the machine, 130 interrupted.

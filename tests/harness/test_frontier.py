@@ -108,6 +108,38 @@ def test_bisection_finds_each_threshold_in_logarithmic_probes(tmp_path, monkeypa
         assert len(mine) <= math.ceil(math.log2(len(grid.values()) + 1)) + 1, mine
 
 
+@pytest.mark.parametrize("base, per_value, curve", [(6.0, 0.25, 0.0), (5.0, 0.1, 0.0), (6.0, 0.2, 0.004)])
+def test_the_memory_line_guides_the_search_to_each_budget_in_a_few_probes(tmp_path, monkeypatch, base, per_value,
+                                                                          curve):
+    """A stand-in probe whose NVML peak is base + per_value x v (+ curve x v^2: memory not quite linear): each budget
+    ends at the largest fitting value, and after the first budget each takes a few probes, not a bisection."""
+    sc = parse_scenario(_scenario(tmp_path).read_text())
+    grid = frontier.make_grid(sc, "micro_batch", hi=64)
+    budgets = [8.0, 12.0, 16.0, 24.0]
+
+    def peak(v: int) -> float:
+        return base + per_value * v + curve * v * v
+
+    def fake_probe(probe_sc, keys, folder, retry_failed, quiet):
+        v, budget = probe_sc.train.micro_batch, probe_sc.hardware.memory_budget_gib
+        run = _run("ok" if peak(v) <= budget else "oom")
+        if run.status == "ok":
+            run.metrics.peak_vram_nvml_gib = peak(v)
+        return {k: (run, True) for k in keys}
+
+    monkeypatch.setattr(frontier, "_probe", fake_probe)
+    _, log = frontier.run_frontier(sc, grid, budgets, tmp_path / "results")
+    for budget in budgets:
+        mine = [p for p in log.probes if p["budget_gib"] == budget]
+        want = max((v for v in grid.values() if peak(v) <= budget), default=0)
+        assert max((p["value"] for p in mine if p["outcome"] == frontier.FITS), default=0) == want
+        if budget > budgets[0]:
+            assert len(mine) <= (4 if budget == budgets[1] else 3), mine  # a bisection of 64 values: ~6
+    assert frontier.predicted_max([(2, 7.0), (4, 8.0)], 10.0) == pytest.approx(8.0)
+    assert frontier.predicted_max([(4, 8.0)], 10.0) is None  # one point: no line
+    assert frontier.predicted_max([(2, 8.0), (4, 8.0)], 10.0) is None  # flat: no prediction
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # end to end with the dummy tool
 
