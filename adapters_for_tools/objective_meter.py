@@ -80,6 +80,7 @@ class ObjectiveMeter:
         self.device = device
         self.in_step = False
         self.generating = False
+        self.in_counted_loss = False  # inside a compute_loss whose inputs count_loss_inputs counted
         self.nograd_step = 0
         self.nograd_before = 0  # before the first step: a precomputed reference
         self.nograd_forwards = 0
@@ -151,6 +152,37 @@ class ObjectiveMeter:
 
             trainer._generate_single_turn = timed
 
+    def count_loss_inputs(self, trainer) -> None:  # noqa: ANN001
+        """GRPO: count each training micro-batch from the inputs ``compute_loss`` gets, not from the policy's forwards.
+
+        For a trainer whose training forward is not one padded batch of the micro-batch's completions (Unsloth packs
+        them into one row, shares each prompt among its group, and checks its packing with forwards of its own). The
+        figures are those the policy hook takes from TRL's forward: one row per completion, its prompt and
+        completion tokens, the completion's tokens as loss tokens. Forwards inside ``compute_loss`` are then not
+        counted; those without gradient outside it (reference and sampling-policy log-probs) still are.
+        """
+        import torch  # heavy: inside the worker only
+
+        compute_loss = trainer.compute_loss
+        om = self
+
+        def counted(model, inputs, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN001
+            ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+            mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+            labels = ids.masked_fill(mask == 0, -100)
+            labels[:, : inputs["prompt_ids"].shape[1]] = -100
+            if om.meter.first_forward_training is None:
+                om.meter.first_forward_training = bool(model.training)
+            om.meter.count_batch({"input_ids": ids, "attention_mask": mask, "labels": labels})
+            om.max_rows = max(om.max_rows, int(ids.shape[0]))
+            om.in_counted_loss = True
+            try:
+                return compute_loss(model, inputs, *args, **kwargs)
+            finally:
+                om.in_counted_loss = False
+
+        trainer.compute_loss = counted
+
     @staticmethod
     def _batch(args: tuple, kwargs: dict) -> dict[str, Any] | None:
         batch = dict(kwargs)
@@ -161,8 +193,8 @@ class ObjectiveMeter:
     def _policy_hook(self, module, args, kwargs) -> None:  # noqa: ANN001
         import torch
 
-        if self.generating:
-            return  # sampling: timed and counted as generated tokens, not as a forward
+        if self.generating or self.in_counted_loss:
+            return  # sampling: timed and counted as generated tokens; a counted loss: counted from its inputs
         batch = self._batch(args, kwargs)
         if batch is None:
             return

@@ -1,4 +1,5 @@
-"""unsloth adapter: FastLanguageModel + TRL SFTTrainer, as Unsloth's notebooks do, measured by the common hook.
+"""unsloth adapter: FastLanguageModel + TRL SFTTrainer, as Unsloth's notebooks do, measured by the common hook (the
+other objectives: :mod:`adapters_for_tools.unsloth.objectives`).
 
 ``import unsloth`` must run before transformers, TRL and PEFT are imported (it patches them), so it is the first
 import of this module. The worker imports only light harness modules before it loads this module
@@ -19,6 +20,7 @@ from adapters_for_tools import switches
 from adapters_for_tools.contract import rerun_command
 from adapters_for_tools.prompt_completion import split_rows
 from adapters_for_tools.unsloth import config as us_config
+from adapters_for_tools.unsloth import objectives, trainers
 from harness.inputs.data import read_jsonl, write_jsonl
 
 
@@ -26,11 +28,16 @@ def run(ctx) -> None:
     import torch
     from datasets import load_dataset
     from trl import SFTConfig, SFTTrainer
-    from unsloth import FastLanguageModel
 
     sc = ctx.scenario
+    if not sc.objective.is_sft:  # dpo, orpo, grpo: the TRL trainers Unsloth patches (objectives.py)
+        objectives.run(ctx)
+        return
     if sc.hardware.device != "cuda" or not torch.cuda.is_available():
         raise RuntimeError("unavailable: needs CUDA (Unsloth's kernels are GPU-only)")
+    if ctx.options.objective_config:
+        raise ValueError("the unsloth override objective_config applies to objectives dpo, orpo and grpo; give an "
+                         "sft row's entries in sft")
     fmt = json.loads(ctx.dataset_path.with_suffix(".meta.json").read_text())["format"]
     from transformers import AutoTokenizer
 
@@ -61,21 +68,17 @@ def run(ctx) -> None:
     ctx.extra["rerun"] = rerun_command(f"adapters_for_tools.unsloth.rerun {path}")
 
     t0 = time.time()
-    fp = dict(cfg["from_pretrained"])
-    fp["dtype"] = getattr(torch, fp["dtype"])
-    model, tok = FastLanguageModel.from_pretrained(**fp)
-    if cfg["get_peft_model"]:
-        model = FastLanguageModel.get_peft_model(model, **cfg["get_peft_model"])
+    model, tok = trainers.load_model(cfg)
     ctx.load_s = time.time() - t0
     dataset = load_dataset("json", data_files=str(data_file), split="train")
     args = SFTConfig(**cfg["sft"])
     ctx.save_native_config("sft_config.json", json.dumps(args.to_dict(), indent=1, default=str))
     ctx.native_config = str(path)
 
-
     trainer = SFTTrainer(model=model, processing_class=tok, args=args, train_dataset=dataset,
                          # the switch read-back first: it reads before the measurement callback starts the clock
-                         callbacks=[switches.read_back_callback(ctx, _read_back), *ctx.trainer_callbacks()])
+                         callbacks=[switches.read_back_callback(ctx, trainers.read_switches),
+                                    *ctx.trainer_callbacks()])
     ctx.meter.attach(trainer.model)
     trainer.train()
     switches.settle(ctx)
@@ -83,8 +86,3 @@ def run(ctx) -> None:
     trainer.save_model(str(ctx.output_dir))
     tok.save_pretrained(str(ctx.output_dir))
     ctx.extra["saved"] = "peft adapter" if sc.method.is_peft else "hf checkpoint"
-
-
-def _read_back(model) -> dict:
-    """Unsloth's checkpoint mode as installed on the live model, and any Liger-Kernel replacement."""
-    return switches.read_unsloth_checkpointing(model) | switches.read_liger(model)

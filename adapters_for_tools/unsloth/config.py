@@ -1,4 +1,5 @@
-"""The scenario as Unsloth's own calls (pure; no toolkit import): three keyword sets saved as ``unsloth.json``.
+"""The scenario as Unsloth's own calls (pure; no toolkit import): three keyword sets saved as ``unsloth.json`` (the
+preference and RL objectives: ``rl_config``).
 
 - ``from_pretrained``: ``FastLanguageModel.from_pretrained`` (checkpoint, max_seq_length, dtype, 4-bit, full FT).
 - ``get_peft_model``: ``FastLanguageModel.get_peft_model`` (r, alpha, dropout, targets, bias none,
@@ -32,6 +33,24 @@ def native_config(sc, work_dir: Path, checkpoint: str, data_file: Path,
         use_gradient_checkpointing: the row's override (``"unsloth"``, True, False); None: ``"unsloth"`` when the
             scenario checkpoints, else False.
     """
+    fp, peft = model_calls(sc, checkpoint, use_gradient_checkpointing)
+    sft = {
+        **training_args(sc, work_dir),
+        "train_sampling_strategy": "sequential",
+        "shuffle_dataset": False,
+        "disable_tqdm": True,
+        "max_length": sc.data.seq_len,
+        "packing": sc.data.packing,
+        "dataset_num_proc": 1,
+        "dataset_text_field": "text",
+    }
+    return {"from_pretrained": fp, "get_peft_model": peft, "sft": sft, "data_file": str(data_file)}
+
+
+def model_calls(sc, checkpoint: str,
+                use_gradient_checkpointing: bool | str | None = None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The keywords of ``FastLanguageModel.from_pretrained`` and of ``get_peft_model`` (None for full fine-tuning),
+    the same for every objective; ``use_gradient_checkpointing`` as for :func:`native_config`."""
     m, t = sc.method, sc.train
     gc: bool | str = "unsloth" if t.gradient_checkpointing else False
     if use_gradient_checkpointing is not None:
@@ -45,7 +64,16 @@ def native_config(sc, work_dir: Path, checkpoint: str, data_file: Path,
         peft = {"r": m.lora_r, "lora_alpha": m.lora_alpha, "lora_dropout": m.lora_dropout,
                 "target_modules": m.resolved_targets(), "bias": "none", "use_gradient_checkpointing": gc,
                 "random_state": t.seed, "use_rslora": False}
-    sft = {
+    return fp, peft
+
+
+def training_args(sc, work_dir: Path) -> dict[str, Any]:
+    """The ``TrainingArguments`` every TRL config Unsloth patches gets alike (SFT here, the other objectives in
+    ``rl_config``): the scenario's optimisation settings, precision, seed, logging every step, no saving or
+    reporting. Explicit, because Unsloth's patched configs change TRL's defaults (``optim="adamw_8bit"``,
+    ``weight_decay=0.001``, ``seed=3407``, a warmup of 10 % of the steps)."""
+    t = sc.train
+    return {
         "output_dir": str(Path(work_dir) / "trainer"),
         **trainer_args(sc),
         "bf16": sc.model.dtype == "bfloat16",
@@ -56,15 +84,7 @@ def native_config(sc, work_dir: Path, checkpoint: str, data_file: Path,
         "seed": t.seed,
         "data_seed": t.seed,
         "dataloader_num_workers": 0,
-        "train_sampling_strategy": "sequential",
-        "shuffle_dataset": False,
-        "disable_tqdm": True,
-        "max_length": sc.data.seq_len,
-        "packing": sc.data.packing,
-        "dataset_num_proc": 1,
-        "dataset_text_field": "text",
     }
-    return {"from_pretrained": fp, "get_peft_model": peft, "sft": sft, "data_file": str(data_file)}
 
 
 def checkpoint_mode(cfg: dict[str, Any]) -> bool | str:

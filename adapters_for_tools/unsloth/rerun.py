@@ -1,6 +1,8 @@
-"""Rerun a saved ``unsloth.json`` with Unsloth and TRL alone: ``python -m adapters_for_tools.unsloth.rerun FILE``.
+"""Rerun a saved ``unsloth.json`` (or ``unsloth_<kind>.json``) with Unsloth and TRL alone:
+``python -m adapters_for_tools.unsloth.rerun FILE``.
 
-No tunebench measurement: the same three calls the adapter makes (from_pretrained, get_peft_model, SFTTrainer).
+No tunebench measurement: the same calls the adapter makes (from_pretrained, get_peft_model, then SFTTrainer, or the
+objective's trainer as :mod:`adapters_for_tools.unsloth.trainers` builds it).
 """
 
 # ruff: noqa: E402, I001
@@ -9,20 +11,20 @@ import unsloth  # noqa: F401  (first: it patches transformers/TRL/PEFT)
 import json
 import sys
 
+from adapters_for_tools.unsloth import trainers
+
 
 def main(path: str) -> None:
-    """Load ``unsloth.json`` and train as the adapter did."""
-    import torch
+    """Load the saved configuration and train as the adapter did."""
     from datasets import load_dataset
     from trl import SFTConfig, SFTTrainer
-    from unsloth import FastLanguageModel
 
     cfg = json.load(open(path))
-    fp = dict(cfg["from_pretrained"], dtype=getattr(torch, cfg["from_pretrained"]["dtype"]))
-    model, tok = FastLanguageModel.from_pretrained(**fp)
-    if cfg["get_peft_model"]:
-        model = FastLanguageModel.get_peft_model(model, **cfg["get_peft_model"])
+    model, tok = trainers.load_model(cfg)
     ds = load_dataset("json", data_files=cfg["data_file"], split="train")
+    if cfg.get("objective", "sft") != "sft":
+        trainers.objective_trainer(cfg, model, tok, ds).train()
+        return
     SFTTrainer(model=model, processing_class=tok, args=SFTConfig(**cfg["sft"]), train_dataset=ds).train()
 
 

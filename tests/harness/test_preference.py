@@ -251,4 +251,4 @@ def test_pairs_are_plausible_and_held_out(generated):
 def test_shipped_objective_scenarios_validate():
     for name in ("quality_dpo_small", "llama8b_dpo", "llama8b_orpo", "llama8b_kto", "grpo_small"):
         sc = load_scenario(REPO / "scenarios" / f"{name}.yaml")
-        assert not sc.objective.is_sft and sc.framework_names() == ["trl"], name
+        assert not sc.objective.is_sft and "trl" in sc.framework_names(), name
