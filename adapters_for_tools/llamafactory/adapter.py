@@ -3,7 +3,11 @@
 ``llamafactory.train.tuner.run_exp(args, callbacks)`` is what ``llamafactory-cli train cfg.yaml`` calls; it takes
 our callbacks. The model is built inside, so the counting hook is attached in ``on_train_begin`` (the model
 arrives in the callback's kwargs before the first forward), and the common ``TrainerCallback`` drives the
-meter at each optimizer step.
+meter at each optimizer step. The preference stages (dpo, kto) are counted and read back from the trainer itself:
+:mod:`adapters_for_tools.llamafactory.objectives`.
+
+The run's rows are written as LLaMA-Factory reads them, beside the native config: ``lf_data/data.jsonl`` and
+``lf_data/dataset_info.json`` (:mod:`adapters_for_tools.llamafactory.dataset`).
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import yaml
 from adapters_for_tools import switches
 from adapters_for_tools.contract import rerun_command
 from adapters_for_tools.llamafactory import config as lf_config
+from adapters_for_tools.llamafactory import dataset as lf_data
+from adapters_for_tools.llamafactory import objectives
 from harness.inputs.data import read_jsonl, write_jsonl
 
 
@@ -36,6 +42,28 @@ def attach_on_train_begin(meter):
     return AttachCallback()
 
 
+def write_dataset(ctx, tok, fmt: str) -> None:  # noqa: ANN001
+    """Write the run's rows and their ``dataset_info.json`` into ``<work_dir>/lf_data``; report where LLaMA-Factory's
+    labels or truncation differ from the harness's."""
+    sc = ctx.scenario
+    form = lf_data.form_of(sc.objective.kind, fmt)
+    # the pt stage adds <bos> itself only for tokenizers with add_bos_token (ours adds it in a post-processor); the
+    # template stages never do
+    bos = "" if form == "text" and getattr(tok, "add_bos_token", False) else (tok.bos_token or "")
+    rows, notes = lf_data.lf_rows(read_jsonl(ctx.dataset_path), fmt, form, bos, tok.eos_token, sc.data.prompt_loss)
+    ds_dir = ctx.work_dir / "lf_data"
+    ds_dir.mkdir(exist_ok=True)
+    write_jsonl(rows, ds_dir / lf_data.FILE_NAME)
+    (ds_dir / "dataset_info.json").write_text(json.dumps(lf_data.dataset_info(lf_data.FILE_NAME, form), indent=1))
+    if notes := notes + lf_config.differences(sc, fmt):
+        ctx.extra["differences"] = notes
+    n = lf_data.overlong(rows, form, lambda s: tok(s, add_special_tokens=False)["input_ids"], sc.data.seq_len)
+    if n:
+        ctx.cannot_honour("data.seq_len", f"{n} rows longer than {sc.data.seq_len} tokens: LLaMA-Factory's "
+                          "infer_seqlen cuts their prompt too (or prompt and response in proportion), the harness "
+                          "and TRL cut the sequence's end")
+
+
 def run(ctx) -> None:
     from transformers import AutoTokenizer
 
@@ -43,17 +71,10 @@ def run(ctx) -> None:
     fmt = json.loads(ctx.dataset_path.with_suffix(".meta.json").read_text())["format"]
     for setting, why in lf_config.cannot_honour(sc, fmt):
         ctx.cannot_honour(setting, why)
-    if fmt != "text":
-        raise ValueError(f"llamafactory adapter trains text rows only; the dataset is {fmt}")
-    tok = AutoTokenizer.from_pretrained(ctx.checkpoint)
-    ds_dir = ctx.work_dir / "lf_data"
-    ds_dir.mkdir(exist_ok=True)
-    # LLaMA-Factory's pt stage adds <bos> only for tokenizers with add_bos_token; ours adds it in a post-processor
-    prefix = "" if getattr(tok, "add_bos_token", False) else tok.bos_token
-    write_jsonl([{"text": prefix + r["text"]} for r in read_jsonl(ctx.dataset_path)], ds_dir / "data.jsonl")
-    (ds_dir / "dataset_info.json").write_text(json.dumps(lf_config.dataset_info("data.jsonl"), indent=1))
+    write_dataset(ctx, AutoTokenizer.from_pretrained(ctx.checkpoint), fmt)
     ov = ctx.options
-    args = lf_config.native_config(sc, ctx.work_dir, ctx.checkpoint, ds_dir, liger=ov.liger, unsloth_gc=ov.unsloth_gc)
+    args = lf_config.native_config(sc, ctx.work_dir, ctx.checkpoint, ctx.work_dir / "lf_data", liger=ov.liger,
+                                   unsloth_gc=ov.unsloth_gc, fmt=fmt)
     if sc.hardware.device == "cpu":
         args["use_cpu"] = True
     args.update(ov.llamafactory)
@@ -68,10 +89,18 @@ def run(ctx) -> None:
 
     from llamafactory.train.tuner import run_exp
 
-    t0 = time.time()
     # the switch read-back first: it reads before the measurement callback starts the step clock
-    run_exp(args=dict(args), callbacks=[switches.read_back_callback(ctx, switches.read_trainer_model),
-                                        attach_on_train_begin(ctx.meter), *ctx.trainer_callbacks()])
+    read_switches = switches.read_back_callback(ctx, switches.read_trainer_model)
+    t0 = time.time()
+    if sc.objective.is_sft:
+        run_exp(args=dict(args), callbacks=[read_switches, attach_on_train_begin(ctx.meter), *ctx.trainer_callbacks()])
+    else:
+        kind = sc.objective.kind
+        with objectives.built(objectives.trainer_class(kind)) as made:
+            om, counting = objectives.objective_callbacks(ctx, kind, made, t0)
+            run_exp(args=dict(args), callbacks=[read_switches, *ctx.trainer_callbacks(), *counting])
+        ctx.set_effective(**om.batch_effective(kind))
+        ctx.extra.update(om.extra(kind))
     switches.settle(ctx)
     ctx.extra["run_exp_s"] = time.time() - t0
     ctx.extra["saved"] = "peft adapter" if sc.method.is_peft else "hf checkpoint"

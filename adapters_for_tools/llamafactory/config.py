@@ -1,9 +1,21 @@
 """The scenario as LLaMA-Factory arguments (pure; no toolkit import).
 
-Text rows train in the ``pt`` stage: LLaMA-Factory appends the EOS text and tokenises without special tokens,
-adding ``<bos>`` only when the tokenizer has ``add_bos_token``; the adapter prepends the BOS text to each row
-when it does not, so ids are ``<bos> + text + <eos>`` like the harness's. The dataset is registered through a
-``dataset_info.json`` in a ``dataset_dir`` under the work dir. ``disable_shuffling`` keeps the file order.
+The stage follows the rows (:mod:`adapters_for_tools.llamafactory.dataset`): text rows train in ``pt``, Alpaca /
+messages rows in ``sft``, a preference objective in LLaMA-Factory's own stage for it: ``dpo`` (``pref_loss:
+sigmoid``; ORPO is ``pref_loss: orpo``, which needs no reference), ``kto``. Every stage reads the run's JSONL
+through a ``dataset_info.json`` in a ``dataset_dir`` under the work dir, renders it with the ``empty`` template
+(no chat template: the ids are the harness's, see the dataset module) and keeps the file order
+(``disable_shuffling``).
+
+The objective's settings map one to one: ``beta`` is ``pref_beta`` (ORPO's lambda too), KTO's weights
+``kto_chosen_weight`` / ``kto_rejected_weight``. KTO's KL estimate pairs each prompt with the previous row's
+completion within one preprocessing batch (the first row with the last); ``preprocessing_batch_size =
+micro_batch`` makes those batches the micro-batches, so the pairs are TRL's (mismatched completions of the same
+micro-batch). Reference: with LoRA / QLoRA / DoRA LLaMA-Factory disables the adapters (``adapter_disabled``);
+``copy`` beside a PEFT policy is ``ref_model: <checkpoint>`` (4-bit for QLoRA, as the policy's base); full
+fine-tuning loads the copy itself.
+
+What LLaMA-Factory cannot run is refused at validation (``adapters_for_tools.llamafactory.objective_refusal``).
 """
 
 from __future__ import annotations
@@ -13,17 +25,11 @@ from typing import Any
 
 from adapters_for_tools import distributed
 from adapters_for_tools.contract import trainer_args
-
-DATASET_NAME = "tunebench"
-
-
-def dataset_info(file_name: str) -> dict[str, Any]:
-    """``dataset_info.json`` registering the run's text JSONL for the pt stage."""
-    return {DATASET_NAME: {"file_name": file_name, "formatting": "alpaca", "columns": {"prompt": "text"}}}
+from adapters_for_tools.llamafactory.dataset import DATASET_NAME, STAGES, form_of
 
 
 def native_config(sc, work_dir: Path, checkpoint: str, dataset_dir: Path, liger: bool = False,
-                  unsloth_gc: bool = False) -> dict[str, Any]:
+                  unsloth_gc: bool = False, fmt: str = "text") -> dict[str, Any]:
     """LLaMA-Factory training arguments (the YAML ``llamafactory-cli train`` reads) for scenario ``sc``.
 
     Args:
@@ -33,16 +39,19 @@ def native_config(sc, work_dir: Path, checkpoint: str, dataset_dir: Path, liger:
         dataset_dir: directory holding ``dataset_info.json`` and the data file.
         liger: the row's ``liger`` override: ``enable_liger_kernel``.
         unsloth_gc: the row's ``unsloth_gc`` override: ``use_unsloth_gc`` (offloading checkpoints).
+        fmt: the sweep's row format (``text``, ``alpaca``, ``messages``, ``sharegpt``); with the objective it
+            decides the stage.
 
     Returns:
         The arguments as a plain dict.
     """
     work_dir = Path(work_dir)
     m, t = sc.method, sc.train
+    stage = STAGES[form_of(sc.objective.kind, fmt)]
     cfg: dict[str, Any] = {
         "model_name_or_path": str(checkpoint),
         "trust_remote_code": False,
-        "stage": "pt",
+        "stage": stage,
         "do_train": True,
         "finetuning_type": "lora" if m.is_peft else "full",
         "dataset": DATASET_NAME,
@@ -82,7 +91,42 @@ def native_config(sc, work_dir: Path, checkpoint: str, dataset_dir: Path, liger:
     if m.kind == "qlora":
         cfg.update({"quantization_bit": 4, "quantization_method": "bnb", "quantization_type": m.quant.quant_type,
                     "double_quantization": m.quant.double_quant})
-    return cfg
+    if stage == "sft":
+        # prompt_loss moves the prompt into the response instead (adapters_for_tools/llamafactory/dataset.py says why)
+        cfg["train_on_prompt"] = False
+    return cfg | objective_args(sc, checkpoint)
+
+
+def objective_args(sc, checkpoint: str) -> dict[str, Any]:  # noqa: ANN001
+    """LLaMA-Factory's arguments for the scenario's preference objective (empty for sft): the module docstring."""
+    ob = sc.objective
+    if ob.is_sft:
+        return {}
+    out: dict[str, Any] = {"pref_beta": ob.beta, "pref_ftx": 0.0}
+    if ob.kind in ("dpo", "orpo"):
+        out["pref_loss"] = "orpo" if ob.kind == "orpo" else ob.loss_type
+    if ob.kind == "kto":
+        out.update({"kto_chosen_weight": ob.desirable_weight, "kto_rejected_weight": ob.undesirable_weight,
+                    "preprocessing_batch_size": sc.train.micro_batch})
+    if ob.kind in ("dpo", "kto") and sc.method.is_peft and ob.reference == "copy":
+        out["ref_model"] = str(checkpoint)
+        if sc.method.kind == "qlora":
+            out["ref_model_quantization_bit"] = 4
+    return out
+
+
+def differences(sc, fmt: str) -> list[str]:  # noqa: ANN001
+    """Where LLaMA-Factory's own definitions make its loss values differ from the baseline tool's with the same
+    settings and tokens: stored with the run, not a reason to mark it invalid."""
+    if sc.objective.kind == "orpo":
+        return ["orpo: LLaMA-Factory's NLL term averages over each chosen completion's tokens (the ORPO paper's), "
+                "TRL's over the prompt and completion tokens of the micro-batch's chosen rows: the loss curves "
+                "differ by the prompt's NLL"]
+    if sc.objective.is_sft and fmt == "text":
+        return ["text: LLaMA-Factory's pt stage labels the <bos>, and the Trainer (transformers 5.6) counts it among "
+                "the loss tokens it divides by, though no position predicts it: loss and gradients are the "
+                "harness's times n / (n + rows), n the step's loss tokens"]
+    return []
 
 
 def switches(args: dict[str, Any]) -> dict[str, bool]:
@@ -96,12 +140,13 @@ def switches(args: dict[str, Any]) -> dict[str, bool]:
 def cannot_honour(sc, fmt: str) -> list[tuple[str, str]]:
     """Scenario settings LLaMA-Factory cannot reproduce exactly: (setting, why)."""
     out = []
-    if fmt != "text":
-        out.append(("data.format", f"{fmt} rows would render through a LLaMA-Factory template, not the harness's "
-                    "prompt format; this adapter trains text rows only (pt stage)"))
-    if sc.data.packing:
+    if sc.data.packing and fmt == "text":
         out.append(("data.packing", "LLaMA-Factory's pt packing concatenates all samples and cuts cutoff_len blocks "
                     "(samples straddle rows, no per-sample position_ids); the harness keeps samples whole"))
+    elif sc.data.packing:
+        out.append(("data.packing", "LLaMA-Factory's sft packing groups samples by a knapsack over their lengths "
+                    "(not in file order) and lets them attend across samples; the harness keeps the order and "
+                    "restarts position_ids per sample"))
     if sc.method.kind == "qlora" and sc.method.quant.compute_dtype != sc.model.dtype:
         out.append(("method.quant.compute_dtype", "LLaMA-Factory computes 4-bit layers in the model's dtype"))
     return out

@@ -1,0 +1,123 @@
+"""The sweep's rows as LLaMA-Factory reads them: a JSONL and its ``dataset_info.json`` entry (pure; no toolkit import).
+
+LLaMA-Factory reads every dataset through an entry of ``dataset_info.json`` in ``dataset_dir`` (``formatting:
+alpaca``, its columns renamed by ``columns``). What the harness's rows become, and the stage that reads them:
+
+- ``text`` rows -> column ``prompt: text``; stage ``pt``.
+- Alpaca, messages, sharegpt rows, split as for TRL (the prompt, then the loss-bearing rest:
+  ``adapters_for_tools.prompt_completion``) -> columns ``prompt: instruction``, ``query: input`` (always empty),
+  ``response: output``; stage ``sft``.
+- dpo / orpo pairs ``prompt, chosen, rejected`` -> the same columns with ``ranking: true``; stage ``dpo``
+  (``pref_loss: orpo`` for ORPO).
+- kto's labelled completions ``prompt, completion, label`` -> ``prompt``, ``response: completion``,
+  ``kto_tag: label``; stage ``kto``.
+
+Token ids, the same as the harness's (``harness.inputs.data.tokenize_example``) and TRL's: the stages other than pt
+render through LLaMA-Factory's ``empty`` template, whose user turn is the content as is and whose assistant turn is
+the content with no EOS, each encoded without special tokens. So the prompt column carries the harness's rendered
+prompt (Alpaca: ``ALPACA_PROMPT``; the instruction is not joined to an input by LLaMA-Factory's ``"\\n"``) with the
+BOS text in front, and every response the EOS text after it: ids ``<bos> + prompt + response + <eos>``, labels on
+the response and the EOS. With the scenario's ``prompt_loss`` the prompt bears loss too, but not through
+LLaMA-Factory's ``train_on_prompt``: that labels the ``<bos>`` as well, and the Trainer (transformers 5.6) counts
+every label it divides the loss by, though no position predicts the first token, so loss and gradients would be
+the harness's times ``n / (n + rows)`` (measured: step-1 loss 5.681 against hf's 5.759, quality-tiny on Alpaca
+rows). The prompt column then holds the BOS text alone and the response the whole rendered row: the same ids, and
+labels on every token after the ``<bos>``, as the harness's. The pt stage appends the EOS itself and adds ``<bos>``
+only for tokenizers with ``add_bos_token``: the adapter passes the BOS text for text rows only when it does not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from adapters_for_tools.prompt_completion import split_rows
+
+DATASET_NAME = "tunebench"
+FILE_NAME = "data.jsonl"
+# form -> LLaMA-Factory's column names (DatasetAttr: prompt, query, response, chosen, rejected, kto_tag)
+COLUMNS = {
+    "text": {"prompt": "text"},
+    "sft": {"prompt": "instruction", "query": "input", "response": "output"},
+    "pairs": {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected"},
+    "labelled": {"prompt": "prompt", "response": "completion", "kto_tag": "label"},
+}
+STAGES = {"text": "pt", "sft": "sft", "pairs": "dpo", "labelled": "kto"}
+FORM_OF_OBJECTIVE = {"dpo": "pairs", "orpo": "pairs", "kto": "labelled"}  # the sweep's rows (harness.inputs.preference)
+
+
+def form_of(kind: str, fmt: str) -> str:
+    """The form of a run's rows (:data:`COLUMNS`) for objective ``kind`` and the sweep's row format ``fmt``.
+
+    Raises:
+        ValueError: an objective LLaMA-Factory has no stage for (grpo; validation refuses it first).
+    """
+    if kind == "sft":
+        return "text" if fmt == "text" else "sft"
+    if kind not in FORM_OF_OBJECTIVE:
+        raise ValueError(f"LLaMA-Factory has no stage for objective {kind!r}")
+    return FORM_OF_OBJECTIVE[kind]
+
+
+def dataset_info(file_name: str = FILE_NAME, form: str = "text") -> dict[str, Any]:
+    """``dataset_info.json`` registering the run's JSONL of ``form`` under :data:`DATASET_NAME`."""
+    entry: dict[str, Any] = {"file_name": file_name, "formatting": "alpaca", "columns": dict(COLUMNS[form])}
+    if form == "pairs":
+        entry["ranking"] = True  # the dpo stage reads only ranked datasets (and the others only unranked ones)
+    return {DATASET_NAME: entry}
+
+
+def lf_rows(rows: list[dict[str, Any]], fmt: str, form: str, bos: str, eos: str,
+            prompt_loss: bool = False) -> tuple[list[dict[str, Any]], list[str]]:
+    """The sweep's rows as the JSONL LLaMA-Factory reads (the module docstring says why BOS and EOS are text).
+
+    Args:
+        rows: the sweep's rows.
+        fmt: their format from the dataset's ``.meta.json`` (``text``, ``alpaca``, ``messages``, ``sharegpt``; the
+            objectives' ``pairs`` / ``labelled``).
+        form: what they become (:func:`form_of`).
+        bos: the BOS text put before each row's text or prompt ("" where LLaMA-Factory adds ``<bos>`` itself).
+        eos: the EOS text put after each response (not for text rows: the pt stage appends it).
+        prompt_loss: the scenario's ``data.prompt_loss`` (``sft`` rows): the prompt goes into the response.
+
+    Returns:
+        (rows, notes): ``notes`` says where the labels differ from the harness's (as :func:`split_rows`).
+    """
+    if form == "text":
+        return [{"text": bos + r["text"]} for r in rows], []
+    if form == "sft":
+        pc, notes = split_rows(rows, fmt, "LLaMA-Factory", "instruction", "output")
+        if prompt_loss:  # every token after the <bos> bears loss, as in the harness's labels: nothing differs
+            return [{"instruction": bos, "input": "", "output": r["instruction"] + r["output"] + eos} for r in pc], []
+        return [{"instruction": bos + r["instruction"], "input": "", "output": r["output"] + eos} for r in pc], notes
+    if form == "pairs":
+        return [{"prompt": bos + r["prompt"], "chosen": r["chosen"] + eos, "rejected": r["rejected"] + eos}
+                for r in rows], []
+    if form == "labelled":
+        return [{"prompt": bos + r["prompt"], "completion": r["completion"] + eos, "label": bool(r["label"])}
+                for r in rows], []
+    raise ValueError(f"unknown LLaMA-Factory row form {form!r} (one of {', '.join(COLUMNS)})")
+
+
+def overlong(rows: list[dict[str, Any]], form: str, encode: Callable[[str], list[int]], seq_len: int) -> int:
+    """How many of LLaMA-Factory's rows (:func:`lf_rows`) it cuts otherwise than the harness and TRL (the end of the
+    sequence cut at ``seq_len``). Its ``infer_seqlen`` shares ``cutoff_len`` between the prompt and the (longest)
+    response: the same cut when the prompt is under half of it and the response is not; otherwise, for a row too
+    long, the prompt is cut too, or both in proportion. Text rows are cut at the end in the pt stage: 0 for them.
+
+    Args:
+        rows: LLaMA-Factory's rows.
+        form: their form.
+        encode: the tokenizer without special tokens (``lambda s: tok(s, add_special_tokens=False)["input_ids"]``).
+        seq_len: the scenario's ``data.seq_len`` (LLaMA-Factory's ``cutoff_len``).
+    """
+    if form == "text":
+        return 0
+    prompt_key = "instruction" if form == "sft" else "prompt"
+    responses = {"sft": ("output",), "pairs": ("chosen", "rejected"), "labelled": ("completion",)}[form]
+    n = 0
+    for r in rows:
+        prompt = len(encode(r[prompt_key]))
+        response = max(len(encode(r[k])) for k in responses)
+        n += int(prompt + response > seq_len and not (2 * prompt < seq_len <= 2 * response))
+    return n
