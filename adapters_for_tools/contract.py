@@ -100,6 +100,9 @@ class AdapterInfo:
     strategies_note: str = ""  # why a strategy is missing, said when a scenario asks for it
     # how its ranks start (harness.running.launch): "torchrun", or "accelerate" (accelerate launch, the tool's own)
     launcher: str = "torchrun"
+    # settings of a scenario the tool cannot express although it runs the method and objective (a loss variant, a
+    # reference handling): why, or None; checked at validation after the declarations above
+    refuse: Callable[[Any], str | None] | None = None
 
     def cannot_run(self, sc) -> str | None:  # noqa: ANN001
         """Why this adapter can never run the scenario (checked at validation: the scenario is refused), or None.
@@ -121,7 +124,7 @@ class AdapterInfo:
                     f"{sorted(self.strategies[strategy])})")
         if sc.hardware.device not in self.devices:
             return f"device {sc.hardware.device!r} not supported (supports {sorted(self.devices)})"
-        return None
+        return self.refuse(sc) if self.refuse is not None else None
 
     def family_unsupported(self, sc) -> str | None:  # noqa: ANN001
         """Why this adapter does not train the scenario's model family, or None (the runner stores the row as

@@ -3,7 +3,6 @@ dpo, orpo and kto through its ``rl:`` configs."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from pydantic import Field
@@ -42,15 +41,7 @@ def rl_refusal(sc) -> str | None:
     return None
 
 
-@dataclass(frozen=True)
-class AxolotlInfo(AdapterInfo):
-    """Axolotl's declaration, plus what its ``rl:`` configs cannot express (refused at validation)."""
-
-    def cannot_run(self, sc) -> str | None:
-        return super().cannot_run(sc) or rl_refusal(sc)
-
-
-INFO = AxolotlInfo(
+INFO = AdapterInfo(
     name="axolotl",
     description="Axolotl (YAML config -> axolotl.train.train), LoRA/DoRA/QLoRA or full fine-tuning; DPO, ORPO and "
                 "KTO through its rl: configs",
@@ -61,6 +52,7 @@ INFO = AxolotlInfo(
     notes="Native config: axolotl.yml (`python -m axolotl.cli.train axolotl.yml`; dpo/orpo/kto: its rl: keys, "
           "the rows in axolotl_<kind>_dataset.jsonl beside it). Its Triton LoRA kernels stay at Axolotl's defaults "
           "(on for LoRA/QLoRA sft), read back from the live model. CUDA only.",
+    refuse=rl_refusal,
     overrides=AxolotlOverrides,
     objectives=frozenset({"sft", "dpo", "orpo", "kto"}),
     objectives_note="grpo is not wired in this adapter: Axolotl documents its rl: grpo with vLLM generation (a vLLM "

@@ -10,7 +10,6 @@ loss), KTO's ``apo_zero_unpaired`` (its ``CustomKTOTrainer`` sets ``loss_type = 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from pydantic import Field
@@ -46,16 +45,7 @@ def objective_refusal(sc) -> str | None:  # noqa: ANN001
     return None
 
 
-@dataclass(frozen=True)
-class LlamaFactoryInfo(AdapterInfo):
-    """:class:`AdapterInfo` that also refuses the objective settings LLaMA-Factory's trainers cannot run
-    (:func:`objective_refusal`): validation says why, before any run."""
-
-    def cannot_run(self, sc) -> str | None:  # noqa: ANN001
-        return super().cannot_run(sc) or objective_refusal(sc)
-
-
-INFO = LlamaFactoryInfo(
+INFO = AdapterInfo(
     name="llamafactory",
     description="LLaMA-Factory (run_exp: pt stage for text, sft for instruction rows; dpo, orpo and kto through its "
                 "own stages), LoRA/DoRA/QLoRA or full fine-tuning",
@@ -68,6 +58,7 @@ INFO = LlamaFactoryInfo(
           "DPO sigmoid only. CUDA only.",
     objectives=frozenset({"sft", "dpo", "orpo", "kto"}),
     objectives_note="LLaMA-Factory has no GRPO stage (its stages: pt, sft, rm, ppo, dpo, kto)",
+    refuse=objective_refusal,
     overrides=LlamaFactoryOverrides,
     strategies=TRAINER_STRATEGIES,  # DDP by the launch (its FORCE_TORCHRUN); FSDP and DeepSpeed as its arguments
 )
