@@ -63,7 +63,9 @@ INFO = AdapterInfo(
     name="tunebench",
     description="tunebench's Triton-fused trainer (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy, LoRA, NF4)",
     env="base",
-    families=frozenset({"llama", "mistral", "qwen2"}),  # the model types kernels/trainer/config.py reads
+    # the model types kernels/trainer/config.py reads (MODEL_TYPES); the other families' rows are stored as
+    # unsupported with that reason
+    families=frozenset({"llama", "mistral", "qwen2", "phi3", "gemma2", "mixtral"}),
     requires=("torch", "triton", "safetensors", "transformers"),
     version_of="tunebench",
     notes="On CPU the ops run their PyTorch references (TRITON_INTERPRET=1 runs the Triton interpreter instead).",

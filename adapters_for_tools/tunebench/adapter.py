@@ -173,6 +173,7 @@ def run(ctx) -> None:  # noqa: ANN001
     rows = (preference_pairs(sc, ctx.dataset_path, tok) if objective.is_preference
             else load_tokenised(sc, ctx.dataset_path, tok).rows)
     ops = ops_in_use(device.type, options.reference_ops, str(dtype).removeprefix("torch."), options.varlen_attention)
+    ops |= model.family_ops()  # the family's parts that run as PyTorch ops
     trainer_cfg = cfg.to_dict() | {"ops": ops}  # after loading: options.allocator says what the load did
     ctx.save_native_config("tunebench_trainer.json", json.dumps(trainer_cfg, indent=1, default=str))
     ctx.extra["trainer"] = {"overrides": dict(ctx.overrides), "ops": trainer_cfg["ops"], **_layout(model, options),

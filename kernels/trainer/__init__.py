@@ -1,11 +1,14 @@
-"""tunebench's own trainer: a Llama/Mistral/Qwen2 decoder on the fused ops of ``kernels.ops``.
+"""tunebench's own trainer: a Llama / Mistral / Qwen2 / Phi-3 / Gemma-2 / Mixtral decoder on the fused ops of
+``kernels.ops``.
 
 A library: it knows nothing of the benchmark harness (``adapters_for_tools/tunebench`` translates a scenario into
 :class:`~kernels.trainer.config.TrainerConfig` and feeds it tokenised rows).
 
 - :mod:`kernels.trainer.config`: architecture, method, loop settings.
 - :mod:`kernels.trainer.model`: the decoder; :mod:`~kernels.trainer.attention`, :mod:`~kernels.trainer.linear`
-  (LoRA / DoRA / QLoRA projections), :mod:`~kernels.trainer.opset` (fused op or reference) are its parts.
+  (LoRA / DoRA / QLoRA projections), :mod:`~kernels.trainer.opset` (fused op or reference),
+  :mod:`~kernels.trainer.moe` (Mixtral's experts) and :mod:`~kernels.trainer.torch_ops` (the family parts without
+  a fused kernel yet) are its parts.
 - :mod:`kernels.trainer.offload`: per-layer recomputation, host offload of weights and checkpointed inputs.
 - :mod:`kernels.trainer.plan` and :mod:`kernels.trainer.planner`: the knobs above chosen to a memory budget.
 - :mod:`kernels.trainer.loading`: the model from a transformers checkpoint, with the method applied.

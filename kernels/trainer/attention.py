@@ -30,6 +30,7 @@ from torch import nn
 from kernels.trainer.config import DecoderConfig
 from kernels.trainer.linear import Linear, project
 from kernels.trainer.opset import FUSED_OPS
+from kernels.trainer.torch_ops import softcap_attention
 
 
 def _find_varlen() -> tuple[Any, dict[str, Any], bool] | None:
@@ -164,6 +165,13 @@ def packed_attention_mask(position_ids: torch.Tensor, h: torch.Tensor, varlen: b
 
 
 class Attention(nn.Module):
+    """Self-attention with transformers' projection names: ``q_proj``/``k_proj``/``v_proj`` or Phi-3's fused
+    ``qkv_proj`` (kept fused: PEFT puts one LoRA pair on it), and ``o_proj``.
+
+    Gemma-2's score scale and soft-capping go through :func:`~kernels.trainer.torch_ops.softcap_attention` (no
+    fused kernel takes a score modifier); a sliding-window layer receives its windowed mask from the model.
+    """
+
     ops = FUSED_OPS
     group_projections = True  # apply_method sets MethodOptions.group_projections on every block
 
@@ -171,14 +179,30 @@ class Attention(nn.Module):
         super().__init__()
         h, d = cfg.hidden_size, cfg.head_dim
         self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
+        self.scale, self.softcap = cfg.attn_scale, cfg.attn_softcap
+        self.fused_qkv = cfg.fused_qkv
+        if cfg.fused_qkv:
+            # registered in transformers' order (Phi3Attention makes o_proj first): PEFT initialises LoRA in
+            # module order, and the same seed must give the same adapters
+            self.o_proj = Linear(cfg.num_heads * d, h, cfg.o_bias, dtype, device)
+            self.qkv_proj = Linear(h, (cfg.num_heads + 2 * cfg.num_kv_heads) * d, cfg.qkv_bias, dtype, device)
+            return
         self.q_proj = Linear(h, cfg.num_heads * d, cfg.qkv_bias, dtype, device)
         self.k_proj = Linear(h, cfg.num_kv_heads * d, cfg.qkv_bias, dtype, device)
         self.v_proj = Linear(h, cfg.num_kv_heads * d, cfg.qkv_bias, dtype, device)
         self.o_proj = Linear(cfg.num_heads * d, h, cfg.o_bias, dtype, device)
 
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if not self.fused_qkv:
+            return project(x, (self.q_proj, self.k_proj, self.v_proj), self.group_projections)
+        qkv = self.qkv_proj(x)
+        nq, nkv = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        # slices, not split(): RoPE rotates q and k in place, which autograd allows on single-output views only
+        return qkv[..., :nq], qkv[..., nq:nq + nkv], qkv[..., nq + nkv:]
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         bsz, seq, _ = x.shape
-        q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj), self.group_projections)
+        q, k, v = self._qkv(x)
         q = q.view(bsz, seq, self.n_heads, self.head_dim)
         k = k.view(bsz, seq, self.n_kv, self.head_dim)
         v = v.view(bsz, seq, self.n_kv, self.head_dim)
@@ -188,13 +212,15 @@ class Attention(nn.Module):
         if mask is not None and mask.dtype == torch.int32:  # cu_seqlens of packed samples: varlen flash attention
             return self.o_proj(varlen_attention(q, k, v, mask).view(bsz, seq, self.n_heads * self.head_dim))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if mask is None:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
+        if self.softcap is not None:
+            o = softcap_attention(q, k, v, self.scale or self.head_dim ** -0.5, self.softcap, mask)
+        elif mask is None:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads,
+                                               scale=self.scale)
         else:
             # The masked (memory-efficient) kernels do not all take enable_gqa: repeat KV heads explicitly.
             rep = self.n_heads // self.n_kv
             if rep > 1:
                 k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=self.scale)
         return self.o_proj(o.transpose(1, 2).reshape(bsz, seq, self.n_heads * self.head_dim))
-

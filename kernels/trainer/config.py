@@ -1,6 +1,7 @@
 """The trainer's settings: the architecture read from a checkpoint, the method, the loop, and the three together.
 
-- :class:`DecoderConfig`: architecture values of a transformers ``config.json`` (llama, mistral, qwen2).
+- :class:`DecoderConfig`: architecture values of a transformers ``config.json`` (llama, mistral, qwen2, phi3, gemma2,
+  mixtral), with what sets each family apart from Llama as plain fields.
 - :class:`MethodOptions`: what to train (full / LoRA / DoRA / QLoRA, LoRA settings) and the trainer's knobs
   (recomputation, host offload, CUDA graph, attention path, allocator).
 - :class:`TrainSettings`: the loop (micro-batch, grad accumulation, steps, optimizer, learning rate, schedule).
@@ -24,11 +25,32 @@ import torch
 ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 LINEAR_MODULES = ATTN_MODULES + MLP_MODULES
+MODEL_TYPES = ("llama", "mistral", "qwen2", "phi3", "gemma2", "mixtral")
+# families whose sliding_window (when set) applies to every layer; gemma2 and qwen2 name theirs in layer_types
+_WINDOW_EVERY_LAYER = ("mistral", "phi3", "mixtral")
 
 
 @dataclass(frozen=True)
 class DecoderConfig:
-    """Architecture values read from a transformers ``config.json`` (llama, mistral, qwen2)."""
+    """Architecture values read from a transformers ``config.json`` (:data:`MODEL_TYPES`).
+
+    The fields after ``raw`` are what a family changes in the Llama layer; their defaults are Llama's.
+
+    Attributes:
+        fused_qkv / fused_gate_up: phi3: one ``qkv_proj`` and one ``gate_up_proj`` linear (kept fused, as PEFT
+            targets them).
+        activation: the gated MLP's activation: ``silu`` (SwiGLU) or ``gelu_tanh`` (gemma2's GeGLU).
+        norm_plus_one: gemma2: RMSNorm scales by ``1 + weight``.
+        sandwich_norms: gemma2: the attention and MLP outputs are normed before the residual add
+            (``post_attention_layernorm``, ``post_feedforward_layernorm``); the MLP input by
+            ``pre_feedforward_layernorm``.
+        embed_scale: gemma2: embeddings multiplied by ``sqrt(hidden)`` (in the weights' dtype, as transformers).
+        attn_scale: gemma2: ``query_pre_attn_scalar ** -0.5`` (None: ``head_dim ** -0.5``).
+        attn_softcap / final_softcap: gemma2: ``cap * tanh(x / cap)`` of the attention scores / of the logits.
+        sliding_window / sliding_layers: a causal window of this many keys (the query's own included) in these
+            layers.
+        num_experts / experts_per_token: mixtral: a sparse MoE block of this many SwiGLU experts, top-k routed.
+    """
 
     model_type: str
     vocab_size: int
@@ -46,18 +68,59 @@ class DecoderConfig:
     o_bias: bool
     mlp_bias: bool
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    fused_qkv: bool = False
+    fused_gate_up: bool = False
+    activation: str = "silu"
+    norm_plus_one: bool = False
+    sandwich_norms: bool = False
+    embed_scale: float | None = None
+    attn_scale: float | None = None
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    sliding_window: int | None = None
+    sliding_layers: tuple[int, ...] = ()
+    num_experts: int = 0
+    experts_per_token: int = 0
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DecoderConfig:
         mt = d["model_type"]
-        if mt not in ("llama", "mistral", "qwen2"):
-            raise NotImplementedError(f"model_type {mt!r}: tunebench trains llama, mistral and qwen2")
+        if mt not in MODEL_TYPES:
+            raise NotImplementedError(f"model_type {mt!r}: tunebench trains {', '.join(MODEL_TYPES)}")
         # transformers 5 writes rope_parameters {rope_type, rope_theta, ...}; older files rope_theta + rope_scaling
         rp = dict(d.get("rope_parameters") or {})
         theta = float(rp.pop("rope_theta", d.get("rope_theta", 10000.0)))
+        partial = float(rp.pop("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)))
+        if partial != 1.0:
+            raise NotImplementedError(f"{mt}: partial_rotary_factor {partial} (tunebench rotates whole heads)")
         scaling = rp if rp and rp.get("rope_type", "default") != "default" else d.get("rope_scaling")
         heads = int(d["num_attention_heads"])
         attn_bias = bool(d.get("attention_bias", False))
+        head_dim = int(d.get("head_dim") or d["hidden_size"] // heads)
+        for key in ("resid_pdrop", "embd_pdrop", "attention_dropout", "router_jitter_noise"):
+            if float(d.get(key) or 0.0):
+                raise NotImplementedError(f"{mt}: {key} {d[key]} (tunebench trains without model dropout)")
+        if mt == "mixtral" and d.get("output_router_logits"):
+            raise NotImplementedError("mixtral: output_router_logits (the router's auxiliary loss) is not built")
+        gemma = mt == "gemma2"
+        if gemma and d.get("use_bidirectional_attention"):
+            raise NotImplementedError("gemma2: use_bidirectional_attention (tunebench trains causal LMs)")
+        act = d.get("hidden_activation" if gemma else "hidden_act") or ("gelu_pytorch_tanh" if gemma else "silu")
+        activation = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}.get(act)
+        if activation is None:
+            raise NotImplementedError(f"{mt}: activation {act!r} (tunebench has silu and gelu_pytorch_tanh)")
+        window = d.get("sliding_window")
+        if window and d.get("layer_types"):
+            sliding = tuple(i for i, t in enumerate(d["layer_types"]) if t == "sliding_attention")
+        elif window and (mt in _WINDOW_EVERY_LAYER or gemma):
+            # gemma2 without layer_types: transformers' default, sliding in every other layer from the first
+            sliding = tuple(range(0, int(d["num_hidden_layers"]), 2 if gemma else 1))
+        else:
+            sliding = ()
+
+        def cap(key: str) -> float | None:
+            return float(d[key]) if gemma and d.get(key) else None
+
         return cls(
             model_type=mt,
             vocab_size=int(d["vocab_size"]),
@@ -66,16 +129,41 @@ class DecoderConfig:
             num_layers=int(d["num_hidden_layers"]),
             num_heads=heads,
             num_kv_heads=int(d.get("num_key_value_heads") or heads),
-            head_dim=int(d.get("head_dim") or d["hidden_size"] // heads),
+            head_dim=head_dim,
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
             rope_theta=theta,
             rope_scaling=scaling,
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", gemma)),
             qkv_bias=True if mt == "qwen2" else attn_bias,  # qwen2 always has q/k/v bias, no o bias
-            o_bias=attn_bias if mt == "llama" else False,
+            o_bias=attn_bias if mt in ("llama", "gemma2") else False,
             mlp_bias=bool(d.get("mlp_bias", False)),
             raw=dict(d),
+            fused_qkv=mt == "phi3",
+            fused_gate_up=mt == "phi3",
+            activation=activation,
+            norm_plus_one=gemma,
+            sandwich_norms=gemma,
+            embed_scale=float(d["hidden_size"]) ** 0.5 if gemma else None,
+            attn_scale=float(d.get("query_pre_attn_scalar") or head_dim) ** -0.5 if gemma else None,
+            attn_softcap=cap("attn_logit_softcapping"),
+            final_softcap=cap("final_logit_softcapping"),
+            sliding_window=int(window) if sliding else None,
+            sliding_layers=sliding,
+            num_experts=int(d.get("num_local_experts") or 0) if mt == "mixtral" else 0,
+            experts_per_token=int(d.get("num_experts_per_tok") or 0) if mt == "mixtral" else 0,
         )
+
+    @property
+    def moe(self) -> bool:
+        """The MLP is a sparse mixture of experts (Mixtral)."""
+        return self.num_experts > 0
+
+    def layer_linear_names(self) -> tuple[str, ...]:
+        """Leaf names of one decoder layer's linear modules, in transformers' module order (PEFT's init order)."""
+        attn = ("o_proj", "qkv_proj") if self.fused_qkv else ATTN_MODULES  # Phi3Attention makes o_proj first
+        if self.moe:
+            return attn  # the experts are 3-D tensors, not linear modules (transformers 5)
+        return attn + (("gate_up_proj", "down_proj") if self.fused_gate_up else MLP_MODULES)
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path) -> DecoderConfig:

@@ -19,10 +19,13 @@ from torch import nn
 
 from kernels.ops.nf4 import NF4Tensor, quantize_nf4
 from kernels.trainer.attention import Attention
-from kernels.trainer.config import ATTN_MODULES, MLP_MODULES, DecoderConfig, MethodOptions
+from kernels.trainer.config import MLP_MODULES, DecoderConfig, MethodOptions
 from kernels.trainer.model import MLP, DecoderModel, RMSNorm
+from kernels.trainer.moe import Experts, ExpertStacker
 from kernels.trainer.offload import WeightStreamer, checkpointed_layer_ids, streamed_layer_ids
 from kernels.trainer.opset import FUSED_OPS, OpSet
+
+_MLP_LEAVES = (*MLP_MODULES, "gate_up_proj")
 
 
 def configure_allocator(options: MethodOptions) -> str:
@@ -96,6 +99,7 @@ def load_model(checkpoint: str | Path, options: MethodOptions, dtype: torch.dtyp
     on_host = _host_tensors(cfg, options) if device.type == "cuda" else set()
     files = _safetensors_files(checkpoint)
     bnb_parts = _bnb_quant_states(files, device) if prequantized else {}
+    stacker = ExpertStacker(model) if cfg.moe else None
     seen = set()
     for f in files:
         with safe_open(str(f), framework="pt", device="cpu") as st_host, \
@@ -105,6 +109,10 @@ def load_model(checkpoint: str | Path, options: MethodOptions, dtype: torch.dtyp
                     continue  # tied: some files carry the duplicate
                 if _bnb_part(key):
                     continue  # a 4-bit weight's quant state: read with its weight below
+                stacked = stacker.take(key, lambda k=key, st=st_dev: st.get_tensor(k)) if stacker else None
+                if stacked is not None:  # one expert's slice of a stacked MoE tensor (original layout)
+                    seen.add(stacked)
+                    continue
                 if key not in targets:
                     raise KeyError(f"{f.name}: unexpected tensor {key!r} for {cfg.model_type}")
                 mod_name, _, leaf = key.rpartition(".")
@@ -122,7 +130,7 @@ def load_model(checkpoint: str | Path, options: MethodOptions, dtype: torch.dtyp
                 else:
                     _assign(model, key, st_dev.get_tensor(key).to(dtype))
                 seen.add(key)
-    missing = set(targets) - seen
+    missing = (set(targets) - seen) | set(stacker.incomplete() if stacker else ())
     if missing:
         raise KeyError(f"{checkpoint}: tensors missing from the checkpoint: {sorted(missing)[:8]}")
     model.compute_device = device
@@ -164,10 +172,8 @@ def _host_tensors(cfg: DecoderConfig, o: MethodOptions) -> set[str]:
         return out
     if o.offload_weights and o.kind != "qlora":
         for i in streamed_layer_ids(cfg.num_layers, o.offload_weights):
-            for m in ATTN_MODULES:
-                out.add(f"model.layers.{i}.self_attn.{m}.weight")
-            for m in MLP_MODULES:
-                out.add(f"model.layers.{i}.mlp.{m}.weight")
+            for m in cfg.layer_linear_names():
+                out.add(f"model.layers.{i}.{'mlp' if m in _MLP_LEAVES else 'self_attn'}.{m}.weight")
     if not cfg.tie_word_embeddings:
         if o.offload_embeddings:
             out.add("model.embed_tokens.weight")
@@ -186,8 +192,12 @@ def apply_method(model: DecoderModel, options: MethodOptions, seed: int | None =
     """Set trainable parameters for the method; add LoRA/DoRA adapters (PEFT init) to the target linears."""
     model.options = options
     ops = OpSet.with_references(options.reference_ops) if options.reference_ops else FUSED_OPS
+    cfg = model.cfg
+    head_ops = ops.with_softcap(cfg.final_softcap) if cfg.final_softcap is not None else ops
     for m in model.modules():
-        if isinstance(m, (DecoderModel, RMSNorm, Attention, MLP)):
+        if isinstance(m, DecoderModel):
+            m.ops = head_ops
+        elif isinstance(m, (RMSNorm, Attention, MLP, Experts)):
             m.ops = ops
         if isinstance(m, (Attention, MLP)):
             m.group_projections = options.group_projections
@@ -200,6 +210,10 @@ def apply_method(model: DecoderModel, options: MethodOptions, seed: int | None =
     elif options.is_peft:
         if seed is not None:
             torch.manual_seed(seed)
+        experts = sorted(set(options.target_modules) & {*_MLP_LEAVES, "w1", "w2", "w3"}) if cfg.moe else []
+        if experts:
+            raise ValueError(f"target_modules {experts}: LoRA on {cfg.model_type}'s experts is not built (they are "
+                             "3-D tensors, not linear modules; all-linear means the attention projections)")
         for name, mod in model.linears():
             if name.rsplit(".", 1)[-1] in options.target_modules:
                 mod.add_lora_(options.lora_r, options.lora_alpha, options.lora_dropout, options.kind == "dora",
@@ -233,6 +247,10 @@ def _apply_offload(model: DecoderModel, o: MethodOptions) -> None:
         why = [w for w, bad in (("a CUDA device", model.device_of_compute.type != "cuda"),
                                 ("no host offload (offload_*)", o.offload_weights or o.offload_embeddings
                                  or o.offload_lm_head or o.offload_checkpoints),
-                                ("lora_dropout 0", o.lora_dropout > 0)) if bad]
+                                ("lora_dropout 0", o.lora_dropout > 0),
+                                # the loop over experts syncs with the host per expert: not capturable
+                                ("grouped expert GEMMs (torch._grouped_mm: bf16 on a Hopper GPU)",
+                                 model.family_ops().get("moe_experts", "torch-grouped-mm") != "torch-grouped-mm"),
+                                ) if bad]
         if why:
             raise ValueError(f"cuda_graph needs {' and '.join(why)}")

@@ -1,4 +1,5 @@
-"""A Llama / Mistral / Qwen2 decoder for training, built on the fused ops in ``kernels.ops``.
+"""A Llama-style decoder for training (llama, mistral, qwen2, phi3, gemma2, mixtral), built on the fused ops in
+``kernels.ops``.
 
 It has transformers' module and tensor names (``model.layers.N.self_attn.q_proj``, ``lm_head``), so it loads the
 checkpoint files transformers loads (:mod:`kernels.trainer.loading`) and computes the same function as
@@ -9,6 +10,9 @@ checkpoint files transformers loads (:mod:`kernels.trainer.loading`) and compute
   residual stream (one tensor per checkpointed layer, not two).
 - RoPE from :mod:`kernels.ops.rope` (``rope_theta``, Llama-3 ``rope_scaling``), positions from ``position_ids``.
 - SwiGLU from :func:`kernels.ops.swiglu.swiglu`.
+- The families' own parts: Phi-3's fused ``qkv_proj`` / ``gate_up_proj`` (kept fused); Gemma-2's ``1 + weight``
+  norms, sandwich norms, scaled embeddings, GeGLU, soft-capped attention and logits, sliding-window layers
+  (:mod:`kernels.trainer.torch_ops`, PyTorch); Mixtral's experts (:mod:`kernels.trainer.moe`).
 - Attention: :mod:`kernels.trainer.attention` (SDPA; packed rows through flash varlen or a block mask).
 - LM head + loss: :func:`kernels.ops.fused_linear_cross_entropy.fused_linear_cross_entropy` (no
   ``[tokens, vocab]`` logits on CUDA); the loss is a *sum*, divided inside the op by ``num_items`` when the
@@ -34,49 +38,77 @@ from kernels.ops.rope import rope_cos_sin
 from kernels.trainer.attention import Attention, SharedPrompts, packed_attention_mask
 from kernels.trainer.config import DecoderConfig, MethodOptions
 from kernels.trainer.linear import Linear, project
+from kernels.trainer.moe import Experts, SparseMoE, grouped_mm_ok
 from kernels.trainer.offload import LayerCall, LayerCheckpoint, WeightStreamer, copy_stream
 from kernels.trainer.opset import FUSED_OPS
+from kernels.trainer.torch_ops import geglu, window_mask
 
 
 class RMSNorm(nn.Module):
+    """RMSNorm scaling by ``weight`` (Llama) or by ``1 + weight`` (Gemma-2: ``plus_one``, the sum taken in fp32 as
+    transformers takes it, so the op multiplies by an fp32 scale)."""
+
     ops = FUSED_OPS  # apply_method sets the model's OpSet on every block
 
-    def __init__(self, n: int, eps: float, dtype: torch.dtype, device: torch.device):
+    def __init__(self, n: int, eps: float, dtype: torch.dtype, device: torch.device, plus_one: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(n, dtype=dtype, device=device), requires_grad=False)
-        self.eps = eps
+        self.eps, self.plus_one = eps, plus_one
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):  # noqa: ANN201
-        return self.ops.rms_norm(x, self.weight, self.eps, residual)
-
+        w = 1.0 + self.weight.float() if self.plus_one else self.weight
+        return self.ops.rms_norm(x, w, self.eps, residual)
 
 
 class MLP(nn.Module):
+    """The gated MLP: ``down(act(gate(x)) * up(x))`` with SwiGLU (the fused op) or Gemma's GeGLU
+    (:func:`~kernels.trainer.torch_ops.geglu`); Phi-3's ``gate_up_proj`` stays one fused linear."""
+
     ops = FUSED_OPS
     group_projections = True
 
     def __init__(self, cfg: DecoderConfig, dtype: torch.dtype, device: torch.device):
         super().__init__()
         h, i, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
-        self.gate_proj = Linear(h, i, b, dtype, device)
-        self.up_proj = Linear(h, i, b, dtype, device)
+        self.intermediate, self.fused, self.gelu = i, cfg.fused_gate_up, cfg.activation == "gelu_tanh"
+        if cfg.fused_gate_up:
+            self.gate_up_proj = Linear(h, 2 * i, b, dtype, device)
+        else:
+            self.gate_proj = Linear(h, i, b, dtype, device)
+            self.up_proj = Linear(h, i, b, dtype, device)
         self.down_proj = Linear(i, h, b, dtype, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = project(x, (self.gate_proj, self.up_proj), self.group_projections)
-        return self.down_proj(self.ops.swiglu(gate, up))
+        if self.fused:
+            gate_up = self.gate_up_proj(x)
+            gate, up = gate_up[..., :self.intermediate], gate_up[..., self.intermediate:]
+        else:
+            gate, up = project(x, (self.gate_proj, self.up_proj), self.group_projections)
+        return self.down_proj(geglu(gate, up) if self.gelu else self.ops.swiglu(gate, up))
 
 
 class DecoderLayer(nn.Module):
+    """Pre-norm decoder layer; Gemma-2's "sandwich" adds a norm after attention and around the MLP; Mixtral's
+    MLP is a sparse mixture of experts (:class:`~kernels.trainer.moe.SparseMoE`)."""
+
     def __init__(self, cfg: DecoderConfig, dtype: torch.dtype, device: torch.device):
         super().__init__()
+        h, eps, one = cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_plus_one
         self.self_attn = Attention(cfg, dtype, device)
-        self.mlp = MLP(cfg, dtype, device)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.mlp = SparseMoE(cfg, dtype, device) if cfg.moe else MLP(cfg, dtype, device)
+        self.input_layernorm = RMSNorm(h, eps, dtype, device, one)
+        self.post_attention_layernorm = RMSNorm(h, eps, dtype, device, one)
+        self.sandwich = cfg.sandwich_norms
+        if self.sandwich:
+            self.pre_feedforward_layernorm = RMSNorm(h, eps, dtype, device, one)
+            self.post_feedforward_layernorm = RMSNorm(h, eps, dtype, device, one)
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         a = self.self_attn(self.input_layernorm(h), cos, sin, mask)
+        if self.sandwich:
+            a = self.post_attention_layernorm(a)
+            x, h = self.pre_feedforward_layernorm(a, residual=h)  # fused: h = h + a; x = norm(h)
+            return h + self.post_feedforward_layernorm(self.mlp(x))
         x, h = self.post_attention_layernorm(a, residual=h)  # fused: h = h + a; x = norm(h)
         return h + self.mlp(x)
 
@@ -103,7 +135,7 @@ class DecoderModel(nn.Module):
                                                                  device=device))
         self.model.embed_tokens.weight.requires_grad_(False)
         self.model.layers = nn.ModuleList(DecoderLayer(cfg, dtype, device) for _ in range(cfg.num_layers))
-        self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device, cfg.norm_plus_one)
         self.lm_head: nn.Module | None = None
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Module()  # a bare module so the tensor is named lm_head.weight, as in transformers
@@ -140,18 +172,29 @@ class DecoderModel(nn.Module):
         h = self._embed(input_ids)
         self._prefetch_lm_head()
         mask = None
+        seq = input_ids.shape[1]
+        # a window shorter than the rows, or soft-capped scores: bool masks (no flash kernel takes either)
+        windowed = cfg.sliding_window is not None and seq > cfg.sliding_window
+        flash_ok = self.options.varlen_attention and not windowed and cfg.attn_softcap is None
         if position_ids is None:
-            cos, sin = self._rope_tables(input_ids.shape[1], input_ids.device)
+            cos, sin = self._rope_tables(seq, input_ids.device)
         else:
             # the layers' "mask" argument: int32 cu_seqlens (varlen) or the [B, S, S] bool mask
-            mask = packed_attention_mask(position_ids, h, self.options.varlen_attention, shared)
+            mask = packed_attention_mask(position_ids, h, flash_ok, shared)
             cos, sin = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        local = mask
+        if windowed:  # the sliding-window layers' mask
+            pos = position_ids if position_ids is not None else torch.arange(seq, device=input_ids.device)[None]
+            local = window_mask(pos, cfg.sliding_window, mask)
+        full = mask
         ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         if ckpt and not h.requires_grad:
             h = h.detach().requires_grad_(True)  # the reentrant-style Function needs a grad-requiring input
-        extra = (cos, sin) if mask is None else (cos, sin, mask)
         rng = self.training and self.options.lora_dropout > 0
+        sliding = set(cfg.sliding_layers) if windowed else set()
         for i, layer in enumerate(self.model.layers):
+            mask = local if i in sliding else full
+            extra = (cos, sin) if mask is None else (cos, sin, mask)
             if ckpt and self.checkpointed_layers is not None and i not in self.checkpointed_layers:
                 h = layer(h, cos, sin, mask)  # selective recomputation: this layer keeps its activations
             elif ckpt:
@@ -179,9 +222,13 @@ class DecoderModel(nn.Module):
     def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         w = self.model.embed_tokens.weight
         if w.device == input_ids.device:
-            return self.model.embed_tokens(input_ids)
-        # offloaded (frozen) table: gather the rows on the host, ship [B, S, H] (33 MB at 8B shapes) to the device
-        return F.embedding(input_ids.cpu(), w).to(input_ids.device, non_blocking=True)
+            h = self.model.embed_tokens(input_ids)
+        else:
+            # offloaded (frozen) table: gather the rows on the host, ship [B, S, H] (33 MB at 8B shapes) to the device
+            h = F.embedding(input_ids.cpu(), w).to(input_ids.device, non_blocking=True)
+        if self.cfg.embed_scale is not None:  # gemma2: sqrt(hidden), rounded to the weights' dtype as transformers
+            h = h * torch.tensor(self.cfg.embed_scale, dtype=h.dtype, device=h.device)
+        return h
 
     def _prefetch_lm_head(self) -> None:
         """Start copying a host-offloaded LM head now, so the copy overlaps the layers' forward."""
@@ -221,7 +268,9 @@ class DecoderModel(nn.Module):
         h = self.hidden_states(input_ids, position_ids)
         w = self._head_for_loss()
         if labels is None:
-            return h @ w.t()
+            logits = h @ w.t()
+            cap = self.cfg.final_softcap
+            return logits if cap is None else torch.tanh(logits / cap) * cap
         return self.ops.fused_linear_cross_entropy(h, w, labels, ignore_index=-100, reduction=reduction, shift=True,
                                                    chunk_size=self.options.fused_ce_chunk,
                                                    num_items_in_batch=num_items)
@@ -260,6 +309,24 @@ class DecoderModel(nn.Module):
         return self.ops.fused_linear_logprobs(scored, w, targets, chunk_size=self.options.fused_ce_chunk)
 
     # -- read-back ------------------------------------------------------------------------------------------------
+    def family_ops(self) -> dict[str, str]:
+        """The parts of this family that run as PyTorch ops rather than fused kernels (empty for Llama's layout),
+        under the names a run records beside the fused ops' (kernels/NOTES.md, "Families")."""
+        cfg, out = self.cfg, {}
+        if cfg.activation == "gelu_tanh":
+            out["geglu"] = "torch"
+        if cfg.attn_softcap is not None:
+            out["attention"] = "torch-eager-softcap"
+        elif cfg.sliding_window is not None:
+            out["attention_sliding_window"] = "sdpa-window-mask (rows longer than the window)"
+        if cfg.final_softcap is not None:
+            out["fused_linear_cross_entropy"] = out["fused_linear_logprobs"] = "torch-chunked-softcap"
+        if cfg.moe:
+            probe = torch.empty(0, cfg.hidden_size, dtype=self.dtype, device=self.device_of_compute)
+            grouped = Experts.grouped and grouped_mm_ok(probe, cfg.intermediate_size)
+            out["moe_experts"] = "torch-grouped-mm" if grouped else "torch-loop-over-experts"
+        return out
+
     def effective_settings(self) -> dict[str, Any]:
         """Method settings read from the live modules: train mode, checkpointing, dtype, quantisation,
         parameter counts and LoRA settings (what a benchmark compares with what it asked for)."""

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 from kernels.ops.fused_linear_cross_entropy import fused_linear_cross_entropy, fused_linear_cross_entropy_reference
@@ -10,6 +11,7 @@ from kernels.ops.fused_linear_logprobs import fused_linear_logprobs, fused_linea
 from kernels.ops.rms_norm import rms_norm, rms_norm_reference
 from kernels.ops.rope import apply_rope, apply_rope_reference
 from kernels.ops.swiglu import swiglu, swiglu_reference
+from kernels.trainer.torch_ops import softcap_linear_cross_entropy, softcap_linear_logprobs
 
 
 def _ce_reference(h, w, labels, chunk_size=None, **kw):  # noqa: ANN001, ANN003, ANN202, ARG001 - fused-op signature
@@ -36,6 +38,13 @@ class OpSet:
         if unknown:
             raise ValueError(f"reference_ops {unknown}: not among {sorted(refs)}")
         return cls(**{n: refs[n] for n in names})
+
+    def with_softcap(self, cap: float) -> OpSet:
+        """These ops with an LM head whose logits are soft-capped (Gemma-2's ``final_logit_softcapping``): the loss
+        and log-prob ops become the chunked PyTorch ones of :mod:`kernels.trainer.torch_ops` (no fused kernel
+        caps the logits)."""
+        return replace(self, fused_linear_cross_entropy=partial(softcap_linear_cross_entropy, softcap=cap),
+                       fused_linear_logprobs=partial(softcap_linear_logprobs, softcap=cap))
 
 
 FUSED_OPS = OpSet()

@@ -28,6 +28,7 @@ import torch
 from kernels.ops.fused_linear_cross_entropy import default_chunk_size
 from kernels.trainer.config import DecoderConfig, MethodOptions
 from kernels.trainer.offload import checkpointed_layer_ids, streamed_layer_ids
+from kernels.trainer.torch_ops import softcap_chunk_size
 
 GIB = 2**30
 # A CUDA-graphed step: +0.4 GiB NVML measured on the 8B LoRA row, plus the expandable-segments saving it gives up
@@ -270,9 +271,16 @@ def lean_plan(m: CostModel, cuda_graph: bool | None = None) -> Plan:
 
 
 def _layer_params(cfg: DecoderConfig) -> dict[str, tuple[int, int]]:
+    """``(in, out)`` of each linear module of a layer, under the family's names (Mixtral's experts are not linear
+    modules: :func:`costs_for` counts them apart)."""
     h, i, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+    attn = ({"qkv_proj": (h, q + 2 * kv), "o_proj": (q, h)} if cfg.fused_qkv
+            else {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h)})
+    if cfg.moe:
+        return attn
+    mlp = ({"gate_up_proj": (h, 2 * i), "down_proj": (i, h)} if cfg.fused_gate_up
+           else {"gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)})
+    return attn | mlp
 
 
 def costs_for(cfg: DecoderConfig, method: MethodOptions, micro_batch: int, grad_accum: int, seq_len: int,
@@ -283,9 +291,13 @@ def costs_for(cfg: DecoderConfig, method: MethodOptions, micro_batch: int, grad_
     Per layer and token, the kept activations are what the block saves for backward: its input, both norms'
     outputs, the residual after attention, q / k / v, the attention output, gate, up and the SwiGLU output, plus the
     LoRA ``x A^T`` intermediates (at the 8B shapes 570 MB per layer at 4096 tokens, the figure in
-    kernels/trainer/README.md); a recompute + backward needs about twice that. Times are FLOPs at
-    ``STEP_EFFICIENCY`` of the measured matmul rate; the backward of a frozen base computes dX only (one GEMM per
-    projection, as the forward), a trained one dX and dW. QLoRA's dequantisation adds 12 % (kernels/NOTES.md).
+    kernels/trainer/README.md); a recompute + backward needs about twice that. The families' parts: Mixtral's
+    experts (dense, resident, ``k`` of them per token in FLOPs and activations; never streamed: the streamer moves
+    linear weights only), Gemma-2's extra norms, its eager soft-capped attention (fp32 ``[B, H, S, S]`` scores and
+    probabilities kept) and its chunked soft-capped LM head (fp32 chunk logits, recomputed in backward).
+    Times are FLOPs at ``STEP_EFFICIENCY`` of the measured matmul rate; the backward of a frozen base computes dX
+    only (one GEMM per projection, as the forward), a trained one dX and dW. QLoRA's dequantisation adds 12 %
+    (kernels/NOTES.md).
 
     Args:
         cfg: the architecture.
@@ -313,16 +325,22 @@ def costs_for(cfg: DecoderConfig, method: MethodOptions, micro_batch: int, grad_
         weight = int(n_proj * (0.5 + (1 + 4 / 256 if method.double_quant else 4) / 64))
     else:
         weight = n_proj * act
+    # Mixtral: experts and router stay dense (bitsandbytes and our QLoRA quantise linear modules only)
+    experts = cfg.num_experts * (3 * h * inter + h)
+    active = cfg.experts_per_token * 3 * h * inter if cfg.moe else 0  # expert weights each token goes through
+    weight += experts * act
     biases = (2 * kv + q) * cfg.qkv_bias + h * cfg.o_bias + (2 * inter + h) * cfg.mlp_bias
     lora_bytes = torch.empty((), dtype=method.lora_dtype).element_size()
     lora_params = sum(method.lora_r * sum(shapes[t]) + (shapes[t][1] if method.kind == "dora" else 0)
                       for t in targets)
-    per_layer_small = (2 * h + biases) * act  # norms and biases stay on the device
+    norms = 4 if cfg.sandwich_norms else 2
+    per_layer_small = (norms * h + biases) * act  # norms and biases stay on the device
     embed = cfg.vocab_size * h * act
     head = 0 if cfg.tie_word_embeddings else embed
     n = cfg.num_layers
     if full:
-        trainable = n * (n_proj + 2 * h + biases) + cfg.vocab_size * h * (1 if cfg.tie_word_embeddings else 2) + h
+        trainable = (n * (n_proj + experts + norms * h + biases)
+                     + cfg.vocab_size * h * (1 if cfg.tie_word_embeddings else 2) + h)
         state_bytes_per = act if optimizer == "sgd" else 3 * act  # grad, then Adam m and v in the weights' dtype
         fixed = n * per_layer_small + h * act
         trainable_state = trainable * state_bytes_per
@@ -331,25 +349,33 @@ def costs_for(cfg: DecoderConfig, method: MethodOptions, micro_batch: int, grad_
         fixed = n * (per_layer_small + lora_params * lora_bytes) + h * act
         trainable_state = trainable * lora_bytes * (1 if optimizer == "sgd" else 3)
     r_cols = method.lora_r * len(targets)
-    keep = tokens * (act * (4 * h + q + 2 * kv + q + 3 * inter + r_cols) + 2 * 4)  # + the norms' fp32 rstd
+    # MoE: each token's k expert inputs, gate, up and SwiGLU outputs, and its router probabilities (fp32)
+    mlp_cols = cfg.experts_per_token * (h + 3 * inter) + 4 * cfg.num_experts // act if cfg.moe else 3 * inter
+    keep = tokens * (act * ((norms + 2) * h + q + 2 * kv + q + mlp_cols + r_cols) + norms * 4)  # + fp32 rstd
+    if cfg.attn_softcap is not None:  # eager attention: fp32 scores and probabilities, probabilities in act
+        keep += micro_batch * cfg.num_heads * seq_len * seq_len * (2 * 4 + act)
     ckpt = tokens * h * act
-    chunk = method.fused_ce_chunk or default_chunk_size(tokens, full)
-    loss_bytes = 2 * chunk * cfg.vocab_size * act + 2 * tokens * h * act + (cfg.vocab_size * h * 4 if full else 0)
+    if cfg.final_softcap is not None:  # the chunked PyTorch head: fp32 logits, capped logits, their gradient
+        chunk, chunk_bytes = method.fused_ce_chunk or softcap_chunk_size(tokens, cfg.vocab_size), 3 * 4
+    else:
+        chunk, chunk_bytes = method.fused_ce_chunk or default_chunk_size(tokens, full), 2 * act
+    loss_bytes = chunk * cfg.vocab_size * chunk_bytes + 2 * tokens * h * act + (cfg.vocab_size * h * 4 if full else 0)
     rate = speed.matmul_tflops * 1e12 * STEP_EFFICIENCY
     attn = 2 * tokens * seq_len * q  # causal QK^T and PV
     lora_flops = 2 * tokens * method.lora_r * sum(sum(shapes[t]) for t in targets)  # x A^T, then B
-    fwd_flops = 2 * tokens * n_proj + lora_flops + attn
-    bwd_flops = (2 if full else 1) * 2 * tokens * n_proj + 2 * lora_flops + 2.5 * attn
+    fwd_flops = 2 * tokens * (n_proj + active) + lora_flops + attn
+    bwd_flops = (2 if full else 1) * 2 * tokens * (n_proj + active) + 2 * lora_flops + 2.5 * attn
     slow = 1.12 if qlora else 1.0
     layer = LayerCost(weight_bytes=weight, keep_bytes=keep, checkpoint_bytes=ckpt, transient_bytes=2 * keep,
                       forward_s=slow * fwd_flops / rate, backward_s=slow * bwd_flops / rate)
-    loss_s = (3 if full else 2) * 2 * tokens * cfg.vocab_size * h / rate
+    head_gemms = (3 if full else 2) + (cfg.final_softcap is not None)  # soft-capped chunks recompute their logits
+    loss_s = head_gemms * 2 * tokens * cfg.vocab_size * h / rate
     optimizer_s = trainable * (act if full else lora_bytes) * 8 / (speed.hbm_gbps * 1e9)
     untied = not cfg.tie_word_embeddings
     return CostModel(
         layers=(layer,) * n, grad_accum=grad_accum, fixed_bytes=fixed, trainable_state_bytes=trainable_state,
         embed_bytes=embed, head_bytes=head, loss_bytes=loss_bytes, hidden_bytes=tokens * h * act, loss_s=loss_s,
         optimizer_s=optimizer_s, speed=speed, checkpointing=method.gradient_checkpointing,
-        can_stream=method.kind in ("lora", "dora"), can_offload_embeddings=peft and untied,
+        can_stream=method.kind in ("lora", "dora") and not cfg.moe, can_offload_embeddings=peft and untied,
         can_offload_head=peft and untied,
         can_graph=(device.type == "cuda" and method.lora_dropout == 0 and not packed and optimizer != "sgd"))
