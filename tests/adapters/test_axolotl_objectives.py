@@ -27,21 +27,15 @@ from harness.inputs import preference
 from harness.inputs.data import read_jsonl, write_jsonl
 from harness.running import envs
 from harness.spec.scenario import ScenarioError, parse_scenario
+from tests.objective_scenario import LORA, needs_env, objective_yaml
 
 REPO = Path(__file__).resolve().parents[2]
 TASKS = REPO / "scenarios" / "tasks"
-needs_axolotl = pytest.mark.skipif(not envs.resolve("axolotl").ready,
-                                   reason="axolotl environment not created: run `python -m harness env create axolotl`")
-LORA = "{kind: lora, lora_r: 8, lora_alpha: 16}"
+needs_axolotl = needs_env("axolotl")
 
 
-def scenario(name: str, objective: str, method: str = LORA,
-             data: str = "{source: synthetic, seq_len: 48, lengths: fixed}",
-             train: str = "{micro_batch: 2, grad_accum: 2, steps: 3, warmup_steps: 1, lr: 1.0e-3}",
-             model: str = "{preset: tiny-llama, weights: random, dtype: float32}") -> str:
-    return (f"version: 1\nname: {name}\nmodel: {model}\nmethod: {method}\nobjective: {objective}\ndata: {data}\n"
-            f"train: {train}\nhardware: {{device: cuda}}\nframeworks: [axolotl]\n"
-            "measure: {baseline: axolotl, timeout_s: 900}\n")
+def scenario(name: str, objective: str, **sections: str) -> str:
+    return objective_yaml(name, objective, "[axolotl]", "cuda", baseline="axolotl", **sections)
 
 
 KINDS = {

@@ -33,22 +33,18 @@ from harness.inputs.data import IGNORE_INDEX, read_jsonl, tokenize_example, writ
 from harness.inputs.models import build_tokenizer
 from harness.running import envs
 from harness.spec.scenario import ScenarioError, load_scenario, parse_scenario
+from tests.objective_scenario import LORA, needs_env, objective_yaml
 
 REPO = Path(__file__).resolve().parents[2]
 TASKS = REPO / "scenarios" / "tasks"
-LORA = "{kind: lora, lora_r: 8, lora_alpha: 16}"
 ALPACA = f"{{source: jsonl, path: {TASKS / 'tb_train_last.jsonl'}, format: alpaca, seq_len: 96, num_samples: 64}}"
-needs_lf = pytest.mark.skipif(not envs.resolve("llamafactory").ready, reason="llamafactory environment not created: "
-                              "run `python -m harness env create llamafactory`")
+needs_lf = needs_env("llamafactory")
 
 
-def scenario(objective: str = "{kind: sft}", method: str = LORA, data: str = ALPACA,
+def scenario(objective: str = "{kind: sft}", data: str = ALPACA, frameworks: str = "[llamafactory]",
              train: str = "{micro_batch: 4, grad_accum: 2, steps: 3, warmup_steps: 1, lr: 1.0e-3}",
-             model: str = "{preset: quality-tiny, weights: random, dtype: float32}",
-             frameworks: str = "[llamafactory]") -> str:
-    return (f"version: 1\nname: t_lf\nmodel: {model}\nmethod: {method}\nobjective: {objective}\ndata: {data}\n"
-            f"train: {train}\nhardware: {{device: cuda}}\nframeworks: {frameworks}\n"
-            "measure: {timeout_s: 900}\n")
+             model: str = "{preset: quality-tiny, weights: random, dtype: float32}", method: str = LORA) -> str:
+    return objective_yaml("t_lf", objective, frameworks, "cuda", method=method, data=data, train=train, model=model)
 
 
 PAIRS = f"{{source: jsonl, path: {TASKS / 'tb_pref_last.jsonl'}, seq_len: 96, num_samples: 32}}"

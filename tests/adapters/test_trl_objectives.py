@@ -20,20 +20,15 @@ import pytest
 from adapters_for_tools.trl import rl_config
 from harness.running import envs
 from harness.spec.scenario import parse_scenario
+from tests.objective_scenario import needs_env, objective_yaml
 
 REPO = Path(__file__).resolve().parents[2]
 TASKS = REPO / "scenarios" / "tasks"
-needs_trl = pytest.mark.skipif(not envs.resolve("trl").ready,
-                               reason="trl environment not created: run `python -m harness env create trl`")
+needs_trl = needs_env("trl")
 
 
-def scenario(name: str, objective: str, method: str = "{kind: lora, lora_r: 8, lora_alpha: 16}",
-             data: str = "{source: synthetic, seq_len: 48, lengths: fixed}",
-             train: str = "{micro_batch: 2, grad_accum: 2, steps: 3, warmup_steps: 1, lr: 1.0e-3}",
-             model: str = "{preset: tiny-llama, weights: random, dtype: float32}") -> str:
-    return (f"version: 1\nname: {name}\nmodel: {model}\nmethod: {method}\nobjective: {objective}\ndata: {data}\n"
-            f"train: {train}\nhardware: {{device: cpu}}\nframeworks: [trl]\n"
-            "measure: {baseline: trl, timeout_s: 900}\n")
+def scenario(name: str, objective: str, **sections: str) -> str:
+    return objective_yaml(name, objective, "[trl]", "cpu", baseline="trl", **sections)
 
 
 KINDS = {

@@ -28,23 +28,16 @@ from harness.inputs.data import read_jsonl, write_jsonl
 from harness.measuring.meter import StepMeter
 from harness.running import envs
 from harness.spec.scenario import ScenarioError, load_scenario, parse_scenario
+from tests.objective_scenario import needs_env, objective_yaml
 
 REPO = Path(__file__).resolve().parents[2]
 TASKS = REPO / "scenarios" / "tasks"
 PROMPTS = TASKS / "tb_prompts_add.jsonl"
-needs_unsloth = pytest.mark.skipif(not envs.resolve("unsloth").ready,
-                                   reason="unsloth environment not created: run `python -m harness env create unsloth`")
-needs_trl = pytest.mark.skipif(not envs.resolve("trl").ready,
-                               reason="trl environment not created: run `python -m harness env create trl`")
+needs_unsloth, needs_trl = needs_env("unsloth"), needs_env("trl")
 
 
-def scenario(name: str, objective: str, method: str = "{kind: lora, lora_r: 8, lora_alpha: 16}",
-             data: str = "{source: synthetic, seq_len: 48, lengths: fixed}",
-             train: str = "{micro_batch: 2, grad_accum: 2, steps: 3, warmup_steps: 1, lr: 1.0e-3}",
-             model: str = "{preset: tiny-llama, weights: random, dtype: float32}") -> str:
-    return (f"version: 1\nname: {name}\nmodel: {model}\nmethod: {method}\nobjective: {objective}\ndata: {data}\n"
-            f"train: {train}\nhardware: {{device: cuda}}\nframeworks: [unsloth]\n"
-            "measure: {baseline: unsloth, timeout_s: 900}\n")
+def scenario(name: str, objective: str, **sections: str) -> str:
+    return objective_yaml(name, objective, "[unsloth]", "cuda", baseline="unsloth", **sections)
 
 
 KINDS = {
