@@ -25,6 +25,7 @@ from kernels.trainer.config import DecoderConfig, MethodOptions, TrainSettings
 from kernels.trainer.loading import load_model
 from kernels.trainer.save import load_peft_state_dict, peft_state_dict, save_trained
 from kernels.trainer.train import train
+from tests.kernels.checkpoints import byte_rows, perturbed_checkpoint
 
 ATOL = 1e-5
 GRAD_TOL = {"atol": 1e-5, "rtol": 1e-4}
@@ -46,31 +47,16 @@ GEMMA2_FUNCTION = {"attn_logit_softcapping": 0.5, "final_logit_softcapping": 0.4
 
 
 def _perturbed_checkpoint(preset: str, out_dir, seed: int = 0):  # noqa: ANN001, ANN202
-    """A generated checkpoint whose norms and biases are random too (generated ones are all ones/zeros); Gemma-2's
-    with :data:`GEMMA2_FUNCTION` and queries scaled up 8x, so that its scores reach the cap."""
-    from transformers import AutoModelForCausalLM
+    """:func:`perturbed_checkpoint`; Gemma-2's with :data:`GEMMA2_FUNCTION` and queries scaled up 8x, so that its
+    scores reach the cap."""
+    if preset != "tiny-gemma2":
+        return perturbed_checkpoint(preset, out_dir, seed)
 
-    from harness.inputs.models import get_preset, prepare_random_checkpoint
+    def scale_queries(name: str, p: torch.nn.Parameter) -> None:
+        if name.endswith("q_proj.weight"):
+            p.mul_(8.0)
 
-    src = prepare_random_checkpoint(get_preset(preset), "float32", seed)
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-            elif name.endswith(".bias"):
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-            elif preset == "tiny-gemma2" and name.endswith("q_proj.weight"):
-                p.mul_(8.0)
-    if preset == "tiny-gemma2":
-        for key, value in GEMMA2_FUNCTION.items():
-            setattr(model.config, key, value)
-    model.save_pretrained(out_dir)
-    for f in src.iterdir():
-        if f.name.startswith("tokenizer") or f.name.endswith(".jinja"):
-            shutil.copy(f, out_dir / f.name)
-    return out_dir
+    return perturbed_checkpoint(preset, out_dir, seed, edit=scale_queries, config=GEMMA2_FUNCTION)
 
 
 @pytest.fixture(scope="module")
@@ -271,20 +257,11 @@ def test_scored_logprobs_are_the_capped_logits_log_softmax(checkpoints):  # noqa
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
-def _rows(n: int = 8) -> list[dict]:
-    g = torch.Generator().manual_seed(0)
-    rows = []
-    for i in range(n):
-        ids = [256] + torch.randint(97, 123, (10 + 3 * i,), generator=g).tolist() + [257]
-        rows.append({"input_ids": ids, "labels": [-100] + ids[1:]})
-    return rows
-
-
 def _trained(ckpt, preset: str, kind: str):  # noqa: ANN001, ANN202
     opts = MethodOptions(kind="full") if kind == "full" else _lora(preset, kind=kind)
     model = load_model(ckpt, opts, dtype=torch.float32, device="cpu", seed=0)
     # lr 1e-2: LoRA B moves far from its init, so a mis-mapped key shows; the same rows each epoch
-    losses = train(model, _rows(4), TrainSettings(micro_batch=2, grad_accum=1, steps=6, lr=1e-2, pad_id=258))
+    losses = train(model, byte_rows(4), TrainSettings(micro_batch=2, grad_accum=1, steps=6, lr=1e-2, pad_id=258))
     return model.eval(), losses
 
 

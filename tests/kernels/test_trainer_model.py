@@ -9,7 +9,6 @@ vs transformers' SDPA call, LoRA added in another order), so logits agree to a f
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -20,31 +19,10 @@ from kernels.trainer.config import DecoderConfig, MethodOptions
 from kernels.trainer.loading import configure_allocator, load_model
 from kernels.trainer.offload import checkpointed_layer_ids, streamed_layer_ids
 from kernels.trainer.opset import FUSED_OPS
+from tests.kernels.checkpoints import perturbed_checkpoint
 
 ATOL = 1e-5
 PRESETS = ("tiny-llama", "tiny-mistral", "tiny-qwen2")
-
-
-def _perturbed_checkpoint(preset: str, out_dir, seed: int = 0):  # noqa: ANN001, ANN202
-    """A generated checkpoint whose norms and biases are random too (generated ones are all ones/zeros)."""
-    from transformers import AutoModelForCausalLM
-
-    from harness.inputs.models import get_preset, prepare_random_checkpoint
-
-    src = prepare_random_checkpoint(get_preset(preset), "float32", seed)
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-            elif name.endswith(".bias"):
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-    model.save_pretrained(out_dir)
-    for f in src.iterdir():
-        if f.name.startswith("tokenizer") or f.name.endswith(".jinja"):
-            shutil.copy(f, out_dir / f.name)
-    return out_dir
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -55,7 +33,7 @@ def checkpoints(tmp_path_factory):  # noqa: ANN001, ANN201
     root = tmp_path_factory.mktemp("trainer_model")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TUNEBENCH_CACHE", str(root / "cache"))
-        yield {p: _perturbed_checkpoint(p, root / p) for p in PRESETS}
+        yield {p: perturbed_checkpoint(p, root / p) for p in PRESETS}
 
 
 def _hf(ckpt):  # noqa: ANN001, ANN202

@@ -15,6 +15,7 @@ from kernels.trainer.config import MethodOptions, TrainSettings
 from kernels.trainer.loading import load_model
 from kernels.trainer.save import load_peft_state_dict, peft_state_dict, save_trained
 from kernels.trainer.train import train
+from tests.kernels.checkpoints import byte_rows
 
 ATOL = 1e-5
 
@@ -31,20 +32,11 @@ def ckpts(tmp_path_factory):  # noqa: ANN001, ANN201
         yield {p: prepare_random_checkpoint(get_preset(p), "float32", 0) for p in ("tiny-llama", "tiny-qwen2")}
 
 
-def _rows(n: int = 8) -> list[dict]:
-    g = torch.Generator().manual_seed(0)
-    rows = []
-    for i in range(n):
-        ids = [256] + torch.randint(97, 123, (10 + 3 * i,), generator=g).tolist() + [257]
-        rows.append({"input_ids": ids, "labels": [-100] + ids[1:]})
-    return rows
-
-
 def _trained(ckpt, kind: str):  # noqa: ANN001, ANN202
     torch.manual_seed(0)
     model = load_model(ckpt, MethodOptions(kind=kind, lora_r=4, lora_alpha=8), dtype=torch.float32, device="cpu")
     # lr 1e-2 for a few steps: LoRA B and DoRA magnitudes move far from their init, so a mis-mapped key shows
-    train(model, _rows(), TrainSettings(micro_batch=2, grad_accum=1, steps=3, lr=1e-2, pad_id=258))
+    train(model, byte_rows(), TrainSettings(micro_batch=2, grad_accum=1, steps=3, lr=1e-2, pad_id=258))
     return model.eval()
 
 
