@@ -33,6 +33,7 @@ from adapters_for_tools.contract import rerun_command
 from adapters_for_tools.objective_meter import ObjectiveMeter
 from harness.inputs.data import read_jsonl, write_jsonl
 from harness.inputs.models import load_config_dict
+from harness.inputs.preference import objective_rows
 
 
 def prepare(ctx) -> dict:
@@ -52,7 +53,7 @@ def prepare(ctx) -> dict:
                                       liger=ctx.options.liger, layer_class=layer_class)
     else:
         data_file = ctx.work_dir / f"axolotl_{kind}_dataset.jsonl"  # Axolotl's input, saved with the run
-        write_jsonl(rl_config.axolotl_rows(read_jsonl(ctx.dataset_path), kind), data_file)
+        write_jsonl(objective_rows(read_jsonl(ctx.dataset_path), kind), data_file)
         cfg = rl_config.native_config(sc, ctx.work_dir, ctx.checkpoint, data_file, layer_class=layer_class)
         if notes := rl_config.differences(sc):
             ctx.extra["differences"] = notes

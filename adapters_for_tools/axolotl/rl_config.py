@@ -38,9 +38,6 @@ from adapters_for_tools.axolotl import config as ax_config
 ORDER_PLUGIN = "adapters_for_tools.axolotl.order_plugin.FileOrderPlugin"
 # keys of the SFT config that only Axolotl's SFT path reads (packing, prompt masking, its SFT sampler)
 SFT_ONLY = ("sample_packing", "pad_to_sequence_len", "train_on_inputs", "curriculum_sampling")
-# the sweep's row keys for each objective (harness.inputs.preference), which Axolotl reads under these names
-FIELDS = {"dpo": ("prompt", "chosen", "rejected"), "orpo": ("prompt", "chosen", "rejected"),
-          "kto": ("prompt", "completion", "label")}
 
 
 def native_config(sc, work_dir: Path, checkpoint: str, data_file: Path,
@@ -51,7 +48,7 @@ def native_config(sc, work_dir: Path, checkpoint: str, data_file: Path,
         sc: the scenario.
         work_dir: the run's scratch directory (outputs and the prepared-dataset cache go under it).
         checkpoint: model directory every framework loads.
-        data_file: the rows Axolotl reads (:func:`axolotl_rows`, written by the adapter).
+        data_file: the rows Axolotl reads (:func:`harness.inputs.preference.objective_rows`, written by the adapter).
         layer_class: the checkpoint's decoder layer class, FSDP's wrapping unit (multi-GPU ``fsdp`` only).
 
     Returns:
@@ -77,7 +74,8 @@ def native_config(sc, work_dir: Path, checkpoint: str, data_file: Path,
 
 
 def dataset_entry(kind: str, data_file: Path) -> dict[str, Any]:
-    """The ``datasets:`` entry that reads :func:`axolotl_rows` as plain text (the module docstring says why)."""
+    """The ``datasets:`` entry that reads the rows of :func:`harness.inputs.preference.objective_rows` as plain text
+    (the module docstring says why)."""
     entry: dict[str, Any] = {"path": str(data_file), "split": "train"}
     if kind == "dpo":
         entry["type"] = {"field_prompt": "prompt", "field_chosen": "chosen", "field_rejected": "rejected",
@@ -86,11 +84,6 @@ def dataset_entry(kind: str, data_file: Path) -> dict[str, Any]:
         entry["type"] = {"field_prompt": "prompt", "field_completion": "completion", "field_label": "label",
                          "prompt_format": "{prompt}", "completion_format": "{completion}"}
     return entry
-
-
-def axolotl_rows(rows: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
-    """The sweep's rows as Axolotl reads them for ``kind``: the fields :func:`dataset_entry` names, in file order."""
-    return [{k: r[k] for k in FIELDS[kind]} for r in rows]
 
 
 def differences(sc) -> list[str]:

@@ -22,6 +22,7 @@ from adapters_for_tools.contract import rerun_command
 from adapters_for_tools.objective_meter import ObjectiveMeter, read_back
 from adapters_for_tools.trl import rl_config
 from harness.inputs.data import read_jsonl, write_jsonl
+from harness.inputs.preference import objective_rows
 
 
 def run(ctx) -> None:
@@ -34,7 +35,7 @@ def run(ctx) -> None:
     if ctx.options.liger or ctx.options.sft:
         raise ValueError("the trl overrides liger and sft apply to objective sft (TRL's preference and RL trainers "
                          "compute log-probs with their own fused LM head); give this row's entries in objective_config")
-    rows = rl_config.trl_rows(read_jsonl(ctx.dataset_path), kind)
+    rows = objective_rows(read_jsonl(ctx.dataset_path), kind)
     data_file = ctx.work_dir / f"trl_{kind}_dataset.jsonl"  # TRL's input, saved with the run
     write_jsonl(rows, data_file)
     for setting, why in rl_config.cannot_honour(sc):

@@ -83,12 +83,3 @@ def cannot_honour(sc) -> list[tuple[str, str]]:  # noqa: ANN001
         out.append(("objective.reference", "TRL's GRPOTrainer takes no reference model: with a PEFT policy it "
                     "disables the adapters (reference adapter_disabled)"))
     return out
-
-
-def trl_rows(rows: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
-    """The sweep's rows as TRL's trainers read them: the standard (non-conversational) forms, which are already
-    the sweep's (prompt/chosen/rejected, prompt/completion/label, prompt + GRPO's extra ``answer`` column that
-    the reward function gets); a copy, so the file saved with the run is TRL's own input."""
-    keys = {"dpo": ("prompt", "chosen", "rejected"), "orpo": ("prompt", "chosen", "rejected"),
-            "kto": ("prompt", "completion", "label"), "grpo": ("prompt", "answer")}[kind]
-    return [{k: r[k] for k in keys} for r in rows]

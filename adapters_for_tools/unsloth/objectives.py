@@ -28,6 +28,7 @@ from adapters_for_tools.objective_meter import ObjectiveMeter, read_back
 from adapters_for_tools.unsloth import config as us_config
 from adapters_for_tools.unsloth import rl_config, trainers
 from harness.inputs.data import read_jsonl, write_jsonl
+from harness.inputs.preference import objective_rows
 
 
 def prepare(ctx) -> dict[str, Any]:  # noqa: ANN001
@@ -43,7 +44,7 @@ def prepare(ctx) -> dict[str, Any]:  # noqa: ANN001
         raise ValueError("the unsloth override sft applies to objective sft; give this row's entries of the "
                          f"{kind} config in objective_config")
     data_file = ctx.work_dir / f"unsloth_{kind}_dataset.jsonl"  # the trainer's input, saved with the run
-    write_jsonl(rl_config.rows(read_jsonl(ctx.dataset_path), kind), data_file)
+    write_jsonl(objective_rows(read_jsonl(ctx.dataset_path), kind), data_file)
     for setting, why in rl_config.cannot_honour(sc):
         ctx.cannot_honour(setting, why)
     cfg = rl_config.native_config(sc, ctx.work_dir, ctx.checkpoint, data_file,

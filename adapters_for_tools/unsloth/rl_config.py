@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from adapters_for_tools.unsloth import config as us_config
-from harness.inputs.preference import FIELDS, FORM_OF, REWARD_FUNCTIONS
+from harness.inputs.preference import REWARD_FUNCTIONS
 
 KINDS = ("dpo", "orpo", "grpo")  # besides sft: the objectives of Unsloth's guides this adapter runs
 GRPO_EPSILON = 0.2  # TRL's GRPOConfig.epsilon, which its epsilon_high falls back to: the clipping TRL's runs use
@@ -95,10 +95,3 @@ def cannot_honour(sc) -> list[tuple[str, str]]:
         out.append(("objective.reference", "TRL's GRPOTrainer, which Unsloth patches, takes no reference model: with "
                     "a LoRA policy it disables the adapters (reference adapter_disabled)"))
     return out
-
-
-def rows(sweep_rows: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
-    """The sweep's rows as the trainers read them: the objective's form (``harness.inputs.preference.FIELDS``:
-    prompt/chosen/rejected, or prompt + GRPO's ``answer`` column for the reward function), nothing else."""
-    keys = FIELDS[FORM_OF[kind]]
-    return [{k: r[k] for k in keys} for r in sweep_rows]

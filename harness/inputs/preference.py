@@ -47,6 +47,14 @@ MAX_LINE_BYTES = 64 << 20  # as harness.spec.datacheck: a longer "line" is a bin
 MAX_NAMED = 3  # broken rows named in a check: the first few say what is wrong with the file
 
 
+def objective_rows(rows: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    """The sweep's rows as a trainer of objective ``kind`` reads them: the fields of its form (:data:`FORM_OF`,
+    :data:`FIELDS`: prompt/chosen/rejected, prompt/completion/label, or prompt + GRPO's ``answer`` for the reward
+    function), nothing else, in file order; a copy, so the file saved with a run is the tool's own input."""
+    keys = FIELDS[FORM_OF[kind]]
+    return [{k: r[k] for k in keys} for r in rows]
+
+
 def row_form(row: Any) -> str:
     """The form of one row (:data:`FIELDS`), from its keys.
 

@@ -131,11 +131,11 @@ def test_reference_handling_in_the_config(tmp_path):
 
 def test_rows_keep_the_fields_axolotl_reads_in_file_order():
     pairs = [{"prompt": f"p{i}", "chosen": f"c{i}", "rejected": f"r{i}", "id": i} for i in range(3)]
-    assert rl_config.axolotl_rows(pairs, "orpo") == [{k: r[k] for k in ("prompt", "chosen", "rejected")}
+    assert preference.objective_rows(pairs, "orpo") == [{k: r[k] for k in ("prompt", "chosen", "rejected")}
                                                      for r in pairs]
     labelled = preference.convert(pairs, preference.PAIRS, "kto")  # chosen labelled good, then rejected bad
-    assert rl_config.axolotl_rows(labelled, "kto") == labelled
-    assert [r["label"] for r in rl_config.axolotl_rows(labelled, "kto")] == [True, False] * 3
+    assert preference.objective_rows(labelled, "kto") == labelled
+    assert [r["label"] for r in preference.objective_rows(labelled, "kto")] == [True, False] * 3
 
 
 # -- the native config saved with the run ----------------------------------------------------------------------------
@@ -166,7 +166,7 @@ def test_the_native_config_and_its_rows_are_saved_with_the_run(tmp_path, kind):
     assert f"axolotl.cli.train {saved}" in ctx.extra["rerun"]
     data_file = Path(cfg["datasets"][0]["path"])
     assert data_file == ctx.work_dir / f"axolotl_{kind}_dataset.jsonl"
-    assert read_jsonl(data_file) == rl_config.axolotl_rows(read_jsonl(ctx.dataset_path), kind)
+    assert read_jsonl(data_file) == preference.objective_rows(read_jsonl(ctx.dataset_path), kind)
     assert ctx.unsupported == [] and "differences" not in ctx.extra
 
 
@@ -191,7 +191,7 @@ def test_axolotl_takes_each_config_and_hands_the_rows_on_unchanged(tmp_path):
     cases = {}
     for kind in KINDS:
         sc = _sc(kind)
-        rows = rl_config.axolotl_rows(preference.build_rows(sc)[0], kind)
+        rows = preference.objective_rows(preference.build_rows(sc)[0], kind)
         data_file = tmp_path / f"axolotl_{kind}_dataset.jsonl"
         write_jsonl(rows, data_file)
         cases[kind] = rl_config.native_config(sc, tmp_path / kind, str(ckpt), data_file)
@@ -216,7 +216,8 @@ print("RESULT " + json.dumps(out))
     env_spec = envs.resolve("axolotl")
     env = dict(os.environ, **env_spec.env_vars, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                PYTHONPATH=os.pathsep.join([*env_spec.pythonpath, str(REPO)]))
-    out = subprocess.run([env_spec.python, "-c", script, json.dumps(cases), json.dumps(rl_config.FIELDS)],
+    fields = {k: preference.FIELDS[preference.FORM_OF[k]] for k in ("dpo", "orpo", "kto")}
+    out = subprocess.run([env_spec.python, "-c", script, json.dumps(cases), json.dumps(fields)],
                          env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads(next(ln for ln in out.stdout.splitlines() if ln.startswith("RESULT "))[7:])

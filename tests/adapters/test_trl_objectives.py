@@ -77,11 +77,6 @@ def test_reference_handling_in_the_config():
     assert [s for s, _ in rl_config.cannot_honour(grpo_copy)] == ["objective.reference"]
 
 
-def test_trl_rows_keep_what_each_trainer_reads():
-    rows = [{"prompt": "p", "answer": "a", "extra": 1}]
-    assert rl_config.trl_rows(rows, "grpo") == [{"prompt": "p", "answer": "a"}]
-
-
 @needs_trl
 def test_trl_parses_every_objective_config(tmp_path):
     """TRL's own parser takes each generated YAML with no key left over (allow_extra_keys=False)."""

@@ -129,12 +129,6 @@ def test_reference_handling_in_the_config(tmp_path):
     assert rl_config.cannot_honour(_sc("dpo")) == []
 
 
-def test_rows_keep_what_each_trainer_reads():
-    assert rl_config.rows([{"prompt": "p", "answer": "a", "extra": 1}], "grpo") == [{"prompt": "p", "answer": "a"}]
-    pair = {"prompt": "p", "chosen": "c", "rejected": "r", "id": 3}
-    assert rl_config.rows([pair], "orpo") == [{"prompt": "p", "chosen": "c", "rejected": "r"}]
-
-
 # -- the native config saved with the run ------------------------------------------------------------------------
 
 

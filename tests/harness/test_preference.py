@@ -252,3 +252,12 @@ def test_shipped_objective_scenarios_validate():
     for name in ("quality_dpo_small", "llama8b_dpo", "llama8b_orpo", "llama8b_kto", "grpo_small"):
         sc = load_scenario(REPO / "scenarios" / f"{name}.yaml")
         assert not sc.objective.is_sft and "trl" in sc.framework_names(), name
+
+
+def test_objective_rows_keep_the_fields_of_their_form_in_order():
+    pair = {"prompt": "p", "chosen": "c", "rejected": "r", "id": 3}
+    assert pref.objective_rows([pair, pair], "orpo") == [{"prompt": "p", "chosen": "c", "rejected": "r"}] * 2
+    assert pref.objective_rows([{"prompt": "p", "answer": "a", "extra": 1}], "grpo") == [
+        {"prompt": "p", "answer": "a"}]
+    labelled = [{"prompt": "p", "completion": "c", "label": b, "x": 0} for b in (True, False)]
+    assert [r["label"] for r in pref.objective_rows(labelled, "kto")] == [True, False]
