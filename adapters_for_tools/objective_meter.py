@@ -36,6 +36,16 @@ REWARD_LOGS = {"accuracy": "rewards/accuracies", "margin": "rewards/margins", "c
 GRPO_LOGS = {"reward": "reward", "reward_std": "reward_std", "completion_mean_tokens": "completions/mean_length"}
 
 
+def grpo_reference_unhonoured(sc) -> list[tuple[str, str]]:  # noqa: ANN001
+    """A reference copy asked beside a PEFT policy in GRPO, which TRL's GRPOTrainer (and the trainers built on it)
+    cannot take: ``[(setting, why)]`` for ``RunContext.cannot_honour``, or ``[]``."""
+    ob = sc.objective
+    if ob.kind == "grpo" and sc.method.is_peft and ob.reference == "copy":
+        return [("objective.reference", "TRL's GRPOTrainer takes no reference model: with a PEFT policy it "
+                 "disables the adapters (reference adapter_disabled)")]
+    return []
+
+
 def read_back(trainer, kind: str) -> dict[str, Any]:  # noqa: ANN001
     """The objective's settings from the live trainer, in ``ObjectiveSpec.expected``'s keys."""
     from accelerate.utils import is_peft_model

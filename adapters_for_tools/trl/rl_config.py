@@ -23,6 +23,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from adapters_for_tools.objective_meter import grpo_reference_unhonoured
 from adapters_for_tools.trl.config import method_args, script_args
 from harness.inputs.preference import REWARD_FUNCTIONS
 
@@ -75,11 +76,8 @@ def loads_reference_copy(sc) -> bool:  # noqa: ANN001
 def cannot_honour(sc) -> list[tuple[str, str]]:  # noqa: ANN001
     """Scenario settings this TRL configuration cannot reproduce exactly: (setting, why)."""
     out = []
-    ob = sc.objective
     if sc.method.kind == "qlora" and sc.method.quant.compute_dtype != sc.model.dtype:
         out.append(("method.quant.compute_dtype", f"TRL computes 4-bit layers in the model dtype "
                     f"({sc.model.dtype}), not {sc.method.quant.compute_dtype}"))
-    if ob.kind == "grpo" and sc.method.is_peft and ob.reference == "copy":
-        out.append(("objective.reference", "TRL's GRPOTrainer takes no reference model: with a PEFT policy it "
-                    "disables the adapters (reference adapter_disabled)"))
+    out += grpo_reference_unhonoured(sc)
     return out

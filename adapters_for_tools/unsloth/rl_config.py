@@ -31,6 +31,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from adapters_for_tools.objective_meter import grpo_reference_unhonoured
 from adapters_for_tools.unsloth import config as us_config
 from harness.inputs.preference import REWARD_FUNCTIONS
 
@@ -46,7 +47,7 @@ def native_config(sc, work_dir: Path, checkpoint: str, data_file: Path,
         sc: the scenario.
         work_dir: the run's scratch directory (trainer output goes under it).
         checkpoint: model directory every framework loads.
-        data_file: the JSONL the trainer reads (:func:`rows`).
+        data_file: the JSONL the trainer reads (``harness.inputs.preference.objective_rows``).
         use_gradient_checkpointing: the row's override, as for ``config.native_config``.
 
     Returns:
@@ -90,8 +91,4 @@ def loads_reference_copy(sc) -> bool:
 
 def cannot_honour(sc) -> list[tuple[str, str]]:
     """Scenario settings Unsloth cannot reproduce exactly for the objective: (setting, why)."""
-    out = us_config.cannot_honour(sc)
-    if sc.objective.kind == "grpo" and sc.method.is_peft and sc.objective.reference == "copy":
-        out.append(("objective.reference", "TRL's GRPOTrainer, which Unsloth patches, takes no reference model: with "
-                    "a LoRA policy it disables the adapters (reference adapter_disabled)"))
-    return out
+    return us_config.cannot_honour(sc) + grpo_reference_unhonoured(sc)
