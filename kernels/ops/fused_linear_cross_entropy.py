@@ -279,6 +279,21 @@ def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor
     return torch.cat([labels[..., 1:], pad], dim=-1)
 
 
+def reduce_sum(total: torch.Tensor, labels: torch.Tensor, ignore_index: int, reduction: str,
+               num_items_in_batch: int | float | torch.Tensor | None) -> torch.Tensor:
+    """A summed loss reduced as ``reduction`` says: ``"sum"`` as it is, or divided by ``num_items_in_batch`` when
+    given (as transformers' fixed_cross_entropy: before backward); ``"mean"`` over the loss-bearing labels."""
+    if num_items_in_batch is not None:
+        if reduction != "sum":
+            raise ValueError("num_items_in_batch divides a 'sum'; 'mean' counts its own loss tokens")
+        return total / num_items_in_batch
+    if reduction == "mean":
+        return total / (labels != ignore_index).sum().clamp_min(1)
+    if reduction != "sum":
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    return total
+
+
 def fused_linear_cross_entropy_reference(
     h: torch.Tensor,
     w: torch.Tensor,
@@ -304,15 +319,7 @@ def fused_linear_cross_entropy_reference(
     loss = torch.nn.functional.cross_entropy(
         logits.reshape(-1, w.shape[0]), labels, ignore_index=ignore_index, reduction="sum"
     )
-    if num_items_in_batch is not None:
-        if reduction != "sum":
-            raise ValueError("num_items_in_batch divides a 'sum'; 'mean' counts its own loss tokens")
-        loss = loss / num_items_in_batch  # as transformers' fixed_cross_entropy: before backward
-    elif reduction == "mean":
-        loss = loss / (labels != ignore_index).sum().clamp_min(1)
-    elif reduction != "sum":
-        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    return loss
+    return reduce_sum(loss, labels, ignore_index, reduction, num_items_in_batch)
 
 
 def fused_linear_cross_entropy(

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from kernels.ops.fused_linear_cross_entropy import shift_labels
+from kernels.ops.fused_linear_cross_entropy import reduce_sum, shift_labels
 
 # fp32 logit elements per chunk of the soft-capped head: 256 MB per [chunk, V] fp32 tensor, of which a chunk's
 # forward and backward hold about three (logits, capped logits, their gradient); 262 tokens at Gemma-2's 256000
@@ -152,15 +152,7 @@ def softcap_linear_cross_entropy(h: torch.Tensor, w: torch.Tensor, labels: torch
         args = (hf[s:s + chunk], w, lf[s:s + chunk], softcap, ignore_index)
         part = checkpoint(_chunk_ce_sum, *args, use_reentrant=False) if grad else _chunk_ce_sum(*args)
         total = total + part
-    if num_items_in_batch is not None:
-        if reduction != "sum":
-            raise ValueError("num_items_in_batch divides a 'sum'; 'mean' counts its own loss tokens")
-        return total / num_items_in_batch
-    if reduction == "mean":
-        return total / (lf != ignore_index).sum().clamp_min(1)
-    if reduction != "sum":
-        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    return total
+    return reduce_sum(total, lf, ignore_index, reduction, num_items_in_batch)
 
 
 def _chunk_logprobs(h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, cap: float, ignore_index: int):  # noqa: ANN202
