@@ -91,6 +91,7 @@ class ObjectiveMeter:
         self.in_step = False
         self.generating = False
         self.in_counted_loss = False  # inside a compute_loss whose inputs count_loss_inputs counted
+        self.pending_labels = None  # expect_labels: the next training forward's labels, popped before it runs
         self.nograd_step = 0
         self.nograd_before = 0  # before the first step: a precomputed reference
         self.nograd_forwards = 0
@@ -193,6 +194,12 @@ class ObjectiveMeter:
 
         trainer.compute_loss = counted
 
+    def expect_labels(self, labels) -> None:  # noqa: ANN001
+        """The labels of the training forward about to run, for a trainer that pops them before the policy's
+        forward (LLaMA-Factory takes the log-probs from the logits): its loss-bearing tokens are counted from them,
+        as TRL's are from the labels its forward gets. None: count the forward without."""
+        self.pending_labels = labels
+
     @staticmethod
     def _batch(args: tuple, kwargs: dict) -> dict[str, Any] | None:
         batch = dict(kwargs)
@@ -206,8 +213,11 @@ class ObjectiveMeter:
         if self.generating or self.in_counted_loss:
             return  # sampling: timed and counted as generated tokens; a counted loss: counted from its inputs
         batch = self._batch(args, kwargs)
+        labels, self.pending_labels = self.pending_labels, None
         if batch is None:
             return
+        if labels is not None and batch.get("labels") is None:
+            batch["labels"] = labels  # _batch's copy: the model's own arguments stay as they are
         if not torch.is_grad_enabled():
             self._nograd(batch)
             return

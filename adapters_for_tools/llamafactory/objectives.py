@@ -6,9 +6,9 @@ subclasses of TRL 0.24's trainers). :func:`built` records the instance as it is 
 before the first forward, :func:`objective_callbacks` hooks it with the shared
 :class:`~adapters_for_tools.objective_meter.ObjectiveMeter` (forwards with gradient in tokens/s, the reference pass
 and KTO's KL estimate apart, TRL's reward logs per step) and reads its settings back (:func:`read_back`).
-LLaMA-Factory pops the labels before the policy's forward (it takes the log-probs from the logits), so
-:class:`PoppedLabelsMeter` is handed each training forward's labels beforehand: its loss-bearing tokens are counted
-from them, as TRL's are from the labels its forward gets.
+LLaMA-Factory pops the labels before the policy's forward (it takes the log-probs from the logits), so the meter is
+handed each training forward's labels beforehand (``ObjectiveMeter.expect_labels``): its loss-bearing tokens are
+counted from them, as TRL's are from the labels its forward gets.
 
 The read-back is LLaMA-Factory's own rather than ``objective_meter.read_back``: its DPO trainer keeps one
 ``loss_type`` string (not TRL 1.x's ``loss_types``), and that string is not the loss that runs (the ``dpo_loss`` it
@@ -115,26 +115,7 @@ def read_back(trainer) -> dict[str, Any]:  # noqa: ANN001
     return out
 
 
-class PoppedLabelsMeter(ObjectiveMeter):
-    """:class:`ObjectiveMeter` for a trainer that pops the labels before the policy's forward: the labels handed over
-    by :meth:`expect_labels` count the loss-bearing tokens of the next forward."""
-
-    def __init__(self, meter, device: str):  # noqa: ANN001
-        super().__init__(meter, device)
-        self.labels = None
-
-    def expect_labels(self, labels) -> None:  # noqa: ANN001
-        """The labels of the training forward about to run (None: count it without)."""
-        self.labels = labels
-
-    def _policy_hook(self, module, args, kwargs) -> None:  # noqa: ANN001
-        labels, self.labels = self.labels, None
-        if labels is not None and kwargs.get("labels") is None:
-            kwargs = {**kwargs, "labels": labels}  # a copy to count from: the model's own arguments stay as they are
-        return super()._policy_hook(module, args, kwargs)
-
-
-def hand_over_labels(trainer, om: PoppedLabelsMeter) -> None:  # noqa: ANN001
+def hand_over_labels(trainer, om: ObjectiveMeter) -> None:  # noqa: ANN001
     """Wrap the live trainer's forward helper (the DPO trainer's ``concatenated_forward``, the KTO trainer's
     ``forward``) so that each training call (gradient on; not the reference's, not KTO's KL estimate) hands its
     batch's labels to ``om`` before the policy runs."""
@@ -166,7 +147,7 @@ def objective_callbacks(ctx, kind: str, made: list[Any], t0: float) -> tuple[Obj
     time since ``t0`` (model load, LLaMA-Factory's tokenisation) becomes ``ctx.load_s``."""
     from transformers import TrainerCallback  # heavy: the worker's environment only
 
-    om = PoppedLabelsMeter(ctx.meter, ctx.scenario.hardware.device)
+    om = ObjectiveMeter(ctx.meter, ctx.scenario.hardware.device)
 
     class AttachObjective(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):  # noqa: ANN001, ANN003, ANN202

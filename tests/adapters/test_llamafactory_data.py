@@ -28,6 +28,7 @@ from adapters_for_tools import registry
 from adapters_for_tools.llamafactory import config as lf_config
 from adapters_for_tools.llamafactory import dataset as lf_data
 from adapters_for_tools.llamafactory import objectives as lf_objectives
+from adapters_for_tools.objective_meter import ObjectiveMeter
 from harness.inputs import preference
 from harness.inputs.data import IGNORE_INDEX, read_jsonl, tokenize_example, write_jsonl
 from harness.inputs.models import build_tokenizer
@@ -295,7 +296,7 @@ def test_popped_labels_count_the_loss_tokens():
             return model(**batch)
 
     meter = StepMeter(0)
-    om = lf_objectives.PoppedLabelsMeter(meter, "cpu")
+    om = ObjectiveMeter(meter, "cpu")
     trainer = Trainer()
     om.attach(trainer, "dpo")
     lf_objectives.hand_over_labels(trainer, om)
@@ -311,7 +312,7 @@ def test_popped_labels_count_the_loss_tokens():
     om.in_step = False
     meter.step_end(1.0)
     assert (meter.steps[0]["tokens"], meter.steps[0]["loss_tokens"]) == (24, 8)
-    assert om.nograd_forwards == 1 and om.nograd_step == 24 and om.labels is None
+    assert om.nograd_forwards == 1 and om.nograd_step == 24 and om.pending_labels is None
 
 
 # -- LLaMA-Factory's own loader on the written files (the llamafactory environment) ----------------------------------
