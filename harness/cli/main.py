@@ -22,37 +22,24 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
-from collections.abc import Callable
 
-from harness.cli import (
-    calibrate,
-    compare,
-    env,
-    frontier,
-    history,
-    listing,
-    matrix,
-    nightly,
-    report,
-    run,
-    selfcheck,
-    validate,
-)
-
-COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
-    "run": (run.main, "run a scenario through its frameworks"),
-    "validate": (validate.main, "check scenario files without running"),
-    "list": (listing.main, "adapters (and why any is unavailable) and shipped scenarios"),
-    "report": (report.main, "write report.md/report.html/charts from stored results"),
-    "compare": (compare.main, "regression verdict between two result sets"),
-    "calibrate": (calibrate.main, "measure the GPU's bf16 dense matmul peak (TFLOP/s)"),
-    "env": (env.main, "per-framework environments: list, check, create, pack, install"),
-    "selfcheck": (selfcheck.main, "the harness's figures against plain hand-written training loops"),
-    "frontier": (frontier.main, "per framework and memory budget, the longest seq_len / biggest micro-batch"),
-    "nightly": (nightly.main, "run a suite, add it to the history, gate tonight against the recent nights"),
-    "history": (history.main, "list/filter/export the run history database, or rebuild it from the run files"),
-    "matrix": (matrix.main, "each model family's tiny model through every framework x method: ok or the tool's error"),
+# command -> (its module in harness/cli/, imported only when that command runs, so that one command's
+# dependencies, e.g. DuckDB for history and nightly, are not needed by the others; one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("run", "run a scenario through its frameworks"),
+    "validate": ("validate", "check scenario files without running"),
+    "list": ("listing", "adapters (and why any is unavailable) and shipped scenarios"),
+    "report": ("report", "write report.md/report.html/charts from stored results"),
+    "compare": ("compare", "regression verdict between two result sets"),
+    "calibrate": ("calibrate", "measure the GPU's bf16 dense matmul peak (TFLOP/s)"),
+    "env": ("env", "per-framework environments: list, check, create, pack, install"),
+    "selfcheck": ("selfcheck", "the harness's figures against plain hand-written training loops"),
+    "frontier": ("frontier", "per framework and memory budget, the longest seq_len / biggest micro-batch"),
+    "nightly": ("nightly", "run a suite, add it to the history, gate tonight against the recent nights"),
+    "history": ("history", "list/filter/export the run history database, or rebuild it from the run files"),
+    "matrix": ("matrix", "each model family's tiny model through every framework x method: ok or the tool's error"),
 }
 
 
@@ -72,4 +59,4 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] not in COMMANDS:
         build_parser().parse_args(argv)  # prints usage (or --help) and exits 2 for an unknown command
         return 2
-    return COMMANDS[argv[0]][0](argv[1:])
+    return importlib.import_module(f"harness.cli.{COMMANDS[argv[0]][0]}").main(argv[1:])
