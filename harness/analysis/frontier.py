@@ -5,7 +5,9 @@ Read only from stored results (every probe sweep under ``results/<scenario>-fron
 budget and value taken from its sweep's stored scenario), so the table can be rebuilt at any time, also from an
 interrupted frontier. A cell's ``state``:
 
-- ``found``: the largest fitting value is the grid's top, or the next grid value ran out of memory;
+- ``found``: the largest fitting value is the grid's top, or the next grid value ran out of memory (its tokens/s and
+  memory come from the run at that value made alone with the scenario's steps; ``measured`` false until that run
+  exists, when the search probes ran side by side or shortened);
 - ``incomplete``: a value fits but the bisection has not closed above it (the frontier was interrupted);
 - ``none fits``: only out-of-memory probes at this budget;
 - ``stopped``: a probe failed otherwise (error, crash, timeout, ...), here or under a smaller budget;
@@ -23,11 +25,12 @@ from typing import Any
 import yaml
 
 from harness.running.frontier import FAILED, FITS, NO_FIT, PLAN_FILE, Grid, outcome
+from harness.running.runner import CONTENTION
 from harness.storing import results
 from harness.storing.schema import RunResult
 from harness.storing.sweep import is_results_dir, load_sweep
 
-COLUMNS = ("framework", "budget_gib", "vary", "value", "state", "tokens_per_s", "peak_vram_nvml_gib",
+COLUMNS = ("framework", "budget_gib", "vary", "value", "state", "measured", "tokens_per_s", "peak_vram_nvml_gib",
            "peak_reserved_gib", "valid", "next_oom_value", "probes", "reason")
 
 
@@ -40,6 +43,7 @@ class Cell:
     vary: str
     value: int | None  # the largest value that trained within the budget
     state: str  # see the module docstring
+    measured: bool = False  # the figures below come from a run at ``value`` made alone with the scenario's steps
     tokens_per_s: float | None = None  # of the probe at ``value``
     peak_vram_nvml_gib: float | None = None
     peak_reserved_gib: float | None = None
@@ -54,6 +58,7 @@ class _Probe:
     budget: float
     value: int
     run: RunResult
+    exact: bool = True  # run alone with the frontier scenario's steps: a measurement, not only a search probe
 
 
 def read_probes(folder: Path) -> tuple[dict[str, Any], list[_Probe]]:
@@ -62,6 +67,7 @@ def read_probes(folder: Path) -> tuple[dict[str, Any], list[_Probe]]:
     if not plan:
         raise ValueError(f"{folder}: not a frontier folder (no readable {PLAN_FILE})")
     vary = plan["grid"]["vary"]
+    steps = (_frontier_scenario(Path(folder)).get("train") or {}).get("steps")
     probes = []
     for d in sorted(p for p in Path(folder).iterdir() if is_results_dir(p)):
         sweep = load_sweep(d)
@@ -70,7 +76,10 @@ def read_probes(folder: Path) -> tuple[dict[str, Any], list[_Probe]]:
         value = (sweep.scenario.get(section) or {}).get(vary)
         if budget is None or value is None:
             continue
-        probes += [_Probe(float(budget), int(value), r) for r in sweep.runs]
+        short = steps is not None and (sweep.scenario.get("train") or {}).get("steps") != steps
+        probes += [_Probe(float(budget), int(value), r,
+                          not short and not any(x.startswith(CONTENTION) for x in r.invalid_reasons))
+                   for r in sweep.runs]
     return plan, probes
 
 
@@ -94,30 +103,40 @@ def frontier_cells(folder: Path) -> list[Cell]:
     return out
 
 
-def _scenario_order(folder: Path) -> list[str]:
+def _frontier_scenario(folder: Path) -> dict[str, Any]:
     try:
-        sc = yaml.safe_load((folder / "scenario.yaml").read_text()) or {}
+        return yaml.safe_load((folder / "scenario.yaml").read_text()) or {}
     except (OSError, yaml.YAMLError):
-        return []
+        return {}
+
+
+def _scenario_order(folder: Path) -> list[str]:
+    sc = _frontier_scenario(folder)
     return [f.get("label") or f.get("name") for f in sc.get("frameworks") or [] if isinstance(f, dict)]
 
 
 def _cell(fw: str, budget: float, vary: str, probes: list[_Probe], values: list[int], stopped: str | None) -> Cell:
     cell = Cell(fw, budget, vary, None, "not probed", probes=len(probes))
-    fits = [p for p in probes if outcome(p.run) == FITS]
-    no_fit = sorted(p.value for p in probes if outcome(p.run) == NO_FIT)
-    failed = [p for p in probes if outcome(p.run) == FAILED]
+    by_value: dict[int, list[_Probe]] = {}
+    for p in probes:
+        by_value.setdefault(p.value, []).append(p)
+    # at each value the runs made alone with the scenario's steps decide; search probes only where there are none
+    decisive = [p for ps in by_value.values() for p in ([q for q in ps if q.exact] or ps)]
+    fits = [p for p in decisive if outcome(p.run) == FITS]
+    no_fit = sorted(p.value for p in decisive if outcome(p.run) == NO_FIT)
+    failed = [p for p in decisive if outcome(p.run) == FAILED]
     if fits:
-        top = max(fits, key=lambda p: p.value)
-        m = top.run.metrics
-        cell.value, cell.tokens_per_s, cell.valid = top.value, m.tokens_per_s, top.run.valid
-        cell.peak_vram_nvml_gib, cell.peak_reserved_gib = m.peak_vram_nvml_gib, m.peak_reserved_gib
-        cell.next_oom_value = next((v for v in no_fit if v > top.value), None)
+        top = max(fits, key=lambda p: (p.value, p.exact))
+        cell.value, cell.next_oom_value = top.value, next((v for v in no_fit if v > top.value), None)
         above = [v for v in values if v > top.value]
         closed = not above or cell.next_oom_value == above[0]
         cell.state = "found" if closed else "incomplete"
-        if not top.run.valid:
-            cell.reason = "invalid: " + "; ".join(top.run.invalid_reasons)
+        if top.exact:
+            m = top.run.metrics
+            cell.measured, cell.tokens_per_s, cell.valid = True, m.tokens_per_s, top.run.valid
+            cell.peak_vram_nvml_gib, cell.peak_reserved_gib = m.peak_vram_nvml_gib, m.peak_reserved_gib
+            if not top.run.valid:
+                cell.reason = "invalid: " + "; ".join(top.run.invalid_reasons)
     elif no_fit:
         cell.state, cell.next_oom_value = "none fits", no_fit[0]
     if failed:
@@ -146,8 +165,9 @@ def to_markdown(cells: list[Cell], title: str) -> str:
     vary = cells[0].vary if cells else "value"
     lines = [f"# {title}", "",
              f"Largest {vary} that trains the scenario's steps within each memory budget (bisection, out of memory "
-             "as the signal), and tokens/s there. `≥`: interrupted before the bisection closed; `*`: the run was "
-             "invalid (reasons below).", "",
+             "as the signal), and tokens/s there, measured alone with the scenario's steps. `≥`: interrupted before "
+             "the search closed; `*`: the run was invalid (reasons below); `not measured`: found by search probes "
+             "(side by side or shortened) and not yet run alone.", "",
              "| framework | " + " | ".join(f"{b:g} GiB" for b in budgets) + " |",
              "|---|" + "---|" * len(budgets)]
     notes = []
@@ -166,9 +186,10 @@ def to_markdown(cells: list[Cell], title: str) -> str:
 
 def _md_cell(c: Cell) -> str:
     if c.state in ("found", "incomplete") and c.value is not None:
-        speed = f" ({c.tokens_per_s:,.0f} tok/s)" if c.tokens_per_s is not None else ""
+        speed = f" ({c.tokens_per_s:,.0f} tok/s)" if c.tokens_per_s is not None else \
+            "" if c.measured else " (not measured)"
         mark = "≥ " if c.state == "incomplete" else ""
-        return f"{mark}{c.value:,}{speed}{'' if c.valid else ' *'}"
+        return f"{mark}{c.value:,}{speed}{'' if c.valid or not c.measured else ' *'}"
     if c.state == "none fits":
         return f"none ({c.next_oom_value:,} out of memory)" if c.next_oom_value is not None else "none"
     return c.state

@@ -5,15 +5,19 @@ largest seq_len (or micro-batch) that trains the scenario's steps without runnin
 search of the grid guided by each row's measured memory curve (harness.running.frontier), and tokens/s there.
 Each probe is an ordinary stored run under ``results/<scenario>-frontier-<time>/``: rerunning the same command
 resumes (finished probes are not redone), ``--retry-failed`` redoes probes stored as
-error/crashed/timeout. A probe that fails otherwise than by memory stops its row, not the frontier. The table is
-written as ``frontier.csv`` and ``frontier.md`` in that folder. Exit codes: 0 done (failed probes are cells, not
-errors), 2 bad input, 3 another sweep holds the machine, 130 interrupted.
+error/crashed/timeout. A probe that fails otherwise than by memory stops its row, not the frontier. ``--jobs N`` runs
+N rows' search probes side by side (their budgets within the GPU's memory) and ``--probe-steps K`` shortens them:
+both only answer "does it fit", so each cell's largest value is then run once more alone with the scenario's steps,
+the figure its cell reports. The table is written as ``frontier.csv`` and ``frontier.md`` in that folder. Exit
+codes: 0 done (failed probes are cells, not errors), 2 bad input, 3 another sweep holds the machine, 130 interrupted.
 
 Examples::
 
     python -m harness frontier scenarios/llama8b_qlora_frontier.yaml --vary seq_len --budgets 8,12,16,24,40,80
     python -m harness frontier scenarios/llama8b_lora_frontier.yaml --vary micro_batch --budgets 24,80 --max 32
     python -m harness frontier scenarios/llama8b_qlora_frontier.yaml --vary seq_len --budgets 24 --only hf unsloth
+    python -m harness frontier scenarios/llama8b_qlora_frontier.yaml --vary seq_len --budgets 8,12,16,24,40,80 \
+        --jobs 4 --probe-steps 3          # search probes side by side and short; each answer then measured alone
 """
 
 from __future__ import annotations
@@ -26,8 +30,11 @@ from harness.analysis.frontier import write_frontier_table
 from harness.cli.guard import EXIT_BAD_INPUT, guarded
 from harness.cli.validate import load_or_report
 from harness.common.paths import REPO_ROOT
-from harness.running.frontier import VARIES, FrontierError, make_grid, probe_scenario, run_frontier
+from harness.measuring.environment import gpu_info
+from harness.running.frontier import VARIES, FrontierError, Probing, make_grid, probe_scenario, run_frontier
 from harness.spec.scenario import MAX_MEMORY_BUDGET_GIB, ScenarioError
+
+CAPACITY_MARGIN_GIB = 4.0  # GPU memory left outside the side-by-side probes' budgets (CUDA contexts, NVML's view)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new", action="store_true", help="start a new frontier folder even if one can be resumed")
     p.add_argument("--retry-failed", action="store_true",
                    help="redo probes stored as error/crashed/timeout (the failed attempt is kept)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="search probes of N rows at once, their budgets within the GPU's memory (default 1); "
+                        "each answer is then measured alone")
+    p.add_argument("--probe-steps", type=int, metavar="K",
+                   help="search probes run K optimizer steps (at least 2) instead of the scenario's; each answer "
+                        "is then measured alone with the scenario's steps")
     p.add_argument("--quiet", action="store_true")
     return p
 
@@ -71,9 +84,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.scenario}: --only {unknown}: not among the scenario's frameworks {sc.framework_names()}",
               file=sys.stderr)
         return EXIT_BAD_INPUT
+    if args.jobs < 1 or (args.probe_steps is not None and args.probe_steps < 2):
+        print(f"{args.scenario}: --jobs must be at least 1 and --probe-steps at least 2", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    capacity = gpu_info()["gpu_memory_gib"] if sc.hardware.device == "cuda" else None
+    probing = Probing(jobs=args.jobs, steps=args.probe_steps, capacity_gib=capacity and capacity - CAPACITY_MARGIN_GIB)
     try:
         grid = make_grid(sc, args.vary, args.hi, args.step)
-        probe_scenario(sc, args.budgets[0], args.vary, grid.lo)  # a budget on a cpu etc.: refused before any run
+        # a budget on a cpu, shortened probes with too few steps: refused before any run
+        probe_scenario(sc, args.budgets[0], args.vary, grid.lo, steps=args.probe_steps)
     except (FrontierError, ScenarioError) as e:
         print(f"{args.scenario}: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -81,12 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     def show(p: dict) -> None:
         if not args.quiet:
             how = "ran" if p["ran"] else "stored"
-            print(f"{p['framework']} @ {p['budget_gib']:g} GiB, {args.vary} {p['value']}: {p['outcome']} "
-                  f"({p['status']}, {how})")
+            print(f"{p['phase']}: {p['framework']} @ {p['budget_gib']:g} GiB, {args.vary} {p['value']}: "
+                  f"{p['outcome']} ({p['status']}, {how})")
 
     def body() -> int:
         folder, log = run_frontier(sc, grid, args.budgets, Path(args.results), only=args.only, new=args.new,
-                                   retry_failed=args.retry_failed, quiet=args.quiet, on_probe=show)
+                                   retry_failed=args.retry_failed, quiet=args.quiet, on_probe=show, probing=probing)
         print(f"{len(log.probes)} probes ({log.ran} run now)")
         csv_path, md_path = write_frontier_table(folder)
         print(f"results: {folder}\ntable:   {md_path} ({csv_path.name})")

@@ -5,8 +5,8 @@ this. For each row and budget the largest value of a grid (``lo``, multiples of 
 the scenario's steps within the budget is found by a search of the grid, with running out of memory as the
 signal: a probe that ends ``oom``, or ok but above its budget by NVML (:data:`harness.measuring.memcap.OVER_BUDGET`),
 does not fit; an ok probe fits. Memory use is taken to grow with the value and to shrink with the budget, so
-budgets are done smallest first and each starts from the value found under the one below it (verified by a probe
-at the new budget, whose tokens/s is then the row's figure there).
+each row does its budgets smallest first and each starts from the value found under the one below it (verified by a
+probe at the new budget). Rows are independent of each other.
 
 The search bisects until it knows two fitting probes of the row with their NVML peaks; from then on it probes
 where the line through them reaches the budget (:func:`predicted_max`), inside the bracket, and bisects again if
@@ -16,17 +16,25 @@ row over six budgets takes ~15 probes instead of ~55.
 
 Each probe is an ordinary run of a derived scenario (:func:`probe_scenario`: the budget and the value set,
 one repeat) stored by the sweep runner under the frontier's folder, ``results/<scenario>-frontier-<time>/``: one
-sweep per (budget, value), holding the rows that probed it. So a rerun finds every finished probe by its
-scenario's hash and runs only what is missing, and ``retry_failed`` redoes probes stored as error, crashed or
-timeout as ``run --retry-failed`` does. A probe that fails otherwise (error, crash, timeout, unavailable,
-diverged) stops that row's bisection, at this budget and the ones above, with the reason; the other rows go on.
+sweep per row, budget and value. So a rerun finds every finished probe by its scenario's hash and runs only what is
+missing, and ``retry_failed`` redoes probes stored as error, crashed or timeout as ``run --retry-failed`` does. A
+probe that fails otherwise (error, crash, timeout, unavailable, diverged) stops that row's search, at this budget and
+the ones above, with the reason; the other rows go on.
+
+By default each probe runs alone with the scenario's steps, so the probe at the largest fitting value is also the
+cell's measurement. A probe answers "does it fit" long before it ends, and most of its minute is the tool starting
+and loading the model, so :class:`Probing` can run the search cheaper: rows' probes side by side (``jobs``, within
+the GPU's memory) and shortened (``steps``); each cell's largest fitting value is then measured alone afterwards.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import threading
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,7 +46,8 @@ from harness.inputs import models
 from harness.measuring.memcap import OVER_BUDGET
 from harness.running import runner
 from harness.running.derive import derive
-from harness.spec.scenario import MAX_SEQ_LEN, Scenario
+from harness.running.locks import machine_lock
+from harness.spec.scenario import MAX_NAME, MAX_SEQ_LEN, Scenario
 from harness.storing import results
 from harness.storing.schema import STATUS_OK, STATUS_OOM, RunResult
 
@@ -110,13 +119,21 @@ def make_grid(sc: Scenario, vary: str, hi: int | None = None, step: int | None =
     return Grid(vary, lo, hi, step)
 
 
-def probe_name(base: str, budget: float, vary: str, value: int) -> str:
-    """The derived scenario's name: its sweeps are ``<name>-<time>`` under the frontier folder."""
-    return f"{base[:60]}.{budget:g}gib.{vary}{value}"
+def probe_name(base: str, row: str, budget: float, vary: str, value: int, steps: int | None = None,
+               shared: bool = False) -> str:
+    """The derived scenario's name: its sweeps are ``<name>-<time>`` under the frontier folder, one per row, budget
+    and value (and kind of probe: ``.s<steps>`` a shortened search probe, ``.shared`` one run beside others)."""
+    name = f"{base[:40]}.{row.replace('+', 'p')}.{budget:g}gib.{vary}{value}"
+    name += (f".s{steps}" if steps else "") + (".shared" if shared else "")
+    if len(name) > MAX_NAME:  # a long row label: shortened, and kept apart from its neighbours by a hash
+        name = f"{name[:MAX_NAME - 9]}.{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+    return name
 
 
-def probe_scenario(sc: Scenario, budget: float, vary: str, value: int) -> Scenario:
-    """The scenario of one probe: ``sc`` under ``budget`` GiB with ``vary`` set to ``value``, one repeat."""
+def probe_scenario(sc: Scenario, budget: float, vary: str, value: int, row: str | None = None,
+                   steps: int | None = None, shared: bool = False) -> Scenario:
+    """The scenario of one probe: ``sc`` under ``budget`` GiB with ``vary`` set to ``value``, one repeat, run for
+    ``row`` (default: the first row); ``steps``: a search probe shortened to that many optimizer steps."""
     sections: dict[str, dict[str, Any]] = {"hardware": {"memory_budget_gib": budget}, "measure": {"repeats": 1}}
     if vary == "seq_len":
         data = {"seq_len": value}
@@ -125,7 +142,11 @@ def probe_scenario(sc: Scenario, budget: float, vary: str, value: int) -> Scenar
         sections["data"] = data
     else:
         sections["train"] = {"micro_batch": value}
-    return derive(sc, probe_name(sc.name, budget, vary, value), **sections)
+    if steps:
+        sections["train"] = {**sections.get("train", {}), "steps": steps,
+                             "warmup_steps": min(sc.train.warmup_steps, steps - 1)}
+    row = row or sc.framework_names()[0]
+    return derive(sc, probe_name(sc.name, row, budget, vary, value, steps, shared), **sections)
 
 
 def outcome(run: RunResult) -> str:
@@ -277,9 +298,67 @@ class ProbeLog:
         return sum(1 for p in self.probes if p["ran"])
 
 
+class _RowSearch:
+    """One row's search over every budget, smallest first: each budget's :class:`_Row` starts from the value the
+    one below found, with the memory points measured so far. Rows are independent of each other."""
+
+    def __init__(self, key: str, budgets: list[float], values: list[int]) -> None:
+        self.key, self.budgets, self.values = key, budgets, values
+        self.best, self.points, self.stopped, self.at = -1, [], None, 0
+        self.found: dict[float, int] = {}  # budget -> index of the largest fitting value, once the search closed
+        self.state = self._start()
+
+    def _start(self) -> _Row:
+        return _Row(self.key, self.best, len(self.values), lo_verified=self.best < 0, stopped=self.stopped,
+                    values=self.values, budget=self.budgets[self.at], points=list(self.points))
+
+    def next_probe(self) -> tuple[float, int] | None:
+        """The (budget, grid index) to probe next, or None when every budget is done."""
+        while self.at < len(self.budgets):
+            if (i := self.state.next_index()) is not None:
+                return self.budgets[self.at], i
+            st = self.state
+            self.stopped = self.stopped or st.stopped
+            self.best = st.lo if st.lo_verified else -1
+            if self.best >= 0 and not st.stopped:
+                self.found[self.budgets[self.at]] = self.best
+            self.points += st.here
+            self.at += 1
+            if self.at < len(self.budgets):
+                self.state = self._start()
+        return None
+
+
+@dataclass
+class Probing:
+    """How the search probes run.
+
+    ``jobs``: search probes of different rows at once (rows are independent); the memory budgets of the probes
+    running together stay within ``capacity_gib`` (the GPU's memory; None: no limit, e.g. a simulated tool), and the
+    first probe runs alone (it builds the checkpoint the others share). Such a probe measures the others' load, so
+    it is stored as a ``.shared`` probe marked as measured under contention: it answers "does it fit", not "how fast".
+    ``steps``: search probes shortened to that many optimizer steps (the memory peak comes with the first steps).
+    Either way, every largest fitting value is then run once more alone with the scenario's own steps, the
+    measurement its cell reports; when that run does not fit, the value below it is measured.
+    """
+
+    jobs: int = 1
+    steps: int | None = None
+    capacity_gib: float | None = None
+
+    @property
+    def exact(self) -> bool:
+        """Search probes are measurements themselves (one at a time, the scenario's steps)."""
+        return self.jobs <= 1 and not self.steps
+
+
+MEASURE_TRIES = 3  # values measured below a largest fitting value whose full run did not fit, before giving up
+
+
 def run_frontier(sc: Scenario, grid: Grid, budgets: list[float], results_root: Path, only: list[str] | None = None,
                  new: bool = False, retry_failed: bool = False, quiet: bool = False,
-                 on_probe: Callable[[dict[str, Any]], None] | None = None) -> tuple[Path, ProbeLog]:
+                 on_probe: Callable[[dict[str, Any]], None] | None = None,
+                 probing: Probing | None = None) -> tuple[Path, ProbeLog]:
     """Find every row's frontier; each probe is a stored run (see the module docstring).
 
     Args:
@@ -291,7 +370,8 @@ def run_frontier(sc: Scenario, grid: Grid, budgets: list[float], results_root: P
         new: start a new frontier folder even if one of this scenario and grid exists.
         retry_failed: redo probes stored as error, crashed or timeout (the failed attempt is kept).
         quiet: no progress display from the sweep runner.
-        on_probe: called with each probe's record (framework, budget_gib, value, status, outcome, ran).
+        on_probe: called with each probe's record (framework, budget_gib, value, status, outcome, ran, phase).
+        probing: concurrency and shortened search probes (:class:`Probing`; default: one exact probe at a time).
 
     Returns:
         The frontier folder and the log of probes.
@@ -300,63 +380,100 @@ def run_frontier(sc: Scenario, grid: Grid, budgets: list[float], results_root: P
         harness.spec.scenario.ScenarioError: a probe's scenario is not valid (e.g. a budget on a cpu).
         harness.running.locks.Busy: another sweep holds the machine.
     """
+    probing = probing or Probing()
     values = grid.values()
     rows = [k for k in sc.framework_names() if not only or k in only]
     folder = open_frontier(sc, grid, budgets, Path(results_root), new=new)
     log = ProbeLog()
-    stopped: dict[str, str] = {}
-    best: dict[str, int] = {k: -1 for k in rows}
-    points: dict[str, list[tuple[int, float]]] = {k: [] for k in rows}  # (value, NVML peak) of fitting probes
-    for budget in sorted(set(budgets)):
-        state = {k: _Row(k, best[k], len(values), lo_verified=best[k] < 0, stopped=stopped.get(k), values=values,
-                         budget=budget, points=list(points[k])) for k in rows}
-        while True:
-            wanted: dict[int, list[str]] = {}
-            for k, st in state.items():
-                if (i := st.next_index()) is not None:
-                    wanted.setdefault(i, []).append(k)
-            if not wanted:
-                break
-            for i, keys in sorted(wanted.items()):
-                probe_sc = probe_scenario(sc, budget, grid.vary, values[i])
-                for k, (run, ran) in _probe(probe_sc, keys, folder, retry_failed, quiet).items():
-                    result = outcome(run)
-                    state[k].record(i, result, f"{run.status}: {run.reason}" if result == FAILED else None,
-                                    run.metrics.peak_vram_nvml_gib)
-                    rec = {"framework": k, "budget_gib": budget, "value": values[i], "status": run.status,
-                           "outcome": result, "reason": run.reason, "ran": ran}
-                    log.probes.append(rec)
-                    if on_probe:
-                        on_probe(rec)
-        for k, st in state.items():
-            if st.stopped:
-                stopped[k] = st.stopped
-            best[k] = st.lo if st.lo_verified else -1
-            points[k] += st.here
+    lock = threading.Lock()
+
+    def probe(k: str, budget: float, i: int, phase: str) -> dict[str, Any]:
+        shared = phase == "search" and probing.jobs > 1
+        steps = probing.steps if phase == "search" else None
+        run, ran = _probe(sc, k, budget, grid.vary, values[i], folder, retry_failed, quiet, steps, shared)
+        result = outcome(run)
+        rec = {"framework": k, "budget_gib": budget, "value": values[i], "status": run.status, "outcome": result,
+               "reason": run.reason, "ran": ran, "phase": phase, "peak_gib": run.metrics.peak_vram_nvml_gib}
+        with lock:
+            log.probes.append(rec)
+            if on_probe:
+                on_probe(rec)
+        return rec
+
+    searches = {k: _RowSearch(k, sorted(set(budgets)), values) for k in rows}
+    if probing.jobs <= 1:
+        for k, search in searches.items():
+            while (nxt := search.next_probe()) is not None:
+                _record(search, nxt[1], probe(k, *nxt, "search"))
+    else:
+        with machine_lock(runner.machine_lock_dir(), folder, f"memory frontier {folder.name}, {probing.jobs} "
+                                                             "search probes at a time"):
+            _search_together(searches, probing, probe)
+    if not probing.exact:
+        for k, search in searches.items():
+            for budget, i in search.found.items():
+                _measure(k, budget, i, probe)
     return folder, log
 
 
-def _probe(probe_sc: Scenario, keys: list[str], folder: Path, retry_failed: bool,
-           quiet: bool) -> dict[str, tuple[RunResult, bool]]:
-    """Each row's stored run of ``probe_sc`` and whether it ran now: stored ones are read, missing ones run."""
-    stored = _stored(probe_sc, keys, folder)
-    todo = [k for k in keys if k not in stored or (retry_failed and stored[k].status in runner.RETRYABLE)]
-    if todo:
-        runner.run_sweep(probe_sc, folder, quiet=quiet, only=todo, resume_only=True, retry_failed=retry_failed)
-        stored = _stored(probe_sc, keys, folder)
-    missing = [k for k in keys if k not in stored]
-    if missing:  # the runner stores a row for every run it starts: a gap is a bug, not a measurement
-        raise RuntimeError(f"no stored probe for {missing} of {probe_sc.name} in {folder}")
-    return {k: (stored[k], k in todo) for k in keys}
+def _record(search: _RowSearch, i: int, rec: dict[str, Any]) -> None:
+    """Tell a row's search what its probe at grid index ``i`` found."""
+    failed = rec["outcome"] == FAILED
+    search.state.record(i, rec["outcome"], f"{rec['status']}: {rec['reason']}" if failed else None, rec["peak_gib"])
 
 
-def _stored(probe_sc: Scenario, keys: list[str], folder: Path) -> dict[str, RunResult]:
+def _search_together(searches: dict[str, _RowSearch], probing: Probing,
+                     probe: Callable[[str, float, int, str], dict[str, Any]]) -> None:
+    """Every row's search, up to ``probing.jobs`` probes at once within ``probing.capacity_gib``."""
+    waiting = {k: nxt for k, s in searches.items() if (nxt := s.next_probe()) is not None}
+    running: dict[Future, tuple[str, float, int]] = {}
+    started = 0
+    with ThreadPoolExecutor(probing.jobs) as pool:
+        while waiting or running:
+            for k, (budget, i) in list(waiting.items()):
+                in_use = sum(b for _, b, _ in running.values())
+                room = probing.capacity_gib is None or in_use + budget <= probing.capacity_gib
+                if len(running) >= (1 if started == 0 else probing.jobs) or (running and not room):
+                    break
+                running[pool.submit(probe, k, budget, i, "search")] = (k, budget, i)
+                del waiting[k]
+                started += 1
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in done:
+                k, budget, i = running.pop(fut)
+                _record(searches[k], i, fut.result())  # a broken folder or an interrupt is the frontier's error
+                if (nxt := searches[k].next_probe()) is not None:
+                    waiting[k] = nxt
+
+
+def _measure(k: str, budget: float, i: int, probe: Callable[[str, float, int, str], dict[str, Any]]) -> None:
+    """Row ``k``'s largest fitting value under ``budget`` (grid index ``i``) run alone with the scenario's steps;
+    when that does not fit, the values below, up to :data:`MEASURE_TRIES` of them."""
+    for j in range(i, max(i - MEASURE_TRIES, -1), -1):
+        if probe(k, budget, j, "measure")["outcome"] != NO_FIT:
+            return
+
+
+def _probe(sc: Scenario, k: str, budget: float, vary: str, value: int, folder: Path, retry_failed: bool,
+           quiet: bool, steps: int | None, shared: bool) -> tuple[RunResult, bool]:
+    """Row ``k``'s stored probe at (``budget``, ``value``) and whether it ran now. An exact probe stored earlier
+    (one at a time, the scenario's steps) answers any search probe; otherwise the probe of this kind is read, or
+    run when missing."""
+    kinds = [(steps, shared)] if (steps, shared) == (None, False) else [(None, False), (steps, shared)]
+    for st, sh in kinds:
+        p_sc = probe_scenario(sc, budget, vary, value, k, st, sh)
+        run = _stored(p_sc, k, folder)
+        if run is not None and not (retry_failed and run.status in runner.RETRYABLE):
+            return run, False
+    runner.run_sweep(p_sc, folder, quiet=quiet, only=[k], resume_only=True, retry_failed=retry_failed,
+                     allow_contention=shared)
+    run = _stored(p_sc, k, folder)
+    if run is None:  # the runner stores a row for every run it starts: a gap is a bug, not a measurement
+        raise RuntimeError(f"no stored probe for {k} of {p_sc.name} in {folder}")
+    return run, True
+
+
+def _stored(probe_sc: Scenario, k: str, folder: Path) -> RunResult | None:
     d = runner.newest_sweep(probe_sc, folder)
-    if d is None:
-        return {}
-    out = {}
-    for k in keys:
-        p = d / "runs" / f"{results.run_key(k, 0)}.json"
-        if p.exists():
-            out[k] = results.read_result(p)
-    return out
+    p = d / "runs" / f"{results.run_key(k, 0)}.json" if d is not None else None
+    return results.read_result(p) if p is not None and p.exists() else None

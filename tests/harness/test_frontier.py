@@ -8,6 +8,8 @@ are small. The bisection's own logic is checked without processes, through a sta
 from __future__ import annotations
 
 import math
+import threading
+import time
 
 import pandas as pd
 import pytest
@@ -95,9 +97,8 @@ def test_bisection_finds_each_threshold_in_logarithmic_probes(tmp_path, monkeypa
     grid = frontier.make_grid(sc, "micro_batch")
     limit = dict(zip((1.0, 2.0), thresholds, strict=True))
 
-    def fake_probe(probe_sc, keys, folder, retry_failed, quiet):
-        fits = probe_sc.train.micro_batch <= limit[probe_sc.hardware.memory_budget_gib]
-        return {k: (_run("ok" if fits else "oom"), True) for k in keys}
+    def fake_probe(sc, k, budget, vary, value, *rest):
+        return _run("ok" if value <= limit[budget] else "oom"), True
 
     monkeypatch.setattr(frontier, "_probe", fake_probe)
     _, log = frontier.run_frontier(sc, grid, [2.0, 1.0], tmp_path / "results")
@@ -120,12 +121,11 @@ def test_the_memory_line_guides_the_search_to_each_budget_in_a_few_probes(tmp_pa
     def peak(v: int) -> float:
         return base + per_value * v + curve * v * v
 
-    def fake_probe(probe_sc, keys, folder, retry_failed, quiet):
-        v, budget = probe_sc.train.micro_batch, probe_sc.hardware.memory_budget_gib
+    def fake_probe(sc, k, budget, vary, v, *rest):
         run = _run("ok" if peak(v) <= budget else "oom")
         if run.status == "ok":
             run.metrics.peak_vram_nvml_gib = peak(v)
-        return {k: (run, True) for k in keys}
+        return run, True
 
     monkeypatch.setattr(frontier, "_probe", fake_probe)
     _, log = frontier.run_frontier(sc, grid, budgets, tmp_path / "results")
@@ -199,3 +199,68 @@ def test_frontier_refuses_a_budget_a_row_cannot_honour(tmp_path, env, capsys):
     assert _frontier(path, tmp_path) == 2
     assert "a memory budget needs device cuda (d-sim)" in capsys.readouterr().err
     assert not (tmp_path / "results").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# search probes side by side and shortened; each answer measured alone
+
+
+def test_side_by_side_search_keeps_to_its_jobs_and_the_gpu_memory_then_measures_each_answer_alone(tmp_path,
+                                                                                                  monkeypatch):
+    """A stand-in probe that records how many probes run at once and their budgets: at most ``jobs`` and within the
+    capacity, the first alone; every answer is then measured with the scenario's steps, one at a time, and a full run
+    that does not fit where the short probe did moves the answer down a value."""
+    rows = "\n".join(f"  - {{name: dummy, label: {k}}}" for k in ("d-sim", "b", "c", "d"))
+    sc = parse_scenario(_scenario(tmp_path, rows).read_text())
+    grid = frontier.make_grid(sc, "micro_batch", hi=16)
+    limit = {"d-sim": {1.0: 3, 2.0: 7}, "b": {1.0: 1, 2.0: 2}, "c": {1.0: 5, 2.0: 9}, "d": {1.0: 0, 2.0: 16}}
+    full_run_needs_less = {("c", 2.0)}  # its full run at the short probes' answer runs out of memory
+    lock, running, seen = threading.Lock(), [], []
+
+    def fake_probe(sc, k, budget, vary, v, folder, retry_failed, quiet, steps, shared):
+        phase = "search" if shared else "measure"
+        with lock:
+            running.append(budget)
+            seen.append((phase, len(running), sum(running), steps))
+        time.sleep(0.05)
+        fits = v <= limit[k][budget] - (phase == "measure" and (k, budget) in full_run_needs_less)
+        with lock:
+            running.remove(budget)
+        return _run("ok" if fits else "oom"), True
+
+    monkeypatch.setattr(frontier, "_probe", fake_probe)
+    probing = frontier.Probing(jobs=3, steps=2, capacity_gib=4.5)
+    _, log = frontier.run_frontier(sc, grid, [1.0, 2.0], tmp_path / "results", probing=probing)
+    assert seen[0][1] == 1  # the first probe alone: it builds what the others share
+    search = [s for s in seen if s[0] == "search"]
+    assert max(n for _, n, _, _ in search) == 3 and all(mem <= 4.5 for _, _, mem, _ in search)
+    assert all(steps == 2 for *_, steps in search)
+    measure = [s for s in seen if s[0] == "measure"]
+    assert seen[-len(measure):] == measure and all(n == 1 and steps is None for _, n, _, steps in measure)
+    for k, per_budget in limit.items():
+        for budget, want in per_budget.items():
+            mine = [p for p in log.probes if p["framework"] == k and p["budget_gib"] == budget]
+            answer = [p for p in mine if p["phase"] == "measure" and p["outcome"] == frontier.FITS]
+            if want == 0:
+                assert not answer and all(p["phase"] == "search" for p in mine)
+            elif (k, budget) in full_run_needs_less:
+                assert [p["value"] for p in mine if p["phase"] == "measure"] == [want, want - 1]
+            else:
+                assert [p["value"] for p in answer] == [want]
+
+
+def test_frontier_with_jobs_marks_its_search_probes_shared_and_measures_every_cell_alone(tmp_path, env, capsys):
+    sim2 = "  - {name: dummy, label: d-half, overrides: {sim_gib_per_token: 0.03125}}"
+    path = _scenario(tmp_path, SIM + "\n" + sim2)
+    assert _frontier(path, tmp_path, "--jobs", "2") == 0
+    t = _table(tmp_path)
+    assert t.loc[("d-sim", 0.5), "value"] == 2 and t.loc[("d-sim", 1.0), "value"] == 4
+    assert t.loc[("d-half", 0.5), "value"] == 1 and t.loc[("d-half", 1.0), "value"] == 2
+    assert t["measured"].all() and (t["tokens_per_s"] > 0).all() and t["valid"].all()
+    (folder,) = (tmp_path / "results").glob("fr-frontier-*")
+    shared = [r for r in folder.glob("*.shared-*/runs/*.json")]
+    assert shared and all("measured under contention" in r.read_text() for r in shared)
+    # a rerun finds every probe stored: nothing runs again
+    capsys.readouterr()
+    assert _frontier(path, tmp_path, "--jobs", "2") == 0
+    assert "(0 run now)" in capsys.readouterr().out
