@@ -30,8 +30,8 @@ from harness.storing import results
 from harness.storing.schema import RunResult
 from harness.storing.sweep import is_results_dir, load_sweep
 
-COLUMNS = ("framework", "budget_gib", "vary", "value", "state", "measured", "tokens_per_s", "peak_vram_nvml_gib",
-           "peak_reserved_gib", "valid", "next_oom_value", "probes", "reason")
+COLUMNS = ("framework", "tool", "budget_gib", "vary", "value", "state", "measured", "tokens_per_s",
+           "peak_vram_nvml_gib", "peak_reserved_gib", "valid", "next_oom_value", "probes", "reason")
 
 
 @dataclass
@@ -39,6 +39,7 @@ class Cell:
     """One framework at one budget (a row of ``frontier.csv``)."""
 
     framework: str
+    tool: str | None  # the adapter the row runs (rows of one tool share it)
     budget_gib: float
     vary: str
     value: int | None  # the largest value that trained within the budget
@@ -116,7 +117,7 @@ def _scenario_order(folder: Path) -> list[str]:
 
 
 def _cell(fw: str, budget: float, vary: str, probes: list[_Probe], values: list[int], stopped: str | None) -> Cell:
-    cell = Cell(fw, budget, vary, None, "not probed", probes=len(probes))
+    cell = Cell(fw, probes[0].run.adapter if probes else None, budget, vary, None, "not probed", probes=len(probes))
     by_value: dict[int, list[_Probe]] = {}
     for p in probes:
         by_value.setdefault(p.value, []).append(p)
@@ -175,7 +176,7 @@ def to_markdown(cells: list[Cell], title: str) -> str:
         row = []
         for b in budgets:
             c = by.get((fw, b))
-            row.append(_md_cell(c) if c else "—")
+            row.append(cell_text(c) if c else "—")
             if c and c.reason:
                 notes.append(f"- {fw} at {b:g} GiB: {c.reason}")
         lines.append(f"| {fw} | " + " | ".join(row) + " |")
@@ -184,7 +185,8 @@ def to_markdown(cells: list[Cell], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _md_cell(c: Cell) -> str:
+def cell_text(c: Cell) -> str:
+    """A cell as the tables show it: the largest value and its tokens/s, or what happened."""
     if c.state in ("found", "incomplete") and c.value is not None:
         speed = f" ({c.tokens_per_s:,.0f} tok/s)" if c.tokens_per_s is not None else \
             "" if c.measured else " (not measured)"

@@ -31,6 +31,7 @@ from harness.cli.guard import EXIT_BAD_INPUT, guarded
 from harness.cli.validate import load_or_report
 from harness.common.paths import REPO_ROOT
 from harness.measuring.environment import gpu_info
+from harness.reporting.frontier import write_frontier_report
 from harness.running.frontier import VARIES, FrontierError, Probing, make_grid, probe_scenario, run_frontier
 from harness.spec.scenario import MAX_MEMORY_BUDGET_GIB, ScenarioError
 
@@ -51,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                                             "micro_batch); the smallest valid value and --max are tried too")
     p.add_argument("--only", nargs="+", metavar="FRAMEWORK", help="these framework rows only")
     p.add_argument("--results", default=str(REPO_ROOT / "results"), help="results root (default: results/)")
+    p.add_argument("--reports", default=None,
+                   help="reports root: the report goes to <reports>/<the frontier folder's name>/ (default: reports/ "
+                        "beside the results root)")
     p.add_argument("--new", action="store_true", help="start a new frontier folder even if one can be resumed")
     p.add_argument("--retry-failed", action="store_true",
                    help="redo probes stored as error/crashed/timeout (the failed attempt is kept)")
@@ -108,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
                                    retry_failed=args.retry_failed, quiet=args.quiet, on_probe=show, probing=probing)
         print(f"{len(log.probes)} probes ({log.ran} run now)")
         csv_path, md_path = write_frontier_table(folder)
-        print(f"results: {folder}\ntable:   {md_path} ({csv_path.name})")
+        reports = Path(args.reports) if args.reports else Path(args.results).resolve().parent / "reports"
+        report = write_frontier_report(folder, reports / folder.name)
+        print(f"results: {folder}\ntable:   {md_path} ({csv_path.name})\nreport:  {report}")
         return 0
 
     return guarded(args.scenario, "probes", body)

@@ -16,7 +16,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from harness.reporting.frontier import write_frontier_report
 from harness.reporting.report import default_out_dir, write_sweep_report
+from harness.running.frontier import PLAN_FILE
 from harness.storing.sweep import NotAResultsDir, load_sweep
 
 EXIT_OK, EXIT_BAD_INPUT = 0, 2
@@ -41,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         out = args.out or default_out_dir(args.results_dir)
+        if (Path(args.results_dir) / PLAN_FILE).is_file():  # a frontier folder: its own report
+            md = write_frontier_report(Path(args.results_dir), out)
+            print(f"report: {md}\n        {md.with_name('report.html')}")
+            return EXIT_OK
         sweep = load_sweep(args.results_dir)
         for u in sweep.unreadable:
             print(f"warning: skipped {u}", file=sys.stderr)

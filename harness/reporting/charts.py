@@ -247,3 +247,33 @@ def chart_time_to_target(ttt: dict[str, float | None], path: Path) -> Path | Non
     ax.set_title("Time to target", fontsize=10)
     ax.margins(y=0.15)
     return _save(fig, path)
+
+
+def chart_frontier(cells, vary: str, path: Path) -> Path | None:
+    """Each framework row's largest ``vary`` per memory budget (:class:`harness.analysis.frontier.Cell` list), a
+    line per row on a log-2 axis; a hollow marker where the search had not closed. None when no cell has a value."""
+    rows: dict[str, list] = {}
+    for c in cells:
+        if c.state in ("found", "incomplete") and c.value:
+            rows.setdefault(c.framework, []).append(c)
+    if not rows:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8.5, 5))
+    for fw, mine in rows.items():
+        mine.sort(key=lambda c: c.budget_gib)
+        (line,) = ax.plot([c.budget_gib for c in mine], [c.value for c in mine], marker="o", label=fw)
+        for c in mine:
+            if c.state == "incomplete":
+                ax.plot([c.budget_gib], [c.value], marker="o", markerfacecolor="white", color=line.get_color())
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    budgets = sorted({c.budget_gib for c in cells})
+    ax.set_xticks(budgets, [f"{b:g}" for b in budgets])
+    ax.yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:,.0f}"))
+    ax.set_xlabel("memory budget (GiB, the cap of every run)")
+    ax.set_ylabel(f"largest {vary} that trains")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    ax.set_title(f"Memory frontier: largest {vary} per budget")
+    return _save(fig, path)

@@ -61,6 +61,7 @@ class Claim(BaseModel):
     at_most: float | None = Field(default=None, gt=0)
     reading: str = Field(min_length=1)
     scenarios: list[str] = Field(min_length=1)
+    budget_gib: float | None = Field(default=None, gt=0)  # max_context: the memory budget the claim is tested under
 
     @model_validator(mode="after")
     def _range(self) -> Claim:
@@ -70,6 +71,9 @@ class Claim(BaseModel):
             raise ValueError(f"at_least {self.at_least} is above at_most {self.at_most}")
         if self.row == self.against:
             raise ValueError(f"row and against are both {self.row!r}")
+        if (self.metric == "max_context") != (self.budget_gib is not None):
+            raise ValueError("budget_gib goes with metric max_context, and only with it: the budget the longest "
+                             "context is compared under")
         return self
 
     def holds_for(self, ratio: float) -> bool:
@@ -126,9 +130,11 @@ def _read(path: Path) -> tuple[Claim, ...]:
         raise ClaimsFileError(f"{path}: {problems}") from e
 
 
-def claims_for(sweep: Sweep, claims: list[Claim] | None = None) -> list[Claim]:
-    """The claims a sweep's scenario can test (its name listed in a claim's ``scenarios``), in file order."""
-    return [c for c in (load_claims() if claims is None else claims) if sweep.name in c.scenarios]
+def claims_for(sweep: Sweep | str, claims: list[Claim] | None = None) -> list[Claim]:
+    """The claims a sweep's scenario (or the scenario named) can test (its name listed in a claim's ``scenarios``),
+    in file order."""
+    name = sweep if isinstance(sweep, str) else sweep.name
+    return [c for c in (load_claims() if claims is None else claims) if name in c.scenarios]
 
 
 def claimed_text(c: Claim) -> str:
@@ -187,7 +193,7 @@ def measure(c: Claim, sweep: Sweep, summary, why: dict[str, str | None]) -> tupl
     """
     if c.metric == "max_context":
         return EMPTY, Cell(f"{NOT_MEASURED}: the sweep trains at one fixed sequence length; the longest context under "
-                         "a memory budget needs a context bisection", "warn")
+                         "a memory budget is the frontier's (`harness frontier`, its report)", "warn")
     missing = [m for m in (_not_fair(sweep, summary, r, why) for r in (c.row, c.against)) if m]
     if missing:
         return EMPTY, Cell(f"{NOT_MEASURED}: " + "; ".join(missing), "warn")
@@ -209,7 +215,7 @@ def measure(c: Claim, sweep: Sweep, summary, why: dict[str, str | None]) -> tupl
     return text, Cell(HOLDS, "good") if c.holds_for(ratio) else Cell(FAILS, "bad")
 
 
-def _source_cell(c: Claim) -> str:
+def source_cell(c: Claim) -> str:
     # the address as plain text: the HTML report links to nothing outside itself
     src = f"{c.source}, {c.url}" if c.url else c.source
     return src + (f" (note: {c.source_note})" if c.source_note else "")
@@ -221,7 +227,7 @@ def claim_rows(sweep: Sweep, summary, parity_df, claims: list[Claim]) -> list[li
     rows: list[list[str | Cell]] = []
     for c in claims:
         measured, verdict = measure(c, sweep, summary, why)
-        rows.append([f"`{c.id}`: “{c.text}”", _source_cell(c), c.setting, claimed_text(c), measured, verdict])
+        rows.append([f"`{c.id}`: “{c.text}”", source_cell(c), c.setting, claimed_text(c), measured, verdict])
     return rows
 
 

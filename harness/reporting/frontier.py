@@ -1,0 +1,185 @@
+"""The memory frontier's report: per framework and budget the longest context (or biggest micro-batch) that trains,
+as a table and a chart, tunebench's longest against the best peer's, and the published long-context claims checked.
+
+Made from a frontier folder's stored probes only (:func:`harness.analysis.frontier.frontier_cells`), like every
+report: ``python -m harness report results/<scenario>-frontier-<time>`` rebuilds it, and ``harness frontier`` writes
+it after each invocation, into ``reports/<the folder's name>/`` (report.md, report.html, frontier.png).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from harness.analysis.frontier import Cell as FrontierCell
+from harness.analysis.frontier import cell_text, frontier_cells, read_probes
+from harness.common.paths import REPO_ROOT
+from harness.reporting.charts import chart_frontier
+from harness.reporting.claims import HOLDS, LEDGER, NOT_MEASURED, Claim, claimed_text, claims_for, source_cell
+from harness.reporting.document import EMPTY, Cell, Doc, fmt
+from harness.storing.results import atomic_write_text
+
+OURS = "tunebench"  # the tool whose rows are set against the best peer's
+CONTEXT_TARGET = 1.5  # tunebench's longest context over the best peer's, at every budget (the project's target)
+REACHED = ("found", "incomplete")
+
+
+def write_frontier_report(folder: Path, out_dir: Path, claims: list[Claim] | None = None) -> Path:
+    """Write report.md, report.html and frontier.png of the frontier in ``folder`` into ``out_dir``.
+
+    Returns:
+        The path of report.md.
+    """
+    folder, out_dir = Path(folder), Path(out_dir)
+    plan, probes = read_probes(folder)
+    cells = frontier_cells(folder)
+    vary, g = plan["grid"]["vary"], plan["grid"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    doc = Doc(f"tunebench memory frontier: {plan.get('scenario', folder.name)}")
+    measured = sum(1 for c in cells if c.measured)
+    doc.p(f"Results: `results/{folder.name}` — {len(probes)} stored probes; {measured} of "
+          f"{sum(1 for c in cells if c.state in REACHED)} cells with a value measured alone with the scenario's steps. "
+          f"Per framework row and memory budget (GiB, the cap every run had), the largest {vary} on the grid "
+          f"{g['lo']}, multiples of {g['step']}, {g['hi']} that trains without running out of memory, and tokens/s "
+          "there.")
+    source = _shown_path(plan.get("scenario_source") or f"scenarios/{plan.get('scenario')}.yaml")
+    budgets = ",".join(f"{b:g}" for b in plan.get("budgets", []))
+    doc.code(f"python -m harness frontier {source} --vary {vary} --budgets {budgets} --step {g['step']} --max {g['hi']}"
+             f"\npython -m harness report results/{folder.name}")
+    _table(doc, cells, vary)
+    chart = chart_frontier(cells, vary, out_dir / "frontier.png")
+    if chart is not None:
+        doc.image(chart, f"Longest {vary} per memory budget, per framework row (hollow: the search had not closed)")
+    _ours_against_peers(doc, cells, vary)
+    _claims(doc, cells, plan.get("scenario", ""), claims)
+    _environment(doc, [p.run for p in probes])
+    md = out_dir / "report.md"
+    atomic_write_text(md, doc.to_markdown())
+    atomic_write_text(out_dir / "report.html", doc.to_html())
+    return md
+
+
+def _shown_path(p: str) -> str:
+    """A scenario path as a reader reruns it: relative to the repository when inside it."""
+    try:
+        return str(Path(p).resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return p
+
+
+def _table(doc: Doc, cells: list[FrontierCell], vary: str) -> None:
+    budgets = sorted({c.budget_gib for c in cells})
+    by = {(c.framework, c.budget_gib): c for c in cells}
+    doc.h(1, f"Longest {vary} per memory budget")
+    doc.p(f"Each cell: the largest {vary} that trained within the budget and its tokens/s, from the run at that value "
+          "made alone with the scenario's steps. `≥`: the search had not closed; `*`: that run was invalid; "
+          "`not measured`: found by search probes (side by side or shortened) and not yet run alone.")
+    rows = []
+    for fw in dict.fromkeys(c.framework for c in cells):
+        line: list[str | Cell] = [fw]
+        for b in budgets:
+            c = by.get((fw, b))
+            text = cell_text(c) if c else EMPTY
+            line.append(Cell(text, "bad") if c and c.state == "stopped" else
+                        Cell(text, "warn") if c and c.state in REACHED and not c.measured else text)
+        rows.append(line)
+    doc.table(["framework", *[f"{b:g} GiB" for b in budgets]], rows)
+    notes = [f"{c.framework} at {c.budget_gib:g} GiB: {c.reason}" for c in cells if c.reason]
+    if notes:
+        doc.ul(notes)
+
+
+def _tool(cells: list[FrontierCell], fw: str) -> str | None:
+    return next((c.tool for c in cells if c.framework == fw and c.tool), None)
+
+
+def _longest(cells: list[FrontierCell]) -> FrontierCell | None:
+    reached = [c for c in cells if c.state in REACHED and c.value is not None]
+    return max(reached, key=lambda c: (c.value, c.tokens_per_s or 0.0)) if reached else None
+
+
+def _ours_against_peers(doc: Doc, cells: list[FrontierCell], vary: str) -> None:
+    tools = {fw: _tool(cells, fw) for fw in dict.fromkeys(c.framework for c in cells)}
+    if OURS not in tools.values() or not any(t not in (OURS, None) for t in tools.values()):
+        return
+    doc.h(1, f"{OURS} against the best peer")
+    doc.p(f"Per budget: {OURS}'s longest {vary} over any of its rows, and the longest any other tool's row reached; "
+          f"the project's target is at least {CONTEXT_TARGET:g}x the best peer's at every budget where a peer trains. "
+          f"Tokens/s are each row's at its own longest {vary}, so they compare speed at different lengths.")
+    rows = []
+    for b in sorted({c.budget_gib for c in cells}):
+        here = [c for c in cells if c.budget_gib == b]
+        ours = _longest([c for c in here if tools.get(c.framework) == OURS])
+        peer = _longest([c for c in here if tools.get(c.framework) not in (OURS, None)])
+        if ours is None and peer is None:
+            verdict: str | Cell = "no row trains"
+        elif peer is None:
+            verdict = Cell(f"no peer row trains; {OURS} does", "good")
+        elif ours is None:
+            verdict = Cell(f"no {OURS} row trains", "bad")
+        else:
+            ratio = ours.value / peer.value
+            verdict = Cell(f"{ratio:.2f}x", "good" if ratio >= CONTEXT_TARGET else "bad")
+        rows.append([f"{b:g}", *_side(ours), *_side(peer), verdict])
+    doc.table(["budget (GiB)", f"{OURS} row", vary, "tokens/s", "best peer row", vary, "tokens/s",
+               f"{OURS} / peer ({vary})"], rows)
+
+
+def _side(c: FrontierCell | None) -> list[str]:
+    if c is None:
+        return [EMPTY, EMPTY, EMPTY]
+    mark = "≥ " if c.state == "incomplete" else ""
+    return [c.framework, f"{mark}{c.value:,}", fmt(c.tokens_per_s, thousands=True)]
+
+
+def _claims(doc: Doc, cells: list[FrontierCell], scenario: str, claims: list[Claim] | None) -> None:
+    todo = [c for c in claims_for(scenario, claims) if c.metric == "max_context"]
+    if not todo:
+        return
+    doc.h(1, "Claimed vs measured")
+    doc.p(f"Published long-context claims ({LEDGER}), each tested under its budget on this frontier's cells: the "
+          "ratio of the two rows' longest values. Budgets here are GiB (a claim's \"80 GB\" is 74.5 GiB, so an "
+          "80 GiB cap is slightly more generous to both rows); read the verdict with the claim's setting beside it.")
+    rows = []
+    for c in todo:
+        measured, verdict = measure_context(c, cells)
+        claimed = f"{claimed_text(c)} under {c.budget_gib:g} GiB"
+        rows.append([f"`{c.id}`: “{c.text}”", source_cell(c), c.setting, claimed, measured, verdict])
+    doc.table(["claim", "source", "their setting", "claimed (as tested)", "measured on this frontier", "verdict"], rows)
+
+
+def measure_context(c: Claim, cells: list[FrontierCell]) -> tuple[str, Cell]:
+    """The measured text and the verdict of a ``max_context`` claim on a frontier's cells."""
+    by = {(x.framework, x.budget_gib): x for x in cells}
+    a, b = by.get((c.row, c.budget_gib)), by.get((c.against, c.budget_gib))
+    for name, x in ((c.row, a), (c.against, b)):
+        if x is None:
+            return EMPTY, Cell(f"{NOT_MEASURED}: no `{name}` cell under {c.budget_gib:g} GiB", "warn")
+        if x.state not in (*REACHED, "none fits"):
+            return EMPTY, Cell(f"{NOT_MEASURED}: `{name}` under {c.budget_gib:g} GiB: {x.state}"
+                               + (f" ({x.reason})" if x.reason else ""), "warn")
+        if x.state == "incomplete":
+            return EMPTY, Cell(f"{NOT_MEASURED}: `{name}`'s search under {c.budget_gib:g} GiB had not closed", "warn")
+    if a.state == "none fits":
+        return f"{c.row}: none fits", Cell("does not hold", "bad")
+    if b.state == "none fits":  # "vs OOM": any context is more than none
+        text = f"{a.value:,} vs none ({c.against} out of memory at {b.next_oom_value:,})" \
+            if b.next_oom_value is not None else f"{a.value:,} vs none"
+        return text, Cell(HOLDS, "good") if c.at_most is None else Cell(f"{NOT_MEASURED}: no finite ratio", "warn")
+    ratio = a.value / b.value
+    text = f"{ratio:.2f}x ({a.value:,} vs {b.value:,})"
+    return text, Cell(HOLDS, "good") if c.holds_for(ratio) else Cell("does not hold", "bad")
+
+
+def _environment(doc: Doc, runs: list[Any]) -> None:
+    envs = [r.environment.model_dump() for r in runs if r.environment is not None]
+    if not envs:
+        return
+    doc.h(1, "Environment")
+    first = envs[0]
+    shas = sorted({e.get("git_sha") or "(none recorded)" for e in envs})
+    gpu = f"{first['gpu_name']}, driver {first.get('driver')}" if first.get("gpu_name") else "none (a CPU run)"
+    doc.ul([f"GPU: {gpu}",
+            f"torch {(first.get('libraries') or {}).get('torch') or EMPTY}, Python {first.get('python') or EMPTY}",
+            f"git sha of the probes: {', '.join(s[:12] for s in shas)}",
+            "every probe's run file keeps its full environment and the tool's versions"])

@@ -1,0 +1,85 @@
+"""The frontier's report: tunebench's longest context against the best peer's per budget, the long-context claims
+checked on the cells, and the report written from a real (dummy-tool) frontier folder."""
+
+from __future__ import annotations
+
+import pytest
+
+from harness.analysis.frontier import Cell
+from harness.cli import frontier as frontier_cli
+from harness.cli import report as report_cli
+from harness.reporting.claims import Claim
+from harness.reporting.document import Doc
+from harness.reporting.frontier import _ours_against_peers, measure_context
+
+
+def _cell(fw, tool, budget, value, state="found", tps=1000.0):
+    return Cell(fw, tool, budget, "seq_len", value, state, measured=value is not None, tokens_per_s=tps,
+                valid=True, next_oom_value=None if value is None else value + 256)
+
+
+CLAIM = dict(id="c", text="t", source="s", setting="x", metric="max_context", row="unsloth", against="hf",
+             at_least=12.0, reading="r", scenarios=["fr"], budget_gib=80)
+
+
+def test_tunebench_against_the_best_peer_per_budget_marks_the_target():
+    cells = [_cell("hf", "hf", 8, 1024), _cell("unsloth", "unsloth", 8, 4096),
+             _cell("tunebench", "tunebench", 8, 2048), _cell("tunebench-planned", "tunebench", 8, 8192),
+             _cell("hf", "hf", 16, 2048), _cell("unsloth", "unsloth", 16, 8192),
+             _cell("tunebench", "tunebench", 16, 10240), _cell("tunebench-planned", "tunebench", 16, 9216),
+             _cell("hf", "hf", 24, None, "none fits"), _cell("unsloth", "unsloth", 24, None, "none fits"),
+             _cell("tunebench", "tunebench", 24, 512)]
+    doc = Doc("t")
+    _ours_against_peers(doc, cells, "seq_len")
+    (_, (header, rows)), = [b for b in doc.blocks if b[0] == "table"]
+    by = {r[0]: r for r in rows}
+    assert by["8"][1:3] == ["tunebench-planned", "8,192"] and by["8"][4:6] == ["unsloth", "4,096"]
+    assert by["8"][-1].text == "2.00x" and by["8"][-1].mark == "good"  # 8,192 / 4,096 >= 1.5
+    assert by["16"][1] == "tunebench" and by["16"][-1].text == "1.25x" and by["16"][-1].mark == "bad"
+    assert by["24"][-1].mark == "good" and "no peer row trains" in by["24"][-1].text
+
+
+@pytest.mark.parametrize("row, against, verdict, text", [
+    (40960, 2048, "holds", "20.00x (40,960 vs 2,048)"),
+    (8192, 2048, "does not hold", "4.00x (8,192 vs 2,048)"),
+    (4096, None, "holds", "4,096 vs none (hf out of memory at"),
+])
+def test_a_long_context_claim_is_the_ratio_of_the_two_rows_longest_values_under_its_budget(row, against, verdict,
+                                                                                           text):
+    c = Claim(**CLAIM)
+    cells = [_cell("unsloth", "unsloth", 80, row),
+             _cell("hf", "hf", 80, against, "found" if against else "none fits")]
+    cells[1].next_oom_value = 8
+    measured, cell = measure_context(c, cells)
+    assert cell.text == verdict and measured.startswith(text)
+
+
+def test_a_long_context_claim_is_not_measured_without_a_closed_cell_under_its_budget():
+    c = Claim(**CLAIM)
+    measured, cell = measure_context(c, [_cell("unsloth", "unsloth", 40, 4096), _cell("hf", "hf", 40, 512)])
+    assert "no `unsloth` cell under 80 GiB" in cell.text and cell.mark == "warn"
+    _, cell = measure_context(c, [_cell("unsloth", "unsloth", 80, 4096, "incomplete"), _cell("hf", "hf", 80, 512)])
+    assert "had not closed" in cell.text
+    with pytest.raises(ValueError, match="budget_gib goes with metric max_context"):
+        Claim(**{**CLAIM, "budget_gib": None})
+    with pytest.raises(ValueError, match="budget_gib goes with metric max_context"):
+        Claim(**{**CLAIM, "metric": "tokens_per_s"})
+
+
+def test_a_frontier_writes_its_report_beside_the_results_and_report_rebuilds_it(tmp_path, env, capsys):
+    scenario = tmp_path / "fr.yaml"
+    scenario.write_text(
+        "version: 1\nname: fr\nmodel: {preset: tiny-llama, dtype: float32}\nmethod: {kind: lora, lora_r: 4}\n"
+        "data: {seq_len: 16, lengths: fixed}\ntrain: {micro_batch: 1, steps: 2, warmup_steps: 1}\n"
+        "hardware: {device: cpu}\nmeasure: {timeout_s: 120, baseline: d-sim}\nframeworks:\n"
+        "  - {name: dummy, label: d-sim, overrides: {sim_gib_per_token: 0.015625}}\n")
+    assert frontier_cli.main([str(scenario), "--vary", "micro_batch", "--budgets", "0.5,1", "--max", "4",
+                              "--results", str(tmp_path / "results"), "--quiet"]) == 0
+    (folder,) = (tmp_path / "results").glob("fr-frontier-*")
+    report = tmp_path / "reports" / folder.name
+    md = (report / "report.md").read_text()
+    assert "| d-sim | 2 (" in md and "| 4 (" in md and (report / "frontier.png").stat().st_size > 0
+    assert "data:image/png;base64," in (report / "report.html").read_text()
+    (report / "report.md").unlink()
+    assert report_cli.main([str(folder), "--out", str(report)]) == 0
+    assert (report / "report.md").read_text() == md
