@@ -428,7 +428,7 @@ def _search_together(searches: dict[str, _RowSearch], probing: Probing,
     waiting = {k: nxt for k, s in searches.items() if (nxt := s.next_probe()) is not None}
     running: dict[Future, tuple[str, float, int]] = {}
     started = 0
-    with ThreadPoolExecutor(probing.jobs) as pool:
+    with ThreadPoolExecutor(probing.jobs) as pool, runner.stop_runs_on_interrupt():
         while waiting or running:
             for k, (budget, i) in list(waiting.items()):
                 in_use = sum(b for _, b, _ in running.values())

@@ -315,7 +315,8 @@ def run_matrix(folder: Path, retry_failed: bool = False, quiet: bool = False, on
             finish(sc, missing)
         return started
     what = f"support matrix {folder.name}, {jobs} rows at a time"
-    with machine_lock(runner.machine_lock_dir(), folder, what), ThreadPoolExecutor(jobs) as pool:
+    with machine_lock(runner.machine_lock_dir(), folder, what), ThreadPoolExecutor(jobs) as pool, \
+            runner.stop_runs_on_interrupt():
         running: dict[Future, tuple[Scenario, dict[str, str]]] = {}
         for sc, todo, missing in rows():
             if not todo:

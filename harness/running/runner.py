@@ -17,7 +17,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
@@ -252,6 +254,8 @@ def execute_run(sc, sweep_dir: Path, run_root: Path, prepared: dict, fw, repeat:
                         timed_out = True
                         _kill_group(proc)
                         break
+                    if STOP.is_set():  # the main thread was interrupted while this run went on in a thread
+                        raise KeyboardInterrupt("stopped: the runs beside it were interrupted") from None
         except BaseException:
             _kill_group(proc)
             raise
@@ -293,6 +297,24 @@ def _evaluate(sc, work_dir: Path, res: dict, module: str = "harness.analysis.eva
     if data is None:
         return {"status": "error", "error": f"evaluation failed (exit {proc.returncode}): {proc.stderr[-1500:]}"}
     return data
+
+
+# Runs in threads (matrix and frontier with --jobs) do not see the main thread's Ctrl-C; this tells them. Set by
+# :func:`stop_runs_on_interrupt`, read in each run's wait loop, which then stops its worker and raises.
+STOP = threading.Event()
+
+
+@contextlib.contextmanager
+def stop_runs_on_interrupt() -> Iterator[None]:
+    """Around a body that runs sweeps in threads (inside the thread pool's ``with``, so that it acts before the pool
+    waits for them): an interrupt or error of the body stops every run in progress within half a second, its worker
+    killed and nothing stored for it, so that an interrupted call ends promptly."""
+    STOP.clear()
+    try:
+        yield
+    except BaseException:
+        STOP.set()
+        raise
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
