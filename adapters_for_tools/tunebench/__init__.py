@@ -33,6 +33,7 @@ class TunebenchOverrides(Overrides):
     # ops run as their PyTorch references: for bisecting a loss-parity departure op by op
     reference_ops: list[REFERENCE_OPS] = Field(default_factory=list)
     group_projections: bool = True  # false: one LoRA call per projection instead of one per q/k/v and gate/up group
+    remake_activations: bool = True  # false: keep norm outputs and the gated activation instead of remaking them
     cuda_graph: bool = False  # the whole optimizer step captured as one CUDA graph and replayed
     varlen_attention: bool = True  # false: packed rows through a block mask instead of flash varlen
     expandable_segments: bool = True  # false: leave the CUDA allocator in its default mode

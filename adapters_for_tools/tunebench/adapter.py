@@ -78,6 +78,7 @@ def method_options(sc, overrides: dict):  # noqa: ANN001, ANN201
         fused_ce_chunk=o.fused_ce_chunk,
         reference_ops=tuple(o.reference_ops),
         group_projections=o.group_projections,
+        remake_activations=o.remake_activations,
         cuda_graph=o.cuda_graph,
         varlen_attention=o.varlen_attention,
         expandable_segments=o.expandable_segments,
@@ -237,7 +238,8 @@ def _layout(model, options: MethodOptions) -> dict:  # noqa: ANN001
     return {"streamed_layers": model.streamer.layer_ids if model.streamer else [],
             "recomputed_layers": (sorted(model.checkpointed_layers) if model.checkpointed_layers is not None
                                   else "all" if options.gradient_checkpointing else []),
-            "host_weight_gib": _host_bytes(model) / 2**30}
+            "host_weight_gib": _host_bytes(model) / 2**30,
+            "remade_activations": all(layer.remake_activations for layer in model.model.layers)}
 
 
 def _host_bytes(model) -> int:  # noqa: ANN001

@@ -198,6 +198,9 @@ class MethodOptions:
         group_projections: run q/k/v and gate/up, where all of a group carry LoRA of one rank and scale without
             dropout, as one :func:`~kernels.ops.lora_linear.lora_linear_group` call each (one A GEMM, one
             autograd node, dx accumulated in one buffer) instead of one ``lora_linear`` per projection.
+        remake_activations: a decoder layer's norm outputs and gated MLP activation are not kept for backward but
+            remade there from the tensors their ops keep anyway (:mod:`kernels.trainer.remake`): ~32 % less
+            memory per layer that keeps its activations, for a few row-wise passes in backward.
         cuda_graph: capture the whole optimizer step as one CUDA graph and replay it
             (:class:`kernels.trainer.train.StepGraph`): no per-kernel host launches. CUDA only; not with host
             offload (its copies and events are host-driven), LoRA dropout (RNG state replayed from the host) or
@@ -227,6 +230,7 @@ class MethodOptions:
     fused_ce_chunk: int | None = None
     reference_ops: tuple[str, ...] = ()
     group_projections: bool = True
+    remake_activations: bool = True
     cuda_graph: bool = False
     varlen_attention: bool = True
     expandable_segments: bool = True

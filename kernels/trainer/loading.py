@@ -20,7 +20,7 @@ from torch import nn
 from kernels.ops.nf4 import NF4Tensor, quantize_nf4
 from kernels.trainer.attention import Attention
 from kernels.trainer.config import MLP_MODULES, DecoderConfig, MethodOptions
-from kernels.trainer.model import MLP, DecoderModel, RMSNorm
+from kernels.trainer.model import MLP, DecoderLayer, DecoderModel, RMSNorm
 from kernels.trainer.moe import Experts, ExpertStacker
 from kernels.trainer.offload import WeightStreamer, checkpointed_layer_ids, streamed_layer_ids
 from kernels.trainer.opset import FUSED_OPS, OpSet
@@ -201,6 +201,8 @@ def apply_method(model: DecoderModel, options: MethodOptions, seed: int | None =
             m.ops = ops
         if isinstance(m, (Attention, MLP)):
             m.group_projections = options.group_projections
+        if isinstance(m, DecoderLayer):
+            m.remake_activations = options.remake_activations
     model.gradient_checkpointing = options.gradient_checkpointing
     model.offload_checkpoints = options.offload_checkpoints
     model.checkpointed_layers = None

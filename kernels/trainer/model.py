@@ -41,6 +41,7 @@ from kernels.trainer.linear import Linear, project
 from kernels.trainer.moe import Experts, SparseMoE, grouped_mm_ok
 from kernels.trainer.offload import LayerCall, LayerCheckpoint, WeightStreamer, copy_stream
 from kernels.trainer.opset import FUSED_OPS
+from kernels.trainer.remake import RemadeSaves
 from kernels.trainer.torch_ops import geglu, window_mask
 
 
@@ -78,13 +79,19 @@ class MLP(nn.Module):
             self.up_proj = Linear(h, i, b, dtype, device)
         self.down_proj = Linear(i, h, b, dtype, device)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, saves: RemadeSaves | None = None) -> torch.Tensor:
         if self.fused:
             gate_up = self.gate_up_proj(x)
             gate, up = gate_up[..., :self.intermediate], gate_up[..., self.intermediate:]
         else:
             gate, up = project(x, (self.gate_proj, self.up_proj), self.group_projections)
-        return self.down_proj(geglu(gate, up) if self.gelu else self.ops.swiglu(gate, up))
+        act = self._act(gate, up)
+        if saves is not None:  # down_proj's backward gets it remade from gate and up, which the activation keeps
+            saves.remake(act, lambda: self._act(gate, up))
+        return self.down_proj(act)
+
+    def _act(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return geglu(gate, up) if self.gelu else self.ops.swiglu(gate, up)
 
 
 class DecoderLayer(nn.Module):
@@ -103,14 +110,27 @@ class DecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = RMSNorm(h, eps, dtype, device, one)
             self.post_feedforward_layernorm = RMSNorm(h, eps, dtype, device, one)
 
+    remake_activations = True  # norm outputs and the gated activation remade in backward (kernels/trainer/remake.py)
+
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        a = self.self_attn(self.input_layernorm(h), cos, sin, mask)
+        with RemadeSaves(self.remake_activations) as saves:
+            return self._forward(h, cos, sin, mask, saves)
+
+    def _forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                 saves: RemadeSaves) -> torch.Tensor:
+        # a norm's output is remade from its input, the residual stream its own backward keeps (after a fused
+        # residual add: the stored sum, which is what the fused op normalised)
+        x = saves.remake(self.input_layernorm(h), lambda h=h: self.input_layernorm(h))
+        a = self.self_attn(x, cos, sin, mask)
+        mlp_saves = None if isinstance(self.mlp, SparseMoE) else saves
         if self.sandwich:
             a = self.post_attention_layernorm(a)
             x, h = self.pre_feedforward_layernorm(a, residual=h)  # fused: h = h + a; x = norm(h)
-            return h + self.post_feedforward_layernorm(self.mlp(x))
+            saves.remake(x, lambda h=h: self.pre_feedforward_layernorm(h))
+            return h + self.post_feedforward_layernorm(self.mlp(x, mlp_saves) if mlp_saves else self.mlp(x))
         x, h = self.post_attention_layernorm(a, residual=h)  # fused: h = h + a; x = norm(h)
-        return h + self.mlp(x)
+        saves.remake(x, lambda h=h: self.post_attention_layernorm(h))
+        return h + (self.mlp(x, mlp_saves) if mlp_saves else self.mlp(x))
 
 
 class DecoderModel(nn.Module):

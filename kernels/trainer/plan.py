@@ -291,7 +291,8 @@ def costs_for(cfg: DecoderConfig, method: MethodOptions, micro_batch: int, grad_
     Per layer and token, the kept activations are what the block saves for backward: its input, both norms'
     outputs, the residual after attention, q / k / v, the attention output, gate, up and the SwiGLU output, plus the
     LoRA ``x A^T`` intermediates (at the 8B shapes 570 MB per layer at 4096 tokens, the figure in
-    kernels/trainer/README.md); a recompute + backward needs about twice that. The families' parts: Mixtral's
+    kernels/trainer/README.md), less the norm outputs and the SwiGLU output with ``remake_activations``
+    (kernels/trainer/remake.py: 387 MB); a recompute + backward needs about twice that. The families' parts: Mixtral's
     experts (dense, resident, ``k`` of them per token in FLOPs and activations; never streamed: the streamer moves
     linear weights only), Gemma-2's extra norms, its eager soft-capped attention (fp32 ``[B, H, S, S]`` scores and
     probabilities kept) and its chunked soft-capped LM head (fp32 chunk logits, recomputed in backward).
@@ -352,6 +353,8 @@ def costs_for(cfg: DecoderConfig, method: MethodOptions, micro_batch: int, grad_
     # MoE: each token's k expert inputs, gate, up and SwiGLU outputs, and its router probabilities (fp32)
     mlp_cols = cfg.experts_per_token * (h + 3 * inter) + 4 * cfg.num_experts // act if cfg.moe else 3 * inter
     keep = tokens * (act * ((norms + 2) * h + q + 2 * kv + q + mlp_cols + r_cols) + norms * 4)  # + fp32 rstd
+    if method.remake_activations:  # two norm outputs and the dense MLP's gated activation remade in backward
+        keep -= tokens * act * (2 * h + (0 if cfg.moe else inter))
     if cfg.attn_softcap is not None:  # eager attention: fp32 scores and probabilities, probabilities in act
         keep += micro_batch * cfg.num_heads * seq_len * seq_len * (2 * 4 + act)
     ckpt = tokens * h * act

@@ -1,0 +1,123 @@
+"""Norm outputs and the gated MLP activation remade in backward (kernels/trainer/remake.py): the same loss and
+gradients as keeping them, on every family's block shape, with and without recomputation; and the tensors remade
+are exactly the two norm outputs and the activation, no longer among what autograd keeps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.trainer import model as model_mod
+from kernels.trainer.config import MethodOptions
+from kernels.trainer.loading import load_model
+from kernels.trainer.remake import RemadeSaves
+from tests.kernels.checkpoints import perturbed_checkpoint
+
+PRESETS = ("tiny-llama", "tiny-gemma2", "tiny-phi3", "tiny-mixtral")  # plain, sandwich + GeGLU, fused gate_up, MoE
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):  # noqa: ANN001, ANN201
+    root = tmp_path_factory.mktemp("remake")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TUNEBENCH_CACHE", str(root / "cache"))
+        yield {p: perturbed_checkpoint(p, root / p) for p in PRESETS}
+
+
+def _ids(shape=(2, 23)) -> torch.Tensor:
+    return torch.randint(0, 256, shape, generator=torch.Generator().manual_seed(4))
+
+
+def _grads(ckpt, kind: str, remake: bool, checkpointing: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # noqa: ANN001
+    opts = MethodOptions(kind=kind, lora_r=4, remake_activations=remake, gradient_checkpointing=checkpointing,
+                         target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                         "down_proj", "qkv_proj", "gate_up_proj"))
+    model = load_model(ckpt, opts, dtype=torch.float32, device="cpu", seed=0)
+    for _, mod in model.linears():  # non-zero B so every LoRA parameter gets a gradient
+        if getattr(mod, "lora_B", None) is not None:
+            torch.nn.init.normal_(mod.lora_B, std=0.02, generator=torch.Generator().manual_seed(5))
+    ids = _ids()
+    loss = model(ids, labels=ids)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize(("kind", "checkpointing"), [("lora", False), ("lora", True), ("full", False)])
+def test_remade_activations_give_the_same_loss_and_gradients(checkpoints, preset, kind, checkpointing):  # noqa: ANN001
+    if kind == "full" and preset != "tiny-llama":
+        pytest.skip("full fine-tuning: one family is enough (the same saves as LoRA's, plus dW's)")
+    if preset == "tiny-mixtral" and kind == "lora":
+        pytest.skip("LoRA on Mixtral's experts is not built; its attention LoRA is covered by the full row")
+    kept_loss, kept = _grads(checkpoints[preset], kind, False, checkpointing)
+    loss, remade = _grads(checkpoints[preset], kind, True, checkpointing)
+    assert torch.equal(loss, kept_loss)
+    assert remade.keys() == kept.keys() and kept
+    for n, g in remade.items():  # the same op on the same kept inputs: bitwise the forward's tensors
+        assert torch.equal(g, kept[n]), n
+
+
+def test_what_a_kept_layer_no_longer_keeps(checkpoints, monkeypatch):  # noqa: ANN001
+    made: list[RemadeSaves] = []
+
+    class Counting(RemadeSaves):
+        def __enter__(self) -> RemadeSaves:
+            made.append(self)
+            return super().__enter__()
+
+    monkeypatch.setattr(model_mod, "RemadeSaves", Counting)
+    model = load_model(checkpoints["tiny-llama"], MethodOptions(kind="lora", lora_r=4, gradient_checkpointing=False),
+                       dtype=torch.float32, device="cpu", seed=0)
+    cfg = model.cfg
+    ids = _ids()
+    model(ids, labels=ids)
+    assert len(made) == cfg.num_layers
+    tokens, width = ids.numel(), 2 * cfg.hidden_size + cfg.intermediate_size  # two norm outputs + SwiGLU's output
+    for saves in made:
+        assert saves.remade_bytes == tokens * width * 4  # fp32
+        assert not saves.remade.keys() & saves.saved.keys()  # no one keeps them as tensors
+        assert saves.saved_bytes > 0
+
+
+def test_nothing_is_remade_when_switched_off_or_without_grad(checkpoints):  # noqa: ANN001
+    x = torch.randn(4, 8, requires_grad=True)
+    with RemadeSaves(False) as off:
+        y = off.remake(x * 2, lambda: x * 2)
+        (y * y).sum().backward()
+    assert not off.remade and not off.saved
+    with torch.no_grad(), RemadeSaves(True) as nograd:
+        nograd.remake(x * 2, lambda: x * 2)
+    assert not nograd.remade
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("graph", [False, True])
+def test_remade_activations_train_the_same_on_the_gpu(checkpoints, graph):  # noqa: ANN001
+    """bf16 on CUDA through the Triton ops (and the whole step as one CUDA graph, replayed): remaking in backward runs
+    the same kernels on the same inputs, so four optimizer steps give the kept run's losses and weights, bit for bit."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    import random
+
+    from kernels.trainer.batches import IGNORE_INDEX
+    from kernels.trainer.config import TrainSettings
+    from kernels.trainer.train import train
+
+    rng = random.Random(0)
+    rows = []
+    for _ in range(16):
+        ids = [256] + [rng.randrange(97, 123) for _ in range(40)] + [257]
+        rows.append({"input_ids": ids, "labels": [IGNORE_INDEX] + ids[1:]})
+    out = {}
+    for remake in (False, True):
+        torch.manual_seed(0)
+        opts = MethodOptions(kind="lora", lora_r=8, remake_activations=remake, recompute_layers=1, cuda_graph=graph)
+        model = load_model(checkpoints["tiny-llama"], opts, dtype=torch.bfloat16, device="cuda", seed=0)
+        s = TrainSettings(micro_batch=2, grad_accum=2, steps=4, lr=1e-3, pad_id=258)
+        losses = train(model, rows, s, device=torch.device("cuda"))
+        out[remake] = losses, {n: p.detach().float().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    assert out[True][0] == out[False][0]
+    for n, p in out[True][1].items():
+        assert torch.equal(p, out[False][1][n]), n
