@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pytest
 import torch
+
+
+@contextlib.contextmanager
+def preset_checkpoints(root: Path, presets: tuple[str, ...], make: Callable[[str, Path], Path] | None = None
+                       ) -> Iterator[dict[str, Path]]:
+    """A module's checkpoints, one per preset under ``root`` (``make(preset, out_dir)``, default
+    :func:`perturbed_checkpoint`), built with a checkpoint cache private to ``root``."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TUNEBENCH_CACHE", str(root / "cache"))
+        yield {p: (make or perturbed_checkpoint)(p, root / p) for p in presets}
 
 
 def perturbed_checkpoint(preset: str, out_dir: Path, seed: int = 0,

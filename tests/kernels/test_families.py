@@ -25,7 +25,7 @@ from kernels.trainer.config import DecoderConfig, MethodOptions, TrainSettings
 from kernels.trainer.loading import load_model
 from kernels.trainer.save import load_peft_state_dict, peft_state_dict, save_trained
 from kernels.trainer.train import train
-from tests.kernels.checkpoints import byte_rows, perturbed_checkpoint
+from tests.kernels.checkpoints import byte_rows, perturbed_checkpoint, preset_checkpoints
 
 ATOL = 1e-5
 GRAD_TOL = {"atol": 1e-5, "rtol": 1e-4}
@@ -61,10 +61,8 @@ def _perturbed_checkpoint(preset: str, out_dir, seed: int = 0):  # noqa: ANN001,
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):  # noqa: ANN001, ANN201
-    root = tmp_path_factory.mktemp("families")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TUNEBENCH_CACHE", str(root / "cache"))
-        yield {p: _perturbed_checkpoint(p, root / p) for p in PRESETS}
+    with preset_checkpoints(tmp_path_factory.mktemp("families"), PRESETS, _perturbed_checkpoint) as found:
+        yield found
 
 
 def _hf(ckpt, dtype=torch.float32, device="cpu"):  # noqa: ANN001, ANN202

@@ -11,7 +11,7 @@ from kernels.trainer import model as model_mod
 from kernels.trainer.config import MethodOptions
 from kernels.trainer.loading import load_model
 from kernels.trainer.remake import RemadeSaves
-from tests.kernels.checkpoints import perturbed_checkpoint
+from tests.kernels.checkpoints import preset_checkpoints
 
 PRESETS = ("tiny-llama", "tiny-gemma2", "tiny-phi3", "tiny-mixtral")  # plain, sandwich + GeGLU, fused gate_up, MoE
 
@@ -20,10 +20,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):  # noqa: ANN001, ANN201
-    root = tmp_path_factory.mktemp("remake")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TUNEBENCH_CACHE", str(root / "cache"))
-        yield {p: perturbed_checkpoint(p, root / p) for p in PRESETS}
+    with preset_checkpoints(tmp_path_factory.mktemp("remake"), PRESETS) as found:
+        yield found
 
 
 def _ids(shape=(2, 23)) -> torch.Tensor:

@@ -19,7 +19,7 @@ from kernels.trainer.config import DecoderConfig, MethodOptions
 from kernels.trainer.loading import configure_allocator, load_model
 from kernels.trainer.offload import checkpointed_layer_ids, streamed_layer_ids
 from kernels.trainer.opset import FUSED_OPS
-from tests.kernels.checkpoints import perturbed_checkpoint
+from tests.kernels.checkpoints import preset_checkpoints
 
 ATOL = 1e-5
 PRESETS = ("tiny-llama", "tiny-mistral", "tiny-qwen2")
@@ -30,10 +30,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):  # noqa: ANN001, ANN201
-    root = tmp_path_factory.mktemp("trainer_model")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TUNEBENCH_CACHE", str(root / "cache"))
-        yield {p: perturbed_checkpoint(p, root / p) for p in PRESETS}
+    with preset_checkpoints(tmp_path_factory.mktemp("trainer_model"), PRESETS) as found:
+        yield found
 
 
 def _hf(ckpt):  # noqa: ANN001, ANN202
