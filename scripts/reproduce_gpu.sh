@@ -64,11 +64,12 @@ step() {  # step SCENARIO ARGS..: one `harness run` into this reproduction's swe
 }
 
 # The 8B scenarios: hf first (the baseline of every ratio), then three repeats of hf, Unsloth's two modes and every
-# tunebench row, then one repeat of every other row (peers' default and best-setting rows). About 33 runs of ~50 s
-# each per scenario on an H200: one scenario per half hour of a lent machine.
+# tunebench row, then one repeat of every other row (peers' default and best-setting rows). About 39 runs of ~50 s
+# each per scenario on an H200: one scenario per 35 minutes of a lent machine.
 for sc in scenarios/llama8b_lora.yaml scenarios/llama8b_qlora.yaml; do
   ours_rows="tunebench tunebench-lean tunebench-fast-graph tunebench-graph"
-  [ "$sc" = scenarios/llama8b_qlora.yaml ] && ours_rows="$ours_rows tunebench-half"
+  if [ "$sc" = scenarios/llama8b_qlora.yaml ]; then ours_rows="$ours_rows tunebench-half tunebench-plan12 tunebench-plan16"
+  else ours_rows="$ours_rows tunebench-plan24"; fi
   step $sc --repeats 1 --only hf
   step $sc --repeats 3 --only hf unsloth unsloth-plain-ckpt $ours_rows
   step $sc --repeats 1
