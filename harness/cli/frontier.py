@@ -62,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="search probes of N rows at once, their budgets within the GPU's memory (default 1); "
                         "each answer is then measured alone")
     p.add_argument("--probe-steps", type=int, metavar="K",
-                   help="search probes run K optimizer steps (at least 2) instead of the scenario's; each answer "
-                        "is then measured alone with the scenario's steps")
+                   help="search probes run K optimizer steps (at least 2) instead of the scenario's (when fewer); "
+                        "each answer is then measured alone with the scenario's steps")
     p.add_argument("--quiet", action="store_true")
     return p
 
@@ -92,11 +92,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.scenario}: --jobs must be at least 1 and --probe-steps at least 2", file=sys.stderr)
         return EXIT_BAD_INPUT
     capacity = gpu_info()["gpu_memory_gib"] if sc.hardware.device == "cuda" else None
-    probing = Probing(jobs=args.jobs, steps=args.probe_steps, capacity_gib=capacity and capacity - CAPACITY_MARGIN_GIB)
+    short = args.probe_steps if args.probe_steps is not None and args.probe_steps < sc.train.steps else None
+    probing = Probing(jobs=args.jobs, steps=short, capacity_gib=capacity and capacity - CAPACITY_MARGIN_GIB)
     try:
         grid = make_grid(sc, args.vary, args.hi, args.step)
         # a budget on a cpu, shortened probes with too few steps: refused before any run
-        probe_scenario(sc, args.budgets[0], args.vary, grid.lo, steps=args.probe_steps)
+        probe_scenario(sc, args.budgets[0], args.vary, grid.lo, steps=short)
     except (FrontierError, ScenarioError) as e:
         print(f"{args.scenario}: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
