@@ -233,7 +233,7 @@ def test_side_by_side_search_keeps_to_its_jobs_and_the_gpu_memory_then_measures_
     _, log = frontier.run_frontier(sc, grid, [1.0, 2.0], tmp_path / "results", probing=probing)
     assert seen[0][1] == 1  # the first probe alone: it builds what the others share
     search = [s for s in seen if s[0] == "search"]
-    assert max(n for _, n, _, _ in search) == 3 and all(mem <= 4.5 for _, _, mem, _ in search)
+    assert 2 <= max(n for _, n, _, _ in search) <= 3 and all(mem <= 4.5 for _, _, mem, _ in search)
     assert all(steps == 2 for *_, steps in search)
     measure = [s for s in seen if s[0] == "measure"]
     assert seen[-len(measure):] == measure and all(n == 1 and steps is None for _, n, _, steps in measure)
