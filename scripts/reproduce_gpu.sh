@@ -67,9 +67,8 @@ step() {  # step SCENARIO ARGS..: one `harness run` into this reproduction's swe
 # tunebench row, then one repeat of every other row (peers' default and best-setting rows). About 39 runs of ~50 s
 # each per scenario on an H200: one scenario per 35 minutes of a lent machine.
 for sc in scenarios/llama8b_lora.yaml scenarios/llama8b_qlora.yaml; do
-  ours_rows="tunebench tunebench-lean tunebench-fast-graph tunebench-graph"
-  if [ "$sc" = scenarios/llama8b_qlora.yaml ]; then ours_rows="$ours_rows tunebench-half tunebench-plan12 tunebench-plan16"
-  else ours_rows="$ours_rows tunebench-plan24"; fi
+  ours_rows=$(python3 -c "from harness.spec.scenario import load_scenario as l
+print(' '.join(f.key for f in l('$sc').frameworks if f.name == 'tunebench'))")  # every tunebench row of the file
   step $sc --repeats 1 --only hf
   step $sc --repeats 3 --only hf unsloth unsloth-plain-ckpt $ours_rows
   step $sc --repeats 1
