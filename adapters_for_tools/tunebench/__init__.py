@@ -34,6 +34,7 @@ class TunebenchOverrides(Overrides):
     reference_ops: list[REFERENCE_OPS] = Field(default_factory=list)
     group_projections: bool = True  # false: one LoRA call per projection instead of one per q/k/v and gate/up group
     remake_activations: bool = True  # false: keep norm outputs and the gated activation instead of remaking them
+    mlp_chunk_tokens: int | None = Field(None, ge=1)  # the MLP over chunks of this many tokens (long context)
     cuda_graph: bool = False  # the whole optimizer step captured as one CUDA graph and replayed
     varlen_attention: bool = True  # false: packed rows through a block mask instead of flash varlen
     expandable_segments: bool = True  # false: leave the CUDA allocator in its default mode

@@ -79,6 +79,7 @@ def method_options(sc, overrides: dict):  # noqa: ANN001, ANN201
         reference_ops=tuple(o.reference_ops),
         group_projections=o.group_projections,
         remake_activations=o.remake_activations,
+        mlp_chunk_tokens=o.mlp_chunk_tokens,
         cuda_graph=o.cuda_graph,
         varlen_attention=o.varlen_attention,
         expandable_segments=o.expandable_segments,

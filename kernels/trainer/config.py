@@ -201,6 +201,9 @@ class MethodOptions:
         remake_activations: a decoder layer's norm outputs and gated MLP activation are not kept for backward but
             remade there from the tensors their ops keep anyway (:mod:`kernels.trainer.remake`): ~32 % less
             memory per layer that keeps its activations, for a few row-wise passes in backward.
+        mlp_chunk_tokens: the dense MLP of every layer over chunks of this many tokens, keeping only its input for
+            backward (:class:`kernels.trainer.remake.TiledMLP`): long context in less memory, for one more MLP
+            forward per layer. One process only. None: the MLP over all tokens at once.
         cuda_graph: capture the whole optimizer step as one CUDA graph and replay it
             (:class:`kernels.trainer.train.StepGraph`): no per-kernel host launches. CUDA only; not with host
             offload (its copies and events are host-driven), LoRA dropout (RNG state replayed from the host) or
@@ -231,6 +234,7 @@ class MethodOptions:
     reference_ops: tuple[str, ...] = ()
     group_projections: bool = True
     remake_activations: bool = True
+    mlp_chunk_tokens: int | None = None
     cuda_graph: bool = False
     varlen_attention: bool = True
     expandable_segments: bool = True

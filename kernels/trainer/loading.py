@@ -203,6 +203,7 @@ def apply_method(model: DecoderModel, options: MethodOptions, seed: int | None =
             m.group_projections = options.group_projections
         if isinstance(m, DecoderLayer):
             m.remake_activations = options.remake_activations
+            m.mlp_chunk_tokens = options.mlp_chunk_tokens
     model.gradient_checkpointing = options.gradient_checkpointing
     model.offload_checkpoints = options.offload_checkpoints
     model.checkpointed_layers = None

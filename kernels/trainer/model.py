@@ -41,7 +41,7 @@ from kernels.trainer.linear import Linear, project
 from kernels.trainer.moe import Experts, SparseMoE, grouped_mm_ok
 from kernels.trainer.offload import LayerCall, LayerCheckpoint, WeightStreamer, copy_stream
 from kernels.trainer.opset import FUSED_OPS
-from kernels.trainer.remake import RemadeSaves
+from kernels.trainer.remake import RemadeSaves, tiled_mlp
 from kernels.trainer.torch_ops import geglu, window_mask
 
 
@@ -111,6 +111,7 @@ class DecoderLayer(nn.Module):
             self.post_feedforward_layernorm = RMSNorm(h, eps, dtype, device, one)
 
     remake_activations = True  # norm outputs and the gated activation remade in backward (kernels/trainer/remake.py)
+    mlp_chunk_tokens: int | None = None  # the dense MLP over chunks of this many tokens (remake.TiledMLP)
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         with RemadeSaves(self.remake_activations) as saves:
@@ -130,6 +131,8 @@ class DecoderLayer(nn.Module):
             return h + self.post_feedforward_layernorm(self.mlp(x, mlp_saves) if mlp_saves else self.mlp(x))
         x, h = self.post_attention_layernorm(a, residual=h)  # fused: h = h + a; x = norm(h)
         saves.remake(x, lambda h=h: self.post_attention_layernorm(h))
+        if self.mlp_chunk_tokens and mlp_saves:  # long context: the MLP's activations one chunk at a time
+            return h + tiled_mlp(self.mlp, x, self.mlp_chunk_tokens)
         return h + (self.mlp(x, mlp_saves) if mlp_saves else self.mlp(x))
 
 

@@ -355,6 +355,10 @@ def costs_for(cfg: DecoderConfig, method: MethodOptions, micro_batch: int, grad_
     keep = tokens * (act * ((norms + 2) * h + q + 2 * kv + q + mlp_cols + r_cols) + norms * 4)  # + fp32 rstd
     if method.remake_activations:  # two norm outputs and the dense MLP's gated activation remade in backward
         keep -= tokens * act * (2 * h + (0 if cfg.moe else inter))
+    tiled = bool(method.mlp_chunk_tokens) and not cfg.moe
+    if tiled:  # the MLP keeps its input only; gate, up (and the activation) exist for one chunk at a time
+        keep -= tokens * act * (2 * inter + (0 if method.remake_activations else inter))
+        keep += min(tokens, method.mlp_chunk_tokens) * act * 3 * inter
     if cfg.attn_softcap is not None:  # eager attention: fp32 scores and probabilities, probabilities in act
         keep += micro_batch * cfg.num_heads * seq_len * seq_len * (2 * 4 + act)
     ckpt = tokens * h * act
@@ -368,6 +372,8 @@ def costs_for(cfg: DecoderConfig, method: MethodOptions, micro_batch: int, grad_
     lora_flops = 2 * tokens * method.lora_r * sum(sum(shapes[t]) for t in targets)  # x A^T, then B
     fwd_flops = 2 * tokens * (n_proj + active) + lora_flops + attn
     bwd_flops = (2 if full else 1) * 2 * tokens * (n_proj + active) + 2 * lora_flops + 2.5 * attn
+    if tiled:  # each chunk's MLP forward again in backward
+        bwd_flops += 2 * tokens * 3 * h * inter
     slow = 1.12 if qlora else 1.0
     layer = LayerCost(weight_bytes=weight, keep_bytes=keep, checkpoint_bytes=ckpt, transient_bytes=2 * keep,
                       forward_s=slow * fwd_flops / rate, backward_s=slow * bwd_flops / rate)

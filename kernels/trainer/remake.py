@@ -99,3 +99,49 @@ class RemadeSaves:
     def remade_bytes(self) -> int:
         """Bytes of the distinct storages replaced by recipes."""
         return sum(self.remade.values())
+
+
+class TiledMLP(torch.autograd.Function):
+    """A dense MLP over chunks of ``chunk`` tokens that keeps only its input for backward (``mlp_chunk_tokens``).
+
+    Forward runs the MLP chunk by chunk without a graph; backward runs each chunk again with one and backpropagates
+    through it at once, so gate, up and the activation exist for one chunk at a time instead of for every token: at
+    long context they are most of a layer's backward peak (7 of the 11.5 hidden-widths per token a Llama layer keeps
+    with :class:`RemadeSaves`). The cost is one more MLP forward per layer and step. The MLP's parameters get their
+    gradients from those inner backwards (as :class:`kernels.trainer.offload.LayerCheckpoint`'s do), once per chunk,
+    which is why a run over several processes (whose gradient hooks fire once per parameter) cannot use it. The
+    parameters are inputs only so that the output requires grad where the input does not (the first layers of a
+    frozen base).
+    """
+
+    @staticmethod
+    def forward(ctx, x, mlp, chunk, *params):  # noqa: ANN001, ANN205
+        ctx.mlp, ctx.chunk, ctx.n_params = mlp, chunk, len(params)
+        ctx.save_for_backward(x)
+        rows = x.reshape(-1, x.shape[-1])
+        with torch.no_grad():
+            out = torch.cat([mlp(rows[i:i + chunk]) for i in range(0, rows.shape[0], chunk)])
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dout):  # noqa: ANN001, ANN205
+        (x,) = ctx.saved_tensors
+        rows, drows = x.reshape(-1, x.shape[-1]), dout.reshape(-1, dout.shape[-1])
+        need_dx = ctx.needs_input_grad[0]
+        dx = torch.empty_like(rows) if need_dx else None
+        for i in range(0, rows.shape[0], ctx.chunk):
+            xc = rows[i:i + ctx.chunk].detach().requires_grad_(need_dx)
+            with torch.enable_grad():
+                y = ctx.mlp(xc)
+            if y.requires_grad:
+                torch.autograd.backward(y, drows[i:i + ctx.chunk])
+            if need_dx:
+                dx[i:i + ctx.chunk] = xc.grad
+        return (dx.view_as(x) if need_dx else None, None, None) + (None,) * ctx.n_params
+
+
+def tiled_mlp(mlp: torch.nn.Module, x: torch.Tensor, chunk: int) -> torch.Tensor:
+    """``mlp(x)`` through :class:`TiledMLP` when autograd records (else plainly: nothing to keep)."""
+    if not torch.is_grad_enabled():
+        return mlp(x)
+    return TiledMLP.apply(x, mlp, chunk, *(p for p in mlp.parameters() if p.requires_grad))

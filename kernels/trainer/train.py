@@ -282,6 +282,9 @@ def train(model: torch.nn.Module, rows: Sequence[dict], s: TrainSettings, meter:
         Loss of each optimizer step (mean over the step's loss tokens).
     """
     device, opt, sched, params = prepare_training(model, s, device, optimizer)
+    if dist is not None and getattr(getattr(model, "options", None), "mlp_chunk_tokens", None):
+        raise ValueError("mlp_chunk_tokens: one process only (its chunks' backwards reach each parameter's "
+                         "gradient hook once per chunk)")
     graph = None
     if _graphed(model):
         if dist is not None:

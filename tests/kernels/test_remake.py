@@ -57,7 +57,8 @@ def test_remade_activations_give_the_same_loss_and_gradients(checkpoints, preset
         assert torch.equal(g, kept[n]), n
 
 
-def test_what_a_kept_layer_no_longer_keeps(checkpoints, monkeypatch):  # noqa: ANN001
+def _count_saves(monkeypatch) -> list[RemadeSaves]:  # noqa: ANN001
+    """Every layer forward's RemadeSaves from now on, in order (the saved and remade storages they saw)."""
     made: list[RemadeSaves] = []
 
     class Counting(RemadeSaves):
@@ -66,6 +67,11 @@ def test_what_a_kept_layer_no_longer_keeps(checkpoints, monkeypatch):  # noqa: A
             return super().__enter__()
 
     monkeypatch.setattr(model_mod, "RemadeSaves", Counting)
+    return made
+
+
+def test_what_a_kept_layer_no_longer_keeps(checkpoints, monkeypatch):  # noqa: ANN001
+    made = _count_saves(monkeypatch)
     model = load_model(checkpoints["tiny-llama"], MethodOptions(kind="lora", lora_r=4, gradient_checkpointing=False),
                        dtype=torch.float32, device="cpu", seed=0)
     cfg = model.cfg
@@ -88,6 +94,47 @@ def test_nothing_is_remade_when_switched_off_or_without_grad(checkpoints):  # no
     with torch.no_grad(), RemadeSaves(True) as nograd:
         nograd.remake(x * 2, lambda: x * 2)
     assert not nograd.remade
+
+
+def _tiled_grads(ckpt, kind: str, chunk: int | None, checkpointing: bool):  # noqa: ANN001, ANN202
+    opts = MethodOptions(kind=kind, lora_r=4, gradient_checkpointing=checkpointing, mlp_chunk_tokens=chunk)
+    model = load_model(ckpt, opts, dtype=torch.float32, device="cpu", seed=0)
+    for _, mod in model.linears():
+        if getattr(mod, "lora_B", None) is not None:
+            torch.nn.init.normal_(mod.lora_B, std=0.02, generator=torch.Generator().manual_seed(5))
+    ids = _ids()
+    loss = model(ids, labels=ids)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize(("kind", "checkpointing"), [("lora", False), ("lora", True), ("full", True)])
+def test_the_mlp_over_token_chunks_gives_the_same_gradients(checkpoints, kind, checkpointing):  # noqa: ANN001
+    """mlp_chunk_tokens: the MLP of 46 tokens in chunks of 10 (the last one short) == over all of them; the first
+    layer's MLP LoRA gets its gradient although its input (a frozen embedding's norm) needs none."""
+    ref_loss, ref = _tiled_grads(checkpoints["tiny-llama"], kind, None, checkpointing)
+    loss, tiled = _tiled_grads(checkpoints["tiny-llama"], kind, 10, checkpointing)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
+    assert tiled.keys() == ref.keys()
+    for n, g in tiled.items():  # the same sums in other groupings (the LoRA dA over chunks): not bitwise
+        torch.testing.assert_close(g, ref[n], atol=1e-6, rtol=1e-4, msg=n)
+    if kind == "lora":
+        assert tiled["model.layers.0.mlp.down_proj.lora_A"].abs().sum() > 0
+
+
+def test_the_tiled_mlp_keeps_its_input_only(checkpoints, monkeypatch):  # noqa: ANN001
+    made = _count_saves(monkeypatch)
+    kept = {}
+    for chunk in (None, 8):
+        made.clear()
+        opts = MethodOptions(kind="lora", lora_r=4, gradient_checkpointing=False, mlp_chunk_tokens=chunk)
+        model = load_model(checkpoints["tiny-llama"], opts, dtype=torch.float32, device="cpu", seed=0)
+        ids = _ids()
+        model(ids, labels=ids)
+        kept[chunk] = made[0].saved_bytes
+    # gate and up (2 x intermediate wide) per token are no longer kept; the input was a remade norm output already
+    cfg = model.cfg
+    assert kept[None] - kept[8] >= _ids().numel() * 2 * cfg.intermediate_size * 4
 
 
 @pytest.mark.gpu
