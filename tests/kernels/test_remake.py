@@ -28,10 +28,11 @@ def _ids(shape=(2, 23)) -> torch.Tensor:
     return torch.randint(0, 256, shape, generator=torch.Generator().manual_seed(4))
 
 
-def _grads(ckpt, kind: str, remake: bool, checkpointing: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # noqa: ANN001
-    opts = MethodOptions(kind=kind, lora_r=4, remake_activations=remake, gradient_checkpointing=checkpointing,
+def _grads(ckpt, kind: str, checkpointing: bool, **knobs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # noqa: ANN001, ANN003
+    """Loss and gradients of one step of a LoRA (non-zero B) or full model with trainer ``knobs`` set."""
+    opts = MethodOptions(kind=kind, lora_r=4, gradient_checkpointing=checkpointing,
                          target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                         "down_proj", "qkv_proj", "gate_up_proj"))
+                                         "down_proj", "qkv_proj", "gate_up_proj"), **knobs)
     model = load_model(ckpt, opts, dtype=torch.float32, device="cpu", seed=0)
     for _, mod in model.linears():  # non-zero B so every LoRA parameter gets a gradient
         if getattr(mod, "lora_B", None) is not None:
@@ -49,8 +50,8 @@ def test_remade_activations_give_the_same_loss_and_gradients(checkpoints, preset
         pytest.skip("full fine-tuning: one family is enough (the same saves as LoRA's, plus dW's)")
     if preset == "tiny-mixtral" and kind == "lora":
         pytest.skip("LoRA on Mixtral's experts is not built; its attention LoRA is covered by the full row")
-    kept_loss, kept = _grads(checkpoints[preset], kind, False, checkpointing)
-    loss, remade = _grads(checkpoints[preset], kind, True, checkpointing)
+    kept_loss, kept = _grads(checkpoints[preset], kind, checkpointing, remake_activations=False)
+    loss, remade = _grads(checkpoints[preset], kind, checkpointing, remake_activations=True)
     assert torch.equal(loss, kept_loss)
     assert remade.keys() == kept.keys() and kept
     for n, g in remade.items():  # the same op on the same kept inputs: bitwise the forward's tensors
@@ -96,24 +97,12 @@ def test_nothing_is_remade_when_switched_off_or_without_grad(checkpoints):  # no
     assert not nograd.remade
 
 
-def _tiled_grads(ckpt, kind: str, chunk: int | None, checkpointing: bool):  # noqa: ANN001, ANN202
-    opts = MethodOptions(kind=kind, lora_r=4, gradient_checkpointing=checkpointing, mlp_chunk_tokens=chunk)
-    model = load_model(ckpt, opts, dtype=torch.float32, device="cpu", seed=0)
-    for _, mod in model.linears():
-        if getattr(mod, "lora_B", None) is not None:
-            torch.nn.init.normal_(mod.lora_B, std=0.02, generator=torch.Generator().manual_seed(5))
-    ids = _ids()
-    loss = model(ids, labels=ids)
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
 @pytest.mark.parametrize(("kind", "checkpointing"), [("lora", False), ("lora", True), ("full", True)])
 def test_the_mlp_over_token_chunks_gives_the_same_gradients(checkpoints, kind, checkpointing):  # noqa: ANN001
     """mlp_chunk_tokens: the MLP of 46 tokens in chunks of 10 (the last one short) == over all of them; the first
     layer's MLP LoRA gets its gradient although its input (a frozen embedding's norm) needs none."""
-    ref_loss, ref = _tiled_grads(checkpoints["tiny-llama"], kind, None, checkpointing)
-    loss, tiled = _tiled_grads(checkpoints["tiny-llama"], kind, 10, checkpointing)
+    ref_loss, ref = _grads(checkpoints["tiny-llama"], kind, checkpointing)
+    loss, tiled = _grads(checkpoints["tiny-llama"], kind, checkpointing, mlp_chunk_tokens=10)
     torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
     assert tiled.keys() == ref.keys()
     for n, g in tiled.items():  # the same sums in other groupings (the LoRA dA over chunks): not bitwise
