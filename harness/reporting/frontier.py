@@ -14,10 +14,12 @@ from typing import Any
 from harness.analysis.frontier import Cell as FrontierCell
 from harness.analysis.frontier import cell_text, frontier_cells, read_probes
 from harness.common.paths import REPO_ROOT
+from harness.reporting import tables
 from harness.reporting.charts import chart_frontier
-from harness.reporting.claims import HOLDS, LEDGER, NOT_MEASURED, Claim, claimed_text, claims_for, source_cell
+from harness.reporting.claims import FAILS, HOLDS, LEDGER, NOT_MEASURED, Claim, claimed_text, claims_for, source_cell
 from harness.reporting.document import EMPTY, Cell, Doc, fmt
 from harness.storing.results import atomic_write_text
+from harness.storing.sweep import is_results_dir, load_sweep
 
 OURS = "tunebench"  # the tool whose rows are set against the best peer's
 CONTEXT_TARGET = 1.5  # tunebench's longest context over the best peer's, at every budget (the project's target)
@@ -52,7 +54,7 @@ def write_frontier_report(folder: Path, out_dir: Path, claims: list[Claim] | Non
         doc.image(chart, f"Longest {vary} per memory budget, per framework row (hollow: the search had not closed)")
     _ours_against_peers(doc, cells, vary)
     _claims(doc, cells, plan.get("scenario", ""), claims)
-    _environment(doc, [p.run for p in probes])
+    _environment(doc, folder, probes)
     md = out_dir / "report.md"
     atomic_write_text(md, doc.to_markdown())
     atomic_write_text(out_dir / "report.html", doc.to_html())
@@ -161,25 +163,29 @@ def measure_context(c: Claim, cells: list[FrontierCell]) -> tuple[str, Cell]:
         if x.state == "incomplete":
             return EMPTY, Cell(f"{NOT_MEASURED}: `{name}`'s search under {c.budget_gib:g} GiB had not closed", "warn")
     if a.state == "none fits":
-        return f"{c.row}: none fits", Cell("does not hold", "bad")
+        return f"{c.row}: none fits", Cell(FAILS, "bad")
     if b.state == "none fits":  # "vs OOM": any context is more than none
         text = f"{a.value:,} vs none ({c.against} out of memory at {b.next_oom_value:,})" \
             if b.next_oom_value is not None else f"{a.value:,} vs none"
         return text, Cell(HOLDS, "good") if c.at_most is None else Cell(f"{NOT_MEASURED}: no finite ratio", "warn")
     ratio = a.value / b.value
     text = f"{ratio:.2f}x ({a.value:,} vs {b.value:,})"
-    return text, Cell(HOLDS, "good") if c.holds_for(ratio) else Cell("does not hold", "bad")
+    return text, Cell(HOLDS, "good") if c.holds_for(ratio) else Cell(FAILS, "bad")
 
 
-def _environment(doc: Doc, runs: list[Any]) -> None:
-    envs = [r.environment.model_dump() for r in runs if r.environment is not None]
-    if not envs:
+def _environment(doc: Doc, folder: Path, probes: list[Any]) -> None:
+    """The machine as the sweep report gives it (from the first probe sweep), each row's versions, and the commits
+    the probes were made from (a frontier may span several invocations)."""
+    first = next((d for d in sorted(folder.iterdir()) if is_results_dir(d)), None)
+    if first is None:
         return
     doc.h(1, "Environment")
-    first = envs[0]
-    shas = sorted({e.get("git_sha") or "(none recorded)" for e in envs})
-    gpu = f"{first['gpu_name']}, driver {first.get('driver')}" if first.get("gpu_name") else "none (a CPU run)"
-    doc.ul([f"GPU: {gpu}",
-            f"torch {(first.get('libraries') or {}).get('torch') or EMPTY}, Python {first.get('python') or EMPTY}",
-            f"git sha of the probes: {', '.join(s[:12] for s in shas)}",
-            "every probe's run file keeps its full environment and the tool's versions"])
+    doc.table(["", "value"], tables.environment_rows(load_sweep(first)))
+    by_row: dict[str, list] = {}
+    for p in probes:
+        by_row.setdefault(p.run.framework, []).append(p.run)
+    doc.table(["framework", "framework version", "env", *tables.FRAMEWORK_LIBRARIES],
+              [tables.framework_env_row(fw, runs) for fw, runs in by_row.items()])
+    shas = sorted({(r.environment.git_sha if r.environment else None) or "(none recorded)"
+                   for runs in by_row.values() for r in runs})
+    doc.p(f"Commits the probes were made from: {', '.join(f'`{s[:12]}`' for s in shas)}.")

@@ -325,17 +325,18 @@ def environment_rows(sweep: Sweep) -> list[list[str]]:
 FRAMEWORK_LIBRARIES = ("torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "triton")
 
 
+def framework_env_row(fw: str, runs: list) -> list[str]:
+    """A framework's version, the environment it ran in, and the library versions its worker saw (its first run
+    that recorded them)."""
+    r = next((x for x in runs if x.environment is not None), runs[0] if runs else None)
+    lib = r.environment.libraries if r is not None and r.environment is not None else {}
+    version, env = (r.framework_version, r.env) if r is not None else (None, None)
+    return [fw, str(version or EMPTY), str(env or EMPTY)] + [str(lib.get(x) or EMPTY) for x in FRAMEWORK_LIBRARIES]
+
+
 def framework_env_rows(sweep: Sweep) -> list[list[str]]:
-    """Per framework: its version, the environment it ran in, and the library versions its worker saw."""
-    rows = []
-    for fw in sweep.framework_order():
-        runs = sweep.runs_of(fw)
-        r = next((x for x in runs if x.environment is not None), runs[0] if runs else None)
-        lib = r.environment.libraries if r is not None and r.environment is not None else {}
-        version, env = (r.framework_version, r.env) if r is not None else (None, None)
-        rows.append([fw, str(version or EMPTY), str(env or EMPTY)]
-                    + [str(lib.get(x) or EMPTY) for x in FRAMEWORK_LIBRARIES])
-    return rows
+    """:func:`framework_env_row` of every framework of the sweep."""
+    return [framework_env_row(fw, sweep.runs_of(fw)) for fw in sweep.framework_order()]
 
 
 def foreign_processes(sweep: Sweep) -> list[str]:
