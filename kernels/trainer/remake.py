@@ -45,8 +45,6 @@ class RemadeSaves:
     """Saved-tensor hooks for one layer's forward: tensors registered with :meth:`remake` are saved as their recipe.
 
     Use as a context manager around the forward (``enabled`` False: a no-op, every tensor kept as autograd keeps it).
-    ``saved_bytes`` / ``remade_bytes`` count the distinct storages saved and the tensors replaced by recipes in this
-    forward (tests and the cost model read them).
     """
 
     def __init__(self, enabled: bool = True) -> None:
@@ -55,8 +53,6 @@ class RemadeSaves:
         # another tensor of the same size meanwhile, which the key would then mistake for it
         self._recipes: dict[tuple, tuple[Callable[[], torch.Tensor], torch.Tensor]] = {}
         self._hooks = None
-        self.saved: dict[tuple, int] = {}
-        self.remade: dict[tuple, int] = {}
 
     def __enter__(self) -> RemadeSaves:
         if self.enabled and torch.is_grad_enabled():
@@ -77,28 +73,12 @@ class RemadeSaves:
         return out
 
     def _pack(self, t: torch.Tensor):  # noqa: ANN202 - a tensor or a recipe
-        key = _key(t)
-        size = t.untyped_storage().nbytes()
-        hit = self._recipes.get(key)
-        if hit is None:
-            self.saved[key[:1]] = size
-            return t
-        self.remade[key[:1]] = size
-        return _Recipe(hit[0], t.shape)
+        hit = self._recipes.get(_key(t))
+        return t if hit is None else _Recipe(hit[0], t.shape)
 
     @staticmethod
     def _unpack(p):  # noqa: ANN001, ANN205
         return p() if isinstance(p, _Recipe) else p
-
-    @property
-    def saved_bytes(self) -> int:
-        """Bytes of the distinct storages autograd kept for backward in this forward (recipes not counted)."""
-        return sum(self.saved.values())
-
-    @property
-    def remade_bytes(self) -> int:
-        """Bytes of the distinct storages replaced by recipes."""
-        return sum(self.remade.values())
 
 
 class TiledMLP(torch.autograd.Function):

@@ -58,16 +58,38 @@ def test_remade_activations_give_the_same_loss_and_gradients(checkpoints, preset
         assert torch.equal(g, kept[n]), n
 
 
-def _count_saves(monkeypatch) -> list[RemadeSaves]:  # noqa: ANN001
-    """Every layer forward's RemadeSaves from now on, in order (the saved and remade storages they saw)."""
-    made: list[RemadeSaves] = []
+class _Counting(RemadeSaves):
+    """RemadeSaves that also counts, per storage, the bytes autograd kept as tensors and those it got as recipes."""
 
-    class Counting(RemadeSaves):
-        def __enter__(self) -> RemadeSaves:
+    def __init__(self, enabled: bool = True) -> None:
+        super().__init__(enabled)
+        self.saved: dict[int, int] = {}
+        self.remade: dict[int, int] = {}
+
+    def _pack(self, t: torch.Tensor):  # noqa: ANN202
+        packed = super()._pack(t)
+        (self.saved if packed is t else self.remade)[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return packed
+
+    @property
+    def saved_bytes(self) -> int:
+        return sum(self.saved.values())
+
+    @property
+    def remade_bytes(self) -> int:
+        return sum(self.remade.values())
+
+
+def _count_saves(monkeypatch) -> list[_Counting]:  # noqa: ANN001
+    """Every layer forward's saves from now on, in order (the saved and remade storages they saw)."""
+    made: list[_Counting] = []
+
+    class Recording(_Counting):
+        def __enter__(self) -> _Counting:
             made.append(self)
             return super().__enter__()
 
-    monkeypatch.setattr(model_mod, "RemadeSaves", Counting)
+    monkeypatch.setattr(model_mod, "RemadeSaves", Recording)
     return made
 
 
@@ -88,11 +110,11 @@ def test_what_a_kept_layer_no_longer_keeps(checkpoints, monkeypatch):  # noqa: A
 
 def test_nothing_is_remade_when_switched_off_or_without_grad(checkpoints):  # noqa: ANN001
     x = torch.randn(4, 8, requires_grad=True)
-    with RemadeSaves(False) as off:
+    with _Counting(False) as off:
         y = off.remake(x * 2, lambda: x * 2)
         (y * y).sum().backward()
     assert not off.remade and not off.saved
-    with torch.no_grad(), RemadeSaves(True) as nograd:
+    with torch.no_grad(), _Counting(True) as nograd:
         nograd.remake(x * 2, lambda: x * 2)
     assert not nograd.remade
 
