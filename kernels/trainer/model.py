@@ -123,17 +123,21 @@ class DecoderLayer(nn.Module):
         # residual add: the stored sum, which is what the fused op normalised)
         x = saves.remake(self.input_layernorm(h), lambda h=h: self.input_layernorm(h))
         a = self.self_attn(x, cos, sin, mask)
-        mlp_saves = None if isinstance(self.mlp, SparseMoE) else saves
         if self.sandwich:
             a = self.post_attention_layernorm(a)
             x, h = self.pre_feedforward_layernorm(a, residual=h)  # fused: h = h + a; x = norm(h)
             saves.remake(x, lambda h=h: self.pre_feedforward_layernorm(h))
-            return h + self.post_feedforward_layernorm(self.mlp(x, mlp_saves) if mlp_saves else self.mlp(x))
+            return h + self.post_feedforward_layernorm(self._mlp(x, saves))
         x, h = self.post_attention_layernorm(a, residual=h)  # fused: h = h + a; x = norm(h)
         saves.remake(x, lambda h=h: self.post_attention_layernorm(h))
-        if self.mlp_chunk_tokens and mlp_saves:  # long context: the MLP's activations one chunk at a time
-            return h + tiled_mlp(self.mlp, x, self.mlp_chunk_tokens)
-        return h + (self.mlp(x, mlp_saves) if mlp_saves else self.mlp(x))
+        return h + self._mlp(x, saves)
+
+    def _mlp(self, x: torch.Tensor, saves: RemadeSaves) -> torch.Tensor:
+        if isinstance(self.mlp, SparseMoE):
+            return self.mlp(x)
+        if self.mlp_chunk_tokens:  # long context: the MLP's activations one chunk at a time
+            return tiled_mlp(self.mlp, x, self.mlp_chunk_tokens)
+        return self.mlp(x, saves)
 
 
 class DecoderModel(nn.Module):

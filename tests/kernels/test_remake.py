@@ -119,12 +119,15 @@ def test_nothing_is_remade_when_switched_off_or_without_grad(checkpoints):  # no
     assert not nograd.remade
 
 
-@pytest.mark.parametrize(("kind", "checkpointing"), [("lora", False), ("lora", True), ("full", True)])
-def test_the_mlp_over_token_chunks_gives_the_same_gradients(checkpoints, kind, checkpointing):  # noqa: ANN001
+@pytest.mark.parametrize(("preset", "kind", "checkpointing"), [
+    ("tiny-llama", "lora", False), ("tiny-llama", "lora", True), ("tiny-llama", "full", True),
+    ("tiny-gemma2", "lora", True),  # sandwich norms and GeGLU
+])
+def test_the_mlp_over_token_chunks_gives_the_same_gradients(checkpoints, preset, kind, checkpointing):  # noqa: ANN001
     """mlp_chunk_tokens: the MLP of 46 tokens in chunks of 10 (the last one short) == over all of them; the first
     layer's MLP LoRA gets its gradient although its input (a frozen embedding's norm) needs none."""
-    ref_loss, ref = _grads(checkpoints["tiny-llama"], kind, checkpointing)
-    loss, tiled = _grads(checkpoints["tiny-llama"], kind, checkpointing, mlp_chunk_tokens=10)
+    ref_loss, ref = _grads(checkpoints[preset], kind, checkpointing)
+    loss, tiled = _grads(checkpoints[preset], kind, checkpointing, mlp_chunk_tokens=10)
     torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
     assert tiled.keys() == ref.keys()
     for n, g in tiled.items():  # the same sums in other groupings (the LoRA dA over chunks): not bitwise
