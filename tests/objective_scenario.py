@@ -1,15 +1,29 @@
-"""Scenario text for the objective tests of each tool's adapter, and the skip mark for a missing environment."""
+"""Scenario text for the objective tests of each tool's adapter, the skip mark for a missing environment, and the
+message of a scenario validation refuses."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
 from harness.running import envs
+from harness.spec.scenario import ScenarioError, parse_scenario
 
 LORA = "{kind: lora, lora_r: 8, lora_alpha: 16}"
 SYNTHETIC = "{source: synthetic, seq_len: 48, lengths: fixed}"
 TRAIN = "{micro_batch: 2, grad_accum: 2, steps: 3, warmup_steps: 1, lr: 1.0e-3}"
 TINY = "{preset: tiny-llama, weights: random, dtype: float32}"
+# GRPO's data: the arithmetic task's prompts with a verifiable answer
+PROMPTS = Path(__file__).resolve().parents[1] / "scenarios" / "tasks" / "tb_prompts_add.jsonl"
+PROMPTS_DATA = f"{{source: jsonl, path: {PROMPTS}, seq_len: 96}}"
+
+
+def refusal(text: str) -> str:
+    """The message validation gives a scenario ``text`` it must refuse."""
+    with pytest.raises(ScenarioError) as ei:
+        parse_scenario(text, "t.yaml")
+    return str(ei.value)
 
 
 def needs_env(name: str) -> pytest.MarkDecorator:

@@ -20,7 +20,7 @@ import pytest
 from adapters_for_tools.trl import rl_config
 from harness.running import envs
 from harness.spec.scenario import parse_scenario
-from tests.objective_scenario import needs_env, objective_yaml
+from tests.objective_scenario import PROMPTS_DATA, needs_env, objective_yaml
 
 REPO = Path(__file__).resolve().parents[2]
 TASKS = REPO / "scenarios" / "tasks"
@@ -40,7 +40,7 @@ KINDS = {
 
 
 def _sc(kind: str):
-    data = (f"{{source: jsonl, path: {TASKS / 'tb_prompts_add.jsonl'}, seq_len: 96}}" if kind == "grpo"
+    data = (PROMPTS_DATA if kind == "grpo"
             else "{source: synthetic, seq_len: 48, lengths: fixed}")
     return parse_scenario(scenario(f"t_{kind}", KINDS[kind], data=data), "t.yaml")
 
@@ -94,7 +94,7 @@ for kind, text in json.loads(sys.argv[1]).items():
     parsed = TrlParser((script_cls, config_cls, ModelConfig, DatasetMixtureConfig)).parse_dict(cfg)
     print(kind, type(parsed[1]).__name__, parsed[1].beta)
 """
-    texts = {k: scenario(f"t_{k}", v, data=(f"{{source: jsonl, path: {TASKS / 'tb_prompts_add.jsonl'}, seq_len: 96}}"
+    texts = {k: scenario(f"t_{k}", v, data=(PROMPTS_DATA
                                             if k == "grpo" else "{source: synthetic, seq_len: 48}"))
              for k, v in KINDS.items()}
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([*envs.resolve("trl").pythonpath, str(REPO)]))
@@ -201,7 +201,7 @@ def test_grpo_samples_rewards_and_times_generation(tmp_path, monkeypatch):
 @pytest.mark.parametrize("kind", ["dpo", "orpo", "kto", "grpo"])
 def test_each_objective_on_the_gpu(kind, tmp_path, monkeypatch):
     """The GPU path of each objective, bf16 LoRA on small-llama-30m, a few steps: trains, valid, memory measured."""
-    data = (f"{{source: jsonl, path: {TASKS / 'tb_prompts_add.jsonl'}, seq_len: 96}}" if kind == "grpo"
+    data = (PROMPTS_DATA if kind == "grpo"
             else "{source: synthetic, seq_len: 256, lengths: fixed}")
     objective = "{kind: grpo, num_generations: 4, max_new_tokens: 8, beta: 0.04}" if kind == "grpo" else KINDS[kind]
     text = scenario(f"gpu_{kind}", objective, data=data,
