@@ -12,6 +12,13 @@ Settings compared: every key both sides have, from the stored run's ``effective`
 read-back (:mod:`harness.measuring.handloop.common`). Keys only the loop records (attention implementation,
 input-grad hook, whether an attention mask was fed, ...) are kept beside, as "not recorded by the harness".
 
+Side by side (``selfcheck --side-by-side N``): the stored sweep may come from another lease of the machine, whose
+host and GPU clocks differ from the loop's (a launch-bound step moves with the host), so the check can also run the
+harness's own worker for each framework row beside each loop on the same machine, N rounds in alternating order
+(harness first in even rounds, the loop first in odd ones: a drift of the machine during the check falls on both).
+:func:`compare_side_by_side` puts the medians of the two sides beside each other with each side's spread; that
+comparison, not the one with the stored sweep, is the check's verdict when it exists.
+
 The check is stored in the sweep as ``selfcheck.json`` (a later one as ``selfcheck-2.json``, ...; never
 overwritten: :func:`next_selfcheck_path`).
 """
@@ -20,10 +27,13 @@ from __future__ import annotations
 
 import math
 import re
+import statistics
 from pathlib import Path
 from typing import Any
 
 from harness.analysis.aggregate import number, summarise
+from harness.storing.migrate import ResultSchemaError
+from harness.storing.results import parse_result
 from harness.storing.schema import RunResult
 from harness.storing.sweep import Sweep
 
@@ -32,7 +42,7 @@ SELFCHECK_NAME = re.compile(r"^selfcheck(?:-(\d+))?\.json$")
 HARNESS_FIGURES = ("tokens_per_s", "step_s_median", "peak_alloc_gib", "peak_reserved_gib")
 # what a loop records about itself that is no setting of a run (how it timed, its own knobs, descriptions)
 NOT_COMPARED = frozenset({"timing", "data_order", "hand_loop_knobs", "trainer", "unsloth_calls", "dataset_rows",
-                          "data_format", "loss_normalisation"})
+                          "data_format", "loss_normalisation", "trainer_checkpointing_kwargs"})
 
 
 def selfcheck_paths(sweep_dir: Path) -> list[Path]:
@@ -160,3 +170,74 @@ def cause(entry: dict[str, Any]) -> str:
         return "; ".join(f"{d['key']}: harness {d['harness']!r}, loop {d['loop']!r}" for d in diffs)
     unrecorded = ", ".join(sorted(entry.get("not_recorded_by_harness") or {}))
     return ("no recorded setting differs" + (f" (not recorded by the harness: {unrecorded})" if unrecorded else ""))
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def _spread_pct(values: list[float]) -> float | None:
+    """(max - min) / median in percent; None below two values."""
+    mid = _median(values) if len(values) >= 2 else None
+    return 100.0 * (max(values) - min(values)) / mid if mid else None
+
+
+def harness_figures(run: dict[str, Any] | None) -> dict[str, Any]:
+    """A harness run's (a stored run JSON's) status and the figures the loop also measures."""
+    if not isinstance(run, dict):
+        return {"status": "error", "reason": "the harness run stored no result"}
+    metrics = run.get("metrics") or {}
+    return {"status": run.get("status"), "reason": run.get("reason"), "valid": run.get("valid"),
+            "invalid_reasons": run.get("invalid_reasons") or []} | {m: number(metrics.get(m)) for m in HARNESS_FIGURES}
+
+
+def compare_side_by_side(framework: str, pairs: list[dict[str, Any]],
+                         within_pct: float = AGREE_PCT) -> dict[str, Any]:
+    """One framework's harness runs against its loops, run in alternating pairs on one machine.
+
+    Args:
+        framework: the framework row.
+        pairs: ``{"round", "first", "harness_run", "loop"}`` each: the round, which side ran first, the harness's
+            stored run JSON (or None) and the loop's result.
+        within_pct: the agreement band.
+
+    Returns:
+        ``status`` (compared | no pair ran | ...) with ``reason``; when compared: ``rounds``, the medians
+        ``harness_tokens_per_s`` / ``loop_tokens_per_s`` (and step times), ``difference_pct``, ``verdict``, each
+        round's ``pair_differences_pct``, each side's ``harness_spread_pct`` / ``loop_spread_pct`` (max - min over
+        median, percent), ``settings_differ`` between the first ok harness run and its loop.
+    """
+    out: dict[str, Any] = {"framework": framework}
+    ok = []
+    problems = []
+    for p in pairs:
+        h, lo = harness_figures(p.get("harness_run")), p.get("loop") or {}
+        if h["status"] == "ok" and lo.get("status") == "ok" and h.get("tokens_per_s") and lo.get("tokens_per_s"):
+            ok.append((p, h, lo))
+        else:
+            why = h["reason"] if h["status"] != "ok" else lo.get("reason")
+            problems.append(f"round {p.get('round')}: harness {h['status']}, loop {lo.get('status')}"
+                            + (f" ({' '.join(str(why).split())[:300]})" if why else ""))
+    if not ok:
+        return out | {"status": "no pair ran", "reason": "; ".join(problems) or "no round ran"}
+    h_tps = [h["tokens_per_s"] for _, h, _ in ok]
+    l_tps = [lo["tokens_per_s"] for _, _, lo in ok]
+    h_med, l_med = _median(h_tps), _median(l_tps)
+    diff = difference_pct(h_med, l_med)
+    first_p, _, first_loop = ok[0]
+    try:
+        differ = settings_differ(harness_settings(parse_result(first_p["harness_run"])), loop_settings(first_loop))
+    except ResultSchemaError as e:
+        differ, problems = [], [*problems, f"the harness run cannot be read back: {e}"]
+    return out | {
+        "status": "compared", "reason": "; ".join(problems) or None, "rounds": len(ok),
+        "order": [p.get("first") for p, _, _ in ok],
+        "harness_tokens_per_s": h_med, "loop_tokens_per_s": l_med,
+        "harness_step_s_median": _median([h["step_s_median"] for _, h, _ in ok if h.get("step_s_median")]),
+        "loop_step_s_median": _median([lo["step_s_median"] for _, _, lo in ok if lo.get("step_s_median")]),
+        "difference_pct": diff, "verdict": verdict(diff, within_pct),
+        "pair_differences_pct": [difference_pct(h["tokens_per_s"], lo["tokens_per_s"]) for _, h, lo in ok],
+        "harness_spread_pct": _spread_pct(h_tps), "loop_spread_pct": _spread_pct(l_tps),
+        "harness_valid": all(h.get("valid") is not False for _, h, _ in ok),
+        "settings_differ": differ}
+

@@ -9,6 +9,12 @@ sweep as ``selfcheck.json`` (a later check: ``selfcheck-2.json``, ...; never ove
 shows it under "Harness vs hand loop". Run it on the machine that ran the sweep, with nothing else on the GPU
 (it takes the machine lock a sweep takes).
 
+``--side-by-side N`` also runs the harness's own worker for each framework row (``python -m harness run SCENARIO
+--only ROW --repeats 1`` into a private temporary results folder) beside each loop on this machine, N rounds in
+alternating order, and stores each round's run JSON in the check: a stored sweep made on another lease of a shared
+machine differs from a loop run today by as much as that machine's host and clocks moved, which the pairs remove.
+With pairs, the side-by-side comparison is the check's verdict.
+
 Exit codes: 0 every compared framework agrees within 3 % (or nothing to compare), 1 a framework differs by more,
 or a loop failed, 2 bad input (scenario, framework name, results directory, knob), 3 another sweep holds the
 machine.
@@ -18,12 +24,14 @@ Examples::
     python -m harness selfcheck scenarios/smoke_gpu.yaml --against results/smoke_gpu-20261201-231555
     python -m harness selfcheck scenarios/llama8b_lora.yaml --frameworks hf --against results/<run-id> --out hf.json
     python -m harness selfcheck scenarios/smoke_gpu.yaml --frameworks hf --set attention_mask=false   # bisect
+    python -m harness selfcheck scenarios/llama8b_qlora.yaml --against results/<run-id> --side-by-side 2
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -32,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from adapters_for_tools import registry
-from harness.analysis.handloop import AGREE_PCT, cause, compare, next_selfcheck_path
+from harness.analysis.handloop import AGREE_PCT, cause, compare, compare_side_by_side, next_selfcheck_path
 from harness.common.names import unknown
 from harness.measuring.handloop import FRAMEWORKS
 from harness.measuring.handloop.knobs import parse_knobs
@@ -57,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--against", type=Path, help="a stored sweep (results/<run-id>) to compare with and store in")
     ap.add_argument("--out", type=Path, help="also write the check's JSON here")
     ap.add_argument("--steps", type=int, help="optimizer steps per loop (default: the scenario's)")
+    ap.add_argument("--side-by-side", type=int, default=0, metavar="N",
+                    help="N rounds of (the harness's own run of each framework row, its hand loop) on this machine, "
+                         "in alternating order (default 0: loops only)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="an hf loop knob, to bisect a difference (repeatable; harness.measuring.handloop."
                          "knobs.HfKnobs)")
@@ -90,6 +101,55 @@ def run_loop(framework: str, scenario: Path, sc, steps: int | None, knobs: list[
     return res
 
 
+def run_harness(framework: str, scenario: Path, sc) -> dict[str, Any] | None:  # noqa: ANN001
+    """The harness's own run of row ``framework`` (``python -m harness run --only ROW --repeats 1``) in a private
+    temporary results folder; its stored run JSON, or None when it stored none.
+
+    The check holds the machine lock already: the run takes a lock of its own in the temporary folder
+    (``TUNEBENCH_LOCK_DIR``), so it neither waits for the check nor runs beside anything else.
+    """
+    with tempfile.TemporaryDirectory(prefix=f"selfcheck-harness-{framework}-") as tmp:
+        env = dict(os.environ, TUNEBENCH_LOCK_DIR=str(Path(tmp) / "lock"))
+        cmd = [sys.executable, "-m", "harness", "run", str(Path(scenario).resolve()), "--only", framework,
+               "--repeats", "1", "--new", "--results", str(Path(tmp) / "results"), "--reports",
+               str(Path(tmp) / "reports"), "--no-report", "--quiet"]
+        try:
+            subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=sc.measure.timeout_s + 600)
+        except subprocess.TimeoutExpired:
+            return None
+        found = sorted(Path(tmp, "results").glob(f"*/runs/{framework}-r0.json"))
+        return read_json(found[0]) if found else None
+
+
+def side_by_side(wanted: list[str], scenario: Path, sc, rounds: int, steps: int | None,  # noqa: ANN001
+                 knobs: list[str]) -> tuple[dict[str, list[dict[str, Any]]], dict[str, dict[str, Any]]]:
+    """``rounds`` rounds of each framework's harness run and hand loop, the harness first in even rounds and the
+    loop first in odd ones; the pairs (each with the full run JSON) and their comparison, by framework."""
+    pairs: dict[str, list[dict[str, Any]]] = {fw: [] for fw in wanted}
+    for r in range(rounds):
+        for fw in wanted:
+            first = "harness" if r % 2 == 0 else "loop"
+            if first == "harness":
+                run = run_harness(fw, scenario, sc)
+                loop = run_loop(fw, scenario, sc, steps, knobs)
+            else:
+                loop = run_loop(fw, scenario, sc, steps, knobs)
+                run = run_harness(fw, scenario, sc)
+            pairs[fw].append({"round": r, "first": first, "harness_run": run, "loop": loop})
+    return pairs, {fw: compare_side_by_side(fw, ps) for fw, ps in pairs.items()}
+
+
+def _pair_line(fw: str, entry: dict[str, Any]) -> str:
+    """One framework's side-by-side outcome on one line."""
+    if entry.get("status") != "compared":
+        return f"{fw} side by side: {entry.get('status')}: {entry.get('reason')}"
+    h, lo, diff = entry["harness_tokens_per_s"], entry["loop_tokens_per_s"], entry["difference_pct"]
+    spread = "/".join("—" if x is None else f"{x:.1f} %" for x in (entry["harness_spread_pct"],
+                                                                    entry["loop_spread_pct"]))
+    return (f"{fw} side by side ({entry['rounds']} rounds): harness {h:,.0f} tokens/s, hand loop {lo:,.0f} tokens/s, "
+            f"{diff:+.1f} % -> {entry['verdict']} (spread harness/loop {spread})")
+
+
 def _line(fw: str, entry: dict[str, Any]) -> str:
     """One framework's outcome on one line."""
     if entry.get("status") != "compared":
@@ -112,6 +172,15 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(unknown("hand loop", bad[0] if bad else "", FRAMEWORKS))
         if args.steps is not None and args.steps < 1:
             raise ValueError(f"--steps {args.steps}: at least 1")
+        if args.side_by_side < 0:
+            raise ValueError(f"--side-by-side {args.side_by_side}: a number of rounds, 0 or more")
+        if args.side_by_side and (args.steps or args.set):
+            raise ValueError("--side-by-side runs the harness at the scenario's settings: the loops too (no --steps, "
+                             "no --set)")
+        missing = [fw for fw in wanted if fw not in sc.framework_names()] if args.side_by_side else []
+        if missing:
+            raise ValueError(f"--side-by-side: the scenario has no row {missing[0]!r} for the harness to run "
+                             f"(its rows: {', '.join(sc.framework_names())})")
         parse_knobs(args.set)
         sweep = load_sweep(args.against) if args.against else None
     except (ScenarioError, ValueError, NotAResultsDir, OSError) as e:
@@ -119,7 +188,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     try:
         with machine_lock(machine_lock_dir(), Path(f"selfcheck {args.scenario}")):
-            loops = {fw: run_loop(fw, Path(args.scenario), sc, args.steps, args.set) for fw in wanted}
+            if args.side_by_side:
+                pairs, paired = side_by_side(wanted, Path(args.scenario), sc, args.side_by_side, args.steps, args.set)
+                loops = {fw: ps[0]["loop"] for fw, ps in pairs.items()}
+            else:
+                pairs, paired = {}, {}
+                loops = {fw: run_loop(fw, Path(args.scenario), sc, args.steps, args.set) for fw in wanted}
     except Busy as e:
         print(f"selfcheck: another sweep is running on this machine ({e}): a check now would measure its load",
               file=sys.stderr)
@@ -127,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     check: dict[str, Any] = {"selfcheck_version": SELFCHECK_VERSION, "scenario": sc.name,
                              "scenario_source": str(args.scenario), "created": datetime.now(UTC).isoformat(),
                              "agree_within_pct": AGREE_PCT, "knobs": list(args.set), "loops": loops}
+    if pairs:
+        check |= {"side_by_side_rounds": args.side_by_side, "pairs": pairs, "side_by_side": paired}
     if sweep is not None:
         check |= {"sweep": sweep.path.name, "frameworks": compare(sweep, loops)}
     try:
@@ -143,13 +219,17 @@ def main(argv: list[str] | None = None) -> int:
                                           for fw, loop in loops.items() if loop.get("status") != "ok"}
     for fw, entry in entries.items():
         print(_line(fw, entry))
+    for fw, entry in paired.items():
+        print(_pair_line(fw, entry))
     if sweep is None:
         for fw, loop in loops.items():
             if loop.get("status") == "ok":
                 print(f"{fw}: hand loop {loop['tokens_per_s']:,.0f} tokens/s, step {loop['step_s_median']:.4f} s "
                       "(median)")
     failed = any(loop.get("status") == "error" for loop in loops.values())
-    differs = any(e.get("verdict") == "differs" for e in (check.get("frameworks") or {}).values())
+    # with pairs, the side-by-side comparison is the verdict (the stored sweep may come from another lease)
+    verdicts = paired if paired else (check.get("frameworks") or {})
+    differs = any(e.get("verdict") == "differs" or e.get("status") == "no pair ran" for e in verdicts.values())
     return EXIT_DIFFERS if failed or differs else EXIT_OK
 
 

@@ -5,6 +5,10 @@ handloop` says what they hold). Per framework the table shows the harness's toke
 plain hand-written loop's, and the verdict: **agrees** within the check's band (3 %), otherwise the measured
 difference, flagged, with the settings that differ between the stored run and the loop as the stated cause. A
 sweep without a check gets no section; a check file that cannot be read is named, not fatal.
+
+A check run with ``--side-by-side N`` adds a second table: the harness's own runs and the loops, in alternating
+pairs on one machine, their medians, each pair's difference and each side's spread. Its verdict is the check's;
+a stored-sweep row that differs while the pairs agree says so in its cause (the sweep ran on another lease).
 """
 
 from __future__ import annotations
@@ -17,6 +21,13 @@ from harness.reporting.document import EMPTY, Cell, Doc, fmt, short
 from harness.storing.results import read_json
 from harness.storing.sweep import Sweep
 
+PAIR_HEADER = ["check", "framework", "rounds (order)", "harness tokens/s (median)", "hand loop tokens/s (median)",
+               "difference", "each pair", "spread harness / loop", "verdict", "settings that differ"]
+PAIR_INTRO = ("Side by side on one machine (`selfcheck --side-by-side N`): each round runs the harness's own worker "
+              "for the row (`harness run --only ROW --repeats 1`, stored with the check) and the hand loop, back to "
+              "back, the harness first in even rounds and the loop first in odd ones. The medians are compared; "
+              "the spread (max − min over the median, per side) is how far the same side moved between rounds on "
+              "the same machine. Where a check has pairs, their verdict is the check's.")
 HEADER = ["check", "framework", "harness tokens/s", "hand loop tokens/s", "difference", "step s harness / loop",
           "verdict", "settings that differ (stated cause)"]
 INTRO = ("Each framework's figure beside the same training in a plain hand-written loop (`python -m harness "
@@ -31,8 +42,9 @@ def _pct(x: Any) -> str:
     return EMPTY if not isinstance(x, (int, float)) or isinstance(x, bool) else f"{x:+.1f} %"
 
 
-def _row(check: str, fw: str, entry: dict[str, Any], band: float) -> list[str | Cell]:
-    """One framework's row of one check."""
+def _row(check: str, fw: str, entry: dict[str, Any], band: float,
+         paired: dict[str, Any] | None = None) -> list[str | Cell]:
+    """One framework's row of one check (``paired``: the same framework's side-by-side comparison, if any)."""
     if not isinstance(entry, dict) or entry.get("status") != "compared":
         status = entry.get("status", "unreadable") if isinstance(entry, dict) else "unreadable"
         reason = entry.get("reason") if isinstance(entry, dict) else None
@@ -44,6 +56,10 @@ def _row(check: str, fw: str, entry: dict[str, Any], band: float) -> list[str | 
     if said == "agrees":
         verdict_cell = Cell("agrees", "good")
         cause_cell: str | Cell = (Cell(cause(entry), "warn") if differs else EMPTY)
+    elif said == "differs" and paired and paired.get("verdict") == "agrees":
+        verdict_cell = Cell(f"differs by {_pct(diff)} from the stored sweep", "warn")
+        cause_cell = Cell(f"the machine between leases: side by side on one machine the harness agrees "
+                          f"({_pct(paired.get('difference_pct'))}); " + cause(entry), "warn")
     elif said == "differs":
         verdict_cell = Cell(f"differs by {_pct(diff)}", "bad")
         cause_cell = Cell(cause(entry), "bad" if differs else "warn")
@@ -54,9 +70,32 @@ def _row(check: str, fw: str, entry: dict[str, Any], band: float) -> list[str | 
             _pct(diff), steps, verdict_cell, cause_cell]
 
 
-def rows(sweep_dir: Path) -> tuple[list[list[str | Cell]], list[str], int]:
-    """The table rows of every stored check, the check files that cannot be read, and how many frameworks differ."""
+def _pair_row(check: str, fw: str, entry: dict[str, Any], band: float) -> list[str | Cell]:
+    """One framework's side-by-side row of one check."""
+    if not isinstance(entry, dict) or entry.get("status") != "compared":
+        status = entry.get("status", "unreadable") if isinstance(entry, dict) else "unreadable"
+        reason = entry.get("reason") if isinstance(entry, dict) else None
+        return [check, fw, EMPTY, EMPTY, EMPTY, EMPTY, EMPTY, EMPTY, Cell(f"{status}: {short(reason, 200)}", "bad"),
+                EMPTY]
+    diff = entry.get("difference_pct")
+    said = verdict(diff, band)
+    verdict_cell = (Cell("agrees", "good") if said == "agrees"
+                    else Cell(f"differs by {_pct(diff)}", "bad") if said == "differs" else Cell("no figure", "warn"))
+    order = ", ".join(str(o) for o in entry.get("order") or [])
+    pairs = ", ".join(_pct(x) for x in entry.get("pair_differences_pct") or [])
+    spread = " / ".join("—" if not isinstance(x, (int, float)) else f"{x:.1f} %"
+                        for x in (entry.get("harness_spread_pct"), entry.get("loop_spread_pct")))
+    differs = entry.get("settings_differ") or []
+    settings = Cell(cause(entry), "warn") if differs else EMPTY
+    return [check, fw, f"{entry.get('rounds')} ({order} first)", fmt(entry.get("harness_tokens_per_s"), thousands=True),
+            fmt(entry.get("loop_tokens_per_s"), thousands=True), _pct(diff), pairs, spread, verdict_cell, settings]
+
+
+def rows(sweep_dir: Path) -> tuple[list[list[str | Cell]], list[str], int, list[list[str | Cell]]]:
+    """The table rows of every stored check, the check files that cannot be read, how many frameworks differ (by
+    each check's verdict: its pairs where it has them), and the side-by-side rows."""
     out: list[list[str | Cell]] = []
+    pair_rows: list[list[str | Cell]] = []
     unreadable: list[str] = []
     n_differ = 0
     for path in selfcheck_paths(sweep_dir):
@@ -67,26 +106,34 @@ def rows(sweep_dir: Path) -> tuple[list[list[str | Cell]], list[str], int]:
             continue
         band = check.get("agree_within_pct")
         band = float(band) if isinstance(band, (int, float)) and not isinstance(band, bool) else AGREE_PCT
+        paired = check.get("side_by_side") if isinstance(check.get("side_by_side"), dict) else {}
         for fw, entry in entries.items():
-            row = _row(path.name, str(fw), entry, band)
-            if isinstance(row[6], Cell) and row[6].mark == "bad":
+            row = _row(path.name, str(fw), entry, band, paired.get(fw))
+            if not paired and isinstance(row[6], Cell) and row[6].mark == "bad":
                 n_differ += 1
             out.append(row)
-    return out, unreadable, n_differ
+        for fw, entry in paired.items():
+            row = _pair_row(path.name, str(fw), entry, band)
+            n_differ += isinstance(row[8], Cell) and row[8].mark == "bad"
+            pair_rows.append(row)
+    return out, unreadable, n_differ, pair_rows
 
 
 def add_section(doc: Doc, sweep: Sweep) -> None:
     """Add "Harness vs hand loop" when the sweep stores a check (nothing otherwise)."""
     if not selfcheck_paths(sweep.path):
         return
-    table, unreadable, n_differ = rows(sweep.path)
+    table, unreadable, n_differ, pair_table = rows(sweep.path)
     doc.h(1, "Harness vs hand loop")
     doc.p(INTRO.format(band=AGREE_PCT))
     if n_differ:
-        doc.p(f"{n_differ} framework figure(s) differ from the hand loop by more than the band: the cause column "
-              "says which settings differ.", "bad")
+        doc.p(f"{n_differ} framework figure(s) differ from the hand loop by more than the band (side by side where "
+              "a check has pairs): the cause column says which settings differ.", "bad")
     if table:
         doc.table(HEADER, table)
+    if pair_table:
+        doc.p(PAIR_INTRO)
+        doc.table(PAIR_HEADER, pair_table)
     for name in unreadable:
         doc.p(f"`{name}` cannot be read as a check (not JSON, or no per-framework comparison in it): left out.",
               "warn")

@@ -16,6 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 from fixtures_results import make_run, make_sweep  # noqa: E402
+from objective_scenario import needs_env  # noqa: E402
 
 from adapters_for_tools.contract import HF_OPTIM  # noqa: E402
 from adapters_for_tools.hf import HfOverrides  # noqa: E402
@@ -258,3 +259,132 @@ def test_cli_runs_a_loop_in_its_own_process(tiny):
     res = selfcheck_cli.run_loop("tunebench", path, sc, 2, [])
     assert res["status"] == "ok", res.get("reason")
     assert res["steps"] == 2 and res["tokens_per_s"] > 0 and res["settings"]["gradient_checkpointing"] is True
+
+
+# -- side by side: the harness's own runs and the loops in alternating pairs on one machine --------------------------
+def _pairing(monkeypatch, harness_tps: dict[str, list[float]], loop_tps: dict[str, list[float]]) -> list[str]:  # noqa: ANN001
+    """Stub the harness runs and loops with the given tokens/s per round; returns the order they were called in."""
+    calls: list[str] = []
+    rounds = {"harness": dict.fromkeys(harness_tps, 0), "loop": dict.fromkeys(loop_tps, 0)}
+
+    def harness(fw, *a):  # noqa: ANN001, ANN002, ANN202
+        calls.append(f"{fw}:harness")
+        i = rounds["harness"][fw]
+        rounds["harness"][fw] += 1
+        return make_run(fw, 0, tokens_per_s=harness_tps[fw][i], jitter=0)
+
+    def loop(fw, *a):  # noqa: ANN001, ANN002, ANN202
+        calls.append(f"{fw}:loop")
+        i = rounds["loop"][fw]
+        rounds["loop"][fw] += 1
+        return _loop(loop_tps[fw][i])
+
+    monkeypatch.setattr(selfcheck_cli, "run_harness", harness)
+    monkeypatch.setattr(selfcheck_cli, "run_loop", loop)
+    return calls
+
+
+def test_side_by_side_alternates_and_its_pairs_are_the_verdict(sweep_dir, tmp_path, monkeypatch, capsys):
+    scenario = tmp_path / "handloop_test.yaml"
+    scenario.write_text(SCENARIO)
+    # tunebench: the stored sweep's 1500 is +15.4 % over a loop at 1300, but run side by side the harness's own runs
+    # and the loops agree (1290/1310 against 1300/1280: +0.4 % of the medians); hf agrees both ways
+    calls = _pairing(monkeypatch, {"hf": [1010, 1000], "tunebench": [1290, 1310]},
+                     {"hf": [1000, 1005], "tunebench": [1300, 1280]})
+    argv = [str(scenario), "--frameworks", "hf,tunebench", "--against", str(sweep_dir), "--side-by-side", "2"]
+    assert selfcheck_cli.main(argv) == selfcheck_cli.EXIT_OK
+    assert calls == ["hf:harness", "hf:loop", "tunebench:harness", "tunebench:loop",  # round 0: harness first
+                     "hf:loop", "hf:harness", "tunebench:loop", "tunebench:harness"]  # round 1: the loop first
+    check = json.loads((sweep_dir / "selfcheck.json").read_text())
+    assert check["side_by_side_rounds"] == 2 and len(check["pairs"]["tunebench"]) == 2
+    assert check["pairs"]["tunebench"][0]["harness_run"]["metrics"]["tokens_per_s"] == pytest.approx(1290)
+    tb = check["side_by_side"]["tunebench"]
+    assert tb["status"] == "compared" and tb["rounds"] == 2 and tb["order"] == ["harness", "loop"]
+    assert tb["harness_tokens_per_s"] == pytest.approx(1300) and tb["loop_tokens_per_s"] == pytest.approx(1290)
+    assert tb["difference_pct"] == pytest.approx(100 * 10 / 1290) and tb["verdict"] == "agrees"
+    assert tb["pair_differences_pct"] == pytest.approx([100 * -10 / 1300, 100 * 30 / 1280])
+    assert tb["harness_spread_pct"] == pytest.approx(100 * 20 / 1300)
+    assert check["frameworks"]["tunebench"]["verdict"] == "differs"  # the stored sweep, against round 0's loop
+    out = capsys.readouterr().out
+    assert ("tunebench side by side (2 rounds): harness 1,300 tokens/s, hand loop 1,290 tokens/s, +0.8 % -> agrees"
+            in out)
+
+    md = write_report(sweep_dir, tmp_path / "rep").read_text()
+    section = md.split("## Harness vs hand loop", 1)[1].split("\n## ", 1)[0]
+    assert "framework figure(s) differ" not in section  # the pairs decide, and they agree
+    stored = next(line for line in section.splitlines() if line.startswith("| selfcheck.json | tunebench | 1,500"))
+    assert "differs by +15.4 % from the stored sweep" in stored and "side by side on one machine" in stored
+    paired = next(line for line in section.splitlines() if line.startswith("| selfcheck.json | tunebench | 2 ("))
+    assert "harness, loop first" in paired and "+0.8 %" in paired and "-0.8 %, +2.3 %" in paired
+    assert "agrees" in paired and "1.5 % / 1.6 %" in paired
+
+
+def test_side_by_side_that_differs_fails_the_check(sweep_dir, tmp_path, monkeypatch, capsys):
+    scenario = tmp_path / "handloop_test.yaml"
+    scenario.write_text(SCENARIO)
+    _pairing(monkeypatch, {"hf": [900]}, {"hf": [1000]})
+    argv = [str(scenario), "--frameworks", "hf", "--against", str(sweep_dir), "--side-by-side", "1"]
+    assert selfcheck_cli.main(argv) == selfcheck_cli.EXIT_DIFFERS  # -10 % side by side, though +2 % stored
+    assert "hf side by side (1 rounds): harness 900 tokens/s, hand loop 1,000 tokens/s, -10.0 % -> differs" in \
+        capsys.readouterr().out
+    section = write_report(sweep_dir, tmp_path / "rep").read_text().split("## Harness vs hand loop", 1)[1]
+    assert "1 framework figure(s) differ from the hand loop" in section
+    # a round whose harness run stored nothing is said, not averaged in
+    got = analysis.compare_side_by_side("hf", [{"round": 0, "first": "harness", "harness_run": None,
+                                                 "loop": _loop(1000.0)}])
+    assert got["status"] == "no pair ran" and "harness error" in got["reason"] and "stored no result" in got["reason"]
+
+
+def test_side_by_side_refuses_what_the_harness_cannot_run(tmp_path, capsys):
+    scenario = tmp_path / "handloop_test.yaml"
+    scenario.write_text(SCENARIO)
+    assert selfcheck_cli.main([str(scenario), "--side-by-side", "2", "--steps", "2"]) == selfcheck_cli.EXIT_BAD_INPUT
+    assert "no --steps" in capsys.readouterr().err
+    # the scenario lists hf and tunebench: no unsloth row for the harness to run
+    assert selfcheck_cli.main([str(scenario), "--side-by-side", "1"]) == selfcheck_cli.EXIT_BAD_INPUT
+    assert "no row 'unsloth'" in capsys.readouterr().err
+    assert selfcheck_cli.main([str(scenario), "--side-by-side", "-1"]) == selfcheck_cli.EXIT_BAD_INPUT
+
+
+def test_the_harness_side_is_a_real_run_of_the_row(tiny):
+    """The command's wiring: `harness run --only ROW` in a private results folder, its stored run JSON back."""
+    path, sc = tiny
+    run = selfcheck_cli.run_harness("tunebench", path, sc)
+    assert run is not None and run["status"] == "ok", run and run.get("reason")
+    assert run["framework"] == "tunebench" and run["metrics"]["tokens_per_s"] > 0
+    assert analysis.harness_figures(run)["tokens_per_s"] == pytest.approx(run["metrics"]["tokens_per_s"])
+
+
+GPU_QLORA = """\
+version: 1
+name: handloop_unsloth_gpu
+model: {preset: tiny-llama, weights: random, dtype: bfloat16, seed: 0}
+method: {kind: qlora, lora_r: 8, lora_alpha: 16, target_modules: all-linear}
+data: {source: synthetic, seq_len: 1024, lengths: fixed}
+train: {micro_batch: 2, grad_accum: 1, steps: 6, warmup_steps: 2, lr: 2.0e-4, optimizer: adamw_torch_fused,
+        gradient_checkpointing: true}
+hardware: {device: cuda}
+frameworks: [unsloth]
+"""
+
+
+@pytest.mark.gpu
+@needs_env("unsloth")
+def test_unsloth_loop_runs_the_adapters_checkpoint_mode_on_the_gpu(tmp_path, monkeypatch):
+    """The Unsloth loop checkpoints as the adapter's trainer makes it (Unsloth's offloading function on every
+    layer, read back from the live model), at a length where Unsloth keeps its offloading mode (512 tokens and up),
+    and its harness run reads back the same mode."""
+    monkeypatch.setenv("TUNEBENCH_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "handloop_unsloth_gpu.yaml"
+    path.write_text(GPU_QLORA)
+    sc = load_scenario(path)
+    loop = selfcheck_cli.run_loop("unsloth", path, sc, None, [])
+    assert loop["status"] == "ok", loop.get("reason")
+    assert loop["settings"]["unsloth_gradient_checkpointing"] == "unsloth"
+    assert loop["settings"]["gradient_checkpointing_offload"] is True
+    run = selfcheck_cli.run_harness("unsloth", path, sc)
+    assert run is not None and run["status"] == "ok", run and run.get("reason")
+    got = analysis.compare_side_by_side("unsloth", [{"round": 0, "first": "harness", "harness_run": run,
+                                                      "loop": loop}])
+    differ = {d["key"] for d in got["settings_differ"]}
+    assert not differ & {"unsloth_gradient_checkpointing", "gradient_checkpointing_offload", "checkpoint_function"}

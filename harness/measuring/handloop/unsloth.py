@@ -8,18 +8,25 @@ module imports at module level imports transformers.
 
 :func:`unsloth_calls` writes down the adapter's ``from_pretrained`` and ``get_peft_model`` keywords for a row
 without overrides (``adapters_for_tools/unsloth/config.py``; the tests hold the two equal): Unsloth's offloading
-checkpoint mode ``"unsloth"`` when the scenario checkpoints. The loop feeds the same padded micro-batches as the hf
-loop, where the adapter's ``SFTTrainer`` feeds Unsloth padding-free rows: that difference is listed, not hidden.
+checkpoint mode ``"unsloth"`` when the scenario checkpoints. :func:`trainer_checkpointing` then does what the
+adapter's ``SFTTrainer`` does to the model when it starts training: with its ``SFTConfig`` (TRL's, as Unsloth
+patches it, built from the adapter's arguments) asking for gradient checkpointing, ``gradient_checkpointing_enable``
+with that config's keywords, where Unsloth installs its own checkpoint function on every layer. The loop feeds
+the same padded micro-batches as the hf loop, where the adapter's ``SFTTrainer`` feeds Unsloth padding-free rows:
+that difference is listed, not hidden.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from adapters_for_tools import switches
+from adapters_for_tools.unsloth.config import native_config
 from harness.measuring.handloop.common import (
     Unavailable,
     machine,
@@ -49,6 +56,22 @@ def unsloth_calls(sc, checkpoint: str) -> dict[str, Any]:  # noqa: ANN001
                 "target_modules": m.resolved_targets(), "bias": "none", "use_gradient_checkpointing": gc,
                 "random_state": t.seed, "use_rslora": False}
     return {"from_pretrained": fp, "get_peft_model": peft}
+
+
+def trainer_checkpointing(model, sc, checkpoint: str) -> dict[str, Any] | None:  # noqa: ANN001
+    """Gradient checkpointing as the adapter's ``SFTTrainer`` enables it at ``train()``: the ``SFTConfig`` of the
+    adapter's arguments (after ``import unsloth``: Unsloth's patched config), and when it checkpoints,
+    ``model.gradient_checkpointing_enable`` with its ``gradient_checkpointing_kwargs``. Returns those keywords
+    (None when the config does not checkpoint)."""
+    from trl import SFTConfig  # after unsloth (run() imported it): the config class Unsloth patched
+
+    with tempfile.TemporaryDirectory(prefix="unsloth-loop-") as d:
+        args = SFTConfig(**native_config(sc, Path(d), checkpoint, Path(d) / "data.jsonl")["sft"])
+    if not args.gradient_checkpointing:
+        return None
+    kwargs = args.gradient_checkpointing_kwargs
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return dict(kwargs or {})
 
 
 def read_back(model, optimizer) -> dict[str, Any]:  # noqa: ANN001
@@ -81,9 +104,11 @@ def run(sc, checkpoint: str, device: str, steps: int) -> dict:  # noqa: ANN001
     if calls["get_peft_model"]:
         model = FastLanguageModel.get_peft_model(model, **calls["get_peft_model"])
     FastLanguageModel.for_training(model)
+    trainer_kwargs = trainer_checkpointing(model, sc, checkpoint)
     rows, data_settings = sweep_rows(sc, tok)
-    # checkpointing is Unsloth's (get_peft_model installed it): the knobs leave it alone
+    # checkpointing is Unsloth's (get_peft_model and the trainer's call installed it): the knobs leave it alone
     log, settings = train(model, tok, sc, device, steps, rows, HfKnobs(), read_back)
     return log.summary(sc.train.warmup_steps) | peak_memory(device) | {
         "settings": settings | log.geometry() | data_settings | machine(device, LIBRARIES)
-        | {"checkpoint": str(checkpoint), "unsloth_calls": calls, "padding_free_rows": False}}
+        | {"checkpoint": str(checkpoint), "unsloth_calls": calls, "padding_free_rows": False,
+           "trainer_checkpointing_kwargs": trainer_kwargs}}
