@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Runs a list of harness commands on a lent GPU machine within one call's deadline, from a clean copy of one commit,
+# and packs the sweeps it touched into $OUT/res.tgz; the next call (warm machine or fresh) carries on where it
+# stopped, because every sweep resumes.
+#
+#   B=570 bash scripts/gpu_steps.sh ARCHIVE STEPS_FILE
+#
+# ARCHIVE: .work/NAME.tgz made here with `git archive --format=tar.gz COMMIT -- . ':!results' ':!reports'`, and
+#   .work/NAME.sha holding COMMIT: the runs execute in /tmp/clean-NAME (kept between calls on a warm machine) and
+#   record that commit (TUNEBENCH_GIT_SHA). The sweeps of results/ that the clean copy lacks are copied into it
+#   first, so a sweep resumes from what the last call brought back; the sweeps a call wrote to come back whole.
+# STEPS_FILE: one command per line, run in the clean copy in order, each interrupted (SIGINT: the runner stores what
+#   finished) when B seconds since the call's start are spent; `$R` is this checkout on the machine.
+# Set-up on a fresh machine (~50 s): .whl/*.whl (what the harness process itself lacks there: pydantic with
+#   pydantic_core, annotated-types, typing-inspection, and submitit; `python3 -m pip download --no-deps
+#   --only-binary=:all: --python-version 3.12 --platform manylinux_2_17_x86_64 -d .whl NAME==VERSION`, the versions of
+#   pyproject.toml) into /tmp/site, and every .bundles/*.tar.xz (`python -m harness env pack all`) into /tmp/envs.
+# The device call names .bundles, .whl and .work in its carry (about 45 MB with the bundles).
+set -u
+t0=$(date +%s)
+B=${B:-560}
+R=$PWD
+A=$1
+S=$2
+export TUNEBENCH_ENVS=/tmp/envs TUNEBENCH_WORK=/tmp/tbwork TUNEBENCH_CACHE=/tmp/tbcache PYTHONUNBUFFERED=1
+export CUDA_DEVICE_ORDER=PCI_BUS_ID HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+if [ ! -f /tmp/site/.done ] && compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && touch /tmp/site/.done
+fi
+export PYTHONPATH=/tmp/site
+for b in .bundles/*.tar.xz; do
+  [ -f "$b" ] || continue
+  n=$(basename "$b" .tar.xz)
+  [ -f "/tmp/envs/$n/env.json" ] || (python3 -m harness env install "$b" >"/tmp/envinst-$n.log" 2>&1 \
+    || echo "bundle $n not installed: $(tail -2 "/tmp/envinst-$n.log")") &
+done
+wait
+echo "set-up done at $(( $(date +%s) - t0 )) s"
+C=/tmp/clean-$A
+if [ ! -f "$C/.sha" ]; then
+  rm -rf "$C" && mkdir -p "$C" && tar xzf ".work/$A.tgz" -C "$C" && cp ".work/$A.sha" "$C/.sha"
+fi
+TUNEBENCH_GIT_SHA=$(cat "$C/.sha")
+export TUNEBENCH_GIT_SHA R
+mkdir -p "$C/results"
+for d in results/*/; do
+  d=${d%/}
+  [ -d "$C/$d" ] || cp -r "$d" "$C/results/"
+done
+cd "$C" || exit 1
+stamp=$(mktemp) && touch "$stamp"
+while IFS= read -r line; do
+  [ -z "$line" ] && continue
+  left=$(( t0 + B - $(date +%s) ))
+  if [ $left -le 30 ]; then echo "deadline: not started: $line"; continue; fi
+  echo "=== [$(( $(date +%s) - t0 )) s] $line (${left} s left)"
+  timeout -s INT $left bash -c "$line" 2>&1 | grep -v "━" | tail -"${TAILN:-40}"
+  echo "=== exit ${PIPESTATUS[0]}"
+done < "$R/$S"
+mapfile -t mine < <(find results -newer "$stamp" -type f | cut -d/ -f1-2 | sort -u)
+[ -n "${OUT:-}" ] && [ ${#mine[@]} -gt 0 ] && tar czf "$OUT/res.tgz" --exclude=sweep.lock "${mine[@]}"
+echo "done at $(( $(date +%s) - t0 )) s"
