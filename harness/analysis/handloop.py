@@ -186,6 +186,8 @@ def harness_figures(run: dict[str, Any] | None) -> dict[str, Any]:
     """A harness run's (a stored run JSON's) status and the figures the loop also measures."""
     if not isinstance(run, dict):
         return {"status": "error", "reason": "the harness run stored no result"}
+    if "metrics" not in run and run.get("status") != "ok":  # no run: why the harness stored none
+        return {"status": run.get("status", "error"), "reason": run.get("reason")}
     metrics = run.get("metrics") or {}
     return {"status": run.get("status"), "reason": run.get("reason"), "valid": run.get("valid"),
             "invalid_reasons": run.get("invalid_reasons") or []} | {m: number(metrics.get(m)) for m in HARNESS_FIGURES}

@@ -101,9 +101,9 @@ def run_loop(framework: str, scenario: Path, sc, steps: int | None, knobs: list[
     return res
 
 
-def run_harness(framework: str, scenario: Path, sc) -> dict[str, Any] | None:  # noqa: ANN001
+def run_harness(framework: str, scenario: Path, sc) -> dict[str, Any]:  # noqa: ANN001
     """The harness's own run of row ``framework`` (``python -m harness run --only ROW --repeats 1``) in a private
-    temporary results folder; its stored run JSON, or None when it stored none.
+    temporary results folder: its stored run JSON, or ``status`` error with why it stored none.
 
     The check holds the machine lock already: the run takes a lock of its own in the temporary folder
     (``TUNEBENCH_LOCK_DIR``), so it neither waits for the check nor runs beside anything else.
@@ -114,26 +114,31 @@ def run_harness(framework: str, scenario: Path, sc) -> dict[str, Any] | None:  #
                "--repeats", "1", "--new", "--results", str(Path(tmp) / "results"), "--reports",
                str(Path(tmp) / "reports"), "--no-report", "--quiet"]
         try:
-            subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=sc.measure.timeout_s + 600)
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=sc.measure.timeout_s + 600)
         except subprocess.TimeoutExpired:
-            return None
+            return {"status": "error", "reason": f"harness run: no result within {sc.measure.timeout_s + 600:g} s"}
         found = sorted(Path(tmp, "results").glob(f"*/runs/{framework}-r0.json"))
-        return read_json(found[0]) if found else None
+        run = read_json(found[0]) if found else None
+    if run is None:
+        last = [ln for ln in proc.stderr.splitlines() if ln.strip()][-1:] or [f"exit code {proc.returncode}"]
+        return {"status": "error", "reason": f"harness run stored no result: {last[0][:500]}"}
+    return run
 
 
-def side_by_side(wanted: list[str], scenario: Path, sc, rounds: int, steps: int | None,  # noqa: ANN001
-                 knobs: list[str]) -> tuple[dict[str, list[dict[str, Any]]], dict[str, dict[str, Any]]]:
-    """``rounds`` rounds of each framework's harness run and hand loop, the harness first in even rounds and the
-    loop first in odd ones; the pairs (each with the full run JSON) and their comparison, by framework."""
+def side_by_side(wanted: list[str], scenario: Path, sc,  # noqa: ANN001
+                 rounds: int) -> tuple[dict[str, list[dict[str, Any]]], dict[str, dict[str, Any]]]:
+    """``rounds`` rounds of each framework's harness run and hand loop (both at the scenario's settings), the harness
+    first in even rounds and the loop first in odd ones; the pairs (each with the full run JSON) and their
+    comparison, by framework."""
     pairs: dict[str, list[dict[str, Any]]] = {fw: [] for fw in wanted}
     for r in range(rounds):
         for fw in wanted:
             first = "harness" if r % 2 == 0 else "loop"
             if first == "harness":
                 run = run_harness(fw, scenario, sc)
-                loop = run_loop(fw, scenario, sc, steps, knobs)
+                loop = run_loop(fw, scenario, sc, None, [])
             else:
-                loop = run_loop(fw, scenario, sc, steps, knobs)
+                loop = run_loop(fw, scenario, sc, None, [])
                 run = run_harness(fw, scenario, sc)
             pairs[fw].append({"round": r, "first": first, "harness_run": run, "loop": loop})
     return pairs, {fw: compare_side_by_side(fw, ps) for fw, ps in pairs.items()}
@@ -189,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with machine_lock(machine_lock_dir(), Path(f"selfcheck {args.scenario}")):
             if args.side_by_side:
-                pairs, paired = side_by_side(wanted, Path(args.scenario), sc, args.side_by_side, args.steps, args.set)
+                pairs, paired = side_by_side(wanted, Path(args.scenario), sc, args.side_by_side)
                 loops = {fw: ps[0]["loop"] for fw, ps in pairs.items()}
             else:
                 pairs, paired = {}, {}

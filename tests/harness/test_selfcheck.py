@@ -333,6 +333,9 @@ def test_side_by_side_that_differs_fails_the_check(sweep_dir, tmp_path, monkeypa
     got = analysis.compare_side_by_side("hf", [{"round": 0, "first": "harness", "harness_run": None,
                                                  "loop": _loop(1000.0)}])
     assert got["status"] == "no pair ran" and "harness error" in got["reason"] and "stored no result" in got["reason"]
+    why = {"status": "error", "reason": "harness run stored no result: ValueError: boom"}  # as run_harness says it
+    got = analysis.compare_side_by_side("hf", [{"round": 0, "first": "loop", "harness_run": why, "loop": _loop(1e3)}])
+    assert got["status"] == "no pair ran" and "ValueError: boom" in got["reason"]
 
 
 def test_side_by_side_refuses_what_the_harness_cannot_run(tmp_path, capsys):
