@@ -207,7 +207,9 @@ def compare_side_by_side(framework: str, pairs: list[dict[str, Any]],
         ``status`` (compared | no pair ran | ...) with ``reason``; when compared: ``rounds``, the medians
         ``harness_tokens_per_s`` / ``loop_tokens_per_s`` (and step times), ``difference_pct``, ``verdict``, each
         round's ``pair_differences_pct``, each side's ``harness_spread_pct`` / ``loop_spread_pct`` (max - min over
-        median, percent), ``settings_differ`` between the first ok harness run and its loop.
+        median, percent), ``harness_sampler_busy_pct`` (the NVML sampler thread's busy share in the harness runs,
+        median: an upper bound on what the harness's own sampling could take), ``settings_differ`` between the
+        first ok harness run and its loop.
     """
     out: dict[str, Any] = {"framework": framework}
     ok = []
@@ -241,5 +243,7 @@ def compare_side_by_side(framework: str, pairs: list[dict[str, Any]],
         "pair_differences_pct": [difference_pct(h["tokens_per_s"], lo["tokens_per_s"]) for _, h, lo in ok],
         "harness_spread_pct": _spread_pct(h_tps), "loop_spread_pct": _spread_pct(l_tps),
         "harness_valid": all(h.get("valid") is not False for _, h, _ in ok),
+        "harness_sampler_busy_pct": _median([b for p, _, _ in ok if (b := number(((p["harness_run"] or {}).get(
+            "metrics") or {}).get("nvml_sampler_busy_pct"))) is not None]),
         "settings_differ": differ}
 

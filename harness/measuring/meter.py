@@ -62,6 +62,9 @@ class GpuMemorySampler:
         self.peak_device_bytes: int | None = None
         self.baseline_device_bytes: int | None = None
         self.samples = 0
+        self.busy_s = 0.0  # time the sampler thread spent sampling (NVML calls and the Python around them)
+        self.sampling_s = 0.0  # time from start() to stop()
+        self._started_at: float | None = None
         self.foreign: dict[int, int] = {}  # pid -> most GPU memory seen, for other processes on this GPU
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -107,6 +110,7 @@ class GpuMemorySampler:
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
+            t0 = time.perf_counter()
             try:
                 self.sample()
                 if self.telemetry is not None and self.samples % TELEMETRY_EVERY == 0:
@@ -114,10 +118,19 @@ class GpuMemorySampler:
             except Exception as e:  # keep the run going; report the sampler's failure with the result
                 self.error = f"{type(e).__name__}: {e}"
                 return
+            finally:
+                self.busy_s += time.perf_counter() - t0
+
+    @property
+    def busy_pct(self) -> float | None:
+        """Percent of the sampled time the sampler thread was busy: an upper bound on how much of the process's
+        time it could take (NVML calls release the GIL; the Python around them holds it)."""
+        return 100.0 * self.busy_s / self.sampling_s if self.sampling_s > 0 else None
 
     def start(self) -> GpuMemorySampler:
         if self.available and self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="nvml-sampler", daemon=True)
+            self._started_at = time.perf_counter()
             self._thread.start()
         return self
 
@@ -126,6 +139,8 @@ class GpuMemorySampler:
             self._stop.set()
             self._thread.join(timeout=5)
             self._thread = None
+            if self._started_at is not None:
+                self.sampling_s = time.perf_counter() - self._started_at
             try:
                 self.sample()
             except Exception:
@@ -326,6 +341,7 @@ class StepMeter:
             "peak_vram_device_gib": _gib(self.memory.peak_device_bytes) if self.memory else None,
             "vram_device_before_gib": _gib(self.memory.baseline_device_bytes) if self.memory else None,
             "nvml_samples": self.memory.samples if self.memory else None,
+            "nvml_sampler_busy_pct": self.memory.busy_pct if self.memory else None,
             "nvml_error": self.memory.error if self.memory else None,
             "foreign_gpu_processes": ([{"pid": pid, "max_gib": _gib(b)}
                                        for pid, b in sorted(self.memory.foreign.items())] if self.memory else None),

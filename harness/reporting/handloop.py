@@ -22,12 +22,15 @@ from harness.storing.results import read_json
 from harness.storing.sweep import Sweep
 
 PAIR_HEADER = ["check", "framework", "rounds (order)", "harness tokens/s (median)", "hand loop tokens/s (median)",
-               "difference", "each pair", "spread harness / loop", "verdict", "settings that differ"]
+               "difference", "each pair", "spread harness / loop", "NVML sampler busy", "verdict",
+               "settings that differ"]
 PAIR_INTRO = ("Side by side on one machine (`selfcheck --side-by-side N`): each round runs the harness's own worker "
               "for the row (`harness run --only ROW --repeats 1`, stored with the check) and the hand loop, back to "
               "back, the harness first in even rounds and the loop first in odd ones. The medians are compared; "
               "the spread (max − min over the median, per side) is how far the same side moved between rounds on "
-              "the same machine. Where a check has pairs, their verdict is the check's.")
+              "the same machine. NVML sampler busy: the share of the harness run's time its background NVML thread "
+              "spent sampling (memory every 10 ms, clocks and power every 100 ms): an upper bound on what the "
+              "harness's own sampling could take from the run. Where a check has pairs, their verdict is the check's.")
 HEADER = ["check", "framework", "harness tokens/s", "hand loop tokens/s", "difference", "step s harness / loop",
           "verdict", "settings that differ (stated cause)"]
 INTRO = ("Each framework's figure beside the same training in a plain hand-written loop (`python -m harness "
@@ -75,8 +78,8 @@ def _pair_row(check: str, fw: str, entry: dict[str, Any], band: float) -> list[s
     if not isinstance(entry, dict) or entry.get("status") != "compared":
         status = entry.get("status", "unreadable") if isinstance(entry, dict) else "unreadable"
         reason = entry.get("reason") if isinstance(entry, dict) else None
-        return [check, fw, EMPTY, EMPTY, EMPTY, EMPTY, EMPTY, EMPTY, Cell(f"{status}: {short(reason, 200)}", "bad"),
-                EMPTY]
+        return [check, fw, EMPTY, EMPTY, EMPTY, EMPTY, EMPTY, EMPTY, EMPTY,
+                Cell(f"{status}: {short(reason, 200)}", "bad"), EMPTY]
     diff = entry.get("difference_pct")
     said = verdict(diff, band)
     verdict_cell = (Cell("agrees", "good") if said == "agrees"
@@ -87,8 +90,11 @@ def _pair_row(check: str, fw: str, entry: dict[str, Any], band: float) -> list[s
                         for x in (entry.get("harness_spread_pct"), entry.get("loop_spread_pct")))
     differs = entry.get("settings_differ") or []
     settings = Cell(cause(entry), "warn") if differs else EMPTY
+    busy = entry.get("harness_sampler_busy_pct")
+    busy_cell = f"{busy:.1f} %" if isinstance(busy, (int, float)) and not isinstance(busy, bool) else EMPTY
     return [check, fw, f"{entry.get('rounds')} ({order} first)", fmt(entry.get("harness_tokens_per_s"), thousands=True),
-            fmt(entry.get("loop_tokens_per_s"), thousands=True), _pct(diff), pairs, spread, verdict_cell, settings]
+            fmt(entry.get("loop_tokens_per_s"), thousands=True), _pct(diff), pairs, spread, busy_cell, verdict_cell,
+            settings]
 
 
 def rows(sweep_dir: Path) -> tuple[list[list[str | Cell]], list[str], int, list[list[str | Cell]]]:
@@ -114,7 +120,7 @@ def rows(sweep_dir: Path) -> tuple[list[list[str | Cell]], list[str], int, list[
             out.append(row)
         for fw, entry in paired.items():
             row = _pair_row(path.name, str(fw), entry, band)
-            n_differ += isinstance(row[8], Cell) and row[8].mark == "bad"
+            n_differ += isinstance(row[9], Cell) and row[9].mark == "bad"
             pair_rows.append(row)
     return out, unreadable, n_differ, pair_rows
 

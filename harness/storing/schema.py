@@ -96,6 +96,7 @@ class Metrics(_Open):
     peak_vram_device_gib: float | None = None  # NVML, everything on the device
     vram_device_before_gib: float | None = None
     nvml_samples: int | None = None
+    nvml_sampler_busy_pct: float | None = None  # the sampler thread's busy time over the time it ran, percent
     nvml_error: str | None = None
     peak_alloc_gib: float | None = None  # torch.cuda.max_memory_allocated
     peak_reserved_gib: float | None = None  # torch.cuda.max_memory_reserved

@@ -271,7 +271,9 @@ def _pairing(monkeypatch, harness_tps: dict[str, list[float]], loop_tps: dict[st
         calls.append(f"{fw}:harness")
         i = rounds["harness"][fw]
         rounds["harness"][fw] += 1
-        return make_run(fw, 0, tokens_per_s=harness_tps[fw][i], jitter=0)
+        run = make_run(fw, 0, tokens_per_s=harness_tps[fw][i], jitter=0)
+        run["metrics"]["nvml_sampler_busy_pct"] = 2.0 + i  # the sampler thread's share: 2 % then 3 %
+        return run
 
     def loop(fw, *a):  # noqa: ANN001, ANN002, ANN202
         calls.append(f"{fw}:loop")
@@ -304,6 +306,7 @@ def test_side_by_side_alternates_and_its_pairs_are_the_verdict(sweep_dir, tmp_pa
     assert tb["difference_pct"] == pytest.approx(100 * 10 / 1290) and tb["verdict"] == "agrees"
     assert tb["pair_differences_pct"] == pytest.approx([100 * -10 / 1300, 100 * 30 / 1280])
     assert tb["harness_spread_pct"] == pytest.approx(100 * 20 / 1300)
+    assert tb["harness_sampler_busy_pct"] == pytest.approx(2.5)  # median of the rounds' 2 % and 3 %
     assert check["frameworks"]["tunebench"]["verdict"] == "differs"  # the stored sweep, against round 0's loop
     out = capsys.readouterr().out
     assert ("tunebench side by side (2 rounds): harness 1,300 tokens/s, hand loop 1,290 tokens/s, +0.8 % -> agrees"
@@ -316,7 +319,7 @@ def test_side_by_side_alternates_and_its_pairs_are_the_verdict(sweep_dir, tmp_pa
     assert "differs by +15.4 % from the stored sweep" in stored and "side by side on one machine" in stored
     paired = next(line for line in section.splitlines() if line.startswith("| selfcheck.json | tunebench | 2 ("))
     assert "harness, loop first" in paired and "+0.8 %" in paired and "-0.8 %, +2.3 %" in paired
-    assert "agrees" in paired and "1.5 % / 1.6 %" in paired
+    assert "agrees" in paired and "1.5 % / 1.6 %" in paired and "| 2.5 % |" in paired
 
 
 def test_side_by_side_that_differs_fails_the_check(sweep_dir, tmp_path, monkeypatch, capsys):

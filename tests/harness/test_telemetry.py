@@ -109,3 +109,57 @@ def test_cpu_run_has_no_telemetry():
     meter.step_end(loss=1.0)
     m = meter.finish()
     assert m["energy_j"] is None and m["throttled"] is None
+
+
+class FakeNvmlModule(FakeNvml):
+    """pynvml as a module: init, a device handle, memory and the processes on the GPU (this one and a foreign
+    one), each memory query taking a millisecond as a driver call would."""
+
+    class NVMLError(Exception):
+        pass
+
+    def __init__(self, pid: int):
+        super().__init__()
+        self.pid = pid
+
+    def nvmlInit(self):  # noqa: N802
+        pass
+
+    def nvmlDeviceGetHandleByIndex(self, i):  # noqa: N802
+        return f"gpu{i}"
+
+    def nvmlDeviceGetMemoryInfo(self, h):  # noqa: N802
+        import time
+        from types import SimpleNamespace
+
+        time.sleep(0.001)
+        return SimpleNamespace(used=6 * 2**30)
+
+    def nvmlDeviceGetComputeRunningProcesses(self, h):  # noqa: N802
+        from types import SimpleNamespace
+
+        return [SimpleNamespace(pid=self.pid, usedGpuMemory=5 * 2**30), SimpleNamespace(pid=4242, usedGpuMemory=2**30)]
+
+    def nvmlDeviceGetGraphicsRunningProcesses(self, h):  # noqa: N802
+        return []
+
+
+def test_sampler_reads_its_peaks_and_how_busy_it_was(monkeypatch):
+    """The NVML sampler thread on a fake driver: this process's and the device's peaks, the foreign process, and
+    its own busy time as a share of the time it ran (each sample sleeps 1 ms every 5 ms: about 20 %)."""
+    import os
+    import sys
+    import time
+
+    from harness.measuring.meter import GpuMemorySampler
+
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNvmlModule(os.getpid()))
+    sampler = GpuMemorySampler(interval_s=0.005).start()
+    assert sampler.available and sampler.error is None
+    time.sleep(0.3)
+    sampler.stop()
+    assert sampler.samples >= 10
+    assert sampler.peak_process_bytes == 5 * 2**30 and sampler.peak_device_bytes == 6 * 2**30
+    assert sampler.foreign == {4242: 2**30}
+    assert 5 < sampler.busy_pct < 60  # ~1 ms busy per ~6 ms cycle, with slack for a loaded CI machine
+    assert Metrics(nvml_sampler_busy_pct=sampler.busy_pct).nvml_sampler_busy_pct == sampler.busy_pct
