@@ -148,6 +148,8 @@ def test_loops_hold_the_adapters_settings(tiny, tmp_path):
     assert tunebench.trainer_config(sc, 7) == trainer_config(sc, {}, 7)
     native, calls = native_config(sc, tmp_path, "/ckpt", tmp_path / "d.jsonl"), unsloth.unsloth_calls(sc, "/ckpt")
     assert calls == {"from_pretrained": native["from_pretrained"], "get_peft_model": native["get_peft_model"]}
+    # the Unsloth loop reads checkpointing from a default SFTConfig: the adapter's must leave those keys alone
+    assert not set(unsloth.TRAINER_CHECKPOINT_KEYS) & set(native["sft"])
 
 
 def test_unsloth_loop_is_unavailable_without_unsloth(tiny):

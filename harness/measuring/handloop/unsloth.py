@@ -9,9 +9,10 @@ module imports at module level imports transformers.
 :func:`unsloth_calls` writes down the adapter's ``from_pretrained`` and ``get_peft_model`` keywords for a row
 without overrides (``adapters_for_tools/unsloth/config.py``; the tests hold the two equal): Unsloth's offloading
 checkpoint mode ``"unsloth"`` when the scenario checkpoints. :func:`trainer_checkpointing` then does what the
-adapter's ``SFTTrainer`` does to the model when it starts training: with its ``SFTConfig`` (TRL's, as Unsloth
-patches it, built from the adapter's arguments) asking for gradient checkpointing, ``gradient_checkpointing_enable``
-with that config's keywords, where Unsloth installs its own checkpoint function on every layer. The loop feeds
+adapter's ``SFTTrainer`` does to the model when it starts training: the adapter's ``SFTConfig`` leaves
+:data:`TRAINER_CHECKPOINT_KEYS` at their defaults (TRL's, as Unsloth patches them; the tests hold the adapter to
+that), and when those ask for gradient checkpointing the trainer calls ``gradient_checkpointing_enable`` with their
+keywords, where Unsloth installs its own checkpoint function on every layer. The loop feeds
 the same padded micro-batches as the hf loop, where the adapter's ``SFTTrainer`` feeds Unsloth padding-free rows:
 that difference is listed, not hidden.
 """
@@ -20,13 +21,11 @@ from __future__ import annotations
 
 import importlib.util
 import tempfile
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from adapters_for_tools import switches
-from adapters_for_tools.unsloth.config import native_config
 from harness.measuring.handloop.common import (
     Unavailable,
     machine,
@@ -39,6 +38,8 @@ from harness.measuring.handloop.knobs import HfKnobs
 from harness.measuring.handloop.trainer_loop import train
 
 LIBRARIES = ("torch", "transformers", "peft", "unsloth", "unsloth_zoo")
+# what the adapter's SFTConfig leaves at the config class's defaults, and the loop reads from a default config
+TRAINER_CHECKPOINT_KEYS = ("gradient_checkpointing", "gradient_checkpointing_kwargs")
 
 
 def unsloth_calls(sc, checkpoint: str) -> dict[str, Any]:  # noqa: ANN001
@@ -58,15 +59,15 @@ def unsloth_calls(sc, checkpoint: str) -> dict[str, Any]:  # noqa: ANN001
     return {"from_pretrained": fp, "get_peft_model": peft}
 
 
-def trainer_checkpointing(model, sc, checkpoint: str) -> dict[str, Any] | None:  # noqa: ANN001
-    """Gradient checkpointing as the adapter's ``SFTTrainer`` enables it at ``train()``: the ``SFTConfig`` of the
-    adapter's arguments (after ``import unsloth``: Unsloth's patched config), and when it checkpoints,
-    ``model.gradient_checkpointing_enable`` with its ``gradient_checkpointing_kwargs``. Returns those keywords
-    (None when the config does not checkpoint)."""
+def trainer_checkpointing(model) -> dict[str, Any] | None:  # noqa: ANN001
+    """Gradient checkpointing as the adapter's ``SFTTrainer`` enables it at ``train()``: from a default ``SFTConfig``
+    (after ``import unsloth``: the class Unsloth patched; the adapter sets none of :data:`TRAINER_CHECKPOINT_KEYS`),
+    ``model.gradient_checkpointing_enable`` with its ``gradient_checkpointing_kwargs`` when it checkpoints. Returns
+    those keywords (None when the config does not checkpoint)."""
     from trl import SFTConfig  # after unsloth (run() imported it): the config class Unsloth patched
 
     with tempfile.TemporaryDirectory(prefix="unsloth-loop-") as d:
-        args = SFTConfig(**native_config(sc, Path(d), checkpoint, Path(d) / "data.jsonl")["sft"])
+        args = SFTConfig(output_dir=d, report_to="none")
     if not args.gradient_checkpointing:
         return None
     kwargs = args.gradient_checkpointing_kwargs
@@ -104,7 +105,7 @@ def run(sc, checkpoint: str, device: str, steps: int) -> dict:  # noqa: ANN001
     if calls["get_peft_model"]:
         model = FastLanguageModel.get_peft_model(model, **calls["get_peft_model"])
     FastLanguageModel.for_training(model)
-    trainer_kwargs = trainer_checkpointing(model, sc, checkpoint)
+    trainer_kwargs = trainer_checkpointing(model)
     rows, data_settings = sweep_rows(sc, tok)
     # checkpointing is Unsloth's (get_peft_model and the trainer's call installed it): the knobs leave it alone
     log, settings = train(model, tok, sc, device, steps, rows, HfKnobs(), read_back)
