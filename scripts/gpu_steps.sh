@@ -12,7 +12,7 @@
 # STEPS_FILE: one command per line, run in the clean copy in order, each interrupted (SIGINT: the runner stores what
 #   finished) when B seconds since the call's start are spent; `$R` is this checkout on the machine.
 # Set-up on a fresh machine (~50 s): .whl/*.whl (what the harness process itself lacks there: pydantic with
-#   pydantic_core, annotated-types, typing-inspection, and submitit; `python3 -m pip download --no-deps
+#   pydantic_core, annotated-types, typing-inspection; `python3 -m pip download --no-deps
 #   --only-binary=:all: --python-version 3.12 --platform manylinux_2_17_x86_64 -d .whl NAME==VERSION`, the versions of
 #   pyproject.toml) into /tmp/site, and every .bundles/*.tar.xz (`python -m harness env pack all`) into /tmp/envs.
 # The device call names .bundles, .whl and .work in its carry (about 45 MB with the bundles).

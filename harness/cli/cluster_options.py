@@ -1,7 +1,8 @@
 """The ``--cluster ...`` options of ``run`` and ``nightly``: each run of the sweep submitted as a job.
 
 They set, or override key by key, the suite's ``cluster:`` section (:mod:`harness.spec.cluster`); the jobs go
-through submitit (:mod:`harness.running.cluster`). Examples::
+through submitit (:mod:`harness.running.cluster`), imported only when a cluster is asked for: a plain ``run`` needs
+no submitit (the GPU box's Python has none). Examples::
 
     python -m harness run scenarios/llama8b_qlora.yaml --cluster slurm --partition gpu --gpus-per-job 1
     python -m harness nightly SUITE.yaml --cluster slurm --slurm-param account=ml-bench --slurm-param qos=normal
@@ -11,12 +12,14 @@ through submitit (:mod:`harness.running.cluster`). Examples::
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-import submitit
 from pydantic import ValidationError
 
-from harness.running.cluster import ClusterLauncher
 from harness.spec.cluster import EXECUTORS, ClusterSettings
+
+if TYPE_CHECKING:
+    from harness.running.cluster import ClusterLauncher
 
 # option name -> ClusterSettings field
 _FIELDS = {"partition": "partition", "gpus_per_job": "gpus_per_job", "cpus_per_job": "cpus_per_job",
@@ -72,6 +75,10 @@ def launcher_from(args: argparse.Namespace, base: ClusterSettings | None = None)
     except ValidationError as e:
         raise ClusterOptionsError("; ".join(f"{_option(err['loc'])}: {err['msg'].removeprefix('Value error, ')}"
                                             for err in e.errors())) from None
+    import submitit  # heavy, and only for a cluster
+
+    from harness.running.cluster import ClusterLauncher
+
     if settings.executor == "slurm" and submitit.SlurmExecutor.affinity() < 0:
         raise ClusterOptionsError("--cluster slurm: Slurm's srun/sbatch are not on this machine's PATH (submit "
                                   "from a login node of the cluster)")

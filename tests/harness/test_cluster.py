@@ -185,3 +185,16 @@ def test_bad_cluster_section_names_file_line_and_key(tmp_path, capsys, section: 
     assert any(p.startswith(f"{suite}:{line}: ") and message in p for p in e.value.problems), e.value.problems
     assert nightly.main([str(suite), "--results", str(tmp_path / "r")]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_plain_commands_import_no_submitit_nor_duckdb():
+    """The GPU box's Python has neither: `run`, `frontier`, `selfcheck`, `report` and `validate` load them only when
+    a cluster or the history is asked for."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from harness.cli import frontier, report, run, selfcheck, validate\n"
+            "print(sorted(m for m in ('submitit', 'duckdb') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
