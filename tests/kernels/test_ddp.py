@@ -9,10 +9,13 @@ micro-batches per rank, so accumulation across micro-batches and the global loss
 
 Tolerances (float32 on CPU, the ops' PyTorch references): the two sides differ in the order of summation (two
 partial sums added by the all-reduce instead of one), ~1e-7 relative. Measured after 4 steps: losses within 1e-6
-(loss ~5.8), weights within 1.1e-6 (AdamW) and 6e-8 (SGD). Limits ``LOSS_ATOL = 1e-5`` and ``PARAM_ATOL = 1e-5``;
-what they catch: gradients averaged over the ranks instead of summed put the SGD losses 0.09 (DDP) and 0.5 (FSDP)
-off and the AdamW weights 2e-4 off (measured by making that change); a per-rank loss-token count changes the loss
-in the 2nd decimal.
+(loss ~5.8), weights within 6e-8 with SGD. AdamW divides each element's step by the root of its squared gradients,
+so an element whose gradient is small moves by up to ``lr`` whatever its size, and a rounding-order difference in
+such a gradient reaches the weight amplified: within 1.1e-6 on one CPU, 1.55e-5 on another (one LoRA B element of
+a gate projection; lr 1e-3). Limits ``LOSS_ATOL = 1e-5``, ``PARAM_ATOL`` 1e-5 with SGD and 5e-5 with AdamW; what
+they catch: gradients averaged over the ranks instead of summed put the SGD losses 0.09 (DDP) and 0.5 (FSDP) off
+and the AdamW weights 2e-4 off (measured by making that change); a per-rank loss-token count changes the loss in
+the 2nd decimal.
 
 The ranks run this file as a script (``python -m torch.distributed.run --nproc-per-node 2 test_ddp.py ...``): all
 cases in one launch, ~15 s on 2 cores.
@@ -36,7 +39,7 @@ from kernels.trainer.loading import load_model
 from kernels.trainer.train import train
 
 LOSS_ATOL = 1e-5
-PARAM_ATOL = 1e-5
+PARAM_ATOL = {"sgd": 1e-5, "adamw_torch": 5e-5}  # AdamW amplifies rounding in small gradients (docstring)
 BOS, EOS, PAD = 256, 257, 258
 WORLD = 2
 MICRO, ACCUM, STEPS = 2, 2, 4
@@ -149,8 +152,9 @@ def _check_case(out: Path, ckpt, strategy: str, method: str, optimizer: str, dev
     assert want_losses[-1] < want_losses[0] - 0.01  # it trained: equal non-learning would prove little
     assert set(got["weights"]) == set(want)
     for name, w in want.items():
-        torch.testing.assert_close(got["weights"][name], w, atol=PARAM_ATOL, rtol=0, msg=name)
-        torch.testing.assert_close(got["whole"][name], w, atol=PARAM_ATOL, rtol=0, msg=f"whole_parameters: {name}")
+        atol = PARAM_ATOL[optimizer]
+        torch.testing.assert_close(got["weights"][name], w, atol=atol, rtol=0, msg=name)
+        torch.testing.assert_close(got["whole"][name], w, atol=atol, rtol=0, msg=f"whole_parameters: {name}")
     assert got["effective"] == {"world_size": WORLD, "strategy": strategy}
     settings = one.effective_settings()
     for key in ("trainable_params", "total_params", "quantization", "lora_r"):  # sharding hides nothing
