@@ -77,7 +77,7 @@ def launcher_from(args: argparse.Namespace, base: ClusterSettings | None = None)
                                             for err in e.errors())) from None
     import submitit  # heavy, and only for a cluster
 
-    from harness.running.cluster import ClusterLauncher
+    from harness.running.cluster import ClusterLauncher  # imports submitit: only when a cluster is asked for
 
     if settings.executor == "slurm" and submitit.SlurmExecutor.affinity() < 0:
         raise ClusterOptionsError("--cluster slurm: Slurm's srun/sbatch are not on this machine's PATH (submit "
