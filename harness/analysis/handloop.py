@@ -183,14 +183,14 @@ def _spread_pct(values: list[float]) -> float | None:
 
 
 def harness_figures(run: dict[str, Any] | None) -> dict[str, Any]:
-    """A harness run's (a stored run JSON's) status and the figures the loop also measures."""
+    """A harness run's (a stored run JSON's, or run_harness's error) status, the figures the loop also measures and
+    the NVML sampler's busy share."""
     if not isinstance(run, dict):
         return {"status": "error", "reason": "the harness run stored no result"}
-    if "metrics" not in run and run.get("status") != "ok":  # no run: why the harness stored none
-        return {"status": run.get("status", "error"), "reason": run.get("reason")}
     metrics = run.get("metrics") or {}
-    return {"status": run.get("status"), "reason": run.get("reason"), "valid": run.get("valid"),
-            "invalid_reasons": run.get("invalid_reasons") or []} | {m: number(metrics.get(m)) for m in HARNESS_FIGURES}
+    return {"status": run.get("status", "error"), "reason": run.get("reason"), "valid": run.get("valid"),
+            "invalid_reasons": run.get("invalid_reasons") or []} | {
+        m: number(metrics.get(m)) for m in (*HARNESS_FIGURES, "nvml_sampler_busy_pct")}
 
 
 def compare_side_by_side(framework: str, pairs: list[dict[str, Any]],
@@ -243,7 +243,7 @@ def compare_side_by_side(framework: str, pairs: list[dict[str, Any]],
         "pair_differences_pct": [difference_pct(h["tokens_per_s"], lo["tokens_per_s"]) for _, h, lo in ok],
         "harness_spread_pct": _spread_pct(h_tps), "loop_spread_pct": _spread_pct(l_tps),
         "harness_valid": all(h.get("valid") is not False for _, h, _ in ok),
-        "harness_sampler_busy_pct": _median([b for p, _, _ in ok if (b := number(((p["harness_run"] or {}).get(
-            "metrics") or {}).get("nvml_sampler_busy_pct"))) is not None]),
+        "harness_sampler_busy_pct": _median([h["nvml_sampler_busy_pct"] for _, h, _ in ok
+                                             if h["nvml_sampler_busy_pct"] is not None]),
         "settings_differ": differ}
 

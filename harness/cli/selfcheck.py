@@ -132,15 +132,12 @@ def side_by_side(wanted: list[str], scenario: Path, sc,  # noqa: ANN001
     comparison, by framework."""
     pairs: dict[str, list[dict[str, Any]]] = {fw: [] for fw in wanted}
     for r in range(rounds):
+        order = ("harness_run", "loop") if r % 2 == 0 else ("loop", "harness_run")
         for fw in wanted:
-            first = "harness" if r % 2 == 0 else "loop"
-            if first == "harness":
-                run = run_harness(fw, scenario, sc)
-                loop = run_loop(fw, scenario, sc, None, [])
-            else:
-                loop = run_loop(fw, scenario, sc, None, [])
-                run = run_harness(fw, scenario, sc)
-            pairs[fw].append({"round": r, "first": first, "harness_run": run, "loop": loop})
+            side = {"harness_run": lambda fw=fw: run_harness(fw, scenario, sc),
+                    "loop": lambda fw=fw: run_loop(fw, scenario, sc, None, [])}
+            got = {name: side[name]() for name in order}
+            pairs[fw].append({"round": r, "first": order[0].removesuffix("_run")} | got)
     return pairs, {fw: compare_side_by_side(fw, ps) for fw, ps in pairs.items()}
 
 

@@ -41,17 +41,30 @@ INTRO = ("Each framework's figure beside the same training in a plain hand-writt
          "where none differs, the settings only the loop records are listed.")
 
 
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def _pct(x: Any) -> str:
-    return EMPTY if not isinstance(x, (int, float)) or isinstance(x, bool) else f"{x:+.1f} %"
+    return f"{x:+.1f} %" if _number(x) else EMPTY
+
+
+def _share(x: Any) -> str:
+    return f"{x:.1f} %" if _number(x) else EMPTY
+
+
+def _not_compared(entry: Any) -> tuple[str, Any] | None:
+    """(status, reason) of an entry that holds no comparison; None for a compared one."""
+    if isinstance(entry, dict) and entry.get("status") == "compared":
+        return None
+    return (entry.get("status", "unreadable"), entry.get("reason")) if isinstance(entry, dict) else ("unreadable", None)
 
 
 def _row(check: str, fw: str, entry: dict[str, Any], band: float,
          paired: dict[str, Any] | None = None) -> list[str | Cell]:
     """One framework's row of one check (``paired``: the same framework's side-by-side comparison, if any)."""
-    if not isinstance(entry, dict) or entry.get("status") != "compared":
-        status = entry.get("status", "unreadable") if isinstance(entry, dict) else "unreadable"
-        reason = entry.get("reason") if isinstance(entry, dict) else None
-        return [check, fw, EMPTY, EMPTY, EMPTY, EMPTY, Cell(f"{status}: {short(reason, 200)}", "warn"), EMPTY]
+    if failed := _not_compared(entry):
+        return [check, fw, EMPTY, EMPTY, EMPTY, EMPTY, Cell(f"{failed[0]}: {short(failed[1], 200)}", "warn"), EMPTY]
     h, lo = entry.get("harness") or {}, entry.get("loop") or {}
     diff = entry.get("difference_pct")
     said = verdict(diff, band)
@@ -75,25 +88,21 @@ def _row(check: str, fw: str, entry: dict[str, Any], band: float,
 
 def _pair_row(check: str, fw: str, entry: dict[str, Any], band: float) -> list[str | Cell]:
     """One framework's side-by-side row of one check."""
-    if not isinstance(entry, dict) or entry.get("status") != "compared":
-        status = entry.get("status", "unreadable") if isinstance(entry, dict) else "unreadable"
-        reason = entry.get("reason") if isinstance(entry, dict) else None
+    if failed := _not_compared(entry):
         return [check, fw, EMPTY, EMPTY, EMPTY, EMPTY, EMPTY, EMPTY, EMPTY,
-                Cell(f"{status}: {short(reason, 200)}", "bad"), EMPTY]
+                Cell(f"{failed[0]}: {short(failed[1], 200)}", "bad"), EMPTY]
     diff = entry.get("difference_pct")
     said = verdict(diff, band)
     verdict_cell = (Cell("agrees", "good") if said == "agrees"
                     else Cell(f"differs by {_pct(diff)}", "bad") if said == "differs" else Cell("no figure", "warn"))
     order = ", ".join(str(o) for o in entry.get("order") or [])
     pairs = ", ".join(_pct(x) for x in entry.get("pair_differences_pct") or [])
-    spread = " / ".join("—" if not isinstance(x, (int, float)) else f"{x:.1f} %"
-                        for x in (entry.get("harness_spread_pct"), entry.get("loop_spread_pct")))
+    spread = " / ".join(_share(entry.get(k)) for k in ("harness_spread_pct", "loop_spread_pct"))
     differs = entry.get("settings_differ") or []
     settings = Cell(cause(entry), "warn") if differs else EMPTY
-    busy = entry.get("harness_sampler_busy_pct")
-    busy_cell = f"{busy:.1f} %" if isinstance(busy, (int, float)) and not isinstance(busy, bool) else EMPTY
+    busy = _share(entry.get("harness_sampler_busy_pct"))
     return [check, fw, f"{entry.get('rounds')} ({order} first)", fmt(entry.get("harness_tokens_per_s"), thousands=True),
-            fmt(entry.get("loop_tokens_per_s"), thousands=True), _pct(diff), pairs, spread, busy_cell, verdict_cell,
+            fmt(entry.get("loop_tokens_per_s"), thousands=True), _pct(diff), pairs, spread, busy, verdict_cell,
             settings]
 
 
