@@ -207,7 +207,7 @@ def compare_side_by_side(framework: str, pairs: list[dict[str, Any]],
         ``status`` (compared | no pair ran | ...) with ``reason``; when compared: ``rounds``, the medians
         ``harness_tokens_per_s`` / ``loop_tokens_per_s`` (and step times), ``difference_pct``, ``verdict``, each
         round's ``pair_differences_pct``, each side's ``harness_spread_pct`` / ``loop_spread_pct`` (max - min over
-        median, percent), ``harness_sampler_busy_pct`` (the NVML sampler thread's busy share in the harness runs,
+        median, percent), ``harness_sampler_busy_pct`` (the NVML sampling's busy share in the harness runs,
         median: an upper bound on what the harness's own sampling could take), ``settings_differ`` between the
         first ok harness run and its loop.
     """

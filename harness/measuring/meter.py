@@ -15,8 +15,9 @@ What is measured (units in names):
   ``warmup_steps`` are dropped from the statistics (compile/autotune/allocator warm-up).
 - tokens: non-padding input tokens (``attention_mask`` sum, or all ids when there is no mask) and,
   separately, loss-bearing tokens (labels != -100 after the one-position shift) — never a tool's own count.
-- GPU memory three ways: NVML per-process used memory sampled in a background thread, NVML device total
-  used memory, and torch ``max_memory_allocated`` / ``max_memory_reserved``. On a CPU these stay ``None``.
+- GPU memory three ways: NVML per-process used memory sampled by a monitor process beside the run
+  (harness.measuring.nvml_sampler), NVML device total used memory, and torch ``max_memory_allocated`` /
+  ``max_memory_reserved``. On a CPU these stay ``None``.
 - host peak RSS (``ru_maxrss``).
 """
 
@@ -26,16 +27,14 @@ import json
 import os
 import resource
 import statistics
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from harness.measuring.telemetry import GpuTelemetry
+from harness.measuring.nvml_sampler import GpuMemorySampler
 
 GIB = 1024**3
-TELEMETRY_EVERY = 10  # clocks/power/temperature every 10th memory sample (~100 ms): 5 NVML calls each
 
 
 def _percentile(xs: list[float], q: float) -> float | None:
@@ -45,106 +44,6 @@ def _percentile(xs: list[float], q: float) -> float | None:
     k = (len(s) - 1) * q
     lo, hi = int(k), min(int(k) + 1, len(s) - 1)
     return s[lo] + (s[hi] - s[lo]) * (k - lo)
-
-
-class GpuMemorySampler:
-    """Samples NVML memory of this process and of the whole device in a background thread.
-
-    ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` (set by the runner) makes NVML's index agree with torch's.
-    """
-
-    def __init__(self, device_index: int = 0, interval_s: float = 0.01, pid: int | None = None,
-                 ignore_pids: tuple[int, ...] = ()):
-        self.interval_s = interval_s
-        self.pid = pid or os.getpid()
-        self.ignore_pids = set(ignore_pids)  # the other ranks of a multi-GPU run: not someone else's load
-        self.peak_process_bytes: int | None = None
-        self.peak_device_bytes: int | None = None
-        self.baseline_device_bytes: int | None = None
-        self.samples = 0
-        self.busy_s = 0.0  # time the sampler thread spent sampling (NVML calls and the Python around them)
-        self.sampling_s = 0.0  # time from start() to stop()
-        self._started_at: float | None = None
-        self.foreign: dict[int, int] = {}  # pid -> most GPU memory seen, for other processes on this GPU
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._handle = None
-        self.telemetry: GpuTelemetry | None = None
-        self.error: str | None = None
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            self._nvml = pynvml
-            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-            idx = int(visible.split(",")[device_index]) if visible and visible.split(",")[0].isdigit() else device_index
-            self._handle = pynvml.nvmlDeviceGetHandleByIndex(idx)
-            self.baseline_device_bytes = pynvml.nvmlDeviceGetMemoryInfo(self._handle).used
-            self.telemetry = GpuTelemetry(pynvml, self._handle)
-            self.telemetry.begin()
-        except Exception as e:  # no driver / no GPU: the fields stay None, and we say why
-            self.error = f"{type(e).__name__}: {e}"
-            self._handle = None
-
-    @property
-    def available(self) -> bool:
-        return self._handle is not None
-
-    def sample(self) -> None:
-        nv = self._nvml
-        dev = nv.nvmlDeviceGetMemoryInfo(self._handle).used
-        self.peak_device_bytes = max(self.peak_device_bytes or 0, dev)
-        mine = None
-        for getter in (nv.nvmlDeviceGetComputeRunningProcesses, nv.nvmlDeviceGetGraphicsRunningProcesses):
-            try:
-                for p in getter(self._handle):
-                    if p.pid == self.pid and p.usedGpuMemory is not None:
-                        mine = (mine or 0) + p.usedGpuMemory
-                    elif p.pid != self.pid and p.pid not in self.ignore_pids:  # another process shares the GPU
-                        self.foreign[p.pid] = max(self.foreign.get(p.pid, 0), p.usedGpuMemory or 0)
-            except nv.NVMLError:
-                pass
-        if mine is not None:
-            self.peak_process_bytes = max(self.peak_process_bytes or 0, mine)
-        self.samples += 1
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            t0 = time.perf_counter()
-            try:
-                self.sample()
-                if self.telemetry is not None and self.samples % TELEMETRY_EVERY == 0:
-                    self.telemetry.sample()
-            except Exception as e:  # keep the run going; report the sampler's failure with the result
-                self.error = f"{type(e).__name__}: {e}"
-                return
-            finally:
-                self.busy_s += time.perf_counter() - t0
-
-    @property
-    def busy_pct(self) -> float | None:
-        """Percent of the sampled time the sampler thread was busy: an upper bound on how much of the process's
-        time it could take (NVML calls release the GIL; the Python around them holds it)."""
-        return 100.0 * self.busy_s / self.sampling_s if self.sampling_s > 0 else None
-
-    def start(self) -> GpuMemorySampler:
-        if self.available and self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="nvml-sampler", daemon=True)
-            self._started_at = time.perf_counter()
-            self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._thread is not None:
-            self._stop.set()
-            self._thread.join(timeout=5)
-            self._thread = None
-            if self._started_at is not None:
-                self.sampling_s = time.perf_counter() - self._started_at
-            try:
-                self.sample()
-            except Exception:
-                pass
 
 
 def cuda_available() -> bool:
@@ -342,6 +241,8 @@ class StepMeter:
             "vram_device_before_gib": _gib(self.memory.baseline_device_bytes) if self.memory else None,
             "nvml_samples": self.memory.samples if self.memory else None,
             "nvml_sampler_busy_pct": self.memory.busy_pct if self.memory else None,
+            "nvml_sampler": self.memory.mode if self.memory else None,
+            "nvml_sampler_note": self.memory.mode_reason if self.memory else None,
             "nvml_error": self.memory.error if self.memory else None,
             "foreign_gpu_processes": ([{"pid": pid, "max_gib": _gib(b)}
                                        for pid, b in sorted(self.memory.foreign.items())] if self.memory else None),

@@ -28,9 +28,10 @@ PAIR_INTRO = ("Side by side on one machine (`selfcheck --side-by-side N`): each 
               "for the row (`harness run --only ROW --repeats 1`, stored with the check) and the hand loop, back to "
               "back, the harness first in even rounds and the loop first in odd ones. The medians are compared; "
               "the spread (max − min over the median, per side) is how far the same side moved between rounds on "
-              "the same machine. NVML sampler busy: the share of the harness run's time its background NVML thread "
-              "spent sampling (memory every 10 ms, clocks and power every 100 ms): an upper bound on what the "
-              "harness's own sampling could take from the run. Where a check has pairs, their verdict is the check's.")
+              "the same machine. NVML sampler busy: the share of the harness run's time its NVML sampling was busy "
+              "(memory every 10 ms, clocks and power every 100 ms); in a thread of the worker (runs before the "
+              "monitor process) it bounds what the sampling could take from the run, in its own process it takes "
+              "nothing from the run's interpreter. Where a check has pairs, their verdict is the check's.")
 HEADER = ["check", "framework", "harness tokens/s", "hand loop tokens/s", "difference", "step s harness / loop",
           "verdict", "settings that differ (stated cause)"]
 INTRO = ("Each framework's figure beside the same training in a plain hand-written loop (`python -m harness "

@@ -96,7 +96,9 @@ class Metrics(_Open):
     peak_vram_device_gib: float | None = None  # NVML, everything on the device
     vram_device_before_gib: float | None = None
     nvml_samples: int | None = None
-    nvml_sampler_busy_pct: float | None = None  # the sampler thread's busy time over the time it ran, percent
+    nvml_sampler_busy_pct: float | None = None  # the NVML sampling's busy time over the time it ran, percent
+    nvml_sampler: str | None = None  # where it sampled: "process" (a monitor beside the run) or "thread"
+    nvml_sampler_note: str | None = None  # why a thread, when the monitor process could not start
     nvml_error: str | None = None
     peak_alloc_gib: float | None = None  # torch.cuda.max_memory_allocated
     peak_reserved_gib: float | None = None  # torch.cuda.max_memory_reserved
