@@ -18,7 +18,6 @@ import time
 
 from adapters_for_tools import switches
 from adapters_for_tools.contract import rerun_command
-from adapters_for_tools.prompt_completion import split_rows
 from adapters_for_tools.unsloth import config as us_config
 from adapters_for_tools.unsloth import objectives, trainers
 from harness.inputs.data import read_jsonl, write_jsonl
@@ -41,29 +40,20 @@ def run(ctx) -> None:
     fmt = json.loads(ctx.dataset_path.with_suffix(".meta.json").read_text())["format"]
     from transformers import AutoTokenizer
 
-    # the rows Unsloth trains on, written once: chat/alpaca rows as prompt/completion (as for TRL), and the BOS
-    # text at the start of each sample (us_config.with_bos says why)
-    rows, data_file = read_jsonl(ctx.dataset_path), ctx.dataset_path
-    if fmt != "text":
-        rows, notes = split_rows(rows, fmt, "TRL", "prompt", "completion")
+    # the rows Unsloth trains on (us_config.trainer_rows), written once where they differ from the sweep's file
+    given = read_jsonl(ctx.dataset_path)
+    rows, notes = us_config.trainer_rows(given, fmt, AutoTokenizer.from_pretrained(ctx.checkpoint).bos_token)
+    ctx.extra.update(notes)
+    data_file = ctx.dataset_path
+    if rows is not given:
         data_file = ctx.work_dir / "unsloth_dataset.jsonl"
-        if notes:
-            ctx.extra["differences"] = notes
-    rows, changed = us_config.with_bos(rows, AutoTokenizer.from_pretrained(ctx.checkpoint).bos_token)
-    if changed:
-        data_file = ctx.work_dir / "unsloth_dataset_bos.jsonl"
-        ctx.extra["data"] = ("BOS text written at the start of every sample: Unsloth tokenises without special "
-                             "tokens unless the text starts with it; so it trains the same token ids as the others")
-    if data_file != ctx.dataset_path:
         write_jsonl(rows, data_file)
     for setting, why in us_config.cannot_honour(sc):
         ctx.cannot_honour(setting, why)
     cfg = us_config.native_config(sc, ctx.work_dir, ctx.checkpoint, data_file,
-                                  use_gradient_checkpointing=ctx.options.use_gradient_checkpointing)
+                                  use_gradient_checkpointing=ctx.options.use_gradient_checkpointing, fmt=fmt)
     cfg["sft"].update(ctx.options.sft)
     switches.expect(ctx, **{switches.UNSLOTH_GC: us_config.checkpoint_mode(cfg)})
-    if fmt != "text":
-        cfg["sft"]["completion_only_loss"] = not sc.data.prompt_loss
     path = ctx.save_native_config("unsloth.json", json.dumps(cfg, indent=1))
     ctx.extra["rerun"] = rerun_command(f"adapters_for_tools.unsloth.rerun {path}")
 

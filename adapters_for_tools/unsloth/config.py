@@ -19,19 +19,22 @@ from pathlib import Path
 from typing import Any
 
 from adapters_for_tools.contract import trainer_args
+from adapters_for_tools.prompt_completion import split_rows
 
 
 def native_config(sc, work_dir: Path, checkpoint: str, data_file: Path,
-                  use_gradient_checkpointing: bool | str | None = None) -> dict[str, Any]:
+                  use_gradient_checkpointing: bool | str | None = None, fmt: str = "text") -> dict[str, Any]:
     """Unsloth call arguments for scenario ``sc``: ``{"from_pretrained", "get_peft_model", "sft", "data_file"}``.
 
     Args:
         sc: the scenario.
         work_dir: the run's scratch directory (trainer output goes under it).
         checkpoint: model directory every framework loads.
-        data_file: the JSONL Unsloth reads.
+        data_file: the JSONL Unsloth reads (:func:`trainer_rows`).
         use_gradient_checkpointing: the row's override (``"unsloth"``, True, False); None: ``"unsloth"`` when the
             scenario checkpoints, else False.
+        fmt: the sweep rows' format: other than plain text they are prompt/completion rows, whose prompt is
+            trained on only when the scenario says so.
     """
     fp, peft = model_calls(sc, checkpoint, use_gradient_checkpointing)
     sft = {
@@ -43,7 +46,7 @@ def native_config(sc, work_dir: Path, checkpoint: str, data_file: Path,
         "packing": sc.data.packing,
         "dataset_num_proc": 1,
         "dataset_text_field": "text",
-    }
+    } | ({"completion_only_loss": not sc.data.prompt_loss} if fmt != "text" else {})
     return {"from_pretrained": fp, "get_peft_model": peft, "sft": sft, "data_file": str(data_file)}
 
 
@@ -102,6 +105,23 @@ def cannot_honour(sc) -> list[tuple[str, str]]:
         out.append(("method.quant.quant_type", "Unsloth loads 4-bit weights as nf4 only"))
     return out
 
+
+def trainer_rows(rows: list[dict], fmt: str, bos: str | None) -> tuple[list[dict], dict[str, Any]]:
+    """The rows Unsloth's ``SFTTrainer`` is given for the sweep's rows of format ``fmt``: chat and alpaca rows as
+    prompt/completion (as for TRL), and the BOS text at the start of each sample (:func:`with_bos` says why).
+
+    Returns ``(rows, notes)``: the same list object when nothing changed (the sweep's file can be read as it is);
+    notes for the run's ``extra`` (``differences`` of the split, ``data`` when the BOS text was written)."""
+    notes: dict[str, Any] = {}
+    if fmt != "text":
+        rows, diffs = split_rows(rows, fmt, "TRL", "prompt", "completion")
+        if diffs:
+            notes["differences"] = diffs
+    rows, changed = with_bos(rows, bos)
+    if changed:
+        notes["data"] = ("BOS text written at the start of every sample: Unsloth tokenises without special tokens "
+                         "unless the text starts with it; so it trains the same token ids as the others")
+    return rows, notes
 
 
 def with_bos(rows: list[dict], bos: str | None) -> tuple[list[dict], bool]:

@@ -55,6 +55,31 @@ def cuda_available() -> bool:
         return False
 
 
+def sample_spans(batch, per_row: list[int]) -> tuple[int, int, int]:
+    """(Sum over samples of length^2, longest sample, samples) of the non-padding tokens.
+
+    Attention FLOPs scale with the first. Samples in packed or padding-free rows (position_ids restarting
+    at 0) are counted separately; without position_ids each row is one sample.
+    """
+    pos = batch.get("position_ids")
+    if pos is None or not hasattr(pos, "tolist") or pos.dim() != 2:
+        return sum(n * n for n in per_row), max(per_row, default=0), len(per_row)
+    total, longest, count = 0, 0, 0
+    for row, n in zip(pos.tolist(), per_row, strict=True):
+        run = 0
+        for p in row[:n]:
+            if p == 0 and run:
+                total += run * run
+                longest = max(longest, run)
+                count += 1
+                run = 0
+            run += 1
+        total += run * run
+        longest = max(longest, run)
+        count += 1 if run else 0
+    return total, longest, count
+
+
 class StepMeter:
     """The common per-optimizer-step hook.
 
@@ -114,7 +139,7 @@ class StepMeter:
         p = self._pending
         p["tokens"] += tokens
         p["loss_tokens"] += loss_tokens
-        sq, longest, samples = self._ctx_sq(batch, per_row)
+        sq, longest, samples = sample_spans(batch, per_row)
         p["samples"] += samples  # padding-free/packed rows hold several samples
         p["padded_tokens"] += rows * width
         p["max_len"] = max(p["max_len"], width)
@@ -146,31 +171,6 @@ class StepMeter:
             self.count_batch(batch)
 
         self._hook = model.register_forward_pre_hook(pre_hook, with_kwargs=True)
-
-    @staticmethod
-    def _ctx_sq(batch, per_row: list[int]) -> tuple[int, int, int]:
-        """(Sum over samples of length^2, longest sample, samples) of the non-padding tokens.
-
-        Attention FLOPs scale with the first. Samples in packed or padding-free rows (position_ids restarting
-        at 0) are counted separately; without position_ids each row is one sample.
-        """
-        pos = batch.get("position_ids")
-        if pos is None or not hasattr(pos, "tolist") or pos.dim() != 2:
-            return sum(n * n for n in per_row), max(per_row, default=0), len(per_row)
-        total, longest, count = 0, 0, 0
-        for row, n in zip(pos.tolist(), per_row, strict=True):
-            run = 0
-            for p in row[:n]:
-                if p == 0 and run:
-                    total += run * run
-                    longest = max(longest, run)
-                    count += 1
-                    run = 0
-                run += 1
-            total += run * run
-            longest = max(longest, run)
-            count += 1 if run else 0
-        return total, longest, count
 
     # -- step timing --------------------------------------------------------------------------------------
     def step_begin(self) -> None:

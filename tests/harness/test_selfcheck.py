@@ -22,14 +22,17 @@ from adapters_for_tools.contract import HF_OPTIM  # noqa: E402
 from adapters_for_tools.hf import HfOverrides  # noqa: E402
 from adapters_for_tools.hf.config import training_args  # noqa: E402
 from adapters_for_tools.tunebench.adapter import trainer_config  # noqa: E402
-from adapters_for_tools.unsloth.config import native_config  # noqa: E402
+from adapters_for_tools.unsloth import config as unsloth_config  # noqa: E402
+from adapters_for_tools.unsloth import handloop as unsloth_loop  # noqa: E402
 from harness.analysis import handloop as analysis  # noqa: E402
 from harness.cli import selfcheck as selfcheck_cli  # noqa: E402
 from harness.inputs import data, models  # noqa: E402
 from harness.measuring import effective  # noqa: E402
-from harness.measuring.handloop import tunebench, unsloth  # noqa: E402
+from harness.measuring.handloop import LOOP_MODULES, tunebench  # noqa: E402
 from harness.measuring.handloop.__main__ import run_loop  # noqa: E402
+from harness.measuring.handloop.common import StepLog, loader_steps, trainer_steps  # noqa: E402
 from harness.measuring.handloop.knobs import HfKnobs, parse_knobs  # noqa: E402
+from harness.measuring.meter import StepMeter  # noqa: E402
 from harness.reporting import handloop as report_section  # noqa: E402
 from harness.reporting.document import Doc  # noqa: E402
 from harness.reporting.report import write_report  # noqa: E402
@@ -146,10 +149,49 @@ def test_loops_hold_the_adapters_settings(tiny, tmp_path):
     assert args["gradient_checkpointing_kwargs"] == {"use_reentrant": knobs.use_reentrant}
     assert args["optim"] == HF_OPTIM[sc.train.optimizer] and knobs.optimizer is None  # None: the scenario's
     assert tunebench.trainer_config(sc, 7) == trainer_config(sc, {}, 7)
-    native, calls = native_config(sc, tmp_path, "/ckpt", tmp_path / "d.jsonl"), unsloth.unsloth_calls(sc, "/ckpt")
-    assert calls == {"from_pretrained": native["from_pretrained"], "get_peft_model": native["get_peft_model"]}
-    # the Unsloth loop reads checkpointing from a default SFTConfig: the adapter's must leave those keys alone
-    assert not set(unsloth.TRAINER_CHECKPOINT_KEYS) & set(native["sft"])
+    # the Unsloth loop builds its model and trainer from the adapter's own functions (it sits beside the adapter)
+    assert LOOP_MODULES["unsloth"] == unsloth_loop.__name__ and unsloth_loop.us_config is unsloth_config
+
+
+def test_loops_group_a_tools_loader_as_the_trainer_does():
+    """loader_steps (the Unsloth loop reads its trainer's data loader through it) groups batches into steps as
+    the hf loop's trainer_steps does: grad_accum per step, the epoch's last step short, then the next epoch."""
+    rows = [{"input_ids": [i]} for i in range(5)]
+
+    def ids(steps) -> list[list[int]]:  # noqa: ANN001
+        return [[b["input_ids"] for b in step] for step in steps]
+
+    got = ids(trainer_steps(rows, 1, 2, 5, lambda feats: feats[0], False))
+    assert got == [[[0], [1]], [[2], [3]], [[4]], [[0], [1]], [[2], [3]]]
+    assert ids(loader_steps([r for r in rows], 2, 5)) == got
+    with pytest.raises(ValueError, match="no batch"):
+        list(loader_steps([], 1, 1))
+
+
+def test_loop_reads_padding_free_rows_by_the_harness_rules():
+    """A tool's padding-free row (two samples joined, position_ids restarting) is read as the meter reads it: two
+    samples of their own length, not one row of their sum; packed rows stay rows."""
+    row = {"input_ids": torch.ones(1, 7, dtype=torch.long), "labels": torch.ones(1, 7, dtype=torch.long),
+           "position_ids": torch.tensor([[0, 1, 2, 3, 0, 1, 2]])}
+    log, meter = StepLog(), StepMeter(warmup_steps=0, device="cpu")
+    log.add(0.1, [row], 1.0)
+    meter.count_batch(row)
+    meter.step_begin()
+    meter.step_end(1.0)
+    assert log.geometry(packing=False) == effective.from_meter(meter) == {
+        "micro_batch": 2, "grad_accum": 1, "seq_len": 4, "tokens_per_step": 7.0, "padding_free_rows": True}
+    assert log.geometry(packing=True) == effective.from_meter(meter, packing=True) == {
+        "micro_batch": 1, "grad_accum": 1, "seq_len": 7, "tokens_per_step": 7.0}
+
+
+def test_unsloth_trainer_rows_carry_the_bos_text():
+    """The rows the adapter and its loop give Unsloth's trainer: the BOS text first (Unsloth tokenises without
+    special tokens when the text has it), the sweep's list itself where nothing changes."""
+    rows = [{"text": "a b"}, {"text": "<s>c"}]
+    got, notes = unsloth_config.trainer_rows(rows, "text", "<s>")
+    assert [r["text"] for r in got] == ["<s>a b", "<s>c"] and "BOS" in notes["data"]
+    assert unsloth_config.trainer_rows(got, "text", "<s>") == (got, {})
+    assert unsloth_config.trainer_rows(got, "text", "<s>")[0] is got
 
 
 def test_unsloth_loop_is_unavailable_without_unsloth(tiny):

@@ -10,7 +10,9 @@ difference from the harness's figure comes with the settings that differ.
 - :mod:`~harness.measuring.handloop.hf`: transformers + PEFT, with each setting the HF Trainer applies spelled out
   (:class:`~harness.measuring.handloop.knobs.HfKnobs`).
 - :mod:`~harness.measuring.handloop.tunebench`: the trainer library (``kernels.trainer``) called directly.
-- :mod:`~harness.measuring.handloop.unsloth`: ``FastLanguageModel`` + the same plain loop as hf (its environment).
+- :mod:`adapters_for_tools.unsloth.handloop`: ``FastLanguageModel`` and the adapter's own trainer data, through the
+  same plain loop as hf (its environment). It sits beside its adapter to build everything from the adapter's own
+  functions; this layer loads it by name, as the worker loads adapters.
 
 ``python -m harness.measuring.handloop FRAMEWORK SCENARIO`` runs one loop in this process;
 ``python -m harness selfcheck`` runs each in its tool's environment and compares them with a stored sweep.
@@ -18,4 +20,7 @@ difference from the harness's figure comes with the settings that differ.
 
 from __future__ import annotations
 
-FRAMEWORKS = ("hf", "tunebench", "unsloth")  # the tools with a hand loop, by adapter name
+# the tools with a hand loop, by adapter name, and the module of each (its ``run``)
+LOOP_MODULES = {"hf": "harness.measuring.handloop.hf", "tunebench": "harness.measuring.handloop.tunebench",
+                "unsloth": "adapters_for_tools.unsloth.handloop"}
+FRAMEWORKS = tuple(LOOP_MODULES)

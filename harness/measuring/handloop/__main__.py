@@ -26,7 +26,7 @@ import traceback
 from pathlib import Path
 
 from harness.inputs import models
-from harness.measuring.handloop import FRAMEWORKS
+from harness.measuring.handloop import FRAMEWORKS, LOOP_MODULES
 from harness.measuring.handloop.common import Unavailable, device_of
 from harness.measuring.handloop.knobs import parse_knobs
 from harness.spec.scenario import ScenarioError, load_scenario
@@ -50,7 +50,7 @@ def run_loop(framework: str, sc, steps: int | None = None, knob_pairs: list[str]
             raise ValueError(f"--set knobs are hf's; the {framework} loop runs its adapter's defaults")
         device = device_of(sc)
         # each tool module imports its toolkit: only the one asked for is loaded (Unsloth must patch first)
-        mod = importlib.import_module(f"harness.measuring.handloop.{framework}")
+        mod = importlib.import_module(LOOP_MODULES[framework])
         checkpoint = str(models.resolve_checkpoint(sc.model, device=device))
         n = steps or sc.train.steps
         res = (mod.run(sc, checkpoint, device, n, parse_knobs(knob_pairs or [])) if framework == "hf"

@@ -13,7 +13,7 @@ import importlib.metadata
 import json
 import statistics
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +22,7 @@ import torch
 from adapters_for_tools import switches
 from harness.inputs import data
 from harness.measuring import effective
+from harness.measuring.meter import sample_spans
 
 GIB = 1024**3
 # where each loop's clock starts and stops: the same boundaries as the harness's step (StepMeter's step_begin and
@@ -36,43 +37,57 @@ class Unavailable(RuntimeError):
     """The loop cannot run here (its tool is not importable, or it needs a GPU): a result, not a failure."""
 
 
-def sweep_rows(sc, tokenizer) -> tuple[list[dict], dict[str, Any]]:  # noqa: ANN001
-    """The sweep's tokenised rows and what identifies them.
-
-    The rows are the ones ``harness.running.prepare`` writes for the scenario (``data.build_examples``), tokenised
-    as the adapters tokenise the dataset file (``data.tokenize_example``, packed when the scenario packs).
-
-    Returns:
-        ``(rows, settings)``; settings hold ``dataset_sha256_16``, the digest prepare records for the same file
-        (each row ``json.dumps`` + newline, as ``data.write_jsonl`` writes it), and the row count.
-    """
+def sweep_examples(sc) -> tuple[list[dict], str, dict[str, Any]]:  # noqa: ANN001
+    """The sweep's rows as ``harness.running.prepare`` writes them for the scenario (``data.build_examples``), their
+    format, and what identifies them: ``dataset_sha256_16``, the digest prepare records for the same file (each row
+    ``json.dumps`` + newline, as ``data.write_jsonl`` writes it), the row count, format and order."""
     examples, fmt = data.build_examples(sc)
     text = "".join(json.dumps(r) + "\n" for r in examples)
+    return examples, fmt, {"dataset_sha256_16": hashlib.sha256(text.encode()).hexdigest()[:16],
+                           "dataset_rows": len(examples), "data_format": fmt, "data_order": DATA_ORDER}
+
+
+def sweep_rows(sc, tokenizer) -> tuple[list[dict], dict[str, Any]]:  # noqa: ANN001
+    """The sweep's rows (:func:`sweep_examples`) tokenised as the adapters tokenise the dataset file
+    (``data.tokenize_example``, packed when the scenario packs), and their settings."""
+    examples, fmt, settings = sweep_examples(sc)
     rows = [data.tokenize_example(tokenizer, r, fmt, sc.data.seq_len, sc.data.prompt_loss) for r in examples]
     if sc.data.packing:
         rows = data.pack(rows, sc.data.seq_len)
-    return rows, {"dataset_sha256_16": hashlib.sha256(text.encode()).hexdigest()[:16], "dataset_rows": len(examples),
-                  "data_format": fmt, "data_order": DATA_ORDER}
+    return rows, settings
 
 
 def trainer_steps(rows: Sequence[dict], micro_batch: int, grad_accum: int, steps: int,
                   collate: Callable[[list[dict]], dict], pin_memory: bool) -> Iterator[list[dict]]:
-    """The collated micro-batches of each optimizer step, as the HF Trainer reads them.
-
-    A plain ``torch.utils.data.DataLoader`` (sequential, ``micro_batch`` rows per batch, the last one short) read
-    ``grad_accum`` batches per step; the epoch's last step takes what is left; the next epoch starts at row 0.
-    ``pin_memory`` as the Trainer's default (``dataloader_pin_memory``) on a GPU.
+    """The collated micro-batches of each optimizer step, as the HF Trainer reads them: a plain
+    ``torch.utils.data.DataLoader`` (sequential, ``micro_batch`` rows per batch, the last one short) through
+    :func:`loader_steps`. ``pin_memory`` as the Trainer's default (``dataloader_pin_memory``) on a GPU.
     """
     loader = torch.utils.data.DataLoader(list(rows), batch_size=micro_batch, shuffle=False, collate_fn=collate,
                                          pin_memory=pin_memory, num_workers=0)
+    return loader_steps(loader, grad_accum, steps)
+
+
+def loader_steps(loader: Iterable[dict], grad_accum: int, steps: int) -> Iterator[list[dict]]:
+    """The micro-batches of each of ``steps`` optimizer steps from a data loader, as the HF Trainer groups them:
+    ``grad_accum`` batches per step, the epoch's last step takes what is left, the next epoch starts afresh."""
     done = 0
     while True:
-        epoch = iter(loader)
-        for start in range(0, len(loader), grad_accum):
-            yield [next(epoch) for _ in range(min(grad_accum, len(loader) - start))]
+        step: list[dict] = []
+        for batch in loader:
+            step.append(batch)
+            if len(step) == grad_accum:
+                yield step
+                done, step = done + 1, []
+                if done == steps:
+                    return
+        if step:
+            yield step
             done += 1
             if done == steps:
                 return
+        elif done == 0:
+            raise ValueError("the data loader gave no batch")
 
 
 def batch_tokens(batch: dict[str, torch.Tensor]) -> tuple[int, int, int]:
@@ -125,6 +140,8 @@ class StepLog:
     rows: int = 0  # rows per micro-batch (max)
     micro_batches: int = 0  # micro-batches per step (max)
     widest: int = 0  # longest non-padding row
+    samples: int = 0  # samples per micro-batch (max): more than rows where a tool joins samples padding-free
+    longest_sample: int = 0
 
     def add(self, step_s: float, batches: list[dict[str, torch.Tensor]], loss: float) -> None:
         """Record one step: its time, the host copies of its micro-batches, its loss."""
@@ -136,6 +153,12 @@ class StepLog:
         self.rows = max([self.rows] + [int(b["input_ids"].shape[0]) for b in batches])
         self.micro_batches = max(self.micro_batches, len(batches))
         self.widest = max([self.widest] + [c[2] for c in counts])
+        for b in batches:
+            mask = b.get("attention_mask")
+            per_row = ([int(n) for n in mask.sum(-1).tolist()] if mask is not None
+                       else [int(b["input_ids"].shape[-1])] * int(b["input_ids"].shape[0]))
+            _, longest, samples = sample_spans(b, per_row)
+            self.samples, self.longest_sample = max(self.samples, samples), max(self.longest_sample, longest)
 
     def summary(self, warmup_steps: int) -> dict[str, Any]:
         """Figures over the steps after ``warmup_steps``: tokens/s as tokens over the sum of step times (as the
@@ -150,11 +173,16 @@ class StepLog:
                 "tokens_measured": sum(toks), "first_loss": self.losses[0] if self.losses else None,
                 "final_loss": self.losses[-1] if self.losses else None, "step_s": self.step_s, "losses": self.losses}
 
-    def geometry(self) -> dict[str, Any]:
-        """Batch geometry in the keys of ``harness.measuring.effective.from_meter``."""
+    def geometry(self, packing: bool) -> dict[str, Any]:
+        """Batch geometry in the keys and by the rules of ``harness.measuring.effective.from_meter``: without
+        ``packing`` (the scenario's), rows holding several samples (position_ids restarting) are read in samples
+        and said to be padding-free."""
         n = len(self.tokens)
-        return {"micro_batch": self.rows, "grad_accum": self.micro_batches, "seq_len": self.widest,
-                "tokens_per_step": sum(self.tokens) / n if n else None}
+        joined = not packing and self.rows < self.samples
+        out = {"micro_batch": self.samples if joined else self.rows, "grad_accum": self.micro_batches,
+               "seq_len": self.longest_sample if joined else self.widest,
+               "tokens_per_step": sum(self.tokens) / n if n else None}
+        return out | ({"padding_free_rows": True} if joined else {})
 
 
 def reset_peak_memory(device: str) -> None:

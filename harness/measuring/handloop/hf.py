@@ -20,7 +20,7 @@ from harness.measuring.handloop.common import (
     trainer_read_back,
 )
 from harness.measuring.handloop.knobs import HfKnobs
-from harness.measuring.handloop.trainer_loop import enable_checkpointing, train
+from harness.measuring.handloop.trainer_loop import collated_steps, enable_checkpointing, train
 
 LIBRARIES = ("torch", "transformers", "peft", "accelerate")
 
@@ -81,7 +81,7 @@ def run(sc, checkpoint: str, device: str, steps: int, knobs: HfKnobs | None = No
     def read_back(m, opt) -> dict:  # noqa: ANN001
         return read_back_transformers(m, opt, trainer_read_back)
 
-    log, settings = train(model, tok, sc, device, steps, rows, knobs, read_back)
+    log, settings = train(model, sc, device, collated_steps(rows, tok, sc, device, steps), knobs, read_back)
     return log.summary(sc.train.warmup_steps) | peak_memory(device) | {
-        "settings": settings | log.geometry() | data_settings | machine(device, LIBRARIES)
+        "settings": settings | log.geometry(sc.data.packing) | data_settings | machine(device, LIBRARIES)
         | {"checkpoint": str(checkpoint), "hand_loop_knobs": knobs.to_dict()}}

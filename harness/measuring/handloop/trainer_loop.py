@@ -26,7 +26,7 @@ one setting changed, which is how a difference from the harness is bisected sett
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -73,17 +73,27 @@ def _outputs_to_fp32(out) -> dict[str, Any]:  # noqa: ANN001
     return {k: v.float() if isinstance(v, torch.Tensor) and v.dtype in half else v for k, v in out.items()}
 
 
-def train(model, tokenizer, sc, device: str, steps: int, rows: list[dict], knobs: HfKnobs,  # noqa: ANN001
+def collated_steps(rows: list[dict], tokenizer, sc, device: str, steps: int) -> Iterator[list[dict]]:  # noqa: ANN001
+    """The micro-batches of each step from the sweep's tokenised rows
+    (:func:`~harness.measuring.handloop.common.sweep_rows`) through the harness's collate, as the HF Trainer reads
+    them (:func:`~harness.measuring.handloop.common.trainer_steps`)."""
+
+    def collate(feats: list[dict]) -> dict:
+        return data.collate(feats, tokenizer.pad_token_id)
+
+    return trainer_steps(rows, sc.train.micro_batch, sc.train.grad_accum, steps, collate, device == "cuda")
+
+
+def train(model, sc, device: str, feed: Iterable[list[dict]], knobs: HfKnobs,  # noqa: ANN001
           read_back: Callable[[Any, Any], dict[str, Any]]) -> tuple[StepLog, dict[str, Any]]:
-    """Train ``model`` (checkpointing already enabled) for ``steps`` optimizer steps, one HF Trainer step each.
+    """Train ``model`` (checkpointing already enabled) on ``feed``, one HF Trainer step per item.
 
     Args:
         model: the live transformers/PEFT model on its device.
-        tokenizer: its tokenizer (the pad id of the collate).
         sc: the scenario.
         device: ``"cuda"`` or ``"cpu"``.
-        steps: optimizer steps to run.
-        rows: the sweep's tokenised rows (:func:`~harness.measuring.handloop.common.sweep_rows`).
+        feed: each optimizer step's micro-batches (:func:`collated_steps`, or a tool's own data loader through
+            :func:`~harness.measuring.handloop.common.loader_steps`), on the host or already on the device.
         knobs: the step's settings.
         read_back: ``read_back(model, optimizer)``: the settings the loop runs with, read after it is set up.
 
@@ -106,12 +116,8 @@ def train(model, tokenizer, sc, device: str, steps: int, rows: list[dict], knobs
                                if knobs.num_items_in_batch else "micro-batch mean / grad_accum"),
         "autocast": str(amp_dtype).removeprefix("torch.") if use_amp else None, "timing": TIMING}
     log, clock = StepLog(), StepClock(device)
-
-    def collate(feats: list[dict]) -> dict:
-        return data.collate(feats, tokenizer.pad_token_id)
-
-    for host_batches in trainer_steps(rows, t.micro_batch, t.grad_accum, steps, collate, device == "cuda"):
-        batches = [{k: v.to(device) for k, v in b.items()} for b in host_batches]
+    for host_batches in feed:
+        batches = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in host_batches]
         # the Trainer counts the step's loss tokens on the device tensors before the step begins (no sync)
         n_items = sum((b["labels"][..., 1:] != data.IGNORE_INDEX).sum() for b in batches)
         clock.begin()

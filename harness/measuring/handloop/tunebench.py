@@ -90,5 +90,5 @@ def run(sc, checkpoint: str, device: str, steps: int) -> dict:  # noqa: ANN001
         step_s = clock.end()
         log.add(step_s, host_batches, float(total))
     return log.summary(sc.train.warmup_steps) | peak_memory(device) | {
-        "settings": settings | log.geometry() | data_settings | machine(device, LIBRARIES)
+        "settings": settings | log.geometry(sc.data.packing) | data_settings | machine(device, LIBRARIES)
         | {"checkpoint": str(checkpoint)}}
