@@ -32,12 +32,11 @@ from adapters_for_tools.unsloth import config as us_config
 from adapters_for_tools.unsloth import trainers
 from harness.inputs.data import write_jsonl
 from harness.measuring.handloop.common import (
+    MachineWatch,
     Unavailable,
     loader_steps,
     machine,
-    peak_memory,
     read_back_transformers,
-    reset_peak_memory,
     sweep_examples,
 )
 from harness.measuring.handloop.knobs import HfKnobs
@@ -96,7 +95,7 @@ def run(sc, checkpoint: str, device: str, steps: int) -> dict:  # noqa: ANN001
     from unsloth import FastLanguageModel
 
     torch.manual_seed(sc.train.seed)
-    reset_peak_memory(device)
+    watch = MachineWatch(device)
     examples, fmt, data_settings = sweep_examples(sc)
     with tempfile.TemporaryDirectory(prefix="unsloth-loop-") as work:
         cfg = us_config.native_config(sc, Path(work), checkpoint, Path(work) / "unsloth_dataset.jsonl", fmt=fmt)
@@ -107,7 +106,7 @@ def run(sc, checkpoint: str, device: str, steps: int) -> dict:  # noqa: ANN001
         feed = loader_steps(trainer.get_train_dataloader(), sc.train.grad_accum, steps)
         # checkpointing is Unsloth's (get_peft_model and the trainer's call installed it): the knobs leave it alone
         log, settings = train(model, sc, device, feed, HfKnobs(), read_back)
-    return log.summary(sc.train.warmup_steps) | peak_memory(device) | {
+    return log.summary(sc.train.warmup_steps) | watch.finish() | {
         "settings": settings | log.geometry(sc.data.packing) | data_settings | machine(device, LIBRARIES)
         | {"checkpoint": str(checkpoint), "unsloth_calls": {k: cfg[k] for k in ("from_pretrained", "get_peft_model")},
            "trainer_checkpointing_kwargs": trainer_kwargs}}

@@ -101,6 +101,9 @@ def test_hf_loop_measures_and_reads_its_settings_back(tiny, hf_loop, tmp_path):
     assert hf_loop["tokens_per_s"] > 0 and hf_loop["step_s_median"] > 0
     # tokens: the non-padding tokens of the two measured steps, not their padded width
     assert hf_loop["tokens_measured"] == _non_padding_tokens(sc, range(1, 3))
+    # the machine during the loop: the host's load at both ends; no NVML readings on a CPU
+    assert set(hf_loop["host_load_1m"]) == {"start", "end"} and "telemetry" not in hf_loop
+    assert hf_loop["peak_alloc_gib"] is None
     s = hf_loop["settings"]
     # what the HF Trainer does at the hf adapter's TrainingArguments, read back from the live model
     assert s["checkpoint_function"] == CHECKPOINT_FN and s["input_require_grads"] is True

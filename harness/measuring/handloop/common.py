@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -23,6 +24,7 @@ from adapters_for_tools import switches
 from harness.inputs import data
 from harness.measuring import effective
 from harness.measuring.meter import sample_spans
+from harness.measuring.nvml_sampler import GpuMemorySampler
 
 GIB = 1024**3
 # where each loop's clock starts and stops: the same boundaries as the harness's step (StepMeter's step_begin and
@@ -185,18 +187,36 @@ class StepLog:
         return out | ({"padding_free_rows": True} if joined else {})
 
 
-def reset_peak_memory(device: str) -> None:
-    """Start torch's peak-memory counters afresh (before the model loads, as the harness's meter does)."""
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+class MachineWatch:
+    """What the machine did while a loop ran, from before its model loads to after its last step: torch's peaks
+    (counters reset at the start, as the harness's meter does) and, on a GPU, the harness's NVML sampler in its
+    monitor process beside the loop (nothing in the loop's interpreter): the NVML peaks, other processes on the GPU,
+    clocks, power and throttle reasons at the start, at the highest power and at the end. With the host's load
+    average at both ends, a loop whose steps spread widely shows whether the machine was shared or slowed."""
 
+    def __init__(self, device: str):
+        self.device = device
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        self.load_start = os.getloadavg()[0]
+        self.sampler = GpuMemorySampler().start() if device == "cuda" else None
 
-def peak_memory(device: str) -> dict[str, Any]:
-    """torch's allocated and reserved peaks (GiB; None on a CPU) and the GPU's name."""
-    if device != "cuda":
-        return {"peak_alloc_gib": None, "peak_reserved_gib": None}
-    return {"peak_alloc_gib": torch.cuda.max_memory_allocated() / GIB,
-            "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB}
+    def finish(self) -> dict[str, Any]:
+        """torch's allocated and reserved peaks (GiB; None on a CPU), the host load, and the NVML readings."""
+        out: dict[str, Any] = {"peak_alloc_gib": None, "peak_reserved_gib": None,
+                               "host_load_1m": {"start": self.load_start, "end": os.getloadavg()[0]}}
+        if self.device == "cuda":
+            out |= {"peak_alloc_gib": torch.cuda.max_memory_allocated() / GIB,
+                    "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB}
+        s = self.sampler
+        if s is not None:
+            s.stop()
+            tel = s.telemetry.summary(None, None) if s.telemetry is not None else {}
+            out |= {"peak_vram_nvml_gib": s.peak_process_bytes / GIB if s.peak_process_bytes else None,
+                    "foreign_gpu_processes": [{"pid": p, "max_gib": b / GIB} for p, b in sorted(s.foreign.items())],
+                    "telemetry": tel.get("telemetry"), "throttle_reasons_seen": tel.get("throttle_reasons_seen"),
+                    "nvml_error": s.error}
+        return out
 
 
 def machine(device: str, libraries: Sequence[str]) -> dict[str, Any]:

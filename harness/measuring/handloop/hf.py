@@ -12,10 +12,9 @@ from __future__ import annotations
 import torch
 
 from harness.measuring.handloop.common import (
+    MachineWatch,
     machine,
-    peak_memory,
     read_back_transformers,
-    reset_peak_memory,
     sweep_rows,
     trainer_read_back,
 )
@@ -72,7 +71,7 @@ def run(sc, checkpoint: str, device: str, steps: int, knobs: HfKnobs | None = No
     """
     knobs = knobs or HfKnobs()
     torch.manual_seed(sc.train.seed)
-    reset_peak_memory(device)
+    watch = MachineWatch(device)
     model, tok = load(sc, checkpoint, device, knobs)
     if sc.train.gradient_checkpointing:
         enable_checkpointing(model, knobs)
@@ -82,6 +81,6 @@ def run(sc, checkpoint: str, device: str, steps: int, knobs: HfKnobs | None = No
         return read_back_transformers(m, opt, trainer_read_back)
 
     log, settings = train(model, sc, device, collated_steps(rows, tok, sc, device, steps), knobs, read_back)
-    return log.summary(sc.train.warmup_steps) | peak_memory(device) | {
+    return log.summary(sc.train.warmup_steps) | watch.finish() | {
         "settings": settings | log.geometry(sc.data.packing) | data_settings | machine(device, LIBRARIES)
         | {"checkpoint": str(checkpoint), "hand_loop_knobs": knobs.to_dict()}}

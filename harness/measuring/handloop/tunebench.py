@@ -18,11 +18,10 @@ import torch
 from harness.measuring.effective import read_back_optimizer
 from harness.measuring.handloop.common import (
     TIMING,
+    MachineWatch,
     StepClock,
     StepLog,
     machine,
-    peak_memory,
-    reset_peak_memory,
     sweep_rows,
 )
 from kernels.trainer.batches import collate, step_rows
@@ -64,7 +63,7 @@ def run(sc, checkpoint: str, device: str, steps: int) -> dict:  # noqa: ANN001
     from transformers import AutoTokenizer  # heavy (transformers): the tokenizer every framework uses
 
     torch.manual_seed(sc.train.seed)
-    reset_peak_memory(device)
+    watch = MachineWatch(device)
     tok = AutoTokenizer.from_pretrained(checkpoint)
     cfg = trainer_config(sc, tok.pad_token_id)
     s = dataclasses.replace(cfg.train, steps=steps) if steps != cfg.train.steps else cfg.train
@@ -89,6 +88,6 @@ def run(sc, checkpoint: str, device: str, steps: int) -> dict:  # noqa: ANN001
         sched.step()
         step_s = clock.end()
         log.add(step_s, host_batches, float(total))
-    return log.summary(sc.train.warmup_steps) | peak_memory(device) | {
+    return log.summary(sc.train.warmup_steps) | watch.finish() | {
         "settings": settings | log.geometry(sc.data.packing) | data_settings | machine(device, LIBRARIES)
         | {"checkpoint": str(checkpoint)}}
