@@ -102,6 +102,7 @@ def run(sc, checkpoint: str, device: str, steps: int) -> dict:  # noqa: ANN001
         model, tok = trainers.load_model(cfg)
         FastLanguageModel.for_training(model)
         trainer = sft_trainer(model, tok, cfg, examples, fmt, Path(work))
+        model = trainer.model  # what the trainer trains (the adapter's meter watches the same)
         trainer_kwargs = trainer_checkpointing(model, trainer.args)
         feed = loader_steps(trainer.get_train_dataloader(), sc.train.grad_accum, steps)
         # checkpointing is Unsloth's (get_peft_model and the trainer's call installed it): the knobs leave it alone
