@@ -146,7 +146,7 @@ class StepLog:
     longest_sample: int = 0
 
     def add(self, step_s: float, batches: list[dict[str, torch.Tensor]], loss: float) -> None:
-        """Record one step: its time, the host copies of its micro-batches, its loss."""
+        """Record one step: its time, its micro-batches (read after the clock stopped), its loss."""
         counts = [batch_tokens(b) for b in batches]
         self.step_s.append(step_s)
         self.tokens.append(sum(c[0] for c in counts))
