@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.analysis.aggregate import number, summarise
+from harness.measuring.telemetry import SLOWING
 from harness.storing.migrate import ResultSchemaError
 from harness.storing.results import parse_result
 from harness.storing.schema import RunResult
@@ -193,6 +194,21 @@ def harness_figures(run: dict[str, Any] | None) -> dict[str, Any]:
         m: number(metrics.get(m)) for m in (*HARNESS_FIGURES, "nvml_sampler_busy_pct")}
 
 
+def machine_notes(side: str, rnd: Any, figures: dict[str, Any]) -> list[str]:
+    """What the machine did during one side of a pair that can move its figure: another process on the GPU, or
+    a slowed (throttled) GPU. ``figures``: a harness run's metrics or a loop's result (both carry
+    ``foreign_gpu_processes`` and ``throttle_reasons_seen``)."""
+    notes = []
+    foreign = figures.get("foreign_gpu_processes") or []
+    if foreign:
+        procs = ", ".join(f"pid {f.get('pid')} {number(f.get('max_gib')) or 0:.1f} GiB" for f in foreign)
+        notes.append(f"round {rnd} {side}: another process on the GPU ({procs})")
+    slowed = sorted(set(figures.get("throttle_reasons_seen") or []) & SLOWING)
+    if slowed:
+        notes.append(f"round {rnd} {side}: the GPU slowed ({', '.join(slowed)})")
+    return notes
+
+
 def compare_side_by_side(framework: str, pairs: list[dict[str, Any]],
                          within_pct: float = AGREE_PCT) -> dict[str, Any]:
     """One framework's harness runs against its loops, run in alternating pairs on one machine.
@@ -209,7 +225,7 @@ def compare_side_by_side(framework: str, pairs: list[dict[str, Any]],
         round's ``pair_differences_pct``, each side's ``harness_spread_pct`` / ``loop_spread_pct`` (max - min over
         median, percent), ``harness_sampler_busy_pct`` (the NVML sampling's busy share in the harness runs,
         median: an upper bound on what the harness's own sampling could take), ``settings_differ`` between the
-        first ok harness run and its loop.
+        first ok harness run and its loop, and ``machine`` (:func:`machine_notes` of every side of every pair).
     """
     out: dict[str, Any] = {"framework": framework}
     ok = []
@@ -245,5 +261,8 @@ def compare_side_by_side(framework: str, pairs: list[dict[str, Any]],
         "harness_valid": all(h.get("valid") is not False for _, h, _ in ok),
         "harness_sampler_busy_pct": _median([h["nvml_sampler_busy_pct"] for _, h, _ in ok
                                              if h["nvml_sampler_busy_pct"] is not None]),
-        "settings_differ": differ}
+        "settings_differ": differ,
+        "machine": [n for p, _, lo in ok for n in
+                    machine_notes("harness", p.get("round"), (p.get("harness_run") or {}).get("metrics") or {})
+                    + machine_notes("loop", p.get("round"), lo)]}
 

@@ -107,11 +107,13 @@ def _pair_row(check: str, fw: str, entry: dict[str, Any], band: float) -> list[s
             settings]
 
 
-def rows(sweep_dir: Path) -> tuple[list[list[str | Cell]], list[str], int, list[list[str | Cell]]]:
+def rows(sweep_dir: Path) -> tuple[list[list[str | Cell]], list[str], int, list[list[str | Cell]], list[str]]:
     """The table rows of every stored check, the check files that cannot be read, how many frameworks differ (by
-    each check's verdict: its pairs where it has them), and the side-by-side rows."""
+    each check's verdict: its pairs where it has them), the side-by-side rows, and what the machine did during the
+    pairs (another process on the GPU, a slowed GPU)."""
     out: list[list[str | Cell]] = []
     pair_rows: list[list[str | Cell]] = []
+    machine: list[str] = []
     unreadable: list[str] = []
     n_differ = 0
     for path in selfcheck_paths(sweep_dir):
@@ -132,14 +134,16 @@ def rows(sweep_dir: Path) -> tuple[list[list[str | Cell]], list[str], int, list[
             row = _pair_row(path.name, str(fw), entry, band)
             n_differ += isinstance(row[9], Cell) and row[9].mark == "bad"
             pair_rows.append(row)
-    return out, unreadable, n_differ, pair_rows
+            if isinstance(entry, dict):
+                machine += [f"{path.name} {fw} {note}" for note in entry.get("machine") or []]
+    return out, unreadable, n_differ, pair_rows, machine
 
 
 def add_section(doc: Doc, sweep: Sweep) -> None:
     """Add "Harness vs hand loop" when the sweep stores a check (nothing otherwise)."""
     if not selfcheck_paths(sweep.path):
         return
-    table, unreadable, n_differ, pair_table = rows(sweep.path)
+    table, unreadable, n_differ, pair_table, machine = rows(sweep.path)
     doc.h(1, "Harness vs hand loop")
     doc.p(INTRO.format(band=AGREE_PCT))
     if n_differ:
@@ -150,6 +154,9 @@ def add_section(doc: Doc, sweep: Sweep) -> None:
     if pair_table:
         doc.p(PAIR_INTRO)
         doc.table(PAIR_HEADER, pair_table)
+    if machine:
+        doc.p("The machine during the pairs (a figure measured beside another process on the GPU, or on a slowed "
+              "GPU, moves for that reason): " + "; ".join(machine) + ".", "warn")
     for name in unreadable:
         doc.p(f"`{name}` cannot be read as a check (not JSON, or no per-framework comparison in it): left out.",
               "warn")

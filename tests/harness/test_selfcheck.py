@@ -379,6 +379,7 @@ def test_side_by_side_that_differs_fails_the_check(sweep_dir, tmp_path, monkeypa
         capsys.readouterr().out
     section = write_report(sweep_dir, tmp_path / "rep").read_text().split("## Harness vs hand loop", 1)[1]
     assert "1 framework figure(s) differ from the hand loop" in section
+    assert "The machine during the pairs" not in section  # nothing else ran and nothing slowed
     # a round whose harness run stored nothing is said, not averaged in
     got = analysis.compare_side_by_side("hf", [{"round": 0, "first": "harness", "harness_run": None,
                                                  "loop": _loop(1000.0)}])
@@ -386,6 +387,33 @@ def test_side_by_side_that_differs_fails_the_check(sweep_dir, tmp_path, monkeypa
     why = {"status": "error", "reason": "harness run stored no result: ValueError: boom"}  # as run_harness says it
     got = analysis.compare_side_by_side("hf", [{"round": 0, "first": "loop", "harness_run": why, "loop": _loop(1e3)}])
     assert got["status"] == "no pair ran" and "ValueError: boom" in got["reason"]
+
+
+def test_side_by_side_names_what_the_machine_did_during_a_pair(sweep_dir, tmp_path, monkeypatch):
+    """Another process on the GPU during a loop, or a harness run on a slowed GPU, is named beside the pairs (both
+    sides record them: the run's metrics, the loop's MachineWatch); the software power cap alone is not slowing."""
+    scenario = tmp_path / "handloop_test.yaml"
+    scenario.write_text(SCENARIO)
+    _pairing(monkeypatch, {"hf": [900, 1000]}, {"hf": [1000, 1000]})
+    busy_loop = _loop(1000.0) | {"foreign_gpu_processes": [{"pid": 4242, "max_gib": 3.25}],
+                                 "throttle_reasons_seen": ["sw_power_cap"]}
+    hot_run = make_run("hf", 0, tokens_per_s=900, jitter=0)
+    hot_run["metrics"]["throttle_reasons_seen"] = ["sw_power_cap", "hw_thermal_slowdown"]
+    got = analysis.compare_side_by_side("hf", [
+        {"round": 0, "first": "harness", "harness_run": hot_run, "loop": _loop(1000.0)},
+        {"round": 1, "first": "loop", "harness_run": make_run("hf", 0, tokens_per_s=1000, jitter=0),
+         "loop": busy_loop}])
+    assert got["machine"] == ["round 0 harness: the GPU slowed (hw_thermal_slowdown)",
+                              "round 1 loop: another process on the GPU (pid 4242 3.2 GiB)"]
+    selfcheck_cli.main([str(scenario), "--frameworks", "hf", "--against", str(sweep_dir), "--side-by-side", "2"])
+    path = sweep_dir / "selfcheck.json"
+    check = json.loads(path.read_text())
+    check["side_by_side"]["hf"] = got
+    path.write_text(json.dumps(check))
+    section = write_report(sweep_dir, tmp_path / "rep").read_text().split("## Harness vs hand loop", 1)[1]
+    assert ("The machine during the pairs (a figure measured beside another process on the GPU, or on a slowed GPU, "
+            "moves for that reason): selfcheck.json hf round 0 harness: the GPU slowed (hw_thermal_slowdown); "
+            "selfcheck.json hf round 1 loop: another process on the GPU (pid 4242 3.2 GiB).") in section
 
 
 def test_side_by_side_refuses_what_the_harness_cannot_run(tmp_path, capsys):
