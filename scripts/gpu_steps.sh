@@ -10,7 +10,9 @@
 #   record that commit (TUNEBENCH_GIT_SHA). The sweeps of results/ that the clean copy lacks are copied into it
 #   first, so a sweep resumes from what the last call brought back; the sweeps a call wrote to come back whole.
 # STEPS_FILE: one command per line, run in the clean copy in order, each interrupted (SIGINT: the runner stores what
-#   finished) when B seconds since the call's start are spent; `$R` is this checkout on the machine.
+#   finished) when B seconds since the call's start are spent; `$R` is this checkout on the machine. A line
+#   "@NAME" moves the following lines to the clean copy of .work/NAME.tgz (one call can run a check at one commit
+#   and resume a sweep made from another).
 # Set-up on a fresh machine (~50 s): .whl/*.whl (what the harness process itself lacks there: pydantic with
 #   pydantic_core, annotated-types, typing-inspection; `python3 -m pip download --no-deps
 #   --only-binary=:all: --python-version 3.12 --platform manylinux_2_17_x86_64 -d .whl NAME==VERSION`, the versions of
@@ -37,27 +39,44 @@ for b in .bundles/*.tar.xz; do
 done
 wait
 echo "set-up done at $(( $(date +%s) - t0 )) s"
-C=/tmp/clean-$A
-if [ ! -f "$C/.sha" ]; then
-  rm -rf "$C" && mkdir -p "$C" && tar xzf ".work/$A.tgz" -C "$C" && cp ".work/$A.sha" "$C/.sha"
-fi
-TUNEBENCH_GIT_SHA=$(cat "$C/.sha")
-export TUNEBENCH_GIT_SHA R
-mkdir -p "$C/results"
-for d in results/*/; do
-  d=${d%/}
-  [ -d "$C/$d" ] || cp -r "$d" "$C/results/"
-done
-cd "$C" || exit 1
 stamp=$(mktemp) && touch "$stamp"
+used=()
+# the clean copy of archive $1, the current directory from here on; the sweeps of results/ it lacks copied in first
+enter() {
+  C=/tmp/clean-$1
+  if [ ! -f "$C/.sha" ]; then
+    rm -rf "$C" && mkdir -p "$C" && tar xzf "$R/.work/$1.tgz" -C "$C" && cp "$R/.work/$1.sha" "$C/.sha" || return 1
+  fi
+  TUNEBENCH_GIT_SHA=$(cat "$C/.sha")
+  export TUNEBENCH_GIT_SHA
+  mkdir -p "$C/results"
+  for d in "$R"/results/*/; do
+    d=${d%/}
+    [ -d "$C/results/$(basename "$d")" ] || cp -rp "$d" "$C/results/"  # -p: older than the stamp
+  done
+  [[ " ${used[*]} " == *" $C "* ]] || used+=("$C")
+  cd "$C" || return 1
+}
+export R
+enter "$A" || exit 1
 while IFS= read -r line; do
   [ -z "$line" ] && continue
+  if [[ $line == @* ]]; then  # "@NAME": the following lines run in the clean copy of .work/NAME.tgz
+    enter "${line#@}" || { echo "no archive .work/${line#@}.tgz"; exit 1; }
+    echo "=== now in $C ($(cat "$C/.sha"))"
+    continue
+  fi
   left=$(( t0 + B - $(date +%s) ))
   if [ $left -le 30 ]; then echo "deadline: not started: $line"; continue; fi
   echo "=== [$(( $(date +%s) - t0 )) s] $line (${left} s left)"
   timeout -s INT $left bash -c "$line" 2>&1 | grep -v "━" | tail -"${TAILN:-40}"
   echo "=== exit ${PIPESTATUS[0]}"
 done < "$R/$S"
-mapfile -t mine < <(find results -newer "$stamp" -type f | cut -d/ -f1-2 | sort -u)
-[ -n "${OUT:-}" ] && [ ${#mine[@]} -gt 0 ] && tar czf "$OUT/res.tgz" --exclude=sweep.lock "${mine[@]}"
+# every sweep a step wrote to, from each clean copy used (the same sweep twice: the later copy's files win)
+args=()
+for c in "${used[@]}"; do
+  mapfile -t mine < <(cd "$c" && find results -newer "$stamp" -type f | cut -d/ -f1-2 | sort -u)
+  [ ${#mine[@]} -gt 0 ] && args+=(-C "$c" "${mine[@]}")
+done
+[ -n "${OUT:-}" ] && [ ${#args[@]} -gt 0 ] && tar czf "$OUT/res.tgz" --exclude=sweep.lock "${args[@]}"
 echo "done at $(( $(date +%s) - t0 )) s"
