@@ -110,7 +110,8 @@ class StepMeter:
         self.memory = (GpuMemorySampler(device_index, memory_interval_ms / 1000.0, ignore_pids=ignore_pids)
                        if device == "cuda" else None)
         self.started_at = time.time()
-        self._first_step_at: float | None = None
+        self.first_step_at: float | None = None  # epoch s: the first step's begin, the last step's end
+        self.last_step_at: float | None = None
         self.loss_by_step: dict[int, float] = {}
         self.first_forward_training: bool | None = None  # set by attach()
         if device == "cuda":
@@ -181,8 +182,8 @@ class StepMeter:
         if self._telemetry and len(self.steps) >= self.warmup_steps:
             self._telemetry.step_begin()  # energy over the measured steps only, read after the sync
         self._t0 = time.perf_counter()
-        if self._first_step_at is None:
-            self._first_step_at = time.time()
+        if self.first_step_at is None:
+            self.first_step_at = time.time()
 
     def step_end(self, loss: float | None = None) -> None:
         if self._sync:
@@ -195,6 +196,7 @@ class StepMeter:
         idx = len(self.steps)
         if self._telemetry and idx >= self.warmup_steps:
             self._telemetry.step_end()
+        self.last_step_at = time.time()
         rec = {"step": idx + 1, "step_s": t1 - self._t0, "measured": idx >= self.warmup_steps, "loss": loss,
                **{k: self._pending.get(k, 0) for k in ("tokens", "loss_tokens", "samples", "padded_tokens",
                                                       "max_len", "micro_batches", "rows", "ctx_tokens_sq",

@@ -180,6 +180,8 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any] | None:
         "output_dir": str(ctx.output_dir) if ctx.output_dir.exists() else None,
         "extra": ctx.extra,
         "load_s": ctx.load_s,
+        "first_step_at": meter.first_step_at,
+        "last_step_at": meter.last_step_at,
         "device": sc.hardware.device,
         "finished_at": time.time(),
     })

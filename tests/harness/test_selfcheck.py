@@ -434,6 +434,9 @@ def test_the_harness_side_is_a_real_run_of_the_row(tiny):
     assert run is not None and run["status"] == "ok", run and run.get("reason")
     assert run["framework"] == "tunebench" and run["metrics"]["tokens_per_s"] > 0
     assert analysis.harness_figures(run)["tokens_per_s"] == pytest.approx(run["metrics"]["tokens_per_s"])
+    # the run's timeline: start-up and loading before its first step, saving after its last
+    assert run["started_at"] < run["first_step_at"] < run["last_step_at"] <= run["finished_at"]
+    assert sum(s["step_s"] for s in run["steps"]) <= run["last_step_at"] - run["first_step_at"]
 
 
 GPU_QLORA = """\
