@@ -138,3 +138,22 @@ def test_no_driver_means_no_sampling_and_says_why(monkeypatch):
     assert not s.available and s.mode is None and "pynvml" in s.error
     s.stop()
     assert s.samples == 0 and s.busy_pct is None
+
+
+@pytest.mark.gpu
+def test_the_monitor_process_sees_this_process_on_the_gpu():
+    """On a real GPU and driver: the monitor process runs (no fallback) and sees this process's memory grow by what
+    it allocates, as the run's peak."""
+    import torch
+
+    torch.cuda.init()
+    s = GpuMemorySampler(interval_s=0.005).start()
+    assert s.mode == "process", s.mode_reason
+    x = torch.empty(2 * 2**30, dtype=torch.uint8, device="cuda")  # 2 GiB
+    torch.cuda.synchronize()
+    time.sleep(0.3)
+    del x
+    s.stop()
+    assert s.error is None and s.samples >= 10
+    assert s.peak_process_bytes >= 2 * 2**30 and s.peak_device_bytes >= s.peak_process_bytes
+    assert s.telemetry.summary(None, None)["telemetry"]["start"]["sm_clock_mhz"] is not None
