@@ -32,7 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from harness.measuring.nvml_sampler import GpuMemorySampler
+from harness.measuring.nvml_sampler import NVML_READINGS, GpuMemorySampler
 
 GIB = 1024**3
 
@@ -237,23 +237,10 @@ class StepMeter:
         telemetry = (self._telemetry.summary(stats["measured_s"], stats["tokens_measured"]) if self._telemetry
                      else {"energy_j": None, "joules_per_token": None, "avg_power_w": None, "throttled": None,
                            "power_capped": None})
-        return stats | torch_peaks | telemetry | {
-            "peak_vram_nvml_gib": _gib(self.memory.peak_process_bytes) if self.memory else None,
-            "peak_vram_device_gib": _gib(self.memory.peak_device_bytes) if self.memory else None,
-            "vram_device_before_gib": _gib(self.memory.baseline_device_bytes) if self.memory else None,
-            "nvml_samples": self.memory.samples if self.memory else None,
-            "nvml_sampler_busy_pct": self.memory.busy_pct if self.memory else None,
-            "nvml_sampler": self.memory.mode if self.memory else None,
-            "nvml_sampler_note": self.memory.mode_reason if self.memory else None,
-            "nvml_error": self.memory.error if self.memory else None,
-            "foreign_gpu_processes": ([{"pid": pid, "max_gib": _gib(b)}
-                                       for pid, b in sorted(self.memory.foreign.items())] if self.memory else None),
+        nvml = self.memory.readings() if self.memory else dict.fromkeys(NVML_READINGS)
+        return stats | torch_peaks | telemetry | nvml | {
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB,
         }
-
-
-def _gib(b: int | None) -> float | None:
-    return None if b is None else b / GIB
 
 
 def summarise(steps: list[dict], warmup_steps: int) -> dict[str, Any]:

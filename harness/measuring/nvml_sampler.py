@@ -30,6 +30,9 @@ from harness.measuring.telemetry import GpuTelemetry
 
 TELEMETRY_EVERY = 10  # clocks/power/temperature every 10th memory sample (~100 ms): 5 NVML calls each
 READY_TIMEOUT_S = 60.0
+# the run metrics GpuMemorySampler.readings() gives (all None where nothing is sampled: a CPU run)
+NVML_READINGS = ("peak_vram_nvml_gib", "peak_vram_device_gib", "vram_device_before_gib", "nvml_samples",
+                 "nvml_sampler_busy_pct", "nvml_sampler", "nvml_sampler_note", "nvml_error", "foreign_gpu_processes")
 
 
 def nvml_index(device_index: int) -> int:
@@ -138,6 +141,16 @@ class GpuMemorySampler:
         much of the training process's time it could take)."""
         return 100.0 * self.busy_s / self.sampling_s if self.sampling_s > 0 else None
 
+    def readings(self) -> dict[str, Any]:
+        """What the sampling found, in the run's metric names (GiB): the NVML peaks of the process and the device,
+        the device's use before, other processes on the GPU, how and how busily it sampled, and its error."""
+        return {"peak_vram_nvml_gib": _gib(self.peak_process_bytes),
+                "peak_vram_device_gib": _gib(self.peak_device_bytes),
+                "vram_device_before_gib": _gib(self.baseline_device_bytes), "nvml_samples": self.samples,
+                "nvml_sampler_busy_pct": self.busy_pct, "nvml_sampler": self.mode,
+                "nvml_sampler_note": self.mode_reason, "nvml_error": self.error,
+                "foreign_gpu_processes": [{"pid": pid, "max_gib": _gib(b)} for pid, b in sorted(self.foreign.items())]}
+
     def start(self) -> GpuMemorySampler:
         if not self.available or self.mode is not None:
             return self
@@ -211,6 +224,10 @@ class GpuMemorySampler:
             if peak and peak.get("power_w") is not None and (
                     tel.at_peak_power is None or peak["power_w"] > (tel.at_peak_power.get("power_w") or 0)):
                 tel.at_peak_power = peak
+
+
+def _gib(b: int | None) -> float | None:
+    return None if b is None else b / 2**30
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from harness.measuring.nvml_sampler import GpuMemorySampler
+from harness.measuring.nvml_sampler import NVML_READINGS, GpuMemorySampler
 from harness.storing.schema import Metrics
 
 FAKE = textwrap.dedent('''
@@ -100,7 +100,9 @@ def _check_peaks(s: GpuMemorySampler) -> None:
     peak, start = tel["telemetry"]["peak_power"], tel["telemetry"]["start"]
     assert peak is not None and peak["power_w"] > start["power_w"]
     assert 1 < s.busy_pct < 80  # ~1 ms of each ~6 ms cycle, with slack for a loaded CI machine
-    assert Metrics(nvml_sampler_busy_pct=s.busy_pct, nvml_sampler=s.mode).nvml_sampler == s.mode
+    got = s.readings()  # what a run stores
+    assert tuple(got) == NVML_READINGS and Metrics(**got).nvml_sampler == s.mode
+    assert got["peak_vram_nvml_gib"] == 10.0 and got["foreign_gpu_processes"] == [{"pid": 4242, "max_gib": 1.0}]
 
 
 def test_the_monitor_process_samples_beside_the_run(fake_nvml):

@@ -212,10 +212,8 @@ class MachineWatch:
         if s is not None:
             s.stop()
             tel = s.telemetry.summary(None, None) if s.telemetry is not None else {}
-            out |= {"peak_vram_nvml_gib": s.peak_process_bytes / GIB if s.peak_process_bytes else None,
-                    "foreign_gpu_processes": [{"pid": p, "max_gib": b / GIB} for p, b in sorted(s.foreign.items())],
-                    "telemetry": tel.get("telemetry"), "throttle_reasons_seen": tel.get("throttle_reasons_seen"),
-                    "nvml_error": s.error}
+            out |= s.readings() | {"telemetry": tel.get("telemetry"),
+                                   "throttle_reasons_seen": tel.get("throttle_reasons_seen")}
         return out
 
 
