@@ -40,6 +40,7 @@ from harness.storing.sweep import Sweep
 
 AGREE_PCT = 3.0  # |harness - loop| / loop of tokens/s within this: the harness's figure is the loop's
 SELFCHECK_NAME = re.compile(r"^selfcheck(?:-(\d+))?\.json$")
+PARTIAL_PREFIX = "selfcheck-partial-"  # an unfinished check's work file in the sweep (harness.cli.selfcheck.Progress)
 HARNESS_FIGURES = ("tokens_per_s", "step_s_median", "peak_alloc_gib", "peak_reserved_gib")
 # what a loop records about itself that is no setting of a run (how it timed, its own knobs, descriptions)
 NOT_COMPARED = frozenset({"timing", "data_order", "hand_loop_knobs", "trainer", "unsloth_calls", "dataset_rows",

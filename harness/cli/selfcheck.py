@@ -15,9 +15,15 @@ alternating order, and stores each round's run JSON in the check: a stored sweep
 machine differs from a loop run today by as much as that machine's host and clocks moved, which the pairs remove.
 With pairs, the side-by-side comparison is the check's verdict.
 
+An interrupted check resumes: each finished measurement (a pair, both sides of one round and framework, or a loop)
+is kept at once in a work file beside where the check is stored (``selfcheck-partial-<key>.json`` in the sweep, or
+``OUT.partial-<key>.json`` beside ``--out``; the key: scenario, frameworks, rounds, steps, knobs and code version),
+and the same command run again measures only what is missing. A pair is the unit, so its two sides always ran back
+to back. The finished check is written once and the work file removed.
+
 Exit codes: 0 every compared framework agrees within 3 % (or nothing to compare), 1 a framework differs by more,
 or a loop failed, 2 bad input (scenario, framework name, results directory, knob), 3 another sweep holds the
-machine.
+machine, 130 interrupted (finished measurements kept; rerun the same command to resume).
 
 Examples::
 
@@ -30,8 +36,10 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -40,8 +48,17 @@ from pathlib import Path
 from typing import Any
 
 from adapters_for_tools import registry
-from harness.analysis.handloop import AGREE_PCT, cause, compare, compare_side_by_side, next_selfcheck_path
+from harness.analysis.handloop import (
+    AGREE_PCT,
+    PARTIAL_PREFIX,
+    cause,
+    compare,
+    compare_side_by_side,
+    next_selfcheck_path,
+)
+from harness.cli.guard import EXIT_INTERRUPTED
 from harness.common.names import unknown
+from harness.measuring.environment import git_info
 from harness.measuring.handloop import FRAMEWORKS
 from harness.measuring.handloop.knobs import parse_knobs
 from harness.running import envs
@@ -53,6 +70,61 @@ from harness.storing.sweep import NotAResultsDir, load_sweep
 
 EXIT_OK, EXIT_DIFFERS, EXIT_BAD_INPUT, EXIT_BUSY = 0, 1, 2, 3
 SELFCHECK_VERSION = 1
+INTERRUPTED_CODES = (EXIT_INTERRUPTED, -signal.SIGINT)  # a child stopped by the Ctrl-C that stops the check
+
+
+class Progress:
+    """The measurements a check has finished, by unit (``"round 0 hf"``, ``"loop hf"``), kept in a work file as each
+    finishes so that an interrupted check resumes where it stopped.
+
+    The file is named by a digest of ``key`` (what makes two checks the same check), holds the key itself, and is
+    replaced atomically as it grows: a crash leaves the previous version whole. Without a path nothing is kept.
+    """
+
+    def __init__(self, path: Path | None, key: dict[str, Any]) -> None:
+        self.path, self.key, self.done = path, key, {}
+        stored = read_json(path) if path is not None and path.is_file() else None
+        if isinstance(stored, dict) and stored.get("key") == key and isinstance(stored.get("done"), dict):
+            self.done = stored["done"]
+
+    @staticmethod
+    def digest(key: dict[str, Any]) -> str:
+        """The work file's name part for ``key``: 12 hex digits of its canonical JSON's SHA-256."""
+        return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+    def get(self, unit: str) -> Any:
+        """The stored measurement of ``unit``, or None when it has not run."""
+        return self.done.get(unit)
+
+    def put(self, unit: str, value: Any) -> None:
+        """Keep ``unit``'s measurement (in the work file at once, when there is one)."""
+        self.done[unit] = value
+        if self.path is not None:
+            atomic_write_text(self.path, json.dumps({"key": self.key, "done": self.done}, indent=1, default=str))
+
+    def finish(self) -> None:
+        """The check is stored whole: the work file goes."""
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+
+def work_file(args: argparse.Namespace, sc, wanted: list[str], sweep) -> tuple[Path | None, dict[str, Any]]:  # noqa: ANN001
+    """Where an unfinished check keeps its measurements (in the sweep; else beside ``--out``; else nowhere) and the
+    key that names it."""
+    key = {"scenario_hash": sc.content_hash(), "frameworks": wanted, "side_by_side": args.side_by_side,
+           "steps": args.steps, "knobs": list(args.set), "git_sha": git_info()["git_sha"]}
+    name = Progress.digest(key)
+    if sweep is not None:
+        return sweep.path / f"{PARTIAL_PREFIX}{name}.json", key
+    if args.out:
+        return args.out.with_name(f"{args.out.name}.partial-{name}.json"), key
+    return None, key
+
+
+def _stopped(proc: subprocess.CompletedProcess) -> None:
+    """A child that stopped for the Ctrl-C that stops the check is no measurement: stop the check too."""
+    if proc.returncode in INTERRUPTED_CODES:
+        raise KeyboardInterrupt
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,6 +166,7 @@ def run_loop(framework: str, scenario: Path, sc, steps: int | None, knobs: list[
         except subprocess.TimeoutExpired:
             return {"framework": framework, "status": "error",
                     "reason": f"no result within {sc.measure.timeout_s:g} s (measure.timeout_s; killed)"}
+        _stopped(proc)
         res = read_json(out)
     if res is None:
         last = [ln for ln in proc.stderr.splitlines() if ln.strip()][-1:] or [f"exit code {proc.returncode}"]
@@ -117,6 +190,7 @@ def run_harness(framework: str, scenario: Path, sc) -> dict[str, Any]:  # noqa: 
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=sc.measure.timeout_s + 600)
         except subprocess.TimeoutExpired:
             return {"status": "error", "reason": f"harness run: no result within {sc.measure.timeout_s + 600:g} s"}
+        _stopped(proc)
         found = sorted(Path(tmp, "results").glob(f"*/runs/{framework}-r0.json"))
         run = read_json(found[0]) if found else None
     if run is None:
@@ -125,20 +199,36 @@ def run_harness(framework: str, scenario: Path, sc) -> dict[str, Any]:  # noqa: 
     return run
 
 
-def side_by_side(wanted: list[str], scenario: Path, sc,  # noqa: ANN001
-                 rounds: int) -> tuple[dict[str, list[dict[str, Any]]], dict[str, dict[str, Any]]]:
+def side_by_side(wanted: list[str], scenario: Path, sc, rounds: int,  # noqa: ANN001
+                 progress: Progress) -> tuple[dict[str, list[dict[str, Any]]], dict[str, dict[str, Any]]]:
     """``rounds`` rounds of each framework's harness run and hand loop (both at the scenario's settings), the harness
-    first in even rounds and the loop first in odd ones; the pairs (each with the full run JSON) and their
-    comparison, by framework."""
+    first in even rounds and the loop first in odd ones; the pairs (each with the full run JSON and when it
+    finished) and their comparison, by framework. Pairs ``progress`` holds are not run again."""
     pairs: dict[str, list[dict[str, Any]]] = {fw: [] for fw in wanted}
     for r in range(rounds):
         order = ("harness_run", "loop") if r % 2 == 0 else ("loop", "harness_run")
         for fw in wanted:
-            side = {"harness_run": lambda fw=fw: run_harness(fw, scenario, sc),
-                    "loop": lambda fw=fw: run_loop(fw, scenario, sc, None, [])}
-            got = {name: side[name]() for name in order}
-            pairs[fw].append({"round": r, "first": order[0].removesuffix("_run")} | got)
+            unit = f"round {r} {fw}"
+            if progress.get(unit) is None:
+                side = {"harness_run": lambda fw=fw: run_harness(fw, scenario, sc),
+                        "loop": lambda fw=fw: run_loop(fw, scenario, sc, None, [])}
+                got = {name: side[name]() for name in order}
+                progress.put(unit, {"round": r, "first": order[0].removesuffix("_run")} | got
+                             | {"finished": datetime.now(UTC).isoformat()})
+            pairs[fw].append(progress.get(unit))
     return pairs, {fw: compare_side_by_side(fw, ps) for fw, ps in pairs.items()}
+
+
+def measure(args: argparse.Namespace, sc, wanted: list[str],  # noqa: ANN001
+            progress: Progress) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """The check's measurements under the machine lock: the loops, and the pairs with their comparison."""
+    if args.side_by_side:
+        pairs, paired = side_by_side(wanted, Path(args.scenario), sc, args.side_by_side, progress)
+        return {fw: ps[0]["loop"] for fw, ps in pairs.items()}, pairs, paired
+    for fw in wanted:
+        if progress.get(f"loop {fw}") is None:
+            progress.put(f"loop {fw}", run_loop(fw, Path(args.scenario), sc, args.steps, args.set))
+    return {fw: progress.get(f"loop {fw}") for fw in wanted}, {}, {}
 
 
 def _pair_line(fw: str, entry: dict[str, Any]) -> str:
@@ -188,18 +278,25 @@ def main(argv: list[str] | None = None) -> int:
     except (ScenarioError, ValueError, NotAResultsDir, OSError) as e:
         print(f"selfcheck: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    progress = Progress(*work_file(args, sc, wanted, sweep))
+    units = len(wanted) * (args.side_by_side or 1)
+    if progress.done:
+        print(f"selfcheck: resuming {progress.path} ({len(progress.done)} of {units} measurements done)")
     try:
         with machine_lock(machine_lock_dir(), Path(f"selfcheck {args.scenario}")):
-            if args.side_by_side:
-                pairs, paired = side_by_side(wanted, Path(args.scenario), sc, args.side_by_side)
-                loops = {fw: ps[0]["loop"] for fw, ps in pairs.items()}
-            else:
-                pairs, paired = {}, {}
-                loops = {fw: run_loop(fw, Path(args.scenario), sc, args.steps, args.set) for fw in wanted}
+            loops, pairs, paired = measure(args, sc, wanted, progress)
     except Busy as e:
         print(f"selfcheck: another sweep is running on this machine ({e}): a check now would measure its load",
               file=sys.stderr)
         return EXIT_BUSY
+    except KeyboardInterrupt:
+        kept = f"kept in {progress.path}" if progress.path else "not kept (no --against, no --out)"
+        print(f"\nselfcheck interrupted: {len(progress.done)} of {units} measurements finished, {kept}; rerun the "
+              "same command to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except OSError as e:
+        print(f"selfcheck: cannot write {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     check: dict[str, Any] = {"selfcheck_version": SELFCHECK_VERSION, "scenario": sc.name,
                              "scenario_source": str(args.scenario), "created": datetime.now(UTC).isoformat(),
                              "agree_within_pct": AGREE_PCT, "knobs": list(args.set), "loops": loops}
@@ -214,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"selfcheck: {stored}")
         if args.out:
             atomic_write_text(args.out, json.dumps(check, indent=1, default=str))
+        progress.finish()
     except OSError as e:
         print(f"selfcheck: cannot write {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
         return EXIT_BAD_INPUT

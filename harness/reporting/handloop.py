@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from harness.analysis.handloop import AGREE_PCT, cause, selfcheck_paths, verdict
+from harness.analysis.handloop import AGREE_PCT, PARTIAL_PREFIX, cause, selfcheck_paths, verdict
 from harness.reporting.document import EMPTY, Cell, Doc, fmt, short
 from harness.storing.results import read_json
 from harness.storing.sweep import Sweep
@@ -140,12 +140,19 @@ def rows(sweep_dir: Path) -> tuple[list[list[str | Cell]], list[str], int, list[
 
 
 def add_section(doc: Doc, sweep: Sweep) -> None:
-    """Add "Harness vs hand loop" when the sweep stores a check (nothing otherwise)."""
-    if not selfcheck_paths(sweep.path):
+    """Add "Harness vs hand loop" when the sweep stores a check or an unfinished one (nothing otherwise)."""
+    unfinished = sorted(sweep.path.glob(f"{PARTIAL_PREFIX}*.json"))
+    if not selfcheck_paths(sweep.path) and not unfinished:
         return
     table, unreadable, n_differ, pair_table, machine = rows(sweep.path)
     doc.h(1, "Harness vs hand loop")
     doc.p(INTRO.format(band=AGREE_PCT))
+    for path in unfinished:
+        stored = read_json(path)
+        done = stored.get("done") if isinstance(stored, dict) else None
+        doc.p(f"`{path.name}`: an unfinished check ({len(done) if isinstance(done, dict) else 'unreadable: no'} "
+              "measurement(s) kept), not in the tables until it is whole; the same `selfcheck` command resumes it.",
+              "warn")
     if n_differ:
         doc.p(f"{n_differ} framework figure(s) differ from the hand loop by more than the band (side by side where "
               "a check has pairs): the cause column says which settings differ.", "bad")

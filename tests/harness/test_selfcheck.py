@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import stat
+import subprocess
 import sys
 from pathlib import Path
 
@@ -425,6 +426,78 @@ def test_side_by_side_refuses_what_the_harness_cannot_run(tmp_path, capsys):
     assert selfcheck_cli.main([str(scenario), "--side-by-side", "1"]) == selfcheck_cli.EXIT_BAD_INPUT
     assert "no row 'unsloth'" in capsys.readouterr().err
     assert selfcheck_cli.main([str(scenario), "--side-by-side", "-1"]) == selfcheck_cli.EXIT_BAD_INPUT
+
+
+def test_an_interrupted_check_keeps_its_pairs_and_resumes(sweep_dir, tmp_path, monkeypatch, capsys):
+    """Ctrl-C in the third measurement: the two finished pairs stay in the work file, no check is stored; the same
+    command again runs only the missing pairs, stores the whole check once and removes the work file."""
+    scenario = tmp_path / "handloop_test.yaml"
+    scenario.write_text(SCENARIO)
+    calls = _pairing(monkeypatch, {"hf": [1010, 1000], "tunebench": [1290, 1310]},
+                     {"hf": [1000, 1005], "tunebench": [1300, 1280]})
+    real_loop = selfcheck_cli.run_loop
+
+    def stop_in_round_1(fw, *a):  # noqa: ANN001, ANN002, ANN202
+        if len(calls) == 4:  # round 0 is done (both frameworks): round 1 starts with hf's loop
+            raise KeyboardInterrupt
+        return real_loop(fw, *a)
+
+    monkeypatch.setattr(selfcheck_cli, "run_loop", stop_in_round_1)
+    argv = [str(scenario), "--frameworks", "hf,tunebench", "--against", str(sweep_dir), "--side-by-side", "2"]
+    assert selfcheck_cli.main(argv) == selfcheck_cli.EXIT_INTERRUPTED
+    assert "2 of 4 measurements finished, kept in" in capsys.readouterr().err
+    assert not analysis.selfcheck_paths(sweep_dir)
+    [work] = sweep_dir.glob(f"{analysis.PARTIAL_PREFIX}*.json")
+    kept = json.loads(work.read_text())
+    assert sorted(kept["done"]) == ["round 0 hf", "round 0 tunebench"]
+    assert kept["key"]["frameworks"] == ["hf", "tunebench"] and kept["key"]["side_by_side"] == 2
+    section = write_report(sweep_dir, tmp_path / "rep").read_text().split("## Harness vs hand loop", 1)[1]
+    assert f"`{work.name}`: an unfinished check (2 measurement(s) kept)" in section
+    # another check (other frameworks) has a work file of its own and does not touch this one
+    monkeypatch.setattr(selfcheck_cli, "run_loop", lambda fw, *a: _loop(1000.0))
+    assert selfcheck_cli.main([str(scenario), "--frameworks", "hf", "--against", str(sweep_dir)]) == 0
+    assert work.read_text() == json.dumps(kept, indent=1)
+
+    monkeypatch.setattr(selfcheck_cli, "run_loop", real_loop)
+    del calls[:]
+    assert selfcheck_cli.main(argv) == selfcheck_cli.EXIT_OK
+    assert "resuming" in capsys.readouterr().out
+    assert calls == ["hf:loop", "hf:harness", "tunebench:loop", "tunebench:harness"]  # round 1 only, loop first
+    check = json.loads(analysis.selfcheck_paths(sweep_dir)[-1].read_text())
+    tb = check["side_by_side"]["tunebench"]
+    assert tb["rounds"] == 2 and tb["pair_differences_pct"] == pytest.approx([100 * -10 / 1300, 100 * 30 / 1280])
+    assert [p["round"] for p in check["pairs"]["hf"]] == [0, 1] and check["pairs"]["hf"][0]["finished"]
+    assert not work.exists()
+
+
+def test_loops_keep_their_progress_beside_out_and_a_stopped_child_stops_the_check(tmp_path, monkeypatch, capsys):
+    scenario = tmp_path / "handloop_test.yaml"
+    scenario.write_text(SCENARIO)
+    ran: list[str] = []
+
+    def loop(fw, *a):  # noqa: ANN001, ANN002, ANN202
+        if fw == "tunebench" and not ran.count("hf"):
+            raise AssertionError("hf runs first")
+        ran.append(fw)
+        if fw == "tunebench" and ran.count("tunebench") == 1:
+            raise KeyboardInterrupt
+        return _loop(1000.0)
+
+    monkeypatch.setattr(selfcheck_cli, "run_loop", loop)
+    out = tmp_path / "check.json"
+    argv = [str(scenario), "--frameworks", "hf,tunebench", "--out", str(out)]
+    assert selfcheck_cli.main(argv) == selfcheck_cli.EXIT_INTERRUPTED
+    assert not out.exists() and len(list(tmp_path.glob("check.json.partial-*.json"))) == 1
+    assert selfcheck_cli.main(argv) == selfcheck_cli.EXIT_OK
+    assert ran == ["hf", "tunebench", "tunebench"]  # hf's loop is not run again
+    assert json.loads(out.read_text())["loops"]["hf"]["tokens_per_s"] == 1000.0
+    assert not list(tmp_path.glob("check.json.partial-*.json"))
+    capsys.readouterr()
+    # a child that exited for the Ctrl-C (the harness run's 130, a loop killed by SIGINT) is no measurement
+    for code in (130, -2):
+        with pytest.raises(KeyboardInterrupt):
+            selfcheck_cli._stopped(subprocess.CompletedProcess([], code))
+    selfcheck_cli._stopped(subprocess.CompletedProcess([], 1))  # a failure is a measurement (an error row)
 
 
 def test_the_harness_side_is_a_real_run_of_the_row(tiny):
