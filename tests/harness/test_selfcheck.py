@@ -6,9 +6,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -510,6 +512,33 @@ def test_the_harness_side_is_a_real_run_of_the_row(tiny):
     # the run's timeline: start-up and loading before its first step, saving after its last
     assert run["started_at"] < run["first_step_at"] < run["last_step_at"] <= run["finished_at"]
     assert sum(s["step_s"] for s in run["steps"]) <= run["last_step_at"] - run["first_step_at"]
+
+
+def test_a_real_check_stopped_by_sigint_resumes(tiny, tmp_path):
+    """The deadline's way of stopping a check on a lent machine (`timeout -s INT`: SIGINT to the whole process
+    group, the check and its children alike): the finished pair is kept, and the same command finishes the check."""
+    path, _ = tiny
+    out = tmp_path / "check.json"
+    cmd = [sys.executable, "-m", "harness", "selfcheck", str(path), "--frameworks", "tunebench", "--side-by-side",
+           "2", "--out", str(out)]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not list(tmp_path.glob("check.json.partial-*.json")) and proc.poll() is None:
+        assert time.monotonic() < deadline, "the first pair did not finish"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == selfcheck_cli.EXIT_INTERRUPTED, err[-2000:]
+    assert "1 of 2 measurements finished" in err and "Traceback" not in err
+    [work] = tmp_path.glob("check.json.partial-*.json")
+    assert list(json.loads(work.read_text())["done"]) == ["round 0 tunebench"]
+    assert not out.exists()
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode in (selfcheck_cli.EXIT_OK, selfcheck_cli.EXIT_DIFFERS), done.stderr[-2000:]
+    assert "resuming" in done.stdout
+    pairs = json.loads(out.read_text())["pairs"]["tunebench"]
+    assert [p["round"] for p in pairs] == [0, 1] and all(p["loop"]["status"] == "ok" for p in pairs)
+    assert not work.exists()
 
 
 GPU_QLORA = """\
