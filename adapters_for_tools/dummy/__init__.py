@@ -20,6 +20,7 @@ class DummyOverrides(Overrides):
     raise_: str | None = Field(None, alias="raise")  # raise RuntimeError with this message
     oom: bool = False  # raise a CUDA out-of-memory error
     sleep_s: float = Field(0.0, ge=0)  # sleep this long after each optimizer step (timeouts, progress)
+    leave_child_s: float = Field(0.0, ge=0)  # start a helper process that outlives the worker by this long
     loss_scale: float = Field(1.0, gt=0)  # multiply the reported loss: a planted divergence
     # Simulated memory, the CPU test double of a memory budget: the run "needs" sim_base_gib + sim_gib_per_token x
     # (micro_batch x seq_len) and raises an out-of-memory error when that is above hardware.memory_budget_gib

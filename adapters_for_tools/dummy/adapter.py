@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 
 from harness.inputs.data import collate, load_tokenised
@@ -100,3 +102,6 @@ def run(ctx) -> None:  # noqa: ANN001
         ctx.save_intermediate(model, step + 1)  # after step_end: saving is not step time
     ctx.output_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(ctx.output_dir)
+    if ov.leave_child_s:  # a tool's helper process that outlives the run (its pid in extra, for the test)
+        helper = [sys.executable, "-c", f"import time; time.sleep({ov.leave_child_s})"]
+        ctx.extra["left_child_pid"] = subprocess.Popen(helper).pid

@@ -31,7 +31,7 @@ from collections import Counter
 from pathlib import Path
 
 from harness.analysis.aggregate import is_empty
-from harness.reporting import charts, claims, handloop, objective, pareto, quality, scaling, tables, tool_best
+from harness.reporting import charts, claims, handloop, objective, pareto, quality, scaling, tables, timeline, tool_best
 from harness.reporting.caveats import caveats
 from harness.reporting.document import Cell, Doc, fmt
 from harness.reporting.ranking import rank, ranking_text
@@ -247,6 +247,7 @@ def build_report(sweep: Sweep, out_dir: Path) -> Doc:
     _parity(doc, sweep, parity_df)
     objective.add_section(doc, sweep, out_dir)  # a preference / RL objective's rewards and sampling; none for sft
     handloop.add_section(doc, sweep)
+    timeline.add_section(doc, sweep)
     _environment(doc, sweep, foreign)
     doc.h(1, "How to read this")
     doc.ul([item.format(base=sweep.baseline) for item in HOW_TO_READ]

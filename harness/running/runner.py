@@ -260,6 +260,7 @@ def execute_run(sc, sweep_dir: Path, run_root: Path, prepared: dict, fw, repeat:
             _kill_group(proc)
             raise
     wall = time.time() - t0
+    left_behind = _end_leftovers(proc)
     log_text = _log_tail(log_path)
     results.atomic_write_text(sweep_dir / "logs" / f"{key}.log", log_text)
     res = results.read_json(work_dir / launch.RESULT_NAME) or launch.failed_rank_result(work_dir)
@@ -269,8 +270,11 @@ def execute_run(sc, sweep_dir: Path, run_root: Path, prepared: dict, fw, repeat:
     elif res is None:
         status, reason = classify_crash(proc.returncode, log_text)
         res = {"status": status, "reason": reason, "valid": False, "invalid_reasons": []}
-    res = base | res | {"wall_s": wall, "exit_code": proc.returncode, "env": info.env,
+    res = base | res | {"launched_at": t0, "wall_s": wall, "exit_code": proc.returncode, "env": info.env,
                         "log": f"logs/{key}.log"}
+    if left_behind:
+        res["warnings"] = [*(res.get("warnings") or []), "the worker left processes running after it exited "
+                           "(ended by the runner before the next run)"]
     if res["status"] == STATUS_OK and sc.eval.tasks:
         res["eval"] = _evaluate(sc, work_dir, res)
     if res["status"] == STATUS_OK and sc.objective.eval_pairs:  # reward accuracy on held-out pairs
@@ -327,6 +331,20 @@ def _kill_group(proc: subprocess.Popen) -> None:
             proc.wait(timeout=10)
     except ProcessLookupError:
         pass
+
+
+def _end_leftovers(proc: subprocess.Popen) -> bool:
+    """End what the exited worker left running in its process group (a tool's helper processes) with SIGKILL, so
+    nothing of one run holds the GPU or the host during the next; True when something was left."""
+    try:
+        os.killpg(proc.pid, 0)  # raises when the group has no process left
+    except (ProcessLookupError, PermissionError):
+        return False
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    return True
 
 
 RETRYABLE = ("error", "crashed", "timeout")  # an OOM is a measurement of the framework, not retried

@@ -18,9 +18,9 @@ Sections of a :class:`RunResult`:
 - measurement: :class:`Metrics`, per-step records (:class:`Step`), the evaluation (:class:`EvalResult`), the
   reward accuracy on held-out pairs of a preference objective (:class:`RewardEval`);
 - the machine: :class:`Environment` (:func:`harness.measuring.environment.capture` in the worker);
-- bookkeeping: ``started_at`` / ``first_step_at`` / ``last_step_at`` / ``finished_at`` (epoch s), ``load_s``,
-  ``wall_s``, ``exit_code``, ``log``, ``traceback``, ``previous_attempts`` (failed attempts set aside by ``run
-  --retry-failed``).
+- bookkeeping: ``launched_at`` / ``started_at`` / ``first_step_at`` / ``last_step_at`` / ``finished_at`` (epoch
+  s), ``load_s``, ``wall_s``, ``exit_code``, ``log``, ``traceback``, ``previous_attempts`` (failed attempts set
+  aside by ``run --retry-failed``).
 
 Version 2 is version 1 made explicit: every key is present (``null`` where it does not apply or was not
 recorded), the types are checked when a result is written, and ``adapter`` is always named.
@@ -279,6 +279,7 @@ class RunResult(_Open):
     reward_eval: RewardEval | None = None  # objective.eval_pairs: reward accuracy of the saved output
     environment: Environment | None = None  # None: the worker never ran (e.g. unavailable)
     # bookkeeping
+    launched_at: float | None = None  # epoch s: the runner launched the worker (wall_s runs from here to its exit)
     started_at: float | None = None
     finished_at: float | None = None
     load_s: float | None = None

@@ -204,3 +204,27 @@ def test_a_model_family_the_tool_lacks_is_a_row_saying_so(env):
     rows = {r["framework"]: r for r in results.load_runs(d)}
     assert rows["tunebench"]["status"] == "unavailable" and "model family 'falcon'" in rows["tunebench"]["reason"]
     assert rows["d-ok"]["status"] == "ok"  # the other rows of the scenario still run
+
+
+def test_what_a_worker_leaves_running_is_ended_and_said(env):
+    """The worker exits without the interpreter's teardown once its result is stored; a helper process its tool
+    left behind is ended by the runner before the next run, and the run says so."""
+    _, sc = _sc(env, """\
+  - {name: dummy, label: d-leaves, overrides: {leave_child_s: 120}}
+  - {name: dummy, label: d-ok}
+""")
+    d = run_sweep(sc, env / "results", quiet=True)
+    rows = {r["framework"]: r for r in results.load_runs(d)}
+    leaves, ok = rows["d-leaves"], rows["d-ok"]
+    assert leaves["status"] == "ok" and ok["status"] == "ok"
+    pid = leaves["extra"]["left_child_pid"]
+    deadline = time.time() + 10
+    while Path(f"/proc/{pid}").exists() and time.time() < deadline:  # SIGKILLed: gone once its parent reaps it
+        if "zombie" in Path(f"/proc/{pid}/status").read_text(errors="replace").lower():
+            break
+        time.sleep(0.1)
+    status = Path(f"/proc/{pid}/status")
+    assert not status.exists() or "zombie" in status.read_text(errors="replace").lower()
+    assert any("left processes running" in w for w in leaves["warnings"])
+    assert not any("left processes running" in w for w in ok["warnings"] or [])
+    assert ok["launched_at"] <= ok["started_at"] <= ok["finished_at"] <= ok["launched_at"] + ok["wall_s"]
