@@ -173,6 +173,8 @@ def _prepare(sc, run_root: Path, timeout_s: float) -> dict:
     for line in proc.stdout.splitlines():
         if line.startswith("TUNEBENCH_PREPARED "):
             return json.loads(line.split(" ", 1)[1])
+    if proc.returncode in (130, -signal.SIGINT):  # Ctrl-C or a deadline's SIGINT to the group: not a failure
+        raise KeyboardInterrupt
     last = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip()][-1:] or [f"exit code {proc.returncode}"]
     raise PrepareFailed("error", f"preparing the checkpoint and data failed: {last[0][:500]}")
 

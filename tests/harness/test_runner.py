@@ -228,3 +228,20 @@ def test_what_a_worker_leaves_running_is_ended_and_said(env):
     assert any("left processes running" in w for w in leaves["warnings"])
     assert not any("left processes running" in w for w in ok["warnings"] or [])
     assert ok["launched_at"] <= ok["started_at"] <= ok["finished_at"] <= ok["launched_at"] + ok["wall_s"]
+
+
+def test_a_prepare_step_stopped_by_sigint_is_an_interruption_not_a_failed_row(tmp_path, monkeypatch):
+    """A deadline's SIGINT reaches the prepare subprocess of a probe run in a thread (which Python's handler does not
+    interrupt): its death by SIGINT stops the run instead of storing it as an error row."""
+    from harness.running import runner
+
+    sc = parse_scenario(Path("scenarios/tiny_cpu.yaml").read_text(), "scenarios/tiny_cpu.yaml")
+    for rc in (-signal.SIGINT, 130):
+        done = subprocess.CompletedProcess([], rc, stdout="", stderr="Traceback ...\nKeyboardInterrupt\n")
+        monkeypatch.setattr(runner.subprocess, "run", lambda *a, _d=done, **k: _d)
+        with pytest.raises(KeyboardInterrupt):
+            runner._prepare(sc, tmp_path, 60)
+    failed = subprocess.CompletedProcess([], 1, stdout="", stderr="ValueError: bad data\n")
+    monkeypatch.setattr(runner.subprocess, "run", lambda *a, **k: failed)
+    with pytest.raises(runner.PrepareFailed, match="bad data"):
+        runner._prepare(sc, tmp_path, 60)
