@@ -14,8 +14,9 @@ unsloth``) so that it builds everything from the adapter's own functions, not fr
   joined into one row, position_ids restarting at each sample);
 - checkpointing: what ``SFTTrainer.train`` does to the model from that config (:func:`trainer_checkpointing`).
 
-What the loop leaves out is the harness around the run and the Trainer's own step: the worker, the meter, the
-callbacks, ``compute_loss`` and the Trainer's bookkeeping.
+What the loop leaves out is the harness around the run and the Trainer's own step (the worker, the meter, the
+callbacks, ``compute_loss``); the Trainer's bookkeeping it does run is its trainer's: the NaN/Inf loss check as its
+config sets it (``logging_nan_inf_filter``) and its ``floating_point_ops`` (which Unsloth caches).
 """
 
 from __future__ import annotations
@@ -105,8 +106,10 @@ def run(sc, checkpoint: str, device: str, steps: int) -> dict:  # noqa: ANN001
         model = trainer.model  # what the trainer trains (the adapter's meter watches the same)
         trainer_kwargs = trainer_checkpointing(model, trainer.args)
         feed = loader_steps(trainer.get_train_dataloader(), sc.train.grad_accum, steps)
-        # checkpointing is Unsloth's (get_peft_model and the trainer's call installed it): the knobs leave it alone
-        log, settings = train(model, sc, device, feed, HfKnobs(), read_back)
+        # checkpointing is Unsloth's (get_peft_model and the trainer's call installed it): the knobs leave it alone;
+        # the step's bookkeeping is its trainer's (NaN/Inf check as configured, its cached FLOP count)
+        knobs = HfKnobs(nan_inf_filter=bool(trainer.args.logging_nan_inf_filter))
+        log, settings = train(model, sc, device, feed, knobs, read_back, flos=trainer.floating_point_ops)
     return log.summary(sc.train.warmup_steps) | watch.finish() | {
         "settings": settings | log.geometry(sc.data.packing) | data_settings | machine(device, LIBRARIES)
         | {"checkpoint": str(checkpoint), "unsloth_calls": {k: cfg[k] for k in ("from_pretrained", "get_peft_model")},

@@ -48,6 +48,8 @@ def _measure_callback(ctx: RunContext) -> Any:
 
     def on_first_step(live_model, state, targs, **kw):  # noqa: ANN001, ANN003, ANN202
         ctx.set_effective(**eff_mod.read_back_model(live_model), **eff_mod.read_back_optimizer(kw.get("optimizer")))
+        if hasattr(targs, "logging_nan_inf_filter"):  # the Trainer's per-micro-batch NaN/Inf check: a device sync
+            ctx.set_effective(logging_nan_inf_filter=bool(targs.logging_nan_inf_filter))
 
     return make_trainer_callback(ctx.meter, on_first_step)
 

@@ -83,6 +83,8 @@ def test_liger_rows_are_read_back_from_the_live_model(tmp_path, monkeypatch):
     assert plain["valid"], plain["invalid_reasons"]
     assert plain["extra"]["switches"] == {"liger_kernel": False} and plain["effective"]["liger_kernel"] is False
     assert plain["effective"]["checkpoint_function"] == "torch.utils.checkpoint.checkpoint(use_reentrant=False)"
+    # the Trainer's per-micro-batch NaN/Inf loss check (a device sync), read back from its arguments
+    assert plain["effective"]["logging_nan_inf_filter"] is True
 
     assert liger["valid"], liger["invalid_reasons"]
     assert liger["extra"]["switches"] == {"liger_kernel": True}

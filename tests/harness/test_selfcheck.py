@@ -19,6 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 from fixtures_results import make_run, make_sweep  # noqa: E402
+from handloop_scenario import HANDLOOP_SCENARIO as SCENARIO  # noqa: E402
 from objective_scenario import needs_env  # noqa: E402
 
 from adapters_for_tools.contract import HF_OPTIM  # noqa: E402
@@ -43,35 +44,7 @@ from harness.running.prepare import prepare  # noqa: E402
 from harness.spec.scenario import load_scenario  # noqa: E402
 from harness.storing.sweep import load_sweep  # noqa: E402
 
-# uniform lengths: the micro-batches carry padding, so "non-padding tokens" is tested, not assumed
-SCENARIO = """\
-version: 1
-name: handloop_test
-model: {preset: tiny-llama, weights: random, dtype: float32, seed: 0}
-method: {kind: lora, lora_r: 4, lora_alpha: 8, target_modules: all-linear}
-data: {source: synthetic, seq_len: 48, lengths: uniform, min_len: 12}
-train: {micro_batch: 2, grad_accum: 2, steps: 3, warmup_steps: 1, lr: 1.0e-3, optimizer: adamw_torch,
-        gradient_checkpointing: true}
-hardware: {device: cpu}
-frameworks: [hf, tunebench]
-"""
 CHECKPOINT_FN = "torch.utils.checkpoint.checkpoint(use_reentrant=False)"
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):  # noqa: ANN001, ANN201
-    """The scenario file and its parsed scenario, with a private checkpoint cache; tiny matmuls on one thread and
-    the trainer's PyTorch op references (not Triton's interpreter, which tests/conftest.py switches on)."""
-    d = tmp_path_factory.mktemp("handloop")
-    path = d / "handloop_test.yaml"
-    path.write_text(SCENARIO)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TUNEBENCH_CACHE", str(d / "cache"))
-        mp.setenv("TRITON_INTERPRET", "0")
-        yield path, load_scenario(path)
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +127,10 @@ def test_loops_hold_the_adapters_settings(tiny, tmp_path):
     args, knobs = training_args(sc, tmp_path, HfOverrides()), HfKnobs()
     assert args["gradient_checkpointing_kwargs"] == {"use_reentrant": knobs.use_reentrant}
     assert args["optim"] == HF_OPTIM[sc.train.optimizer] and knobs.optimizer is None  # None: the scenario's
+    from transformers import TrainingArguments  # heavy
+
+    # the Trainer's per-micro-batch NaN/Inf check (a device sync) runs in the loop as the adapter's Trainer runs it
+    assert TrainingArguments(**args).logging_nan_inf_filter is knobs.nan_inf_filter is True
     assert tunebench.trainer_config(sc, 7) == trainer_config(sc, {}, 7)
     # the Unsloth loop builds its model and trainer from the adapter's own functions (it sits beside the adapter)
     assert LOOP_MODULES["unsloth"] == unsloth_loop.__name__ and unsloth_loop.us_config is unsloth_config

@@ -23,6 +23,13 @@ class HfKnobs:
     outputs_to_fp32: bool = True  # under autocast: accelerate casts the forward's bf16/fp16 outputs to float32
     optimizer: str | None = None  # None: the scenario's train.optimizer
     attn_implementation: str | None = None  # None: the scenario's model.attn_implementation
+    # the Trainer's bookkeeping inside each step (transformers 5.17 ``_inner_training_loop``), host work that runs
+    # while the GPU waits when it follows a synchronisation:
+    nan_inf_filter: bool = True  # TrainingArguments.logging_nan_inf_filter: `isnan(loss) or isinf(loss)` after
+    #                              each micro-batch's backward, a device synchronisation
+    count_flos: bool = True  # Trainer.floating_point_ops per micro-batch (stock: num_parameters walks the model)
+    train_each_step: bool = True  # training_step calls model.train() (a walk over every module) each micro-batch
+    clip_walks_parameters: bool = True  # the clip takes model.parameters() afresh each step (a walk of the model)
 
     def to_dict(self) -> dict[str, Any]:
         """The knobs as JSON values."""

@@ -14,10 +14,15 @@ What ``transformers.Trainer.train`` (5.17) does to a PEFT model at the hf adapte
   loss is its token-loss sum over ``n``; forward under autocast in the training dtype (``bf16=True``: accelerate
   wraps the forward in ``torch.autocast``, and its ``convert_outputs_to_fp32`` casts the forward's bf16/fp16
   outputs, the logits among them, to float32); backward outside it, once every output but the loss is dropped;
-- clipping ``model.parameters()`` to ``max_grad_norm``; the optimizer the scenario names (``adamw_torch_fused``:
-  ``torch.optim.AdamW(fused=True)``; ``adamw_torch``: torch's default implementation for the device) over the
-  Trainer's two parameter groups; the scheduler from ``transformers.get_scheduler`` with no warmup; then
-  ``zero_grad`` (set to None).
+- the Trainer's bookkeeping around each micro-batch: ``model.train()`` in ``training_step``, the NaN/Inf check of
+  the micro-batch's loss (``logging_nan_inf_filter``, on by default: a device synchronisation once its backward is
+  queued) and ``floating_point_ops`` (stock: ``6 * tokens * model.num_parameters(exclude_embeddings=True)``, a walk
+  over every module and parameter; Unsloth's trainer caches the count and turns the check off, and its loop takes
+  both from its trainer). After the check the GPU is idle, so this host work adds to the step's time;
+- clipping ``model.parameters()`` (walked afresh each step) to ``max_grad_norm``; the optimizer the scenario names
+  (``adamw_torch_fused``: ``torch.optim.AdamW(fused=True)``; ``adamw_torch``: torch's default implementation for
+  the device) over the Trainer's two parameter groups; the scheduler from ``transformers.get_scheduler`` with no
+  warmup; then ``zero_grad`` (set to None).
 
 Each knob's default is what the Trainer does; setting one (``--set attention_mask=false``) runs the loop with that
 one setting changed, which is how a difference from the harness is bisected setting by setting.
@@ -67,6 +72,21 @@ def make_optimizer(model, optimizer: str, lr: float, weight_decay: float) -> tor
     raise ValueError(f"optimizer {optimizer!r}: the hand loop has adamw_torch, adamw_torch_fused, adamw_8bit, sgd")
 
 
+def stock_flos(model) -> Callable[[dict], float] | None:  # noqa: ANN001
+    """``Trainer.floating_point_ops`` as transformers 5.17 runs it for ``model`` (None: the model has no
+    ``num_parameters``, and the Trainer counts 0)."""
+    if not hasattr(model, "num_parameters"):
+        return None
+    name = getattr(model, "main_input_name", "input_ids")
+
+    def flos(inputs: dict) -> float:
+        if name not in inputs:
+            return 0.0
+        return float(6 * inputs[name].numel() * model.num_parameters(exclude_embeddings=True))
+
+    return flos
+
+
 def _outputs_to_fp32(out) -> dict[str, Any]:  # noqa: ANN001
     """accelerate's ``convert_to_fp32`` of a forward's outputs: every bf16/fp16 tensor cast to float32."""
     half = (torch.bfloat16, torch.float16)
@@ -85,7 +105,8 @@ def collated_steps(rows: list[dict], tokenizer, sc, device: str, steps: int) -> 
 
 
 def train(model, sc, device: str, feed: Iterable[list[dict]], knobs: HfKnobs,  # noqa: ANN001
-          read_back: Callable[[Any, Any], dict[str, Any]]) -> tuple[StepLog, dict[str, Any]]:
+          read_back: Callable[[Any, Any], dict[str, Any]],
+          flos: Callable[[dict], float] | None = None) -> tuple[StepLog, dict[str, Any]]:
     """Train ``model`` (checkpointing already enabled) on ``feed``, one HF Trainer step per item.
 
     Args:
@@ -96,6 +117,8 @@ def train(model, sc, device: str, feed: Iterable[list[dict]], knobs: HfKnobs,  #
             :func:`~harness.measuring.handloop.common.loader_steps`), on the host or already on the device.
         knobs: the step's settings.
         read_back: ``read_back(model, optimizer)``: the settings the loop runs with, read after it is set up.
+        flos: the trainer's ``floating_point_ops(inputs)``, called per micro-batch when ``knobs.count_flos``
+            (default: :func:`stock_flos` of ``model``).
 
     Returns:
         ``(log, settings)``: each step's time, tokens and loss; the settings read back plus what the loop feeds.
@@ -109,12 +132,15 @@ def train(model, sc, device: str, feed: Iterable[list[dict]], knobs: HfKnobs,  #
     use_amp = knobs.autocast and amp_dtype is not None
     scaler = torch.amp.GradScaler(device) if use_amp and amp_dtype == torch.float16 else None
     params = list(model.parameters())  # the Trainer clips model.parameters(); frozen ones have no grad
+    flos = (flos or stock_flos(model)) if knobs.count_flos else None
+    current_flos = 0.0
     model.train()
     settings = read_back(model, opt) | {
         "attention_mask_fed": knobs.attention_mask,
         "loss_normalisation": ("token-loss sum / loss tokens of the step (num_items_in_batch)"
                                if knobs.num_items_in_batch else "micro-batch mean / grad_accum"),
-        "autocast": str(amp_dtype).removeprefix("torch.") if use_amp else None, "timing": TIMING}
+        "autocast": str(amp_dtype).removeprefix("torch.") if use_amp else None,
+        "logging_nan_inf_filter": knobs.nan_inf_filter, "timing": TIMING}
     log, clock = StepLog(), StepClock(device)
     for host_batches in feed:
         batches = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in host_batches]
@@ -124,6 +150,8 @@ def train(model, sc, device: str, feed: Iterable[list[dict]], knobs: HfKnobs,  #
         total = torch.zeros((), device=device)
         for b in batches:
             # the whole collated batch, as the Trainer's model(**inputs): position_ids too when rows are packed
+            if knobs.train_each_step:
+                model.train()
             inputs = {k: v for k, v in b.items() if knobs.attention_mask or k != "attention_mask"}
             kwargs = {"num_items_in_batch": n_items} if knobs.num_items_in_batch else {}
             amp = torch.autocast(device, dtype=amp_dtype) if use_amp else contextlib.nullcontext()
@@ -136,11 +164,18 @@ def train(model, sc, device: str, feed: Iterable[list[dict]], knobs: HfKnobs,  #
             if not knobs.num_items_in_batch:
                 loss = loss / len(batches)
             (scaler.scale(loss) if scaler else loss).backward()
-            total += loss.detach()
+            loss = loss.detach()
+            if knobs.nan_inf_filter and bool(torch.isnan(loss) or torch.isinf(loss)):
+                total += total / (1 + len(log.step_s))  # the Trainer's stand-in for a NaN/Inf micro-batch
+            else:
+                total += loss
+            if flos is not None:
+                current_flos += flos(inputs)
         if scaler:
             scaler.unscale_(opt)
         if t.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(model.parameters() if knobs.clip_walks_parameters else params,
+                                           t.max_grad_norm)
         if scaler:
             scaler.step(opt)
             scaler.update()
