@@ -45,3 +45,17 @@ def test_the_hf_loop_runs_the_trainers_bookkeeping_and_each_part_can_be_left_out
     assert off["status"] == "ok", off.get("traceback")
     assert calls == {"flos": 0, "isnan": 0} and off["settings"]["logging_nan_inf_filter"] is False
     assert off["losses"] == pytest.approx(res["losses"], abs=1e-6)  # bookkeeping only: the same training
+
+
+def test_the_trainer_knob_trains_the_loops_model_with_transformers_trainer(tiny):
+    """``trainer=true``: the same model, rows and settings through ``transformers.Trainer`` with no harness around
+    it; the same tokens are counted and (float32, the same rows in the same order) the same losses come out."""
+    sc = tiny[1]
+    plain = run_loop("hf", sc, steps=2)
+    res = run_loop("hf", sc, steps=2, knob_pairs=["trainer=true"])
+    assert res["status"] == "ok", res.get("traceback")
+    s = res["settings"]
+    assert s["trainer"] == "transformers.Trainer" and s["hand_loop_knobs"]["trainer"] is True
+    assert s["checkpoint_function"] == "torch.utils.checkpoint.checkpoint(use_reentrant=False)"
+    assert res["steps"] == 2 and res["tokens_measured"] == plain["tokens_measured"]
+    assert res["losses"] == pytest.approx(plain["losses"], abs=1e-4)

@@ -9,6 +9,8 @@ targets, DoRA, bias none) through ``get_peft_model``; full fine-tuning makes eve
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 
 from harness.measuring.handloop.common import (
@@ -22,6 +24,7 @@ from harness.measuring.handloop.knobs import HfKnobs
 from harness.measuring.handloop.trainer_loop import collated_steps, enable_checkpointing, train
 
 LIBRARIES = ("torch", "transformers", "peft", "accelerate")
+TRAINER_LOOP_MODULE = "adapters_for_tools.hf.handloop"  # the trainer=true knob's loop
 
 
 def load(sc, checkpoint: str, device: str, knobs: HfKnobs):  # noqa: ANN001, ANN201
@@ -73,14 +76,19 @@ def run(sc, checkpoint: str, device: str, steps: int, knobs: HfKnobs | None = No
     torch.manual_seed(sc.train.seed)
     watch = MachineWatch(device)
     model, tok = load(sc, checkpoint, device, knobs)
-    if sc.train.gradient_checkpointing:
-        enable_checkpointing(model, knobs)
     rows, data_settings = sweep_rows(sc, tok)
 
     def read_back(m, opt) -> dict:  # noqa: ANN001
         return read_back_transformers(m, opt, trainer_read_back)
 
-    log, settings = train(model, sc, device, collated_steps(rows, tok, sc, device, steps), knobs, read_back)
+    if knobs.trainer:  # the Trainer enables checkpointing itself, from the adapter's TrainingArguments
+        # beside its adapter (the adapter's own TrainingArguments); loaded by name, as the worker loads adapters
+        mod = importlib.import_module(TRAINER_LOOP_MODULE)
+        log, settings = mod.train_with_trainer(model, tok, sc, device, rows, steps, knobs, read_back)
+    else:
+        if sc.train.gradient_checkpointing:
+            enable_checkpointing(model, knobs)
+        log, settings = train(model, sc, device, collated_steps(rows, tok, sc, device, steps), knobs, read_back)
     return log.summary(sc.train.warmup_steps) | watch.finish() | {
         "settings": settings | log.geometry(sc.data.packing) | data_settings | machine(device, LIBRARIES)
         | {"checkpoint": str(checkpoint), "hand_loop_knobs": knobs.to_dict()}}

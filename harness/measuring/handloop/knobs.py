@@ -30,6 +30,9 @@ class HfKnobs:
     count_flos: bool = True  # Trainer.floating_point_ops per micro-batch (stock: num_parameters walks the model)
     train_each_step: bool = True  # training_step calls model.train() (a walk over every module) each micro-batch
     clip_walks_parameters: bool = True  # the clip takes model.parameters() afresh each step (a walk of the model)
+    # True: transformers' Trainer itself trains the loop's model (adapters_for_tools/hf/handloop.py), timed by a bare
+    # callback: a difference between harness and loop then falls on the Trainer's side or on the harness's
+    trainer: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """The knobs as JSON values."""
