@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import re
 import statistics
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ from harness.storing.sweep import Sweep
 
 AGREE_PCT = 3.0  # |harness - loop| / loop of tokens/s within this: the harness's figure is the loop's
 SELFCHECK_NAME = re.compile(r"^selfcheck(?:-(\d+))?\.json$")
+VARIANT_WINDOW = timedelta(minutes=20)  # checks this close to the one before: one lease (loop_variants)
 PARTIAL_PREFIX = "selfcheck-partial-"  # an unfinished check's work file in the sweep (harness.cli.selfcheck.Progress)
 HARNESS_FIGURES = ("tokens_per_s", "step_s_median", "peak_alloc_gib", "peak_reserved_gib")
 # what a loop records about itself that is no setting of a run (how it timed, its own knobs, descriptions)
@@ -267,3 +269,62 @@ def compare_side_by_side(framework: str, pairs: list[dict[str, Any]],
                     machine_notes("harness", p.get("round"), (p.get("harness_run") or {}).get("metrics") or {})
                     + machine_notes("loop", p.get("round"), lo)]}
 
+
+
+def _created(check: dict[str, Any]) -> datetime | None:
+    try:
+        return datetime.fromisoformat(str(check.get("created")))
+    except ValueError:
+        return None
+
+
+def loop_variants(checks: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The hand loop's variants measured on one lease, each beside the default loop of the same lease.
+
+    A bisection runs the same loop with knobs changed (``selfcheck --set KEY=VALUE``), each a check of its own;
+    tokens/s of checks made on different leases of a shared machine do not compare, so only checks made within
+    :data:`VARIANT_WINDOW` of the one before them are put together (a group), and a group needs a check without
+    knobs: the loop the variants are measured against. The side-by-side harness runs of a group's checks come in
+    as the variant "harness (side by side)".
+
+    Args:
+        checks: ``(name, check)`` of the sweep's stored checks, oldest first.
+
+    Returns:
+        One row per framework, group and variant: ``group`` (the group's check names), ``framework``,
+        ``variant`` (the knobs, ``"defaults"`` or ``"harness (side by side)"``), ``check``, ``tokens_per_s``,
+        ``step_s_median`` and ``vs_defaults_pct`` (against the group's default loop); only groups with a variant.
+    """
+    timed = sorted(((t, n, c) for n, c in checks if (t := _created(c)) is not None), key=lambda x: x[0])
+    groups: list[list[tuple[str, dict[str, Any]]]] = []
+    last: datetime | None = None
+    for t, name, check in timed:
+        if last is None or t - last > VARIANT_WINDOW:
+            groups.append([])
+        groups[-1].append((name, check))
+        last = t
+    out: list[dict[str, Any]] = []
+    for group in groups:
+        label = ", ".join(n for n, _ in group)
+        found: dict[str, list[dict[str, Any]]] = {}
+        for name, check in group:
+            knobs = [str(k) for k in check.get("knobs") or []]
+            for fw, loop in (check.get("loops") or {}).items():
+                if isinstance(loop, dict) and loop.get("status") == "ok":
+                    found.setdefault(fw, []).append({
+                        "variant": ", ".join(knobs) or "defaults", "check": name,
+                        "tokens_per_s": number(loop.get("tokens_per_s")),
+                        "step_s_median": number(loop.get("step_s_median"))})
+            for fw, entry in (check.get("side_by_side") or {}).items():
+                if isinstance(entry, dict) and entry.get("status") == "compared" and not knobs:
+                    found.setdefault(fw, []).append({
+                        "variant": "harness (side by side)", "check": name,
+                        "tokens_per_s": number(entry.get("harness_tokens_per_s")),
+                        "step_s_median": number(entry.get("harness_step_s_median"))})
+        for fw, rows in found.items():
+            base = next((r["tokens_per_s"] for r in rows if r["variant"] == "defaults"), None)
+            if base is None or not any(r["variant"] not in ("defaults", "harness (side by side)") for r in rows):
+                continue
+            out += [{"group": label, "framework": fw} | r | {"vs_defaults_pct": difference_pct(r["tokens_per_s"], base)}
+                    for r in rows]
+    return out

@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from harness.analysis.handloop import AGREE_PCT, PARTIAL_PREFIX, cause, selfcheck_paths, verdict
+from harness.analysis.handloop import AGREE_PCT, PARTIAL_PREFIX, cause, loop_variants, selfcheck_paths, verdict
 from harness.reporting.document import EMPTY, Cell, Doc, fmt, short
 from harness.storing.results import read_json
 from harness.storing.sweep import Sweep
@@ -40,6 +40,19 @@ INTRO = ("Each framework's figure beside the same training in a plain hand-writt
          "callbacks). Difference = (harness − loop) / loop of tokens/s; within {band:g} % the harness's figure "
          "agrees. Beyond it the settings that differ between the stored run and the loop are the stated cause; "
          "where none differs, the settings only the loop records are listed.")
+
+
+VARIANT_HEADER = ["checks (one lease)", "framework", "loop variant", "check", "tokens/s", "step s (median)",
+                  "vs the default loop"]
+VARIANT_INTRO = ("The hand loop's variants, each measured on the same lease as the default loop (checks made within "
+                 "20 minutes of each other): which part of a tool's step a difference between harness and loop "
+                 "sits in. The knobs (harness/measuring/handloop/knobs.py): `trainer=true` trains the loop's model "
+                 "with transformers' own Trainer and a bare timing callback, none of the harness around it; "
+                 "`nan_inf_filter`, `count_flos`, `train_each_step` and `clip_walks_parameters` are the Trainer's "
+                 "bookkeeping inside each step (the NaN/Inf loss check is a device synchronisation, so the host "
+                 "work after it — the FLOP count's and the clip's walks over the model, `model.train()` — adds to "
+                 "the step's time); `=false` leaves one out. \"harness (side by side)\" is the harness's own run in "
+                 "the same lease.")
 
 
 def _number(x: Any) -> bool:
@@ -161,6 +174,12 @@ def add_section(doc: Doc, sweep: Sweep) -> None:
     if pair_table:
         doc.p(PAIR_INTRO)
         doc.table(PAIR_HEADER, pair_table)
+    variants = loop_variants([(p.name, c) for p in selfcheck_paths(sweep.path) if isinstance(c := read_json(p), dict)])
+    if variants:
+        doc.p(VARIANT_INTRO)
+        doc.table(VARIANT_HEADER, [[v["group"], v["framework"], v["variant"], v["check"],
+                                    fmt(v["tokens_per_s"], thousands=True), fmt(v["step_s_median"], 4),
+                                    _pct(v["vs_defaults_pct"])] for v in variants])
     if machine:
         doc.p("The machine during the pairs (a figure measured beside another process on the GPU, or on a slowed "
               "GPU, moves for that reason): " + "; ".join(machine) + ".", "warn")

@@ -59,3 +59,28 @@ def test_the_trainer_knob_trains_the_loops_model_with_transformers_trainer(tiny)
     assert s["checkpoint_function"] == "torch.utils.checkpoint.checkpoint(use_reentrant=False)"
     assert res["steps"] == 2 and res["tokens_measured"] == plain["tokens_measured"]
     assert res["losses"] == pytest.approx(plain["losses"], abs=1e-4)
+
+
+def _check(created: str, knobs: list[str], loop_tps: float, harness_tps: float | None = None) -> dict:
+    check = {"created": created, "knobs": knobs, "loops": {"hf": {"status": "ok", "tokens_per_s": loop_tps,
+                                                                  "step_s_median": 4096 / loop_tps}}}
+    if harness_tps is not None:
+        check["side_by_side"] = {"hf": {"status": "compared", "harness_tokens_per_s": harness_tps,
+                                        "harness_step_s_median": 4096 / harness_tps}}
+    return check
+
+
+def test_loop_variants_are_compared_within_one_lease_only():
+    from harness.analysis.handloop import loop_variants
+
+    checks = [("selfcheck.json", _check("2026-12-03T01:00:00+00:00", [], 9000.0)),  # another lease, alone
+              ("selfcheck-2.json", _check("2026-12-03T06:10:00+00:00", ["trainer=true"], 7377.0)),
+              ("selfcheck-3.json", _check("2026-12-03T06:11:00+00:00", ["nan_inf_filter=false"], 7921.0)),
+              ("selfcheck-4.json", _check("2026-12-03T06:13:00+00:00", [], 7296.0, harness_tps=7392.0)),
+              ("selfcheck-5.json", _check("2026-12-03T09:00:00+00:00", ["count_flos=false"], 8000.0))]  # no default
+    rows = loop_variants(checks)
+    assert {r["group"] for r in rows} == {"selfcheck-2.json, selfcheck-3.json, selfcheck-4.json"}
+    got = {r["variant"]: round(r["vs_defaults_pct"], 1) for r in rows}
+    assert got == {"trainer=true": 1.1, "nan_inf_filter=false": 8.6, "defaults": 0.0, "harness (side by side)": 1.3}
+    # without a variant a group is no bisection: nothing to show
+    assert loop_variants([checks[0], checks[3]]) == []
