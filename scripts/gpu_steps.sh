@@ -13,11 +13,13 @@
 #   finished) when B seconds since the call's start are spent; `$R` is this checkout on the machine. A line
 #   "@NAME" moves the following lines to the clean copy of .work/NAME.tgz (one call can run a check at one commit
 #   and resume a sweep made from another).
+# $OUT/res.tgz is packed after each step and every 45 s, so a call killed at its limit still returns what finished.
 # Set-up on a fresh machine (~50 s): .whl/*.whl (what the harness process itself lacks there: pydantic with
 #   pydantic_core, annotated-types, typing-inspection; `python3 -m pip download --no-deps
 #   --only-binary=:all: --python-version 3.12 --platform manylinux_2_17_x86_64 -d .whl NAME==VERSION`, the versions of
 #   pyproject.toml) into /tmp/site, and every .bundles/*.tar.xz (`python -m harness env pack all`) into /tmp/envs.
-# The device call names .bundles, .whl and .work in its carry (about 45 MB with the bundles).
+# The device call names .bundles, .whl and .work in its carry (about 45 MB with the bundles), and an unfinished
+#   selfcheck's work file (results/SWEEP/selfcheck-partial-*.json: git ignores it, so it travels only when named).
 set -u
 t0=$(date +%s)
 B=${B:-560}
@@ -40,7 +42,23 @@ done
 wait
 echo "set-up done at $(( $(date +%s) - t0 )) s"
 stamp=$(mktemp) && touch "$stamp"
-used=()
+used=$(mktemp)  # the clean copies entered, one per line (read by the packer in the background too)
+# every sweep a step wrote to, from each clean copy used (the same sweep twice: the later copy's files win), into
+# $OUT/res.tgz, replaced whole: after each step and every 45 s, so a call that its limit kills still brings back
+# what finished (a selfcheck's or a sweep's work files included: the next call resumes from them)
+pack() {
+  [ -n "${OUT:-}" ] || return 0
+  local args=() c mine
+  while IFS= read -r c; do
+    mapfile -t mine < <(cd "$c" && find results -newer "$stamp" -type f | cut -d/ -f1-2 | sort -u)
+    [ ${#mine[@]} -gt 0 ] && args+=(-C "$c" "${mine[@]}")
+  done < "$used"
+  [ ${#args[@]} -gt 0 ] && tar czf "$OUT/.res.tgz.$BASHPID" --exclude=sweep.lock "${args[@]}" 2>/dev/null \
+    && mv "$OUT/.res.tgz.$BASHPID" "$OUT/res.tgz"
+  return 0
+}
+(while sleep 45; do pack; done) &
+packer=$!
 # the clean copy of archive $1, the current directory from here on; the sweeps of results/ it lacks copied in first
 enter() {
   C=/tmp/clean-$1
@@ -54,7 +72,7 @@ enter() {
     d=${d%/}
     [ -d "$C/results/$(basename "$d")" ] || cp -rp "$d" "$C/results/"  # -p: older than the stamp
   done
-  [[ " ${used[*]} " == *" $C "* ]] || used+=("$C")
+  grep -qxF "$C" "$used" || echo "$C" >> "$used"
   cd "$C" || return 1
 }
 export R
@@ -71,12 +89,8 @@ while IFS= read -r line; do
   echo "=== [$(( $(date +%s) - t0 )) s] $line (${left} s left)"
   timeout -s INT $left bash -c "$line" 2>&1 | grep -v "━" | tail -"${TAILN:-40}"
   echo "=== exit ${PIPESTATUS[0]}"
+  pack
 done < "$R/$S"
-# every sweep a step wrote to, from each clean copy used (the same sweep twice: the later copy's files win)
-args=()
-for c in "${used[@]}"; do
-  mapfile -t mine < <(cd "$c" && find results -newer "$stamp" -type f | cut -d/ -f1-2 | sort -u)
-  [ ${#mine[@]} -gt 0 ] && args+=(-C "$c" "${mine[@]}")
-done
-[ -n "${OUT:-}" ] && [ ${#args[@]} -gt 0 ] && tar czf "$OUT/res.tgz" --exclude=sweep.lock "${args[@]}"
+pack
+kill "$packer" 2>/dev/null
 echo "done at $(( $(date +%s) - t0 )) s"
