@@ -18,8 +18,7 @@
 #   pydantic_core, annotated-types, typing-inspection; `python3 -m pip download --no-deps
 #   --only-binary=:all: --python-version 3.12 --platform manylinux_2_17_x86_64 -d .whl NAME==VERSION`, the versions of
 #   pyproject.toml) into /tmp/site, and every .bundles/*.tar.xz (`python -m harness env pack all`) into /tmp/envs.
-# The device call names .bundles, .whl and .work in its carry (about 45 MB with the bundles), and an unfinished
-#   selfcheck's work file (results/SWEEP/selfcheck-partial-*.json: git ignores it, so it travels only when named).
+# The device call names .bundles, .whl and .work in its carry (about 45 MB with the bundles).
 set -u
 t0=$(date +%s)
 B=${B:-560}
