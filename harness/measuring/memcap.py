@@ -8,8 +8,13 @@ every tensor the tools create, the 4-bit weights and quantisation state of bitsa
 buffers of Triton kernels (ours, Unsloth's, Liger's: torch allocates their inputs and outputs), cuBLAS
 workspaces. What does not: the CUDA context and the kernels' code (~0.5 GiB), NCCL's own buffers,
 ``cudaMallocManaged`` pages (bitsandbytes' paged optimizers) and anything a library allocates with
-``cudaMalloc`` itself. The whole process is therefore checked afterwards as well: a run whose NVML per-process
-peak exceeds the budget is invalid (:func:`check`), with the figures in the reason.
+``cudaMalloc`` itself. A card of N GiB holds those too, so torch's share of the budget is what is left of it once
+they are counted: the CUDA context is created first and NVML's figure for this process then, less what torch holds,
+is taken off the budget, with :data:`LATE_RESERVE_GIB` more for the kernels and library handles that load later
+(lazily, on first use: 0.81 GiB outside torch at the peak of the H200's 8 GiB probes, against ~0.5 at start).
+Where NVML does not show this process, :data:`OUTSIDE_TORCH_GIB` stands in, and the run says so. The whole process
+is checked afterwards as well: a run whose NVML per-process peak exceeds the budget is invalid (:func:`check`),
+with the figures in the reason.
 
 On a CPU there is no honest equivalent (``RLIMIT_AS`` bounds virtual address space, which PyTorch and its
 thread pools reserve far beyond what they touch), so validation refuses a budget with device ``cpu`` except for
@@ -22,6 +27,9 @@ from __future__ import annotations
 from typing import Any
 
 GIB = 1024**3
+LATE_RESERVE_GIB = 0.35  # outside torch, loaded after the cap is set (kernels on first use, cuBLAS/cuDNN handles)
+OUTSIDE_TORCH_GIB = 0.55  # the CUDA context with torch loaded, where NVML cannot measure this process
+MIN_TORCH_GIB = 0.25  # torch's share never goes below this (a budget this small fails as a real card would)
 
 
 def apply(budget_gib: float | None, device: str) -> dict[str, Any]:
@@ -33,8 +41,10 @@ def apply(budget_gib: float | None, device: str) -> dict[str, Any]:
 
     Returns:
         What was applied, stored with the run's metrics: ``memory_budget_gib``, ``memory_fraction`` (per GPU;
-        None on a CPU), ``memory_cap_by`` (how it is enforced), ``gpu_total_gib`` and, when the budget is more
-        than the GPU holds, ``memory_cap_note``. Empty without a budget.
+        None on a CPU), ``memory_cap_by`` (how it is enforced), ``gpu_total_gib``, on a GPU ``torch_cap_gib``
+        (torch's share), ``outside_torch_gib`` with ``outside_torch_by`` (what was taken off the budget for the
+        CUDA context, and how it was known) and ``late_reserve_gib``, and, when the budget is more than the GPU
+        holds, ``memory_cap_note``. Empty without a budget.
     """
     if budget_gib is None:
         return {}
@@ -43,13 +53,23 @@ def apply(budget_gib: float | None, device: str) -> dict[str, Any]:
                 "memory_cap_by": "simulated by the adapter (no per-process cap on a cpu)"}
     import torch  # heavy: the worker's environment only
 
+    from harness.measuring.nvml_sampler import process_used_bytes  # pynvml, imported where a GPU is used
+
+    dev = torch.cuda.current_device()
+    torch.cuda.mem_get_info(dev)  # creates this process's CUDA context: what sits outside torch is measurable now
+    used = process_used_bytes(dev)
+    outside = (used - torch.cuda.memory_reserved(dev)) / GIB if used is not None else OUTSIDE_TORCH_GIB
+    torch_gib = max(MIN_TORCH_GIB, budget_gib - outside - LATE_RESERVE_GIB)
     totals = [torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count())]
     total = min(totals)
-    fraction = min(1.0, budget_gib * GIB / total)
+    fraction = min(1.0, torch_gib * GIB / total)
     for i in range(len(totals)):
-        torch.cuda.set_per_process_memory_fraction(budget_gib * GIB / totals[i] if fraction < 1.0 else 1.0, i)
+        torch.cuda.set_per_process_memory_fraction(torch_gib * GIB / totals[i] if fraction < 1.0 else 1.0, i)
     out = {"memory_budget_gib": budget_gib, "memory_fraction": fraction, "gpu_total_gib": total / GIB,
-           "memory_cap_by": "torch.cuda.set_per_process_memory_fraction"}
+           "memory_cap_by": "torch.cuda.set_per_process_memory_fraction", "torch_cap_gib": torch_gib,
+           "outside_torch_gib": outside, "late_reserve_gib": LATE_RESERVE_GIB,
+           "outside_torch_by": "NVML, this process after its CUDA context" if used is not None
+           else f"estimate ({OUTSIDE_TORCH_GIB} GiB): NVML does not show this process"}
     if fraction >= 1.0:
         out["memory_cap_note"] = (f"budget {budget_gib:g} GiB is at least the GPU's {total / GIB:.1f} GiB: "
                                   "the whole GPU, no cap")

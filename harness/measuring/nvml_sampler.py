@@ -42,6 +42,27 @@ def nvml_index(device_index: int) -> int:
     return int(visible.split(",")[device_index]) if visible and visible.split(",")[0].isdigit() else device_index
 
 
+def process_used_bytes(device_index: int, pid: int | None = None) -> int | None:
+    """NVML's GPU memory of process ``pid`` (default: this one) on the run's ``device_index``-th visible GPU; None
+    where NVML cannot say (no NVML, or a container whose process ids NVML does not show)."""
+    pid = pid or os.getpid()
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # no NVML library or driver here: nothing to read
+        return None
+    try:
+        handle = pynvml.nvmlDeviceGetHandleByIndex(nvml_index(device_index))
+        used = [p.usedGpuMemory for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+                if p.pid == pid and p.usedGpuMemory is not None]
+        return sum(used) if used else None
+    except pynvml.NVMLError:
+        return None
+    finally:
+        pynvml.nvmlShutdown()
+
+
 class Peaks:
     """What the sampling saw: this process's and the device's peak memory, other processes' memory, the
     telemetry reading at the highest power draw, the throttle reasons, and how long the sampling itself took."""

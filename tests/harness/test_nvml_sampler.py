@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from harness.measuring.nvml_sampler import NVML_READINGS, GpuMemorySampler
+from harness.measuring.nvml_sampler import NVML_READINGS, GpuMemorySampler, process_used_bytes
 from harness.storing.schema import Metrics
 
 FAKE = textwrap.dedent('''
@@ -29,6 +29,9 @@ FAKE = textwrap.dedent('''
     PID = int(os.environ["FAKE_PID"])
 
     def nvmlInit():
+        pass
+
+    def nvmlShutdown():
         pass
 
     def nvmlDeviceGetHandleByIndex(i):
@@ -159,3 +162,12 @@ def test_the_monitor_process_sees_this_process_on_the_gpu():
     assert s.error is None and s.samples >= 10
     assert s.peak_process_bytes >= 2 * 2**30 and s.peak_device_bytes >= s.peak_process_bytes
     assert s.telemetry.summary(None, None)["telemetry"]["start"]["sm_clock_mhz"] is not None
+
+
+def test_a_process_gpu_memory_is_read_by_its_pid(fake_nvml, monkeypatch):
+    """What the memory cap takes off a budget for the CUDA context: NVML's figure for this process; None for a
+    process NVML does not list (a container's own pids) and without a driver."""
+    assert process_used_bytes(0) == 0  # the fake's first reading for this process
+    assert process_used_bytes(0, pid=1) is None
+    monkeypatch.setitem(sys.modules, "pynvml", None)
+    assert process_used_bytes(0) is None
