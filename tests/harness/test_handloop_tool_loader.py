@@ -13,6 +13,7 @@ import math
 import subprocess
 
 import pytest
+from handloop_scenario import HANDLOOP_SCENARIO
 
 from harness.inputs import data, models
 from harness.running import envs
@@ -22,17 +23,10 @@ from harness.spec.scenario import load_scenario
 pytestmark = pytest.mark.skipif(not envs.resolve("trl").ready,
                                 reason="trl environment not created: run `python -m harness env create trl`")
 
-SCENARIO = """\
-version: 1
-name: tool_loader_test
-model: {preset: tiny-llama, weights: random, dtype: float32, seed: 0}
-method: {kind: lora, lora_r: 4, lora_alpha: 8, target_modules: all-linear}
-data: {source: synthetic, seq_len: 48, lengths: uniform, min_len: 12}
-train: {micro_batch: 2, grad_accum: 2, steps: 3, warmup_steps: 1, lr: 1.0e-3, optimizer: adamw_torch,
-        gradient_checkpointing: false}
-hardware: {device: cpu}
-frameworks: [trl]
-"""
+# the hand-loop tests' tiny scenario, run through TRL's loader without checkpointing
+SCENARIO = (HANDLOOP_SCENARIO.replace("name: handloop_test", "name: tool_loader_test")
+            .replace("gradient_checkpointing: true", "gradient_checkpointing: false")
+            .replace("frameworks: [hf, tunebench]", "frameworks: [trl]"))
 
 # Runs in the trl environment: argv = scenario, checkpoint, rows JSONL, output JSON.
 SCRIPT = '''
