@@ -270,7 +270,6 @@ def compare_side_by_side(framework: str, pairs: list[dict[str, Any]],
                     + machine_notes("loop", p.get("round"), lo)]}
 
 
-
 def _created(check: dict[str, Any]) -> datetime | None:
     try:
         return datetime.fromisoformat(str(check.get("created")))

@@ -133,7 +133,6 @@ def train(model, sc, device: str, feed: Iterable[list[dict]], knobs: HfKnobs,  #
     scaler = torch.amp.GradScaler(device) if use_amp and amp_dtype == torch.float16 else None
     params = list(model.parameters())  # the Trainer clips model.parameters(); frozen ones have no grad
     flos = (flos or stock_flos(model)) if knobs.count_flos else None
-    current_flos = 0.0
     model.train()
     settings = read_back(model, opt) | {
         "attention_mask_fed": knobs.attention_mask,
@@ -170,7 +169,7 @@ def train(model, sc, device: str, feed: Iterable[list[dict]], knobs: HfKnobs,  #
             else:
                 total += loss
             if flos is not None:
-                current_flos += flos(inputs)
+                flos(inputs)  # the Trainer's per-micro-batch count: its host work is what the step pays
         if scaler:
             scaler.unscale_(opt)
         if t.max_grad_norm:
