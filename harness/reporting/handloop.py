@@ -8,7 +8,9 @@ sweep without a check gets no section; a check file that cannot be read is named
 
 A check run with ``--side-by-side N`` adds a second table: the harness's own runs and the loops, in alternating
 pairs on one machine, their medians, each pair's difference and each side's spread. Its verdict is the check's;
-a stored-sweep row that differs while the pairs agree says so in its cause (the sweep ran on another lease).
+a stored-sweep row that differs while the pairs agree says so in its cause (the sweep ran on another lease), and
+pairs that differ by less than one side moved between its own rounds say so. Per framework the latest check's
+verdict is the section's headline; earlier checks stay in the tables.
 """
 
 from __future__ import annotations
@@ -100,6 +102,19 @@ def _row(check: str, fw: str, entry: dict[str, Any], band: float,
             _pct(diff), steps, verdict_cell, cause_cell]
 
 
+def _differs(entry: Any, band: float) -> bool:
+    """A side-by-side comparison that failed, or whose medians differ by more than the band."""
+    return _not_compared(entry) is not None or verdict(entry.get("difference_pct"), band) == "differs"
+
+
+def _noise(entry: dict[str, Any]) -> float | None:
+    """The larger of the two sides' spreads between rounds when it is at least the medians' difference (that
+    difference is then within how far one side moved on its own), else None."""
+    spreads = [x for x in (entry.get("harness_spread_pct"), entry.get("loop_spread_pct")) if _number(x)]
+    diff = entry.get("difference_pct")
+    return max(spreads) if spreads and _number(diff) and max(spreads) >= abs(diff) else None
+
+
 def _pair_row(check: str, fw: str, entry: dict[str, Any], band: float) -> list[str | Cell]:
     """One framework's side-by-side row of one check."""
     if failed := _not_compared(entry):
@@ -107,7 +122,10 @@ def _pair_row(check: str, fw: str, entry: dict[str, Any], band: float) -> list[s
                 Cell(f"{failed[0]}: {short(failed[1], 200)}", "bad"), EMPTY]
     diff = entry.get("difference_pct")
     said = verdict(diff, band)
+    noise = _noise(entry)
     verdict_cell = (Cell("agrees", "good") if said == "agrees"
+                    else Cell(f"differs by {_pct(diff)}, within one side's own spread between rounds "
+                              f"({noise:.1f} %): more rounds decide", "bad") if said == "differs" and noise is not None
                     else Cell(f"differs by {_pct(diff)}", "bad") if said == "differs" else Cell("no figure", "warn"))
     order = ", ".join(str(o) for o in entry.get("order") or [])
     pairs = ", ".join(_pct(x) for x in entry.get("pair_differences_pct") or [])
@@ -128,7 +146,7 @@ def rows(sweep_dir: Path) -> tuple[list[list[str | Cell]], list[str], int, list[
     pair_rows: list[list[str | Cell]] = []
     machine: list[str] = []
     unreadable: list[str] = []
-    n_differ = 0
+    latest: dict[str, tuple[str, bool]] = {}  # per framework, its latest default-loop check: (what it said, differs)
     for path in selfcheck_paths(sweep_dir):
         check = read_json(path)
         entries = check.get("frameworks") if check else None
@@ -138,18 +156,22 @@ def rows(sweep_dir: Path) -> tuple[list[list[str | Cell]], list[str], int, list[
         band = check.get("agree_within_pct")
         band = float(band) if isinstance(band, (int, float)) and not isinstance(band, bool) else AGREE_PCT
         paired = check.get("side_by_side") if isinstance(check.get("side_by_side"), dict) else {}
+        variant = bool(check.get("knobs"))  # a loop with knobs set locates a difference; it is no verdict
         for fw, entry in entries.items():
             row = _row(path.name, str(fw), entry, band, paired.get(fw))
-            if not paired and isinstance(row[6], Cell) and row[6].mark == "bad":
-                n_differ += 1
+            if not paired and not variant:
+                latest[str(fw)] = (f"{path.name} {_pct(row[4]) if row[4] != EMPTY else row[6]}",
+                                   isinstance(row[6], Cell) and row[6].mark == "bad")
             out.append(row)
         for fw, entry in paired.items():
             row = _pair_row(path.name, str(fw), entry, band)
-            n_differ += isinstance(row[9], Cell) and row[9].mark == "bad"
+            if not variant:
+                latest[str(fw)] = (f"{path.name} side by side ({entry.get('rounds')} round(s)) "
+                                   f"{row[5] if row[5] != EMPTY else 'not compared'}", _differs(entry, band))
             pair_rows.append(row)
             if isinstance(entry, dict):
                 machine += [f"{path.name} {fw} {note}" for note in entry.get("machine") or []]
-    return out, unreadable, n_differ, pair_rows, machine
+    return out, unreadable, latest, pair_rows, machine
 
 
 def add_section(doc: Doc, sweep: Sweep) -> None:
@@ -157,7 +179,9 @@ def add_section(doc: Doc, sweep: Sweep) -> None:
     unfinished = sorted(sweep.path.glob(f"{PARTIAL_PREFIX}*.json"))
     if not selfcheck_paths(sweep.path) and not unfinished:
         return
-    table, unreadable, n_differ, pair_table, machine = rows(sweep.path)
+    table, unreadable, latest, pair_table, machine = rows(sweep.path)
+    n_differ = sum(differs for _, differs in latest.values())
+    decided = "; ".join(f"{fw}: {said}" for fw, (said, _) in latest.items())
     doc.h(1, "Harness vs hand loop")
     doc.p(INTRO.format(band=AGREE_PCT))
     for path in unfinished:
@@ -167,8 +191,11 @@ def add_section(doc: Doc, sweep: Sweep) -> None:
               "measurement(s) kept), not in the tables until it is whole; the same `selfcheck` command resumes it.",
               "warn")
     if n_differ:
-        doc.p(f"{n_differ} framework figure(s) differ from the hand loop by more than the band (side by side where "
-              "a check has pairs): the cause column says which settings differ.", "bad")
+        doc.p(f"{n_differ} framework figure(s) differ from the hand loop by more than the band in their latest check "
+              f"(side by side where it has pairs; {decided}): the cause column says which settings differ.", "bad")
+    elif latest:
+        doc.p(f"Every framework's latest check agrees with its hand loop within the band (side by side where it has "
+              f"pairs; {decided}); earlier checks, also those that differ, stay in the tables below.", "good")
     if table:
         doc.table(HEADER, table)
     if pair_table:

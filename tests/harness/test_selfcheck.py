@@ -257,7 +257,7 @@ def test_selfcheck_is_stored_once_per_check_and_reported(sweep_dir, tmp_path, mo
     assert "**differs by +15.4 %**" in rows["tunebench"]
     assert "**gradient_checkpointing: harness True, loop False**" in rows["tunebench"]
     assert "loop unavailable: unsloth is not importable here" in rows["unsloth"]
-    assert "2 framework figure(s) differ from the hand loop" in section  # tunebench, in each check
+    assert "1 framework figure(s) differ from the hand loop" in section  # tunebench, by its latest check
 
 
 def test_no_section_without_a_check_and_an_unreadable_check_is_named(sweep_dir):
@@ -360,6 +360,20 @@ def test_side_by_side_that_differs_fails_the_check(sweep_dir, tmp_path, monkeypa
     section = write_report(sweep_dir, tmp_path / "rep").read_text().split("## Harness vs hand loop", 1)[1]
     assert "1 framework figure(s) differ from the hand loop" in section
     assert "The machine during the pairs" not in section  # nothing else ran and nothing slowed
+    assert "within one side's own spread" not in section  # one round: no spread to hide in
+
+    # a later check with more rounds decides the headline; the earlier one stays in the table. Its pairs differ by
+    # less than the loop moved between its own rounds (+4.0 % of the medians, the loop's rounds 10.9 % apart)
+    _pairing(monkeypatch, {"hf": [1030, 1060]}, {"hf": [1060, 950]})
+    assert selfcheck_cli.main(argv[:-1] + ["2"]) == selfcheck_cli.EXIT_DIFFERS
+    _pairing(monkeypatch, {"hf": [1000, 1010, 990]}, {"hf": [1000, 1000, 1005]})
+    assert selfcheck_cli.main(argv[:-1] + ["3"]) == selfcheck_cli.EXIT_OK
+    section = write_report(sweep_dir, tmp_path / "rep").read_text().split("## Harness vs hand loop", 1)[1]
+    assert "framework figure(s) differ" not in section and "latest check agrees" in section
+    noisy = next(line for line in section.splitlines() if line.startswith("| selfcheck-2.json | hf | 2 ("))
+    assert "differs by +4.0 %, within one side's own spread between rounds (10.9 %)" in noisy
+    assert "**differs by -10.0 %**" in next(line for line in section.splitlines()
+                                           if line.startswith("| selfcheck.json | hf | 1 ("))
     # a round whose harness run stored nothing is said, not averaged in
     got = analysis.compare_side_by_side("hf", [{"round": 0, "first": "harness", "harness_run": None,
                                                  "loop": _loop(1000.0)}])
