@@ -7,7 +7,7 @@
 #
 # ARCHIVE: .work/NAME.tgz made here with `git archive --format=tar.gz COMMIT -- . ':!results' ':!reports'`, and
 #   .work/NAME.sha holding COMMIT: the runs execute in /tmp/clean-NAME (kept between calls on a warm machine) and
-#   record that commit (TUNEBENCH_GIT_SHA). The sweeps of results/ that the clean copy lacks are copied into it
+#   record that commit (TUNEBENCH_GIT_SHA). The files of results/ that the clean copy lacks are copied into it
 #   first, so a sweep resumes from what the last call brought back; the sweeps a call wrote to come back whole.
 # STEPS_FILE: one command per line, run in the clean copy in order, each interrupted (SIGINT: the runner stores what
 #   finished) when B seconds since the call's start are spent; `$R` is this checkout on the machine. A line
@@ -58,7 +58,8 @@ pack() {
 }
 (while sleep 45; do pack; done) &
 packer=$!
-# the clean copy of archive $1, the current directory from here on; the sweeps of results/ it lacks copied in first
+# the clean copy of archive $1, the current directory from here on; the files of results/ it lacks copied in first
+# (a warm machine's copy gets what another copy wrote since, e.g. a selfcheck.json, so a later check numbers past it)
 enter() {
   C=/tmp/clean-$1
   if [ ! -f "$C/.sha" ]; then
@@ -69,7 +70,7 @@ enter() {
   mkdir -p "$C/results"
   for d in "$R"/results/*/; do
     d=${d%/}
-    [ -d "$C/results/$(basename "$d")" ] || cp -rp "$d" "$C/results/"  # -p: older than the stamp
+    cp -rpn "$d" "$C/results/"  # -n: files it has (its own, newer) are kept; -p: the copies are older than the stamp
   done
   grep -qxF "$C" "$used" || echo "$C" >> "$used"
   cd "$C" || return 1

@@ -8,8 +8,9 @@ interrupted frontier. A cell's ``state``:
 - ``found``: the largest fitting value is the grid's top, or the next grid value ran out of memory (its tokens/s and
   memory come from the run at that value made alone with the scenario's steps; ``measured`` false until that run
   exists, when the search probes ran side by side or shortened);
-- ``incomplete``: a value fits but the bisection has not closed above it (the frontier was interrupted);
-- ``none fits``: only out-of-memory probes at this budget;
+- ``incomplete``: a value fits but the bisection has not closed above it (the frontier was interrupted); a value
+  that fits under a smaller budget counts as fitting here (the search starts from it) until a probe here says no;
+- ``none fits``: only out-of-memory probes at this budget, and nothing fitted under a smaller one;
 - ``stopped``: a probe failed otherwise (error, crash, timeout, ...), here or under a smaller budget;
 - ``not probed``.
 """
@@ -96,10 +97,13 @@ def frontier_cells(folder: Path) -> list[Cell]:
     out = []
     for fw in frameworks:
         stopped: str | None = None
+        floor: int | None = None  # the largest value that fitted under a smaller budget
         for budget in budgets:
             mine = [p for p in probes if p.run.framework == fw and p.budget == budget]
-            cell = _cell(fw, budget, g["vary"], mine, values, stopped)
+            cell = _cell(fw, budget, g["vary"], mine, values, stopped, floor)
             stopped = stopped or (cell.reason if cell.state == "stopped" else None)
+            if cell.state in ("found", "incomplete") and cell.value is not None:
+                floor = max(floor or cell.value, cell.value)
             out.append(cell)
     return out
 
@@ -116,7 +120,8 @@ def _scenario_order(folder: Path) -> list[str]:
     return [f.get("label") or f.get("name") for f in sc.get("frameworks") or [] if isinstance(f, dict)]
 
 
-def _cell(fw: str, budget: float, vary: str, probes: list[_Probe], values: list[int], stopped: str | None) -> Cell:
+def _cell(fw: str, budget: float, vary: str, probes: list[_Probe], values: list[int], stopped: str | None,
+          floor: int | None = None) -> Cell:
     cell = Cell(fw, probes[0].run.adapter if probes else None, budget, vary, None, "not probed", probes=len(probes))
     by_value: dict[int, list[_Probe]] = {}
     for p in probes:
@@ -138,6 +143,9 @@ def _cell(fw: str, budget: float, vary: str, probes: list[_Probe], values: list[
             cell.peak_vram_nvml_gib, cell.peak_reserved_gib = m.peak_vram_nvml_gib, m.peak_reserved_gib
             if not top.run.valid:
                 cell.reason = "invalid: " + "; ".join(top.run.invalid_reasons)
+    elif floor is not None and no_fit and no_fit[0] > floor:
+        # only values above what fitted under a smaller budget ran out of memory here: the search goes on from there
+        cell.value, cell.state, cell.next_oom_value = floor, "incomplete", no_fit[0]
     elif no_fit:
         cell.state, cell.next_oom_value = "none fits", no_fit[0]
     if failed:

@@ -14,6 +14,7 @@ import time
 import pandas as pd
 import pytest
 
+from harness.analysis import frontier as table
 from harness.cli import frontier as frontier_cli
 from harness.cli import guard
 from harness.running import frontier, runner
@@ -88,6 +89,21 @@ def test_outcome_reads_out_of_memory_and_over_budget_as_not_fitting():
     assert frontier.outcome(_run("ok", [over])) == frontier.NO_FIT
     for status in ("error", "crashed", "timeout", "unavailable", "diverged"):
         assert frontier.outcome(_run(status)) == frontier.FAILED
+
+
+def test_a_budget_whose_search_was_cut_short_keeps_what_fitted_under_a_smaller_one(monkeypatch):
+    # 8 GiB closed at 2048; at 12 GiB only the top (131,072) was tried and did not fit: "at least 2048", not "none"
+    probes = [table._Probe(8.0, 2048, _run("ok")), table._Probe(8.0, 3072, _run("oom")),
+              table._Probe(12.0, 131072, _run("oom")), table._Probe(16.0, 2048, _run("oom"))]
+    plan = {"grid": {"vary": "seq_len", "lo": 8, "hi": 131072, "step": 1024}, "budgets": [8, 12, 16]}
+    monkeypatch.setattr(table, "read_probes", lambda folder: (plan, probes))
+    monkeypatch.setattr(table, "_scenario_order", lambda folder: ["d"])
+    cells = {c.budget_gib: c for c in table.frontier_cells(".")}
+    assert (cells[8.0].state, cells[8.0].value, cells[8.0].next_oom_value) == ("found", 2048, 3072)
+    assert (cells[12.0].state, cells[12.0].value, cells[12.0].measured) == ("incomplete", 2048, False)
+    assert table.cell_text(cells[12.0]) == "≥ 2,048 (not measured)"
+    # a probe at or below that value running out of memory here is this budget's own answer
+    assert (cells[16.0].state, cells[16.0].value) == ("none fits", None)
 
 
 @pytest.mark.parametrize("thresholds", [(0, 5), (3, 3), (7, 40), (40, 64), (1, 2)])
