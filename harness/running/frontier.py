@@ -6,7 +6,8 @@ the scenario's steps within the budget is found by a search of the grid, with ru
 signal: a probe that ends ``oom``, or ok but above its budget by NVML (:data:`harness.measuring.memcap.OVER_BUDGET`),
 does not fit; an ok probe fits. Memory use is taken to grow with the value and to shrink with the budget, so
 each row does its budgets smallest first and each starts from the value found under the one below it (verified by a
-probe at the new budget). Rows are independent of each other.
+probe at the new budget; with :class:`Probing`'s cheaper search, by the cell's measurement alone instead, when no
+larger value fits). Rows are independent of each other.
 
 The search bisects until it knows two fitting probes of the row with their NVML peaks; from then on it probes
 where the line through them reaches the budget (:func:`predicted_max`), inside the bracket, and bisects again if
@@ -249,6 +250,7 @@ class _Row:
     points: list[tuple[int, float]] = field(default_factory=list)  # other budgets' fitting probes
     here: list[tuple[int, float]] = field(default_factory=list)  # this budget's
     slow: int = 0
+    verify_lo: bool = True  # probe a value found under a smaller budget before taking it (False: its measurement does)
 
     def _guess(self) -> int | None:
         v = predicted_max(self.here if len(dict(self.here)) >= 2 else self.points + self.here, self.budget)
@@ -263,7 +265,7 @@ class _Row:
         if self.hi - self.lo > 1:
             guess = self._guess()
             return guess if guess is not None else (self.lo + self.hi) // 2
-        if self.lo >= 0 and not self.lo_verified:  # found under a smaller budget: measure it under this one
+        if self.lo >= 0 and not self.lo_verified and self.verify_lo:  # found under a smaller budget: probe it here
             return self.lo
         return None
 
@@ -302,15 +304,16 @@ class _RowSearch:
     """One row's search over every budget, smallest first: each budget's :class:`_Row` starts from the value the
     one below found, with the memory points measured so far. Rows are independent of each other."""
 
-    def __init__(self, key: str, budgets: list[float], values: list[int]) -> None:
-        self.key, self.budgets, self.values = key, budgets, values
+    def __init__(self, key: str, budgets: list[float], values: list[int], verify: bool = True) -> None:
+        self.key, self.budgets, self.values, self.verify = key, budgets, values, verify
         self.best, self.points, self.stopped, self.at = -1, [], None, 0
         self.found: dict[float, int] = {}  # budget -> index of the largest fitting value, once the search closed
         self.state = self._start()
 
     def _start(self) -> _Row:
         return _Row(self.key, self.best, len(self.values), lo_verified=self.best < 0, stopped=self.stopped,
-                    values=self.values, budget=self.budgets[self.at], points=list(self.points))
+                    values=self.values, budget=self.budgets[self.at], points=list(self.points),
+                    verify_lo=self.verify)
 
     def next_probe(self) -> tuple[float, int] | None:
         """The (budget, grid index) to probe next, or None when every budget is done."""
@@ -319,7 +322,7 @@ class _RowSearch:
                 return self.budgets[self.at], i
             st = self.state
             self.stopped = self.stopped or st.stopped
-            self.best = st.lo if st.lo_verified else -1
+            self.best = st.lo if st.lo_verified or not self.verify else -1
             if self.best >= 0 and not st.stopped:
                 self.found[self.budgets[self.at]] = self.best
             self.points += st.here
@@ -400,7 +403,9 @@ def run_frontier(sc: Scenario, grid: Grid, budgets: list[float], results_root: P
                 on_probe(rec)
         return rec
 
-    searches = {k: _RowSearch(k, sorted(set(budgets)), values) for k in rows}
+    # when each answer is measured alone afterwards, that measurement verifies a value carried up from a smaller
+    # budget (memory does not grow with the budget): no search probe at it first
+    searches = {k: _RowSearch(k, sorted(set(budgets)), values, verify=probing.exact) for k in rows}
     if probing.jobs <= 1:
         for k, search in searches.items():
             while (nxt := search.next_probe()) is not None:

@@ -265,6 +265,32 @@ def test_side_by_side_search_keeps_to_its_jobs_and_the_gpu_memory_then_measures_
                 assert [p["value"] for p in answer] == [want]
 
 
+def test_cheaper_search_takes_a_smaller_budgets_answer_without_probing_it_again(tmp_path, monkeypatch):
+    """With each answer measured alone afterwards, a value carried up from a smaller budget gets no search probe:
+    its measurement verifies it (at the grid's top no search probe runs at all under the larger budgets)."""
+    rows = "\n".join(f"  - {{name: dummy, label: {k}}}" for k in ("d-sim", "same"))
+    sc = parse_scenario(_scenario(tmp_path, rows).read_text())
+    grid = frontier.make_grid(sc, "micro_batch", hi=8)
+    limit = {"d-sim": {1.0: 8, 2.0: 8, 4.0: 8}, "same": {1.0: 3, 2.0: 3, 4.0: 5}}
+
+    def fake_probe(sc, k, budget, vary, v, *rest):
+        return _run("ok" if v <= limit[k][budget] else "oom"), True
+
+    monkeypatch.setattr(frontier, "_probe", fake_probe)
+    _, log = frontier.run_frontier(sc, grid, [1.0, 2.0, 4.0], tmp_path / "results",
+                                   probing=frontier.Probing(jobs=2, steps=2))
+    for k, per_budget in limit.items():
+        below = None
+        for budget, want in per_budget.items():
+            mine = [(p["phase"], p["value"], p["outcome"]) for p in log.probes
+                    if p["framework"] == k and p["budget_gib"] == budget]
+            assert [m for m in mine if m[0] == "measure"] == [("measure", want, frontier.FITS)], (k, budget, mine)
+            assert below is None or ("search", below, frontier.FITS) not in mine, (k, budget, mine)
+            below = want
+    top_larger = [p for p in log.probes if p["framework"] == "d-sim" and p["budget_gib"] > 1.0]
+    assert all(p["phase"] == "measure" for p in top_larger) and len(top_larger) == 2
+
+
 def test_frontier_with_jobs_marks_its_search_probes_shared_and_measures_every_cell_alone(tmp_path, env, capsys):
     sim2 = "  - {name: dummy, label: d-half, overrides: {sim_gib_per_token: 0.03125}}"
     path = _scenario(tmp_path, SIM + "\n" + sim2)
