@@ -9,7 +9,8 @@ each row does its budgets smallest first and each starts from the value found un
 probe at the new budget; with :class:`Probing`'s cheaper search, by the cell's measurement alone instead, when no
 larger value fits). Rows are independent of each other.
 
-The search bisects until it knows two fitting probes of the row with their NVML peaks; from then on it probes
+The search bisects until it knows two fitting probes of the row with what they needed (:func:`need_gib`: torch's
+allocated peak plus the process's memory outside torch); from then on it probes
 where the line through them reaches the budget (:func:`predicted_max`), inside the bracket, and bisects again if
 that stops halving the bracket. On an 8B model a probe costs most of a minute, and a bisection of a 131,072-token
 grid ~9 probes per budget; the line puts each later budget's answer within a step or two, so the frontier of a
@@ -50,7 +51,7 @@ from harness.running.derive import derive
 from harness.running.locks import machine_lock
 from harness.spec.scenario import MAX_NAME, MAX_SEQ_LEN, Scenario
 from harness.storing import results
-from harness.storing.schema import STATUS_OK, STATUS_OOM, RunResult
+from harness.storing.schema import STATUS_OK, STATUS_OOM, Metrics, RunResult
 
 VARIES = ("seq_len", "micro_batch")
 MIN_VALUE = {"seq_len": 8, "micro_batch": 1}  # the schema's smallest valid values
@@ -200,10 +201,24 @@ def open_frontier(sc: Scenario, grid: Grid, budgets: list[float], results_root: 
 # bisection
 
 
-# The memory model that guides the search: the NVML peak of a fitting probe grows linearly with the value (frozen
+# The memory model that guides the search: what a fitting probe needs grows linearly with the value (frozen
 # weights and optimizer state fixed, activations and logits per token). The search aims at the budget itself: a
 # guess too high costs a probe that runs out of memory within its first step, one too low a whole run.
 SLOW_STEPS = 2  # guided probes in a row that did not halve the bracket: bisect instead
+
+
+def need_gib(m: Metrics) -> float | None:
+    """What a probe needed, in GiB as NVML counts a process: torch's allocated peak plus what the process held
+    outside torch's allocator (NVML peak less torch's reserved peak), or the NVML peak where torch's are missing.
+
+    Under a memory cap NVML's peak says little: torch's caching allocator keeps freed blocks until the cap and
+    returns them only then, so every probe near the budget peaks near the cap whatever it needed (on the H200,
+    tunebench at 1,024 and 2,048 tokens under 8 GiB: NVML 7.76 and 7.77 GiB, allocated 6.36 and 6.76). A line
+    through NVML peaks that flat puts the next budget's guess at the grid's top."""
+    nvml, alloc, reserved = m.peak_vram_nvml_gib, m.peak_alloc_gib, m.peak_reserved_gib
+    if nvml is None or alloc is None or reserved is None:
+        return nvml
+    return alloc + max(0.0, nvml - reserved)
 
 
 def predicted_max(points: list[tuple[int, float]], budget: float) -> float | None:
@@ -235,7 +250,7 @@ class _Row:
     """One row's search at one budget: indices into the grid; ``lo`` fits (-1: none known), ``hi`` does not.
 
     The next probe is the index the memory model predicts (:func:`predicted_max`, from this row's fitting probes
-    and their NVML peaks, this budget's first) kept strictly inside the bracket, or the bracket's midpoint when there
+    and what they needed, this budget's first) kept strictly inside the bracket, or the bracket's midpoint when there
     is no model yet (fewer than two fitting probes with a peak: a CPU, the first probes) or when
     :data:`SLOW_STEPS` guided probes in a row did not halve the bracket (memory not linear in the value).
     """
@@ -269,15 +284,15 @@ class _Row:
             return self.lo
         return None
 
-    def record(self, index: int, result: str, reason: str | None, peak_gib: float | None = None) -> None:
+    def record(self, index: int, result: str, reason: str | None, need: float | None = None) -> None:
         width = self.hi - self.lo
         guided = self.hi - self.lo > 1 and self._guess() is not None
         if result == FAILED:
             self.stopped = reason or "failed"
         elif result == FITS:
             self.lo, self.lo_verified = index, True
-            if peak_gib is not None:
-                self.here.append((self.values[index], peak_gib))
+            if need is not None:
+                self.here.append((self.values[index], need))
         elif index == self.lo:  # fitted under a smaller budget but not this one: search below it afresh
             self.hi, self.lo, self.lo_verified = index, -1, True
         else:
@@ -396,7 +411,7 @@ def run_frontier(sc: Scenario, grid: Grid, budgets: list[float], results_root: P
         run, ran = _probe(sc, k, budget, grid.vary, values[i], folder, retry_failed, quiet, steps, shared)
         result = outcome(run)
         rec = {"framework": k, "budget_gib": budget, "value": values[i], "status": run.status, "outcome": result,
-               "reason": run.reason, "ran": ran, "phase": phase, "peak_gib": run.metrics.peak_vram_nvml_gib}
+               "reason": run.reason, "ran": ran, "phase": phase, "need_gib": need_gib(run.metrics)}
         with lock:
             log.probes.append(rec)
             if on_probe:
@@ -424,7 +439,7 @@ def run_frontier(sc: Scenario, grid: Grid, budgets: list[float], results_root: P
 def _record(search: _RowSearch, i: int, rec: dict[str, Any]) -> None:
     """Tell a row's search what its probe at grid index ``i`` found."""
     failed = rec["outcome"] == FAILED
-    search.state.record(i, rec["outcome"], f"{rec['status']}: {rec['reason']}" if failed else None, rec["peak_gib"])
+    search.state.record(i, rec["outcome"], f"{rec['status']}: {rec['reason']}" if failed else None, rec["need_gib"])
 
 
 def _search_together(searches: dict[str, _RowSearch], probing: Probing,

@@ -221,6 +221,41 @@ def test_frontier_refuses_a_budget_a_row_cannot_honour(tmp_path, env, capsys):
 # search probes side by side and shortened; each answer measured alone
 
 
+def test_the_line_goes_through_what_probes_needed_not_the_nvml_peak_a_cap_flattens(tmp_path, monkeypatch):
+    """Under a cap the caching allocator fills it, so fitting probes peak near the budget by NVML whatever they
+    needed; the line goes through torch's allocated peak plus what lies outside torch, and the larger budgets'
+    searches aim near their answers instead of at the grid's top."""
+    m = RunResult(scenario="fr", framework="d", repeat=0, status="ok").metrics
+    assert frontier.need_gib(m) is None
+    m.peak_vram_nvml_gib = 7.77
+    assert frontier.need_gib(m) == 7.77  # no torch figures: NVML's
+    m.peak_alloc_gib, m.peak_reserved_gib = 6.76, 7.03
+    assert frontier.need_gib(m) == pytest.approx(6.76 + 0.74)
+
+    sc = parse_scenario(_scenario(tmp_path).read_text())
+    grid = frontier.make_grid(sc, "micro_batch", hi=64)
+    budgets = [8.0, 12.0, 16.0]
+
+    def need(v: int) -> float:
+        return 5.0 + 0.25 * v
+
+    def fake_probe(sc, k, budget, vary, v, *rest):
+        run = _run("ok" if need(v) <= budget else "oom")
+        if run.status == "ok":  # the NVML peak: at the cap, whatever the probe needed
+            run.metrics.peak_vram_nvml_gib, run.metrics.peak_reserved_gib = budget - 0.2, budget - 0.9
+            run.metrics.peak_alloc_gib = need(v) - 0.7
+        return run, True
+
+    monkeypatch.setattr(frontier, "_probe", fake_probe)
+    _, log = frontier.run_frontier(sc, grid, budgets, tmp_path / "results")
+    for budget in budgets:
+        mine = [p for p in log.probes if p["budget_gib"] == budget]
+        want = max(v for v in grid.values() if need(v) <= budget)
+        assert max(p["value"] for p in mine if p["outcome"] == frontier.FITS) == want
+        if budget > budgets[0]:
+            assert len(mine) <= 4 and max(p["value"] for p in mine) < 64, mine  # no probe at the top
+
+
 def test_side_by_side_search_keeps_to_its_jobs_and_the_gpu_memory_then_measures_each_answer_alone(tmp_path,
                                                                                                   monkeypatch):
     """A stand-in probe that records how many probes run at once and their budgets: at most ``jobs`` and within the
