@@ -8,6 +8,7 @@ it after each invocation, into ``reports/<the folder's name>/`` (report.md, repo
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from harness.storing.sweep import is_results_dir, load_sweep
 OURS = "tunebench"  # the tool whose rows are set against the best peer's
 CONTEXT_TARGET = 1.5  # tunebench's longest context over the best peer's, at every budget (the project's target)
 REACHED = ("found", "incomplete")
+OPEN = ("incomplete", "not probed")  # a cell whose search could still move its value
 
 
 def write_frontier_report(folder: Path, out_dir: Path, claims: list[Claim] | None = None) -> Path:
@@ -47,7 +49,7 @@ def write_frontier_report(folder: Path, out_dir: Path, claims: list[Claim] | Non
     source = _shown_path(plan.get("scenario_source") or f"scenarios/{plan.get('scenario')}.yaml")
     budgets = ",".join(f"{b:g}" for b in plan.get("budgets", []))
     doc.code(f"python -m harness frontier {source} --vary {vary} --budgets {budgets} --step {g['step']} --max {g['hi']}"
-             f"\npython -m harness report results/{folder.name}")
+             f"{_probing_flags(probes)}\npython -m harness report results/{folder.name}")
     _table(doc, cells, vary)
     chart = chart_frontier(cells, vary, out_dir / "frontier.png")
     if chart is not None:
@@ -61,11 +63,27 @@ def write_frontier_report(folder: Path, out_dir: Path, claims: list[Claim] | Non
     return md
 
 
+def _probing_flags(probes: list) -> str:
+    """The ``--jobs``/``--probe-steps`` the stored search probes were made with (the same flags find them again
+    on a rerun), read from their names (``.s<K>``, ``.shared``) and the contention each shared one records."""
+    steps = {int(m.group(1)) for p in probes if (m := re.search(r"\.s(\d+)(?:\.shared)?$", p.run.scenario))}
+    jobs = {int(m.group(1)) for p in probes for r in p.run.invalid_reasons
+            if (m := re.search(r"(\d+) search probes at a time", r))}
+    return (f" --jobs {max(jobs)}" if jobs else "") + (f" --probe-steps {max(steps)}" if steps else "")
+
+
 def _shown_path(p: str) -> str:
-    """A scenario path as a reader reruns it: relative to the repository when inside it."""
+    """A scenario path as a reader reruns it: relative to the repository when inside it, or when it names a shipped
+    scenario inside another copy of the repository (the frontier ran in a clean copy on a GPU machine)."""
+    path = Path(p)
     try:
-        return str(Path(p).resolve().relative_to(REPO_ROOT))
+        return str(path.resolve().relative_to(REPO_ROOT))
     except ValueError:
+        parts = path.parts
+        if "scenarios" in parts:
+            shipped = Path(*parts[len(parts) - 1 - parts[::-1].index("scenarios"):])
+            if (REPO_ROOT / shipped).is_file():
+                return str(shipped)
         return p
 
 
@@ -112,16 +130,26 @@ def _ours_against_peers(doc: Doc, cells: list[FrontierCell], vary: str) -> None:
     for b in sorted({c.budget_gib for c in cells}):
         here = [c for c in cells if c.budget_gib == b]
         ours = _longest([c for c in here if tools.get(c.framework) == OURS])
-        peer = _longest([c for c in here if tools.get(c.framework) not in (OURS, None)])
+        peers = [c for c in here if tools.get(c.framework) not in (OURS, None)]
+        peer = _longest(peers)
+        # a search not closed (or not begun) could still move the best peer up, or ours: no verdict on it yet
+        open_peers = [c.framework for c in peers if c.state in OPEN]
+        open_ours = [c.framework for c in here if tools.get(c.framework) == OURS and c.state in OPEN]
+        pending = "; ".join(f"{what} not closed: {', '.join(names) if len(names) <= 3 else f'{len(names)} rows'}"
+                            for what, names in (("peer searches", open_peers), (f"{OURS} searches", open_ours))
+                            if names)
         if ours is None and peer is None:
-            verdict: str | Cell = "no row trains"
+            verdict: str | Cell = Cell(f"no row trains yet ({pending})", "warn") if pending else "no row trains"
+        elif ours is not None and peer is not None:
+            ratio = ours.value / peer.value
+            verdict = Cell(f"{ratio:.2f}x, not final ({pending})", "warn") if pending else \
+                Cell(f"{ratio:.2f}x", "good" if ratio >= CONTEXT_TARGET else "bad")
+        elif pending:
+            verdict = Cell(f"open ({pending})", "warn")
         elif peer is None:
             verdict = Cell(f"no peer row trains; {OURS} does", "good")
-        elif ours is None:
-            verdict = Cell(f"no {OURS} row trains", "bad")
         else:
-            ratio = ours.value / peer.value
-            verdict = Cell(f"{ratio:.2f}x", "good" if ratio >= CONTEXT_TARGET else "bad")
+            verdict = Cell(f"no {OURS} row trains", "bad")
         rows.append([f"{b:g}", *_side(ours), *_side(peer), verdict])
     doc.table(["budget (GiB)", f"{OURS} row", vary, "tokens/s", "best peer row", vary, "tokens/s",
                f"{OURS} / peer ({vary})"], rows)

@@ -337,6 +337,9 @@ def test_frontier_with_jobs_marks_its_search_probes_shared_and_measures_every_ce
     (folder,) = (tmp_path / "results").glob("fr-frontier-*")
     shared = [r for r in folder.glob("*.shared-*/runs/*.json")]
     assert shared and all("measured under contention" in r.read_text() for r in shared)
+    # the report's command is the one that finds these probes again
+    report = (tmp_path / "reports" / folder.name / "report.md").read_text()
+    assert "--budgets 0.5,1 --step 1 --max 4 --jobs 2\n" in report
     # a rerun finds every probe stored: nothing runs again
     capsys.readouterr()
     assert _frontier(path, tmp_path, "--jobs", "2") == 0

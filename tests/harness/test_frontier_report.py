@@ -38,6 +38,17 @@ def test_tunebench_against_the_best_peer_per_budget_marks_the_target():
     assert by["16"][1] == "tunebench" and by["16"][-1].text == "1.25x" and by["16"][-1].mark == "bad"
     assert by["24"][-1].mark == "good" and "no peer row trains" in by["24"][-1].text
 
+    # an interrupted frontier: a peer's search still open, or not begun, gives no verdict yet
+    cells[1] = _cell("unsloth", "unsloth", 8, 4096, "incomplete")
+    cells[8:10] = [_cell("hf", "hf", 24, None, "not probed"), _cell("unsloth", "unsloth", 24, None, "not probed")]
+    doc = Doc("t")
+    _ours_against_peers(doc, cells, "seq_len")
+    (_, (header, rows)), = [b for b in doc.blocks if b[0] == "table"]
+    by = {r[0]: r for r in rows}
+    assert by["8"][5] == "≥ 4,096" and by["8"][-1].mark == "warn"
+    assert by["8"][-1].text == "2.00x, not final (peer searches not closed: unsloth)"
+    assert by["24"][-1].text == "open (peer searches not closed: hf, unsloth)" and by["24"][-1].mark == "warn"
+
 
 @pytest.mark.parametrize("row, against, verdict, text", [
     (40960, 2048, "holds", "20.00x (40,960 vs 2,048)"),
