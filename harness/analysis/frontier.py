@@ -61,6 +61,7 @@ class _Probe:
     value: int
     run: RunResult
     exact: bool = True  # run alone with the frontier scenario's steps: a measurement, not only a search probe
+    steps: int | None = None  # a shortened search probe's optimizer steps (None: the scenario's)
 
 
 def read_probes(folder: Path) -> tuple[dict[str, Any], list[_Probe]]:
@@ -78,9 +79,11 @@ def read_probes(folder: Path) -> tuple[dict[str, Any], list[_Probe]]:
         value = (sweep.scenario.get(section) or {}).get(vary)
         if budget is None or value is None:
             continue
-        short = steps is not None and (sweep.scenario.get("train") or {}).get("steps") != steps
+        own = (sweep.scenario.get("train") or {}).get("steps")
+        short = steps is not None and own != steps
         probes += [_Probe(float(budget), int(value), r,
-                          not short and not any(x.startswith(CONTENTION) for x in r.invalid_reasons))
+                          not short and not any(x.startswith(CONTENTION) for x in r.invalid_reasons),
+                          own if short else None)
                    for r in sweep.runs]
     return plan, probes
 
@@ -103,7 +106,7 @@ def frontier_cells(folder: Path) -> list[Cell]:
             cell = _cell(fw, budget, g["vary"], mine, values, stopped, floor)
             stopped = stopped or (cell.reason if cell.state == "stopped" else None)
             if cell.state in ("found", "incomplete") and cell.value is not None:
-                floor = max(floor or cell.value, cell.value)
+                floor = max(floor or 0, cell.value)
             out.append(cell)
     return out
 

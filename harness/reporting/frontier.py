@@ -8,7 +8,6 @@ it after each invocation, into ``reports/<the folder's name>/`` (report.md, repo
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from harness.reporting import tables
 from harness.reporting.charts import chart_frontier
 from harness.reporting.claims import FAILS, HOLDS, LEDGER, NOT_MEASURED, Claim, claimed_text, claims_for, source_cell
 from harness.reporting.document import EMPTY, Cell, Doc, fmt
+from harness.running.frontier import probing_flags
 from harness.storing.results import atomic_write_text
 from harness.storing.sweep import is_results_dir, load_sweep
 
@@ -48,8 +48,9 @@ def write_frontier_report(folder: Path, out_dir: Path, claims: list[Claim] | Non
           "there.")
     source = _shown_path(plan.get("scenario_source") or f"scenarios/{plan.get('scenario')}.yaml")
     budgets = ",".join(f"{b:g}" for b in plan.get("budgets", []))
+    flags = probing_flags({p.steps for p in probes if p.steps}, [r for p in probes for r in p.run.invalid_reasons])
     doc.code(f"python -m harness frontier {source} --vary {vary} --budgets {budgets} --step {g['step']} --max {g['hi']}"
-             f"{_probing_flags(probes)}\npython -m harness report results/{folder.name}")
+             f"{flags}\npython -m harness report results/{folder.name}")
     _table(doc, cells, vary)
     chart = chart_frontier(cells, vary, out_dir / "frontier.png")
     if chart is not None:
@@ -61,15 +62,6 @@ def write_frontier_report(folder: Path, out_dir: Path, claims: list[Claim] | Non
     atomic_write_text(md, doc.to_markdown())
     atomic_write_text(out_dir / "report.html", doc.to_html())
     return md
-
-
-def _probing_flags(probes: list) -> str:
-    """The ``--jobs``/``--probe-steps`` the stored search probes were made with (the same flags find them again
-    on a rerun), read from their names (``.s<K>``, ``.shared``) and the contention each shared one records."""
-    steps = {int(m.group(1)) for p in probes if (m := re.search(r"\.s(\d+)(?:\.shared)?$", p.run.scenario))}
-    jobs = {int(m.group(1)) for p in probes for r in p.run.invalid_reasons
-            if (m := re.search(r"(\d+) search probes at a time", r))}
-    return (f" --jobs {max(jobs)}" if jobs else "") + (f" --probe-steps {max(steps)}" if steps else "")
 
 
 def _shown_path(p: str) -> str:

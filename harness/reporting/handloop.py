@@ -122,11 +122,15 @@ def _pair_row(check: str, fw: str, entry: dict[str, Any], band: float) -> list[s
                 Cell(f"{failed[0]}: {short(failed[1], 200)}", "bad"), EMPTY]
     diff = entry.get("difference_pct")
     said = verdict(diff, band)
-    noise = _noise(entry)
-    verdict_cell = (Cell("agrees", "good") if said == "agrees"
-                    else Cell(f"differs by {_pct(diff)}, within one side's own spread between rounds "
-                              f"({noise:.1f} %): more rounds decide", "bad") if said == "differs" and noise is not None
-                    else Cell(f"differs by {_pct(diff)}", "bad") if said == "differs" else Cell("no figure", "warn"))
+    if said == "agrees":
+        verdict_cell = Cell("agrees", "good")
+    elif said == "differs":
+        noise = _noise(entry)
+        within = "" if noise is None else \
+            f", within one side's own spread between rounds ({noise:.1f} %): more rounds decide"
+        verdict_cell = Cell(f"differs by {_pct(diff)}{within}", "bad")
+    else:
+        verdict_cell = Cell("no figure", "warn")
     order = ", ".join(str(o) for o in entry.get("order") or [])
     pairs = ", ".join(_pct(x) for x in entry.get("pair_differences_pct") or [])
     spread = " / ".join(_share(entry.get(k)) for k in ("harness_spread_pct", "loop_spread_pct"))

@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import threading
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -119,6 +120,17 @@ def make_grid(sc: Scenario, vary: str, hi: int | None = None, step: int | None =
     if step < 1:
         raise FrontierError(f"--step {step}: must be at least 1")
     return Grid(vary, lo, hi, step)
+
+
+SIDE_BY_SIDE = "search probes at a time"  # in the machine lock's note, which each shared probe records
+
+
+def probing_flags(shortened_steps: set[int], contention: list[str]) -> str:
+    """The ``--jobs``/``--probe-steps`` that made a frontier's stored search probes, from the steps of its shortened
+    probes and the contention its shared probes recorded (the same flags find those probes again on a rerun)."""
+    jobs = {int(m.group(1)) for r in contention if (m := re.search(rf"(\d+) {SIDE_BY_SIDE}", r))}
+    return (f" --jobs {max(jobs)}" if jobs else "") + \
+        (f" --probe-steps {max(shortened_steps)}" if shortened_steps else "")
 
 
 def probe_name(base: str, row: str, budget: float, vary: str, value: int, steps: int | None = None,
@@ -426,8 +438,8 @@ def run_frontier(sc: Scenario, grid: Grid, budgets: list[float], results_root: P
             while (nxt := search.next_probe()) is not None:
                 _record(search, nxt[1], probe(k, *nxt, "search"))
     else:
-        with machine_lock(runner.machine_lock_dir(), folder, f"memory frontier {folder.name}, {probing.jobs} "
-                                                             "search probes at a time"):
+        with machine_lock(runner.machine_lock_dir(), folder,
+                          f"memory frontier {folder.name}, {probing.jobs} {SIDE_BY_SIDE}"):
             _search_together(searches, probing, probe)
     if not probing.exact:
         for k, search in searches.items():
