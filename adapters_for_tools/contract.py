@@ -103,6 +103,9 @@ class AdapterInfo:
     # settings of a scenario the tool cannot express although it runs the method and objective (a loss variant, a
     # reference handling): why, or None; checked at validation after the declarations above
     refuse: Callable[[Any], str | None] | None = None
+    # overrides that make the tool choose its own settings from hardware.memory_budget_gib (tunebench's `plan`):
+    # a row with one of them set runs differently under each budget; any other row runs the same under every cap
+    budget_overrides: frozenset[str] = frozenset()
 
     def cannot_run(self, sc) -> str | None:  # noqa: ANN001
         """Why this adapter can never run the scenario (checked at validation: the scenario is refused), or None.
@@ -125,6 +128,11 @@ class AdapterInfo:
         if sc.hardware.device not in self.devices:
             return f"device {sc.hardware.device!r} not supported (supports {sorted(self.devices)})"
         return self.refuse(sc) if self.refuse is not None else None
+
+    def follows_budget(self, overrides: dict[str, Any]) -> bool:
+        """Whether a row with these ``overrides`` chooses its settings from the scenario's memory budget (one of
+        :attr:`budget_overrides` set), so that its run under one budget stands for no other."""
+        return any(overrides.get(k) not in (None, False) for k in self.budget_overrides)
 
     def family_unsupported(self, sc) -> str | None:  # noqa: ANN001
         """Why this adapter does not train the scenario's model family, or None (the runner stores the row as

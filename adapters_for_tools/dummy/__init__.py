@@ -26,6 +26,9 @@ class DummyOverrides(Overrides):
     # (micro_batch x seq_len) and raises an out-of-memory error when that is above hardware.memory_budget_gib
     sim_gib_per_token: float | None = Field(None, gt=0)
     sim_base_gib: float = Field(0.0, ge=0)
+    # a row that says it chooses its settings from the memory budget (as tunebench's plan does): the frontier then
+    # measures it under every budget instead of taking a smaller budget's run at the same value
+    sim_plan: bool = False
 
 
 INFO = AdapterInfo(
@@ -37,4 +40,5 @@ INFO = AdapterInfo(
     version_of="torch",
     overrides=DummyOverrides,
     extra={"simulated_memory": "sim_gib_per_token"},  # the override that lets a memory budget apply on a cpu
+    budget_overrides=frozenset({"sim_plan"}),
 )

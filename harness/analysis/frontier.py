@@ -8,8 +8,12 @@ interrupted frontier. A cell's ``state``:
 - ``found``: the largest fitting value is the grid's top, or the next grid value ran out of memory (its tokens/s and
   memory come from the run at that value made alone with the scenario's steps; ``measured`` false until that run
   exists, when the search probes ran side by side or shortened);
-- ``incomplete``: a value fits but the bisection has not closed above it (the frontier was interrupted); a value
-  that fits under a smaller budget counts as fitting here (the search starts from it) until a probe here says no;
+- ``incomplete``: a value fits but the bisection has not closed above it (the frontier was interrupted).
+
+A value that fits under a smaller budget fits here (a cap only bounds the allocator) unless a probe here says no. For
+a row that runs the same under every cap (:func:`harness.running.frontier.follows_budget`), a run made alone at that
+value under a smaller budget is also this cell's measurement (``measured_at_gib`` says which budget): the frontier
+does not run it again.
 - ``none fits``: only out-of-memory probes at this budget, and nothing fitted under a smaller one;
 - ``stopped``: a probe failed otherwise (error, crash, timeout, ...), here or under a smaller budget;
 - ``not probed``.
@@ -25,14 +29,15 @@ from typing import Any
 
 import yaml
 
-from harness.running.frontier import FAILED, FITS, NO_FIT, PLAN_FILE, Grid, outcome
+from harness.running.frontier import FAILED, FITS, NO_FIT, PLAN_FILE, Grid, follows_budget, outcome
 from harness.running.runner import CONTENTION
 from harness.storing import results
 from harness.storing.schema import RunResult
 from harness.storing.sweep import is_results_dir, load_sweep
 
 COLUMNS = ("framework", "tool", "budget_gib", "vary", "value", "state", "measured", "tokens_per_s",
-           "peak_vram_nvml_gib", "peak_reserved_gib", "valid", "next_oom_value", "probes", "reason")
+           "peak_vram_nvml_gib", "peak_reserved_gib", "valid", "next_oom_value", "probes", "reason",
+           "measured_at_gib")
 
 
 @dataclass
@@ -53,6 +58,7 @@ class Cell:
     next_oom_value: int | None = None  # the smallest value above ``value`` that did not fit
     probes: int = 0  # probes stored at this budget
     reason: str | None = None
+    measured_at_gib: float | None = None  # the budget the measurement ran under (a smaller one: see the docstring)
 
 
 @dataclass
@@ -101,9 +107,13 @@ def frontier_cells(folder: Path) -> list[Cell]:
     for fw in frameworks:
         stopped: str | None = None
         floor: int | None = None  # the largest value that fitted under a smaller budget
+        row = [p for p in probes if p.run.framework == fw]
+        same_under_every_cap = not any(follows_budget(p.run.adapter, p.run.overrides) for p in row)
         for budget in budgets:
-            mine = [p for p in probes if p.run.framework == fw and p.budget == budget]
-            cell = _cell(fw, budget, g["vary"], mine, values, stopped, floor)
+            mine = [p for p in row if p.budget == budget]
+            earlier = [p for p in row if p.budget < budget and p.exact and outcome(p.run) == FITS] \
+                if same_under_every_cap else []
+            cell = _cell(fw, budget, g["vary"], mine, values, stopped, floor, earlier)
             stopped = stopped or (cell.reason if cell.state == "stopped" else None)
             if cell.state in ("found", "incomplete") and cell.value is not None:
                 floor = max(floor or 0, cell.value)
@@ -124,7 +134,10 @@ def _scenario_order(folder: Path) -> list[str]:
 
 
 def _cell(fw: str, budget: float, vary: str, probes: list[_Probe], values: list[int], stopped: str | None,
-          floor: int | None = None) -> Cell:
+          floor: int | None = None, earlier: list[_Probe] | None = None) -> Cell:
+    """One cell from the row's probes at this budget; ``floor``: the largest value that fitted under a smaller
+    budget; ``earlier``: the row's measurements that fitted under smaller budgets, when its runs stand for every
+    cap."""
     cell = Cell(fw, probes[0].run.adapter if probes else None, budget, vary, None, "not probed", probes=len(probes))
     by_value: dict[int, list[_Probe]] = {}
     for p in probes:
@@ -134,21 +147,24 @@ def _cell(fw: str, budget: float, vary: str, probes: list[_Probe], values: list[
     fits = [p for p in decisive if outcome(p.run) == FITS]
     no_fit = sorted(p.value for p in decisive if outcome(p.run) == NO_FIT)
     failed = [p for p in decisive if outcome(p.run) == FAILED]
-    if fits:
-        top = max(fits, key=lambda p: (p.value, p.exact))
-        cell.value, cell.next_oom_value = top.value, next((v for v in no_fit if v > top.value), None)
-        above = [v for v in values if v > top.value]
-        closed = not above or cell.next_oom_value == above[0]
-        cell.state = "found" if closed else "incomplete"
-        if top.exact:
+    carried = floor is not None and floor not in no_fit and (probes or floor == values[-1])
+    reached = [p.value for p in fits] + ([floor] if carried else [])
+    if reached:
+        cell.value = max(reached)
+        cell.next_oom_value = next((v for v in no_fit if v > cell.value), None)
+        above = [v for v in values if v > cell.value]
+        cell.state = "found" if not above or cell.next_oom_value == above[0] else "incomplete"
+        here = [p for p in fits if p.value == cell.value and p.exact]
+        top = here[0] if here else max((p for p in earlier or [] if p.value == cell.value), default=None,
+                                       key=lambda p: p.budget)
+        if top is not None:
             m = top.run.metrics
             cell.measured, cell.tokens_per_s, cell.valid = True, m.tokens_per_s, top.run.valid
             cell.peak_vram_nvml_gib, cell.peak_reserved_gib = m.peak_vram_nvml_gib, m.peak_reserved_gib
+            cell.measured_at_gib = top.budget
+            cell.tool = cell.tool or top.run.adapter
             if not top.run.valid:
                 cell.reason = "invalid: " + "; ".join(top.run.invalid_reasons)
-    elif floor is not None and no_fit and no_fit[0] > floor:
-        # only values above what fitted under a smaller budget ran out of memory here: the search goes on from there
-        cell.value, cell.state, cell.next_oom_value = floor, "incomplete", no_fit[0]
     elif no_fit:
         cell.state, cell.next_oom_value = "none fits", no_fit[0]
     if failed:
@@ -179,7 +195,8 @@ def to_markdown(cells: list[Cell], title: str) -> str:
              f"Largest {vary} that trains the scenario's steps within each memory budget (bisection, out of memory "
              "as the signal), and tokens/s there, measured alone with the scenario's steps. `≥`: interrupted before "
              "the search closed; `*`: the run was invalid (reasons below); `not measured`: found by search probes "
-             "(side by side or shortened) and not yet run alone.", "",
+             "(side by side or shortened) and not yet run alone; `run under N GiB`: measured under that smaller "
+             "budget (the row runs the same under every cap).", "",
              "| framework | " + " | ".join(f"{b:g} GiB" for b in budgets) + " |",
              "|---|" + "---|" * len(budgets)]
     notes = []
@@ -199,8 +216,10 @@ def to_markdown(cells: list[Cell], title: str) -> str:
 def cell_text(c: Cell) -> str:
     """A cell as the tables show it: the largest value and its tokens/s, or what happened."""
     if c.state in ("found", "incomplete") and c.value is not None:
-        speed = f" ({c.tokens_per_s:,.0f} tok/s)" if c.tokens_per_s is not None else \
-            "" if c.measured else " (not measured)"
+        under = f", run under {c.measured_at_gib:g} GiB" \
+            if c.measured_at_gib is not None and c.measured_at_gib != c.budget_gib else ""
+        speed = f" ({c.tokens_per_s:,.0f} tok/s{under})" if c.tokens_per_s is not None else \
+            f" ({under[2:]})" if under else "" if c.measured else " (not measured)"
         mark = "≥ " if c.state == "incomplete" else ""
         return f"{mark}{c.value:,}{speed}{'' if c.valid or not c.measured else ' *'}"
     if c.state == "none fits":

@@ -85,7 +85,9 @@ def _table(doc: Doc, cells: list[FrontierCell], vary: str) -> None:
     doc.h(1, f"Longest {vary} per memory budget")
     doc.p(f"Each cell: the largest {vary} that trained within the budget and its tokens/s, from the run at that value "
           "made alone with the scenario's steps. `≥`: the search had not closed; `*`: that run was invalid; "
-          "`not measured`: found by search probes (side by side or shortened) and not yet run alone.")
+          "`not measured`: found by search probes (side by side or shortened) and not yet run alone; "
+          "`run under N GiB`: the same value's run under that smaller budget, for a row that runs the same under "
+          "every cap (every row but one that plans itself to the budget).")
     rows = []
     for fw in dict.fromkeys(c.framework for c in cells):
         line: list[str | Cell] = [fw]

@@ -26,7 +26,9 @@ the ones above, with the reason; the other rows go on.
 By default each probe runs alone with the scenario's steps, so the probe at the largest fitting value is also the
 cell's measurement. A probe answers "does it fit" long before it ends, and most of its minute is the tool starting
 and loading the model, so :class:`Probing` can run the search cheaper: rows' probes side by side (``jobs``, within
-the GPU's memory) and shortened (``steps``); each cell's largest fitting value is then measured alone afterwards.
+the GPU's memory) and shortened (``steps``); each cell's largest fitting value is then measured alone afterwards,
+once per row and value: a row that runs the same under every cap (:func:`follows_budget`) and found the same value
+under a smaller budget keeps that budget's measurement (at the grid's top, the larger budgets then cost nothing).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from typing import Any
 
 import yaml
 
+from adapters_for_tools import registry
 from harness.inputs import models
 from harness.measuring.memcap import OVER_BUDGET
 from harness.running import runner
@@ -161,6 +164,17 @@ def probe_scenario(sc: Scenario, budget: float, vary: str, value: int, row: str 
                              "warmup_steps": min(sc.train.warmup_steps, steps - 1)}
     row = row or sc.framework_names()[0]
     return derive(sc, probe_name(sc.name, row, budget, vary, value, steps, shared), **sections)
+
+
+def follows_budget(adapter: str | None, overrides: dict[str, Any]) -> bool:
+    """Whether a row of ``adapter`` with ``overrides`` chooses its own settings from the memory budget (its
+    adapter's ``budget_overrides``; an unknown adapter counts as doing so). Any other row runs the same under every
+    cap: the cap only bounds its allocator, so a run that fitted under a smaller budget is a run within a larger one,
+    and its speed there can only be the same or lower."""
+    try:
+        return adapter is None or registry.info(adapter).follows_budget(overrides)
+    except KeyError:
+        return True
 
 
 def outcome(run: RunResult) -> str:
@@ -442,9 +456,15 @@ def run_frontier(sc: Scenario, grid: Grid, budgets: list[float], results_root: P
                           f"memory frontier {folder.name}, {probing.jobs} {SIDE_BY_SIDE}"):
             _search_together(searches, probing, probe)
     if not probing.exact:
+        rows_by_key = {f.key: f for f in sc.frameworks}
         for k, search in searches.items():
-            for budget, i in search.found.items():
-                _measure(k, budget, i, probe)
+            same_under_every_cap = not follows_budget(rows_by_key[k].name, rows_by_key[k].overrides)
+            fitted: set[int] = set()  # grid indices this row's measurements fitted at, under smaller budgets
+            for budget, i in search.found.items():  # smallest budget first
+                if same_under_every_cap and i in fitted:
+                    continue  # measured alone under a smaller budget: that run is within this one too
+                if (j := _measure(k, budget, i, probe)) is not None:
+                    fitted.add(j)
     return folder, log
 
 
@@ -478,12 +498,15 @@ def _search_together(searches: dict[str, _RowSearch], probing: Probing,
                     waiting[k] = nxt
 
 
-def _measure(k: str, budget: float, i: int, probe: Callable[[str, float, int, str], dict[str, Any]]) -> None:
+def _measure(k: str, budget: float, i: int, probe: Callable[[str, float, int, str], dict[str, Any]]) -> int | None:
     """Row ``k``'s largest fitting value under ``budget`` (grid index ``i``) run alone with the scenario's steps;
-    when that does not fit, the values below, up to :data:`MEASURE_TRIES` of them."""
+    when that does not fit, the values below, up to :data:`MEASURE_TRIES` of them. Returns the index whose run
+    fitted (None: none did, or one failed otherwise)."""
     for j in range(i, max(i - MEASURE_TRIES, -1), -1):
-        if probe(k, budget, j, "measure")["outcome"] != NO_FIT:
-            return
+        result = probe(k, budget, j, "measure")["outcome"]
+        if result != NO_FIT:
+            return j if result == FITS else None
+    return None
 
 
 def _probe(sc: Scenario, k: str, budget: float, vary: str, value: int, folder: Path, retry_failed: bool,

@@ -302,11 +302,16 @@ def test_side_by_side_search_keeps_to_its_jobs_and_the_gpu_memory_then_measures_
 
 def test_cheaper_search_takes_a_smaller_budgets_answer_without_probing_it_again(tmp_path, monkeypatch):
     """With each answer measured alone afterwards, a value carried up from a smaller budget gets no search probe:
-    its measurement verifies it (at the grid's top no search probe runs at all under the larger budgets)."""
-    rows = "\n".join(f"  - {{name: dummy, label: {k}}}" for k in ("d-sim", "same"))
+    its measurement verifies it (at the grid's top no search probe runs at all under the larger budgets). A row that
+    runs the same under every cap is measured once per value: under a larger budget with the same answer the smaller
+    budget's run stands; a row that plans itself to the budget is measured under each."""
+    rows = "\n".join(f"  - {{name: dummy, label: {k}{ov}}}" for k, ov in
+                      (("d-sim", ""), ("same", ""), ("plans", ", overrides: {sim_plan: true}")))
     sc = parse_scenario(_scenario(tmp_path, rows).read_text())
     grid = frontier.make_grid(sc, "micro_batch", hi=8)
-    limit = {"d-sim": {1.0: 8, 2.0: 8, 4.0: 8}, "same": {1.0: 3, 2.0: 3, 4.0: 5}}
+    limit = {"d-sim": {1.0: 8, 2.0: 8, 4.0: 8}, "same": {1.0: 3, 2.0: 3, 4.0: 5},
+             "plans": {1.0: 3, 2.0: 3, 4.0: 5}}
+    measured = {"d-sim": {1.0: 8}, "same": {1.0: 3, 4.0: 5}, "plans": {1.0: 3, 2.0: 3, 4.0: 5}}
 
     def fake_probe(sc, k, budget, vary, v, *rest):
         return _run("ok" if v <= limit[k][budget] else "oom"), True
@@ -319,22 +324,40 @@ def test_cheaper_search_takes_a_smaller_budgets_answer_without_probing_it_again(
         for budget, want in per_budget.items():
             mine = [(p["phase"], p["value"], p["outcome"]) for p in log.probes
                     if p["framework"] == k and p["budget_gib"] == budget]
-            assert [m for m in mine if m[0] == "measure"] == [("measure", want, frontier.FITS)], (k, budget, mine)
+            expect = [("measure", want, frontier.FITS)] if budget in measured[k] else []
+            assert [m for m in mine if m[0] == "measure"] == expect, (k, budget, mine)
             assert below is None or ("search", below, frontier.FITS) not in mine, (k, budget, mine)
             below = want
-    top_larger = [p for p in log.probes if p["framework"] == "d-sim" and p["budget_gib"] > 1.0]
-    assert all(p["phase"] == "measure" for p in top_larger) and len(top_larger) == 2
+    assert not [p for p in log.probes if p["framework"] == "d-sim" and p["budget_gib"] > 1.0]
+
+
+def test_follows_budget_is_what_the_adapter_declares():
+    assert frontier.follows_budget("tunebench", {"plan": "auto"}) and frontier.follows_budget("tunebench", {"plan": 12})
+    assert not frontier.follows_budget("tunebench", {"recompute_layers": 1})
+    assert not frontier.follows_budget("hf", {"liger": True}) and not frontier.follows_budget("unsloth", {})
+    assert frontier.follows_budget("dummy", {"sim_plan": True})
+    assert not frontier.follows_budget("dummy", {"sim_plan": False})
+    assert frontier.follows_budget("no-such-tool", {}) and frontier.follows_budget(None, {})
 
 
 def test_frontier_with_jobs_marks_its_search_probes_shared_and_measures_every_cell_alone(tmp_path, env, capsys):
-    sim2 = "  - {name: dummy, label: d-half, overrides: {sim_gib_per_token: 0.03125}}"
-    path = _scenario(tmp_path, SIM + "\n" + sim2)
+    # d-small fits the grid's top (micro-batch 4) under both budgets: its 1 GiB cell is its 0.5 GiB run; d-plan, the
+    # same row planning itself to the budget, is run under each
+    rows = [SIM, "  - {name: dummy, label: d-half, overrides: {sim_gib_per_token: 0.03125}}",
+            "  - {name: dummy, label: d-small, overrides: {sim_gib_per_token: 0.0078125}}",
+            "  - {name: dummy, label: d-plan, overrides: {sim_gib_per_token: 0.0078125, sim_plan: true}}"]
+    path = _scenario(tmp_path, "\n".join(rows))
     assert _frontier(path, tmp_path, "--jobs", "2") == 0
     t = _table(tmp_path)
     assert t.loc[("d-sim", 0.5), "value"] == 2 and t.loc[("d-sim", 1.0), "value"] == 4
     assert t.loc[("d-half", 0.5), "value"] == 1 and t.loc[("d-half", 1.0), "value"] == 2
+    assert (t["value"].loc[["d-small", "d-plan"]] == 4).all() and (t["state"] == "found").all()
     assert t["measured"].all() and (t["tokens_per_s"] > 0).all() and t["valid"].all()
+    assert t.loc[("d-small", 1.0), "measured_at_gib"] == 0.5 and t.loc[("d-plan", 1.0), "measured_at_gib"] == 1.0
+    assert t.loc[("d-small", 1.0), "tokens_per_s"] == t.loc[("d-small", 0.5), "tokens_per_s"]
     (folder,) = (tmp_path / "results").glob("fr-frontier-*")
+    assert not list(folder.glob("fr.d-small.1gib.*")) and len(list(folder.glob("fr.d-plan.1gib.*"))) == 1
+    assert "run under 0.5 GiB)" in (folder / "frontier.md").read_text()
     shared = [r for r in folder.glob("*.shared-*/runs/*.json")]
     assert shared and all("measured under contention" in r.read_text() for r in shared)
     # the report's command is the one that finds these probes again
