@@ -70,7 +70,9 @@ enter() {
   mkdir -p "$C/results"
   for d in "$R"/results/*/; do
     d=${d%/}
-    cp -rpn "$d" "$C/results/"  # -n: files it has (its own, newer) are kept; -p: the copies are older than the stamp
+    # files it has (its own, newer) are kept; -p: the copies are older than the stamp. Newer coreutils warn about -n
+    # on every call and want --update=none, which older ones reject
+    cp -rp --update=none "$d" "$C/results/" 2>/dev/null || cp -rpn "$d" "$C/results/"
   done
   grep -qxF "$C" "$used" || echo "$C" >> "$used"
   cd "$C" || return 1
