@@ -456,16 +456,24 @@ def run_frontier(sc: Scenario, grid: Grid, budgets: list[float], results_root: P
                           f"memory frontier {folder.name}, {probing.jobs} {SIDE_BY_SIDE}"):
             _search_together(searches, probing, probe)
     if not probing.exact:
-        rows_by_key = {f.key: f for f in sc.frameworks}
-        for k, search in searches.items():
-            same_under_every_cap = not follows_budget(rows_by_key[k].name, rows_by_key[k].overrides)
-            fitted: set[int] = set()  # grid indices this row's measurements fitted at, under smaller budgets
-            for budget, i in search.found.items():  # smallest budget first
-                if same_under_every_cap and i in fitted:
-                    continue  # measured alone under a smaller budget: that run is within this one too
-                if (j := _measure(k, budget, i, probe)) is not None:
-                    fitted.add(j)
+        _measure_all(sc, searches, probe)
     return folder, log
+
+
+def _measure_all(sc: Scenario, searches: dict[str, _RowSearch],
+                 probe: Callable[[str, float, int, str], dict[str, Any]]) -> None:
+    """Every cell's answer measured alone, a budget at a time from the smallest (a frontier interrupted here has
+    whole budgets measured, each the same rows), rows in the scenario's order; a row that runs the same under every
+    cap skips a value its measurement under a smaller budget fitted at."""
+    rows = {f.key: f for f in sc.frameworks}
+    same = {k: not follows_budget(rows[k].name, rows[k].overrides) for k in searches}
+    fitted: dict[str, set[int]] = {k: set() for k in searches}  # grid indices each row's measurements fitted at
+    for budget in sorted({b for s in searches.values() for b in s.found}):
+        for k, search in searches.items():
+            if (i := search.found.get(budget)) is None or (same[k] and i in fitted[k]):
+                continue  # nothing found here, or measured alone under a smaller budget: that run is within this one
+            if (j := _measure(k, budget, i, probe)) is not None:
+                fitted[k].add(j)
 
 
 def _record(search: _RowSearch, i: int, rec: dict[str, Any]) -> None:

@@ -329,6 +329,10 @@ def test_cheaper_search_takes_a_smaller_budgets_answer_without_probing_it_again(
             assert below is None or ("search", below, frontier.FITS) not in mine, (k, budget, mine)
             below = want
     assert not [p for p in log.probes if p["framework"] == "d-sim" and p["budget_gib"] > 1.0]
+    # measured a budget at a time, rows in the scenario's order: an interrupted frontier has whole budgets measured
+    measured_order = [(p["budget_gib"], p["framework"]) for p in log.probes if p["phase"] == "measure"]
+    assert measured_order == [(1.0, "d-sim"), (1.0, "same"), (1.0, "plans"), (2.0, "plans"), (4.0, "same"),
+                              (4.0, "plans")]
 
 
 def test_follows_budget_is_what_the_adapter_declares():
