@@ -15,7 +15,7 @@ from adapters_for_tools.contract import AdapterInfo, Overrides
 REFERENCE_OPS = Literal["rms_norm", "rope", "swiglu", "fused_linear_cross_entropy", "fused_linear_logprobs"]
 # what `plan` chooses (kernels/trainer/plan.py, Plan)
 PLANNED = frozenset({"recompute_layers", "offload_checkpoints", "offload_weights", "offload_embeddings",
-                     "offload_lm_head", "cuda_graph"})
+                     "offload_lm_head", "cuda_graph", "mlp_chunk_tokens"})
 
 
 class TunebenchOverrides(Overrides):

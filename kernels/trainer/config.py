@@ -213,8 +213,9 @@ class MethodOptions:
         expandable_segments: the CUDA caching allocator in expandable-segments mode
             (:func:`kernels.trainer.loading.configure_allocator`).
         plan: a memory budget in GiB, or ``"auto"`` (the device's free memory): the trainer then sets
-            ``recompute_layers``, the ``offload_*`` knobs and ``cuda_graph`` itself, to the plan predicted fastest
-            within the budget (:class:`kernels.trainer.planner.Planner`). None: the knobs as given.
+            ``recompute_layers``, the ``offload_*`` knobs, ``cuda_graph`` and (for rows longer than a chunk)
+            ``mlp_chunk_tokens`` itself, to the plan predicted fastest within the budget
+            (:class:`kernels.trainer.planner.Planner`). None: the knobs as given.
     """
 
     kind: str = "lora"

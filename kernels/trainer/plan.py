@@ -7,8 +7,8 @@
   analytically from the architecture, the method and the loop; :meth:`CostModel.corrected` applies what the first
   steps measured (one factor on activation bytes, one on compute time, the static bytes seen after loading).
 - :class:`Plan`: the knobs the planner sets (``recompute_layers``, ``offload_weights``, ``offload_checkpoints``,
-  ``offload_embeddings``, ``offload_lm_head``, ``cuda_graph``); :func:`predict` gives its peak allocated bytes and
-  step time under a cost model.
+  ``offload_embeddings``, ``offload_lm_head``, ``cuda_graph``, and for long rows ``mlp_chunk_tokens``);
+  :func:`predict` gives its peak allocated bytes and step time under a cost model.
 - :func:`choose`: the plan with the lowest predicted step time whose predicted peak fits the budget (None when none
   does); pure, so a bigger budget never gives a slower predicted plan. :func:`lean_plan`: the smallest peak.
 
@@ -36,6 +36,9 @@ GIB = 2**30
 # 271 ms; all-recompute: 376 -> 375 ms), kernels/NOTES.md.
 GRAPH_EXTRA_BYTES = GIB
 GRAPH_SAVING_S = 0.25e-3
+# The chunk a plan runs the dense MLP over when it tiles it (kernels/trainer/remake.py, TiledMLP): the frontier
+# scenarios' tunebench-long row. Offered only to micro-batches of more tokens than this.
+MLP_CHUNK_TOKENS = 8192
 # Realised GEMM rate in a training step over the best-tile rate a bare matmul measures (8B step on the H100:
 # lora_linear ran at ~520 TFLOP/s where the best tile reached ~730).
 STEP_EFFICIENCY = 0.7
@@ -90,6 +93,8 @@ class CostModel:
         speed: the device's rates.
         checkpointing: gradient checkpointing on (else nothing recomputes and nothing streams).
         can_stream / can_offload_embeddings / can_offload_head / can_graph: which knobs apply.
+        tiled_layers: the layers with the dense MLP over chunks of :data:`MLP_CHUNK_TOKENS` (what a plan with
+            ``mlp_chunk_tokens`` costs); empty where a plan may not tile it.
         act_factor / time_factor / static_offset: measured corrections (activation bytes, compute time, bytes on
             the device after loading beyond the model's count).
     """
@@ -113,6 +118,7 @@ class CostModel:
     act_factor: float = 1.0
     time_factor: float = 1.0
     static_offset: int = 0
+    tiled_layers: tuple[LayerCost, ...] = ()
 
     def corrected(self, **factors: float) -> CostModel:
         """This model with measured corrections (``act_factor``, ``time_factor``, ``static_offset``)."""
@@ -129,6 +135,7 @@ class Plan:
     offload_embeddings: bool = False
     offload_lm_head: bool = False
     cuda_graph: bool = False
+    mlp_chunk_tokens: int | None = None
 
     @property
     def offloads(self) -> bool:
@@ -180,9 +187,10 @@ def predict(m: CostModel, p: Plan) -> Prediction:
     streamed one (forward) or after it (backward; the forward's last streamed layer stays), with offloaded
     checkpoints sharing the copy stream in forward and fetched back on the compute stream in backward; an offloaded
     embedding is gathered on the host and shipped; the LM head's copy overlaps the whole forward. A CUDA graph saves
-    the host launches of kept layers.
+    the host launches of kept layers. A tiled MLP changes the layers' costs (:attr:`CostModel.tiled_layers`).
     """
-    lay, n, a, f, sp = m.layers, len(m.layers), m.act_factor, m.time_factor, m.speed
+    lay = m.tiled_layers if p.mlp_chunk_tokens else m.layers
+    n, a, f, sp = len(lay), m.act_factor, m.time_factor, m.speed
     streamed, rec = _layout(n, p.recompute_layers, p.offload_weights, m.checkpointing)
     in_stream = set(streamed)
     static = (m.fixed_bytes + m.static_offset + sum(c.weight_bytes for i, c in enumerate(lay) if i not in in_stream)
@@ -221,20 +229,21 @@ def predict(m: CostModel, p: Plan) -> Prediction:
 
 def candidates(m: CostModel, cuda_graph: bool | None = None) -> Iterator[Plan]:
     """Every plan the cost model allows (streamed layers always among the recomputed ones; a CUDA graph only without
-    host offload); ``cuda_graph`` True / False keeps only plans with / without one."""
+    host offload or a tiled MLP); ``cuda_graph`` True / False keeps only plans with / without one."""
     n = len(m.layers)
     flags = (False, True)
     recompute = [-1, *range(n - 1, 0, -1)] if m.checkpointing else [-1]
-    for k in recompute:
-        stream_max = (n if k == -1 else k) if (m.checkpointing and m.can_stream) else 0
-        for s in range(stream_max + 1):
-            for ck in flags if m.checkpointing else (False,):
-                for emb in flags if m.can_offload_embeddings else (False,):
-                    for head in flags if m.can_offload_head else (False,):
-                        plan = Plan(k, s, ck, emb, head)
-                        for g in flags if (m.can_graph and not plan.offloads) else (False,):
-                            if cuda_graph is None or g == cuda_graph:
-                                yield replace(plan, cuda_graph=g)
+    for chunk in (None, MLP_CHUNK_TOKENS) if m.tiled_layers else (None,):
+        for k in recompute:
+            stream_max = (n if k == -1 else k) if (m.checkpointing and m.can_stream) else 0
+            for s in range(stream_max + 1):
+                for ck in flags if m.checkpointing else (False,):
+                    for emb in flags if m.can_offload_embeddings else (False,):
+                        for head in flags if m.can_offload_head else (False,):
+                            plan = Plan(k, s, ck, emb, head, mlp_chunk_tokens=chunk)
+                            for g in flags if (m.can_graph and not plan.offloads and not chunk) else (False,):
+                                if cuda_graph is None or g == cuda_graph:
+                                    yield replace(plan, cuda_graph=g)
 
 
 def _ranked(m: CostModel, cuda_graph: bool | None) -> list[tuple[Prediction, Plan]]:
@@ -245,9 +254,9 @@ def _order(p: Plan) -> tuple:
     """A total order on plans for ties: fewer knobs away from their defaults first (a host copy the model predicts
     to be hidden still takes the link and pinned memory), then the knobs' values."""
     moved = sum(map(bool, (p.offload_weights, p.offload_checkpoints, p.offload_embeddings, p.offload_lm_head,
-                           p.cuda_graph)))
+                           p.cuda_graph, p.mlp_chunk_tokens)))
     return (moved, p.recompute_layers == -1, p.recompute_layers, p.offload_weights, p.offload_checkpoints,
-            p.offload_embeddings, p.offload_lm_head, p.cuda_graph)
+            p.offload_embeddings, p.offload_lm_head, p.cuda_graph, p.mlp_chunk_tokens or 0)
 
 
 def choose(m: CostModel, budget_bytes: float, cuda_graph: bool | None = None) -> Plan | None:
@@ -355,10 +364,6 @@ def costs_for(cfg: DecoderConfig, method: MethodOptions, micro_batch: int, grad_
     keep = tokens * (act * ((norms + 2) * h + q + 2 * kv + q + mlp_cols + r_cols) + norms * 4)  # + fp32 rstd
     if method.remake_activations:  # two norm outputs and the dense MLP's gated activation remade in backward
         keep -= tokens * act * (2 * h + (0 if cfg.moe else inter))
-    tiled = bool(method.mlp_chunk_tokens) and not cfg.moe
-    if tiled:  # the MLP keeps its input only; gate, up (and the activation) exist for one chunk at a time
-        keep -= tokens * act * (2 * inter + (0 if method.remake_activations else inter))
-        keep += min(tokens, method.mlp_chunk_tokens) * act * 3 * inter
     if cfg.attn_softcap is not None:  # eager attention: fp32 scores and probabilities, probabilities in act
         keep += micro_batch * cfg.num_heads * seq_len * seq_len * (2 * 4 + act)
     ckpt = tokens * h * act
@@ -372,11 +377,21 @@ def costs_for(cfg: DecoderConfig, method: MethodOptions, micro_batch: int, grad_
     lora_flops = 2 * tokens * method.lora_r * sum(sum(shapes[t]) for t in targets)  # x A^T, then B
     fwd_flops = 2 * tokens * (n_proj + active) + lora_flops + attn
     bwd_flops = (2 if full else 1) * 2 * tokens * (n_proj + active) + 2 * lora_flops + 2.5 * attn
-    if tiled:  # each chunk's MLP forward again in backward
-        bwd_flops += 2 * tokens * 3 * h * inter
     slow = 1.12 if qlora else 1.0
-    layer = LayerCost(weight_bytes=weight, keep_bytes=keep, checkpoint_bytes=ckpt, transient_bytes=2 * keep,
-                      forward_s=slow * fwd_flops / rate, backward_s=slow * bwd_flops / rate)
+
+    def layer_cost(chunk: int | None) -> LayerCost:
+        keep_c, bwd_c = keep, bwd_flops
+        if chunk:  # the MLP keeps its input only; gate, up (and the activation) exist for one chunk at a time
+            keep_c -= tokens * act * (2 * inter + (0 if method.remake_activations else inter))
+            keep_c += min(tokens, chunk) * act * 3 * inter
+            bwd_c += 2 * tokens * 3 * h * inter  # each chunk's MLP forward again in backward
+        return LayerCost(weight_bytes=weight, keep_bytes=keep_c, checkpoint_bytes=ckpt, transient_bytes=2 * keep_c,
+                         forward_s=slow * fwd_flops / rate, backward_s=slow * bwd_c / rate)
+
+    dense_mlp = not cfg.moe
+    layer = layer_cost(method.mlp_chunk_tokens if dense_mlp else None)
+    # a plan may tile the MLP where it was not asked for and the rows are longer than a chunk
+    may_tile = dense_mlp and not method.mlp_chunk_tokens and tokens > MLP_CHUNK_TOKENS
     head_gemms = (3 if full else 2) + (cfg.final_softcap is not None)  # soft-capped chunks recompute their logits
     loss_s = head_gemms * 2 * tokens * cfg.vocab_size * h / rate
     optimizer_s = trainable * (act if full else lora_bytes) * 8 / (speed.hbm_gbps * 1e9)
@@ -387,4 +402,5 @@ def costs_for(cfg: DecoderConfig, method: MethodOptions, micro_batch: int, grad_
         optimizer_s=optimizer_s, speed=speed, checkpointing=method.gradient_checkpointing,
         can_stream=method.kind in ("lora", "dora") and not cfg.moe, can_offload_embeddings=peft and untied,
         can_offload_head=peft and untied,
-        can_graph=(device.type == "cuda" and method.lora_dropout == 0 and not packed and optimizer != "sgd"))
+        can_graph=(device.type == "cuda" and method.lora_dropout == 0 and not packed and optimizer != "sgd"),
+        tiled_layers=(layer_cost(MLP_CHUNK_TOKENS),) * n if may_tile else ())

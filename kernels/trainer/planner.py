@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -109,7 +109,8 @@ def reconfigure(model: DecoderModel, options: MethodOptions) -> None:
     """Move a loaded model to the knobs of ``options`` between optimizer steps (no step in flight).
 
     What goes to the host goes first (embeddings, head, newly streamed layers), then what comes back to the device,
-    so the move itself needs no more device memory than the larger of the two plans. Trainable parameters do not
+    so the move itself needs no more device memory than the larger of the two plans; the MLP's tiling changes with
+    nothing to move. Trainable parameters do not
     move, so the optimizer and its state stay valid. The CUDA graph knob cannot change here (a run's step graph is
     made when training starts).
     """
@@ -137,6 +138,8 @@ def reconfigure(model: DecoderModel, options: MethodOptions) -> None:
             holder.weight = nn.Parameter(holder.weight.data.to(dev), requires_grad=False)
     model.offload_checkpoints = options.offload_checkpoints
     model.checkpointed_layers = checkpointed_layer_ids(n, options)
+    for layer in model.model.layers:  # the dense MLP tiled or not (a MoE layer ignores it)
+        layer.mlp_chunk_tokens = options.mlp_chunk_tokens
 
 
 def _solve(g: Callable[[float], float], target: float, lo: float, hi: float) -> float:
@@ -187,7 +190,8 @@ class Planner:
         usable, budget_record = usable_bytes(cfg.method.plan, cfg.device)
         t = cfg.train
         pairs = cfg.objective.is_preference  # chosen + rejected: twice the rows, packed together by default
-        costs = costs_for(decoder, cfg.method, t.micro_batch * (2 if pairs else 1), t.grad_accum, seq_len,
+        untiled = replace(cfg.method, mlp_chunk_tokens=None)  # the plan decides the MLP's tiling, as its other knobs
+        costs = costs_for(decoder, untiled, t.micro_batch * (2 if pairs else 1), t.grad_accum, seq_len,
                           cfg.dtype, cfg.device, t.optimizer, packed or pairs, speed or measure_speed(cfg.device))
         return cls(costs, usable, budget_record, cfg.method)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -186,6 +187,25 @@ def test_costs_at_the_8b_shapes_match_the_readme_table():
     assert not q.can_stream and q.layers[0].weight_bytes / layer.weight_bytes == pytest.approx(0.258, abs=0.002)
 
 
+def test_rows_longer_than_a_chunk_may_tile_the_mlp_where_nothing_else_fits():
+    """8B QLoRA, one row: at 2,048 tokens no plan tiles the MLP; at 16,384 under 8 GiB (6.93 GiB usable) only a
+    plan with the MLP over 8,192-token chunks is predicted to fit, and the planner takes it; with room, the
+    untiled plan (one MLP forward less) wins. A tiled plan is never graphed."""
+    cfg, dev = _preset("llama-3.1-8b"), torch.device("cuda")
+    short = costs_for(cfg, MethodOptions(kind="qlora"), 1, 1, 2048, torch.bfloat16, dev)
+    assert not short.tiled_layers and all(p.mlp_chunk_tokens is None for p in candidates(short))
+    long = costs_for(cfg, MethodOptions(kind="qlora"), 1, 1, 16384, torch.bfloat16, dev)
+    tiled, dense = long.tiled_layers[0], long.layers[0]
+    assert tiled.keep_bytes < dense.keep_bytes and tiled.backward_s > dense.backward_s
+    assert not any(p.cuda_graph for p in candidates(long) if p.mlp_chunk_tokens)
+    usable = usable_bytes(8.0, torch.device("cpu"))[0]
+    assert choose(replace(long, tiled_layers=()), usable) is None
+    plan = choose(long, usable)
+    assert plan is not None and plan.mlp_chunk_tokens == plan_mod.MLP_CHUNK_TOKENS
+    assert predict(long, plan).peak_bytes <= usable < predict(long, replace(plan, mlp_chunk_tokens=None)).peak_bytes
+    assert choose(long, 40 * GIB).mlp_chunk_tokens is None
+
+
 def test_which_knobs_a_model_allows():
     tied = costs_for(_preset("llama-3.2-1b"), MethodOptions(kind="lora"), 1, 1, 512, torch.bfloat16,
                      torch.device("cuda"))
@@ -232,7 +252,7 @@ def test_replanning_mid_run_keeps_the_losses(tiny_llama_fp32):  # noqa: ANN001
     want = train(fixed, _rows(24), s, device=torch.device("cpu"))
     options = MethodOptions(kind="lora", lora_r=8)
     model = load_model(tiny_llama_fp32, options, dtype=torch.float32, device="cpu", seed=0)
-    plans = {2: Plan(-1, 2, True, True, True), 4: Plan(recompute_layers=1)}
+    plans = {2: Plan(-1, 2, True, True, True, mlp_chunk_tokens=8), 4: Plan(recompute_layers=1)}
     layouts = []
 
     def move(step: int) -> None:
@@ -240,11 +260,11 @@ def test_replanning_mid_run_keeps_the_losses(tiny_llama_fp32):  # noqa: ANN001
             apply_plan(options, plans[step])
             reconfigure(model, options)
             layouts.append((model.streamer.layer_ids if model.streamer else [], model.checkpointed_layers,
-                            model.offload_checkpoints))
+                            model.offload_checkpoints, {layer.mlp_chunk_tokens for layer in model.model.layers}))
 
     got = train(model, _rows(24), s, device=torch.device("cpu"), on_step_end=move)
     assert got == pytest.approx(want, abs=1e-6)
-    assert layouts == [([0, 1], None, True), ([], frozenset({0}), False)]
+    assert layouts == [([0, 1], None, True, {8}), ([], frozenset({0}), False, {None})]
     assert all(mod.weight is not None and mod.stream_weight is None for _, mod in model.linears())
 
 
