@@ -184,6 +184,9 @@ def measure_context(c: Claim, cells: list[FrontierCell]) -> tuple[str, Cell]:
                                + (f" ({x.reason})" if x.reason else ""), "warn")
         if x.state == "incomplete":
             return EMPTY, Cell(f"{NOT_MEASURED}: `{name}`'s search under {c.budget_gib:g} GiB had not closed", "warn")
+        if x.state in REACHED and not x.measured:  # a shortened or shared probe's answer: its full run may not fit
+            return EMPTY, Cell(f"{NOT_MEASURED}: `{name}`'s {x.value:,} under {c.budget_gib:g} GiB is a search "
+                               "probe's answer, not yet run alone", "warn")
     if a.state == "none fits":
         return f"{c.row}: none fits", Cell(FAILS, "bad")
     if b.state == "none fits":  # "vs OOM": any context is more than none
@@ -192,6 +195,13 @@ def measure_context(c: Claim, cells: list[FrontierCell]) -> tuple[str, Cell]:
         return text, Cell(HOLDS, "good") if c.at_most is None else Cell(f"{NOT_MEASURED}: no finite ratio", "warn")
     ratio = a.value / b.value
     text = f"{ratio:.2f}x ({a.value:,} vs {b.value:,})"
+    # a row at the grid's top (nothing above it was tried: the model's maximum, or --max) may train longer still
+    if b.next_oom_value is None:
+        return text, Cell(f"{NOT_MEASURED}: `{c.against}` trains the grid's top ({b.value:,}): no ratio beyond it",
+                          "warn")
+    if a.next_oom_value is None and not c.holds_for(ratio):
+        return text, Cell(f"{NOT_MEASURED}: `{c.row}` trains the grid's top ({a.value:,}), so the ratio is at least "
+                          f"{ratio:.2f}x", "warn")
     return text, Cell(HOLDS, "good") if c.holds_for(ratio) else Cell(FAILS, "bad")
 
 

@@ -71,6 +71,17 @@ def test_a_long_context_claim_is_not_measured_without_a_closed_cell_under_its_bu
     assert "no `unsloth` cell under 80 GiB" in cell.text and cell.mark == "warn"
     _, cell = measure_context(c, [_cell("unsloth", "unsloth", 80, 4096, "incomplete"), _cell("hf", "hf", 80, 512)])
     assert "had not closed" in cell.text
+    top = _cell("unsloth", "unsloth", 80, 4096)
+    top.next_oom_value = None  # the grid's top: nothing above it tried
+    text, cell = measure_context(c, [top, _cell("hf", "hf", 80, 512)])
+    assert "trains the grid's top (4,096), so the ratio is at least 8.00x" in cell.text and cell.mark == "warn"
+    assert measure_context(c, [top, _cell("hf", "hf", 80, 256)])[1].text == "holds"  # 16x: holds already
+    _, cell = measure_context(c, [top, top.__class__(**{**vars(top), "framework": "hf", "tool": "hf"})])
+    assert "`hf` trains the grid's top" in cell.text
+    searched = _cell("hf", "hf", 80, 512)
+    searched.measured = False  # found by shortened or shared search probes only
+    _, cell = measure_context(c, [_cell("unsloth", "unsloth", 80, 8192), searched])
+    assert "`hf`'s 512 under 80 GiB is a search probe's answer" in cell.text and cell.mark == "warn"
     with pytest.raises(ValueError, match="budget_gib goes with metric max_context"):
         Claim(**{**CLAIM, "budget_gib": None})
     with pytest.raises(ValueError, match="budget_gib goes with metric max_context"):
