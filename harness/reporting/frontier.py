@@ -129,8 +129,12 @@ def _ours_against_peers(doc: Doc, cells: list[FrontierCell], vary: str) -> None:
         # a search not closed (or not begun) could still move the best peer up, or ours: no verdict on it yet
         open_peers = [c.framework for c in peers if c.state in OPEN]
         open_ours = [c.framework for c in here if tools.get(c.framework) == OURS and c.state in OPEN]
-        pending = "; ".join(f"{what} not closed: {', '.join(names) if len(names) <= 3 else f'{len(names)} rows'}"
-                            for what, names in (("peer searches", open_peers), (f"{OURS} searches", open_ours))
+        # the two answers compared, still a search probe's (shortened or shared): their runs alone may step down
+        unmeasured = [c.framework for c in (ours, peer) if c is not None and c.state in REACHED and not c.measured]
+        pending = "; ".join(f"{what}: {', '.join(names) if len(names) <= 3 else f'{len(names)} rows'}"
+                            for what, names in (("peer searches not closed", open_peers),
+                                                (f"{OURS} searches not closed", open_ours),
+                                                ("not yet run alone", unmeasured))
                             if names)
         if ours is None and peer is None:
             verdict: str | Cell = Cell(f"no row trains yet ({pending})", "warn") if pending else "no row trains"

@@ -49,6 +49,15 @@ def test_tunebench_against_the_best_peer_per_budget_marks_the_target():
     assert by["8"][-1].text == "2.00x, not final (peer searches not closed: unsloth)"
     assert by["24"][-1].text == "open (peer searches not closed: hf, unsloth)" and by["24"][-1].mark == "warn"
 
+    # closed searches whose answers are search probes' (shortened or shared), not yet run alone: no verdict either
+    cells[1] = _cell("unsloth", "unsloth", 8, 4096)
+    cells[3].measured = False
+    doc = Doc("t")
+    _ours_against_peers(doc, cells, "seq_len")
+    (_, (header, rows)), = [b for b in doc.blocks if b[0] == "table"]
+    by = {r[0]: r for r in rows}
+    assert by["8"][-1].text == "2.00x, not final (not yet run alone: tunebench-planned)" and by["8"][-1].mark == "warn"
+
 
 @pytest.mark.parametrize("row, against, verdict, text", [
     (40960, 2048, "holds", "20.00x (40,960 vs 2,048)"),
