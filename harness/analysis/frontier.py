@@ -147,7 +147,9 @@ def _cell(fw: str, budget: float, vary: str, probes: list[_Probe], values: list[
     fits = [p for p in decisive if outcome(p.run) == FITS]
     no_fit = sorted(p.value for p in decisive if outcome(p.run) == NO_FIT)
     failed = [p for p in decisive if outcome(p.run) == FAILED]
-    carried = floor is not None and floor not in no_fit and (probes or floor == values[-1])
+    # a value that fitted under a smaller budget, unless a probe here says no; with no probe here at all, only the
+    # grid's top (nothing above it to search)
+    carried = floor is not None and floor not in no_fit and (bool(probes) or floor == values[-1])
     reached = [p.value for p in fits] + ([floor] if carried else [])
     if reached:
         cell.value = max(reached)

@@ -388,10 +388,9 @@ def costs_for(cfg: DecoderConfig, method: MethodOptions, micro_batch: int, grad_
         return LayerCost(weight_bytes=weight, keep_bytes=keep_c, checkpoint_bytes=ckpt, transient_bytes=2 * keep_c,
                          forward_s=slow * fwd_flops / rate, backward_s=slow * bwd_c / rate)
 
-    dense_mlp = not cfg.moe
-    layer = layer_cost(method.mlp_chunk_tokens if dense_mlp else None)
-    # a plan may tile the MLP where it was not asked for and the rows are longer than a chunk
-    may_tile = dense_mlp and not method.mlp_chunk_tokens and tokens > MLP_CHUNK_TOKENS
+    layer = layer_cost(None if cfg.moe else method.mlp_chunk_tokens)
+    # a plan may tile a dense MLP where it was not asked for and the rows are longer than a chunk
+    may_tile = not cfg.moe and not method.mlp_chunk_tokens and tokens > MLP_CHUNK_TOKENS
     head_gemms = (3 if full else 2) + (cfg.final_softcap is not None)  # soft-capped chunks recompute their logits
     loss_s = head_gemms * 2 * tokens * cfg.vocab_size * h / rate
     optimizer_s = trainable * (act if full else lora_bytes) * 8 / (speed.hbm_gbps * 1e9)

@@ -110,9 +110,8 @@ def reconfigure(model: DecoderModel, options: MethodOptions) -> None:
 
     What goes to the host goes first (embeddings, head, newly streamed layers), then what comes back to the device,
     so the move itself needs no more device memory than the larger of the two plans; the MLP's tiling changes with
-    nothing to move. Trainable parameters do not
-    move, so the optimizer and its state stay valid. The CUDA graph knob cannot change here (a run's step graph is
-    made when training starts).
+    nothing to move. Trainable parameters do not move, so the optimizer and its state stay valid. The CUDA graph knob
+    cannot change here (a run's step graph is made when training starts).
     """
     dev = model.device_of_compute
     cuda = dev.type == "cuda"
