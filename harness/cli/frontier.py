@@ -8,8 +8,9 @@ resumes (finished probes are not redone), ``--retry-failed`` redoes probes store
 error/crashed/timeout. A probe that fails otherwise than by memory stops its row, not the frontier. ``--jobs N`` runs
 N rows' search probes side by side (their budgets within the GPU's memory) and ``--probe-steps K`` shortens them:
 both only answer "does it fit", so each cell's largest value is then run once more alone with the scenario's steps,
-the figure its cell reports. The table is written as ``frontier.csv`` and ``frontier.md`` in that folder. Exit
-codes: 0 done (failed probes are cells, not errors), 2 bad input, 3 another sweep holds the machine, 130 interrupted.
+the figure its cell reports (a budget's cells before the next budget's search). The table is written as
+``frontier.csv`` and ``frontier.md`` in that folder. Exit codes: 0 done (failed probes are cells, not errors), 2 bad
+input, 3 another sweep holds the machine, 130 interrupted.
 
 Examples::
 

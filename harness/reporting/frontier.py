@@ -126,9 +126,14 @@ def _ours_against_peers(doc: Doc, cells: list[FrontierCell], vary: str) -> None:
         ours = _longest([c for c in here if tools.get(c.framework) == OURS])
         peers = [c for c in here if tools.get(c.framework) not in (OURS, None)]
         peer = _longest(peers)
-        # a search not closed (or not begun) could still move the best peer up, or ours: no verdict on it yet
+        # a search not closed (or not begun) could still move the best peer up, or ours: no verdict on it yet, unless
+        # ours already meets the target (then it can only rise)
         open_peers = [c.framework for c in peers if c.state in OPEN]
         open_ours = [c.framework for c in here if tools.get(c.framework) == OURS and c.state in OPEN]
+        rising = bool(open_ours) and ours is not None and peer is not None and \
+            ours.value / peer.value >= CONTEXT_TARGET
+        if rising:
+            open_ours = []
         # the two answers compared, still a search probe's (shortened or shared): their runs alone may step down
         unmeasured = [c.framework for c in (ours, peer) if c is not None and c.state in REACHED and not c.measured]
         pending = "; ".join(f"{what}: {', '.join(names) if len(names) <= 3 else f'{len(names)} rows'}"
@@ -139,9 +144,7 @@ def _ours_against_peers(doc: Doc, cells: list[FrontierCell], vary: str) -> None:
         if ours is None and peer is None:
             verdict: str | Cell = Cell(f"no row trains yet ({pending})", "warn") if pending else "no row trains"
         elif ours is not None and peer is not None:
-            ratio = ours.value / peer.value
-            verdict = Cell(f"{ratio:.2f}x, not final ({pending})", "warn") if pending else \
-                Cell(f"{ratio:.2f}x", "good" if ratio >= CONTEXT_TARGET else "bad")
+            verdict = _ratio_verdict(ours, peer, pending, rising)
         elif pending:
             verdict = Cell(f"open ({pending})", "warn")
         elif peer is None:
@@ -151,6 +154,25 @@ def _ours_against_peers(doc: Doc, cells: list[FrontierCell], vary: str) -> None:
         rows.append([f"{b:g}", *_side(ours), *_side(peer), verdict])
     doc.table(["budget (GiB)", f"{OURS} row", vary, "tokens/s", "best peer row", vary, "tokens/s",
                f"{OURS} / peer ({vary})"], rows)
+
+
+def _at_top(c: FrontierCell) -> bool:
+    """The cell's value is the grid's top: nothing above it was tried (the model's maximum, or --max)."""
+    return c.state == "found" and c.next_oom_value is None
+
+
+def _ratio_verdict(ours: FrontierCell, peer: FrontierCell, pending: str, rising: bool) -> Cell:
+    """Ours over the best peer's value against the target. A row at the grid's top may train longer still, and
+    ``rising``: a search of ours not closed can only raise ours; either way the ratio is bounded from one side only."""
+    ratio = ours.value / peer.value
+    if pending:
+        return Cell(f"{ratio:.2f}x, not final ({pending})", "warn")
+    if _at_top(peer):
+        return Cell(f"no ratio: {peer.framework} trains the grid's top ({peer.value:,})", "warn")
+    if _at_top(ours) or rising:  # at least the ratio: enough when that already meets the target
+        why = f"{ours.framework} trains the grid's top" if _at_top(ours) else f"{OURS} searches not closed"
+        return Cell(f"at least {ratio:.2f}x ({why})", "good" if ratio >= CONTEXT_TARGET else "warn")
+    return Cell(f"{ratio:.2f}x", "good" if ratio >= CONTEXT_TARGET else "bad")
 
 
 def _side(c: FrontierCell | None) -> list[str]:

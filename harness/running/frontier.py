@@ -26,13 +26,17 @@ the ones above, with the reason; the other rows go on.
 By default each probe runs alone with the scenario's steps, so the probe at the largest fitting value is also the
 cell's measurement. A probe answers "does it fit" long before it ends, and most of its minute is the tool starting
 and loading the model, so :class:`Probing` can run the search cheaper: rows' probes side by side (``jobs``, within
-the GPU's memory) and shortened (``steps``); each cell's largest fitting value is then measured alone afterwards,
-once per row and value: a row that runs the same under every cap (:func:`follows_budget`) and found the same value
-under a smaller budget keeps that budget's measurement (at the grid's top, the larger budgets then cost nothing).
+the GPU's memory) and shortened (``steps``); each cell's largest fitting value is then measured alone, once per row
+and value: a row that runs the same under every cap (:func:`follows_budget`) and found the same value under a
+smaller budget keeps that budget's measurement (at the grid's top, the larger budgets then cost nothing). Such a
+frontier goes a budget at a time, smallest first: every row's search under it, then its answers measured, each tool's
+longest first (:func:`_measure_budget`). An invocation cut short has whole budgets final, the comparison of tools
+before the rest.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -356,9 +360,9 @@ class _RowSearch:
                     values=self.values, budget=self.budgets[self.at], points=list(self.points),
                     verify_lo=self.verify)
 
-    def next_probe(self) -> tuple[float, int] | None:
-        """The (budget, grid index) to probe next, or None when every budget is done."""
-        while self.at < len(self.budgets):
+    def next_probe(self, upto: float | None = None) -> tuple[float, int] | None:
+        """The (budget, grid index) to probe next, or None when every budget (up to ``upto``) is done."""
+        while self.at < len(self.budgets) and (upto is None or self.budgets[self.at] <= upto):
             if (i := self.state.next_index()) is not None:
                 return self.budgets[self.at], i
             st = self.state
@@ -382,8 +386,9 @@ class Probing:
     first probe runs alone (it builds the checkpoint the others share). Such a probe measures the others' load, so
     it is stored as a ``.shared`` probe marked as measured under contention: it answers "does it fit", not "how fast".
     ``steps``: search probes shortened to that many optimizer steps (the memory peak comes with the first steps).
-    Either way, every largest fitting value is then run once more alone with the scenario's own steps, the
-    measurement its cell reports; when that run does not fit, the value below it is measured.
+    Either way, every largest fitting value is then run once more alone with the scenario's own steps (a budget's
+    answers before the next budget's search), the measurement its cell reports; when that run does not fit, the value
+    below it is measured.
     """
 
     jobs: int = 1
@@ -447,33 +452,41 @@ def run_frontier(sc: Scenario, grid: Grid, budgets: list[float], results_root: P
     # when each answer is measured alone afterwards, that measurement verifies a value carried up from a smaller
     # budget (memory does not grow with the budget): no search probe at it first
     searches = {k: _RowSearch(k, sorted(set(budgets)), values, verify=probing.exact) for k in rows}
-    if probing.jobs <= 1:
+    if probing.exact:
         for k, search in searches.items():
             while (nxt := search.next_probe()) is not None:
                 _record(search, nxt[1], probe(k, *nxt, "search"))
-    else:
-        with machine_lock(runner.machine_lock_dir(), folder,
-                          f"memory frontier {folder.name}, {probing.jobs} {SIDE_BY_SIDE}"):
-            _search_together(searches, probing, probe)
-    if not probing.exact:
-        _measure_all(sc, searches, probe)
+        return folder, log
+    tools = {f.key: f.name for f in sc.frameworks}
+    same = {f.key: not follows_budget(f.name, f.overrides) for f in sc.frameworks}
+    fitted: dict[str, set[int]] = {k: set() for k in searches}  # grid indices each row's measurements fitted at
+    for n, budget in enumerate(sorted(set(budgets))):
+        # probes side by side hold the machine for the search (each is marked shared); one at a time, each its own
+        with machine_lock(runner.machine_lock_dir(), folder, f"memory frontier {folder.name}, {probing.jobs} "
+                          f"{SIDE_BY_SIDE}") if probing.jobs > 1 else contextlib.nullcontext():
+            _search_together(searches, probing, probe, budget, first_alone=n == 0)
+        _measure_budget(budget, searches, tools, same, fitted, probe)
     return folder, log
 
 
-def _measure_all(sc: Scenario, searches: dict[str, _RowSearch],
-                 probe: Callable[[str, float, int, str], dict[str, Any]]) -> None:
-    """Every cell's answer measured alone, a budget at a time from the smallest (a frontier interrupted here has
-    whole budgets measured, each the same rows), rows in the scenario's order; a row that runs the same under every
-    cap skips a value its measurement under a smaller budget fitted at."""
-    rows = {f.key: f for f in sc.frameworks}
-    same = {k: not follows_budget(rows[k].name, rows[k].overrides) for k in searches}
-    fitted: dict[str, set[int]] = {k: set() for k in searches}  # grid indices each row's measurements fitted at
-    for budget in sorted({b for s in searches.values() for b in s.found}):
-        for k, search in searches.items():
-            if (i := search.found.get(budget)) is None or (same[k] and i in fitted[k]):
-                continue  # nothing found here, or measured alone under a smaller budget: that run is within this one
-            if (j := _measure(k, budget, i, probe)) is not None:
-                fitted[k].add(j)
+def _measure_budget(budget: float, searches: dict[str, _RowSearch], tools: dict[str, str], same: dict[str, bool],
+                    fitted: dict[str, set[int]], probe: Callable[[str, float, int, str], dict[str, Any]]) -> None:
+    """Every answer under ``budget`` measured alone, once its search has closed for every row (the frontier does its
+    budgets one at a time, search then measurement: one cut short has whole budgets final). First each tool's row
+    with the longest answer, tools from the longest (the cells that the comparison of tools reads), then the other
+    rows in the scenario's order. A row that runs the same under every cap (``same``) skips a value its measurement
+    under a smaller budget fitted at (``fitted``, updated here): that run is within this budget."""
+    found = {k: i for k, s in searches.items() if (i := s.found.get(budget)) is not None}
+    best: dict[str, str] = {}  # tool -> its row with the longest answer (the first such row in the scenario's order)
+    for k, i in found.items():
+        if tools[k] not in best or i > found[best[tools[k]]]:
+            best[tools[k]] = k
+    first = sorted(best.values(), key=lambda k: -found[k])
+    for k in first + [k for k in found if k not in first]:
+        if same[k] and found[k] in fitted[k]:
+            continue
+        if (j := _measure(k, budget, found[k], probe)) is not None:
+            fitted[k].add(j)
 
 
 def _record(search: _RowSearch, i: int, rec: dict[str, Any]) -> None:
@@ -483,11 +496,13 @@ def _record(search: _RowSearch, i: int, rec: dict[str, Any]) -> None:
 
 
 def _search_together(searches: dict[str, _RowSearch], probing: Probing,
-                     probe: Callable[[str, float, int, str], dict[str, Any]]) -> None:
-    """Every row's search, up to ``probing.jobs`` probes at once within ``probing.capacity_gib``."""
-    waiting = {k: nxt for k, s in searches.items() if (nxt := s.next_probe()) is not None}
+                     probe: Callable[[str, float, int, str], dict[str, Any]], upto: float,
+                     first_alone: bool = True) -> None:
+    """Every row's search up to budget ``upto``, up to ``probing.jobs`` probes at once within
+    ``probing.capacity_gib``; ``first_alone``: the first probe runs before any other starts."""
+    waiting = {k: nxt for k, s in searches.items() if (nxt := s.next_probe(upto)) is not None}
     running: dict[Future, tuple[str, float, int]] = {}
-    started = 0
+    started = 0 if first_alone else 1
     with ThreadPoolExecutor(probing.jobs) as pool, runner.stop_runs_on_interrupt():
         while waiting or running:
             for k, (budget, i) in list(waiting.items()):
@@ -502,7 +517,7 @@ def _search_together(searches: dict[str, _RowSearch], probing: Probing,
             for fut in done:
                 k, budget, i = running.pop(fut)
                 _record(searches[k], i, fut.result())  # a broken folder or an interrupt is the frontier's error
-                if (nxt := searches[k].next_probe()) is not None:
+                if (nxt := searches[k].next_probe(upto)) is not None:
                     waiting[k] = nxt
 
 

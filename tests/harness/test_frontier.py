@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -259,8 +260,9 @@ def test_the_line_goes_through_what_probes_needed_not_the_nvml_peak_a_cap_flatte
 def test_side_by_side_search_keeps_to_its_jobs_and_the_gpu_memory_then_measures_each_answer_alone(tmp_path,
                                                                                                   monkeypatch):
     """A stand-in probe that records how many probes run at once and their budgets: at most ``jobs`` and within the
-    capacity, the first alone; every answer is then measured with the scenario's steps, one at a time, and a full run
-    that does not fit where the short probe did moves the answer down a value."""
+    capacity, the first alone; every answer is then measured with the scenario's steps, one at a time, before the next
+    budget's search begins, and a full run that does not fit where the short probe did moves the answer down a
+    value."""
     rows = "\n".join(f"  - {{name: dummy, label: {k}}}" for k in ("d-sim", "b", "c", "d"))
     sc = parse_scenario(_scenario(tmp_path, rows).read_text())
     grid = frontier.make_grid(sc, "micro_batch", hi=16)
@@ -272,7 +274,7 @@ def test_side_by_side_search_keeps_to_its_jobs_and_the_gpu_memory_then_measures_
         phase = "search" if shared else "measure"
         with lock:
             running.append(budget)
-            seen.append((phase, len(running), sum(running), steps))
+            seen.append((phase, len(running), sum(running), steps, budget))
         time.sleep(0.05)
         fits = v <= limit[k][budget] - (phase == "measure" and (k, budget) in full_run_needs_less)
         with lock:
@@ -284,10 +286,13 @@ def test_side_by_side_search_keeps_to_its_jobs_and_the_gpu_memory_then_measures_
     _, log = frontier.run_frontier(sc, grid, [1.0, 2.0], tmp_path / "results", probing=probing)
     assert seen[0][1] == 1  # the first probe alone: it builds what the others share
     search = [s for s in seen if s[0] == "search"]
-    assert 2 <= max(n for _, n, _, _ in search) <= 3 and all(mem <= 4.5 for _, _, mem, _ in search)
-    assert all(steps == 2 for *_, steps in search)
+    assert 2 <= max(n for _, n, *_ in search) <= 3 and all(mem <= 4.5 for _, _, mem, *_ in search)
+    assert all(steps == 2 for *_, steps, _ in search)
     measure = [s for s in seen if s[0] == "measure"]
-    assert seen[-len(measure):] == measure and all(n == 1 and steps is None for _, n, _, steps in measure)
+    assert all(n == 1 and steps is None for _, n, _, steps, _ in measure)
+    # a budget at a time: its search, then its measurements, then the next budget's search
+    assert [(phase, budget) for phase, *_, budget in seen] == sorted(
+        ((phase, budget) for phase, *_, budget in seen), key=lambda pb: (pb[1], pb[0] == "measure"))
     for k, per_budget in limit.items():
         for budget, want in per_budget.items():
             mine = [p for p in log.probes if p["framework"] == k and p["budget_gib"] == budget]
@@ -333,6 +338,25 @@ def test_cheaper_search_takes_a_smaller_budgets_answer_without_probing_it_again(
     measured_order = [(p["budget_gib"], p["framework"]) for p in log.probes if p["phase"] == "measure"]
     assert measured_order == [(1.0, "d-sim"), (1.0, "same"), (1.0, "plans"), (2.0, "plans"), (4.0, "same"),
                               (4.0, "plans")]
+
+
+def test_a_budgets_measurements_start_with_each_tools_longest_answer():
+    """The cells that compare tools (each tool's longest) are measured first, longest first; then the other rows in
+    the scenario's order. A row that runs the same under every cap skips a value measured under a smaller budget."""
+    searches = {k: SimpleNamespace(found={2.0: i}) for k, i in
+                (("a", 3), ("a-long", 6), ("b", 5), ("c", 2), ("b-short", 1), ("d", 4))}
+    tools = {"a": "x", "a-long": "x", "b": "y", "c": "z", "b-short": "y", "d": "w"}
+    fitted = {k: set() for k in searches} | {"d": {4}}
+    order = []
+
+    def probe(k, budget, i, phase):
+        order.append((k, budget, i, phase))
+        return {"outcome": frontier.FITS}
+
+    frontier._measure_budget(2.0, searches, tools, {k: k != "a" for k in searches}, fitted, probe)
+    assert order == [("a-long", 2.0, 6, "measure"), ("b", 2.0, 5, "measure"), ("c", 2.0, 2, "measure"),
+                     ("a", 2.0, 3, "measure"), ("b-short", 2.0, 1, "measure")]
+    assert fitted["a-long"] == {6} and fitted["d"] == {4}
 
 
 def test_follows_budget_is_what_the_adapter_declares():

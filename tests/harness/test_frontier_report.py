@@ -58,6 +58,35 @@ def test_tunebench_against_the_best_peer_per_budget_marks_the_target():
     by = {r[0]: r for r in rows}
     assert by["8"][-1].text == "2.00x, not final (not yet run alone: tunebench-planned)" and by["8"][-1].mark == "warn"
 
+    # a search of ours still open can only raise ours: a ratio already at the target is final as a lower bound
+    cells[3].measured = True
+    cells[2] = _cell("tunebench", "tunebench", 8, 2048, "incomplete")
+    cells[6] = _cell("tunebench", "tunebench", 16, 10240, "incomplete")
+    doc = Doc("t")
+    _ours_against_peers(doc, cells, "seq_len")
+    (_, (header, rows)), = [b for b in doc.blocks if b[0] == "table"]
+    by = {r[0]: r for r in rows}
+    assert by["8"][-1].text == "at least 2.00x (tunebench searches not closed)" and by["8"][-1].mark == "good"
+    assert by["16"][-1].text == "1.25x, not final (tunebench searches not closed: tunebench)"
+
+
+@pytest.mark.parametrize("ours, peer, text, mark", [
+    (131072, 65536, "at least 2.00x (tunebench trains the grid's top)", "good"),
+    (131072, 98304, "at least 1.33x (tunebench trains the grid's top)", "warn"),  # below the target: a bound only
+    (131072, 131072, "no ratio: unsloth trains the grid's top (131,072)", "warn"),
+    (98304, 131072, "no ratio: unsloth trains the grid's top (131,072)", "warn"),
+    (98304, 65536, "1.50x", "good"),
+])
+def test_a_row_at_the_grids_top_bounds_the_ratio_from_one_side(ours, peer, text, mark):
+    cells = [_cell("tunebench", "tunebench", 80, ours), _cell("unsloth", "unsloth", 80, peer)]
+    for c in cells:
+        if c.value == 131072:
+            c.next_oom_value = None  # nothing above the grid's top was tried
+    doc = Doc("t")
+    _ours_against_peers(doc, cells, "seq_len")
+    (_, (_, rows)), = [b for b in doc.blocks if b[0] == "table"]
+    assert (rows[0][-1].text, rows[0][-1].mark) == (text, mark)
+
 
 @pytest.mark.parametrize("row, against, verdict, text", [
     (40960, 2048, "holds", "20.00x (40,960 vs 2,048)"),
