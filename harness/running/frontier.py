@@ -279,7 +279,10 @@ def predicted_max(points: list[tuple[int, float]], budget: float) -> float | Non
 class _Row:
     """One row's search at one budget: indices into the grid; ``lo`` fits (-1: none known), ``hi`` does not.
 
-    The next probe is the index the memory model predicts (:func:`predicted_max`, from this row's fitting probes
+    A row with no fitting probe yet (under this budget or a smaller one) probes the grid's smallest value first: where
+    even that runs out of memory (8B bf16 weights under 8 GiB) one probe closes the budget instead of a bisection
+    of the whole grid, and where it fits it is the memory model's first point. Otherwise the next probe is the index
+    the memory model predicts (:func:`predicted_max`, from this row's fitting probes
     and what they needed, this budget's first) kept strictly inside the bracket, or the bracket's midpoint when there
     is no model yet (fewer than two fitting probes with a peak: a CPU, the first probes) or when
     :data:`SLOW_STEPS` guided probes in a row did not halve the bracket (memory not linear in the value).
@@ -307,6 +310,8 @@ class _Row:
     def next_index(self) -> int | None:
         if self.stopped:
             return None
+        if self.lo < 0 and self.hi > 0 and not self.points and not self.here:
+            return 0  # nothing known to fit this row: the smallest value first (out of memory there: none fits)
         if self.hi - self.lo > 1:
             guess = self._guess()
             return guess if guess is not None else (self.lo + self.hi) // 2

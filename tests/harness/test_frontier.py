@@ -126,6 +126,24 @@ def test_bisection_finds_each_threshold_in_logarithmic_probes(tmp_path, monkeypa
         assert len(mine) <= math.ceil(math.log2(len(grid.values()) + 1)) + 1, mine
 
 
+def test_a_row_that_fits_nothing_closes_each_budget_in_one_probe(tmp_path, monkeypatch):
+    """Nothing known to fit: the smallest value first. Weights alone over the budget (an 8B bf16 model under 8 GiB)
+    cost one probe per budget, not a bisection of the grid; a row that fits there bisects from it."""
+    sc = parse_scenario(_scenario(tmp_path).read_text())
+    grid = frontier.make_grid(sc, "micro_batch", hi=64)
+    limit = {1.0: 0, 2.0: 0, 4.0: 37}
+
+    def fake_probe(sc, k, budget, vary, value, *rest):
+        return _run("ok" if value <= limit[budget] else "oom"), True
+
+    monkeypatch.setattr(frontier, "_probe", fake_probe)
+    _, log = frontier.run_frontier(sc, grid, list(limit), tmp_path / "results")
+    by = {b: [(p["value"], p["outcome"]) for p in log.probes if p["budget_gib"] == b] for b in limit}
+    assert by[1.0] == [(1, frontier.NO_FIT)] and by[2.0] == [(1, frontier.NO_FIT)]
+    assert by[4.0][0] == (1, frontier.FITS) and max(v for v, o in by[4.0] if o == frontier.FITS) == 37
+    assert len(by[4.0]) <= 1 + math.ceil(math.log2(64))
+
+
 @pytest.mark.parametrize("base, per_value, curve", [(6.0, 0.25, 0.0), (5.0, 0.1, 0.0), (6.0, 0.2, 0.004)])
 def test_the_memory_line_guides_the_search_to_each_budget_in_a_few_probes(tmp_path, monkeypatch, base, per_value,
                                                                           curve):
@@ -168,10 +186,11 @@ def test_frontier_finds_the_threshold_and_a_crash_stops_only_its_row(tmp_path, e
     assert t.loc[("d-sim", 0.5), "value"] == 2 and t.loc[("d-sim", 0.5), "next_oom_value"] == 3
     assert t.loc[("d-sim", 1.0), "value"] == 4
     assert (t.loc["d-sim", "state"] == "found").all() and (t.loc["d-sim", "tokens_per_s"] > 0).all()
-    assert t.loc[("d-sim", 0.5), "probes"] == 2 and t.loc[("d-sim", 1.0), "probes"] == 2
+    # nothing known to fit yet: the smallest value first, then the bisection (1, 2, 3); under 1 GiB from 2 up
+    assert t.loc[("d-sim", 0.5), "probes"] == 3 and t.loc[("d-sim", 1.0), "probes"] == 2
     # the crashed probe stopped d-crash at its first value and under every larger budget; d-sim went on
     assert list(t.loc["d-crash", "state"]) == ["stopped", "stopped"]
-    assert "micro_batch 2: crashed: worker exited with code 3" in t.loc[("d-crash", 0.5), "reason"]
+    assert "micro_batch 1: crashed: worker exited with code 3" in t.loc[("d-crash", 0.5), "reason"]
     assert t.loc[("d-crash", 1.0), "reason"].startswith("under a smaller budget")
     (folder,) = (tmp_path / "results").glob("fr-frontier-*")
     md = (folder / "frontier.md").read_text()
@@ -204,11 +223,11 @@ def test_interrupted_frontier_resumes_without_redoing_finished_probes(tmp_path, 
     capsys.readouterr()
 
     assert _frontier(path, tmp_path) == 0
-    assert "4 probes (2 run now)" in capsys.readouterr().out
+    assert "5 probes (3 run now)" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in done} == done  # the finished probes were read, not run again
     t = _table(tmp_path)
     assert t.loc[("d-sim", 0.5), "value"] == 2 and t.loc[("d-sim", 1.0), "value"] == 4
-    assert len(list(folder.glob("*/runs/*.json"))) == 4 and len(list(folder.glob("fr.*"))) == 4
+    assert len(list(folder.glob("*/runs/*.json"))) == 5 and len(list(folder.glob("fr.*"))) == 5
 
 
 def test_frontier_refuses_a_budget_a_row_cannot_honour(tmp_path, env, capsys):
