@@ -465,11 +465,12 @@ def run_frontier(sc: Scenario, grid: Grid, budgets: list[float], results_root: P
     tools = {f.key: f.name for f in sc.frameworks}
     same = {f.key: not follows_budget(f.name, f.overrides) for f in sc.frameworks}
     fitted: dict[str, set[int]] = {k: set() for k in searches}  # grid indices each row's measurements fitted at
-    for n, budget in enumerate(sorted(set(budgets))):
+    ran = False  # a search probe has run (not found stored) in this invocation: the first one runs alone
+    for budget in sorted(set(budgets)):
         # probes side by side hold the machine for the search (each is marked shared); one at a time, each its own
         with machine_lock(runner.machine_lock_dir(), folder, f"memory frontier {folder.name}, {probing.jobs} "
                           f"{SIDE_BY_SIDE}") if probing.jobs > 1 else contextlib.nullcontext():
-            _search_together(searches, probing, probe, budget, first_alone=n == 0)
+            ran = _search_together(searches, probing, probe, budget, ran) or ran
         _measure_budget(budget, searches, tools, same, fitted, probe)
     return folder, log
 
@@ -502,28 +503,30 @@ def _record(search: _RowSearch, i: int, rec: dict[str, Any]) -> None:
 
 def _search_together(searches: dict[str, _RowSearch], probing: Probing,
                      probe: Callable[[str, float, int, str], dict[str, Any]], upto: float,
-                     first_alone: bool = True) -> None:
+                     ran: bool = False) -> bool:
     """Every row's search up to budget ``upto``, up to ``probing.jobs`` probes at once within
-    ``probing.capacity_gib``; ``first_alone``: the first probe runs before any other starts."""
+    ``probing.capacity_gib``. Until a probe has run (``ran``; one found stored does not count) one goes at a time:
+    on a fresh machine the first builds the checkpoint the others read. Returns whether a probe ran."""
     waiting = {k: nxt for k, s in searches.items() if (nxt := s.next_probe(upto)) is not None}
     running: dict[Future, tuple[str, float, int]] = {}
-    started = 0 if first_alone else 1
     with ThreadPoolExecutor(probing.jobs) as pool, runner.stop_runs_on_interrupt():
         while waiting or running:
             for k, (budget, i) in list(waiting.items()):
                 in_use = sum(b for _, b, _ in running.values())
                 room = probing.capacity_gib is None or in_use + budget <= probing.capacity_gib
-                if len(running) >= (1 if started == 0 else probing.jobs) or (running and not room):
+                if len(running) >= (probing.jobs if ran else 1) or (running and not room):
                     break
                 running[pool.submit(probe, k, budget, i, "search")] = (k, budget, i)
                 del waiting[k]
-                started += 1
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for fut in done:
                 k, budget, i = running.pop(fut)
-                _record(searches[k], i, fut.result())  # a broken folder or an interrupt is the frontier's error
+                rec = fut.result()  # a broken folder or an interrupt is the frontier's error
+                ran = ran or rec["ran"]
+                _record(searches[k], i, rec)
                 if (nxt := searches[k].next_probe(upto)) is not None:
                     waiting[k] = nxt
+    return ran
 
 
 def _measure(k: str, budget: float, i: int, probe: Callable[[str, float, int, str], dict[str, Any]]) -> int | None:

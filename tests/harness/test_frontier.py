@@ -324,6 +324,30 @@ def test_side_by_side_search_keeps_to_its_jobs_and_the_gpu_memory_then_measures_
                 assert [p["value"] for p in answer] == [want]
 
 
+def test_a_resumed_side_by_side_search_runs_its_first_new_probe_alone(tmp_path, monkeypatch):
+    """Probes found stored do not count: on a fresh machine the first probe that runs builds the shared checkpoint,
+    so it runs alone even when the stored ones came first."""
+    rows = "\n".join(f"  - {{name: dummy, label: {k}}}" for k in ("d-sim", "b", "c"))
+    sc = parse_scenario(_scenario(tmp_path, rows).read_text())
+    grid = frontier.make_grid(sc, "micro_batch", hi=16)
+    lock, running, seen = threading.Lock(), [], []
+
+    def fake_probe(sc, k, budget, vary, v, folder, retry_failed, quiet, steps, shared):
+        stored = budget == 1.0  # the first budget's probes all ran in an earlier invocation
+        with lock:
+            running.append(k)
+            if not stored:
+                seen.append(len(running))
+        time.sleep(0 if stored else 0.05)
+        with lock:
+            running.remove(k)
+        return _run("ok" if v <= 4 * budget else "oom"), not stored
+
+    monkeypatch.setattr(frontier, "_probe", fake_probe)
+    frontier.run_frontier(sc, grid, [1.0, 2.0], tmp_path / "results", probing=frontier.Probing(jobs=3, steps=2))
+    assert seen[0] == 1 and max(seen) > 1
+
+
 def test_cheaper_search_takes_a_smaller_budgets_answer_without_probing_it_again(tmp_path, monkeypatch):
     """With each answer measured alone afterwards, a value carried up from a smaller budget gets no search probe:
     its measurement verifies it (at the grid's top no search probe runs at all under the larger budgets). A row that
