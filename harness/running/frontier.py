@@ -235,6 +235,7 @@ def open_frontier(sc: Scenario, grid: Grid, budgets: list[float], results_root: 
 # weights and optimizer state fixed, activations and logits per token). The search aims at the budget itself: a
 # guess too high costs a probe that runs out of memory within its first step, one too low a whole run.
 SLOW_STEPS = 2  # guided probes in a row that did not halve the bracket: bisect instead
+SECOND_POINT = 2  # grid steps above a row's only fitting point (with its need) where the second one is taken
 
 
 def need_gib(m: Metrics) -> float | None:
@@ -281,11 +282,16 @@ class _Row:
 
     A row with no fitting probe yet (under this budget or a smaller one) probes the grid's smallest value first: where
     even that runs out of memory (8B bf16 weights under 8 GiB) one probe closes the budget instead of a bisection
-    of the whole grid, and where it fits it is the memory model's first point. Otherwise the next probe is the index
-    the memory model predicts (:func:`predicted_max`, from this row's fitting probes
-    and what they needed, this budget's first) kept strictly inside the bracket, or the bracket's midpoint when there
-    is no model yet (fewer than two fitting probes with a peak: a CPU, the first probes) or when
-    :data:`SLOW_STEPS` guided probes in a row did not halve the bracket (memory not linear in the value).
+    of the whole grid, and where it fits it is the memory model's first point; the second is taken
+    :data:`SECOND_POINT` grid steps above it (a short, cheap probe) rather than at the bracket's midpoint, so the
+    line guides the search from the third probe on.
+
+    Otherwise the next probe is the index the memory model predicts (:func:`predicted_max`, from this row's fitting
+    probes and what they needed, this budget's first) to reach ``aim`` of the budget (the share the row's search under
+    the budget below found usable: :meth:`usable_fraction`), kept strictly inside the bracket; or the bracket's
+    midpoint when there is no model yet (fewer than two fitting probes with a peak: a CPU, the first probes), when
+    the model says a value that ran out of memory fits, or when :data:`SLOW_STEPS` guided probes in a row did not
+    halve the bracket (memory not linear in the value).
     """
 
     key: str
@@ -298,12 +304,34 @@ class _Row:
     points: list[tuple[int, float]] = field(default_factory=list)  # other budgets' fitting probes
     here: list[tuple[int, float]] = field(default_factory=list)  # this budget's
     slow: int = 0
+    second: bool = False  # the probe for a second point of the memory line has been made
+    aim: float = 1.0  # the share of the budget the line aims at (what a smaller budget's search found usable)
+    back_off: bool = False  # a guess ran out of memory: probe a step below it next (once per budget)
+    backed_off: bool = False
     verify_lo: bool = True  # probe a value found under a smaller budget before taking it (False: its measurement does)
 
+    def _line(self) -> list[tuple[int, float]]:
+        return self.here if len(dict(self.here)) >= 2 else self.points + self.here
+
+    def usable_fraction(self) -> float | None:
+        """The share of the budget a closed search found usable: halfway between the need of the largest fitting
+        value and the need the line puts at the next value, which ran out of memory (None without both)."""
+        if self.lo < 0 or self.hi >= len(self.values) or self.stopped:
+            return None
+        pts = sorted(dict(sorted(self._line())).items())[-2:]
+        if len(pts) < 2 or pts[1][0] == pts[0][0]:
+            return None
+        (v1, p1), (v2, p2) = pts
+        slope = (p2 - p1) / (v2 - v1)
+        at = [p1 + slope * (self.values[i] - v1) for i in (self.lo, self.hi)]
+        return (at[0] + at[1]) / 2 / self.budget if slope > 0 else None
+
     def _guess(self) -> int | None:
-        v = predicted_max(self.here if len(dict(self.here)) >= 2 else self.points + self.here, self.budget)
+        v = predicted_max(self._line(), self.budget * self.aim)
         if v is None or self.slow >= SLOW_STEPS:
             return None
+        if self.hi < len(self.values) and v >= self.values[self.hi]:
+            return None  # the line says a value that ran out of memory fits: it is wrong here (bisect)
         i = max((j for j, x in enumerate(self.values) if x <= v * (1 + 1e-9)), default=0)  # float round-off
         return min(max(i, self.lo + 1), self.hi - 1)
 
@@ -312,6 +340,13 @@ class _Row:
             return None
         if self.lo < 0 and self.hi > 0 and not self.points and not self.here:
             return 0  # nothing known to fit this row: the smallest value first (out of memory there: none fits)
+        if self.hi - self.lo > 1 and not self.second and len(dict(self.points + self.here)) == 1 and \
+                self.lo >= 0 and (self.points + self.here)[0][0] == self.values[self.lo]:
+            self.second = True  # one point, the bracket's floor: a second just above it makes the line
+            return min(self.lo + SECOND_POINT, (self.lo + self.hi) // 2)
+        if self.back_off and self.hi - self.lo > 1:
+            self.back_off, self.backed_off = False, True
+            return self.hi - 1
         if self.hi - self.lo > 1:
             guess = self._guess()
             return guess if guess is not None else (self.lo + self.hi) // 2
@@ -332,7 +367,12 @@ class _Row:
             self.hi, self.lo, self.lo_verified = index, -1, True
         else:
             self.hi = index
-        if guided:  # a guess that ran out of memory overshot: bisect next; one that fitted but crept: count it
+        # a guess that ran out of memory overshot: a step below it next, the first time when the line aimed at what
+        # the budget below found usable (the middle of a step: it misses by one about half the time), else bisect;
+        # one that fitted but crept: count it
+        if guided and result == NO_FIT and not self.backed_off and self.aim < 1.0:
+            self.back_off = True
+        elif guided:
             self.slow = SLOW_STEPS if result == NO_FIT else self.slow + 1 if 2 * (self.hi - self.lo) > width else 0
         elif self.hi - self.lo < width:
             self.slow = 0
@@ -356,14 +396,14 @@ class _RowSearch:
 
     def __init__(self, key: str, budgets: list[float], values: list[int], verify: bool = True) -> None:
         self.key, self.budgets, self.values, self.verify = key, budgets, values, verify
-        self.best, self.points, self.stopped, self.at = -1, [], None, 0
+        self.best, self.points, self.stopped, self.at, self.aim = -1, [], None, 0, 1.0
         self.found: dict[float, int] = {}  # budget -> index of the largest fitting value, once the search closed
         self.state = self._start()
 
     def _start(self) -> _Row:
         return _Row(self.key, self.best, len(self.values), lo_verified=self.best < 0, stopped=self.stopped,
                     values=self.values, budget=self.budgets[self.at], points=list(self.points),
-                    verify_lo=self.verify)
+                    verify_lo=self.verify, aim=self.aim)
 
     def next_probe(self, upto: float | None = None) -> tuple[float, int] | None:
         """The (budget, grid index) to probe next, or None when every budget (up to ``upto``) is done."""
@@ -376,6 +416,9 @@ class _RowSearch:
             if self.best >= 0 and not st.stopped:
                 self.found[self.budgets[self.at]] = self.best
             self.points += st.here
+            # the caching allocator, the CUDA context and fragmentation leave less than the cap usable: the next
+            # budget's line aims at the share this one found (capped at the whole budget)
+            self.aim = min(1.0, st.usable_fraction() or self.aim)
             self.at += 1
             if self.at < len(self.budgets):
                 self.state = self._start()

@@ -144,11 +144,14 @@ def test_a_row_that_fits_nothing_closes_each_budget_in_one_probe(tmp_path, monke
     assert len(by[4.0]) <= 1 + math.ceil(math.log2(64))
 
 
-@pytest.mark.parametrize("base, per_value, curve", [(6.0, 0.25, 0.0), (5.0, 0.1, 0.0), (6.0, 0.2, 0.004)])
+@pytest.mark.parametrize("base, per_value, curve, usable", [(6.0, 0.25, 0.0, 1.0), (5.0, 0.1, 0.0, 1.0),
+                                                             (6.0, 0.2, 0.004, 1.0), (5.0, 0.1, 0.0, 0.9),
+                                                             (6.0, 0.25, 0.0, 0.92)])
 def test_the_memory_line_guides_the_search_to_each_budget_in_a_few_probes(tmp_path, monkeypatch, base, per_value,
-                                                                          curve):
-    """A stand-in probe whose NVML peak is base + per_value x v (+ curve x v^2: memory not quite linear): each budget
-    ends at the largest fitting value, and after the first budget each takes a few probes, not a bisection."""
+                                                                          curve, usable):
+    """A stand-in probe whose NVML peak is base + per_value x v (+ curve x v^2: memory not quite linear), fitting
+    within ``usable`` of the budget (the rest the cap's overheads): each budget ends at the largest fitting value,
+    and after the first budget each takes a few probes, not a bisection."""
     sc = parse_scenario(_scenario(tmp_path).read_text())
     grid = frontier.make_grid(sc, "micro_batch", hi=64)
     budgets = [8.0, 12.0, 16.0, 24.0]
@@ -157,7 +160,7 @@ def test_the_memory_line_guides_the_search_to_each_budget_in_a_few_probes(tmp_pa
         return base + per_value * v + curve * v * v
 
     def fake_probe(sc, k, budget, vary, v, *rest):
-        run = _run("ok" if peak(v) <= budget else "oom")
+        run = _run("ok" if peak(v) <= usable * budget else "oom")
         if run.status == "ok":
             run.metrics.peak_vram_nvml_gib = peak(v)
         return run, True
@@ -166,7 +169,7 @@ def test_the_memory_line_guides_the_search_to_each_budget_in_a_few_probes(tmp_pa
     _, log = frontier.run_frontier(sc, grid, budgets, tmp_path / "results")
     for budget in budgets:
         mine = [p for p in log.probes if p["budget_gib"] == budget]
-        want = max((v for v in grid.values() if peak(v) <= budget), default=0)
+        want = max((v for v in grid.values() if peak(v) <= usable * budget), default=0)
         assert max((p["value"] for p in mine if p["outcome"] == frontier.FITS), default=0) == want
         if budget > budgets[0]:
             assert len(mine) <= (4 if budget == budgets[1] else 3), mine  # a bisection of 64 values: ~6
