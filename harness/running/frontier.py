@@ -29,9 +29,7 @@ and loading the model, so :class:`Probing` can run the search cheaper: rows' pro
 the GPU's memory) and shortened (``steps``); each cell's largest fitting value is then measured alone, once per row
 and value: a row that runs the same under every cap (:func:`follows_budget`) and found the same value under a
 smaller budget keeps that budget's measurement (at the grid's top, the larger budgets then cost nothing). Such a
-frontier goes a budget at a time, smallest first: every row's search under it, then its answers measured, each tool's
-longest first (:func:`_measure_budget`). An invocation cut short has whole budgets final, the comparison of tools
-before the rest.
+frontier goes a budget at a time: every row's search under it, then its answers measured (:func:`_measure_budget`).
 """
 
 from __future__ import annotations
@@ -284,14 +282,12 @@ class _Row:
     even that runs out of memory (8B bf16 weights under 8 GiB) one probe closes the budget instead of a bisection
     of the whole grid, and where it fits it is the memory model's first point; the second is taken
     :data:`SECOND_POINT` grid steps above it (a short, cheap probe) rather than at the bracket's midpoint, so the
-    line guides the search from the third probe on.
-
-    Otherwise the next probe is the index the memory model predicts (:func:`predicted_max`, from this row's fitting
-    probes and what they needed, this budget's first) to reach ``aim`` of the budget (the share the row's search under
-    the budget below found usable: :meth:`usable_fraction`), kept strictly inside the bracket; or the bracket's
-    midpoint when there is no model yet (fewer than two fitting probes with a peak: a CPU, the first probes), when
-    the model says a value that ran out of memory fits, or when :data:`SLOW_STEPS` guided probes in a row did not
-    halve the bracket (memory not linear in the value).
+    line guides the search from the third probe on. Otherwise the next probe is the index the memory model predicts
+    (:func:`predicted_max`, from this row's fitting probes and their needs, this budget's first) to reach ``aim`` of
+    the budget (what the row's search under the budget below found usable: :meth:`usable_fraction`), kept strictly
+    inside the bracket; or the bracket's midpoint when there is no model yet (fewer than two fitting probes with a
+    peak: a CPU, the first probes), when the model says a value that ran out of memory fits, or when
+    :data:`SLOW_STEPS` guided probes in a row did not halve the bracket (memory not linear in the value).
     """
 
     key: str
@@ -316,15 +312,13 @@ class _Row:
     def usable_fraction(self) -> float | None:
         """The share of the budget a closed search found usable: halfway between the need of the largest fitting
         value and the need the line puts at the next value, which ran out of memory (None without both)."""
-        if self.lo < 0 or self.hi >= len(self.values) or self.stopped:
-            return None
-        pts = sorted(dict(sorted(self._line())).items())[-2:]
-        if len(pts) < 2 or pts[1][0] == pts[0][0]:
+        pts = sorted(dict(sorted(self._line())).items())[-2:]  # distinct values: the later need of a repeated one
+        if self.lo < 0 or self.hi >= len(self.values) or self.stopped or len(pts) < 2:
             return None
         (v1, p1), (v2, p2) = pts
         slope = (p2 - p1) / (v2 - v1)
-        at = [p1 + slope * (self.values[i] - v1) for i in (self.lo, self.hi)]
-        return (at[0] + at[1]) / 2 / self.budget if slope > 0 else None
+        mid = (self.values[self.lo] + self.values[self.hi]) / 2  # the line is straight: its need there is the middle
+        return (p1 + slope * (mid - v1)) / self.budget if slope > 0 else None
 
     def _guess(self) -> int | None:
         v = predicted_max(self._line(), self.budget * self.aim)
@@ -526,11 +520,9 @@ def _measure_budget(budget: float, searches: dict[str, _RowSearch], tools: dict[
     rows in the scenario's order. A row that runs the same under every cap (``same``) skips a value its measurement
     under a smaller budget fitted at (``fitted``, updated here): that run is within this budget."""
     found = {k: i for k, s in searches.items() if (i := s.found.get(budget)) is not None}
-    best: dict[str, str] = {}  # tool -> its row with the longest answer (the first such row in the scenario's order)
-    for k, i in found.items():
-        if tools[k] not in best or i > found[best[tools[k]]]:
-            best[tools[k]] = k
-    first = sorted(best.values(), key=lambda k: -found[k])
+    # each tool's row with the longest answer (the first such row in the scenario's order), the longest first
+    first = sorted({t: max((k for k in found if tools[k] == t), key=lambda k: found[k]) for t in
+                    dict.fromkeys(tools[k] for k in found)}.values(), key=lambda k: -found[k])
     for k in first + [k for k in found if k not in first]:
         if same[k] and found[k] in fitted[k]:
             continue
