@@ -74,11 +74,22 @@ def read_back(trainer, kind: str) -> dict[str, Any]:  # noqa: ANN001
     elif ref is not None:
         out["reference"] = "copy"
     elif is_peft_model(trainer.model):
-        # TRL keeps a frozen "ref" adapter when the policy arrives with a trained one; ours arrive without
-        out["reference"] = "ref_adapter" if "ref" in trainer.model.peft_config else "adapter_disabled"
+        out["reference"] = peft_reference(trainer.model)
     else:
         out["reference"] = "none"
     return out
+
+
+def peft_reference(model) -> str:  # noqa: ANN001
+    """The reference of a PEFT policy without a reference model. TRL disables the policy's adapters, unless the
+    policy arrives already wrapped (Unsloth's recipe: its own ``get_peft_model`` first): then TRL adds a frozen
+    "ref" adapter, a copy of the policy's. A copy of an adapter that has not trained (every ``lora_B`` zero) leaves
+    the base model as it is, the reference that disabled adapters give: ``ref_adapter_untrained``; any other copy
+    is ``ref_adapter``. Read before training."""
+    if "ref" not in model.peft_config:
+        return "adapter_disabled"
+    ref_b = [p for n, p in model.named_parameters() if ".lora_B.ref." in n]
+    return "ref_adapter_untrained" if ref_b and not any(bool(p.detach().any()) for p in ref_b) else "ref_adapter"
 
 
 class ObjectiveMeter:

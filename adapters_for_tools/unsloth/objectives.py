@@ -5,7 +5,8 @@ Flow, as for SFT (``adapter.py``): :func:`adapters_for_tools.unsloth.rl_config.n
 ``FastLanguageModel.from_pretrained`` (+ ``get_peft_model``) -> the objective's trainer as Unsloth's guides build it
 (:mod:`adapters_for_tools.unsloth.trainers`), with our callbacks. ``<kind>_config.json`` is the config as the trainer
 resolved it (Unsloth's patched config fills in what the scenario does not set). The trainer class is recorded in
-``extra["trainer"]``: a TRL class that Unsloth did not patch would measure TRL, not Unsloth, and marks the run invalid.
+``extra["trainer_class"]``: a TRL class that Unsloth did not patch would measure TRL, not Unsloth, and marks the run
+invalid.
 
 What is counted, and how settings are read back: :mod:`adapters_for_tools.objective_meter`, as for TRL (effective
 ``beta``, ``loss_type``, ``reference``: a copy, the policy with its adapters disabled, precomputed, or none). One
@@ -81,7 +82,7 @@ def run(ctx) -> None:  # noqa: ANN001
     with om.precompute_counted(owner):
         trainer = trainers.objective_trainer(cfg, model, tok, dataset, callbacks)
     ctx.load_s = time.time() - t0  # model load(s) + TRL's tokenisation (+ a precomputed reference), before step 1
-    ctx.extra["trainer"] = f"{type(trainer).__module__}.{type(trainer).__name__}"
+    ctx.extra["trainer_class"] = f"{type(trainer).__module__}.{type(trainer).__name__}"
     if not type(trainer).__name__.startswith("Unsloth"):
         ctx.cannot_honour("framework", f"Unsloth did not patch TRL's {type(trainer).__name__}: the run trained with "
                                        "TRL's own trainer, not Unsloth's")

@@ -26,7 +26,9 @@ memory_budget_gib          the memory budget the worker applied (harness.measuri
 world_size / strategy      processes of a multi-GPU run and how the tool spread it (ddp, fsdp, zero3), read back on
                            every rank (harness.running.ranks); only with hardware.strategy
 objective, beta, ...       a preference / RL objective's settings from the live trainer (``objective`` the kind,
-                           ``reference`` resolved: copy | adapter_disabled | precomputed | none; the keys of
+                           ``reference`` resolved: copy | adapter_disabled | ref_adapter_untrained (a frozen copy
+                           of the untrained adapter: the base model, as disabled adapters give; checked as
+                           adapter_disabled) | ref_adapter | precomputed | none; the keys of
                            ``harness.spec.objective.ObjectiveSpec.expected``); only for an objective other than sft
 =========================  =========================================================================
 """
@@ -40,6 +42,15 @@ OPTIMIZER_NAMES = {
     "adamw8bit": "adamw_8bit", "adamw_8bit": "adamw_8bit", "paged_adamw_8bit": "adamw_8bit",
     "adamw_bnb_8bit": "adamw_8bit", "sgd": "sgd",
 }
+
+
+# (key, value read back) -> the scenario's value it is: another way to the same setting
+SAME_SETTING: dict[tuple[str, str], str] = {("reference", "ref_adapter_untrained"): "adapter_disabled"}
+
+
+def same_setting(key: str, got: Any) -> Any:
+    """``got`` in the scenario's terms (:data:`SAME_SETTING`); other values unchanged."""
+    return SAME_SETTING.get((key, got), got) if isinstance(got, str) else got
 
 
 def expected(sc) -> dict[str, Any]:
@@ -83,7 +94,7 @@ def check(sc, effective: dict[str, Any]) -> list[str]:
             continue
         if key not in effective:
             continue
-        got = effective[key]
+        got = same_setting(key, effective[key])
         if key == "optimizer" and got is not None:
             got = OPTIMIZER_NAMES.get(str(got).lower(), got)
             if {got, want} <= {"adamw_torch", "adamw_torch_fused"}:

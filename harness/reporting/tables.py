@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.analysis.aggregate import is_empty, summarise
-from harness.measuring.effective import OPTIMIZER_NAMES
+from harness.measuring.effective import OPTIMIZER_NAMES, same_setting
 from harness.reporting.document import EMPTY, Cell, fmt, short
 from harness.storing.schema import Environment
 from harness.storing.sweep import Sweep
@@ -182,6 +182,7 @@ def setting_differs(key: str, want: Any, got: Any) -> bool:
         return got is not None and want is not None and got > want
     if got is None and want is not None:
         return False
+    got = same_setting(key, got)
     if key == "optimizer":
         got, want = _norm_optimizer(got), _norm_optimizer(want)
         if {got, want} <= {"adamw_torch", "adamw_torch_fused"}:
@@ -244,6 +245,10 @@ def how_run_rows(sweep: Sweep) -> list[list[str]]:
             v = r.extra.get(k)
             notes += [str(x) for x in v] if isinstance(v, list) else ([str(v)] if v else [])
         trainer = r.extra.get("trainer") or {}
+        if isinstance(trainer, str):  # a class name: how some stored Unsloth preference runs name theirs
+            trainer = {"class": trainer}
+        if r.extra.get("trainer_class") or trainer.get("class"):
+            notes.append(f"trainer: {r.extra.get('trainer_class') or trainer['class']}")
         if trainer.get("overrides"):
             notes.append("trainer knobs: " + ", ".join(f"{k}={v}" for k, v in trainer["overrides"].items()))
         native = Path(r.native_config).name if r.native_config else EMPTY

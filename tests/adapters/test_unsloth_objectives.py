@@ -272,7 +272,7 @@ GPU_TRAIN = "{micro_batch: 4, grad_accum: 1, steps: 4, warmup_steps: 1, lr: 1.0e
 @pytest.mark.parametrize("kind", ["dpo", "orpo", "grpo"])
 def test_each_objective_through_unsloths_trainer(kind, tmp_path, monkeypatch):
     """bf16 LoRA on small-llama-30m, a few steps through the harness worker: Unsloth's patched trainer trains, the
-    settings are read back from it, the reference is the policy with its adapters disabled (none for ORPO)."""
+    settings are read back from it, the reference is the base model (none for ORPO)."""
     data = (PROMPTS_DATA if kind == "grpo"
             else "{source: synthetic, seq_len: 256, lengths: fixed}")
     objective = "{kind: grpo, num_generations: 4, max_new_tokens: 8, beta: 0.04}" if kind == "grpo" else KINDS[kind]
@@ -280,10 +280,11 @@ def test_each_objective_through_unsloths_trainer(kind, tmp_path, monkeypatch):
     # a random model's GRPO rewards are all 0, so its loss may not move: the grpo row is checked for what ran
     assert res["valid"] or (kind == "grpo" and all("loss never moved" in r for r in res["invalid_reasons"])), \
         res["invalid_reasons"]
-    assert res["extra"]["trainer"].rsplit(".", 1)[1] == f"Unsloth{kind.upper()}Trainer"
+    assert res["extra"]["trainer_class"].rsplit(".", 1)[1] == f"Unsloth{kind.upper()}Trainer"
     eff = res["effective"]
     assert (eff["objective"], eff["beta"]) == (kind, {"dpo": 0.2, "orpo": 0.3, "grpo": 0.04}[kind])
-    assert eff["reference"] == {"dpo": "adapter_disabled", "orpo": "none", "grpo": "adapter_disabled"}[kind]
+    # DPO: TRL adds a frozen copy of the untrained adapter beside a policy Unsloth wrapped (the base model too)
+    assert eff["reference"] == {"dpo": "ref_adapter_untrained", "orpo": "none", "grpo": "adapter_disabled"}[kind]
     assert eff["micro_batch"] == 4 and res["metrics"]["peak_vram_nvml_gib"]
     assert res["native_config"].endswith(f"unsloth_{kind}.json") and "unsloth.rerun" in res["extra"]["rerun"]
     assert (Path(res["native_config"]).parent / f"{kind}_config.json").exists()

@@ -70,3 +70,40 @@ def test_read_back_optimizer_tensor_lr():
     p = torch.nn.Parameter(torch.zeros(2))
     got = read_back_optimizer(torch.optim.AdamW([p], lr=torch.tensor(2e-4), foreach=False))
     assert got == {"optimizer": "adamw_torch", "lr": pytest.approx(2e-4)} and isinstance(got["lr"], float)
+
+
+def _dpo_scenario():
+    from tests.objective_scenario import objective_yaml
+    return parse_scenario(objective_yaml("t_dpo", "{kind: dpo}", "[trl]", "cpu"), "t.yaml")
+
+
+def test_a_frozen_copy_of_the_untrained_adapter_is_the_reference_disabled_adapters_give(lora_model):
+    """TRL's "ref" adapter beside a policy that arrives wrapped (Unsloth's recipe), copied as TRL copies it: untrained
+    (every lora_B zero) it is the base model, the scenario's adapter_disabled; a trained copy is another reference."""
+    import torch
+
+    from adapters_for_tools.objective_meter import peft_reference
+
+    sc = _dpo_scenario()
+    assert peft_reference(lora_model) == "adapter_disabled"
+    lora_model.add_adapter("ref", lora_model.peft_config["default"])
+    for name, p in lora_model.named_parameters():
+        if ".default." in name:
+            lora_model.get_parameter(name.replace(".default.", ".ref.")).data.copy_(p.data)
+    got = peft_reference(lora_model)
+    assert got == "ref_adapter_untrained" and effective.check(sc, {"reference": got}) == []
+    with torch.no_grad():
+        next(p for n, p in lora_model.named_parameters() if ".lora_B.ref." in n)[0, 0] = 1e-3
+    got = peft_reference(lora_model)
+    assert got == "ref_adapter"
+    assert effective.check(sc, {"reference": got}) == ["reference: ran with 'ref_adapter', scenario says "
+                                                       "'adapter_disabled'"]
+
+
+def test_the_reports_settings_table_marks_what_check_marks():
+    from harness.reporting.tables import setting_differs
+
+    for got in ("ref_adapter_untrained", "adapter_disabled", "ref_adapter", "copy"):
+        flagged = bool(effective.check(_dpo_scenario(), {"reference": got}))
+        assert setting_differs("reference", "adapter_disabled", got) is flagged
+    assert setting_differs("optimizer", "adamw_torch_fused", "adamw_torch") is False

@@ -215,6 +215,16 @@ def test_how_each_framework_ran_shows_adapter_notes(tmp_path):
     assert _table_row(sec, "hf")[1:] == ["—", "—", "—"]
 
 
+def test_how_each_framework_ran_names_a_trainer_class_stored_either_way(tmp_path):
+    old, new = make_run("unsloth", 0), make_run("trl", 0)
+    old["extra"] = {"trainer": "UnslothDPOTrainer.UnslothDPOTrainer"}  # a class name where tunebench keeps a dict
+    new["extra"] = {"trainer_class": "trl.DPOTrainer"}
+    sweep = make_sweep(tmp_path / "results" / "pref-20260101-000000", [old, new])
+    sec = _section(write_report(sweep, tmp_path / "rep").read_text(), "How each framework was run")
+    assert "trainer: UnslothDPOTrainer.UnslothDPOTrainer" in _table_row(sec, "unsloth")[3]
+    assert "trainer: trl.DPOTrainer" in _table_row(sec, "trl")[3]
+
+
 def test_default_out_dir():
     assert default_out_dir(Path("/x/proj/results/run-1")) == Path("/x/proj/reports/run-1")
     assert default_out_dir(Path("/x/elsewhere/run-1")) == Path("/x/elsewhere/run-1/report")
