@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         folder, log = run_frontier(sc, grid, args.budgets, Path(args.results), only=args.only, new=args.new,
                                    retry_failed=args.retry_failed, quiet=args.quiet, on_probe=show, probing=probing)
-        print(f"{len(log.probes)} probes ({log.ran} run now)")
+        print(f"{log.distinct} probes ({log.ran} run now)")
         csv_path, md_path = write_frontier_table(folder)
         reports = Path(args.reports) if args.reports else Path(args.results).resolve().parent / "reports"
         report = write_frontier_report(folder, reports / folder.name)

@@ -18,8 +18,8 @@ row over six budgets takes ~15 probes instead of ~55.
 
 Each probe is an ordinary run of a derived scenario (:func:`probe_scenario`: the budget and the value set,
 one repeat) stored by the sweep runner under the frontier's folder, ``results/<scenario>-frontier-<time>/``: one
-sweep per row, budget and value. So a rerun finds every finished probe by its scenario's hash and runs only what is
-missing, and ``retry_failed`` redoes probes stored as error, crashed or timeout as ``run --retry-failed`` does. A
+sweep per row, budget and value. So a rerun finds every finished probe by its scenario's hash, starts each budget's
+search from all of them (:meth:`_Row.seed`), and runs only what is missing, and ``retry_failed`` redoes probes stored as error, crashed or timeout as ``run --retry-failed`` does. A
 probe that fails otherwise (error, crash, timeout, unavailable, diverged) stops that row's search, at this budget and
 the ones above, with the reason; the other rows go on.
 
@@ -50,81 +50,27 @@ from typing import Any
 import yaml
 
 from adapters_for_tools import registry
-from harness.inputs import models
 from harness.measuring.memcap import OVER_BUDGET
 from harness.running import runner
 from harness.running.derive import derive
+from harness.running.frontier_grid import (  # noqa: F401 (the grid's names, where the frontier's users look)
+    DEFAULT_STEP,
+    MICRO_BATCH_MAX,
+    MIN_VALUE,
+    VARIES,
+    FrontierError,
+    Grid,
+    make_grid,
+    model_max_positions,
+)
 from harness.running.locks import machine_lock
-from harness.spec.scenario import MAX_NAME, MAX_SEQ_LEN, Scenario
+from harness.spec.scenario import MAX_NAME, Scenario
 from harness.storing import results
 from harness.storing.schema import STATUS_OK, STATUS_OOM, Metrics, RunResult
 
-VARIES = ("seq_len", "micro_batch")
-MIN_VALUE = {"seq_len": 8, "micro_batch": 1}  # the schema's smallest valid values
-DEFAULT_STEP = {"seq_len": 256, "micro_batch": 1}  # seq_len: a bisection to the token is ~9 probes more, for nothing
-MICRO_BATCH_MAX = 64  # the stated upper bound of a micro_batch frontier (--max changes it)
 PLAN_FILE = "frontier.json"
 
 FITS, NO_FIT, FAILED = "fits", "oom", "failed"
-
-
-class FrontierError(ValueError):
-    """The frontier cannot be run as asked (what to vary, the bounds); the message says why."""
-
-
-@dataclass(frozen=True)
-class Grid:
-    """The values a frontier tries: ``lo``, the multiples of ``step`` between, and ``hi``."""
-
-    vary: str
-    lo: int
-    hi: int
-    step: int
-
-    def values(self) -> list[int]:
-        """Every candidate value, ascending."""
-        first = -(-self.lo // self.step) * self.step
-        return sorted({self.lo, self.hi, *range(first, self.hi + 1, self.step)})
-
-
-def model_max_positions(sc: Scenario) -> int:
-    """The model's ``max_position_embeddings`` (its preset's, else the checkpoint's config.json)."""
-    if sc.model.preset is not None:
-        return models.get_preset(sc.model.preset).max_position_embeddings
-    cfg = models.load_config_dict(sc.model.weights)
-    return int(cfg.get("max_position_embeddings") or MAX_SEQ_LEN)
-
-
-def make_grid(sc: Scenario, vary: str, hi: int | None = None, step: int | None = None) -> Grid:
-    """The grid of a frontier of ``sc`` over ``vary``, checked.
-
-    Args:
-        sc: the scenario.
-        vary: ``seq_len`` or ``micro_batch``.
-        hi: the upper bound; default the model's maximum (seq_len) or :data:`MICRO_BATCH_MAX`.
-        step: grid spacing; default :data:`DEFAULT_STEP`.
-
-    Raises:
-        FrontierError: an unknown ``vary``, bounds out of range, or a seq_len frontier over data whose rows do not
-            all have seq_len tokens (the probe would not measure that length).
-    """
-    if vary not in VARIES:
-        raise FrontierError(f"--vary {vary!r}: one of {', '.join(VARIES)}")
-    if vary == "seq_len" and not (sc.data.source == "synthetic" and sc.data.lengths == "fixed") \
-            and not sc.data.packing:
-        raise FrontierError("--vary seq_len needs rows of exactly seq_len tokens: synthetic data with lengths "
-                            "fixed, or packing")
-    top = model_max_positions(sc) if vary == "seq_len" else MICRO_BATCH_MAX
-    hi = top if hi is None else hi
-    step = DEFAULT_STEP[vary] if step is None else step
-    lo = MIN_VALUE[vary]
-    if vary == "seq_len" and hi > top:
-        raise FrontierError(f"--max {hi}: beyond the model's maximum seq_len ({top})")
-    if not lo <= hi:
-        raise FrontierError(f"--max {hi}: below the smallest {vary} ({lo})")
-    if step < 1:
-        raise FrontierError(f"--step {step}: must be at least 1")
-    return Grid(vary, lo, hi, step)
 
 
 SIDE_BY_SIDE = "search probes at a time"  # in the machine lock's note, which each shared probe records
@@ -348,6 +294,19 @@ class _Row:
             return self.lo
         return None
 
+    def seed(self, known: list[tuple[int, str, float | None]]) -> None:
+        """Start from the probes stored under this budget (grid index, outcome, need), whatever path found them: the
+        smallest value that ran out of memory closes the bracket above (where two kinds of probe of one value
+        disagree, that one), the largest fitting value below it opens it, and the fitting ones are points of the
+        line. So a resumed search takes up what it knew, even where new answers lead it elsewhere."""
+        self.hi = min([self.hi] + [i for i, r, _ in known if r == NO_FIT])
+        if self.lo >= self.hi:  # carried up from a smaller budget but out of memory here
+            self.lo, self.lo_verified = -1, True
+        fits = [(i, need) for i, r, need in known if r == FITS and i < self.hi]
+        if fits and max(i for i, _ in fits) >= self.lo:
+            self.lo, self.lo_verified = max(i for i, _ in fits), True
+        self.here += [(self.values[i], need) for i, need in fits if need is not None]
+
     def record(self, index: int, result: str, reason: str | None, need: float | None = None) -> None:
         width = self.hi - self.lo
         guided = self.hi - self.lo > 1 and self._guess() is not None
@@ -383,21 +342,29 @@ class ProbeLog:
         """Probes run by this invocation (not found stored)."""
         return sum(1 for p in self.probes if p["ran"])
 
+    @property
+    def distinct(self) -> int:
+        """Stored probes the answers rest on (one read twice, as a search's start and as a measurement, once)."""
+        return len({p["run_id"] or (p["framework"], p["budget_gib"], p["value"], p["phase"]) for p in self.probes})
+
 
 class _RowSearch:
     """One row's search over every budget, smallest first: each budget's :class:`_Row` starts from the value the
     one below found, with the memory points measured so far. Rows are independent of each other."""
 
-    def __init__(self, key: str, budgets: list[float], values: list[int], verify: bool = True) -> None:
-        self.key, self.budgets, self.values, self.verify = key, budgets, values, verify
+    def __init__(self, key: str, budgets: list[float], values: list[int], verify: bool = True,
+                 known: dict[float, list[tuple[int, str, float | None]]] | None = None) -> None:
+        self.key, self.budgets, self.values, self.verify, self.known = key, budgets, values, verify, known or {}
         self.best, self.points, self.stopped, self.at, self.aim = -1, [], None, 0, 1.0
         self.found: dict[float, int] = {}  # budget -> index of the largest fitting value, once the search closed
         self.state = self._start()
 
     def _start(self) -> _Row:
-        return _Row(self.key, self.best, len(self.values), lo_verified=self.best < 0, stopped=self.stopped,
-                    values=self.values, budget=self.budgets[self.at], points=list(self.points),
-                    verify_lo=self.verify, aim=self.aim)
+        row = _Row(self.key, self.best, len(self.values), lo_verified=self.best < 0, stopped=self.stopped,
+                   values=self.values, budget=self.budgets[self.at], points=list(self.points),
+                   verify_lo=self.verify, aim=self.aim)
+        row.seed(self.known.get(self.budgets[self.at], []))
+        return row
 
     def next_probe(self, upto: float | None = None) -> tuple[float, int] | None:
         """The (budget, grid index) to probe next, or None when every budget (up to ``upto``) is done."""
@@ -484,7 +451,8 @@ def run_frontier(sc: Scenario, grid: Grid, budgets: list[float], results_root: P
         run, ran = _probe(sc, k, budget, grid.vary, values[i], folder, retry_failed, quiet, steps, shared)
         result = outcome(run)
         rec = {"framework": k, "budget_gib": budget, "value": values[i], "status": run.status, "outcome": result,
-               "reason": run.reason, "ran": ran, "phase": phase, "need_gib": need_gib(run.metrics)}
+               "reason": run.reason, "ran": ran, "phase": phase, "need_gib": need_gib(run.metrics),
+               "run_id": run.run_id}
         with lock:
             log.probes.append(rec)
             if on_probe:
@@ -493,7 +461,10 @@ def run_frontier(sc: Scenario, grid: Grid, budgets: list[float], results_root: P
 
     # when each answer is measured alone afterwards, that measurement verifies a value carried up from a smaller
     # budget (memory does not grow with the budget): no search probe at it first
-    searches = {k: _RowSearch(k, sorted(set(budgets)), values, verify=probing.exact) for k in rows}
+    kinds = [(None, False)] if probing.exact else [(None, False), (probing.steps, probing.jobs > 1)]
+    known = _known(sc, folder, rows, sorted(set(budgets)), grid.vary, values, kinds, log)
+    searches = {k: _RowSearch(k, sorted(set(budgets)), values, verify=probing.exact, known=known.get(k))
+                for k in rows}
     if probing.exact:
         for k, search in searches.items():
             while (nxt := search.next_probe()) is not None:
@@ -592,6 +563,29 @@ def _probe(sc: Scenario, k: str, budget: float, vary: str, value: int, folder: P
     if run is None:  # the runner stores a row for every run it starts: a gap is a bug, not a measurement
         raise RuntimeError(f"no stored probe for {k} of {p_sc.name} in {folder}")
     return run, True
+
+
+def _known(sc: Scenario, folder: Path, rows: list[str], budgets: list[float], vary: str, values: list[int],
+           kinds: list[tuple[int | None, bool]], log: ProbeLog) -> dict[str, dict[float, list]]:
+    """Each row's stored probes of the given kinds (``(steps, shared)``) by budget: ``[(grid index, outcome, need)]``
+    for :meth:`_Row.seed`, each added to ``log``. Failed ones are left to the search, which stops where it meets
+    one. Sweep folders are ``<probe name>-<time>``: names are matched first, scenarios derived only for those."""
+    names = {d.name[:-16] for d in folder.iterdir() if re.fullmatch(r".+-\d{8}-\d{6}", d.name)}
+    out: dict[str, dict[float, list]] = {}
+    for k in rows:
+        for b in budgets:
+            for i, v in enumerate(values):
+                for st, sh in kinds:
+                    if probe_name(sc.name, k, b, vary, v, st, sh) not in names:
+                        continue
+                    run = _stored(probe_scenario(sc, b, vary, v, k, st, sh), k, folder)
+                    if run is None or (result := outcome(run)) == FAILED:
+                        continue
+                    out.setdefault(k, {}).setdefault(b, []).append((i, result, need_gib(run.metrics)))
+                    log.probes.append({"framework": k, "budget_gib": b, "value": v, "status": run.status,
+                                       "outcome": result, "reason": run.reason, "ran": False, "phase": "known",
+                                       "need_gib": need_gib(run.metrics), "run_id": run.run_id})
+    return out
 
 
 def _stored(probe_sc: Scenario, k: str, folder: Path) -> RunResult | None:

@@ -107,6 +107,24 @@ def test_a_budget_whose_search_was_cut_short_keeps_what_fitted_under_a_smaller_o
     assert (cells[16.0].state, cells[16.0].value) == ("none fits", None)
 
 
+def test_a_search_starts_from_every_probe_stored_under_its_budget_whatever_path_found_them():
+    """A resumed search takes up what is stored, not the path that stored it: new answers elsewhere (a measurement
+    alone, a budget below) may lead its line to other values, which would cost probes the stored ones answer."""
+    values = list(range(1, 17))
+    fits, oom = frontier.FITS, frontier.NO_FIT
+    # index 8: a shortened probe fitted, the run alone did not (the run alone is the longer one): out of memory wins
+    closed = frontier._RowSearch("d", [1.0], values, verify=False,
+                                 known={1.0: [(9, oom, None), (8, fits, 0.9), (8, oom, None), (7, fits, 0.8)]})
+    assert closed.next_probe() is None and closed.found == {1.0: 7}
+    open_ = frontier._RowSearch("d", [1.0], values, known={1.0: [(3, fits, 0.3), (12, oom, None)]})
+    assert 3 < open_.next_probe()[1] < 12
+    # carried up from the budget below (index 7 fitted under 1 GiB) but out of memory under 2 GiB: searched below
+    carried = frontier._RowSearch("d", [1.0, 2.0], values, verify=False,
+                                  known={1.0: [(7, fits, 0.8), (8, oom, None)], 2.0: [(7, oom, None)]})
+    budget, i = carried.next_probe()
+    assert budget == 2.0 and i < 7
+
+
 @pytest.mark.parametrize("thresholds", [(0, 5), (3, 3), (7, 40), (40, 64), (1, 2)])
 def test_bisection_finds_each_threshold_in_logarithmic_probes(tmp_path, monkeypatch, thresholds):
     """A stand-in probe: micro_batch v fits under budget b iff v <= thresholds[b]; no process runs."""
