@@ -19,9 +19,10 @@ row over six budgets takes ~15 probes instead of ~55.
 Each probe is an ordinary run of a derived scenario (:func:`probe_scenario`: the budget and the value set,
 one repeat) stored by the sweep runner under the frontier's folder, ``results/<scenario>-frontier-<time>/``: one
 sweep per row, budget and value. So a rerun finds every finished probe by its scenario's hash, starts each budget's
-search from all of them (:meth:`_Row.seed`), and runs only what is missing, and ``retry_failed`` redoes probes stored as error, crashed or timeout as ``run --retry-failed`` does. A
-probe that fails otherwise (error, crash, timeout, unavailable, diverged) stops that row's search, at this budget and
-the ones above, with the reason; the other rows go on.
+search from all of them (:meth:`_Row.seed`), and runs only what is missing; ``retry_failed`` redoes probes stored
+as error, crashed or timeout as ``run --retry-failed`` does. A probe that fails otherwise (error, crash, timeout,
+unavailable, diverged) stops that row's search, at this budget and the ones above, with the reason; the other rows go
+on.
 
 By default each probe runs alone with the scenario's steps, so the probe at the largest fitting value is also the
 cell's measurement. A probe answers "does it fit" long before it ends, and most of its minute is the tool starting
