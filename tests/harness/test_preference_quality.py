@@ -23,47 +23,46 @@ from harness.spec.scenario import load_scenario
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not envs.resolve("trl").ready,
-                    reason="trl environment not created: run `python -m harness env create trl`")
-def test_dpo_gains_reward_and_lm_eval_accuracy(tmp_path, monkeypatch):
+needs_trl = pytest.mark.skipif(not envs.resolve("trl").ready,
+                               reason="trl environment not created: run `python -m harness env create trl`")
+
+
+def _sweep(tmp_path, monkeypatch, name: str, frameworks: tuple[str, ...]) -> tuple[Path, dict[str, dict]]:
+    """The shipped scenario ``name`` run as a user runs it; each framework's stored result, checked: ok, valid, and
+    DPO's gain on the held-out pairs and in lm-eval over the untrained (warm-started) model."""
     from harness.running import runner
 
     monkeypatch.setenv("TUNEBENCH_WORK", str(tmp_path / "work"))
-    sc = load_scenario(REPO / "scenarios" / "quality_dpo_small.yaml")
-    sweep = runner.run_sweep(sc, tmp_path / "results", new=True, quiet=True)
-    res = runner.load_result(sweep, "trl", 0)
-    assert res["status"] == "ok" and res["valid"], (res.get("reason"), res["invalid_reasons"])
-    rw = res["reward_eval"]
-    assert rw["status"] == "ok" and rw["pairs"] == 100, rw
-    assert rw["reward_accuracy"] >= 0.9, rw  # chance: 0.5; the untrained model's rewards are all 0
-    assert rw["likelihood_accuracy"] >= rw["baseline_likelihood_accuracy"] + 0.3, rw
-    assert rw["reward_margin"] > 0, rw
-    ev = res["eval"]
-    assert ev["status"] == "ok", ev.get("error")
-    # lm-eval, 100 held-out documents: better than the untrained model and than chance (0.25)
-    assert ev["metrics"]["tb_last_mc/acc"] >= max(0.8, ev["baseline_metrics"]["tb_last_mc/acc"] + 0.3), ev
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not envs.resolve("trl").ready,
-                    reason="trl environment not created: run `python -m harness env create trl`")
-def test_tunebench_dpo_trains_what_trls_does(tmp_path, monkeypatch):
-    from harness.analysis import parity
-    from harness.running import runner
-    from harness.storing.sweep import load_sweep
-
-    monkeypatch.setenv("TUNEBENCH_WORK", str(tmp_path / "work"))
-    sc = load_scenario(REPO / "scenarios" / "quality_dpo_lora_small.yaml")
-    sweep = runner.run_sweep(sc, tmp_path / "results", new=True, quiet=True)
-    res = {fw: runner.load_result(sweep, fw, 0) for fw in ("trl", "tunebench")}
+    sweep = runner.run_sweep(load_scenario(REPO / "scenarios" / f"{name}.yaml"), tmp_path / "results", new=True,
+                             quiet=True)
+    res = {fw: runner.load_result(sweep, fw, 0) for fw in frameworks}
     for fw, r in res.items():
         assert r["status"] == "ok" and r["valid"], (fw, r.get("reason"), r["invalid_reasons"])
         rw = r["reward_eval"]
-        assert rw["status"] == "ok" and rw["reward_accuracy"] >= 0.9, (fw, rw)
+        assert rw["status"] == "ok" and rw["pairs"] == 100, (fw, rw)
+        assert rw["reward_accuracy"] >= 0.9, (fw, rw)  # chance: 0.5; the untrained model's rewards are all 0
         assert rw["likelihood_accuracy"] >= rw["baseline_likelihood_accuracy"] + 0.3, (fw, rw)
+        assert rw["reward_margin"] > 0, (fw, rw)
         ev = r["eval"]
+        assert ev["status"] == "ok", (fw, ev.get("error"))
+        # lm-eval, 100 held-out documents: better than the untrained model and than chance (0.25)
         assert ev["metrics"]["tb_last_mc/acc"] >= max(0.8, ev["baseline_metrics"]["tb_last_mc/acc"] + 0.3), (fw, ev)
+    return sweep, res
+
+
+@pytest.mark.slow
+@needs_trl
+def test_dpo_gains_reward_and_lm_eval_accuracy(tmp_path, monkeypatch):
+    _sweep(tmp_path, monkeypatch, "quality_dpo_small", ("trl",))
+
+
+@pytest.mark.slow
+@needs_trl
+def test_tunebench_dpo_trains_what_trls_does(tmp_path, monkeypatch):
+    from harness.analysis import parity
+    from harness.storing.sweep import load_sweep
+
+    sweep, res = _sweep(tmp_path, monkeypatch, "quality_dpo_lora_small", ("trl", "tunebench"))
     ours, trl = res["tunebench"]["reward_eval"], res["trl"]["reward_eval"]
     assert abs(ours["reward_accuracy"] - trl["reward_accuracy"]) <= 0.05, (ours, trl)
     assert ours["reward_margin"] == pytest.approx(trl["reward_margin"], rel=0.05), (ours, trl)
