@@ -61,20 +61,43 @@ def reward_rows(sweep: Sweep) -> list[list[str | Cell]]:
     return rows
 
 
+def _curve_ends(run: RunResult, objective: str) -> tuple[float | None, float | None]:
+    if objective == "grpo":
+        return _ends(run.extra.get("reward_curve") or [], "reward")
+    return _ends(run.extra.get("train_rewards") or [], "accuracy")
+
+
+def _spread_text(vals: list[float]) -> str:
+    """The median of one value per repeat, with their range when there are several."""
+    text = fmt(robust_median(vals), 3)
+    return text + (f" ({fmt(min(vals), 3)}–{fmt(max(vals), 3)})" if len(vals) > 1 else "")
+
+
 def training_rows(sweep: Sweep, objective: str) -> list[list[str | Cell]]:
-    """framework x the training batches' rewards at the start and the end, and the reference pass's tokens."""
+    """framework x the training batches' rewards at the start and the end (medians over the ok repeats, with their
+    range), whether the end lies within the baseline's range over its repeats, and the reference pass's tokens.
+
+    With ``measure.seed_per_repeat`` the repeats train different seeds, so the baseline's range is how far its own
+    correct runs lie apart; a tool whose median falls inside it trains as well as far as these batches tell. Without
+    two baseline repeats there is no range to judge by (a dash)."""
+    ends = {fw: [e for r in sweep.runs_of(fw) if r.ok and (e := _curve_ends(r, objective))[1] is not None]
+            for fw in sweep.framework_order()}
+    base = [last for _, last in ends.get(sweep.baseline, [])]
     rows: list[list[str | Cell]] = []
     for fw in sweep.framework_order():
         runs = [r for r in sweep.runs_of(fw) if r.ok]
         if not runs:
             continue
-        extra = runs[0].extra  # repeat order: the first ok repeat
-        if objective == "grpo":
-            first, last = _ends(extra.get("reward_curve") or [], "reward")
-        else:
-            first, last = _ends(extra.get("train_rewards") or [], "accuracy")
+        firsts, lasts = [f for f, _ in ends[fw] if f is not None], [last for _, last in ends[fw]]
+        within: str | Cell = EMPTY
+        if fw == sweep.baseline:
+            within = "baseline" if len(base) > 1 else EMPTY
+        elif len(base) > 1 and lasts:
+            inside = min(base) <= robust_median(lasts) <= max(base)
+            within = "yes" if inside else Cell("no", "bad")
         ref = _median(runs, lambda r: (r.extra.get("reference_pass") or {}).get("tokens_per_step_mean"))
-        rows.append([fw, fmt(first, 3), fmt(last, 3), fmt(ref, 0, thousands=True) if ref is not None else EMPTY])
+        rows.append([fw, _spread_text(firsts) if firsts else EMPTY, _spread_text(lasts) if lasts else EMPTY, within,
+                     fmt(ref, 0, thousands=True) if ref is not None else EMPTY])
     return rows
 
 
@@ -140,10 +163,12 @@ def add_section(doc: Doc, sweep: Sweep, out_dir: Path) -> None:
                    "untrained likelihood accuracy", "pairs"], rows)
     first = "reward" if objective == "grpo" else "batch reward accuracy"
     if rows := training_rows(sweep, objective):
-        doc.p(f"During training, as the tool logged it: the {first} of the first and of the last {WINDOW} steps; "
-              "the tokens per step of the forwards without gradient.")
+        doc.p(f"During training, as the tool logged it: the {first} of the first and of the last {WINDOW} steps "
+              f"(the median over the repeats, their range in brackets), whether that last median lies within "
+              f"{sweep.baseline}'s range over its repeats (its seeds, with measure.seed_per_repeat); the tokens per "
+              "step of the forwards without gradient.")
         doc.table(["framework", f"{first}, first steps", f"{first}, last steps",
-                   "no-gradient tokens per step"], rows)
+                   f"last within {sweep.baseline}'s range", "no-gradient tokens per step"], rows)
     if objective == "grpo":
         if rows := generation_rows(sweep):
             doc.p("Sampling against training, per measured step (the device synchronised around the tool's "

@@ -522,3 +522,32 @@ def test_one_row_per_tool_has_no_best_of_tool_marks(gpu_report):
     md = gpu_report.read_text()
     assert "best of tool" not in md and "Each tool at its best" not in md
     assert "Claimed vs measured" not in md  # the synthetic scenario is named by no published claim
+
+
+def test_the_batch_reward_accuracy_is_judged_against_the_baselines_range_over_its_seeds(tmp_path):
+    from fixtures_results import scenario_dict
+
+    from harness.reporting.objective import training_rows
+    from harness.storing.sweep import load_sweep
+
+    def run(fw: str, repeat: int, last: float) -> dict:
+        r = make_run(fw, repeat)
+        r["extra"] = {"train_rewards": [{"step": i + 1, "accuracy": 0.5 if i < 10 else last} for i in range(20)],
+                      "reference_pass": {"tokens_per_step_mean": 4096.0}}
+        return r
+
+    runs = [run("trl", 0, 0.4), run("trl", 1, 0.6), run("trl", 2, 0.7),
+            run("tunebench", 0, 0.5), run("tunebench", 1, 0.55), run("tunebench", 2, 0.9),
+            run("axolotl", 0, 0.9), run("axolotl", 1, 0.95), run("axolotl", 2, 0.8)]
+    sc = scenario_dict(frameworks=["trl", "tunebench", "axolotl"], device="cuda", repeats=3)
+    sc["objective"] = {"kind": "dpo", "beta": 0.1}
+    sc["measure"]["baseline"] = "trl"
+    sweep = load_sweep(make_sweep(tmp_path / "results" / "dpo-20260101-000000", runs, scenario=sc))
+    rows = {r[0]: r for r in training_rows(sweep, "dpo")}
+    assert rows["trl"][2:4] == ["0.600 (0.400–0.700)", "baseline"]
+    assert rows["tunebench"][2:4] == ["0.550 (0.500–0.900)", "yes"]  # its median lies within trl's seeds
+    assert rows["axolotl"][3].text == "no" and rows["axolotl"][1] == "0.500 (0.500–0.500)"
+    one = load_sweep(make_sweep(tmp_path / "results" / "one-20260101-000000", [run("trl", 0, 0.4),
+                                                                              run("tunebench", 0, 0.9)],
+                                scenario=sc | {"measure": {**sc["measure"], "repeats": 1}}))
+    assert [r[3] for r in training_rows(one, "dpo")] == ["—", "—"]  # one baseline run: no range to judge by
