@@ -245,11 +245,10 @@ def how_run_rows(sweep: Sweep) -> list[list[str]]:
             v = r.extra.get(k)
             notes += [str(x) for x in v] if isinstance(v, list) else ([str(v)] if v else [])
         trainer = r.extra.get("trainer") or {}
-        if isinstance(trainer, str):  # a class name: how some stored Unsloth preference runs name theirs
-            trainer = {"class": trainer}
-        if r.extra.get("trainer_class") or trainer.get("class"):
-            notes.append(f"trainer: {r.extra.get('trainer_class') or trainer['class']}")
-        if trainer.get("overrides"):
+        # a class name: trainer_class, or ``trainer`` itself in some stored Unsloth preference runs
+        if cls := r.extra.get("trainer_class") or (trainer if isinstance(trainer, str) else None):
+            notes.append(f"trainer: {cls}")
+        if isinstance(trainer, dict) and trainer.get("overrides"):
             notes.append("trainer knobs: " + ", ".join(f"{k}={v}" for k, v in trainer["overrides"].items()))
         native = Path(r.native_config).name if r.native_config else EMPTY
         rerun = r.extra.get("rerun")

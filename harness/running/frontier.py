@@ -304,8 +304,8 @@ class _Row:
         if self.lo >= self.hi:  # carried up from a smaller budget but out of memory here
             self.lo, self.lo_verified = -1, True
         fits = [(i, need) for i, r, need in known if r == FITS and i < self.hi]
-        if fits and max(i for i, _ in fits) >= self.lo:
-            self.lo, self.lo_verified = max(i for i, _ in fits), True
+        if (top := max((i for i, _ in fits), default=-1)) >= 0 and top >= self.lo:
+            self.lo, self.lo_verified = top, True
         self.here += [(self.values[i], need) for i, need in fits if need is not None]
 
     def record(self, index: int, result: str, reason: str | None, need: float | None = None) -> None:
