@@ -14,6 +14,8 @@
 #   "@NAME" moves the following lines to the clean copy of .work/NAME.tgz (one call can run a check at one commit
 #   and resume a sweep made from another).
 # $OUT/res.tgz is packed after each step and every 45 s, so a call killed at its limit still returns what finished.
+# Between calls, `bash scripts/gpu_unpack.sh FILES_AT/res.tgz` brings it into results/ here: the next call (often on
+#   a fresh machine) resumes from what this checkout's results/ holds, and would otherwise start new sweeps.
 # Set-up on a fresh machine (~50 s): .whl/*.whl (what the harness process itself lacks there: pydantic with
 #   pydantic_core, annotated-types, typing-inspection; `python3 -m pip download --no-deps
 #   --only-binary=:all: --python-version 3.12 --platform manylinux_2_17_x86_64 -d .whl NAME==VERSION`, the versions of

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Brings one device call's $OUT/res.tgz (scripts/gpu_steps.sh) into this checkout's results/, so that the next call
+# resumes the same sweeps: a fresh machine knows only what results/ carries, and without this step a `run --resume`
+# there starts a second sweep of the scenario beside the first.
+#
+#   bash scripts/gpu_unpack.sh /work/.device/N/res.tgz
+#
+# Files that results/ lacks are added; a stored file is never replaced, except a frontier's derived tables
+# (frontier.md, .csv, .json), which the call rewrote from every probe it knew. Prints each sweep it touched.
+set -eu
+[ -f "${1:-}" ] || { echo "usage: bash scripts/gpu_unpack.sh RES_TGZ" >&2; exit 2; }
+t=$(mktemp -d)
+trap 'rm -rf "$t"' EXIT
+tar xzf "$1" -C "$t"
+[ -d "$t/results" ] || { echo "$1 holds no results/" >&2; exit 2; }
+for d in "$t"/results/*/; do
+  n=$(basename "$d")
+  mkdir -p "results/$n"
+  cp -rp --update=none "$d." "results/$n/" 2>/dev/null || cp -rpn "$d." "results/$n/"
+  for f in frontier.md frontier.csv frontier.json; do
+    if [ -f "$d$f" ]; then cp -p "$d$f" "results/$n/$f"; fi
+  done
+  echo "results/$n"
+done
