@@ -5,8 +5,9 @@
 #
 #   bash scripts/gpu_unpack.sh /work/.device/N/res.tgz
 #
-# Files that results/ lacks are added; a stored file is never replaced, except a frontier's derived tables
-# (frontier.md, .csv, .json), which the call rewrote from every probe it knew. Prints each sweep it touched.
+# Files that results/ lacks are added; a stored file is never replaced, except the derived tables (each sweep's
+# runs.csv, a frontier's frontier.md, .csv and .json), which the call rewrote from every run it knew: the device's
+# copy had this checkout's results/ and more. Prints each sweep it touched.
 set -eu
 [ -f "${1:-}" ] || { echo "usage: bash scripts/gpu_unpack.sh RES_TGZ" >&2; exit 2; }
 t=$(mktemp -d)
@@ -17,8 +18,7 @@ for d in "$t"/results/*/; do
   n=$(basename "$d")
   mkdir -p "results/$n"
   cp -rp --update=none "$d." "results/$n/" 2>/dev/null || cp -rpn "$d." "results/$n/"
-  for f in frontier.md frontier.csv frontier.json; do
-    if [ -f "$d$f" ]; then cp -p "$d$f" "results/$n/$f"; fi
-  done
+  (cd "$d" && find . -type f \( -name runs.csv -o -name 'frontier.*' \) -print0) |
+    while IFS= read -r -d '' f; do cp -p "$d$f" "results/$n/$f"; done
   echo "results/$n"
 done
