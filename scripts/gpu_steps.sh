@@ -16,11 +16,11 @@
 # $OUT/res.tgz is packed after each step and every 45 s, so a call killed at its limit still returns what finished.
 # Between calls, `bash scripts/gpu_unpack.sh FILES_AT/res.tgz` brings it into results/ here: the next call (often on
 #   a fresh machine) resumes from what this checkout's results/ holds, and would otherwise start new sweeps.
-# Set-up on a fresh machine (~50 s): .whl/*.whl (what the harness process itself lacks there: pydantic with
-#   pydantic_core, annotated-types, typing-inspection; `python3 -m pip download --no-deps
-#   --only-binary=:all: --python-version 3.12 --platform manylinux_2_17_x86_64 -d .whl NAME==VERSION`, the versions of
-#   pyproject.toml) into /tmp/site, and every .bundles/*.tar.xz (`python -m harness env pack all`) into /tmp/envs.
-# The device call names .bundles, .whl and .work in its carry (about 45 MB with the bundles).
+# Set-up on a fresh machine (~50 s): what the harness process itself lacks there (pydantic with pydantic_core,
+#   annotated-types, typing-inspection) into /tmp/site, from .whl/*.whl where carried, else taken out of the base
+#   bundle, which holds the same wheels; and every .bundles/*.tar.xz (`python -m harness env pack all`) into
+#   /tmp/envs. The device call names .bundles and .work in its carry: with results/ they must stay within the
+#   64 MiB that travels (leave out the bundles a call's steps do not use, e.g. litgpt and lmeval).
 set -u
 t0=$(date +%s)
 B=${B:-560}
@@ -29,6 +29,12 @@ A=$1
 S=$2
 export TUNEBENCH_ENVS=/tmp/envs TUNEBENCH_WORK=/tmp/tbwork TUNEBENCH_CACHE=/tmp/tbcache PYTHONUNBUFFERED=1
 export CUDA_DEVICE_ORDER=PCI_BUS_ID HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+# the harness process's own wheels: .whl/ where it was carried, else the same wheels out of the base bundle
+if [ ! -f /tmp/site/.done ] && ! compgen -G ".whl/*.whl" >/dev/null && [ -f .bundles/base.tar.xz ]; then
+  mkdir -p /tmp/basewhl && tar xJf .bundles/base.tar.xz -C /tmp/basewhl --wildcards --no-anchored \
+    'pydantic*.whl' 'annotated_types*.whl' 'typing_inspection*.whl' && mkdir -p .whl \
+    && cp /tmp/basewhl/wheels/*.whl .whl/
+fi
 if [ ! -f /tmp/site/.done ] && compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && touch /tmp/site/.done

@@ -1,5 +1,5 @@
-"""unsloth: Unsloth's FastLanguageModel + TRL's SFTTrainer (patched by Unsloth), and the DPOTrainer, ORPOTrainer and
-GRPOTrainer Unsloth patches for the other objectives, in its own environment."""
+"""unsloth: Unsloth's FastLanguageModel + TRL's SFTTrainer (patched by Unsloth), and the DPOTrainer, ORPOTrainer,
+KTOTrainer and GRPOTrainer Unsloth patches for the other objectives, in its own environment."""
 
 from __future__ import annotations
 
@@ -17,24 +17,22 @@ class UnslothOverrides(Overrides):
     use_gradient_checkpointing: bool | Literal["unsloth"] | None = None
     # TRL SFTConfig entries, over the scenario's
     sft: dict[str, Any] = Field(default_factory=dict)
-    # entries of a dpo/orpo/grpo run's config (Unsloth's patched DPOConfig / ORPOConfig / GRPOConfig; the `<kind>` keys
-    # of unsloth_<kind>.json, adapters_for_tools/unsloth/rl_config.py) over the scenario's; the config refuses unknown
-    # ones
+    # entries of a dpo/orpo/kto/grpo run's config (Unsloth's patched DPOConfig / ORPOConfig / KTOConfig /
+    # GRPOConfig; the `<kind>` keys of unsloth_<kind>.json, adapters_for_tools/unsloth/rl_config.py) over the
+    # scenario's; the config refuses unknown ones
     objective_config: dict[str, Any] = Field(default_factory=dict)
 
 
 INFO = AdapterInfo(
     name="unsloth",
-    description="Unsloth FastLanguageModel (LoRA, QLoRA, full fine-tuning) trained by TRL SFTTrainer; DPO, ORPO and "
-                "GRPO through the TRL trainers Unsloth patches",
+    description="Unsloth FastLanguageModel (LoRA, QLoRA, full fine-tuning) trained by TRL SFTTrainer; DPO, ORPO, KTO "
+                "and GRPO through the TRL trainers Unsloth patches",
     env="unsloth",
     methods=frozenset({"full", "lora", "qlora"}),  # no DoRA in Unsloth's fast path
     devices=frozenset({"cuda"}),
     requires=("unsloth",),
     version_of="unsloth",
-    objectives=frozenset({"sft", "dpo", "orpo", "grpo"}),
-    objectives_note="this adapter runs dpo, orpo and grpo through the TRL trainers Unsloth patches, not kto (run kto "
-                    "through trl)",
+    objectives=frozenset({"sft", "dpo", "orpo", "kto", "grpo"}),
     notes="Imported before transformers/TRL/PEFT (it patches them). Gradient checkpointing: Unsloth's own "
           "('unsloth', offloads activations). Compiles decoder blocks during the first steps: warm up longer.",
     overrides=UnslothOverrides,

@@ -1,4 +1,4 @@
-"""unsloth adapter, preference and RL objectives: DPO, ORPO and GRPO through the TRL trainers Unsloth patches.
+"""unsloth adapter, preference and RL objectives: DPO, ORPO, KTO and GRPO through the TRL trainers Unsloth patches.
 
 Flow, as for SFT (``adapter.py``): :func:`adapters_for_tools.unsloth.rl_config.native_config` -> ``unsloth_<kind>.json``
 (saved; rerun with Unsloth and TRL alone: ``python -m adapters_for_tools.unsloth.rerun unsloth_<kind>.json``) ->
@@ -58,7 +58,7 @@ def prepare(ctx) -> dict[str, Any]:  # noqa: ANN001
 
 
 def run(ctx) -> None:  # noqa: ANN001
-    """Train ``ctx.scenario``'s objective (dpo, orpo or grpo) with Unsloth; see the module docstring."""
+    """Train ``ctx.scenario``'s objective (dpo, orpo, kto or grpo) with Unsloth; see the module docstring."""
     import torch  # heavy: the worker's environment only
     from datasets import load_dataset  # the unsloth environment's
 

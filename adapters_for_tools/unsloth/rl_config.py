@@ -1,23 +1,26 @@
 """A preference / RL objective as Unsloth's own calls (pure; no toolkit import), saved as ``unsloth_<kind>.json``.
 
-Unsloth runs DPO, ORPO and GRPO as its guides and notebooks do: a model from ``FastLanguageModel`` (with
-``get_peft_model`` for LoRA / QLoRA) handed to TRL's ``DPOTrainer``, ``ORPOTrainer`` or ``GRPOTrainer``, which
-``import unsloth`` has replaced with compiled subclasses of its own (``UnslothDPOTrainer``, ...: its log-prob and
-GRPO loss code, its patched configs; ORPO from ``trl.experimental.orpo``, where TRL 1.x keeps it). The file holds:
+Unsloth runs DPO, ORPO, KTO and GRPO as its guides and notebooks do: a model from ``FastLanguageModel`` (with
+``get_peft_model`` for LoRA / QLoRA) handed to TRL's ``DPOTrainer``, ``ORPOTrainer``, ``KTOTrainer`` or
+``GRPOTrainer``, which ``import unsloth`` has replaced with compiled subclasses of its own (``UnslothDPOTrainer``,
+...: its log-prob and GRPO loss code, its patched configs; ORPO from ``trl.experimental.orpo``, where TRL 1.x keeps
+it). The file holds:
 
 - ``objective``: the kind; ``from_pretrained`` and ``get_peft_model``: as for SFT (``config.model_calls``);
-- ``<kind>``: the keywords of the patched ``DPOConfig`` / ``ORPOConfig`` / ``GRPOConfig``: what every objective
+- ``<kind>``: the keywords of the patched ``DPOConfig`` / ``ORPOConfig`` / ``KTOConfig`` / ``GRPOConfig``: what every
+  objective
   trainer gets (``config.training_args``: the scenario's optimisation settings, given explicitly because Unsloth's
   configs change TRL's defaults), the rows in file order, ``max_length = seq_len``, and the objective's settings one
-  to one (``harness.spec.objective``: ``beta``, ``loss_type``, GRPO's ``num_generations``, ``max_completion_length``
+  to one (``harness.spec.objective``: ``beta``, ``loss_type``, KTO's weights, GRPO's ``num_generations``,
+  ``max_completion_length``
   = ``max_new_tokens``, ``temperature``);
 - ``reward_funcs`` (grpo): dotted paths of the reward functions (``harness.inputs.preference.REWARD_FUNCTIONS``);
-- ``reference_copy``: whether the adapter loads a frozen copy of the starting model as DPO's ``ref_model``;
+- ``reference_copy``: whether the adapter loads a frozen copy of the starting model as DPO's or KTO's ``ref_model``;
 - ``data_file``: the rows the trainer reads.
 
 Reference (``objective.reference``): ``adapter_disabled`` is Unsloth's recipe with a LoRA policy (``ref_model=None``:
 TRL switches the adapters off for the reference pass); ``copy`` beside a LoRA policy is a second
-``FastLanguageModel.from_pretrained`` with the policy's arguments (DPO; GRPO's trainer takes no reference model);
+``FastLanguageModel.from_pretrained`` with the policy's arguments (DPO, KTO; GRPO's trainer takes no reference model);
 ``copy`` with full fine-tuning is loaded by TRL's trainer itself, in the scenario's dtype (``model_init_kwargs``);
 ``precomputed`` is ``precompute_ref_log_probs``.
 
@@ -35,7 +38,7 @@ from adapters_for_tools.objective_meter import grpo_reference_unhonoured
 from adapters_for_tools.unsloth import config as us_config
 from harness.inputs.preference import REWARD_FUNCTIONS
 
-KINDS = ("dpo", "orpo", "grpo")  # besides sft: the objectives of Unsloth's guides this adapter runs
+KINDS = ("dpo", "orpo", "kto", "grpo")  # besides sft: the objectives of Unsloth's guides this adapter runs
 GRPO_EPSILON = 0.2  # TRL's GRPOConfig.epsilon, which its epsilon_high falls back to: the clipping TRL's runs use
 
 
@@ -68,11 +71,15 @@ def native_config(sc, work_dir: Path, checkpoint: str, data_file: Path,
             args["scale_rewards"] = None  # Unsloth's way to keep TRL's group scaling (it turns False on for dr_grpo)
     else:
         args.update({"train_sampling_strategy": "sequential", "max_length": sc.data.seq_len, "dataset_num_proc": 1})
+    if kind in ("dpo", "kto"):
+        args.update({"pad_to_multiple_of": None, "precompute_ref_log_probs": ob.reference == "precomputed"})
     if kind == "dpo":
-        args.update({"loss_type": [ob.loss_type], "truncation_mode": "keep_start", "pad_to_multiple_of": None,
-                     "precompute_ref_log_probs": ob.reference == "precomputed"})
+        args.update({"loss_type": [ob.loss_type], "truncation_mode": "keep_start"})
+    if kind == "kto":
+        args.update({"loss_type": ob.loss_type, "desirable_weight": ob.desirable_weight,
+                     "undesirable_weight": ob.undesirable_weight})
     reference = ob.reference_for(sc.method.is_peft)
-    if kind in ("dpo", "grpo") and reference == "copy" and not sc.method.is_peft:
+    if kind in ("dpo", "kto", "grpo") and reference == "copy" and not sc.method.is_peft:
         # TRL's trainer loads the copy itself from these (float32 otherwise)
         args["model_init_kwargs"] = {"dtype": sc.model.dtype, "attn_implementation": sc.model.attn_implementation}
     cfg: dict[str, Any] = {"objective": kind, "from_pretrained": fp, "get_peft_model": peft, kind: args,
@@ -83,10 +90,10 @@ def native_config(sc, work_dir: Path, checkpoint: str, data_file: Path,
 
 
 def loads_reference_copy(sc) -> bool:
-    """Whether the adapter loads DPO's reference copy itself: beside a LoRA / QLoRA policy, where TRL would disable
-    the adapters instead (for full fine-tuning TRL's trainer loads the copy)."""
+    """Whether the adapter loads DPO's or KTO's reference copy itself: beside a LoRA / QLoRA policy, where TRL would
+    disable the adapters instead (for full fine-tuning TRL's trainer loads the copy)."""
     ob = sc.objective
-    return ob.kind == "dpo" and sc.method.is_peft and ob.reference == "copy"
+    return ob.kind in ("dpo", "kto") and sc.method.is_peft and ob.reference == "copy"
 
 
 def cannot_honour(sc) -> list[tuple[str, str]]:

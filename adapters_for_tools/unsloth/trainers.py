@@ -34,7 +34,8 @@ def _from_pretrained(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def trainer_classes(kind: str) -> tuple[type, type]:
     """(trainer, config) classes of objective ``kind`` as ``import unsloth`` left them in TRL: its patched
-    ``UnslothDPOTrainer`` / ``UnslothORPOTrainer`` / ``UnslothGRPOTrainer`` and their configs, or TRL's own where
+    ``UnslothDPOTrainer`` / ``UnslothORPOTrainer`` / ``UnslothKTOTrainer`` / ``UnslothGRPOTrainer`` and their
+    configs, or TRL's own where
     Unsloth could not patch one (it says so in a warning; the adapter records the class it got)."""
     if kind == "orpo":
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer  # TRL 1.x keeps ORPO in trl.experimental
@@ -42,14 +43,14 @@ def trainer_classes(kind: str) -> tuple[type, type]:
         return ORPOTrainer, ORPOConfig
     import trl
 
-    name = {"dpo": "DPO", "grpo": "GRPO"}[kind]
+    name = {"dpo": "DPO", "kto": "KTO", "grpo": "GRPO"}[kind]
     return getattr(trl, f"{name}Trainer"), getattr(trl, f"{name}Config")
 
 
 def objective_trainer(cfg: dict[str, Any], model, tok, dataset, callbacks: list[Any] | None = None):  # noqa: ANN001, ANN201
     """The trainer of ``cfg["objective"]`` as Unsloth's guides build it: the model instance, the tokenizer as
-    ``processing_class``, ``ref_model=None`` for DPO unless the configuration asks for a copy, the reward functions
-    for GRPO."""
+    ``processing_class``, ``ref_model=None`` for DPO and KTO unless the configuration asks for a copy, the reward
+    functions for GRPO."""
     kind = cfg["objective"]
     trainer_cls, config_cls = trainer_classes(kind)
     common = {"model": model, "args": config_cls(**cfg[kind]), "train_dataset": dataset, "processing_class": tok,
@@ -60,14 +61,14 @@ def objective_trainer(cfg: dict[str, Any], model, tok, dataset, callbacks: list[
             module, name = path.rsplit(".", 1)
             funcs.append(getattr(importlib.import_module(module), name))
         return trainer_cls(reward_funcs=funcs, **common)
-    if kind == "dpo":
+    if kind in ("dpo", "kto"):
         return trainer_cls(ref_model=reference_copy(cfg) if cfg["reference_copy"] else None, **common)
     return trainer_cls(**common)
 
 
 def reference_copy(cfg: dict[str, Any]) -> Any:
-    """A frozen copy of the starting model for DPO's reference, loaded as the policy was (same dtype, 4-bit or not),
-    without adapters."""
+    """A frozen copy of the starting model for DPO's or KTO's reference, loaded as the policy was (same dtype, 4-bit
+    or not), without adapters."""
     from unsloth import FastLanguageModel
 
     ref, _ = FastLanguageModel.from_pretrained(**_from_pretrained(cfg))

@@ -1,7 +1,8 @@
 """What every command that measures and writes does with the three ways it can stop early.
 
-Ctrl-C (finished work is stored; rerunning resumes), another runner measuring the machine or the sweep, and a
-folder it cannot write (read-only, not a folder, full disk) become a message and an exit code, never a traceback.
+Ctrl-C (finished work is stored; rerunning resumes), another runner measuring the machine or the sweep, a folder it
+cannot write (read-only, not a folder, full disk) and an evaluation that could not run here (lm-eval missing) become
+a message and an exit code, never a traceback.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
+from harness.running.evaluator import EvaluatorMissing
 from harness.running.locks import Busy
 
 EXIT_BAD_INPUT = 2
@@ -29,6 +31,9 @@ def guarded(label: str, what: str, body: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished {what} are stored; rerun the same command to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except EvaluatorMissing as e:
+        print(f"{label}: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except Busy as e:
         print(f"{label}: {e}", file=sys.stderr)
         return EXIT_BUSY

@@ -108,3 +108,24 @@ def unavailable(info: AdapterInfo, device: str | None = None) -> str | None:
             return (f"python packages missing: {', '.join(missing)} "
                     f"(pip install them, or `python -m harness env create {info.name}`)")
     return None
+
+
+def worker_environment(env: EnvSpec) -> dict[str, str]:
+    """The worker's environment variables: ours, the overlay first on PYTHONPATH, offline hubs, no telemetry.
+
+    TRITON_INTERPRET is not passed on: the kernel tests set it for their own process, and a tunebench worker
+    that inherited it would run every op in Triton's CPU interpreter (~100x slower than the PyTorch fallback).
+    Set TUNEBENCH_TRITON_INTERPRET=1 to run workers under the interpreter on purpose.
+    """
+    e = dict(os.environ)
+    e.pop("TRITON_INTERPRET", None)
+    if e.get("TUNEBENCH_TRITON_INTERPRET") == "1":
+        e["TRITON_INTERPRET"] = "1"
+    # the overlay first (its pins win), then the repository (harness, adapters, kernels)
+    paths = env.pythonpath + [str(REPO_ROOT)] + ([e["PYTHONPATH"]] if e.get("PYTHONPATH") else [])
+    e.update({"PYTHONPATH": os.pathsep.join(paths), "CUDA_DEVICE_ORDER": "PCI_BUS_ID", "PYTHONUNBUFFERED": "1",
+              "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+              "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "WANDB_MODE": "disabled",
+              "WANDB_DISABLED": "true", "DO_NOT_TRACK": "1"})
+    e.update(env.env_vars)
+    return e

@@ -31,8 +31,9 @@ from harness.common.dicts import changes
 from harness.common.paths import REPO_ROOT
 from harness.inputs.models import cache_root
 from harness.measuring import environment
-from harness.running import envs, launch
+from harness.running import envs, evaluator, launch
 from harness.running.display import Display
+from harness.running.envs import worker_environment
 from harness.running.locks import Busy, machine_lock, sweep_lock
 from harness.storing import results
 from harness.storing.schema import STATUS_OK
@@ -122,27 +123,6 @@ def _set_pdeathsig() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except OSError:
         pass
-
-
-def worker_environment(env: envs.EnvSpec) -> dict[str, str]:
-    """The worker's environment variables: ours, the overlay first on PYTHONPATH, offline hubs, no telemetry.
-
-    TRITON_INTERPRET is not passed on: the kernel tests set it for their own process, and a tunebench worker
-    that inherited it would run every op in Triton's CPU interpreter (~100x slower than the PyTorch fallback).
-    Set TUNEBENCH_TRITON_INTERPRET=1 to run workers under the interpreter on purpose.
-    """
-    e = dict(os.environ)
-    e.pop("TRITON_INTERPRET", None)
-    if e.get("TUNEBENCH_TRITON_INTERPRET") == "1":
-        e["TRITON_INTERPRET"] = "1"
-    # the overlay first (its pins win), then the repository (harness, adapters, kernels)
-    paths = env.pythonpath + [str(REPO_ROOT)] + ([e["PYTHONPATH"]] if e.get("PYTHONPATH") else [])
-    e.update({"PYTHONPATH": os.pathsep.join(paths), "CUDA_DEVICE_ORDER": "PCI_BUS_ID", "PYTHONUNBUFFERED": "1",
-              "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-              "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "WANDB_MODE": "disabled",
-              "WANDB_DISABLED": "true", "DO_NOT_TRACK": "1"})
-    e.update(env.env_vars)
-    return e
 
 
 class PrepareFailed(RuntimeError):
@@ -278,31 +258,10 @@ def execute_run(sc, sweep_dir: Path, run_root: Path, prepared: dict, fw, repeat:
         res["warnings"] = [*(res.get("warnings") or []), "the worker left processes running after it exited "
                            "(ended by the runner before the next run)"]
     if res["status"] == STATUS_OK and sc.eval.tasks:
-        res["eval"] = _evaluate(sc, work_dir, res)
+        res["eval"] = evaluator.evaluate(sc, work_dir, res)
     if res["status"] == STATUS_OK and sc.objective.eval_pairs:  # reward accuracy on held-out pairs
-        res["reward_eval"] = _evaluate(sc, work_dir, res, "harness.analysis.reward", "reward")
+        res["reward_eval"] = evaluator.evaluate(sc, work_dir, res, "harness.analysis.reward", "reward")
     return res
-
-
-def _evaluate(sc, work_dir: Path, res: dict, module: str = "harness.analysis.evaluate", name: str = "eval") -> dict:
-    """Quality of the trained output, the same evaluator for every framework: lm-eval (``module``
-    harness.analysis.evaluate), or the reward accuracy on held-out pairs (harness.analysis.reward, ``name``
-    "reward"); in the `lmeval` environment where one is installed, else in this interpreter's (base) environment."""
-    spec = {"scenario": sc.to_dict(), "scenario_source": sc.source_path, "checkpoint": res.get("checkpoint"),
-            "output_dir": res.get("output_dir"), "work_dir": str(work_dir)}
-    p = work_dir / f"{name}_spec.json"
-    p.write_text(json.dumps(spec, indent=1))
-    out = work_dir / f"{name}_result.json"
-    # the `lmeval` environment where one was installed (GPU boxes without lm-eval), else this interpreter
-    ev_env = envs.resolve("lmeval")
-    ev_env = ev_env if ev_env.ready else envs.resolve("base")
-    proc = subprocess.run([ev_env.python, "-m", module, str(p)], cwd=work_dir,
-                          env=worker_environment(ev_env), capture_output=True, text=True,
-                          timeout=sc.measure.timeout_s)
-    data = results.read_json(out)
-    if data is None:
-        return {"status": "error", "error": f"evaluation failed (exit {proc.returncode}): {proc.stderr[-1500:]}"}
-    return data
 
 
 # Runs in threads (matrix and frontier with --jobs) do not see the main thread's Ctrl-C; this tells them. Set by
@@ -353,15 +312,16 @@ RETRYABLE = ("error", "crashed", "timeout")  # an OOM is a measurement of the fr
 
 
 def set_aside_failed(sweep_dir: Path, keys: list[str]) -> list[str]:
-    """Move the stored failed rows among ``keys`` (status in :data:`RETRYABLE`) and their logs to
-    ``runs/attempts/`` and ``logs/attempts/`` as ``<key>.<n>`` (never overwritten), so the runs are done again.
+    """Move the stored failed rows among ``keys`` (status in :data:`RETRYABLE`, or an evaluation that ended in an
+    error) and their logs to ``runs/attempts/`` and ``logs/attempts/`` as ``<key>.<n>`` (never overwritten), so the
+    runs are done again.
 
     For failures of the machine rather than of the framework (a full disk, a lost device): the failed attempt
     stays on record and the new row lists it under ``previous_attempts``. Returns the keys set aside."""
     moved = []
     for key in keys:
         row = results.read_json(sweep_dir / "runs" / f"{key}.json")
-        if row is None or row.get("status") not in RETRYABLE:
+        if row is None or not (row.get("status") in RETRYABLE or _evaluation_failed(row)):
             continue
         for sub, suffix in (("runs", ".json"), ("logs", ".log")):
             src = sweep_dir / sub / f"{key}{suffix}"
@@ -374,6 +334,11 @@ def set_aside_failed(sweep_dir: Path, keys: list[str]) -> list[str]:
             os.replace(src, sweep_dir / sub / "attempts" / f"{key}.{n}{suffix}")
         moved.append(key)
     return moved
+
+
+def _evaluation_failed(row: dict) -> bool:
+    """Whether a stored run trained but its evaluation (lm-eval or reward accuracy) ended in an error."""
+    return any((row.get(name) or {}).get("status") == "error" for name in ("eval", "reward_eval"))
 
 
 def previous_attempts(sweep_dir: Path, key: str) -> list[dict]:
@@ -517,6 +482,9 @@ def run_sweep(sc, results_root: Path, new: bool = False, quiet: bool = False, on
     machines takes no machine lock.
     """
     results_root = Path(results_root)
+    measures_here = launcher is None or launcher.measures_here
+    if measures_here:  # where the runs are measured, they are evaluated
+        evaluator.check(sc)
     keys = [(fw, r) for r in range(sc.measure.repeats) for fw in sc.frameworks if not only or fw.key in only]
     key_names = [results.run_key(fw.key, r) for fw, r in keys]
     sweep_dir = None if new else find_resumable(sc, results_root, key_names)
@@ -529,7 +497,6 @@ def run_sweep(sc, results_root: Path, new: bool = False, quiet: bool = False, on
         _extend_plan(sweep_dir, key_names)
     run_root = work_root() / sweep_dir.name
     run_root.mkdir(parents=True, exist_ok=True)
-    measures_here = launcher is None or launcher.measures_here
     machine = _machine(sweep_dir, allow_contention) if measures_here else contextlib.nullcontext()
     with sweep_lock(sweep_dir), machine as contention, Display(total=len(keys), quiet=quiet) as display:
         if resumed and (changed := resume_changes(sc, sweep_dir)):

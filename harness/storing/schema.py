@@ -209,6 +209,7 @@ class EvalResult(_Open):
     warmup_s: float | None = None
     eval_s: float | None = None
     baseline_cached: bool | None = None
+    traceback: str | None = None  # where the evaluator raised (harness.analysis.entry)
 
     @property
     def ok(self) -> bool:
@@ -227,6 +228,7 @@ class RewardEval(_Open):
     reward_margin: float | None = None  # mean r(chosen) - r(rejected)
     likelihood_accuracy: float | None = None  # log pi(chosen) > log pi(rejected), the trained output
     baseline_likelihood_accuracy: float | None = None  # the same, the untrained checkpoint
+    traceback: str | None = None  # where the scoring raised (harness.analysis.entry)
 
     @property
     def ok(self) -> bool:

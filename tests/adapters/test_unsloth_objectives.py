@@ -1,6 +1,7 @@
-"""The unsloth adapter's preference and RL objectives: DPO, ORPO and GRPO through the TRL trainers Unsloth patches.
+"""The unsloth adapter's preference and RL objectives: DPO, ORPO, KTO and GRPO through the TRL trainers Unsloth
+patches.
 
-On the CPU (no Unsloth needed): what the adapter declares (kto refused at validate, with the reason), Unsloth's own
+On the CPU (no Unsloth needed): what the adapter declares, Unsloth's own
 configuration of each objective (pure), the native config saved with the run, the keys checked against TRL's own
 config classes (the trl environment), and GRPO's training micro-batches counted from the loss inputs the same way as
 TRL's forward. On the GPU (``-m gpu``, the unsloth environment: ``python -m harness env create unsloth`` or its
@@ -29,7 +30,7 @@ from harness.measuring.effective import same_setting
 from harness.measuring.meter import StepMeter
 from harness.running import envs
 from harness.spec.scenario import load_scenario, parse_scenario
-from tests.objective_scenario import PROMPTS_DATA, needs_env, objective_yaml, refusal
+from tests.objective_scenario import PROMPTS_DATA, needs_env, objective_yaml
 
 REPO = Path(__file__).resolve().parents[2]
 TASKS = REPO / "scenarios" / "tasks"
@@ -43,6 +44,7 @@ def scenario(name: str, objective: str, **sections: str) -> str:
 KINDS = {
     "dpo": "{kind: dpo, loss_type: ipo, beta: 0.2}",
     "orpo": "{kind: orpo, beta: 0.3}",
+    "kto": "{kind: kto, beta: 0.15, desirable_weight: 1.5}",
     "grpo": "{kind: grpo, num_generations: 2, max_new_tokens: 4, beta: 0.04}",
 }
 
@@ -57,12 +59,10 @@ def _sc(kind: str, objective: str | None = None, method: str = "{kind: lora, lor
 # -- what the adapter declares ---------------------------------------------------------------------------------------
 
 
-def test_declares_dpo_orpo_grpo_and_kto_is_refused_at_validate():
+def test_declares_every_objective_of_unsloths_guides():
     info = registry.info("unsloth")
-    assert info.objectives == {"sft", "dpo", "orpo", "grpo"}
-    msg = refusal(scenario("t_kto", "{kind: kto}"))
-    assert "unsloth cannot run this scenario: objective 'kto' not supported" in msg
-    assert info.objectives_note in msg and "through trl" in msg
+    assert info.objectives == {"sft", "dpo", "orpo", "kto", "grpo"}
+    assert parse_scenario(scenario("t_kto", "{kind: kto}"), "t.yaml").objective.kind == "kto"  # not refused
     assert info.check_overrides({"objective_config": {"beta": 0.5}}) == []
     assert "did you mean 'objective_config'?" in dict(info.check_overrides({"objective_confg": {}}))[
         ("objective_confg",)]
@@ -94,6 +94,11 @@ def test_each_objective_maps_one_to_one(tmp_path):
     assert dpo["get_peft_model"]["r"] == 8 and dpo["reference_copy"] is False and "model_init_kwargs" not in args
     orpo = rl_config.native_config(_sc("orpo"), tmp_path, "/ckpt", tmp_path / "d.jsonl")["orpo"]
     assert orpo["beta"] == 0.3 and "loss_type" not in orpo and "precompute_ref_log_probs" not in orpo
+    kto_cfg = rl_config.native_config(_sc("kto"), tmp_path, "/ckpt", tmp_path / "d.jsonl")
+    kto = kto_cfg["kto"]
+    assert (kto["beta"], kto["loss_type"], kto["desirable_weight"], kto["undesirable_weight"]) == \
+        (0.15, "kto", 1.5, 1.0)
+    assert kto["precompute_ref_log_probs"] is False and kto["max_length"] == 48 and kto_cfg["reference_copy"] is False
     grpo_cfg = rl_config.native_config(_sc("grpo"), tmp_path, "/ckpt", tmp_path / "d.jsonl")
     grpo = grpo_cfg["grpo"]
     assert (grpo["num_generations"], grpo["max_completion_length"], grpo["temperature"], grpo["beta"]) == \
@@ -118,6 +123,8 @@ def test_reference_handling_in_the_config(tmp_path):
     assert full["dpo"]["model_init_kwargs"] == {"dtype": "float32", "attn_implementation": "sdpa"}
     assert full["reference_copy"] is False
     assert cfg("dpo", "{kind: dpo, reference: copy}")["reference_copy"] is True  # beside LoRA: the adapter loads it
+    assert cfg("kto", "{kind: kto, reference: copy}")["reference_copy"] is True
+    assert cfg("kto", "{kind: kto}", method="{kind: full}")["kto"]["model_init_kwargs"]["dtype"] == "float32"
     pre = cfg("dpo", "{kind: dpo, reference: precomputed}", method="{kind: full}")["dpo"]
     assert pre["precompute_ref_log_probs"] is True and "model_init_kwargs" not in pre
     assert "model_init_kwargs" in cfg("grpo", "{kind: grpo, num_generations: 2, beta: 0.1}", "{kind: full}")["grpo"]
@@ -174,7 +181,7 @@ from harness.spec.scenario import parse_scenario
 from adapters_for_tools.unsloth import rl_config
 import trl
 from trl.experimental.orpo import ORPOConfig
-classes = {{"dpo": trl.DPOConfig, "orpo": ORPOConfig, "grpo": trl.GRPOConfig}}
+classes = {{"dpo": trl.DPOConfig, "orpo": ORPOConfig, "kto": trl.KTOConfig, "grpo": trl.GRPOConfig}}
 for kind, text in json.loads(sys.argv[1]).items():
     cfg = rl_config.native_config(parse_scenario(text, "t.yaml"), Path({str(tmp_path)!r}), "/ckpt", Path("/d.jsonl"))
     args = classes[kind](**cfg[kind])
@@ -183,6 +190,7 @@ for kind, text in json.loads(sys.argv[1]).items():
     full = "{kind: full}"  # dpo and grpo then carry model_init_kwargs (TRL's trainer loads the reference copy)
     texts = {"dpo": scenario("t_dpo", "{kind: dpo, loss_type: hinge}", method=full),
              "orpo": scenario("t_orpo", KINDS["orpo"]),
+             "kto": scenario("t_kto", KINDS["kto"], method=full),
              "grpo": scenario("t_grpo", KINDS["grpo"], method=full,
                               data=PROMPTS_DATA)}
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([*envs.resolve("trl").pythonpath, str(REPO)]))
@@ -190,7 +198,8 @@ for kind, text in json.loads(sys.argv[1]).items():
                          timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     got = {ln.split()[0]: ln.split()[1:] for ln in out.stdout.split("\n") if ln}
-    assert got == {"dpo": ["DPOConfig", "0.1"], "orpo": ["ORPOConfig", "0.3"], "grpo": ["GRPOConfig", "0.04"]}
+    assert got == {"dpo": ["DPOConfig", "0.1"], "orpo": ["ORPOConfig", "0.3"], "kto": ["KTOConfig", "0.15"],
+                   "grpo": ["GRPOConfig", "0.04"]}
 
 
 # -- GRPO counted from the loss inputs -------------------------------------------------------------------------------
@@ -270,7 +279,7 @@ GPU_TRAIN = "{micro_batch: 4, grad_accum: 1, steps: 4, warmup_steps: 1, lr: 1.0e
 
 @pytest.mark.gpu
 @needs_unsloth
-@pytest.mark.parametrize("kind", ["dpo", "orpo", "grpo"])
+@pytest.mark.parametrize("kind", ["dpo", "orpo", "kto", "grpo"])
 def test_each_objective_through_unsloths_trainer(kind, tmp_path, monkeypatch):
     """bf16 LoRA on small-llama-30m, a few steps through the harness worker: Unsloth's patched trainer trains, the
     settings are read back from it, the reference is the base model (none for ORPO)."""
@@ -283,10 +292,11 @@ def test_each_objective_through_unsloths_trainer(kind, tmp_path, monkeypatch):
         res["invalid_reasons"]
     assert res["extra"]["trainer_class"].rsplit(".", 1)[1] == f"Unsloth{kind.upper()}Trainer"
     eff = res["effective"]
-    assert (eff["objective"], eff["beta"]) == (kind, {"dpo": 0.2, "orpo": 0.3, "grpo": 0.04}[kind])
+    assert (eff["objective"], eff["beta"]) == (kind, {"dpo": 0.2, "orpo": 0.3, "kto": 0.15, "grpo": 0.04}[kind])
     # the base model: TRL disables the adapters, or (DPO, GRPO with a KL term: TRL's way with a policy Unsloth wrapped
     # already) keeps a frozen copy of the untrained adapter, which is the base model too
     assert same_setting("reference", eff["reference"]) == {"dpo": "adapter_disabled", "orpo": "none",
+                                                           "kto": "adapter_disabled",
                                                            "grpo": "adapter_disabled"}[kind], eff["reference"]
     assert eff["micro_batch"] == 4 and res["metrics"]["peak_vram_nvml_gib"]
     assert res["native_config"].endswith(f"unsloth_{kind}.json") and "unsloth.rerun" in res["extra"]["rerun"]
@@ -298,6 +308,9 @@ def test_each_objective_through_unsloths_trainer(kind, tmp_path, monkeypatch):
         assert res["extra"]["reference_pass"]["tokens_per_step_mean"] == 2 * 4 * 256
     if kind == "orpo":
         assert [s["tokens"] for s in res["steps"]] == [2 * 4 * 256] * 4 and "reference_pass" not in res["extra"]
+    if kind == "kto":  # 4 labelled completions per micro-batch; the reference and the KL estimate without gradient
+        assert eff["desirable_weight"] == 1.5 and [s["tokens"] for s in res["steps"]] == [4 * 256] * 4
+        assert res["extra"]["reference_pass"]["tokens_per_step_mean"] > 0
     if kind == "grpo":
         assert eff["loss_type"] == "grpo" and eff["num_generations"] == 4 and eff["max_new_tokens"] == 8
         assert all(s["rows"] == 4 and 4 <= s["loss_tokens"] <= 4 * 8 for s in res["steps"])
@@ -355,13 +368,14 @@ for path in sys.argv[1:]:
     args = config_cls(**cfg[sc.objective.kind])
     print(sc.objective.kind, type(args).__name__, args.beta, args.per_device_train_batch_size)
 """
-    paths = [str(REPO / "scenarios" / f"{n}.yaml") for n in ("llama8b_dpo", "llama8b_orpo", "grpo_small")]
+    names = ("llama8b_dpo", "llama8b_orpo", "llama8b_kto", "grpo_small")
+    paths = [str(REPO / "scenarios" / f"{n}.yaml") for n in names]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([*envs.resolve("unsloth").pythonpath, str(REPO)]),
                **envs.resolve("unsloth").env_vars)
     out = subprocess.run([sys.executable, "-c", script, *paths], env=env, capture_output=True, text=True,
                          timeout=600, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
-    lines = [ln.split() for ln in out.stdout.split("\n") if ln.split()[:1] in (["dpo"], ["orpo"], ["grpo"])]
+    lines = [ln.split() for ln in out.stdout.split("\n") if ln.split()[:1] in (["dpo"], ["orpo"], ["kto"], ["grpo"])]
     assert [(k, cls.startswith("Unsloth"), int(b)) for k, cls, _, b in lines] == [
-        ("dpo", True, 2), ("orpo", True, 2), ("grpo", True, 32)]
+        ("dpo", True, 2), ("orpo", True, 2), ("kto", True, 4), ("grpo", True, 32)]
     assert all(load_scenario(p) for p in paths)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from harness.running import runner
 
 
@@ -43,3 +45,53 @@ def test_prune_outputs_keeps_small_files(tmp_path, monkeypatch):  # noqa: ANN001
     monkeypatch.delenv("TUNEBENCH_KEEP_OUTPUTS")
     assert runner.prune_outputs(tmp_path, limit_bytes=1024) == ["final/lit_model.pth"]
     assert (tmp_path / "final" / "adapter_model.safetensors").exists()
+
+
+def test_rows_whose_evaluation_failed_are_set_aside(tmp_path):  # noqa: ANN001
+    _row(tmp_path, "hf-r0", "ok")
+    _row(tmp_path, "tb-r0", "ok")
+    _row(tmp_path, "tb-r1", "ok")
+    for key, name in (("tb-r0", "eval"), ("tb-r1", "reward_eval")):
+        p = tmp_path / "runs" / f"{key}.json"
+        p.write_text(json.dumps(json.loads(p.read_text()) | {name: {"status": "error", "error": "no lm_eval"}}))
+    p = tmp_path / "runs" / "hf-r0.json"  # an evaluation that ran is the run's result, kept
+    p.write_text(json.dumps(json.loads(p.read_text()) | {"eval": {"status": "ok", "metrics": {"t/acc": 0.5}}}))
+    assert runner.set_aside_failed(tmp_path, ["hf-r0", "tb-r0", "tb-r1"]) == ["tb-r0", "tb-r1"]
+    assert (tmp_path / "runs" / "attempts" / "tb-r1.1.json").exists()
+    assert (tmp_path / "runs" / "hf-r0.json").exists()
+
+
+def test_a_missing_evaluator_stops_the_sweep_before_anything_runs(env, monkeypatch, capsys):  # noqa: ANN001
+    from test_runner import _sc
+
+    from harness.cli.guard import EXIT_BAD_INPUT, guarded
+    from harness.running import evaluator
+
+    _, sc = _sc(env, "  - {name: dummy, label: d-ok}")
+    evaluator.check(sc)  # no evaluation asked for: nothing to look up
+    sc.eval.tasks = ["tb_add_gen"]
+    evaluator.check(sc)  # lm-eval is installed with the package
+    monkeypatch.setitem(evaluator.MODULES, "eval", ("lm_eval", "tunebench_no_such_module"))
+    with pytest.raises(evaluator.EvaluatorMissing, match="needs tunebench_no_such_module, not found in the "):
+        runner.run_sweep(sc, env / "results", quiet=True)
+    assert not (env / "results").exists() and not (env / "work").exists()  # no sweep folder, no work area
+    assert guarded("s.yaml", "runs", lambda: runner.run_sweep(sc, env / "results", quiet=True)) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert err.startswith("s.yaml: the scenario's evaluation needs") and "env create lmeval" in err
+
+
+@pytest.mark.parametrize("schema", ["EvalResult", "RewardEval"])
+def test_an_evaluator_that_raises_writes_a_record_of_the_schemas_own_keys(tmp_path, schema):  # noqa: ANN001
+    from harness.analysis.entry import spec_main
+    from harness.storing import schema as schemas
+
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"work_dir": str(tmp_path)}))
+
+    def evaluate(_spec: dict) -> dict:
+        raise ModuleNotFoundError("No module named 'lm_eval'")
+
+    assert spec_main([str(spec)], "m", "result.json", evaluate) == 1
+    rec = getattr(schemas, schema).model_validate_json((tmp_path / "result.json").read_text())
+    assert rec.status == "error" and "lm_eval" in rec.error and "ModuleNotFoundError" in rec.traceback
+    assert not rec.model_extra  # every key it writes is one the stored result names
