@@ -32,6 +32,7 @@ from harness.cli.run import run_and_report
 from harness.cli.validate import load_or_report
 from harness.common.paths import REPO_ROOT
 from harness.reporting.trend import verdict_markdown, write_trend
+from harness.running import evaluator
 from harness.running.cluster import ClusterLauncher
 from harness.spec.suite import Suite, SuiteError, load_suite
 from harness.storing import history
@@ -68,6 +69,9 @@ def _run_suite(suite: Suite, args, launcher: ClusterLauncher | None) -> list[Pat
         if suite.repeats is not None:
             sc.measure.repeats = suite.repeats
         scenarios.append((sc, only))
+    if launcher is None or launcher.measures_here:  # a missing evaluator stops the night before its first run
+        for sc, _ in scenarios:
+            evaluator.check(sc)
     return [run_and_report(sc, args.results, args.reports, quiet=args.quiet, only=only, launcher=launcher)
             for sc, only in scenarios]
 

@@ -127,3 +127,21 @@ def test_bad_suite_exits_2_with_file_line_and_key(tmp_path: Path, capsys, text: 
 def test_shipped_suite_is_valid():
     suite = load_suite(Path(__file__).resolve().parents[2] / "scenarios" / "suites" / "nightly_cpu.yaml")
     assert suite.name == "nightly_cpu" and all(p.is_file() for p in suite.scenario_paths())
+
+
+def test_a_scenario_whose_evaluator_is_missing_stops_the_night_before_any_run(tmp_path: Path, monkeypatch, capsys):
+    from test_runner import _sc
+
+    from harness.running import evaluator
+
+    first, _ = _sc(tmp_path, "  - {name: dummy}", name="first", baseline="dummy")
+    second, _ = _sc(tmp_path, "  - {name: dummy}", name="second", baseline="dummy")
+    second.write_text(second.read_text() + "eval: {tasks: [tb_add_gen]}\n")
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(SUITE.replace("scenarios: [scenario.yaml]", "scenarios: [first.yaml, second.yaml]"))
+    monkeypatch.setitem(evaluator.MODULES, "eval", ("tunebench_no_such_module",))
+    monkeypatch.setenv("TUNEBENCH_WORK", str(tmp_path / "work"))
+    assert nightly.main([str(suite), "--results", str(tmp_path / "results"), "--reports", str(tmp_path / "reports"),
+                         "--db", str(tmp_path / "h.duckdb"), "--quiet"]) == 2
+    assert "needs tunebench_no_such_module" in capsys.readouterr().err
+    assert not (tmp_path / "results").exists() and not (tmp_path / "h.duckdb").exists()  # the first did not run
