@@ -33,6 +33,7 @@ from harness.cli.validate import load_or_report
 from harness.common.paths import REPO_ROOT
 from harness.measuring.environment import gpu_info
 from harness.reporting.frontier import write_frontier_report
+from harness.running import evaluator
 from harness.running.frontier import VARIES, FrontierError, Probing, make_grid, probe_scenario, run_frontier
 from harness.spec.scenario import MAX_MEMORY_BUDGET_GIB, ScenarioError
 
@@ -110,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{p['outcome']} ({p['status']}, {how})")
 
     def body() -> int:
+        evaluator.check(sc)  # each probe is evaluated as a run is: a missing lm-eval stops it before the first
         folder, log = run_frontier(sc, grid, args.budgets, Path(args.results), only=args.only, new=args.new,
                                    retry_failed=args.retry_failed, quiet=args.quiet, on_probe=show, probing=probing)
         print(f"{log.distinct} probes ({log.ran} run now)")

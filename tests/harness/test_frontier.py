@@ -459,3 +459,14 @@ def test_frontier_with_jobs_marks_its_search_probes_shared_and_measures_every_ce
     capsys.readouterr()
     assert _frontier(path, tmp_path, "--jobs", "2") == 0
     assert "(0 run now)" in capsys.readouterr().out
+
+
+def test_a_missing_evaluator_stops_the_frontier_before_its_first_probe(tmp_path, monkeypatch, capsys):
+    from harness.running import evaluator
+
+    path = _scenario(tmp_path)
+    path.write_text(path.read_text() + "eval: {tasks: [tb_add_gen]}\n")
+    monkeypatch.setitem(evaluator.MODULES, "eval", ("tunebench_no_such_module",))
+    assert _frontier(path, tmp_path) == guard.EXIT_BAD_INPUT
+    assert "needs tunebench_no_such_module" in capsys.readouterr().err
+    assert not (tmp_path / "results").exists()
