@@ -13,7 +13,7 @@ its ``rl:`` path (:mod:`adapters_for_tools.axolotl.rl_config`), on the rows writ
 measures TRL's own trainers.
 
 Name clash: Axolotl imports the PyPI package ``kernels``, and our repository has a top-level ``kernels/``.
-The worker's ``PYTHONPATH`` is overlay first, repository root after (``harness.running.runner.worker_environment``), and
+The worker's ``PYTHONPATH`` is overlay first, repository root after (``harness.running.envs.worker_environment``), and
 its cwd is the run's work directory, so ``import kernels`` finds the overlay's; nothing on this path imports our
 ``kernels`` package (tests/adapters checks both).
 """

@@ -40,7 +40,7 @@ import yaml
 from harness.common.names import unknown
 from harness.common.paths import REPO_ROOT
 from harness.running import envs
-from harness.running.runner import worker_environment
+from harness.running.envs import worker_environment
 
 CONFIG_PATH = REPO_ROOT / "harness" / "running" / "environments.yaml"
 BUNDLE_FORMAT = 1

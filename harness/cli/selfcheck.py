@@ -62,8 +62,9 @@ from harness.measuring.environment import git_info
 from harness.measuring.handloop import FRAMEWORKS
 from harness.measuring.handloop.knobs import parse_knobs
 from harness.running import envs
+from harness.running.envs import worker_environment
 from harness.running.locks import Busy, machine_lock
-from harness.running.runner import machine_lock_dir, worker_environment
+from harness.running.runner import machine_lock_dir
 from harness.spec.scenario import ScenarioError, load_scenario
 from harness.storing.results import atomic_write_text, read_json, write_json_once
 from harness.storing.sweep import NotAResultsDir, load_sweep

@@ -35,7 +35,7 @@ def test_environments_file_is_pinned_and_complete():
 
 def test_worker_path_puts_overlay_before_repo_and_its_kernels_wins(tmp_path, monkeypatch):
     """Axolotl's PyPI `kernels` must shadow our repository's `kernels/` package in a worker."""
-    from harness.running.runner import worker_environment
+    from harness.running.envs import worker_environment
 
     monkeypatch.setenv("TUNEBENCH_ENVS", str(tmp_path / "envs"))
     _fake_env(tmp_path / "envs", "axolotl")

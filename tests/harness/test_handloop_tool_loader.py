@@ -17,7 +17,7 @@ from handloop_scenario import HANDLOOP_SCENARIO
 
 from harness.inputs import data, models
 from harness.running import envs
-from harness.running.runner import worker_environment
+from harness.running.envs import worker_environment
 from harness.spec.scenario import load_scenario
 
 pytestmark = pytest.mark.skipif(not envs.resolve("trl").ready,

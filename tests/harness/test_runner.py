@@ -146,7 +146,7 @@ def test_classify_crash():
 
 def test_worker_does_not_inherit_the_triton_interpreter(monkeypatch):
     from harness.running import envs
-    from harness.running.runner import worker_environment
+    from harness.running.envs import worker_environment
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.delenv("TUNEBENCH_TRITON_INTERPRET", raising=False)
