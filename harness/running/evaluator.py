@@ -40,9 +40,12 @@ def check(sc) -> None:  # noqa: ANN001 (a Scenario)
         return
     env = environment()
     code = "import importlib.util as u, sys; print(*(m for m in sys.argv[1:] if u.find_spec(m) is None))"
-    proc = subprocess.run([env.python, "-c", code, *wanted], env=worker_environment(env), capture_output=True,
-                          text=True, timeout=300)
-    missing = proc.stdout.split() if proc.returncode == 0 else wanted
+    try:
+        proc = subprocess.run([env.python, "-c", code, *wanted], env=worker_environment(env), capture_output=True,
+                              text=True, timeout=300)
+        missing = proc.stdout.split() if proc.returncode == 0 else wanted
+    except (OSError, subprocess.TimeoutExpired):  # an interpreter that does not start or answer
+        missing = wanted
     if missing:
         raise EvaluatorMissing(
             f"the scenario's evaluation needs {', '.join(missing)}, not found in the {env.name!r} environment "

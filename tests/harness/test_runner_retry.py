@@ -95,3 +95,15 @@ def test_an_evaluator_that_raises_writes_a_record_of_the_schemas_own_keys(tmp_pa
     rec = getattr(schemas, schema).model_validate_json((tmp_path / "result.json").read_text())
     assert rec.status == "error" and "lm_eval" in rec.error and "ModuleNotFoundError" in rec.traceback
     assert not rec.model_extra  # every key it writes is one the stored result names
+
+
+def test_an_evaluation_environment_that_does_not_start_is_missing_too(env, monkeypatch):  # noqa: ANN001
+    from test_runner import _sc
+
+    from harness.running import envs, evaluator
+
+    _, sc = _sc(env, "  - {name: dummy, label: d-ok}")
+    sc.eval.tasks = ["tb_add_gen"]
+    monkeypatch.setattr(evaluator, "environment", lambda: envs.EnvSpec(name="lmeval", python=str(env / "no-python")))
+    with pytest.raises(evaluator.EvaluatorMissing, match="needs lm_eval, not found in the 'lmeval' environment"):
+        evaluator.check(sc)
