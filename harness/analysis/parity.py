@@ -23,6 +23,11 @@ run-to-run determinism)::
                      "departs"   otherwise
     parity_ok      = parity_status != "departs"
 
+GRPO without a KL term (``beta`` 0) is not compared: its loss, the group-normalised advantages times a ratio of
+1 on the sampling policy, is zero at every step whatever the tool computes, so any two curves would agree. Its
+runs get ``parity_status`` "not applicable" (``parity_ok`` None); their reward curves are what the report
+compares (harness.reporting.objective).
+
 Which runs have a curve: ok runs and runs stored as "diverged" (harness.measuring.trained: a loss became NaN or
 infinite). A diverged run is compared like any other, so the report shows where its curve left the baseline's;
 a NaN is never dropped before comparing (dropping it would let a run trained at ``lr: .inf`` read "ok, max diff
@@ -186,10 +191,22 @@ def _reference(idx: dict[tuple[str, int], RunResult], framework: str, repeat: in
     return idx.get((baseline, 0))
 
 
+def zero_by_construction(run: RunResult) -> bool:
+    """GRPO without a KL term: its loss is zero at every step (module docstring), nothing to compare."""
+    return run.expected.get("objective") == "grpo" and not run.expected.get("beta")
+
+
+NOT_APPLICABLE = {"max_abs_diff": None, "mean_abs_diff": None, "tolerance": None, "first_departure_step": None,
+                  "parity_status": "not applicable", "parity_ok": None, "steps": 0}
+
+
 def _compare_all(runs: list[RunResult], baseline: str, atol: float | None, rtol: float | None):
     idx = {(r.framework, r.repeat): r for r in runs}
     band = seed_band([r for r in runs if r.framework == baseline])
     for r in runs:
+        if zero_by_construction(r):
+            yield r.framework, r.repeat, dict(NOT_APPLICABLE)
+            continue
         ref = _reference(idx, r.framework, r.repeat, baseline)
         curve = loss_curve(r) if has_curve(r) else {}
         ref_curve = loss_curve(ref) if ref is not None and has_curve(ref) else {}

@@ -10,7 +10,8 @@ from harness.storing.sweep import Sweep
 
 UNTRAINED = "untrained model"
 PARITY_CELLS = {"ok": Cell("ok", "good"), "transient": Cell("transient", "warn"),
-                "seed-spread": Cell("within seed spread", "good"), "departs": Cell("DEPARTS", "bad")}
+                "seed-spread": Cell("within seed spread", "good"), "departs": Cell("DEPARTS", "bad"),
+                "not applicable": Cell("not applicable (loss zero by construction)")}
 
 
 def evaluated_runs(sweep: Sweep) -> list[RunResult]:

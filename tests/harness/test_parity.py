@@ -42,6 +42,21 @@ def test_table_columns_and_verdicts():
     assert got["ours"].tolerance == pytest.approx(0.01 + 0.01 * sum(BASE) / 4)
 
 
+def test_grpo_without_a_kl_term_is_not_compared():
+    """Its loss is zero at every step for any tool: 'ok' there would be a check that cannot fail."""
+    def grpo(fw: str, losses: list[float], beta: float) -> RunResult:
+        return RunResult(scenario="g", framework=fw, repeat=0, status="ok",
+                         expected={"dtype": "bfloat16", "objective": "grpo", "beta": beta},
+                         steps=[{"step": i + 1, "loss": x} for i, x in enumerate(losses)])
+
+    flat = [0.0, -3.7e-09, 0.0, 0.0]
+    got = {r.framework: r for r in parity.parity_table([grpo("trl", flat, 0.0), grpo("us", flat, 0.0)], "trl")
+           .itertuples()}
+    assert got["us"].parity_status == got["trl"].parity_status == "not applicable" and got["us"].parity_ok is None
+    with_kl = parity.parity_table([grpo("trl", BASE, 0.04), grpo("us", [x * 1.5 for x in BASE], 0.04)], "trl")
+    assert with_kl.set_index("framework").parity_status.to_dict() == {"trl": "ok", "us": "departs"}
+
+
 def test_tolerance_by_dtype_and_override():
     assert parity.tolerance_for(_run("x", BASE, dtype="bfloat16")) == (0.05, 0.05)
     assert parity.tolerance_for(_run("x", BASE)) == (0.01, 0.01)
