@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from statistics import fmean
 from typing import Any
@@ -21,6 +22,7 @@ from harness.storing.schema import RunResult
 from harness.storing.sweep import Sweep
 
 WINDOW = 10  # steps averaged at each end of a per-step curve: one step's batch is a handful of pairs
+SAMPLING_SIGMAS = 3.0  # GRPO: how many standard errors of two windows' mean rewards still count as alike
 
 
 def kind(sweep: Sweep) -> str:
@@ -67,6 +69,31 @@ def _curve_ends(run: RunResult, objective: str) -> tuple[float | None, float | N
     return _ends(run.extra.get("train_rewards") or [], "accuracy")
 
 
+def _window_completions(run: RunResult) -> int | None:
+    """GRPO: how many completions the last :data:`WINDOW` steps of ``run`` rewarded (None when not recorded)."""
+    steps = (run.extra.get("generation") or {}).get("per_step") or []
+    n = sum(int(p.get("completions") or 0) for p in steps[-WINDOW:])
+    return n or None
+
+
+def sampling_tolerance(p: float, n: int) -> float:
+    """How far two windows' mean rewards of ``n`` completions each may lie apart by sampling alone:
+    :data:`SAMPLING_SIGMAS` standard errors of their difference, ``sqrt(2 p (1 - p) / n)`` at the pooled mean
+    ``p``. A reward in [0, 1] with mean p has a variance of at most p (1 - p), so this bounds exact match's binomial
+    noise and any other reward of that range."""
+    p = min(max(p, 0.0), 1.0)
+    return SAMPLING_SIGMAS * math.sqrt(2.0 * p * (1.0 - p) / n)
+
+
+def _grpo_alike(lasts: list[float], base_last: float, n: int | None) -> str | Cell:
+    """GRPO with one baseline repeat: is this tool's last-window mean reward within sampling noise of it?"""
+    if not lasts or not n:
+        return EMPTY
+    last = robust_median(lasts)
+    tol = sampling_tolerance((last + base_last) / 2, n)
+    return f"yes (±{fmt(tol, 3)})" if abs(last - base_last) <= tol else Cell(f"no (±{fmt(tol, 3)})", "bad")
+
+
 def _spread_text(vals: list[float]) -> str:
     """The median of one value per repeat, with their range when there are several."""
     text = fmt(robust_median(vals), 3)
@@ -79,7 +106,8 @@ def training_rows(sweep: Sweep, objective: str) -> list[list[str | Cell]]:
 
     With ``measure.seed_per_repeat`` the repeats train different seeds, so the baseline's range is how far its own
     correct runs lie apart; a tool whose median falls inside it trains as well as far as these batches tell. Without
-    two baseline repeats there is no range to judge by (a dash)."""
+    two baseline repeats there is no range to judge by (a dash), except for GRPO, whose rewards average many
+    completions: there the two last windows are compared within their sampling noise (:func:`sampling_tolerance`)."""
     ends = {fw: [e for r in sweep.runs_of(fw) if r.ok and (e := _curve_ends(r, objective))[1] is not None]
             for fw in sweep.framework_order()}
     base = [last for _, last in ends.get(sweep.baseline, [])]
@@ -95,6 +123,10 @@ def training_rows(sweep: Sweep, objective: str) -> list[list[str | Cell]]:
         elif len(base) > 1 and lasts:
             inside = min(base) <= robust_median(lasts) <= max(base)
             within = "yes" if inside else Cell("no", "bad")
+        elif objective == "grpo" and len(base) == 1:
+            base_run = next(r for r in sweep.runs_of(sweep.baseline)
+                            if r.ok and _curve_ends(r, objective)[1] is not None)
+            within = _grpo_alike(lasts, base[0], _window_completions(base_run))
         ref = _median(runs, lambda r: (r.extra.get("reference_pass") or {}).get("tokens_per_step_mean"))
         rows.append([fw, _spread_text(firsts) if firsts else EMPTY, _spread_text(lasts) if lasts else EMPTY, within,
                      fmt(ref, 0, thousands=True) if ref is not None else EMPTY])
@@ -166,7 +198,10 @@ def add_section(doc: Doc, sweep: Sweep, out_dir: Path) -> None:
         doc.p(f"During training, as the tool logged it: the {first} of the first and of the last {WINDOW} steps "
               f"(the median over the repeats, their range in brackets), whether that last median lies within "
               f"{sweep.baseline}'s range over its repeats (its seeds, with measure.seed_per_repeat); the tokens per "
-              "step of the forwards without gradient.")
+              "step of the forwards without gradient."
+              + (f" With one {sweep.baseline} repeat, GRPO's last windows are compared within their sampling noise "
+                 f"instead: {SAMPLING_SIGMAS:g} standard errors of the difference of two means of the window's "
+                 "completions (±, the bound of a reward in [0, 1])." if objective == "grpo" else ""))
         doc.table(["framework", f"{first}, first steps", f"{first}, last steps",
                    f"last within {sweep.baseline}'s range", "no-gradient tokens per step"], rows)
     if objective == "grpo":

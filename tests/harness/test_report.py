@@ -551,3 +551,28 @@ def test_the_batch_reward_accuracy_is_judged_against_the_baselines_range_over_it
                                                                               run("tunebench", 0, 0.9)],
                                 scenario=sc | {"measure": {**sc["measure"], "repeats": 1}}))
     assert [r[3] for r in training_rows(one, "dpo")] == ["—", "—"]  # one baseline run: no range to judge by
+
+
+def test_grpo_rewards_with_one_baseline_run_are_judged_within_sampling_noise(tmp_path):
+    from fixtures_results import scenario_dict
+
+    from harness.reporting.objective import sampling_tolerance, training_rows
+    from harness.storing.sweep import load_sweep
+
+    def run(fw: str, last: float) -> dict:
+        r = make_run(fw, 0)
+        r["extra"] = {"reward_curve": [{"step": i + 1, "reward": 0.0 if i < 10 else last} for i in range(20)],
+                      "generation": {"per_step": [{"step": i + 1, "completions": 32} for i in range(20)]}}
+        return r
+
+    sc = scenario_dict(frameworks=["trl", "unsloth", "slow"], device="cuda", repeats=1)
+    sc["objective"] = {"kind": "grpo", "beta": 0.0}
+    sc["measure"]["baseline"] = "trl"
+    sweep = load_sweep(make_sweep(tmp_path / "results" / "grpo-20260101-000000",
+                                  [run("trl", 0.30), run("unsloth", 0.33), run("slow", 0.0)], scenario=sc))
+    rows = {r[0]: r for r in training_rows(sweep, "grpo")}
+    tol = sampling_tolerance(0.315, 320)  # 10 steps of 32 completions each
+    assert tol == pytest.approx(3 * (2 * 0.315 * 0.685 / 320) ** 0.5) and 0.03 < tol < 0.2
+    assert rows["trl"][3] == "—" and rows["unsloth"][3] == f"yes (±{tol:.3f})"
+    assert rows["slow"][3].text.startswith("no") and rows["slow"][3].mark == "bad"  # rewards that never rose
+    assert sampling_tolerance(0.0, 320) == 0.0  # nothing rewarded on either side: only equal windows are alike
