@@ -63,10 +63,15 @@ def reward_rows(sweep: Sweep) -> list[list[str | Cell]]:
     return rows
 
 
+# what the training batches' reward statistics are judged by: GRPO's mean reward, KTO's margin between its good and
+# bad completions' mean rewards (unpaired rows: no accuracy of pairs), the pair methods' accuracy
+STATISTIC = {"grpo": ("reward", "reward"), "kto": ("margin", "batch reward margin")}
+
+
 def _curve_ends(run: RunResult, objective: str) -> tuple[float | None, float | None]:
     if objective == "grpo":
         return _ends(run.extra.get("reward_curve") or [], "reward")
-    return _ends(run.extra.get("train_rewards") or [], "accuracy")
+    return _ends(run.extra.get("train_rewards") or [], STATISTIC.get(objective, ("accuracy",))[0])
 
 
 def _window_completions(run: RunResult) -> int | None:
@@ -193,7 +198,7 @@ def add_section(doc: Doc, sweep: Sweep, out_dir: Path) -> None:
               "for the untrained model (every reward of the untrained model is 0).")
         doc.table(["framework", "reward accuracy", "reward margin", "likelihood accuracy",
                    "untrained likelihood accuracy", "pairs"], rows)
-    first = "reward" if objective == "grpo" else "batch reward accuracy"
+    first = STATISTIC.get(objective, ("", "batch reward accuracy"))[1]
     if rows := training_rows(sweep, objective):
         doc.p(f"During training, as the tool logged it: the {first} of the first and of the last {WINDOW} steps "
               f"(the median over the repeats, their range in brackets), whether that last median lies within "

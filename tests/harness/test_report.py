@@ -576,3 +576,26 @@ def test_grpo_rewards_with_one_baseline_run_are_judged_within_sampling_noise(tmp
     assert rows["trl"][3] == "—" and rows["unsloth"][3] == f"yes (±{tol:.3f})"
     assert rows["slow"][3].text.startswith("no") and rows["slow"][3].mark == "bad"  # rewards that never rose
     assert sampling_tolerance(0.0, 320) == 0.0  # nothing rewarded on either side: only equal windows are alike
+
+
+def test_kto_batches_are_judged_by_their_reward_margin(tmp_path):
+    from fixtures_results import scenario_dict
+
+    from harness.reporting.objective import training_rows
+    from harness.storing.sweep import load_sweep
+
+    def run(fw: str, repeat: int, last: float) -> dict:
+        r = make_run(fw, repeat)
+        r["extra"] = {"train_rewards": [{"step": i + 1, "margin": 0.0 if i < 10 else last, "chosen": 0.0,
+                                         "rejected": 0.0} for i in range(20)]}
+        return r
+
+    sc = scenario_dict(frameworks=["trl", "axolotl"], device="cuda", repeats=2)
+    sc["objective"] = {"kind": "kto", "beta": 0.1}
+    sc["measure"]["baseline"] = "trl"
+    sweep = load_sweep(make_sweep(tmp_path / "results" / "kto-20260101-000000",
+                                  [run("trl", 0, 0.04), run("trl", 1, 0.06), run("axolotl", 0, 0.05),
+                                   run("axolotl", 1, 0.05)], scenario=sc))
+    rows = {r[0]: r for r in training_rows(sweep, "kto")}  # KTO logs no accuracy: its margin is what is judged
+    assert rows["trl"][1:4] == ["0.000 (0.000–0.000)", "0.050 (0.040–0.060)", "baseline"]
+    assert rows["axolotl"][2:4] == ["0.050 (0.050–0.050)", "yes"]
