@@ -63,15 +63,16 @@ def reward_rows(sweep: Sweep) -> list[list[str | Cell]]:
     return rows
 
 
-# what the training batches' reward statistics are judged by: GRPO's mean reward, KTO's margin between its good and
-# bad completions' mean rewards (unpaired rows: no accuracy of pairs), the pair methods' accuracy
-STATISTIC = {"grpo": ("reward", "reward"), "kto": ("margin", "batch reward margin")}
+# what the training batches are judged by, and its name in the report: KTO's margin between its good and bad
+# completions' mean rewards (unpaired rows: no accuracy of pairs), GRPO's mean reward, else the pairs' accuracy
+STATISTIC = {"kto": "margin"}
+STATISTIC_NAME = {"grpo": "reward", "kto": "batch reward margin"}
 
 
 def _curve_ends(run: RunResult, objective: str) -> tuple[float | None, float | None]:
     if objective == "grpo":
         return _ends(run.extra.get("reward_curve") or [], "reward")
-    return _ends(run.extra.get("train_rewards") or [], STATISTIC.get(objective, ("accuracy",))[0])
+    return _ends(run.extra.get("train_rewards") or [], STATISTIC.get(objective, "accuracy"))
 
 
 def _window_completions(run: RunResult) -> int | None:
@@ -198,7 +199,7 @@ def add_section(doc: Doc, sweep: Sweep, out_dir: Path) -> None:
               "for the untrained model (every reward of the untrained model is 0).")
         doc.table(["framework", "reward accuracy", "reward margin", "likelihood accuracy",
                    "untrained likelihood accuracy", "pairs"], rows)
-    first = STATISTIC.get(objective, ("", "batch reward accuracy"))[1]
+    first = STATISTIC_NAME.get(objective, "batch reward accuracy")
     if rows := training_rows(sweep, objective):
         doc.p(f"During training, as the tool logged it: the {first} of the first and of the last {WINDOW} steps "
               f"(the median over the repeats, their range in brackets), whether that last median lies within "
