@@ -36,6 +36,28 @@ REWARD_LOGS = {"accuracy": "rewards/accuracies", "margin": "rewards/margins", "c
 GRPO_LOGS = {"reward": "reward", "reward_std": "reward_std", "completion_mean_tokens": "completions/mean_length"}
 
 
+def preference_config(sc) -> dict[str, Any]:  # noqa: ANN001
+    """The objective's own keys of TRL's ``DPOConfig`` / ``KTOConfig`` (and of the copies Unsloth patches), the
+    same for every tool that builds one: no padding to a multiple, a precomputed reference where the scenario asks
+    for one, the loss and (DPO) truncation from the start, KTO's weights. Empty for the other objectives."""
+    ob = sc.objective
+    if ob.kind not in ("dpo", "kto"):
+        return {}
+    out: dict[str, Any] = {"pad_to_multiple_of": None, "precompute_ref_log_probs": ob.reference == "precomputed"}
+    if ob.kind == "dpo":
+        return out | {"loss_type": [ob.loss_type], "truncation_mode": "keep_start"}
+    return out | {"loss_type": ob.loss_type, "desirable_weight": ob.desirable_weight,
+                  "undesirable_weight": ob.undesirable_weight}
+
+
+def loads_reference_copy(sc) -> bool:  # noqa: ANN001
+    """Whether the adapter loads DPO's or KTO's reference copy itself and hands it over as ``ref_model``: a copy
+    asked beside a PEFT policy, where TRL's trainer would disable the adapters instead (for full fine-tuning the
+    trainer loads the copy itself, from ``model_init_kwargs``)."""
+    ob = sc.objective
+    return ob.kind in ("dpo", "kto") and sc.method.is_peft and ob.reference == "copy"
+
+
 def grpo_reference_unhonoured(sc) -> list[tuple[str, str]]:  # noqa: ANN001
     """A reference copy asked beside a PEFT policy in GRPO, which TRL's GRPOTrainer (and the trainers built on it)
     cannot take: ``[(setting, why)]`` for ``RunContext.cannot_honour``, or ``[]``."""

@@ -19,7 +19,7 @@ import yaml
 
 from adapters_for_tools import distributed
 from adapters_for_tools.contract import rerun_command
-from adapters_for_tools.objective_meter import ObjectiveMeter, read_back
+from adapters_for_tools.objective_meter import ObjectiveMeter, loads_reference_copy, read_back
 from adapters_for_tools.trl import rl_config
 from harness.inputs.data import read_jsonl, write_jsonl
 from harness.inputs.preference import objective_rows
@@ -111,7 +111,7 @@ def _trainer(kind, sc, args, model_args, script_args, dataset, quant, peft_confi
             funcs.append(getattr(importlib.import_module(module), name))
         return trl.GRPOTrainer(reward_funcs=funcs, **common)
     ref = None
-    if rl_config.loads_reference_copy(sc):
+    if loads_reference_copy(sc):
         from transformers import AutoModelForCausalLM
 
         ref = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path,

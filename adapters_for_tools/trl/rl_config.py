@@ -23,7 +23,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from adapters_for_tools.objective_meter import grpo_reference_unhonoured
+from adapters_for_tools.objective_meter import grpo_reference_unhonoured, preference_config
 from adapters_for_tools.trl.config import method_args, script_args
 from harness.inputs.preference import REWARD_FUNCTIONS
 
@@ -56,21 +56,7 @@ def native_config(sc, work_dir: Path, checkpoint: str, data_file: Path) -> dict[
                     "reward_funcs": [REWARD_FUNCTIONS[ob.reward]], "log_completions": False})
     else:
         cfg.update({"train_sampling_strategy": "sequential", "max_length": sc.data.seq_len, "dataset_num_proc": 1})
-    if ob.kind in ("dpo", "kto"):
-        cfg.update({"pad_to_multiple_of": None, "precompute_ref_log_probs": ob.reference == "precomputed"})
-    if ob.kind == "dpo":
-        cfg.update({"loss_type": [ob.loss_type], "truncation_mode": "keep_start"})
-    if ob.kind == "kto":
-        cfg.update({"loss_type": ob.loss_type, "desirable_weight": ob.desirable_weight,
-                    "undesirable_weight": ob.undesirable_weight})
-    return cfg | method_args(sc)
-
-
-def loads_reference_copy(sc) -> bool:  # noqa: ANN001
-    """Whether the adapter loads the reference itself: a copy beside a PEFT policy (TRL would disable the adapters
-    instead); for full fine-tuning TRL loads the copy itself."""
-    ob = sc.objective
-    return ob.kind in ("dpo", "kto") and sc.method.is_peft and ob.reference == "copy"
+    return cfg | preference_config(sc) | method_args(sc)
 
 
 def cannot_honour(sc) -> list[tuple[str, str]]:  # noqa: ANN001

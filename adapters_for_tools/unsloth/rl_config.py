@@ -7,13 +7,12 @@ Unsloth runs DPO, ORPO, KTO and GRPO as its guides and notebooks do: a model fro
 it). The file holds:
 
 - ``objective``: the kind; ``from_pretrained`` and ``get_peft_model``: as for SFT (``config.model_calls``);
-- ``<kind>``: the keywords of the patched ``DPOConfig`` / ``ORPOConfig`` / ``KTOConfig`` / ``GRPOConfig``: what every
-  objective
-  trainer gets (``config.training_args``: the scenario's optimisation settings, given explicitly because Unsloth's
-  configs change TRL's defaults), the rows in file order, ``max_length = seq_len``, and the objective's settings one
-  to one (``harness.spec.objective``: ``beta``, ``loss_type``, KTO's weights, GRPO's ``num_generations``,
-  ``max_completion_length``
-  = ``max_new_tokens``, ``temperature``);
+- ``<kind>``: the keywords of the patched ``DPOConfig`` / ``ORPOConfig`` / ``KTOConfig`` / ``GRPOConfig``: what
+  every objective trainer gets (``config.training_args``: the scenario's optimisation settings, given explicitly
+  because Unsloth's configs change TRL's defaults), the rows in file order, ``max_length = seq_len``, and the
+  objective's settings one to one (``harness.spec.objective``: ``beta``, ``loss_type``, KTO's weights as TRL's
+  adapter writes them, ``objective_meter.preference_config``; GRPO's ``num_generations``,
+  ``max_completion_length`` = ``max_new_tokens``, ``temperature``);
 - ``reward_funcs`` (grpo): dotted paths of the reward functions (``harness.inputs.preference.REWARD_FUNCTIONS``);
 - ``reference_copy``: whether the adapter loads a frozen copy of the starting model as DPO's or KTO's ``ref_model``;
 - ``data_file``: the rows the trainer reads.
@@ -34,7 +33,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from adapters_for_tools.objective_meter import grpo_reference_unhonoured
+from adapters_for_tools.objective_meter import grpo_reference_unhonoured, loads_reference_copy, preference_config
 from adapters_for_tools.unsloth import config as us_config
 from harness.inputs.preference import REWARD_FUNCTIONS
 
@@ -71,13 +70,7 @@ def native_config(sc, work_dir: Path, checkpoint: str, data_file: Path,
             args["scale_rewards"] = None  # Unsloth's way to keep TRL's group scaling (it turns False on for dr_grpo)
     else:
         args.update({"train_sampling_strategy": "sequential", "max_length": sc.data.seq_len, "dataset_num_proc": 1})
-    if kind in ("dpo", "kto"):
-        args.update({"pad_to_multiple_of": None, "precompute_ref_log_probs": ob.reference == "precomputed"})
-    if kind == "dpo":
-        args.update({"loss_type": [ob.loss_type], "truncation_mode": "keep_start"})
-    if kind == "kto":
-        args.update({"loss_type": ob.loss_type, "desirable_weight": ob.desirable_weight,
-                     "undesirable_weight": ob.undesirable_weight})
+    args.update(preference_config(sc))
     reference = ob.reference_for(sc.method.is_peft)
     if kind in ("dpo", "kto", "grpo") and reference == "copy" and not sc.method.is_peft:
         # TRL's trainer loads the copy itself from these (float32 otherwise)
@@ -87,13 +80,6 @@ def native_config(sc, work_dir: Path, checkpoint: str, data_file: Path,
     if kind == "grpo":
         cfg["reward_funcs"] = [REWARD_FUNCTIONS[ob.reward]]
     return cfg
-
-
-def loads_reference_copy(sc) -> bool:
-    """Whether the adapter loads DPO's or KTO's reference copy itself: beside a LoRA / QLoRA policy, where TRL would
-    disable the adapters instead (for full fine-tuning TRL's trainer loads the copy)."""
-    ob = sc.objective
-    return ob.kind in ("dpo", "kto") and sc.method.is_peft and ob.reference == "copy"
 
 
 def cannot_honour(sc) -> list[tuple[str, str]]:

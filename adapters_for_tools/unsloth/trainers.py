@@ -35,8 +35,8 @@ def _from_pretrained(cfg: dict[str, Any]) -> dict[str, Any]:
 def trainer_classes(kind: str) -> tuple[type, type]:
     """(trainer, config) classes of objective ``kind`` as ``import unsloth`` left them in TRL: its patched
     ``UnslothDPOTrainer`` / ``UnslothORPOTrainer`` / ``UnslothKTOTrainer`` / ``UnslothGRPOTrainer`` and their
-    configs, or TRL's own where
-    Unsloth could not patch one (it says so in a warning; the adapter records the class it got)."""
+    configs, or TRL's own where Unsloth could not patch one (it says so in a warning; the adapter records the class
+    it got)."""
     if kind == "orpo":
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer  # TRL 1.x keeps ORPO in trl.experimental
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from adapters_for_tools.objective_meter import loads_reference_copy
 from adapters_for_tools.trl import rl_config
 from harness.running import envs
 from harness.spec.scenario import parse_scenario
@@ -70,7 +71,7 @@ def test_reference_handling_in_the_config():
     full = parse_scenario(scenario("t", "{kind: dpo, reference: precomputed}", method="{kind: full}"), "t.yaml")
     assert rl_config.native_config(full, Path("/w"), "/c", Path("/d"))["precompute_ref_log_probs"] is True
     copy = parse_scenario(scenario("t", "{kind: kto, reference: copy}"), "t.yaml")
-    assert rl_config.loads_reference_copy(copy) and not rl_config.loads_reference_copy(_sc("kto"))
+    assert loads_reference_copy(copy) and not loads_reference_copy(_sc("kto"))
     grpo_copy = parse_scenario(scenario("t", "{kind: grpo, num_generations: 2, beta: 0.1, reference: copy}",
                                         data=f"{{source: jsonl, path: {TASKS / 'tb_prompts_add.jsonl'}, "
                                              "seq_len: 96}"), "t.yaml")
@@ -84,6 +85,7 @@ def test_trl_parses_every_objective_config(tmp_path):
 import json, sys
 from pathlib import Path
 from harness.spec.scenario import parse_scenario
+from adapters_for_tools.objective_meter import loads_reference_copy
 from adapters_for_tools.trl import rl_config
 from adapters_for_tools.trl.objectives import _argument_classes
 from trl import DatasetMixtureConfig, ModelConfig, TrlParser
@@ -227,6 +229,7 @@ def test_shipped_gpu_objective_configs_parse(tmp_path):
 import sys
 from pathlib import Path
 from harness.spec.scenario import load_scenario
+from adapters_for_tools.objective_meter import loads_reference_copy
 from adapters_for_tools.trl import rl_config
 from adapters_for_tools.trl.objectives import _argument_classes
 from trl import DatasetMixtureConfig, ModelConfig, TrlParser

@@ -1,4 +1,5 @@
-"""Runs set aside for a retry (``run --retry-failed``) and the pruning of large outputs after a run."""
+"""Runs set aside for a retry (``run --retry-failed``, failed evaluations included), the evaluator looked up before a
+sweep starts, and the pruning of large outputs after a run."""
 
 from __future__ import annotations
 
