@@ -248,8 +248,10 @@ def _apply_offload(model: DecoderModel, o: MethodOptions) -> None:
     model.checkpointed_layers = checkpointed_layer_ids(model.cfg.num_layers, o)
     if o.cuda_graph:
         why = [w for w, bad in (("a CUDA device", model.device_of_compute.type != "cuda"),
-                                ("no host offload (offload_*)", o.offload_weights or o.offload_embeddings
-                                 or o.offload_lm_head or o.offload_checkpoints),
+                                # an offloaded input embedding is gathered before each replay (StepGraph)
+                                ("no host offload inside the step (offload_weights, offload_lm_head, "
+                                 "offload_checkpoints)", o.offload_weights or o.offload_lm_head
+                                 or o.offload_checkpoints),
                                 ("lora_dropout 0", o.lora_dropout > 0),
                                 # the loop over experts syncs with the host per expert: not capturable
                                 ("grouped expert GEMMs (torch._grouped_mm: bf16 on a Hopper GPU)",

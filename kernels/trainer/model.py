@@ -248,7 +248,11 @@ class DecoderModel(nn.Module):
 
     def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         w = self.model.embed_tokens.weight
-        if w.device == input_ids.device:
+        staged = [h for ids, h in self.__dict__.get("_staged_embeddings", ()) if ids is input_ids]
+        if staged:
+            # a graphed step's static rows, gathered from the host table before the replay (train.StepGraph)
+            h = staged[0]
+        elif w.device == input_ids.device:
             h = self.model.embed_tokens(input_ids)
         else:
             # offloaded (frozen) table: gather the rows on the host, ship [B, S, H] (33 MB at 8B shapes) to the device

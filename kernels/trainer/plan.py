@@ -32,10 +32,13 @@ from kernels.trainer.torch_ops import softcap_chunk_size
 
 GIB = 2**30
 # A CUDA-graphed step: +0.4 GiB NVML measured on the 8B LoRA row, plus the expandable-segments saving it gives up
-# (0.55 GiB NVML), and ~0.25 ms per kept layer and micro-batch of host launches saved (4-recompute row: 278 ->
-# 271 ms; all-recompute: 376 -> 375 ms), kernels/NOTES.md.
+# (0.55 GiB NVML), and the host launches it saves per layer and micro-batch: LoRA ~0.25 ms per kept layer,
+# ~0.03 ms per recomputed one (H100, 4-recompute row: 278 -> 271 ms; all-recompute: 376 -> 375 ms); QLoRA ~1.05 ms
+# per layer (H200, all-recompute rows of one sweep, three repeats each: 397 -> 363 ms), kernels/NOTES.md.
 GRAPH_EXTRA_BYTES = GIB
 GRAPH_SAVING_S = 0.25e-3
+GRAPH_SAVING_RECOMPUTED_S = 0.03e-3
+QLORA_GRAPH_SAVING_S = 1.05e-3
 # The chunk a plan runs the dense MLP over when it tiles it (kernels/trainer/remake.py, TiledMLP): the frontier
 # scenarios' tunebench-long row. Offered only to micro-batches of more tokens than this.
 MLP_CHUNK_TOKENS = 8192
@@ -93,6 +96,8 @@ class CostModel:
         speed: the device's rates.
         checkpointing: gradient checkpointing on (else nothing recomputes and nothing streams).
         can_stream / can_offload_embeddings / can_offload_head / can_graph: which knobs apply.
+        graph_saving_s: what a CUDA graph saves per micro-batch in a layer that keeps its activations, and in one
+            that recomputes (host launches).
         tiled_layers: the layers with the dense MLP over chunks of :data:`MLP_CHUNK_TOKENS` (what a plan with
             ``mlp_chunk_tokens`` costs); empty where a plan may not tile it.
         act_factor / time_factor / static_offset: measured corrections (activation bytes, compute time, bytes on
@@ -115,6 +120,7 @@ class CostModel:
     can_offload_embeddings: bool = True
     can_offload_head: bool = True
     can_graph: bool = False
+    graph_saving_s: tuple[float, float] = (GRAPH_SAVING_S, GRAPH_SAVING_RECOMPUTED_S)
     act_factor: float = 1.0
     time_factor: float = 1.0
     static_offset: int = 0
@@ -141,6 +147,12 @@ class Plan:
     def offloads(self) -> bool:
         return bool(self.offload_weights or self.offload_checkpoints or self.offload_embeddings
                     or self.offload_lm_head)
+
+    @property
+    def graphable(self) -> bool:
+        """Whether a CUDA graph can take this plan: no host copy inside the step (an offloaded input embedding is
+        gathered before the graph's replay, :class:`kernels.trainer.train.StepGraph`), no tiled MLP."""
+        return not (self.offload_weights or self.offload_checkpoints or self.offload_lm_head or self.mlp_chunk_tokens)
 
     def knobs(self) -> dict[str, Any]:
         return asdict(self)
@@ -187,7 +199,8 @@ def predict(m: CostModel, p: Plan) -> Prediction:
     streamed one (forward) or after it (backward; the forward's last streamed layer stays), with offloaded
     checkpoints sharing the copy stream in forward and fetched back on the compute stream in backward; an offloaded
     embedding is gathered on the host and shipped; the LM head's copy overlaps the whole forward. A CUDA graph saves
-    the host launches of kept layers. A tiled MLP changes the layers' costs (:attr:`CostModel.tiled_layers`).
+    host launches in every layer (:attr:`CostModel.graph_saving_s`). A tiled MLP changes the layers' costs
+    (:attr:`CostModel.tiled_layers`).
     """
     lay = m.tiled_layers if p.mlp_chunk_tokens else m.layers
     n, a, f, sp = len(lay), m.act_factor, m.time_factor, m.speed
@@ -222,14 +235,16 @@ def predict(m: CostModel, p: Plan) -> Prediction:
     if p.offload_lm_head:
         exposed += max(0.0, m.head_bytes / h2d - pf[n])
     compute = pf[n] + pb[n] + m.loss_s * f
-    saving = GRAPH_SAVING_S * (n - len(rec)) if p.cuda_graph else 0.0
+    kept_s, recomputed_s = m.graph_saving_s
+    saving = kept_s * (n - len(rec)) + recomputed_s * len(rec) if p.cuda_graph else 0.0
     step = m.grad_accum * (compute + exposed - saving) + m.optimizer_s
     return Prediction(peak_bytes=int(static + dynamic), static_bytes=int(static), step_s=step)
 
 
-def candidates(m: CostModel, cuda_graph: bool | None = None) -> Iterator[Plan]:
-    """Every plan the cost model allows (streamed layers always among the recomputed ones; a CUDA graph only without
-    host offload or a tiled MLP); ``cuda_graph`` True / False keeps only plans with / without one."""
+def candidates(m: CostModel, cuda_graph: bool | None = None, embeddings: bool | None = None) -> Iterator[Plan]:
+    """Every plan the cost model allows (streamed layers always among the recomputed ones; a CUDA graph only on a
+    :attr:`Plan.graphable` plan); ``cuda_graph`` True / False keeps only plans with / without one, ``embeddings``
+    only those with / without the input embeddings on the host (what a made step graph fixes)."""
     n = len(m.layers)
     flags = (False, True)
     recompute = [-1, *range(n - 1, 0, -1)] if m.checkpointing else [-1]
@@ -239,15 +254,17 @@ def candidates(m: CostModel, cuda_graph: bool | None = None) -> Iterator[Plan]:
             for s in range(stream_max + 1):
                 for ck in flags if m.checkpointing else (False,):
                     for emb in flags if m.can_offload_embeddings else (False,):
+                        if embeddings is not None and emb != embeddings:
+                            continue
                         for head in flags if m.can_offload_head else (False,):
                             plan = Plan(k, s, ck, emb, head, mlp_chunk_tokens=chunk)
-                            for g in flags if (m.can_graph and not plan.offloads and not chunk) else (False,):
+                            for g in flags if (m.can_graph and plan.graphable) else (False,):
                                 if cuda_graph is None or g == cuda_graph:
                                     yield replace(plan, cuda_graph=g)
 
 
-def _ranked(m: CostModel, cuda_graph: bool | None) -> list[tuple[Prediction, Plan]]:
-    return [(predict(m, p), p) for p in candidates(m, cuda_graph)]
+def _ranked(m: CostModel, cuda_graph: bool | None, embeddings: bool | None) -> list[tuple[Prediction, Plan]]:
+    return [(predict(m, p), p) for p in candidates(m, cuda_graph, embeddings)]
 
 
 def _order(p: Plan) -> tuple:
@@ -259,7 +276,8 @@ def _order(p: Plan) -> tuple:
             p.offload_embeddings, p.offload_lm_head, p.cuda_graph, p.mlp_chunk_tokens or 0)
 
 
-def choose(m: CostModel, budget_bytes: float, cuda_graph: bool | None = None) -> Plan | None:
+def choose(m: CostModel, budget_bytes: float, cuda_graph: bool | None = None,
+           embeddings: bool | None = None) -> Plan | None:
     """The plan with the lowest predicted step time whose predicted peak is within ``budget_bytes``.
 
     Ties go to the plan with fewer knobs moved, then to the smaller peak (a fixed order of plans), so the choice
@@ -269,14 +287,14 @@ def choose(m: CostModel, budget_bytes: float, cuda_graph: bool | None = None) ->
     Returns:
         The plan, or None when even the leanest one is predicted over the budget.
     """
-    fitting = [(pr.step_s, _order(p)[0], pr.peak_bytes, _order(p), p) for pr, p in _ranked(m, cuda_graph)
+    fitting = [(pr.step_s, _order(p)[0], pr.peak_bytes, _order(p), p) for pr, p in _ranked(m, cuda_graph, embeddings)
                if pr.peak_bytes <= budget_bytes]
     return min(fitting, key=lambda t: t[:4])[4] if fitting else None
 
 
-def lean_plan(m: CostModel, cuda_graph: bool | None = None) -> Plan:
+def lean_plan(m: CostModel, cuda_graph: bool | None = None, embeddings: bool | None = None) -> Plan:
     """The plan with the smallest predicted peak (ties: the faster one)."""
-    return min(_ranked(m, cuda_graph), key=lambda t: (t[0].peak_bytes, t[0].step_s, _order(t[1])))[1]
+    return min(_ranked(m, cuda_graph, embeddings), key=lambda t: (t[0].peak_bytes, t[0].step_s, _order(t[1])))[1]
 
 
 def _layer_params(cfg: DecoderConfig) -> dict[str, tuple[int, int]]:
@@ -402,4 +420,5 @@ def costs_for(cfg: DecoderConfig, method: MethodOptions, micro_batch: int, grad_
         can_stream=method.kind in ("lora", "dora") and not cfg.moe, can_offload_embeddings=peft and untied,
         can_offload_head=peft and untied,
         can_graph=(device.type == "cuda" and method.lora_dropout == 0 and not packed and optimizer != "sgd"),
+        graph_saving_s=(QLORA_GRAPH_SAVING_S,) * 2 if qlora else (GRAPH_SAVING_S, GRAPH_SAVING_RECOMPUTED_S),
         tiled_layers=(layer_cost(MLP_CHUNK_TOKENS),) * n if may_tile else ())

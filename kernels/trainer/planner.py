@@ -111,7 +111,8 @@ def reconfigure(model: DecoderModel, options: MethodOptions) -> None:
     What goes to the host goes first (embeddings, head, newly streamed layers), then what comes back to the device,
     so the move itself needs no more device memory than the larger of the two plans; the MLP's tiling changes with
     nothing to move. Trainable parameters do not move, so the optimizer and its state stay valid. The CUDA graph knob
-    cannot change here (a run's step graph is made when training starts).
+    cannot change here (a run's step graph is made when training starts), nor, in a graphed run, where the input
+    embeddings live (the graph reads them from its own buffers).
     """
     dev = model.device_of_compute
     cuda = dev.type == "cuda"
@@ -231,9 +232,11 @@ class Planner:
         self.record["probe"] = probe
         over = peak is not None and peak > self.prediction.peak_bytes
         current = predict(costs, plan)
-        best = choose(costs, self.usable, cuda_graph=plan.cuda_graph)  # the step graph, if any, is already made
+        # the step graph, if any, is already made: it keeps its graph, and where its inputs come from
+        fixed = {"cuda_graph": plan.cuda_graph, "embeddings": plan.offload_embeddings if plan.cuda_graph else None}
+        best = choose(costs, self.usable, **fixed)
         if best is None and over:
-            best = lean_plan(costs, cuda_graph=plan.cuda_graph)
+            best = lean_plan(costs, **fixed)
         faster = best is not None and predict(costs, best).step_s < (1 - SWITCH_GAIN) * current.step_s
         if best is None or best == plan or not (over or faster):
             return False

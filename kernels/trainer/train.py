@@ -138,6 +138,11 @@ class StepGraph:
     so nothing accumulates across replays) and the captured AdamW reads them; they are never set to None.
     ``capture=False`` runs the same static-buffer step eagerly every time (CPU tests of everything but the
     capture itself).
+
+    An input embedding table on the host (``offload_embeddings``, frozen): a graph cannot capture the host's gather,
+    so each step's rows are gathered from it here, into a pinned buffer copied to static device buffers, before
+    the replay; the captured forward starts from those (the model's ``_staged_embeddings``: its ``_embed`` takes
+    them for these very ``ids`` tensors).
     """
 
     def __init__(self, model: torch.nn.Module, opt: torch.optim.Optimizer, s: TrainSettings, length: int,
@@ -148,6 +153,15 @@ class StepGraph:
         self.ids = [torch.full(shape, s.pad_id, dtype=torch.long, device=device) for _ in range(s.grad_accum)]
         self.labels = [torch.full(shape, -100, dtype=torch.long, device=device) for _ in range(s.grad_accum)]
         self.n_loss = torch.ones((), dtype=torch.float32, device=device)
+        self.table: torch.Tensor | None = None
+        if getattr(getattr(model, "options", None), "offload_embeddings", False):
+            self.table = model.model.embed_tokens.weight
+            width = (*shape, self.table.shape[1])
+            self.hidden = [torch.empty(width, dtype=self.table.dtype, device=device) for _ in self.ids]
+            self.host_hidden = [torch.empty(width, dtype=self.table.dtype, pin_memory=capture) for _ in self.ids]
+            model.__dict__["_staged_embeddings"] = list(zip(self.ids, self.hidden, strict=True))
+        else:
+            model.__dict__.pop("_staged_embeddings", None)
         self.stream = torch.cuda.Stream(device=device) if capture else None
         self.graph: Any = None
         self.total: torch.Tensor | None = None
@@ -176,6 +190,10 @@ class StepGraph:
             ids[:rows, :n].copy_(batches[i]["input_ids"])
             labels[:rows, :n].copy_(batches[i]["labels"])
         self.n_loss.fill_(max(n_loss, 1))
+        if self.table is not None:  # the host gather; the last step's copies finished (its loss was read)
+            for ids, host, dev in zip(self.ids, self.host_hidden, self.hidden, strict=True):
+                torch.index_select(self.table, 0, ids.view(-1).cpu(), out=host.view(-1, host.shape[-1]))
+                dev.copy_(host, non_blocking=True)
 
     def _step(self) -> torch.Tensor:
         batches = [{"input_ids": ids, "labels": labels} for ids, labels in zip(self.ids, self.labels, strict=True)]

@@ -120,12 +120,19 @@ def test_predicted_costs_of_each_knob():
     assert head.static_bytes == base.static_bytes - 200 * MIB and head.peak_bytes <= base.peak_bytes
     graph = predict(m, Plan(recompute_layers=1, cuda_graph=True))
     assert graph.peak_bytes - predict(m, Plan(recompute_layers=1)).peak_bytes == plan_mod.GRAPH_EXTRA_BYTES
+    # the graph saves host launches per layer and micro-batch: 7 kept and 1 recomputing here
+    kept_s, recomputed_s = m.graph_saving_s
+    assert predict(m, Plan(recompute_layers=1)).step_s - graph.step_s == pytest.approx(2 * (7 * kept_s + recomputed_s))
 
 
 def test_candidates_respect_the_trainers_rules():
     m = synthetic()
     plans = list(candidates(m))
-    assert all(not (p.cuda_graph and p.offloads) for p in plans)
+    # a graph takes no host copy inside the step; an offloaded input embedding is gathered before the replay
+    graphed = [p for p in plans if p.cuda_graph]
+    assert graphed and not any(p.offload_weights or p.offload_checkpoints or p.offload_lm_head for p in graphed)
+    assert any(p.offload_embeddings for p in graphed)
+    assert {p.offload_embeddings for p in candidates(m, cuda_graph=True, embeddings=True)} == {True}
     assert all(p.offload_weights <= (8 if p.recompute_layers == -1 else p.recompute_layers) for p in plans)
     assert len(plans) == len(set(plans))
     no_ckpt = CostModel(**{**vars(m), "checkpointing": False})

@@ -39,9 +39,11 @@ def _rows(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
-def _train(ckpt, graphed: bool, device: str, kind: str = "lora", steps: int = 6, dtype=torch.float32):  # noqa: ANN001, ANN202
+def _train(ckpt, graphed: bool, device: str, kind: str = "lora", steps: int = 6, dtype=torch.float32,  # noqa: ANN001, ANN202
+           offload_embeddings: bool = False):
     torch.manual_seed(0)
-    opts = MethodOptions(kind=kind, lora_r=8, lora_alpha=16, gradient_checkpointing=True, recompute_layers=1)
+    opts = MethodOptions(kind=kind, lora_r=8, lora_alpha=16, gradient_checkpointing=True, recompute_layers=1,
+                         offload_embeddings=offload_embeddings)
     model = load_model(ckpt, opts, dtype=dtype, device=device, seed=0)
     model.options.cuda_graph = graphed  # set after loading: the load-time check refuses a CPU device
     s = TrainSettings(micro_batch=2, grad_accum=2, steps=steps, lr=1e-3, lr_scheduler="cosine", pad_id=PAD)
@@ -57,6 +59,26 @@ def test_static_buffer_step_matches_eager_loop(ckpt, kind):  # noqa: ANN001
     assert len(set(eager)) == len(eager)  # the loss moves: parameters, lr schedule and batches change per step
     for n, p in p_eager.items():
         torch.testing.assert_close(p_graphed[n], p, atol=1e-5, rtol=1e-5, msg=n)
+
+
+def test_offloaded_embeddings_are_staged_for_the_graph(ckpt):  # noqa: ANN001
+    """An input embedding table on the host: the graphed step gathers each step's rows before the replay into
+    static buffers the forward starts from (tiny-llama's embeddings are untied: the table can go to the host)."""
+    eager, p_eager = _train(ckpt, False, "cpu", offload_embeddings=True)
+    graphed, p_graphed = _train(ckpt, True, "cpu", offload_embeddings=True)
+    assert graphed == pytest.approx(eager, abs=1e-5)
+    for n, p in p_eager.items():
+        torch.testing.assert_close(p_graphed[n], p, atol=1e-5, rtol=1e-5, msg=n)
+    model = load_model(ckpt, MethodOptions(kind="lora", offload_embeddings=True), dtype=torch.float32, device="cpu",
+                       seed=0)
+    model.options.cuda_graph = True
+    train(model, _rows(4), TrainSettings(micro_batch=2, grad_accum=2, steps=1, pad_id=PAD), device=torch.device("cpu"))
+    graph = model._step_graph
+    assert [ids for ids, _ in model._staged_embeddings] == graph.ids
+    for ids, hidden in model._staged_embeddings:  # the last step's rows, as the table gives them
+        torch.testing.assert_close(hidden, model.model.embed_tokens.weight[ids])
+        assert model._embed(ids) is hidden  # what the captured forward reads: no gather inside the graph
+    assert model._embed(graph.ids[0].clone()) is not graph.hidden[0]  # any other rows: the table
 
 
 def test_cuda_graph_option_is_checked_at_load(ckpt):  # noqa: ANN001
@@ -76,12 +98,14 @@ def test_graphed_step_refuses_packed_rows(ckpt):  # noqa: ANN001
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kind", ["lora", "qlora", "full"])
-def test_captured_step_matches_eager_on_gpu(ckpt, kind):  # noqa: ANN001
+@pytest.mark.parametrize(("kind", "offload_embeddings"), [("lora", False), ("qlora", False), ("full", False),
+                                                          ("qlora", True)])
+def test_captured_step_matches_eager_on_gpu(ckpt, kind, offload_embeddings):  # noqa: ANN001
     """Capture after 2 eager steps, then replays: same losses as the eager loop (fp32; padding to the longest row
-    changes GEMM shapes, so cuBLAS may sum in another order: 1e-4)."""
-    eager, p_eager = _train(ckpt, False, "cuda", kind, steps=8)
-    graphed, p_graphed = _train(ckpt, True, "cuda", kind, steps=8)
+    changes GEMM shapes, so cuBLAS may sum in another order: 1e-4). With the input embeddings on the host, each
+    replay starts from the rows gathered before it."""
+    eager, p_eager = _train(ckpt, False, "cuda", kind, steps=8, offload_embeddings=offload_embeddings)
+    graphed, p_graphed = _train(ckpt, True, "cuda", kind, steps=8, offload_embeddings=offload_embeddings)
     assert graphed == pytest.approx(eager, abs=1e-4)
     for n, p in p_eager.items():
         torch.testing.assert_close(p_graphed[n], p, atol=1e-5, rtol=1e-4, msg=n)
