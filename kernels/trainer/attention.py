@@ -29,6 +29,7 @@ from torch import nn
 
 from kernels.trainer.config import DecoderConfig
 from kernels.trainer.linear import Linear, project
+from kernels.trainer.norm import RMSNorm
 from kernels.trainer.opset import FUSED_OPS
 from kernels.trainer.torch_ops import softcap_attention
 
@@ -166,7 +167,7 @@ def packed_attention_mask(position_ids: torch.Tensor, h: torch.Tensor, varlen: b
 
 class Attention(nn.Module):
     """Self-attention with transformers' projection names: ``q_proj``/``k_proj``/``v_proj`` or Phi-3's fused
-    ``qkv_proj`` (kept fused: PEFT puts one LoRA pair on it), and ``o_proj``.
+    ``qkv_proj`` (kept fused: PEFT puts one LoRA pair on it), and ``o_proj``; Qwen3's ``q_norm`` / ``k_norm``.
 
     Gemma-2's score scale and soft-capping go through :func:`~kernels.trainer.torch_ops.softcap_attention` (no
     fused kernel takes a score modifier); a sliding-window layer receives its windowed mask from the model.
@@ -174,6 +175,7 @@ class Attention(nn.Module):
 
     ops = FUSED_OPS
     group_projections = True  # apply_method sets MethodOptions.group_projections on every block
+    qk_norm = False
 
     def __init__(self, cfg: DecoderConfig, dtype: torch.dtype, device: torch.device):
         super().__init__()
@@ -191,6 +193,10 @@ class Attention(nn.Module):
         self.k_proj = Linear(h, cfg.num_kv_heads * d, cfg.qkv_bias, dtype, device)
         self.v_proj = Linear(h, cfg.num_kv_heads * d, cfg.qkv_bias, dtype, device)
         self.o_proj = Linear(cfg.num_heads * d, h, cfg.o_bias, dtype, device)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm:  # Qwen3: after o_proj, as transformers registers them (the parameters' order)
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dtype, device)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dtype, device)
 
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if not self.fused_qkv:
@@ -206,6 +212,8 @@ class Attention(nn.Module):
         q = q.view(bsz, seq, self.n_heads, self.head_dim)
         k = k.view(bsz, seq, self.n_kv, self.head_dim)
         v = v.view(bsz, seq, self.n_kv, self.head_dim)
+        if self.qk_norm:  # over each head's head_dim (the fused op normalises the last dimension)
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.ops.rope(q, k, cos, sin)
         if isinstance(mask, SharedPrompts):  # preference pairs sharing their prompt: two varlen flash calls
             return self.o_proj(shared_prompt_attention(q, k, v, mask).view(bsz, seq, self.n_heads * self.head_dim))

@@ -1,7 +1,7 @@
 """The trainer's settings: the architecture read from a checkpoint, the method, the loop, and the three together.
 
-- :class:`DecoderConfig`: architecture values of a transformers ``config.json`` (llama, mistral, qwen2, phi3, gemma2,
-  mixtral), with what sets each family apart from Llama as plain fields.
+- :class:`DecoderConfig`: architecture values of a transformers ``config.json`` (llama, mistral, qwen2, qwen3, phi3,
+  gemma2, mixtral), with what sets each family apart from Llama as plain fields.
 - :class:`MethodOptions`: what to train (full / LoRA / DoRA / QLoRA, LoRA settings) and the trainer's knobs
   (recomputation, host offload, CUDA graph, attention path, allocator).
 - :class:`TrainSettings`: the loop (micro-batch, grad accumulation, steps, optimizer, learning rate, schedule).
@@ -25,8 +25,8 @@ import torch
 ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 LINEAR_MODULES = ATTN_MODULES + MLP_MODULES
-MODEL_TYPES = ("llama", "mistral", "qwen2", "phi3", "gemma2", "mixtral")
-# families whose sliding_window (when set) applies to every layer; gemma2 and qwen2 name theirs in layer_types
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "mixtral")
+# families whose sliding_window (when set) applies to every layer; gemma2, qwen2 and qwen3 name theirs in layer_types
 _WINDOW_EVERY_LAYER = ("mistral", "phi3", "mixtral")
 
 
@@ -37,6 +37,8 @@ class DecoderConfig:
     The fields after ``raw`` are what a family changes in the Llama layer; their defaults are Llama's.
 
     Attributes:
+        qk_norm: qwen3: an RMSNorm over each head of the queries and of the keys (``q_norm``, ``k_norm``, one
+            ``head_dim`` weight each), before RoPE.
         fused_qkv / fused_gate_up: phi3: one ``qkv_proj`` and one ``gate_up_proj`` linear (kept fused, as PEFT
             targets them).
         activation: the gated MLP's activation: ``silu`` (SwiGLU) or ``gelu_tanh`` (gemma2's GeGLU).
@@ -68,6 +70,7 @@ class DecoderConfig:
     o_bias: bool
     mlp_bias: bool
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    qk_norm: bool = False
     fused_qkv: bool = False
     fused_gate_up: bool = False
     activation: str = "silu"
@@ -135,9 +138,10 @@ class DecoderConfig:
             rope_scaling=scaling,
             tie_word_embeddings=bool(d.get("tie_word_embeddings", gemma)),
             qkv_bias=True if mt == "qwen2" else attn_bias,  # qwen2 always has q/k/v bias, no o bias
-            o_bias=attn_bias if mt in ("llama", "gemma2") else False,
+            o_bias=attn_bias if mt in ("llama", "gemma2", "qwen3") else False,
             mlp_bias=bool(d.get("mlp_bias", False)),
             raw=dict(d),
+            qk_norm=mt == "qwen3",
             fused_qkv=mt == "phi3",
             fused_gate_up=mt == "phi3",
             activation=activation,

@@ -20,8 +20,9 @@ from torch import nn
 from kernels.ops.nf4 import NF4Tensor, quantize_nf4
 from kernels.trainer.attention import Attention
 from kernels.trainer.config import MLP_MODULES, DecoderConfig, MethodOptions
-from kernels.trainer.model import MLP, DecoderLayer, DecoderModel, RMSNorm
+from kernels.trainer.model import MLP, DecoderLayer, DecoderModel
 from kernels.trainer.moe import Experts, ExpertStacker
+from kernels.trainer.norm import RMSNorm
 from kernels.trainer.offload import WeightStreamer, checkpointed_layer_ids, streamed_layer_ids
 from kernels.trainer.opset import FUSED_OPS, OpSet
 

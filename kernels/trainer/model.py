@@ -1,4 +1,4 @@
-"""A Llama-style decoder for training (llama, mistral, qwen2, phi3, gemma2, mixtral), built on the fused ops in
+"""A Llama-style decoder for training (llama, mistral, qwen2, qwen3, phi3, gemma2, mixtral), built on the fused ops in
 ``kernels.ops``.
 
 It has transformers' module and tensor names (``model.layers.N.self_attn.q_proj``, ``lm_head``), so it loads the
@@ -10,7 +10,8 @@ checkpoint files transformers loads (:mod:`kernels.trainer.loading`) and compute
   residual stream (one tensor per checkpointed layer, not two).
 - RoPE from :mod:`kernels.ops.rope` (``rope_theta``, Llama-3 ``rope_scaling``), positions from ``position_ids``.
 - SwiGLU from :func:`kernels.ops.swiglu.swiglu`.
-- The families' own parts: Phi-3's fused ``qkv_proj`` / ``gate_up_proj`` (kept fused); Gemma-2's ``1 + weight``
+- The families' own parts: Qwen3's per-head RMSNorm of queries and keys; Phi-3's fused ``qkv_proj`` /
+  ``gate_up_proj`` (kept fused); Gemma-2's ``1 + weight``
   norms, sandwich norms, scaled embeddings, GeGLU, soft-capped attention and logits, sliding-window layers
   (:mod:`kernels.trainer.torch_ops`, PyTorch); Mixtral's experts (:mod:`kernels.trainer.moe`).
 - Attention: :mod:`kernels.trainer.attention` (SDPA; packed rows through flash varlen or a block mask).
@@ -39,26 +40,11 @@ from kernels.trainer.attention import Attention, SharedPrompts, packed_attention
 from kernels.trainer.config import DecoderConfig, MethodOptions
 from kernels.trainer.linear import Linear, project
 from kernels.trainer.moe import Experts, SparseMoE, grouped_mm_ok
+from kernels.trainer.norm import RMSNorm
 from kernels.trainer.offload import LayerCall, LayerCheckpoint, WeightStreamer, copy_stream
 from kernels.trainer.opset import FUSED_OPS
 from kernels.trainer.remake import RemadeSaves, tiled_mlp
 from kernels.trainer.torch_ops import geglu, window_mask
-
-
-class RMSNorm(nn.Module):
-    """RMSNorm scaling by ``weight`` (Llama) or by ``1 + weight`` (Gemma-2: ``plus_one``, the sum taken in fp32 as
-    transformers takes it, so the op multiplies by an fp32 scale)."""
-
-    ops = FUSED_OPS  # apply_method sets the model's OpSet on every block
-
-    def __init__(self, n: int, eps: float, dtype: torch.dtype, device: torch.device, plus_one: bool = False):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(n, dtype=dtype, device=device), requires_grad=False)
-        self.eps, self.plus_one = eps, plus_one
-
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):  # noqa: ANN201
-        w = 1.0 + self.weight.float() if self.plus_one else self.weight
-        return self.ops.rms_norm(x, w, self.eps, residual)
 
 
 class MLP(nn.Module):

@@ -380,6 +380,8 @@ def costs_for(cfg: DecoderConfig, method: MethodOptions, micro_batch: int, grad_
     # MoE: each token's k expert inputs, gate, up and SwiGLU outputs, and its router probabilities (fp32)
     mlp_cols = cfg.experts_per_token * (h + 3 * inter) + 4 * cfg.num_experts // act if cfg.moe else 3 * inter
     keep = tokens * (act * ((norms + 2) * h + q + 2 * kv + q + mlp_cols + r_cols) + norms * 4)  # + fp32 rstd
+    if cfg.qk_norm:  # qwen3: the queries and keys before their norms too, and the norms' fp32 rstd per head
+        keep += tokens * ((q + kv) * act + (cfg.num_heads + cfg.num_kv_heads) * 4)
     if method.remake_activations:  # two norm outputs and the dense MLP's gated activation remade in backward
         keep -= tokens * act * (2 * h + (0 if cfg.moe else inter))
     if cfg.attn_softcap is not None:  # eager attention: fp32 scores and probabilities, probabilities in act

@@ -1,4 +1,4 @@
-"""kernels.trainer on the families beyond Llama (Phi-3, Gemma-2, Mixtral) against transformers (+ PEFT).
+"""kernels.trainer on the families beyond Llama (Phi-3, Gemma-2, Mixtral, Qwen3) against transformers (+ PEFT).
 
 The same checks as the Llama family's (tests/kernels/test_trainer_model.py, test_trainer_save.py), per family, on
 its tiny preset with random norms and biases: logits, the loss and every trainable gradient (LoRA and full
@@ -29,12 +29,13 @@ from tests.kernels.checkpoints import byte_rows, perturbed_checkpoint, preset_ch
 
 ATOL = 1e-5
 GRAD_TOL = {"atol": 1e-5, "rtol": 1e-4}
-PRESETS = ("tiny-phi3", "tiny-gemma2", "tiny-mixtral")
+PRESETS = ("tiny-phi3", "tiny-gemma2", "tiny-mixtral", "tiny-qwen3")
 # what all-linear means per family (harness.inputs.models.FAMILIES): Mixtral's experts are not linear modules
 TARGETS = {
     "tiny-phi3": ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
     "tiny-gemma2": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
     "tiny-mixtral": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "tiny-qwen3": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
 }
 SEQ = 45  # longer than tiny-gemma2's 32-token window: its sliding layers really slide
 
@@ -104,6 +105,9 @@ def test_config_reads_the_family(checkpoints, preset):  # noqa: ANN001
             True, True, "gelu_tanh", True)
         assert (cfg.attn_softcap, cfg.final_softcap, cfg.sliding_window, cfg.sliding_layers) == (0.5, 0.4, 32, (0,))
         assert cfg.attn_scale == pytest.approx(24 ** -0.5) and cfg.embed_scale == pytest.approx(8.0)
+    elif preset == "tiny-qwen3":
+        assert (cfg.qk_norm, cfg.tie_word_embeddings, cfg.qkv_bias, cfg.o_bias, cfg.sliding_layers) == (
+            True, True, False, False, ())
     else:
         assert (cfg.num_experts, cfg.experts_per_token, cfg.moe) == (4, 2, True)
         assert cfg.layer_linear_names() == ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -112,7 +116,7 @@ def test_config_reads_the_family(checkpoints, preset):  # noqa: ANN001
                    "tiny-gemma2": {"geglu": "torch", "attention": "torch-eager-softcap",
                                    "fused_linear_cross_entropy": "torch-chunked-softcap",
                                    "fused_linear_logprobs": "torch-chunked-softcap"},
-                   "tiny-mixtral": {"moe_experts": "torch-grouped-mm"}}[preset]
+                   "tiny-mixtral": {"moe_experts": "torch-grouped-mm"}, "tiny-qwen3": {}}[preset]
 
 
 @pytest.mark.parametrize("preset", PRESETS)
