@@ -24,6 +24,8 @@
 set -u
 t0=$(date +%s)
 B=${B:-560}
+# a device call is killed at 600 s: a budget past ~590 s would be cut before the last step's interrupt and pack
+if [ "$B" -gt 590 ]; then echo "B=$B is past a call's 600 s; using 590"; B=590; fi
 R=$PWD
 A=$1
 S=$2

@@ -1,7 +1,9 @@
 """``python -m harness report RESULTS_DIR [--out DIR]``: tables, charts and a report from a stored sweep.
 
-What the report holds is in :mod:`harness.reporting.report`. Exit codes: 0 written, 2 not a results directory
-(or anything unexpected while reading it, or the output cannot be written). A stored file that cannot be read is
+What the report holds is in :mod:`harness.reporting.report`; on a frontier folder, the frontier's report
+(:mod:`harness.reporting.frontier`), and its ``frontier.csv`` / ``frontier.md`` rebuilt from the stored probes. Exit
+codes: 0 written, 2 not a results directory (or anything unexpected while reading it, or the output cannot be
+written). A stored file that cannot be read is
 left out with a warning line on stderr naming it, and a caveat in the report; the rest of the sweep reports.
 
 Examples::
@@ -16,6 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from harness.analysis.frontier import write_frontier_table
 from harness.reporting.frontier import write_frontier_report
 from harness.reporting.report import default_out_dir, write_sweep_report
 from harness.running.frontier import PLAN_FILE
@@ -44,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = args.out or default_out_dir(args.results_dir)
         if (Path(args.results_dir) / PLAN_FILE).is_file():  # a frontier folder: its own report
+            # and its table again from the stored probes (a frontier stopped before its end wrote none since)
+            write_frontier_table(Path(args.results_dir))
             md = write_frontier_report(Path(args.results_dir), out)
             print(f"report: {md}\n        {md.with_name('report.html')}")
             return EXIT_OK

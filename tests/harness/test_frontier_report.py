@@ -141,5 +141,8 @@ def test_a_frontier_writes_its_report_beside_the_results_and_report_rebuilds_it(
     assert "| d-sim | 2 (" in md and "| 4 (" in md and (report / "frontier.png").stat().st_size > 0
     assert "data:image/png;base64," in (report / "report.html").read_text()
     (report / "report.md").unlink()
+    table = (folder / "frontier.md").read_text()
+    (folder / "frontier.md").unlink()  # as a frontier stopped before its end leaves it: no table of its last probes
     assert report_cli.main([str(folder), "--out", str(report)]) == 0
     assert (report / "report.md").read_text() == md
+    assert (folder / "frontier.md").read_text() == table
