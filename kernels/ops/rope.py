@@ -117,24 +117,26 @@ class RoPEFunction(torch.autograd.Function):
 
 
 def rope_inv_freq(head_dim: int, theta: float = 500000.0, scaling: dict | None = None) -> torch.Tensor:
-    """Inverse frequencies ``[head_dim // 2]`` (float32), with optional Llama-3 scaling.
+    """Inverse frequencies ``[head_dim // 2]`` (float32), with optional linear or Llama-3 scaling.
 
-    Mirrors transformers' ``_compute_default_rope_parameters`` / ``_compute_llama3_parameters`` op for op, in
-    float32, so the angles match HF bit for bit.
+    Mirrors transformers' ``_compute_default_rope_parameters`` / ``_compute_linear_scaling_rope_parameters`` /
+    ``_compute_llama3_parameters`` op for op, in float32, so the angles match HF bit for bit.
 
     Args:
         head_dim: Rotary dimension D (even).
         theta: RoPE base (``rope_theta``); 500000 for Llama 3.
-        scaling: None / ``{"rope_type": "default"}``, or Llama 3.1 scaling: ``{"rope_type": "llama3",
-            "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        scaling: None / ``{"rope_type": "default"}``, ``{"rope_type": "linear", "factor": 8.0}``, or Llama 3.1
+            scaling: ``{"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
             "original_max_position_embeddings": 8192}``.
     """
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float) / head_dim))
     rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
     if rope_type == "default":
         return inv_freq
+    if rope_type == "linear":  # positions divided by `factor` (Gemma-3's global layers): transformers' linear scaling
+        return inv_freq / scaling["factor"]
     if rope_type != "llama3":
-        raise NotImplementedError(f"rope_type {rope_type!r} (only 'default' and 'llama3')")
+        raise NotImplementedError(f"rope_type {rope_type!r} (only 'default', 'linear' and 'llama3')")
     factor = scaling["factor"]
     low_freq_factor = scaling["low_freq_factor"]
     high_freq_factor = scaling["high_freq_factor"]

@@ -167,7 +167,8 @@ def packed_attention_mask(position_ids: torch.Tensor, h: torch.Tensor, varlen: b
 
 class Attention(nn.Module):
     """Self-attention with transformers' projection names: ``q_proj``/``k_proj``/``v_proj`` or Phi-3's fused
-    ``qkv_proj`` (kept fused: PEFT puts one LoRA pair on it), and ``o_proj``; Qwen3's ``q_norm`` / ``k_norm``.
+    ``qkv_proj`` (kept fused: PEFT puts one LoRA pair on it), and ``o_proj``; Qwen3's and Gemma-3's ``q_norm`` /
+    ``k_norm``.
 
     Gemma-2's score scale and soft-capping go through :func:`~kernels.trainer.torch_ops.softcap_attention` (no
     fused kernel takes a score modifier); a sliding-window layer receives its windowed mask from the model.
@@ -194,9 +195,9 @@ class Attention(nn.Module):
         self.v_proj = Linear(h, cfg.num_kv_heads * d, cfg.qkv_bias, dtype, device)
         self.o_proj = Linear(cfg.num_heads * d, h, cfg.o_bias, dtype, device)
         self.qk_norm = cfg.qk_norm
-        if cfg.qk_norm:  # Qwen3: after o_proj, as transformers registers them (the parameters' order)
-            self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dtype, device)
-            self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dtype, device)
+        if cfg.qk_norm:  # Qwen3, Gemma-3: after o_proj, as transformers registers them (the parameters' order)
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dtype, device, cfg.norm_plus_one)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dtype, device, cfg.norm_plus_one)
 
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if not self.fused_qkv:

@@ -1,7 +1,7 @@
 """The trainer's settings: the architecture read from a checkpoint, the method, the loop, and the three together.
 
 - :class:`DecoderConfig`: architecture values of a transformers ``config.json`` (llama, mistral, qwen2, qwen3, phi3,
-  gemma2, mixtral), with what sets each family apart from Llama as plain fields.
+  gemma2, gemma3_text, mixtral), with what sets each family apart from Llama as plain fields.
 - :class:`MethodOptions`: what to train (full / LoRA / DoRA / QLoRA, LoRA settings) and the trainer's knobs
   (recomputation, host offload, CUDA graph, attention path, allocator).
 - :class:`TrainSettings`: the loop (micro-batch, grad accumulation, steps, optimizer, learning rate, schedule).
@@ -25,9 +25,20 @@ import torch
 ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 LINEAR_MODULES = ATTN_MODULES + MLP_MODULES
-MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "mixtral")
-# families whose sliding_window (when set) applies to every layer; gemma2, qwen2 and qwen3 name theirs in layer_types
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "mixtral")
+# families whose sliding_window (when set) applies to every layer; the others name theirs in layer_types
 _WINDOW_EVERY_LAYER = ("mistral", "phi3", "mixtral")
+
+
+def _rope(mt: str, rp: dict[str, Any], d: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """``(theta, scaling)`` of one set of RoPE parameters (``rope_type`` other than default: the scaling dict), with
+    ``d``'s top-level ``rope_theta`` / ``rope_scaling`` / ``partial_rotary_factor`` where ``rp`` lacks them."""
+    rp = dict(rp)
+    theta = float(rp.pop("rope_theta", d.get("rope_theta", 10000.0)))
+    partial = float(rp.pop("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)))
+    if partial != 1.0:
+        raise NotImplementedError(f"{mt}: partial_rotary_factor {partial} (tunebench rotates whole heads)")
+    return theta, rp if rp and rp.get("rope_type", "default") != "default" else d.get("rope_scaling")
 
 
 @dataclass(frozen=True)
@@ -37,17 +48,19 @@ class DecoderConfig:
     The fields after ``raw`` are what a family changes in the Llama layer; their defaults are Llama's.
 
     Attributes:
-        qk_norm: qwen3: an RMSNorm over each head of the queries and of the keys (``q_norm``, ``k_norm``, one
-            ``head_dim`` weight each), before RoPE.
+        qk_norm: qwen3, gemma3: an RMSNorm over each head of the queries and of the keys (``q_norm``, ``k_norm``,
+            one ``head_dim`` weight each; gemma3's scale by ``1 + weight``), before RoPE.
+        local_rope_theta / local_rope_scaling: gemma3: the RoPE of the sliding-window layers (None: they rotate as
+            the others).
         fused_qkv / fused_gate_up: phi3: one ``qkv_proj`` and one ``gate_up_proj`` linear (kept fused, as PEFT
             targets them).
         activation: the gated MLP's activation: ``silu`` (SwiGLU) or ``gelu_tanh`` (gemma2's GeGLU).
-        norm_plus_one: gemma2: RMSNorm scales by ``1 + weight``.
-        sandwich_norms: gemma2: the attention and MLP outputs are normed before the residual add
+        norm_plus_one: gemma2, gemma3: RMSNorm scales by ``1 + weight``.
+        sandwich_norms: gemma2, gemma3: the attention and MLP outputs are normed before the residual add
             (``post_attention_layernorm``, ``post_feedforward_layernorm``); the MLP input by
             ``pre_feedforward_layernorm``.
-        embed_scale: gemma2: embeddings multiplied by ``sqrt(hidden)`` (in the weights' dtype, as transformers).
-        attn_scale: gemma2: ``query_pre_attn_scalar ** -0.5`` (None: ``head_dim ** -0.5``).
+        embed_scale: gemma2, gemma3: embeddings multiplied by ``sqrt(hidden)`` (in the weights' dtype, as transformers).
+        attn_scale: gemma2, gemma3: ``query_pre_attn_scalar ** -0.5`` (None: ``head_dim ** -0.5``).
         attn_softcap / final_softcap: gemma2: ``cap * tanh(x / cap)`` of the attention scores / of the logits.
         sliding_window / sliding_layers: a causal window of this many keys (the query's own included) in these
             layers.
@@ -71,6 +84,8 @@ class DecoderConfig:
     mlp_bias: bool
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
     qk_norm: bool = False
+    local_rope_theta: float | None = None
+    local_rope_scaling: dict[str, Any] | None = None
     fused_qkv: bool = False
     fused_gate_up: bool = False
     activation: str = "silu"
@@ -90,13 +105,16 @@ class DecoderConfig:
         mt = d["model_type"]
         if mt not in MODEL_TYPES:
             raise NotImplementedError(f"model_type {mt!r}: tunebench trains {', '.join(MODEL_TYPES)}")
-        # transformers 5 writes rope_parameters {rope_type, rope_theta, ...}; older files rope_theta + rope_scaling
-        rp = dict(d.get("rope_parameters") or {})
-        theta = float(rp.pop("rope_theta", d.get("rope_theta", 10000.0)))
-        partial = float(rp.pop("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)))
-        if partial != 1.0:
-            raise NotImplementedError(f"{mt}: partial_rotary_factor {partial} (tunebench rotates whole heads)")
-        scaling = rp if rp and rp.get("rope_type", "default") != "default" else d.get("rope_scaling")
+        # transformers 5 writes rope_parameters {rope_type, rope_theta, ...} (gemma3: one such per layer type);
+        # older files rope_theta + rope_scaling (gemma3: + rope_local_base_freq for its sliding layers)
+        rp = d.get("rope_parameters") or {}
+        local = None
+        if "full_attention" in rp:
+            rp, local = rp["full_attention"], rp.get("sliding_attention")
+        elif d.get("rope_local_base_freq") is not None:
+            local = {"rope_theta": d["rope_local_base_freq"]}
+        theta, scaling = _rope(mt, rp, d)
+        local_theta, local_scaling = _rope(mt, dict(local), {}) if local else (None, None)
         heads = int(d["num_attention_heads"])
         attn_bias = bool(d.get("attention_bias", False))
         head_dim = int(d.get("head_dim") or d["hidden_size"] // heads)
@@ -105,9 +123,9 @@ class DecoderConfig:
                 raise NotImplementedError(f"{mt}: {key} {d[key]} (tunebench trains without model dropout)")
         if mt == "mixtral" and d.get("output_router_logits"):
             raise NotImplementedError("mixtral: output_router_logits (the router's auxiliary loss) is not built")
-        gemma = mt == "gemma2"
+        gemma = mt in ("gemma2", "gemma3_text")
         if gemma and d.get("use_bidirectional_attention"):
-            raise NotImplementedError("gemma2: use_bidirectional_attention (tunebench trains causal LMs)")
+            raise NotImplementedError(f"{mt}: use_bidirectional_attention (tunebench trains causal LMs)")
         act = d.get("hidden_activation" if gemma else "hidden_act") or ("gelu_pytorch_tanh" if gemma else "silu")
         activation = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}.get(act)
         if activation is None:
@@ -115,6 +133,9 @@ class DecoderConfig:
         window = d.get("sliding_window")
         if window and d.get("layer_types"):
             sliding = tuple(i for i, t in enumerate(d["layer_types"]) if t == "sliding_attention")
+        elif window and mt == "gemma3_text":  # without layer_types: every sliding_window_pattern-th layer is global
+            pattern = int(d.get("sliding_window_pattern") or 6)
+            sliding = tuple(i for i in range(int(d["num_hidden_layers"])) if (i + 1) % pattern)
         elif window and (mt in _WINDOW_EVERY_LAYER or gemma):
             # gemma2 without layer_types: transformers' default, sliding in every other layer from the first
             sliding = tuple(range(0, int(d["num_hidden_layers"]), 2 if gemma else 1))
@@ -136,12 +157,14 @@ class DecoderConfig:
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
             rope_theta=theta,
             rope_scaling=scaling,
+            local_rope_theta=local_theta,
+            local_rope_scaling=local_scaling,
             tie_word_embeddings=bool(d.get("tie_word_embeddings", gemma)),
             qkv_bias=True if mt == "qwen2" else attn_bias,  # qwen2 always has q/k/v bias, no o bias
-            o_bias=attn_bias if mt in ("llama", "gemma2", "qwen3") else False,
+            o_bias=attn_bias if mt in ("llama", "gemma2", "gemma3_text", "qwen3") else False,
             mlp_bias=bool(d.get("mlp_bias", False)),
             raw=dict(d),
-            qk_norm=mt == "qwen3",
+            qk_norm=mt in ("qwen3", "gemma3_text"),
             fused_qkv=mt == "phi3",
             fused_gate_up=mt == "phi3",
             activation=activation,

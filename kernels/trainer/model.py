@@ -1,5 +1,5 @@
-"""A Llama-style decoder for training (llama, mistral, qwen2, qwen3, phi3, gemma2, mixtral), built on the fused ops in
-``kernels.ops``.
+"""A Llama-style decoder for training (llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3, mixtral), built on the
+fused ops in ``kernels.ops``.
 
 It has transformers' module and tensor names (``model.layers.N.self_attn.q_proj``, ``lm_head``), so it loads the
 checkpoint files transformers loads (:mod:`kernels.trainer.loading`) and computes the same function as
@@ -10,7 +10,8 @@ checkpoint files transformers loads (:mod:`kernels.trainer.loading`) and compute
   residual stream (one tensor per checkpointed layer, not two).
 - RoPE from :mod:`kernels.ops.rope` (``rope_theta``, Llama-3 ``rope_scaling``), positions from ``position_ids``.
 - SwiGLU from :func:`kernels.ops.swiglu.swiglu`.
-- The families' own parts: Qwen3's per-head RMSNorm of queries and keys; Phi-3's fused ``qkv_proj`` /
+- The families' own parts: Qwen3's and Gemma-3's per-head RMSNorm of queries and keys, Gemma-3's own RoPE in its
+  sliding-window layers; Phi-3's fused ``qkv_proj`` /
   ``gate_up_proj`` (kept fused); Gemma-2's ``1 + weight``
   norms, sandwich norms, scaled embeddings, GeGLU, soft-capped attention and logits, sliding-window layers
   (:mod:`kernels.trainer.torch_ops`, PyTorch); Mixtral's experts (:mod:`kernels.trainer.moe`).
@@ -189,12 +190,17 @@ class DecoderModel(nn.Module):
         # a window shorter than the rows, or soft-capped scores: bool masks (no flash kernel takes either)
         windowed = cfg.sliding_window is not None and seq > cfg.sliding_window
         flash_ok = self.options.varlen_attention and not windowed and cfg.attn_softcap is None
+        # gemma3: its sliding-window layers rotate with their own RoPE, whatever the rows' length
+        local_rope = cfg.local_rope_theta is not None
         if position_ids is None:
             cos, sin = self._rope_tables(seq, input_ids.device)
+            rope_local = self._rope_tables(seq, input_ids.device, local=True) if local_rope else (cos, sin)
         else:
             # the layers' "mask" argument: int32 cu_seqlens (varlen) or the [B, S, S] bool mask
             mask = packed_attention_mask(position_ids, h, flash_ok, shared)
             cos, sin = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+            rope_local = (rope_cos_sin(position_ids, cfg.head_dim, cfg.local_rope_theta, cfg.local_rope_scaling)
+                          if local_rope else (cos, sin))
         local = mask
         if windowed:  # the sliding-window layers' mask
             pos = position_ids if position_ids is not None else torch.arange(seq, device=input_ids.device)[None]
@@ -203,10 +209,13 @@ class DecoderModel(nn.Module):
         ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         if ckpt and not h.requires_grad:
             h = h.detach().requires_grad_(True)  # the reentrant-style Function needs a grad-requiring input
+        rope_global = (cos, sin)
         rng = self.training and self.options.lora_dropout > 0
         sliding = set(cfg.sliding_layers) if windowed else set()
+        rotated_locally = set(cfg.sliding_layers) if local_rope else set()
         for i, layer in enumerate(self.model.layers):
             mask = local if i in sliding else full
+            cos, sin = rope_local if i in rotated_locally else rope_global
             extra = (cos, sin) if mask is None else (cos, sin, mask)
             if ckpt and self.checkpointed_layers is not None and i not in self.checkpointed_layers:
                 h = layer(h, cos, sin, mask)  # selective recomputation: this layer keeps its activations
@@ -222,14 +231,18 @@ class DecoderModel(nn.Module):
                 h = layer(h, cos, sin, mask)
         return self.model.norm(h)
 
-    def _rope_tables(self, seq: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin of positions ``0..seq-1``, kept for the next call of the same length (no host-to-device
-        copy of the frequencies per forward: a CUDA graph cannot capture one)."""
-        cached = self.__dict__.get("_rope_cache")
+    def _rope_tables(self, seq: int, device: torch.device, local: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin of positions ``0..seq-1`` (``local``: of gemma3's sliding-window layers), kept for the next call
+        of the same length (no host-to-device copy of the frequencies per forward: a CUDA graph cannot capture
+        one)."""
+        key = "_rope_cache_local" if local else "_rope_cache"
+        cached = self.__dict__.get(key)
         if cached is None or cached[0] != (seq, device):
-            pos = torch.arange(seq, device=device)[None]
-            cached = ((seq, device), *rope_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling))
-            self.__dict__["_rope_cache"] = cached
+            cfg, pos = self.cfg, torch.arange(seq, device=device)[None]
+            theta, scaling = (cfg.local_rope_theta, cfg.local_rope_scaling) if local else (cfg.rope_theta,
+                                                                                          cfg.rope_scaling)
+            cached = ((seq, device), *rope_cos_sin(pos, cfg.head_dim, theta, scaling))
+            self.__dict__[key] = cached
         return cached[1], cached[2]
 
     def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:

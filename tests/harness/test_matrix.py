@@ -23,11 +23,11 @@ def _cell(plan: planning.MatrixPlan, model: str, method: str, framework: str) ->
 
 
 def test_plan_says_why_a_framework_cannot_run_a_cell():
-    plan = planning.plan_matrix(["llama", "gemma3"], ["hf", "tunebench", "unsloth"], ["lora", "qlora", "full"], "cpu")
-    assert plan.models == ["tiny-llama", "tiny-llama2", "tiny-gemma3"]
+    plan = planning.plan_matrix(["llama", "falcon"], ["hf", "tunebench", "unsloth"], ["lora", "qlora", "full"], "cpu")
+    assert plan.models == ["tiny-llama", "tiny-llama2", "tiny-falcon"]
     assert len(plan.cells) == 3 * 3 * 3
     # the trainer's declared families
-    assert "model family 'gemma3' not supported" in _cell(plan, "tiny-gemma3", "lora", "tunebench").unsupported
+    assert "model family 'falcon' not supported" in _cell(plan, "tiny-falcon", "lora", "tunebench").unsupported
     assert _cell(plan, "tiny-llama", "lora", "tunebench").unsupported is None
     # a CUDA-only tool on a CPU
     assert "device 'cpu' not supported" in _cell(plan, "tiny-llama", "full", "unsloth").unsupported
@@ -35,9 +35,9 @@ def test_plan_says_why_a_framework_cannot_run_a_cell():
     for fw in ("hf", "tunebench"):
         assert "qlora needs bitsandbytes" in _cell(plan, "tiny-llama", "qlora", fw).unsupported
     assert "matrix.tiny-llama.qlora" not in plan.scenarios
-    sc = plan.scenarios["matrix.tiny-gemma3.lora"]
+    sc = plan.scenarios["matrix.tiny-falcon.lora"]
     assert sc["frameworks"] == ["hf"] and sc["measure"]["baseline"] == "hf"
-    assert _cell(plan, "tiny-gemma3", "lora", "hf").scenario == "matrix.tiny-gemma3.lora"
+    assert _cell(plan, "tiny-falcon", "lora", "hf").scenario == "matrix.tiny-falcon.lora"
 
 
 def test_every_cell_scenario_of_the_gpu_matrix_validates():
