@@ -8,12 +8,12 @@ checkpoint files transformers loads (:mod:`kernels.trainer.loading`) and compute
 - RMSNorm from :func:`kernels.ops.rms_norm.rms_norm`; the residual add before ``post_attention_layernorm`` is fused
   into it. The add at the end of the block stays a plain add so a layer's only input and output is the
   residual stream (one tensor per checkpointed layer, not two).
-- RoPE from :mod:`kernels.ops.rope` (``rope_theta``, Llama-3 ``rope_scaling``), positions from ``position_ids``.
+- RoPE from :mod:`kernels.ops.rope` (``rope_theta``, Llama-3 or linear ``rope_scaling``), positions from
+  ``position_ids``.
 - SwiGLU from :func:`kernels.ops.swiglu.swiglu`.
 - The families' own parts: Qwen3's and Gemma-3's per-head RMSNorm of queries and keys, Gemma-3's own RoPE in its
-  sliding-window layers; Phi-3's fused ``qkv_proj`` /
-  ``gate_up_proj`` (kept fused); Gemma-2's ``1 + weight``
-  norms, sandwich norms, scaled embeddings, GeGLU, soft-capped attention and logits, sliding-window layers
+  sliding-window layers; Phi-3's fused ``qkv_proj`` / ``gate_up_proj`` (kept fused); Gemma-2's ``1 + weight`` norms,
+  sandwich norms, scaled embeddings, GeGLU, soft-capped attention and logits, sliding-window layers
   (:mod:`kernels.trainer.torch_ops`, PyTorch); Mixtral's experts (:mod:`kernels.trainer.moe`).
 - Attention: :mod:`kernels.trainer.attention` (SDPA; packed rows through flash varlen or a block mask).
 - LM head + loss: :func:`kernels.ops.fused_linear_cross_entropy.fused_linear_cross_entropy` (no
