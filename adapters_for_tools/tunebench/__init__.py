@@ -67,7 +67,8 @@ INFO = AdapterInfo(
     env="base",
     # the model types kernels/trainer/config.py reads (MODEL_TYPES); the other families' rows are stored as
     # unsupported with that reason
-    families=frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "mixtral"}),
+    families=frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "mixtral",
+                        "qwen3_moe"}),
     requires=("torch", "triton", "safetensors", "transformers"),
     version_of="tunebench",
     notes="On CPU the ops run their PyTorch references (TRITON_INTERPRET=1 runs the Triton interpreter instead).",

@@ -1,7 +1,7 @@
 """The trainer's settings: the architecture read from a checkpoint, the method, the loop, and the three together.
 
 - :class:`DecoderConfig`: architecture values of a transformers ``config.json`` (llama, mistral, qwen2, qwen3, phi3,
-  gemma2, gemma3_text, mixtral), with what sets each family apart from Llama as plain fields.
+  gemma2, gemma3_text, mixtral, qwen3_moe), with what sets each family apart from Llama as plain fields.
 - :class:`MethodOptions`: what to train (full / LoRA / DoRA / QLoRA, LoRA settings) and the trainer's knobs
   (recomputation, host offload, CUDA graph, attention path, allocator).
 - :class:`TrainSettings`: the loop (micro-batch, grad accumulation, steps, optimizer, learning rate, schedule).
@@ -25,7 +25,7 @@ import torch
 ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 LINEAR_MODULES = ATTN_MODULES + MLP_MODULES
-MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "mixtral")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "mixtral", "qwen3_moe")
 # families whose sliding_window (when set) applies to every layer; the others name theirs in layer_types
 _WINDOW_EVERY_LAYER = ("mistral", "phi3", "mixtral")
 
@@ -64,7 +64,10 @@ class DecoderConfig:
         attn_softcap / final_softcap: gemma2: ``cap * tanh(x / cap)`` of the attention scores / of the logits.
         sliding_window / sliding_layers: a causal window of this many keys (the query's own included) in these
             layers.
-        num_experts / experts_per_token: mixtral: a sparse MoE block of this many SwiGLU experts, top-k routed.
+        num_experts / experts_per_token: mixtral, qwen3_moe: a sparse MoE block of this many SwiGLU experts (each
+            of ``intermediate_size``: qwen3_moe's ``moe_intermediate_size``), top-k routed.
+        norm_topk_prob: the top-k router probabilities renormalised to sum to 1 (mixtral always; qwen3_moe as its
+            config says).
     """
 
     model_type: str
@@ -99,6 +102,7 @@ class DecoderConfig:
     sliding_layers: tuple[int, ...] = ()
     num_experts: int = 0
     experts_per_token: int = 0
+    norm_topk_prob: bool = True
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DecoderConfig:
@@ -121,8 +125,12 @@ class DecoderConfig:
         for key in ("resid_pdrop", "embd_pdrop", "attention_dropout", "router_jitter_noise"):
             if float(d.get(key) or 0.0):
                 raise NotImplementedError(f"{mt}: {key} {d[key]} (tunebench trains without model dropout)")
-        if mt == "mixtral" and d.get("output_router_logits"):
-            raise NotImplementedError("mixtral: output_router_logits (the router's auxiliary loss) is not built")
+        moe = mt in ("mixtral", "qwen3_moe")
+        if moe and d.get("output_router_logits"):
+            raise NotImplementedError(f"{mt}: output_router_logits (the router's auxiliary loss) is not built")
+        if mt == "qwen3_moe" and (d.get("mlp_only_layers") or int(d.get("decoder_sparse_step") or 1) != 1):
+            raise NotImplementedError("qwen3_moe: dense layers among the sparse ones (mlp_only_layers, "
+                                      "decoder_sparse_step) are not built: every layer is a MoE block here")
         gemma = mt in ("gemma2", "gemma3_text")
         if gemma and d.get("use_bidirectional_attention"):
             raise NotImplementedError(f"{mt}: use_bidirectional_attention (tunebench trains causal LMs)")
@@ -149,7 +157,7 @@ class DecoderConfig:
             model_type=mt,
             vocab_size=int(d["vocab_size"]),
             hidden_size=int(d["hidden_size"]),
-            intermediate_size=int(d["intermediate_size"]),
+            intermediate_size=int(d["moe_intermediate_size"] if mt == "qwen3_moe" else d["intermediate_size"]),
             num_layers=int(d["num_hidden_layers"]),
             num_heads=heads,
             num_kv_heads=int(d.get("num_key_value_heads") or heads),
@@ -161,10 +169,10 @@ class DecoderConfig:
             local_rope_scaling=local_scaling,
             tie_word_embeddings=bool(d.get("tie_word_embeddings", gemma)),
             qkv_bias=True if mt == "qwen2" else attn_bias,  # qwen2 always has q/k/v bias, no o bias
-            o_bias=attn_bias if mt in ("llama", "gemma2", "gemma3_text", "qwen3") else False,
+            o_bias=attn_bias if mt in ("llama", "gemma2", "gemma3_text", "qwen3", "qwen3_moe") else False,
             mlp_bias=bool(d.get("mlp_bias", False)),
             raw=dict(d),
-            qk_norm=mt in ("qwen3", "gemma3_text"),
+            qk_norm=mt in ("qwen3", "gemma3_text", "qwen3_moe"),
             fused_qkv=mt == "phi3",
             fused_gate_up=mt == "phi3",
             activation=activation,
@@ -176,13 +184,15 @@ class DecoderConfig:
             final_softcap=cap("final_logit_softcapping"),
             sliding_window=int(window) if sliding else None,
             sliding_layers=sliding,
-            num_experts=int(d.get("num_local_experts") or 0) if mt == "mixtral" else 0,
-            experts_per_token=int(d.get("num_experts_per_tok") or 0) if mt == "mixtral" else 0,
+            # transformers 5 writes num_local_experts for both; older qwen3_moe files num_experts
+            num_experts=int(d.get("num_local_experts") or d.get("num_experts") or 0) if moe else 0,
+            experts_per_token=int(d.get("num_experts_per_tok") or 0) if moe else 0,
+            norm_topk_prob=mt != "qwen3_moe" or bool(d.get("norm_topk_prob", False)),
         )
 
     @property
     def moe(self) -> bool:
-        """The MLP is a sparse mixture of experts (Mixtral)."""
+        """The MLP is a sparse mixture of experts (Mixtral, Qwen3-MoE)."""
         return self.num_experts > 0
 
     def layer_linear_names(self) -> tuple[str, ...]:

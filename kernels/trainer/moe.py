@@ -1,10 +1,10 @@
-"""Mixtral's sparse mixture-of-experts block, and the reading of its expert weights from a checkpoint.
+"""Mixtral's and Qwen3-MoE's sparse mixture-of-experts block, and the reading of its expert weights from a checkpoint.
 
 Module and tensor names are transformers 5's (``model.layers.N.mlp.gate.weight`` ``[E, H]``,
 ``mlp.experts.gate_up_proj`` ``[E, 2I, H]``, ``mlp.experts.down_proj`` ``[E, H, I]``), so a full checkpoint we
 save loads in transformers as it is; checkpoints in the original per-expert layout
-(``block_sparse_moe.experts.N.w1/w2/w3.weight``, what transformers itself still writes) are stacked as they are
-read (:class:`ExpertStacker`).
+(Mixtral's ``block_sparse_moe.experts.N.w1/w2/w3.weight``, Qwen3-MoE's ``mlp.experts.N.gate_proj/up_proj/
+down_proj.weight``: what transformers itself still writes) are stacked as they are read (:class:`ExpertStacker`).
 
 The experts are 3-D tensors, not linear modules: PEFT's ``all-linear`` leaves them (and the router) out, so LoRA
 trains the attention projections here too; full fine-tuning trains experts and router.
@@ -23,14 +23,18 @@ from kernels.trainer.config import DecoderConfig
 from kernels.trainer.opset import FUSED_OPS
 
 _LEGACY = re.compile(r"^(model\.layers\.\d+)\.block_sparse_moe\.(?:experts\.(\d+)\.(w[123])\.weight|gate\.weight)$")
+# Qwen3-MoE's per-expert names (its router is already mlp.gate.weight), as Mixtral's w1 (gate), w3 (up), w2 (down)
+_LEGACY_QWEN = re.compile(r"^(model\.layers\.\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_QWEN_AS_W = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
 
 
 class Router(nn.Module):
-    """Top-k router: softmax over the experts in fp32, the top-k probabilities renormalised to sum to 1 (Mixtral)."""
+    """Top-k router: softmax over the experts in fp32, the top-k probabilities renormalised to sum to 1 (Mixtral;
+    Qwen3-MoE where its ``norm_topk_prob`` says so)."""
 
     def __init__(self, cfg: DecoderConfig, dtype: torch.dtype, device: torch.device):
         super().__init__()
-        self.top_k = cfg.experts_per_token
+        self.top_k, self.renormalise = cfg.experts_per_token, cfg.norm_topk_prob
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size, dtype=dtype, device=device),
                                    requires_grad=False)
 
@@ -38,7 +42,7 @@ class Router(nn.Module):
         """``[T, H]`` in; ``([T, k]`` fp32 weights, ``[T, k]`` expert ids``)``."""
         probs = torch.softmax(F.linear(x, self.weight).float(), dim=-1)
         top_w, top_i = torch.topk(probs, self.top_k, dim=-1)
-        return top_w / top_w.sum(dim=-1, keepdim=True), top_i
+        return (top_w / top_w.sum(dim=-1, keepdim=True) if self.renormalise else top_w), top_i
 
 
 def grouped_mm_ok(x: torch.Tensor, inter: int) -> bool:
@@ -108,7 +112,7 @@ class Experts(nn.Module):
 
 
 class SparseMoE(nn.Module):
-    """Mixtral's block: router (``gate``) then the routed experts (``experts``)."""
+    """The sparse block: router (``gate``) then the routed experts (``experts``)."""
 
     def __init__(self, cfg: DecoderConfig, dtype: torch.dtype, device: torch.device):
         super().__init__()
@@ -124,8 +128,9 @@ class SparseMoE(nn.Module):
 
 
 class ExpertStacker:
-    """Reads original-layout Mixtral expert tensors (``block_sparse_moe.experts.N.w1/w3/w2.weight``,
-    ``block_sparse_moe.gate.weight``) into the stacked parameters as they arrive from the checkpoint files."""
+    """Reads original-layout expert tensors (Mixtral's ``block_sparse_moe.experts.N.w1/w3/w2.weight`` and
+    ``block_sparse_moe.gate.weight``, Qwen3-MoE's ``mlp.experts.N.gate_proj/up_proj/down_proj.weight``) into the
+    stacked parameters as they arrive from the checkpoint files."""
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -135,9 +140,12 @@ class ExpertStacker:
         """Copy the tensor ``read()`` of a legacy ``key`` into place; returns the parameter name it filled (None:
         not a legacy MoE key, nothing read)."""
         m = _LEGACY.match(key)
-        if m is None:
+        if m is not None:
+            layer, expert, which = m.groups()
+        elif (q := _LEGACY_QWEN.match(key)) is not None:
+            layer, expert, which = q.group(1), q.group(2), _QWEN_AS_W[q.group(3)]
+        else:
             return None
-        layer, expert, which = m.groups()
         moe = self.model.get_submodule(f"{layer}.mlp")
         if expert is None:
             _fill(moe.gate, "weight", None, read())

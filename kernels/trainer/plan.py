@@ -362,7 +362,7 @@ def costs_for(cfg: DecoderConfig, method: MethodOptions, micro_batch: int, grad_
     lora_params = sum(method.lora_r * sum(shapes[t]) + (shapes[t][1] if method.kind == "dora" else 0)
                       for t in targets)
     norms = 4 if cfg.sandwich_norms else 2
-    per_layer_small = (norms * h + biases) * act  # norms and biases stay on the device
+    per_layer_small = (norms * h + 2 * cfg.head_dim * cfg.qk_norm + biases) * act  # norms, biases stay on the device
     embed = cfg.vocab_size * h * act
     head = 0 if cfg.tie_word_embeddings else embed
     n = cfg.num_layers

@@ -29,7 +29,7 @@ from tests.kernels.checkpoints import byte_rows, perturbed_checkpoint, preset_ch
 
 ATOL = 1e-5
 GRAD_TOL = {"atol": 1e-5, "rtol": 1e-4}
-PRESETS = ("tiny-phi3", "tiny-gemma2", "tiny-mixtral", "tiny-qwen3", "tiny-gemma3")
+PRESETS = ("tiny-phi3", "tiny-gemma2", "tiny-mixtral", "tiny-qwen3", "tiny-gemma3", "tiny-qwen3-moe")
 # what all-linear means per family (harness.inputs.models.FAMILIES): Mixtral's experts are not linear modules
 TARGETS = {
     "tiny-phi3": ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
@@ -37,6 +37,7 @@ TARGETS = {
     "tiny-mixtral": ("q_proj", "k_proj", "v_proj", "o_proj"),
     "tiny-qwen3": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
     "tiny-gemma3": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "tiny-qwen3-moe": ("q_proj", "k_proj", "v_proj", "o_proj"),
 }
 SEQ = 45  # longer than tiny-gemma2's 32-token window: its sliding layers really slide
 
@@ -55,9 +56,11 @@ GEMMA3_ROPE = {"rope_parameters": {"full_attention": {"rope_type": "linear", "fa
 
 def _perturbed_checkpoint(preset: str, out_dir, seed: int = 0):  # noqa: ANN001, ANN202
     """:func:`perturbed_checkpoint`; Gemma-2's with :data:`GEMMA2_FUNCTION` and queries scaled up 8x, so that its
-    scores reach the cap; Gemma-3's with :data:`GEMMA3_ROPE`."""
+    scores reach the cap; Gemma-3's with :data:`GEMMA3_ROPE`; Qwen3-MoE's router without renormalisation."""
     if preset == "tiny-gemma3":
         return perturbed_checkpoint(preset, out_dir, seed, config=GEMMA3_ROPE)
+    if preset == "tiny-qwen3-moe":  # transformers' default, unlike Mixtral's router: top-k weights not renormalised
+        return perturbed_checkpoint(preset, out_dir, seed, config={"norm_topk_prob": False})
     if preset != "tiny-gemma2":
         return perturbed_checkpoint(preset, out_dir, seed)
 
@@ -118,6 +121,10 @@ def test_config_reads_the_family(checkpoints, preset):  # noqa: ANN001
             True, True, True, None, None)
         assert (cfg.sliding_window, cfg.sliding_layers, cfg.rope_theta, cfg.local_rope_theta) == (32, (0,), 1e6, 1e4)
         assert (cfg.rope_scaling, cfg.local_rope_scaling) == ({"rope_type": "linear", "factor": 4.0}, None)
+    elif preset == "tiny-qwen3-moe":  # every layer sparse; the experts are moe_intermediate_size wide
+        assert (cfg.qk_norm, cfg.num_experts, cfg.experts_per_token, cfg.intermediate_size, cfg.norm_topk_prob) == (
+            True, 4, 2, 32, False)
+        assert cfg.layer_linear_names() == ("q_proj", "k_proj", "v_proj", "o_proj")
     elif preset == "tiny-qwen3":
         assert (cfg.qk_norm, cfg.tie_word_embeddings, cfg.qkv_bias, cfg.o_bias, cfg.sliding_layers) == (
             True, True, False, False, ())
@@ -130,6 +137,7 @@ def test_config_reads_the_family(checkpoints, preset):  # noqa: ANN001
                                    "fused_linear_cross_entropy": "torch-chunked-softcap",
                                    "fused_linear_logprobs": "torch-chunked-softcap"},
                    "tiny-mixtral": {"moe_experts": "torch-grouped-mm"}, "tiny-qwen3": {},
+                   "tiny-qwen3-moe": {"moe_experts": "torch-grouped-mm"},
                    "tiny-gemma3": {"geglu": "torch", "attention_sliding_window": "sdpa-window-mask (rows longer than "
                                                                                  "the window)"}}[preset]
 
@@ -323,7 +331,7 @@ def test_full_checkpoint_loads_in_transformers(checkpoints, tmp_path, preset):  
 @pytest.mark.parametrize("preset", PRESETS)
 def test_plan_counts_the_family_weights(checkpoints, preset):  # noqa: ANN001
     """The planner's cost model counts one layer's frozen weights as the loaded model holds them (fused projections,
-    Gemma-2's four norms, Mixtral's dense experts and router), and the trainable LoRA state."""
+    Gemma-2's four norms, Mixtral's and Qwen3-MoE's dense experts and router), and the trainable LoRA state."""
     from kernels.trainer.plan import costs_for
 
     ckpt = checkpoints[preset]
@@ -335,7 +343,7 @@ def test_plan_counts_the_family_weights(checkpoints, preset):  # noqa: ANN001
     assert m.layers[0].weight_bytes == frozen
     lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert m.trainable_state_bytes == lora * 4 * 3  # fp32 gradients, Adam's m and v
-    assert not m.can_stream if preset == "tiny-mixtral" else m.can_stream
+    assert m.can_stream is not model.cfg.moe  # streamed layers are dense ones
 
 
 def test_unsupported_parts_say_so():
@@ -351,6 +359,11 @@ def test_unsupported_parts_say_so():
         DecoderConfig.from_dict(base | {"model_type": "gemma3_text", "use_bidirectional_attention": True})
     with pytest.raises(NotImplementedError, match="output_router_logits"):
         DecoderConfig.from_dict(base | {"model_type": "mixtral", "output_router_logits": True})
+    qwen_moe = base | {"model_type": "qwen3_moe", "moe_intermediate_size": 8, "num_experts": 4}
+    with pytest.raises(NotImplementedError, match="qwen3_moe: dense layers among the sparse ones"):
+        DecoderConfig.from_dict(qwen_moe | {"mlp_only_layers": [0]})
+    with pytest.raises(NotImplementedError, match="qwen3_moe: dense layers among the sparse ones"):
+        DecoderConfig.from_dict(qwen_moe | {"decoder_sparse_step": 2})
 
 
 def _expert_paths(ckpt, device: str, dtype: torch.dtype, monkeypatch) -> dict:  # noqa: ANN001
