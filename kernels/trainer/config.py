@@ -118,7 +118,7 @@ class DecoderConfig:
         elif d.get("rope_local_base_freq") is not None:
             local = {"rope_theta": d["rope_local_base_freq"]}
         theta, scaling = _rope(mt, rp, d)
-        local_theta, local_scaling = _rope(mt, dict(local), {}) if local else (None, None)
+        local_theta, local_scaling = _rope(mt, local, {}) if local else (None, None)
         heads = int(d["num_attention_heads"])
         attn_bias = bool(d.get("attention_bias", False))
         head_dim = int(d.get("head_dim") or d["hidden_size"] // heads)
