@@ -247,10 +247,10 @@ class DecoderModel(nn.Module):
 
     def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         w = self.model.embed_tokens.weight
-        staged = [h for ids, h in self.__dict__.get("_staged_embeddings", ()) if ids is input_ids]
-        if staged:
+        staged = next((h for ids, h in self.__dict__.get("_staged_embeddings", ()) if ids is input_ids), None)
+        if staged is not None:
             # a graphed step's static rows, gathered from the host table before the replay (train.StepGraph)
-            h = staged[0]
+            h = staged
         elif w.device == input_ids.device:
             h = self.model.embed_tokens(input_ids)
         else:

@@ -153,15 +153,14 @@ class StepGraph:
         self.ids = [torch.full(shape, s.pad_id, dtype=torch.long, device=device) for _ in range(s.grad_accum)]
         self.labels = [torch.full(shape, -100, dtype=torch.long, device=device) for _ in range(s.grad_accum)]
         self.n_loss = torch.ones((), dtype=torch.float32, device=device)
-        self.table: torch.Tensor | None = None
         table = model.model.embed_tokens.weight if hasattr(model, "model") else None
-        # the knob on a tied table leaves it on the device (loading): then the forward's own lookup is captured
         offloaded = getattr(getattr(model, "options", None), "offload_embeddings", False)
-        if offloaded and table is not None and table.device.type == "cpu":
-            self.table = table
-            width = (*shape, self.table.shape[1])
-            self.hidden = [torch.empty(width, dtype=self.table.dtype, device=device) for _ in self.ids]
-            self.host_hidden = [torch.empty(width, dtype=self.table.dtype, pin_memory=capture) for _ in self.ids]
+        # the knob on a tied table leaves it on the device (loading): then the forward's own lookup is captured
+        self.table = table if offloaded and table is not None and table.device.type == "cpu" else None
+        if self.table is not None:
+            width = (*shape, table.shape[1])
+            self.hidden = [torch.empty(width, dtype=table.dtype, device=device) for _ in self.ids]
+            self.host_hidden = [torch.empty(width, dtype=table.dtype, pin_memory=capture) for _ in self.ids]
             model.__dict__["_staged_embeddings"] = list(zip(self.ids, self.hidden, strict=True))
         else:
             model.__dict__.pop("_staged_embeddings", None)
