@@ -12,7 +12,7 @@ from pydantic import Field, field_validator, model_validator
 
 from adapters_for_tools.contract import AdapterInfo, Overrides
 
-REFERENCE_OPS = Literal["rms_norm", "rope", "swiglu", "fused_linear_cross_entropy", "fused_linear_logprobs"]
+REFERENCE_OPS = Literal["rms_norm", "rope", "swiglu", "geglu", "fused_linear_cross_entropy", "fused_linear_logprobs"]
 # what `plan` chooses (kernels/trainer/plan.py, Plan)
 PLANNED = frozenset({"recompute_layers", "offload_checkpoints", "offload_weights", "offload_embeddings",
                      "offload_lm_head", "cuda_graph", "mlp_chunk_tokens"})
@@ -34,9 +34,13 @@ class TunebenchOverrides(Overrides):
     reference_ops: list[REFERENCE_OPS] = Field(default_factory=list)
     group_projections: bool = True  # false: one LoRA call per projection instead of one per q/k/v and gate/up group
     remake_activations: bool = True  # false: keep norm outputs and the gated activation instead of remaking them
+    # QLoRA: a recomputing layer's backward uses the bf16 weights its recompute dequantised (false: dequantise again)
+    reuse_dequant: bool = True
     mlp_chunk_tokens: int | None = Field(None, ge=1)  # the MLP over chunks of this many tokens (long context)
     cuda_graph: bool = False  # the whole optimizer step captured as one CUDA graph and replayed
     varlen_attention: bool = True  # false: packed rows through a block mask instead of flash varlen
+    # false: soft-capped and sliding-window attention eager / through a masked SDPA instead of compiled FlexAttention
+    flex_attention: bool = True
     expandable_segments: bool = True  # false: leave the CUDA allocator in its default mode
     # dpo/orpo: a micro-batch's chosen and rejected sequences as one packed row, one row with each prompt computed
     # once for both of its completions, or TRL's right-padded rows (kernels/trainer/preference.py)

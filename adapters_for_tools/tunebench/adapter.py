@@ -79,9 +79,11 @@ def method_options(sc, overrides: dict):  # noqa: ANN001, ANN201
         reference_ops=tuple(o.reference_ops),
         group_projections=o.group_projections,
         remake_activations=o.remake_activations,
+        reuse_dequant=o.reuse_dequant,
         mlp_chunk_tokens=o.mlp_chunk_tokens,
         cuda_graph=o.cuda_graph,
         varlen_attention=o.varlen_attention,
+        flex_attention=o.flex_attention,
         expandable_segments=o.expandable_segments,
         plan=o.plan,  # trainer_config resolves it against the scenario's memory budget
     )
@@ -133,13 +135,14 @@ def trainer_config(sc, overrides: dict, pad_id: int):  # noqa: ANN001, ANN201
 
 
 def ops_in_use(device: str, reference_ops: tuple[str, ...] = (), dtype: str = "bfloat16",
-               varlen: bool = True) -> dict[str, str]:
+               varlen: bool = True, activation: str = "silu") -> dict[str, str]:
     """Which implementation each op runs with here (Triton kernel or PyTorch reference; ``reference_ops``:
-    the knob of that name), and which attention packed rows get."""
+    the knob of that name), and which attention packed rows get. ``activation``: the model's gated MLP
+    (``silu``: SwiGLU, ``gelu_tanh``: GeGLU)."""
 
     kern = "triton" if device == "cuda" else ("triton-interpreter" if interpret_mode() else "torch-reference")
-    ops = ("rms_norm", "rope", "swiglu", "fused_linear_cross_entropy", "fused_linear_logprobs", "lora_linear",
-           "nf4_dequantize")
+    ops = ("rms_norm", "rope", "geglu" if activation == "gelu_tanh" else "swiglu", "fused_linear_cross_entropy",
+           "fused_linear_logprobs", "lora_linear", "nf4_dequantize")
     # lora_linear is cuBLAS GEMMs with a hand-written backward (no Triton kernel of its own); DoRA is plain torch
     flash = varlen and VARLEN is not None and device == "cuda" and dtype in ("bfloat16", "float16")
     return {op: ("torch-reference" if op in reference_ops else kern) for op in ops} | {
@@ -174,7 +177,8 @@ def run(ctx) -> None:  # noqa: ANN001
                          "knobs as given (not with hardware.strategy or plan)")
     rows = (preference_pairs(sc, ctx.dataset_path, tok) if objective.is_preference
             else load_tokenised(sc, ctx.dataset_path, tok).rows)
-    ops = ops_in_use(device.type, options.reference_ops, str(dtype).removeprefix("torch."), options.varlen_attention)
+    ops = ops_in_use(device.type, options.reference_ops, str(dtype).removeprefix("torch."), options.varlen_attention,
+                     model.cfg.activation)
     ops |= model.family_ops()  # the family's parts that run as PyTorch ops
     trainer_cfg = cfg.to_dict() | {"ops": ops}  # after loading: options.allocator says what the load did
     ctx.save_native_config("tunebench_trainer.json", json.dumps(trainer_cfg, indent=1, default=str))
@@ -240,7 +244,8 @@ def _layout(model, options: MethodOptions) -> dict:  # noqa: ANN001
             "recomputed_layers": (sorted(model.checkpointed_layers) if model.checkpointed_layers is not None
                                   else "all" if options.gradient_checkpointing else []),
             "host_weight_gib": _host_bytes(model) / 2**30,
-            "remade_activations": all(layer.remake_activations for layer in model.model.layers)}
+            "remade_activations": all(layer.remake_activations for layer in model.model.layers),
+            "reused_dequant": options.kind == "qlora" and all(layer.reuse_dequant for layer in model.model.layers)}
 
 
 def _host_bytes(model) -> int:  # noqa: ANN001

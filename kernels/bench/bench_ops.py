@@ -32,10 +32,12 @@ from kernels.ops.lora_linear import lora_linear, lora_linear_group
 from kernels.ops.nf4 import dequantize_nf4, dequantize_nf4_forward, dequantize_nf4_reference, quantize_nf4
 from kernels.ops.rms_norm import rms_norm
 from kernels.ops.rope import apply_rope, rope_cos_sin
-from kernels.ops.swiglu import swiglu
+from kernels.ops.swiglu import geglu, swiglu
 
 # Llama-3.1-8B, micro-batch 2 x seq 2048.
 TOKENS, HIDDEN, INTERMEDIATE, VOCAB = 4096, 4096, 14336, 128256
+# Gemma-2-9B's head: hidden 3584, vocabulary 256000, final logit soft cap 30
+GEMMA_HIDDEN, GEMMA_VOCAB, GEMMA_CAP = 3584, 256000, 30.0
 N_HEADS, N_KV_HEADS, HEAD_DIM, LORA_RANK = 32, 8, 128, 16
 DTYPE = torch.bfloat16
 BF16 = 2  # bytes
@@ -83,16 +85,19 @@ def _rms_norm_cases() -> list[tuple]:
     return cases
 
 
-def _swiglu_cases() -> list[tuple]:
-    g = torch.randn(TOKENS, INTERMEDIATE, device="cuda", dtype=DTYPE, requires_grad=True)
-    u = torch.randn_like(g, requires_grad=True)
-    do = torch.randn_like(g)
-    act = TOKENS * INTERMEDIATE * BF16
-    cases = []
-    for name, fn in (("torch", lambda a, b: torch.nn.functional.silu(a) * b), ("ours", swiglu)):
-        cases.append((name, "fwd", lambda fn=fn: fn(g, u), None, 3 * act, 0))
-        cases.append((name, "fwd+bwd", _fwd_bwd(lambda fn=fn: fn(g, u), lambda: (do,)), [g, u], 8 * act, 0))
-    return cases
+def _gated_cases(ours: Callable, eager_act: Callable) -> Callable[[], list[tuple]]:
+    def cases_() -> list[tuple]:
+        g = torch.randn(TOKENS, INTERMEDIATE, device="cuda", dtype=DTYPE, requires_grad=True)
+        u = torch.randn_like(g, requires_grad=True)
+        do = torch.randn_like(g)
+        act = TOKENS * INTERMEDIATE * BF16
+        cases = []
+        for name, fn in (("torch", lambda a, b: eager_act(a) * b), ("ours", ours)):
+            cases.append((name, "fwd", lambda fn=fn: fn(g, u), None, 3 * act, 0))
+            cases.append((name, "fwd+bwd", _fwd_bwd(lambda fn=fn: fn(g, u), lambda: (do,)), [g, u], 8 * act, 0))
+        return cases
+
+    return cases_
 
 
 def _rope_cases() -> list[tuple]:
@@ -120,17 +125,23 @@ def _rope_cases() -> list[tuple]:
     return cases
 
 
-def _flce_cases() -> list[tuple]:
-    h = torch.randn(TOKENS, HIDDEN, device="cuda", dtype=DTYPE, requires_grad=True)
-    w = (torch.randn(VOCAB, HIDDEN, device="cuda", dtype=DTYPE) * HIDDEN**-0.5).requires_grad_(True)
-    labels = torch.randint(0, VOCAB, (TOKENS,), device="cuda")
+def _flce_cases(hidden: int = HIDDEN, vocab: int = VOCAB, cap: float | None = None) -> list[tuple]:
+    h = torch.randn(TOKENS, hidden, device="cuda", dtype=DTYPE, requires_grad=True)
+    w = (torch.randn(vocab, hidden, device="cuda", dtype=DTYPE) * hidden**-0.5).requires_grad_(True)
+    labels = torch.randint(0, vocab, (TOKENS,), device="cuda")
 
-    def eager(h, w, labels):  # HF: bf16 logits, upcast, cross_entropy
-        return torch.nn.functional.cross_entropy((h @ w.t()).float(), labels)
+    def eager(h, w, labels):  # HF: bf16 logits, upcast, (Gemma-2: soft cap,) cross_entropy
+        logits = (h @ w.t()).float()
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return torch.nn.functional.cross_entropy(logits, labels)
 
-    gemm = 2 * TOKENS * HIDDEN * VOCAB
+    def ours(h, w, labels):
+        return fused_linear_cross_entropy(h, w, labels, softcap=cap)
+
+    gemm = 2 * TOKENS * hidden * vocab
     cases = []
-    for name, fn in (("torch", eager), ("ours", fused_linear_cross_entropy)):
+    for name, fn in (("torch", eager), ("ours", ours)):
         # "ours" computes the gradients during forward, so its fwd row already contains ~3 GEMMs.
         cases.append((name, "fwd", lambda fn=fn: fn(h, w, labels), None, 0, gemm if name == "torch" else 3 * gemm))
         cases.append((name, "fwd+bwd", _fwd_bwd(lambda fn=fn: fn(h, w, labels), lambda: None), [h, w], 0, 3 * gemm))
@@ -237,9 +248,11 @@ def _nf4_cases() -> list[tuple]:
 
 OPS: dict[str, Callable[[], list[tuple]]] = {
     "rms_norm": _rms_norm_cases,
-    "swiglu": _swiglu_cases,
+    "swiglu": _gated_cases(swiglu, torch.nn.functional.silu),
+    "geglu": _gated_cases(geglu, lambda a: torch.nn.functional.gelu(a, approximate="tanh")),
     "rope": _rope_cases,
     "fused_linear_cross_entropy": _flce_cases,
+    "fused_linear_cross_entropy_softcap": lambda: _flce_cases(GEMMA_HIDDEN, GEMMA_VOCAB, GEMMA_CAP),
     "fused_linear_logprobs": _logprobs_cases,
     "lora_linear": _lora_cases,
     "lora_qkv": _lora_qkv_cases,

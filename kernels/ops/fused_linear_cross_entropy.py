@@ -16,6 +16,10 @@ and multiplying them by a bf16-rounded ``1 / num_items`` in backward (a step-wid
 and a second rounding of every gradient element). fp16 is the exception: without loss scaling, small probabilities
 divided by a few thousand tokens would fall below fp16's range, so there the division stays in backward.
 
+Soft-capped logits (Gemma-2's ``final_logit_softcapping``): the row kernel caps each logit in fp32 as it reads it,
+``cap * tanh(x / cap)``, and multiplies the gradient it writes by the cap's slope ``1 - tanh^2``: no pass more over
+the chunk and no other buffer, so a capped head costs what an uncapped one does.
+
 Labels must lie in ``[0, vocab)`` or equal ``ignore_index``; other values are not checked (checking costs a
 device sync) and read out of bounds.
 
@@ -45,8 +49,10 @@ def _cross_entropy_fwd_bwd_kernel(
     stride_scale,
     n_cols,
     ignore_index,
+    softcap,
     BLOCK_V: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     logits_ptr += row * stride_logits
@@ -66,11 +72,16 @@ def _cross_entropy_fwd_bwd_kernel(
     d = 0.0
     for off in range(0, n_cols, BLOCK_V):
         cols = off + cols0
-        x = tl.load(logits_ptr + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
+        mask = cols < n_cols
+        x = tl.load(logits_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        if SOFTCAP:
+            x = tl.where(mask, softcap * (2.0 * tl.sigmoid(2.0 * x / softcap) - 1.0), float("-inf"))
         m_new = tl.maximum(m, tl.max(x, axis=0))
         d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
         m = m_new
     x_label = tl.load(logits_ptr + label).to(tl.float32)
+    if SOFTCAP:
+        x_label = softcap * (2.0 * tl.sigmoid(2.0 * x_label / softcap) - 1.0)
     lse = m + tl.log(d)
     tl.store(loss_ptr + row, lse - x_label)
     if WRITE_GRAD:
@@ -81,35 +92,47 @@ def _cross_entropy_fwd_bwd_kernel(
             cols = off + cols0
             mask = cols < n_cols
             x = tl.load(logits_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
-            p = tl.exp(x - m) * inv_d
-            grad = tl.where(cols == label, p - 1.0, p) * scale
+            if SOFTCAP:
+                # capped = cap tanh(x / cap) = cap (2 s - 1) with s = sigmoid(2 x / cap); d capped / dx =
+                # 1 - tanh^2 = 4 s (1 - s)
+                sg = tl.sigmoid(2.0 * x / softcap)
+                p = tl.exp(softcap * (2.0 * sg - 1.0) - m) * inv_d
+                grad = tl.where(cols == label, p - 1.0, p) * scale * (4.0 * sg * (1.0 - sg))
+            else:
+                p = tl.exp(x - m) * inv_d
+                grad = tl.where(cols == label, p - 1.0, p) * scale
             tl.store(logits_ptr + cols, grad.to(logits_ptr.dtype.element_ty), mask=mask)
 
 
-def cross_entropy_fwd_bwd_(logits: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor, ignore_index: int):
+def cross_entropy_fwd_bwd_(logits: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor, ignore_index: int,
+                           softcap: float | None = None) -> torch.Tensor:
     """Per-row loss of 2-D ``logits`` (returned, fp32) and, in place, ``logits <- scale * dloss/dlogits``.
 
-    ``scale``: fp32, one element (the whole chunk) or one per row (a per-row upstream gradient)."""
+    ``scale``: fp32, one element (the whole chunk) or one per row (a per-row upstream gradient). ``softcap``: the
+    loss is that of ``cap * tanh(logits / cap)`` (Gemma-2's final logit soft-capping), and the gradient written is
+    with respect to the logits before the cap."""
     n_rows, n_cols = logits.shape
     assert logits.stride(1) == 1
     loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
     runnable(_cross_entropy_fwd_bwd_kernel)[(n_rows,)](
         logits, labels, loss, scale, logits.stride(0), 1 if scale.numel() > 1 else 0, n_cols, ignore_index,
-        BLOCK_V=_BLOCK_V, WRITE_GRAD=True, num_warps=8,
+        float(softcap or 1.0), BLOCK_V=_BLOCK_V, WRITE_GRAD=True, SOFTCAP=softcap is not None, num_warps=8,
     )
     return loss
 
 
-def cross_entropy_rows(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    """Per-row loss ``logsumexp(row) - row[label]`` of 2-D ``logits`` (fp32; 0 where ignored), logits untouched.
+def cross_entropy_rows(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
+                       softcap: float | None = None) -> torch.Tensor:
+    """Per-row loss ``logsumexp(row) - row[label]`` of 2-D ``logits`` (fp32; 0 where ignored), logits untouched;
+    with ``softcap``, of the capped row ``cap * tanh(row / cap)``.
 
     The forward half of :func:`cross_entropy_fwd_bwd_`: one read of the chunk, no gradient written."""
     n_rows, n_cols = logits.shape
     assert logits.stride(1) == 1
     loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
     runnable(_cross_entropy_fwd_bwd_kernel)[(n_rows,)](
-        logits, labels, loss, loss, logits.stride(0), 0, n_cols, ignore_index, BLOCK_V=_BLOCK_V, WRITE_GRAD=False,
-        num_warps=8,
+        logits, labels, loss, loss, logits.stride(0), 0, n_cols, ignore_index, float(softcap or 1.0),
+        BLOCK_V=_BLOCK_V, WRITE_GRAD=False, SOFTCAP=softcap is not None, num_warps=8,
     )
     return loss
 
@@ -175,9 +198,11 @@ def fused_linear_cross_entropy_forward(
     need_grad_w: bool,
     need_grad_b: bool,
     num_items: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Chunked loop on 2-D ``h`` [T, H], ``w`` [V, H], 1-D ``labels`` [T]. Returns ``(loss, gh, gw, gb)``.
-    ``num_items``: the divisor of a ``"sum"`` (a one-element fp32 device tensor), or None."""
+    ``num_items``: the divisor of a ``"sum"`` (a one-element fp32 device tensor), or None. ``softcap``: the
+    logits' soft cap, or None."""
     n_tokens = h.shape[0]
     divisor = _divisor(labels, ignore_index, reduction, num_items)
     scale = 1.0 / divisor  # read by the kernel through a pointer: no host sync for the token count
@@ -189,7 +214,7 @@ def fused_linear_cross_entropy_forward(
         end = min(start + chunk_size, n_tokens)
         h_c = h[start:end]
         logits = h_c @ w.t() if bias is None else torch.addmm(bias, h_c, w.t())
-        loss_rows[start:end] = cross_entropy_fwd_bwd_(logits, labels[start:end], scale, ignore_index)
+        loss_rows[start:end] = cross_entropy_fwd_bwd_(logits, labels[start:end], scale, ignore_index, softcap)
         dlogits = logits  # overwritten in place by the kernel
         accumulate_chunk_grads_(dlogits, h_c, w, start, grad_h, grad_w, grad_b)
         del logits, dlogits
@@ -231,7 +256,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, w, labels, bias, ignore_index, reduction, chunk_size, grad_enabled,  # noqa: ANN001, ANN205
-                num_items=None):  # noqa: ANN001
+                num_items=None, softcap=None):  # noqa: ANN001
         shape = h.shape
         h2 = h.reshape(-1, shape[-1])
         ctx.post_scale = None
@@ -252,6 +277,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
             need_grad_w=grad_enabled and ctx.needs_input_grad[1],
             need_grad_b=grad_enabled and bias is not None and ctx.needs_input_grad[3],
             num_items=num_items,
+            softcap=softcap,
         )
         ctx.grads = (gh.view(shape) if gh is not None else None, gw, gb)
         return loss if ctx.post_scale is None else loss * ctx.post_scale
@@ -266,7 +292,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         gh = gh * grad_output.to(gh.dtype) if gh is not None else None
         gw = gw * grad_output.to(gw.dtype) if gw is not None else None
         gb = gb * grad_output.to(gb.dtype) if gb is not None else None
-        return gh, gw, None, gb, None, None, None, None, None
+        return gh, gw, None, gb, None, None, None, None, None, None
 
 
 def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
@@ -294,6 +320,11 @@ def reduce_sum(total: torch.Tensor, labels: torch.Tensor, ignore_index: int, red
     return total
 
 
+def cap_logits(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """``softcap * tanh(logits / softcap)`` (the references' soft cap), or the logits as they are."""
+    return logits if softcap is None else torch.tanh(logits / softcap) * softcap
+
+
 def fused_linear_cross_entropy_reference(
     h: torch.Tensor,
     w: torch.Tensor,
@@ -303,8 +334,10 @@ def fused_linear_cross_entropy_reference(
     reduction: str = "mean",
     shift: bool = False,
     num_items_in_batch: int | float | torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """Pure-PyTorch LM-head + cross-entropy in float32 (float64 for float64 inputs), autograd-differentiable.
+    """Pure-PyTorch LM-head + cross-entropy in float32 (float64 for float64 inputs), autograd-differentiable;
+    ``softcap``: of the capped logits ``cap * tanh(logits / cap)``.
 
     Memory traffic: materialises ``[T, V]`` fp32 logits (2.1 GB at T=4096, V=128256), reads them for the
     softmax and writes an equally large ``dlogits`` in backward: ~4 x T x V x 4 bytes beyond the GEMMs.
@@ -315,6 +348,7 @@ def fused_linear_cross_entropy_reference(
     logits = h.to(compute) @ w.to(compute).t()
     if bias is not None:
         logits = logits + bias.to(compute)
+    logits = cap_logits(logits, softcap)
     labels = labels.reshape(-1)
     loss = torch.nn.functional.cross_entropy(
         logits.reshape(-1, w.shape[0]), labels, ignore_index=ignore_index, reduction="sum"
@@ -332,6 +366,7 @@ def fused_linear_cross_entropy(
     shift: bool = False,
     chunk_size: int | None = None,
     num_items_in_batch: int | float | torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Cross-entropy of ``hidden @ weight.T (+ bias)`` against ``labels`` without materialising all logits.
 
@@ -352,6 +387,9 @@ def fused_linear_cross_entropy(
         num_items_in_batch: With ``reduction="sum"``: divide the sum by this (a number or a device scalar), with
             the gradients scaled before their rounding to the input dtype (module docstring). The loss tokens
             of a whole optimizer step, as transformers' Trainer passes it.
+        softcap: Gemma-2's ``final_logit_softcapping``: the loss of ``softcap * tanh(logits / softcap)``, capped
+            in fp32 inside the row kernel (the logits chunk stays in the GEMM's dtype, as the uncapped op's); None:
+            no cap.
 
     Returns:
         Scalar float32 loss.
@@ -362,10 +400,11 @@ def fused_linear_cross_entropy(
         labels = shift_labels(labels, ignore_index)
     if not use_triton(hidden, weight):
         return fused_linear_cross_entropy_reference(hidden, weight, labels, bias, ignore_index, reduction,
-                                                    num_items_in_batch=num_items_in_batch)
+                                                    num_items_in_batch=num_items_in_batch, softcap=softcap)
     return FusedLinearCrossEntropyFunction.apply(
         hidden, weight, labels.contiguous(), bias, ignore_index, reduction, chunk_size,
         # needs_input_grad stays True under torch.no_grad(); this flag lets eval skip the gradient GEMMs.
         torch.is_grad_enabled(),
         _items_tensor(num_items_in_batch, hidden.device),
+        softcap,
     )  # fmt: skip

@@ -25,6 +25,7 @@ import torch
 from kernels.ops._utils import use_triton
 from kernels.ops.fused_linear_cross_entropy import (
     accumulate_chunk_grads_,
+    cap_logits,
     cross_entropy_fwd_bwd_,
     cross_entropy_rows,
     default_chunk_size,
@@ -36,13 +37,14 @@ def _chunk_logits(h_c: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None)
 
 
 def fused_linear_logprobs_forward(h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None,
-                                  ignore_index: int, chunk_size: int) -> torch.Tensor:
-    """fp32 ``[T]`` label log-probs of 2-D ``h`` [T, H] under ``h @ w.T (+ bias)``, one ``[chunk, V]`` at a time."""
+                                  ignore_index: int, chunk_size: int, softcap: float | None = None) -> torch.Tensor:
+    """fp32 ``[T]`` label log-probs of 2-D ``h`` [T, H] under ``h @ w.T (+ bias)`` (soft-capped where ``softcap``
+    is given), one ``[chunk, V]`` at a time."""
     logp = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
     for start in range(0, h.shape[0], chunk_size):
         end = min(start + chunk_size, h.shape[0])
         logits = _chunk_logits(h[start:end], w, bias)
-        torch.neg(cross_entropy_rows(logits, labels[start:end], ignore_index), out=logp[start:end])
+        torch.neg(cross_entropy_rows(logits, labels[start:end], ignore_index, softcap), out=logp[start:end])
         del logits
     return logp
 
@@ -58,6 +60,7 @@ def fused_linear_logprobs_backward(
     need_grad_h: bool,
     need_grad_w: bool,
     need_grad_b: bool,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """``(grad_h, grad_w, grad_b)`` of ``sum(grad_logp * logp)``, recomputing each chunk's logits."""
     # the kernel writes scale * (softmax - onehot); d logp / d logits = onehot - softmax, hence the minus
@@ -69,7 +72,7 @@ def fused_linear_logprobs_backward(
         end = min(start + chunk_size, h.shape[0])
         h_c = h[start:end]
         dlogits = _chunk_logits(h_c, w, bias)
-        cross_entropy_fwd_bwd_(dlogits, labels[start:end], scale[start:end], ignore_index)  # in place
+        cross_entropy_fwd_bwd_(dlogits, labels[start:end], scale[start:end], ignore_index, softcap)  # in place
         accumulate_chunk_grads_(dlogits, h_c, w, start, grad_h, grad_w, grad_b)
         del dlogits
     return (grad_h,
@@ -81,26 +84,26 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
     """Autograd wrapper: label log-probs in forward (chunked), gradients by recomputation in backward."""
 
     @staticmethod
-    def forward(ctx, h, w, labels, bias, ignore_index, chunk_size):  # noqa: ANN001, ANN205
+    def forward(ctx, h, w, labels, bias, ignore_index, chunk_size, softcap=None):  # noqa: ANN001, ANN205
         shape = h.shape
         h2 = h.reshape(-1, shape[-1])
         labels = labels.reshape(-1)
         chunk = chunk_size or default_chunk_size(h2.shape[0], ctx.needs_input_grad[1])
-        logp = fused_linear_logprobs_forward(h2, w, labels, bias, ignore_index, chunk)
+        logp = fused_linear_logprobs_forward(h2, w, labels, bias, ignore_index, chunk, softcap)
         ctx.save_for_backward(h2, w, labels, bias)  # references, no copies (dropped at once under no_grad)
-        ctx.meta = (shape, ignore_index, chunk)
+        ctx.meta = (shape, ignore_index, chunk, softcap)
         return logp.view(shape[:-1])
 
     @staticmethod
     def backward(ctx, grad_logp):  # noqa: ANN001, ANN205
         h2, w, labels, bias = ctx.saved_tensors
-        shape, ignore_index, chunk = ctx.meta
+        shape, ignore_index, chunk, softcap = ctx.meta
         gh, gw, gb = fused_linear_logprobs_backward(
             grad_logp.reshape(-1), h2, w, labels, bias, ignore_index, chunk,
             need_grad_h=ctx.needs_input_grad[0], need_grad_w=ctx.needs_input_grad[1],
-            need_grad_b=bias is not None and ctx.needs_input_grad[3],
+            need_grad_b=bias is not None and ctx.needs_input_grad[3], softcap=softcap,
         )  # fmt: skip
-        return (gh.view(shape) if gh is not None else None), gw, None, gb, None, None
+        return (gh.view(shape) if gh is not None else None), gw, None, gb, None, None, None
 
 
 def fused_linear_logprobs_reference(
@@ -110,8 +113,10 @@ def fused_linear_logprobs_reference(
     bias: torch.Tensor | None = None,
     ignore_index: int = -100,
     chunk_size: int | None = None,  # noqa: ARG001 - the fused op's signature
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """Pure-PyTorch label log-probs in float32 (float64 for float64 inputs), autograd-differentiable.
+    """Pure-PyTorch label log-probs in float32 (float64 for float64 inputs), autograd-differentiable; ``softcap``:
+    under the capped logits ``cap * tanh(logits / cap)``.
 
     Memory traffic: materialises ``[T, V]`` logits and their log-softmax in fp32 (2 x 2.1 GB at T=4096,
     V=128256), and in backward an equally large gradient: ~4 x T x V x 4 bytes beyond the GEMMs.
@@ -120,6 +125,7 @@ def fused_linear_logprobs_reference(
     logits = h.to(compute) @ w.to(compute).t()
     if bias is not None:
         logits = logits + bias.to(compute)
+    logits = cap_logits(logits, softcap)
     keep = labels != ignore_index
     logp = torch.log_softmax(logits, dim=-1).gather(-1, torch.where(keep, labels, 0).unsqueeze(-1)).squeeze(-1)
     return torch.where(keep, logp, torch.zeros_like(logp))
@@ -132,6 +138,7 @@ def fused_linear_logprobs(
     bias: torch.Tensor | None = None,
     ignore_index: int = -100,
     chunk_size: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """``log softmax(hidden @ weight.T (+ bias))[label]`` per row, without materialising all logits.
 
@@ -146,6 +153,8 @@ def fused_linear_logprobs(
         bias: optional ``[V]`` LM-head bias.
         ignore_index: label value of rows that are not scored.
         chunk_size: rows per chunk; default :func:`~kernels.ops.fused_linear_cross_entropy.default_chunk_size`.
+        softcap: the logits' soft cap (``softcap * tanh(logits / softcap)``, Gemma-2), capped inside the row
+            kernel; None: no cap.
 
     Returns:
         float32 log-probs with ``labels``' shape.
@@ -153,8 +162,9 @@ def fused_linear_logprobs(
     if labels.shape != hidden.shape[:-1]:
         raise ValueError(f"labels {tuple(labels.shape)} must have hidden's leading shape {tuple(hidden.shape[:-1])}")
     if not use_triton(hidden, weight):
-        return fused_linear_logprobs_reference(hidden, weight, labels, bias, ignore_index)
-    return FusedLinearLogprobsFunction.apply(hidden, weight, labels.contiguous(), bias, ignore_index, chunk_size)
+        return fused_linear_logprobs_reference(hidden, weight, labels, bias, ignore_index, softcap=softcap)
+    return FusedLinearLogprobsFunction.apply(hidden, weight, labels.contiguous(), bias, ignore_index, chunk_size,
+                                             softcap)
 
 
 def sequence_logprobs(token_logprobs: torch.Tensor, sequence_ids: torch.Tensor, n_sequences: int,

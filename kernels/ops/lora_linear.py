@@ -22,7 +22,9 @@ cuBLAS. What the structure saves:
   ``1/(1-p)`` is folded into ``s`` so the dropped ``x`` is ``x * mask``, exact.
 * QLoRA: the NF4 weight is dequantised into a temporary, used by one GEMM and freed at once; backward
   dequantises again (29 MB read + 117 MB written per 4096 x 14336 projection: 0.058 ms measured on an H100
-  against a ~0.66 ms GEMM) instead of keeping a bf16 copy alive across the whole forward.
+  against a ~0.66 ms GEMM) instead of keeping a bf16 copy alive across the whole forward. Inside
+  :func:`reuse_dequantised` (a checkpointed layer's recompute, whose backward follows at once) the forward's
+  dequantised weight stays on the autograd ctx instead, and backward uses it for ``dy W`` and drops it.
 
 Further fusion, not done: dropout applied in the prologue of the ``x A^T`` GEMM (no ``x_drop`` temporary) would
 pay; NF4 dequantisation inside the GEMM's weight-tile load would remove the temporary but decode every weight
@@ -32,6 +34,10 @@ runs it in plain torch (kernels/trainer/linear.py).
 """
 
 from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
 
 import torch
 
@@ -51,6 +57,50 @@ def _check_frozen(weight: torch.Tensor | NF4Tensor) -> None:
 
 def _base_weight(weight: torch.Tensor | NF4Tensor, dtype: torch.dtype) -> torch.Tensor:
     return dequantize_nf4(weight, dtype) if isinstance(weight, NF4Tensor) else weight
+
+
+_REUSE = threading.local()
+
+
+@contextlib.contextmanager
+def reuse_dequantised(enabled: bool = True) -> Iterator[None]:
+    """While inside (with ``enabled``), a forward of the NF4 ops keeps the dequantised weight it made for backward.
+
+    Read at forward time by :class:`LoRALinearFunction`, :class:`LoRAGroupFunction` and the trainer's adapter-less
+    NF4 linear (``kernels.trainer.linear._NF4Linear``): each keeps its NF4 weights' dequantised copies on its ctx
+    (not in ``save_for_backward``: no version counter, no saved-tensor hooks) and its backward computes ``dy W``
+    with them instead of dequantising again, dropping each right after its GEMM. Dense weights (LoRA, or weights
+    streamed from the host) are never kept: they are alive anyway. Only for a forward whose backward follows at
+    once: :class:`kernels.trainer.offload.LayerCheckpoint` enters it around a layer's recompute, where it saves one
+    dequantisation per NF4 weight for the layer's bf16 weights held from the end of the recompute until their
+    backward GEMMs. A forward run under ``no_grad`` inside it keeps nothing past the op (its ctx dies with it).
+
+    Thread-local (the recompute runs on the autograd engine's thread, which reads it in the same thread) and
+    restored on exit, exceptions included. Host-side only: under CUDA-graph capture it decides which tensors the
+    captured kernels read, and the replay reads the same ones.
+    """
+    before = reusing_dequantised()
+    _REUSE.on = enabled
+    try:
+        yield
+    finally:
+        _REUSE.on = before
+
+
+def reusing_dequantised() -> bool:
+    """Whether an NF4 op's forward keeps its dequantised weight for its backward now (:func:`reuse_dequantised`)."""
+    return getattr(_REUSE, "on", False)
+
+
+def _kept(weight: torch.Tensor | NF4Tensor, dense: torch.Tensor) -> torch.Tensor | None:
+    """What a forward keeps of ``dense`` (the base weight it used) for its backward: the dequantised copy of an
+    NF4 weight inside :func:`reuse_dequantised`, else nothing."""
+    return dense if isinstance(weight, NF4Tensor) and reusing_dequantised() else None
+
+
+def _dx_weight(weight: torch.Tensor | NF4Tensor, kept: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """The base weight for backward's ``dy W``: the forward's kept copy where it has ``dtype``, else made again."""
+    return kept if kept is not None and kept.dtype == dtype else _base_weight(weight, dtype)
 
 
 def _low_precision(dtype: torch.dtype) -> bool:
@@ -106,7 +156,8 @@ class LoRALinearFunction(torch.autograd.Function):
         lora_a, lora_b = lora_a.to(x2.dtype), lora_b.to(x2.dtype)
         w = _base_weight(weight, x2.dtype)
         y = x2 @ w.t() if bias is None else torch.addmm(bias, x2, w.t())
-        del w  # NF4: the dequantised copy dies here; backward recomputes it
+        ctx.kept = _kept(weight, w)  # NF4: None (the copy dies here, backward makes it again) but in a recompute
+        del w
         # 1/(1-p) is folded into the scale: x * mask is exact in any dtype, x * mask / (1-p) would round.
         s = scale / (1.0 - dropout_p) if mask is not None else scale
         x_m = x2 * mask if mask is not None else x2
@@ -122,6 +173,7 @@ class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):  # noqa: ANN001, ANN205
         x2, mask, xa_hl, lora_a, lora_b = ctx.saved_tensors
+        kept, ctx.kept = ctx.kept, None  # freed after dx's GEMM below (or at return, without dx)
         s, r, dtype = ctx.scale, lora_a.shape[0], dy.dtype
         need_dx, need_da, need_db, need_dbias = ctx.needs_input_grad[:4]
         dx = da = db = dbias = None
@@ -137,7 +189,8 @@ class LoRALinearFunction(torch.autograd.Function):
                 da = _sum_halves(_mm_f32(sdyb_hl.t(), x_m), 0, dtype, a_dtype)
                 del x_m
             if need_dx:
-                w = _base_weight(ctx.weight, dtype)
+                w = _dx_weight(ctx.weight, kept, dtype)
+                kept = None
                 dx = dy @ w
                 del w
                 # r-term reduction with O(1/sqrt(in)) weights: the hi part alone is accurate enough here
@@ -192,21 +245,23 @@ class LoRAGroupFunction(torch.autograd.Function):
         bs = [b.to(dtype) for b in lora_bs]
         r = lora_as[0].shape[0]
         xa_hl = _hi_lo_blocks(_mm_f32(x2, a_cat.t()).mul_(scale), dtype, n)  # [T, 2 n r]: (hi_i, lo_i) per block
-        outs = []
+        outs, kept = [], []
         for i, (w, b, bias) in enumerate(zip(weights, bs, biases, strict=True)):
             wd = _base_weight(w, dtype)
             y = x2 @ wd.t() if bias is None else torch.addmm(bias, x2, wd.t())
-            del wd  # NF4: the dequantised copy dies here
+            kept.append(_kept(w, wd))  # NF4: None (the copy dies here) but in a recompute
+            del wd
             y.addmm_(_block(xa_hl, i, r, dtype)[:, :r], b.t())
             outs.append(y)
         ctx.save_for_backward(x2, xa_hl, a_cat, *bs)
-        ctx.weights, ctx.scale, ctx.n, ctx.r = weights, scale, n, r
+        ctx.weights, ctx.kept, ctx.scale, ctx.n, ctx.r = weights, kept, scale, n, r
         ctx.has_bias = [bias is not None for bias in biases]
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *dys):  # noqa: ANN001, ANN205
         x2, xa_hl, a_cat, *bs = ctx.saved_tensors
+        kept, ctx.kept = ctx.kept, None  # each freed after its dx GEMM below
         n, r, s, dtype = ctx.n, ctx.r, ctx.scale, dys[0].dtype
         needs = ctx.needs_input_grad
         need_dx = needs[0]
@@ -229,7 +284,8 @@ class LoRAGroupFunction(torch.autograd.Function):
                         das[i] = _sum_halves(_block(da_hl, i, r, dtype, 0), 0, dtype, ctx.ab_dtypes[i][0])
             if need_dx:
                 for i, dy in enumerate(dys):
-                    w = _base_weight(ctx.weights[i], dtype)
+                    w = _dx_weight(ctx.weights[i], kept[i], dtype)
+                    kept[i] = None
                     if dx is None:
                         dx = dy @ w
                     else:

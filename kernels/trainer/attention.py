@@ -15,6 +15,9 @@ Packed rows (``position_ids`` given; they restart at 0 per sample) attend only i
   SDPA kernels do not all take ``enable_gqa``).
 
 Preference pairs packed with their prompt once (:class:`SharedPrompts`) take two varlen calls, or their own mask.
+
+Layers with soft-capped scores (Gemma-2) or a sliding window shorter than the rows take FlexAttention on CUDA in
+bf16/fp16 (:mod:`kernels.trainer.flex`): their ``mask`` argument is then a block mask.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.trainer.config import DecoderConfig
+from kernels.trainer.flex import flex_attend, is_block_mask
 from kernels.trainer.linear import Linear, project
 from kernels.trainer.norm import RMSNorm
 from kernels.trainer.opset import FUSED_OPS
@@ -170,8 +174,17 @@ class Attention(nn.Module):
     ``qkv_proj`` (kept fused: PEFT puts one LoRA pair on it), and ``o_proj``; Qwen3's and Gemma-3's ``q_norm`` /
     ``k_norm``.
 
-    Gemma-2's score scale and soft-capping go through :func:`~kernels.trainer.torch_ops.softcap_attention` (no
-    fused kernel takes a score modifier); a sliding-window layer receives its windowed mask from the model.
+    The ``mask`` argument, which the model makes once per forward for each kind of layer, picks the path:
+
+    - a FlexAttention block mask (:mod:`kernels.trainer.flex`; on CUDA in bf16/fp16 for a layer with Gemma-2's
+      soft cap or a sliding window shorter than the rows, unless ``MethodOptions.flex_attention`` is off): compiled
+      FlexAttention with the cap as its score modifier, the score scale, GQA, and causal + window + packed samples
+      in the block mask; no ``[B, H, S, S]`` tensor;
+    - None: causal SDPA (flash attention on CUDA), or with a soft cap
+      :func:`~kernels.trainer.torch_ops.softcap_attention` (eager, fp32 scores);
+    - int32 ``cu_seqlens`` or :class:`SharedPrompts`: packed samples through flash varlen attention;
+    - a ``[B, S, S]`` bool mask (packed samples and / or a window, off the flex path): masked SDPA, or eager
+      soft-capped attention under it.
     """
 
     ops = FUSED_OPS
@@ -218,10 +231,13 @@ class Attention(nn.Module):
         q, k = self.ops.rope(q, k, cos, sin)
         if isinstance(mask, SharedPrompts):  # preference pairs sharing their prompt: two varlen flash calls
             return self.o_proj(shared_prompt_attention(q, k, v, mask).view(bsz, seq, self.n_heads * self.head_dim))
-        if mask is not None and mask.dtype == torch.int32:  # cu_seqlens of packed samples: varlen flash attention
+        flex = is_block_mask(mask)  # a soft cap or a window on CUDA: FlexAttention
+        if not flex and mask is not None and mask.dtype == torch.int32:  # cu_seqlens of packed samples: varlen flash
             return self.o_proj(varlen_attention(q, k, v, mask).view(bsz, seq, self.n_heads * self.head_dim))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if self.softcap is not None:
+        if flex:
+            o = flex_attend(q, k, v, mask, self.scale, self.softcap)
+        elif self.softcap is not None:
             o = softcap_attention(q, k, v, self.scale or self.head_dim ** -0.5, self.softcap, mask)
         elif mask is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads,

@@ -229,9 +229,9 @@ class MethodOptions:
         offload_embeddings: input embedding table on the host (frozen, untied only).
         offload_lm_head: frozen LM head on the host, copied to the GPU for the loss (untied only).
         fused_ce_chunk: tokens per chunk of the fused LM-head + loss (None: the op's default, 1024).
-        reference_ops: ops (``rms_norm``, ``rope``, ``swiglu``, ``fused_linear_cross_entropy``) to run as their
-            PyTorch references instead (:class:`kernels.trainer.opset.OpSet`), for isolating a numerical
-            difference on the GPU.
+        reference_ops: ops (``rms_norm``, ``rope``, ``swiglu``, ``geglu``, ``fused_linear_cross_entropy``,
+            ``fused_linear_logprobs``) to run as their PyTorch references instead
+            (:class:`kernels.trainer.opset.OpSet`), for isolating a numerical difference on the GPU.
         group_projections: run q/k/v and gate/up, where all of a group carry LoRA of one rank and scale without
             dropout, as one :func:`~kernels.ops.lora_linear.lora_linear_group` call each (one A GEMM, one
             autograd node, dx accumulated in one buffer) instead of one ``lora_linear`` per projection.
@@ -241,12 +241,21 @@ class MethodOptions:
         mlp_chunk_tokens: the dense MLP of every layer over chunks of this many tokens, keeping only its input for
             backward (:class:`kernels.trainer.remake.TiledMLP`): long context in less memory, for one more MLP
             forward per layer. One process only. None: the MLP over all tokens at once.
+        reuse_dequant: QLoRA: a recomputing layer's NF4 projections keep the bf16 weights they dequantise in the
+            recompute forward for the backward that follows, instead of dequantising each again there
+            (:func:`kernels.ops.lora_linear.reuse_dequantised`): one dequantisation per weight and micro-batch saved
+            in every recomputing layer, for that layer's bf16 weights held from its recompute into its backward
+            (436 MB at the 8B shapes). Layers that keep their activations keep no dense weight. False: every
+            backward dequantises again.
         cuda_graph: capture the whole optimizer step as one CUDA graph and replay it
             (:class:`kernels.trainer.train.StepGraph`): no per-kernel host launches. CUDA only; not with host
             offload (its copies and events are host-driven), LoRA dropout (RNG state replayed from the host) or
             packed rows.
         varlen_attention: packed rows on CUDA in bf16/fp16 through variable-length flash attention where this
             torch has it (else, or False: SDPA with a block-diagonal causal mask).
+        flex_attention: layers with soft-capped scores (Gemma-2) or a sliding window shorter than the rows on CUDA
+            in bf16/fp16 through compiled FlexAttention (:mod:`kernels.trainer.flex`: no ``[B, H, S, S]`` scores)
+            where this torch has it (else, or False: eager soft-capped attention, SDPA with a window mask).
         expandable_segments: the CUDA caching allocator in expandable-segments mode
             (:func:`kernels.trainer.loading.configure_allocator`).
         plan: a memory budget in GiB, or ``"auto"`` (the device's free memory): the trainer then sets
@@ -273,8 +282,10 @@ class MethodOptions:
     group_projections: bool = True
     remake_activations: bool = True
     mlp_chunk_tokens: int | None = None
+    reuse_dequant: bool = True
     cuda_graph: bool = False
     varlen_attention: bool = True
+    flex_attention: bool = True
     expandable_segments: bool = True
     plan: float | str | None = None
     allocator: str = ""  # what load_model did to the CUDA allocator (configure_allocator); recorded with the run

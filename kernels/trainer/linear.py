@@ -11,21 +11,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.ops.lora_linear import lora_linear, lora_linear_group
+from kernels.ops.lora_linear import lora_linear, lora_linear_group, reusing_dequantised
 from kernels.ops.nf4 import NF4Tensor, dequantize_nf4
 
 
 class _NF4Linear(torch.autograd.Function):
-    """Frozen NF4 linear without an adapter (QLoRA with a subset of targets): dequantises again in backward."""
+    """Frozen NF4 linear without an adapter (QLoRA with a subset of targets): dequantises again in backward, or,
+    inside :func:`~kernels.ops.lora_linear.reuse_dequantised` (a checkpointed layer's recompute), keeps the
+    forward's dequantised weight on ctx for backward's ``gy W`` and drops it there."""
 
     @staticmethod
     def forward(ctx, x, bias, q):  # noqa: ANN001, ANN205
-        ctx.q = q
-        return F.linear(x, dequantize_nf4(q, x.dtype), bias)
+        w = dequantize_nf4(q, x.dtype)
+        ctx.q, ctx.kept = q, (w if reusing_dequantised() else None)
+        return F.linear(x, w, bias)
 
     @staticmethod
     def backward(ctx, gy):  # noqa: ANN001, ANN205
-        return gy @ dequantize_nf4(ctx.q, gy.dtype), None, None
+        w, ctx.kept = ctx.kept, None
+        if w is None or w.dtype != gy.dtype:
+            w = dequantize_nf4(ctx.q, gy.dtype)
+        return gy @ w, None, None
 
 
 def peft_lora_a_init(r: int, in_features: int, out_features: int) -> torch.Tensor:
@@ -50,7 +56,8 @@ class Linear(nn.Module):
     zeros, so the model starts exactly at the base. A/B are kept in ``lora_dtype`` (fp32 by default: the AdamW
     update of small bf16 values would round away) and cast to the activation dtype for the matmuls, as
     PEFT + autocast do. LoRA and QLoRA run :func:`kernels.ops.lora_linear.lora_linear` (no dW; the NF4 weight
-    is dequantised per GEMM, also in backward); DoRA, which that op does not cover, is plain torch.
+    is dequantised per GEMM, also in backward, except in a checkpointed layer's recompute:
+    :func:`~kernels.ops.lora_linear.reuse_dequantised`); DoRA, which that op does not cover, is plain torch.
     DoRA follows PEFT's ``DoraLinearLayer``: ``m / ||W + s B A||_row`` (norm detached)
     rescales the LoRA-adapted output, ``m`` starts at the row norms of ``W``.
     """

@@ -205,6 +205,7 @@ def apply_method(model: DecoderModel, options: MethodOptions, seed: int | None =
         if isinstance(m, DecoderLayer):
             m.remake_activations = options.remake_activations
             m.mlp_chunk_tokens = options.mlp_chunk_tokens
+            m.reuse_dequant = options.reuse_dequant
     model.gradient_checkpointing = options.gradient_checkpointing
     model.offload_checkpoints = options.offload_checkpoints
     model.checkpointed_layers = None

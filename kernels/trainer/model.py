@@ -10,12 +10,13 @@ checkpoint files transformers loads (:mod:`kernels.trainer.loading`) and compute
   residual stream (one tensor per checkpointed layer, not two).
 - RoPE from :mod:`kernels.ops.rope` (``rope_theta``, Llama-3 or linear ``rope_scaling``), positions from
   ``position_ids``.
-- SwiGLU from :func:`kernels.ops.swiglu.swiglu`.
+- SwiGLU from :func:`kernels.ops.swiglu.swiglu`, Gemma's GeGLU from :func:`kernels.ops.swiglu.geglu`.
 - The families' own parts: Qwen3's and Gemma-3's per-head RMSNorm of queries and keys, Gemma-3's own RoPE in its
   sliding-window layers; Phi-3's fused ``qkv_proj`` / ``gate_up_proj`` (kept fused); Gemma-2's ``1 + weight`` norms,
-  sandwich norms, scaled embeddings, GeGLU, soft-capped attention and logits, sliding-window layers
-  (:mod:`kernels.trainer.torch_ops`, PyTorch); Mixtral's experts (:mod:`kernels.trainer.moe`).
-- Attention: :mod:`kernels.trainer.attention` (SDPA; packed rows through flash varlen or a block mask).
+  sandwich norms, scaled embeddings, soft-capped attention (below) and logits (the fused head's ``softcap``),
+  sliding-window layers; Mixtral's experts (:mod:`kernels.trainer.moe`).
+- Attention: :mod:`kernels.trainer.attention` (SDPA; packed rows through flash varlen or a block mask; soft-capped
+  and sliding-window layers through compiled FlexAttention on CUDA, :mod:`kernels.trainer.flex`).
 - LM head + loss: :func:`kernels.ops.fused_linear_cross_entropy.fused_linear_cross_entropy` (no
   ``[tokens, vocab]`` logits on CUDA); the loss is a *sum*, divided inside the op by ``num_items`` when the
   trainer passes the loss tokens of the whole optimizer step (what the HF Trainer does with
@@ -39,18 +40,19 @@ from torch import nn
 from kernels.ops.rope import rope_cos_sin
 from kernels.trainer.attention import Attention, SharedPrompts, packed_attention_mask
 from kernels.trainer.config import DecoderConfig, MethodOptions
+from kernels.trainer.flex import block_mask, flex_layer, flex_runs
 from kernels.trainer.linear import Linear, project
 from kernels.trainer.moe import Experts, SparseMoE, grouped_mm_ok
 from kernels.trainer.norm import RMSNorm
 from kernels.trainer.offload import LayerCall, LayerCheckpoint, WeightStreamer, copy_stream
 from kernels.trainer.opset import FUSED_OPS
 from kernels.trainer.remake import RemadeSaves, tiled_mlp
-from kernels.trainer.torch_ops import geglu, window_mask
+from kernels.trainer.torch_ops import window_mask
 
 
 class MLP(nn.Module):
-    """The gated MLP: ``down(act(gate(x)) * up(x))`` with SwiGLU (the fused op) or Gemma's GeGLU
-    (:func:`~kernels.trainer.torch_ops.geglu`); Phi-3's ``gate_up_proj`` stays one fused linear."""
+    """The gated MLP: ``down(act(gate(x)) * up(x))`` with SwiGLU or Gemma's GeGLU (both fused ops of
+    :mod:`kernels.ops.swiglu`); Phi-3's ``gate_up_proj`` stays one fused linear."""
 
     ops = FUSED_OPS
     group_projections = True
@@ -78,7 +80,7 @@ class MLP(nn.Module):
         return self.down_proj(act)
 
     def _act(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        return geglu(gate, up) if self.gelu else self.ops.swiglu(gate, up)
+        return self.ops.geglu(gate, up) if self.gelu else self.ops.swiglu(gate, up)
 
 
 class DecoderLayer(nn.Module):
@@ -99,6 +101,7 @@ class DecoderLayer(nn.Module):
 
     remake_activations = True  # norm outputs and the gated activation remade in backward (kernels/trainer/remake.py)
     mlp_chunk_tokens: int | None = None  # the dense MLP over chunks of this many tokens (remake.TiledMLP)
+    reuse_dequant = True  # its recompute keeps dequantised NF4 weights for its backward (offload.LayerCall)
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         with RemadeSaves(self.remake_activations) as saves:
@@ -187,9 +190,13 @@ class DecoderModel(nn.Module):
         self._prefetch_lm_head()
         mask = None
         seq = input_ids.shape[1]
-        # a window shorter than the rows, or soft-capped scores: bool masks (no flash kernel takes either)
         windowed = cfg.sliding_window is not None and seq > cfg.sliding_window
-        flash_ok = self.options.varlen_attention and not windowed and cfg.attn_softcap is None
+        # soft-capped scores or a window shorter than the rows: FlexAttention block masks where it runs (CUDA,
+        # bf16/fp16: kernels/trainer/flex.py), else bool masks (no flash kernel takes either)
+        flex_full, flex_local = (flex_layer(h.device, h.dtype, self.options.flex_attention, cfg.attn_softcap, w, seq)
+                                 for w in (None, cfg.sliding_window))
+        bool_local = windowed and not flex_local  # the sliding layers' bool mask is cut from the packed one
+        flash_ok = self.options.varlen_attention and not bool_local and cfg.attn_softcap is None
         # gemma3: its sliding-window layers rotate with their own RoPE, whatever the rows' length
         local_rope = cfg.local_rope_theta is not None
         if position_ids is None:
@@ -197,15 +204,18 @@ class DecoderModel(nn.Module):
             rope_local = self._rope_tables(seq, input_ids.device, local=True) if local_rope else (cos, sin)
         else:
             # the layers' "mask" argument: int32 cu_seqlens (varlen) or the [B, S, S] bool mask
-            mask = packed_attention_mask(position_ids, h, flash_ok, shared)
+            if bool_local or not flex_full:  # some layer takes it
+                mask = packed_attention_mask(position_ids, h, flash_ok, shared)
             cos, sin = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
             rope_local = (rope_cos_sin(position_ids, cfg.head_dim, cfg.local_rope_theta, cfg.local_rope_scaling)
                           if local_rope else (cos, sin))
         local = mask
-        if windowed:  # the sliding-window layers' mask
+        if windowed and flex_local:  # the sliding-window layers' mask
+            local = block_mask(seq, cfg.sliding_window, h.device, position_ids, shared)
+        elif windowed:
             pos = position_ids if position_ids is not None else torch.arange(seq, device=input_ids.device)[None]
             local = window_mask(pos, cfg.sliding_window, mask)
-        full = mask
+        full = block_mask(seq, None, h.device, position_ids, shared) if flex_full else mask
         ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         if ckpt and not h.requires_grad:
             h = h.detach().requires_grad_(True)  # the reentrant-style Function needs a grad-requiring input
@@ -343,14 +353,12 @@ class DecoderModel(nn.Module):
         """The parts of this family that run as PyTorch ops rather than fused kernels (empty for Llama's layout),
         under the names a run records beside the fused ops' (kernels/NOTES.md, "Families")."""
         cfg, out = self.cfg, {}
-        if cfg.activation == "gelu_tanh":
-            out["geglu"] = "torch"
+        flex = flex_runs(self.device_of_compute, self.dtype, self.options.flex_attention)
         if cfg.attn_softcap is not None:
-            out["attention"] = "torch-eager-softcap"
+            out["attention"] = "flex-attention-softcap" if flex else "torch-eager-softcap"
         elif cfg.sliding_window is not None:
-            out["attention_sliding_window"] = "sdpa-window-mask (rows longer than the window)"
-        if cfg.final_softcap is not None:
-            out["fused_linear_cross_entropy"] = out["fused_linear_logprobs"] = "torch-chunked-softcap"
+            out["attention_sliding_window"] = (f"{'flex-attention' if flex else 'sdpa-window-mask'} (rows longer "
+                                               "than the window)")
         if cfg.moe:
             probe = torch.empty(0, cfg.hidden_size, dtype=self.dtype, device=self.device_of_compute)
             grouped = Experts.grouped and grouped_mm_ok(probe, cfg.intermediate_size)

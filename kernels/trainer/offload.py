@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kernels.ops.lora_linear import reuse_dequantised
 from kernels.trainer.config import MethodOptions
 from kernels.trainer.linear import Linear
 
@@ -122,6 +123,13 @@ class LayerCheckpoint(torch.autograd.Function):
     when asked, and backward brings the input (and the layer's streamed weights) back, recomputes the layer
     with a graph (same RNG state, for dropout) and backpropagates through it; parameters get their gradients
     from that inner backward.
+
+    QLoRA (``LayerCall.reuse_dequant``): the recompute runs inside
+    :func:`~kernels.ops.lora_linear.reuse_dequantised`, so each NF4 projection keeps the bf16 weight it dequantised
+    for the recompute until its own backward GEMM uses it (one dequantisation per weight saved, of three): from the
+    end of the recompute, where the whole layer's weights are alive (436 MB at the 8B shapes), down to none as the
+    inner backward reaches the first projection. The layers that keep their activations run outside it and keep no
+    dense weight.
     """
 
     @staticmethod
@@ -170,7 +178,7 @@ class LayerCheckpoint(torch.autograd.Function):
                 torch.set_rng_state(ctx.cpu_rng)
             if ctx.cuda_rng is not None:
                 torch.cuda.set_rng_state(ctx.cuda_rng, index)
-            with torch.enable_grad():
+            with torch.enable_grad(), reuse_dequantised(ctx.call.reuse_dequant):
                 out = ctx.call.run(h, *args, direction=-1, keep=True)
             torch.autograd.backward(out, grad_out)
         ctx.call.release(-1)
@@ -178,13 +186,19 @@ class LayerCheckpoint(torch.autograd.Function):
 
 
 class LayerCall:
-    """What :class:`LayerCheckpoint` runs: ``layer(h, cos, sin, mask)`` with its weights streamed in."""
+    """What :class:`LayerCheckpoint` runs: ``layer(h, cos, sin, mask)`` with its weights streamed in.
+
+    ``reuse_dequant``: the recompute keeps its dequantised NF4 weights for the backward that follows
+    (``MethodOptions.reuse_dequant``, which ``apply_method`` sets on each decoder layer; a layer without that
+    attribute: off).
+    """
 
     def __init__(self, layer: nn.Module, index: int, offload_input: bool, streamer: WeightStreamer | None,
                  rng: bool):
         self.layer, self.index = layer, index
         self.offload_input, self.streamer = offload_input, streamer
         self.rng = rng  # the layer draws random numbers (dropout): its recompute must replay the RNG state
+        self.reuse_dequant = bool(getattr(layer, "reuse_dequant", False))
 
     def run(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None, *,
             direction: int, keep: bool = False) -> torch.Tensor:

@@ -27,8 +27,8 @@ import torch
 
 from kernels.ops.fused_linear_cross_entropy import default_chunk_size
 from kernels.trainer.config import DecoderConfig, MethodOptions
+from kernels.trainer.flex import flex_layer
 from kernels.trainer.offload import checkpointed_layer_ids, streamed_layer_ids
-from kernels.trainer.torch_ops import softcap_chunk_size
 
 GIB = 2**30
 # A CUDA-graphed step: +0.4 GiB NVML measured on the 8B LoRA row, plus the expandable-segments saving it gives up
@@ -45,6 +45,10 @@ MLP_CHUNK_TOKENS = 8192
 # Realised GEMM rate in a training step over the best-tile rate a bare matmul measures (8B step on the H100:
 # lora_linear ran at ~520 TFLOP/s where the best tile reached ~730).
 STEP_EFFICIENCY = 0.7
+# The blocked NF4 dequantisation kernel's traffic (NF4 read + bf16 written) over the HBM rate: 2,546 GB/s measured on
+# the H100 at 4096 x 14336 against the 3.0 TB/s the notes take for it (kernels/NOTES.md, "nf4 dequant"). What a
+# recomputing QLoRA layer saves with reuse_dequant (one dequantisation per weight) is timed at this rate: an estimate.
+DEQUANT_HBM_SHARE = 0.85
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,10 @@ class LayerCost:
         transient_bytes: extra memory while it recomputes and backpropagates.
         forward_s: its forward; also what recomputing it costs.
         backward_s: its backward.
+        reuse_bytes: when it recomputes, the dense weights its recompute keeps for its backward (QLoRA's
+            ``reuse_dequant``: every NF4 projection's bf16 copy, all alive as its backward starts), on top of
+            ``transient_bytes``; not scaled by the activation correction.
+        reuse_saving_s: when it recomputes, the backward time that reuse saves (the dequantisations not repeated).
     """
 
     weight_bytes: int
@@ -78,6 +86,8 @@ class LayerCost:
     transient_bytes: int
     forward_s: float
     backward_s: float
+    reuse_bytes: int = 0
+    reuse_saving_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -192,9 +202,11 @@ def predict(m: CostModel, p: Plan) -> Prediction:
     Memory: what stays after loading (fixed bytes, resident layers, embeddings and head unless offloaded), then
     gradients and optimizer state, at most two streamed layers, checkpoints (on the host: the one in flight and
     the one fetched back), kept activations, and the larger of the forward's end (loss chunk, plus the LM head's
-    device copy when it lives on the host) and one layer's recompute + backward.
+    device copy when it lives on the host) and one layer's recompute + backward (a recomputing layer's with the
+    dense weights it keeps for its backward, :attr:`LayerCost.reuse_bytes`).
 
-    Time per micro-batch: every layer's forward and backward, the recomputed layers' forward again, the loss; plus
+    Time per micro-batch: every layer's forward and backward, the recomputed layers' forward again (less what their
+    backward saves by reusing the recompute's dequantised weights, :attr:`LayerCost.reuse_saving_s`), the loss; plus
     the host copies the compute does not hide: a streamed layer's copy overlaps the layers since the previous
     streamed one (forward) or after it (backward; the forward's last streamed layer stays), with offloaded
     checkpoints sharing the copy stream in forward and fetched back on the compute stream in backward; an offloaded
@@ -212,13 +224,14 @@ def predict(m: CostModel, p: Plan) -> Prediction:
     ckpt = 2 * max(ckpts, default=0) if p.offload_checkpoints else sum(ckpts)
     keep = sum(c.keep_bytes for i, c in enumerate(lay) if i not in rec)
     forward_end = a * m.loss_bytes + (m.head_bytes if p.offload_lm_head else 0)
-    backward = a * max(c.transient_bytes for c in lay)
+    backward = max(a * c.transient_bytes + (c.reuse_bytes if i in rec else 0) for i, c in enumerate(lay))
     dynamic = (m.trainable_state_bytes + sum(sorted((lay[i].weight_bytes for i in streamed), reverse=True)[:2])
                + a * (ckpt + keep) + max(forward_end, backward) + (GRAPH_EXTRA_BYTES if p.cuda_graph else 0))
 
     h2d, d2h = sp.h2d_gbps * 1e9, sp.d2h_gbps * 1e9
     fwd = [c.forward_s * f for c in lay]
-    bwd = [c.backward_s * f + (c.forward_s * f if i in rec else 0.0) for i, c in enumerate(lay)]  # + recompute
+    # + the recompute, less the dequantisations its backward then skips (reuse_dequant)
+    bwd = [c.backward_s * f + ((c.forward_s - c.reuse_saving_s) * f if i in rec else 0.0) for i, c in enumerate(lay)]
     ck_out = [lay[i].checkpoint_bytes / d2h if (p.offload_checkpoints and i in rec) else 0.0 for i in range(n)]
     pf, pb, pc = _prefix(fwd), _prefix(bwd), _prefix(ck_out)
     exposed, prev = 0.0, 0
@@ -321,11 +334,15 @@ def costs_for(cfg: DecoderConfig, method: MethodOptions, micro_batch: int, grad_
     kernels/trainer/README.md), less the norm outputs and the SwiGLU output with ``remake_activations``
     (kernels/trainer/remake.py: 387 MB); a recompute + backward needs about twice that. The families' parts: Mixtral's
     experts (dense, resident, ``k`` of them per token in FLOPs and activations; never streamed: the streamer moves
-    linear weights only), Gemma-2's extra norms, its eager soft-capped attention (fp32 ``[B, H, S, S]`` scores and
-    probabilities kept) and its chunked soft-capped LM head (fp32 chunk logits, recomputed in backward).
+    linear weights only), Gemma-2's extra norms, its soft-capped attention (through FlexAttention where
+    :func:`~kernels.trainer.flex.flex_layer` sends it: an fp32 ``[B, H, S]`` logsumexp kept; else eager: fp32
+    ``[B, H, S, S]`` scores and probabilities kept)
+    and its chunked soft-capped LM head (fp32 chunk logits, recomputed in backward).
     Times are FLOPs at ``STEP_EFFICIENCY`` of the measured matmul rate; the backward of a frozen base computes dX
     only (one GEMM per projection, as the forward), a trained one dX and dW. QLoRA's dequantisation adds 12 %
-    (kernels/NOTES.md).
+    (kernels/NOTES.md); with ``reuse_dequant`` a recomputing layer's backward skips one dequantisation per NF4
+    weight (:attr:`LayerCost.reuse_saving_s`, timed at :data:`DEQUANT_HBM_SHARE` of the HBM rate) for its bf16
+    weights held into its backward (:attr:`LayerCost.reuse_bytes`).
 
     Args:
         cfg: the architecture.
@@ -348,9 +365,10 @@ def costs_for(cfg: DecoderConfig, method: MethodOptions, micro_batch: int, grad_
     n_proj = sum(i * o for i, o in shapes.values())
     peft, full, qlora = method.is_peft, method.kind == "full", method.kind == "qlora"
     targets = [name for name in shapes if name in method.target_modules] if peft else []
+    # NF4: half a byte per weight plus the block absmaxes (one byte each with double quantisation, else fp32)
+    nf4_bytes = 0.5 + (1 + 4 / 256 if method.double_quant else 4) / 64
     if qlora:
-        # NF4: half a byte per weight plus the block absmaxes (one byte each with double quantisation, else fp32)
-        weight = int(n_proj * (0.5 + (1 + 4 / 256 if method.double_quant else 4) / 64))
+        weight = int(n_proj * nf4_bytes)
     else:
         weight = n_proj * act
     # Mixtral: experts and router stay dense (bitsandbytes and our QLoRA quantise linear modules only)
@@ -384,13 +402,14 @@ def costs_for(cfg: DecoderConfig, method: MethodOptions, micro_batch: int, grad_
         keep += tokens * ((q + kv) * act + (cfg.num_heads + cfg.num_kv_heads) * 4)
     if method.remake_activations:  # two norm outputs and the dense MLP's gated activation remade in backward
         keep -= tokens * act * (2 * h + (0 if cfg.moe else inter))
-    if cfg.attn_softcap is not None:  # eager attention: fp32 scores and probabilities, probabilities in act
+    if cfg.attn_softcap is not None and flex_layer(device, dtype, method.flex_attention, cfg.attn_softcap, None,
+                                                   seq_len):  # FlexAttention: the fp32 logsumexp beside the output
+        keep += micro_batch * cfg.num_heads * seq_len * 4
+    elif cfg.attn_softcap is not None:  # eager attention: fp32 scores and probabilities, probabilities in act
         keep += micro_batch * cfg.num_heads * seq_len * seq_len * (2 * 4 + act)
     ckpt = tokens * h * act
-    if cfg.final_softcap is not None:  # the chunked PyTorch head: fp32 logits, capped logits, their gradient
-        chunk, chunk_bytes = method.fused_ce_chunk or softcap_chunk_size(tokens, cfg.vocab_size), 3 * 4
-    else:
-        chunk, chunk_bytes = method.fused_ce_chunk or default_chunk_size(tokens, full), 2 * act
+    # the fused head (soft-capped or not): a [chunk, V] logits buffer, overwritten by its gradient in place
+    chunk, chunk_bytes = method.fused_ce_chunk or default_chunk_size(tokens, full), 2 * act
     loss_bytes = chunk * cfg.vocab_size * chunk_bytes + 2 * tokens * h * act + (cfg.vocab_size * h * 4 if full else 0)
     rate = speed.matmul_tflops * 1e12 * STEP_EFFICIENCY
     attn = 2 * tokens * seq_len * q  # causal QK^T and PV
@@ -398,6 +417,14 @@ def costs_for(cfg: DecoderConfig, method: MethodOptions, micro_batch: int, grad_
     fwd_flops = 2 * tokens * (n_proj + active) + lora_flops + attn
     bwd_flops = (2 if full else 1) * 2 * tokens * (n_proj + active) + 2 * lora_flops + 2.5 * attn
     slow = 1.12 if qlora else 1.0
+    # reuse_dequant: a recomputing layer's backward takes the bf16 copies its recompute dequantised, every NF4
+    # projection's, all alive as that backward starts (kernels/trainer/offload.py, LayerCheckpoint); a tiled MLP runs
+    # without a graph inside the recompute and keeps none. Saved: one pass of the blocked kernel over those weights
+    # (NF4 read, bf16 written) at DEQUANT_HBM_SHARE of the HBM rate.
+    reuse = qlora and method.reuse_dequant and method.gradient_checkpointing
+    attn_proj = sum(i * o for name, (i, o) in shapes.items() if name in ("q_proj", "k_proj", "v_proj", "qkv_proj",
+                                                                         "o_proj"))
+    dequant_s = (nf4_bytes + act) / (DEQUANT_HBM_SHARE * speed.hbm_gbps * 1e9)  # per weight
 
     def layer_cost(chunk: int | None) -> LayerCost:
         keep_c, bwd_c = keep, bwd_flops
@@ -405,13 +432,15 @@ def costs_for(cfg: DecoderConfig, method: MethodOptions, micro_batch: int, grad_
             keep_c -= tokens * act * (2 * inter + (0 if method.remake_activations else inter))
             keep_c += min(tokens, chunk) * act * 3 * inter
             bwd_c += 2 * tokens * 3 * h * inter  # each chunk's MLP forward again in backward
+        reused = (attn_proj if chunk else n_proj) if reuse else 0  # NF4 weights a recompute keeps for backward
         return LayerCost(weight_bytes=weight, keep_bytes=keep_c, checkpoint_bytes=ckpt, transient_bytes=2 * keep_c,
-                         forward_s=slow * fwd_flops / rate, backward_s=slow * bwd_c / rate)
+                         forward_s=slow * fwd_flops / rate, backward_s=slow * bwd_c / rate,
+                         reuse_bytes=reused * act, reuse_saving_s=reused * dequant_s)
 
     layer = layer_cost(None if cfg.moe else method.mlp_chunk_tokens)
     # a plan may tile a dense MLP where it was not asked for and the rows are longer than a chunk
     may_tile = not cfg.moe and not method.mlp_chunk_tokens and tokens > MLP_CHUNK_TOKENS
-    head_gemms = (3 if full else 2) + (cfg.final_softcap is not None)  # soft-capped chunks recompute their logits
+    head_gemms = 3 if full else 2
     loss_s = head_gemms * 2 * tokens * cfg.vocab_size * h / rate
     optimizer_s = trainable * (act if full else lora_bytes) * 8 / (speed.hbm_gbps * 1e9)
     untied = not cfg.tie_word_embeddings

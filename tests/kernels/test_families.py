@@ -133,12 +133,10 @@ def test_config_reads_the_family(checkpoints, preset):  # noqa: ANN001
         assert cfg.layer_linear_names() == ("q_proj", "k_proj", "v_proj", "o_proj")
     ops = load_model(checkpoints[preset], _lora(preset), dtype=torch.float32, device="cpu").family_ops()
     assert ops == {"tiny-phi3": {},
-                   "tiny-gemma2": {"geglu": "torch", "attention": "torch-eager-softcap",
-                                   "fused_linear_cross_entropy": "torch-chunked-softcap",
-                                   "fused_linear_logprobs": "torch-chunked-softcap"},
+                   "tiny-gemma2": {"attention": "torch-eager-softcap"},
                    "tiny-mixtral": {"moe_experts": "torch-grouped-mm"}, "tiny-qwen3": {},
                    "tiny-qwen3-moe": {"moe_experts": "torch-grouped-mm"},
-                   "tiny-gemma3": {"geglu": "torch", "attention_sliding_window": "sdpa-window-mask (rows longer than "
+                   "tiny-gemma3": {"attention_sliding_window": "sdpa-window-mask (rows longer than "
                                                                                  "the window)"}}[preset]
 
 
@@ -247,14 +245,15 @@ def test_packed_rows_attend_within_their_sample_and_window(checkpoints):  # noqa
 def test_triton_ops_match_their_references(checkpoints, monkeypatch, preset):  # noqa: ANN001
     """The fused ops (Triton, interpreted) inside each family's blocks == the PyTorch references: RoPE rotating
     Phi-3's q and k in place as slices of one ``qkv_proj`` output, RMSNorm with Gemma-2's fp32 ``1 + weight``,
-    SwiGLU on Phi-3's ``gate_up_proj`` halves and on Mixtral's experts, LoRA's autograd Functions. Loss and LoRA
+    SwiGLU on Phi-3's ``gate_up_proj`` halves and on Mixtral's experts, Gemma's GeGLU, the soft-capped fused LM
+    head of Gemma-2, LoRA's autograd Functions. Loss and LoRA
     gradients in fp32 (interpreted kernels sum in another order: measured < 1e-6; Gemma-3's gradients reach ~9,
     its scaled embeddings and ``1 + weight`` q/k norms, and their differences ~3e-5, 4e-6 of the largest: the
     absolute tolerance scales with each gradient's largest magnitude)."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     ids = _ids(8, (2, 40))
     out = {}
-    for refs in ((), ("rms_norm", "rope", "swiglu", "fused_linear_cross_entropy")):
+    for refs in ((), ("rms_norm", "rope", "swiglu", "geglu", "fused_linear_cross_entropy")):
         model = load_model(checkpoints[preset], _lora(preset, reference_ops=refs), dtype=torch.float32,
                            device="cpu", seed=0)
         _randomise_b(model)

@@ -56,11 +56,13 @@ def _loss_and_grads(fn, h, w, bias, labels, upcast, **kw):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_flce_matches_reference(case, dtype, with_bias):
+@pytest.mark.parametrize("softcap", [None, 1.5])  # a cap near the logits' spread bends most of them
+def test_flce_matches_reference(case, dtype, with_bias, softcap):
     atol, rtol, _ = TOLERANCES[dtype]
     h, w, bias, labels = _inputs(case, dtype, with_bias)
-    loss, grads = _loss_and_grads(fused_linear_cross_entropy, h, w, bias, labels, False, chunk_size=case[4])
-    ref, ref_grads = _loss_and_grads(fused_linear_cross_entropy_reference, h, w, bias, labels, True)
+    loss, grads = _loss_and_grads(fused_linear_cross_entropy, h, w, bias, labels, False, chunk_size=case[4],
+                                  softcap=softcap)
+    ref, ref_grads = _loss_and_grads(fused_linear_cross_entropy_reference, h, w, bias, labels, True, softcap=softcap)
     assert loss.dtype == torch.float32
     assert_close_verbose(loss, ref, atol, rtol, f"flce loss {case} {dtype}")
     for name, a, e in zip(["dh", "dw", "dbias"], grads, ref_grads, strict=False):
@@ -136,3 +138,17 @@ def test_flce_num_items_needs_a_sum():
     for fn in (fused_linear_cross_entropy, fused_linear_cross_entropy_reference):
         with pytest.raises(ValueError, match="num_items_in_batch divides a 'sum'"):
             fn(h, w, labels, reduction="mean", num_items_in_batch=3)
+
+
+def test_flce_softcap_is_gemma2s_capped_head():
+    """The capped loss is transformers' Gemma-2 head: ``cap * tanh(logits / cap)`` then cross-entropy (written
+    out here, not through the reference), and the cap changes the loss (the switch reaches the kernel)."""
+    h, w, _, labels = _inputs((2, 9, 32, 700, None), torch.float32, False)
+    h = 4 * h  # logits ~N(0, 16): the cap of 2 saturates many
+    logits = (h.double() @ w.double().t()).reshape(-1, 700)
+    capped = torch.tanh(logits / 2.0) * 2.0
+    want = torch.nn.functional.cross_entropy(capped, labels.reshape(-1), ignore_index=-100)
+    got = fused_linear_cross_entropy(h, w, labels, softcap=2.0)
+    assert_close_verbose(got, want, 2e-5, 2e-5, "flce softcap against the written-out capped head")
+    uncapped = fused_linear_cross_entropy(h, w, labels)
+    assert (uncapped - got).abs().item() > 0.1

@@ -6,6 +6,8 @@ from kernels.ops.lora_linear import (
     lora_linear,
     lora_linear_group,
     lora_linear_reference,
+    reuse_dequantised,
+    reusing_dequantised,
 )
 from kernels.ops.nf4 import dequantize_nf4_reference, quantize_nf4
 from kernels.ops.testing import assert_close_verbose
@@ -201,3 +203,65 @@ def test_lora_linear_group_rejects_unequal_ranks():
     with pytest.raises(ValueError, match="ranks differ"):
         lora_linear_group(torch.randn(2, IN), ws, [torch.randn(4, IN), torch.randn(8, IN)],
                           [torch.randn(8, 4), torch.randn(8, 8)], 1.0)
+
+
+def _lora_ops_module():  # noqa: ANN202
+    import importlib
+
+    return importlib.import_module("kernels.ops.lora_linear")  # the module (the package re-exports the function)
+
+
+def _op_node(y: torch.Tensor):  # noqa: ANN202
+    """The op's autograd node (its ctx) behind ``y``, past the reshaping view of the public wrapper."""
+    node = y.grad_fn
+    while not hasattr(node, "kept"):
+        node = node.next_functions[0][0]
+    return node
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_reuse_dequantised_keeps_the_forwards_nf4_weight_for_backward(monkeypatch, grouped):
+    """Inside ``reuse_dequantised`` an NF4 weight is dequantised once for forward + backward (else twice), the
+    results and gradients are bitwise the same, a dense weight is never kept, and backward drops the kept copy."""
+    ll = _lora_ops_module()
+    calls = []
+    real = ll.dequantize_nf4
+    monkeypatch.setattr(ll, "dequantize_nf4", lambda q, dtype=None: calls.append(q) or real(q, dtype))
+    dtype, g = torch.bfloat16, torch.Generator().manual_seed(7)
+    w_dense = (torch.randn(OUT, IN, generator=g) / IN**0.5).to(DEVICE, dtype)
+    ws = [quantize_nf4(w_dense), w_dense, quantize_nf4(w_dense.flip(0))]  # NF4, dense, NF4
+    As = [(torch.randn(RANK, IN, generator=g) / IN**0.5).to(DEVICE, dtype) for _ in ws]
+    Bs = [(torch.randn(OUT, RANK, generator=g) / OUT**0.5).to(DEVICE, dtype) for _ in ws]
+    x0 = torch.randn(3, 11, IN, generator=g).to(DEVICE, dtype)
+    dys = [torch.randn(3, 11, OUT, generator=g).to(DEVICE, dtype) for _ in ws]
+    runs = {}
+    for reuse in (False, True):
+        calls.clear()
+        leaves = [t.clone().requires_grad_(True) for t in (x0, *As, *Bs)]
+        x, la, lb = leaves[0], leaves[1:1 + len(ws)], leaves[1 + len(ws):]
+        with reuse_dequantised(reuse):
+            ys = (lora_linear_group(x, ws, la, lb, 0.5) if grouped
+                  else [lora_linear(x, w, a, b, 0.5) for w, a, b in zip(ws, la, lb, strict=True)])
+        assert not reusing_dequantised()
+        nodes = {_op_node(y) for y in ys}
+        kept = [k for node in nodes for k in (node.kept if grouped else [node.kept])]
+        assert sum(k is not None for k in kept) == (2 if reuse else 0)  # the two NF4 weights, never the dense one
+        assert all(k is None or k.dtype == dtype and k.shape == (OUT, IN) for k in kept)
+        assert len(calls) == 2  # forward: one per NF4 weight
+        torch.autograd.backward(ys, dys)
+        assert len(calls) == (2 if reuse else 4)  # backward dequantises again only without reuse
+        assert all(node.kept is None for node in nodes)  # dropped by backward
+        runs[reuse] = [y.detach() for y in ys] + [t.grad for t in leaves]
+    for got, want in zip(runs[True], runs[False], strict=True):
+        assert torch.equal(got, want)
+
+
+def test_reuse_dequantised_is_reset_after_an_exception():
+    assert not reusing_dequantised()
+    with pytest.raises(RuntimeError, match="inside"), reuse_dequantised():
+        assert reusing_dequantised()
+        with reuse_dequantised(False):
+            assert not reusing_dequantised()
+        assert reusing_dequantised()  # nested: the outer setting comes back
+        raise RuntimeError("inside")
+    assert not reusing_dequantised()

@@ -65,11 +65,14 @@ def _value_and_grads(fn, h, w, bias, labels, grad_out, upcast, **kw):  # noqa: A
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_logprobs_match_reference(case, dtype, with_bias):  # noqa: ANN001
+@pytest.mark.parametrize("softcap", [None, 1.5])
+def test_logprobs_match_reference(case, dtype, with_bias, softcap):  # noqa: ANN001
     atol, rtol, _ = TOLERANCES[dtype]
     h, w, bias, labels, grad_out = _inputs(case, dtype, with_bias)
-    got, grads = _value_and_grads(fused_linear_logprobs, h, w, bias, labels, grad_out, False, chunk_size=case[3])
-    want, ref_grads = _value_and_grads(fused_linear_logprobs_reference, h, w, bias, labels, grad_out, True)
+    got, grads = _value_and_grads(fused_linear_logprobs, h, w, bias, labels, grad_out, False, chunk_size=case[3],
+                                  softcap=softcap)
+    want, ref_grads = _value_and_grads(fused_linear_logprobs_reference, h, w, bias, labels, grad_out, True,
+                                       softcap=softcap)
     assert got.dtype == torch.float32 and got.shape == labels.shape
     assert_close_verbose(got, want, atol, rtol, f"logprobs {case} {dtype}")
     assert torch.all(got[labels == -100] == 0)
