@@ -3,7 +3,7 @@ shorter than the rows (Gemma-2's and Gemma-3's local layers, Phi-3-mini at 2048 
 
 ``torch.nn.attention.flex_attention`` with a ``score_mod`` for the cap (``cap * tanh(score / cap)`` on the fp32
 scores, after ``scale``), a block mask for causal + window + packed samples, and ``enable_gqa`` (KV heads not
-repeated), compiled once per process on first use (``torch.compile(dynamic=False)``): Triton kernels that keep no
+repeated), compiled once per process on first use (``torch.compile``): Triton kernels that keep no
 ``[B, H, S, S]`` tensor; what a layer keeps for backward is the output and the fp32 logsumexp ``[B, H, S]``, as
 flash attention.
 
@@ -25,11 +25,12 @@ mask its forward had:
 - preference pairs sharing their prompt (:class:`~kernels.trainer.attention.SharedPrompts`): same pair, key in
   the prompt or in the query's own branch, key position <= query position (and within the window).
 
-Compilation: one compiled function, specialised per shape, dtype, grad mode (a checkpointed layer's forward runs
-without grad, its recompute with), cap value and mask kind; every micro-batch length is a new specialisation.
-Its own recompile limit is :data:`RECOMPILE_LIMIT` (dynamo's default of 8 is spent by two lengths of Gemma-2's
-two mask kinds in both grad modes); beyond it dynamo runs the function uncompiled: correct, but materialising
-the scores as the eager path does.
+Compilation: one compiled function, specialised per dtype, grad mode (a checkpointed layer's forward runs without
+grad, its recompute with), cap value and mask kind. Shapes start static (fixed-length rows, the benchmarks'
+case, keep the static kernel); a second row length recompiles it with dynamic lengths (dynamo's default), so rows
+of varying length cost a few compiles, not one per length. Its own recompile limit is :data:`RECOMPILE_LIMIT`
+(dynamo's default of 8 is near what two mask kinds in both grad modes take); beyond it dynamo runs the function
+uncompiled: correct, but materialising the scores as the eager path does.
 """
 
 from __future__ import annotations
@@ -160,7 +161,7 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any, scale:
 @functools.cache
 def _compiled():  # noqa: ANN202
     """:func:`_attend` compiled, made on first use (once per process), with its own recompile limit."""
-    compiled = torch.compile(_attend, dynamic=False)
+    compiled = torch.compile(_attend)  # static first, dynamic lengths from the first recompile on
     return torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT)(compiled)
 
 

@@ -290,6 +290,26 @@ def test_bf16_forward_and_backward_match_eager_fp32_on_gpu(packed, window):  # n
 
 
 @pytest.mark.gpu
+def test_rows_of_many_lengths_compile_a_few_times_on_gpu():
+    """Rows whose length changes from call to call (``lengths: uniform`` without packing) recompile the flex
+    kernel with dynamic lengths once, not once per length: six lengths, at most three compiled graphs, each
+    call within bf16 rounding of the eager fp32 path."""
+    from torch._dynamo.utils import counters
+
+    flex._compiled.cache_clear()
+    torch._dynamo.reset()
+    before = counters["stats"]["unique_graphs"]
+    for seq in (256, 384, 200, 512, 640, 1000):
+        q, k, v = _qkv(s=seq, h=8, kv=4, d=64, dtype=torch.bfloat16, device="cuda")
+        with torch.no_grad():
+            got = flex_attend(q, k, v, block_mask(seq, WINDOW, "cuda"), None, 2.0)
+            want = softcap_attention(q.float(), k.float(), v.float(), 64 ** -0.5, 2.0,
+                                     _eager_mask(seq, WINDOW, None).cuda())
+        assert _rel(got, want) < 1.5e-2, (seq, _rel(got, want))
+    assert counters["stats"]["unique_graphs"] - before <= 3
+
+
+@pytest.mark.gpu
 @pytest.mark.usefixtures("one_thread")
 def test_tiny_gemma2_trains_alike_with_flex_on_and_off_on_gpu(checkpoints, monkeypatch):  # noqa: ANN001
     """bf16 LoRA training of tiny-gemma2 (rows of 48 tokens: its 32-token window slides) through the trainer: the
