@@ -22,6 +22,7 @@ from torch import nn
 from kernels.trainer.config import DecoderConfig, MethodOptions, TrainerConfig
 from kernels.trainer.offload import WeightStreamer, checkpointed_layer_ids, streamed_layer_ids
 from kernels.trainer.plan import GIB, CostModel, DeviceSpeed, Plan, choose, costs_for, lean_plan, predict
+from kernels.trainer.train import GRAPH_WARMUP_STEPS
 
 if TYPE_CHECKING:
     from kernels.trainer.model import DecoderModel
@@ -218,19 +219,24 @@ class Planner:
         step_s = time.perf_counter() - self._t if step_s is None else step_s
         costs, plan = self.costs, self.plan
         probe: dict[str, Any] = {"after_step": step, "measured_step_s": round(step_s, 4)}
+        # a graphed plan's first steps run eagerly (the step graph's warm-up, before its capture): what they
+        # measured, time and peak, is the same plan without its graph (no replay's saving, no graph pool)
+        probed = replace(plan, cuda_graph=False) if plan.cuda_graph and step <= GRAPH_WARMUP_STEPS else plan
+        if probed is not plan:
+            probe["measured_eagerly"] = True
         peak = None
         if self._static is not None:
             peak = torch.cuda.max_memory_allocated(self.model.device_of_compute)  # loading included
             costs = costs.corrected(static_offset=self._static - (self.prediction.static_bytes - costs.static_offset))
-            act = _solve(lambda a: predict(costs.corrected(act_factor=a), plan).peak_bytes, peak, 0.5, 4.0)
+            act = _solve(lambda a: predict(costs.corrected(act_factor=a), probed).peak_bytes, peak, 0.5, 4.0)
             costs = costs.corrected(act_factor=act)
             probe |= {"measured_static_gib": round(self._static / GIB, 3),
                       "measured_peak_alloc_gib": round(peak / GIB, 3), "act_factor": round(act, 3)}
-        tf = _solve(lambda f: predict(costs.corrected(time_factor=f), plan).step_s, step_s, 0.25, 4.0)
+        tf = _solve(lambda f: predict(costs.corrected(time_factor=f), probed).step_s, step_s, 0.25, 4.0)
         costs = costs.corrected(time_factor=tf)
         probe["time_factor"] = round(tf, 3)
         self.record["probe"] = probe
-        over = peak is not None and peak > self.prediction.peak_bytes
+        over = peak is not None and peak > predict(self.costs, probed).peak_bytes
         current = predict(costs, plan)
         # the step graph, if any, is already made: it keeps its graph, and where its inputs come from
         fixed = {"cuda_graph": plan.cuda_graph, "embeddings": plan.offload_embeddings if plan.cuda_graph else None}

@@ -123,6 +123,9 @@ def make_scheduler(opt: torch.optim.Optimizer, s: TrainSettings) -> torch.optim.
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
+GRAPH_WARMUP_STEPS = 2  # eager steps of a step graph before its capture (compiles, autotuning, AdamW's state)
+
+
 class StepGraph:
     """One optimizer step on static buffers, captured as a CUDA graph after ``warmup`` eager steps.
 
@@ -146,7 +149,8 @@ class StepGraph:
     """
 
     def __init__(self, model: torch.nn.Module, opt: torch.optim.Optimizer, s: TrainSettings, length: int,
-                 device: torch.device, params: list[torch.Tensor], capture: bool = True, warmup: int = 2):
+                 device: torch.device, params: list[torch.Tensor], capture: bool = True,
+                 warmup: int = GRAPH_WARMUP_STEPS):
         self.model, self.opt, self.s, self.params = model, opt, s, params
         self.capture, self.warmup, self.done = capture, warmup, 0
         shape = (s.micro_batch, length)

@@ -168,6 +168,28 @@ def test_measured_corrections_make_the_planner_replan(monkeypatch):
     assert planner.after_step(3) is False  # once
 
 
+def test_a_graphed_plans_probe_is_read_as_the_eager_step_it_measured(monkeypatch):
+    """A graphed plan's probe step is one of the step graph's eager warm-up steps: a run exactly as predicted for
+    the plan without its graph (slower by the graph's saving, without the graph pool) gets no correction and no
+    re-plan; read against the graphed prediction it would have looked slower (a time factor above 1)."""
+    m = synthetic()
+    options = MethodOptions(kind="lora")
+    planner = Planner(m, predict(m, Plan(recompute_layers=-1)).peak_bytes * 3, {"setting": "test"}, options)
+    graphed = planner.plan
+    assert graphed.cuda_graph
+    eager = predict(m, replace(graphed, cuda_graph=False))
+    assert eager.step_s > planner.prediction.step_s and eager.peak_bytes < planner.prediction.peak_bytes
+    monkeypatch.setattr(planner_mod, "reconfigure", lambda model, o: pytest.fail("re-planned"))
+    planner.model = SimpleNamespace(device_of_compute=torch.device("cuda"))
+    planner._static = planner.prediction.static_bytes
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda dev=None: eager.peak_bytes)
+    assert planner.after_step(2, eager.step_s) is False
+    probe = planner.record["probe"]
+    assert probe["measured_eagerly"] is True
+    assert probe["time_factor"] == pytest.approx(1.0, abs=2e-3) and probe["act_factor"] == pytest.approx(1.0, abs=2e-3)
+    assert planner.plan == graphed and planner.record["replanned"] is None
+
+
 # -- the analytic model on real shapes ----------------------------------------------------------------------------
 
 
