@@ -36,17 +36,22 @@ uncompiled: correct, but materialising the scores as the eager path does.
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
-
-if TYPE_CHECKING:
-    from kernels.trainer.attention import SharedPrompts
 
 try:
     from torch.nn.attention import flex_attention as _flex
 except ImportError:  # a torch without FlexAttention: the layers keep their eager / SDPA paths
     _flex = None
+
+class SharedPairs(Protocol):
+    """What a shared-prompt mask needs of :class:`~kernels.trainer.attention.SharedPrompts` (named by shape, so
+    this module does not import the attention module that calls it)."""
+
+    doc: torch.Tensor  # [T] the pair of each token
+    branch: torch.Tensor  # [T] 0 prompt, 1 chosen, 2 rejected
+
 
 FLEX_AVAILABLE = _flex is not None and hasattr(_flex, "create_block_mask")
 RECOMPILE_LIMIT = 64
@@ -111,7 +116,7 @@ def _packed_mod(position_ids: torch.Tensor, window: int | None):  # noqa: ANN202
     return packed
 
 
-def _shared_mod(shared: SharedPrompts, position_ids: torch.Tensor, window: int | None):  # noqa: ANN202
+def _shared_mod(shared: SharedPairs, position_ids: torch.Tensor, window: int | None):  # noqa: ANN202
     """:meth:`SharedPrompts.mask <kernels.trainer.attention.SharedPrompts.mask>` as a mask_mod, within ``window``."""
     pos, doc, branch = position_ids.reshape(-1), shared.doc, shared.branch
 
@@ -123,7 +128,7 @@ def _shared_mod(shared: SharedPrompts, position_ids: torch.Tensor, window: int |
 
 
 def block_mask(seq: int, window: int | None, device: torch.device | str, position_ids: torch.Tensor | None = None,
-               shared: SharedPrompts | None = None) -> Any:
+               shared: SharedPairs | None = None) -> Any:
     """The block mask of one kind of layer (``window`` None: full causal attention) for ``seq``-token rows.
 
     Args:
