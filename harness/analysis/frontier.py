@@ -27,13 +27,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from harness.running.frontier import FAILED, FITS, NO_FIT, PLAN_FILE, Grid, follows_budget, outcome
+from harness.running.frontier import FAILED, FITS, NO_FIT, Grid, follows_budget, outcome, read_plan
 from harness.running.runner import CONTENTION
 from harness.storing import results
 from harness.storing.schema import RunResult
-from harness.storing.sweep import is_results_dir, load_sweep
+from harness.storing.sweep import StoredFileError, is_results_dir, load_sweep, read_stored_mapping
 
 COLUMNS = ("framework", "tool", "budget_gib", "vary", "value", "state", "measured", "tokens_per_s",
            "peak_vram_nvml_gib", "peak_reserved_gib", "valid", "next_oom_value", "probes", "reason",
@@ -72,9 +70,7 @@ class _Probe:
 
 def read_probes(folder: Path) -> tuple[dict[str, Any], list[_Probe]]:
     """The frontier's plan (``frontier.json``) and every stored probe under ``folder``."""
-    plan = results.read_json(Path(folder) / PLAN_FILE)
-    if not plan:
-        raise ValueError(f"{folder}: not a frontier folder (no readable {PLAN_FILE})")
+    plan = read_plan(folder)
     vary = plan["grid"]["vary"]
     steps = (_frontier_scenario(Path(folder)).get("train") or {}).get("steps")
     probes = []
@@ -83,8 +79,8 @@ def read_probes(folder: Path) -> tuple[dict[str, Any], list[_Probe]]:
         budget = (sweep.scenario.get("hardware") or {}).get("memory_budget_gib")
         section = "data" if vary == "seq_len" else "train"
         value = (sweep.scenario.get(section) or {}).get(vary)
-        if budget is None or value is None:
-            continue
+        if not (isinstance(budget, int | float) and isinstance(value, int)) or isinstance(value, bool):
+            continue  # not a probe (or its stored scenario is damaged: load_sweep named it)
         own = (sweep.scenario.get("train") or {}).get("steps")
         short = steps is not None and own != steps
         probes += [_Probe(float(budget), int(value), r,
@@ -123,14 +119,15 @@ def frontier_cells(folder: Path) -> list[Cell]:
 
 def _frontier_scenario(folder: Path) -> dict[str, Any]:
     try:
-        return yaml.safe_load((folder / "scenario.yaml").read_text()) or {}
-    except (OSError, yaml.YAMLError):
+        sc = read_stored_mapping(folder / "scenario.yaml")
+    except StoredFileError:
         return {}
+    return sc if isinstance(sc, dict) else {}
 
 
 def _scenario_order(folder: Path) -> list[str]:
-    sc = _frontier_scenario(folder)
-    return [f.get("label") or f.get("name") for f in sc.get("frameworks") or [] if isinstance(f, dict)]
+    rows = _frontier_scenario(folder).get("frameworks")
+    return [f.get("label") or f.get("name") for f in rows if isinstance(f, dict)] if isinstance(rows, list) else []
 
 
 def _cell(fw: str, budget: float, vary: str, probes: list[_Probe], values: list[int], stopped: str | None,

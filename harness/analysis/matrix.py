@@ -25,7 +25,7 @@ from pathlib import Path
 from statistics import fmean
 from typing import Any
 
-from harness.running.matrix import NOT_RUN_FILE, read_plan
+from harness.running.matrix import read_not_run, read_plan
 from harness.running.runner import CONTENTION
 from harness.storing import results
 from harness.storing.schema import RunResult
@@ -120,7 +120,7 @@ def read_matrix(folder: Path) -> tuple[dict[str, Any], list[MatrixCell]]:
     """
     folder = Path(folder)
     plan = read_plan(folder)
-    not_run = results.read_json(folder / NOT_RUN_FILE) or {}
+    not_run = read_not_run(folder)
     cells = []
     for planned in plan["cells"]:
         run, path = (None, None)

@@ -1,6 +1,6 @@
 """``python -m harness calibrate``: measure the GPU's dense bf16 matmul rate, beside the datasheet figure MFU uses.
 
-Exit codes: 0 measured, 2 no CUDA GPU.
+Exit codes: 0 measured, 2 no CUDA GPU or a bad option.
 
 Example::
 
@@ -14,7 +14,10 @@ import json
 import sys
 from pathlib import Path
 
+from harness.cli.guard import output_dir_problems
 from harness.measuring.calibrate import measure
+
+MAX_SIZE = 1 << 16
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,6 +27,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=8192, help="square matrix size (default 8192)")
     ap.add_argument("--out", help="write the measurement as JSON here")
     args = ap.parse_args(argv)
+    if not 16 <= args.size <= MAX_SIZE:
+        print(f"calibrate: --size {args.size}: between 16 and {MAX_SIZE} (two bf16 matrices of {MAX_SIZE}^2 are "
+              "8 GiB)", file=sys.stderr)
+        return 2
+    if args.out and (Path(args.out).is_dir() or output_dir_problems(out=Path(args.out).parent)):
+        print(f"calibrate: --out {args.out}: not a file that can be written", file=sys.stderr)
+        return 2
     try:
         res = measure(args.size)
     except RuntimeError as e:

@@ -102,8 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     for name in ("tokens_drop", "memory_rise", "loss_rise", "noise_k"):
         v = getattr(args, name)
-        if v is not None and (v < 0 or math.isnan(v)):
-            print(f"error: --{name.replace('_', '-')} must be >= 0, got {v}", file=sys.stderr)
+        if v is not None and not (math.isfinite(v) and v >= 0):
+            print(f"error: --{name.replace('_', '-')} must be a finite number >= 0, got {v}", file=sys.stderr)
             return EXIT_BAD_INPUT
     try:
         return _run(args)

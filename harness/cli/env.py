@@ -25,6 +25,7 @@ import fnmatch
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -41,6 +42,7 @@ from harness.common.names import unknown
 from harness.common.paths import REPO_ROOT
 from harness.running import envs
 from harness.running.envs import worker_environment
+from harness.storing.results import read_json
 
 CONFIG_PATH = REPO_ROOT / "harness" / "running" / "environments.yaml"
 BUNDLE_FORMAT = 1
@@ -65,11 +67,26 @@ def load_config(path: Path = CONFIG_PATH) -> dict[str, dict[str, Any]]:
     return data
 
 
+class EnvInputError(ValueError):
+    """A bad name, bundle or manifest given to an ``env`` command (exit 2, the message says why)."""
+
+
+ENV_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")  # an environment is a folder of .envs/: one safe path component
+
+
 def _env_spec(name: str) -> dict[str, Any]:
     cfg = load_config()
     if name not in cfg:
-        raise SystemExit(unknown("environment", name, cfg))
+        raise EnvInputError(unknown("environment", name, cfg))
     return cfg[name]
+
+
+def _env_name(name: Any, where: str) -> str:
+    """``name`` as the folder of an environment under .envs/, or :class:`EnvInputError` (a path, '..', not text)."""
+    if not isinstance(name, str) or not ENV_NAME.match(name) or not name.strip("."):
+        raise EnvInputError(f"{where}: {name!r} is not an environment name (letters, digits, _ . -; one folder "
+                            "name under .envs/)")
+    return name
 
 
 def _dist_name(req: str) -> str:
@@ -274,19 +291,33 @@ def _pack_one(name: str, args) -> int:
 
 def cmd_install(args) -> int:
     bundle = Path(args.bundle)
-    with tempfile.TemporaryDirectory() as td, tarfile.open(bundle) as tar:
-        tar.extractall(td, filter="data")
-        manifest = json.loads((Path(td) / "manifest.json").read_text())
-        name = args.name or manifest["env"]
+    if args.name is not None:
+        _env_name(args.name, "--name")
+    if not bundle.is_file():
+        raise EnvInputError(f"{bundle}: " + ("not a bundle file (a directory)" if bundle.is_dir() else
+                                             "no such bundle file" if not bundle.exists() else "not a regular file"))
+    with tempfile.TemporaryDirectory() as td:
+        try:
+            with tarfile.open(bundle) as tar:
+                tar.extractall(td, filter="data")  # members leaving the folder or links out of it: refused
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise EnvInputError(f"{bundle}: not a bundle of `python -m harness env pack` ({e})") from None
+        manifest = read_json(Path(td) / "manifest.json")
+        if manifest is None or not isinstance(manifest.get("packages", []), list) \
+                or not isinstance(manifest.get("env_vars", {}), dict):
+            raise EnvInputError(f"{bundle}: no readable manifest.json of `python -m harness env pack` in it")
+        name = _env_name(args.name or manifest.get("env"), "--name" if args.name else f"{bundle}: manifest env")
         here = f"{sys.version_info.major}.{sys.version_info.minor}"
         if manifest.get("python_version") not in (None, here) and not args.force:
             print(f"{bundle} was packed for Python {manifest['python_version']}, this is {here}: its compiled "
                   f"wheels would not load (use --force to install anyway)", file=sys.stderr)
             return 2
         wheels = sorted(str(p) for p in (Path(td) / "wheels").glob("*.whl"))
+        if not wheels:
+            raise EnvInputError(f"{bundle}: holds no wheels/*.whl")
         _install_into(name, ["--no-index", *wheels])
-        _write_env_json(name, manifest["packages"], manifest.get("env_vars", {}), source=f"bundle {bundle.name}",
-                        python_version=here)
+        _write_env_json(name, manifest.get("packages", []), manifest.get("env_vars", {}),
+                        source=f"bundle {bundle.name}", python_version=here)
     print(f"installed {bundle} into {envs.site_dir(name)} ({_size_mb(envs.site_dir(name)):.0f} MB)")
     return cmd_check(argparse.Namespace(names=[name]))
 
@@ -429,8 +460,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m harness env``; returns the exit code."""
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    return {"list": cmd_list, "check": cmd_check, "create": cmd_create, "pack": cmd_pack,
-            "install": cmd_install}[args.cmd](args)
+    try:
+        return {"list": cmd_list, "check": cmd_check, "create": cmd_create, "pack": cmd_pack,
+                "install": cmd_install}[args.cmd](args)
+    except EnvInputError as e:
+        print(f"env {args.cmd}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

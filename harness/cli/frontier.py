@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 
 from harness.analysis.frontier import write_frontier_table
-from harness.cli.guard import EXIT_BAD_INPUT, guarded
+from harness.cli.guard import EXIT_BAD_INPUT, guarded, output_dir_problems
 from harness.cli.validate import load_or_report
 from harness.common.paths import REPO_ROOT
 from harness.measuring.environment import gpu_info
@@ -38,6 +38,8 @@ from harness.running.frontier import VARIES, FrontierError, Probing, make_grid, 
 from harness.spec.scenario import MAX_MEMORY_BUDGET_GIB, ScenarioError
 
 CAPACITY_MARGIN_GIB = 4.0  # GPU memory left outside the side-by-side probes' budgets (CUDA contexts, NVML's view)
+MAX_BUDGETS = 64  # budgets of one frontier: each is a search of every row (the published frontiers use six)
+MAX_JOBS = 256  # rows searched at once: far beyond any GPU's memory for probes side by side
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,9 +76,12 @@ def _budgets(text: str) -> list[float]:
     try:
         out = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: GiB numbers separated by commas, e.g. 8,12,24") from None
+        raise argparse.ArgumentTypeError(f"{text[:60]!r}: GiB numbers separated by commas, e.g. 8,12,24") from None
     if not out or any(not 0 < b <= MAX_MEMORY_BUDGET_GIB for b in out):
-        raise argparse.ArgumentTypeError(f"{text!r}: each budget must be > 0 and <= {MAX_MEMORY_BUDGET_GIB} GiB")
+        raise argparse.ArgumentTypeError(f"{text[:60]!r}: each budget must be > 0 and <= {MAX_MEMORY_BUDGET_GIB} GiB")
+    if len(set(out)) > MAX_BUDGETS:
+        raise argparse.ArgumentTypeError(f"{len(set(out))} budgets: at most {MAX_BUDGETS} (each is a search of "
+                                         "every row)")
     return sorted(set(out))
 
 
@@ -90,16 +95,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.scenario}: --only {unknown}: not among the scenario's frameworks {sc.framework_names()}",
               file=sys.stderr)
         return EXIT_BAD_INPUT
-    if args.jobs < 1 or (args.probe_steps is not None and args.probe_steps < 2):
-        print(f"{args.scenario}: --jobs must be at least 1 and --probe-steps at least 2", file=sys.stderr)
+    if not 1 <= args.jobs <= MAX_JOBS or (args.probe_steps is not None and args.probe_steps < 2):
+        print(f"{args.scenario}: --jobs must be between 1 and {MAX_JOBS} and --probe-steps at least 2",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
+    reports_dir = Path(args.reports) if args.reports else Path(args.results).resolve().parent / "reports"
+    if bad_dirs := output_dir_problems(results=args.results, reports=reports_dir):
+        print("\n".join(f"{args.scenario}: {b}" for b in bad_dirs), file=sys.stderr)
         return EXIT_BAD_INPUT
     capacity = gpu_info()["gpu_memory_gib"] if sc.hardware.device == "cuda" else None
     short = args.probe_steps if args.probe_steps is not None and args.probe_steps < sc.train.steps else None
     probing = Probing(jobs=args.jobs, steps=short, capacity_gib=capacity and capacity - CAPACITY_MARGIN_GIB)
     try:
         grid = make_grid(sc, args.vary, args.hi, args.step)
-        # a budget on a cpu, shortened probes with too few steps: refused before any run
-        probe_scenario(sc, args.budgets[0], args.vary, grid.lo, steps=short)
+        # a budget on a cpu, shortened probes with too few steps, a value beyond the schema's bounds: refused before
+        # any run, at both ends of the grid and of the budgets
+        for budget, value in ((args.budgets[0], grid.lo), (args.budgets[-1], grid.hi)):
+            probe_scenario(sc, budget, args.vary, value, steps=short)
     except (FrontierError, ScenarioError) as e:
         print(f"{args.scenario}: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -116,8 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                                    retry_failed=args.retry_failed, quiet=args.quiet, on_probe=show, probing=probing)
         print(f"{log.distinct} probes ({log.ran} run now)")
         csv_path, md_path = write_frontier_table(folder)
-        reports = Path(args.reports) if args.reports else Path(args.results).resolve().parent / "reports"
-        report = write_frontier_report(folder, reports / folder.name)
+        report = write_frontier_report(folder, reports_dir / folder.name)
         print(f"results: {folder}\ntable:   {md_path} ({csv_path.name})\nreport:  {report}")
         return 0
 

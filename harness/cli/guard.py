@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from harness.running.evaluator import EvaluatorMissing
 from harness.running.locks import Busy
@@ -16,6 +17,43 @@ from harness.running.locks import Busy
 EXIT_BAD_INPUT = 2
 EXIT_BUSY = 3  # the sweep, or the machine, is being measured by another runner
 EXIT_INTERRUPTED = 130
+
+
+def output_dir_problems(**dirs: str | Path | None) -> list[str]:
+    """Why each output folder (``--results``, ``--reports``, ...) cannot be written, checked before anything runs: a
+    sweep that trains for an hour and then cannot store its rows or its report has lost that hour.
+
+    A folder must be a directory, or not exist yet below a directory (it is created then); a file, or a path through a
+    file, cannot be one. Permissions are left to the write itself (as root, every folder is writable).
+
+    Args:
+        dirs: option name (``results``, ``reports``) -> the folder given; None: not used.
+
+    Returns:
+        ``--option PATH: reason`` lines; empty when every folder can be used.
+    """
+    out = []
+    for option, value in dirs.items():
+        if value is None:
+            continue
+        path = Path(value)
+        flag = f"--{option.replace('_', '-')} {path}: cannot write there"
+        try:
+            probe = path
+            while not probe.exists() and probe != probe.parent:
+                if probe.is_symlink():  # a link to nowhere: creating the folder would fail
+                    out.append(f"{flag}: {probe} is a broken symbolic link")
+                    break
+                probe = probe.parent
+            else:
+                if not probe.is_dir():
+                    out.append(f"{flag}: {probe} is not a directory" + (" (a folder cannot be created below it)"
+                                                                       if probe != path else ""))
+        except OSError as e:  # a name too long for the file system
+            out.append(f"{flag}: {e.strerror or e}")
+        except ValueError as e:  # a NUL character
+            out.append(f"{flag}: {e}")
+    return out
 
 
 def guarded(label: str, what: str, body: Callable[[], int]) -> int:

@@ -55,6 +55,16 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command; returns the exit code (0 done, 2 bad input)."""
     args = build_parser().parse_args(argv)
     db = args.db or history.default_db(args.results)
+    if args.since is not None:
+        try:
+            datetime.fromisoformat(args.since)
+        except ValueError:
+            print(f"error: --since {args.since[:60]!r}: a date (YYYY-MM-DD) or a timestamp (YYYY-MM-DD HH:MM:SS)",
+                  file=sys.stderr)
+            return EXIT_BAD_INPUT
+    if why := history.db_problem(db):
+        print(f"error: --db {db}: {why}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     try:
         if args.action == "rebuild":
             if not args.results.is_dir():

@@ -21,15 +21,18 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
 from harness.analysis.matrix import write_matrix_table
-from harness.cli.guard import EXIT_BAD_INPUT, guarded
+from harness.cli.guard import EXIT_BAD_INPUT, guarded, output_dir_problems
 from harness.common.paths import REPO_ROOT
 from harness.inputs.models import FAMILIES
 from harness.reporting.matrix import write_matrix_report
 from harness.running.matrix import METHODS, MatrixError, default_frameworks, open_matrix, plan_matrix, run_matrix
+
+MAX_JOBS = 256  # rows at once: beyond this the tiny models' runs only wait for the CPU
 
 
 def _names(text: str) -> list[str]:
@@ -79,6 +82,9 @@ def _write_outputs(folder: Path, reports: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the command; returns the exit code."""
     args = build_parser().parse_args(argv)
+    if bad_dirs := output_dir_problems(results=None if args.report_from else args.results, reports=args.reports):
+        print("\n".join(f"matrix: {b}" for b in bad_dirs), file=sys.stderr)
+        return EXIT_BAD_INPUT
     if args.report_from:
         folder = Path(args.report_from)
         try:
@@ -86,9 +92,19 @@ def main(argv: list[str] | None = None) -> int:
         except MatrixError as e:
             print(e, file=sys.stderr)
             return EXIT_BAD_INPUT
+        except OSError as e:  # the report cannot be written (read-only, full disk)
+            print(f"matrix: cannot write {e.filename or args.reports}: {e.strerror or e}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        except Exception as e:  # a stored matrix of a shape nothing here foresaw: name it and exit 2, no traceback
+            print(f"matrix: {folder}: cannot report on what it stores: {type(e).__name__}: "
+                  f"{' '.join(str(e).split())[:500]}", file=sys.stderr)
+            return EXIT_BAD_INPUT
         return 0
-    if args.jobs < 1:
-        print(f"matrix: --jobs {args.jobs}: at least 1", file=sys.stderr)
+    if not 1 <= args.jobs <= MAX_JOBS:
+        print(f"matrix: --jobs {args.jobs}: between 1 and {MAX_JOBS}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if args.time_limit_s is not None and not (math.isfinite(args.time_limit_s) and args.time_limit_s > 0):
+        print(f"matrix: --time-limit-s {args.time_limit_s}: a number of seconds > 0", file=sys.stderr)
         return EXIT_BAD_INPUT
     frameworks = args.frameworks or default_frameworks()
     try:

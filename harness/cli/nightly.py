@@ -25,9 +25,11 @@ import argparse
 import sys
 from pathlib import Path
 
+import duckdb
+
 from harness.analysis.trend import exit_code, judge
 from harness.cli import cluster_options
-from harness.cli.guard import EXIT_BAD_INPUT, guarded
+from harness.cli.guard import EXIT_BAD_INPUT, guarded, output_dir_problems
 from harness.cli.run import run_and_report
 from harness.cli.validate import load_or_report
 from harness.common.paths import REPO_ROOT
@@ -35,6 +37,7 @@ from harness.reporting.trend import verdict_markdown, write_trend
 from harness.running import evaluator
 from harness.running.cluster import ClusterLauncher
 from harness.spec.suite import Suite, SuiteError, load_suite
+from harness.spec.yamlsafe import line_of
 from harness.storing import history
 from harness.storing.sweep import NotAResultsDir
 
@@ -63,12 +66,15 @@ def _run_suite(suite: Suite, args, launcher: ClusterLauncher | None) -> list[Pat
             return EXIT_BAD_INPUT
         only = [f for f in sc.framework_names() if f in suite.frameworks] if suite.frameworks else None
         if suite.frameworks and not only:
-            print(f"{suite.source_path}: frameworks {suite.frameworks}: none is among {path}'s "
-                  f"{sc.framework_names()}", file=sys.stderr)
+            print(f"{suite.source_path}:{line_of(suite._lines, ('frameworks',))}: frameworks: none of "
+                  f"{suite.frameworks} is a row of {path} ({', '.join(sc.framework_names())})", file=sys.stderr)
             return EXIT_BAD_INPUT
         if suite.repeats is not None:
             sc.measure.repeats = suite.repeats
         scenarios.append((sc, only))
+    if unknown := suite.framework_problems([f for sc, _ in scenarios for f in sc.framework_names()]):
+        print("\n".join(unknown), file=sys.stderr)
+        return EXIT_BAD_INPUT
     if launcher is None or launcher.measures_here:  # a missing evaluator stops the night before its first run
         for sc, _ in scenarios:
             evaluator.check(sc)
@@ -90,6 +96,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.suite}: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     db = args.db or history.default_db(args.results)
+    problems = output_dir_problems(results=None if args.tonight else args.results, reports=args.reports)
+    if why := history.db_problem(db):
+        problems.append(f"--db {db}: {why}")
+    if problems:  # found before a night of runs, not after it
+        print("\n".join(f"{args.suite}: {p}" for p in problems), file=sys.stderr)
+        return EXIT_BAD_INPUT
 
     def body() -> int:
         sweeps = args.tonight if args.tonight else _run_suite(suite, args, launcher)
@@ -117,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
         return guarded(str(args.suite), "runs", body)  # a busy machine: exit 3, as an inconclusive night
     except NotAResultsDir as e:
         print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except duckdb.Error as e:  # the history database cannot be opened or written (held by another process, damaged)
+        print(f"error: {db}: {' '.join(str(e).split())[:300]}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
 

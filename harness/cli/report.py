@@ -21,7 +21,7 @@ from pathlib import Path
 from harness.analysis.frontier import write_frontier_table
 from harness.reporting.frontier import write_frontier_report
 from harness.reporting.report import default_out_dir, write_sweep_report
-from harness.running.frontier import PLAN_FILE
+from harness.running.frontier import PLAN_FILE, FrontierError
 from harness.storing.sweep import NotAResultsDir, load_sweep
 
 EXIT_OK, EXIT_BAD_INPUT = 0, 2
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         for u in sweep.unreadable:
             print(f"warning: skipped {u}", file=sys.stderr)
         md = write_sweep_report(sweep, out)
-    except NotAResultsDir as e:
+    except (NotAResultsDir, FrontierError) as e:  # FrontierError: a frontier.json of another shape
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except OSError as e:  # the output directory cannot be written (read-only, full disk)

@@ -22,7 +22,7 @@ from typing import Any
 
 from harness.analysis import runs_table
 from harness.cli import cluster_options
-from harness.cli.guard import EXIT_BAD_INPUT, guarded
+from harness.cli.guard import EXIT_BAD_INPUT, guarded, output_dir_problems
 from harness.cli.validate import load_or_report
 from harness.common.paths import REPO_ROOT
 from harness.reporting.report import write_report
@@ -66,8 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the command; returns the exit code."""
     args = build_parser().parse_args(argv)
+    if args.new and (args.resume or args.retry_failed):  # a new sweep has nothing to fill in or retry
+        print(f"{args.scenario}: --new starts a new sweep; --resume and --retry-failed work on the newest one: give "
+              "one or the other", file=sys.stderr)
+        return EXIT_BAD_INPUT
     sc = load_or_report(args.scenario)
     if sc is None:
+        return EXIT_BAD_INPUT
+    if bad_dirs := output_dir_problems(results=args.results, reports=None if args.no_report else args.reports):
+        print("\n".join(f"{args.scenario}: {b}" for b in bad_dirs), file=sys.stderr)
         return EXIT_BAD_INPUT
     if args.memory_budget_gib is not None:
         try:

@@ -56,7 +56,7 @@ from harness.analysis.handloop import (
     compare_side_by_side,
     next_selfcheck_path,
 )
-from harness.cli.guard import EXIT_INTERRUPTED
+from harness.cli.guard import EXIT_INTERRUPTED, output_dir_problems
 from harness.common.names import unknown
 from harness.measuring.environment import git_info
 from harness.measuring.handloop import FRAMEWORKS
@@ -275,10 +275,14 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--side-by-side: the scenario has no row {missing[0]!r} for the harness to run "
                              f"(its rows: {', '.join(sc.framework_names())})")
         parse_knobs(args.set)
+        if args.out is not None and (args.out.is_dir() or output_dir_problems(out=args.out.parent)):
+            raise ValueError(f"--out {args.out}: not a file that can be written")
         sweep = load_sweep(args.against) if args.against else None
     except (ScenarioError, ValueError, NotAResultsDir, OSError) as e:
         print(f"selfcheck: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    for u in sweep.unreadable if sweep is not None else []:
+        print(f"warning: skipped {u}", file=sys.stderr)
     progress = Progress(*work_file(args, sc, wanted, sweep))
     units = len(wanted) * (args.side_by_side or 1)
     if progress.done:

@@ -51,6 +51,9 @@ def check_suite(path: str) -> int:
         return 1
     scenarios = [load_or_report(str(p)) for p in suite.scenario_paths()]
     bad = sum(sc is None for sc in scenarios)
+    if not bad and (unknown := suite.framework_problems([f for sc in scenarios if sc for f in sc.framework_names()])):
+        print("\n".join(unknown), file=sys.stderr)
+        return 1
     if not bad:
         print(f"{path}: ok (suite {suite.name}: {', '.join(sc.name for sc in scenarios if sc)})")
     return bad

@@ -58,18 +58,18 @@ from harness.running.frontier_grid import (  # noqa: F401 (the grid's names, whe
     DEFAULT_STEP,
     MICRO_BATCH_MAX,
     MIN_VALUE,
+    PLAN_FILE,
     VARIES,
     FrontierError,
     Grid,
     make_grid,
     model_max_positions,
+    read_plan,
 )
 from harness.running.locks import machine_lock
 from harness.spec.scenario import MAX_NAME, Scenario
 from harness.storing import results
 from harness.storing.schema import STATUS_OK, STATUS_OOM, Metrics, RunResult
-
-PLAN_FILE = "frontier.json"
 
 FITS, NO_FIT, FAILED = "fits", "oom", "failed"
 
@@ -140,11 +140,15 @@ def outcome(run: RunResult) -> str:
 
 
 def find_frontier(sc: Scenario, grid: Grid, results_root: Path) -> Path | None:
-    """The newest frontier folder of this scenario (same hash) over the same grid, or None."""
+    """The newest frontier folder of this scenario (same hash) over the same grid, or None (a damaged plan is never
+    filled in: a new folder is started beside it)."""
     cands = []
     for d in Path(results_root).glob(f"{sc.name}-frontier-*"):
-        plan = results.read_json(d / PLAN_FILE)
-        if plan and plan.get("scenario_hash") == sc.content_hash() and plan.get("grid") == _grid_dict(grid):
+        try:
+            plan = read_plan(d)
+        except FrontierError:
+            continue
+        if plan.get("scenario_hash") == sc.content_hash() and plan.get("grid") == _grid_dict(grid):
             cands.append((plan.get("created", ""), d))
     return max(cands)[1] if cands else None
 
@@ -166,7 +170,7 @@ def open_frontier(sc: Scenario, grid: Grid, budgets: list[float], results_root: 
         plan = {"scenario": sc.name, "scenario_hash": sc.content_hash(), "scenario_source": sc.source_path,
                 "created": now, "grid": _grid_dict(grid), "budgets": []}
     else:
-        plan = results.read_json(d / PLAN_FILE) or {}
+        plan = read_plan(d)
     plan["budgets"] = sorted({*plan.get("budgets", []), *budgets})
     results.atomic_write_text(d / PLAN_FILE, json.dumps(plan, indent=1))
     return d

@@ -1,17 +1,23 @@
 """The values a memory frontier tries (:mod:`harness.running.frontier`): a grid from the smallest valid value to the
-model's maximum (seq_len) or :data:`MICRO_BATCH_MAX`, checked before anything runs."""
+model's maximum (seq_len) or :data:`MICRO_BATCH_MAX`, checked before anything runs; and the stored plan of a frontier
+folder (grid and budgets), checked when it is read back."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from harness.inputs import models
-from harness.spec.scenario import MAX_SEQ_LEN, Scenario
+from harness.spec.scenario import MAX_BATCH, MAX_SEQ_LEN, Scenario
+from harness.storing import results
 
 VARIES = ("seq_len", "micro_batch")
 MIN_VALUE = {"seq_len": 8, "micro_batch": 1}  # the schema's smallest valid values
 DEFAULT_STEP = {"seq_len": 256, "micro_batch": 1}  # seq_len: a bisection to the token is ~9 probes more, for nothing
 MICRO_BATCH_MAX = 64  # the stated upper bound of a micro_batch frontier (--max changes it)
+PLAN_FILE = "frontier.json"  # a frontier folder's plan: scenario, hash, grid, budgets
 
 
 class FrontierError(ValueError):
@@ -66,8 +72,38 @@ def make_grid(sc: Scenario, vary: str, hi: int | None = None, step: int | None =
     lo = MIN_VALUE[vary]
     if vary == "seq_len" and hi > top:
         raise FrontierError(f"--max {hi}: beyond the model's maximum seq_len ({top})")
+    if vary == "micro_batch" and hi > MAX_BATCH:
+        raise FrontierError(f"--max {hi}: beyond the largest micro_batch a scenario takes ({MAX_BATCH})")
     if not lo <= hi:
         raise FrontierError(f"--max {hi}: below the smallest {vary} ({lo})")
     if step < 1:
         raise FrontierError(f"--step {step}: must be at least 1")
     return Grid(vary, lo, hi, step)
+
+
+def read_plan(folder: Path) -> dict[str, Any]:
+    """A frontier folder's stored plan (``frontier.json``), checked for the shape everything reading it relies on: a
+    grid (``vary`` one of :data:`VARIES`, whole ``lo`` <= ``hi``, ``step`` >= 1) and a list of budgets (GiB > 0).
+
+    Raises:
+        FrontierError: no readable plan, or one of another shape (a damaged or foreign file).
+    """
+    path = Path(folder) / PLAN_FILE
+    plan = results.read_json(path)
+    if not plan:
+        raise FrontierError(f"{path}: cannot be read as a frontier plan (not a JSON object: damaged?)" if path.exists()
+                            else f"{folder}: not a frontier folder (no {PLAN_FILE})")
+    g = plan.get("grid")
+    ints = isinstance(g, dict) and all(isinstance(g.get(k), int) and not isinstance(g[k], bool)
+                                       for k in ("lo", "hi", "step"))
+    wrong = [] if ints and g.get("vary") in VARIES and 1 <= g["lo"] <= g["hi"] and g["step"] >= 1 else ["grid"]
+    budgets = plan.get("budgets", [])
+    if not (isinstance(budgets, list) and all(isinstance(b, int | float) and not isinstance(b, bool)
+                                              and math.isfinite(b) and b > 0 for b in budgets)):
+        wrong.append("budgets")
+    wrong += [k for k in ("scenario", "scenario_hash", "scenario_source", "created")
+              if plan.get(k) is not None and not isinstance(plan[k], str)]
+    if wrong:
+        raise FrontierError(f"{path}: not a frontier plan ({', '.join(wrong)}: not of the shape "
+                            "`python -m harness frontier` writes)")
+    return plan

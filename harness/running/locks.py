@@ -24,6 +24,8 @@ def _holder(path: Path) -> str:
         info = json.loads(path.read_text() or "{}")
     except (OSError, ValueError):
         return "another process"
+    if not isinstance(info, dict):
+        return "another process"
     return f"process {info.get('pid', '?')} ({info.get('what', '?')})"
 
 
@@ -31,7 +33,9 @@ def _holder(path: Path) -> str:
 def hold(path: Path, what: str) -> Iterator[None]:
     """Hold an exclusive lock on ``path`` for the ``with`` block; raise :class:`Busy` at once if it is held."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    # O_NOFOLLOW: a lock file replaced by a link (a damaged or hostile results folder) is refused (ELOOP, an OSError
+    # the commands report), never followed: the holder's note is written into the lock file
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

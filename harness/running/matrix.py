@@ -191,9 +191,12 @@ def find_matrix(plan: MatrixPlan, results_root: Path) -> Path | None:
     """The newest matrix folder of this exact plan, or None."""
     cands = []
     for d in Path(results_root).glob(f"{PREFIX}-{plan.device}-*"):
-        stored = results.read_json(d / PLAN_FILE)
-        if stored and stored.get("key") == plan.key():
-            cands.append((stored.get("created", ""), d))
+        try:
+            stored = read_plan(d)
+        except MatrixError:  # damaged or foreign: never filled in (a new folder is started beside it)
+            continue
+        if stored.get("key") == plan.key():
+            cands.append((str(stored.get("created", "")), d))
     return max(cands)[1] if cands else None
 
 
@@ -223,15 +226,42 @@ def open_matrix(plan: MatrixPlan, results_root: Path, new: bool = False) -> Path
 
 
 def read_plan(folder: Path) -> dict[str, Any]:
-    """A matrix folder's stored plan (``matrix.json``).
+    """A matrix folder's stored plan (``matrix.json``), checked for the shape everything reading it relies on.
 
     Raises:
-        MatrixError: the folder holds no readable plan.
+        MatrixError: the folder holds no readable plan, or one of another shape (a damaged or foreign file).
     """
     meta = results.read_json(Path(folder) / PLAN_FILE)
     if not meta or not isinstance(meta.get("cells"), list):
-        raise MatrixError(f"{folder}: no {PLAN_FILE}: not a support matrix folder")
+        raise MatrixError(f"{Path(folder) / PLAN_FILE}: cannot be read as a support matrix plan (damaged?)"
+                          if (Path(folder) / PLAN_FILE).exists() else
+                          f"{folder}: no {PLAN_FILE}: not a support matrix folder")
+    wrong = [k for k in ("models", "methods", "frameworks") if not _texts(meta.get(k))]
+    wrong += ["device"] if not isinstance(meta.get("device"), str) else []
+    wrong += [f"cells[{i}]" for i, c in enumerate(meta["cells"]) if not _planned_cell(c)][:3]
+    if wrong:
+        raise MatrixError(f"{Path(folder) / PLAN_FILE}: not a support matrix plan ({', '.join(wrong)}: not of the "
+                          "shape `python -m harness matrix` writes)")
     return meta
+
+
+def _texts(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _planned_cell(cell: Any) -> bool:
+    """Whether a stored cell has :class:`PlannedCell`'s fields with their types."""
+    return isinstance(cell, dict) and all(isinstance(cell.get(k), str) for k in ("model", "family", "method",
+                                                                                 "framework")) \
+        and all(cell.get(k) is None or isinstance(cell[k], str) for k in ("scenario", "unsupported"))
+
+
+def read_not_run(folder: Path) -> dict[str, dict[str, str]]:
+    """Why each planned framework of each scenario has no stored row (``not_run.json``); what is not of that shape
+    (a damaged file) is left out: the reasons are written again by the next invocation."""
+    stored = results.read_json(Path(folder) / NOT_RUN_FILE) or {}
+    return {name: {fw: why for fw, why in rows.items() if isinstance(why, str)}
+            for name, rows in stored.items() if isinstance(rows, dict)}
 
 
 def stored_runs(sc: Scenario, folder: Path) -> dict[str, RunResult]:
@@ -243,7 +273,10 @@ def stored_runs(sc: Scenario, folder: Path) -> dict[str, RunResult]:
     for fw in sc.framework_names():
         p = d / "runs" / f"{results.run_key(fw, 0)}.json"
         if p.exists():
-            out[fw] = results.read_result(p)
+            try:
+                out[fw] = results.read_result(p)
+            except results.ResultSchemaError:  # damaged: kept as it is (never run over), the report names it
+                continue
     return out
 
 
@@ -270,7 +303,7 @@ def run_matrix(folder: Path, retry_failed: bool = False, quiet: bool = False, on
         harness.running.locks.Busy: another sweep holds the machine.
     """
     device = read_plan(folder)["device"]
-    not_run: dict[str, dict[str, str]] = results.read_json(folder / NOT_RUN_FILE) or {}
+    not_run = read_not_run(folder)
     t0 = time.monotonic()
 
     def todo_of(sc: Scenario) -> tuple[list[str], dict[str, str]]:

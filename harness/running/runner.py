@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import signal
@@ -37,6 +38,7 @@ from harness.running.envs import worker_environment
 from harness.running.locks import Busy, machine_lock, sweep_lock
 from harness.storing import results
 from harness.storing.schema import STATUS_OK
+from harness.storing.sweep import StoredFileError, read_stored_mapping
 
 # the invalid reason of a run that shared the machine with another measuring sweep (or matrix row)
 CONTENTION = "measured under contention"
@@ -62,7 +64,7 @@ def newest_sweep(sc, results_root: Path) -> Path | None:
     for d in Path(results_root).glob(f"{sc.name}-*"):
         meta = results.read_json(d / "sweep.json")
         if meta and meta.get("scenario_hash") == h:
-            cands.append((meta.get("created", ""), d))
+            cands.append((str(meta.get("created", "")), d))
     return max(cands)[1] if cands else None
 
 
@@ -81,11 +83,15 @@ def find_resumable(sc, results_root: Path, wanted: list[str] | None = None) -> P
 
 
 def _extend_plan(d: Path, keys: list[str]) -> None:
+    """Add ``keys`` to the sweep's planned runs (a ``planned`` that is not a list of names, a damaged plan, is
+    replaced by the names it holds and ``keys``)."""
     plan_path = d / "sweep.json"
-    meta = json.loads(plan_path.read_text())
-    missing = [k for k in keys if k not in meta["planned"]]
-    if missing:
-        meta["planned"] += missing
+    meta = results.read_json(plan_path) or {}
+    planned = meta.get("planned")
+    names = [k for k in planned if isinstance(k, str)] if isinstance(planned, list) else []
+    missing = [k for k in keys if k not in names]
+    if missing or names != planned:
+        meta["planned"] = names + missing
         results.atomic_write_text(plan_path, json.dumps(meta, indent=1))
 
 
@@ -338,7 +344,8 @@ def set_aside_failed(sweep_dir: Path, keys: list[str]) -> list[str]:
 
 def _evaluation_failed(row: dict) -> bool:
     """Whether a stored run trained but its evaluation (lm-eval or reward accuracy) ended in an error."""
-    return any((row.get(name) or {}).get("status") == "error" for name in ("eval", "reward_eval"))
+    return any(isinstance(part := row.get(name), dict) and part.get("status") == "error"
+               for name in ("eval", "reward_eval"))
 
 
 def previous_attempts(sweep_dir: Path, key: str) -> list[dict]:
@@ -397,9 +404,11 @@ def _machine(sweep_dir: Path, allow_contention: bool):
 def resume_changes(sc, sweep_dir: Path) -> list[str]:
     """What differs between the scenario that started a sweep (its stored scenario.yaml) and ``sc``."""
     try:
-        stored = yaml.safe_load((sweep_dir / "scenario.yaml").read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        return ["its stored scenario.yaml cannot be read"]
+        stored = read_stored_mapping(sweep_dir / "scenario.yaml")
+    except StoredFileError as e:
+        return [f"its stored scenario.yaml cannot be read ({e})"]
+    if not isinstance(stored, dict) or not isinstance(stored.get("measure", {}), dict):
+        return ["its stored scenario.yaml is not a scenario"]
     now = sc.to_dict()
     for d in (stored, now):  # repeats extend a sweep by design (--repeats); they are not a change of scenario
         d.get("measure", {}).pop("repeats", None)
@@ -495,6 +504,10 @@ def run_sweep(sc, results_root: Path, new: bool = False, quiet: bool = False, on
         sweep_dir = create_sweep(sc, results_root, key_names)
     else:
         _extend_plan(sweep_dir, key_names)
+    for sub in ("runs", "logs"):  # a damaged sweep folder (a file where a folder belongs) fails now, not after a run
+        (sweep_dir / sub).mkdir(exist_ok=True)
+    if (sweep_dir / "runs.csv").is_dir():
+        raise IsADirectoryError(errno.EISDIR, "a folder where the runs table belongs", str(sweep_dir / "runs.csv"))
     run_root = work_root() / sweep_dir.name
     run_root.mkdir(parents=True, exist_ok=True)
     machine = _machine(sweep_dir, allow_contention) if measures_here else contextlib.nullcontext()

@@ -29,7 +29,8 @@ _OWN_SBATCH = {"partition": "partition", "gpus-per-node": "gpus_per_job", "cpus-
 class ClusterSettings(BaseModel):
     """How a sweep's runs are submitted as jobs (one run per job)."""
 
-    model_config = ConfigDict(extra="forbid")
+    # as a scenario: a value is the type YAML read it as, and no number is infinite or NaN
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     executor: Literal["local", "slurm"]
     partition: str | None = Field(default=None, min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.,-]+$")

@@ -61,8 +61,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 class ObjectiveSpec(BaseModel):
     """The ``objective:`` section (see the module docstring). Default: ``kind: sft``, which has no settings."""
 
-    # as harness.spec.scenario's sections: unknown keys and infinite numbers are errors
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+    # as harness.spec.scenario's sections: unknown keys, infinite numbers and values of another type are errors
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False, strict=True)
 
     kind: Literal["sft", "dpo", "orpo", "kto", "grpo"] = "sft"
     beta: float | None = Field(None, ge=0, le=MAX_BETA)
@@ -144,7 +144,7 @@ class WarmStartSpec(BaseModel):
     generates a right answer, so GRPO would see only zero rewards. Every framework then starts from the same
     warm checkpoint; the untrained baseline of the evaluations is that checkpoint."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False, strict=True)
 
     data: str = Field(min_length=1, max_length=4096)  # an SFT JSONL (Alpaca, messages, ...), relative to the scenario
     steps: int = Field(ge=1, le=100_000)  # optimizer steps, one micro-batch each

@@ -13,7 +13,6 @@ Example::
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 from pathlib import Path
@@ -37,6 +36,7 @@ from harness.inputs import models
 from harness.inputs.data import resolve_path
 from harness.spec import checks, yamlsafe
 from harness.spec.objective import ObjectiveSpec, WarmStartSpec
+from harness.spec.problems import got_text, schema_problems
 from harness.spec.yamlsafe import dotted, line_of
 
 SCHEMA_VERSION = 1
@@ -53,6 +53,7 @@ MAX_TIMEOUT_S = 7 * 24 * 3600  # a week: no single run or evaluation of a benchm
 MAX_MEMORY_BUDGET_GIB = 4096  # GiB for one process; the largest GPUs hold under 300
 MAX_NAME = 100  # scenario names and labels become file names (results/<name>-<time>/..., well under 255 bytes)
 MAX_PROBLEMS = 30  # problems listed for one file: a hostile file may hold thousands
+MAX_DESCRIPTION = 2000  # characters; a description is a line or two in reports (the longest shipped is ~150)
 
 
 def _not_dots(name: str) -> str:
@@ -83,6 +84,14 @@ def _path_text(value: str) -> str:
 PathText = Annotated[str, AfterValidator(_path_text)]  # a local path (or a hub id, which is a short path too)
 
 
+def _no_repeats(names: list[str]) -> list[str]:
+    """Refuse a name listed twice (a list of module names means a set; a repeat is a typo of another name)."""
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"{', '.join(map(repr, twice))} listed twice")
+    return names
+
+
 class ScenarioError(Exception):
     """A scenario that cannot run; ``str()`` gives one ``file:line: key: reason`` line per problem."""
 
@@ -92,8 +101,10 @@ class ScenarioError(Exception):
 
 
 class _Strict(BaseModel):
-    # allow_inf_nan: YAML's .inf and .nan are floats; no setting of a run means anything infinite or undefined
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+    # allow_inf_nan: YAML's .inf and .nan are floats; no setting of a run means anything infinite or undefined.
+    # strict: a value is taken as the type YAML read it as: '12' (quoted) is text, not a number, 12.0 is not a whole
+    # number, 1 is not true, 'yes' (quoted) is not a boolean (an integer for a float is fine: lr: 1)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False, strict=True)
 
 
 class ModelSpec(_Strict):
@@ -125,7 +136,8 @@ class MethodSpec(_Strict):
     lora_r: int = Field(16, ge=1, le=4096)
     lora_alpha: float = Field(16, gt=0, le=65536)  # scale alpha/r: 16x the largest rank is already absurd
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    target_modules: Annotated[list[str], Field(min_length=1), AfterValidator(_no_repeats)] | Literal["all-linear"] = \
+        "all-linear"
     quant: QuantSpec | None = None
 
     @model_validator(mode="after")
@@ -287,7 +299,7 @@ def row_settings(d: dict[str, Any], framework: str) -> dict[str, Any]:
 class Scenario(_Strict):
     version: int
     name: ScenarioName
-    description: str = ""
+    description: str = Field("", max_length=MAX_DESCRIPTION)
     model: ModelSpec
     method: MethodSpec
     # what the model is trained to do (harness.spec.objective); sft, the default, has no settings and is left out of
@@ -358,6 +370,10 @@ class Scenario(_Strict):
 # loading with line numbers (reading and parsing: harness.spec.yamlsafe)
 
 
+# fields tunebench sets on a loaded scenario, never read from the file
+INTERNAL_FIELDS = ("source_path",)
+
+
 def _normalise_frameworks(raw: dict) -> None:
     """Accept `frameworks: [hf, {name: trl, overrides: {...}}]` as well as the long form."""
     fws = raw.get("frameworks")
@@ -366,7 +382,7 @@ def _normalise_frameworks(raw: dict) -> None:
 
 
 def _yaml_error(e: yamlsafe.YamlError, source: str) -> ScenarioError:
-    return ScenarioError([f"{source}:{line}: {dotted(loc)}: {reason}" for line, loc, reason in e.problems])
+    return ScenarioError(_capped([f"{source}:{line}: {dotted(loc)}: {reason}" for line, loc, reason in e.problems]))
 
 
 def parse_scenario(text: str, source: str = "<string>", deep: bool = True) -> Scenario:
@@ -389,25 +405,21 @@ def parse_scenario(text: str, source: str = "<string>", deep: bool = True) -> Sc
     except yamlsafe.YamlError as e:
         raise _yaml_error(e, source) from None
     if not isinstance(raw, dict):
-        raise ScenarioError([f"{source}:1: <top>: a scenario is a YAML mapping, got {type(raw).__name__}"])
+        got = "an empty document" if raw is None else got_text(raw)
+        raise ScenarioError([f"{source}:1: <top>: a scenario is a YAML mapping (version, name, model, method, data, "
+                             f"train, frameworks, ...), got {got}"])
     _normalise_frameworks(raw)
     problems: list[str] = []
     if "version" in raw and raw["version"] != SCHEMA_VERSION:
         problems.append(f"{source}:{line_of(lines, ('version',))}: version: unsupported schema version "
-                        f"{raw['version']!r}; this tunebench reads version {SCHEMA_VERSION}")
+                        f"{yamlsafe.short_repr(raw['version'])}; this tunebench reads version {SCHEMA_VERSION}")
+    problems += [f"{source}:{line_of(lines, (key,))}: {key}: unknown key (set by tunebench, not by a scenario file)"
+                 for key in INTERNAL_FIELDS if key in raw]
     try:
-        sc = Scenario.model_validate(raw)
+        sc = Scenario.model_validate({k: v for k, v in raw.items() if k not in INTERNAL_FIELDS})
     except ValidationError as e:
-        for err in e.errors():
-            loc = tuple(x for x in err["loc"] if not (isinstance(x, str) and x.startswith("function-after")))
-            msg = err["msg"].removeprefix("Value error, ")
-            if err["type"] == "extra_forbidden":
-                parent = _fields_at(loc[:-1])
-                hint = difflib.get_close_matches(str(loc[-1]), parent, n=1)
-                msg = "unknown key" + (f"; did you mean {hint[0]!r}?" if hint else "")
-                if parent:
-                    msg += f" (allowed: {', '.join(parent)})"
-            problems.append(f"{source}:{line_of(lines, loc)}: {dotted(loc)}: {msg}")
+        problems += schema_problems(e, raw, lines, source, Scenario,
+                                    {"frameworks": "a framework name or a mapping (name, label, overrides, timeout_s)"})
         raise ScenarioError(_capped(problems)) from None
     if problems:
         raise ScenarioError(problems)
@@ -427,33 +439,6 @@ def _capped(problems: list[str]) -> list[str]:
     if len(problems) <= MAX_PROBLEMS:
         return problems
     return problems[:MAX_PROBLEMS] + [f"... and {len(problems) - MAX_PROBLEMS} more problems"]
-
-
-def _fields_at(loc: tuple) -> list[str]:
-    """Field names allowed at a location of the scenario tree (for 'did you mean')."""
-    model: type[BaseModel] | None = Scenario
-    for part in loc:
-        if model is None:
-            return []
-        if isinstance(part, int):
-            continue
-        field = model.model_fields.get(part)
-        if field is None:
-            return []
-        model = _model_of(field.annotation)
-    return list(model.model_fields) if model else []
-
-
-def _model_of(annotation) -> type[BaseModel] | None:
-    import typing
-
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in typing.get_args(annotation):
-        m = _model_of(arg)
-        if m is not None:
-            return m
-    return None
 
 
 def _cross_checks(sc: Scenario, lines: dict, source: str) -> list[str]:

@@ -22,10 +22,12 @@ from __future__ import annotations
 import difflib
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
+from harness.common.names import unknown
 from harness.spec import yamlsafe
 from harness.spec.cluster import ClusterSettings
+from harness.spec.problems import got_text, schema_problems
 from harness.spec.yamlsafe import dotted, line_of
 
 SCHEMA_VERSION = 1
@@ -51,13 +53,15 @@ class SuiteError(Exception):
 class Suite(BaseModel):
     """A validated suite (scenario paths resolved against the suite file)."""
 
-    model_config = ConfigDict(extra="forbid")
+    # strict: as a scenario, a value is the type YAML read it as ('3' in quotes is text, not a number)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     version: int = SCHEMA_VERSION
     name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.-]+$")
     description: str = ""
-    scenarios: list[str] = Field(min_length=1)
-    frameworks: list[str] | None = None
+    scenarios: list[str] = Field(min_length=1, max_length=1000)
+    # only these framework rows of each scenario (None: all of them); at least one when given
+    frameworks: list[str] | None = Field(default=None, min_length=1)
     repeats: int | None = Field(default=None, ge=1, le=1000)
     reference_nights: int = Field(default=7, ge=1, le=MAX_NIGHTS)
     min_nights: int = Field(default=3, ge=1, le=MAX_NIGHTS)
@@ -65,6 +69,15 @@ class Suite(BaseModel):
     gate: dict[str, float] = Field(default_factory=lambda: {"tokens_per_s": 0.05, "peak_vram_nvml_gib": 0.05})
     cluster: ClusterSettings | None = None  # submit each run as a job instead of running it here
     source_path: str | None = Field(default=None, exclude=True)
+    _lines: dict[tuple, int] = PrivateAttr(default_factory=dict)  # the line of every key of the file
+
+    @field_validator("frameworks")
+    @classmethod
+    def _once_each(cls, v: list[str] | None) -> list[str] | None:
+        twice = sorted({f for f in v or [] if v.count(f) > 1})
+        if twice:
+            raise ValueError(f"{', '.join(map(repr, twice))} listed twice")
+        return v
 
     @field_validator("gate")
     @classmethod
@@ -86,6 +99,13 @@ class Suite(BaseModel):
         base = Path(self.source_path).parent if self.source_path else Path.cwd()
         return [p if (p := Path(s)).is_absolute() else base / p for s in self.scenarios]
 
+    def framework_problems(self, rows: list[str]) -> list[str]:
+        """``file:line: frameworks[i]: reason`` for each of the suite's ``frameworks`` that is a row of none of its
+        scenarios (``rows``: every framework row of every scenario): a typo would silently leave that row out."""
+        return [f"{self.source_path}:{line_of(self._lines, ('frameworks', i))}: frameworks[{i}]: "
+                + unknown("framework row", f, dict.fromkeys(rows)).replace("(available:", "(the scenarios' rows:")
+                for i, f in enumerate(self.frameworks or []) if f not in rows]
+
 
 def parse_suite(text: str, source: str = "<string>") -> Suite:
     """Parse and validate suite YAML text.
@@ -103,37 +123,37 @@ def parse_suite(text: str, source: str = "<string>") -> Suite:
     try:
         raw, lines = yamlsafe.load(text)
     except yamlsafe.YamlError as e:
-        raise SuiteError([f"{source}:{line}: {dotted(loc)}: {reason}" for line, loc, reason in e.problems]) from None
+        raise SuiteError([f"{source}:{line}: {dotted(loc)}: {reason}"
+                          for line, loc, reason in e.problems][:30]) from None
     if not isinstance(raw, dict):
-        raise SuiteError([f"{source}:1: <top>: a suite is a YAML mapping, got {type(raw).__name__}"])
+        got = "an empty document" if raw is None else got_text(raw)
+        raise SuiteError([f"{source}:1: <top>: a suite is a YAML mapping (version, name, scenarios, gate, ...), "
+                          f"got {got}"])
     if "version" in raw and raw["version"] != SCHEMA_VERSION:
         raise SuiteError([f"{source}:{line_of(lines, ('version',))}: version: unsupported suite version "
                           f"{yamlsafe.short_repr(raw['version'])}; this tunebench reads version {SCHEMA_VERSION}"])
     gate = raw.get("gate")
-    unknown = [m for m in gate if m not in GATED_METRICS] if isinstance(gate, dict) else []
+    unknown_metrics = [m for m in gate if m not in GATED_METRICS] if isinstance(gate, dict) else []
     problems = [f"{source}:{line_of(lines, ('gate', m))}: gate.{m}: unknown metric"
                 + (f"; did you mean {hint[0]!r}?" if (hint := difflib.get_close_matches(str(m), GATED_METRICS, n=1))
-                   else "") + f" (gate-able: {', '.join(GATED_METRICS)})" for m in unknown]
+                   else "") + f" (gate-able: {', '.join(GATED_METRICS)})" for m in unknown_metrics]
+    if "source_path" in raw:
+        problems.append(f"{source}:{line_of(lines, ('source_path',))}: source_path: unknown key (set by tunebench, not "
+                        "by a suite file)")
     try:
-        suite = Suite.model_validate(raw)
+        suite = Suite.model_validate({k: v for k, v in raw.items() if k != "source_path"})
     except ValidationError as e:
-        for err in e.errors():
-            loc = tuple(err["loc"])
-            msg = err["msg"].removeprefix("Value error, ")
-            if err["type"] == "extra_forbidden" and (len(loc) == 1 or loc[:1] == ("cluster",) and len(loc) == 2):
-                fields = [k for k in (Suite if len(loc) == 1 else ClusterSettings).model_fields if k != "source_path"]
-                hint = difflib.get_close_matches(str(loc[-1]), fields, n=1)
-                msg = "unknown key" + (f"; did you mean {hint[0]!r}?" if hint else "") + \
-                    f" (allowed: {', '.join(fields)})"
-            if not (loc == ("gate",) and unknown):  # already named, each at its own line
-                problems.append(f"{source}:{line_of(lines, loc)}: {dotted(loc)}: {msg}")
-        raise SuiteError(problems[:30]) from None
+        found = schema_problems(e, raw, lines, source, Suite)
+        if unknown_metrics:  # already named, each at its own line
+            found = [f for f in found if not f.startswith(f"{source}:{line_of(lines, ('gate',))}: gate: ")]
+        raise SuiteError((problems + found)[:30]) from None
     if problems:
         raise SuiteError(problems)
     if suite.min_nights > suite.reference_nights:
         raise SuiteError([f"{source}:{line_of(lines, ('min_nights',))}: min_nights: {suite.min_nights} is more than "
                           f"reference_nights ({suite.reference_nights}): no night could ever be judged"])
     suite.source_path = source
+    suite._lines = lines
     return suite
 
 
@@ -151,9 +171,16 @@ def load_suite(path: str | Path) -> Suite:
     if text is None:
         raise SuiteError([f"{path}:0: <file>: no such file"])
     suite = parse_suite(text, str(path))
-    _, lines = yamlsafe.load(text)
-    missing = [f"{path}:{line_of(lines, ('scenarios', i))}: scenarios[{i}]: no such scenario file: {p}"
-               for i, p in enumerate(suite.scenario_paths()) if not p.is_file()]
+    lines = suite._lines
+    paths = suite.scenario_paths()
+    missing = [f"{path}:{line_of(lines, ('scenarios', i))}: scenarios[{i}]: "
+               + (f"{p} is not a scenario file (a directory, or not a regular file)" if p.exists() else
+                  f"no such scenario file: {p}") for i, p in enumerate(paths) if not p.is_file()]
+    first: dict[Path, int] = {}
+    for i, p in enumerate(paths):
+        if p.is_file() and (j := first.setdefault(p.resolve(), i)) != i:
+            missing.append(f"{path}:{line_of(lines, ('scenarios', i))}: scenarios[{i}]: {p} is listed twice (first as "
+                           f"scenarios[{j}]): it would run twice a night")
     if missing:
-        raise SuiteError(missing)
+        raise SuiteError(missing[:30])
     return suite

@@ -9,7 +9,10 @@ never into a traceback, a hang or gigabytes of memory:
 - PyYAML's own composer builds the node tree (:class:`_BoundedLoader`, a ``SafeLoader`` subclass), refusing
   anchors and aliases and any nesting deeper than :data:`MAX_DEPTH` as it goes, so the work is linear in the
   file's size;
-- a key written twice in one mapping is an error naming both lines (YAML loaders silently keep the last);
+- a key written twice in one mapping is an error naming both lines (YAML loaders silently keep the last), and so
+  is a merge key (``<<``), which adds keys the file does not show where they apply;
+- a key must be text: ``yes:``, ``null:`` or ``1:`` would silently become a boolean, None or a number, which no
+  setting is named (the error says to quote it);
 - the line of every key is recorded by its path in the same single walk of the tree.
 
 Example::
@@ -20,6 +23,7 @@ Example::
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -71,12 +75,19 @@ def read_text(path: Path, max_bytes: int = MAX_BYTES) -> str:
                                              "a scenario is a UTF-8 YAML file")]) from None
 
 
+_STR_TAG = "tag:yaml.org,2002:str"
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+# what a plain key that is not text reads as (resolved by SafeLoader's implicit resolvers)
+_KEY_KINDS = {"tag:yaml.org,2002:bool": "a boolean", "tag:yaml.org,2002:null": "null (None)",
+              "tag:yaml.org,2002:int": "an integer", "tag:yaml.org,2002:float": "a number"}
 # SafeLoader's types beyond JSON's (a plain 2024-01-01 resolves to a timestamp)
 _NOT_JSON = frozenset(f"tag:yaml.org,2002:{t}" for t in ("timestamp", "binary", "set", "omap", "pairs"))
 
 
 class _BoundedLoader(yaml.SafeLoader):
-    """``SafeLoader`` that refuses anchors, aliases, nesting beyond :data:`MAX_DEPTH` and non-JSON values.
+    """``SafeLoader`` that refuses anchors, aliases, nesting beyond :data:`MAX_DEPTH` and non-JSON values, and reads
+    every number JSON and YAML 1.2 write as a number: YAML 1.1 reads ``1e-4`` and ``1.0e9`` (no '.' or no exponent
+    sign) as text, which no setting takes (a quoted number stays text).
 
     Aliases are refused rather than counted: no shipped scenario uses them, and a handful of nested aliases
     already expands into millions of values for whatever walks the loaded data (validation, hashing).
@@ -114,6 +125,12 @@ class _BoundedLoader(yaml.SafeLoader):
             raise ConstructorError(None, None, f"cannot read this value: {e}", node.start_mark) from None
 
 
+# YAML 1.2's (and JSON's) float, after SafeLoader's own resolvers: an integer or a YAML 1.1 float is matched first
+_BoundedLoader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                     re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?$"),
+                                     list("-+0123456789."))
+
+
 def load(text: str, max_bytes: int = MAX_BYTES) -> tuple[Any, dict[tuple, int]]:
     """Parse one YAML document safely.
 
@@ -149,23 +166,46 @@ def load(text: str, max_bytes: int = MAX_BYTES) -> tuple[Any, dict[tuple, int]]:
     return data, lines
 
 
+def load_path(path: Path, max_bytes: int = MAX_BYTES) -> Any:
+    """The value of the YAML file at ``path``, read as :func:`read_text` and :func:`load` read a scenario: for a file
+    the harness wrote itself and reads back (a sweep's resolved ``scenario.yaml``), which may have been damaged or
+    replaced since, so that it costs no more to read than a scenario.
+
+    Raises:
+        YamlError: missing, not a regular file, too large, not UTF-8 or not one plain YAML document.
+    """
+    if not path.exists():
+        raise YamlError([(0, ("<file>",), "no such file")])
+    return load(read_text(path, max_bytes), max_bytes)[0]
+
+
 def _walk(node: yaml.Node, path: tuple, lines: dict[tuple, int], problems: list[Problem]) -> None:
-    """Record the line of every node by its path and every key written twice in one mapping (one pass, no alias
-    can make it revisit a node: the composer refused them)."""
+    """Record the line of every node by its path, every key written twice in one mapping, every merge key and every
+    key that is not text (one pass, no alias can make it revisit a node: the composer refused them)."""
     lines.setdefault(path, node.start_mark.line + 1)
     if isinstance(node, yaml.MappingNode):
         seen: dict[tuple[str, str], int] = {}
         for k, v in node.value:
             line = k.start_mark.line + 1
-            # a non-scalar key cannot be a scenario key: the constructor rejects it (unhashable) or validation does
-            key = k.value if isinstance(k, yaml.ScalarNode) else f"<{k.id} key>"
-            if isinstance(k, yaml.ScalarNode):
-                ident = (k.tag, k.value)
-                if ident in seen:
-                    problems.append((line, path + (key,), f"duplicate key {short_repr(key)} (first at line "
-                                                          f"{seen[ident]}): YAML would silently keep the last one"))
-                    continue
-                seen[ident] = line
+            if not isinstance(k, yaml.ScalarNode):  # a list or mapping as a key: nothing can be named by it
+                problems.append((line, path + (f"<{k.id} key>",), f"a key must be text, not a YAML {k.id}"))
+                continue
+            key = k.value
+            if k.tag == _MERGE_TAG:
+                problems.append((line, path + (key,), "merge keys (<<) are not supported in scenarios: write the keys "
+                                                      "out where they apply"))
+                continue
+            if k.tag != _STR_TAG:
+                kind = _KEY_KINDS.get(k.tag, f"a YAML {k.tag.rsplit(':', 1)[-1]}")
+                problems.append((line, path + (key,), f"key {short_repr(key)} reads as {kind}, not as text: quote it "
+                                                      f"({short_repr(str(key))}) if it is meant as a name"))
+                continue
+            ident = (k.tag, k.value)
+            if ident in seen:
+                problems.append((line, path + (key,), f"duplicate key {short_repr(key)} (first at line "
+                                                      f"{seen[ident]}): YAML would silently keep the last one"))
+                continue
+            seen[ident] = line
             lines[path + (key,)] = line
             _walk(v, path + (key,), lines, problems)
     elif isinstance(node, yaml.SequenceNode):

@@ -44,6 +44,27 @@ def default_db(results_root: Path) -> Path:
     return Path(results_root) / ".cache" / DB_NAME
 
 
+def db_problem(db: Path) -> str | None:
+    """Why ``db`` cannot be the history database, or None: a directory, a file that is not a DuckDB database
+    (:func:`rebuild` deletes and recreates the file: never one that is not ours), or a path below a file."""
+    db = Path(db)
+    try:
+        if db.is_dir():
+            return "a directory, not a database file"
+        if db.exists():
+            if not db.is_file():
+                return "not a regular file"
+            with open(db, "rb") as f:
+                head = f.read(12)
+            return None if head[8:12] == b"DUCK" else "exists and is not a DuckDB database (left as it is)"
+        parent = db.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        return None if parent.is_dir() else f"{parent} is not a directory"
+    except OSError as e:
+        return e.strerror or str(e)
+
+
 def connect(db: Path) -> duckdb.DuckDBPyConnection:
     """Open (creating when missing) the database with its ``runs`` table."""
     Path(db).parent.mkdir(parents=True, exist_ok=True)

@@ -59,8 +59,10 @@ load_s, wall_s          model load time, whole run time (s)
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +75,7 @@ from harness.storing.schema import RESULT_SCHEMA_VERSION, RunResult, run_key
 
 __all__ = ["RESULT_SCHEMA_VERSION", "ROW_COLUMNS", "ResultSchemaError", "Unreadable", "atomic_write_text",
            "file_mode", "load_results", "load_runs", "parse_result", "read_json", "read_result", "read_runs",
+           "read_stored_bytes",
            "rows_frame", "run_key", "to_row", "write_json_once", "write_result", "write_table"]
 
 ROW_COLUMNS = [
@@ -93,14 +96,36 @@ _METRIC_COLUMNS = ROW_COLUMNS[ROW_COLUMNS.index("tokens_per_s"): ROW_COLUMNS.ind
 
 
 # what reading a stored file can raise besides a schema error: a missing or unreadable file, bytes that are not
-# UTF-8 (UnicodeDecodeError is a ValueError), JSON nested deeper than the parser's recursion limit
+# UTF-8 (UnicodeDecodeError is a ValueError), JSON nested deeper than the parser's recursion limit or an integer of
+# more digits than Python converts (ValueError too)
 _READ_ERRORS = (OSError, ValueError, RecursionError)
+MAX_STORED_BYTES = 256 << 20  # a run's JSON with every step's figures is a few MB; a bigger "result" is no result
+
+
+def read_stored_bytes(path: Path, limit: int = MAX_STORED_BYTES) -> bytes:
+    """The bytes of a file the harness stored, which may since have been replaced by anything: a FIFO or a device
+    would block the reader or never end, so only a regular file (a symlink to one included) is read.
+
+    Raises:
+        OSError: missing, unreadable, a directory (``IsADirectoryError``), not a regular file or larger than ``limit``.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # opening a FIFO does not wait for a writer
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+        if not stat.S_ISREG(mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise OSError(errno.EFBIG, f"larger than {limit >> 20} MiB", str(path))
+    return data
 
 
 def read_json(path: Path) -> dict | None:
     """A stored JSON object, or None when the file is missing, unreadable, half-written or not an object."""
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(read_stored_bytes(Path(path)).decode("utf-8"))
     except _READ_ERRORS:
         return None
     return data if isinstance(data, dict) else None
@@ -154,6 +179,8 @@ def parse_result(data: dict[str, Any], source: str = "<result>") -> RunResult:
     """
     try:
         return RunResult.model_validate(migrate(data))
+    except ResultSchemaError as e:  # migrate's: a schema_version it cannot read
+        raise ResultSchemaError(f"{source}: not a run result: {e}") from e
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()[:5])
         raise ResultSchemaError(f"{source}: not a run result: {problems}") from e
@@ -167,7 +194,7 @@ def read_result(path: Path) -> RunResult:
             names the file and why).
     """
     try:
-        text = Path(path).read_bytes().decode("utf-8")
+        text = read_stored_bytes(Path(path)).decode("utf-8")
     except OSError as e:
         raise ResultSchemaError(f"{path}: cannot be read: {e.strerror or e}") from e
     except UnicodeDecodeError as e:
@@ -179,6 +206,8 @@ def read_result(path: Path) -> RunResult:
         raise ResultSchemaError(f"{path}: {what}: {e}") from e
     except RecursionError as e:
         raise ResultSchemaError(f"{path}: JSON nested too deeply to read") from e
+    except ValueError as e:  # an integer of thousands of digits
+        raise ResultSchemaError(f"{path}: not a readable JSON value: {' '.join(str(e).split())[:200]}") from e
     if not isinstance(data, dict):
         raise ResultSchemaError(f"{path}: not a run result: a JSON {type(data).__name__}, not an object")
     return parse_result(data, str(path))

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
+from harness.spec import yamlsafe
 from harness.storing import results
 from harness.storing.schema import Environment, RunResult
 
@@ -99,15 +99,12 @@ def is_results_dir(path: Path) -> bool:
 def _read_mapping(path: Path, kind: str, unreadable: list[results.Unreadable]) -> dict[str, Any]:
     """A stored JSON (``.json``) or YAML mapping, or {} with the reason in ``unreadable`` (absent: {} without a
     word, a sweep that died before writing it)."""
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         return {}
     try:
-        text = path.read_bytes().decode("utf-8")
-        # JSON by its own parser: YAML 1.1 reads json.dumps' "1e-05" as a string
-        loaded = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (OSError, ValueError, yaml.YAMLError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
-        unreadable.append(results.Unreadable(path, f"{path}: cannot be read as {kind}: "
-                                                   f"{' '.join(str(e).split())[:300]}"))
+        loaded = read_stored_mapping(path)
+    except StoredFileError as e:
+        unreadable.append(results.Unreadable(path, f"{path}: cannot be read as {kind}: {e}"))
         return {}
     if not isinstance(loaded, dict):
         unreadable.append(results.Unreadable(path, f"{path}: not {kind} (a {type(loaded).__name__}, not a mapping)"))
@@ -115,29 +112,74 @@ def _read_mapping(path: Path, kind: str, unreadable: list[results.Unreadable]) -
     return loaded
 
 
+class StoredFileError(ValueError):
+    """A stored JSON or YAML file that cannot be read; the message says why (without the file's name)."""
+
+
+def read_stored_mapping(path: Path) -> Any:
+    """The value of a JSON (``.json``) or YAML file the harness stored and reads back, which may since have been
+    damaged or replaced by anything: only a regular file is read, JSON by its own parser (YAML 1.1 reads
+    json.dumps' "1e-05" as a string), YAML as strictly and boundedly as a scenario (no aliases, bounded size and
+    depth: :mod:`harness.spec.yamlsafe`).
+
+    Raises:
+        StoredFileError: missing, not a regular file, not UTF-8, not JSON / YAML.
+    """
+    try:
+        if path.suffix == ".json":
+            return json.loads(results.read_stored_bytes(path).decode("utf-8"))
+        results.read_stored_bytes(path, STORED_YAML_BYTES)  # a FIFO or a device: refused before yamlsafe reads it
+        return yamlsafe.load_path(path, STORED_YAML_BYTES)
+    except OSError as e:
+        raise StoredFileError(e.strerror or str(e)) from None
+    except yamlsafe.YamlError as e:
+        raise StoredFileError("; ".join(f"line {line}: {reason}" for line, _, reason in e.problems[:3])) from None
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise StoredFileError(" ".join(str(e).split())[:300]) from None
+
+
+STORED_YAML_BYTES = 1 << 20  # a resolved scenario.yaml is a few KB; its file was at most 256 KiB before defaults
+
+
 SCENARIO_SECTIONS = ("model", "method", "data", "train", "hardware", "measure", "eval")  # mappings in a scenario
-
-
 def _check_scenario(path: Path, sc: dict[str, Any], unreadable: list[results.Unreadable]) -> dict[str, Any]:
-    """The stored scenario with every top-level section of the wrong shape left out (and named)."""
+    """The stored scenario with every part of the wrong shape left out (and named): a top-level section that is no
+    mapping, framework rows that are not mappings with text names and labels, a name or baseline that is not text."""
     out = dict(sc)
     for key in SCENARIO_SECTIONS:
         if out.get(key) is not None and not isinstance(out[key], dict):
             unreadable.append(results.Unreadable(path, f"{path}: section {key!r} is not a mapping: ignored"))
             out.pop(key)
+    if out.get("name") is not None and not isinstance(out["name"], str):
+        unreadable.append(results.Unreadable(path, f"{path}: 'name' is not text: ignored"))
+        out.pop("name")
+    measure = out.get("measure") or {}
+    if measure.get("baseline") is not None and not isinstance(measure["baseline"], str):
+        unreadable.append(results.Unreadable(path, f"{path}: 'measure.baseline' is not text: ignored"))
+        out["measure"] = {k: v for k, v in measure.items() if k != "baseline"}
     rows = out.get("frameworks")
-    if rows is not None and not (isinstance(rows, list) and all(isinstance(f, dict) for f in rows)):
+    if rows is not None and not (isinstance(rows, list) and all(
+            isinstance(f, dict) and all(f.get(k) is None or isinstance(f[k], str) for k in ("name", "label"))
+            for f in rows)):
         unreadable.append(results.Unreadable(path, f"{path}: 'frameworks' is not a list of rows: ignored"))
         out.pop("frameworks")
     return out
 
 
+# the plan's keys that are read as text
+_PLAN_TEXT = ("scenario", "scenario_hash", "scenario_source", "created")
+
+
 def _check_plan(path: Path, plan: dict[str, Any], unreadable: list[results.Unreadable]) -> dict[str, Any]:
-    """The stored plan without a ``planned`` list of the wrong shape (named in ``unreadable``)."""
+    """The stored plan without a ``planned`` list, or a text field, of the wrong shape (named in ``unreadable``)."""
     planned = plan.get("planned")
     if planned is not None and not (isinstance(planned, list) and all(isinstance(k, str) for k in planned)):
         unreadable.append(results.Unreadable(path, f"{path}: 'planned' is not a list of run names: ignored"))
         plan = {k: v for k, v in plan.items() if k != "planned"}
+    wrong = [k for k in _PLAN_TEXT if plan.get(k) is not None and not isinstance(plan[k], str)]
+    if wrong:
+        unreadable.append(results.Unreadable(path, f"{path}: {', '.join(wrong)} not text: ignored"))
+        plan = {k: v for k, v in plan.items() if k not in wrong}
     return plan
 
 
@@ -160,6 +202,8 @@ def load_sweep(results_dir: Path) -> Sweep:
                              "give results/<run-id> as written by `python -m harness run`)")
     unreadable: list[results.Unreadable] = []
     runs: list[RunResult] = []
+    if (path / "runs").exists() and not (path / "runs").is_dir():
+        unreadable.append(results.Unreadable(path / "runs", f"{path / 'runs'}: not a folder: no run can be read"))
     if (path / "runs").is_dir():
         try:
             runs, bad = results.read_runs(path)

@@ -258,6 +258,43 @@ def test_frontier_refuses_a_budget_a_row_cannot_honour(tmp_path, env, capsys):
     assert not (tmp_path / "results").exists()
 
 
+@pytest.mark.parametrize(("extra", "said"), [
+    (["--max", "100000"], "--max 100000: beyond the largest micro_batch a scenario takes (65536)"),
+    (["--jobs", "1000000"], "--jobs must be between 1 and 256"),
+    (["--reports", "/dev/null"], "--reports /dev/null: cannot write there: /dev/null is not a directory"),
+])
+def test_frontier_refuses_bad_options_before_its_first_probe(tmp_path, env, capsys, extra, said):
+    assert _frontier(_scenario(tmp_path), tmp_path, *extra) == 2
+    assert said in capsys.readouterr().err
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize("budgets", [",".join(str(b) for b in range(1, 100)), "nan", "1e400", "x"])
+def test_frontier_budgets_are_few_finite_numbers(tmp_path, capsys, budgets):
+    with pytest.raises(SystemExit) as e:
+        frontier_cli.main([str(_scenario(tmp_path)), "--vary", "micro_batch", "--budgets", budgets])
+    assert e.value.code == 2 and "--budgets" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("plan", ['{"grid": {"vary": "lr", "lo": 1, "hi": 4, "step": 1}, "budgets": [1]}',
+                                  '{"grid": {"vary": "micro_batch", "lo": 1, "hi": 4, "step": 0}}',
+                                  '{"grid": {"vary": "micro_batch", "lo": 1, "hi": 4, "step": 1}, "budgets": "x"}',
+                                  '{"budgets": [1]}', "[1]", "{"])
+def test_a_damaged_frontier_plan_is_refused_by_name_and_never_resumed(tmp_path, capsys, plan):
+    from harness.cli import report as report_cli
+
+    sc = parse_scenario(_scenario(tmp_path).read_text())
+    grid = frontier.make_grid(sc, "micro_batch", 4)
+    folder = frontier.open_frontier(sc, grid, [1.0], tmp_path / "results")
+    (folder / frontier.PLAN_FILE).write_text(plan)
+    with pytest.raises(frontier.FrontierError, match="frontier.json: "):
+        frontier.read_plan(folder)
+    assert frontier.find_frontier(sc, grid, tmp_path / "results") is None  # a new folder starts beside it
+    assert report_cli.main([str(folder), "--out", str(tmp_path / "rep")]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {folder / frontier.PLAN_FILE}: " in err and "Traceback" not in err
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # search probes side by side and shortened; each answer measured alone
 

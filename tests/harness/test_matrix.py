@@ -69,6 +69,38 @@ def test_cli_refuses_bad_input(capsys):
     assert cli.main(["--report-from", "/nonexistent/folder"]) == 2
 
 
+@pytest.mark.parametrize(("option", "said"), [
+    (["--time-limit-s", "nan"], "--time-limit-s nan: a number of seconds > 0"),
+    (["--time-limit-s", "-5"], "--time-limit-s -5.0: a number of seconds > 0"),
+    (["--jobs", "1000000000"], "--jobs 1000000000: between 1 and 256"),
+    (["--results", "/dev/null/x"], "--results /dev/null/x: cannot write there: /dev/null is not a directory"),
+])
+def test_cli_refuses_bad_options_before_any_cell(tmp_path, capsys, option, said):
+    args = ["--device", "cpu", "--frameworks", "dummy", "--families", "llama", "--methods", "lora",
+            "--results", str(tmp_path / "results"), "--reports", str(tmp_path / "reports"), "--quiet"]
+    assert cli.main(args + option) == 2
+    assert said in capsys.readouterr().err
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize(("change", "said"), [
+    ({"cells": [1, 2]}, "cells[0], cells[1]"),
+    ({"cells": [{"model": 5, "family": [], "method": "lora", "framework": "hf", "scenario": 1}]}, "cells[0]"),
+    ({"models": "tiny-falcon"}, "models"),
+    ({"device": None}, "device"),
+])
+def test_report_from_a_damaged_plan_exits_2_naming_it(tmp_path, capsys, change, said):
+    plan = planning.plan_matrix(["falcon"], ["hf"], ["lora"], "cpu")
+    folder = planning.open_matrix(plan, tmp_path / "results")
+    meta = json.loads((folder / planning.PLAN_FILE).read_text())
+    (folder / planning.PLAN_FILE).write_text(json.dumps(meta | change))
+    assert cli.main(["--report-from", str(folder), "--reports", str(tmp_path / "reports")]) == 2
+    assert f"{folder / planning.PLAN_FILE}: not a support matrix plan ({said}:" in capsys.readouterr().err
+    assert planning.find_matrix(plan, tmp_path / "results") is None  # never filled in: a new folder starts
+    (folder / planning.NOT_RUN_FILE).write_text('{"matrix.tiny-falcon.lora": "not a mapping", "x": {"hf": 5}}')
+    assert planning.read_not_run(folder) == {"x": {}}
+
+
 def test_loss_falling_compares_halves():
     assert analysis.loss_falling([5.8, 5.9, 5.7, 5.6, 5.5, 5.6]) is True
     assert analysis.loss_falling([5.0, 5.1, 5.2, 5.3]) is False

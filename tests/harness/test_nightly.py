@@ -113,6 +113,15 @@ def test_bad_since_exits_2(setup, capsys):
      "gate.peak_vram: unknown metric; did you mean 'peak_vram_nvml_gib'"),
     (SUITE.replace("noise_k: 3.0", "noise_k: -1"), 6, "noise_k: Input should be greater than 0"),
     (SUITE.replace("scenarios: [scenario.yaml]", "scenarios: [missing.yaml]"), 3, "scenarios[0]: no such scenario"),
+    # a scenario twice would run twice a night; an empty frameworks list would silently mean all of them
+    (SUITE.replace("[scenario.yaml]", "[scenario.yaml, ./scenario.yaml]"), 3, "scenarios[1]: "),
+    (SUITE + "frameworks: []\n", 10, "frameworks: List should have at least 1 item"),
+    (SUITE + "frameworks: [hf, hf]\n", 10, "frameworks: 'hf' listed twice"),
+    # a value of another type than the key takes: '3' in quotes is text; NaN is no number of nights
+    (SUITE.replace("min_nights: 3", "min_nights: '3'"), 5, "min_nights: Input should be a valid integer, got the text"),
+    (SUITE.replace("noise_k: 3.0", "noise_k: .nan"), 6, "noise_k: Input should be a finite number"),
+    (SUITE + "source_path: /etc\n", 10, "source_path: unknown key"),
+    (SUITE + "cluster: {executor: local, mem_gib: .inf}\n", 10, "cluster.mem_gib: Input should be a finite number"),
 ])
 def test_bad_suite_exits_2_with_file_line_and_key(tmp_path: Path, capsys, text: str, line: int, key: str):
     (tmp_path / "scenario.yaml").write_text("name: unused\n")
@@ -145,3 +154,37 @@ def test_a_scenario_whose_evaluator_is_missing_stops_the_night_before_any_run(tm
                          "--db", str(tmp_path / "h.duckdb"), "--quiet"]) == 2
     assert "needs tunebench_no_such_module" in capsys.readouterr().err
     assert not (tmp_path / "results").exists() and not (tmp_path / "h.duckdb").exists()  # the first did not run
+
+
+def test_a_suite_framework_that_no_scenario_has_is_named_with_its_line(tmp_path: Path, capsys):
+    from test_scenario import GOOD
+
+    from harness.cli import validate
+
+    (tmp_path / "scenario.yaml").write_text(GOOD.replace("frameworks: [hf]", "frameworks: [dummy, hf]"))
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(SUITE + "frameworks: [dummy, dumy]\n")  # a typo would silently leave that row out
+    assert validate.main([str(suite)]) == 2
+    assert f"{suite}:10: frameworks[1]: unknown framework row 'dumy'; did you mean 'dummy'?" in capsys.readouterr().err
+    assert nightly.main([str(suite), "--results", str(tmp_path / "r"), "--reports", str(tmp_path / "rep"),
+                         "--db", str(tmp_path / "h.duckdb")]) == 2
+    assert "frameworks[1]: unknown framework row 'dumy'" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # nothing ran
+
+
+@pytest.mark.parametrize("kind", ["directory", "not duckdb", "below a file"])
+def test_a_history_database_that_cannot_be_one_exits_2_before_anything(tmp_path: Path, capsys, kind: str):
+    db = {"directory": tmp_path / "db", "not duckdb": tmp_path / "notes.txt",
+          "below a file": tmp_path / "notes.txt" / "h.duckdb"}[kind]
+    (tmp_path / "db").mkdir()
+    (tmp_path / "notes.txt").write_text("someone's notes")
+    (tmp_path / "scenario.yaml").write_text("name: unused\n")
+    (tmp_path / "suite.yaml").write_text(SUITE)
+    assert nightly.main([str(tmp_path / "suite.yaml"), "--results", str(tmp_path / "results"),
+                         "--db", str(db), "--quiet"]) == 2
+    assert f"--db {db}: " in capsys.readouterr().err
+    assert not (tmp_path / "results").exists()
+    for args in (["--db", str(db)], ["rebuild", "--results", str(tmp_path), "--db", str(db)]):
+        assert history_cli.main(args) == 2
+        assert "Traceback" not in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "someone's notes"  # rebuild deletes only a database of its own

@@ -108,3 +108,74 @@ def test_an_evaluation_environment_that_does_not_start_is_missing_too(env, monke
     monkeypatch.setattr(evaluator, "environment", lambda: envs.EnvSpec(name="lmeval", python=str(env / "no-python")))
     with pytest.raises(evaluator.EvaluatorMissing, match="needs lm_eval, not found in the 'lmeval' environment"):
         evaluator.check(sc)
+
+
+# --- resuming a sweep whose stored files were damaged: the runner's own reads never stop it --------------------------
+
+
+def _stored_sweep(tmp_path):  # noqa: ANN001, ANN202
+    from test_runner import _sc
+
+    _, sc = _sc(tmp_path, "  - {name: dummy, label: d-ok}")
+    d = runner.create_sweep(sc, tmp_path / "results")
+    return sc, d
+
+
+@pytest.mark.parametrize("plan", [{"planned": "d-ok-r0"}, {}, {"planned": [1, "d-ok-r0"]}])
+def test_a_damaged_plan_is_extended_not_a_crash(tmp_path, plan):  # noqa: ANN001
+    sc, d = _stored_sweep(tmp_path)
+    meta = json.loads((d / "sweep.json").read_text())
+    (d / "sweep.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "planned"} | plan))
+    runner._extend_plan(d, ["d-ok-r0", "d-ok-r1"])
+    assert json.loads((d / "sweep.json").read_text())["planned"] == ["d-ok-r0", "d-ok-r1"]
+
+
+def test_newest_sweep_among_plans_with_odd_creation_stamps(tmp_path):  # noqa: ANN001
+    sc, d = _stored_sweep(tmp_path)
+    other = d.with_name(d.name + "-x")
+    other.mkdir()
+    (other / "sweep.json").write_text(json.dumps(json.loads((d / "sweep.json").read_text()) | {"created": 5}))
+    assert runner.newest_sweep(sc, tmp_path / "results") in (d, other)
+
+
+@pytest.mark.parametrize(("stored", "said"), [
+    (b"- 1\n- 2\n", "is not a scenario"),
+    (b"\xff\xfe\x00 not text", "cannot be read (line 1: not UTF-8"),
+    (b"name: t\nmeasure: fast\n", "is not a scenario"),
+    (b"a: &a [x, x, x, x, x, x, x, x, x]\n" + b"".join(
+        b"%c: &%c [" % (98 + i, 98 + i) + b", ".join([b"*%c" % (97 + i)] * 9) + b"]\n" for i in range(8)),
+     "anchors and aliases"),
+])
+def test_resume_reads_a_damaged_stored_scenario_as_a_change_not_a_crash(tmp_path, stored, said):  # noqa: ANN001
+    sc, d = _stored_sweep(tmp_path)
+    (d / "scenario.yaml").write_bytes(stored)
+    (changed,) = runner.resume_changes(sc, d)
+    assert said in changed
+
+
+def test_a_stored_evaluation_of_another_shape_is_no_failure(tmp_path):  # noqa: ANN001
+    _row(tmp_path, "hf-r0", "ok")
+    p = tmp_path / "runs" / "hf-r0.json"
+    p.write_text(json.dumps(json.loads(p.read_text()) | {"eval": "x", "reward_eval": [1]}))
+    assert runner.set_aside_failed(tmp_path, ["hf-r0"]) == []
+
+
+def test_a_lock_file_replaced_by_a_link_is_refused_not_followed(tmp_path):  # noqa: ANN001
+    from harness.running.locks import sweep_lock
+
+    target = tmp_path / "precious.txt"
+    target.write_text("not the runner's")
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "sweep" / "sweep.lock").symlink_to(target)
+    with pytest.raises(OSError), sweep_lock(tmp_path / "sweep"):
+        pass
+    assert target.read_text() == "not the runner's"
+
+
+def test_a_sweep_folder_with_a_file_for_runs_stops_before_a_run(env):  # noqa: ANN001
+    sc, d = _stored_sweep(env)
+    (d / "runs").rmdir()
+    (d / "runs").write_text("x")
+    with pytest.raises(FileExistsError):
+        runner.run_sweep(sc, env / "results", quiet=True)
+    assert not (runner.work_root() / d.name / "d-ok-r0").exists()  # no worker started

@@ -7,6 +7,7 @@ import math
 import os
 import stat
 import sys
+import threading
 from pathlib import Path
 
 import pandas as pd
@@ -128,6 +129,8 @@ def test_load_sweep_rejects_what_is_not_a_sweep(tmp_path):
 
 BAD_RUN_FILES = {
     "trl-r0.json": (b'{"scenario": "synthetic-tiny", "framework": "trl", "rep', "not valid JSON (truncated?)"),
+    "big-r0.json": (b'{"repeat": ' + b"9" * 5000 + b"}", "not a readable JSON value: Exceeds the limit"),
+    "version-r0.json": (b'{"schema_version": [2]}', "version-r0.json: not a run result: schema_version [2]"),
     "unsloth-r0.json": (b"[1, 2, 3]", "not a run result: a JSON list, not an object"),
     "axolotl-r0.json": (bytes(range(128, 256)) * 4, "not a text file"),
     "litgpt-r0.json": (b"", "empty"),
@@ -210,3 +213,56 @@ def test_runs_table_adds_parity_after_the_stored_columns(tmp_path):
     full = pd.read_csv(runs_table.write_table(d))
     assert list(full.columns) == results.ROW_COLUMNS + runs_table.PARITY_COLUMNS
     assert dict(zip(full.framework, full.parity_status, strict=True)) == {"hf": "ok", "tunebench": "departs"}
+
+
+def test_a_fifo_or_device_in_place_of_a_stored_file_is_named_not_read(tmp_path):
+    """A FIFO would block a reader forever (a device never end): only regular files are read back."""
+    d = make_sweep(tmp_path / "sw", [make_run("hf", 0), make_run("tunebench", 0)])
+    for name in ("runs/tunebench-r0.json", "scenario.yaml", "environment.json"):
+        (d / name).unlink()
+        os.mkfifo(d / name)
+    done: list = []
+    reader = threading.Thread(target=lambda: done.append(load_sweep(d)), daemon=True)
+    reader.start()
+    reader.join(30)
+    assert done, "load_sweep blocked on a FIFO"
+    why = {u.path.name: u.why for u in done[0].unreadable}
+    assert [r.key for r in done[0].runs] == ["hf-r0"]
+    assert "not a regular file" in why["tunebench-r0.json"] and "not a regular file" in why["scenario.yaml"]
+    assert results.read_json(d / "environment.json") is None
+    with pytest.raises(OSError, match="not a regular file"):
+        results.read_stored_bytes(Path("/dev/zero"))
+
+
+@pytest.mark.parametrize(("scenario", "plan", "expected"), [
+    # an alias bomb: 9^9 strings for whatever walks it (hashing, the settings diff of a resumed sweep)
+    ("a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(f"{chr(98 + i)}: &{chr(98 + i)} [" + ", ".join(
+        [f"*{chr(97 + i)}"] * 9) + "]\n" for i in range(8)), None, "scenario.yaml: cannot be read as a scenario: "
+                                                                   "line 1: anchors and aliases"),
+    ("name: [1]\nmeasure: {baseline: {a: 1}}\n", None, "scenario.yaml: 'name' is not text: ignored"),
+    ("name: t\nmeasure: {baseline: [hf]}\n", None, "scenario.yaml: 'measure.baseline' is not text: ignored"),
+    ("name: t\nframeworks: [{name: [hf]}, {label: {a: 1}}]\n", None, "'frameworks' is not a list of rows"),
+    (None, {"planned": ["hf-r0"], "scenario_source": [1], "created": 5}, "sweep.json: scenario_source, created not "
+                                                                        "text: ignored"),
+])
+def test_stored_files_of_the_wrong_shape_are_named_and_left_out(tmp_path, scenario, plan, expected):
+    """What a report or compare reads as a name must be text; a stored YAML is read as boundedly as a scenario."""
+    d = make_sweep(tmp_path / "sw", [make_run("hf", 0)])
+    if scenario is not None:
+        (d / "scenario.yaml").write_text(scenario)
+    if plan is not None:
+        (d / "sweep.json").write_text(json.dumps(plan))
+    sweep = load_sweep(d)
+    assert any(expected in u.why for u in sweep.unreadable), [u.why for u in sweep.unreadable]
+    assert isinstance(sweep.name, str) and isinstance(sweep.baseline, str)
+    assert all(isinstance(f, str) for f in sweep.framework_order()) and isinstance(sweep.source or "", str)
+
+
+def test_runs_that_is_no_folder_is_named(tmp_path):
+    d = make_sweep(tmp_path / "sw", [make_run("hf", 0)])
+    for p in (d / "runs").iterdir():
+        p.unlink()
+    (d / "runs").rmdir()
+    (d / "runs").write_text("x")
+    sweep = load_sweep(d)  # still a sweep: its plan is there
+    assert sweep.runs == [] and "runs: not a folder" in str(sweep.unreadable[0])

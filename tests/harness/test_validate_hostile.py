@@ -78,6 +78,20 @@ EXPECTED = {
     "data_sharegpt_speaker": ":12: data.path: data/sharegpt_speaker.jsonl:1: sharegpt row conversations[1].from",
     "data_messages_content": ":12: data.path: data/messages_content.jsonl:1: messages row messages[1] needs text",
     "data_no_loss": ":12: data.path: none of the 3 rows of 'data/long_prompts.jsonl' keeps a loss-bearing token",
+    # YAML that reads as something else than it shows; values of another type than the key takes
+    "merge_key": ":13: train.<<: merge keys (<<) are not supported",
+    "key_not_text": ":16: train.yes: key 'yes' reads as a boolean, not as text: quote it",
+    "quoted_number": ":14: train.steps: Input should be a valid integer, got the text '4' (a number in quotes is text",
+    "whole_float": ":13: train.micro_batch: Input should be a valid integer, got the number 2.0",
+    "bool_number": ":13: train.micro_batch: Input should be a valid integer, got true (a boolean)",
+    "quoted_bool": ":16: train.gradient_checkpointing: Input should be a valid boolean, got the text 'no'",
+    "source_path_key": ":4: source_path: unknown key (set by tunebench",
+    "targets_empty": ":10: method.target_modules: List should have at least 1 item",
+    "targets_repeated": ":10: method.target_modules: 'q_proj' listed twice",
+    "section_not_mapping": ":16: hardware: Input should be a mapping (key: value lines, indented below the key), got "
+                           "the text 'cpu'",
+    "empty": ":1: <top>: a scenario is a YAML mapping (version, name, model, method, data, train, frameworks, ...), "
+             "got an empty document",
 }
 
 
@@ -290,3 +304,101 @@ def test_token_count_is_the_generated_tokenizers(row, fmt):
             cut = tokenize_example(tok, row, fmt, seq_len, prompt_loss)
             loss = sum(label != IGNORE_INDEX for label in cut["labels"][1:])  # the model predicts positions 1..
             assert row_tokens(row, fmt, seq_len, prompt_loss) == (len(full["input_ids"]), loss)
+
+
+# --- the other commands: options and stored files that cannot be used fail before anything runs, with exit 2 ----------
+
+
+def test_run_refuses_contradictory_options_and_unwritable_folders_before_running(tmp_path, capsys):
+    good = tmp_path / "good.yaml"
+    good.write_text(GOOD)
+    assert cli.main(["run", str(good), "--new", "--resume"]) == 2
+    assert "--new starts a new sweep; --resume and --retry-failed work on the newest one" in capsys.readouterr().err
+    for option in (["--reports", "/dev/null"], ["--results", str(good / "below")]):
+        assert cli.main(["run", str(good), "--results", str(tmp_path / "results"), *option]) == 2
+        assert f"{good}: --{option[0][2:]} " in capsys.readouterr().err
+    assert not (tmp_path / "results").exists()  # the sweep never started: no hour of runs lost to a bad folder
+
+
+@pytest.mark.parametrize(("argv", "said"), [
+    (["compare", "a", "b", "--tokens-drop", "inf"], "--tokens-drop must be a finite number >= 0, got inf"),
+    (["compare", "a", "b", "--noise-k", "1e400"], "--noise-k must be a finite number >= 0, got inf"),
+    (["calibrate", "--size", "0"], "calibrate: --size 0: between 16 and 65536"),
+    (["history", "--since", "yesterday"], "--since 'yesterday': a date (YYYY-MM-DD)"),
+    (["env", "create", "../../etc"], "env create: unknown environment '../../etc'"),
+    (["env", "check", "nope"], "env check: unknown environment 'nope'"),
+])
+def test_bad_options_of_the_other_commands_exit_2(tmp_path, capsys, monkeypatch, argv, said):
+    monkeypatch.setenv("TUNEBENCH_ENVS", str(tmp_path / "envs"))
+    assert cli.main(argv) == 2
+    assert said in capsys.readouterr().err
+
+
+def _bundle(path: Path, members: dict[str, bytes]) -> Path:
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w:xz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_env_install_refuses_what_is_no_bundle_and_writes_nowhere(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TUNEBENCH_ENVS", str(tmp_path / "envs"))
+    (tmp_path / "garbage.tar.xz").write_bytes(b"\x00not a tar" * 50)
+    manifest = {"packages": [], "python_version": None}
+    cases = {
+        str(tmp_path / "missing.tar.xz"): "no such bundle file",
+        str(tmp_path): "not a bundle file (a directory)",
+        str(tmp_path / "garbage.tar.xz"): "not a bundle of `python -m harness env pack`",
+        str(_bundle(tmp_path / "empty.tar.xz", {"x.txt": b"x"})): "no readable manifest.json",
+        str(_bundle(tmp_path / "list.tar.xz", {"manifest.json": b"[1]"})): "no readable manifest.json",
+        str(_bundle(tmp_path / "climb.tar.xz", {"../../escaped": b"x"})): "not a bundle of",
+        str(_bundle(tmp_path / "name.tar.xz", {"manifest.json": json.dumps(manifest | {"env": "../../escaped"})
+                                               .encode()})): "'../../escaped' is not an environment name",
+    }
+    for bundle, said in cases.items():
+        assert cli.main(["env", "install", bundle]) == 2, bundle
+        err = capsys.readouterr().err
+        assert said in err and "Traceback" not in err, err
+    assert cli.main(["env", "install", str(tmp_path / "name.tar.xz"), "--name", "../x"]) == 2
+    assert "--name: '../x' is not an environment name" in capsys.readouterr().err
+    assert not (tmp_path / "escaped").exists() and not (tmp_path / "x").exists() and not (tmp_path / "envs").exists()
+
+
+def test_selfcheck_refuses_an_unwritable_out_before_any_loop(tmp_path, capsys):
+    good = tmp_path / "good.yaml"
+    good.write_text(GOOD)
+    for out in (tmp_path, good / "check.json"):  # a folder; a path below a file
+        assert cli.main(["selfcheck", str(good), "--frameworks", "hf", "--out", str(out)]) == 2
+        assert f"selfcheck: --out {out}: not a file that can be written" in capsys.readouterr().err
+
+
+def test_unknown_names_in_messages_are_bounded(tmp_path):
+    rows = ", ".join(f"{{name: hf, label: h{i}}}" for i in range(3000))
+    msg = str(pytest.raises(ScenarioError, parse_scenario, GOOD.replace("frameworks: [hf]", f"frameworks: [{rows}]")
+                            + "measure: {baseline: nope}\n", "s.yaml").value)
+    assert "unknown baseline framework 'nope' (the scenario's frameworks: h0, h1," in msg
+    assert "h39, ... (2960 more))" in msg and len(msg) < 1000
+    msg = str(pytest.raises(ScenarioError, parse_scenario, GOOD.replace("[hf]", "[" + "x" * 5000 + "]"), "s.yaml")
+              .value)
+    assert "frameworks[0]: unknown framework 'xxxxxxxx" in msg and len(msg) < 500
+    msg = str(pytest.raises(ScenarioError, parse_scenario, GOOD + "trian: {}\n", "s.yaml").value)
+    assert "did you mean 'train'?" in msg and "source_path" not in msg  # set by tunebench: not offered as a key
+
+
+def test_yaml_keys_must_be_text_and_merge_keys_are_refused():
+    with pytest.raises(yamlsafe.YamlError) as e:
+        yamlsafe.load("a:\n  on: 1\n  1: x\n  null: 2\n? [k]\n: 3\nb: {<<: {c: 1}}\n")
+    assert [(line, loc) for line, loc, _ in e.value.problems] == [
+        (2, ("a", "on")), (3, ("a", "1")), (4, ("a", "null")), (5, ("<sequence key>",)), (7, ("b", "<<"))]
+    assert yamlsafe.load("'on': 1\n'1': 2\n")[0] == {"on": 1, "1": 2}  # quoted: text, as a scenario's keys are
+
+
+def test_numbers_read_as_json_writes_them_and_quoted_numbers_stay_text():
+    data, _ = yamlsafe.load("lr: 1e-4\nbig: 1.0e9\nsteps: 12\nhalf: .5\nquoted: '1e-4'\nword: e9\n")
+    assert data == {"lr": 1e-4, "big": 1e9, "steps": 12, "half": 0.5, "quoted": "1e-4", "word": "e9"}
+    assert parse_scenario(GOOD.replace("micro_batch: 2", "micro_batch: 2\n  lr: 2e-4"), "s.yaml").train.lr == 2e-4
