@@ -14,8 +14,8 @@ from adapters_for_tools.contract import AdapterInfo, Overrides
 
 REFERENCE_OPS = Literal["rms_norm", "rope", "swiglu", "geglu", "fused_linear_cross_entropy", "fused_linear_logprobs"]
 # what `plan` chooses (kernels/trainer/plan.py, Plan)
-PLANNED = frozenset({"recompute_layers", "offload_checkpoints", "offload_weights", "offload_embeddings",
-                     "offload_lm_head", "cuda_graph", "mlp_chunk_tokens"})
+PLANNED = frozenset({"recompute_layers", "remake_mlp_layers", "offload_checkpoints", "offload_weights",
+                     "offload_embeddings", "offload_lm_head", "cuda_graph", "mlp_chunk_tokens"})
 
 
 class TunebenchOverrides(Overrides):
@@ -34,6 +34,8 @@ class TunebenchOverrides(Overrides):
     reference_ops: list[REFERENCE_OPS] = Field(default_factory=list)
     group_projections: bool = True  # false: one LoRA call per projection instead of one per q/k/v and gate/up group
     remake_activations: bool = True  # false: keep norm outputs and the gated activation instead of remaking them
+    # of the layers that keep their activations, N (-1: all) remake their MLP's gate and up in backward too
+    remake_mlp_layers: int = Field(0, ge=-1)
     # QLoRA: a recomputing layer's backward uses the bf16 weights its recompute dequantised (false: dequantise again)
     reuse_dequant: bool = True
     mlp_chunk_tokens: int | None = Field(None, ge=1)  # the MLP over chunks of this many tokens (long context)

@@ -79,6 +79,7 @@ def method_options(sc, overrides: dict):  # noqa: ANN001, ANN201
         reference_ops=tuple(o.reference_ops),
         group_projections=o.group_projections,
         remake_activations=o.remake_activations,
+        remake_mlp_layers=o.remake_mlp_layers,
         reuse_dequant=o.reuse_dequant,
         mlp_chunk_tokens=o.mlp_chunk_tokens,
         cuda_graph=o.cuda_graph,
@@ -245,6 +246,7 @@ def _layout(model, options: MethodOptions) -> dict:  # noqa: ANN001
                                   else "all" if options.gradient_checkpointing else []),
             "host_weight_gib": _host_bytes(model) / 2**30,
             "remade_activations": all(layer.remake_activations for layer in model.model.layers),
+            "remade_mlp_layers": [i for i, layer in enumerate(model.model.layers) if layer.remake_mlp],
             "reused_dequant": options.kind == "qlora" and all(layer.reuse_dequant for layer in model.model.layers)}
 
 

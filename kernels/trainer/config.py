@@ -241,6 +241,12 @@ class MethodOptions:
         mlp_chunk_tokens: the dense MLP of every layer over chunks of this many tokens, keeping only its input for
             backward (:class:`kernels.trainer.remake.TiledMLP`): long context in less memory, for one more MLP
             forward per layer. One process only. None: the MLP over all tokens at once.
+        remake_mlp_layers: of the layers that keep their activations, this many (the first ones; -1: all) also
+            remake their dense MLP's gate and up outputs in backward (one gate/up projection again, from the remade
+            norm output) instead of keeping them (:class:`kernels.trainer.remake.Shared`): 2 x intermediate widths
+            per token less (0.24 GB per layer at the 8B shapes, 4,096 tokens) for about half the layer's forward,
+            where recomputing the layer costs all of it. Needs ``remake_activations`` and no LoRA dropout (the
+            projection runs again); not Mixtral's experts, not with ``mlp_chunk_tokens``. 0: keep them.
         reuse_dequant: QLoRA: a recomputing layer's NF4 projections keep the bf16 weights they dequantise in the
             recompute forward for the backward that follows, instead of dequantising each again there
             (:func:`kernels.ops.lora_linear.reuse_dequantised`): one dequantisation per weight and micro-batch saved
@@ -259,8 +265,8 @@ class MethodOptions:
         expandable_segments: the CUDA caching allocator in expandable-segments mode
             (:func:`kernels.trainer.loading.configure_allocator`).
         plan: a memory budget in GiB, or ``"auto"`` (the device's free memory): the trainer then sets
-            ``recompute_layers``, the ``offload_*`` knobs, ``cuda_graph`` and (for rows longer than a chunk)
-            ``mlp_chunk_tokens`` itself, to the plan predicted fastest within the budget
+            ``recompute_layers``, ``remake_mlp_layers``, the ``offload_*`` knobs, ``cuda_graph`` and (for rows
+            longer than a chunk) ``mlp_chunk_tokens`` itself, to the plan predicted fastest within the budget
             (:class:`kernels.trainer.planner.Planner`). None: the knobs as given.
     """
 
@@ -282,6 +288,7 @@ class MethodOptions:
     group_projections: bool = True
     remake_activations: bool = True
     mlp_chunk_tokens: int | None = None
+    remake_mlp_layers: int = 0
     reuse_dequant: bool = True
     cuda_graph: bool = False
     varlen_attention: bool = True

@@ -25,6 +25,7 @@ from kernels.trainer.moe import Experts, ExpertStacker
 from kernels.trainer.norm import RMSNorm
 from kernels.trainer.offload import WeightStreamer, checkpointed_layer_ids, streamed_layer_ids
 from kernels.trainer.opset import FUSED_OPS, OpSet
+from kernels.trainer.remake import mark_remade_mlp
 
 _MLP_LEAVES = (*MLP_MODULES, "gate_up_proj")
 
@@ -248,6 +249,7 @@ def _apply_offload(model: DecoderModel, o: MethodOptions) -> None:
         ids = streamed_layer_ids(model.cfg.num_layers, o.offload_weights)
         model.streamer = WeightStreamer(model, ids, model.device_of_compute)
     model.checkpointed_layers = checkpointed_layer_ids(model.cfg.num_layers, o)
+    mark_remade_mlp(model, o)
     if o.cuda_graph:
         why = [w for w, bad in (("a CUDA device", model.device_of_compute.type != "cuda"),
                                 # an offloaded input embedding is gathered before each replay (StepGraph)

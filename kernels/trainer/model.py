@@ -46,7 +46,7 @@ from kernels.trainer.moe import Experts, SparseMoE, grouped_mm_ok
 from kernels.trainer.norm import RMSNorm
 from kernels.trainer.offload import LayerCall, LayerCheckpoint, WeightStreamer, copy_stream
 from kernels.trainer.opset import FUSED_OPS
-from kernels.trainer.remake import RemadeSaves, tiled_mlp
+from kernels.trainer.remake import RemadeSaves, Shared, tiled_mlp
 from kernels.trainer.torch_ops import window_mask
 
 
@@ -68,16 +68,30 @@ class MLP(nn.Module):
             self.up_proj = Linear(h, i, b, dtype, device)
         self.down_proj = Linear(i, h, b, dtype, device)
 
-    def forward(self, x: torch.Tensor, saves: RemadeSaves | None = None) -> torch.Tensor:
-        if self.fused:
-            gate_up = self.gate_up_proj(x)
-            gate, up = gate_up[..., :self.intermediate], gate_up[..., self.intermediate:]
-        else:
-            gate, up = project(x, (self.gate_proj, self.up_proj), self.group_projections)
+    def forward(self, x: torch.Tensor, saves: RemadeSaves | None = None, remake_gate_up: bool = False) -> torch.Tensor:
+        """``saves``: the layer's remade saves; ``remake_gate_up``: gate and up are remade in backward from ``x``
+        (itself remade) instead of kept (:class:`~kernels.trainer.remake.Shared`)."""
+        gate, up = self._gate_up(x)
+        # registered before the op that saves them: the same projection of the same input, bitwise the forward's
+        pair = None
+        if saves is not None and remake_gate_up:
+            pair = Shared(lambda make=saves.recipe(x): self._gate_up(make()), takers=2)
+        if pair is not None:
+            saves.remake(gate, lambda: pair.take()[0])
+            saves.remake(up, lambda: pair.take()[1])
         act = self._act(gate, up)
-        if saves is not None:  # down_proj's backward gets it remade from gate and up, which the activation keeps
+        if pair is not None:
+            saves.remake(act, lambda: self._act(*pair.peek()))
+        elif saves is not None:  # down_proj's backward gets it remade from gate and up, which the activation keeps
             saves.remake(act, lambda: self._act(gate, up))
         return self.down_proj(act)
+
+    def _gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.fused:
+            gate_up = self.gate_up_proj(x)
+            return gate_up[..., :self.intermediate], gate_up[..., self.intermediate:]
+        gate, up = project(x, (self.gate_proj, self.up_proj), self.group_projections)
+        return gate, up
 
     def _act(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         return self.ops.geglu(gate, up) if self.gelu else self.ops.swiglu(gate, up)
@@ -102,6 +116,7 @@ class DecoderLayer(nn.Module):
     remake_activations = True  # norm outputs and the gated activation remade in backward (kernels/trainer/remake.py)
     mlp_chunk_tokens: int | None = None  # the dense MLP over chunks of this many tokens (remake.TiledMLP)
     reuse_dequant = True  # its recompute keeps dequantised NF4 weights for its backward (offload.LayerCall)
+    remake_mlp = False  # kept layer: its dense MLP's gate and up remade in backward too (remake_mlp_layers)
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         with RemadeSaves(self.remake_activations) as saves:
@@ -127,7 +142,7 @@ class DecoderLayer(nn.Module):
             return self.mlp(x)
         if self.mlp_chunk_tokens:  # long context: the MLP's activations one chunk at a time
             return tiled_mlp(self.mlp, x, self.mlp_chunk_tokens)
-        return self.mlp(x, saves)
+        return self.mlp(x, saves, self.remake_mlp)
 
 
 class DecoderModel(nn.Module):

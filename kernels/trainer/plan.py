@@ -6,7 +6,8 @@
   the embeddings, the LM head, the loss chunk, and the host link's speed. :func:`costs_for` builds it
   analytically from the architecture, the method and the loop; :meth:`CostModel.corrected` applies what the first
   steps measured (one factor on activation bytes, one on compute time, the static bytes seen after loading).
-- :class:`Plan`: the knobs the planner sets (``recompute_layers``, ``offload_weights``, ``offload_checkpoints``,
+- :class:`Plan`: the knobs the planner sets (``recompute_layers``, ``remake_mlp_layers``, ``offload_weights``,
+  ``offload_checkpoints``,
   ``offload_embeddings``, ``offload_lm_head``, ``cuda_graph``, and for long rows ``mlp_chunk_tokens``);
   :func:`predict` gives its peak allocated bytes and step time under a cost model.
 - :func:`choose`: the plan with the lowest predicted step time whose predicted peak fits the budget (None when none
@@ -29,6 +30,7 @@ from kernels.ops.fused_linear_cross_entropy import default_chunk_size
 from kernels.trainer.config import DecoderConfig, MethodOptions
 from kernels.trainer.flex import flex_layer
 from kernels.trainer.offload import checkpointed_layer_ids, streamed_layer_ids
+from kernels.trainer.remake import remade_mlp_layer_ids
 
 GIB = 2**30
 # A CUDA-graphed step: +0.4 GiB NVML measured on the 8B LoRA row, plus the expandable-segments saving it gives up
@@ -78,6 +80,9 @@ class LayerCost:
             ``reuse_dequant``: every NF4 projection's bf16 copy, all alive as its backward starts), on top of
             ``transient_bytes``; not scaled by the activation correction.
         reuse_saving_s: when it recomputes, the backward time that reuse saves (the dequantisations not repeated).
+        mlp_remake_bytes: when it keeps its activations and remakes its MLP's gate and up (``remake_mlp_layers``),
+            the kept bytes that frees (0: it cannot).
+        mlp_remake_s: what making gate and up again in its backward costs.
     """
 
     weight_bytes: int
@@ -88,6 +93,8 @@ class LayerCost:
     backward_s: float
     reuse_bytes: int = 0
     reuse_saving_s: float = 0.0
+    mlp_remake_bytes: int = 0
+    mlp_remake_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -152,6 +159,7 @@ class Plan:
     offload_lm_head: bool = False
     cuda_graph: bool = False
     mlp_chunk_tokens: int | None = None
+    remake_mlp_layers: int = 0
 
     @property
     def offloads(self) -> bool:
@@ -192,6 +200,11 @@ def _layout(n: int, recompute: int, streamed: int, checkpointing: bool) -> tuple
     return stream, frozenset(range(n)) if ids is None else ids
 
 
+@lru_cache(maxsize=4096)
+def _remade(n: int, rec: frozenset[int], checkpointing: bool, count: int) -> frozenset[int]:
+    return remade_mlp_layer_ids(n, None if checkpointing and len(rec) == n else rec, checkpointing, count)
+
+
 def _prefix(xs: list[float]) -> list[float]:
     return [0.0, *accumulate(xs)]
 
@@ -201,12 +214,13 @@ def predict(m: CostModel, p: Plan) -> Prediction:
 
     Memory: what stays after loading (fixed bytes, resident layers, embeddings and head unless offloaded), then
     gradients and optimizer state, at most two streamed layers, checkpoints (on the host: the one in flight and
-    the one fetched back), kept activations, and the larger of the forward's end (loss chunk, plus the LM head's
-    device copy when it lives on the host) and one layer's recompute + backward (a recomputing layer's with the
-    dense weights it keeps for its backward, :attr:`LayerCost.reuse_bytes`).
+    the one fetched back), kept activations (less gate and up where remade), and the larger of the forward's end
+    (loss chunk, plus the LM head's device copy when it lives on the host) and one layer's recompute + backward (a
+    recomputing layer's with the dense weights it keeps for its backward, :attr:`LayerCost.reuse_bytes`).
 
     Time per micro-batch: every layer's forward and backward, the recomputed layers' forward again (less what their
-    backward saves by reusing the recompute's dequantised weights, :attr:`LayerCost.reuse_saving_s`), the loss; plus
+    backward saves by reusing the recompute's dequantised weights, :attr:`LayerCost.reuse_saving_s`), the gate / up
+    projections of the kept layers that remake them (``remake_mlp_layers``), the loss; plus
     the host copies the compute does not hide: a streamed layer's copy overlaps the layers since the previous
     streamed one (forward) or after it (backward; the forward's last streamed layer stays), with offloaded
     checkpoints sharing the copy stream in forward and fetched back on the compute stream in backward; an offloaded
@@ -222,7 +236,8 @@ def predict(m: CostModel, p: Plan) -> Prediction:
               + (0 if p.offload_embeddings else m.embed_bytes) + (0 if p.offload_lm_head else m.head_bytes))
     ckpts = [lay[i].checkpoint_bytes for i in rec]
     ckpt = 2 * max(ckpts, default=0) if p.offload_checkpoints else sum(ckpts)
-    keep = sum(c.keep_bytes for i, c in enumerate(lay) if i not in rec)
+    remade = _remade(n, rec, m.checkpointing, p.remake_mlp_layers)
+    keep = sum(c.keep_bytes - (c.mlp_remake_bytes if i in remade else 0) for i, c in enumerate(lay) if i not in rec)
     forward_end = a * m.loss_bytes + (m.head_bytes if p.offload_lm_head else 0)
     backward = max(a * c.transient_bytes + (c.reuse_bytes if i in rec else 0) for i, c in enumerate(lay))
     dynamic = (m.trainable_state_bytes + sum(sorted((lay[i].weight_bytes for i in streamed), reverse=True)[:2])
@@ -231,7 +246,8 @@ def predict(m: CostModel, p: Plan) -> Prediction:
     h2d, d2h = sp.h2d_gbps * 1e9, sp.d2h_gbps * 1e9
     fwd = [c.forward_s * f for c in lay]
     # + the recompute, less the dequantisations its backward then skips (reuse_dequant)
-    bwd = [c.backward_s * f + ((c.forward_s - c.reuse_saving_s) * f if i in rec else 0.0) for i, c in enumerate(lay)]
+    bwd = [c.backward_s * f + ((c.forward_s - c.reuse_saving_s) * f if i in rec else 0.0)
+           + (c.mlp_remake_s * f if i in remade else 0.0) for i, c in enumerate(lay)]
     ck_out = [lay[i].checkpoint_bytes / d2h if (p.offload_checkpoints and i in rec) else 0.0 for i in range(n)]
     pf, pb, pc = _prefix(fwd), _prefix(bwd), _prefix(ck_out)
     exposed, prev = 0.0, 0
@@ -264,16 +280,37 @@ def candidates(m: CostModel, cuda_graph: bool | None = None, embeddings: bool | 
     for chunk in (None, MLP_CHUNK_TOKENS) if m.tiled_layers else (None,):
         for k in recompute:
             stream_max = (n if k == -1 else k) if (m.checkpointing and m.can_stream) else 0
-            for s in range(stream_max + 1):
-                for ck in flags if m.checkpointing else (False,):
-                    for emb in flags if m.can_offload_embeddings else (False,):
-                        if embeddings is not None and emb != embeddings:
-                            continue
-                        for head in flags if m.can_offload_head else (False,):
-                            plan = Plan(k, s, ck, emb, head, mlp_chunk_tokens=chunk)
-                            for g in flags if (m.can_graph and plan.graphable) else (False,):
-                                if cuda_graph is None or g == cuda_graph:
-                                    yield replace(plan, cuda_graph=g)
+            for r in _remade_counts(m, k, chunk):
+                for s in range(stream_max + 1):
+                    for ck in flags if m.checkpointing else (False,):
+                        for emb in flags if m.can_offload_embeddings else (False,):
+                            if embeddings is not None and emb != embeddings:
+                                continue
+                            for head in flags if m.can_offload_head else (False,):
+                                plan = Plan(k, s, ck, emb, head, mlp_chunk_tokens=chunk,
+                                            remake_mlp_layers=r)
+                                for g in flags if (m.can_graph and plan.graphable) else (False,):
+                                    if cuda_graph is None or g == cuda_graph:
+                                        yield replace(plan, cuda_graph=g)
+
+
+def _remade_counts(m: CostModel, recompute: int, chunk: int | None) -> list[int]:
+    """The ``remake_mlp_layers`` values worth predicting beside ``recompute`` recomputing layers.
+
+    Freeing a kept layer's memory by remaking its gate and up costs less per byte than recomputing it (one
+    projection against the whole forward), and recomputing a layer that already remakes frees only its other
+    activations: so the fastest plan at a budget either remakes in every kept layer and recomputes in some, or
+    recomputes in as few as it can and remakes in some. Hence: none or all of the kept layers, and every count
+    where the fewest layers recompute.
+    """
+    if chunk or not m.layers or not m.layers[0].mlp_remake_bytes:
+        return [0]
+    n = len(m.layers)
+    kept = n if not m.checkpointing else 0 if recompute == -1 else n - recompute
+    if kept == 0:
+        return [0]
+    fewest = not m.checkpointing or recompute == 1
+    return [0, *(range(1, kept) if fewest else ()), -1]
 
 
 def _ranked(m: CostModel, cuda_graph: bool | None, embeddings: bool | None) -> list[tuple[Prediction, Plan]]:
@@ -283,10 +320,11 @@ def _ranked(m: CostModel, cuda_graph: bool | None, embeddings: bool | None) -> l
 def _order(p: Plan) -> tuple:
     """A total order on plans for ties: fewer knobs away from their defaults first (a host copy the model predicts
     to be hidden still takes the link and pinned memory), then the knobs' values."""
-    moved = sum(map(bool, (p.offload_weights, p.offload_checkpoints, p.offload_embeddings, p.offload_lm_head,
-                           p.cuda_graph, p.mlp_chunk_tokens)))
-    return (moved, p.recompute_layers == -1, p.recompute_layers, p.offload_weights, p.offload_checkpoints,
-            p.offload_embeddings, p.offload_lm_head, p.cuda_graph, p.mlp_chunk_tokens or 0)
+    moved = sum(map(bool, (p.remake_mlp_layers, p.offload_weights, p.offload_checkpoints, p.offload_embeddings,
+                           p.offload_lm_head, p.cuda_graph, p.mlp_chunk_tokens)))
+    return (moved, p.recompute_layers == -1, p.recompute_layers, p.remake_mlp_layers == -1, p.remake_mlp_layers,
+            p.offload_weights, p.offload_checkpoints, p.offload_embeddings, p.offload_lm_head, p.cuda_graph,
+            p.mlp_chunk_tokens or 0)
 
 
 def choose(m: CostModel, budget_bytes: float, cuda_graph: bool | None = None,
@@ -342,7 +380,9 @@ def costs_for(cfg: DecoderConfig, method: MethodOptions, micro_batch: int, grad_
     only (one GEMM per projection, as the forward), a trained one dX and dW. QLoRA's dequantisation adds 12 %
     (kernels/NOTES.md); with ``reuse_dequant`` a recomputing layer's backward skips one dequantisation per NF4
     weight (:attr:`LayerCost.reuse_saving_s`, timed at :data:`DEQUANT_HBM_SHARE` of the HBM rate) for its bf16
-    weights held into its backward (:attr:`LayerCost.reuse_bytes`).
+    weights held into its backward (:attr:`LayerCost.reuse_bytes`). A kept layer that remakes its dense MLP's gate
+    and up keeps ``2 x intermediate`` widths per token less for one gate / up projection more in its backward
+    (:attr:`LayerCost.mlp_remake_bytes`, :attr:`LayerCost.mlp_remake_s`).
 
     Args:
         cfg: the architecture.
@@ -425,6 +465,10 @@ def costs_for(cfg: DecoderConfig, method: MethodOptions, micro_batch: int, grad_
     attn_proj = sum(i * o for name, (i, o) in shapes.items() if name in ("q_proj", "k_proj", "v_proj", "qkv_proj",
                                                                          "o_proj"))
     dequant_s = (nf4_bytes + act) / (DEQUANT_HBM_SHARE * speed.hbm_gbps * 1e9)  # per weight
+    # remake_mlp_layers: the gate / up projection (base and LoRA) once more in a kept layer's backward
+    can_remake_mlp = not cfg.moe and method.remake_activations and method.lora_dropout == 0
+    gate_up = ("gate_proj", "up_proj", "gate_up_proj")
+    gate_up_flops = 2 * tokens * (2 * h * inter + method.lora_r * sum(sum(shapes[t]) for t in targets if t in gate_up))
 
     def layer_cost(chunk: int | None) -> LayerCost:
         keep_c, bwd_c = keep, bwd_flops
@@ -433,9 +477,12 @@ def costs_for(cfg: DecoderConfig, method: MethodOptions, micro_batch: int, grad_
             keep_c += min(tokens, chunk) * act * 3 * inter
             bwd_c += 2 * tokens * 3 * h * inter  # each chunk's MLP forward again in backward
         reused = (attn_proj if chunk else n_proj) if reuse else 0  # NF4 weights a recompute keeps for backward
+        remakes = not chunk and can_remake_mlp  # gate and up made again in a kept layer's backward
         return LayerCost(weight_bytes=weight, keep_bytes=keep_c, checkpoint_bytes=ckpt, transient_bytes=2 * keep_c,
                          forward_s=slow * fwd_flops / rate, backward_s=slow * bwd_c / rate,
-                         reuse_bytes=reused * act, reuse_saving_s=reused * dequant_s)
+                         reuse_bytes=reused * act, reuse_saving_s=reused * dequant_s,
+                         mlp_remake_bytes=tokens * act * 2 * inter if remakes else 0,
+                         mlp_remake_s=slow * gate_up_flops / rate if remakes else 0.0)
 
     layer = layer_cost(None if cfg.moe else method.mlp_chunk_tokens)
     # a plan may tile a dense MLP where it was not asked for and the rows are longer than a chunk

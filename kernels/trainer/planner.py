@@ -22,6 +22,7 @@ from torch import nn
 from kernels.trainer.config import DecoderConfig, MethodOptions, TrainerConfig
 from kernels.trainer.offload import WeightStreamer, checkpointed_layer_ids, streamed_layer_ids
 from kernels.trainer.plan import GIB, CostModel, DeviceSpeed, Plan, choose, costs_for, lean_plan, predict
+from kernels.trainer.remake import mark_remade_mlp
 from kernels.trainer.train import GRAPH_WARMUP_STEPS
 
 if TYPE_CHECKING:
@@ -139,6 +140,7 @@ def reconfigure(model: DecoderModel, options: MethodOptions) -> None:
             holder.weight = nn.Parameter(holder.weight.data.to(dev), requires_grad=False)
     model.offload_checkpoints = options.offload_checkpoints
     model.checkpointed_layers = checkpointed_layer_ids(n, options)
+    mark_remade_mlp(model, options)
     for layer in model.model.layers:  # the dense MLP tiled or not (a MoE layer ignores it)
         layer.mlp_chunk_tokens = options.mlp_chunk_tokens
 

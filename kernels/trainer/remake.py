@@ -16,6 +16,13 @@ the 17 widths per token (0.57 -> 0.39 GB per kept layer) for ~3 cheap row-wise p
 
 Nothing changes for a layer that recomputes (its forward saves nothing until backward replays it, and the replay's
 saves are unpacked at once), except that its backward's transient peak drops by the same tensors.
+
+A kept layer may also remake its MLP's gate and up projections (``remake_mlp_layers``, :class:`Shared`): their
+outputs, 2 x 14,336 of the 11.5 widths it still keeps at the 8B shapes (0.39 -> 0.15 GB per layer), are made again
+in backward by the same projection from the remade norm output, once for the activation down_proj's backward needs
+and for the gate and up SwiGLU's backward needs. One gate/up GEMM per layer (about half of the layer's forward)
+instead of the whole layer's forward a recomputing layer runs again: the cheaper way to free a layer's memory while
+there are kept layers left to free it from (kernels/trainer/plan.py weighs both).
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+
+from kernels.trainer.config import MethodOptions
 
 
 def _key(t: torch.Tensor) -> tuple[int, int, int, torch.dtype, torch.device]:
@@ -72,6 +81,11 @@ class RemadeSaves:
             self._recipes[_key(out)] = (make, out)
         return out
 
+    def recipe(self, t: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """How ``t`` is remade: its registered recipe, or ``t`` itself where it has none (it is then kept)."""
+        hit = self._recipes.get(_key(t)) if self._hooks is not None else None
+        return (lambda: t) if hit is None else hit[0]
+
     def _pack(self, t: torch.Tensor):  # noqa: ANN202 - a tensor or a recipe
         hit = self._recipes.get(_key(t))
         return t if hit is None else _Recipe(hit[0], t.shape)
@@ -79,6 +93,68 @@ class RemadeSaves:
     @staticmethod
     def _unpack(p):  # noqa: ANN001, ANN205
         return p() if isinstance(p, _Recipe) else p
+
+
+class Shared:
+    """Tensors that several recipes remake from one computation: made by the first recipe that needs them, held for
+    the others, dropped once ``takers`` recipes have taken them (:meth:`take`); :meth:`peek` uses them without taking.
+
+    A kept layer's remade MLP projections: down_proj's backward peeks (the activation is made from gate and up), then
+    SwiGLU's backward takes gate and takes up, and the pair is dropped. Made under the recipe's ``no_grad``.
+    """
+
+    __slots__ = ("_make", "_value", "_left")
+
+    def __init__(self, make: Callable[[], tuple[torch.Tensor, ...]], takers: int) -> None:
+        self._make, self._value, self._left = make, None, takers
+
+    def peek(self) -> tuple[torch.Tensor, ...]:
+        if self._value is None:
+            self._value = self._make()
+        return self._value
+
+    def take(self) -> tuple[torch.Tensor, ...]:
+        value = self.peek()
+        self._left -= 1
+        if self._left <= 0:
+            self._value = None
+        return value
+
+
+def remade_mlp_layer_ids(n_layers: int, recomputed: frozenset[int] | None, checkpointing: bool,
+                         count: int) -> frozenset[int]:
+    """The layers whose MLP remakes gate and up in backward: the first ``count`` (-1: all) of those that keep their
+    activations (``recomputed``: the recomputing layers, None meaning all of them when ``checkpointing``)."""
+    if count == 0 or (checkpointing and recomputed is None):
+        return frozenset()
+    kept = [i for i in range(n_layers) if not (checkpointing and i in recomputed)]
+    return frozenset(kept if count < 0 else kept[:count])
+
+
+def mark_remade_mlp(model: torch.nn.Module, o: MethodOptions) -> frozenset[int]:
+    """On a :class:`~kernels.trainer.model.DecoderModel`, set which kept layers remake their MLP's gate and up in
+    backward (``remake_mlp_layers``), after ``model.checkpointed_layers`` is set; returns their ids.
+
+    Raises:
+        ValueError: where the projections cannot be made again bitwise or at all (LoRA dropout draws new masks;
+            without ``remake_activations`` nothing is remade; Mixtral's experts and a tiled MLP keep their own).
+    """
+    if o.remake_mlp_layers < -1:
+        raise ValueError(f"remake_mlp_layers must be -1 (all kept layers) or >= 0, got {o.remake_mlp_layers}")
+    if o.remake_mlp_layers:
+        why = [w for w, bad in (("remake_activations", not o.remake_activations),
+                                ("lora_dropout 0 (a projection made again would draw new dropout masks)",
+                                 o.lora_dropout > 0),
+                                ("a dense MLP (not Mixtral's experts)", model.cfg.moe),
+                                ("the MLP over all tokens at once (not mlp_chunk_tokens)", o.mlp_chunk_tokens))
+               if bad]
+        if why:
+            raise ValueError(f"remake_mlp_layers needs {' and '.join(why)}")
+    ids = remade_mlp_layer_ids(model.cfg.num_layers, model.checkpointed_layers, o.gradient_checkpointing,
+                               o.remake_mlp_layers)
+    for i, layer in enumerate(model.model.layers):
+        layer.remake_mlp = i in ids
+    return ids
 
 
 class TiledMLP(torch.autograd.Function):

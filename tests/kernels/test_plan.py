@@ -304,15 +304,16 @@ def _settings(steps: int) -> TrainSettings:
 
 
 def test_replanning_mid_run_keeps_the_losses(tiny_llama_fp32):  # noqa: ANN001
-    """Moving a live model between plans (streaming, host embeddings and head, checkpoints, recomputation) changes
-    where tensors live and what is recomputed, not the maths: the same losses as a run that never moved."""
+    """Moving a live model between plans (streaming, host embeddings and head, checkpoints, recomputation, remade
+    MLP projections) changes where tensors live and what is recomputed, not the maths: the same losses as a run that
+    never moved."""
     s = _settings(6)
     fixed = load_model(tiny_llama_fp32, MethodOptions(kind="lora", lora_r=8), dtype=torch.float32, device="cpu",
                        seed=0)
     want = train(fixed, _rows(24), s, device=torch.device("cpu"))
     options = MethodOptions(kind="lora", lora_r=8)
     model = load_model(tiny_llama_fp32, options, dtype=torch.float32, device="cpu", seed=0)
-    plans = {2: Plan(-1, 2, True, True, True, mlp_chunk_tokens=8), 4: Plan(recompute_layers=1)}
+    plans = {2: Plan(-1, 2, True, True, True, mlp_chunk_tokens=8), 4: Plan(recompute_layers=1, remake_mlp_layers=-1)}
     layouts = []
 
     def move(step: int) -> None:
@@ -320,11 +321,12 @@ def test_replanning_mid_run_keeps_the_losses(tiny_llama_fp32):  # noqa: ANN001
             apply_plan(options, plans[step])
             reconfigure(model, options)
             layouts.append((model.streamer.layer_ids if model.streamer else [], model.checkpointed_layers,
-                            model.offload_checkpoints, {layer.mlp_chunk_tokens for layer in model.model.layers}))
+                            model.offload_checkpoints, {layer.mlp_chunk_tokens for layer in model.model.layers},
+                            [i for i, layer in enumerate(model.model.layers) if layer.remake_mlp]))
 
     got = train(model, _rows(24), s, device=torch.device("cpu"), on_step_end=move)
     assert got == pytest.approx(want, abs=1e-6)
-    assert layouts == [([0, 1], None, True, {8}), ([], frozenset({0}), False, {None})]
+    assert layouts == [([0, 1], None, True, {8}, []), ([], frozenset({0}), False, {None}, [1])]
     assert all(mod.weight is not None and mod.stream_weight is None for _, mod in model.linears())
 
 
@@ -420,3 +422,38 @@ def test_planned_run_stays_under_its_cap_on_gpu(llama_1b_bf16, budget_gib):  # n
         assert peak <= budget_gib * GIB
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0, dev)
+
+
+def test_remaking_gate_and_up_frees_their_bytes_for_one_projection_and_wins_between_budgets():
+    """remake_mlp_layers at the 8B QLoRA shapes (micro-batch 2 x 2048): a kept layer that remakes its gate and up
+    keeps 2 x 14,336 bf16 widths per token less (235 MB) for one gate / up projection (base + LoRA) in its backward;
+    between the budgets where all layers keep and where most recompute, the planner takes it, predicted faster than
+    every plan without it that fits."""
+    cfg, dev = _preset("llama-3.1-8b"), torch.device("cuda")
+    m = costs_for(cfg, MethodOptions(kind="qlora"), 2, 1, 2048, torch.bfloat16, dev)
+    layer = m.layers[0]
+    assert layer.mlp_remake_bytes == 4096 * 2 * 14336 * 2
+    rate = 700e12 * plan_mod.STEP_EFFICIENCY
+    assert layer.mlp_remake_s == pytest.approx(1.12 * 2 * 4096 * (2 * 4096 * 14336 + 16 * 2 * (4096 + 14336)) / rate)
+    assert layer.mlp_remake_s < layer.forward_s * 0.6  # about half of the forward a recomputing layer runs again
+    one, remade = Plan(recompute_layers=1), Plan(recompute_layers=1, remake_mlp_layers=-1)
+    assert predict(m, one).peak_bytes - predict(m, remade).peak_bytes == 31 * layer.mlp_remake_bytes
+    assert predict(m, remade).step_s - predict(m, one).step_s == pytest.approx(31 * layer.mlp_remake_s)
+    three = Plan(recompute_layers=1, remake_mlp_layers=3)  # the first three of the 31 kept layers
+    assert predict(m, one).peak_bytes - predict(m, three).peak_bytes == 3 * layer.mlp_remake_bytes
+    without = replace(m, layers=tuple(replace(c, mlp_remake_bytes=0, mlp_remake_s=0.0) for c in m.layers))
+    assert all(p.remake_mlp_layers == 0 for p in candidates(without))
+    for gib in (12, 16):
+        plan, old = choose(m, gib * GIB), choose(without, gib * GIB)
+        assert plan.remake_mlp_layers != 0 and old.remake_mlp_layers == 0
+        assert predict(m, plan).step_s < predict(without, old).step_s
+        assert predict(m, plan).peak_bytes <= gib * GIB
+    assert choose(m, 40 * GIB).remake_mlp_layers == 0  # room to keep everything: nothing to remake
+    # where the trainer cannot remake, no plan offers it
+    for opts in (MethodOptions(kind="qlora", lora_dropout=0.05), MethodOptions(kind="qlora", remake_activations=False)):
+        assert costs_for(cfg, opts, 2, 1, 2048, torch.bfloat16, dev).layers[0].mlp_remake_bytes == 0
+    moe = costs_for(_preset("mixtral-8x7b"), MethodOptions(kind="qlora", target_modules=("q_proj",)), 1, 1, 2048,
+                    torch.bfloat16, dev)
+    assert all(p.remake_mlp_layers == 0 for p in candidates(moe))
+    long = costs_for(cfg, MethodOptions(kind="qlora"), 1, 1, 16384, torch.bfloat16, dev)
+    assert not any(p.remake_mlp_layers for p in candidates(long) if p.mlp_chunk_tokens)

@@ -152,10 +152,12 @@ def test_the_tiled_mlp_keeps_its_input_only(checkpoints, monkeypatch):  # noqa: 
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["lora", "qlora"])
 @pytest.mark.parametrize("graph", [False, True])
-def test_remade_activations_train_the_same_on_the_gpu(checkpoints, graph):  # noqa: ANN001
+def test_remade_activations_train_the_same_on_the_gpu(checkpoints, graph, kind):  # noqa: ANN001
     """bf16 on CUDA through the Triton ops (and the whole step as one CUDA graph, replayed): remaking in backward runs
-    the same kernels on the same inputs, so four optimizer steps give the kept run's losses and weights, bit for bit."""
+    the same kernels on the same inputs, so four optimizer steps give the kept run's losses and weights, bit for bit;
+    likewise the kept layer that also remakes its MLP's gate and up (the grouped, NF4 projection again)."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     import random
@@ -170,13 +172,68 @@ def test_remade_activations_train_the_same_on_the_gpu(checkpoints, graph):  # no
         ids = [256] + [rng.randrange(97, 123) for _ in range(40)] + [257]
         rows.append({"input_ids": ids, "labels": [IGNORE_INDEX] + ids[1:]})
     out = {}
-    for remake in (False, True):
+    variants = {"kept": {"remake_activations": False}, "remade": {}, "mlp": {"remake_mlp_layers": -1}}
+    for name, knobs in variants.items():
         torch.manual_seed(0)
-        opts = MethodOptions(kind="lora", lora_r=8, remake_activations=remake, recompute_layers=1, cuda_graph=graph)
+        opts = MethodOptions(kind=kind, lora_r=8, recompute_layers=1, cuda_graph=graph, **knobs)
         model = load_model(checkpoints["tiny-llama"], opts, dtype=torch.bfloat16, device="cuda", seed=0)
         s = TrainSettings(micro_batch=2, grad_accum=2, steps=4, lr=1e-3, pad_id=258)
         losses = train(model, rows, s, device=torch.device("cuda"))
-        out[remake] = losses, {n: p.detach().float().cpu() for n, p in model.named_parameters() if p.requires_grad}
-    assert out[True][0] == out[False][0]
-    for n, p in out[True][1].items():
-        assert torch.equal(p, out[False][1][n]), n
+        assert [i for i, layer in enumerate(model.model.layers) if layer.remake_mlp] == ([1] if name == "mlp" else [])
+        out[name] = losses, {n: p.detach().float().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    for name in ("remade", "mlp"):
+        assert out[name][0] == out["kept"][0], name
+        for n, p in out[name][1].items():
+            assert torch.equal(p, out["kept"][1][n]), (name, n)
+
+
+@pytest.mark.parametrize(("preset", "kind", "checkpointing"), [
+    ("tiny-llama", "lora", False), ("tiny-llama", "lora", True), ("tiny-llama", "full", False),
+    ("tiny-gemma2", "lora", False),  # sandwich norms and GeGLU
+    ("tiny-phi3", "lora", True),  # one fused gate_up projection, gate and up slices of it
+])
+def test_remade_mlp_projections_give_the_same_loss_and_gradients(checkpoints, preset, kind, checkpointing):  # noqa: ANN001
+    """remake_mlp_layers: gate and up made again in backward by the same projection of the same (remade) input are
+    bitwise the forward's, so loss and every gradient equal keeping them; with checkpointing, one layer recomputes
+    and the kept ones remake."""
+    knobs = {"recompute_layers": 1} if checkpointing else {}
+    kept_loss, kept = _grads(checkpoints[preset], kind, checkpointing, **knobs)
+    loss, remade = _grads(checkpoints[preset], kind, checkpointing, remake_mlp_layers=-1, **knobs)
+    assert torch.equal(loss, kept_loss)
+    assert remade.keys() == kept.keys() and kept
+    for n, g in remade.items():
+        assert torch.equal(g, kept[n]), n
+
+
+def test_remade_mlp_layers_keep_neither_gate_nor_up(checkpoints, monkeypatch):  # noqa: ANN001
+    """Of three layers, one recomputes (its forward saves nothing until backward); of the two kept, the first remakes
+    gate and up (remake_mlp_layers: 1): 2 x intermediate widths per token fewer kept bytes there, none elsewhere."""
+    made = _count_saves(monkeypatch)
+    ids = _ids()
+    kept = {}
+    for count in (0, 1):
+        made.clear()
+        opts = MethodOptions(kind="lora", lora_r=4, recompute_layers=1, remake_mlp_layers=count)
+        model = load_model(checkpoints["tiny-llama"], opts, dtype=torch.float32, device="cpu", seed=0)
+        model(ids, labels=ids)
+        kept[count] = {i: s.saved_bytes for i, s in enumerate(made) if s.saved_bytes}
+        layers = [i for i, layer in enumerate(model.model.layers) if layer.remake_mlp]
+        assert layers == ([] if count == 0 else [min(set(range(model.cfg.num_layers)) - model.checkpointed_layers)])
+    cfg = model.cfg
+    assert cfg.num_layers >= 2 and kept[0].keys() == kept[1].keys() and len(kept[0]) == cfg.num_layers - 1
+    first, *rest = sorted(kept[0])
+    assert kept[0][first] - kept[1][first] == ids.numel() * 2 * cfg.intermediate_size * 4  # fp32 gate and up
+    assert all(kept[0][i] == kept[1][i] for i in rest)
+
+
+@pytest.mark.parametrize(("preset", "knobs", "why"), [
+    ("tiny-llama", {"lora_dropout": 0.1}, "lora_dropout 0"),
+    ("tiny-llama", {"remake_activations": False}, "remake_activations"),
+    ("tiny-llama", {"mlp_chunk_tokens": 8}, "mlp_chunk_tokens"),
+    ("tiny-mixtral", {"target_modules": ("q_proj",)}, "Mixtral's experts"),
+    ("tiny-llama", {"remake_mlp_layers": -2}, "-1 \\(all kept layers\\) or >= 0"),
+])
+def test_remade_mlp_layers_refuses_what_it_cannot_remake(checkpoints, preset, knobs, why):  # noqa: ANN001
+    opts = MethodOptions(kind="lora", lora_r=4, gradient_checkpointing=False, **{"remake_mlp_layers": -1, **knobs})
+    with pytest.raises(ValueError, match=why):
+        load_model(checkpoints[preset], opts, dtype=torch.float32, device="cpu", seed=0)
