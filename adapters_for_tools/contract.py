@@ -103,6 +103,9 @@ class AdapterInfo:
     # settings of a scenario the tool cannot express although it runs the method and objective (a loss variant, a
     # reference handling): why, or None; checked at validation after the declarations above
     refuse: Callable[[Any], str | None] | None = None
+    # a row's valid overrides against the scenario it runs (a knob the scenario's settings rule out): (location
+    # under overrides, reason) pairs; checked at validation after the overrides' own types
+    check_row: Callable[[Any, Overrides], list[tuple[tuple[str | int, ...], str]]] | None = None
     # overrides that make the tool choose its own settings from hardware.memory_budget_gib (tunebench's `plan`):
     # a row with one of them set runs differently under each budget; any other row runs the same under every cap
     budget_overrides: frozenset[str] = frozenset()
@@ -137,20 +140,21 @@ class AdapterInfo:
     def family_unsupported(self, sc) -> str | None:  # noqa: ANN001
         """Why this adapter does not train the scenario's model family, or None (the runner stores the row as
         unavailable with this reason)."""
-        family = _family_of(sc)
+        family = family_of(sc)
         if family and family not in self.families:
             return f"model family {family!r} not supported by {self.name} (supports {', '.join(sorted(self.families))})"
         return None
 
-    def check_overrides(self, overrides: dict[str, Any]) -> list[tuple[tuple[str | int, ...], str]]:
-        """Problems with a framework row's ``overrides`` under :attr:`overrides`.
+    def check_overrides(self, overrides: dict[str, Any], sc: Any = None) -> list[tuple[tuple[str | int, ...], str]]:
+        """Problems with a framework row's ``overrides`` under :attr:`overrides`, and (given the scenario ``sc``)
+        against the scenario's settings (:attr:`check_row`).
 
         Returns:
             ``(location under overrides, reason)`` pairs, empty when valid; an unknown key's reason names the
             closest known key (``did you mean 'recompute_layers'?``).
         """
         try:
-            self.overrides.model_validate(overrides)
+            typed = self.overrides.model_validate(overrides)
         except ValidationError as e:
             reasons: dict[tuple[str | int, ...], list[str]] = {}
             for err in e.errors():
@@ -163,7 +167,7 @@ class AdapterInfo:
             # a union (bool | "unsloth") fails once per member: one reason, "... a valid boolean or 'unsloth'"
             return [(loc, msgs[0] + "".join(" or " + m.removeprefix("Input should be ") for m in msgs[1:]))
                     for loc, msgs in reasons.items()]
-        return []
+        return self.check_row(sc, typed) if (sc is not None and self.check_row is not None) else []
 
 
 def _input_path(value: Any, loc: tuple[str | int, ...]) -> tuple[str | int, ...]:
@@ -181,7 +185,8 @@ def _input_path(value: Any, loc: tuple[str | int, ...]) -> tuple[str | int, ...]
     return tuple(path) or tuple(loc[:1])  # a field missing from the input: name it anyway
 
 
-def _family_of(sc) -> str | None:  # noqa: ANN001
+def family_of(sc) -> str | None:  # noqa: ANN001
+    """The model family of a scenario's preset (None: a checkpoint, or a preset that does not exist)."""
     if sc.model.preset:
         try:
             return get_preset(sc.model.preset).family

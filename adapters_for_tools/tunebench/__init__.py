@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from adapters_for_tools.contract import AdapterInfo, Overrides
+from adapters_for_tools.contract import AdapterInfo, Overrides, family_of
 
 REFERENCE_OPS = Literal["rms_norm", "rope", "swiglu", "geglu", "fused_linear_cross_entropy", "fused_linear_logprobs"]
 # what `plan` chooses (kernels/trainer/plan.py, Plan)
@@ -67,6 +67,32 @@ class TunebenchOverrides(Overrides):
         return v
 
 
+MOE_FAMILIES = frozenset({"mixtral", "qwen3_moe"})
+
+
+def row_problems(sc, o: TunebenchOverrides) -> list[tuple[tuple[str, ...], str]]:  # noqa: ANN001
+    """Knobs the scenario's own settings rule out, said at validation instead of as a failed run: what a CUDA graph
+    and remade MLP projections need of the method and the data (kernels/trainer/README.md, "Knobs")."""
+    out = []
+    dropout = sc.method.kind in ("lora", "qlora", "dora") and sc.method.lora_dropout > 0
+    if o.cuda_graph:
+        why = [w for w, bad in (("a CUDA device (hardware.device: cuda)", sc.hardware.device != "cuda"),
+                                ("method.lora_dropout 0 (the replayed graph would reuse one dropout mask)", dropout),
+                                ("data.packing off (packed rows build a mask per batch)", sc.data.packing)) if bad]
+        if why:
+            out.append((("cuda_graph",), f"needs {' and '.join(why)}"))
+    if o.remake_mlp_layers:
+        why = [w for w, bad in (("remake_activations", not o.remake_activations),
+                                ("method.lora_dropout 0 (the projection made again would draw new dropout masks)",
+                                 dropout),
+                                ("a dense MLP (not a mixture of experts)", family_of(sc) in MOE_FAMILIES),
+                                ("the MLP over all tokens at once (no mlp_chunk_tokens)", o.mlp_chunk_tokens))
+               if bad]
+        if why:
+            out.append((("remake_mlp_layers",), f"needs {' and '.join(why)}"))
+    return out
+
+
 INFO = AdapterInfo(
     name="tunebench",
     description="tunebench's Triton-fused trainer (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy, LoRA, NF4)",
@@ -79,6 +105,7 @@ INFO = AdapterInfo(
     version_of="tunebench",
     notes="On CPU the ops run their PyTorch references (TRITON_INTERPRET=1 runs the Triton interpreter instead).",
     overrides=TunebenchOverrides,
+    check_row=row_problems,
     # kernels/trainer/distributed.py: DDP of the adapters; FSDP2 of every weight, a 4-bit base included
     strategies={"ddp": frozenset({"lora", "dora", "qlora"}), "fsdp": frozenset({"full", "lora", "qlora"})},
     objectives=frozenset({"sft", "dpo", "orpo"}),  # kernels/trainer/preference.py: TRL's DPO and ORPO losses

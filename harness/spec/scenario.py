@@ -496,7 +496,7 @@ def _cross_checks(sc: Scenario, lines: dict, source: str) -> list[str]:
         if why:
             bad(("frameworks", i), f"{fw.name} cannot run this scenario: {why}")
         # the row is named by its label (or adapter): easier to find in the file than frameworks[i]
-        for loc, reason in info.check_overrides(fw.overrides):
+        for loc, reason in info.check_overrides(fw.overrides, sc):
             out.append(f"{source}:{line_of(lines, ('frameworks', i, 'overrides', *loc))}: "
                        f"{dotted(('frameworks', fw.key, 'overrides', *loc))}: {reason}")
     if not sc.frameworks:

@@ -225,3 +225,27 @@ def test_cli_validate_names_the_override_and_the_framework(tmp_path):
     assert r.returncode == 2, r.stderr
     assert f"{shadow}:18: frameworks[0]: unknown framework 'hff'; did you mean 'hf'?" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize(("scenario", "value", "where", "reasons"), [
+    ("", "cuda_graph: true", "cuda_graph", ["a CUDA device"]),
+    ("  lora_dropout: 0.1\n", "remake_mlp_layers: -1", "remake_mlp_layers", ["method.lora_dropout 0"]),
+    ("", "remake_mlp_layers: 2\n      remake_activations: false", "remake_mlp_layers", ["remake_activations"]),
+    ("", "remake_mlp_layers: 2\n      mlp_chunk_tokens: 16", "remake_mlp_layers", ["no mlp_chunk_tokens"]),
+    ("mixtral", "remake_mlp_layers: -1", "remake_mlp_layers", ["a dense MLP"]),
+])
+def test_knobs_the_scenario_rules_out_are_refused_at_validation(scenario, value, where, reasons):
+    """A tunebench knob valid on its own but not with this scenario's settings names the knob, before anything runs
+    (not as a failed run later); the same knob passes where the scenario allows it."""
+    base = TUNEBENCH_ROWS
+    if scenario == "mixtral":
+        base = base.replace("preset: tiny-llama", "preset: tiny-mixtral").replace("lora_r: 4", "lora_r: 4\n"
+                                                                                  "  target_modules: [q_proj]")
+    elif scenario:
+        base = base.replace("  lora_r: 4\n", "  lora_r: 4\n" + scenario)
+    msg = _err(base.replace("recompute_layers: 1", value))
+    line = 22 + base.count("\n") - TUNEBENCH_ROWS.count("\n")
+    assert f"s.yaml:{line}: frameworks.tb-fast.overrides.{where}: needs " in msg, msg
+    assert all(r in msg for r in reasons), msg
+    allowed = TUNEBENCH_ROWS.replace("recompute_layers: 1", "recompute_layers: 1\n      remake_mlp_layers: -1")
+    assert parse_scenario(allowed, "s.yaml").frameworks[1].overrides["remake_mlp_layers"] == -1
