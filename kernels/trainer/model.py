@@ -76,7 +76,6 @@ class MLP(nn.Module):
         pair = None
         if saves is not None and remake_gate_up:
             pair = Shared(lambda make=saves.recipe(x): self._gate_up(make()), takers=2)
-        if pair is not None:
             saves.remake(gate, lambda: pair.take()[0])
             saves.remake(up, lambda: pair.take()[1])
         act = self._act(gate, up)

@@ -7,9 +7,8 @@
   analytically from the architecture, the method and the loop; :meth:`CostModel.corrected` applies what the first
   steps measured (one factor on activation bytes, one on compute time, the static bytes seen after loading).
 - :class:`Plan`: the knobs the planner sets (``recompute_layers``, ``remake_mlp_layers``, ``offload_weights``,
-  ``offload_checkpoints``,
-  ``offload_embeddings``, ``offload_lm_head``, ``cuda_graph``, and for long rows ``mlp_chunk_tokens``);
-  :func:`predict` gives its peak allocated bytes and step time under a cost model.
+  ``offload_checkpoints``, ``offload_embeddings``, ``offload_lm_head``, ``cuda_graph``, and for long rows
+  ``mlp_chunk_tokens``); :func:`predict` gives its peak allocated bytes and step time under a cost model.
 - :func:`choose`: the plan with the lowest predicted step time whose predicted peak fits the budget (None when none
   does); pure, so a bigger budget never gives a slower predicted plan. :func:`lean_plan`: the smallest peak.
 
@@ -220,11 +219,11 @@ def predict(m: CostModel, p: Plan) -> Prediction:
 
     Time per micro-batch: every layer's forward and backward, the recomputed layers' forward again (less what their
     backward saves by reusing the recompute's dequantised weights, :attr:`LayerCost.reuse_saving_s`), the gate / up
-    projections of the kept layers that remake them (``remake_mlp_layers``), the loss; plus
-    the host copies the compute does not hide: a streamed layer's copy overlaps the layers since the previous
-    streamed one (forward) or after it (backward; the forward's last streamed layer stays), with offloaded
-    checkpoints sharing the copy stream in forward and fetched back on the compute stream in backward; an offloaded
-    embedding is gathered on the host and shipped; the LM head's copy overlaps the whole forward. A CUDA graph saves
+    projections of the kept layers that remake them (``remake_mlp_layers``), the loss; plus the host copies the
+    compute does not hide: a streamed layer's copy overlaps the layers since the previous streamed one (forward) or
+    after it (backward; the forward's last streamed layer stays), with offloaded checkpoints sharing the copy stream
+    in forward and fetched back on the compute stream in backward; an offloaded embedding is gathered on the host
+    and shipped; the LM head's copy overlaps the whole forward. A CUDA graph saves
     host launches in every layer (:attr:`CostModel.graph_saving_s`). A tiled MLP changes the layers' costs
     (:attr:`CostModel.tiled_layers`).
     """

@@ -237,3 +237,32 @@ def test_remade_mlp_layers_refuses_what_it_cannot_remake(checkpoints, preset, kn
     opts = MethodOptions(kind="lora", lora_r=4, gradient_checkpointing=False, **{"remake_mlp_layers": -1, **knobs})
     with pytest.raises(ValueError, match=why):
         load_model(checkpoints[preset], opts, dtype=torch.float32, device="cpu", seed=0)
+
+
+def test_a_remaking_layer_projects_gate_and_up_once_more_in_backward_and_lets_them_go(checkpoints, monkeypatch):  # noqa: ANN001
+    """The pair SwiGLU and down_proj's backward need is made once (not once per tensor that needs it), and dropped
+    after SwiGLU's backward has taken both: one gate/up projection per remaking layer in forward, one in backward."""
+    from kernels.trainer.remake import Shared
+
+    calls, pairs = [], []
+    real_gate_up, real_init = model_mod.MLP._gate_up, Shared.__init__
+
+    def counted(self, x):  # noqa: ANN001, ANN202
+        calls.append(torch.is_grad_enabled())
+        return real_gate_up(self, x)
+
+    def kept_track(self, make, takers):  # noqa: ANN001, ANN202
+        real_init(self, make, takers)
+        pairs.append(self)
+
+    monkeypatch.setattr(model_mod.MLP, "_gate_up", counted)
+    monkeypatch.setattr(Shared, "__init__", kept_track)
+    opts = MethodOptions(kind="lora", lora_r=4, gradient_checkpointing=False, remake_mlp_layers=1)
+    model = load_model(checkpoints["tiny-llama"], opts, dtype=torch.float32, device="cpu", seed=0)
+    ids = _ids()
+    loss = model(ids, labels=ids)
+    layers = model.cfg.num_layers
+    assert calls == [True] * layers and len(pairs) == 1  # forward: every layer's MLP once, one pair registered
+    loss.backward()
+    assert calls == [True] * layers + [False]  # backward: the remaking layer's projection once more, without a graph
+    assert pairs[0]._value is None  # dropped once SwiGLU's backward took gate and up
