@@ -71,8 +71,9 @@ MOE_FAMILIES = frozenset({"mixtral", "qwen3_moe"})
 
 
 def row_problems(sc, o: TunebenchOverrides) -> list[tuple[tuple[str, ...], str]]:  # noqa: ANN001
-    """Knobs the scenario's own settings rule out, said at validation instead of as a failed run: what a CUDA graph
-    and remade MLP projections need of the method and the data (kernels/trainer/README.md, "Knobs")."""
+    """Knobs the scenario's own settings rule out, said at validation instead of as a failed run: what a CUDA graph,
+    a plan and remade MLP projections need of the device, the method, the data and the GPU setup
+    (kernels/trainer/README.md, "Knobs"). Host offload over several processes is refused by each rank as it starts."""
     out = []
     dropout = sc.method.kind in ("lora", "qlora", "dora") and sc.method.lora_dropout > 0
     if o.cuda_graph:
@@ -81,6 +82,9 @@ def row_problems(sc, o: TunebenchOverrides) -> list[tuple[tuple[str, ...], str]]
                                 ("data.packing off (packed rows build a mask per batch)", sc.data.packing)) if bad]
         if why:
             out.append((("cuda_graph",), f"needs {' and '.join(why)}"))
+    if o.plan is not None and sc.hardware.strategy:
+        out.append((("plan",), f"not with hardware.strategy {sc.hardware.strategy}: what it plans (host offload, "
+                               "CUDA graphs) runs in one process"))
     if o.remake_mlp_layers:
         why = [w for w, bad in (("remake_activations", not o.remake_activations),
                                 ("method.lora_dropout 0 (the projection made again would draw new dropout masks)",
