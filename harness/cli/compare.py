@@ -36,6 +36,7 @@ from harness.analysis.compare import (
     render,
 )
 from harness.analysis.noise import describe
+from harness.cli.guard import failure_text
 from harness.storing.sweep import NotAResultsDir
 
 EXIT_OK, EXIT_REGRESSED, EXIT_BAD_INPUT, EXIT_INCONCLUSIVE = 0, 1, 2, 3
@@ -110,12 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     except NotAResultsDir as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except OSError as e:  # the --json file cannot be written, a sweep file vanished while read
-        print(f"error: {e.filename or args.candidate}: {e.strerror or e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except Exception as e:  # a stored sweep of a shape nothing here foresaw: name it and exit 2, no traceback
-        print(f"error: comparing {args.baseline} with {args.candidate} failed on what they store: "
-              f"{type(e).__name__}: {' '.join(str(e).split())[:500]}", file=sys.stderr)
+    except Exception as e:  # the --json file cannot be written, a sweep file vanished or has an unforeseen shape
+        what = f"comparing {args.baseline} with {args.candidate} failed on what they store"
+        print(f"error: {failure_text(e, what, args.candidate)}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
 

@@ -56,6 +56,15 @@ def output_dir_problems(**dirs: str | Path | None) -> list[str]:
     return out
 
 
+def failure_text(e: Exception, unforeseen: str, path: object = "") -> str:
+    """One line for the exception that ended a command reading stored results: an OS error (a folder that cannot be
+    written, a file that vanished) as ``FILE: reason`` (``path`` where it names no file); anything else, a stored file
+    of a shape nothing here foresaw, as ``unforeseen: Type: message`` (its first 500 characters, on one line)."""
+    if isinstance(e, OSError):
+        return f"{e.filename or path}: {e.strerror or e}"
+    return f"{unforeseen}: {type(e).__name__}: {' '.join(str(e).split())[:500]}"
+
+
 def guarded(label: str, what: str, body: Callable[[], int]) -> int:
     """``body()``'s exit code, or the exit code of the way it stopped early.
 

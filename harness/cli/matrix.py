@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 from harness.analysis.matrix import write_matrix_table
-from harness.cli.guard import EXIT_BAD_INPUT, guarded, output_dir_problems
+from harness.cli.guard import EXIT_BAD_INPUT, failure_text, guarded, output_dir_problems
 from harness.common.paths import REPO_ROOT
 from harness.inputs.models import FAMILIES
 from harness.reporting.matrix import write_matrix_report
@@ -92,12 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         except MatrixError as e:
             print(e, file=sys.stderr)
             return EXIT_BAD_INPUT
-        except OSError as e:  # the report cannot be written (read-only, full disk)
-            print(f"matrix: cannot write {e.filename or args.reports}: {e.strerror or e}", file=sys.stderr)
-            return EXIT_BAD_INPUT
-        except Exception as e:  # a stored matrix of a shape nothing here foresaw: name it and exit 2, no traceback
-            print(f"matrix: {folder}: cannot report on what it stores: {type(e).__name__}: "
-                  f"{' '.join(str(e).split())[:500]}", file=sys.stderr)
+        except Exception as e:  # the report cannot be written, a stored matrix of a shape nothing here foresaw
+            print(f"matrix: {failure_text(e, f'{folder}: cannot report on what it stores', args.reports)}",
+                  file=sys.stderr)
             return EXIT_BAD_INPUT
         return 0
     if not 1 <= args.jobs <= MAX_JOBS:

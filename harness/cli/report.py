@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from harness.analysis.frontier import write_frontier_table
+from harness.cli.guard import failure_text
 from harness.reporting.frontier import write_frontier_report
 from harness.reporting.report import default_out_dir, write_sweep_report
 from harness.running.frontier import PLAN_FILE, FrontierError
@@ -59,12 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     except (NotAResultsDir, FrontierError) as e:  # FrontierError: a frontier.json of another shape
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except OSError as e:  # the output directory cannot be written (read-only, full disk)
-        print(f"error: {e.filename or args.results_dir}: {e.strerror or e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except Exception as e:  # a stored sweep of a shape nothing here foresaw: name it and exit 2, no traceback
-        print(f"error: {args.results_dir}: cannot report on what it stores: {type(e).__name__}: "
-              f"{' '.join(str(e).split())[:500]}", file=sys.stderr)
+    except Exception as e:  # an output folder that cannot be written, a stored sweep of a shape nothing foresaw
+        print(f"error: {failure_text(e, f'{args.results_dir}: cannot report on what it stores', args.results_dir)}",
+              file=sys.stderr)
         return EXIT_BAD_INPUT
     print(f"report: {md}\n        {md.with_name('report.html')}")
     return EXIT_OK
