@@ -16,6 +16,8 @@ REFERENCE_OPS = Literal["rms_norm", "rope", "swiglu", "geglu", "fused_linear_cro
 # what `plan` chooses (kernels/trainer/plan.py, Plan)
 PLANNED = frozenset({"recompute_layers", "remake_mlp_layers", "offload_checkpoints", "offload_weights",
                      "offload_embeddings", "offload_lm_head", "cuda_graph", "mlp_chunk_tokens"})
+# what runs in one process only (kernels/trainer/distributed.py, ONE_PROCESS)
+ONE_PROCESS = ("offload_weights", "offload_embeddings", "offload_lm_head", "offload_checkpoints", "cuda_graph")
 
 
 class TunebenchOverrides(Overrides):
@@ -73,7 +75,7 @@ MOE_FAMILIES = frozenset({"mixtral", "qwen3_moe"})
 def row_problems(sc, o: TunebenchOverrides) -> list[tuple[tuple[str, ...], str]]:  # noqa: ANN001
     """Knobs the scenario's own settings rule out, said at validation instead of as a failed run: what a CUDA graph,
     a plan and remade MLP projections need of the device, the method, the data and the GPU setup
-    (kernels/trainer/README.md, "Knobs"). Host offload over several processes is refused by each rank as it starts."""
+    (kernels/trainer/README.md, "Knobs")."""
     out = []
     dropout = sc.method.kind in ("lora", "qlora", "dora") and sc.method.lora_dropout > 0
     if o.cuda_graph:
@@ -85,6 +87,13 @@ def row_problems(sc, o: TunebenchOverrides) -> list[tuple[tuple[str, ...], str]]
     if o.plan is not None and sc.hardware.strategy:
         out.append((("plan",), f"not with hardware.strategy {sc.hardware.strategy}: what it plans (host offload, "
                                "CUDA graphs) runs in one process"))
+    if o.plan is not None and sc.objective.kind != "sft":
+        out.append((("plan",), f"not with objective {sc.objective.kind}: preference pairs train with the knobs as "
+                               "given (the cost model plans one sequence per row)"))
+    if sc.hardware.strategy:
+        for knob in ONE_PROCESS:
+            if getattr(o, knob):
+                out.append(((knob,), f"not with hardware.strategy {sc.hardware.strategy}: it runs in one process"))
     if o.remake_mlp_layers:
         why = [w for w, bad in (("remake_activations", not o.remake_activations),
                                 ("method.lora_dropout 0 (the projection made again would draw new dropout masks)",

@@ -49,6 +49,9 @@ from kernels.trainer.batches import IGNORE_INDEX, collate, step_rows
 from kernels.trainer.config import TrainSettings
 from kernels.trainer.linear import Linear
 
+# the knobs a rank refuses: host offload and the step graph run in one process
+ONE_PROCESS = ("offload_weights", "offload_embeddings", "offload_lm_head", "offload_checkpoints", "cuda_graph")
+
 STRATEGIES = ("ddp", "fsdp")
 BUCKET_BYTES = 64 << 20  # gradients all-reduced per call: few launches, a bounded flat copy
 # NF4 fields that FSDP2 shards, as parameters named nf4_<field> of their Linear (code tables stay replicated)
@@ -81,8 +84,7 @@ class DataParallel:
             ValueError: a knob that cannot run over several processes.
         """
         o = model.options
-        bad = [k for k in ("offload_weights", "offload_embeddings", "offload_lm_head", "offload_checkpoints",
-                           "cuda_graph") if getattr(o, k)]
+        bad = [k for k in ONE_PROCESS if getattr(o, k)]
         if bad:
             raise ValueError(f"{self.strategy} over {self.world_size} processes: not with {', '.join(bad)}")
         if self.strategy == "ddp":

@@ -29,7 +29,7 @@ from kernels.ops.fused_linear_cross_entropy import default_chunk_size
 from kernels.trainer.config import DecoderConfig, MethodOptions
 from kernels.trainer.flex import flex_layer
 from kernels.trainer.offload import checkpointed_layer_ids, streamed_layer_ids
-from kernels.trainer.remake import remade_mlp_layer_ids
+from kernels.trainer.remake import mlp_remake_needs, remade_mlp_layer_ids
 
 GIB = 2**30
 # A CUDA-graphed step: +0.4 GiB NVML measured on the 8B LoRA row, plus the expandable-segments saving it gives up
@@ -465,7 +465,6 @@ def costs_for(cfg: DecoderConfig, method: MethodOptions, micro_batch: int, grad_
                                                                          "o_proj"))
     dequant_s = (nf4_bytes + act) / (DEQUANT_HBM_SHARE * speed.hbm_gbps * 1e9)  # per weight
     # remake_mlp_layers: the gate / up projection (base and LoRA) once more in a kept layer's backward
-    can_remake_mlp = not cfg.moe and method.remake_activations and method.lora_dropout == 0
     gate_up = ("gate_proj", "up_proj", "gate_up_proj")
     gate_up_flops = 2 * tokens * (2 * h * inter + method.lora_r * sum(sum(shapes[t]) for t in targets if t in gate_up))
 
@@ -476,7 +475,7 @@ def costs_for(cfg: DecoderConfig, method: MethodOptions, micro_batch: int, grad_
             keep_c += min(tokens, chunk) * act * 3 * inter
             bwd_c += 2 * tokens * 3 * h * inter  # each chunk's MLP forward again in backward
         reused = (attn_proj if chunk else n_proj) if reuse else 0  # NF4 weights a recompute keeps for backward
-        remakes = not chunk and can_remake_mlp  # gate and up made again in a kept layer's backward
+        remakes = not mlp_remake_needs(method, cfg.moe, chunk)  # gate and up made again in a kept layer's backward
         return LayerCost(weight_bytes=weight, keep_bytes=keep_c, checkpoint_bytes=ckpt, transient_bytes=2 * keep_c,
                          forward_s=slow * fwd_flops / rate, backward_s=slow * bwd_c / rate,
                          reuse_bytes=reused * act, reuse_saving_s=reused * dequant_s,

@@ -131,6 +131,16 @@ def remade_mlp_layer_ids(n_layers: int, recomputed: frozenset[int] | None, check
     return frozenset(kept if count < 0 else kept[:count])
 
 
+def mlp_remake_needs(o: MethodOptions, moe: bool, mlp_chunk_tokens: int | None) -> list[str]:
+    """What a layer's MLP lacks to remake its gate and up in backward (empty: it can), for the trainer that refuses
+    the knob and the planner that offers it."""
+    return [w for w, bad in (("remake_activations", not o.remake_activations),
+                             ("lora_dropout 0 (a projection made again would draw new dropout masks)",
+                              o.lora_dropout > 0),
+                             ("a dense MLP (not a mixture of experts)", moe),
+                             ("the MLP over all tokens at once (not mlp_chunk_tokens)", mlp_chunk_tokens)) if bad]
+
+
 def mark_remade_mlp(model: torch.nn.Module, o: MethodOptions) -> frozenset[int]:
     """On a :class:`~kernels.trainer.model.DecoderModel`, set which kept layers remake their MLP's gate and up in
     backward (``remake_mlp_layers``), after ``model.checkpointed_layers`` is set; returns their ids.
@@ -141,15 +151,8 @@ def mark_remade_mlp(model: torch.nn.Module, o: MethodOptions) -> frozenset[int]:
     """
     if o.remake_mlp_layers < -1:
         raise ValueError(f"remake_mlp_layers must be -1 (all kept layers) or >= 0, got {o.remake_mlp_layers}")
-    if o.remake_mlp_layers:
-        why = [w for w, bad in (("remake_activations", not o.remake_activations),
-                                ("lora_dropout 0 (a projection made again would draw new dropout masks)",
-                                 o.lora_dropout > 0),
-                                ("a dense MLP (not Mixtral's experts)", model.cfg.moe),
-                                ("the MLP over all tokens at once (not mlp_chunk_tokens)", o.mlp_chunk_tokens))
-               if bad]
-        if why:
-            raise ValueError(f"remake_mlp_layers needs {' and '.join(why)}")
+    if o.remake_mlp_layers and (why := mlp_remake_needs(o, model.cfg.moe, o.mlp_chunk_tokens)):
+        raise ValueError(f"remake_mlp_layers needs {' and '.join(why)}")
     ids = remade_mlp_layer_ids(model.cfg.num_layers, model.checkpointed_layers, o.gradient_checkpointing,
                                o.remake_mlp_layers)
     for i, layer in enumerate(model.model.layers):

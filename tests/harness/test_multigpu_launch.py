@@ -245,11 +245,11 @@ def test_tokens_of_every_rank_are_summed(sweeps):
 
 @pytest.mark.slow
 def test_a_failing_rank_is_a_row_with_its_reason(root, sweeps):
-    # a knob each rank refuses when it prepares its model (host offload cannot run over several processes)
-    sc = _sc(root, name="mp_fail", frameworks="  - {name: tunebench, overrides: {offload_embeddings: true}}")
-    row = _run(run_sweep(sc, root / "failing", quiet=True))
-    assert row["status"] == "error" and row["reason"].startswith("rank ")
-    assert "ddp over 2 processes: not with offload_embeddings" in row["reason"]
+    # an argument only the tool knows it lacks: each rank's TrainingArguments refuses it as the tool starts
+    sc = _sc(root, name="mp_fail", frameworks="  - {name: hf, overrides: {training_args: {no_such_argument: 1}}}")
+    row = _run(run_sweep(sc, root / "failing", quiet=True), "hf")
+    assert row["status"] == "error" and row["reason"].startswith("rank "), row["reason"]
+    assert "no_such_argument" in row["reason"]
 
 
 @pytest.mark.slow

@@ -234,6 +234,8 @@ def test_cli_validate_names_the_override_and_the_framework(tmp_path):
     ("", "remake_mlp_layers: 2\n      mlp_chunk_tokens: 16", "remake_mlp_layers", ["no mlp_chunk_tokens"]),
     ("mixtral", "remake_mlp_layers: -1", "remake_mlp_layers", ["a dense MLP"]),
     ("ddp", "plan: 12.0", "plan", ["not with hardware.strategy ddp"]),
+    ("ddp", "offload_embeddings: true", "offload_embeddings", ["not with hardware.strategy ddp", "one process"]),
+    ("dpo", "plan: 12.0", "plan", ["not with objective dpo"]),
 ])
 def test_knobs_the_scenario_rules_out_are_refused_at_validation(scenario, value, where, reasons):
     """A tunebench knob valid on its own but not with this scenario's settings names the knob, before anything runs
@@ -244,6 +246,8 @@ def test_knobs_the_scenario_rules_out_are_refused_at_validation(scenario, value,
                                                                                   "  target_modules: [q_proj]")
     elif scenario == "ddp":
         base = base.replace("  device: cpu\n", "  device: cpu\n  gpus: 2\n  strategy: ddp\n")
+    elif scenario == "dpo":
+        base = base.replace("frameworks:\n  - hf\n", "objective: {kind: dpo}\nframeworks:\n  - trl\n")
     elif scenario:
         base = base.replace("  lora_r: 4\n", "  lora_r: 4\n" + scenario)
     msg = _err(base.replace("recompute_layers: 1", value))
