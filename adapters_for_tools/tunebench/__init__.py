@@ -87,6 +87,9 @@ def row_problems(sc, o: TunebenchOverrides) -> list[tuple[tuple[str, ...], str]]
     if o.plan is not None and sc.hardware.strategy:
         out.append((("plan",), f"not with hardware.strategy {sc.hardware.strategy}: what it plans (host offload, "
                                "CUDA graphs) runs in one process"))
+    if o.plan == "auto" and sc.hardware.device != "cuda":
+        out.append((("plan",), "auto plans to hardware.memory_budget_gib or the GPU's free memory, which need a "
+                               "CUDA device (hardware.device: cuda); on a cpu give a budget in GiB"))
     if o.plan is not None and sc.objective.kind != "sft":
         out.append((("plan",), f"not with objective {sc.objective.kind}: preference pairs train with the knobs as "
                                "given (the cost model plans one sequence per row)"))

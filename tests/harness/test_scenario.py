@@ -236,6 +236,7 @@ def test_cli_validate_names_the_override_and_the_framework(tmp_path):
     ("ddp", "plan: 12.0", "plan", ["not with hardware.strategy ddp"]),
     ("ddp", "offload_embeddings: true", "offload_embeddings", ["not with hardware.strategy ddp", "one process"]),
     ("dpo", "plan: 12.0", "plan", ["not with objective dpo"]),
+    ("", "plan: auto", "plan", ["need a CUDA device", "give a budget in GiB"]),
 ])
 def test_knobs_the_scenario_rules_out_are_refused_at_validation(scenario, value, where, reasons):
     """A tunebench knob valid on its own but not with this scenario's settings names the knob, before anything runs
