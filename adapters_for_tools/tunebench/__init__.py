@@ -16,8 +16,6 @@ REFERENCE_OPS = Literal["rms_norm", "rope", "swiglu", "geglu", "fused_linear_cro
 # what `plan` chooses (kernels/trainer/plan.py, Plan)
 PLANNED = frozenset({"recompute_layers", "remake_mlp_layers", "offload_checkpoints", "offload_weights",
                      "offload_embeddings", "offload_lm_head", "cuda_graph", "mlp_chunk_tokens"})
-# what runs in one process only (kernels/trainer/distributed.py, ONE_PROCESS)
-ONE_PROCESS = ("offload_weights", "offload_embeddings", "offload_lm_head", "offload_checkpoints", "cuda_graph")
 
 
 class TunebenchOverrides(Overrides):
@@ -73,39 +71,48 @@ MOE_FAMILIES = frozenset({"mixtral", "qwen3_moe"})
 
 
 def row_problems(sc, o: TunebenchOverrides) -> list[tuple[tuple[str, ...], str]]:  # noqa: ANN001
-    """Knobs the scenario's own settings rule out, said at validation instead of as a failed run: what a CUDA graph,
-    a plan and remade MLP projections need of the device, the method, the data and the GPU setup
-    (kernels/trainer/README.md, "Knobs")."""
+    """Knobs the scenario's own settings rule out, said at validation instead of as a failed run: what each knob
+    needs of the device, the method, the objective, the data and the GPU setup (kernels/trainer/README.md, "Knobs";
+    the trainer refuses the same when it loads, for callers that skip validation)."""
+    kind, strategy, objective = sc.method.kind, sc.hardware.strategy, sc.objective.kind
+    dropout = kind in ("lora", "qlora", "dora") and sc.method.lora_dropout > 0
+    one_process = (f"one process (not hardware.strategy {strategy})", bool(strategy))
+    inside = [k for k in ("offload_weights", "offload_lm_head", "offload_checkpoints") if getattr(o, k)]
+    needs = {  # knob: (what it needs, whether this scenario lacks it)
+        "cuda_graph": [("a CUDA device (hardware.device: cuda)", sc.hardware.device != "cuda"),
+                       ("method.lora_dropout 0 (the replayed graph would reuse one dropout mask)", dropout),
+                       ("data.packing off (packed rows build a mask per batch)", sc.data.packing),
+                       (f"no host offload inside the step (not {', '.join(inside)})", bool(inside)),
+                       (f"the sft objective (the graphed step is the SFT step, not {objective})", objective != "sft"),
+                       one_process],
+        "offload_weights": [("a dense frozen base (method lora or dora: streamed layers are bf16)",
+                             kind not in ("lora", "dora")),
+                            ("train.gradient_checkpointing (streamed layers are fetched again for backward)",
+                             not sc.train.gradient_checkpointing),
+                            ("no dpo objective (its reference pass runs without the checkpointed passes that "
+                             "stream)", objective == "dpo"),
+                            one_process],
+        "offload_embeddings": [("frozen weights (method lora, dora or qlora)", kind == "full"), one_process],
+        "offload_lm_head": [("frozen weights (method lora, dora or qlora)", kind == "full"), one_process],
+        "offload_checkpoints": [one_process],
+        "mlp_chunk_tokens": [one_process],
+        "remake_mlp_layers": [("remake_activations", not o.remake_activations),
+                              ("method.lora_dropout 0 (the projection made again would draw new dropout masks)",
+                               dropout),
+                              ("a dense MLP (not a mixture of experts)", family_of(sc) in MOE_FAMILIES),
+                              ("the MLP over all tokens at once (no mlp_chunk_tokens)", bool(o.mlp_chunk_tokens))],
+        "plan": [(f"{one_process[0]}: what it plans (host offload, CUDA graphs) runs in one", bool(strategy)),
+                 (f"the sft objective (not {objective}: the cost model plans one sequence per row; preference "
+                  "pairs train with the knobs as given)", objective != "sft"),
+                 ("for auto, a CUDA device (hardware.device: cuda): auto plans to hardware.memory_budget_gib or "
+                  "the GPU's free memory; on a cpu give a budget in GiB",
+                  o.plan == "auto" and sc.hardware.device != "cuda")],
+    }
     out = []
-    dropout = sc.method.kind in ("lora", "qlora", "dora") and sc.method.lora_dropout > 0
-    if o.cuda_graph:
-        why = [w for w, bad in (("a CUDA device (hardware.device: cuda)", sc.hardware.device != "cuda"),
-                                ("method.lora_dropout 0 (the replayed graph would reuse one dropout mask)", dropout),
-                                ("data.packing off (packed rows build a mask per batch)", sc.data.packing)) if bad]
-        if why:
-            out.append((("cuda_graph",), f"needs {' and '.join(why)}"))
-    if o.plan is not None and sc.hardware.strategy:
-        out.append((("plan",), f"not with hardware.strategy {sc.hardware.strategy}: what it plans (host offload, "
-                               "CUDA graphs) runs in one process"))
-    if o.plan == "auto" and sc.hardware.device != "cuda":
-        out.append((("plan",), "auto plans to hardware.memory_budget_gib or the GPU's free memory, which need a "
-                               "CUDA device (hardware.device: cuda); on a cpu give a budget in GiB"))
-    if o.plan is not None and sc.objective.kind != "sft":
-        out.append((("plan",), f"not with objective {sc.objective.kind}: preference pairs train with the knobs as "
-                               "given (the cost model plans one sequence per row)"))
-    if sc.hardware.strategy:
-        for knob in ONE_PROCESS:
-            if getattr(o, knob):
-                out.append(((knob,), f"not with hardware.strategy {sc.hardware.strategy}: it runs in one process"))
-    if o.remake_mlp_layers:
-        why = [w for w, bad in (("remake_activations", not o.remake_activations),
-                                ("method.lora_dropout 0 (the projection made again would draw new dropout masks)",
-                                 dropout),
-                                ("a dense MLP (not a mixture of experts)", family_of(sc) in MOE_FAMILIES),
-                                ("the MLP over all tokens at once (no mlp_chunk_tokens)", o.mlp_chunk_tokens))
-               if bad]
-        if why:
-            out.append((("remake_mlp_layers",), f"needs {' and '.join(why)}"))
+    for knob, reqs in needs.items():
+        why = [w for w, lacking in reqs if lacking]
+        if getattr(o, knob) and why:  # set: a plan, a count other than 0, a flag on
+            out.append(((knob,), f"needs {' and '.join(why)}"))
     return out
 
 

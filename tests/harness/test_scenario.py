@@ -233,10 +233,17 @@ def test_cli_validate_names_the_override_and_the_framework(tmp_path):
     ("", "remake_mlp_layers: 2\n      remake_activations: false", "remake_mlp_layers", ["remake_activations"]),
     ("", "remake_mlp_layers: 2\n      mlp_chunk_tokens: 16", "remake_mlp_layers", ["no mlp_chunk_tokens"]),
     ("mixtral", "remake_mlp_layers: -1", "remake_mlp_layers", ["a dense MLP"]),
-    ("ddp", "plan: 12.0", "plan", ["not with hardware.strategy ddp"]),
-    ("ddp", "offload_embeddings: true", "offload_embeddings", ["not with hardware.strategy ddp", "one process"]),
-    ("dpo", "plan: 12.0", "plan", ["not with objective dpo"]),
-    ("", "plan: auto", "plan", ["need a CUDA device", "give a budget in GiB"]),
+    ("ddp", "plan: 12.0", "plan", ["one process (not hardware.strategy ddp)"]),
+    ("ddp", "offload_embeddings: true", "offload_embeddings", ["one process (not hardware.strategy ddp)"]),
+    ("ddp", "mlp_chunk_tokens: 16", "mlp_chunk_tokens", ["one process (not hardware.strategy ddp)"]),
+    ("dpo", "plan: 12.0", "plan", ["the sft objective (not dpo"]),
+    ("dpo", "offload_weights: 1", "offload_weights", ["no dpo objective"]),
+    ("dpo", "cuda_graph: true", "cuda_graph", ["a CUDA device", "the sft objective"]),
+    ("", "plan: auto", "plan", ["for auto, a CUDA device", "give a budget in GiB"]),
+    ("", "cuda_graph: true\n      offload_checkpoints: true", "cuda_graph", ["not offload_checkpoints"]),
+    ("full", "offload_lm_head: true", "offload_lm_head", ["frozen weights"]),
+    ("full", "offload_weights: 2", "offload_weights", ["method lora or dora"]),
+    ("no-ckpt", "offload_weights: 2", "offload_weights", ["train.gradient_checkpointing"]),
 ])
 def test_knobs_the_scenario_rules_out_are_refused_at_validation(scenario, value, where, reasons):
     """A tunebench knob valid on its own but not with this scenario's settings names the knob, before anything runs
@@ -247,6 +254,10 @@ def test_knobs_the_scenario_rules_out_are_refused_at_validation(scenario, value,
                                                                                   "  target_modules: [q_proj]")
     elif scenario == "ddp":
         base = base.replace("  device: cpu\n", "  device: cpu\n  gpus: 2\n  strategy: ddp\n")
+    elif scenario == "full":
+        base = base.replace("  kind: lora\n  lora_r: 4\n", "  kind: full\n")
+    elif scenario == "no-ckpt":
+        base = base.replace("  warmup_steps: 1\n", "  warmup_steps: 1\n  gradient_checkpointing: false\n")
     elif scenario == "dpo":
         base = base.replace("frameworks:\n  - hf\n", "objective: {kind: dpo}\nframeworks:\n  - trl\n")
     elif scenario:
