@@ -167,7 +167,10 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any, scale:
 def _compiled():  # noqa: ANN202
     """:func:`_attend` compiled, made on first use (once per process), with its own recompile limit."""
     compiled = torch.compile(_attend)  # static first, dynamic lengths from the first recompile on
-    return torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT)(compiled)
+    # the scale and the cap stay constants of each compiled graph: a value that changes between calls (another
+    # model in the process) would otherwise become a symbolic float, which flex's score_mod cannot take
+    floats = {"specialize_float": True} if hasattr(torch._dynamo.config, "specialize_float") else {}
+    return torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, **floats)(compiled)
 
 
 def flex_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any, scale: float | None,

@@ -53,12 +53,12 @@ def _eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | Non
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=scale)
 
 
-def _eager_mask(seq: int, window: int | None, pos: torch.Tensor | None) -> torch.Tensor | None:
-    """The bool mask the model builds for these rows (None: plain causal)."""
+def _eager_mask(seq: int, window: int | None, pos: torch.Tensor | None, device: str = "cpu") -> torch.Tensor | None:
+    """The bool mask the model builds for these rows (None: plain causal), on ``pos``'s device or ``device``."""
     mask = packed_causal_mask(pos) if pos is not None else None
     if window is None:
         return mask
-    return window_mask(pos if pos is not None else torch.arange(seq)[None], window, mask)
+    return window_mask(pos if pos is not None else torch.arange(seq, device=device)[None], window, mask)
 
 
 CASES = [(2.0, None, False), (2.0, WINDOW, False), (None, WINDOW, False),
@@ -125,6 +125,22 @@ def test_unpacked_masks_are_made_once(monkeypatch):  # noqa: ANN001
     pos = _packed_positions(([40, 24], [64]))
     assert block_mask(64, 16, "cpu", pos) is not block_mask(64, 16, "cpu", pos)  # packed: per forward
     assert len(flex._UNPACKED) == 3
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_the_compiled_kernel_takes_another_cap_and_scale():
+    """The process-wide compiled kernel (compiled here on the CPU) called with another cap and scale, then another
+    length: each a constant of its own graph (a float that changes between calls would otherwise turn symbolic,
+    which flex's score_mod refuses: what the H200 run of these tests showed after the bf16 tests' cap of 50)."""
+    flex._compiled.cache_clear()
+    torch._dynamo.reset()
+    for seq, cap, scale in ((32, 50.0, 0.25), (32, 30.0, 0.25), (48, 30.0, 0.125)):
+        q, k, v = _qkv(s=seq, h=2, kv=2, d=16, dtype=torch.float32, device="cpu")
+        mask = block_mask(seq, None, "cpu")
+        got = flex._compiled()(q, k, v, mask, scale, cap)
+        assert _rel(got, flex._attend(q, k, v, mask, scale, cap)) < 1e-5, (seq, cap)
+    flex._compiled.cache_clear()
+    torch._dynamo.reset()
 
 
 def test_plan_counts_what_the_flex_path_keeps():
@@ -274,7 +290,7 @@ def test_bf16_forward_and_backward_match_eager_fp32_on_gpu(packed, window):  # n
     pos = _packed_positions(([300, 500, 224], [700, 324])).cuda() if packed else None
     dout = torch.randn_like(q)
     q32, k32, v32 = (t.float().requires_grad_(True) for t in (q, k, v))
-    want = softcap_attention(q32, k32, v32, scale, cap, _eager_mask(1024, window, pos))
+    want = softcap_attention(q32, k32, v32, scale, cap, _eager_mask(1024, window, pos, "cuda"))
     want.backward(dout.float())
     qb, kb, vb = (t.clone().requires_grad_(True) for t in (q, k, v))
     mask = block_mask(1024, window, "cuda", pos)
@@ -285,7 +301,7 @@ def test_bf16_forward_and_backward_match_eager_fp32_on_gpu(packed, window):  # n
                        ("dv", vb.grad, v32.grad)):
         assert _rel(a, b) < 1.5e-2, (name, _rel(a, b))
     with torch.no_grad():
-        assert _rel(softcap_attention(q32, k32, v32, scale, None, _eager_mask(1024, window, pos)), want) > 0.1
+        assert _rel(softcap_attention(q32, k32, v32, scale, None, _eager_mask(1024, window, pos, "cuda")), want) > 0.1
         assert torch.equal(flex_attend(q, k, v, mask, scale, cap), got.detach())
 
 
