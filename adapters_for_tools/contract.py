@@ -333,6 +333,25 @@ class RunContext:
                                "supplies it")
         return [self.measure_callback(), self.intermediate_callback()]
 
+    def train_reading_packed_rows(self, trainer: Any) -> None:
+        """``trainer.train()`` for an HF-Trainer-based tool; with ``data.packing``, the micro-batch is read back from
+        the rows its data collator takes per micro-batch. A padding-free collator (TRL's, Unsloth's with packing)
+        joins those packed rows into one row, which is all the measuring hook sees."""
+        if not self.scenario.data.packing:
+            trainer.train()
+            return
+        rows: list[int] = []
+        collate = trainer.data_collator
+
+        def counting(features: list[Any]) -> Any:
+            rows.append(len(features))
+            return collate(features)
+
+        trainer.data_collator = counting
+        trainer.train()
+        if rows:
+            self.set_effective(micro_batch=max(rows))
+
     def intermediate_callback(self) -> Any:
         """A transformers ``TrainerCallback`` that calls :meth:`save_intermediate` at each step end."""
         from transformers import TrainerCallback  # heavy, and absent where validation runs

@@ -90,7 +90,7 @@ def run(ctx) -> None:
                                     *ctx.trainer_callbacks()])
     ctx.load_s = time.time() - t0  # model load + TRL's tokenisation (both before the first step)
     ctx.meter.attach(trainer.model)
-    trainer.train()
+    ctx.train_reading_packed_rows(trainer)
     switches.settle(ctx)
     ctx.output_dir.mkdir(parents=True, exist_ok=True)
     trainer.save_model(str(ctx.output_dir))

@@ -70,7 +70,7 @@ def run(ctx) -> None:
                          callbacks=[switches.read_back_callback(ctx, trainers.read_switches),
                                     *ctx.trainer_callbacks()])
     ctx.meter.attach(trainer.model)
-    trainer.train()
+    ctx.train_reading_packed_rows(trainer)
     switches.settle(ctx)
     ctx.output_dir.mkdir(parents=True, exist_ok=True)
     trainer.save_model(str(ctx.output_dir))

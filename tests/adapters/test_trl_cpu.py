@@ -47,3 +47,21 @@ def test_trl_matches_hf_on_cpu(tmp_path, monkeypatch):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-4)  # float32 on CPU; measured <= 1e-6
     keys = ("lora_r", "lora_alpha", "target_modules", "trainable_params", "gradient_checkpointing", "optimizer")
     assert {k: trl["effective"].get(k) for k in keys} == {k: hf["effective"].get(k) for k in keys}
+
+
+@pytest.mark.skipif(not envs.resolve("trl").ready,
+                    reason="trl environment not created: run `python -m harness env create trl`")
+def test_packed_rows_joined_padding_free_are_read_as_the_micro_batch(tmp_path, monkeypatch):
+    """With packing TRL's collator joins a micro-batch's packed rows into one padding-free row (the model sees one
+    row of up to micro_batch x seq_len tokens): the micro-batch is read back from the rows it collated, so the run
+    is valid at the scenario's micro-batch of 3."""
+    from harness.running import runner
+
+    monkeypatch.setenv("TUNEBENCH_WORK", str(tmp_path / "work"))
+    text = (SCENARIO.replace("min_len: 40}", "min_len: 8, packing: true}").replace("micro_batch: 2", "micro_batch: 3")
+            .replace("frameworks: [hf, trl]", "frameworks: [trl]"))
+    sweep = runner.run_sweep(parse_scenario(text, "packed.yaml"), tmp_path / "results", new=True, quiet=True)
+    trl = runner.load_result(sweep, "trl", 0)
+    assert trl["status"] == "ok", trl.get("reason")
+    assert max(s["rows"] for s in trl["steps"]) == 1 and max(s["max_len"] for s in trl["steps"]) > 96  # joined
+    assert trl["effective"]["micro_batch"] == 3 and trl["valid"], trl["invalid_reasons"]
