@@ -97,7 +97,9 @@ def run(sc, checkpoint: str, device: str, steps: int) -> dict:  # noqa: ANN001
 
     torch.manual_seed(sc.train.seed)
     watch = MachineWatch(device)
-    examples, fmt, data_settings = sweep_examples(sc)
+    from transformers import AutoTokenizer
+
+    examples, fmt, data_settings = sweep_examples(sc, AutoTokenizer.from_pretrained(checkpoint))
     with tempfile.TemporaryDirectory(prefix="unsloth-loop-") as work:
         cfg = us_config.native_config(sc, Path(work), checkpoint, Path(work) / "unsloth_dataset.jsonl", fmt=fmt)
         model, tok = trainers.load_model(cfg)

@@ -86,17 +86,38 @@ def resolve_path(path: str | None, source: str | None) -> Path:
     return p.resolve()
 
 
-def build_examples(sc) -> tuple[list[dict[str, Any]], str]:
-    """The sweep's dataset rows and their format."""
+def build_examples(sc, tokenizer=None) -> tuple[list[dict[str, Any]], str, int]:  # noqa: ANN001
+    """The sweep's dataset rows, their format, and how many rows of the file were left out for bearing no loss.
+
+    With ``tokenizer`` (the checkpoint's), a row whose loss-bearing tokens (the response, or every token with
+    ``prompt_loss``) all fall beyond ``seq_len`` under :func:`tokenize_example` is left out (of the first
+    ``num_samples`` rows where it is given): it would train nothing and, in a step of such rows, log a loss of 0.
+
+    Raises:
+        ValueError: an empty file, or no row that bears loss within ``seq_len``.
+    """
     if sc.data.source == "synthetic":
-        return synthetic_examples(sc), "text"
+        return synthetic_examples(sc), "text", 0
     rows = read_jsonl(resolve_path(sc.data.path, sc.source_path))
     if not rows:
         raise ValueError(f"{sc.data.path}: no rows")
     fmt = sc.data.format or detect_format(rows[0])
     if sc.data.num_samples:
         rows = rows[: sc.data.num_samples]
-    return rows, fmt
+    dropped = 0
+    if tokenizer is not None:
+        kept = [r for r in rows if bears_loss(tokenize_example(tokenizer, r, fmt, sc.data.seq_len,
+                                                               sc.data.prompt_loss))]
+        if not kept:
+            raise ValueError(f"{sc.data.path}: no row keeps a loss-bearing token within data.seq_len "
+                             f"{sc.data.seq_len} (every response starts beyond it): raise seq_len")
+        rows, dropped = kept, len(rows) - len(kept)
+    return rows, fmt, dropped
+
+
+def bears_loss(example: dict) -> bool:
+    """Whether a tokenised row has a label the model predicts (the first token's label predicts nothing)."""
+    return any(label != IGNORE_INDEX for label in example["labels"][1:])
 
 
 def write_jsonl(rows: list[dict[str, Any]], path: Path) -> None:
@@ -197,6 +218,6 @@ def collate(rows: list[dict], pad_id: int):
     return pad_batch(rows, pad_id)
 
 
-def dataset_meta(sc, rows: list[dict], fmt: str) -> dict:
+def dataset_meta(sc, rows: list[dict], fmt: str, dropped: int = 0) -> dict:
     return {"format": fmt, "rows": len(rows), "source": sc.data.source, "seq_len": sc.data.seq_len,
-            "packing": sc.data.packing}
+            "packing": sc.data.packing, "rows_without_loss_left_out": dropped}

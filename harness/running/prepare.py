@@ -25,8 +25,16 @@ def prepare(sc, data_dir: Path) -> dict:
     ds_path = data_dir / "dataset.jsonl"
     if not ds_path.exists():
         # a preference or RL objective reads its own row form (harness.inputs.preference), SFT the formats of data
-        rows, fmt = data.build_examples(sc) if sc.objective.is_sft else preference.build_rows(sc)
-        meta = data.dataset_meta(sc, rows, fmt)
+        if sc.objective.is_sft:
+            tok = None
+            if sc.data.source == "jsonl":  # the rows whose response lies beyond seq_len: left out for every tool
+                from transformers import AutoTokenizer  # heavy: this process only
+
+                tok = AutoTokenizer.from_pretrained(ckpt)
+            rows, fmt, dropped = data.build_examples(sc, tok)
+        else:
+            (rows, fmt), dropped = preference.build_rows(sc), 0
+        meta = data.dataset_meta(sc, rows, fmt, dropped)
         (data_dir / "dataset.meta.json").write_text(json.dumps(meta, indent=1))
         data.write_jsonl(rows, ds_path)
     digest = hashlib.sha256(ds_path.read_bytes()).hexdigest()[:16]

@@ -103,14 +103,14 @@ def check_jsonl(path: Path, shown: str, fmt: str | None, seq_len: int, *, prompt
         if truncated:
             note += f"; {truncated} longer than seq_len {seq_len}, cut there"
         if no_loss:
-            note += f"; {no_loss} of them keep no loss-bearing token (they train on nothing)"
+            note += f"; {no_loss} of them keep no loss-bearing token (left out: they would train on nothing)"
     else:
         note = f"{shown}: {used} rows ({fmt}), the longest {longest} UTF-8 bytes (with <bos>/<eos>)"
         if truncated:
             note += (f"; up to {truncated} longer than seq_len {seq_len} (bytes bound a byte-level BPE tokenizer's "
                      f"tokens), cut there")
         if no_loss:
-            note += f"; up to {no_loss} of them with no loss-bearing token left"
+            note += f"; up to {no_loss} of them with no loss-bearing token left (left out)"
     out.notes.append(note)
     return out
 

@@ -276,7 +276,7 @@ def test_data_notes_count_truncated_rows(tmp_path):
     # <bos> + the alpaca prompt without input (33 bytes + the instruction) + 6 answer bytes + <eos>: 66 tokens for
     # n = 25 keep 5 answer tokens at seq_len 64; n = 50 and 80 keep none
     assert sc.notes == ["d.jsonl: 4 rows (alpaca), the longest 121 tokens; 3 longer than seq_len 64, cut there; "
-                        "2 of them keep no loss-bearing token (they train on nothing)"]
+                        "2 of them keep no loss-bearing token (left out: they would train on nothing)"]
     r = _validate(tmp_path / "s.yaml")
     assert r.returncode == 0 and "  d.jsonl: 4 rows (alpaca)" in r.stdout
     # another tokenizer (a local checkpoint): bytes bound its tokens, so the counts are bounds and nothing fails
@@ -284,7 +284,29 @@ def test_data_notes_count_truncated_rows(tmp_path):
     assert found.problems == []
     assert found.notes == ["d.jsonl: 4 rows (alpaca), the longest 121 UTF-8 bytes (with <bos>/<eos>); up to 4 longer "
                            "than seq_len 40 (bytes bound a byte-level BPE tokenizer's tokens), cut there; up to 3 of "
-                           "them with no loss-bearing token left"]
+                           "them with no loss-bearing token left (left out)"]
+
+
+def test_rows_without_loss_are_left_out_of_the_dataset(tmp_path):
+    """The rows the note counts are left out of the dataset every framework reads (of the first num_samples): a
+    step of them would train nothing and log a loss of 0."""
+    from harness.inputs import data
+    from harness.inputs.models import build_tokenizer  # transformers: heavy
+
+    rows = [{"instruction": "q" * n, "output": "answer"} for n in (1, 25, 50, 80, 2)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "s.yaml").write_text(GOOD.replace("  seq_len: 64", "  source: jsonl\n  path: d.jsonl\n  seq_len: 64"))
+    sc = load_scenario(tmp_path / "s.yaml")
+    tok = build_tokenizer(300)
+    kept, fmt, dropped = data.build_examples(sc, tok)
+    assert (kept, fmt, dropped) == ([rows[0], rows[1], rows[4]], "alpaca", 2)
+    assert data.build_examples(sc) == (rows, "alpaca", 0)  # without the tokenizer: the file as it is
+    assert all(data.bears_loss(data.tokenize_example(tok, r, fmt, 64)) for r in kept)
+    sc.data.num_samples = 3  # of the first three, the one with n = 50 goes
+    assert data.build_examples(sc, tok)[0::2] == ([rows[0], rows[1]], 1)
+    sc.data.num_samples, sc.data.seq_len = None, 20  # every prompt fills the row
+    with pytest.raises(ValueError, match="no row keeps a loss-bearing token within data.seq_len 20"):
+        data.build_examples(sc, tok)
 
 
 @pytest.mark.parametrize(("row", "fmt"), [

@@ -39,11 +39,12 @@ class Unavailable(RuntimeError):
     """The loop cannot run here (its tool is not importable, or it needs a GPU): a result, not a failure."""
 
 
-def sweep_examples(sc) -> tuple[list[dict], str, dict[str, Any]]:  # noqa: ANN001
-    """The sweep's rows as ``harness.running.prepare`` writes them for the scenario (``data.build_examples``), their
-    format, and what identifies them: ``dataset_sha256_16``, the digest prepare records for the same file (each row
-    ``json.dumps`` + newline, as ``data.write_jsonl`` writes it), the row count, format and order."""
-    examples, fmt = data.build_examples(sc)
+def sweep_examples(sc, tokenizer) -> tuple[list[dict], str, dict[str, Any]]:  # noqa: ANN001
+    """The sweep's rows as ``harness.running.prepare`` writes them for the scenario (``data.build_examples`` with
+    the checkpoint's tokenizer), their format, and what identifies them: ``dataset_sha256_16``, the digest prepare
+    records for the same file (each row ``json.dumps`` + newline, as ``data.write_jsonl`` writes it), the row
+    count, format and order."""
+    examples, fmt, _ = data.build_examples(sc, tokenizer)
     text = "".join(json.dumps(r) + "\n" for r in examples)
     return examples, fmt, {"dataset_sha256_16": hashlib.sha256(text.encode()).hexdigest()[:16],
                            "dataset_rows": len(examples), "data_format": fmt, "data_order": DATA_ORDER}
@@ -52,7 +53,7 @@ def sweep_examples(sc) -> tuple[list[dict], str, dict[str, Any]]:  # noqa: ANN00
 def sweep_rows(sc, tokenizer) -> tuple[list[dict], dict[str, Any]]:  # noqa: ANN001
     """The sweep's rows (:func:`sweep_examples`) tokenised as the adapters tokenise the dataset file
     (``data.tokenize_example``, packed when the scenario packs), and their settings."""
-    examples, fmt, settings = sweep_examples(sc)
+    examples, fmt, settings = sweep_examples(sc, tokenizer)
     rows = [data.tokenize_example(tokenizer, r, fmt, sc.data.seq_len, sc.data.prompt_loss) for r in examples]
     if sc.data.packing:
         rows = data.pack(rows, sc.data.seq_len)
