@@ -3,9 +3,9 @@
 # and packs the sweeps it touched into $OUT/res.tgz; the next call (warm machine or fresh) carries on where it
 # stopped, because every sweep resumes.
 #
-#   B=570 bash scripts/gpu_steps.sh ARCHIVE STEPS_FILE
+#   B=570 bash scripts/gpu_steps.sh NAME STEPS_FILE        (e.g. NAME = n for .work/n.tgz)
 #
-# ARCHIVE: .work/NAME.tgz made here with `git archive --format=tar.gz COMMIT -- . ':!results' ':!reports'`, and
+# NAME: of the archive .work/NAME.tgz (the name, not the path) made here with `git archive --format=tar.gz COMMIT -- . ':!results' ':!reports'`, and
 #   .work/NAME.sha holding COMMIT: the runs execute in /tmp/clean-NAME (kept between calls on a warm machine) and
 #   record that commit (TUNEBENCH_GIT_SHA). The files of results/ that the clean copy lacks are copied into it
 #   first, so a sweep resumes from what the last call brought back; the sweeps a call wrote to come back whole.
@@ -29,6 +29,7 @@ if [ "$B" -gt 590 ]; then echo "B=$B is past a call's 600 s; using 590"; B=590; 
 R=$PWD
 A=$1
 S=$2
+[ -f "$R/.work/$A.tgz" ] || { echo "no archive .work/$A.tgz: give its NAME (e.g. n), not a path"; exit 2; }
 export TUNEBENCH_ENVS=/tmp/envs TUNEBENCH_WORK=/tmp/tbwork TUNEBENCH_CACHE=/tmp/tbcache PYTHONUNBUFFERED=1
 export CUDA_DEVICE_ORDER=PCI_BUS_ID HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 # the harness process's own wheels: .whl/ where it was carried, else the same wheels out of the base bundle
