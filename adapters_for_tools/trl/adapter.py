@@ -8,7 +8,8 @@ Flow: :func:`adapters_for_tools.trl.config.native_config` -> ``trl_sft.yaml`` (s
 with our ``TrainerCallback`` added and the counting hook attached to the model the trainer built.
 
 Differences from the hf adapter, on purpose (TRL's own behaviour is what is measured): TRL tokenises the
-text itself (same ids, see config.py), builds the PEFT model itself, and with ``packing`` packs
+text itself (same ids, see config.py; conversations with several assistant turns, which its prompt/completion
+form cannot hold, come pre-tokenised by the harness), builds the PEFT model itself, and with ``packing`` packs
 best-fit-decreasing (samples grouped differently from the harness's first-fit order; recorded in extra).
 """
 
@@ -50,7 +51,11 @@ def run(ctx) -> None:
     fmt = meta["format"]
     data_file = ctx.dataset_path
     if fmt != "text":
-        rows, notes = trl_config.convert_rows(read_jsonl(ctx.dataset_path), fmt)
+        from transformers import AutoTokenizer
+
+        rows, notes = trl_config.convert_rows(read_jsonl(ctx.dataset_path), fmt,
+                                              AutoTokenizer.from_pretrained(ctx.checkpoint), sc.data.seq_len,
+                                              sc.data.prompt_loss)
         data_file = ctx.work_dir / "trl_dataset.jsonl"
         write_jsonl(rows, data_file)
         if notes:

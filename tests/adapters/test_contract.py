@@ -100,3 +100,11 @@ def test_prompt_completion_split_is_shared_by_trl_and_litgpt():
     two_turns = [{"messages": rows[0]["messages"] * 2}]
     with pytest.raises(ValueError, match="2 loss-bearing turns: TRL's prompt/completion form takes exactly one"):
         trl_rows(two_turns, "messages")
+    # with the checkpoint's tokenizer TRL gets every row pre-tokenised instead, as the harness tokenises it
+    from harness.inputs.data import tokenize_example
+    from harness.inputs.models import build_tokenizer  # transformers: heavy
+
+    tok = build_tokenizer(300)
+    got, notes = trl_rows(two_turns + rows, "messages", tok, 64)
+    assert got == [tokenize_example(tok, r, "messages", 64) for r in two_turns + rows]
+    assert "[1, 2] assistant turns: given to TRL pre-tokenised" in notes[0]

@@ -65,3 +65,28 @@ def test_packed_rows_joined_padding_free_are_read_as_the_micro_batch(tmp_path, m
     assert trl["status"] == "ok", trl.get("reason")
     assert max(s["rows"] for s in trl["steps"]) == 1 and max(s["max_len"] for s in trl["steps"]) > 96  # joined
     assert trl["effective"]["micro_batch"] == 3 and trl["valid"], trl["invalid_reasons"]
+
+
+@pytest.mark.skipif(not envs.resolve("trl").ready,
+                    reason="trl environment not created: run `python -m harness env create trl`")
+def test_multi_turn_messages_train_as_hf_does(tmp_path, monkeypatch):
+    """Conversations with several assistant turns (which TRL's prompt/completion form cannot hold) go to TRL
+    pre-tokenised by the harness: every step sees hf's tokens and loss tokens, and the losses agree."""
+    import json
+
+    from harness.running import runner
+
+    monkeypatch.setenv("TUNEBENCH_WORK", str(tmp_path / "work"))
+    turn = [{"role": "user", "content": "name a colour"}, {"role": "assistant", "content": "blue, then green"}]
+    rows = [{"messages": [{"role": "system", "content": "be brief"}, *turn * (1 + i % 3)]} for i in range(16)]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = SCENARIO.replace("{source: synthetic, seq_len: 96, lengths: uniform, min_len: 40}",
+                            f"{{source: jsonl, path: {tmp_path / 'chat.jsonl'}, seq_len: 96}}")
+    sweep = runner.run_sweep(parse_scenario(text, "chat.yaml"), tmp_path / "results", new=True, quiet=True)
+    hf, trl = runner.load_result(sweep, "hf", 0), runner.load_result(sweep, "trl", 0)
+    assert hf["status"] == trl["status"] == "ok", (hf.get("reason"), trl.get("reason"))
+    assert trl["valid"], trl["invalid_reasons"]
+    assert "pre-tokenised by the harness" in trl["extra"]["differences"][0]
+    for a, b in zip(hf["steps"], trl["steps"], strict=True):
+        assert (a["tokens"], a["loss_tokens"]) == (b["tokens"], b["loss_tokens"])
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-4)
