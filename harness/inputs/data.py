@@ -12,10 +12,11 @@ sample of ``seq_len`` tokens is ``<bos>`` + ``seq_len - 2`` characters + ``<eos>
 from __future__ import annotations
 
 import json
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 IGNORE_INDEX = -100
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
@@ -86,33 +87,69 @@ def resolve_path(path: str | None, source: str | None) -> Path:
     return p.resolve()
 
 
-def build_examples(sc, tokenizer=None) -> tuple[list[dict[str, Any]], str, int]:  # noqa: ANN001
-    """The sweep's dataset rows, their format, and how many rows of the file were left out for bearing no loss.
+class Examples(NamedTuple):
+    """The sweep's dataset rows (:func:`build_examples`) and how they came from the file."""
+
+    rows: list[dict[str, Any]]
+    fmt: str
+    dropped: int  # rows of the file left out for bearing no loss within seq_len
+    passes: int  # times the kept rows are repeated, in order, so the steps never reach the end (1: not repeated)
+
+
+def passes_for_steps(sc, rows: int, tokens: int) -> int:  # noqa: ANN001
+    """How many times ``rows`` rows holding ``tokens`` tokens (each cut at ``seq_len``) are read in order so that the
+    scenario's steps end inside the last pass: 1 when the rows already cover the steps.
+
+    A tool that reaches the end of its data in the middle of a step (the HF Trainer and those built on it) closes
+    that step with the micro-batches it has and starts the next epoch afresh, so a dataset smaller than the steps'
+    reads would make short steps wherever its row count is no multiple of ``micro_batch * grad_accum``. Repeated
+    whole, the rows are read in the same order as epoch after epoch, and every step holds its full share.
+
+    Without packing the steps read :func:`samples_needed` rows. With packing each packed row holds at most
+    ``seq_len`` tokens, so any packer (the harness's :func:`pack`, TRL's or Axolotl's) makes at least
+    ``tokens / seq_len`` rows of them: the passes give the steps ``samples_needed * seq_len`` tokens.
+    """
+    need = samples_needed(sc)
+    if rows <= 0:
+        return 1
+    if sc.data.packing:
+        return max(1, math.ceil(need * sc.data.seq_len / max(tokens, 1)))
+    return max(1, math.ceil(need / rows))
+
+
+def build_examples(sc, tokenizer=None) -> Examples:  # noqa: ANN001
+    """The sweep's dataset rows, their format, how many rows of the file were left out for bearing no loss, and how
+    many times the rest are read (:func:`passes_for_steps`).
 
     With ``tokenizer`` (the checkpoint's), a row whose loss-bearing tokens (the response, or every token with
     ``prompt_loss``) all fall beyond ``seq_len`` under :func:`tokenize_example` is left out (of the first
     ``num_samples`` rows where it is given): it would train nothing and, in a step of such rows, log a loss of 0.
+    The rows kept are then repeated whole, in order, where the steps read more than they hold; with packing that
+    needs their token counts, so packed JSONL rows are repeated only with ``tokenizer``.
 
     Raises:
         ValueError: an empty file, or no row that bears loss within ``seq_len``.
     """
     if sc.data.source == "synthetic":
-        return synthetic_examples(sc), "text", 0
+        rows = synthetic_examples(sc)
+        passes = 1 if sc.data.packing else passes_for_steps(sc, len(rows), 0)
+        return Examples(rows * passes, "text", 0, passes)
     rows = read_jsonl(resolve_path(sc.data.path, sc.source_path))
     if not rows:
         raise ValueError(f"{sc.data.path}: no rows")
     fmt = sc.data.format or detect_format(rows[0])
     if sc.data.num_samples:
         rows = rows[: sc.data.num_samples]
-    dropped = 0
-    if tokenizer is not None:
-        kept = [r for r in rows if bears_loss(tokenize_example(tokenizer, r, fmt, sc.data.seq_len,
-                                                               sc.data.prompt_loss))]
-        if not kept:
-            raise ValueError(f"{sc.data.path}: no row keeps a loss-bearing token within data.seq_len "
-                             f"{sc.data.seq_len} (every response starts beyond it): raise seq_len")
-        rows, dropped = kept, len(rows) - len(kept)
-    return rows, fmt, dropped
+    if tokenizer is None:
+        passes = 1 if sc.data.packing else passes_for_steps(sc, len(rows), 0)
+        return Examples(rows * passes, fmt, 0, passes)
+    tokenised = [tokenize_example(tokenizer, r, fmt, sc.data.seq_len, sc.data.prompt_loss) for r in rows]
+    kept = [(r, t) for r, t in zip(rows, tokenised, strict=True) if bears_loss(t)]
+    if not kept:
+        raise ValueError(f"{sc.data.path}: no row keeps a loss-bearing token within data.seq_len "
+                         f"{sc.data.seq_len} (every response starts beyond it): raise seq_len")
+    passes = passes_for_steps(sc, len(kept), sum(len(t["input_ids"]) for _, t in kept))
+    return Examples([r for r, _ in kept] * passes, fmt, len(rows) - len(kept), passes)
 
 
 def bears_loss(example: dict) -> bool:
@@ -218,6 +255,7 @@ def collate(rows: list[dict], pad_id: int):
     return pad_batch(rows, pad_id)
 
 
-def dataset_meta(sc, rows: list[dict], fmt: str, dropped: int = 0) -> dict:
-    return {"format": fmt, "rows": len(rows), "source": sc.data.source, "seq_len": sc.data.seq_len,
-            "packing": sc.data.packing, "rows_without_loss_left_out": dropped}
+def dataset_meta(sc, examples: Examples) -> dict:  # noqa: ANN001
+    """``dataset.meta.json``: what the dataset file holds and how it came from the scenario's data."""
+    return {"format": examples.fmt, "rows": len(examples.rows), "source": sc.data.source, "seq_len": sc.data.seq_len,
+            "packing": sc.data.packing, "rows_without_loss_left_out": examples.dropped, "passes": examples.passes}

@@ -31,12 +31,11 @@ def prepare(sc, data_dir: Path) -> dict:
                 from transformers import AutoTokenizer  # heavy: this process only
 
                 tok = AutoTokenizer.from_pretrained(ckpt)
-            rows, fmt, dropped = data.build_examples(sc, tok)
+            examples = data.build_examples(sc, tok)
         else:
-            (rows, fmt), dropped = preference.build_rows(sc), 0
-        meta = data.dataset_meta(sc, rows, fmt, dropped)
-        (data_dir / "dataset.meta.json").write_text(json.dumps(meta, indent=1))
-        data.write_jsonl(rows, ds_path)
+            examples = preference.build_rows(sc)
+        (data_dir / "dataset.meta.json").write_text(json.dumps(data.dataset_meta(sc, examples), indent=1))
+        data.write_jsonl(examples.rows, ds_path)
     digest = hashlib.sha256(ds_path.read_bytes()).hexdigest()[:16]
     return {"checkpoint": str(ckpt), "dataset_path": str(ds_path), "dataset_sha256_16": digest}
 

@@ -37,6 +37,8 @@ class DataFindings:
 
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    rows_kept: int = 0  # rows used that keep a loss-bearing token (all rows used, with another tokenizer)
+    tokens_kept: int = 0  # their tokens, each row cut at seq_len (UTF-8 bytes, with another tokenizer)
 
 
 def check_jsonl(path: Path, shown: str, fmt: str | None, seq_len: int, *, prompt_loss: bool = False,
@@ -86,6 +88,9 @@ def check_jsonl(path: Path, shown: str, fmt: str | None, seq_len: int, *, prompt
                 longest = max(longest, total)
                 truncated += total > seq_len
                 no_loss += loss == 0
+                if loss or not exact_tokens:
+                    out.rows_kept += 1
+                    out.tokens_kept += min(total, seq_len)
     except OSError as e:
         out.problems.append(f"cannot read {shown!r}: {e.strerror or e}")
         return out

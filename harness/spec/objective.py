@@ -33,7 +33,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from harness.inputs import preference
-from harness.inputs.data import detect_format, read_jsonl, resolve_path
+from harness.inputs.data import detect_format, read_jsonl, resolve_path, samples_needed
 
 OBJECTIVES = ("sft", "dpo", "orpo", "kto", "grpo")
 PREFERENCE = ("dpo", "orpo", "kto")  # trained on labelled completions; scored by reward accuracy on held-out pairs
@@ -215,7 +215,8 @@ def file_problems(sc: Any, source: str) -> tuple[list[tuple[tuple, str]], list[s
     exact = sc.model.weights == "random"
     if d.source == "jsonl" and d.path and (path := resolve_path(d.path, source)).exists():
         found, notes = preference.check_file(path, d.path, ob.kind, d.seq_len, num_samples=d.num_samples,
-                                             exact_tokens=exact, max_new_tokens=ob.max_new_tokens)
+                                             exact_tokens=exact, max_new_tokens=ob.max_new_tokens,
+                                             needed=samples_needed(sc))
         out += [(("data", "path"), p) for p in found]
     if ob.eval_pairs:
         path = resolve_path(ob.eval_pairs, source)

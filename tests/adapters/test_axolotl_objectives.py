@@ -137,7 +137,7 @@ def test_rows_keep_the_fields_axolotl_reads_in_file_order():
 
 
 def _ctx(tmp_path: Path, sc, overrides: dict) -> RunContext:
-    rows, _ = preference.build_rows(sc)
+    rows = preference.build_rows(sc).rows
     data = tmp_path / "data.jsonl"
     write_jsonl(rows, data)
     ckpt = tmp_path / "ckpt"

@@ -138,7 +138,7 @@ def test_reference_handling_in_the_config(tmp_path):
 
 
 def _ctx(tmp_path: Path, sc, overrides: dict) -> RunContext:
-    rows, _ = preference.build_rows(sc)
+    rows = preference.build_rows(sc).rows
     data = tmp_path / "data.jsonl"
     write_jsonl(rows, data)
     work = tmp_path / "work"

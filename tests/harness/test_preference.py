@@ -193,20 +193,26 @@ def test_conversions():
 def test_synthetic_pairs_fill_seq_len_exactly(kind):
     sc = parse_scenario(scenario(f"{{kind: {kind}}}", data="{source: synthetic, seq_len: 64}",
                                  train="{micro_batch: 2, grad_accum: 2, steps: 3, warmup_steps: 1}"), "s.yaml")
-    rows, form = pref.build_rows(sc)
-    assert form == pref.FORM_OF[kind]
+    rows, form, _, passes = pref.build_rows(sc)
+    assert form == pref.FORM_OF[kind] and passes == 1
     assert len(rows) == 12  # samples the steps consume: 3 x 2 x 2 (KTO: labelled rows, 6 pairs unpaired)
     for r in rows:
         for completion in ([r["chosen"], r["rejected"]] if kind == "dpo" else [r["completion"]]):
             assert 1 + len(r["prompt"].encode()) + len(completion.encode()) + 1 == 64  # <bos> + text + <eos>
-    assert pref.build_rows(sc) == (rows, form)  # deterministic in data.seed
+    assert pref.build_rows(sc) == (rows, form, 0, 1)  # deterministic in data.seed
 
 
 def test_jsonl_rows_are_converted_and_cut_in_the_objectives_units():
     sc = parse_scenario(scenario("{kind: kto}", data=f"{{source: jsonl, path: {PAIRS_FILE}, seq_len: 96, "
                                                      "num_samples: 5}"), "s.yaml")
-    rows, form = pref.build_rows(sc)
-    assert form == pref.LABELLED and len(rows) == 5 and [r["label"] for r in rows] == [True, False, True, False, True]
+    rows, form, _, passes = pref.build_rows(sc)
+    # the steps read 2 x 1 x 4 = 8 rows (the scenario's default train): the 5 are read twice, in order
+    assert form == pref.LABELLED and passes == 2 and len(rows) == 10
+    assert [r["label"] for r in rows[:5]] == [True, False, True, False, True] and rows[5:] == rows[:5]
+    # validate says so, counting the file's rows in the same units (KTO: two rows a pair, then num_samples)
+    _, notes = pref.check_file(Path(PAIRS_FILE), "p.jsonl", "kto", 96, num_samples=5, needed=8)
+    assert "p.jsonl: the steps read more than its 5 rows hold: every framework reads them 2 times over" in notes[0]
+    assert not any("times over" in n for n in pref.check_file(Path(PAIRS_FILE), "p.jsonl", "kto", 96, needed=8)[1])
 
 
 def test_exact_match_reward_scores_the_first_line():

@@ -245,3 +245,20 @@ def test_a_prepare_step_stopped_by_sigint_is_an_interruption_not_a_failed_row(tm
     monkeypatch.setattr(runner.subprocess, "run", lambda *a, **k: failed)
     with pytest.raises(runner.PrepareFailed, match="bad data"):
         runner._prepare(sc, tmp_path, 60)
+
+
+def test_a_file_smaller_than_the_steps_is_read_whole_again_with_no_short_step(env):
+    """5 rows, 3 steps of 3 x 3: the HF Trainer would close a step at each epoch's end with the micro-batches it has
+    (a run marked invalid: grad_accum ran with 2); the rows are read 6 times over, in order, and every step is full.
+    """
+    rows = [{"instruction": f"say {i}", "output": "ok " * (i + 1)} for i in range(5)]
+    (env / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    p, _ = _sc(env, "  - hf\n", name="small_file", baseline="hf")
+    text = p.read_text().replace("data: {seq_len: 32}", "data: {source: jsonl, path: d.jsonl, seq_len: 96}")
+    sc = parse_scenario(text.replace("micro_batch: 2,", "micro_batch: 3, grad_accum: 3,"), str(p))
+    assert any("reads them 6 times over" in n for n in sc.notes)  # validate says so
+    d = run_sweep(sc, env / "results", quiet=True)
+    (row,) = results.load_runs(d)
+    assert row["status"] == "ok" and row["valid"], row.get("invalid_reasons")
+    meta = json.loads(next((env / "work").rglob("dataset.meta.json")).read_text())
+    assert (meta["rows"], meta["passes"]) == (30, 6)

@@ -298,12 +298,13 @@ def test_rows_without_loss_are_left_out_of_the_dataset(tmp_path):
     (tmp_path / "s.yaml").write_text(GOOD.replace("  seq_len: 64", "  source: jsonl\n  path: d.jsonl\n  seq_len: 64"))
     sc = load_scenario(tmp_path / "s.yaml")
     tok = build_tokenizer(300)
-    kept, fmt, dropped = data.build_examples(sc, tok)
-    assert (kept, fmt, dropped) == ([rows[0], rows[1], rows[4]], "alpaca", 2)
-    assert data.build_examples(sc) == (rows, "alpaca", 0)  # without the tokenizer: the file as it is
+    # the steps read 4 x 2 = 8 rows, so the rows kept are read whole, in order, until they cover them
+    kept, fmt, dropped, passes = data.build_examples(sc, tok)
+    assert (kept, fmt, dropped, passes) == ([rows[0], rows[1], rows[4]] * 3, "alpaca", 2, 3)
+    assert data.build_examples(sc) == (rows * 2, "alpaca", 0, 2)  # without the tokenizer: the file as it is
     assert all(data.bears_loss(data.tokenize_example(tok, r, fmt, 64)) for r in kept)
     sc.data.num_samples = 3  # of the first three, the one with n = 50 goes
-    assert data.build_examples(sc, tok)[0::2] == ([rows[0], rows[1]], 1)
+    assert data.build_examples(sc, tok)[::2] == ([rows[0], rows[1]] * 4, 1)
     sc.data.num_samples, sc.data.seq_len = None, 20  # every prompt fills the row
     with pytest.raises(ValueError, match="no row keeps a loss-bearing token within data.seq_len 20"):
         data.build_examples(sc, tok)

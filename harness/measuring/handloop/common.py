@@ -44,7 +44,7 @@ def sweep_examples(sc, tokenizer) -> tuple[list[dict], str, dict[str, Any]]:  # 
     the checkpoint's tokenizer), their format, and what identifies them: ``dataset_sha256_16``, the digest prepare
     records for the same file (each row ``json.dumps`` + newline, as ``data.write_jsonl`` writes it), the row
     count, format and order."""
-    examples, fmt, _ = data.build_examples(sc, tokenizer)
+    examples, fmt, _, _ = data.build_examples(sc, tokenizer)
     text = "".join(json.dumps(r) + "\n" for r in examples)
     return examples, fmt, {"dataset_sha256_16": hashlib.sha256(text.encode()).hexdigest()[:16],
                            "dataset_rows": len(examples), "data_format": fmt, "data_order": DATA_ORDER}
