@@ -51,6 +51,9 @@ def _simulate_memory(ctx, torch) -> None:  # noqa: ANN001
 
 def run(ctx) -> None:  # noqa: ANN001
     import torch  # heavy: the worker's environment only
+    from transformers import get_scheduler
+
+    from harness.measuring.handloop.trainer_loop import make_optimizer  # imports torch: the worker only
 
     sc, ov = ctx.scenario, ctx.options
     if ov.crash:
@@ -67,7 +70,9 @@ def run(ctx) -> None:  # noqa: ANN001
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=sc.train.lr, weight_decay=sc.train.weight_decay)
+    # the scenario's optimizer and schedule, built as the HF Trainer builds them
+    opt = make_optimizer(model, sc.train.optimizer, sc.train.lr, sc.train.weight_decay)
+    sched = get_scheduler(sc.train.lr_scheduler, opt, num_warmup_steps=0, num_training_steps=sc.train.steps)
     rows = load_tokenised(sc, ctx.dataset_path, tok).rows
     mb, ga = sc.train.micro_batch, sc.train.grad_accum
     dev = "cuda" if sc.hardware.device == "cuda" else "cpu"
@@ -95,6 +100,7 @@ def run(ctx) -> None:  # noqa: ANN001
         if sc.train.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, sc.train.max_grad_norm)
         opt.step()
+        sched.step()
         opt.zero_grad(set_to_none=True)
         if ov.sleep_s:
             time.sleep(ov.sleep_s)
