@@ -46,11 +46,12 @@ def write_dataset(ctx, tok, fmt: str) -> None:  # noqa: ANN001
     """Write the run's rows and their ``dataset_info.json`` into ``<work_dir>/lf_data``; report where LLaMA-Factory's
     labels or truncation differ from the harness's."""
     sc = ctx.scenario
-    form = lf_data.form_of(sc.objective.kind, fmt)
+    given = read_jsonl(ctx.dataset_path)
+    form = lf_data.form_of_rows(sc.objective.kind, fmt, given, sc.data.prompt_loss)
     # the pt stage adds <bos> itself only for tokenizers with add_bos_token (ours adds it in a post-processor); the
     # template stages never do
     bos = "" if form == "text" and getattr(tok, "add_bos_token", False) else (tok.bos_token or "")
-    rows, notes = lf_data.lf_rows(read_jsonl(ctx.dataset_path), fmt, form, bos, tok.eos_token, sc.data.prompt_loss)
+    rows, notes = lf_data.lf_rows(given, fmt, form, bos, tok.eos_token, sc.data.prompt_loss)
     ds_dir = ctx.work_dir / "lf_data"
     ds_dir.mkdir(exist_ok=True)
     write_jsonl(rows, ds_dir / lf_data.FILE_NAME)

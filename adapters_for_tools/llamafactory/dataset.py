@@ -7,6 +7,10 @@ alpaca``, its columns renamed by ``columns``). What the harness's rows become, a
 - Alpaca, messages, sharegpt rows, split as for TRL (the prompt, then the loss-bearing rest:
   ``adapters_for_tools.prompt_completion``) -> columns ``prompt: instruction``, ``query: input`` (always empty),
   ``response: output``; stage ``sft``.
+- Conversations where a row has another number of assistant turns than one (form ``turns``): LLaMA-Factory's own
+  ``sharegpt`` formatting, ``{"conversations": [{"from": "human" | "gpt", "value": ...}]}``, each ``gpt`` value an
+  assistant turn's text and each ``human`` value the harness's rendered text between two of them; stage ``sft``,
+  which trains every assistant turn (``mask_history`` off, its default).
 - dpo / orpo pairs ``prompt, chosen, rejected`` -> the same columns with ``ranking: true``; stage ``dpo``
   (``pref_loss: orpo`` for ORPO).
 - kto's labelled completions ``prompt, completion, label`` -> ``prompt``, ``response: completion``,
@@ -32,6 +36,7 @@ from collections.abc import Callable
 from typing import Any
 
 from adapters_for_tools.prompt_completion import split_rows
+from harness.inputs.data import prompt_response
 
 DATASET_NAME = "tunebench"
 FILE_NAME = "data.jsonl"
@@ -41,8 +46,9 @@ COLUMNS = {
     "sft": {"prompt": "instruction", "query": "input", "response": "output"},
     "pairs": {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected"},
     "labelled": {"prompt": "prompt", "response": "completion", "kto_tag": "label"},
+    "turns": {"messages": "conversations"},  # sharegpt formatting; its default tags: from, value, human, gpt
 }
-STAGES = {"text": "pt", "sft": "sft", "pairs": "dpo", "labelled": "kto"}
+STAGES = {"text": "pt", "sft": "sft", "pairs": "dpo", "labelled": "kto", "turns": "sft"}
 FORM_OF_OBJECTIVE = {"dpo": "pairs", "orpo": "pairs", "kto": "labelled"}  # the sweep's rows (harness.inputs.preference)
 
 
@@ -59,9 +65,21 @@ def form_of(kind: str, fmt: str) -> str:
     return FORM_OF_OBJECTIVE[kind]
 
 
+def form_of_rows(kind: str, fmt: str, rows: list[dict[str, Any]], prompt_loss: bool = False) -> str:
+    """:func:`form_of`, and ``turns`` for SFT conversations of which a row has another number of assistant turns
+    than one (which the prompt/response columns cannot hold). With ``prompt_loss`` every token after the ``<bos>``
+    bears loss, which one Alpaca row holds (:func:`lf_rows`), so the form stays ``sft``."""
+    form = form_of(kind, fmt)
+    if form == "sft" and not prompt_loss and fmt in ("messages", "sharegpt") and any(
+            sum(bears for _, bears in prompt_response(r, fmt)) != 1 for r in rows):
+        return "turns"
+    return form
+
+
 def dataset_info(file_name: str = FILE_NAME, form: str = "text") -> dict[str, Any]:
     """``dataset_info.json`` registering the run's JSONL of ``form`` under :data:`DATASET_NAME`."""
-    entry: dict[str, Any] = {"file_name": file_name, "formatting": "alpaca", "columns": dict(COLUMNS[form])}
+    entry: dict[str, Any] = {"file_name": file_name, "formatting": "sharegpt" if form == "turns" else "alpaca",
+                             "columns": dict(COLUMNS[form])}
     if form == "pairs":
         entry["ranking"] = True  # the dpo stage reads only ranked datasets (and the others only unranked ones)
     return {DATASET_NAME: entry}
@@ -96,7 +114,39 @@ def lf_rows(rows: list[dict[str, Any]], fmt: str, form: str, bos: str, eos: str,
     if form == "labelled":
         return [{"prompt": bos + r["prompt"], "completion": r["completion"] + eos, "label": bool(r["label"])}
                 for r in rows], []
+    if form == "turns":
+        out = [{"conversations": conversation(prompt_response(r, fmt), bos, eos)} for r in rows]
+        trailing = any(not bears for r in rows for _, bears in prompt_response(r, fmt)[-1:])
+        return out, ([f"{fmt}: text after the last assistant turn bears loss in LLaMA-Factory's last gpt value, not "
+                      "in the harness's labels"] if trailing else [])
     raise ValueError(f"unknown LLaMA-Factory row form {form!r} (one of {', '.join(COLUMNS)})")
+
+
+def conversation(segments: list[tuple[str, bool]], bos: str, eos: str) -> list[dict[str, str]]:
+    """A row's rendered segments (``harness.inputs.data.prompt_response``) as LLaMA-Factory's sharegpt turns.
+
+    Consecutive segments of the same kind join: the loss-bearing ones (assistant turns) into ``gpt`` values, the
+    others into the ``human`` values between them; the BOS text opens the first ``human`` value (an empty one
+    when the row starts with an assistant turn), the EOS text closes the last ``gpt`` value, and text after the
+    last assistant turn joins that value (the ``empty`` template writes each value as it is, so the ids are the
+    harness's: ``<bos> + segments + <eos>``).
+
+    Raises:
+        ValueError: a row without an assistant turn (it trains nothing).
+    """
+    turns: list[dict[str, str]] = [{"from": "human", "value": bos}]
+    for text, bears in segments:
+        who = "gpt" if bears else "human"
+        if turns[-1]["from"] == who:
+            turns[-1]["value"] += text
+        else:
+            turns.append({"from": who, "value": text})
+    if len(turns) < 2:
+        raise ValueError("a conversation without an assistant turn: LLaMA-Factory's sharegpt rows end with one")
+    if turns[-1]["from"] == "human":  # text after the last assistant turn
+        turns[-2]["value"] += turns.pop()["value"]
+    turns[-1]["value"] += eos
+    return turns
 
 
 def overlong(rows: list[dict[str, Any]], form: str, encode: Callable[[str], list[int]], seq_len: int) -> int:
@@ -104,6 +154,9 @@ def overlong(rows: list[dict[str, Any]], form: str, encode: Callable[[str], list
     sequence cut at ``seq_len``). Its ``infer_seqlen`` shares ``cutoff_len`` between the prompt and the (longest)
     response: the same cut when the prompt is under half of it and the response is not; otherwise, for a row too
     long, the prompt is cut too, or both in proportion. Text rows are cut at the end in the pt stage: 0 for them.
+    Conversations (``turns``) go pair by pair (a ``human`` value and the ``gpt`` value after it), each pair sharing
+    what is left of ``cutoff_len`` by the same rule, and the pairs after the first cut are dropped: the end-cut
+    when the first pair that does not fit is cut that way.
 
     Args:
         rows: LLaMA-Factory's rows.
@@ -113,6 +166,8 @@ def overlong(rows: list[dict[str, Any]], form: str, encode: Callable[[str], list
     """
     if form == "text":
         return 0
+    if form == "turns":
+        return sum(_turns_cut_otherwise([len(encode(t["value"])) for t in r["conversations"]], seq_len) for r in rows)
     prompt_key = "instruction" if form == "sft" else "prompt"
     responses = {"sft": ("output",), "pairs": ("chosen", "rejected"), "labelled": ("completion",)}[form]
     n = 0
@@ -121,3 +176,14 @@ def overlong(rows: list[dict[str, Any]], form: str, encode: Callable[[str], list
         response = max(len(encode(r[k])) for k in responses)
         n += int(prompt + response > seq_len and not (2 * prompt < seq_len <= 2 * response))
     return n
+
+
+def _turns_cut_otherwise(lengths: list[int], seq_len: int) -> bool:
+    """Whether LLaMA-Factory cuts a conversation of these turn lengths (human, gpt, human, gpt, ...) otherwise than
+    at ``seq_len`` tokens from its start (:func:`overlong`)."""
+    left = seq_len
+    for source, target in zip(lengths[::2], lengths[1::2], strict=True):
+        if source + target > left:
+            return not 2 * source < left <= 2 * target
+        left -= source + target
+    return False

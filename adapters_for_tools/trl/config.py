@@ -19,8 +19,7 @@ from typing import Any
 
 from adapters_for_tools import distributed
 from adapters_for_tools.contract import trainer_args
-from adapters_for_tools.prompt_completion import split_rows
-from harness.inputs.data import prompt_response, tokenize_example
+from adapters_for_tools.prompt_completion import sft_trainer_rows
 
 
 def native_config(sc, work_dir: Path, checkpoint: str, data_file: Path, fmt: str,
@@ -122,18 +121,10 @@ def convert_rows(rows: list[dict[str, Any]], fmt: str, tokenizer: Any = None, se
     """Sweep rows -> rows TRL reads, rendered as ``harness.inputs.data.prompt_response`` renders them.
 
     Returns:
-        (rows, notes): ``text`` rows unchanged; alpaca -> ``{"prompt", "completion"}``; messages/sharegpt with
-        exactly one assistant turn -> prompt/completion of the harness's rendering. Where a row has another number
-        of assistant turns (which prompt/completion cannot hold), every row is given pre-tokenised instead:
-        ``{"input_ids", "labels"}`` of ``harness.inputs.data.tokenize_example`` with ``tokenizer`` (the
-        checkpoint's), TRL's documented form for a dataset it trains as given. ``notes`` lists differences from
-        the harness's labels and that choice.
+        (rows, notes): ``text`` rows unchanged; the others as
+        :func:`adapters_for_tools.prompt_completion.sft_trainer_rows` gives them (prompt/completion, or
+        pre-tokenised conversations with several assistant turns).
     """
     if fmt == "text":
         return [{"text": r["text"]} for r in rows], []
-    turns = {sum(bears for _, bears in prompt_response(r, fmt)) for r in rows}
-    if turns == {1} or tokenizer is None:
-        return split_rows(rows, fmt, "TRL", "prompt", "completion")
-    out = [tokenize_example(tokenizer, r, fmt, seq_len, prompt_loss) for r in rows]
-    return out, [f"{fmt} rows with {sorted(turns)} assistant turns: given to TRL pre-tokenised by the harness "
-                 "(input_ids and labels, which TRL trains as given: its prompt/completion form holds one turn)"]
+    return sft_trainer_rows(rows, fmt, "TRL", tokenizer, seq_len, prompt_loss)

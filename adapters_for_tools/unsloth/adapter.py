@@ -42,7 +42,7 @@ def run(ctx) -> None:
 
     # the rows Unsloth trains on (us_config.trainer_rows), written once where they differ from the sweep's file
     given = read_jsonl(ctx.dataset_path)
-    rows, notes = us_config.trainer_rows(given, fmt, AutoTokenizer.from_pretrained(ctx.checkpoint).bos_token)
+    rows, notes = us_config.trainer_rows(given, fmt, AutoTokenizer.from_pretrained(ctx.checkpoint), sc)
     ctx.extra.update(notes)
     data_file = ctx.dataset_path
     if rows is not given:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from adapters_for_tools.contract import trainer_args
-from adapters_for_tools.prompt_completion import split_rows
+from adapters_for_tools.prompt_completion import sft_trainer_rows
 
 
 def native_config(sc, work_dir: Path, checkpoint: str, data_file: Path,
@@ -106,18 +106,44 @@ def cannot_honour(sc) -> list[tuple[str, str]]:
     return out
 
 
-def trainer_rows(rows: list[dict], fmt: str, bos: str | None) -> tuple[list[dict], dict[str, Any]]:
+def trainer_rows(rows: list[dict], fmt: str, tokenizer: Any, sc: Any = None) -> tuple[list[dict], dict[str, Any]]:
     """The rows Unsloth's ``SFTTrainer`` is given for the sweep's rows of format ``fmt``: chat and alpaca rows as
-    prompt/completion (as for TRL), and the BOS text at the start of each sample (:func:`with_bos` says why).
+    for TRL (``adapters_for_tools.prompt_completion.sft_trainer_rows``: prompt/completion, or pre-tokenised
+    conversations with several assistant turns), and the BOS text at the start of each text sample
+    (:func:`with_bos` says why).
+
+    Args:
+        rows: the sweep's rows.
+        fmt: their format.
+        tokenizer: the checkpoint's (its BOS text; and the ids of pre-tokenised conversations).
+        sc: the scenario (``seq_len``, ``prompt_loss``, ``packing``); None: prompt/completion only.
 
     Returns ``(rows, notes)``: the same list object when nothing changed (the sweep's file can be read as it is);
-    notes for the run's ``extra`` (``differences`` of the split, ``data`` when the BOS text was written)."""
+    notes for the run's ``extra`` (``differences`` of the split, ``data`` when the rows were rewritten).
+
+    Raises:
+        ValueError: conversations with several assistant turns in a packed scenario (Unsloth pads pre-tokenised
+            rows with ``DataCollatorForSeq2Seq``, which keeps no sample boundary in a packed row), or without
+            ``sc``.
+    """
     notes: dict[str, Any] = {}
     if fmt != "text":
-        rows, diffs = split_rows(rows, fmt, "TRL", "prompt", "completion")
+        tokenise = sc is not None and not sc.data.packing
+        try:
+            rows, diffs = sft_trainer_rows(rows, fmt, "Unsloth", tokenizer if tokenise else None,
+                                           sc.data.seq_len if tokenise else None, tokenise and sc.data.prompt_loss)
+        except ValueError as e:
+            if sc is not None and sc.data.packing:
+                raise ValueError(f"{e}; conversations with several go pre-tokenised, which Unsloth pads with "
+                                 "DataCollatorForSeq2Seq, keeping no sample boundary in a packed row: "
+                                 "leave data.packing off") from None
+            raise
+        if rows and "input_ids" in rows[0]:
+            notes["data"] = diffs[0]
+            return rows, notes
         if diffs:
             notes["differences"] = diffs
-    rows, changed = with_bos(rows, bos)
+    rows, changed = with_bos(rows, getattr(tokenizer, "bos_token", None))
     if changed:
         notes["data"] = ("BOS text written at the start of every sample: Unsloth tokenises without special tokens "
                          "unless the text starts with it; so it trains the same token ids as the others")

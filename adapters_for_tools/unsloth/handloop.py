@@ -58,13 +58,13 @@ def trainer_checkpointing(model, args) -> dict[str, Any] | None:  # noqa: ANN001
     return dict(kwargs or {})
 
 
-def sft_trainer(model, tok, cfg: dict[str, Any], examples: list[dict], fmt: str, work: Path):  # noqa: ANN001
+def sft_trainer(model, tok, cfg: dict[str, Any], examples: list[dict], fmt: str, work: Path, sc):  # noqa: ANN001
     """The adapter's ``SFTTrainer`` over ``model``, not trained: its config (``cfg["sft"]``) and its rows
     (:func:`~adapters_for_tools.unsloth.config.trainer_rows` of the sweep's ``examples``) written under ``work``."""
     from datasets import load_dataset
     from trl import SFTConfig, SFTTrainer  # after unsloth (run() imported it): the classes Unsloth patched
 
-    rows, _ = us_config.trainer_rows(examples, fmt, tok.bos_token)
+    rows, _ = us_config.trainer_rows(examples, fmt, tok, sc)
     path = Path(cfg["data_file"])
     write_jsonl(rows, path)
     return SFTTrainer(model=model, processing_class=tok, args=SFTConfig(**cfg["sft"]),
@@ -104,7 +104,7 @@ def run(sc, checkpoint: str, device: str, steps: int) -> dict:  # noqa: ANN001
         cfg = us_config.native_config(sc, Path(work), checkpoint, Path(work) / "unsloth_dataset.jsonl", fmt=fmt)
         model, tok = trainers.load_model(cfg)
         FastLanguageModel.for_training(model)
-        trainer = sft_trainer(model, tok, cfg, examples, fmt, Path(work))
+        trainer = sft_trainer(model, tok, cfg, examples, fmt, Path(work), sc)
         model = trainer.model  # what the trainer trains (the adapter's meter watches the same)
         trainer_kwargs = trainer_checkpointing(model, trainer.args)
         feed = loader_steps(trainer.get_train_dataloader(), sc.train.grad_accum, steps)

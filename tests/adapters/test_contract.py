@@ -108,3 +108,31 @@ def test_prompt_completion_split_is_shared_by_trl_and_litgpt():
     got, notes = trl_rows(two_turns + rows, "messages", tok, 64)
     assert got == [tokenize_example(tok, r, "messages", 64) for r in two_turns + rows]
     assert "[1, 2] assistant turns: given to TRL pre-tokenised" in notes[0]
+
+
+def test_unsloth_takes_multi_turn_conversations_pre_tokenised_as_trl_does():
+    """Unsloth trains through TRL's SFTTrainer: several assistant turns go to it pre-tokenised, the harness's ids and
+    labels (its dataset preparation pads a labels column with DataCollatorForSeq2Seq); one turn stays
+    prompt/completion with the BOS text; a packed scenario keeps the clear error (no sample boundary survives
+    that collator)."""
+    from adapters_for_tools.unsloth.config import trainer_rows
+    from harness.inputs.data import tokenize_example
+    from harness.inputs.models import build_tokenizer  # transformers: heavy
+    from harness.spec.scenario import parse_scenario
+
+    tok = build_tokenizer(300)
+    one = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}]
+    two = [{"messages": one[0]["messages"] * 2}]
+    text = ("version: 1\nname: t\nmodel: {preset: tiny-llama, dtype: float32}\nmethod: {kind: lora}\n"
+            "data: {seq_len: 64, prompt_loss: true}\ntrain: {micro_batch: 2, steps: 3}\nhardware: {device: cuda}\n"
+            "frameworks: [unsloth]\nmeasure: {baseline: unsloth}\n")
+    sc = parse_scenario(text, "s.yaml")
+    got, notes = trainer_rows(two + one, "messages", tok, sc)
+    assert got == [tokenize_example(tok, r, "messages", 64, prompt_loss=True) for r in two + one]
+    assert "[1, 2] assistant turns: given to Unsloth pre-tokenised" in notes["data"]
+    (row,), notes = trainer_rows(one, "messages", tok, sc)
+    assert row == {"prompt": tok.bos_token + "<|user|>\nhi\n<|assistant|>\n", "completion": "yo\n"}
+    assert "BOS" in notes["data"] and "Unsloth's completion" in notes["differences"][0]
+    packed = parse_scenario(text.replace("prompt_loss: true", "packing: true"), "s.yaml")
+    with pytest.raises(ValueError, match="takes exactly one; conversations with several go pre-tokenised.*packing off"):
+        trainer_rows(two, "messages", tok, packed)

@@ -99,6 +99,65 @@ def test_messages_rows_split_as_for_trl_and_say_what_differs(tok):
     assert lf_data.lf_rows(rows, "messages", "sft", tok.bos_token, tok.eos_token, prompt_loss=True)[1] == []
 
 
+MULTI = [  # two assistant turns, a system turn, text after the last assistant turn (a user turn), an assistant first
+    {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+                  {"role": "assistant", "content": "yo"}, {"role": "user", "content": "and?"},
+                  {"role": "assistant", "content": "done"}]},
+    {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
+                  {"role": "user", "content": "more"}]},
+    {"messages": [{"role": "assistant", "content": "hello"}, {"role": "user", "content": "x"},
+                  {"role": "assistant", "content": "y"}]},
+]
+
+
+def _empty_template_turns(tok, turns: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+    """What LLaMA-Factory's ``empty`` template makes of sharegpt turns (mask_history off): each value encoded as it
+    is, the human ones masked, every gpt one trained."""
+    ids, labels = [], []
+    for t in turns:
+        enc = _enc(tok, t["value"])
+        ids += enc
+        labels += enc if t["from"] == "gpt" else [IGNORE_INDEX] * len(enc)
+    return ids, labels
+
+
+def test_conversations_with_several_assistant_turns_go_as_sharegpt_turns(tok):
+    """Several assistant turns do not fit the prompt/response columns: the file goes in LLaMA-Factory's sharegpt
+    formatting instead, each assistant turn a gpt value; the ids are the harness's and every assistant turn bears
+    loss (text after the last one too, which the note says)."""
+    assert lf_data.form_of_rows("sft", "messages", MULTI) == "turns"
+    assert lf_data.form_of_rows("sft", "messages", MULTI[:0] + [MULTI[1]]) == "sft"  # one turn: prompt/response
+    assert lf_data.form_of_rows("sft", "messages", MULTI, prompt_loss=True) == "sft"  # one Alpaca row holds it all
+    lf, notes = lf_data.lf_rows(MULTI, "messages", "turns", tok.bos_token, tok.eos_token)
+    assert lf[0]["conversations"] == [
+        {"from": "human", "value": tok.bos_token + "<|system|>\nbe brief\n<|user|>\nhi\n<|assistant|>\n"},
+        {"from": "gpt", "value": "yo"}, {"from": "human", "value": "\n<|user|>\nand?\n<|assistant|>\n"},
+        {"from": "gpt", "value": "done\n" + tok.eos_token}]
+    assert lf[2]["conversations"][:2] == [{"from": "human", "value": tok.bos_token + "<|assistant|>\n"},
+                                          {"from": "gpt", "value": "hello"}]
+    assert notes and "text after the last assistant turn bears loss in LLaMA-Factory's last gpt value" in notes[0]
+    for raw, row in zip(MULTI, lf, strict=True):
+        ids, labels = _empty_template_turns(tok, row["conversations"])
+        want = tokenize_example(tok, raw, "messages", 1 << 20)
+        assert ids == want["input_ids"]
+        # the harness's labels, but for the text after the row's last assistant turn, trained too (the note)
+        extra = [i for i, (a, b) in enumerate(zip(labels, want["labels"], strict=True)) if a != b]
+        assert all(want["labels"][i] == IGNORE_INDEX and labels[i] == ids[i] for i in extra)
+        last_turn = max(i for i, b in enumerate(want["labels"][:-1]) if b != IGNORE_INDEX)
+        assert all(i > last_turn for i in extra) and extra  # at least the newline after it
+    assert lf_data.dataset_info(form="turns") == {lf_data.DATASET_NAME: {
+        "file_name": lf_data.FILE_NAME, "formatting": "sharegpt", "columns": {"messages": "conversations"}}}
+    assert lf_config.native_config(_sc(), Path("w"), "ckpt", Path("d"), fmt="messages")["stage"] == "sft"
+    # LLaMA-Factory's cut, pair by pair (infer_seqlen): the same as the end-cut only where the pair it cuts has a
+    # prompt under half of what is left and a response that is not
+    enc = lambda s: _enc(tok, s)  # noqa: E731
+    long = [{"from": "human", "value": tok.bos_token + "q"}, {"from": "gpt", "value": "a" * 40},
+            {"from": "human", "value": "r" * 20}, {"from": "gpt", "value": "b" * 40}]
+    pair = len(enc(long[0]["value"])) + 40
+    for seq_len, cut_otherwise in ((pair + 60, 0), (pair + 55, 0), (pair + 30, 1), (pair - 5, 0), (10, 0)):
+        assert lf_data.overlong([{"conversations": long}], "turns", enc, seq_len) == cut_otherwise, seq_len
+
+
 def test_sft_stage_config_and_dataset_info(tmp_path):
     sc = load_scenario(REPO / "scenarios" / "quality_gpu.yaml")
     cfg = lf_config.native_config(sc, tmp_path, "/ckpt", tmp_path / "lf_data", fmt="alpaca")
@@ -335,7 +394,7 @@ print("LF_ROWS " + json.dumps(out))
 def _write_run(tmp_path: Path, name: str, sc, rows: list[dict], fmt: str, tok, ckpt: Path) -> Path:
     work = tmp_path / name
     (work / "lf_data").mkdir(parents=True)
-    form = lf_data.form_of(sc.objective.kind, fmt)
+    form = lf_data.form_of_rows(sc.objective.kind, fmt, rows, sc.data.prompt_loss)
     lf, _ = lf_data.lf_rows(rows, fmt, form, tok.bos_token, tok.eos_token, sc.data.prompt_loss)
     write_jsonl(lf, work / "lf_data" / lf_data.FILE_NAME)
     (work / "lf_data" / "dataset_info.json").write_text(json.dumps(lf_data.dataset_info(form=form)))
@@ -358,6 +417,7 @@ def test_llamafactory_loader_tokenises_the_files_into_the_harness_ids(tmp_path, 
         "sft_pl": _write_run(tmp_path, "sft_pl", _sc(data=pl), alpaca, "alpaca", tok, ckpt),
         "dpo": _write_run(tmp_path, "dpo", _sc(KINDS["dpo"], data=PAIRS), pairs, "pairs", tok, ckpt),
         "kto": _write_run(tmp_path, "kto", _sc(KINDS["kto"], data=PAIRS), labelled, "labelled", tok, ckpt),
+        "turns": _write_run(tmp_path, "turns", _sc(), MULTI, "messages", tok, ckpt),
     }
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([*envs.resolve("llamafactory").pythonpath, str(REPO)]),
                HF_HUB_OFFLINE="1")
@@ -372,6 +432,14 @@ def test_llamafactory_loader_tokenises_the_files_into_the_harness_ids(tmp_path, 
             want = tokenize_example(tok, raw, "alpaca", 96, prompt_loss=prompt_loss)
             assert r["input_ids"] == want["input_ids"] and r["labels"][1:] == want["labels"][1:]
             assert r["labels"][0] == IGNORE_INDEX  # no loss token the Trainer would count that nothing predicts
+    assert len(got["turns"]) == len(MULTI)  # sharegpt conversations: none dropped as invalid
+    for raw, r in zip(MULTI, got["turns"], strict=True):
+        want = tokenize_example(tok, raw, "messages", 96)
+        assert r["input_ids"] == want["input_ids"]
+        # every assistant turn trained; beyond the harness's labels only the text after the last one (the note)
+        last_turn = max(i for i, b in enumerate(want["labels"][:-1]) if b != IGNORE_INDEX)
+        assert r["labels"][: last_turn + 1] == want["labels"][: last_turn + 1]
+        assert r["labels"][last_turn + 1:] == r["input_ids"][last_turn + 1:]
     for raw, r in zip(pairs, got["dpo"], strict=True):
         assert r["chosen_input_ids"] == [tok.bos_token_id, *_enc(tok, raw["prompt"] + raw["chosen"]), tok.eos_token_id]
         assert r["rejected_input_ids"] == [tok.bos_token_id, *_enc(tok, raw["prompt"] + raw["rejected"]),
@@ -402,6 +470,28 @@ def _gpu_sweep(tmp_path, monkeypatch, text: str, frameworks: list[str]) -> dict[
         assert res["status"] == "ok", (fw, res.get("reason"), (res.get("traceback") or "")[-3000:])
         assert res["valid"], (fw, res["invalid_reasons"])
     return out
+
+
+@pytest.mark.gpu
+def test_multi_turn_conversations_on_the_gpu_train_the_tokens_hf_trains(tmp_path, monkeypatch):
+    """Conversations with several assistant turns (LLaMA-Factory's sharegpt turns, Unsloth's and TRL's pre-tokenised
+    rows): every tool trains hf's tokens and loss tokens at every step, and its loss agrees with hf's."""
+    if why := envs.unavailable(registry.info("unsloth"), "cuda"):
+        pytest.skip(why)
+    write_jsonl([MULTI[0], MULTI[2]] * 16, tmp_path / "multi.jsonl")  # each ends with an assistant turn
+    data = f"{{source: jsonl, path: {tmp_path / 'multi.jsonl'}, format: messages, seq_len: 96}}"
+    text = scenario(data=data, method="{kind: full}", frameworks="[hf, llamafactory, unsloth, trl]")
+    res = _gpu_sweep(tmp_path, monkeypatch, text.replace("measure: {", "measure: {baseline: hf, "),
+                     ["hf", "llamafactory", "unsloth", "trl"])
+    want = [(s["tokens"], s["loss_tokens"]) for s in res["hf"]["steps"]]
+    for fw in ("llamafactory", "unsloth", "trl"):
+        got = res[fw]["steps"]
+        # LLaMA-Factory's last gpt value trains the newline after the last turn too (its note): one more token a row,
+        # micro-batch 4 x grad_accum 2 rows a step
+        extra = 4 * 2 if fw == "llamafactory" else 0
+        assert [(s["tokens"], s["loss_tokens"] - extra) for s in got] == want, fw
+        for a, b in zip(got, res["hf"]["steps"], strict=True):
+            assert math.isclose(a["loss"], b["loss"], rel_tol=0.05), (fw, a["loss"], b["loss"])
 
 
 @pytest.mark.gpu

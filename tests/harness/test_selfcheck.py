@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -170,11 +171,11 @@ def test_loop_reads_padding_free_rows_by_the_harness_rules():
 def test_unsloth_trainer_rows_carry_the_bos_text():
     """The rows the adapter and its loop give Unsloth's trainer: the BOS text first (Unsloth tokenises without
     special tokens when the text has it), the sweep's list itself where nothing changes."""
-    rows = [{"text": "a b"}, {"text": "<s>c"}]
-    got, notes = unsloth_config.trainer_rows(rows, "text", "<s>")
+    rows, tok = [{"text": "a b"}, {"text": "<s>c"}], SimpleNamespace(bos_token="<s>")
+    got, notes = unsloth_config.trainer_rows(rows, "text", tok)
     assert [r["text"] for r in got] == ["<s>a b", "<s>c"] and "BOS" in notes["data"]
-    assert unsloth_config.trainer_rows(got, "text", "<s>") == (got, {})
-    assert unsloth_config.trainer_rows(got, "text", "<s>")[0] is got
+    assert unsloth_config.trainer_rows(got, "text", tok) == (got, {})
+    assert unsloth_config.trainer_rows(got, "text", tok)[0] is got
 
 
 def test_unsloth_loop_is_unavailable_without_unsloth(tiny):
