@@ -47,9 +47,17 @@ def prepare(ctx) -> dict:
     layer_class = distributed.decoder_layer_class(load_config_dict(ctx.checkpoint))
     if kind == "sft":
         fmt = json.loads(ctx.dataset_path.with_suffix(".meta.json").read_text())["format"]
-        for setting, why in ax_config.cannot_honour(sc, fmt):
-            ctx.cannot_honour(setting, why)
-        cfg = ax_config.native_config(sc, ctx.work_dir, ctx.checkpoint, ctx.dataset_path, fmt,
+        data_file = ctx.dataset_path
+        if fmt in ("messages", "sharegpt"):  # conversations go pre-tokenised (config.tokenised_rows), kept with the run
+            from transformers import AutoTokenizer  # heavy: the worker's environment only
+
+            data_file = ctx.work_dir / "axolotl_sft_dataset.jsonl"
+            write_jsonl(ax_config.tokenised_rows(read_jsonl(ctx.dataset_path), fmt,
+                                                 AutoTokenizer.from_pretrained(ctx.checkpoint), sc.data.seq_len,
+                                                 sc.data.prompt_loss), data_file)
+            ctx.extra["data"] = ("conversations given to Axolotl pre-tokenised by the harness (input_ids, "
+                                 "attention_mask, labels: Axolotl's custom pre-tokenised dataset)")
+        cfg = ax_config.native_config(sc, ctx.work_dir, ctx.checkpoint, data_file, fmt,
                                       liger=ctx.options.liger, layer_class=layer_class)
     else:
         data_file = ctx.work_dir / f"axolotl_{kind}_dataset.jsonl"  # Axolotl's input, saved with the run

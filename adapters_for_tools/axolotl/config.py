@@ -2,8 +2,10 @@
 
 Data: the sweep's JSONL. ``text`` rows -> ``type: completion`` (tokenised ``<bos> + text``, ``<eos>`` appended:
 the harness's ids); alpaca rows -> Axolotl's user-defined prompt format carrying the harness's own alpaca
-template (``harness.inputs.data.ALPACA_PROMPT``), so prompts are the same text; messages -> ``chat_template`` with the
-tokenizer's template (renders differently from the harness: reported as not honoured).
+template (``harness.inputs.data.ALPACA_PROMPT``), so prompts are the same text; messages and sharegpt conversations
+-> Axolotl's custom pre-tokenised dataset (no ``type``; columns ``input_ids``, ``attention_mask``, ``labels``:
+:func:`tokenised_rows`, the harness's ids and labels, every assistant turn trained). Its ``chat_template`` type would
+render them with the tokenizer's own template, another text than every other tool trains on.
 Order: ``curriculum_sampling: true`` gives Axolotl's sequential sampler (no shuffling) and
 ``shuffle_merged_datasets: false`` keeps the file order; with ``sample_packing`` Axolotl packs with its multipack
 sampler (its own grouping; recorded as a difference by the adapter).
@@ -16,7 +18,7 @@ from typing import Any
 
 from adapters_for_tools import distributed
 from adapters_for_tools.contract import HF_OPTIM
-from harness.inputs.data import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT
+from harness.inputs.data import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, tokenize_example
 
 LIGER_PLUGIN = "axolotl.integrations.liger.LigerPlugin"
 # the plugin's switches that apply to a Llama-family model (liger_layer_norm is for LayerNorm models)
@@ -50,11 +52,8 @@ def native_config(sc, work_dir: Path, checkpoint: str, dataset_path: Path, fmt: 
             "field_instruction": "instruction", "field_input": "input", "field_output": "output",
             "format": ALPACA_PROMPT,
             "no_input_format": ALPACA_PROMPT_NO_INPUT}}
-    else:
-        ds = {"path": str(dataset_path), "ds_type": "json", "type": "chat_template",
-              "chat_template": "tokenizer_default",
-              "field_messages": "messages" if fmt == "messages" else "conversations",
-              "roles_to_train": ["assistant"], "train_on_eos": "turn"}
+    else:  # dataset_path holds tokenised_rows: Axolotl takes a dataset with those columns as it is
+        ds = {"path": str(dataset_path), "ds_type": "json"}
     cfg: dict[str, Any] = {
         "base_model": str(checkpoint),
         "tokenizer_config": str(checkpoint),
@@ -127,10 +126,13 @@ def switches(cfg: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def cannot_honour(sc, fmt: str) -> list[tuple[str, str]]:
-    """Scenario settings Axolotl cannot reproduce exactly: (setting, why)."""
+def tokenised_rows(rows: list[dict[str, Any]], fmt: str, tokenizer: Any, seq_len: int,
+                   prompt_loss: bool = False) -> list[dict[str, list[int]]]:
+    """Conversation rows as Axolotl's custom pre-tokenised dataset: ``input_ids`` and ``labels`` of
+    ``harness.inputs.data.tokenize_example`` (cut at ``seq_len``, so Axolotl's filter of rows over
+    ``sequence_len`` drops none) and an ``attention_mask`` of ones."""
     out = []
-    if fmt in ("messages", "sharegpt"):
-        out.append(("data.format", "Axolotl renders conversations with the tokenizer's chat template (an <eos> after "
-                    "every turn); the harness renders them as `<|role|>\\ncontent\\n` with one final <eos>"))
+    for r in rows:
+        t = tokenize_example(tokenizer, r, fmt, seq_len, prompt_loss)
+        out.append({"input_ids": t["input_ids"], "attention_mask": [1] * len(t["input_ids"]), "labels": t["labels"]})
     return out

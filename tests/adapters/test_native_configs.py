@@ -79,7 +79,7 @@ def test_trl_alpaca_rows_render_like_the_harness():
 
 
 def test_axolotl_tiny_and_big(tiny, big, tmp_path):
-    from adapters_for_tools.axolotl.config import cannot_honour, native_config
+    from adapters_for_tools.axolotl.config import native_config
 
     cfg = native_config(tiny, tmp_path, "/ckpt", tmp_path / "dataset.jsonl", "text")
     assert cfg["base_model"] == "/ckpt" and cfg["tokenizer_type"] == "AutoTokenizer"
@@ -100,7 +100,9 @@ def test_axolotl_tiny_and_big(tiny, big, tmp_path):
     assert big_cfg["bnb_config_kwargs"] == {"bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
                                             "bnb_4bit_compute_dtype": "bfloat16"}
     assert big_cfg["bf16"] and big_cfg["optimizer"] == "adamw_bnb_8bit" and big_cfg["seed"] == 7
-    assert cannot_honour(big, "text") == [] and cannot_honour(big, "messages")
+    # conversations: the pre-tokenised file the adapter writes (config.tokenised_rows), no type
+    assert native_config(big, tmp_path, "/ckpt", tmp_path / "t.jsonl", "messages")["datasets"] == [
+        {"path": str(tmp_path / "t.jsonl"), "ds_type": "json"}]
 
 
 def test_axolotl_alpaca_uses_the_harness_template(tiny, tmp_path):
