@@ -37,10 +37,13 @@ sides: the shared scenario settings plus its own row (the description, the repor
 and the other rows left out; harness.spec.scenario.row_settings). They are read from the two sweeps' stored scenarios,
 which also name the keys that changed (printed under the warning, and in the ``changes`` column); where a side has
 no stored scenario, the runs' ``settings_hash`` decides, else the whole ``scenario_hash``. So editing one row of a
-scenario leaves the other rows comparable. The comparison is still made and printed (it is often what one wants to
-see after changing a scenario), but every affected row is flagged "settings differ: not comparable", a warning is
-printed above the table and in the verdict line, and the ``comparable`` flag of the JSON output is false. The exit
-code still follows the verdict, so that a nightly job keeps gating; ``--require-same-settings`` turns a mismatch into
+scenario leaves the other rows comparable. The same settings over other rows are other settings too: where the
+runs of both sides record the digest of the dataset file they read (``dataset_sha256_16``) and it differs (the
+JSONL was edited, or the harness builds it otherwise), the row is not comparable either. The comparison is still
+made and printed (it is often what one wants to see after changing a scenario), but every affected row is flagged
+"settings differ: not comparable", a warning is printed above the table and in the verdict line, and the
+``comparable`` flag of the JSON output is false. The exit code still follows the verdict, so that a nightly job
+keeps gating; ``--require-same-settings`` turns a mismatch into
 exit code 2.
 
 Bad input (not a results directory, no readable run stored, or no scenario in common) raises
@@ -161,13 +164,17 @@ def _same_settings(b_sw: Sweep, c_sw: Sweep, fw: str, b_all: list[RunResult],
     From the two sweeps' stored scenarios where both have the framework's row (the changed keys come with it);
     else by the runs' ``settings_hash`` where every run has one, else by ``scenario_hash``. A side with no hash
     at all cannot disagree."""
+    data_b = sorted({r.dataset_sha256_16 for r in b_all if r.dataset_sha256_16})
+    data_c = sorted({r.dataset_sha256_16 for r in c_all if r.dataset_sha256_16})
+    data = [f"dataset_sha256_16: {', '.join(data_b)} -> {', '.join(data_c)} (the rows trained on differ)"] \
+        if data_b and data_c and data_b != data_c else []
     changes = settings_changes(b_sw.scenario, c_sw.scenario, fw) if b_sw.scenario and c_sw.scenario else None
     if changes is not None:
-        return not changes, changes
+        return not (changes or data), changes + data
     key = "settings_hash" if all(r.settings_hash for r in b_all + c_all) else "scenario_hash"
     hashes_b = {getattr(r, key) for r in b_all if getattr(r, key)}
     hashes_c = {getattr(r, key) for r in c_all if getattr(r, key)}
-    return not (hashes_b and hashes_c and hashes_b != hashes_c), []
+    return not (hashes_b and hashes_c and hashes_b != hashes_c) and not data, data
 
 
 def compare(baseline_dir: Path | Sweep, candidate_dir: Path | Sweep, tps_drop: float = 0.05,

@@ -281,6 +281,25 @@ def test_settings_differ_flagged(tmp_path, capsys):
     assert compare_cli.main([str(a), str(b), "--require-same-settings"]) == 2
 
 
+def test_other_rows_trained_on_are_other_settings(tmp_path, capsys):
+    """The same scenario over another dataset file (its JSONL edited between two nights): the rows whose runs read
+    another digest are flagged, with the digests; where a side has none stored, the digest cannot disagree."""
+    def side(name: str, digests: dict[str, str | None]) -> Path:
+        runs = [make_run(f, 0) | {"dataset_sha256_16": d} for f, d in digests.items()]
+        return make_sweep(tmp_path / name, runs)
+
+    a = side("a", {"hf": "aaaa000011112222", "tunebench": "aaaa000011112222"})
+    b = side("b", {"hf": "bbbb000011112222", "tunebench": None})
+    df, regressed = compare.compare(a, b)
+    assert not regressed
+    assert df.groupby("framework").comparable.all().to_dict() == {"hf": False, "tunebench": True}
+    assert compare_cli.main([str(a), str(b)]) != 1  # no regression, whatever the noise of one repeat decides
+    out = capsys.readouterr().out
+    assert (f"  {SCENARIO_NAME}/hf: dataset_sha256_16: aaaa000011112222 -> bbbb000011112222 (the rows trained on "
+            "differ)") in out
+    assert compare.compare(a, a)[0].comparable.all()
+
+
 def test_settings_compared_per_framework(tmp_path, capsys):
     # the scenario file changed (another scenario_hash on every run), but only tunebench's own row did: hf stays
     # comparable, tunebench is flagged with the changed key
