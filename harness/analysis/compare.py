@@ -43,8 +43,7 @@ JSONL was edited, or the harness builds it otherwise), the row is not comparable
 made and printed (it is often what one wants to see after changing a scenario), but every affected row is flagged
 "settings differ: not comparable", a warning is printed above the table and in the verdict line, and the
 ``comparable`` flag of the JSON output is false. The exit code still follows the verdict, so that a nightly job
-keeps gating; ``--require-same-settings`` turns a mismatch into
-exit code 2.
+keeps gating; ``--require-same-settings`` turns a mismatch into exit code 2.
 
 Bad input (not a results directory, no readable run stored, or no scenario in common) raises
 :class:`NotAResultsDir`; the command turns it into exit code 2. Unreadable stored files are left out and listed
