@@ -2,7 +2,9 @@
 
 A *night* is one stored sweep; its figure for a (scenario, framework, metric) is the median of that sweep's ok
 runs. Nights are *comparable* when they ran the same settings (same ``settings_hash``: same scenario settings
-and the same framework row), so a changed scenario starts a new series instead of looking like a regression.
+and the same framework row), so a changed scenario starts a new series instead of looking like a regression, and
+trained on the same rows: a past night whose runs read another dataset file (its digest, ``dataset_sha256_16``,
+where both nights record one) is left out of tonight's reference, as after an edit of the scenario's JSONL.
 
 For tonight's figure ``v`` against the ``n`` most recent comparable nights before it (at most
 ``reference_nights``; fewer than ``min_nights``: **inconclusive**):
@@ -56,6 +58,7 @@ class Night:
     framework_version: str | None
     libraries: dict[str, str] = field(default_factory=dict)
     gpu: str | None = None
+    dataset: str | None = None  # the digest of the dataset file its runs read (None: not recorded)
 
 
 @dataclass(frozen=True)
@@ -107,7 +110,7 @@ def series(rows: list[dict[str, Any]], metric: str) -> dict[tuple[str, str, str 
         out.setdefault((sc, fw, sh), []).append(Night(
             sweep_id, first["created"], statistics.median(values) if values else None,
             tuple(sorted({r["status"] for r in runs})), first.get("device") or "", first.get("git_sha"),
-            first.get("framework_version"), libs, first.get("gpu_name")))
+            first.get("framework_version"), libs, first.get("gpu_name"), first.get("dataset_sha256_16")))
     for nights in out.values():
         nights.sort(key=lambda n: (n.created, n.sweep_id))
     return out
@@ -131,10 +134,13 @@ def judge_night(nights: list[Night], i: int, metric: str, threshold: float, refe
                 min_nights: int, k: float) -> tuple[str, str, float | None, float | None, float | None, int]:
     """(verdict, note, reference, band, change, nights used) of night ``i`` of a series against the nights before."""
     tonight = nights[i]
-    past = [n for n in nights[:i] if n.value is not None][-reference_nights:]
+    same_rows = [n for n in nights[:i] if not (n.dataset and tonight.dataset and n.dataset != tonight.dataset)]
+    past = [n for n in same_rows if n.value is not None][-reference_nights:]
     if len(past) < min_nights:
+        other = i - len(same_rows)
         return (VERDICT_INCONCLUSIVE, f"{len(past)} comparable night(s) with a figure before tonight, "
-                f"{min_nights} needed", None, None, None, len(past))
+                f"{min_nights} needed" + (f" ({other} earlier night(s) trained on another dataset file)"
+                                          if other else ""), None, None, None, len(past))
     ref_band = reference_of(past, metric, k)
     if ref_band is None:
         return VERDICT_INCONCLUSIVE, "the past nights' median is 0", None, None, None, len(past)

@@ -33,7 +33,7 @@ COLUMNS: dict[str, str] = {
     "steps_measured": "INTEGER", "tokens_per_s": "DOUBLE", "peak_vram_nvml_gib": "DOUBLE",
     "peak_reserved_gib": "DOUBLE", "final_loss": "DOUBLE", "joules_per_token": "DOUBLE",
     "framework_version": "VARCHAR", "git_sha": "VARCHAR", "libraries": "VARCHAR", "gpu_name": "VARCHAR",
-    "driver": "VARCHAR", "sm_clock_mhz": "DOUBLE", "mem_clock_mhz": "DOUBLE",
+    "driver": "VARCHAR", "sm_clock_mhz": "DOUBLE", "mem_clock_mhz": "DOUBLE", "dataset_sha256_16": "VARCHAR",
 }
 KEY = ("sweep_id", "framework", "repeat")  # a run's identity: appending a sweep again replaces its rows
 _CREATED = re.compile(r"(\d{8}-\d{6})$")
@@ -71,6 +71,10 @@ def connect(db: Path) -> duckdb.DuckDBPyConnection:
     con = duckdb.connect(str(db))
     cols = ", ".join(f'"{c}" {t}' for c, t in COLUMNS.items())
     con.execute(f"CREATE TABLE IF NOT EXISTS runs ({cols}, PRIMARY KEY ({', '.join(KEY)}))")
+    have = {row[0] for row in con.execute("DESCRIBE runs").fetchall()}
+    for c, t in COLUMNS.items():  # a database made by an older harness: the columns added since, empty for its rows
+        if c not in have:
+            con.execute(f'ALTER TABLE runs ADD COLUMN "{c}" {t}')
     return con
 
 
@@ -101,6 +105,7 @@ def run_row(sweep: Sweep, run: RunResult, created: datetime) -> dict[str, Any]:
         "framework_version": run.framework_version, "git_sha": env.git_sha,
         "libraries": json.dumps(libraries, sort_keys=True), "gpu_name": env.gpu_name, "driver": env.driver,
         "sm_clock_mhz": telemetry.get("sm_clock_mhz"), "mem_clock_mhz": telemetry.get("mem_clock_mhz"),
+        "dataset_sha256_16": run.dataset_sha256_16,
     }
 
 

@@ -82,6 +82,33 @@ def test_too_few_nights_is_inconclusive(tmp_path: Path):
     assert "1 comparable night(s)" in md and "3 needed" in md
 
 
+def test_nights_on_another_dataset_file_are_left_out_of_the_reference(tmp_path: Path):
+    """Three nights on one JSONL, then the file is edited: tonight's figure is not judged against nights that trained
+    on other rows (inconclusive, saying why); nights that recorded no digest cannot disagree."""
+    results = tmp_path / "results"
+    nights = [make_night(results, day, 1000.0, dataset="d0d0d0d0d0d0d0d0") for day in (1, 2, 3)]
+    (tmp_path / "scenario.yaml").write_text("name: unused\n")
+    (tmp_path / "suite.yaml").write_text(SUITE)
+    db = tmp_path / "h.duckdb"
+    for d in nights:
+        history.append(db, d)
+    edited = make_night(results, 4, 600.0, dataset="e1e1e1e1e1e1e1e1")
+    assert _nightly(tmp_path, results, tmp_path / "suite.yaml", db, edited) == 3
+    md = (tmp_path / "reports" / "nightly-synthetic" / "verdict.md").read_text()
+    assert "0 comparable night(s)" in md and "(3 earlier night(s) trained on another dataset file)" in md
+    assert _nightly(tmp_path, results, tmp_path / "suite.yaml", db, make_night(results, 5, 600.0)) == 1
+
+
+def test_a_database_of_an_older_harness_gains_the_new_columns(tmp_path: Path):
+    db = tmp_path / "old.duckdb"
+    old = {c: t for c, t in history.COLUMNS.items() if c != "dataset_sha256_16"}
+    with duckdb.connect(str(db)) as con:
+        con.execute(f"CREATE TABLE runs ({', '.join(f'{c} {t}' for c, t in old.items())}, "
+                    f"PRIMARY KEY ({', '.join(history.KEY)}))")
+    history.append(db, make_night(tmp_path / "results", 1, 1000.0, dataset="d0d0d0d0d0d0d0d0"))
+    assert {r["dataset_sha256_16"] for r in history.query(db)} == {"d0d0d0d0d0d0d0d0"}
+
+
 def test_rebuild_reproduces_the_rows_and_exports(setup):
     tmp, results, suite, db = setup
     before = history.query(db)
