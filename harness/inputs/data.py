@@ -255,7 +255,16 @@ def collate(rows: list[dict], pad_id: int):
     return pad_batch(rows, pad_id)
 
 
-def dataset_meta(sc, examples: Examples) -> dict:  # noqa: ANN001
-    """``dataset.meta.json``: what the dataset file holds and how it came from the scenario's data."""
+def widest_row(sc, examples: Examples, tokenizer) -> int:  # noqa: ANN001
+    """The longest of the rows the steps read (the first :func:`samples_needed`), in tokens, cut at ``seq_len`` as
+    :func:`tokenize_example` builds them: the widest row a tool that trains the scenario's rows trains."""
+    return max(len(tokenize_example(tokenizer, r, examples.fmt, sc.data.seq_len, sc.data.prompt_loss)["input_ids"])
+               for r in examples.rows[: samples_needed(sc)])
+
+
+def dataset_meta(sc, examples: Examples, widest: int | None = None) -> dict:  # noqa: ANN001
+    """``dataset.meta.json``: what the dataset file holds and how it came from the scenario's data; with ``widest``
+    (:func:`widest_row`), that too, as ``widest_row_tokens``."""
     return {"format": examples.fmt, "rows": len(examples.rows), "source": sc.data.source, "seq_len": sc.data.seq_len,
-            "packing": sc.data.packing, "rows_without_loss_left_out": examples.dropped, "passes": examples.passes}
+            "packing": sc.data.packing, "rows_without_loss_left_out": examples.dropped, "passes": examples.passes} \
+        | ({"widest_row_tokens": widest} if widest is not None else {})

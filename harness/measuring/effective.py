@@ -107,6 +107,22 @@ def check(sc, effective: dict[str, Any]) -> list[str]:
     return out
 
 
+def cut_shorter(effective: dict[str, Any], widest: int | None) -> list[str]:
+    """A run whose widest row is well short of the widest row the steps read (``dataset.meta.json``'s
+    ``widest_row_tokens``, cut at the scenario's ``seq_len``): the tool cut its rows at another length (a
+    ``max_length`` of its own, a default), so it trained another job. Within 10 % and 2 tokens it passes (tools
+    tokenise the same text themselves and may differ by a <bos> or <eos>).
+
+    Returns:
+        The reason (empty when it trained rows as wide, or either figure is unknown).
+    """
+    got = effective.get("seq_len")
+    if widest is None or got is None or got >= 0.9 * widest - 2:
+        return []
+    return [f"seq_len: its widest row had {got} tokens, the rows the steps read reach {widest} within the "
+            "scenario's seq_len: it cut them shorter"]
+
+
 def from_meter(meter, packing: bool = False) -> dict[str, Any]:
     """Batch geometry the measurement hook saw during training.
 

@@ -25,16 +25,19 @@ def prepare(sc, data_dir: Path) -> dict:
     ds_path = data_dir / "dataset.jsonl"
     if not ds_path.exists():
         # a preference or RL objective reads its own row form (harness.inputs.preference), SFT the formats of data
+        widest = None
         if sc.objective.is_sft:
-            tok = None
-            if sc.data.source == "jsonl":  # the rows whose response lies beyond seq_len: left out for every tool
-                from transformers import AutoTokenizer  # heavy: this process only
+            from transformers import AutoTokenizer  # heavy: this process only
 
-                tok = AutoTokenizer.from_pretrained(ckpt)
-            examples = data.build_examples(sc, tok)
+            tok = AutoTokenizer.from_pretrained(ckpt)
+            # jsonl: the rows whose response lies beyond seq_len are left out for every tool
+            examples = data.build_examples(sc, tok if sc.data.source == "jsonl" else None)
+            if not sc.data.packing:  # what a row may not be cut shorter than (the worker checks each tool's)
+                widest = data.widest_row(sc, examples, tok)
         else:
             examples = preference.build_rows(sc)
-        (data_dir / "dataset.meta.json").write_text(json.dumps(data.dataset_meta(sc, examples), indent=1))
+        meta = data.dataset_meta(sc, examples, widest)
+        (data_dir / "dataset.meta.json").write_text(json.dumps(meta, indent=1))
         data.write_jsonl(examples.rows, ds_path)
     digest = hashlib.sha256(ds_path.read_bytes()).hexdigest()[:16]
     return {"checkpoint": str(ckpt), "dataset_path": str(ds_path), "dataset_sha256_16": digest}

@@ -156,6 +156,7 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any] | None:
     invalid = []
     if out["status"] == "ok":
         invalid = eff_mod.check(sc, eff) + [f"not honoured: {u}" for u in ctx.unsupported] + rank_problems
+        invalid += eff_mod.cut_shorter(eff, _dataset_meta(ctx.dataset_path).get("widest_row_tokens"))
         if metrics["steps_measured"] == 0:
             invalid.append("no measured steps")
         if meter.steps and sum(s["tokens"] for s in meter.steps) == 0:
@@ -214,6 +215,14 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
+
+
+def _dataset_meta(dataset_path: Path) -> dict[str, Any]:
+    """The sweep's ``dataset.meta.json`` beside the dataset (empty where there is none, as in some tests)."""
+    try:
+        return json.loads(dataset_path.with_suffix(".meta.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def main(argv: list[str] | None = None) -> int:

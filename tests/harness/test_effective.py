@@ -107,3 +107,30 @@ def test_the_reports_settings_table_marks_what_check_marks():
         flagged = bool(effective.check(_dpo_scenario(), {"reference": got}))
         assert setting_differs("reference", "adapter_disabled", got) is flagged
     assert setting_differs("optimizer", "adamw_torch_fused", "adamw_torch") is False
+
+
+def test_a_tool_that_cuts_rows_shorter_than_the_data_is_flagged():
+    """A row whose widest trained row is well short of the widest row the steps read (a max_length of the tool's
+    own): another job. A <bos> or <eos> of difference passes; unknown figures cannot fail it."""
+    from harness.measuring.effective import cut_shorter
+
+    assert cut_shorter({"seq_len": 4}, 124) == ["seq_len: its widest row had 4 tokens, the rows the steps read "
+                                                "reach 124 within the scenario's seq_len: it cut them shorter"]
+    assert cut_shorter({"seq_len": 123}, 124) == [] and cut_shorter({"seq_len": 18}, 20) == []
+    assert cut_shorter({"seq_len": 100}, 124) != []
+    assert cut_shorter({}, 124) == [] and cut_shorter({"seq_len": 4}, None) == []
+
+
+def test_the_widest_row_is_of_the_rows_the_steps_read():
+    from harness.inputs import data
+    from harness.inputs.models import build_tokenizer  # transformers: heavy
+    from harness.spec.scenario import parse_scenario
+
+    sc = parse_scenario("version: 1\nname: t\nmodel: {preset: tiny-llama, dtype: float32}\nmethod: {kind: lora}\n"
+                        "data: {seq_len: 64}\ntrain: {micro_batch: 2, steps: 2, warmup_steps: 1}\n"
+                        "hardware: {device: cpu}\nframeworks: [hf]\n", "s.yaml")
+    rows = [{"text": "a" * n} for n in (10, 20, 30, 40, 500)]  # the steps read the first 4
+    ex = data.Examples(rows, "text", 0, 1)
+    assert data.widest_row(sc, ex, build_tokenizer(300)) == 42  # <bos> + 40 + <eos>
+    sc.train.steps = 3
+    assert data.widest_row(sc, ex, build_tokenizer(300)) == 64  # the fifth, cut at seq_len
