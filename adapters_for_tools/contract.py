@@ -39,6 +39,7 @@ on. Keep adapters independent: no adapter imports another; what several share li
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import sys
@@ -51,7 +52,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from harness.common.names import unknown
-from harness.inputs.models import FAMILIES, get_preset
+from harness.inputs.models import FAMILIES, FAMILY_OF_MODEL_TYPE, get_preset
 
 INTERMEDIATE_DIRNAME = "intermediate"  # <work_dir>/intermediate/step-000050: outputs saved during training
 
@@ -186,13 +187,19 @@ def _input_path(value: Any, loc: tuple[str | int, ...]) -> tuple[str | int, ...]
 
 
 def family_of(sc) -> str | None:  # noqa: ANN001
-    """The model family of a scenario's preset (None: a checkpoint, or a preset that does not exist)."""
+    """The model family of a scenario's preset, or of a local checkpoint's ``config.json`` ``model_type`` (None: a
+    hub id, an unreadable config, a preset that does not exist; a model type of no family is its own name)."""
     if sc.model.preset:
         try:
             return get_preset(sc.model.preset).family
         except KeyError:
             return None
-    return None
+    config = Path(sc.model.weights) / "config.json"
+    try:
+        model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return None
+    return FAMILY_OF_MODEL_TYPE.get(model_type, model_type) if isinstance(model_type, str) else None
 
 
 def trainer_args(sc) -> dict[str, Any]:  # noqa: ANN001

@@ -136,3 +136,26 @@ def test_unsloth_takes_multi_turn_conversations_pre_tokenised_as_trl_does():
     packed = parse_scenario(text.replace("prompt_loss: true", "packing: true"), "s.yaml")
     with pytest.raises(ValueError, match="takes exactly one; conversations with several go pre-tokenised.*packing off"):
         trainer_rows(two, "messages", tok, packed)
+
+
+def test_a_local_checkpoint_has_the_family_of_its_config(tmp_path):
+    """A scenario on a local checkpoint (no preset): its config.json's model_type names the family, so a tool that
+    lacks it is an unavailable row saying so (validation notes it), as for a preset."""
+    import json
+
+    from adapters_for_tools.contract import family_of
+    from harness.spec.scenario import parse_scenario
+
+    def sc(model_type: str | None):
+        ckpt = tmp_path / str(model_type)
+        ckpt.mkdir()
+        (ckpt / "config.json").write_text(json.dumps({"model_type": model_type} if model_type else {}))
+        (ckpt / "model.safetensors").write_bytes(b"")  # validation wants weight files; nothing loads them here
+        return parse_scenario(f"version: 1\nname: t\nmodel: {{weights: {ckpt}, dtype: float32}}\nmethod: {{kind: lora}}"
+                              "\ndata: {seq_len: 32}\ntrain: {micro_batch: 2, steps: 3}\nhardware: {device: cpu}\n"
+                              "frameworks: [hf, litgpt]\n", "s.yaml")
+
+    assert family_of(sc("gemma3_text")) == "gemma3" and family_of(sc("qwen2")) == "qwen2"
+    assert family_of(sc("brand_new")) == "brand_new" and family_of(sc(None)) is None
+    qwen = sc("qwen2_")
+    assert any("litgpt: model family 'qwen2_' not supported by litgpt" in n for n in qwen.notes)
