@@ -280,7 +280,7 @@ def scenario_rows(sweep: Sweep) -> list[list[str]]:
         method_txt += f" {quant.get('bits', 4)}-bit {quant.get('quant_type', '')}"
     device = (sc.get("hardware") or {}).get("device") or (sweep.runs[0].device if sweep.runs else None)
     return [
-        ["model", model_txt], ["method", method_txt],
+        ["model", model_txt], ["method", method_txt], ["data", data_text(sweep)],
         ["seq_len", f"{fmt(data.get('seq_len'), 0)} ({data.get('lengths', 'fixed')}, packing "
                     f"{'on' if data.get('packing') else 'off'})"],
         ["micro_batch", fmt(train.get("micro_batch"), 0)], ["grad_accum", fmt(train.get("grad_accum"), 0)],
@@ -293,6 +293,23 @@ def scenario_rows(sweep: Sweep) -> list[list[str]]:
         ["baseline framework", sweep.baseline],
         ["scenario hash", str(sweep.plan.get("scenario_hash") or EMPTY)],
     ]
+
+
+def data_text(sweep: Sweep) -> str:
+    """What every framework trained on: the source, and from the dataset file's record (``RunResult.dataset``) its
+    rows, how many times the source's rows were read over, and the rows left out."""
+    data = sweep.scenario.get("data") or {}
+    src = "synthetic" if data.get("source", "synthetic") == "synthetic" else str(data.get("path") or EMPTY)
+    meta = next((r.dataset for r in sweep.runs if r.dataset), None)
+    if not meta:
+        return src
+    out = f"{src} ({meta.get('format', EMPTY)}): {fmt(meta.get('rows'), 0)} rows"
+    if (passes := meta.get("passes") or 1) > 1 and isinstance(meta.get("rows"), int):
+        out += (f": its {fmt(meta['rows'] // passes, 0)} read {passes} times over, in order (the steps read more "
+                "rows than it holds)")
+    if left := meta.get("rows_without_loss_left_out"):
+        out += f"; {left} left out (no loss-bearing token within seq_len)"
+    return out
 
 
 def _run_environment(sweep: Sweep) -> Environment | None:

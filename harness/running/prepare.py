@@ -40,7 +40,8 @@ def prepare(sc, data_dir: Path) -> dict:
         (data_dir / "dataset.meta.json").write_text(json.dumps(meta, indent=1))
         data.write_jsonl(examples.rows, ds_path)
     digest = hashlib.sha256(ds_path.read_bytes()).hexdigest()[:16]
-    return {"checkpoint": str(ckpt), "dataset_path": str(ds_path), "dataset_sha256_16": digest}
+    meta = json.loads((data_dir / "dataset.meta.json").read_text())
+    return {"checkpoint": str(ckpt), "dataset_path": str(ds_path), "dataset_sha256_16": digest, "dataset_meta": meta}
 
 
 def main(argv: list[str] | None = None) -> int:

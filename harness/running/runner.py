@@ -196,7 +196,7 @@ def run_header(sc, sweep_dir: Path, prepared: dict, fw, repeat: int) -> dict:
             "settings_hash": sc.settings_hash(fw.key), "adapter": fw.name,
             "repeat": repeat, "overrides": fw.overrides, "schema_version": results.RESULT_SCHEMA_VERSION,
             "device": sc.hardware.device, "dataset_sha256_16": prepared.get("dataset_sha256_16"),
-            "checkpoint": prepared.get("checkpoint")}
+            "dataset": prepared.get("dataset_meta"), "checkpoint": prepared.get("checkpoint")}
 
 
 def execute_run(sc, sweep_dir: Path, run_root: Path, prepared: dict, fw, repeat: int, display: Display | None) -> dict:

@@ -11,10 +11,10 @@ Sections of a :class:`RunResult`:
   ``adapter``, ``repeat``, ``status`` (:data:`STATUSES`), ``reason`` (why, when not ok), ``valid`` and
   ``invalid_reasons`` (effective settings against the scenario), ``warnings`` (what makes valid figures less
   trustworthy, e.g. a throttled GPU);
-- what ran: ``device``, ``overrides``, ``checkpoint``, ``dataset_sha256_16``, ``expected`` and ``effective``
-  settings (keys of :mod:`harness.measuring.effective`), ``framework_version``, ``env`` (the tool environment
-  the worker ran in, see :mod:`harness.running.envs`), ``native_config``, ``output_dir``, ``extra`` (adapter
-  notes: how it fed its tool, the rerun command);
+- what ran: ``device``, ``overrides``, ``checkpoint``, ``dataset_sha256_16``, ``dataset`` (the dataset file's
+  record), ``expected`` and ``effective`` settings (keys of :mod:`harness.measuring.effective`),
+  ``framework_version``, ``env`` (the tool environment the worker ran in, see :mod:`harness.running.envs`),
+  ``native_config``, ``output_dir``, ``extra`` (adapter notes: how it fed its tool, the rerun command);
 - measurement: :class:`Metrics`, per-step records (:class:`Step`), the evaluation (:class:`EvalResult`), the
   reward accuracy on held-out pairs of a preference objective (:class:`RewardEval`);
 - the machine: :class:`Environment` (:func:`harness.measuring.environment.capture` in the worker);
@@ -266,6 +266,7 @@ class RunResult(_Open):
     overrides: dict[str, Any] = Field(default_factory=dict)
     checkpoint: str | None = None
     dataset_sha256_16: str | None = None
+    dataset: dict[str, Any] | None = None  # the sweep's dataset.meta.json: format, rows, passes, rows left out, ...
     expected: dict[str, Any] = Field(default_factory=dict)
     effective: dict[str, Any] = Field(default_factory=dict)
     seeds: dict[str, int] = Field(default_factory=dict)  # {"train": .., "model": ..} this repeat trained with

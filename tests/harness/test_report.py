@@ -140,6 +140,21 @@ def test_cpu_values_render_as_dash_never_zero(tmp_path):
     assert "cpu: no MFU" in md
 
 
+def test_the_scenario_table_says_what_every_framework_trained_on(tmp_path):
+    """The dataset file's record: its rows, how many times a file smaller than the steps' reads was read over, the
+    rows left out; a sweep stored before runs carried the record shows the source alone."""
+    meta = {"format": "alpaca", "rows": 40, "passes": 8, "rows_without_loss_left_out": 2}
+    runs = [make_run("hf", 0, device="cpu") | {"dataset": meta}, make_run("tunebench", 0, device="cpu")]
+    d = make_sweep(tmp_path / "results" / "data-20260101-000000", runs, device="cpu")
+    md = write_report(d, tmp_path / "rep").read_text()
+    assert _table_row(_section(md, "Scenario"), "data")[1] == (
+        "synthetic (alpaca): 40 rows: its 5 read 8 times over, in order (the steps read more rows than it holds); "
+        "2 left out (no loss-bearing token within seq_len)")
+    old = make_sweep(tmp_path / "results" / "old-20260101-000000", [make_run("hf", 0, device="cpu")], device="cpu")
+    assert _table_row(_section(write_report(old, tmp_path / "rep2").read_text(), "Scenario"), "data")[1] == \
+        "synthetic"
+
+
 def test_baseline_without_ok_run_says_so(tmp_path):
     runs = [make_run("hf", 0, status="error", reason="ValueError: synthetic"), make_run("tunebench", 0)]
     d = make_sweep(tmp_path / "sw", runs)
