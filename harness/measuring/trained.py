@@ -14,11 +14,13 @@ MIN_STEPS_FOR_MOVEMENT = 3  # with fewer recorded losses a flat curve says nothi
 FLAT_RTOL = 1e-6  # a loss that moved less than this (relative) over the whole run never moved
 
 
-def check_training(steps: list[dict[str, Any]]) -> tuple[str | None, list[str]]:
+def check_training(steps: list[dict[str, Any]],
+                   reward_curve: list[dict[str, Any]] | None = None) -> tuple[str | None, list[str]]:
     """(status override, invalid reasons) from a run's per-step records.
 
     Returns ``("diverged", [reason])`` when any recorded loss is NaN or infinite, else ``(None, reasons)``
-    with a reason for each way the run failed to train: no loss-bearing tokens, a loss that never moved.
+    with a reason for each way the run failed to train: no loss-bearing tokens, a loss that never moved (with
+    GRPO's ``reward_curve``, why where no group's rewards ever differed: every advantage was 0).
     """
     losses = [(s["step"], s.get("loss")) for s in steps if s.get("loss") is not None]
     bad = [(step, v) for step, v in losses if not math.isfinite(float(v))]
@@ -35,4 +37,9 @@ def check_training(steps: list[dict[str, Any]]) -> tuple[str | None, list[str]]:
         scale = max(abs(x) for x in values) or 1.0
         if (max(values) - min(values)) <= FLAT_RTOL * scale:
             reasons.append(f"loss never moved: {values[0]:.6g} at every one of {len(values)} recorded steps")
+            flat = [r.get("reward") for r in reward_curve or [] if not r.get("reward_std")]
+            if reward_curve and len(flat) == len(reward_curve):
+                reasons[-1] += (f" (GRPO: every completion of a group scored alike at every step, rewards "
+                                f"{sorted(set(flat))}, so every advantage was 0: a model that never earns a "
+                                "reward learns nothing; warm-start it, model.warm_start)")
     return None, reasons

@@ -166,7 +166,7 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any] | None:
         over_budget, cap_warnings = memcap.check(cap, metrics)
         invalid += over_budget
         out["warnings"] = run_warnings(metrics) + cap_warnings
-        status, not_trained = check_training(meter.steps)
+        status, not_trained = check_training(meter.steps, ctx.extra.get("reward_curve"))
         invalid += not_trained
         if status is not None:
             out["status"], out["reason"] = status, not_trained[0]

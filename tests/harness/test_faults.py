@@ -45,6 +45,11 @@ def test_flat_loss_and_no_loss_tokens_are_invalid():
     status, why = check_training(_steps([2.0, 1.5, 1.2], loss_tokens=0))
     assert status is None and why and "no loss-bearing tokens" in why[0]
     assert check_training(_steps([2.0, 1.5, 1.2])) == (None, [])
+    # GRPO whose groups never scored apart: every advantage 0, so the loss is 0 throughout; the reason says why
+    flat = [{"step": i, "reward": 0.0, "reward_std": 0.0} for i in (1, 2, 3, 4)]
+    (why,) = check_training(_steps([0.0] * 4), flat)[1]
+    assert why.startswith("loss never moved") and "rewards [0.0], so every advantage was 0" in why
+    assert "GRPO" not in check_training(_steps([0.0] * 4), flat[:3] + [flat[3] | {"reward_std": 0.5}])[1][0]
 
 
 def test_stale_lock_of_a_dead_process_never_blocks(tmp_path):
