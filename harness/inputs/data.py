@@ -130,26 +130,26 @@ def build_examples(sc, tokenizer=None) -> Examples:  # noqa: ANN001
     Raises:
         ValueError: an empty file, or no row that bears loss within ``seq_len``.
     """
-    if sc.data.source == "synthetic":
-        rows = synthetic_examples(sc)
-        passes = 1 if sc.data.packing else passes_for_steps(sc, len(rows), 0)
-        return Examples(rows * passes, "text", 0, passes)
-    rows = read_jsonl(resolve_path(sc.data.path, sc.source_path))
-    if not rows:
-        raise ValueError(f"{sc.data.path}: no rows")
-    fmt = sc.data.format or detect_format(rows[0])
-    if sc.data.num_samples:
-        rows = rows[: sc.data.num_samples]
-    if tokenizer is None:
-        passes = 1 if sc.data.packing else passes_for_steps(sc, len(rows), 0)
-        return Examples(rows * passes, fmt, 0, passes)
-    tokenised = [tokenize_example(tokenizer, r, fmt, sc.data.seq_len, sc.data.prompt_loss) for r in rows]
-    kept = [(r, t) for r, t in zip(rows, tokenised, strict=True) if bears_loss(t)]
-    if not kept:
-        raise ValueError(f"{sc.data.path}: no row keeps a loss-bearing token within data.seq_len "
-                         f"{sc.data.seq_len} (every response starts beyond it): raise seq_len")
-    passes = passes_for_steps(sc, len(kept), sum(len(t["input_ids"]) for _, t in kept))
-    return Examples([r for r, _ in kept] * passes, fmt, len(rows) - len(kept), passes)
+    if sc.data.source == "synthetic":  # packed: synthetic_examples already makes enough rows
+        rows, fmt, dropped, tokens = synthetic_examples(sc), "text", 0, None
+    else:
+        rows = read_jsonl(resolve_path(sc.data.path, sc.source_path))
+        if not rows:
+            raise ValueError(f"{sc.data.path}: no rows")
+        fmt = sc.data.format or detect_format(rows[0])
+        if sc.data.num_samples:
+            rows = rows[: sc.data.num_samples]
+        dropped, tokens = 0, None
+        if tokenizer is not None:
+            tokenised = [tokenize_example(tokenizer, r, fmt, sc.data.seq_len, sc.data.prompt_loss) for r in rows]
+            kept = [(r, t) for r, t in zip(rows, tokenised, strict=True) if bears_loss(t)]
+            if not kept:
+                raise ValueError(f"{sc.data.path}: no row keeps a loss-bearing token within data.seq_len "
+                                 f"{sc.data.seq_len} (every response starts beyond it): raise seq_len")
+            rows, dropped = [r for r, _ in kept], len(rows) - len(kept)
+            tokens = sum(len(t["input_ids"]) for _, t in kept)
+    passes = 1 if sc.data.packing and tokens is None else passes_for_steps(sc, len(rows), tokens or 0)
+    return Examples(rows * passes, fmt, dropped, passes)
 
 
 def bears_loss(example: dict) -> bool:
