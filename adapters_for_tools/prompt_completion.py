@@ -67,9 +67,14 @@ def sft_trainer_rows(rows: list[dict[str, Any]], fmt: str, tool: str, tokenizer:
     Raises:
         ValueError: several assistant turns and no ``tokenizer`` (:func:`split_rows`' error).
     """
-    turns = {sum(bears for _, bears in prompt_response(r, fmt)) for r in rows}
+    turns = assistant_turns(rows, fmt)
     if turns == {1} or tokenizer is None:
         return split_rows(rows, fmt, tool, "prompt", "completion")
     out = [tokenize_example(tokenizer, r, fmt, seq_len, prompt_loss) for r in rows]
     return out, [f"{fmt} rows with {sorted(turns)} assistant turns: given to {tool} pre-tokenised by the harness "
                  f"(input_ids and labels, which {tool} trains as given: its prompt/completion form holds one turn)"]
+
+
+def assistant_turns(rows: list[dict[str, Any]], fmt: str) -> set[int]:
+    """The numbers of loss-bearing segments (assistant turns; Alpaca's output) the rows have, as a set."""
+    return {sum(bears for _, bears in prompt_response(r, fmt)) for r in rows}

@@ -35,7 +35,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from adapters_for_tools.prompt_completion import split_rows
+from adapters_for_tools.prompt_completion import assistant_turns, split_rows
 from harness.inputs.data import prompt_response
 
 DATASET_NAME = "tunebench"
@@ -70,8 +70,7 @@ def form_of_rows(kind: str, fmt: str, rows: list[dict[str, Any]], prompt_loss: b
     than one (which the prompt/response columns cannot hold). With ``prompt_loss`` every token after the ``<bos>``
     bears loss, which one Alpaca row holds (:func:`lf_rows`), so the form stays ``sft``."""
     form = form_of(kind, fmt)
-    if form == "sft" and not prompt_loss and fmt in ("messages", "sharegpt") and any(
-            sum(bears for _, bears in prompt_response(r, fmt)) != 1 for r in rows):
+    if form == "sft" and not prompt_loss and fmt in ("messages", "sharegpt") and assistant_turns(rows, fmt) - {1}:
         return "turns"
     return form
 
@@ -174,8 +173,15 @@ def overlong(rows: list[dict[str, Any]], form: str, encode: Callable[[str], list
     for r in rows:
         prompt = len(encode(r[prompt_key]))
         response = max(len(encode(r[k])) for k in responses)
-        n += int(prompt + response > seq_len and not (2 * prompt < seq_len <= 2 * response))
+        n += _cut_otherwise(prompt, response, seq_len)
     return n
+
+
+def _cut_otherwise(prompt: int, response: int, room: int) -> bool:
+    """Whether ``infer_seqlen`` cuts a prompt and response of these lengths, given ``room`` tokens, otherwise than
+    the end-cut: only where they do not fit, and then unless the prompt is under half the room and the response
+    is not."""
+    return prompt + response > room and not 2 * prompt < room <= 2 * response
 
 
 def _turns_cut_otherwise(lengths: list[int], seq_len: int) -> bool:
@@ -184,6 +190,6 @@ def _turns_cut_otherwise(lengths: list[int], seq_len: int) -> bool:
     left = seq_len
     for source, target in zip(lengths[::2], lengths[1::2], strict=True):
         if source + target > left:
-            return not 2 * source < left <= 2 * target
+            return _cut_otherwise(source, target, left)
         left -= source + target
     return False
