@@ -176,7 +176,12 @@ def to_messages(row: dict[str, Any], fmt: str) -> list[dict[str, str]]:
 
 
 def prompt_response(row: dict[str, Any], fmt: str) -> list[tuple[str, bool]]:
-    """Split a row into text segments, each marked whether it bears loss."""
+    """Split a row into text segments, each marked whether it bears loss.
+
+    Conversations render each message as ``<|role|>\n`` + content + ``\n``. An assistant turn's closing newline
+    is part of the turn, as a chat template's end-of-turn token is: it bears loss with the content, in one
+    segment, so a tool that splits a one-turn conversation into prompt and completion trains the same tokens.
+    """
     if fmt == "text":
         return [(row["text"], True)]
     if fmt == "alpaca":
@@ -185,8 +190,10 @@ def prompt_response(row: dict[str, Any], fmt: str) -> list[tuple[str, bool]]:
     segs = []
     for m in to_messages(row, fmt):
         segs.append((f"<|{m['role']}|>\n", False))
-        segs.append((m["content"], m["role"] == "assistant"))
-        segs.append(("\n", False))
+        if m["role"] == "assistant":
+            segs.append((m["content"] + "\n", True))
+        else:
+            segs += [(m["content"], False), ("\n", False)]
     return segs
 
 

@@ -49,7 +49,7 @@ def test_conversations_are_the_harness_ids_and_labels():
                        "labels": want["labels"]}
     # both assistant turns of the first row bear loss, and its <eos>
     trained = tok.decode([label for label in rows[0]["labels"] if label != IGNORE_INDEX])
-    assert trained == "yo" + "done" + tok.eos_token
+    assert trained == "yo\n" + "done\n" + tok.eos_token  # each turn's closing newline is part of it
     assert len(ax_config.tokenised_rows(MULTI, "messages", tok, 50)[0]["input_ids"]) == 50  # cut at seq_len
 
 

@@ -96,7 +96,10 @@ def test_prompt_completion_split_is_shared_by_trl_and_litgpt():
     (lit,), lit_notes = litgpt_rows(rows, "messages")
     assert (trl["prompt"], trl["completion"]) == (lit["instruction"], lit["output"]) == ("<|user|>\nhi\n"
                                                                                          "<|assistant|>\n", "yo\n")
-    assert "TRL's completion" in trl_notes[0] and "LitGPT's output" in lit_notes[0]
+    assert trl_notes == lit_notes == []  # the assistant turn's newline bears loss in the harness's labels too
+    trailing = [{"messages": rows[0]["messages"] + [{"role": "user", "content": "ok"}]}]  # text after the turn
+    assert "TRL's completion" in trl_rows(trailing, "messages")[1][0]
+    assert "LitGPT's output" in litgpt_rows(trailing, "messages")[1][0]
     two_turns = [{"messages": rows[0]["messages"] * 2}]
     with pytest.raises(ValueError, match="2 loss-bearing turns: TRL's prompt/completion form takes exactly one"):
         trl_rows(two_turns, "messages")
@@ -132,7 +135,7 @@ def test_unsloth_takes_multi_turn_conversations_pre_tokenised_as_trl_does():
     assert "[1, 2] assistant turns: given to Unsloth pre-tokenised" in notes["data"]
     (row,), notes = trainer_rows(one, "messages", tok, sc)
     assert row == {"prompt": tok.bos_token + "<|user|>\nhi\n<|assistant|>\n", "completion": "yo\n"}
-    assert "BOS" in notes["data"] and "Unsloth's completion" in notes["differences"][0]
+    assert "BOS" in notes["data"] and "differences" not in notes  # the same labels as the harness's
     packed = parse_scenario(text.replace("prompt_loss: true", "packing: true"), "s.yaml")
     with pytest.raises(ValueError, match="takes exactly one; conversations with several go pre-tokenised.*packing off"):
         trainer_rows(two, "messages", tok, packed)

@@ -95,8 +95,10 @@ def test_messages_rows_split_as_for_trl_and_say_what_differs(tok):
     lf, notes = lf_data.lf_rows(rows, "messages", "sft", tok.bos_token, tok.eos_token)
     assert lf == [{"instruction": tok.bos_token + "<|user|>\nhi\n<|assistant|>\n", "input": "", "output":
                    "yo\n" + tok.eos_token}]
-    assert notes and "LLaMA-Factory's output" in notes[0]
-    assert lf_data.lf_rows(rows, "messages", "sft", tok.bos_token, tok.eos_token, prompt_loss=True)[1] == []
+    assert notes == []  # the assistant turn's newline bears loss in the harness's labels too
+    trailing = [{"messages": rows[0]["messages"] + [{"role": "user", "content": "ok"}]}]  # text after the turn
+    assert "LLaMA-Factory's output" in lf_data.lf_rows(trailing, "messages", "sft", tok.bos_token, tok.eos_token)[1][0]
+    assert lf_data.lf_rows(trailing, "messages", "sft", tok.bos_token, tok.eos_token, prompt_loss=True)[1] == []
 
 
 MULTI = [  # two assistant turns, a system turn, text after the last assistant turn (a user turn), an assistant first
@@ -131,10 +133,10 @@ def test_conversations_with_several_assistant_turns_go_as_sharegpt_turns(tok):
     lf, notes = lf_data.lf_rows(MULTI, "messages", "turns", tok.bos_token, tok.eos_token)
     assert lf[0]["conversations"] == [
         {"from": "human", "value": tok.bos_token + "<|system|>\nbe brief\n<|user|>\nhi\n<|assistant|>\n"},
-        {"from": "gpt", "value": "yo"}, {"from": "human", "value": "\n<|user|>\nand?\n<|assistant|>\n"},
+        {"from": "gpt", "value": "yo\n"}, {"from": "human", "value": "<|user|>\nand?\n<|assistant|>\n"},
         {"from": "gpt", "value": "done\n" + tok.eos_token}]
     assert lf[2]["conversations"][:2] == [{"from": "human", "value": tok.bos_token + "<|assistant|>\n"},
-                                          {"from": "gpt", "value": "hello"}]
+                                          {"from": "gpt", "value": "hello\n"}]
     assert notes and "text after the last assistant turn bears loss in LLaMA-Factory's last gpt value" in notes[0]
     for raw, row in zip(MULTI, lf, strict=True):
         ids, labels = _empty_template_turns(tok, row["conversations"])
@@ -144,7 +146,7 @@ def test_conversations_with_several_assistant_turns_go_as_sharegpt_turns(tok):
         extra = [i for i, (a, b) in enumerate(zip(labels, want["labels"], strict=True)) if a != b]
         assert all(want["labels"][i] == IGNORE_INDEX and labels[i] == ids[i] for i in extra)
         last_turn = max(i for i, b in enumerate(want["labels"][:-1]) if b != IGNORE_INDEX)
-        assert all(i > last_turn for i in extra) and extra  # at least the newline after it
+        assert all(i > last_turn for i in extra) and (extra != []) == (raw is MULTI[1])  # it ends with a user turn
     assert lf_data.dataset_info(form="turns") == {lf_data.DATASET_NAME: {
         "file_name": lf_data.FILE_NAME, "formatting": "sharegpt", "columns": {"messages": "conversations"}}}
     assert lf_config.native_config(_sc(), Path("w"), "ckpt", Path("d"), fmt="messages")["stage"] == "sft"
@@ -486,12 +488,9 @@ def test_multi_turn_conversations_on_the_gpu_train_the_tokens_hf_trains(tmp_path
     want = [(s["tokens"], s["loss_tokens"]) for s in res["hf"]["steps"]]
     for fw in ("llamafactory", "unsloth", "trl"):
         got = res[fw]["steps"]
-        # LLaMA-Factory's last gpt value trains the newline after the last turn too (its note): one more token a row,
-        # micro-batch 4 x grad_accum 2 rows a step
-        extra = 4 * 2 if fw == "llamafactory" else 0
-        assert [(s["tokens"], s["loss_tokens"] - extra) for s in got] == want, fw
+        assert [(s["tokens"], s["loss_tokens"]) for s in got] == want, fw
         for a, b in zip(got, res["hf"]["steps"], strict=True):
-            assert math.isclose(a["loss"], b["loss"], rel_tol=0.05), (fw, a["loss"], b["loss"])
+            assert math.isclose(a["loss"], b["loss"], rel_tol=1e-3), (fw, a["loss"], b["loss"])
 
 
 @pytest.mark.gpu

@@ -75,7 +75,7 @@ def test_trl_alpaca_rows_render_like_the_harness():
     rows, notes = convert_rows([{"messages": [{"role": "user", "content": "hi"},
                                               {"role": "assistant", "content": "yo"}]}], "messages")
     assert rows == [{"prompt": "<|user|>\nhi\n<|assistant|>\n", "completion": "yo\n"}]
-    assert notes  # the newline after the assistant turn bears loss in TRL: reported
+    assert notes == []  # the assistant turn's newline bears loss in the harness's labels as in TRL's completion
 
 
 def test_axolotl_tiny_and_big(tiny, big, tmp_path):
