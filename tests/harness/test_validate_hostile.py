@@ -276,7 +276,10 @@ def test_data_notes_count_truncated_rows(tmp_path):
     # <bos> + the alpaca prompt without input (33 bytes + the instruction) + 6 answer bytes + <eos>: 66 tokens for
     # n = 25 keep 5 answer tokens at seq_len 64; n = 50 and 80 keep none
     assert sc.notes == ["d.jsonl: 4 rows (alpaca), the longest 121 tokens; 3 longer than seq_len 64, cut there; "
-                        "2 of them keep no loss-bearing token (left out: they would train on nothing)"]
+                        "2 of them keep no loss-bearing token (left out: they would train on nothing)",
+                        # the 2 rows kept against the 4 x 2 the steps read
+                        "d.jsonl: the steps read more than its 2 rows hold: every framework reads them 4 times "
+                        "over, in order (no short step at an epoch's end)"]
     r = _validate(tmp_path / "s.yaml")
     assert r.returncode == 0 and "  d.jsonl: 4 rows (alpaca)" in r.stdout
     # another tokenizer (a local checkpoint): bytes bound its tokens, so the counts are bounds and nothing fails
