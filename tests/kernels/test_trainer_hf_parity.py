@@ -7,7 +7,8 @@ The settings exercise every rule the trainer must share with the Trainer (``kern
 - grad accumulation 2 over rows of uneven length: the loss is the step's summed token loss divided by the loss
   tokens of the whole step (``num_items_in_batch``), not a mean of per-micro-batch means;
 - 19 rows for micro-batch 4 x 2: each epoch ends with a short step (one micro-batch of 3 rows) and the next
-  starts at row 0, as the Trainer's sequential sampler and epoch loop read them;
+  starts at row 0, as the Trainer's sequential sampler and epoch loop read them (the file holds the 19 rows once,
+  as a caller outside the harness gives them: the harness itself repeats a file that small to cover the steps);
 - clipping at 0.5, active in these steps (without it the step-3 loss moves by 1e-3); cosine schedule, no warmup;
 - AdamW under both optimizer names: per tensor (``adamw_torch``) and fused (``adamw_torch_fused``).
 
@@ -21,9 +22,12 @@ step puts the loss 1e-2 off from step 3.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
+from harness.inputs.data import read_jsonl, write_jsonl
 from harness.spec.scenario import parse_scenario
 
 LOSS_ATOL = 1e-5
@@ -69,6 +73,8 @@ def test_full_finetuning_follows_the_hf_trainer(tmp_path, monkeypatch, optimizer
     monkeypatch.setenv("TUNEBENCH_CACHE", str(tmp_path / "cache"))
     sc = parse_scenario(SCENARIO.format(steps=STEPS, optimizer=optimizer))
     prepared = prepare(sc, tmp_path / "data")
+    # the 19 rows once (prepare writes them 4 times over, so that no step is short): each tool's own epochs
+    write_jsonl(read_jsonl(prepared["dataset_path"])[:19], Path(prepared["dataset_path"]))
     hf = _run(sc, "hf", prepared, tmp_path / "hf")
     ours = _run(sc, "tunebench", prepared, tmp_path / "tunebench")
 
