@@ -117,6 +117,12 @@ def passes_for_steps(sc, rows: int, tokens: int) -> int:  # noqa: ANN001
     return max(1, math.ceil(need / rows))
 
 
+def repeat_note(shown: str, rows: int, passes: int) -> str:
+    """Validation's note on a file whose ``rows`` the steps read ``passes`` times over (:func:`passes_for_steps`)."""
+    return (f"{shown}: the steps read more than its {rows} rows hold: every framework reads them {passes} times "
+            "over, in order (no short step at an epoch's end)")
+
+
 def build_examples(sc, tokenizer=None) -> Examples:  # noqa: ANN001
     """The sweep's dataset rows, their format, how many rows of the file were left out for bearing no loss, and how
     many times the rest are read (:func:`passes_for_steps`).

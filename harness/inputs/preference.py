@@ -35,7 +35,15 @@ import random
 from pathlib import Path
 from typing import Any
 
-from harness.inputs.data import Examples, passes_for_steps, prompt_response, read_jsonl, resolve_path, samples_needed
+from harness.inputs.data import (
+    Examples,
+    passes_for_steps,
+    prompt_response,
+    read_jsonl,
+    repeat_note,
+    resolve_path,
+    samples_needed,
+)
 
 PAIRS, LABELLED, PROMPTS, ALPACA = "pairs", "labelled", "prompts", "alpaca"
 FIELDS = {PAIRS: ("prompt", "chosen", "rejected"), LABELLED: ("prompt", "completion", "label"),
@@ -247,8 +255,7 @@ def check_file(path: Path, shown: str, kind: str, seq_len: int, *, num_samples: 
     units = rows * (2 if kind == "kto" and form == PAIRS else 1)  # build_rows' rows: KTO unpairs
     units = min(units, num_samples or units)
     if needed and units < needed:
-        notes.append(f"{shown}: the steps read more than its {units} rows hold: every framework reads them "
-                     f"{math.ceil(needed / units)} times over, in order (no short step at an epoch's end)")
+        notes.append(repeat_note(shown, units, math.ceil(needed / units)))
     if not exact_tokens:
         return [], notes
     if no_room == rows:

@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 
 from adapters_for_tools import registry
 from harness.common.names import unknown
-from harness.inputs.data import passes_for_steps, resolve_path, samples_needed
+from harness.inputs.data import passes_for_steps, repeat_note, resolve_path, samples_needed
 from harness.inputs.tasks.local import LOCAL_TASK_DIR, local_task_names
 from harness.spec import objective
 from harness.spec.datacheck import check_jsonl
@@ -90,9 +90,7 @@ def check(sc: Any, source: str, deep: bool = True) -> Findings:
             out.problems += [Problem(("data", "path"), p) for p in found.problems]
             out.notes += found.notes
             if not found.problems and (passes := passes_for_steps(sc, found.rows_kept, found.tokens_kept)) > 1:
-                out.notes.append(f"{sc.data.path}: the steps read more than its {found.rows_kept} rows hold: every "
-                                 f"framework reads them {passes} times over, in order (no short step at an epoch's "
-                                 "end)")
+                out.notes.append(repeat_note(sc.data.path, found.rows_kept, passes))
     return out
 
 
