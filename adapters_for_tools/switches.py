@@ -23,7 +23,8 @@ gradient_checkpointing_offload  bool: the checkpointed layers keep their saved i
 unsloth_gradient_checkpointing  Unsloth's mode as it ran: ``"unsloth"`` (offloading), True (plain), False (none);
                                 what Unsloth recorded on the model beside it (``..._recorded``)
 axolotl_lora_kernels            the kinds of Axolotl's fused LoRA kernels in use (``["mlp", "o", "qkv"]``); on how
-                                many modules each in ``axolotl_lora_kernel_modules``
+                                many modules each in ``axolotl_lora_kernel_modules``; the kinds this model has
+                                LoRA-adapted projections for in ``axolotl_lora_kernel_places``
 ==============================  ====================================================================================
 
 Nothing here imports torch or a toolkit at module level: the read-back works on any object with ``modules()``
@@ -61,6 +62,10 @@ _TORCH_CHECKPOINT = "torch.utils.checkpoint.checkpoint"
 
 # Axolotl's fused LoRA kernels (axolotl.monkeypatch.lora_kernels): the attribute each binds on a layer's module
 _AXOLOTL_KERNEL_ATTRS = {"apply_qkv": "qkv", "apply_o": "o", "forward": "mlp"}
+# where each can go: a module whose projections all carry a LoRA adapter (axolotl.monkeypatch.lora_kernels patches
+# the attention modules and the dense MLPs it finds so)
+AXOLOTL_KERNEL_PLACES = "axolotl_lora_kernel_places"
+_AXOLOTL_KERNEL_PLACES = {"qkv": ("q_proj", "k_proj"), "o": ("o_proj",), "mlp": ("gate_proj", "up_proj", "down_proj")}
 
 
 # -- what a row asks for, and the verdict ------------------------------------------------------------------------
@@ -264,9 +269,33 @@ def read_axolotl_lora_kernels(model: Any) -> dict[str, Any]:
     fallbacks live in ``axolotl.monkeypatch``, so they do not count).
     """
     counts: Counter[str] = Counter()
+    places: set[str] = set()
     for mod in model.modules():
         for attr, kind in _AXOLOTL_KERNEL_ATTRS.items():
             fn = mod.__dict__.get(attr)
             if fn is not None and _from_package(fn, "axolotl.kernels"):
                 counts[kind] += 1
-    return {AXOLOTL_KERNELS: sorted(counts), "axolotl_lora_kernel_modules": dict(sorted(counts.items()))}
+        places.update(kind for kind, projections in _AXOLOTL_KERNEL_PLACES.items()
+                      if all(hasattr(getattr(mod, p, None), "lora_A") for p in projections))
+    return {AXOLOTL_KERNELS: sorted(counts), "axolotl_lora_kernel_modules": dict(sorted(counts.items())),
+            AXOLOTL_KERNEL_PLACES: sorted(places)}
+
+
+def narrow_axolotl_kernels(ctx) -> None:  # noqa: ANN001
+    """Expect only the fused LoRA kernels this model has a place for (``axolotl_lora_kernel_places``, read back).
+
+    Axolotl turns all three kernels on for every LoRA model; one whose projections carry no LoRA adapter (a
+    mixture-of-experts model's experts are not ``nn.Linear`` modules, so ``all-linear`` leaves them out) has nothing
+    for that kernel to fuse, and Axolotl skips it. That is the tool's rule, not a switch that failed: the run says
+    so (``extra["tool_rule"]``) rather than counting it as not honoured.
+    """
+    asked, places = ctx.extra.get("switches", {}).get(AXOLOTL_KERNELS), ctx.effective.get(AXOLOTL_KERNEL_PLACES)
+    if asked is None or places is None:
+        return
+    idle = [k for k in asked if k not in places]
+    if idle:
+        ctx.extra["switches"][AXOLOTL_KERNELS] = [k for k in asked if k in places]
+        kernels = ", ".join(f"lora_{k}_kernel" for k in idle)
+        needs = "; ".join("/".join(_AXOLOTL_KERNEL_PLACES[k]) for k in idle)
+        ctx.extra["tool_rule"] = (f"Axolotl's {kernels} on, with nothing to fuse: no module of this model has {needs} "
+                                  "all with a LoRA adapter")

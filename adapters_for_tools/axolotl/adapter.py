@@ -105,6 +105,7 @@ def run(ctx) -> None:
     ctx.extra["kernels_module"] = getattr(_kernels_pkg, "__file__", None)
     with _precompute_counted(om, kind):
         train(cfg=parsed, dataset_meta=dataset_meta)
+    switches.narrow_axolotl_kernels(ctx)
     switches.settle(ctx)
     ctx.extra["saved"] = "peft adapter" if sc.method.is_peft else "hf checkpoint"
     if om is not None:

@@ -54,6 +54,8 @@ def run(ctx) -> None:
                                   use_gradient_checkpointing=ctx.options.use_gradient_checkpointing, fmt=fmt)
     cfg["sft"].update(ctx.options.sft)
     switches.expect(ctx, **{switches.UNSLOTH_GC: us_config.checkpoint_mode(cfg)})
+    if note := us_config.checkpoint_note(cfg):
+        ctx.extra["tool_rule"] = note
     path = ctx.save_native_config("unsloth.json", json.dumps(cfg, indent=1))
     ctx.extra["rerun"] = rerun_command(f"adapters_for_tools.unsloth.rerun {path}")
 

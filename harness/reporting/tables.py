@@ -230,7 +230,7 @@ def effective_table(sweep: Sweep) -> tuple[list[str], list[list[str | Cell]]] | 
 
 
 # what adapters record in a run's ``extra`` about how they fed their tool and where it differs (shown as notes)
-NOTE_KEYS = ("differences", "data", "data_order", "packing", "rerun_note")
+NOTE_KEYS = ("differences", "data", "data_order", "packing", "rerun_note", "tool_rule")
 
 
 def how_run_rows(sweep: Sweep) -> list[list[str]]:

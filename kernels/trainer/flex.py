@@ -154,13 +154,21 @@ def block_mask(seq: int, window: int | None, device: torch.device | str, positio
     return _flex.create_block_mask(mod, rows, None, seq, seq, device=device)
 
 
+# the training kernel, never the decoding one: Inductor picks its flex-decoding kernel for queries shorter than 128
+# tokens (made for generation), and for some of those shapes (tiny Gemma-3: head_dim 16, 4 query heads per KV head)
+# it has no config at all ("NoValidChoicesError"); BACKEND is the newer torch's switch, FORCE_USE_FLEX_ATTENTION
+# the older one's (a torch refuses both together)
+_OPTIONS = getattr(getattr(_flex, "FlexKernelOptions", None), "__annotations__", {})
+TRAINING_KERNEL = {"BACKEND": "TRITON"} if "BACKEND" in _OPTIONS else {"FORCE_USE_FLEX_ATTENTION": True}
+
+
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any, scale: float | None,
             softcap: float | None) -> torch.Tensor:
     def capped(score, b, h, q_idx, kv_idx):  # noqa: ANN001, ANN202
         return softcap * torch.tanh(score / softcap)
 
     return _flex.flex_attention(q, k, v, score_mod=capped if softcap is not None else None, block_mask=mask,
-                                scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+                                scale=scale, enable_gqa=q.shape[1] != k.shape[1], kernel_options=TRAINING_KERNEL)
 
 
 @functools.cache

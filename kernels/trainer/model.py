@@ -281,7 +281,9 @@ class DecoderModel(nn.Module):
             # offloaded (frozen) table: gather the rows on the host, ship [B, S, H] (33 MB at 8B shapes) to the device
             h = F.embedding(input_ids.cpu(), w).to(input_ids.device, non_blocking=True)
         if self.cfg.embed_scale is not None:  # gemma2: sqrt(hidden), rounded to the weights' dtype as transformers
-            h = h * torch.tensor(self.cfg.embed_scale, dtype=h.dtype, device=h.device)
+            # a Python number (the scale rounded to that dtype on the host): a device tensor made here would be a
+            # host-to-device copy, which a CUDA-graph capture refuses; the product is the same bf16 rounding
+            h = h * torch.tensor(self.cfg.embed_scale, dtype=h.dtype).item()
         return h
 
     def _prefetch_lm_head(self) -> None:

@@ -90,6 +90,25 @@ def test_unsloth_config_carries_the_checkpoint_mode(lora8b, tmp_path):
     assert checkpoint_mode(native_config(full, tmp_path, "/ckpt", tmp_path / "d.jsonl")) == "unsloth"
 
 
+def test_unsloth_checks_its_own_rule_below_512_tokens(lora8b, tmp_path):
+    """Under 512-token rows Unsloth turns its offloading mode into plain checkpointing itself: the live model must
+    then show True (not the asked "unsloth"), and the run says why; at 512 the asked mode stands."""
+    from adapters_for_tools.unsloth.config import checkpoint_mode, checkpoint_note, native_config
+
+    def at(seq, **kw):  # noqa: ANN001, ANN003, ANN202
+        sc = lora8b.model_copy(update={"data": lora8b.data.model_copy(update={"seq_len": seq})})
+        return native_config(sc, tmp_path, "/ckpt", tmp_path / "d.jsonl", **kw)
+
+    short = at(511)
+    assert short["get_peft_model"]["use_gradient_checkpointing"] == "unsloth"  # what Unsloth is asked for
+    assert checkpoint_mode(short) is True
+    assert "below 512 tokens" in checkpoint_note(short) and "max_seq_length 511" in checkpoint_note(short)
+    assert checkpoint_mode(at(512)) == "unsloth" and checkpoint_note(at(512)) is None
+    assert checkpoint_mode(at(128, use_gradient_checkpointing=True)) is True
+    assert checkpoint_note(at(128, use_gradient_checkpointing=True)) is None
+    assert checkpoint_mode(at(128, use_gradient_checkpointing=False)) is False
+
+
 def test_axolotl_config_carries_the_liger_plugin(lora8b, tmp_path):
     from adapters_for_tools.axolotl.config import LIGER_FLAGS, LIGER_PLUGIN, native_config
     from adapters_for_tools.axolotl.config import switches as ax_switches
@@ -311,7 +330,38 @@ def test_axolotl_lora_kernel_read_back(llama):
         layer.self_attn.apply_o = types.MethodType(original_apply_o, layer.self_attn)
         layer.mlp.forward = types.MethodType(apply_lora_mlp_swiglu, layer.mlp)
     got = switches.read_axolotl_lora_kernels(llama)
-    assert got == {"axolotl_lora_kernels": ["mlp", "qkv"], "axolotl_lora_kernel_modules": {"mlp": 2, "qkv": 2}}
+    assert got == {"axolotl_lora_kernels": ["mlp", "qkv"], "axolotl_lora_kernel_modules": {"mlp": 2, "qkv": 2},
+                   "axolotl_lora_kernel_places": ["mlp", "o", "qkv"]}
+
+
+def test_axolotl_kernels_with_nothing_to_fuse_are_the_tools_rule_not_a_failed_switch(tmp_path):
+    """A mixture-of-experts model under all-linear LoRA: its experts are no nn.Linear, so no module has LoRA on
+    gate/up/down and Axolotl's MLP kernel, on by its default, attaches nowhere. The run then expects qkv and o only
+    and says why; a kernel that had a place and did not attach still makes it invalid."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    cfg = Qwen3MoeConfig(vocab_size=64, hidden_size=16, intermediate_size=32, moe_intermediate_size=8,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, num_experts=2,
+                         num_experts_per_tok=1, head_dim=8)
+    moe = get_peft_model(Qwen3MoeForCausalLM(cfg), LoraConfig(r=2, target_modules="all-linear",
+                                                               task_type="CAUSAL_LM"))
+    assert switches.read_axolotl_lora_kernels(moe)["axolotl_lora_kernel_places"] == ["o", "qkv"]
+    ctx = _ctx(tmp_path)
+    switches.expect(ctx, axolotl_lora_kernels=["mlp", "o", "qkv"])
+    ctx.set_effective(axolotl_lora_kernels=["o", "qkv"], axolotl_lora_kernel_places=["o", "qkv"])
+    switches.narrow_axolotl_kernels(ctx)
+    switches.settle(ctx)
+    assert ctx.unsupported == [] and ctx.extra["switches"]["axolotl_lora_kernels"] == ["o", "qkv"]
+    assert "lora_mlp_kernel on, with nothing to fuse" in ctx.extra["tool_rule"]
+
+    ctx = _ctx(tmp_path)  # a dense model: the MLP kernel had its place and did not attach
+    switches.expect(ctx, axolotl_lora_kernels=["mlp", "o", "qkv"])
+    ctx.set_effective(axolotl_lora_kernels=["o", "qkv"], axolotl_lora_kernel_places=["mlp", "o", "qkv"])
+    switches.narrow_axolotl_kernels(ctx)
+    switches.settle(ctx)
+    assert ctx.unsupported == ["switch axolotl_lora_kernels: asked for ['mlp', 'o', 'qkv'], the live run has "
+                               "['o', 'qkv']"] and "tool_rule" not in ctx.extra
 
 
 # -- the verdict -----------------------------------------------------------------------------------------------------
