@@ -25,8 +25,7 @@ from pathlib import Path
 from statistics import fmean
 from typing import Any
 
-from harness.running.matrix import read_not_run, read_plan
-from harness.running.runner import CONTENTION
+from harness.running.matrix import read_not_run, read_plan, settings_reasons
 from harness.storing import results
 from harness.storing.schema import RunResult
 
@@ -78,13 +77,6 @@ def _stored_run(folder: Path, scenario: str, framework: str) -> tuple[RunResult 
 def _unreadable(planned: dict[str, Any], error: Exception) -> MatrixCell:
     return MatrixCell(family=planned["family"], model=planned["model"], method=planned["method"],
                       framework=planned["framework"], outcome=UNREADABLE, detail=str(error))
-
-
-def settings_reasons(invalid_reasons: list[str]) -> list[str]:
-    """The invalid reasons that concern what was trained: those of a run that shared the machine (a matrix run
-    several rows at a time, ``run_matrix(jobs=...)``) say its timings are not comparable, which the matrix, a
-    record of support rather than speed, does not judge."""
-    return [r for r in invalid_reasons if not r.startswith(CONTENTION)]
 
 
 def cell_of(planned: dict[str, Any], run: RunResult | None, run_path: str | None, not_run: str | None) -> MatrixCell:

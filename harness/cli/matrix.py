@@ -5,8 +5,8 @@ every cell is an ordinary stored run under ``results/support-matrix-<device>-<ti
 tool's own error, or why a framework cannot run it; loss falling; the library versions) is written to
 ``reports/<that folder's name>/report.md`` and ``report.html``, with ``matrix.csv`` beside the results. Rerunning
 the same command resumes: finished cells are kept, only missing ones run (``--retry-failed`` redoes error, crashed
-and timeout cells). Exit codes: 0 done (failed cells are cells, not errors), 2 bad input, 3 another sweep holds
-the machine, 130 interrupted.
+and timeout cells, ``--retry-invalid`` invalid ones). Exit codes: 0 done (failed cells are cells, not errors), 2
+bad input, 3 another sweep holds the machine, 130 interrupted.
 
 Examples::
 
@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new", action="store_true", help="start a new matrix folder even if one of this plan exists")
     p.add_argument("--retry-failed", action="store_true",
                    help="redo cells stored as error/crashed/timeout (the failed attempt is kept)")
+    p.add_argument("--retry-invalid", action="store_true",
+                   help="redo cells stored as invalid, e.g. after a fix of the check that judged them (the attempt "
+                        "is kept)")
     p.add_argument("--only", type=_names, metavar="FRAMEWORKS",
                    help="run the cells of these frameworks now (comma-separated); the matrix stays the one of "
                         "--frameworks, so later invocations with other --only values fill the same folder")
@@ -119,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         folder = open_matrix(plan, Path(args.results), new=args.new)
         started = run_matrix(folder, retry_failed=args.retry_failed, quiet=args.quiet, only=args.only,
-                             time_limit_s=args.time_limit_s, on_row=show, jobs=args.jobs)
+                             time_limit_s=args.time_limit_s, on_row=show, jobs=args.jobs,
+                             retry_invalid=args.retry_invalid)
         print(f"{len(plan.cells)} cells, {len(plan.scenarios)} scenarios ({started} runs now)")
         _write_outputs(folder, Path(args.reports))
         return 0

@@ -280,14 +280,29 @@ def stored_runs(sc: Scenario, folder: Path) -> dict[str, RunResult]:
     return out
 
 
+def settings_reasons(invalid_reasons: list[str]) -> list[str]:
+    """The invalid reasons that concern what was trained: those of a run that shared the machine (a matrix run
+    several rows at a time, ``run_matrix(jobs=...)``) say its timings are not comparable, which the matrix, a
+    record of support rather than speed, does not judge."""
+    return [r for r in invalid_reasons if not r.startswith(runner.CONTENTION)]
+
+
+def invalid_cell(row: dict) -> bool:
+    """A stored row (its JSON) that trained but is invalid for what it trained (the matrix's "invalid" cell)."""
+    return row.get("status") == "ok" and bool(settings_reasons(row.get("invalid_reasons") or []))
+
+
 def run_matrix(folder: Path, retry_failed: bool = False, quiet: bool = False, only: list[str] | None = None,
                time_limit_s: float | None = None,
-               on_row: Callable[[str, dict[str, str]], None] | None = None, jobs: int = 1) -> int:
+               on_row: Callable[[str, dict[str, str]], None] | None = None, jobs: int = 1,
+               retry_invalid: bool = False) -> int:
     """Run every missing cell of the matrix in ``folder``; returns how many runs were started.
 
     Args:
         folder: a matrix folder (:func:`open_matrix`).
         retry_failed: redo cells stored as error, crashed or timeout (the failed attempt is kept).
+        retry_invalid: redo cells stored as invalid (:func:`invalid_cell`), e.g. after a fix of the check that
+            judged them (the attempt is kept).
         quiet: no progress display from the sweep runner.
         only: run the cells of these frameworks only (the others stay as they are: a matrix can be filled one
             framework at a time).
@@ -316,7 +331,10 @@ def run_matrix(folder: Path, retry_failed: bool = False, quiet: bool = False, on
                 continue
             missing.pop(fw.key, None)
             have = stored.get(fw.key)
-            if have is not None and not (retry_failed and have.status in runner.RETRYABLE):
+            redo = have is not None and (
+                (retry_failed and have.status in runner.RETRYABLE)
+                or (retry_invalid and invalid_cell({"status": have.status, "invalid_reasons": have.invalid_reasons})))
+            if have is not None and not redo:
                 continue
             if why := envs.unavailable(registry.info(fw.name), device):
                 missing[fw.key] = f"unavailable: {why}"
@@ -339,11 +357,12 @@ def run_matrix(folder: Path, retry_failed: bool = False, quiet: bool = False, on
             sc = load_scenario(path)
             yield sc, *todo_of(sc)
 
+    retry = {"retry_failed": retry_failed or retry_invalid, "retry_also": invalid_cell if retry_invalid else None}
     started = 0
     if jobs <= 1:
         for sc, todo, missing in rows():
             if todo:
-                runner.run_sweep(sc, folder, quiet=quiet, only=todo, resume_only=True, retry_failed=retry_failed)
+                runner.run_sweep(sc, folder, quiet=quiet, only=todo, resume_only=True, **retry)
                 started += len(todo)
             finish(sc, missing)
         return started
@@ -358,7 +377,7 @@ def run_matrix(folder: Path, retry_failed: bool = False, quiet: bool = False, on
             while len(running) >= jobs:  # a free slot first, so that the time limit is checked at each start
                 _collect(running, wait(running, return_when=FIRST_COMPLETED).done, finish)
             running[pool.submit(runner.run_sweep, sc, folder, quiet=True, only=todo, resume_only=True,
-                                retry_failed=retry_failed, allow_contention=True)] = (sc, missing)
+                                allow_contention=True, **retry)] = (sc, missing)
             started += len(todo)
         _collect(running, list(running), finish)
     return started

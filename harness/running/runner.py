@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
@@ -317,17 +317,18 @@ def _end_leftovers(proc: subprocess.Popen) -> bool:
 RETRYABLE = ("error", "crashed", "timeout")  # an OOM is a measurement of the framework, not retried
 
 
-def set_aside_failed(sweep_dir: Path, keys: list[str]) -> list[str]:
-    """Move the stored failed rows among ``keys`` (status in :data:`RETRYABLE`, or an evaluation that ended in an
-    error) and their logs to ``runs/attempts/`` and ``logs/attempts/`` as ``<key>.<n>`` (never overwritten), so the
-    runs are done again.
+def set_aside_failed(sweep_dir: Path, keys: list[str], also: Callable[[dict], bool] | None = None) -> list[str]:
+    """Move the stored failed rows among ``keys`` (status in :data:`RETRYABLE`, an evaluation that ended in an
+    error, or a row for which ``also`` says so) and their logs to ``runs/attempts/`` and ``logs/attempts/`` as
+    ``<key>.<n>`` (never overwritten), so the runs are done again.
 
-    For failures of the machine rather than of the framework (a full disk, a lost device): the failed attempt
-    stays on record and the new row lists it under ``previous_attempts``. Returns the keys set aside."""
+    For failures of the machine rather than of the framework (a full disk, a lost device), or of a check since
+    fixed (``also``: the support matrix's invalid cells): the failed attempt stays on record and the new row lists
+    it under ``previous_attempts``. Returns the keys set aside."""
     moved = []
     for key in keys:
         row = results.read_json(sweep_dir / "runs" / f"{key}.json")
-        if row is None or not (row.get("status") in RETRYABLE or _evaluation_failed(row)):
+        if row is None or not (row.get("status") in RETRYABLE or _evaluation_failed(row) or (also and also(row))):
             continue
         for sub, suffix in (("runs", ".json"), ("logs", ".log")):
             src = sweep_dir / sub / f"{key}{suffix}"
@@ -480,13 +481,14 @@ class Launcher(Protocol):
 
 def run_sweep(sc, results_root: Path, new: bool = False, quiet: bool = False, only: list[str] | None = None,
               resume_only: bool = False, retry_failed: bool = False, allow_contention: bool = False,
-              launcher: Launcher | None = None) -> Path:
+              launcher: Launcher | None = None, retry_also: Callable[[dict], bool] | None = None) -> Path:
     """Run (or resume) the sweep of scenario ``sc``; returns the sweep's results directory.
 
     ``resume_only``: fill in the newest sweep of this scenario even when it is complete for the requested
     runs (then nothing runs); never start a new one. Scripts that fill one sweep over several invocations use
     it so that a repeated invocation cannot start a duplicate sweep. ``retry_failed``: runs of that sweep stored
-    as error/crashed/timeout are done again, the failed attempt kept (:func:`set_aside_failed`). ``launcher``: run
+    as error/crashed/timeout (or, with ``retry_also``, rows it picks) are done again, the failed attempt kept
+    (:func:`set_aside_failed`). ``launcher``: run
     them as cluster jobs instead of here (:mod:`harness.running.cluster`); a launcher whose jobs run on other
     machines takes no machine lock.
     """
@@ -516,7 +518,7 @@ def run_sweep(sc, results_root: Path, new: bool = False, quiet: bool = False, on
             display.console.print(f"[yellow]resuming {sweep_dir}, started from a different scenario file: "
                                   f"{'; '.join(changed)}[/]", markup=True, highlight=False)
         if retry_failed and resumed:
-            set_aside_failed(sweep_dir, key_names)
+            set_aside_failed(sweep_dir, key_names, retry_also)
         todo = [(fw, r) for fw, r in keys
                 if not (sweep_dir / "runs" / f"{results.run_key(fw.key, r)}.json").exists()]
         display.progress.update(display.sweep, completed=len(keys) - len(todo))

@@ -183,6 +183,28 @@ def test_rows_at_once_share_the_machine_and_say_so(env):
     assert cli.main(["--jobs", "0", "--device", "cpu"]) == 2
 
 
+def test_invalid_cells_are_redone_on_request_and_the_attempt_kept(env):
+    """``retry_invalid``: a cell stored as invalid for what it trained (a check since fixed) runs again, its
+    attempt under runs/attempts/; cells invalid only for sharing the machine are support the matrix has, not redone."""
+    plan = planning.plan_matrix(["falcon", "gpt_neox"], ["dummy"], ["lora"], "cpu")
+    folder = planning.open_matrix(plan, env / "results")
+    assert planning.run_matrix(folder, quiet=True, jobs=2) == 2
+    assert planning.run_matrix(folder, quiet=True, retry_invalid=True) == 0  # contention alone: valid support
+    _, cells = analysis.read_matrix(folder)
+    path = folder / cells[0].run
+    row = json.loads(path.read_text())
+    row["invalid_reasons"].append("not honoured: switch x: asked for 1, the live run has 0")
+    path.write_text(json.dumps(row))
+    assert [c.outcome for c in analysis.read_matrix(folder)[1]] == ["invalid", "ok"]
+    assert planning.run_matrix(folder, quiet=True) == 0  # stored: not redone unless asked
+    assert planning.run_matrix(folder, quiet=True, retry_invalid=True) == 1
+    assert [c.outcome for c in analysis.read_matrix(folder)[1]] == ["ok", "ok"]
+    redone = json.loads(path.read_text())
+    assert redone["previous_attempts"] == [{"file": "runs/attempts/dummy-r0.1.json", "status": "ok",
+                                            "reason": None}]
+    assert json.loads((path.parent / "attempts" / "dummy-r0.1.json").read_text()) == row
+
+
 def cli_report(folder, reports):  # noqa: ANN001, ANN201
     assert cli.main(["--report-from", str(folder), "--reports", str(reports)]) == 0
     return reports / folder.name / "report.md"
