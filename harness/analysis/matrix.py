@@ -25,6 +25,7 @@ from pathlib import Path
 from statistics import fmean
 from typing import Any
 
+from harness.analysis import parity
 from harness.running.matrix import read_not_run, read_plan, settings_reasons
 from harness.storing import results
 from harness.storing.schema import RunResult
@@ -51,6 +52,11 @@ class MatrixCell:
     framework_version: str | None = None
     run: str | None = None  # the stored run, relative to the matrix folder
     shared_machine: bool | None = None  # it shared the machine with other rows (``--jobs``): timings not comparable
+    # its loss curve against the baseline framework's (the plan's first) on the same model and method
+    # (harness.analysis.parity): ok, transient or departs, and the largest per-step difference
+    parity: str | None = None
+    parity_ok: bool | None = None
+    parity_max_abs_diff: float | None = None
 
 
 def loss_falling(losses: list[float]) -> bool | None:
@@ -114,6 +120,7 @@ def read_matrix(folder: Path) -> tuple[dict[str, Any], list[MatrixCell]]:
     plan = read_plan(folder)
     not_run = read_not_run(folder)
     cells = []
+    runs: dict[str, list[tuple[MatrixCell, RunResult]]] = {}  # per scenario: the cells that have a stored run
     for planned in plan["cells"]:
         run, path = (None, None)
         if planned.get("scenario"):
@@ -124,6 +131,16 @@ def read_matrix(folder: Path) -> tuple[dict[str, Any], list[MatrixCell]]:
                 continue
         why = (not_run.get(planned.get("scenario") or "") or {}).get(planned["framework"])
         cells.append(cell_of(planned, run, path, why))
+        if run is not None:
+            runs.setdefault(planned["scenario"], []).append((cells[-1], run))
+    for pairs in runs.values():  # one repeat per cell: the run's framework names its cell
+        cols = parity.parity_columns([r for _, r in pairs], plan["frameworks"][0])
+        for cell, run in pairs:
+            c = cols.get((run.framework, run.repeat)) or {}
+            diff = c.get("parity_max_abs_diff")
+            cell.parity = c.get("parity_status") if diff is not None and diff == diff else None  # NaN: no curve
+            cell.parity_max_abs_diff = float(diff) if cell.parity is not None else None
+            cell.parity_ok = bool(c["parity_ok"]) if cell.parity is not None else None
     return plan, cells
 
 

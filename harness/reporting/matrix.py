@@ -47,11 +47,15 @@ def _shown(folder: Path) -> str:
         return str(folder)
 
 
-def grid_text(cell: MatrixCell, n: int = 90) -> str:
-    """A cell of the grid: the outcome, a short reason where it is not ok, and the loss trend where it trained."""
+def grid_text(cell: MatrixCell, baseline: str | None = None, n: int = 90) -> str:
+    """A cell of the grid: the outcome, a short reason where it is not ok, the loss trend where it trained, and
+    (for a framework other than ``baseline``) how far its loss curve lies from the baseline's."""
     parts = [cell.outcome + (f": {short(cell.detail, n)}" if cell.detail and cell.outcome != OK else "")]
     if loss := _loss(cell):
         parts.append(loss)
+    if cell.parity is not None and cell.framework != baseline:
+        verdict = "" if cell.parity_ok else f"{cell.parity}, "
+        parts.append(f"vs {baseline}: {verdict}max |Δloss| {cell.parity_max_abs_diff:.2g}")
     return "; ".join(parts)
 
 
@@ -83,7 +87,14 @@ def matrix_doc(folder: Path) -> Doc:
     outcomes = [o for o in (OK, INVALID, NOT_FALLING) if any(o in k for k in counts.values())]
     outcomes += sorted({o for k in counts.values() for o in k} - {OK, INVALID, NOT_FALLING, UNSUPPORTED, NOT_RUN})
     outcomes += [o for o in (UNSUPPORTED, NOT_RUN) if any(o in k for k in counts.values())]
-    doc.table(["framework", *outcomes], [[fw, *[str(counts[fw].get(o, 0)) for o in outcomes]] for fw in frameworks])
+    baseline = frameworks[0]
+    alike = {fw: sum(bool(c.parity_ok) for c in cells if c.framework == fw) for fw in frameworks}
+    doc.table(["framework", *outcomes, f"loss curve as {baseline}'s"],
+              [[fw, *[str(counts[fw].get(o, 0)) for o in outcomes], "—" if fw == baseline else str(alike[fw])]
+               for fw in frameworks])
+    doc.p(f"The last column counts the cells whose loss curve stays within the parity tolerance of {baseline}'s on "
+          f"the same model and method (docs/measurement.md, \"Quality\"); each cell gives its largest per-step "
+          f"difference.")
     titles = {name: p.title for name, p in presets().items()}
     for method in plan["methods"]:
         doc.h(1, METHOD_TITLES.get(method, method))
@@ -97,7 +108,7 @@ def matrix_doc(folder: Path) -> Doc:
             if not row_cells:
                 continue
             rows.append([titles.get(model, model), model,
-                         *[Cell(grid_text(row_cells[fw]), _mark(row_cells[fw])) if fw in row_cells else ""
+                         *[Cell(grid_text(row_cells[fw], baseline), _mark(row_cells[fw])) if fw in row_cells else ""
                            for fw in frameworks]])
         doc.table(["family", "tiny model", *frameworks], rows)
     failed = [c for c in cells if c.outcome not in (OK, UNSUPPORTED, NOT_RUN)]

@@ -157,6 +157,28 @@ def test_report_from_stored_runs_alone(tmp_path):
     assert (md_path.parent / "report.html").exists()
 
 
+def test_each_cell_is_compared_with_the_baselines_loss_curve(tmp_path):
+    """Every framework's cell beside the baseline's (the plan's first framework) on the same model and method: its
+    largest per-step loss difference, and whether the curve stays within the parity tolerance; the summary counts
+    the cells that do."""
+    plan = planning.plan_matrix(["falcon"], ["hf", "trl", "dummy"], ["lora"], "cpu")
+    folder = planning.open_matrix(plan, tmp_path / "results")
+    runs = folder / "matrix.tiny-falcon.lora-20260101-000000" / "runs"
+    runs.mkdir(parents=True)
+    for fw, losses in (("hf", (5.8, 5.7, 5.6, 5.5)), ("trl", (5.8, 5.7, 5.6, 5.502)), ("dummy", (5.8, 5.7, 5.0, 4.5))):
+        run = _run(losses=losses).model_copy(update={"scenario": "matrix.tiny-falcon.lora", "framework": fw})
+        (runs / f"{fw}-r0.json").write_text(json.dumps(run.to_dict(), default=str))
+    by = {c.framework: c for c in analysis.read_matrix(folder)[1]}
+    assert (by["hf"].parity, by["hf"].parity_max_abs_diff) == ("ok", 0.0)
+    assert by["trl"].parity_ok and by["trl"].parity_max_abs_diff == pytest.approx(0.002)
+    assert by["dummy"].parity == "departs" and by["dummy"].parity_ok is False
+    md = cli_report(folder, tmp_path / "reports").read_text()
+    assert "| hf | 1 | — |" in md and "| trl | 1 | 1 |" in md and "| dummy | 1 | 0 |" in md
+    assert "ok; loss 5.80→5.50 (falling); vs hf: max \\|Δloss\\| 0.002 |" in md
+    assert "vs hf: departs, max \\|Δloss\\| 1 |" in md
+    assert "| ok; loss 5.80→5.50 (falling) |" in md  # the baseline's own cell: no comparison with itself
+
+
 def test_a_matrix_fills_one_framework_at_a_time(env):
     plan = planning.plan_matrix(["falcon"], ["hf", "dummy"], ["lora"], "cpu")
     folder = planning.open_matrix(plan, env / "results")
