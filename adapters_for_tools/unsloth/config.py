@@ -95,11 +95,17 @@ def training_args(sc, work_dir: Path) -> dict[str, Any]:
 OFFLOAD_MIN_SEQ = 512
 
 
+def _asked_mode(cfg: dict[str, Any]) -> bool | str:
+    """The checkpoint mode a native config asks Unsloth for: ``get_peft_model``'s, or ``from_pretrained``'s for
+    full fine-tuning."""
+    return (cfg["get_peft_model"] or cfg["from_pretrained"])["use_gradient_checkpointing"]
+
+
 def checkpoint_mode(cfg: dict[str, Any]) -> bool | str:
-    """The checkpoint mode the live model must show: what a native config asks Unsloth for (``get_peft_model``'s,
-    or ``from_pretrained``'s for full fine-tuning), except ``"unsloth"`` under :data:`OFFLOAD_MIN_SEQ` tokens,
-    which Unsloth itself turns into plain checkpointing (True; :func:`checkpoint_note` says so in the run)."""
-    asked = (cfg["get_peft_model"] or cfg["from_pretrained"])["use_gradient_checkpointing"]
+    """The checkpoint mode the live model must show: the asked one, except ``"unsloth"`` under
+    :data:`OFFLOAD_MIN_SEQ` tokens, which Unsloth itself turns into plain checkpointing (True;
+    :func:`checkpoint_note` says so in the run)."""
+    asked = _asked_mode(cfg)
     if asked == "unsloth" and cfg["from_pretrained"]["max_seq_length"] < OFFLOAD_MIN_SEQ:
         return True
     return asked
@@ -107,8 +113,7 @@ def checkpoint_mode(cfg: dict[str, Any]) -> bool | str:
 
 def checkpoint_note(cfg: dict[str, Any]) -> str | None:
     """The run's note where Unsloth's own rule changes the asked checkpoint mode, else None."""
-    asked = (cfg["get_peft_model"] or cfg["from_pretrained"])["use_gradient_checkpointing"]
-    if checkpoint_mode(cfg) == asked:
+    if checkpoint_mode(cfg) == _asked_mode(cfg):
         return None
     return (f"use_gradient_checkpointing='unsloth' asked; Unsloth checkpoints plainly (True) below "
             f"{OFFLOAD_MIN_SEQ} tokens (max_seq_length {cfg['from_pretrained']['max_seq_length']}), by its own rule")

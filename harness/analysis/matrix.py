@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from statistics import fmean
@@ -138,9 +139,9 @@ def read_matrix(folder: Path) -> tuple[dict[str, Any], list[MatrixCell]]:
         for cell, run in pairs:
             c = cols.get((run.framework, run.repeat)) or {}
             diff = c.get("parity_max_abs_diff")
-            cell.parity = c.get("parity_status") if diff is not None and diff == diff else None  # NaN: no curve
-            cell.parity_max_abs_diff = float(diff) if cell.parity is not None else None
-            cell.parity_ok = bool(c["parity_ok"]) if cell.parity is not None else None
+            if diff is not None and not math.isnan(diff):  # NaN: no loss curve on one side
+                cell.parity, cell.parity_ok, cell.parity_max_abs_diff = (c["parity_status"], bool(c["parity_ok"]),
+                                                                         float(diff))
     return plan, cells
 
 
