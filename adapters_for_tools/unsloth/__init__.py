@@ -34,7 +34,8 @@ INFO = AdapterInfo(
     version_of="unsloth",
     objectives=frozenset({"sft", "dpo", "orpo", "kto", "grpo"}),
     notes="Imported before transformers/TRL/PEFT (it patches them). Gradient checkpointing: Unsloth's own "
-          "('unsloth', offloads activations). Compiles decoder blocks during the first steps: warm up longer.",
+          "('unsloth', offloads activations; plain below 512-token rows, by Unsloth's own rule). Compiles decoder "
+          "blocks during the first steps: warm up longer.",
     overrides=UnslothOverrides,
     strategies_note="Unsloth's open-source version trains on one GPU only",
 )
