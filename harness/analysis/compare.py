@@ -59,6 +59,7 @@ from typing import Any
 from harness.analysis import noise
 from harness.analysis.aggregate import is_empty, over_repeats
 from harness.analysis.noise import VERDICT_IMPROVED, VERDICT_INCONCLUSIVE, VERDICT_OK, VERDICT_REGRESSED
+from harness.inputs.data import CONVERSATIONS
 from harness.spec.scenario import row_settings
 from harness.storing.schema import STATUS_OK, RunResult
 from harness.storing.sweep import NotAResultsDir, Sweep, load_sweep
@@ -156,6 +157,13 @@ def settings_changes(base: dict, cand: dict, framework: str) -> list[str] | None
             if fb.get(k, _UNSET) != fc.get(k, _UNSET)]
 
 
+def _loss_rules(runs: list[RunResult]) -> list[str]:
+    """The loss rules (``harness.inputs.data.LOSS_RULE``) of runs on conversation rows, as text: "none recorded"
+    for such a run stored before the rule was (it may be an older one); empty where no run read conversations."""
+    return sorted({str((r.dataset or {}).get("loss_rule", "none recorded")) for r in runs
+                   if (r.dataset or {}).get("format") in CONVERSATIONS})
+
+
 def _same_settings(b_sw: Sweep, c_sw: Sweep, fw: str, b_all: list[RunResult],
                    c_all: list[RunResult]) -> tuple[bool, list]:
     """Whether one framework's baseline and candidate runs measured the same settings, and what changed.
@@ -167,6 +175,10 @@ def _same_settings(b_sw: Sweep, c_sw: Sweep, fw: str, b_all: list[RunResult],
     data_c = sorted({r.dataset_sha256_16 for r in c_all if r.dataset_sha256_16})
     data = [f"dataset_sha256_16: {', '.join(data_b)} -> {', '.join(data_c)} (the rows trained on differ)"] \
         if data_b and data_c and data_b != data_c else []
+    rule_b, rule_c = _loss_rules(b_all), _loss_rules(c_all)
+    if rule_b and rule_c and rule_b != rule_c:
+        data.append(f"loss_rule: {', '.join(rule_b)} -> {', '.join(rule_c)} (other tokens of the conversations bear "
+                    "loss)")
     changes = settings_changes(b_sw.scenario, c_sw.scenario, fw) if b_sw.scenario and c_sw.scenario else None
     if changes is not None:
         return not (changes or data), changes + data

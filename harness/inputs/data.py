@@ -181,6 +181,13 @@ def to_messages(row: dict[str, Any], fmt: str) -> list[dict[str, str]]:
     raise ValueError(f"no messages in format {fmt}")
 
 
+# The version of which tokens of a conversation bear loss (:func:`prompt_response`), recorded in the dataset's meta
+# (``loss_rule``) for the conversation formats: 2 since an assistant turn's closing newline bears loss. Raise it with
+# any change of those tokens, so that `compare` does not take runs trained on other loss tokens for like ones.
+LOSS_RULE = 2
+CONVERSATIONS = ("messages", "sharegpt")
+
+
 def prompt_response(row: dict[str, Any], fmt: str) -> list[tuple[str, bool]]:
     """Split a row into text segments, each marked whether it bears loss.
 
@@ -280,4 +287,5 @@ def dataset_meta(sc, examples: Examples, widest: int | None = None) -> dict:  # 
     (:func:`widest_row`), that too, as ``widest_row_tokens``."""
     return {"format": examples.fmt, "rows": len(examples.rows), "source": sc.data.source, "seq_len": sc.data.seq_len,
             "packing": sc.data.packing, "rows_without_loss_left_out": examples.dropped, "passes": examples.passes} \
-        | ({"widest_row_tokens": widest} if widest is not None else {})
+        | ({"widest_row_tokens": widest} if widest is not None else {}) \
+        | ({"loss_rule": LOSS_RULE} if examples.fmt in CONVERSATIONS else {})

@@ -300,6 +300,23 @@ def test_other_rows_trained_on_are_other_settings(tmp_path, capsys):
     assert compare.compare(a, a)[0].comparable.all()
 
 
+def test_conversations_under_another_loss_rule_are_other_settings(tmp_path, capsys):
+    """The same conversation file trained under another rule of which tokens bear loss (or one stored before the
+    rule was recorded): not comparable, and said so; text rows carry no rule and stay comparable."""
+    def side(name: str, metas: dict[str, dict]) -> Path:
+        runs = [make_run(f, 0) | {"dataset_sha256_16": "aaaa000011112222", "dataset": m} for f, m in metas.items()]
+        return make_sweep(tmp_path / name, runs)
+
+    chat, text = {"format": "messages", "loss_rule": 2}, {"format": "text"}
+    a = side("a", {"hf": {"format": "messages"}, "tunebench": text, "trl": chat})
+    b = side("b", {"hf": chat, "tunebench": text, "trl": chat})
+    df, _ = compare.compare(a, b)
+    assert df.groupby("framework").comparable.all().to_dict() == {"hf": False, "trl": True, "tunebench": True}
+    compare_cli.main([str(a), str(b)])
+    assert (f"  {SCENARIO_NAME}/hf: loss_rule: none recorded -> 2 (other tokens of the conversations bear loss)"
+            in capsys.readouterr().out)
+
+
 def test_settings_compared_per_framework(tmp_path, capsys):
     # the scenario file changed (another scenario_hash on every run), but only tunebench's own row did: hf stays
     # comparable, tunebench is flagged with the changed key

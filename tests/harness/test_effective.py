@@ -134,3 +134,17 @@ def test_the_widest_row_is_of_the_rows_the_steps_read():
     assert data.widest_row(sc, ex, build_tokenizer(300)) == 42  # <bos> + 40 + <eos>
     sc.train.steps = 3
     assert data.widest_row(sc, ex, build_tokenizer(300)) == 64  # the fifth, cut at seq_len
+
+
+def test_conversation_rows_record_which_tokens_bear_loss():
+    """The dataset's meta names the loss rule of conversation rows (`compare` tells runs on another apart); text and
+    Alpaca rows have none."""
+    from harness.inputs import data
+
+    sc = parse_scenario("version: 1\nname: t\nmodel: {preset: tiny-llama, dtype: float32}\nmethod: {kind: lora}\n"
+                        "data: {seq_len: 64}\ntrain: {micro_batch: 2, steps: 2, warmup_steps: 1}\n"
+                        "hardware: {device: cpu}\nframeworks: [hf]\n", "s.yaml")
+    for fmt in ("messages", "sharegpt"):
+        assert data.dataset_meta(sc, data.Examples([], fmt, 0, 1))["loss_rule"] == data.LOSS_RULE == 2
+    for fmt in ("text", "alpaca"):
+        assert "loss_rule" not in data.dataset_meta(sc, data.Examples([], fmt, 0, 1))
