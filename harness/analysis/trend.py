@@ -4,7 +4,8 @@ A *night* is one stored sweep; its figure for a (scenario, framework, metric) is
 runs. Nights are *comparable* when they ran the same settings (same ``settings_hash``: same scenario settings
 and the same framework row), so a changed scenario starts a new series instead of looking like a regression, and
 trained on the same rows: a past night whose runs read another dataset file (its digest, ``dataset_sha256_16``,
-where both nights record one) is left out of tonight's reference, as after an edit of the scenario's JSONL.
+where both nights record one) is left out of tonight's reference, as after an edit of the scenario's JSONL; so is
+one whose conversation rows bore loss on other tokens (``loss_rule``, recorded since it was, with the digest).
 
 For tonight's figure ``v`` against the ``n`` most recent comparable nights before it (at most
 ``reference_nights``; fewer than ``min_nights``: **inconclusive**):
@@ -58,7 +59,8 @@ class Night:
     framework_version: str | None
     libraries: dict[str, str] = field(default_factory=dict)
     gpu: str | None = None
-    dataset: str | None = None  # the digest of the dataset file its runs read (None: not recorded)
+    # the digest of the dataset file its runs read, with the loss rule of conversation rows (None: not recorded)
+    dataset: str | None = None
 
 
 @dataclass(frozen=True)
@@ -110,7 +112,7 @@ def series(rows: list[dict[str, Any]], metric: str) -> dict[tuple[str, str, str 
         out.setdefault((sc, fw, sh), []).append(Night(
             sweep_id, first["created"], statistics.median(values) if values else None,
             tuple(sorted({r["status"] for r in runs})), first.get("device") or "", first.get("git_sha"),
-            first.get("framework_version"), libs, first.get("gpu_name"), first.get("dataset_sha256_16")))
+            first.get("framework_version"), libs, first.get("gpu_name"), _rows_identity(first)))
     for nights in out.values():
         nights.sort(key=lambda n: (n.created, n.sweep_id))
     return out
@@ -130,6 +132,15 @@ def reference_of(past: list[Night], metric: str, k: float) -> tuple[float, float
     return ref, k * sigma * math.sqrt(1 + math.pi / (2 * len(values)))
 
 
+def _rows_identity(row: dict[str, Any]) -> str | None:
+    """What a night trained on, as :class:`Night` compares it: the dataset file's digest, and for conversation rows
+    the loss rule their runs recorded (a night on the same file stored before the rule was differs from one after)."""
+    digest = row.get("dataset_sha256_16")
+    if not digest or row.get("loss_rule") is None:
+        return digest or None
+    return f"{digest} (loss rule {row['loss_rule']})"
+
+
 def judge_night(nights: list[Night], i: int, metric: str, threshold: float, reference_nights: int,
                 min_nights: int, k: float) -> tuple[str, str, float | None, float | None, float | None, int]:
     """(verdict, note, reference, band, change, nights used) of night ``i`` of a series against the nights before."""
@@ -139,7 +150,8 @@ def judge_night(nights: list[Night], i: int, metric: str, threshold: float, refe
     if len(past) < min_nights:
         other = i - len(same_rows)
         return (VERDICT_INCONCLUSIVE, f"{len(past)} comparable night(s) with a figure before tonight, "
-                f"{min_nights} needed" + (f" ({other} earlier night(s) trained on another dataset file)"
+                f"{min_nights} needed" + (f" ({other} earlier night(s) trained on other rows: another dataset "
+                                          "file or loss rule)"
                                           if other else ""), None, None, None, len(past))
     ref_band = reference_of(past, metric, k)
     if ref_band is None:

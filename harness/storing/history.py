@@ -34,6 +34,7 @@ COLUMNS: dict[str, str] = {
     "peak_reserved_gib": "DOUBLE", "final_loss": "DOUBLE", "joules_per_token": "DOUBLE",
     "framework_version": "VARCHAR", "git_sha": "VARCHAR", "libraries": "VARCHAR", "gpu_name": "VARCHAR",
     "driver": "VARCHAR", "sm_clock_mhz": "DOUBLE", "mem_clock_mhz": "DOUBLE", "dataset_sha256_16": "VARCHAR",
+    "loss_rule": "VARCHAR",
 }
 KEY = ("sweep_id", "framework", "repeat")  # a run's identity: appending a sweep again replaces its rows
 _CREATED = re.compile(r"(\d{8}-\d{6})$")
@@ -106,6 +107,8 @@ def run_row(sweep: Sweep, run: RunResult, created: datetime) -> dict[str, Any]:
         "libraries": json.dumps(libraries, sort_keys=True), "gpu_name": env.gpu_name, "driver": env.driver,
         "sm_clock_mhz": telemetry.get("sm_clock_mhz"), "mem_clock_mhz": telemetry.get("mem_clock_mhz"),
         "dataset_sha256_16": run.dataset_sha256_16,
+        # which tokens of conversation rows bore loss (harness.inputs.data.LOSS_RULE); None for other rows
+        "loss_rule": None if (rule := (run.dataset or {}).get("loss_rule")) is None else str(rule),
     }
 
 

@@ -216,10 +216,11 @@ def eval_dict(acc: float, *, baseline: float | None = 0.25, tt_target: float | N
 
 
 def make_night(results_root: Path, day: int, hf_tps: float, git_sha: str = "a" * 40,
-               transformers: str = "5.17.0", dataset: str | None = None) -> Path:
+               transformers: str = "5.17.0", dataset: str | None = None, loss_rule: int | None = None) -> Path:
     """One stored sweep ("night") of hf and tunebench, created at 02:00 on 2026-12-<day>, with this git sha and
     transformers version in every run's environment (what the nightly history annotates), and ``dataset`` as the
-    digest of the rows its runs read (None: not recorded)."""
+    digest of the rows its runs read (None: not recorded), with ``loss_rule`` those of conversation rows, read
+    under that rule (None: text rows, or a run stored before the rule was recorded)."""
     created = f"202612{day:02d}-020000"
     env = environment_dict() | {"git_sha": git_sha}
     env["libraries"] = env["libraries"] | {"transformers": transformers}
@@ -227,6 +228,8 @@ def make_night(results_root: Path, day: int, hf_tps: float, git_sha: str = "a" *
     for r in runs:
         r["environment"] = env
         r["dataset_sha256_16"] = dataset
+        if loss_rule is not None:
+            r["dataset"] = {"format": "messages", "loss_rule": loss_rule}
     d = make_sweep(results_root / f"synthetic-tiny-{created}", runs, environment=env)
     plan = json.loads((d / "sweep.json").read_text())
     (d / "sweep.json").write_text(json.dumps(plan | {"created": created}))

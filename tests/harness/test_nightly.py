@@ -95,8 +95,30 @@ def test_nights_on_another_dataset_file_are_left_out_of_the_reference(tmp_path: 
     edited = make_night(results, 4, 600.0, dataset="e1e1e1e1e1e1e1e1")
     assert _nightly(tmp_path, results, tmp_path / "suite.yaml", db, edited) == 3
     md = (tmp_path / "reports" / "nightly-synthetic" / "verdict.md").read_text()
-    assert "0 comparable night(s)" in md and "(3 earlier night(s) trained on another dataset file)" in md
+    assert "0 comparable night(s)" in md and "(3 earlier night(s) trained on other rows: another dataset file or " \
+        "loss rule)" in md
     assert _nightly(tmp_path, results, tmp_path / "suite.yaml", db, make_night(results, 5, 600.0)) == 1
+
+
+def test_nights_under_another_loss_rule_are_left_out_of_the_reference(tmp_path: Path):
+    """Conversation rows from one unchanged file: nights stored before the loss rule was recorded (they may have
+    trained other tokens) are not tonight's reference; nights under the same rule are."""
+    results = tmp_path / "results"
+    (tmp_path / "scenario.yaml").write_text("name: unused\n")
+    (tmp_path / "suite.yaml").write_text(SUITE)
+    db = tmp_path / "h.duckdb"
+    for day in (1, 2, 3):
+        history.append(db, make_night(results, day, 1000.0, dataset="d0d0d0d0d0d0d0d0"))
+    assert {r["loss_rule"] for r in history.query(db)} == {None}
+    ruled = make_night(results, 4, 600.0, dataset="d0d0d0d0d0d0d0d0", loss_rule=2)
+    assert _nightly(tmp_path, results, tmp_path / "suite.yaml", db, ruled) == 3
+    assert "(3 earlier night(s) trained on other rows" in (tmp_path / "reports" / "nightly-synthetic" /
+                                                           "verdict.md").read_text()
+    assert {r["loss_rule"] for r in history.query(db)} == {None, "2"}
+    for day in (5, 6):
+        history.append(db, make_night(results, day, 1000.0, dataset="d0d0d0d0d0d0d0d0", loss_rule=2))
+    slower = make_night(results, 7, 600.0, dataset="d0d0d0d0d0d0d0d0", loss_rule=2)
+    assert _nightly(tmp_path, results, tmp_path / "suite.yaml", db, slower) == 1  # judged against days 4-6: slower
 
 
 def test_a_database_of_an_older_harness_gains_the_new_columns(tmp_path: Path):
