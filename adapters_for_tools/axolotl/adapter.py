@@ -31,7 +31,7 @@ from adapters_for_tools.axolotl import config as ax_config
 from adapters_for_tools.axolotl import rl_config
 from adapters_for_tools.contract import rerun_command
 from adapters_for_tools.objective_meter import ObjectiveMeter
-from harness.inputs.data import read_jsonl, write_jsonl
+from harness.inputs.data import CONVERSATIONS, read_jsonl, write_jsonl
 from harness.inputs.models import load_config_dict
 from harness.inputs.preference import objective_rows
 
@@ -48,7 +48,7 @@ def prepare(ctx) -> dict:
     if kind == "sft":
         fmt = json.loads(ctx.dataset_path.with_suffix(".meta.json").read_text())["format"]
         data_file = ctx.dataset_path
-        if fmt in ("messages", "sharegpt"):  # conversations go pre-tokenised (config.tokenised_rows), kept with the run
+        if fmt in CONVERSATIONS:  # conversations go pre-tokenised (config.tokenised_rows), kept with the run
             from transformers import AutoTokenizer  # heavy: the worker's environment only
 
             data_file = ctx.work_dir / "axolotl_sft_dataset.jsonl"

@@ -36,7 +36,7 @@ from collections.abc import Callable
 from typing import Any
 
 from adapters_for_tools.prompt_completion import assistant_turns, split_rows
-from harness.inputs.data import prompt_response
+from harness.inputs.data import CONVERSATIONS, prompt_response
 
 DATASET_NAME = "tunebench"
 FILE_NAME = "data.jsonl"
@@ -70,7 +70,7 @@ def form_of_rows(kind: str, fmt: str, rows: list[dict[str, Any]], prompt_loss: b
     than one (which the prompt/response columns cannot hold). With ``prompt_loss`` every token after the ``<bos>``
     bears loss, which one Alpaca row holds (:func:`lf_rows`), so the form stays ``sft``."""
     form = form_of(kind, fmt)
-    if form == "sft" and not prompt_loss and fmt in ("messages", "sharegpt") and assistant_turns(rows, fmt) - {1}:
+    if form == "sft" and not prompt_loss and fmt in CONVERSATIONS and assistant_turns(rows, fmt) - {1}:
         return "turns"
     return form
 
