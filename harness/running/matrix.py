@@ -287,9 +287,14 @@ def settings_reasons(invalid_reasons: list[str]) -> list[str]:
     return [r for r in invalid_reasons if not r.startswith(runner.CONTENTION)]
 
 
-def invalid_cell(row: dict) -> bool:
-    """A stored row (its JSON) that trained but is invalid for what it trained (the matrix's "invalid" cell)."""
-    return row.get("status") == "ok" and bool(settings_reasons(row.get("invalid_reasons") or []))
+def invalid_cell(status: str | None, invalid_reasons: list[str]) -> bool:
+    """A stored run that trained (``status`` ok) but is invalid for what it trained (the matrix's "invalid" cell)."""
+    return status == "ok" and bool(settings_reasons(invalid_reasons))
+
+
+def _invalid_row(row: dict) -> bool:
+    """:func:`invalid_cell` of a stored row's JSON (what the runner sets aside for a retry)."""
+    return invalid_cell(row.get("status"), row.get("invalid_reasons") or [])
 
 
 def run_matrix(folder: Path, retry_failed: bool = False, quiet: bool = False, only: list[str] | None = None,
@@ -333,7 +338,7 @@ def run_matrix(folder: Path, retry_failed: bool = False, quiet: bool = False, on
             have = stored.get(fw.key)
             redo = have is not None and (
                 (retry_failed and have.status in runner.RETRYABLE)
-                or (retry_invalid and invalid_cell({"status": have.status, "invalid_reasons": have.invalid_reasons})))
+                or (retry_invalid and invalid_cell(have.status, have.invalid_reasons)))
             if have is not None and not redo:
                 continue
             if why := envs.unavailable(registry.info(fw.name), device):
@@ -357,7 +362,7 @@ def run_matrix(folder: Path, retry_failed: bool = False, quiet: bool = False, on
             sc = load_scenario(path)
             yield sc, *todo_of(sc)
 
-    retry = {"retry_failed": retry_failed or retry_invalid, "retry_also": invalid_cell if retry_invalid else None}
+    retry = {"retry_failed": retry_failed or retry_invalid, "retry_also": _invalid_row if retry_invalid else None}
     started = 0
     if jobs <= 1:
         for sc, todo, missing in rows():
