@@ -1,15 +1,15 @@
 """Speed switches: a tool's documented fastest or leanest settings, asked for by a row and read back from the live run.
 
 Beside its closed-division row, each tool runs its own speed and memory switches as labelled rows (Liger-Kernel in
-the hf, TRL, Axolotl and LLaMA-Factory rows; Unsloth's plain or offloading checkpoint mode; LLaMA-Factory's
-offloading checkpoints). A flag a tool silently ignores would make such a row measure the default under another
-name, so every switch is checked where it matters, on the live model:
+the hf, TRL, Axolotl and LLaMA-Factory rows; Unsloth's plain or offloading checkpoint mode and its per-layer
+compile; LLaMA-Factory's offloading checkpoints). A flag a tool silently ignores would make such a row measure the
+default under another name, so every switch is checked where it matters, on the live model:
 
 1. The adapter writes the switch into the tool's native config and records what that config asks for:
    :func:`expect` (``extra["switches"]``, the row's variant for the report).
 2. At the first optimizer step, before the step's clock starts, :func:`read_back_callback` reads the same keys
    from the live model (:func:`read_liger`, :func:`read_checkpointing`, :func:`read_unsloth_checkpointing`,
-   :func:`read_axolotl_lora_kernels`) into ``ctx.effective``.
+   :func:`read_unsloth_block_compile`, :func:`read_axolotl_lora_kernels`) into ``ctx.effective``.
 3. After training, :func:`settle` reports each difference with ``ctx.cannot_honour``: the run is marked invalid.
 
 Keys (in ``effective``; those a row asks for also in ``extra["switches"]``):
@@ -22,6 +22,8 @@ checkpoint_function             what the checkpointed layers call, wrappers unwr
 gradient_checkpointing_offload  bool: the checkpointed layers keep their saved inputs in host memory
 unsloth_gradient_checkpointing  Unsloth's mode as it ran: ``"unsloth"`` (offloading), True (plain), False (none);
                                 what Unsloth recorded on the model beside it (``..._recorded``)
+unsloth_block_compile           bool: a decoder-layer class runs Unsloth's compiled forward (one region per layer);
+                                those classes in ``unsloth_block_compiled_classes``
 axolotl_lora_kernels            the kinds of Axolotl's fused LoRA kernels in use (``["mlp", "o", "qkv"]``); on how
                                 many modules each in ``axolotl_lora_kernel_modules``; the kinds this model has
                                 LoRA-adapted projections for in ``axolotl_lora_kernel_places``
@@ -44,6 +46,7 @@ from typing import Any
 LIGER = "liger_kernel"
 OFFLOAD = "gradient_checkpointing_offload"
 UNSLOTH_GC = "unsloth_gradient_checkpointing"
+UNSLOTH_BLOCK_COMPILE = "unsloth_block_compile"
 AXOLOTL_KERNELS = "axolotl_lora_kernels"
 
 LIGER_VERSION = "0.8.5"  # the pin of the `base` overlay (harness/running/environments.yaml)
@@ -253,6 +256,18 @@ def read_unsloth_checkpointing(model: Any) -> dict[str, Any]:
     if recorded is not None:
         eff["unsloth_gradient_checkpointing_recorded"] = recorded
     return eff
+
+
+# the mark Unsloth sets on the forward it installs on a decoder-layer class (unsloth.models._block_compile)
+_UNSLOTH_BLOCK_MARK = "_unsloth_block_compiled"
+
+
+def read_unsloth_block_compile(model: Any) -> dict[str, Any]:
+    """Whether Unsloth's per-layer compile is installed: a module class of the live model whose ``forward`` carries
+    Unsloth's mark, and which classes."""
+    classes = sorted({type(m).__name__ for m in model.modules()
+                      if getattr(getattr(type(m), "forward", None), _UNSLOTH_BLOCK_MARK, False)})
+    return {UNSLOTH_BLOCK_COMPILE: bool(classes), "unsloth_block_compiled_classes": classes}
 
 
 def read_trainer_model(model: Any) -> dict[str, Any]:

@@ -15,6 +15,10 @@ class UnslothOverrides(Overrides):
     # checkpointed activations to the host), true (Transformers' implementation, on the GPU: faster), false (none).
     # Unset: "unsloth" when the scenario checkpoints, else false (config.py). Read back from the live model.
     use_gradient_checkpointing: bool | Literal["unsloth"] | None = None
+    # Unsloth's compile of each decoder layer as one region (its UNSLOTH_BLOCK_COMPILE variable, set before the model
+    # loads): unset, Unsloth decides (on where its torch supports it); false turns it off, where Inductor cannot
+    # compile a family's block. Read back from the live model's decoder-layer classes.
+    block_compile: bool | None = None
     # TRL SFTConfig entries, over the scenario's
     sft: dict[str, Any] = Field(default_factory=dict)
     # entries of a dpo/orpo/kto/grpo run's config (Unsloth's patched DPOConfig / ORPOConfig / KTOConfig /

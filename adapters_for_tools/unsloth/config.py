@@ -5,6 +5,7 @@ preference and RL objectives: ``rl_config``).
 - ``get_peft_model``: ``FastLanguageModel.get_peft_model`` (r, alpha, dropout, targets, bias none,
   ``use_gradient_checkpointing``).
 - ``sft``: TRL ``SFTConfig`` for the ``SFTTrainer`` Unsloth patches (same settings as the trl adapter).
+- ``environment``: variables the row's overrides set before the model loads (:func:`row_environment`).
 
 Decision: gradient checkpointing on -> ``use_gradient_checkpointing="unsloth"`` (Unsloth's own implementation,
 which offloads the checkpointed activations to CPU; what Unsloth recommends and what its users run), off ->
@@ -18,6 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from adapters_for_tools import switches
 from adapters_for_tools.contract import trainer_args
 from adapters_for_tools.prompt_completion import sft_trainer_rows
 
@@ -109,6 +111,26 @@ def checkpoint_mode(cfg: dict[str, Any]) -> bool | str:
     if asked == "unsloth" and cfg["from_pretrained"]["max_seq_length"] < OFFLOAD_MIN_SEQ:
         return True
     return asked
+
+
+BLOCK_COMPILE_VARIABLE = "UNSLOTH_BLOCK_COMPILE"
+
+
+def row_environment(block_compile: bool | None) -> dict[str, str]:
+    """The environment variables a row's overrides set before Unsloth loads the model (``cfg["environment"]``, so
+    a rerun of the saved config sets them too): its per-layer compile on or off; None leaves Unsloth's default."""
+    return {} if block_compile is None else {BLOCK_COMPILE_VARIABLE: "1" if block_compile else "0"}
+
+
+def expect_switches(ctx, cfg: dict[str, Any]) -> None:  # noqa: ANN001
+    """What the live model must show for native config ``cfg`` (its checkpoint mode, and the per-layer compile
+    where the row sets it), and the run's note where Unsloth's own rule changes the asked checkpoint mode."""
+    asked = {switches.UNSLOTH_GC: checkpoint_mode(cfg)}
+    if BLOCK_COMPILE_VARIABLE in cfg.get("environment", {}):
+        asked[switches.UNSLOTH_BLOCK_COMPILE] = cfg["environment"][BLOCK_COMPILE_VARIABLE] == "1"
+    switches.expect(ctx, **asked)
+    if note := checkpoint_note(cfg):
+        ctx.extra["tool_rule"] = note
 
 
 def checkpoint_note(cfg: dict[str, Any]) -> str | None:

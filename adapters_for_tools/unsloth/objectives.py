@@ -51,9 +51,8 @@ def prepare(ctx) -> dict[str, Any]:  # noqa: ANN001
     cfg = rl_config.native_config(sc, ctx.work_dir, ctx.checkpoint, data_file,
                                   use_gradient_checkpointing=ctx.options.use_gradient_checkpointing)
     cfg[kind].update(ctx.options.objective_config)
-    switches.expect(ctx, **{switches.UNSLOTH_GC: us_config.checkpoint_mode(cfg)})
-    if note := us_config.checkpoint_note(cfg):
-        ctx.extra["tool_rule"] = note
+    cfg["environment"] = us_config.row_environment(ctx.options.block_compile)
+    us_config.expect_switches(ctx, cfg)
     path = ctx.save_native_config(f"unsloth_{kind}.json", json.dumps(cfg, indent=1))
     ctx.extra["rerun"] = rerun_command(f"adapters_for_tools.unsloth.rerun {path}")
     return cfg

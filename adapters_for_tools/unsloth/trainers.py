@@ -8,16 +8,18 @@ rerun script's first import), which replaces TRL's trainers with its patched one
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
 
 from adapters_for_tools import switches
 
 
 def load_model(cfg: dict[str, Any]) -> tuple[Any, Any]:
-    """``FastLanguageModel.from_pretrained`` (and ``get_peft_model`` for LoRA / QLoRA) with the saved keywords:
-    ``(model, tokenizer)``."""
+    """``FastLanguageModel.from_pretrained`` (and ``get_peft_model`` for LoRA / QLoRA) with the saved keywords, after
+    the saved environment variables: ``(model, tokenizer)``."""
     from unsloth import FastLanguageModel
 
+    os.environ.update(cfg.get("environment", {}))  # read by Unsloth as it patches the model it loads
     model, tok = FastLanguageModel.from_pretrained(**_from_pretrained(cfg))
     if cfg["get_peft_model"]:
         model = FastLanguageModel.get_peft_model(model, **cfg["get_peft_model"])
@@ -77,5 +79,7 @@ def reference_copy(cfg: dict[str, Any]) -> Any:
 
 
 def read_switches(model) -> dict[str, Any]:  # noqa: ANN001
-    """Unsloth's checkpoint mode as installed on the live model, and any Liger-Kernel replacement."""
-    return switches.read_unsloth_checkpointing(model) | switches.read_liger(model)
+    """Unsloth's checkpoint mode and per-layer compile as installed on the live model, and any Liger-Kernel
+    replacement."""
+    return (switches.read_unsloth_checkpointing(model) | switches.read_unsloth_block_compile(model)
+            | switches.read_liger(model))

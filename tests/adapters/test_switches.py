@@ -26,6 +26,7 @@ SCENARIOS_8B = [REPO / "scenarios" / "llama8b_lora.yaml", REPO / "scenarios" / "
 @pytest.mark.parametrize(("name", "overrides"), [
     ("hf", {"liger": True}), ("trl", {"liger": True}), ("axolotl", {"liger": True}),
     ("llamafactory", {"liger": True, "unsloth_gc": True}), ("unsloth", {"use_gradient_checkpointing": True}),
+    ("unsloth", {"block_compile": False}),
 ])
 def test_override_models_accept_the_switches(name, overrides):
     info = registry.info(name)
@@ -107,6 +108,44 @@ def test_unsloth_checks_its_own_rule_below_512_tokens(lora8b, tmp_path):
     assert checkpoint_mode(at(128, use_gradient_checkpointing=True)) is True
     assert checkpoint_note(at(128, use_gradient_checkpointing=True)) is None
     assert checkpoint_mode(at(128, use_gradient_checkpointing=False)) is False
+
+
+def test_unsloth_block_compile_row_sets_the_variable_and_expects_it_read_back(lora8b, tmp_path):
+    """A row's block_compile goes into the saved config as Unsloth's own variable (a rerun sets it too), set in the
+    process before the model loads, and the live model must show it; unset, neither is touched."""
+    from adapters_for_tools.unsloth import config as us_config
+
+    assert us_config.row_environment(None) == {}
+    assert us_config.row_environment(False) == {"UNSLOTH_BLOCK_COMPILE": "0"}
+    assert us_config.row_environment(True) == {"UNSLOTH_BLOCK_COMPILE": "1"}
+    cfg = us_config.native_config(lora8b, tmp_path, "/ckpt", tmp_path / "d.jsonl")
+    for block_compile, asked in ((None, {}), (False, {"unsloth_block_compile": False}),
+                                 (True, {"unsloth_block_compile": True})):
+        ctx = _ctx(tmp_path)
+        us_config.expect_switches(ctx, cfg | {"environment": us_config.row_environment(block_compile)})
+        assert ctx.extra["switches"] == {"unsloth_gradient_checkpointing": "unsloth", **asked}
+    ctx = _ctx(tmp_path)
+    us_config.expect_switches(ctx, cfg | {"environment": us_config.row_environment(False)})
+    ctx.set_effective(unsloth_gradient_checkpointing="unsloth", unsloth_block_compile=True)
+    switches.settle(ctx)
+    assert ctx.unsupported == ["switch unsloth_block_compile: asked for False, the live run has True"]
+
+
+def test_unsloth_block_compile_read_back(llama):
+    """Unsloth marks the forward it installs on a decoder-layer class; the read-back finds that class."""
+    assert switches.read_unsloth_block_compile(llama) == {"unsloth_block_compile": False,
+                                                          "unsloth_block_compiled_classes": []}
+    layer_cls = type(llama.get_base_model().model.layers[0])
+
+    class Compiled(layer_cls):  # as Unsloth installs its compiled forward on the class, with its mark
+        def forward(self, *args, **kwargs):
+            return super().forward(*args, **kwargs)
+
+    Compiled.forward._unsloth_block_compiled = True
+    for layer in llama.get_base_model().model.layers:
+        layer.__class__ = Compiled
+    assert switches.read_unsloth_block_compile(llama) == {"unsloth_block_compile": True,
+                                                          "unsloth_block_compiled_classes": ["Compiled"]}
 
 
 def test_axolotl_config_carries_the_liger_plugin(lora8b, tmp_path):
