@@ -1,8 +1,8 @@
 """What every command that measures and writes does with the three ways it can stop early.
 
 Ctrl-C (finished work is stored; rerunning resumes), another runner measuring the machine or the sweep, a folder it
-cannot write (read-only, not a folder, full disk) and an evaluation that could not run here (lm-eval missing) become
-a message and an exit code, never a traceback.
+cannot write (read-only, not a folder, full disk), an evaluation that could not run here (lm-eval missing) and a
+sweep to fill in that was measured on another kind of GPU become a message and an exit code, never a traceback.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from pathlib import Path
 
 from harness.running.evaluator import EvaluatorMissing
 from harness.running.locks import Busy
+from harness.running.runner import OtherMachine
 
 EXIT_BAD_INPUT = 2
 EXIT_BUSY = 3  # the sweep, or the machine, is being measured by another runner
@@ -78,7 +79,7 @@ def guarded(label: str, what: str, body: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished {what} are stored; rerun the same command to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except EvaluatorMissing as e:
+    except (EvaluatorMissing, OtherMachine) as e:
         print(f"{label}: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except Busy as e:

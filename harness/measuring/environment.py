@@ -94,6 +94,13 @@ def gpu_info() -> dict:
     return info
 
 
+def machine_kind(env: dict) -> str | None:
+    """The kind of machine runs measured in ``env`` (:func:`capture`) ran on, as far as their ratios go: the GPU
+    model and count ("NVIDIA H100 80GB HBM3 x1"); None without a GPU."""
+    name = env.get("gpu_name")
+    return f"{name} x{env.get('gpu_count') or 1}" if name else None
+
+
 def capture(with_torch: bool = True) -> dict:
     """Everything needed to tell two measurements apart. ``with_torch=False`` avoids importing torch."""
     env = {

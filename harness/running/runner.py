@@ -68,6 +68,21 @@ def newest_sweep(sc, results_root: Path) -> Path | None:
     return max(cands)[1] if cands else None
 
 
+class OtherMachine(RuntimeError):
+    """The sweep to fill in was measured on another kind of GPU: rows from two machines would sit in one table and
+    be compared as if measured side by side."""
+
+
+def other_machine(sweep_dir: Path) -> str | None:
+    """Why this machine may not add rows to the stored sweep (another GPU model or count than its
+    ``environment.json`` records), or None (the same kind, or no GPU on either side)."""
+    stored = environment.machine_kind(results.read_json(sweep_dir / "environment.json") or {})
+    here = environment.machine_kind(environment.capture(with_torch=False))
+    if stored is None or here is None or stored == here:
+        return None
+    return f"its runs were measured on {stored}, this machine is {here}"
+
+
 def find_resumable(sc, results_root: Path, wanted: list[str] | None = None) -> Path | None:
     """The newest sweep of this exact scenario (same hash) if it lacks any of the ``wanted`` run keys.
 
@@ -501,6 +516,12 @@ def run_sweep(sc, results_root: Path, new: bool = False, quiet: bool = False, on
     sweep_dir = None if new else find_resumable(sc, results_root, key_names)
     if sweep_dir is None and (resume_only or retry_failed):
         sweep_dir = newest_sweep(sc, results_root)
+    if sweep_dir is not None and measures_here and (why := other_machine(sweep_dir)):
+        if resume_only or retry_failed:
+            raise OtherMachine(f"{sweep_dir} cannot be filled in here: {why}. Start a new sweep (--new) on this "
+                               f"machine, or fill that one in on its own kind of machine")
+        print(f"not resuming {sweep_dir}: {why}; a new sweep starts", file=sys.stderr)
+        sweep_dir = None
     resumed = sweep_dir is not None
     if sweep_dir is None:
         sweep_dir = create_sweep(sc, results_root, key_names)

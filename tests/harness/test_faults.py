@@ -134,3 +134,31 @@ def test_unwritable_results_folder_is_a_clear_error(env, kind):
             target.chmod(stat.S_IRWXU)
     assert out.returncode == 2, out.stderr
     assert "cannot write" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_sweep_measured_on_another_gpu_is_never_filled_in_here(env, monkeypatch, capsys):
+    """Rows of two kinds of GPU in one sweep would be compared as if measured side by side: --resume and
+    --retry-failed refuse it (exit 2, both machines named), and a plain run starts a new sweep instead."""
+    from harness.cli.run import main
+    from harness.measuring import environment
+    from harness.running.runner import OtherMachine, create_sweep
+
+    p = _write(env)
+    sc = parse_scenario(p.read_text(), str(p))
+    stale = create_sweep(sc, env / "results")  # nothing run yet: resumable
+    stored = json.loads((stale / "environment.json").read_text())
+    results.atomic_write_text(stale / "environment.json",
+                              json.dumps(stored | {"gpu_name": "NVIDIA H100 80GB HBM3", "gpu_count": 1}))
+    assert environment.machine_kind(stored) is None  # this CPU machine: no GPU, so nothing to compare yet
+    real = environment.capture
+    monkeypatch.setattr(environment, "capture", lambda **kw: real(**kw) | {"gpu_name": "NVIDIA H200", "gpu_count": 1})
+    why = "its runs were measured on NVIDIA H100 80GB HBM3 x1, this machine is NVIDIA H200 x1"
+    for flag in ("resume_only", "retry_failed"):
+        with pytest.raises(OtherMachine, match=why):
+            run_sweep(sc, env / "results", quiet=True, **{flag: True})
+    assert main([str(p), "--resume", "--results", str(env / "results"), "--no-report", "--quiet"]) == 2
+    assert why in capsys.readouterr().err
+    assert not any((stale / "runs").iterdir())
+    fresh = run_sweep(sc, env / "results", quiet=True)
+    assert fresh != stale and f"not resuming {stale}: {why}" in capsys.readouterr().err
+    assert [r.name for r in (fresh / "runs").iterdir()] == ["dummy-r0.json"] and not any((stale / "runs").iterdir())
