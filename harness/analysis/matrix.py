@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+from collections import Counter
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from statistics import fmean
@@ -147,8 +148,9 @@ def read_matrix(folder: Path) -> tuple[dict[str, Any], list[MatrixCell]]:
 
 def versions(folder: Path, cells: list[MatrixCell]) -> dict[str, dict[str, str]]:
     """Per framework, the versions its runs were measured with: its own and :data:`LIBRARIES` (several values
-    joined with " / " if its runs differ), and the machine (GPU name, else CPU)."""
-    out: dict[str, dict[str, list[str]]] = {}
+    joined with " / " if its runs differ), the machine (GPU name, else CPU), and the harness code (``code``: each
+    commit with its number of cells, where a rerun of some cells was made from a later one)."""
+    out: dict[str, dict[str, Counter[str]]] = {}
     for c in cells:
         if c.run is None:
             continue
@@ -157,11 +159,13 @@ def versions(folder: Path, cells: list[MatrixCell]) -> dict[str, dict[str, str]]
         env = run.environment
         values = {"version": run.framework_version,
                   "machine": env and (env.gpu_name or env.cpu),
+                  "code": env and env.git_sha and (env.git_sha[:7] + ("+dirty" if env.git_dirty else "")),
                   **{lib: env and env.libraries.get(lib) for lib in LIBRARIES}}
         for k, v in values.items():
-            if v and v not in seen.setdefault(k, []):
-                seen[k].append(str(v))
-    return {fw: {k: " / ".join(v) for k, v in d.items()} for fw, d in out.items()}
+            if v:
+                seen.setdefault(k, Counter())[str(v)] += 1
+    return {fw: {k: " / ".join(f"{v} ({n})" if k == "code" and len(vs) > 1 else v for v, n in vs.most_common())
+                 for k, vs in d.items()} for fw, d in out.items()}
 
 
 def matrix_csv(cells: list[MatrixCell]) -> str:

@@ -18,7 +18,8 @@ from harness.running import matrix as planning
 from harness.storing.results import atomic_write_text
 
 METHOD_TITLES = {"lora": "LoRA", "qlora": "QLoRA", "full": "Full fine-tuning"}
-VERSION_COLUMNS = ("version", "machine", "torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate")
+VERSION_COLUMNS = ("version", "machine", "code", "torch", "transformers", "peft", "trl", "bitsandbytes",
+                   "accelerate")
 
 
 def _mark(cell: MatrixCell) -> str | None:

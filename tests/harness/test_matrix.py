@@ -280,6 +280,15 @@ def test_cpu_matrix_runs_resumes_and_reports(env, capsys):
     (reports / folder.name / "report.md").unlink()
     assert cli.main(["--report-from", str(folder), "--reports", str(reports)]) == 0
     assert (reports / folder.name / "report.md").read_text() == md
+    # a cell rerun from other code: the report names each commit with its number of cells
+    env_of = stored["environment"]
+    code = env_of["git_sha"][:7] + ("+dirty" if env_of["git_dirty"] else "")
+    assert analysis.versions(folder, cells)["hf"]["code"] == code
+    path = folder / by[("tiny-phi3", "lora", "hf")].run
+    results_json = json.loads(path.read_text())
+    results_json["environment"] |= {"git_sha": "0123456789abcdef", "git_dirty": False}
+    path.write_text(json.dumps(results_json))
+    assert analysis.versions(folder, cells)["hf"]["code"] == f"{code} (3) / 0123456 (1)"  # lora, full x 2 models
 
 
 @pytest.mark.slow
