@@ -442,11 +442,12 @@ def run_frontier(sc: Scenario, grid: Grid, budgets: list[float], results_root: P
     Raises:
         harness.spec.scenario.ScenarioError: a probe's scenario is not valid (e.g. a budget on a cpu).
         harness.running.locks.Busy: another sweep holds the machine.
+        harness.running.runner.OtherMachine: the folder's probes ran on another kind of GPU.
     """
-    probing = probing or Probing()
-    values = grid.values()
+    probing, values = probing or Probing(), grid.values()
     rows = [k for k in sc.framework_names() if not only or k in only]
     folder = open_frontier(sc, grid, budgets, Path(results_root), new=new)
+    runner.refuse_other_machine(folder, "frontier")
     log = ProbeLog()
     lock = threading.Lock()
 

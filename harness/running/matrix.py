@@ -321,8 +321,10 @@ def run_matrix(folder: Path, retry_failed: bool = False, quiet: bool = False, on
 
     Raises:
         harness.running.locks.Busy: another sweep holds the machine.
+        harness.running.runner.OtherMachine: the folder's rows ran on another kind of GPU (model or count).
     """
     device = read_plan(folder)["device"]
+    runner.refuse_other_machine(folder, "matrix")
     not_run = read_not_run(folder)
     t0 = time.monotonic()
 

@@ -7,6 +7,7 @@ are small. The bisection's own logic is checked without processes, through a sta
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 import time
@@ -249,6 +250,29 @@ def test_interrupted_frontier_resumes_without_redoing_finished_probes(tmp_path, 
     t = _table(tmp_path)
     assert t.loc[("d-sim", 0.5), "value"] == 2 and t.loc[("d-sim", 1.0), "value"] == 4
     assert len(list(folder.glob("*/runs/*.json"))) == 5 and len(list(folder.glob("fr.*"))) == 5
+
+
+def test_a_frontier_of_another_gpu_is_not_filled_in_here(tmp_path, env, monkeypatch, capsys):
+    """Probes of two kinds of GPU would draw one frontier: a folder whose probes ran on another GPU is refused
+    (exit 2, both named) before any probe runs."""
+    from harness.measuring import environment
+
+    path = _scenario(tmp_path)
+    real = runner.execute_run
+    monkeypatch.setattr(runner, "execute_run", lambda *a, **kw: (_ for _ in ()).throw(KeyboardInterrupt()))
+    assert _frontier(path, tmp_path) == guard.EXIT_INTERRUPTED  # the folder and its first probe's sweep exist
+    monkeypatch.setattr(runner, "execute_run", real)
+    (folder,) = (tmp_path / "results").glob("fr-frontier-*")
+    (stored,) = folder.glob("*/environment.json")
+    stored.write_text(json.dumps(json.loads(stored.read_text()) | {"gpu_name": "NVIDIA H100 80GB HBM3"}))
+    real_capture = environment.capture
+    monkeypatch.setattr(environment, "capture",
+                        lambda **kw: real_capture(**kw) | {"gpu_name": "NVIDIA H200", "gpu_count": 1})
+    capsys.readouterr()
+    assert _frontier(path, tmp_path) == 2
+    why = "its runs were measured on NVIDIA H100 80GB HBM3 x1, this machine is NVIDIA H200 x1"
+    assert why in capsys.readouterr().err
+    assert not list(folder.glob("*/runs/*.json"))
 
 
 def test_frontier_refuses_a_budget_a_row_cannot_honour(tmp_path, env, capsys):

@@ -189,6 +189,28 @@ def test_a_matrix_fills_one_framework_at_a_time(env):
     assert planning.run_matrix(folder, quiet=True, only=["dummy"]) == 0  # stored: not again
 
 
+def test_a_matrix_of_another_gpu_is_not_filled_in_here(env, monkeypatch, capsys):
+    """A matrix folder whose rows ran on another kind of GPU is refused as a whole, before any cell runs (exit 2 from
+    the command, both machines named): a cell of this machine would otherwise join a table of that one."""
+    from harness.measuring import environment
+    from harness.running import runner
+
+    plan = planning.plan_matrix(["falcon"], ["dummy"], ["lora"], "cpu")
+    folder = planning.open_matrix(plan, env / "results")
+    sweep = folder / "matrix.tiny-falcon.lora-20260101-000000"
+    sweep.mkdir()
+    (sweep / "environment.json").write_text(json.dumps({"gpu_name": "NVIDIA H100 80GB HBM3", "gpu_count": 1}))
+    real = environment.capture
+    monkeypatch.setattr(environment, "capture", lambda **kw: real(**kw) | {"gpu_name": "NVIDIA H200", "gpu_count": 1})
+    why = "its runs were measured on NVIDIA H100 80GB HBM3 x1, this machine is NVIDIA H200 x1"
+    with pytest.raises(runner.OtherMachine, match=why):
+        planning.run_matrix(folder, quiet=True)
+    args = ["--device", "cpu", "--families", "falcon", "--frameworks", "dummy", "--methods", "lora",
+            "--results", str(env / "results"), "--reports", str(env / "reports"), "--quiet"]
+    assert cli.main(args) == 2 and why in capsys.readouterr().err
+    assert not (sweep / "runs").exists() and not (folder / "matrix.csv").exists()
+
+
 def test_rows_at_once_share_the_machine_and_say_so(env):
     """``jobs=2``: two rows train at the same time; their runs say they shared the machine (timings not comparable),
     which the matrix's outcome does not count against the tool, and the report says it."""
