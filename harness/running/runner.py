@@ -83,21 +83,17 @@ def other_machine(sweep_dir: Path) -> str | None:
     return f"its runs were measured on {stored}, this machine is {here}"
 
 
-def refuse_other_machine(folder: Path, what: str = "sweep", sweep_dir: Path | None = None) -> None:
-    """Raise :class:`OtherMachine` where the runs stored in ``folder`` (a sweep, or the first sweep of a matrix's or
-    a frontier's folder when ``sweep_dir`` is None: their runs share one machine) ran on another kind of GPU.
+def _refusal(folder: Path, why: str, what: str) -> OtherMachine:
+    return OtherMachine(f"{folder} cannot be filled in here: {why}. Start a new {what} (--new) on this machine, or "
+                        f"fill that one in on its own kind of machine")
 
-    Args:
-        folder: what would be filled in.
-        what: its kind, for the message ("sweep", "matrix", "frontier").
-        sweep_dir: the sweep whose ``environment.json`` is compared (default: ``folder`` for a sweep).
-    """
-    if sweep_dir is None:
-        found = [folder] if what == "sweep" else sorted(p.parent for p in Path(folder).glob("*/environment.json"))
-        sweep_dir = found[0] if found else None
-    if sweep_dir is not None and (why := other_machine(sweep_dir)):
-        raise OtherMachine(f"{folder} cannot be filled in here: {why}. Start a new {what} (--new) on this machine, "
-                           f"or fill that one in on its own kind of machine")
+
+def refuse_other_machine(folder: Path, what: str) -> None:
+    """Raise :class:`OtherMachine` where the runs of a matrix's or a frontier's ``folder`` (``what``) ran on another
+    kind of GPU: those of its first sweep, as every sweep of one folder ran on one kind of machine."""
+    found = sorted(p.parent for p in Path(folder).glob("*/environment.json"))
+    if found and (why := other_machine(found[0])):
+        raise _refusal(folder, why, what)
 
 
 def find_resumable(sc, results_root: Path, wanted: list[str] | None = None) -> Path | None:
@@ -535,7 +531,7 @@ def run_sweep(sc, results_root: Path, new: bool = False, quiet: bool = False, on
         sweep_dir = newest_sweep(sc, results_root)
     if sweep_dir is not None and measures_here and (why := other_machine(sweep_dir)):
         if resume_only or retry_failed:
-            refuse_other_machine(sweep_dir)
+            raise _refusal(sweep_dir, why, "sweep")
         print(f"not resuming {sweep_dir}: {why}; a new sweep starts", file=sys.stderr)
         sweep_dir = None
     resumed = sweep_dir is not None
