@@ -64,7 +64,8 @@ def cpu_name() -> str:
 
 
 def gpu_info() -> dict:
-    """GPU name, driver, memory and any foreign process on it, from NVML; empty values without a GPU."""
+    """GPU name, driver, memory, the cards' UUIDs and any foreign process on them, from NVML; empty values without a
+    GPU."""
     info = {"gpu_name": None, "gpu_count": 0, "driver": None, "gpu_memory_gib": None, "foreign_gpu_processes": [],
             "nvml_error": None}
     try:
@@ -78,6 +79,11 @@ def gpu_info() -> dict:
             h = pynvml.nvmlDeviceGetHandleByIndex(0)
             info["gpu_name"] = pynvml.nvmlDeviceGetName(h)
             info["gpu_memory_gib"] = pynvml.nvmlDeviceGetMemoryInfo(h).total / 1024**3
+            try:  # which cards: rows of one sweep measured on two machines of one kind are told apart by these
+                info["gpu_uuids"] = [str(pynvml.nvmlDeviceGetUUID(pynvml.nvmlDeviceGetHandleByIndex(i)))
+                                     for i in range(n)]
+            except pynvml.NVMLError:
+                pass
             try:
                 info["cuda_driver_version"] = pynvml.nvmlSystemGetCudaDriverVersion_v2()
             except pynvml.NVMLError:

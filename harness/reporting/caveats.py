@@ -56,6 +56,7 @@ def caveats(sweep: Sweep, summary, foreign: list[str], parity_df, eval_errors: l
     single = [fw for fw, r in summary.iterrows() if r["n_ok"] == 1]
     if single:
         items.append(f"one ok repeat only for {', '.join(single)}: the spread shown is over steps, not repeats")
+    items += _spread(sweep)
     if sweep.environment.git_dirty:
         items.append(Cell("measured from a checkout with uncommitted changes", "warn"))
     device = (sweep.scenario.get("hardware") or {}).get("device")
@@ -78,3 +79,33 @@ def caveats(sweep: Sweep, summary, foreign: list[str], parity_df, eval_errors: l
     if not items:
         items.append("none: every planned run finished ok with valid settings")
     return items
+
+
+def _machine(env, cards: bool) -> str:  # noqa: ANN001
+    """The machine a run's environment names: its GPU kind and, with ``cards``, which cards (else the CPU)."""
+    if not env.gpu_name:
+        return env.cpu or "unknown machine"
+    which = f" (card {', '.join(u.removeprefix('GPU-')[:8] for u in env.gpu_uuids)})" if cards else ""
+    return f"{env.gpu_name} x{env.gpu_count or 1}{which}"
+
+
+def _spread(sweep: Sweep) -> list[Cell]:
+    """Rows of one sweep measured on more than one machine, or from more than one commit: their ratios cross
+    what the table presents as side by side. Machines are told apart by their cards where every run recorded them
+    (runs stored before the cards were recorded: by the GPU kind only)."""
+    envs = [(r, r.environment) for r in sweep.runs if r.environment is not None]
+    cards = bool(envs) and all(e.gpu_uuids for _, e in envs)
+    out = []
+    for prep, key, what, reading in (
+            ("on", lambda e: _machine(e, cards), "machines", "ratios between their rows include the machines' "
+                                                             "difference"),
+            ("from", lambda e: e.git_sha and e.git_sha[:7] + ("+dirty" if e.git_dirty else ""), "commits",
+             "ratios between their rows include the code's difference")):
+        groups: dict[str, list[str]] = {}
+        for r, e in envs:
+            if k := key(e):
+                groups.setdefault(k, []).append(f"{r.framework} r{r.repeat}")
+        if len(groups) > 1:
+            said = "; ".join(f"{k}: {', '.join(v)}" for k, v in groups.items())
+            out.append(Cell(f"rows measured {prep} {len(groups)} {what} ({said}): {reading}", "warn"))
+    return out

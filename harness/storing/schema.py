@@ -185,6 +185,7 @@ class Environment(_Open):
     gpu_count: int | None = None
     driver: str | None = None
     gpu_memory_gib: float | None = None
+    gpu_uuids: list[str] | None = None  # NVML's card UUIDs; None: not recorded (no GPU, or stored before)
     foreign_gpu_processes: list[ForeignProcess] = Field(default_factory=list)
     nvml_error: str | None = None
     cuda_driver_version: int | None = None

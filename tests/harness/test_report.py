@@ -213,6 +213,26 @@ def test_foreign_gpu_processes_warned(tmp_path):
     assert "pid 4242" in _section(md, "Failures and caveats")
 
 
+def test_rows_of_two_machines_or_two_commits_are_a_caveat(tmp_path):
+    """Rows filled in on another card of the same kind, or from other code, are named with their machine or
+    commit; cards are compared only where every run recorded them (else the GPU kind alone)."""
+    runs = [make_run(fw, 0) for fw in ("hf", "trl", "tunebench")]
+    md = write_report(make_sweep(tmp_path / "same", runs), tmp_path / "r0").read_text()
+    assert "rows measured" not in _section(md, "Failures and caveats")
+    for r, card in zip(runs, ("GPU-aaaaaaaa-1", "GPU-aaaaaaaa-1", "GPU-bbbbbbbb-2"), strict=True):
+        r["environment"] |= {"gpu_uuids": [card]}
+    runs[2]["environment"] |= {"git_sha": "fedcba9876543210"}
+    caveats = _section(write_report(make_sweep(tmp_path / "two", runs), tmp_path / "r1").read_text(),
+                       "Failures and caveats")
+    assert ("rows measured on 2 machines (NVIDIA H100 80GB HBM3 x1 (card aaaaaaaa): hf r0, trl r0; NVIDIA H100 80GB "
+            "HBM3 x1 (card bbbbbbbb): tunebench r0)") in caveats
+    assert "rows measured from 2 commits (0123456: hf r0, trl r0; fedcba9: tunebench r0)" in caveats
+    del runs[0]["environment"]["gpu_uuids"]  # stored before cards were recorded: one kind, one machine
+    caveats = _section(write_report(make_sweep(tmp_path / "old", runs), tmp_path / "r2").read_text(),
+                       "Failures and caveats")
+    assert "machines" not in caveats and "2 commits" in caveats
+
+
 def test_how_each_framework_ran_shows_adapter_notes(tmp_path):
     uns = make_run("unsloth", 0)
     uns["native_config"] = "/w/native/unsloth.json"
