@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs a list of harness commands on a lent GPU machine within one call's deadline, from a clean copy of one commit,
 # and packs the sweeps it touched into $OUT/res.tgz; the next call (warm machine or fresh) carries on where it
-# stopped, because every sweep resumes.
+# stopped, because every sweep resumes, on the same kind of GPU only (a sweep, matrix or frontier started on an H100
+# is not filled in on an H200: name one machine kind for all the calls that fill one sweep).
 #
 #   B=570 bash scripts/gpu_steps.sh NAME STEPS_FILE        (e.g. NAME = n for .work/n.tgz)
 #
