@@ -159,7 +159,7 @@ def versions(folder: Path, cells: list[MatrixCell]) -> dict[str, dict[str, str]]
         env = run.environment
         values = {"version": run.framework_version,
                   "machine": env and (env.gpu_name or env.cpu),
-                  "code": env and env.git_sha and (env.git_sha[:7] + ("+dirty" if env.git_dirty else "")),
+                  "code": env and env.code(),
                   **{lib: env and env.libraries.get(lib) for lib in LIBRARIES}}
         for k, v in values.items():
             if v:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from harness.analysis.aggregate import is_empty
+from harness.measuring.environment import machine_kind
 from harness.reporting.document import Cell, fmt, short
 from harness.storing.sweep import Sweep
 
@@ -83,10 +84,9 @@ def caveats(sweep: Sweep, summary, foreign: list[str], parity_df, eval_errors: l
 
 def _machine(env, cards: bool) -> str:  # noqa: ANN001
     """The machine a run's environment names: its GPU kind and, with ``cards``, which cards (else the CPU)."""
-    if not env.gpu_name:
+    if (kind := machine_kind(env.model_dump())) is None:
         return env.cpu or "unknown machine"
-    which = f" (card {', '.join(u.removeprefix('GPU-')[:8] for u in env.gpu_uuids)})" if cards else ""
-    return f"{env.gpu_name} x{env.gpu_count or 1}{which}"
+    return kind + (f" (card {', '.join(u.removeprefix('GPU-')[:8] for u in env.gpu_uuids)})" if cards else "")
 
 
 def _spread(sweep: Sweep) -> list[Cell]:
@@ -96,16 +96,14 @@ def _spread(sweep: Sweep) -> list[Cell]:
     envs = [(r, r.environment) for r in sweep.runs if r.environment is not None]
     cards = bool(envs) and all(e.gpu_uuids for _, e in envs)
     out = []
-    for prep, key, what, reading in (
-            ("on", lambda e: _machine(e, cards), "machines", "ratios between their rows include the machines' "
-                                                             "difference"),
-            ("from", lambda e: e.git_sha and e.git_sha[:7] + ("+dirty" if e.git_dirty else ""), "commits",
-             "ratios between their rows include the code's difference")):
+    for prep, key, what, whose in (("on", lambda e: _machine(e, cards), "machines", "machines'"),
+                                   ("from", lambda e: e.code(), "commits", "code's")):
         groups: dict[str, list[str]] = {}
         for r, e in envs:
             if k := key(e):
                 groups.setdefault(k, []).append(f"{r.framework} r{r.repeat}")
         if len(groups) > 1:
             said = "; ".join(f"{k}: {', '.join(v)}" for k, v in groups.items())
-            out.append(Cell(f"rows measured {prep} {len(groups)} {what} ({said}): {reading}", "warn"))
+            out.append(Cell(f"rows measured {prep} {len(groups)} {what} ({said}): ratios between their rows "
+                            f"include the {whose} difference", "warn"))
     return out

@@ -194,6 +194,10 @@ class Environment(_Open):
     cudnn: int | None = None
     torch_gpu_name: str | None = None
 
+    def code(self) -> str | None:
+        """The commit measured from, short, with ``+dirty`` for uncommitted changes; None where not recorded."""
+        return self.git_sha[:7] + ("+dirty" if self.git_dirty else "") if self.git_sha else None
+
 
 class EvalResult(_Open):
     """The evaluator's result (the contract of :mod:`harness.analysis.evaluate`)."""
