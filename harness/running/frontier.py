@@ -14,7 +14,9 @@ allocated peak plus the process's memory outside torch); from then on it probes
 where the line through them reaches the budget (:func:`predicted_max`), inside the bracket, and bisects again if
 that stops halving the bracket. On an 8B model a probe costs most of a minute, and a bisection of a 131,072-token
 grid ~9 probes per budget; the line puts each later budget's answer within a step or two, so the frontier of a
-row over six budgets takes ~15 probes instead of ~55.
+row over six budgets takes ~15 probes instead of ~55. A row that plans itself to the budget (:func:`follows_budget`)
+is bisected: it fills the budget whatever the value, so what its probes needed draws no line (on the H100 a
+line through tunebench's planned LoRA row crept up a step at a time, ten probes where a bisection takes seven).
 
 Each probe is an ordinary run of a derived scenario (:func:`probe_scenario`: the budget and the value set,
 one repeat) stored by the sweep runner under the frontier's folder, ``results/<scenario>-frontier-<time>/``: one
@@ -37,18 +39,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import math
 import re
 import threading
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from adapters_for_tools import registry
 from harness.measuring.memcap import OVER_BUDGET
@@ -62,8 +60,10 @@ from harness.running.frontier_grid import (  # noqa: F401 (the grid's names, whe
     VARIES,
     FrontierError,
     Grid,
+    find_frontier,
     make_grid,
     model_max_positions,
+    open_frontier,
     read_plan,
 )
 from harness.running.locks import machine_lock
@@ -133,47 +133,6 @@ def outcome(run: RunResult) -> str:
     if run.status == STATUS_OK:
         return NO_FIT if any(r.startswith(OVER_BUDGET) for r in run.invalid_reasons) else FITS
     return FAILED
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# the frontier folder
-
-
-def find_frontier(sc: Scenario, grid: Grid, results_root: Path) -> Path | None:
-    """The newest frontier folder of this scenario (same hash) over the same grid, or None (a damaged plan is never
-    filled in: a new folder is started beside it)."""
-    cands = []
-    for d in Path(results_root).glob(f"{sc.name}-frontier-*"):
-        try:
-            plan = read_plan(d)
-        except FrontierError:
-            continue
-        if plan.get("scenario_hash") == sc.content_hash() and plan.get("grid") == _grid_dict(grid):
-            cands.append((plan.get("created", ""), d))
-    return max(cands)[1] if cands else None
-
-
-def _grid_dict(grid: Grid) -> dict[str, Any]:
-    return {"vary": grid.vary, "lo": grid.lo, "hi": grid.hi, "step": grid.step}
-
-
-def open_frontier(sc: Scenario, grid: Grid, budgets: list[float], results_root: Path, new: bool = False) -> Path:
-    """The frontier folder to fill: the newest one of this scenario and grid (its budgets extended), or a new one."""
-    d = None if new else find_frontier(sc, grid, results_root)
-    if d is None:
-        results_root.mkdir(parents=True, exist_ok=True)
-        now = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-        d = results_root / f"{sc.name}-frontier-{now}"
-        d.mkdir()
-        results.atomic_write_text(d / "scenario.yaml", f"# resolved scenario of the frontier; source: "
-                                  f"{sc.source_path}\n" + yaml.safe_dump(sc.to_dict(), sort_keys=False))
-        plan = {"scenario": sc.name, "scenario_hash": sc.content_hash(), "scenario_source": sc.source_path,
-                "created": now, "grid": _grid_dict(grid), "budgets": []}
-    else:
-        plan = read_plan(d)
-    plan["budgets"] = sorted({*plan.get("budgets", []), *budgets})
-    results.atomic_write_text(d / PLAN_FILE, json.dumps(plan, indent=1))
-    return d
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -256,6 +215,7 @@ class _Row:
     back_off: bool = False  # a guess ran out of memory: probe a step below it next (once per budget)
     backed_off: bool = False
     verify_lo: bool = True  # probe a value found under a smaller budget before taking it (False: its measurement does)
+    guided: bool = True  # False: a row that plans itself to the budget, whose need says nothing of the next value
 
     def _line(self) -> list[tuple[int, float]]:
         return self.here if len(dict(self.here)) >= 2 else self.points + self.here
@@ -272,6 +232,8 @@ class _Row:
         return (p1 + slope * (mid - v1)) / self.budget if slope > 0 else None
 
     def _guess(self) -> int | None:
+        if not self.guided:
+            return None
         v = predicted_max(self._line(), self.budget * self.aim)
         if v is None or self.slow >= SLOW_STEPS:
             return None
@@ -285,7 +247,7 @@ class _Row:
             return None
         if self.lo < 0 and self.hi > 0 and not self.points and not self.here:
             return 0  # nothing known to fit this row: the smallest value first (out of memory there: none fits)
-        if self.hi - self.lo > 1 and not self.second and len(dict(self.points + self.here)) == 1 and \
+        if self.guided and self.hi - self.lo > 1 and not self.second and len(dict(self.points + self.here)) == 1 and \
                 self.lo >= 0 and (self.points + self.here)[0][0] == self.values[self.lo]:
             self.second = True  # one point, the bracket's floor: a second just above it makes the line
             return min(self.lo + SECOND_POINT, (self.lo + self.hi) // 2)
@@ -358,8 +320,9 @@ class _RowSearch:
     one below found, with the memory points measured so far. Rows are independent of each other."""
 
     def __init__(self, key: str, budgets: list[float], values: list[int], verify: bool = True,
-                 known: dict[float, list[tuple[int, str, float | None]]] | None = None) -> None:
+                 known: dict[float, list[tuple[int, str, float | None]]] | None = None, guided: bool = True) -> None:
         self.key, self.budgets, self.values, self.verify, self.known = key, budgets, values, verify, known or {}
+        self.guided = guided
         self.best, self.points, self.stopped, self.at, self.aim = -1, [], None, 0, 1.0
         self.found: dict[float, int] = {}  # budget -> index of the largest fitting value, once the search closed
         self.state = self._start()
@@ -367,7 +330,7 @@ class _RowSearch:
     def _start(self) -> _Row:
         row = _Row(self.key, self.best, len(self.values), lo_verified=self.best < 0, stopped=self.stopped,
                    values=self.values, budget=self.budgets[self.at], points=list(self.points),
-                   verify_lo=self.verify, aim=self.aim)
+                   verify_lo=self.verify, aim=self.aim, guided=self.guided)
         row.seed(self.known.get(self.budgets[self.at], []))
         return row
 
@@ -469,15 +432,16 @@ def run_frontier(sc: Scenario, grid: Grid, budgets: list[float], results_root: P
     # budget (memory does not grow with the budget): no search probe at it first
     kinds = [(None, False)] if probing.exact else [(None, False), (probing.steps, probing.jobs > 1)]
     known = _known(sc, folder, rows, sorted(set(budgets)), grid.vary, values, kinds, log)
-    searches = {k: _RowSearch(k, sorted(set(budgets)), values, verify=probing.exact, known=known.get(k))
-                for k in rows}
+    planned = {f.key for f in sc.frameworks if follows_budget(f.name, f.overrides)}
+    searches = {k: _RowSearch(k, sorted(set(budgets)), values, verify=probing.exact, known=known.get(k),
+                              guided=k not in planned) for k in rows}
     if probing.exact:
         for k, search in searches.items():
             while (nxt := search.next_probe()) is not None:
                 _record(search, nxt[1], probe(k, *nxt, "search"))
         return folder, log
     tools = {f.key: f.name for f in sc.frameworks}
-    same = {f.key: not follows_budget(f.name, f.overrides) for f in sc.frameworks}
+    same = {f.key: f.key not in planned for f in sc.frameworks}
     fitted: dict[str, set[int]] = {k: set() for k in searches}  # grid indices each row's measurements fitted at
     ran = False  # a search probe has run (not found stored) in this invocation: the first one runs alone
     for budget in sorted(set(budgets)):

@@ -1,13 +1,18 @@
 """The values a memory frontier tries (:mod:`harness.running.frontier`): a grid from the smallest valid value to the
-model's maximum (seq_len) or :data:`MICRO_BATCH_MAX`, checked before anything runs; and the stored plan of a frontier
-folder (grid and budgets), checked when it is read back."""
+model's maximum (seq_len) or :data:`MICRO_BATCH_MAX`, checked before anything runs; and the frontier folder: the one
+to fill (the newest of the same scenario and grid, or a new one) and its stored plan (grid and budgets), checked when
+it is read back."""
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from harness.inputs import models
 from harness.spec.scenario import MAX_BATCH, MAX_SEQ_LEN, Scenario
@@ -107,3 +112,41 @@ def read_plan(folder: Path) -> dict[str, Any]:
         raise FrontierError(f"{path}: not a frontier plan ({', '.join(wrong)}: not of the shape "
                             "`python -m harness frontier` writes)")
     return plan
+
+
+
+def find_frontier(sc: Scenario, grid: Grid, results_root: Path) -> Path | None:
+    """The newest frontier folder of this scenario (same hash) over the same grid, or None (a damaged plan is never
+    filled in: a new folder is started beside it)."""
+    cands = []
+    for d in Path(results_root).glob(f"{sc.name}-frontier-*"):
+        try:
+            plan = read_plan(d)
+        except FrontierError:
+            continue
+        if plan.get("scenario_hash") == sc.content_hash() and plan.get("grid") == _grid_dict(grid):
+            cands.append((plan.get("created", ""), d))
+    return max(cands)[1] if cands else None
+
+
+def _grid_dict(grid: Grid) -> dict[str, Any]:
+    return {"vary": grid.vary, "lo": grid.lo, "hi": grid.hi, "step": grid.step}
+
+
+def open_frontier(sc: Scenario, grid: Grid, budgets: list[float], results_root: Path, new: bool = False) -> Path:
+    """The frontier folder to fill: the newest one of this scenario and grid (its budgets extended), or a new one."""
+    d = None if new else find_frontier(sc, grid, results_root)
+    if d is None:
+        results_root.mkdir(parents=True, exist_ok=True)
+        now = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+        d = results_root / f"{sc.name}-frontier-{now}"
+        d.mkdir()
+        results.atomic_write_text(d / "scenario.yaml", f"# resolved scenario of the frontier; source: "
+                                  f"{sc.source_path}\n" + yaml.safe_dump(sc.to_dict(), sort_keys=False))
+        plan = {"scenario": sc.name, "scenario_hash": sc.content_hash(), "scenario_source": sc.source_path,
+                "created": now, "grid": _grid_dict(grid), "budgets": []}
+    else:
+        plan = read_plan(d)
+    plan["budgets"] = sorted({*plan.get("budgets", []), *budgets})
+    results.atomic_write_text(d / PLAN_FILE, json.dumps(plan, indent=1))
+    return d
