@@ -178,8 +178,13 @@ class TiledMLP(torch.autograd.Function):
         ctx.mlp, ctx.chunk, ctx.n_params = mlp, chunk, len(params)
         ctx.save_for_backward(x)
         rows = x.reshape(-1, x.shape[-1])
-        with torch.no_grad():
-            out = torch.cat([mlp(rows[i:i + chunk]) for i in range(0, rows.shape[0], chunk)])
+        with torch.no_grad():  # each chunk's output written in place: no second copy of the whole output
+            first = mlp(rows[:chunk])
+            out = first.new_empty((rows.shape[0], first.shape[-1]))
+            out[:chunk] = first
+            del first
+            for i in range(chunk, rows.shape[0], chunk):
+                out[i:i + chunk] = mlp(rows[i:i + chunk])
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
