@@ -18,6 +18,11 @@ Examples::
     python -m harness.measuring.profile_step --out results/trainer_profile_h100/profile.json
     # a subset, another checkpoint
     python -m harness.measuring.profile_step --runs lora,qlora --checkpoint /data/llama-3.1-8b --out prof.json
+    # a fixed plan against the planner's cost model (each tunebench run records ``predicted``: its allocated peak
+    # and step at the model's default rates; the summary puts the predicted peak beside the measured one)
+    python -m harness.measuring.profile_step --runs lora --seq-len 30720 --micro-batch 1 --steps 4 --warmup 2 \
+        --profile-steps 0 --knobs '{"recompute_layers": -1, "offload_weights": -1, "offload_checkpoints": true,
+        "offload_lm_head": true, "mlp_chunk_tokens": 8192}' --out results/plan_check/tiled.json
     # smoke test on a CPU
     python -m harness.measuring.profile_step --preset tiny-llama --device cpu --dtype float32 --out /tmp/p.json
 
@@ -44,8 +49,10 @@ from harness.inputs.models import get_preset, prepare_random_checkpoint
 from harness.measuring import environment
 from harness.measuring.meter import StepMeter
 from kernels.trainer.batches import micro_batches
-from kernels.trainer.config import LINEAR_MODULES, MethodOptions, TrainSettings
+from kernels.trainer.config import LINEAR_MODULES, DecoderConfig, MethodOptions, TrainSettings
 from kernels.trainer.loading import load_model
+from kernels.trainer.plan import costs_for, predict
+from kernels.trainer.planner import plan_of
 from kernels.trainer.train import make_optimizer, train
 
 # name -> (implementation, method, trainer knobs). Memory arithmetic behind the "lean" knobs:
@@ -134,6 +141,18 @@ def _tunebench_model(args, method: str, knobs: dict):  # noqa: ANN001, ANN202
     opts = MethodOptions(kind=method, lora_r=args.lora_r, lora_alpha=args.lora_alpha, target_modules=LINEAR_MODULES,
                          gradient_checkpointing=True, **knobs)
     return load_model(args.checkpoint, opts, dtype=getattr(torch, args.dtype), device=args.device)
+
+
+def _predicted(args, options: MethodOptions) -> dict[str, Any]:  # noqa: ANN001
+    """What the planner's cost model (kernels/trainer/plan.py, at its default rates, uncorrected) says of this run's
+    knobs: torch's allocated peak and the step, beside what the run measures, so a fixed plan checks the model."""
+    import torch
+
+    m = costs_for(DecoderConfig.from_checkpoint(args.checkpoint), options, args.micro_batch, 1, args.seq_len,
+                  getattr(torch, args.dtype), torch.device(args.device), optimizer="adamw_torch_fused")
+    pr = predict(m, plan_of(options))
+    return {"plan": plan_of(options).knobs(), "peak_alloc_gib": pr.peak_bytes / GIB, "step_s": pr.step_s,
+            "rates": "the cost model's defaults (a planned run measures them first)"}
 
 
 def _hf_model(args, method: str):  # noqa: ANN001, ANN202
@@ -237,6 +256,7 @@ def run_single(args) -> dict[str, Any]:  # noqa: ANN001
             vocab = model.cfg.vocab_size
             out["effective"] = model.effective_settings()
             out["streamed_layers"] = model.streamer.layer_ids if model.streamer else []
+            out["predicted"] = _predicted(args, model.options)
         if cuda:
             torch.cuda.synchronize()
         out["load_s"] = time.time() - t0
@@ -307,8 +327,8 @@ def _fmt(v: Any, spec: str = ".2f") -> str:
 def summary(results: list[dict]) -> str:
     """A Markdown table: speed and memory of every run, relative to the hf run of the same method."""
     base = {r["method"]: r for r in results if r.get("impl") == "hf" and r.get("ok")}
-    lines = ["| run | ok | step s (median) | tokens/s | peak alloc GiB | peak reserved GiB | NVML proc GiB | "
-             "tokens/s vs hf | alloc vs hf | load s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | ok | step s (median) | tokens/s | peak alloc GiB | predicted alloc GiB | peak reserved GiB | "
+             "NVML proc GiB | tokens/s vs hf | alloc vs hf | load s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         m = r.get("metrics") or {}
         b = (base.get(r.get("method")) or {}).get("metrics") or {}
@@ -317,6 +337,7 @@ def summary(results: list[dict]) -> str:
         lines.append(
             f"| {r['run']} | {'yes' if r.get('ok') else 'NO: ' + str(r.get('error') or r.get('skipped'))[:60]} | "
             f"{_fmt(m.get('step_s_median'), '.3f')} | {_fmt(tps, '.0f')} | {_fmt(al)} | "
+            f"{_fmt((r.get('predicted') or {}).get('peak_alloc_gib'))} | "
             f"{_fmt(m.get('peak_reserved_gib'))} | {_fmt(m.get('peak_vram_nvml_gib'))} | "
             f"{_fmt(tps / btps if tps and btps else None, '.2f')}x | "
             f"{_fmt(al / bal if al and bal else None, '.2f')}x | "

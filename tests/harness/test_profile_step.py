@@ -33,3 +33,8 @@ def test_profile_step_runs_on_cpu(tmp_path, monkeypatch):  # noqa: ANN001
     # same checkpoint and batches (LoRA B starts at zero): the first loss is the base model's for both
     assert runs["lora"]["losses"][0] == pytest.approx(runs["hf-lora"]["losses"][0], rel=1e-4)
     assert "| lora |" in out.with_suffix(".txt").read_text()
+    # the cost model's word on each tunebench run's knobs, beside what it measured (none for hf)
+    pred = runs["lora"]["predicted"]
+    assert pred["plan"]["recompute_layers"] == 1 and runs["qlora"]["predicted"]["plan"]["recompute_layers"] == 1
+    assert 0 < pred["peak_alloc_gib"] < 1 and pred["step_s"] > 0 and "predicted" not in runs["hf-lora"]
+    assert runs["qlora"]["predicted"]["peak_alloc_gib"] != pred["peak_alloc_gib"]  # NF4 weights: another model
