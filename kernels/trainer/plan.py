@@ -227,7 +227,7 @@ def predict(m: CostModel, p: Plan) -> Prediction:
     host launches in every layer (:attr:`CostModel.graph_saving_s`). A tiled MLP changes the layers' costs
     (:attr:`CostModel.tiled_layers`).
     """
-    lay = m.tiled_layers if p.mlp_chunk_tokens else m.layers
+    lay = m.tiled_layers if p.mlp_chunk_tokens and m.tiled_layers else m.layers  # else the method tiles already
     n, a, f, sp = len(lay), m.act_factor, m.time_factor, m.speed
     streamed, rec = _layout(n, p.recompute_layers, p.offload_weights, m.checkpointing)
     in_stream = set(streamed)

@@ -264,6 +264,12 @@ def test_rows_longer_than_a_chunk_may_tile_the_mlp_where_nothing_else_fits():
     assert plan is not None and plan.mlp_chunk_tokens == plan_mod.MLP_CHUNK_TOKENS
     assert predict(long, plan).peak_bytes <= usable < predict(long, replace(plan, mlp_chunk_tokens=None)).peak_bytes
     assert choose(long, 40 * GIB).mlp_chunk_tokens is None
+    # a method that tiles already (mlp_chunk_tokens set by hand, as profile_step's knobs do): its layers are the tiled
+    # ones, and the plan that names its chunk is predicted from them
+    fixed = costs_for(cfg, MethodOptions(kind="qlora", mlp_chunk_tokens=plan_mod.MLP_CHUNK_TOKENS), 1, 1, 16384,
+                      torch.bfloat16, dev)
+    assert not fixed.tiled_layers and fixed.layers[0] == tiled
+    assert predict(fixed, plan).peak_bytes == predict(long, plan).peak_bytes
 
 
 def test_which_knobs_a_model_allows():

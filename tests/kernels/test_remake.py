@@ -151,6 +151,26 @@ def test_the_tiled_mlp_keeps_its_input_only(checkpoints, monkeypatch):  # noqa: 
     assert kept[None] - kept[8] >= _ids().numel() * 2 * cfg.intermediate_size * 4
 
 
+def test_the_tiled_mlp_runs_in_chunks_without_a_graph_too(checkpoints):  # noqa: ANN001
+    """The forward of a layer that recomputes in backward runs without a graph: there too the MLP sees a chunk of
+    rows at a time (untiled, that forward alone held gate, up and the activation for every token: at long context
+    more than the tiled layer's backward, which the planner's model counts), with the untiled MLP's output."""
+    opts = MethodOptions(kind="lora", lora_r=4, gradient_checkpointing=True, mlp_chunk_tokens=8)
+    model = load_model(checkpoints["tiny-llama"], opts, dtype=torch.float32, device="cpu", seed=0)
+    mlp = model.model.layers[0].mlp
+    rows = []
+    hook = mlp.register_forward_pre_hook(lambda _m, args: rows.append(args[0].reshape(-1, args[0].shape[-1]).shape[0]))
+    x = torch.randn(2, 23, model.cfg.hidden_size, generator=torch.Generator().manual_seed(6))
+    try:
+        with torch.no_grad():
+            got = model_mod.tiled_mlp(mlp, x, 8)
+    finally:
+        hook.remove()
+    assert rows == [8] * 5 + [6]  # 46 rows
+    with torch.no_grad():
+        torch.testing.assert_close(got, mlp(x), atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["lora", "qlora"])
 @pytest.mark.parametrize("graph", [False, True])
