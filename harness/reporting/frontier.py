@@ -52,6 +52,7 @@ def write_frontier_report(folder: Path, out_dir: Path, claims: list[Claim] | Non
     doc.code(f"python -m harness frontier {source} --vary {vary} --budgets {budgets} --step {g['step']} --max {g['hi']}"
              f"{flags}\npython -m harness report results/{folder.name}")
     _table(doc, cells, vary)
+    _uncapped(doc, plan.get("budgets", []), probes)
     chart = chart_frontier(cells, vary, out_dir / "frontier.png")
     if chart is not None:
         doc.image(chart, f"Longest {vary} per memory budget, per framework row (hollow: the search had not closed)")
@@ -101,6 +102,19 @@ def _table(doc: Doc, cells: list[FrontierCell], vary: str) -> None:
     notes = [f"{c.framework} at {c.budget_gib:g} GiB: {c.reason}" for c in cells if c.reason]
     if notes:
         doc.ul(notes)
+
+
+def _uncapped(doc: Doc, budgets: list[float], probes: list[Any]) -> None:
+    """A budget at least the GPU's memory caps nothing (the worker runs such a probe on the whole GPU): its column
+    is what the whole card holds, which the table's heading does not say (an "80 GiB" column on an 80 GB H100)."""
+    cards = {(e.gpu_name, e.gpu_memory_gib) for p in probes if (e := p.run.environment) and e.gpu_memory_gib}
+    if not cards:
+        return
+    name, gib = min(cards, key=lambda c: c[1])
+    over = [b for b in budgets if b >= gib]
+    if over:
+        doc.p(f"{', '.join(f'{b:g} GiB' for b in over)}: at least the GPU's {gib:.1f} GiB ({name}), so no cap: "
+              "those cells are what the whole card holds.")
 
 
 def _tool(cells: list[FrontierCell], fw: str) -> str | None:

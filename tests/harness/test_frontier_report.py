@@ -3,6 +3,8 @@ checked on the cells, and the report written from a real (dummy-tool) frontier f
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from harness.analysis.frontier import Cell
@@ -10,7 +12,7 @@ from harness.cli import frontier as frontier_cli
 from harness.cli import report as report_cli
 from harness.reporting.claims import Claim
 from harness.reporting.document import Doc
-from harness.reporting.frontier import _ours_against_peers, measure_context
+from harness.reporting.frontier import _ours_against_peers, _uncapped, measure_context
 
 
 def _cell(fw, tool, budget, value, state="found", tps=1000.0):
@@ -146,3 +148,20 @@ def test_a_frontier_writes_its_report_beside_the_results_and_report_rebuilds_it(
     assert report_cli.main([str(folder), "--out", str(report)]) == 0
     assert (report / "report.md").read_text() == md
     assert (folder / "frontier.md").read_text() == table
+
+
+def test_a_budget_beyond_the_gpu_is_said_to_cap_nothing():
+    """An 80 GiB column on an 80 GB H100 (79.6 GiB): the worker runs those probes on the whole card, and the report
+    says so; budgets under the card's memory get no such line."""
+    def probe(name: str, gib: float) -> SimpleNamespace:
+        return SimpleNamespace(run=SimpleNamespace(environment=SimpleNamespace(gpu_name=name, gpu_memory_gib=gib)))
+
+    h100 = [probe("NVIDIA H100 80GB HBM3", 79.6474609375)] * 2
+    doc = Doc("t")
+    _uncapped(doc, [8.0, 40.0, 80.0], h100)
+    assert "80 GiB: at least the GPU's 79.6 GiB (NVIDIA H100 80GB HBM3), so no cap" in doc.to_markdown()
+    assert "40 GiB" not in doc.to_markdown()
+    for budgets, probes in (([8.0, 40.0, 80.0], [probe("NVIDIA H200", 139.8)]), ([8.0, 80.0], [])):
+        quiet = Doc("t")
+        _uncapped(quiet, budgets, probes)
+        assert "no cap" not in quiet.to_markdown()
