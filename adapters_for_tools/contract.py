@@ -32,6 +32,12 @@ with ``ctx`` a :class:`RunContext`. It must:
 5. Save the trained output (PEFT adapter or HF checkpoint) in ``ctx.output_dir``; with ``eval.every_steps`` also
    the intermediate ones (``ctx.save_intermediate``).
 
+An adapter whose rows can plan themselves to the memory budget (``INFO.budget_overrides``) may also define, in
+``adapter.py``, ``predicts_fit(scenario, overrides) -> bool | None``: whether the tool's own model predicts that a row
+with these overrides fits the scenario's budget at its seq_len and batch, before anything runs (None: it cannot say).
+A memory frontier, in its own process, probes that prediction first (``harness.running.frontier``); it must touch no
+GPU.
+
 An exception from ``run`` becomes the run's recorded error (an out-of-memory one: status ``oom``); the sweep goes
 on. Keep adapters independent: no adapter imports another; what several share lives beside this module
 (``prompt_completion.py``) or here (:func:`trainer_args`). A little duplication beats a deep class hierarchy.

@@ -29,6 +29,9 @@ class DummyOverrides(Overrides):
     # a row that says it chooses its settings from the memory budget (as tunebench's plan does): the frontier then
     # measures it under every budget instead of taking a smaller budget's run at the same value
     sim_plan: bool = False
+    # what such a row's own model predicts per token (predicts_fit, asked by the frontier before it probes): the
+    # simulated need's rate when left out; another rate plants a wrong prediction
+    sim_predicted_gib_per_token: float | None = Field(None, gt=0)
 
 
 INFO = AdapterInfo(

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+from adapters_for_tools.dummy import DummyOverrides
 from harness.inputs.data import collate, load_tokenised
 from harness.measuring.effective import read_back_model, read_back_optimizer
 
@@ -111,3 +112,13 @@ def run(ctx) -> None:  # noqa: ANN001
     if ov.leave_child_s:  # a tool's helper process that outlives the run (its pid in extra, for the test)
         helper = [sys.executable, "-c", f"import time; time.sleep({ov.leave_child_s})"]
         ctx.extra["left_child_pid"] = subprocess.Popen(helper).pid
+
+
+def predicts_fit(sc, overrides: dict) -> bool | None:  # noqa: ANN001
+    """A planning row's own prediction of its simulated need against the scenario's budget (None: not a planning
+    row, or no simulated memory)."""
+    ov = DummyOverrides.model_validate(overrides)
+    if not ov.sim_plan or ov.sim_gib_per_token is None or sc.hardware.memory_budget_gib is None:
+        return None
+    rate = ov.sim_predicted_gib_per_token or ov.sim_gib_per_token
+    return ov.sim_base_gib + rate * sc.train.micro_batch * sc.data.seq_len <= sc.hardware.memory_budget_gib

@@ -133,5 +133,5 @@ INFO = AdapterInfo(
     strategies={"ddp": frozenset({"lora", "dora", "qlora"}), "fsdp": frozenset({"full", "lora", "qlora"})},
     objectives=frozenset({"sft", "dpo", "orpo"}),  # kernels/trainer/preference.py: TRL's DPO and ORPO losses
     objectives_note="kto and grpo are not built in tunebench's trainer",
-    budget_overrides=frozenset({"plan"}),  # plan: auto plans to hardware.memory_budget_gib
+    budget_overrides=frozenset({"plan"}),  # plan: auto plans to hardware.memory_budget_gib (adapter.predicts_fit)
 )

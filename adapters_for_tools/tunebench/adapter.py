@@ -41,6 +41,7 @@ import torch
 from adapters_for_tools.tunebench import TunebenchOverrides
 from adapters_for_tools.tunebench.pairs import dpo_pairs, orpo_pairs
 from harness.inputs.data import load_tokenised, read_jsonl
+from harness.inputs.models import get_preset
 from harness.measuring.effective import read_back_optimizer
 from kernels.ops._utils import interpret_mode
 from kernels.trainer.attention import VARLEN
@@ -133,6 +134,17 @@ def trainer_config(sc, overrides: dict, pad_id: int):  # noqa: ANN001, ANN201
     method.plan = plan_budget(method.plan, sc.hardware.memory_budget_gib)
     return TrainerConfig(method=method, train=train_settings(sc, pad_id), dtype=dtype, device=device,
                          objective=objective_options(sc, overrides))
+
+
+def predicts_fit(sc, overrides: dict) -> bool | None:  # noqa: ANN001
+    """Whether the trainer's planner predicts a plan of this row within the scenario's memory budget at its size
+    (:meth:`Planner.predicts_fit`: the cost model, before anything loads), or None where it cannot say: a row that
+    does not plan, no budget, or a model given by checkpoint rather than by preset (its shape is not read here)."""
+    cfg = trainer_config(sc, overrides, pad_id=0)
+    if not isinstance(cfg.method.plan, int | float) or sc.model.preset is None:
+        return None
+    decoder = DecoderConfig.from_dict(get_preset(sc.model.preset).config)
+    return Planner.predicts_fit(cfg, decoder, sc.data.seq_len, sc.data.packing)
 
 
 def ops_in_use(device: str, reference_ops: tuple[str, ...] = (), dtype: str = "bfloat16",

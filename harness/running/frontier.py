@@ -16,7 +16,9 @@ that stops halving the bracket. On an 8B model a probe costs most of a minute, a
 grid ~9 probes per budget; the line puts each later budget's answer within a step or two, so the frontier of a
 row over six budgets takes ~15 probes instead of ~55. A row that plans itself to the budget (:func:`follows_budget`)
 is bisected: it fills the budget whatever the value, so what its probes needed draws no line (on the H100 a
-line through tunebench's planned LoRA row crept up a step at a time, ten probes where a bisection takes seven).
+line through tunebench's planned LoRA row crept up a step at a time, ten probes where a bisection takes seven). Its
+tool's own prediction of the answer (its adapter's ``predicts_fit``, :func:`predicted_indices`) is probed first,
+then the step past it; a right one closes the budget in two probes.
 
 Each probe is an ordinary run of a derived scenario (:func:`probe_scenario`: the budget and the value set,
 one repeat) stored by the sweep runner under the frontier's folder, ``results/<scenario>-frontier-<time>/``: one
@@ -38,9 +40,9 @@ frontier goes a budget at a time: every row's search under it, then its answers 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 import re
+import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -51,7 +53,6 @@ from typing import Any
 from adapters_for_tools import registry
 from harness.measuring.memcap import OVER_BUDGET
 from harness.running import runner
-from harness.running.derive import derive
 from harness.running.frontier_grid import (  # noqa: F401 (the grid's names, where the frontier's users look)
     DEFAULT_STEP,
     MICRO_BATCH_MAX,
@@ -64,10 +65,13 @@ from harness.running.frontier_grid import (  # noqa: F401 (the grid's names, whe
     make_grid,
     model_max_positions,
     open_frontier,
+    predicted_indices,
+    probe_name,
+    probe_scenario,
     read_plan,
 )
 from harness.running.locks import machine_lock
-from harness.spec.scenario import MAX_NAME, Scenario
+from harness.spec.scenario import Scenario
 from harness.storing import results
 from harness.storing.schema import STATUS_OK, STATUS_OOM, Metrics, RunResult
 
@@ -83,36 +87,6 @@ def probing_flags(shortened_steps: set[int], contention: list[str]) -> str:
     jobs = {int(m.group(1)) for r in contention if (m := re.search(rf"(\d+) {SIDE_BY_SIDE}", r))}
     return (f" --jobs {max(jobs)}" if jobs else "") + \
         (f" --probe-steps {max(shortened_steps)}" if shortened_steps else "")
-
-
-def probe_name(base: str, row: str, budget: float, vary: str, value: int, steps: int | None = None,
-               shared: bool = False) -> str:
-    """The derived scenario's name: its sweeps are ``<name>-<time>`` under the frontier folder, one per row, budget
-    and value (and kind of probe: ``.s<steps>`` a shortened search probe, ``.shared`` one run beside others)."""
-    name = f"{base[:40]}.{row.replace('+', 'p')}.{budget:g}gib.{vary}{value}"
-    name += (f".s{steps}" if steps else "") + (".shared" if shared else "")
-    if len(name) > MAX_NAME:  # a long row label: shortened, and kept apart from its neighbours by a hash
-        name = f"{name[:MAX_NAME - 9]}.{hashlib.sha1(name.encode()).hexdigest()[:8]}"
-    return name
-
-
-def probe_scenario(sc: Scenario, budget: float, vary: str, value: int, row: str | None = None,
-                   steps: int | None = None, shared: bool = False) -> Scenario:
-    """The scenario of one probe: ``sc`` under ``budget`` GiB with ``vary`` set to ``value``, one repeat, run for
-    ``row`` (default: the first row); ``steps``: a search probe shortened to that many optimizer steps."""
-    sections: dict[str, dict[str, Any]] = {"hardware": {"memory_budget_gib": budget}, "measure": {"repeats": 1}}
-    if vary == "seq_len":
-        data = {"seq_len": value}
-        if sc.data.min_len is not None and sc.data.min_len > value:
-            data["min_len"] = value
-        sections["data"] = data
-    else:
-        sections["train"] = {"micro_batch": value}
-    if steps:
-        sections["train"] = {**sections.get("train", {}), "steps": steps,
-                             "warmup_steps": min(sc.train.warmup_steps, steps - 1)}
-    row = row or sc.framework_names()[0]
-    return derive(sc, probe_name(sc.name, row, budget, vary, value, steps, shared), **sections)
 
 
 def follows_budget(adapter: str | None, overrides: dict[str, Any]) -> bool:
@@ -216,6 +190,8 @@ class _Row:
     backed_off: bool = False
     verify_lo: bool = True  # probe a value found under a smaller budget before taking it (False: its measurement does)
     guided: bool = True  # False: a row that plans itself to the budget, whose need says nothing of the next value
+    hint: int | None = None  # the index its tool predicts as this budget's answer (a row that plans itself)
+    hinted: int = 0  # 0: the hint not yet probed; 1: probed; 2: the step past it on the side it proved wrong too
 
     def _line(self) -> list[tuple[int, float]]:
         return self.here if len(dict(self.here)) >= 2 else self.points + self.here
@@ -242,9 +218,29 @@ class _Row:
         i = max((j for j, x in enumerate(self.values) if x <= v * (1 + 1e-9)), default=0)  # float round-off
         return min(max(i, self.lo + 1), self.hi - 1)
 
+    def _hinted(self) -> int | None:
+        """The tool's own prediction first, then the grid step past it on the side it proved wrong (above it where
+        it fitted, below where it did not): a right prediction closes the budget in two probes; a wrong one has
+        narrowed the bracket for the bisection that follows."""
+        if self.hint is None or self.hinted >= 2:
+            return None
+        self.hinted += 1
+        if self.hinted == 1:
+            if self.lo < self.hint < self.hi:
+                return self.hint
+            self.hinted = 2  # what is known already answers it
+            return None
+        if self.lo == self.hint and self.hint + 1 < self.hi:
+            return self.hint + 1
+        if self.hi == self.hint and self.hint - 1 > self.lo:
+            return self.hint - 1
+        return None
+
     def next_index(self) -> int | None:
         if self.stopped:
             return None
+        if (i := self._hinted()) is not None:
+            return i
         if self.lo < 0 and self.hi > 0 and not self.points and not self.here:
             return 0  # nothing known to fit this row: the smallest value first (out of memory there: none fits)
         if self.guided and self.hi - self.lo > 1 and not self.second and len(dict(self.points + self.here)) == 1 and \
@@ -320,9 +316,10 @@ class _RowSearch:
     one below found, with the memory points measured so far. Rows are independent of each other."""
 
     def __init__(self, key: str, budgets: list[float], values: list[int], verify: bool = True,
-                 known: dict[float, list[tuple[int, str, float | None]]] | None = None, guided: bool = True) -> None:
+                 known: dict[float, list[tuple[int, str, float | None]]] | None = None, guided: bool = True,
+                 hints: dict[float, int] | None = None) -> None:
         self.key, self.budgets, self.values, self.verify, self.known = key, budgets, values, verify, known or {}
-        self.guided = guided
+        self.guided, self.hints = guided, hints or {}
         self.best, self.points, self.stopped, self.at, self.aim = -1, [], None, 0, 1.0
         self.found: dict[float, int] = {}  # budget -> index of the largest fitting value, once the search closed
         self.state = self._start()
@@ -330,7 +327,7 @@ class _RowSearch:
     def _start(self) -> _Row:
         row = _Row(self.key, self.best, len(self.values), lo_verified=self.best < 0, stopped=self.stopped,
                    values=self.values, budget=self.budgets[self.at], points=list(self.points),
-                   verify_lo=self.verify, aim=self.aim, guided=self.guided)
+                   verify_lo=self.verify, aim=self.aim, guided=self.guided, hint=self.hints.get(self.budgets[self.at]))
         row.seed(self.known.get(self.budgets[self.at], []))
         return row
 
@@ -433,8 +430,9 @@ def run_frontier(sc: Scenario, grid: Grid, budgets: list[float], results_root: P
     kinds = [(None, False)] if probing.exact else [(None, False), (probing.steps, probing.jobs > 1)]
     known = _known(sc, folder, rows, sorted(set(budgets)), grid.vary, values, kinds, log)
     planned = {f.key for f in sc.frameworks if follows_budget(f.name, f.overrides)}
+    hints = {k: _hints(sc, k, grid, sorted(set(budgets)), quiet) for k in rows if k in planned}
     searches = {k: _RowSearch(k, sorted(set(budgets)), values, verify=probing.exact, known=known.get(k),
-                              guided=k not in planned) for k in rows}
+                              guided=k not in planned, hints=hints.get(k)) for k in rows}
     if probing.exact:
         for k, search in searches.items():
             while (nxt := search.next_probe()) is not None:
@@ -451,6 +449,20 @@ def run_frontier(sc: Scenario, grid: Grid, budgets: list[float], results_root: P
             ran = _search_together(searches, probing, probe, budget, ran) or ran
         _measure_budget(budget, searches, tools, same, fitted, probe)
     return folder, log
+
+
+def _hints(sc: Scenario, row: str, grid: Grid, budgets: list[float], quiet: bool) -> dict[float, int]:
+    """The grid index per budget that ``row``'s tool predicts as its answer (:func:`predicted_indices`), for a row
+    that plans itself to the budget; {} where its tool predicts nothing (said unless ``quiet``)."""
+    tool = next(f.name for f in sc.frameworks if f.key == row)
+    # the tool's adapter module (heavy: torch, the tool's own code), loaded in this process for its prediction only
+    predict = getattr(registry.load_adapter(tool), "predicts_fit", None) if tool in registry.names() else None
+    if predict is None:
+        return {}
+    found, why = predicted_indices(sc, row, grid, budgets, predict)
+    if why and not quiet:
+        print(f"frontier: {why}; its search bisects", file=sys.stderr)
+    return found
 
 
 def _measure_budget(budget: float, searches: dict[str, _RowSearch], tools: dict[str, str], same: dict[str, bool],

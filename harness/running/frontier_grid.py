@@ -5,8 +5,10 @@ it is read back."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,7 +17,8 @@ from typing import Any
 import yaml
 
 from harness.inputs import models
-from harness.spec.scenario import MAX_BATCH, MAX_SEQ_LEN, Scenario
+from harness.running.derive import derive
+from harness.spec.scenario import MAX_BATCH, MAX_NAME, MAX_SEQ_LEN, Scenario
 from harness.storing import results
 
 VARIES = ("seq_len", "micro_batch")
@@ -150,3 +153,62 @@ def open_frontier(sc: Scenario, grid: Grid, budgets: list[float], results_root: 
     plan["budgets"] = sorted({*plan.get("budgets", []), *budgets})
     results.atomic_write_text(d / PLAN_FILE, json.dumps(plan, indent=1))
     return d
+
+
+def probe_name(base: str, row: str, budget: float, vary: str, value: int, steps: int | None = None,
+               shared: bool = False) -> str:
+    """The derived scenario's name: its sweeps are ``<name>-<time>`` under the frontier folder, one per row, budget
+    and value (and kind of probe: ``.s<steps>`` a shortened search probe, ``.shared`` one run beside others)."""
+    name = f"{base[:40]}.{row.replace('+', 'p')}.{budget:g}gib.{vary}{value}"
+    name += (f".s{steps}" if steps else "") + (".shared" if shared else "")
+    if len(name) > MAX_NAME:  # a long row label: shortened, and kept apart from its neighbours by a hash
+        name = f"{name[:MAX_NAME - 9]}.{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+    return name
+
+
+def probe_scenario(sc: Scenario, budget: float, vary: str, value: int, row: str | None = None,
+                   steps: int | None = None, shared: bool = False) -> Scenario:
+    """The scenario of one probe: ``sc`` under ``budget`` GiB with ``vary`` set to ``value``, one repeat, run for
+    ``row`` (default: the first row); ``steps``: a search probe shortened to that many optimizer steps."""
+    sections: dict[str, dict[str, Any]] = {"hardware": {"memory_budget_gib": budget}, "measure": {"repeats": 1}}
+    if vary == "seq_len":
+        data = {"seq_len": value}
+        if sc.data.min_len is not None and sc.data.min_len > value:
+            data["min_len"] = value
+        sections["data"] = data
+    else:
+        sections["train"] = {"micro_batch": value}
+    if steps:
+        sections["train"] = {**sections.get("train", {}), "steps": steps,
+                             "warmup_steps": min(sc.train.warmup_steps, steps - 1)}
+    row = row or sc.framework_names()[0]
+    return derive(sc, probe_name(sc.name, row, budget, vary, value, steps, shared), **sections)
+
+
+# an adapter module's predicts_fit (adapters_for_tools/contract.py)
+Prediction = Callable[[Scenario, dict[str, Any]], "bool | None"]
+
+
+def predicted_indices(sc: Scenario, row: str, grid: Grid, budgets: list[float],
+                      predict: Prediction) -> tuple[dict[float, int], str | None]:
+    """Per budget, the grid index of the largest value that ``predict`` (a tool's own model, for a row that plans
+    itself to the budget: its adapter module's ``predicts_fit``) says fits ``row``'s probe scenario there, found by
+    bisecting its predictions (what fits is taken not to grow with the value); a budget where nothing is predicted to
+    fit has none. Returns the indices and, where the tool made no prediction or one failed, why (then none at all: the
+    frontier's search goes on without them)."""
+    overrides = next(f.overrides for f in sc.frameworks if f.key == row)
+    values, out = grid.values(), {}
+    for b in budgets:
+        lo, hi = -1, len(values)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            try:
+                fits = predict(probe_scenario(sc, b, grid.vary, values[mid], row), overrides)
+            except Exception as e:  # noqa: BLE001 (a prediction only orders the probes; every answer is a run)
+                return {}, f"{row}: no prediction ({type(e).__name__}: {e})"[:300]
+            if fits is None:
+                return {}, f"{row}: its tool predicts nothing for this scenario"
+            lo, hi = (mid, hi) if fits else (lo, mid)
+        if lo >= 0:
+            out[b] = lo
+    return out, None

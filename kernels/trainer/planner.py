@@ -67,6 +67,14 @@ def measure_speed(device: torch.device) -> DeviceSpeed:
     return DeviceSpeed(matmul_tflops=tflops, h2d_gbps=h2d, d2h_gbps=d2h, measured=True)
 
 
+def _costs(cfg: TrainerConfig, decoder: DecoderConfig, seq_len: int, packed: bool, speed: DeviceSpeed) -> CostModel:
+    t = cfg.train
+    pairs = cfg.objective.is_preference  # chosen + rejected: twice the rows, packed together by default
+    untiled = replace(cfg.method, mlp_chunk_tokens=None)  # the plan decides the MLP's tiling, as its other knobs
+    return costs_for(decoder, untiled, t.micro_batch * (2 if pairs else 1), t.grad_accum, seq_len, cfg.dtype,
+                     cfg.device, t.optimizer, packed or pairs, speed)
+
+
 def usable_bytes(setting: float | str, device: torch.device) -> tuple[int, dict[str, Any]]:
     """The bytes a plan may allocate under ``setting`` (a budget in GiB, or ``"auto"``: the device's free memory).
 
@@ -191,12 +199,16 @@ class Planner:
         if cfg.method.plan is None:
             raise ValueError("Planner.start: cfg.method.plan is None (no budget to plan to)")
         usable, budget_record = usable_bytes(cfg.method.plan, cfg.device)
-        t = cfg.train
-        pairs = cfg.objective.is_preference  # chosen + rejected: twice the rows, packed together by default
-        untiled = replace(cfg.method, mlp_chunk_tokens=None)  # the plan decides the MLP's tiling, as its other knobs
-        costs = costs_for(decoder, untiled, t.micro_batch * (2 if pairs else 1), t.grad_accum, seq_len,
-                          cfg.dtype, cfg.device, t.optimizer, packed or pairs, speed or measure_speed(cfg.device))
+        costs = _costs(cfg, decoder, seq_len, packed, speed or measure_speed(cfg.device))
         return cls(costs, usable, budget_record, cfg.method)
+
+    @staticmethod
+    def predicts_fit(cfg: TrainerConfig, decoder: DecoderConfig, seq_len: int, packed: bool = False) -> bool:
+        """Whether a plan of ``cfg`` is predicted within its budget (``cfg.method.plan`` in GiB) for rows of
+        ``seq_len`` tokens, without a device: what fits does not depend on the rates (the default ones are used),
+        and nothing touches the GPU (a memory frontier asks this in its own process, before it probes)."""
+        usable = usable_bytes(float(cfg.method.plan), torch.device("cpu"))[0]
+        return choose(_costs(cfg, decoder, seq_len, packed, DeviceSpeed()), usable) is not None
 
     def attach(self, model: DecoderModel) -> None:
         """The loaded model; on CUDA, its allocated bytes now are the static bytes the probe compares."""

@@ -197,33 +197,6 @@ def test_the_memory_line_guides_the_search_to_each_budget_in_a_few_probes(tmp_pa
     assert frontier.predicted_max([(2, 8.0), (4, 8.0)], 10.0) is None  # flat: no prediction
 
 
-def test_a_row_that_plans_to_its_budget_is_bisected_not_led_by_its_memory_line(tmp_path, monkeypatch):
-    """A row that plans itself to each budget (tunebench's ``plan: auto``, here the dummy's ``sim_plan``) fills the
-    budget whatever the value, so what its probes needed draws no line to the next value: each budget bisects the
-    bracket left by the one below, within a bisection's probes, without a second point or a step back."""
-    plan = "  - {name: dummy, label: d-sim, overrides: {sim_plan: true}}"  # the baseline's label, planning
-    sc = parse_scenario(_scenario(tmp_path, plan).read_text())
-    grid = frontier.make_grid(sc, "micro_batch", hi=64)
-    limit = {8.0: 13, 12.0: 29, 16.0: 44, 24.0: 61}
-
-    def fake_probe(sc, k, budget, vary, v, *rest):
-        run = _run("ok" if v <= limit[budget] else "oom")
-        run.metrics.peak_vram_nvml_gib = run.metrics.peak_alloc_gib = 0.9 * budget + 0.001 * v
-        run.metrics.peak_reserved_gib = 0.9 * budget + 0.001 * v
-        return run, True
-
-    monkeypatch.setattr(frontier, "_probe", fake_probe)
-    _, log = frontier.run_frontier(sc, grid, list(limit), tmp_path / "results")
-    below = 0
-    for budget, want in limit.items():
-        mine = [p["value"] for p in log.probes if p["budget_gib"] == budget]
-        assert max(v for v in mine if v <= want) == want
-        bracket = 64 - below  # the values above the budget below's answer
-        assert len(mine) <= math.ceil(math.log2(bracket + 1)) + (2 if budget == 8.0 else 1), (budget, mine)
-        below = want
-    assert not [p for p in log.probes if p["budget_gib"] == 8.0 and p["value"] == 1 + frontier.SECOND_POINT]
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # end to end with the dummy tool
 
