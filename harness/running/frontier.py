@@ -455,11 +455,17 @@ def _hints(sc: Scenario, row: str, grid: Grid, budgets: list[float], quiet: bool
     """The grid index per budget that ``row``'s tool predicts as its answer (:func:`predicted_indices`), for a row
     that plans itself to the budget; {} where its tool predicts nothing (said unless ``quiet``)."""
     tool = next(f.name for f in sc.frameworks if f.key == row)
-    # the tool's adapter module (heavy: torch, the tool's own code), loaded in this process for its prediction only
-    predict = getattr(registry.load_adapter(tool), "predicts_fit", None) if tool in registry.names() else None
-    if predict is None:
+    if tool not in registry.names():
         return {}
-    found, why = predicted_indices(sc, row, grid, budgets, predict)
+    try:  # the tool's adapter module (heavy: torch, the tool's own code), loaded in this process for its prediction
+        predict = getattr(registry.load_adapter(tool), "predicts_fit", None)
+    except ImportError as e:  # its environment is not this process's: the search goes on without a prediction
+        predict, why = None, f"{row}: no prediction here ({type(e).__name__}: {e})"[:300]
+    else:
+        why = None
+    found = {}
+    if predict is not None:
+        found, why = predicted_indices(sc, row, grid, budgets, predict)
     if why and not quiet:
         print(f"frontier: {why}; its search bisects", file=sys.stderr)
     return found

@@ -81,3 +81,17 @@ def test_a_prediction_that_fails_leaves_the_search_to_bisect(tmp_path, monkeypat
     assert "d-sim: no prediction (RuntimeError: no model here); its search bisects" in capsys.readouterr().err
     assert frontier.predicted_indices(sc, "d-sim", grid, [1.0, 0.1], lambda s, o: s.hardware.memory_budget_gib >= 1
                                       and s.train.micro_batch <= 4) == ({1.0: 3}, None)  # 0.1 GiB: nothing fits
+
+
+def test_a_tool_whose_adapter_does_not_load_here_is_bisected(tmp_path, monkeypatch, capsys):
+    """The prediction comes from the tool's adapter module, loaded in the frontier's own process: where that import
+    fails (the tool's packages live only in its worker's environment) the row is bisected, and the frontier says why."""
+    sc = parse_scenario(_scenario(tmp_path, "  - {name: dummy, label: d-sim, overrides: {sim_plan: true, "
+                                            "sim_gib_per_token: 0.015625}}").read_text())
+
+    def missing(name):
+        raise ImportError(f"No module named 'toolkit_of_{name}'")
+
+    monkeypatch.setattr(frontier.registry, "load_adapter", missing)
+    assert frontier._hints(sc, "d-sim", frontier.make_grid(sc, "micro_batch", hi=64), [1.0], quiet=False) == {}
+    assert "d-sim: no prediction here (ImportError: No module named 'toolkit_of_dummy')" in capsys.readouterr().err
