@@ -42,7 +42,7 @@ def _simulate_memory(ctx, torch) -> None:  # noqa: ANN001
     sc, ov = ctx.scenario, ctx.options
     if ov.sim_gib_per_token is None:
         return
-    need = ov.sim_base_gib + ov.sim_gib_per_token * sc.train.micro_batch * sc.data.seq_len
+    need = _simulated_need(sc, ov, ov.sim_gib_per_token)
     ctx.extra["simulated_peak_gib"] = need
     budget = sc.hardware.memory_budget_gib
     if budget is not None and need > budget:
@@ -120,5 +120,9 @@ def predicts_fit(sc, overrides: dict) -> bool | None:  # noqa: ANN001
     ov = DummyOverrides.model_validate(overrides)
     if not ov.sim_plan or ov.sim_gib_per_token is None or sc.hardware.memory_budget_gib is None:
         return None
-    rate = ov.sim_predicted_gib_per_token or ov.sim_gib_per_token
-    return ov.sim_base_gib + rate * sc.train.micro_batch * sc.data.seq_len <= sc.hardware.memory_budget_gib
+    return _simulated_need(sc, ov, ov.sim_predicted_gib_per_token or ov.sim_gib_per_token) \
+        <= sc.hardware.memory_budget_gib
+
+
+def _simulated_need(sc, ov: DummyOverrides, gib_per_token: float) -> float:  # noqa: ANN001
+    return ov.sim_base_gib + gib_per_token * sc.train.micro_batch * sc.data.seq_len

@@ -454,18 +454,15 @@ def run_frontier(sc: Scenario, grid: Grid, budgets: list[float], results_root: P
 def _hints(sc: Scenario, row: str, grid: Grid, budgets: list[float], quiet: bool) -> dict[float, int]:
     """The grid index per budget that ``row``'s tool predicts as its answer (:func:`predicted_indices`), for a row
     that plans itself to the budget; {} where its tool predicts nothing (said unless ``quiet``)."""
-    tool = next(f.name for f in sc.frameworks if f.key == row)
-    if tool not in registry.names():
+    f = next(f for f in sc.frameworks if f.key == row)
+    if f.name not in registry.names():
         return {}
     try:  # the tool's adapter module (heavy: torch, the tool's own code), loaded in this process for its prediction
-        predict = getattr(registry.load_adapter(tool), "predicts_fit", None)
+        predict = getattr(registry.load_adapter(f.name), "predicts_fit", None)
     except ImportError as e:  # its environment is not this process's: the search goes on without a prediction
-        predict, why = None, f"{row}: no prediction here ({type(e).__name__}: {e})"[:300]
+        found, why = {}, f"{row}: no prediction here ({type(e).__name__}: {e})"[:300]
     else:
-        why = None
-    found = {}
-    if predict is not None:
-        found, why = predicted_indices(sc, row, grid, budgets, predict)
+        found, why = predicted_indices(sc, row, f.overrides, grid, budgets, predict) if predict else ({}, None)
     if why and not quiet:
         print(f"frontier: {why}; its search bisects", file=sys.stderr)
     return found

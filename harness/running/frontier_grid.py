@@ -189,14 +189,13 @@ def probe_scenario(sc: Scenario, budget: float, vary: str, value: int, row: str 
 Prediction = Callable[[Scenario, dict[str, Any]], "bool | None"]
 
 
-def predicted_indices(sc: Scenario, row: str, grid: Grid, budgets: list[float],
+def predicted_indices(sc: Scenario, row: str, overrides: dict[str, Any], grid: Grid, budgets: list[float],
                       predict: Prediction) -> tuple[dict[float, int], str | None]:
     """Per budget, the grid index of the largest value that ``predict`` (a tool's own model, for a row that plans
     itself to the budget: its adapter module's ``predicts_fit``) says fits ``row``'s probe scenario there, found by
     bisecting its predictions (what fits is taken not to grow with the value); a budget where nothing is predicted to
-    fit has none. Returns the indices and, where the tool made no prediction or one failed, why (then none at all: the
-    frontier's search goes on without them)."""
-    overrides = next(f.overrides for f in sc.frameworks if f.key == row)
+    fit has none. ``overrides``: the row's, which ``predict`` is given. Returns the indices and, where the tool made no
+    prediction or one failed, why (then none at all: the frontier's search goes on without them)."""
     values, out = grid.values(), {}
     for b in budgets:
         lo, hi = -1, len(values)

@@ -79,7 +79,7 @@ def test_a_prediction_that_fails_leaves_the_search_to_bisect(tmp_path, monkeypat
     monkeypatch.setattr(frontier.registry.load_adapter("dummy"), "predicts_fit", broken)
     assert frontier._hints(sc, "d-sim", grid, [1.0], quiet=False) == {}
     assert "d-sim: no prediction (RuntimeError: no model here); its search bisects" in capsys.readouterr().err
-    assert frontier.predicted_indices(sc, "d-sim", grid, [1.0, 0.1], lambda s, o: s.hardware.memory_budget_gib >= 1
+    assert frontier.predicted_indices(sc, "d-sim", {}, grid, [1.0, 0.1], lambda s, o: s.hardware.memory_budget_gib >= 1
                                       and s.train.micro_batch <= 4) == ({1.0: 3}, None)  # 0.1 GiB: nothing fits
 
 
