@@ -369,7 +369,9 @@ def costs_for(cfg: DecoderConfig, method: MethodOptions, micro_batch: int, grad_
     outputs, the residual after attention, q / k / v, the attention output, gate, up and the SwiGLU output, plus the
     LoRA ``x A^T`` intermediates (at the 8B shapes 570 MB per layer at 4096 tokens, the figure in
     kernels/trainer/README.md), less the norm outputs and the SwiGLU output with ``remake_activations``
-    (kernels/trainer/remake.py: 387 MB); a recompute + backward needs about twice that. The families' parts: Mixtral's
+    (kernels/trainer/remake.py: 387 MB); a recompute + backward needs about twice that, or, where a tiled
+    MLP keeps little, what it keeps less the MLP's chunk plus flash attention's backward (60 KB a token at the 8B
+    shapes: gradients, the fp32 dq accumulator, dk / dv expanded to every query head). The families' parts: Mixtral's
     experts (dense, resident, ``k`` of them per token in FLOPs and activations; never streamed: the streamer moves
     linear weights only), Gemma-2's extra norms, its soft-capped attention (through FlexAttention where
     :func:`~kernels.trainer.flex.flex_layer` sends it: an fp32 ``[B, H, S]`` logsumexp kept; else eager: fp32
@@ -468,15 +470,24 @@ def costs_for(cfg: DecoderConfig, method: MethodOptions, micro_batch: int, grad_
     gate_up = ("gate_proj", "up_proj", "gate_up_proj")
     gate_up_flops = 2 * tokens * (2 * h * inter + method.lora_r * sum(sum(shapes[t]) for t in targets if t in gate_up))
 
+    # flash attention's backward: the layer's and the attention output's gradients, dq / dk / dv, the fp32 dq
+    # accumulator, and with fewer KV heads than query heads dk / dv expanded to every head before they are summed
+    attn_bwd = tokens * (act * (h + 2 * q + 2 * kv + (2 * q if kv < q else 0)) + 4 * q)
+
     def layer_cost(chunk: int | None) -> LayerCost:
-        keep_c, bwd_c = keep, bwd_flops
+        keep_c, bwd_c, chunk_bytes = keep, bwd_flops, 0
         if chunk:  # the MLP keeps its input only; gate, up (and the activation) exist for one chunk at a time
-            keep_c -= tokens * act * (2 * inter + (0 if method.remake_activations else inter))
-            keep_c += min(tokens, chunk) * act * 3 * inter
+            chunk_bytes = min(tokens, chunk) * act * 3 * inter
+            keep_c += chunk_bytes - tokens * act * (2 * inter + (0 if method.remake_activations else inter))
             bwd_c += 2 * tokens * 3 * h * inter  # each chunk's MLP forward again in backward
+        # the backward's peak: the MLP's (untiled: twice what the layer keeps; tiled: one chunk's gradients more,
+        # and the gradients of the layer's output and of the MLP's input), or the attention's, after the MLP's
+        # chunks are gone, which decides from ~31,000 tokens at the 8B shapes (kernels/NOTES.md)
+        mlp_bwd = keep_c + chunk_bytes + 2 * tokens * h * act if chunk else 2 * keep_c
+        transient = max(mlp_bwd, keep_c - chunk_bytes + attn_bwd)
         reused = (attn_proj if chunk else n_proj) if reuse else 0  # NF4 weights a recompute keeps for backward
         remakes = not mlp_remake_needs(method, cfg.moe, chunk)  # gate and up made again in a kept layer's backward
-        return LayerCost(weight_bytes=weight, keep_bytes=keep_c, checkpoint_bytes=ckpt, transient_bytes=2 * keep_c,
+        return LayerCost(weight_bytes=weight, keep_bytes=keep_c, checkpoint_bytes=ckpt, transient_bytes=transient,
                          forward_s=slow * fwd_flops / rate, backward_s=slow * bwd_c / rate,
                          reuse_bytes=reused * act, reuse_saving_s=reused * dequant_s,
                          mlp_remake_bytes=tokens * act * 2 * inter if remakes else 0,

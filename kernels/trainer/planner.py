@@ -260,11 +260,14 @@ class Planner:
         faster = best is not None and predict(costs, best).step_s < (1 - SWITCH_GAIN) * current.step_s
         if best is None or best == plan or not (over or faster):
             return False
+        before = self.plan.knobs()
         self.plan, self.prediction, self.costs = best, predict(costs, best), costs
         apply_plan(self.options, best)
         reconfigure(self.model, self.options)
+        # "plan" becomes the plan in effect; the first plan, which the top-level predictions are of, stays here
         self.record["replanned"] = {"after_step": step, "why": "peak above the prediction" if over else "faster",
-                                    "plan": best.knobs(), "fits": self.prediction.peak_bytes <= self.usable,
+                                    "from_plan": before, "plan": best.knobs(),
+                                    "fits": self.prediction.peak_bytes <= self.usable,
                                     **self.prediction.as_record()}
         self.record["plan"] = best.knobs()
         return True

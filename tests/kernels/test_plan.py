@@ -164,6 +164,7 @@ def test_measured_corrections_make_the_planner_replan(monkeypatch):
     assert moved == [planner.plan] and planner.plan != first
     assert predict(corrected, planner.plan).peak_bytes <= budget
     assert planner.record["replanned"]["why"] == "peak above the prediction"
+    assert planner.record["replanned"]["from_plan"] == first.knobs() != planner.record["plan"]
     assert planner.record["plan"] == planner.plan.knobs() == plan_of(options).knobs()
     assert planner.after_step(3) is False  # once
 
@@ -270,6 +271,32 @@ def test_rows_longer_than_a_chunk_may_tile_the_mlp_where_nothing_else_fits():
                       torch.bfloat16, dev)
     assert not fixed.tiled_layers and fixed.layers[0] == tiled
     assert predict(fixed, plan).peak_bytes == predict(long, plan).peak_bytes
+
+
+def test_a_tiled_layers_backward_peaks_in_flash_attention_on_long_rows():
+    """A recomputing layer whose MLP is tiled keeps little; its backward peaks either in the MLP (what it keeps, one
+    chunk's gradients, the gradients of the layer's output and of the MLP's input) or, on long rows, in flash
+    attention after the chunks are gone: what it keeps less the chunk, plus the layer's and the attention output's
+    gradients, dq / dk / dv, the fp32 dq accumulator and (GQA) dk / dv expanded to every query head, 60 KB a token
+    at the 8B shapes. Checked against the H100 (code 3247a5d), 8B LoRA, every layer recomputing and streamed,
+    checkpoints on the host, chunks of 8,192 tokens: profile_step's tiled plan (results/plan_check-h100-20261206,
+    head on the host) and the frontier's planned probes (results/llama8b_lora_frontier-frontier-20261206-040358,
+    embeddings and head on the GPU). Twice the kept bytes, the rule of untiled layers, predicted 0.4 GiB too much at
+    30,720 tokens and 1.0-1.3 GiB too little from 95,232."""
+    cfg, dev = _preset("llama-3.1-8b"), torch.device("cuda")
+    plan = Plan(recompute_layers=-1, offload_weights=32, offload_checkpoints=True, mlp_chunk_tokens=8192)
+    attn_per_token = 2 * (4096 + 2 * 4096 + 2 * 1024 + 2 * 4096) + 4 * 4096
+    chunk = 8192 * 2 * 3 * 14336
+    for tokens, head_on_host, measured in ((30720, True, 5.90), (60416, False, 9.99), (95232, False, 13.76),
+                                           (106496, False, 14.98)):  # GiB allocated at peak, measured
+        m = costs_for(cfg, MethodOptions(kind="lora"), 1, 1, tokens, torch.bfloat16, dev)
+        tiled = m.tiled_layers[0]
+        in_attention = tiled.keep_bytes - chunk + tokens * attn_per_token
+        in_mlp = tiled.keep_bytes + chunk + 2 * tokens * 4096 * 2
+        assert tiled.transient_bytes == max(in_attention, in_mlp)
+        assert (in_attention > in_mlp) == (tokens > 31000)
+        assert measured - 0.25 < predict(m, replace(plan, offload_lm_head=head_on_host)).peak_bytes / GIB <= measured
+        assert m.layers[0].transient_bytes == 2 * m.layers[0].keep_bytes  # untiled: the MLP's backward decides
 
 
 def test_which_knobs_a_model_allows():
