@@ -5,12 +5,12 @@ largest seq_len (or micro-batch) that trains the scenario's steps without runnin
 search of the grid guided by each row's measured memory curve (harness.running.frontier), and tokens/s there.
 Each probe is an ordinary stored run under ``results/<scenario>-frontier-<time>/``: rerunning the same command
 resumes (finished probes are not redone), ``--retry-failed`` redoes probes stored as
-error/crashed/timeout. A probe that fails otherwise than by memory stops its row, not the frontier. ``--jobs N`` runs
-N rows' search probes side by side (their budgets within the GPU's memory) and ``--probe-steps K`` shortens them:
-both only answer "does it fit", so each cell's largest value is then run once more alone with the scenario's steps,
-the figure its cell reports (a budget's cells before the next budget's search). The table is written as
-``frontier.csv`` and ``frontier.md`` in that folder. Exit codes: 0 done (failed probes are cells, not errors), 2 bad
-input, 3 another sweep holds the machine, 130 interrupted.
+error/crashed/timeout/unavailable. A probe that fails otherwise than by memory stops its row, not the frontier.
+``--jobs N`` runs N rows' search probes side by side (their budgets within the GPU's memory) and ``--probe-steps K``
+shortens them: both only answer "does it fit", so each cell's largest value is then run once more alone with the
+scenario's steps, the figure its cell reports (a budget's cells before the next budget's search). The table is
+written as ``frontier.csv`` and ``frontier.md`` in that folder. Exit codes: 0 done (failed probes are cells, not
+errors), 2 bad input, 3 another sweep holds the machine, 130 interrupted.
 
 Examples::
 
@@ -34,7 +34,15 @@ from harness.common.paths import REPO_ROOT
 from harness.measuring.environment import gpu_info
 from harness.reporting.frontier import write_frontier_report
 from harness.running import evaluator
-from harness.running.frontier import VARIES, FrontierError, Probing, make_grid, probe_scenario, run_frontier
+from harness.running.frontier import (
+    VARIES,
+    FrontierError,
+    Probing,
+    find_frontier,
+    make_grid,
+    probe_scenario,
+    run_frontier,
+)
 from harness.spec.scenario import MAX_MEMORY_BUDGET_GIB, ScenarioError
 
 CAPACITY_MARGIN_GIB = 4.0  # GPU memory left outside the side-by-side probes' budgets (CUDA contexts, NVML's view)
@@ -61,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "beside the results root)")
     p.add_argument("--new", action="store_true", help="start a new frontier folder even if one can be resumed")
     p.add_argument("--retry-failed", action="store_true",
-                   help="redo probes stored as error/crashed/timeout (the failed attempt is kept)")
+                   help="redo probes stored as error/crashed/timeout/unavailable (the failed attempt is kept)")
     p.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="search probes of N rows at once, their budgets within the GPU's memory (default 1); "
                         "each answer is then measured alone")
@@ -124,8 +132,14 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         evaluator.check(sc)  # each probe is evaluated as a run is: a missing lm-eval stops it before the first
-        folder, log = run_frontier(sc, grid, args.budgets, Path(args.results), only=args.only, new=args.new,
-                                   retry_failed=args.retry_failed, quiet=args.quiet, on_probe=show, probing=probing)
+        try:
+            folder, log = run_frontier(sc, grid, args.budgets, Path(args.results), only=args.only, new=args.new,
+                                       retry_failed=args.retry_failed, quiet=args.quiet, on_probe=show,
+                                       probing=probing)
+        except KeyboardInterrupt:  # the table as the stored probes stand (open cells marked), then the interruption
+            if (stopped := find_frontier(sc, grid, Path(args.results))) is not None:
+                print(f"table so far: {write_frontier_table(stopped)[1]}", file=sys.stderr)
+            raise
         print(f"{log.distinct} probes ({log.ran} run now)")
         csv_path, md_path = write_frontier_table(folder)
         report = write_frontier_report(folder, reports_dir / folder.name)

@@ -4,9 +4,9 @@ Each family's tiny test model goes through every framework x method for a few st
 every cell is an ordinary stored run under ``results/support-matrix-<device>-<time>/``, and the report (ok, the
 tool's own error, or why a framework cannot run it; loss falling; the library versions) is written to
 ``reports/<that folder's name>/report.md`` and ``report.html``, with ``matrix.csv`` beside the results. Rerunning
-the same command resumes: finished cells are kept, only missing ones run (``--retry-failed`` redoes error, crashed
-and timeout cells, ``--retry-invalid`` invalid ones). Exit codes: 0 done (failed cells are cells, not errors), 2
-bad input, 3 another sweep holds the machine, 130 interrupted.
+the same command resumes: finished cells are kept, only missing ones run (``--retry-failed`` redoes error, crashed,
+timeout and unavailable cells, ``--retry-invalid`` invalid ones). Exit codes: 0 done (failed cells are cells, not
+errors), 2 bad input, 3 another sweep holds the machine, 130 interrupted.
 
 Examples::
 
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reports", default=str(REPO_ROOT / "reports"), help="reports root (default: reports/)")
     p.add_argument("--new", action="store_true", help="start a new matrix folder even if one of this plan exists")
     p.add_argument("--retry-failed", action="store_true",
-                   help="redo cells stored as error/crashed/timeout (the failed attempt is kept)")
+                   help="redo cells stored as error/crashed/timeout/unavailable (the failed attempt is kept)")
     p.add_argument("--retry-invalid", action="store_true",
                    help="redo cells stored as invalid, e.g. after a fix of the check that judged them (the attempt "
                         "is kept)")

@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run even while another sweep runs on this machine (exit 3 otherwise); every row of this "
                         "sweep is then marked invalid: measured under contention")
     r.add_argument("--retry-failed", action="store_true",
-                   help="in the newest sweep of this scenario, do runs stored as error/crashed/timeout, or "
+                   help="in the newest sweep of this scenario, do runs stored as error/crashed/timeout/unavailable, or "
                         "whose evaluation ended in an error, again (for failures of the machine, e.g. a full "
                         "disk or a missing lm-eval); the failed attempt is kept in "
                         "runs/attempts/ and listed in the new row")

@@ -24,9 +24,9 @@ Each probe is an ordinary run of a derived scenario (:func:`probe_scenario`: the
 one repeat) stored by the sweep runner under the frontier's folder, ``results/<scenario>-frontier-<time>/``: one
 sweep per row, budget and value. So a rerun finds every finished probe by its scenario's hash, starts each budget's
 search from all of them (:meth:`_Row.seed`), and runs only what is missing; ``retry_failed`` redoes probes stored
-as error, crashed or timeout as ``run --retry-failed`` does. A probe that fails otherwise (error, crash, timeout,
-unavailable, diverged) stops that row's search, at this budget and the ones above, with the reason; the other rows go
-on.
+as error, crashed, timeout or unavailable as ``run --retry-failed`` does. A probe that fails otherwise (error,
+crash, timeout, unavailable, diverged) stops that row's search, at this budget and the ones above, with the reason;
+the other rows go on.
 
 By default each probe runs alone with the scenario's steps, so the probe at the largest fitting value is also the
 cell's measurement. A probe answers "does it fit" long before it ends, and most of its minute is the tool starting
@@ -391,7 +391,7 @@ def run_frontier(sc: Scenario, grid: Grid, budgets: list[float], results_root: P
         results_root: where ``<scenario>-frontier-<time>/`` goes (``results/``).
         only: these framework rows only (default: all).
         new: start a new frontier folder even if one of this scenario and grid exists.
-        retry_failed: redo probes stored as error, crashed or timeout (the failed attempt is kept).
+        retry_failed: redo probes stored as error, crashed, timeout or unavailable (the failed attempt is kept).
         quiet: no progress display from the sweep runner.
         on_probe: called with each probe's record (framework, budget_gib, value, status, outcome, ran, phase).
         probing: concurrency and shortened search probes (:class:`Probing`; default: one exact probe at a time).

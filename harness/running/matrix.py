@@ -5,7 +5,7 @@
 training for every cell) is written into the matrix folder, ``results/support-matrix-<device>-<time>/scenarios/
 <name>.yaml``, and run by the ordinary sweep runner into that folder. So every cell that runs is an ordinary stored
 run (``<folder>/<name>-<time>/runs/<framework>-r0.json``), and rerunning the same command finds the folder by its
-plan and runs only what is missing; ``retry_failed`` redoes cells stored as error, crashed or timeout.
+plan and runs only what is missing; ``retry_failed`` redoes cells stored as error, crashed, timeout or unavailable.
 
 A framework that declares it cannot run a cell (:meth:`AdapterInfo.cannot_run`: its model families, methods and
 devices) or whose cell validation refuses (QLoRA on a CPU) is not run: the plan records it as unsupported, with the
@@ -305,7 +305,7 @@ def run_matrix(folder: Path, retry_failed: bool = False, quiet: bool = False, on
 
     Args:
         folder: a matrix folder (:func:`open_matrix`).
-        retry_failed: redo cells stored as error, crashed or timeout (the failed attempt is kept).
+        retry_failed: redo cells stored as error, crashed, timeout or unavailable (the failed attempt is kept).
         retry_invalid: redo cells stored as invalid (:func:`invalid_cell`), e.g. after a fix of the check that
             judged them (the attempt is kept).
         quiet: no progress display from the sweep runner.

@@ -187,9 +187,11 @@ def _prepare(sc, run_root: Path, timeout_s: float) -> dict:
     for line in proc.stdout.splitlines():
         if line.startswith("TUNEBENCH_PREPARED "):
             return json.loads(line.split(" ", 1)[1])
-    if proc.returncode in (130, -signal.SIGINT):  # Ctrl-C or a deadline's SIGINT to the group: not a failure
-        raise KeyboardInterrupt
     last = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip()][-1:] or [f"exit code {proc.returncode}"]
+    # Ctrl-C or a deadline's SIGINT to the group: not a failure. Python's own exit code says so unless the interrupt
+    # ended it another way (exit code 1 with the traceback's last line, seen on a frontier's probe in a thread)
+    if proc.returncode in (130, -signal.SIGINT) or last[0] == "KeyboardInterrupt" or STOP.is_set():
+        raise KeyboardInterrupt
     raise PrepareFailed("error", f"preparing the checkpoint and data failed: {last[0][:500]}")
 
 
@@ -342,7 +344,8 @@ def _end_leftovers(proc: subprocess.Popen) -> bool:
     return True
 
 
-RETRYABLE = ("error", "crashed", "timeout")  # an OOM is a measurement of the framework, not retried
+# an OOM is a measurement of the framework, not retried; an unavailable row (its environment missing) is, once it exists
+RETRYABLE = ("error", "crashed", "timeout", "unavailable")
 
 
 def set_aside_failed(sweep_dir: Path, keys: list[str], also: Callable[[dict], bool] | None = None) -> list[str]:
@@ -515,8 +518,8 @@ def run_sweep(sc, results_root: Path, new: bool = False, quiet: bool = False, on
     ``resume_only``: fill in the newest sweep of this scenario even when it is complete for the requested
     runs (then nothing runs); never start a new one. Scripts that fill one sweep over several invocations use
     it so that a repeated invocation cannot start a duplicate sweep. ``retry_failed``: runs of that sweep stored
-    as error/crashed/timeout (or, with ``retry_also``, rows it picks) are done again, the failed attempt kept
-    (:func:`set_aside_failed`). ``launcher``: run
+    as error/crashed/timeout/unavailable (or, with ``retry_also``, rows it picks) are done again, the failed attempt
+    kept (:func:`set_aside_failed`). ``launcher``: run
     them as cluster jobs instead of here (:mod:`harness.running.cluster`); a launcher whose jobs run on other
     machines takes no machine lock.
     """

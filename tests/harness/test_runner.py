@@ -232,18 +232,22 @@ def test_what_a_worker_leaves_running_is_ended_and_said(env):
 
 def test_a_prepare_step_stopped_by_sigint_is_an_interruption_not_a_failed_row(tmp_path, monkeypatch):
     """A deadline's SIGINT reaches the prepare subprocess of a probe run in a thread (which Python's handler does not
-    interrupt): its death by SIGINT stops the run instead of storing it as an error row."""
+    interrupt): its death by SIGINT (by its exit code, or a traceback ending in KeyboardInterrupt) stops the run
+    instead of storing it as an error row; so does the main thread's interruption (runner.STOP)."""
     from harness.running import runner
 
     sc = parse_scenario(Path("scenarios/tiny_cpu.yaml").read_text(), "scenarios/tiny_cpu.yaml")
-    for rc in (-signal.SIGINT, 130):
-        done = subprocess.CompletedProcess([], rc, stdout="", stderr="Traceback ...\nKeyboardInterrupt\n")
+    for rc, err in ((-signal.SIGINT, ""), (130, ""), (1, "Traceback ...\n  File ...\nKeyboardInterrupt\n")):
+        done = subprocess.CompletedProcess([], rc, stdout="", stderr=err)
         monkeypatch.setattr(runner.subprocess, "run", lambda *a, _d=done, **k: _d)
         with pytest.raises(KeyboardInterrupt):
             runner._prepare(sc, tmp_path, 60)
     failed = subprocess.CompletedProcess([], 1, stdout="", stderr="ValueError: bad data\n")
     monkeypatch.setattr(runner.subprocess, "run", lambda *a, **k: failed)
     with pytest.raises(runner.PrepareFailed, match="bad data"):
+        runner._prepare(sc, tmp_path, 60)
+    monkeypatch.setattr(runner.STOP, "is_set", lambda: True)
+    with pytest.raises(KeyboardInterrupt):
         runner._prepare(sc, tmp_path, 60)
 
 

@@ -22,8 +22,9 @@ def test_failed_rows_are_set_aside_and_listed(tmp_path):  # noqa: ANN001
     _row(tmp_path, "hf-r1", "oom")
     _row(tmp_path, "tb-r0", "error")
     _row(tmp_path, "tb-r1", "timeout")
-    moved = runner.set_aside_failed(tmp_path, ["hf-r0", "hf-r1", "tb-r0", "tb-r1", "missing-r0"])
-    assert moved == ["tb-r0", "tb-r1"]  # an OOM is the framework's result: kept where it is
+    _row(tmp_path, "ax-r0", "unavailable")  # its environment was missing then
+    moved = runner.set_aside_failed(tmp_path, ["hf-r0", "hf-r1", "tb-r0", "tb-r1", "ax-r0", "missing-r0"])
+    assert moved == ["tb-r0", "tb-r1", "ax-r0"]  # an OOM is the framework's result: kept where it is
     assert (tmp_path / "runs" / "hf-r1.json").exists() and (tmp_path / "runs" / "hf-r0.json").exists()
     assert not (tmp_path / "runs" / "tb-r0.json").exists()
     assert (tmp_path / "logs" / "attempts" / "tb-r0.1.log").read_text() == "log of tb-r0"
