@@ -35,7 +35,7 @@ from harness.storing.sweep import StoredFileError, is_results_dir, load_sweep, r
 
 COLUMNS = ("framework", "tool", "budget_gib", "vary", "value", "state", "measured", "tokens_per_s",
            "peak_vram_nvml_gib", "peak_reserved_gib", "valid", "next_oom_value", "probes", "reason",
-           "measured_at_gib")
+           "measured_at_gib", "code")
 
 
 @dataclass
@@ -57,6 +57,7 @@ class Cell:
     probes: int = 0  # probes stored at this budget
     reason: str | None = None
     measured_at_gib: float | None = None  # the budget the measurement ran under (a smaller one: see the docstring)
+    code: str | None = None  # the commits the probes at this budget ran, short, space-separated, in order of first use
 
 
 @dataclass
@@ -136,6 +137,9 @@ def _cell(fw: str, budget: float, vary: str, probes: list[_Probe], values: list[
     budget; ``earlier``: the row's measurements that fitted under smaller budgets, when its runs stand for every
     cap."""
     cell = Cell(fw, probes[0].run.adapter if probes else None, budget, vary, None, "not probed", probes=len(probes))
+    order = sorted(probes, key=lambda p: p.run.launched_at or 0.0)
+    codes = dict.fromkeys(c for p in order if p.run.environment and (c := p.run.environment.code()))
+    cell.code = " ".join(codes) or None
     by_value: dict[int, list[_Probe]] = {}
     for p in probes:
         by_value.setdefault(p.value, []).append(p)
@@ -209,7 +213,28 @@ def to_markdown(cells: list[Cell], title: str) -> str:
         lines.append(f"| {fw} | " + " | ".join(row) + " |")
     if notes:
         lines += ["", *notes]
+    if by_code := cells_by_code(cells):
+        lines += ["", f"{MIXED_CODE}:", *(f"- {x}" for x in by_code)]
     return "\n".join(lines) + "\n"
+
+
+MIXED_CODE = "Probes ran at more than one commit of the code"
+
+
+def cells_by_code(cells: list[Cell]) -> list[str]:
+    """Where a frontier's probes ran at more than one commit, which cells each commit's probes made, one line per
+    commit (a change of the code between invocations may move a row's answer; each run records its commit); else
+    nothing."""
+    by_code: dict[str, dict[float, list[str]]] = {}
+    for c in cells:
+        for code in (c.code or "").split():
+            by_code.setdefault(code, {}).setdefault(c.budget_gib, []).append(c.framework)
+    if len(by_code) < 2:
+        return []
+    every = list(dict.fromkeys(c.framework for c in cells))
+    return [f"{code}: " + "; ".join(f"{b:g} GiB: " + ("every row" if rows == every else ", ".join(rows))
+                                    for b, rows in sorted(budgets.items()))
+            for code, budgets in by_code.items()]
 
 
 def cell_text(c: Cell) -> str:

@@ -11,8 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from harness.analysis.frontier import MIXED_CODE, cell_text, cells_by_code, frontier_cells, read_probes
 from harness.analysis.frontier import Cell as FrontierCell
-from harness.analysis.frontier import cell_text, frontier_cells, read_probes
 from harness.common.paths import REPO_ROOT
 from harness.reporting import tables
 from harness.reporting.charts import chart_frontier
@@ -102,6 +102,9 @@ def _table(doc: Doc, cells: list[FrontierCell], vary: str) -> None:
     notes = [f"{c.framework} at {c.budget_gib:g} GiB: {c.reason}" for c in cells if c.reason]
     if notes:
         doc.ul(notes)
+    if by_code := cells_by_code(cells):
+        doc.p(f"{MIXED_CODE}; the cells each one's probes made (the environment section names each commit in full):")
+        doc.ul(by_code)
 
 
 def _uncapped(doc: Doc, budgets: list[float], probes: list[Any]) -> None:

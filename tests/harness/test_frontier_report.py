@@ -165,3 +165,34 @@ def test_a_budget_beyond_the_gpu_is_said_to_cap_nothing():
         quiet = Doc("t")
         _uncapped(quiet, budgets, probes)
         assert "no cap" not in quiet.to_markdown()
+
+
+def test_cells_name_the_commits_their_probes_ran_and_a_mixed_frontier_says_which(tmp_path, env):
+    """Each cell records the commits of its probes; where a frontier's probes span commits (a fix between two
+    invocations), its table and report list the cells each commit's probes made. One commit: no such list."""
+    import json
+
+    from harness.analysis.frontier import MIXED_CODE, frontier_cells, to_markdown
+
+    scenario = tmp_path / "fr.yaml"
+    scenario.write_text(
+        "version: 1\nname: fr\nmodel: {preset: tiny-llama, dtype: float32}\nmethod: {kind: lora, lora_r: 4}\n"
+        "data: {seq_len: 16, lengths: fixed}\ntrain: {micro_batch: 1, steps: 2, warmup_steps: 1}\n"
+        "hardware: {device: cpu}\nmeasure: {timeout_s: 120, baseline: d-sim}\nframeworks:\n"
+        "  - {name: dummy, label: d-sim, overrides: {sim_gib_per_token: 0.015625}}\n")
+    assert frontier_cli.main([str(scenario), "--vary", "micro_batch", "--budgets", "0.5,1", "--max", "4",
+                              "--results", str(tmp_path / "results"), "--quiet"]) == 0
+    (folder,) = (tmp_path / "results").glob("fr-frontier-*")
+    cells = frontier_cells(folder)
+    codes = {c.code for c in cells}
+    assert len(codes) == 1 and None not in codes and MIXED_CODE not in to_markdown(cells, "t")
+    # the probes under 0.5 GiB as if an earlier invocation at another commit had made them
+    for f in folder.glob("*.0.5gib.*/runs/*.json"):
+        run = json.loads(f.read_text())
+        run["environment"] |= {"git_sha": "0123456789abcdef", "git_dirty": False}
+        f.write_text(json.dumps(run))
+    by = {c.budget_gib: c for c in frontier_cells(folder)}
+    assert by[0.5].code == "0123456" and by[1.0].code == codes.pop()
+    assert report_cli.main([str(folder), "--out", str(tmp_path / "report")]) == 0
+    for text in ((folder / "frontier.md").read_text(), (tmp_path / "report" / "report.md").read_text()):
+        assert MIXED_CODE in text and "- 0123456: 0.5 GiB: every row" in text and f"- {by[1.0].code}: 1 GiB" in text
