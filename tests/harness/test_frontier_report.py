@@ -128,7 +128,9 @@ def test_a_long_context_claim_is_not_measured_without_a_closed_cell_under_its_bu
         Claim(**{**CLAIM, "metric": "tokens_per_s"})
 
 
-def test_a_frontier_writes_its_report_beside_the_results_and_report_rebuilds_it(tmp_path, env, capsys):
+def _dummy_frontier(tmp_path):  # noqa: ANN001, ANN202
+    """A frontier of the dummy tool over micro-batch 1-4 under 0.5 and 1 GiB (its need: 1/64 GiB a token); its
+    folder."""
     scenario = tmp_path / "fr.yaml"
     scenario.write_text(
         "version: 1\nname: fr\nmodel: {preset: tiny-llama, dtype: float32}\nmethod: {kind: lora, lora_r: 4}\n"
@@ -138,6 +140,11 @@ def test_a_frontier_writes_its_report_beside_the_results_and_report_rebuilds_it(
     assert frontier_cli.main([str(scenario), "--vary", "micro_batch", "--budgets", "0.5,1", "--max", "4",
                               "--results", str(tmp_path / "results"), "--quiet"]) == 0
     (folder,) = (tmp_path / "results").glob("fr-frontier-*")
+    return folder
+
+
+def test_a_frontier_writes_its_report_beside_the_results_and_report_rebuilds_it(tmp_path, env, capsys):
+    folder = _dummy_frontier(tmp_path)
     report = tmp_path / "reports" / folder.name
     md = (report / "report.md").read_text()
     assert "| d-sim | 2 (" in md and "| 4 (" in md and (report / "frontier.png").stat().st_size > 0
@@ -174,15 +181,7 @@ def test_cells_name_the_commits_their_probes_ran_and_a_mixed_frontier_says_which
 
     from harness.analysis.frontier import MIXED_CODE, frontier_cells, to_markdown
 
-    scenario = tmp_path / "fr.yaml"
-    scenario.write_text(
-        "version: 1\nname: fr\nmodel: {preset: tiny-llama, dtype: float32}\nmethod: {kind: lora, lora_r: 4}\n"
-        "data: {seq_len: 16, lengths: fixed}\ntrain: {micro_batch: 1, steps: 2, warmup_steps: 1}\n"
-        "hardware: {device: cpu}\nmeasure: {timeout_s: 120, baseline: d-sim}\nframeworks:\n"
-        "  - {name: dummy, label: d-sim, overrides: {sim_gib_per_token: 0.015625}}\n")
-    assert frontier_cli.main([str(scenario), "--vary", "micro_batch", "--budgets", "0.5,1", "--max", "4",
-                              "--results", str(tmp_path / "results"), "--quiet"]) == 0
-    (folder,) = (tmp_path / "results").glob("fr-frontier-*")
+    folder = _dummy_frontier(tmp_path)
     cells = frontier_cells(folder)
     codes = {c.code for c in cells}
     assert len(codes) == 1 and None not in codes and MIXED_CODE not in to_markdown(cells, "t")
