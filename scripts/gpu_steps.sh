@@ -11,7 +11,9 @@
 #   record that commit (TUNEBENCH_GIT_SHA). The files of results/ that the clean copy lacks are copied into it
 #   first, so a sweep resumes from what the last call brought back; the sweeps a call wrote to come back whole.
 # STEPS_FILE: one command per line, run in the clean copy in order, each interrupted (SIGINT: the runner stores what
-#   finished) when B seconds since the call's start are spent; `$R` is this checkout on the machine. A line
+#   finished) when B seconds since the call's start are spent; `$R` is this checkout on the machine, `$LEFT` the
+#   seconds the step has (a frontier given `--time-limit-s $((LEFT - 20))` starts no probe it would not finish, so
+#   the interrupt finds none half done). A line
 #   "@NAME" moves the following lines to the clean copy of .work/NAME.tgz (one call can run a check at one commit
 #   and resume a sweep made from another).
 # $OUT/res.tgz is packed after each step and every 45 s, so a call killed at its limit still returns what finished.
@@ -101,7 +103,7 @@ while IFS= read -r line; do
   left=$(( t0 + B - $(date +%s) ))
   if [ $left -le 30 ]; then echo "deadline: not started: $line"; continue; fi
   echo "=== [$(( $(date +%s) - t0 )) s] $line (${left} s left)"
-  timeout -s INT $left bash -c "$line" 2>&1 | grep -v "━" | tail -"${TAILN:-40}"
+  LEFT=$left timeout -s INT $left bash -c "$line" 2>&1 | grep -v "━" | tail -"${TAILN:-40}"
   echo "=== exit ${PIPESTATUS[0]}"
   pack
 done < "$R/$S"

@@ -9,8 +9,10 @@ error/crashed/timeout/unavailable. A probe that fails otherwise than by memory s
 ``--jobs N`` runs N rows' search probes side by side (their budgets within the GPU's memory) and ``--probe-steps K``
 shortens them: both only answer "does it fit", so each cell's largest value is then run once more alone with the
 scenario's steps, the figure its cell reports (a budget's cells before the next budget's search). The table is
-written as ``frontier.csv`` and ``frontier.md`` in that folder. Exit codes: 0 done (failed probes are cells, not
-errors), 2 bad input, 3 another sweep holds the machine, 130 interrupted.
+written as ``frontier.csv`` and ``frontier.md`` in that folder, also when the frontier stops early: at an interrupt,
+or at ``--time-limit-s S``, after which no probe starts that would end past S seconds (a machine lent for a limited
+time: the probes going on finish, and the same command goes on). Exit codes: 0 done or out of time (failed probes
+are cells, not errors), 2 bad input, 3 another sweep holds the machine, 130 interrupted.
 
 Examples::
 
@@ -24,6 +26,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -38,6 +41,7 @@ from harness.running.frontier import (
     VARIES,
     FrontierError,
     Probing,
+    TimeUp,
     find_frontier,
     make_grid,
     probe_scenario,
@@ -76,8 +80,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probe-steps", type=int, metavar="K",
                    help="search probes run K optimizer steps (at least 2) instead of the scenario's (when fewer); "
                         "each answer is then measured alone with the scenario's steps")
+    p.add_argument("--time-limit-s", type=_seconds, metavar="S",
+                   help="start no probe that would end past S seconds (its expected time: the row's longest probe "
+                        "of that kind so far; the first one always starts); the probes going on finish; rerun the "
+                        "same command to go on")
     p.add_argument("--quiet", action="store_true")
     return p
+
+
+def _seconds(text: str) -> float:
+    try:
+        s = float(text)
+    except ValueError:
+        s = math.nan
+    if not (math.isfinite(s) and s > 0):
+        raise argparse.ArgumentTypeError(f"{text[:60]!r}: a number of seconds > 0")
+    return s
 
 
 def _budgets(text: str) -> list[float]:
@@ -135,7 +153,15 @@ def main(argv: list[str] | None = None) -> int:
         try:
             folder, log = run_frontier(sc, grid, args.budgets, Path(args.results), only=args.only, new=args.new,
                                        retry_failed=args.retry_failed, quiet=args.quiet, on_probe=show,
-                                       probing=probing)
+                                       probing=probing, time_limit_s=args.time_limit_s)
+        except TimeUp as e:  # a stop, not a failure: the table and report so far, then rerun to go on
+            folder = find_frontier(sc, grid, Path(args.results))
+            print(f"time limit: {e}; finished probes are stored; rerun the same command to go on", file=sys.stderr)
+            if folder is not None:
+                _, md_path = write_frontier_table(folder)
+                print(f"results: {folder}\ntable so far: {md_path}\nreport:  "
+                      f"{write_frontier_report(folder, reports_dir / folder.name)}")
+            return 0
         except KeyboardInterrupt:  # the table as the stored probes stand (open cells marked), then the interruption
             if (stopped := find_frontier(sc, grid, Path(args.results))) is not None:
                 print(f"table so far: {write_frontier_table(stopped)[1]}", file=sys.stderr)

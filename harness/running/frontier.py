@@ -59,8 +59,10 @@ from harness.running.frontier_grid import (  # noqa: F401 (the grid's names, whe
     MIN_VALUE,
     PLAN_FILE,
     VARIES,
+    Clock,
     FrontierError,
     Grid,
+    TimeUp,
     find_frontier,
     make_grid,
     model_max_positions,
@@ -381,7 +383,7 @@ MEASURE_TRIES = 3  # values measured below a largest fitting value whose full ru
 def run_frontier(sc: Scenario, grid: Grid, budgets: list[float], results_root: Path, only: list[str] | None = None,
                  new: bool = False, retry_failed: bool = False, quiet: bool = False,
                  on_probe: Callable[[dict[str, Any]], None] | None = None,
-                 probing: Probing | None = None) -> tuple[Path, ProbeLog]:
+                 probing: Probing | None = None, time_limit_s: float | None = None) -> tuple[Path, ProbeLog]:
     """Find every row's frontier; each probe is a stored run (see the module docstring).
 
     Args:
@@ -395,6 +397,7 @@ def run_frontier(sc: Scenario, grid: Grid, budgets: list[float], results_root: P
         quiet: no progress display from the sweep runner.
         on_probe: called with each probe's record (framework, budget_gib, value, status, outcome, ran, phase).
         probing: concurrency and shortened search probes (:class:`Probing`; default: one exact probe at a time).
+        time_limit_s: start no probe that would end past this many seconds (:class:`Clock`).
 
     Returns:
         The frontier folder and the log of probes.
@@ -403,8 +406,10 @@ def run_frontier(sc: Scenario, grid: Grid, budgets: list[float], results_root: P
         harness.spec.scenario.ScenarioError: a probe's scenario is not valid (e.g. a budget on a cpu).
         harness.running.locks.Busy: another sweep holds the machine.
         harness.running.runner.OtherMachine: the folder's probes ran on another kind of GPU.
+        TimeUp: the time limit came before the frontier's end (the probes going on finished first).
     """
     probing, values = probing or Probing(), grid.values()
+    clock = Clock(time_limit_s, sc.train.steps / probing.steps if probing.steps else 1.0)
     rows = [k for k in sc.framework_names() if not only or k in only]
     folder = open_frontier(sc, grid, budgets, Path(results_root), new=new)
     runner.refuse_other_machine(folder, "frontier")
@@ -414,7 +419,10 @@ def run_frontier(sc: Scenario, grid: Grid, budgets: list[float], results_root: P
     def probe(k: str, budget: float, i: int, phase: str) -> dict[str, Any]:
         shared = phase == "search" and probing.jobs > 1
         steps = probing.steps if phase == "search" else None
-        run, ran = _probe(sc, k, budget, grid.vary, values[i], folder, retry_failed, quiet, steps, shared)
+        alone = not (shared or steps)
+        run, ran = _probe(sc, k, budget, grid.vary, values[i], folder, retry_failed, quiet, steps, shared,
+                          lambda: clock.check(k, alone))
+        clock.saw(k, alone, run.wall_s)
         result = outcome(run)
         rec = {"framework": k, "budget_gib": budget, "value": values[i], "status": run.status, "outcome": result,
                "reason": run.reason, "ran": ran, "phase": phase, "need_gib": need_gib(run.metrics),
@@ -428,7 +436,7 @@ def run_frontier(sc: Scenario, grid: Grid, budgets: list[float], results_root: P
     # when each answer is measured alone afterwards, that measurement verifies a value carried up from a smaller
     # budget (memory does not grow with the budget): no search probe at it first
     kinds = [(None, False)] if probing.exact else [(None, False), (probing.steps, probing.jobs > 1)]
-    known = _known(sc, folder, rows, sorted(set(budgets)), grid.vary, values, kinds, log)
+    known = _known(sc, folder, rows, sorted(set(budgets)), grid.vary, values, kinds, log, clock)
     planned = {f.key for f in sc.frameworks if follows_budget(f.name, f.overrides)}
     hints = {k: _hints(sc, k, grid, sorted(set(budgets)), quiet) for k in rows if k in planned}
     searches = {k: _RowSearch(k, sorted(set(budgets)), values, verify=probing.exact, known=known.get(k),
@@ -512,7 +520,11 @@ def _search_together(searches: dict[str, _RowSearch], probing: Probing,
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for fut in done:
                 k, budget, i = running.pop(fut)
-                rec = fut.result()  # a broken folder or an interrupt is the frontier's error
+                try:
+                    rec = fut.result()  # a broken folder or an interrupt is the frontier's error
+                except TimeUp:  # the probes going on finish and are stored (an interrupt meanwhile stops them)
+                    wait(running)
+                    raise
                 ran = ran or rec["ran"]
                 _record(searches[k], i, rec)
                 if (nxt := searches[k].next_probe(upto)) is not None:
@@ -532,16 +544,17 @@ def _measure(k: str, budget: float, i: int, probe: Callable[[str, float, int, st
 
 
 def _probe(sc: Scenario, k: str, budget: float, vary: str, value: int, folder: Path, retry_failed: bool,
-           quiet: bool, steps: int | None, shared: bool) -> tuple[RunResult, bool]:
+           quiet: bool, steps: int | None, shared: bool, before_run: Callable[[], None]) -> tuple[RunResult, bool]:
     """Row ``k``'s stored probe at (``budget``, ``value``) and whether it ran now. An exact probe stored earlier
     (one at a time, the scenario's steps) answers any search probe; otherwise the probe of this kind is read, or
-    run when missing."""
+    run when missing (``before_run`` first: the time limit's check)."""
     kinds = [(steps, shared)] if (steps, shared) == (None, False) else [(None, False), (steps, shared)]
     for st, sh in kinds:
         p_sc = probe_scenario(sc, budget, vary, value, k, st, sh)
         run = _stored(p_sc, k, folder)
         if run is not None and not (retry_failed and run.status in runner.RETRYABLE):
             return run, False
+    before_run()
     runner.run_sweep(p_sc, folder, quiet=quiet, only=[k], resume_only=True, retry_failed=retry_failed,
                      allow_contention=shared)
     run = _stored(p_sc, k, folder)
@@ -551,10 +564,11 @@ def _probe(sc: Scenario, k: str, budget: float, vary: str, value: int, folder: P
 
 
 def _known(sc: Scenario, folder: Path, rows: list[str], budgets: list[float], vary: str, values: list[int],
-           kinds: list[tuple[int | None, bool]], log: ProbeLog) -> dict[str, dict[float, list]]:
+           kinds: list[tuple[int | None, bool]], log: ProbeLog, clock: Clock) -> dict[str, dict[float, list]]:
     """Each row's stored probes of the given kinds (``(steps, shared)``) by budget: ``[(grid index, outcome, need)]``
-    for :meth:`_Row.seed`, each added to ``log``. Failed ones are left to the search, which stops where it meets
-    one. Sweep folders are ``<probe name>-<time>``: names are matched first, scenarios derived only for those."""
+    for :meth:`_Row.seed`, each added to ``log`` and its time to ``clock``. Failed ones are left to the search,
+    which stops where it meets one. Sweep folders are ``<probe name>-<time>``: names are matched first, scenarios
+    derived only for those."""
     names = {d.name[:-16] for d in folder.iterdir() if re.fullmatch(r".+-\d{8}-\d{6}", d.name)}
     out: dict[str, dict[float, list]] = {}
     for k in rows:
@@ -566,6 +580,7 @@ def _known(sc: Scenario, folder: Path, rows: list[str], budgets: list[float], va
                     run = _stored(probe_scenario(sc, b, vary, v, k, st, sh), k, folder)
                     if run is None or (result := outcome(run)) == FAILED:
                         continue
+                    clock.saw(k, not (st or sh), run.wall_s)
                     out.setdefault(k, {}).setdefault(b, []).append((i, result, need_gib(run.metrics)))
                     log.probes.append({"framework": k, "budget_gib": b, "value": v, "status": run.status,
                                        "outcome": result, "reason": run.reason, "ran": False, "phase": "known",

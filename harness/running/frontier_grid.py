@@ -1,15 +1,17 @@
 """The values a memory frontier tries (:mod:`harness.running.frontier`): a grid from the smallest valid value to the
 model's maximum (seq_len) or :data:`MICRO_BATCH_MAX`, checked before anything runs; and the frontier folder: the one
 to fill (the newest of the same scenario and grid, or a new one) and its stored plan (grid and budgets), checked when
-it is read back."""
+it is read back; and the frontier's time limit (:class:`Clock`)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import math
+import threading
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ import yaml
 
 from harness.inputs import models
 from harness.running.derive import derive
+from harness.running.runner import StopStarting
 from harness.spec.scenario import MAX_BATCH, MAX_NAME, MAX_SEQ_LEN, Scenario
 from harness.storing import results
 
@@ -211,3 +214,43 @@ def predicted_indices(sc: Scenario, row: str, overrides: dict[str, Any], grid: G
         if lo >= 0:
             out[b] = lo
     return out, None
+
+
+class TimeUp(StopStarting):
+    """The frontier's time limit: its next probe would end past it. Every probe it finished is stored."""
+
+
+@dataclass
+class Clock:
+    """``--time-limit-s``: no probe starts that would end past ``limit_s`` seconds after the frontier started (the
+    probes going on finish). A probe's expected time is the longest time of its row's probes of the same kind
+    (search, or measured alone) that this invocation ran or read; a measurement with none yet: its row's longest
+    search probe times ``scale`` (the scenario's steps over a shortened probe's). With nothing to go by, a probe
+    starts while time is left. The invocation's first probe always starts: one expected to take longer than the
+    whole limit would otherwise never run."""
+
+    limit_s: float | None = None
+    scale: float = 1.0
+    t0: float = field(default_factory=time.monotonic)
+    walls: dict[tuple[str, bool], float] = field(default_factory=dict)  # (row, alone) -> longest wall_s
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    started: int = 0  # probes this invocation let start
+
+    def saw(self, row: str, alone: bool, wall_s: float | None) -> None:
+        """A probe of ``row`` (``alone``: measured alone) took ``wall_s`` seconds."""
+        if wall_s is not None:
+            with self.lock:
+                self.walls[(row, alone)] = max(wall_s, self.walls.get((row, alone), 0.0))
+
+    def check(self, row: str, alone: bool) -> None:
+        """Raises :class:`TimeUp` where ``row``'s next probe of that kind would end past the limit."""
+        if self.limit_s is None:
+            return
+        with self.lock:
+            expected = self.walls.get((row, alone)) or (self.walls.get((row, False), 0.0) * self.scale if alone
+                                                        else 0.0)
+            left = self.limit_s - (time.monotonic() - self.t0)
+            if self.started and (left <= 0 or expected > left):
+                raise TimeUp(f"{row}'s next probe would take about {expected:.0f} s, {max(left, 0):.0f} s of the "
+                             f"time limit ({self.limit_s:g} s) left")
+            self.started += 1

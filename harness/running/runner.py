@@ -305,14 +305,21 @@ def execute_run(sc, sweep_dir: Path, run_root: Path, prepared: dict, fw, repeat:
 STOP = threading.Event()
 
 
+class StopStarting(Exception):  # noqa: N818 (a stop, not an error)
+    """No further run starts (a time limit): the runs going on finish and are stored."""
+
+
 @contextlib.contextmanager
 def stop_runs_on_interrupt() -> Iterator[None]:
     """Around a body that runs sweeps in threads (inside the thread pool's ``with``, so that it acts before the pool
     waits for them): an interrupt or error of the body stops every run in progress within half a second, its worker
-    killed and nothing stored for it, so that an interrupted call ends promptly."""
+    killed and nothing stored for it, so that an interrupted call ends promptly. A :class:`StopStarting` stops
+    nothing that runs."""
     STOP.clear()
     try:
         yield
+    except StopStarting:
+        raise
     except BaseException:
         STOP.set()
         raise

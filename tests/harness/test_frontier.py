@@ -373,7 +373,7 @@ def test_side_by_side_search_keeps_to_its_jobs_and_the_gpu_memory_then_measures_
     full_run_needs_less = {("c", 2.0)}  # its full run at the short probes' answer runs out of memory
     lock, running, seen = threading.Lock(), [], []
 
-    def fake_probe(sc, k, budget, vary, v, folder, retry_failed, quiet, steps, shared):
+    def fake_probe(sc, k, budget, vary, v, folder, retry_failed, quiet, steps, shared, before_run):
         phase = "search" if shared else "measure"
         with lock:
             running.append(budget)
@@ -416,7 +416,7 @@ def test_a_resumed_side_by_side_search_runs_its_first_new_probe_alone(tmp_path, 
     grid = frontier.make_grid(sc, "micro_batch", hi=16)
     lock, running, seen = threading.Lock(), [], []
 
-    def fake_probe(sc, k, budget, vary, v, folder, retry_failed, quiet, steps, shared):
+    def fake_probe(sc, k, budget, vary, v, folder, retry_failed, quiet, steps, shared, before_run):
         stored = budget == 1.0  # the first budget's probes all ran in an earlier invocation
         with lock:
             running.append(k)
