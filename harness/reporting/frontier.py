@@ -57,6 +57,7 @@ def write_frontier_report(folder: Path, out_dir: Path, claims: list[Claim] | Non
     if chart is not None:
         doc.image(chart, f"Longest {vary} per memory budget, per framework row (hollow: the search had not closed)")
     _ours_against_peers(doc, cells, vary)
+    _planner(doc, probes, vary)
     _claims(doc, cells, plan.get("scenario", ""), claims)
     _environment(doc, folder, probes)
     md = out_dir / "report.md"
@@ -118,6 +119,30 @@ def _uncapped(doc: Doc, budgets: list[float], probes: list[Any]) -> None:
     if over:
         doc.p(f"{', '.join(f'{b:g} GiB' for b in over)}: at least the GPU's {gib:.1f} GiB ({name}), so no cap: "
               "those cells are what the whole card holds.")
+
+
+def _planner(doc: Doc, probes: list[Any], vary: str) -> None:
+    """For the rows that plan themselves to the budget (a run that records ``extra.trainer.plan``): how the plan's
+    predicted peak (of its first plan, before any re-plan) compared with the run's allocated peak, and every probe
+    whose plan was predicted within the budget and ran out of memory: where the planner was wrong."""
+    planned = [(p, rec) for p in probes if isinstance(rec := (p.run.extra.get("trainer") or {}).get("plan"), dict)
+               and isinstance(rec.get("predicted_peak_alloc_gib"), int | float)]
+    if not planned:
+        return
+    doc.h(1, "The planner's predictions")
+    misses = [(p, rec) for p, rec in planned if rec.get("fits") and p.run.status == "oom"]
+    errors = [p.run.metrics.peak_alloc_gib - rec["predicted_peak_alloc_gib"] for p, rec in planned
+              if p.run.status == "ok" and p.run.metrics.peak_alloc_gib is not None]
+    spread = f"; measured minus predicted allocated peak where it trained: {min(errors):+.2f} to " \
+             f"{max(errors):+.2f} GiB" if errors else ""
+    doc.p(f"{len(planned)} probes planned themselves to their budget; {len(misses)} of those whose plan was predicted "
+          f"within the budget ran out of memory{spread}. The prediction is of the first plan, before the re-plan "
+          "that follows the first steps' measurements.")
+    if misses:
+        doc.table(["framework", "budget (GiB)", vary, "predicted peak (GiB)", "commit"],
+                  [[p.run.framework, f"{p.budget:g}", f"{p.value:,}", Cell(fmt(rec["predicted_peak_alloc_gib"]), "bad"),
+                    (p.run.environment.code() if p.run.environment else None) or EMPTY]
+                   for p, rec in sorted(misses, key=lambda x: (x[0].run.framework, x[0].budget, x[0].value))])
 
 
 def _tool(cells: list[FrontierCell], fw: str) -> str | None:

@@ -12,7 +12,7 @@ from harness.cli import frontier as frontier_cli
 from harness.cli import report as report_cli
 from harness.reporting.claims import Claim
 from harness.reporting.document import Doc
-from harness.reporting.frontier import _ours_against_peers, _uncapped, measure_context
+from harness.reporting.frontier import _ours_against_peers, _planner, _uncapped, measure_context
 
 
 def _cell(fw, tool, budget, value, state="found", tps=1000.0):
@@ -195,3 +195,28 @@ def test_cells_name_the_commits_their_probes_ran_and_a_mixed_frontier_says_which
     assert report_cli.main([str(folder), "--out", str(tmp_path / "report")]) == 0
     for text in ((folder / "frontier.md").read_text(), (tmp_path / "report" / "report.md").read_text()):
         assert MIXED_CODE in text and "- 0123456: 0.5 GiB: every row" in text and f"- {by[1.0].code}: 1 GiB" in text
+
+
+def test_the_report_lists_where_the_planner_predicted_a_fit_that_ran_out_of_memory():
+    """Probes of a row that plans itself record the plan and its predicted peak: the report sets the measured peak
+    against it where the run trained, and lists every probe predicted within its budget that ran out of memory (a
+    plan predicted over the budget, run anyway as the leanest, is no miss; a row that does not plan is left out)."""
+    def probe(value, status, fits=True, predicted=10.0, peak=None, plan=True):  # noqa: ANN001, ANN202
+        rec = {"fits": fits, "predicted_peak_alloc_gib": predicted}
+        run = SimpleNamespace(framework="tb-planned", status=status, extra={"trainer": {"plan": rec}} if plan else {},
+                              metrics=SimpleNamespace(peak_alloc_gib=peak),
+                              environment=SimpleNamespace(code=lambda: "abc1234"))
+        return SimpleNamespace(run=run, budget=16.0, value=value)
+
+    probes = [probe(95232, "ok", predicted=12.74, peak=13.76), probe(106496, "ok", predicted=13.69, peak=14.98),
+              probe(107520, "oom", predicted=13.78), probe(131072, "oom", fits=False, predicted=17.0),
+              probe(8, "oom", plan=False)]
+    doc = Doc("t")
+    _planner(doc, probes, "seq_len")
+    md = doc.to_markdown()
+    assert "4 probes planned themselves" in md and "1 of those whose plan was predicted within the budget ran out" in md
+    assert "+1.02 to +1.29 GiB" in md
+    assert "| tb-planned | 16 | 107,520 | **13.78** | abc1234 |" in md and "131,072" not in md
+    quiet = Doc("t")
+    _planner(quiet, [probe(8, "oom", plan=False)], "seq_len")
+    assert "planner" not in quiet.to_markdown()
