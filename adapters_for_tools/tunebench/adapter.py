@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 import time
 
 import torch
@@ -219,6 +220,15 @@ def run(ctx) -> None:  # noqa: ANN001
             ctx.extra["trainer"].update(_layout(model, options))  # the layers the new plan streams and recomputes
         save_due(step)
 
+    def on_oom(step: int) -> bool:  # a step before the probe ran out of memory: a leaner plan, and the step again
+        if planner is None or not planner.after_oom(step):
+            return False
+        moved = planner.record["replanned_after_oom"]
+        print(f"tunebench: step {step + 1} ran out of memory under plan {moved['from_plan']}; again under "
+              f"{moved['plan']}", file=sys.stderr, flush=True)
+        ctx.extra["trainer"].update(_layout(model, options))
+        return True
+
     if objective.is_preference:
         # per step, under TRL's names: rewards/chosen, rewards/accuracies, rewards/margins, logps/*, ...
         history = train_preference(model, rows, cfg.train, objective, meter=ctx.meter, device=device,
@@ -228,7 +238,7 @@ def run(ctx) -> None:  # noqa: ANN001
         ctx.extra.update(preference_extra(history, ctx.meter.steps, objective))
     else:
         train(model, rows, cfg.train, meter=ctx.meter, device=device, on_first_step=on_first_step,
-              on_step_end=step_done, dist=dp)
+              on_step_end=step_done, dist=dp, on_oom=on_oom)
     ctx.output_dir.mkdir(parents=True, exist_ok=True)
     ctx.extra["saved"] = save(ctx.output_dir)
     if dp is None or dp.rank == 0:

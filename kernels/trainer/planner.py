@@ -5,8 +5,10 @@ the device's matmul rate and host link (:func:`measure_speed`), and picks the pl
 choose`) before the model loads, so what the plan puts in host memory never touches the device. After the second
 optimizer step (the first compiles) it compares the measured peak and step time with the prediction, corrects the
 cost model, and re-plans once: when the peak was above the prediction, or when the corrected model finds a plan
-5 % faster. :func:`reconfigure` moves the live model to the new plan between steps. Everything it decided is in
-:attr:`Planner.record`: ``predicted_*`` entries are predictions, ``probe.measured_*`` measurements.
+5 % faster. A step before the probe that runs out of memory re-plans too (:meth:`Planner.after_oom`, once): the
+model under-predicted, and the step is done again under a leaner plan. :func:`reconfigure` moves the live model to
+the new plan between steps. Everything it decided is in :attr:`Planner.record`: ``predicted_*`` entries are
+predictions, ``probe.measured_*`` measurements.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ if TYPE_CHECKING:
 MARGIN_GIB = 0.75
 MARGIN_FRACTION = 0.04
 PROBE_STEP = 2  # the first step compiles and autotunes; the second is the first that shows the plan's cost
+OOM_HEADROOM = 1.05  # after an out-of-memory step: the plan's peak taken as this much over what the device allowed
 SWITCH_GAIN = 0.05  # re-plan for speed only for a plan predicted at least this much faster
 
 
@@ -217,6 +220,36 @@ class Planner:
         if dev.type == "cuda":
             self._static = torch.cuda.memory_allocated(dev)
 
+    def after_oom(self, step: int) -> bool:
+        """Optimizer step ``step`` (0-based, before the probe) ran out of memory: the plan needs more than the
+        budget, though predicted within it. The activation bytes are corrected so that the plan's peak is
+        :data:`OOM_HEADROOM` over what the device allowed (the peak reached, or the usable budget where that is
+        more or unknown), and the live model moves to the fastest plan predicted within the budget under that
+        correction, else the leanest. Once per run, not in a graphed run (its graph is made in the first steps);
+        returns whether the plan changed, i.e. whether the step may be done again."""
+        plan = self.plan
+        if self.model is None or self.record.get("replanned_after_oom") or step >= PROBE_STEP or plan.cuda_graph:
+            return False
+        dev = self.model.device_of_compute
+        reached = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else 0
+        need = OOM_HEADROOM * max(reached, self.usable)
+        act = _solve(lambda a: predict(self.costs.corrected(act_factor=a), plan).peak_bytes, need, 1.0, 4.0)
+        costs = self.costs.corrected(act_factor=act)
+        best = choose(costs, self.usable, cuda_graph=False) or lean_plan(costs, cuda_graph=False)
+        if predict(costs, best).peak_bytes >= predict(costs, plan).peak_bytes:
+            return False  # nothing leaner to go to
+        self.plan, self.prediction, self.costs = best, predict(costs, best), costs
+        apply_plan(self.options, best)
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()  # the failed attempt's blocks, before weights come back to the device
+        reconfigure(self.model, self.options)
+        self.record["replanned_after_oom"] = {
+            "step": step + 1, "measured_peak_alloc_gib": round(reached / GIB, 3) if reached else None,
+            "act_factor": round(act, 3), "from_plan": plan.knobs(), "plan": best.knobs(),
+            "fits": self.prediction.peak_bytes <= self.usable, **self.prediction.as_record()}
+        self.record["plan"] = best.knobs()
+        return True
+
     def after_step(self, step: int, step_s: float | None = None) -> bool:
         """Call after optimizer step ``step`` (1-based). After :data:`PROBE_STEP`, corrects the cost model with the
         measured peak and step time and re-plans once. Returns whether the plan changed.
@@ -239,7 +272,8 @@ class Planner:
         if probed is not plan:
             probe["measured_eagerly"] = True
         peak = None
-        if self._static is not None:
+        # after an out-of-memory step the device's peak is that step's, not this plan's: the probe corrects time only
+        if self._static is not None and not self.record.get("replanned_after_oom"):
             peak = torch.cuda.max_memory_allocated(self.model.device_of_compute)  # loading included
             costs = costs.corrected(static_offset=self._static - (self.prediction.static_bytes - costs.static_offset))
             act = _solve(lambda a: predict(costs.corrected(act_factor=a), probed).peak_bytes, peak, 0.5, 4.0)

@@ -234,22 +234,43 @@ class StepGraph:
 
 def optimizer_step(model: torch.nn.Module, batches: list[dict], n_loss: int | torch.Tensor,
                    params: list[torch.Tensor], s: TrainSettings, opt: torch.optim.Optimizer,
-                   sync: Callable[[list[torch.Tensor]], None] | None = None) -> torch.Tensor:
+                   sync: Callable[[list[torch.Tensor]], None] | None = None,
+                   retry: Callable[[], bool] | None = None) -> torch.Tensor:
     """Forward + backward of each micro-batch (summed token loss / the step's loss tokens), clipping, optimizer
     step; returns the step loss as a device scalar. ``n_loss``: a number, or a device scalar (CUDA graphs).
     ``params``: what to clip, in the model's parameter order (the order the norm sums in, as the Trainer's).
-    ``sync``: called with ``params`` after the last backward, before clipping (gradients summed over ranks)."""
+    ``sync``: called with ``params`` after the last backward, before clipping (gradients summed over ranks).
+    ``retry``: called when the forwards and backwards run out of memory (nothing stepped yet), once the failed
+    attempt's tensors are freed and its gradients dropped; True: they are done again (a planner moved the model to
+    a leaner plan), else the error stands."""
+    while True:
+        try:
+            total = _forwards_backwards(model, batches, n_loss)
+        except torch.OutOfMemoryError as e:
+            if retry is None:
+                raise
+            why = str(e)
+        else:
+            break
+        # out of the except block: the failed attempt's activations went with its traceback
+        opt.zero_grad(set_to_none=True)
+        if not retry():
+            raise torch.OutOfMemoryError(f"{why} (and no leaner plan to do the step again with)")
+    if sync is not None:
+        sync(params)
+    if s.max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)  # foreach where torch picks it, as accelerate
+    opt.step()
+    return total
+
+
+def _forwards_backwards(model: torch.nn.Module, batches: list[dict], n_loss: int | torch.Tensor) -> torch.Tensor:
     total = torch.zeros((), dtype=torch.float32, device=batches[0]["input_ids"].device)
     for b in batches:
         loss = model(b["input_ids"], labels=b["labels"], position_ids=b.get("position_ids"), reduction="sum",
                      num_items=n_loss)
         loss.backward()
         total += loss.detach()
-    if sync is not None:
-        sync(params)
-    if s.max_grad_norm:
-        torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)  # foreach where torch picks it, as accelerate
-    opt.step()
     return total
 
 
@@ -283,7 +304,8 @@ def train(model: torch.nn.Module, rows: Sequence[dict], s: TrainSettings, meter:
           device: torch.device | str | None = None,
           on_first_step: Callable[[torch.optim.Optimizer], None] | None = None,
           optimizer: torch.optim.Optimizer | None = None,
-          on_step_end: Callable[[int], None] | None = None, dist: DataParallel | None = None) -> list[float]:
+          on_step_end: Callable[[int], None] | None = None, dist: DataParallel | None = None,
+          on_oom: Callable[[int], bool] | None = None) -> list[float]:
     """Train ``model`` for ``s.steps`` optimizer steps over ``rows`` and return the per-step losses.
 
     Args:
@@ -301,6 +323,8 @@ def train(model: torch.nn.Module, rows: Sequence[dict], s: TrainSettings, meter:
             (intermediate saves for time-to-target go here, outside the timed step).
         dist: this process's share of a data-parallel run (:mod:`kernels.trainer.distributed`: its rows of each
             step, loss tokens and gradients summed over ranks, the step loss of all ranks); None: one process.
+        on_oom: called with the step (0-based) whose forwards and backwards ran out of memory (an eager step of
+            one process); True: the step is done again (its time then includes the failed attempt).
 
     Returns:
         Loss of each optimizer step (mean over the step's loss tokens).
@@ -332,7 +356,8 @@ def train(model: torch.nn.Module, rows: Sequence[dict], s: TrainSettings, meter:
             total = graph.run(batches, n_loss)
         else:
             total = optimizer_step(model, batches, max(n_loss, 1), params, s, opt,
-                                   sync=dist.sync_gradients if dist is not None else None)
+                                   sync=dist.sync_gradients if dist is not None else None,
+                                   retry=(lambda st=step: on_oom(st)) if on_oom and dist is None else None)
             opt.zero_grad(set_to_none=True)
         if dist is not None:
             total = dist.step_loss(total)

@@ -383,6 +383,48 @@ def test_a_planned_lean_run_trains_and_records_its_plan(tiny_llama_fp32):  # noq
     assert rec["probe"]["measured_step_s"] > 0 and "measured_peak_alloc_gib" not in rec["probe"]  # no CUDA stats
 
 
+def test_a_step_out_of_memory_before_the_probe_moves_to_a_leaner_plan_and_is_done_again(tiny_llama_fp32):  # noqa: ANN001
+    """The model under-predicted: the first step runs out of memory under the planned plan. The planner takes the
+    plan's peak as over the budget, moves the live model to a leaner plan, and the step is done again: the same
+    losses as a run that never ran out. Once only; with nothing leaner to go to, the error stands."""
+    s = _settings(3)
+    want = train(load_model(tiny_llama_fp32, MethodOptions(kind="lora", lora_r=8), dtype=torch.float32,
+                            device="cpu", seed=0), _rows(12), s, device=torch.device("cpu"))
+    decoder = DecoderConfig.from_checkpoint(tiny_llama_fp32)
+
+    def planned_run(usable_of, failures: int) -> tuple[Planner, list[float]]:  # noqa: ANN001
+        options = MethodOptions(kind="lora", lora_r=8)
+        m = costs_for(decoder, options, 2, 2, 32, torch.float32, torch.device("cpu"))
+        planner = Planner(m, usable_of(m), {"setting": 1.0}, options)
+        model = load_model(tiny_llama_fp32, options, dtype=torch.float32, device="cpu", seed=0)
+        planner.attach(model)
+        calls = [0]
+        real = model.forward
+
+        def forward(*a, **kw):  # noqa: ANN002, ANN003, ANN202
+            calls[0] += 1
+            if calls[0] <= failures:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return real(*a, **kw)
+
+        model.forward = forward
+        return planner, train(model, _rows(12), s, device=torch.device("cpu"), on_step_end=planner.after_step,
+                              on_oom=planner.after_oom)
+
+    fastest = lambda m: predict(m, choose(m, 1e15)).peak_bytes  # noqa: E731 (a budget that the fastest plan just fits)
+    planner, got = planned_run(fastest, failures=1)
+    assert got == want
+    rec = json.loads(json.dumps(planner.record))["replanned_after_oom"]
+    first, now = Plan(**rec["from_plan"]), Plan(**rec["plan"])
+    assert rec["step"] == 1 and rec["act_factor"] >= 1.0 and now == planner.plan == plan_of(planner.options) != first
+    assert predict(planner.costs, now).peak_bytes < predict(planner.costs, first).peak_bytes
+    assert planner.record["plan"] == now.knobs()
+    with pytest.raises(torch.OutOfMemoryError, match="no leaner plan"):
+        planned_run(fastest, failures=2)  # a second time in the same step: once only
+    with pytest.raises(torch.OutOfMemoryError, match="no leaner plan"):
+        planned_run(lambda m: predict(m, lean_plan(m)).peak_bytes, failures=1)  # already the leanest
+
+
 def test_the_adapter_plans_and_records(tmp_path, monkeypatch):  # noqa: ANN001
     """Through the harness worker: the `plan` override reaches the trainer, the run is valid and stores its plan."""
     from harness.spec.scenario import parse_scenario
