@@ -124,13 +124,15 @@ def _uncapped(doc: Doc, budgets: list[float], probes: list[Any]) -> None:
 def _planner(doc: Doc, probes: list[Any], vary: str) -> None:
     """For the rows that plan themselves to the budget (a run that records ``extra.trainer.plan``): how the plan's
     predicted peak (of its first plan, before any re-plan) compared with the run's allocated peak, and every probe
-    whose plan was predicted within the budget and ran out of memory: where the planner was wrong."""
+    whose plan was predicted within the budget and ran out of memory (the run stopped, or re-planned and went on):
+    where the planner was wrong."""
     planned = [(p, rec) for p in probes if isinstance(rec := (p.run.extra.get("trainer") or {}).get("plan"), dict)
                and isinstance(rec.get("predicted_peak_alloc_gib"), int | float)]
     if not planned:
         return
     doc.h(1, "The planner's predictions")
-    misses = [(p, rec) for p, rec in planned if rec.get("fits") and p.run.status == "oom"]
+    misses = [(p, rec) for p, rec in planned if rec.get("fits") and (p.run.status == "oom"
+                                                                      or rec.get("replanned_after_oom"))]
     errors = [p.run.metrics.peak_alloc_gib - rec["predicted_peak_alloc_gib"] for p, rec in planned
               if p.run.status == "ok" and p.run.metrics.peak_alloc_gib is not None]
     spread = f"; measured minus predicted allocated peak where it trained: {min(errors):+.2f} to " \
@@ -139,8 +141,9 @@ def _planner(doc: Doc, probes: list[Any], vary: str) -> None:
           f"within the budget ran out of memory{spread}. The prediction is of the first plan, before the re-plan "
           "that follows the first steps' measurements.")
     if misses:
-        doc.table(["framework", "budget (GiB)", vary, "predicted peak (GiB)", "commit"],
+        doc.table(["framework", "budget (GiB)", vary, "predicted peak (GiB)", "then", "commit"],
                   [[p.run.framework, f"{p.budget:g}", f"{p.value:,}", Cell(fmt(rec["predicted_peak_alloc_gib"]), "bad"),
+                    "stopped" if p.run.status == "oom" else f"a leaner plan, {p.run.status}",
                     (p.run.environment.code() if p.run.environment else None) or EMPTY]
                    for p, rec in sorted(misses, key=lambda x: (x[0].run.framework, x[0].budget, x[0].value))])
 

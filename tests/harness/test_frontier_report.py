@@ -200,9 +200,11 @@ def test_cells_name_the_commits_their_probes_ran_and_a_mixed_frontier_says_which
 def test_the_report_lists_where_the_planner_predicted_a_fit_that_ran_out_of_memory():
     """Probes of a row that plans itself record the plan and its predicted peak: the report sets the measured peak
     against it where the run trained, and lists every probe predicted within its budget that ran out of memory (a
-    plan predicted over the budget, run anyway as the leanest, is no miss; a row that does not plan is left out)."""
-    def probe(value, status, fits=True, predicted=10.0, peak=None, plan=True):  # noqa: ANN001, ANN202
-        rec = {"fits": fits, "predicted_peak_alloc_gib": predicted}
+    plan predicted over the budget, run anyway as the leanest, is no miss; a row that does not plan is left out). A
+    run that ran out of memory in a step and went on under a leaner plan is a miss too."""
+    def probe(value, status, fits=True, predicted=10.0, peak=None, plan=True, moved=False):  # noqa: ANN001, ANN202
+        rec = {"fits": fits, "predicted_peak_alloc_gib": predicted,
+               "replanned_after_oom": {"step": 1} if moved else None}
         run = SimpleNamespace(framework="tb-planned", status=status, extra={"trainer": {"plan": rec}} if plan else {},
                               metrics=SimpleNamespace(peak_alloc_gib=peak),
                               environment=SimpleNamespace(code=lambda: "abc1234"))
@@ -210,13 +212,14 @@ def test_the_report_lists_where_the_planner_predicted_a_fit_that_ran_out_of_memo
 
     probes = [probe(95232, "ok", predicted=12.74, peak=13.76), probe(106496, "ok", predicted=13.69, peak=14.98),
               probe(107520, "oom", predicted=13.78), probe(131072, "oom", fits=False, predicted=17.0),
-              probe(8, "oom", plan=False)]
+              probe(8, "oom", plan=False), probe(110592, "ok", predicted=14.0, peak=14.5, moved=True)]
     doc = Doc("t")
     _planner(doc, probes, "seq_len")
     md = doc.to_markdown()
-    assert "4 probes planned themselves" in md and "1 of those whose plan was predicted within the budget ran out" in md
-    assert "+1.02 to +1.29 GiB" in md
-    assert "| tb-planned | 16 | 107,520 | **13.78** | abc1234 |" in md and "131,072" not in md
+    assert "5 probes planned themselves" in md and "2 of those whose plan was predicted within the budget ran out" in md
+    assert "+0.50 to +1.29 GiB" in md
+    assert "| tb-planned | 16 | 107,520 | **13.78** | stopped | abc1234 |" in md and "131,072" not in md
+    assert "| tb-planned | 16 | 110,592 | **14.00** | a leaner plan, ok | abc1234 |" in md
     quiet = Doc("t")
     _planner(quiet, [probe(8, "oom", plan=False)], "seq_len")
     assert "planner" not in quiet.to_markdown()
