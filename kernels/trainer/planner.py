@@ -192,7 +192,7 @@ class Planner:
             # nothing fits the prediction: run the leanest plan anyway and let the allocator decide
             "fits": chosen is not None, **self.prediction.as_record(),
             "predicted_lean_peak_alloc_gib": round(predict(costs, lean_plan(costs)).peak_bytes / GIB, 3),
-            "probe": None, "replanned": None}
+            "probe": None, "replanned": None, "replanned_after_oom": None}
 
     @classmethod
     def start(cls, cfg: TrainerConfig, decoder: DecoderConfig, seq_len: int, packed: bool = False,
