@@ -11,7 +11,9 @@ shortens them: both only answer "does it fit", so each cell's largest value is t
 scenario's steps, the figure its cell reports (a budget's cells before the next budget's search). The table is
 written as ``frontier.csv`` and ``frontier.md`` in that folder, also when the frontier stops early: at an interrupt,
 or at ``--time-limit-s S``, after which no probe starts that would end past S seconds (a machine lent for a limited
-time: the probes going on finish, and the same command goes on). Exit codes: 0 done or out of time (failed probes
+time: the probes going on finish, and the same command goes on). ``--redo-older ROW ...`` searches rows again
+whose probes other code made (a fix in that tool), the others' cells kept; their old probes stay under
+``runs/attempts/``. Exit codes: 0 done or out of time (failed probes
 are cells, not errors), 2 bad input, 3 another sweep holds the machine, 130 interrupted.
 
 Examples::
@@ -80,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probe-steps", type=int, metavar="K",
                    help="search probes run K optimizer steps (at least 2) instead of the scenario's (when fewer); "
                         "each answer is then measured alone with the scenario's steps")
+    p.add_argument("--redo-older", nargs="+", metavar="FRAMEWORK",
+                   help="search these rows again where their probes were made by other code than this checkout's "
+                        "(a fix of that tool): those probes are set aside, kept under each probe's runs/attempts/; "
+                        "rerunning at the same commit sets nothing more aside")
     p.add_argument("--time-limit-s", type=_seconds, metavar="S",
                    help="start no probe that would end past S seconds (its expected time: the row's longest probe "
                         "of that kind so far; the first one always starts); the probes going on finish; rerun the "
@@ -117,10 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     sc = load_or_report(args.scenario)
     if sc is None:
         return EXIT_BAD_INPUT
-    if args.only and (unknown := [n for n in args.only if n not in sc.framework_names()]):
-        print(f"{args.scenario}: --only {unknown}: not among the scenario's frameworks {sc.framework_names()}",
-              file=sys.stderr)
-        return EXIT_BAD_INPUT
+    for flag, names in (("--only", args.only), ("--redo-older", args.redo_older)):
+        if names and (unknown := [n for n in names if n not in sc.framework_names()]):
+            print(f"{args.scenario}: {flag} {unknown}: not among the scenario's frameworks {sc.framework_names()}",
+                  file=sys.stderr)
+            return EXIT_BAD_INPUT
     if not 1 <= args.jobs <= MAX_JOBS or (args.probe_steps is not None and args.probe_steps < 2):
         print(f"{args.scenario}: --jobs must be between 1 and {MAX_JOBS} and --probe-steps at least 2",
               file=sys.stderr)
@@ -153,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             folder, log = run_frontier(sc, grid, args.budgets, Path(args.results), only=args.only, new=args.new,
                                        retry_failed=args.retry_failed, quiet=args.quiet, on_probe=show,
-                                       probing=probing, time_limit_s=args.time_limit_s)
+                                       probing=probing, time_limit_s=args.time_limit_s,
+                                       redo_older=args.redo_older)
         except TimeUp as e:  # a stop, not a failure: the table and report so far, then rerun to go on
             folder = find_frontier(sc, grid, Path(args.results))
             print(f"time limit: {e}; finished probes are stored; rerun the same command to go on", file=sys.stderr)

@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from adapters_for_tools import registry
+from harness.measuring import environment
 from harness.measuring.memcap import OVER_BUDGET
 from harness.running import runner
 from harness.running.frontier_grid import (  # noqa: F401 (the grid's names, where the frontier's users look)
@@ -62,6 +63,7 @@ from harness.running.frontier_grid import (  # noqa: F401 (the grid's names, whe
     Clock,
     FrontierError,
     Grid,
+    ProbeLog,
     TimeUp,
     find_frontier,
     make_grid,
@@ -71,6 +73,7 @@ from harness.running.frontier_grid import (  # noqa: F401 (the grid's names, whe
     probe_name,
     probe_scenario,
     read_plan,
+    set_aside_older,
 )
 from harness.running.locks import machine_lock
 from harness.spec.scenario import Scenario
@@ -296,23 +299,6 @@ class _Row:
             self.slow = 0
 
 
-@dataclass
-class ProbeLog:
-    """What a frontier run did: every probe it needed, and whether it ran now or was found stored."""
-
-    probes: list[dict[str, Any]] = field(default_factory=list)
-
-    @property
-    def ran(self) -> int:
-        """Probes run by this invocation (not found stored)."""
-        return sum(1 for p in self.probes if p["ran"])
-
-    @property
-    def distinct(self) -> int:
-        """Stored probes the answers rest on (one read twice, as a search's start and as a measurement, once)."""
-        return len({p["run_id"] or (p["framework"], p["budget_gib"], p["value"], p["phase"]) for p in self.probes})
-
-
 class _RowSearch:
     """One row's search over every budget, smallest first: each budget's :class:`_Row` starts from the value the
     one below found, with the memory points measured so far. Rows are independent of each other."""
@@ -383,7 +369,8 @@ MEASURE_TRIES = 3  # values measured below a largest fitting value whose full ru
 def run_frontier(sc: Scenario, grid: Grid, budgets: list[float], results_root: Path, only: list[str] | None = None,
                  new: bool = False, retry_failed: bool = False, quiet: bool = False,
                  on_probe: Callable[[dict[str, Any]], None] | None = None,
-                 probing: Probing | None = None, time_limit_s: float | None = None) -> tuple[Path, ProbeLog]:
+                 probing: Probing | None = None, time_limit_s: float | None = None,
+                 redo_older: list[str] | None = None) -> tuple[Path, ProbeLog]:
     """Find every row's frontier; each probe is a stored run (see the module docstring).
 
     Args:
@@ -398,6 +385,7 @@ def run_frontier(sc: Scenario, grid: Grid, budgets: list[float], results_root: P
         on_probe: called with each probe's record (framework, budget_gib, value, status, outcome, ran, phase).
         probing: concurrency and shortened search probes (:class:`Probing`; default: one exact probe at a time).
         time_limit_s: start no probe that would end past this many seconds (:class:`Clock`).
+        redo_older: rows whose probes made by other code are set aside first (:func:`set_aside_older`).
 
     Returns:
         The frontier folder and the log of probes.
@@ -413,6 +401,8 @@ def run_frontier(sc: Scenario, grid: Grid, budgets: list[float], results_root: P
     rows = [k for k in sc.framework_names() if not only or k in only]
     folder = open_frontier(sc, grid, budgets, Path(results_root), new=new)
     runner.refuse_other_machine(folder, "frontier")
+    if redo_older and (n := set_aside_older(folder, redo_older, environment.git_info())):
+        print(f"frontier: {n} probes of {', '.join(redo_older)} made by other code set aside", file=sys.stderr)
     log = ProbeLog()
     lock = threading.Lock()
 

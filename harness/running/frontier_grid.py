@@ -1,7 +1,8 @@
 """The values a memory frontier tries (:mod:`harness.running.frontier`): a grid from the smallest valid value to the
 model's maximum (seq_len) or :data:`MICRO_BATCH_MAX`, checked before anything runs; and the frontier folder: the one
 to fill (the newest of the same scenario and grid, or a new one) and its stored plan (grid and budgets), checked when
-it is read back; and the frontier's time limit (:class:`Clock`)."""
+it is read back, with its probes made by older code set aside on request (:func:`set_aside_older`); the log of a
+frontier's probes (:class:`ProbeLog`); and its time limit (:class:`Clock`)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import yaml
 
 from harness.inputs import models
 from harness.running.derive import derive
-from harness.running.runner import StopStarting
+from harness.running.runner import StopStarting, set_aside_failed
 from harness.spec.scenario import MAX_BATCH, MAX_NAME, MAX_SEQ_LEN, Scenario
 from harness.storing import results
 
@@ -216,6 +217,23 @@ def predicted_indices(sc: Scenario, row: str, overrides: dict[str, Any], grid: G
     return out, None
 
 
+@dataclass
+class ProbeLog:
+    """What a frontier run did: every probe it needed, and whether it ran now or was found stored."""
+
+    probes: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def ran(self) -> int:
+        """Probes run by this invocation (not found stored)."""
+        return sum(1 for p in self.probes if p["ran"])
+
+    @property
+    def distinct(self) -> int:
+        """Stored probes the answers rest on (one read twice, as a search's start and as a measurement, once)."""
+        return len({p["run_id"] or (p["framework"], p["budget_gib"], p["value"], p["phase"]) for p in self.probes})
+
+
 class TimeUp(StopStarting):
     """The frontier's time limit: its next probe would end past it. Every probe it finished is stored."""
 
@@ -254,3 +272,21 @@ class Clock:
                 raise TimeUp(f"{row}'s next probe would take about {expected:.0f} s, {max(left, 0):.0f} s of the "
                              f"time limit ({self.limit_s:g} s) left")
             self.started += 1
+
+
+def set_aside_older(folder: Path, rows: list[str], code: dict[str, Any]) -> int:
+    """``--redo-older``: the stored probes of ``rows`` made by other code than ``code`` (``git_sha`` and
+    ``git_dirty``, as :func:`harness.measuring.environment.git_info` gives them) go to each probe's
+    ``runs/attempts/``, kept on record, so those rows are searched again at this code; a probe whose run never
+    started (no environment recorded) is left to ``--retry-failed``. Returns how many were set aside."""
+    now = (code.get("git_sha"), bool(code.get("git_dirty")))
+    moved = 0
+    for d in sorted(p for p in Path(folder).iterdir() if (p / "runs").is_dir()):
+        for f in sorted((d / "runs").glob("*.json")):
+            run = results.read_json(f)
+            env = run.get("environment") if isinstance(run, dict) else None
+            if run is None or run.get("framework") not in rows or not isinstance(env, dict):
+                continue
+            if (env.get("git_sha"), bool(env.get("git_dirty"))) != now:
+                moved += len(set_aside_failed(d, [f.stem], also=lambda _: True))
+    return moved
