@@ -126,7 +126,8 @@ def _planner(doc: Doc, probes: list[Any], vary: str) -> None:
     predicted peak (of its first plan, before any re-plan) compared with the run's allocated peak, and every probe
     whose plan was predicted within the budget and ran out of memory (the run stopped, or re-planned and went on):
     where the planner was wrong."""
-    planned = [(p, rec) for p in probes if isinstance(rec := (p.run.extra.get("trainer") or {}).get("plan"), dict)
+    planned = [(p, rec) for p in probes if isinstance(t := p.run.extra.get("trainer"), dict)
+               and isinstance(rec := t.get("plan"), dict)
                and isinstance(rec.get("predicted_peak_alloc_gib"), int | float)]
     if not planned:
         return

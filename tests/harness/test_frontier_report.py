@@ -213,6 +213,7 @@ def test_the_report_lists_where_the_planner_predicted_a_fit_that_ran_out_of_memo
     probes = [probe(95232, "ok", predicted=12.74, peak=13.76), probe(106496, "ok", predicted=13.69, peak=14.98),
               probe(107520, "oom", predicted=13.78), probe(131072, "oom", fits=False, predicted=17.0),
               probe(8, "oom", plan=False), probe(110592, "ok", predicted=14.0, peak=14.5, moved=True)]
+    probes[4].run.extra = {"trainer": "not a mapping"}  # another tool's note under that key: not a plan
     doc = Doc("t")
     _planner(doc, probes, "seq_len")
     md = doc.to_markdown()
