@@ -285,7 +285,7 @@ def set_aside_older(folder: Path, rows: list[str], code: dict[str, Any]) -> int:
         for f in sorted((d / "runs").glob("*.json")):
             run = results.read_json(f)
             env = run.get("environment") if isinstance(run, dict) else None
-            if run is None or run.get("framework") not in rows or not isinstance(env, dict):
+            if not isinstance(env, dict) or run.get("framework") not in rows:
                 continue
             if (env.get("git_sha"), bool(env.get("git_dirty"))) != now:
                 moved += len(set_aside_failed(d, [f.stem], also=lambda _: True))
