@@ -157,27 +157,24 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         evaluator.check(sc)  # each probe is evaluated as a run is: a missing lm-eval stops it before the first
+        table = "table:  "
         try:
             folder, log = run_frontier(sc, grid, args.budgets, Path(args.results), only=args.only, new=args.new,
                                        retry_failed=args.retry_failed, quiet=args.quiet, on_probe=show,
                                        probing=probing, time_limit_s=args.time_limit_s,
                                        redo_older=args.redo_older)
-        except TimeUp as e:  # a stop, not a failure: the table and report so far, then rerun to go on
-            folder = find_frontier(sc, grid, Path(args.results))
+            print(f"{log.distinct} probes ({log.ran} run now)")
+        except TimeUp as e:  # a stop, not a failure: the table and report so far, as at the end; rerun to go on
             print(f"time limit: {e}; finished probes are stored; rerun the same command to go on", file=sys.stderr)
-            if folder is not None:
-                _, md_path = write_frontier_table(folder)
-                print(f"results: {folder}\ntable so far: {md_path}\nreport:  "
-                      f"{write_frontier_report(folder, reports_dir / folder.name)}")
-            return 0
+            folder, table = find_frontier(sc, grid, Path(args.results)), "table so far:"
         except KeyboardInterrupt:  # the table as the stored probes stand (open cells marked), then the interruption
             if (stopped := find_frontier(sc, grid, Path(args.results))) is not None:
                 print(f"table so far: {write_frontier_table(stopped)[1]}", file=sys.stderr)
             raise
-        print(f"{log.distinct} probes ({log.ran} run now)")
-        csv_path, md_path = write_frontier_table(folder)
-        report = write_frontier_report(folder, reports_dir / folder.name)
-        print(f"results: {folder}\ntable:   {md_path} ({csv_path.name})\nreport:  {report}")
+        if folder is not None:  # (a time limit comes after the folder is open)
+            csv_path, md_path = write_frontier_table(folder)
+            report = write_frontier_report(folder, reports_dir / folder.name)
+            print(f"results: {folder}\n{table} {md_path} ({csv_path.name})\nreport:  {report}")
         return 0
 
     return guarded(args.scenario, "probes", body)

@@ -238,16 +238,10 @@ class Planner:
         best = choose(costs, self.usable, cuda_graph=False) or lean_plan(costs, cuda_graph=False)
         if predict(costs, best).peak_bytes >= predict(costs, plan).peak_bytes:
             return False  # nothing leaner to go to
-        self.plan, self.prediction, self.costs = best, predict(costs, best), costs
-        apply_plan(self.options, best)
         if dev.type == "cuda":
             torch.cuda.empty_cache()  # the failed attempt's blocks, before weights come back to the device
-        reconfigure(self.model, self.options)
-        self.record["replanned_after_oom"] = {
-            "step": step + 1, "measured_peak_alloc_gib": round(reached / GIB, 3) if reached else None,
-            "act_factor": round(act, 3), "from_plan": plan.knobs(), "plan": best.knobs(),
-            "fits": self.prediction.peak_bytes <= self.usable, **self.prediction.as_record()}
-        self.record["plan"] = best.knobs()
+        self._move(best, costs, "replanned_after_oom", step=step + 1,
+                   measured_peak_alloc_gib=round(reached / GIB, 3) if reached else None, act_factor=round(act, 3))
         return True
 
     def after_step(self, step: int, step_s: float | None = None) -> bool:
@@ -294,14 +288,18 @@ class Planner:
         faster = best is not None and predict(costs, best).step_s < (1 - SWITCH_GAIN) * current.step_s
         if best is None or best == plan or not (over or faster):
             return False
+        self._move(best, costs, "replanned", after_step=step,
+                   why="peak above the prediction" if over else "faster")
+        return True
+
+    def _move(self, best: Plan, costs: CostModel, key: str, **why: Any) -> None:
+        """Move the live model to plan ``best`` under the corrected ``costs``, recorded under ``key`` (``why``
+        first): ``plan`` becomes the plan in effect; the one it replaced, which the top-level predictions are of,
+        is kept there as ``from_plan``."""
         before = self.plan.knobs()
         self.plan, self.prediction, self.costs = best, predict(costs, best), costs
         apply_plan(self.options, best)
         reconfigure(self.model, self.options)
-        # "plan" becomes the plan in effect; the first plan, which the top-level predictions are of, stays here
-        self.record["replanned"] = {"after_step": step, "why": "peak above the prediction" if over else "faster",
-                                    "from_plan": before, "plan": best.knobs(),
-                                    "fits": self.prediction.peak_bytes <= self.usable,
-                                    **self.prediction.as_record()}
+        self.record[key] = {**why, "from_plan": before, "plan": best.knobs(),
+                            "fits": self.prediction.peak_bytes <= self.usable, **self.prediction.as_record()}
         self.record["plan"] = best.knobs()
-        return True

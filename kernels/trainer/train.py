@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
@@ -357,7 +358,7 @@ def train(model: torch.nn.Module, rows: Sequence[dict], s: TrainSettings, meter:
         else:
             total = optimizer_step(model, batches, max(n_loss, 1), params, s, opt,
                                    sync=dist.sync_gradients if dist is not None else None,
-                                   retry=(lambda st=step: on_oom(st)) if on_oom and dist is None else None)
+                                   retry=partial(on_oom, step) if on_oom and dist is None else None)
             opt.zero_grad(set_to_none=True)
         if dist is not None:
             total = dist.step_loss(total)
