@@ -74,6 +74,7 @@ from harness.running.frontier_grid import (  # noqa: F401 (the grid's names, whe
     probe_scenario,
     read_plan,
     set_aside_older,
+    step_work,
 )
 from harness.running.locks import machine_lock
 from harness.spec.scenario import Scenario
@@ -397,7 +398,7 @@ def run_frontier(sc: Scenario, grid: Grid, budgets: list[float], results_root: P
         TimeUp: the time limit came before the frontier's end (the probes going on finished first).
     """
     probing, values = probing or Probing(), grid.values()
-    clock = Clock(time_limit_s, sc.train.steps / probing.steps if probing.steps else 1.0)
+    clock = Clock(time_limit_s, sc.train.steps / probing.steps if probing.steps else 1.0, step_work(sc, grid.vary))
     rows = [k for k in sc.framework_names() if not only or k in only]
     folder = open_frontier(sc, grid, budgets, Path(results_root), new=new)
     runner.refuse_other_machine(folder, "frontier")
@@ -411,8 +412,8 @@ def run_frontier(sc: Scenario, grid: Grid, budgets: list[float], results_root: P
         steps = probing.steps if phase == "search" else None
         alone = not (shared or steps)
         run, ran = _probe(sc, k, budget, grid.vary, values[i], folder, retry_failed, quiet, steps, shared,
-                          lambda: clock.check(k, alone))
-        clock.saw(k, alone, run.wall_s)
+                          lambda: clock.check(k, alone, values[i]))
+        clock.saw(k, alone, run.wall_s, values[i], run.status == STATUS_OK)
         result = outcome(run)
         rec = {"framework": k, "budget_gib": budget, "value": values[i], "status": run.status, "outcome": result,
                "reason": run.reason, "ran": ran, "phase": phase, "need_gib": need_gib(run.metrics),
@@ -570,7 +571,7 @@ def _known(sc: Scenario, folder: Path, rows: list[str], budgets: list[float], va
                     run = _stored(probe_scenario(sc, b, vary, v, k, st, sh), k, folder)
                     if run is None or (result := outcome(run)) == FAILED:
                         continue
-                    clock.saw(k, not (st or sh), run.wall_s)
+                    clock.saw(k, not (st or sh), run.wall_s, v, run.status == STATUS_OK)
                     out.setdefault(k, {}).setdefault(b, []).append((i, result, need_gib(run.metrics)))
                     log.probes.append({"framework": k, "budget_gib": b, "value": v, "status": run.status,
                                        "outcome": result, "reason": run.reason, "ran": False, "phase": "known",

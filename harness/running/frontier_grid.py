@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from harness.inputs import models
+from harness.measuring import flops
 from harness.running.derive import derive
 from harness.running.runner import StopStarting, set_aside_failed
 from harness.spec.scenario import MAX_BATCH, MAX_NAME, MAX_SEQ_LEN, Scenario
@@ -238,35 +239,83 @@ class TimeUp(StopStarting):
     """The frontier's time limit: its next probe would end past it. Every probe it finished is stored."""
 
 
+def step_work(sc: Scenario, vary: str) -> Callable[[int], float]:
+    """A training step's model FLOPs at each value of ``vary`` (:func:`harness.measuring.flops.train_flops`: the
+    attention's share grows with seq_len), for :class:`Clock` to scale one probe's time to another value; proportional
+    to the value where the model's config cannot be read."""
+    try:
+        cfg = (dict(models.get_preset(sc.model.preset).config) if sc.model.preset is not None
+               else models.load_config_dict(sc.model.weights))
+        flops.train_flops(cfg, sc.method.kind, 1, 1)
+    except Exception:  # noqa: BLE001 (a checkpoint not at hand, an unknown architecture: the linear estimate)
+        return float
+    seq, batch, accum = sc.data.seq_len, sc.train.micro_batch, sc.train.grad_accum
+
+    def work(v: int) -> float:
+        s, b = (v, batch) if vary == "seq_len" else (seq, v)
+        return flops.train_flops(cfg, sc.method.kind, s * b * accum, s * s * b * accum)
+
+    return work
+
+
+@dataclass
+class _Timed:
+    value: int
+    wall_s: float
+    trained: bool
+
+
 @dataclass
 class Clock:
     """``--time-limit-s``: no probe starts that would end past ``limit_s`` seconds after the frontier started (the
-    probes going on finish). A probe's expected time is the longest time of its row's probes of the same kind
-    (search, or measured alone) that this invocation ran or read; a measurement with none yet: its row's longest
-    search probe times ``scale`` (the scenario's steps over a shortened probe's). With nothing to go by, a probe
-    starts while time is left. The invocation's first probe always starts: one expected to take longer than the
-    whole limit would otherwise never run."""
+    probes going on finish).
+
+    A probe's expected time comes from its row's probes of the same kind (search, or measured alone) that this
+    invocation ran or read. Their shortest time is the fixed part (starting the tool, loading the model); the rest of
+    a probe that trained scales with ``work`` (a step's FLOPs at a value) to the next probe's value, and its longest
+    such scaling is the estimate. A probe that ran out of memory, or one at a larger value, counts at its own time.
+    A measurement with none of its kind yet: its row's search probes with their trained part times ``scale`` (the
+    scenario's steps over a shortened probe's). With nothing to go by, a probe starts while time is left. The
+    invocation's first probe always starts: one expected to take longer than the whole limit would otherwise never
+    run."""
 
     limit_s: float | None = None
     scale: float = 1.0
+    work: Callable[[int], float] = float
     t0: float = field(default_factory=time.monotonic)
-    walls: dict[tuple[str, bool], float] = field(default_factory=dict)  # (row, alone) -> longest wall_s
+    seen: dict[tuple[str, bool], list[_Timed]] = field(default_factory=dict)  # (row, alone) -> probes with a time
     lock: threading.Lock = field(default_factory=threading.Lock)
     started: int = 0  # probes this invocation let start
 
-    def saw(self, row: str, alone: bool, wall_s: float | None) -> None:
-        """A probe of ``row`` (``alone``: measured alone) took ``wall_s`` seconds."""
+    def saw(self, row: str, alone: bool, wall_s: float | None, value: int = 0, trained: bool = False) -> None:
+        """A probe of ``row`` at ``value`` (``alone``: measured alone) took ``wall_s`` seconds (``trained``: it ran
+        its steps; one out of memory did not)."""
         if wall_s is not None:
             with self.lock:
-                self.walls[(row, alone)] = max(wall_s, self.walls.get((row, alone), 0.0))
+                self.seen.setdefault((row, alone), []).append(_Timed(value, wall_s, trained))
 
-    def check(self, row: str, alone: bool) -> None:
-        """Raises :class:`TimeUp` where ``row``'s next probe of that kind would end past the limit."""
+    def expected(self, row: str, alone: bool, value: int = 0) -> float:
+        """Seconds the next probe of ``row`` at ``value`` is expected to take (0: nothing to go by)."""
+        probes, scale = self.seen.get((row, alone)), 1.0
+        if not probes and alone:
+            probes, scale = self.seen.get((row, False)), self.scale
+        if not probes:
+            return 0.0
+        fixed = min(p.wall_s for p in probes)
+        out = 0.0
+        for p in probes:
+            if p.trained and 0 < p.value < value and (w := self.work(p.value)) > 0:
+                out = max(out, fixed + (p.wall_s - fixed) * self.work(value) / w * scale)
+            else:
+                out = max(out, fixed + (p.wall_s - fixed) * (scale if p.trained else 1.0))
+        return out
+
+    def check(self, row: str, alone: bool, value: int = 0) -> None:
+        """Raises :class:`TimeUp` where ``row``'s next probe of that kind, at ``value``, would end past the limit."""
         if self.limit_s is None:
             return
         with self.lock:
-            expected = self.walls.get((row, alone)) or (self.walls.get((row, False), 0.0) * self.scale if alone
-                                                        else 0.0)
+            expected = self.expected(row, alone, value)
             left = self.limit_s - (time.monotonic() - self.t0)
             if self.started and (left <= 0 or expected > left):
                 raise TimeUp(f"{row}'s next probe would take about {expected:.0f} s, {max(left, 0):.0f} s of the "

@@ -9,34 +9,60 @@ from types import SimpleNamespace
 
 import pytest
 
-from harness.running import frontier, runner
+from harness.running import frontier, frontier_grid, runner
 from harness.running.frontier_grid import Clock, TimeUp
+from harness.spec.scenario import load_scenario
 from tests.harness.test_frontier import _frontier, _scenario
 
 
-def test_a_probe_starts_only_where_its_rows_longest_probe_of_that_kind_ends_in_time(monkeypatch):
+def test_a_probe_starts_only_where_its_rows_probes_of_that_kind_say_it_ends_in_time(monkeypatch):
     now = [100.0]
     monkeypatch.setattr(time, "monotonic", lambda: now[0])
-    clock = Clock(limit_s=60, scale=4.0, t0=100.0)
-    clock.check("a", alone=False)  # nothing to go by: it starts while time is left
-    clock.saw("a", False, 10.0)
-    clock.saw("a", False, 25.0)
-    clock.saw("a", False, None)  # a probe that never ran (unavailable) says nothing
-    now[0] = 130.0  # 30 s left
-    clock.check("a", alone=False)  # 25 s expected
-    with pytest.raises(TimeUp, match="about 100 s, 30 s of the time limit"):
-        clock.check("a", alone=True)  # measured alone: 4 x its longest search probe
-    clock.check("b", alone=True)  # another row, nothing known
-    clock.saw("a", True, 20.0)
-    clock.check("a", alone=True)  # its own measurement's time now
-    now[0] = 160.0
+    clock = Clock(limit_s=80, scale=4.0, t0=100.0)
+    clock.check("a", alone=False, value=8)  # nothing to go by: it starts while time is left
+    clock.saw("a", False, 10.0, 4096, trained=False)  # out of memory: loading the model, no steps
+    clock.saw("a", False, 25.0, 2048, trained=True)
+    clock.saw("a", False, None, 1024)  # a probe that never ran (unavailable) says nothing
+    now[0] = 130.0  # 50 s left
+    clock.check("a", alone=False, value=2048)  # 25 s expected
+    with pytest.raises(TimeUp, match="about 70 s, 50 s of the time limit"):
+        clock.check("a", alone=True, value=2048)  # measured alone: the fixed 10 s + 4 x the 15 s of steps
+    clock.check("b", alone=True, value=2048)  # another row, nothing known
+    clock.saw("a", True, 40.0, 2048, trained=True)
+    clock.check("a", alone=True, value=2048)  # its own measurement's time now
+    now[0] = 190.0
     with pytest.raises(TimeUp):
-        clock.check("b", alone=False)  # out of time: nothing starts
+        clock.check("b", alone=False, value=8)  # out of time: nothing starts
     Clock(limit_s=None, t0=0.0).check("a", alone=True)  # no limit
-    first = Clock(limit_s=60, t0=100.0, walls={("a", True): 500.0})
-    first.check("a", alone=True)  # longer than the whole limit: as an invocation's first probe it starts anyway
+    first = Clock(limit_s=60, t0=100.0)
+    first.saw("a", True, 500.0, 8, trained=True)
+    first.check("a", alone=True, value=8)  # longer than the whole limit: as an invocation's first probe it starts
     with pytest.raises(TimeUp):
-        first.check("a", alone=True)
+        first.check("a", alone=True, value=8)
+
+
+def test_a_probe_at_a_larger_value_is_expected_to_take_its_steps_longer(monkeypatch):
+    """The steps' part of a probe that trained scales with the step's work to the next value; the fixed part (the
+    shortest probe: starting the tool) does not; a probe that ran out of memory counts at its own time."""
+    monkeypatch.setattr(time, "monotonic", lambda: 0.0)
+    clock = Clock(limit_s=1000, t0=0.0, work=lambda v: float(v))
+    clock.saw("a", False, 30.0, 8, trained=True)
+    clock.saw("a", False, 40.0, 2048, trained=True)
+    assert clock.expected("a", False, 16384) == pytest.approx(30 + 10 * 8)
+    assert clock.expected("a", False, 1024) == pytest.approx(40)  # a larger value's probe: its own time
+    clock.saw("a", False, 300.0, 65536, trained=False)  # out of memory late, in a step
+    assert clock.expected("a", False, 16384) == pytest.approx(300)
+    assert clock.expected("a", True, 16384) == pytest.approx(300)  # no measurement alone yet: scale 1 here
+
+
+def test_a_steps_work_grows_faster_than_seq_len_and_in_proportion_to_micro_batch(tmp_path):
+    sc = load_scenario(_scenario(tmp_path))
+    by_len, by_batch = frontier_grid.step_work(sc, "seq_len"), frontier_grid.step_work(sc, "micro_batch")
+    assert by_len(4096) > 2 * by_len(2048) > 0  # attention: quadratic in the row's length
+    assert by_batch(4) == pytest.approx(2 * by_batch(2))
+    unreadable = sc.model_copy(update={"model": sc.model.model_copy(update={"preset": None,
+                                                                             "weights": str(tmp_path / "none")})})
+    assert frontier_grid.step_work(unreadable, "seq_len")(100) == 100.0  # no config: proportional to the value
 
 
 def test_a_row_out_of_time_lets_the_probes_going_on_finish_and_be_stored():
