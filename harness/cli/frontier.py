@@ -87,9 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(a fix of that tool): those probes are set aside, kept under each probe's runs/attempts/; "
                         "rerunning at the same commit sets nothing more aside")
     p.add_argument("--time-limit-s", type=_seconds, metavar="S",
-                   help="start no probe that would end past S seconds (its expected time: the row's longest probe "
-                        "of that kind so far; the first one always starts); the probes going on finish; rerun the "
-                        "same command to go on")
+                   help="start no probe that would end past S seconds (its expected time: the row's probes of that "
+                        "kind so far, their steps scaled to the value; the first one always starts); the probes going "
+                        "on finish; rerun the same command to go on")
     p.add_argument("--quiet", action="store_true")
     return p
 
