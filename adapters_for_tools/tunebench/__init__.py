@@ -41,6 +41,8 @@ class TunebenchOverrides(Overrides):
     mlp_chunk_tokens: int | None = Field(None, ge=1)  # the MLP over chunks of this many tokens (long context)
     cuda_graph: bool = False  # the whole optimizer step captured as one CUDA graph and replayed
     varlen_attention: bool = True  # false: packed rows through a block mask instead of flash varlen
+    # unpacked rows' causal attention: torch's choice (flash) or cuDNN's fused attention first
+    attention_backend: Literal["auto", "cudnn"] = "auto"
     # false: soft-capped and sliding-window attention eager / through a masked SDPA instead of compiled FlexAttention
     flex_attention: bool = True
     expandable_segments: bool = True  # false: leave the CUDA allocator in its default mode
@@ -101,6 +103,8 @@ def row_problems(sc, o: TunebenchOverrides) -> list[tuple[tuple[str, ...], str]]
                                dropout),
                               ("a dense MLP (not a mixture of experts)", family_of(sc) in MOE_FAMILIES),
                               ("the MLP over all tokens at once (no mlp_chunk_tokens)", bool(o.mlp_chunk_tokens))],
+        "attention_backend": [("a CUDA device (hardware.device: cuda): cuDNN's attention is a CUDA kernel",
+                               o.attention_backend != "auto" and sc.hardware.device != "cuda")],
         "plan": [(f"{one_process[0]}: what it plans (host offload, CUDA graphs) runs in one", bool(strategy)),
                  (f"the sft objective (not {objective}: the cost model plans one sequence per row; preference "
                   "pairs train with the knobs as given)", objective != "sft"),

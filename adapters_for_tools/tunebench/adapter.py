@@ -45,7 +45,7 @@ from harness.inputs.data import load_tokenised, read_jsonl
 from harness.inputs.models import get_preset
 from harness.measuring.effective import read_back_optimizer
 from kernels.ops._utils import interpret_mode
-from kernels.trainer.attention import VARLEN
+from kernels.trainer.attention import VARLEN, dense_attention_impl
 from kernels.trainer.config import DecoderConfig, MethodOptions, ObjectiveOptions, TrainerConfig, TrainSettings
 from kernels.trainer.distributed import DataParallel
 from kernels.trainer.loading import load_model
@@ -86,6 +86,7 @@ def method_options(sc, overrides: dict):  # noqa: ANN001, ANN201
         mlp_chunk_tokens=o.mlp_chunk_tokens,
         cuda_graph=o.cuda_graph,
         varlen_attention=o.varlen_attention,
+        attention_backend=o.attention_backend,
         flex_attention=o.flex_attention,
         expandable_segments=o.expandable_segments,
         plan=o.plan,  # trainer_config resolves it against the scenario's memory budget
@@ -193,6 +194,9 @@ def run(ctx) -> None:  # noqa: ANN001
             else load_tokenised(sc, ctx.dataset_path, tok).rows)
     ops = ops_in_use(device.type, options.reference_ops, str(dtype).removeprefix("torch."), options.varlen_attention,
                      model.cfg.activation)
+    mc = model.cfg  # unpacked rows' attention, unless the family's (a soft cap, a window) replaces it below
+    ops["attention"] = dense_attention_impl(options.attention_backend, mc.num_heads, mc.num_kv_heads, mc.head_dim,
+                                            dtype, device)
     ops |= model.family_ops()  # the family's parts that run as PyTorch ops
     trainer_cfg = cfg.to_dict() | {"ops": ops}  # after loading: options.allocator says what the load did
     ctx.save_native_config("tunebench_trainer.json", json.dumps(trainer_cfg, indent=1, default=str))

@@ -246,6 +246,31 @@ def _nf4_cases() -> list[tuple]:
     return cases
 
 
+def _attention_cases() -> list[tuple]:
+    """Causal grouped-query attention at the 8B heads through each SDPA backend alone (a backend that refuses the
+    inputs is an error row): micro-batch 2 x 2,048 and one row of 32,768 tokens (the frontier's long rows).
+    FLOPs as the MFU convention counts them (kernels/NOTES.md): forward 2 B H S^2 D, forward and backward 3x that."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    cases = []
+    for batch, seq in ((2, TOKENS // 2), (1, 32768)):
+        q = torch.randn(batch, N_HEADS, seq, HEAD_DIM, device="cuda", dtype=DTYPE, requires_grad=True)
+        k, v = (torch.randn(batch, N_KV_HEADS, seq, HEAD_DIM, device="cuda", dtype=DTYPE, requires_grad=True)
+                for _ in range(2))
+        dout = torch.randn_like(q)
+        fwd_flops = 2 * batch * N_HEADS * seq * seq * HEAD_DIM
+        for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
+                              ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
+            def fwd(q=q, k=k, v=v, backend=backend):  # noqa: ANN001, ANN202
+                with sdpa_kernel([backend]):
+                    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+            tag = f"{name}@{batch}x{seq}"
+            cases.append((tag, "fwd", fwd, None, 0, fwd_flops))
+            cases.append((tag, "fwd+bwd", _fwd_bwd(fwd, lambda dout=dout: (dout,)), [q, k, v], 0, 3 * fwd_flops))
+    return cases
+
+
 OPS: dict[str, Callable[[], list[tuple]]] = {
     "rms_norm": _rms_norm_cases,
     "swiglu": _gated_cases(swiglu, torch.nn.functional.silu),
@@ -257,6 +282,7 @@ OPS: dict[str, Callable[[], list[tuple]]] = {
     "lora_linear": _lora_cases,
     "lora_qkv": _lora_qkv_cases,
     "nf4_dequant": _nf4_cases,
+    "attention": _attention_cases,
 }
 
 

@@ -1,7 +1,8 @@
 """Causal self-attention of the decoder, for unpacked and packed rows.
 
 Unpacked rows: ``F.scaled_dot_product_attention(is_causal=True, enable_gqa=...)`` (flash attention on CUDA, no mask
-tensor, KV heads not repeated). Right padding needs no mask: pads sit after every real token and a causal query
+tensor, KV heads not repeated; with ``attention_backend: cudnn``, cuDNN's fused attention first where it takes the
+inputs: :func:`causal_sdpa`). Right padding needs no mask: pads sit after every real token and a causal query
 never sees a later key, so real tokens' outputs are exactly those of the unpadded row (pads' own outputs are junk,
 and their labels are -100).
 
@@ -29,6 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kernels.trainer.config import DecoderConfig
 from kernels.trainer.flex import flex_attend, is_block_mask
@@ -57,6 +59,40 @@ def _find_varlen() -> tuple[Any, dict[str, Any], bool] | None:
 
 
 VARLEN = _find_varlen()
+
+# attention_backend "cudnn": torch's SDPA backends in this order of priority (cuDNN first; torch's own order after)
+CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+               SDPBackend.MATH]
+
+
+def causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "auto",
+                scale: float | None = None) -> torch.Tensor:
+    """Causal SDPA over ``[B, heads, S, D]`` (KV heads fewer than q's: grouped-query, not repeated). ``backend``
+    ``"cudnn"`` on CUDA asks for cuDNN's fused attention first (torch takes the next backend where cuDNN refuses the
+    inputs: :func:`dense_attention_impl` says which runs); otherwise torch's own order. The backward runs the
+    forward's backend (the op's saved state is that backend's)."""
+    gqa = k.shape[1] != q.shape[1]
+    if backend == "cudnn" and q.is_cuda:
+        with sdpa_kernel(CUDNN_FIRST, set_priority=True):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa, scale=scale)
+
+
+def dense_attention_impl(backend: str, n_heads: int, n_kv: int, head_dim: int, dtype: torch.dtype,
+                         device: torch.device | str, seq: int = 256) -> str:
+    """What :func:`causal_sdpa` runs for a model's shapes here, for the run's record: ``sdpa-cudnn`` where
+    ``backend`` is ``"cudnn"`` and cuDNN takes the inputs, ``sdpa-flash (cudnn refused)`` where it does not and flash
+    does, ``sdpa`` where torch chooses (``"auto"``, or a CPU)."""
+    device = torch.device(device)
+    if backend != "cudnn" or device.type != "cuda":
+        return "sdpa"
+    q = torch.empty(1, n_heads, seq, head_dim, dtype=dtype, device=device)
+    kv = torch.empty(1, n_kv, seq, head_dim, dtype=dtype, device=device)
+    params = torch.backends.cuda.SDPAParams(q, kv, kv, None, 0.0, True, n_kv != n_heads)
+    if torch.backends.cuda.can_use_cudnn_attention(params, False):
+        return "sdpa-cudnn"
+    return "sdpa-flash (cudnn refused)" if torch.backends.cuda.can_use_flash_attention(params, False) else \
+        "sdpa-efficient (cudnn refused)"
 
 
 def _varlen_ok(h: torch.Tensor) -> bool:
@@ -189,6 +225,7 @@ class Attention(nn.Module):
 
     ops = FUSED_OPS
     group_projections = True  # apply_method sets MethodOptions.group_projections on every block
+    attention_backend = "auto"  # MethodOptions.attention_backend, set by apply_method
     qk_norm = False
 
     def __init__(self, cfg: DecoderConfig, dtype: torch.dtype, device: torch.device):
@@ -240,8 +277,7 @@ class Attention(nn.Module):
         elif self.softcap is not None:
             o = softcap_attention(q, k, v, self.scale or self.head_dim ** -0.5, self.softcap, mask)
         elif mask is None:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads,
-                                               scale=self.scale)
+            o = causal_sdpa(q, k, v, self.attention_backend, self.scale)
         else:
             # The masked (memory-efficient) kernels do not all take enable_gqa: repeat KV heads explicitly.
             rep = self.n_heads // self.n_kv

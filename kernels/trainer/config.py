@@ -207,6 +207,9 @@ class DecoderConfig:
         return cls.from_dict(json.loads((Path(checkpoint) / "config.json").read_text()))
 
 
+ATTENTION_BACKENDS = ("auto", "cudnn")  # MethodOptions.attention_backend
+
+
 @dataclass
 class MethodOptions:
     """What to train and how (the scenario's method plus trainer knobs).
@@ -259,6 +262,10 @@ class MethodOptions:
             packed rows.
         varlen_attention: packed rows on CUDA in bf16/fp16 through variable-length flash attention where this
             torch has it (else, or False: SDPA with a block-diagonal causal mask).
+        attention_backend: which kernel the causal attention of unpacked rows (SDPA, no mask) asks torch for
+            first: ``"auto"``, torch's own order (flash attention on CUDA in bf16/fp16); ``"cudnn"``, cuDNN's fused
+            attention first (:data:`ATTENTION_BACKENDS`), falling back to torch's order
+            where cuDNN does not take the inputs; what was used is recorded (``ops["attention"]``).
         flex_attention: layers with soft-capped scores (Gemma-2) or a sliding window shorter than the rows on CUDA
             in bf16/fp16 through compiled FlexAttention (:mod:`kernels.trainer.flex`: no ``[B, H, S, S]`` scores)
             where this torch has it (else, or False: eager soft-capped attention, SDPA with a window mask).
@@ -292,10 +299,15 @@ class MethodOptions:
     reuse_dequant: bool = True
     cuda_graph: bool = False
     varlen_attention: bool = True
+    attention_backend: str = "auto"
     flex_attention: bool = True
     expandable_segments: bool = True
     plan: float | str | None = None
     allocator: str = ""  # what load_model did to the CUDA allocator (configure_allocator); recorded with the run
+
+    def __post_init__(self) -> None:
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend {self.attention_backend!r}: one of {', '.join(ATTENTION_BACKENDS)}")
 
     @property
     def is_peft(self) -> bool:

@@ -203,6 +203,8 @@ def apply_method(model: DecoderModel, options: MethodOptions, seed: int | None =
             m.ops = ops
         if isinstance(m, (Attention, MLP)):
             m.group_projections = options.group_projections
+        if isinstance(m, Attention):
+            m.attention_backend = options.attention_backend
         if isinstance(m, DecoderLayer):
             m.remake_activations = options.remake_activations
             m.mlp_chunk_tokens = options.mlp_chunk_tokens
