@@ -478,11 +478,17 @@ def _measure_budget(budget: float, searches: dict[str, _RowSearch], tools: dict[
     # each tool's row with the longest answer (the first such row in the scenario's order), the longest first
     first = sorted({t: max((k for k in found if tools[k] == t), key=lambda k: found[k]) for t in
                     dict.fromkeys(tools[k] for k in found)}.values(), key=lambda k: -found[k])
+    late: TimeUp | None = None
     for k in first + [k for k in found if k not in first]:
         if same[k] and found[k] in fitted[k]:
             continue
-        if (j := _measure(k, budget, found[k], probe)) is not None:
-            fitted[k].add(j)
+        try:
+            if (j := _measure(k, budget, found[k], probe)) is not None:
+                fitted[k].add(j)
+        except TimeUp as e:  # a shorter measurement of another row may still fit
+            late = e
+    if late is not None:
+        raise late
 
 
 def _record(search: _RowSearch, i: int, rec: dict[str, Any]) -> None:
@@ -496,9 +502,11 @@ def _search_together(searches: dict[str, _RowSearch], probing: Probing,
                      ran: bool = False) -> bool:
     """Every row's search up to budget ``upto``, up to ``probing.jobs`` probes at once within
     ``probing.capacity_gib``. Until a probe has run (``ran``; one found stored does not count) one goes at a time:
-    on a fresh machine the first builds the checkpoint the others read. Returns whether a probe ran."""
+    on a fresh machine the first builds the checkpoint the others read. A row whose next probe would outlast the time
+    limit stops there and the others go on while theirs fit; then :class:`TimeUp`. Returns whether a probe ran."""
     waiting = {k: nxt for k, s in searches.items() if (nxt := s.next_probe(upto)) is not None}
     running: dict[Future, tuple[str, float, int]] = {}
+    late: TimeUp | None = None
     with ThreadPoolExecutor(probing.jobs) as pool, runner.stop_runs_on_interrupt():
         while waiting or running:
             for k, (budget, i) in list(waiting.items()):
@@ -513,13 +521,15 @@ def _search_together(searches: dict[str, _RowSearch], probing: Probing,
                 k, budget, i = running.pop(fut)
                 try:
                     rec = fut.result()  # a broken folder or an interrupt is the frontier's error
-                except TimeUp:  # the probes going on finish and are stored (an interrupt meanwhile stops them)
-                    wait(running)
-                    raise
+                except TimeUp as e:  # this row stops; the probes going on finish and are stored
+                    late = e
+                    continue
                 ran = ran or rec["ran"]
                 _record(searches[k], i, rec)
                 if (nxt := searches[k].next_probe(upto)) is not None:
                     waiting[k] = nxt
+    if late is not None:
+        raise late
     return ran
 
 

@@ -89,6 +89,34 @@ def test_a_row_out_of_time_lets_the_probes_going_on_finish_and_be_stored():
     assert finished.is_set() and not runner.STOP.is_set()
 
 
+def test_a_row_out_of_time_stops_while_the_others_probes_that_fit_go_on():
+    """Row b's next probe would outlast the limit; row a's three probes still fit and all run (one at a time, as
+    they finish), then the search stops with TimeUp. A measurement out of time likewise lets the next row's run."""
+    ran: list[tuple[str, int]] = []
+
+    def probe(k, budget, i, phase):  # noqa: ANN001, ANN202
+        if k == "b":
+            raise TimeUp("b's next probe would end past the limit")
+        ran.append((k, i))
+        return {"ran": True, "outcome": frontier.FITS, "status": "ok", "reason": None, "need_gib": 1.0}
+
+    def search(n: int) -> SimpleNamespace:
+        todo = [(1.0, i) for i in reversed(range(n))]
+        return SimpleNamespace(next_probe=lambda upto: todo.pop() if todo else None,
+                               state=SimpleNamespace(record=lambda *a: None))
+
+    with pytest.raises(TimeUp, match="b's next probe"):
+        frontier._search_together({"b": search(3), "a": search(3)}, frontier.Probing(jobs=1), probe, 1.0, ran=True)
+    assert ran == [("a", 0), ("a", 1), ("a", 2)]
+
+    ran.clear()
+    found = {"b": SimpleNamespace(found={1.0: 4}), "a": SimpleNamespace(found={1.0: 2})}
+    with pytest.raises(TimeUp):
+        frontier._measure_budget(1.0, found, {"a": "x", "b": "y"}, {"a": True, "b": True}, {"a": set(), "b": set()},
+                                 probe)
+    assert ran == [("a", 2)]  # b's measurement (the longest answer, first) was out of time; a's ran
+
+
 def test_a_frontier_out_of_time_writes_its_table_and_the_same_command_goes_on(tmp_path, env, capsys):
     path = _scenario(tmp_path)
     assert _frontier(path, tmp_path, "--time-limit-s", "3") == 0  # the first probe starts (~6 s), then time is up
