@@ -6,8 +6,9 @@ budget and value taken from its sweep's stored scenario), so the table can be re
 interrupted frontier. A cell's ``state``:
 
 - ``found``: the largest fitting value is the grid's top, or the next grid value ran out of memory (its tokens/s and
-  memory come from the run at that value made alone with the scenario's steps; ``measured`` false until that run
-  exists, when the search probes ran side by side or shortened);
+  memory come from the run at that value made alone with the scenario's steps, or with fewer where the frontier
+  shortened its measurements (``--measure-steps``: ``measured_steps`` says how many; at least two were timed);
+  ``measured`` false until that run exists, when the search probes ran side by side or shortened);
 - ``incomplete``: a value fits but the bisection has not closed above it (the frontier was interrupted).
 
 A value that fits under a smaller budget fits here (a cap only bounds the allocator) unless a probe here says no. For
@@ -35,7 +36,7 @@ from harness.storing.sweep import StoredFileError, is_results_dir, load_sweep, r
 
 COLUMNS = ("framework", "tool", "budget_gib", "vary", "value", "state", "measured", "tokens_per_s",
            "peak_vram_nvml_gib", "peak_reserved_gib", "valid", "next_oom_value", "probes", "reason",
-           "measured_at_gib", "code")
+           "measured_at_gib", "code", "measured_steps")
 
 
 @dataclass
@@ -58,6 +59,7 @@ class Cell:
     reason: str | None = None
     measured_at_gib: float | None = None  # the budget the measurement ran under (a smaller one: see the docstring)
     code: str | None = None  # the commits the probes at this budget ran, short, space-separated, in order of first use
+    measured_steps: int | None = None  # the measurement's optimizer steps, where fewer than the scenario's
 
 
 @dataclass
@@ -65,8 +67,8 @@ class _Probe:
     budget: float
     value: int
     run: RunResult
-    exact: bool = True  # run alone with the frontier scenario's steps: a measurement, not only a search probe
-    steps: int | None = None  # a shortened search probe's optimizer steps (None: the scenario's)
+    exact: bool = True  # run alone with the scenario's steps, or shortened with two timed: a measurement
+    steps: int | None = None  # a shortened probe's optimizer steps (None: the scenario's)
 
 
 def read_probes(folder: Path) -> tuple[dict[str, Any], list[_Probe]]:
@@ -82,10 +84,13 @@ def read_probes(folder: Path) -> tuple[dict[str, Any], list[_Probe]]:
         value = (sweep.scenario.get(section) or {}).get(vary)
         if not (isinstance(budget, int | float) and isinstance(value, int)) or isinstance(value, bool):
             continue  # not a probe (or its stored scenario is damaged: load_sweep named it)
-        own = (sweep.scenario.get("train") or {}).get("steps")
+        train = sweep.scenario.get("train") or {}
+        own = train.get("steps")
         short = steps is not None and own != steps
+        # a shortened run alone measures where two of its steps are timed (frontier --measure-steps)
+        timed = isinstance(own, int) and own - (train.get("warmup_steps") or 0) >= 2
         probes += [_Probe(float(budget), int(value), r,
-                          not short and not any(x.startswith(CONTENTION) for x in r.invalid_reasons),
+                          (not short or timed) and not any(x.startswith(CONTENTION) for x in r.invalid_reasons),
                           own if short else None)
                    for r in sweep.runs]
     return plan, probes
@@ -157,14 +162,14 @@ def _cell(fw: str, budget: float, vary: str, probes: list[_Probe], values: list[
         cell.next_oom_value = next((v for v in no_fit if v > cell.value), None)
         above = [v for v in values if v > cell.value]
         cell.state = "found" if not above or cell.next_oom_value == above[0] else "incomplete"
-        here = [p for p in fits if p.value == cell.value and p.exact]
+        here = sorted((p for p in fits if p.value == cell.value and p.exact), key=lambda p: -(p.steps or 1 << 30))
         top = here[0] if here else max((p for p in earlier or [] if p.value == cell.value), default=None,
                                        key=lambda p: p.budget)
         if top is not None:
             m = top.run.metrics
             cell.measured, cell.tokens_per_s, cell.valid = True, m.tokens_per_s, top.run.valid
             cell.peak_vram_nvml_gib, cell.peak_reserved_gib = m.peak_vram_nvml_gib, m.peak_reserved_gib
-            cell.measured_at_gib = top.budget
+            cell.measured_at_gib, cell.measured_steps = top.budget, top.steps
             cell.tool = cell.tool or top.run.adapter
             if not top.run.valid:
                 cell.reason = "invalid: " + "; ".join(top.run.invalid_reasons)
@@ -199,7 +204,8 @@ def to_markdown(cells: list[Cell], title: str) -> str:
              "as the signal), and tokens/s there, measured alone with the scenario's steps. `≥`: interrupted before "
              "the search closed; `*`: the run was invalid (reasons below); `not measured`: found by search probes "
              "(side by side or shortened) and not yet run alone; `run under N GiB`: measured under that smaller "
-             "budget (the row runs the same under every cap).", "",
+             "budget (the row runs the same under every cap); `N steps`: measured with N steps, fewer than the "
+             "scenario's (two or more timed).", "",
              "| framework | " + " | ".join(f"{b:g} GiB" for b in budgets) + " |",
              "|---|" + "---|" * len(budgets)]
     notes = []
@@ -242,7 +248,8 @@ def cell_text(c: Cell) -> str:
     if c.state in ("found", "incomplete") and c.value is not None:
         under = f", run under {c.measured_at_gib:g} GiB" \
             if c.measured_at_gib is not None and c.measured_at_gib != c.budget_gib else ""
-        speed = f" ({c.tokens_per_s:,.0f} tok/s{under})" if c.tokens_per_s is not None else \
+        steps = f", {c.measured_steps} steps" if c.measured_steps else ""
+        speed = f" ({c.tokens_per_s:,.0f} tok/s{steps}{under})" if c.tokens_per_s is not None else \
             f" ({under[2:]})" if under else "" if c.measured else " (not measured)"
         mark = "≥ " if c.state == "incomplete" else ""
         return f"{mark}{c.value:,}{speed}{'' if c.valid or not c.measured else ' *'}"

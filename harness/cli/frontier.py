@@ -8,8 +8,9 @@ resumes (finished probes are not redone), ``--retry-failed`` redoes probes store
 error/crashed/timeout/unavailable. A probe that fails otherwise than by memory stops its row, not the frontier.
 ``--jobs N`` runs N rows' search probes side by side (their budgets within the GPU's memory) and ``--probe-steps K``
 shortens them: both only answer "does it fit", so each cell's largest value is then run once more alone with the
-scenario's steps, the figure its cell reports (a budget's cells before the next budget's search). The table is
-written as ``frontier.csv`` and ``frontier.md`` in that folder, also when the frontier stops early: at an interrupt,
+scenario's steps (or ``--measure-steps M``), the figure its cell reports (a budget's cells before the next budget's
+search). The table is written as ``frontier.csv`` and ``frontier.md`` in that folder, also when the frontier stops
+early: at an interrupt,
 or at ``--time-limit-s S``, after which no probe starts that would end past S seconds (a machine lent for a limited
 time: the probes going on finish, and the same command goes on). ``--redo-older ROW ...`` searches rows again
 whose probes other code made (a fix in that tool), the others' cells kept; their old probes stay under
@@ -82,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probe-steps", type=int, metavar="K",
                    help="search probes run K optimizer steps (at least 2) instead of the scenario's (when fewer); "
                         "each answer is then measured alone with the scenario's steps")
+    p.add_argument("--measure-steps", type=int, metavar="M",
+                   help="with --jobs or --probe-steps: each answer measured alone with M optimizer steps instead of "
+                        "the scenario's (when fewer; at least its warmup steps and two timed), for cells whose whole "
+                        "run outlasts the time a machine is lent for; the table marks such cells")
     p.add_argument("--redo-older", nargs="+", metavar="FRAMEWORK",
                    help="search these rows again where their probes were made by other code than this checkout's "
                         "(a fix of that tool): those probes are set aside, kept under each probe's runs/attempts/; "
@@ -136,9 +141,17 @@ def main(argv: list[str] | None = None) -> int:
     if bad_dirs := output_dir_problems(results=args.results, reports=reports_dir):
         print("\n".join(f"{args.scenario}: {b}" for b in bad_dirs), file=sys.stderr)
         return EXIT_BAD_INPUT
-    capacity = gpu_info()["gpu_memory_gib"] if sc.hardware.device == "cuda" else None
     short = args.probe_steps if args.probe_steps is not None and args.probe_steps < sc.train.steps else None
-    probing = Probing(jobs=args.jobs, steps=short, capacity_gib=capacity and capacity - CAPACITY_MARGIN_GIB)
+    measure = args.measure_steps if args.measure_steps is not None and args.measure_steps < sc.train.steps else None
+    if args.measure_steps is not None and (args.jobs <= 1 and short is None or
+                                           measure is not None and measure < sc.train.warmup_steps + 2):
+        print(f"{args.scenario}: --measure-steps {args.measure_steps}: needs --jobs above 1 or --probe-steps (it "
+              f"shortens the measurement that follows a search) and at least the scenario's warmup_steps "
+              f"({sc.train.warmup_steps}) + 2 steps, so that two are timed", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    capacity = gpu_info()["gpu_memory_gib"] if sc.hardware.device == "cuda" else None
+    probing = Probing(jobs=args.jobs, steps=short, capacity_gib=capacity and capacity - CAPACITY_MARGIN_GIB,
+                      measure_steps=measure)
     try:
         grid = make_grid(sc, args.vary, args.hi, args.step)
         # a budget on a cpu, shortened probes with too few steps, a value beyond the schema's bounds: refused before

@@ -41,14 +41,18 @@ def write_frontier_report(folder: Path, out_dir: Path, claims: list[Claim] | Non
     out_dir.mkdir(parents=True, exist_ok=True)
     doc = Doc(f"tunebench memory frontier: {plan.get('scenario', folder.name)}")
     measured = sum(1 for c in cells if c.measured)
+    short = sum(1 for c in cells if c.measured and c.measured_steps)
     doc.p(f"Results: `results/{folder.name}` — {len(probes)} stored probes; {measured} of "
-          f"{sum(1 for c in cells if c.state in REACHED)} cells with a value measured alone with the scenario's steps. "
+          f"{sum(1 for c in cells if c.state in REACHED)} cells with a value measured alone"
+          f"{f' ({short} of them with fewer steps than the scenario)' if short else ''}. "
           f"Per framework row and memory budget (GiB, the cap every run had), the largest {vary} on the grid "
           f"{g['lo']}, multiples of {g['step']}, {g['hi']} that trains without running out of memory, and tokens/s "
           "there.")
     source = _shown_path(plan.get("scenario_source") or f"scenarios/{plan.get('scenario')}.yaml")
     budgets = ",".join(f"{b:g}" for b in plan.get("budgets", []))
-    flags = probing_flags({p.steps for p in probes if p.steps}, [r for p in probes for r in p.run.invalid_reasons])
+    flags = probing_flags({p.steps for p in probes if p.steps and not p.exact},
+                          [r for p in probes for r in p.run.invalid_reasons],
+                          frozenset(p.steps for p in probes if p.steps and p.exact))
     doc.code(f"python -m harness frontier {source} --vary {vary} --budgets {budgets} --step {g['step']} --max {g['hi']}"
              f"{flags}\npython -m harness report results/{folder.name}")
     _table(doc, cells, vary)
@@ -89,7 +93,8 @@ def _table(doc: Doc, cells: list[FrontierCell], vary: str) -> None:
           "made alone with the scenario's steps. `≥`: the search had not closed; `*`: that run was invalid; "
           "`not measured`: found by search probes (side by side or shortened) and not yet run alone; "
           "`run under N GiB`: the same value's run under that smaller budget, for a row that runs the same under "
-          "every cap (every row but one that plans itself to the budget).")
+          "every cap (every row but one that plans itself to the budget); `N steps`: measured with N steps, fewer "
+          "than the scenario's, two or more of them timed (`frontier --measure-steps`).")
     rows = []
     for fw in dict.fromkeys(c.framework for c in cells):
         line: list[str | Cell] = [fw]

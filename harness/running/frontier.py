@@ -73,12 +73,13 @@ from harness.running.frontier_grid import (  # noqa: F401 (the grid's names, whe
     probe_name,
     probe_scenario,
     read_plan,
+    run_probe,
     set_aside_older,
     step_work,
+    stored_probe,
 )
 from harness.running.locks import machine_lock
 from harness.spec.scenario import Scenario
-from harness.storing import results
 from harness.storing.schema import STATUS_OK, STATUS_OOM, Metrics, RunResult
 
 FITS, NO_FIT, FAILED = "fits", "oom", "failed"
@@ -87,12 +88,18 @@ FITS, NO_FIT, FAILED = "fits", "oom", "failed"
 SIDE_BY_SIDE = "search probes at a time"  # in the machine lock's note, which each shared probe records
 
 
-def probing_flags(shortened_steps: set[int], contention: list[str]) -> str:
-    """The ``--jobs``/``--probe-steps`` that made a frontier's stored search probes, from the steps of its shortened
-    probes and the contention its shared probes recorded (the same flags find those probes again on a rerun)."""
+def probing_flags(shortened_steps: set[int], contention: list[str],
+                  measured_steps: frozenset[int] = frozenset()) -> str:
+    """The ``--jobs``/``--probe-steps``/``--measure-steps`` that made a frontier's stored probes, from the steps of its
+    shortened search probes, of its shortened measurements (alone, two steps or more timed) and the contention its
+    shared probes recorded (the same flags find those probes again on a rerun). Without side by side or shortened
+    search probes, shortened runs alone were the search itself (``--probe-steps``)."""
     jobs = {int(m.group(1)) for r in contention if (m := re.search(rf"(\d+) {SIDE_BY_SIDE}", r))}
+    if measured_steps and not (jobs or shortened_steps):
+        shortened_steps, measured_steps = set(measured_steps), frozenset()
     return (f" --jobs {max(jobs)}" if jobs else "") + \
-        (f" --probe-steps {max(shortened_steps)}" if shortened_steps else "")
+        (f" --probe-steps {max(shortened_steps)}" if shortened_steps else "") + \
+        (f" --measure-steps {max(measured_steps)}" if measured_steps else "")
 
 
 def follows_budget(adapter: str | None, overrides: dict[str, Any]) -> bool:
@@ -351,12 +358,15 @@ class Probing:
     ``steps``: search probes shortened to that many optimizer steps (the memory peak comes with the first steps).
     Either way, every largest fitting value is then run once more alone with the scenario's own steps (a budget's
     answers before the next budget's search), the measurement its cell reports; when that run does not fit, the value
-    below it is measured.
+    below it is measured. ``measure_steps``: those measurements shortened to that many steps (fewer than the
+    scenario's, at least its warmup steps and two timed), for cells whose whole run outlasts what a lent machine
+    gives one command (the planned 8B row at 131,072 tokens: ~70 s a step); the table says so.
     """
 
     jobs: int = 1
     steps: int | None = None
     capacity_gib: float | None = None
+    measure_steps: int | None = None
 
     @property
     def exact(self) -> bool:
@@ -398,7 +408,8 @@ def run_frontier(sc: Scenario, grid: Grid, budgets: list[float], results_root: P
         TimeUp: the time limit came before the frontier's end (the probes going on finished first).
     """
     probing, values = probing or Probing(), grid.values()
-    clock = Clock(time_limit_s, sc.train.steps / probing.steps if probing.steps else 1.0, step_work(sc, grid.vary))
+    measured = probing.measure_steps or sc.train.steps
+    clock = Clock(time_limit_s, measured / probing.steps if probing.steps else 1.0, step_work(sc, grid.vary))
     rows = [k for k in sc.framework_names() if not only or k in only]
     folder = open_frontier(sc, grid, budgets, Path(results_root), new=new)
     runner.refuse_other_machine(folder, "frontier")
@@ -409,9 +420,9 @@ def run_frontier(sc: Scenario, grid: Grid, budgets: list[float], results_root: P
 
     def probe(k: str, budget: float, i: int, phase: str) -> dict[str, Any]:
         shared = phase == "search" and probing.jobs > 1
-        steps = probing.steps if phase == "search" else None
-        alone = not (shared or steps)
-        run, ran = _probe(sc, k, budget, grid.vary, values[i], folder, retry_failed, quiet, steps, shared,
+        steps = probing.steps if phase == "search" else probing.measure_steps
+        alone = phase != "search" or not (shared or steps)
+        run, ran = run_probe(sc, k, budget, grid.vary, values[i], folder, retry_failed, quiet, steps, shared,
                           lambda: clock.check(k, alone, values[i]))
         clock.saw(k, alone, run.wall_s, values[i], run.status == STATUS_OK)
         result = outcome(run)
@@ -427,7 +438,9 @@ def run_frontier(sc: Scenario, grid: Grid, budgets: list[float], results_root: P
     # when each answer is measured alone afterwards, that measurement verifies a value carried up from a smaller
     # budget (memory does not grow with the budget): no search probe at it first
     kinds = [(None, False)] if probing.exact else [(None, False), (probing.steps, probing.jobs > 1)]
-    known = _known(sc, folder, rows, sorted(set(budgets)), grid.vary, values, kinds, log, clock)
+    kinds += [(probing.measure_steps, False)] if probing.measure_steps and not probing.exact else []
+    known = _known(sc, folder, rows, sorted(set(budgets)), grid.vary, values, kinds, log, clock,
+                   probing.measure_steps)
     planned = {f.key for f in sc.frameworks if follows_budget(f.name, f.overrides)}
     hints = {k: _hints(sc, k, grid, sorted(set(budgets)), quiet) for k in rows if k in planned}
     searches = {k: _RowSearch(k, sorted(set(budgets)), values, verify=probing.exact, known=known.get(k),
@@ -544,30 +557,12 @@ def _measure(k: str, budget: float, i: int, probe: Callable[[str, float, int, st
     return None
 
 
-def _probe(sc: Scenario, k: str, budget: float, vary: str, value: int, folder: Path, retry_failed: bool,
-           quiet: bool, steps: int | None, shared: bool, before_run: Callable[[], None]) -> tuple[RunResult, bool]:
-    """Row ``k``'s stored probe at (``budget``, ``value``) and whether it ran now. An exact probe stored earlier
-    (one at a time, the scenario's steps) answers any search probe; otherwise the probe of this kind is read, or
-    run when missing (``before_run`` first: the time limit's check)."""
-    kinds = [(steps, shared)] if (steps, shared) == (None, False) else [(None, False), (steps, shared)]
-    for st, sh in kinds:
-        p_sc = probe_scenario(sc, budget, vary, value, k, st, sh)
-        run = _stored(p_sc, k, folder)
-        if run is not None and not (retry_failed and run.status in runner.RETRYABLE):
-            return run, False
-    before_run()
-    runner.run_sweep(p_sc, folder, quiet=quiet, only=[k], resume_only=True, retry_failed=retry_failed,
-                     allow_contention=shared)
-    run = _stored(p_sc, k, folder)
-    if run is None:  # the runner stores a row for every run it starts: a gap is a bug, not a measurement
-        raise RuntimeError(f"no stored probe for {k} of {p_sc.name} in {folder}")
-    return run, True
-
-
 def _known(sc: Scenario, folder: Path, rows: list[str], budgets: list[float], vary: str, values: list[int],
-           kinds: list[tuple[int | None, bool]], log: ProbeLog, clock: Clock) -> dict[str, dict[float, list]]:
+           kinds: list[tuple[int | None, bool]], log: ProbeLog, clock: Clock,
+           measure_steps: int | None = None) -> dict[str, dict[float, list]]:
     """Each row's stored probes of the given kinds (``(steps, shared)``) by budget: ``[(grid index, outcome, need)]``
-    for :meth:`_Row.seed`, each added to ``log`` and its time to ``clock``. Failed ones are left to the search,
+    for :meth:`_Row.seed`, each added to ``log`` and its time to ``clock`` (as a measurement where it ran alone with
+    the scenario's steps or ``measure_steps``). Failed ones are left to the search,
     which stops where it meets one. Sweep folders are ``<probe name>-<time>``: names are matched first, scenarios
     derived only for those."""
     names = {d.name[:-16] for d in folder.iterdir() if re.fullmatch(r".+-\d{8}-\d{6}", d.name)}
@@ -578,18 +573,12 @@ def _known(sc: Scenario, folder: Path, rows: list[str], budgets: list[float], va
                 for st, sh in kinds:
                     if probe_name(sc.name, k, b, vary, v, st, sh) not in names:
                         continue
-                    run = _stored(probe_scenario(sc, b, vary, v, k, st, sh), k, folder)
+                    run = stored_probe(probe_scenario(sc, b, vary, v, k, st, sh), k, folder)
                     if run is None or (result := outcome(run)) == FAILED:
                         continue
-                    clock.saw(k, not (st or sh), run.wall_s, v, run.status == STATUS_OK)
+                    clock.saw(k, not sh and st in (None, measure_steps), run.wall_s, v, run.status == STATUS_OK)
                     out.setdefault(k, {}).setdefault(b, []).append((i, result, need_gib(run.metrics)))
                     log.probes.append({"framework": k, "budget_gib": b, "value": v, "status": run.status,
                                        "outcome": result, "reason": run.reason, "ran": False, "phase": "known",
                                        "need_gib": need_gib(run.metrics), "run_id": run.run_id})
     return out
-
-
-def _stored(probe_sc: Scenario, k: str, folder: Path) -> RunResult | None:
-    d = runner.newest_sweep(probe_sc, folder)
-    p = d / "runs" / f"{results.run_key(k, 0)}.json" if d is not None else None
-    return results.read_result(p) if p is not None and p.exists() else None

@@ -22,9 +22,10 @@ import yaml
 from harness.inputs import models
 from harness.measuring import flops
 from harness.running.derive import derive
-from harness.running.runner import StopStarting, set_aside_failed
+from harness.running.runner import RETRYABLE, StopStarting, newest_sweep, run_sweep, set_aside_failed
 from harness.spec.scenario import MAX_BATCH, MAX_NAME, MAX_SEQ_LEN, Scenario
 from harness.storing import results
+from harness.storing.schema import RunResult
 
 VARIES = ("seq_len", "micro_batch")
 MIN_VALUE = {"seq_len": 8, "micro_batch": 1}  # the schema's smallest valid values
@@ -339,3 +340,31 @@ def set_aside_older(folder: Path, rows: list[str], code: dict[str, Any]) -> int:
             if (env.get("git_sha"), bool(env.get("git_dirty"))) != now:
                 moved += len(set_aside_failed(d, [f.stem], also=lambda _: True))
     return moved
+
+
+def stored_probe(probe_sc: Scenario, k: str, folder: Path) -> RunResult | None:
+    """Row ``k``'s stored run of the probe scenario ``probe_sc`` in ``folder`` (its newest sweep), or None."""
+    d = newest_sweep(probe_sc, folder)
+    p = d / "runs" / f"{results.run_key(k, 0)}.json" if d is not None else None
+    return results.read_result(p) if p is not None and p.exists() else None
+
+
+def run_probe(sc: Scenario, k: str, budget: float, vary: str, value: int, folder: Path, retry_failed: bool,
+              quiet: bool, steps: int | None, shared: bool,
+              before_run: Callable[[], None]) -> tuple[RunResult, bool]:
+    """Row ``k``'s stored probe at (``budget``, ``value``) and whether it ran now. An exact probe stored earlier
+    (one at a time, the scenario's steps) answers any search probe; otherwise the probe of this kind is read, or
+    run when missing (``before_run`` first: the time limit's check)."""
+    kinds = [(steps, shared)] if (steps, shared) == (None, False) else [(None, False), (steps, shared)]
+    for st, sh in kinds:
+        p_sc = probe_scenario(sc, budget, vary, value, k, st, sh)
+        run = stored_probe(p_sc, k, folder)
+        if run is not None and not (retry_failed and run.status in RETRYABLE):
+            return run, False
+    before_run()
+    run_sweep(p_sc, folder, quiet=quiet, only=[k], resume_only=True, retry_failed=retry_failed,
+              allow_contention=shared)
+    run = stored_probe(p_sc, k, folder)
+    if run is None:  # the runner stores a row for every run it starts: a gap is a bug, not a measurement
+        raise RuntimeError(f"no stored probe for {k} of {p_sc.name} in {folder}")
+    return run, True

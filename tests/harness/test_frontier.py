@@ -136,7 +136,7 @@ def test_bisection_finds_each_threshold_in_logarithmic_probes(tmp_path, monkeypa
     def fake_probe(sc, k, budget, vary, value, *rest):
         return _run("ok" if value <= limit[budget] else "oom"), True
 
-    monkeypatch.setattr(frontier, "_probe", fake_probe)
+    monkeypatch.setattr(frontier, "run_probe", fake_probe)
     _, log = frontier.run_frontier(sc, grid, [2.0, 1.0], tmp_path / "results")
     for budget, want in limit.items():
         mine = [p for p in log.probes if p["budget_gib"] == budget]
@@ -155,7 +155,7 @@ def test_a_row_that_fits_nothing_closes_each_budget_in_one_probe(tmp_path, monke
     def fake_probe(sc, k, budget, vary, value, *rest):
         return _run("ok" if value <= limit[budget] else "oom"), True
 
-    monkeypatch.setattr(frontier, "_probe", fake_probe)
+    monkeypatch.setattr(frontier, "run_probe", fake_probe)
     _, log = frontier.run_frontier(sc, grid, list(limit), tmp_path / "results")
     by = {b: [(p["value"], p["outcome"]) for p in log.probes if p["budget_gib"] == b] for b in limit}
     assert by[1.0] == [(1, frontier.NO_FIT)] and by[2.0] == [(1, frontier.NO_FIT)]
@@ -184,7 +184,7 @@ def test_the_memory_line_guides_the_search_to_each_budget_in_a_few_probes(tmp_pa
             run.metrics.peak_vram_nvml_gib = peak(v)
         return run, True
 
-    monkeypatch.setattr(frontier, "_probe", fake_probe)
+    monkeypatch.setattr(frontier, "run_probe", fake_probe)
     _, log = frontier.run_frontier(sc, grid, budgets, tmp_path / "results")
     for budget in budgets:
         mine = [p for p in log.probes if p["budget_gib"] == budget]
@@ -350,7 +350,7 @@ def test_the_line_goes_through_what_probes_needed_not_the_nvml_peak_a_cap_flatte
             run.metrics.peak_alloc_gib = need(v) - 0.7
         return run, True
 
-    monkeypatch.setattr(frontier, "_probe", fake_probe)
+    monkeypatch.setattr(frontier, "run_probe", fake_probe)
     _, log = frontier.run_frontier(sc, grid, budgets, tmp_path / "results")
     for budget in budgets:
         mine = [p for p in log.probes if p["budget_gib"] == budget]
@@ -384,7 +384,7 @@ def test_side_by_side_search_keeps_to_its_jobs_and_the_gpu_memory_then_measures_
             running.remove(budget)
         return _run("ok" if fits else "oom"), True
 
-    monkeypatch.setattr(frontier, "_probe", fake_probe)
+    monkeypatch.setattr(frontier, "run_probe", fake_probe)
     probing = frontier.Probing(jobs=3, steps=2, capacity_gib=4.5)
     _, log = frontier.run_frontier(sc, grid, [1.0, 2.0], tmp_path / "results", probing=probing)
     assert seen[0][1] == 1  # the first probe alone: it builds what the others share
@@ -427,7 +427,7 @@ def test_a_resumed_side_by_side_search_runs_its_first_new_probe_alone(tmp_path, 
             running.remove(k)
         return _run("ok" if v <= 4 * budget else "oom"), not stored
 
-    monkeypatch.setattr(frontier, "_probe", fake_probe)
+    monkeypatch.setattr(frontier, "run_probe", fake_probe)
     frontier.run_frontier(sc, grid, [1.0, 2.0], tmp_path / "results", probing=frontier.Probing(jobs=3, steps=2))
     assert seen[0] == 1 and max(seen) > 1
 
@@ -448,7 +448,7 @@ def test_cheaper_search_takes_a_smaller_budgets_answer_without_probing_it_again(
     def fake_probe(sc, k, budget, vary, v, *rest):
         return _run("ok" if v <= limit[k][budget] else "oom"), True
 
-    monkeypatch.setattr(frontier, "_probe", fake_probe)
+    monkeypatch.setattr(frontier, "run_probe", fake_probe)
     _, log = frontier.run_frontier(sc, grid, [1.0, 2.0, 4.0], tmp_path / "results",
                                    probing=frontier.Probing(jobs=2, steps=2))
     for k, per_budget in limit.items():
