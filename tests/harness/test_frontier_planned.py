@@ -28,7 +28,7 @@ def test_a_row_that_plans_to_its_budget_is_bisected_not_led_by_its_memory_line(t
         run.metrics.peak_reserved_gib = 0.9 * budget + 0.001 * v
         return run, True
 
-    monkeypatch.setattr(frontier, "_probe", fake_probe)
+    monkeypatch.setattr(frontier, "run_probe", fake_probe)
     _, log = frontier.run_frontier(sc, grid, list(limit), tmp_path / "results")
     below = 0
     for budget, want in limit.items():
@@ -55,7 +55,7 @@ def test_a_planning_row_probes_its_tools_prediction_first(tmp_path, monkeypatch,
     def fake_probe(sc, k, budget, vary, v, *rest):
         return _run("ok" if rate * v * 16 <= budget else "oom"), True
 
-    monkeypatch.setattr(frontier, "_probe", fake_probe)
+    monkeypatch.setattr(frontier, "run_probe", fake_probe)
     _, log = frontier.run_frontier(sc, grid, budgets, tmp_path / "results")
     for budget in budgets:
         mine = [p["value"] for p in log.probes if p["budget_gib"] == budget]
