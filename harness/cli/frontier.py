@@ -10,12 +10,11 @@ error/crashed/timeout/unavailable. A probe that fails otherwise than by memory s
 shortens them: both only answer "does it fit", so each cell's largest value is then run once more alone with the
 scenario's steps (or ``--measure-steps M``), the figure its cell reports (a budget's cells before the next budget's
 search). The table is written as ``frontier.csv`` and ``frontier.md`` in that folder, also when the frontier stops
-early: at an interrupt,
-or at ``--time-limit-s S``, after which no probe starts that would end past S seconds (a machine lent for a limited
-time: the probes going on finish, and the same command goes on). ``--redo-older ROW ...`` searches rows again
-whose probes other code made (a fix in that tool), the others' cells kept; their old probes stay under
-``runs/attempts/``. Exit codes: 0 done or out of time (failed probes
-are cells, not errors), 2 bad input, 3 another sweep holds the machine, 130 interrupted.
+early: at an interrupt, or at ``--time-limit-s S``, after which no probe starts that would end past S seconds (a
+machine lent for a limited time: the probes going on finish, and the same command goes on). ``--redo-older ROW
+...`` searches rows again whose probes other code made (a fix in that tool), the others' cells kept; their old
+probes stay under ``runs/attempts/``. Exit codes: 0 done or out of time (failed probes are cells, not errors), 2 bad
+input, 3 another sweep holds the machine, 130 interrupted.
 
 Examples::
 

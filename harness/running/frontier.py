@@ -423,7 +423,7 @@ def run_frontier(sc: Scenario, grid: Grid, budgets: list[float], results_root: P
         steps = probing.steps if phase == "search" else probing.measure_steps
         alone = phase != "search" or not (shared or steps)
         run, ran = run_probe(sc, k, budget, grid.vary, values[i], folder, retry_failed, quiet, steps, shared,
-                          lambda: clock.check(k, alone, values[i]))
+                             lambda: clock.check(k, alone, values[i]))
         clock.saw(k, alone, run.wall_s, values[i], run.status == STATUS_OK)
         result = outcome(run)
         rec = {"framework": k, "budget_gib": budget, "value": values[i], "status": run.status, "outcome": result,
@@ -562,9 +562,8 @@ def _known(sc: Scenario, folder: Path, rows: list[str], budgets: list[float], va
            measure_steps: int | None = None) -> dict[str, dict[float, list]]:
     """Each row's stored probes of the given kinds (``(steps, shared)``) by budget: ``[(grid index, outcome, need)]``
     for :meth:`_Row.seed`, each added to ``log`` and its time to ``clock`` (as a measurement where it ran alone with
-    the scenario's steps or ``measure_steps``). Failed ones are left to the search,
-    which stops where it meets one. Sweep folders are ``<probe name>-<time>``: names are matched first, scenarios
-    derived only for those."""
+    the scenario's steps or ``measure_steps``). Failed ones are left to the search, which stops where it meets one.
+    Sweep folders are ``<probe name>-<time>``: names are matched first, scenarios derived only for those."""
     names = {d.name[:-16] for d in folder.iterdir() if re.fullmatch(r".+-\d{8}-\d{6}", d.name)}
     out: dict[str, dict[float, list]] = {}
     for k in rows:
