@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import triton
 import triton.testing
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kernels.ops.fused_linear_cross_entropy import fused_linear_cross_entropy
 from kernels.ops.fused_linear_logprobs import fused_linear_logprobs
@@ -250,8 +251,6 @@ def _attention_cases() -> list[tuple]:
     """Causal grouped-query attention at the 8B heads through each SDPA backend alone (a backend that refuses the
     inputs is an error row): micro-batch 2 x 2,048 and one row of 32,768 tokens (the frontier's long rows).
     FLOPs as the MFU convention counts them (kernels/NOTES.md): forward 2 B H S^2 D, forward and backward 3x that."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     cases = []
     for batch, seq in ((2, TOKENS // 2), (1, 32768)):
         q = torch.randn(batch, N_HEADS, seq, HEAD_DIM, device="cuda", dtype=DTYPE, requires_grad=True)

@@ -23,6 +23,7 @@ bf16/fp16 (:mod:`kernels.trainer.flex`): their ``mask`` argument is then a block
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
 from typing import Any
@@ -71,11 +72,10 @@ def causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str 
     ``"cudnn"`` on CUDA asks for cuDNN's fused attention first (torch takes the next backend where cuDNN refuses the
     inputs: :func:`dense_attention_impl` says which runs); otherwise torch's own order. The backward runs the
     forward's backend (the op's saved state is that backend's)."""
-    gqa = k.shape[1] != q.shape[1]
-    if backend == "cudnn" and q.is_cuda:
-        with sdpa_kernel(CUDNN_FIRST, set_priority=True):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa, scale=scale)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa, scale=scale)
+    cudnn = backend == "cudnn" and q.is_cuda
+    with sdpa_kernel(CUDNN_FIRST, set_priority=True) if cudnn else contextlib.nullcontext():
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1],
+                                              scale=scale)
 
 
 def dense_attention_impl(backend: str, n_heads: int, n_kv: int, head_dim: int, dtype: torch.dtype,

@@ -18,6 +18,7 @@ from harness.spec.scenario import load_scenario
 from kernels.trainer.attention import Attention, causal_sdpa, dense_attention_impl
 from kernels.trainer.config import MethodOptions, TrainSettings
 from kernels.trainer.loading import load_model
+from kernels.trainer.train import train
 from tests.kernels.test_trainer_graph import PAD, _rows
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -119,12 +120,6 @@ def test_training_through_cudnn_attention_matches_auto_on_gpu(tiny_llama_fp32, g
                            dtype=torch.bfloat16, device="cuda", seed=0)
         model.options.cuda_graph = graphed
         s = TrainSettings(micro_batch=2, grad_accum=1, steps=6, lr=1e-3, pad_id=PAD)
-        return train_losses(model, s)
+        return train(model, _rows(2 * s.steps), s, device=torch.device("cuda"))
 
     assert losses("cudnn") == pytest.approx(losses("auto"), rel=2e-2)
-
-
-def train_losses(model, s: TrainSettings) -> list[float]:  # noqa: ANN001
-    from kernels.trainer.train import train
-
-    return train(model, _rows(2 * s.steps), s, device=torch.device("cuda"))
