@@ -272,9 +272,13 @@ class Clock:
     probes going on finish).
 
     A probe's expected time comes from its row's probes of the same kind (search, or measured alone) that this
-    invocation ran or read. Their shortest time is the fixed part (starting the tool, loading the model); the rest of
-    a probe that trained scales with ``work`` (a step's FLOPs at a value) to the next probe's value, and its longest
-    such scaling is the estimate. A probe that ran out of memory, or one at a larger value, counts at its own time.
+    invocation ran or read, and is the longest of two things. Each probe at its own time (where it trained, its part
+    beyond the shortest probe, the fixed part of starting the tool and loading the model, times ``scale``). And the
+    line in ``work`` (a step's FLOPs at a value) through the row's two largest values below the next one where a
+    probe trained, extended to it (its slope never below 0). The difference of two probes leaves out what does not
+    grow with the value, which at small values is nearly all of a probe: a probe of 8 tokens that took 17 s longer
+    than one out of memory in loading says nothing of a step's cost at 10,000 tokens, so one probe alone is not
+    scaled.
     A measurement with none of its kind yet: its row's search probes with their trained part times ``scale`` (the
     scenario's steps over a shortened probe's). With nothing to go by, a probe starts while time is left. The
     invocation's first probe always starts: one expected to take longer than the whole limit would otherwise never
@@ -303,12 +307,16 @@ class Clock:
         if not probes:
             return 0.0
         fixed = min(p.wall_s for p in probes)
-        out = 0.0
+        out = max(fixed + (p.wall_s - fixed) * (scale if p.trained else 1.0) for p in probes)
+        longest: dict[int, float] = {}  # value -> the longest probe that trained there, at values below the next
         for p in probes:
-            if p.trained and 0 < p.value < value and (w := self.work(p.value)) > 0:
-                out = max(out, fixed + (p.wall_s - fixed) * self.work(value) / w * scale)
-            else:
-                out = max(out, fixed + (p.wall_s - fixed) * (scale if p.trained else 1.0))
+            if p.trained and 0 < p.value < value:
+                longest[p.value] = max(longest.get(p.value, 0.0), p.wall_s)
+        if len(longest) >= 2:
+            (va, ta), (vb, tb) = sorted(longest.items())[-2:]
+            if (dw := self.work(vb) - self.work(va)) > 0:
+                slope = max(tb - ta, 0.0) / dw  # seconds per unit of a step's work
+                out = max(out, tb + slope * (self.work(value) * scale - self.work(vb)))
         return out
 
     def check(self, row: str, alone: bool, value: int = 0) -> None:

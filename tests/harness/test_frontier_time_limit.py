@@ -42,17 +42,35 @@ def test_a_probe_starts_only_where_its_rows_probes_of_that_kind_say_it_ends_in_t
 
 
 def test_a_probe_at_a_larger_value_is_expected_to_take_its_steps_longer(monkeypatch):
-    """The steps' part of a probe that trained scales with the step's work to the next value; the fixed part (the
-    shortest probe: starting the tool) does not; a probe that ran out of memory counts at its own time."""
+    """The line through the two largest values that trained, in the step's work, extended to the next value; a
+    probe that ran out of memory, or one at a larger value, counts at its own time."""
     monkeypatch.setattr(time, "monotonic", lambda: 0.0)
     clock = Clock(limit_s=1000, t0=0.0, work=lambda v: float(v))
     clock.saw("a", False, 30.0, 8, trained=True)
     clock.saw("a", False, 40.0, 2048, trained=True)
-    assert clock.expected("a", False, 16384) == pytest.approx(30 + 10 * 8)
+    assert clock.expected("a", False, 16384) == pytest.approx(40 + 10 * (16384 - 2048) / (2048 - 8))
     assert clock.expected("a", False, 1024) == pytest.approx(40)  # a larger value's probe: its own time
     clock.saw("a", False, 300.0, 65536, trained=False)  # out of memory late, in a step
     assert clock.expected("a", False, 16384) == pytest.approx(300)
     assert clock.expected("a", True, 16384) == pytest.approx(300)  # no measurement alone yet: scale 1 here
+
+
+def test_a_probe_at_a_few_tokens_is_not_scaled_to_thousands(monkeypatch, tmp_path):
+    """The probes of hf + Liger on the 8B LoRA frontier (H100): out of memory in loading at 8 tokens in 17 s, trained
+    at 8 tokens in 34 s. Scaled by a step's FLOPs, those 17 s made its next probe ~37,000 s and the row never ran
+    again. One probe that trained is not scaled; two make a line, whose slope is never below 0."""
+    monkeypatch.setattr(time, "monotonic", lambda: 0.0)
+    work = frontier_grid.step_work(load_scenario(_scenario(tmp_path)), "seq_len")
+    clock = Clock(limit_s=1000, t0=0.0, work=work)
+    clock.saw("a", False, 17.4, 8, trained=False)
+    clock.saw("a", False, 34.2, 8, trained=True)
+    assert clock.expected("a", False, 13312) == pytest.approx(34.2)
+    clock.saw("a", False, 41.8, 2048, trained=True)
+    line = 41.8 + 7.6 * (work(13312) - work(2048)) / (work(2048) - work(8))
+    assert clock.expected("a", False, 13312) == pytest.approx(line)
+    assert 41.8 < line < 1000
+    clock.saw("a", False, 31.0, 9216, trained=True)  # faster than at 2,048: noise, not a negative slope
+    assert clock.expected("a", False, 13312) == pytest.approx(41.8)
 
 
 def test_a_steps_work_grows_faster_than_seq_len_and_in_proportion_to_micro_batch(tmp_path):
