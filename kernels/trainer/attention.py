@@ -1,10 +1,10 @@
 """Causal self-attention of the decoder, for unpacked and packed rows.
 
-Unpacked rows: ``F.scaled_dot_product_attention(is_causal=True, enable_gqa=...)`` (flash attention on CUDA, no mask
-tensor, KV heads not repeated; with ``attention_backend: cudnn``, cuDNN's fused attention first where it takes the
-inputs: :func:`causal_sdpa`). Right padding needs no mask: pads sit after every real token and a causal query
-never sees a later key, so real tokens' outputs are exactly those of the unpadded row (pads' own outputs are junk,
-and their labels are -100).
+Unpacked rows: ``F.scaled_dot_product_attention(is_causal=True, enable_gqa=...)`` (no mask tensor, KV heads not
+repeated; torch's order picks the kernel, cuDNN's fused attention on Hopper with torch 2.13; with
+``attention_backend: cudnn``, cuDNN's first wherever it takes the inputs: :func:`causal_sdpa`). Right padding needs
+no mask: pads sit after every real token and a causal query never sees a later key, so real tokens' outputs are
+exactly those of the unpadded row (pads' own outputs are junk, and their labels are -100).
 
 Packed rows (``position_ids`` given; they restart at 0 per sample) attend only inside their sample:
 
@@ -66,33 +66,42 @@ CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBacken
                SDPBackend.MATH]
 
 
+def _backend_order(backend: str, on_cuda: bool) -> contextlib.AbstractContextManager[None]:
+    """Where ``backend`` is ``"cudnn"`` on CUDA: SDPA's backends in :data:`CUDNN_FIRST`'s priority; else torch's own."""
+    return sdpa_kernel(CUDNN_FIRST, set_priority=True) if backend == "cudnn" and on_cuda else contextlib.nullcontext()
+
+
 def causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "auto",
                 scale: float | None = None) -> torch.Tensor:
     """Causal SDPA over ``[B, heads, S, D]`` (KV heads fewer than q's: grouped-query, not repeated). ``backend``
     ``"cudnn"`` on CUDA asks for cuDNN's fused attention first (torch takes the next backend where cuDNN refuses the
-    inputs: :func:`dense_attention_impl` says which runs); otherwise torch's own order. The backward runs the
+    inputs); otherwise torch's own order. :func:`dense_attention_impl` says which runs. The backward runs the
     forward's backend (the op's saved state is that backend's)."""
-    cudnn = backend == "cudnn" and q.is_cuda
-    with sdpa_kernel(CUDNN_FIRST, set_priority=True) if cudnn else contextlib.nullcontext():
+    with _backend_order(backend, q.is_cuda):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1],
                                               scale=scale)
 
 
+_KERNELS = {SDPBackend.CUDNN_ATTENTION: "cudnn", SDPBackend.FLASH_ATTENTION: "flash",
+            SDPBackend.EFFICIENT_ATTENTION: "efficient", SDPBackend.MATH: "math"}
+
+
 def dense_attention_impl(backend: str, n_heads: int, n_kv: int, head_dim: int, dtype: torch.dtype,
                          device: torch.device | str, seq: int = 256) -> str:
-    """What :func:`causal_sdpa` runs for a model's shapes here, for the run's record: ``sdpa-cudnn`` where
-    ``backend`` is ``"cudnn"`` and cuDNN takes the inputs, ``sdpa-flash (cudnn refused)`` where it does not and flash
-    does, ``sdpa`` where torch chooses (``"auto"``, or a CPU)."""
+    """What :func:`causal_sdpa` runs for a model's shapes here, for the run's record: the kernel SDPA's dispatcher
+    picks for such inputs in that backend's order (``sdpa-cudnn``, ``sdpa-flash``, ``sdpa-efficient``,
+    ``sdpa-math``), with `` (cudnn refused)`` where ``"cudnn"`` was asked for on CUDA and another runs. torch's own
+    order differs between releases and GPUs (torch 2.13 on Hopper already picks cuDNN), so ``auto`` is recorded by
+    what it picks too."""
     device = torch.device(device)
-    if backend != "cudnn" or device.type != "cuda":
-        return "sdpa"
     q = torch.empty(1, n_heads, seq, head_dim, dtype=dtype, device=device)
     kv = torch.empty(1, n_kv, seq, head_dim, dtype=dtype, device=device)
-    params = torch.backends.cuda.SDPAParams(q, kv, kv, None, 0.0, True, n_kv != n_heads)
-    if torch.backends.cuda.can_use_cudnn_attention(params, False):
-        return "sdpa-cudnn"
-    return "sdpa-flash (cudnn refused)" if torch.backends.cuda.can_use_flash_attention(params, False) else \
-        "sdpa-efficient (cudnn refused)"
+    with _backend_order(backend, device.type == "cuda"):
+        chosen = SDPBackend(torch._fused_sdp_choice(q, kv, kv, is_causal=True, enable_gqa=n_kv != n_heads))
+    impl = f"sdpa-{_KERNELS.get(chosen, chosen.name.lower())}"
+    if backend == "cudnn" and device.type == "cuda" and chosen != SDPBackend.CUDNN_ATTENTION:
+        impl += " (cudnn refused)"
+    return impl
 
 
 def _varlen_ok(h: torch.Tensor) -> bool:

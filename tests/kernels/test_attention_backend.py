@@ -2,16 +2,19 @@
 (:func:`kernels.trainer.attention.causal_sdpa`).
 
 On the CPU: the knob is checked where a scenario names it and where the trainer is configured, a CPU run asks torch
-for its own order (the same output as ``auto``, recorded as ``sdpa``), and the model hands the knob to every
-attention layer. The ``gpu`` tests: the cuDNN path against flash attention in bf16, forward and backward at the 8B
-model's head shapes (grouped-query, head dim 128), which backend ran (the profiler's kernel names), and training
-steps of a tiny Llama, eager and as one CUDA graph, against ``auto``.
+for its own order (the same output as ``auto``, recorded by the kernel torch picks), and the model hands the knob to
+every attention layer. The ``gpu`` tests: the cuDNN path against flash attention in bf16, forward and backward at
+the 8B model's head shapes (grouped-query, head dim 128), which backend ran (the profiler's kernel names, for
+``auto`` too), and training steps of a tiny Llama, eager and as one CUDA graph, against ``auto``.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from adapters_for_tools.tunebench import TunebenchOverrides, row_problems
 from harness.spec.scenario import load_scenario
@@ -57,7 +60,17 @@ def test_on_a_cpu_cudnn_is_torchs_own_order():
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, n, 24, 16, generator=g) for n in (4, 2, 2))
     torch.testing.assert_close(causal_sdpa(q, k, v, "cudnn"), causal_sdpa(q, k, v, "auto"), rtol=0, atol=0)
-    assert dense_attention_impl("cudnn", 4, 2, 16, torch.float32, "cpu") == "sdpa"
+    assert dense_attention_impl("cudnn", 4, 2, 16, torch.float32, "cpu") == \
+        dense_attention_impl("auto", 4, 2, 16, torch.float32, "cpu")
+    assert dense_attention_impl("auto", 4, 2, 16, torch.float32, "cpu") in ("sdpa-flash", "sdpa-math")
+
+
+def test_the_record_names_the_kernel_torchs_dispatcher_picks(monkeypatch):
+    """``auto`` is recorded by the kernel torch's own order picks (it differs between torch releases and GPUs)."""
+    picks = iter([torch.nn.attention.SDPBackend.CUDNN_ATTENTION.value, torch.nn.attention.SDPBackend.MATH.value])
+    monkeypatch.setattr(torch, "_fused_sdp_choice", lambda *a, **k: next(picks))
+    assert dense_attention_impl("auto", 32, 8, 128, torch.bfloat16, "cpu") == "sdpa-cudnn"
+    assert dense_attention_impl("auto", 32, 8, 128, torch.bfloat16, "cpu") == "sdpa-math"
 
 
 def test_the_model_hands_the_knob_to_every_attention_layer(tiny_llama_fp32):
@@ -86,22 +99,24 @@ def test_cudnn_attention_matches_flash_forward_and_backward_on_gpu():
     ref = causal_sdpa(qf, kf, vf, "auto")
     ref_grads = torch.autograd.grad(ref, (qf, kf, vf), dout.float())
     errs = {}
-    for backend in ("auto", "cudnn"):
-        out = causal_sdpa(q, k, v, backend)
-        grads = torch.autograd.grad(out, (q, k, v), dout)
+    for backend in ("flash", "cudnn"):  # flash alone: torch's own order may pick cuDNN too (torch 2.13 on Hopper)
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]) if backend == "flash" else contextlib.nullcontext():
+            out = causal_sdpa(q, k, v, backend)
+            grads = torch.autograd.grad(out, (q, k, v), dout)
         errs[backend] = [(a.float() - b).abs().max().item() for a, b in zip((out, *grads), (ref, *ref_grads),
                                                                              strict=True)]
-    for name, e_flash, e_cudnn in zip(("out", "dq", "dk", "dv"), errs["auto"], errs["cudnn"], strict=True):
+    for name, e_flash, e_cudnn in zip(("out", "dq", "dk", "dv"), errs["flash"], errs["cudnn"], strict=True):
         assert e_cudnn <= 2 * e_flash + 1e-3, (name, e_cudnn, e_flash, impl)
 
 
 @pytest.mark.gpu
 @cuda
-def test_the_recorded_backend_is_the_kernel_that_ran_on_gpu():
+@pytest.mark.parametrize("backend", ["auto", "cudnn"])
+def test_the_recorded_backend_is_the_kernel_that_ran_on_gpu(backend):
     q, k, v = _qkv_8b(512)
-    impl = dense_attention_impl("cudnn", 32, 8, 128, torch.bfloat16, "cuda")
+    impl = dense_attention_impl(backend, 32, 8, 128, torch.bfloat16, "cuda")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        causal_sdpa(q, k, v, "cudnn").sum().backward()
+        causal_sdpa(q, k, v, backend).sum().backward()
         torch.cuda.synchronize()
     names = " ".join(e.name.lower() for e in prof.events())
     assert ("cudnn" in names) == (impl == "sdpa-cudnn"), (impl, names[:2000])
