@@ -65,6 +65,7 @@ from harness.running.frontier_grid import (  # noqa: F401 (the grid's names, whe
     Grid,
     ProbeLog,
     TimeUp,
+    fastest_steps,
     find_frontier,
     make_grid,
     model_max_positions,
@@ -409,7 +410,9 @@ def run_frontier(sc: Scenario, grid: Grid, budgets: list[float], results_root: P
     """
     probing, values = probing or Probing(), grid.values()
     measured = probing.measure_steps or sc.train.steps
-    clock = Clock(time_limit_s, measured / probing.steps if probing.steps else 1.0, step_work(sc, grid.vary))
+    gpu = environment.gpu_info()["gpu_name"] if time_limit_s is not None and sc.hardware.device == "cuda" else None
+    clock = Clock(time_limit_s, measured / (probing.steps or sc.train.steps), step_work(sc, grid.vary),
+                  fastest_steps(sc, grid.vary, probing.steps or sc.train.steps, gpu))
     rows = [k for k in sc.framework_names() if not only or k in only]
     folder = open_frontier(sc, grid, budgets, Path(results_root), new=new)
     runner.refuse_other_machine(folder, "frontier")

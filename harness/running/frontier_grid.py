@@ -259,6 +259,20 @@ def step_work(sc: Scenario, vary: str) -> Callable[[int], float]:
     return work
 
 
+FASTEST_MFU = 0.6  # above every row's MFU measured here (the best, ~54 %): a floor under a probe's steps
+
+
+def fastest_steps(sc: Scenario, vary: str, steps: int, gpu_name: str | None) -> Callable[[int], float]:
+    """Seconds ``steps`` training steps at a value take at the least: their model FLOPs (:func:`step_work`) at
+    :data:`FASTEST_MFU` of the GPU's datasheet bf16 peak; 0 where the GPU has no table entry or the model's config
+    cannot be read. The :class:`Clock`'s floor where a row's own probes say too little."""
+    peak, _ = flops.peak_tflops_for(gpu_name)
+    work = step_work(sc, vary)
+    if peak is None or work is float:
+        return lambda v: 0.0
+    return lambda v: steps * work(v) / (FASTEST_MFU * peak * 1e12)
+
+
 @dataclass
 class _Timed:
     value: int
@@ -278,15 +292,17 @@ class Clock:
     probe trained, extended to it (its slope never below 0). The difference of two probes leaves out what does not
     grow with the value, which at small values is nearly all of a probe: a probe of 8 tokens that took 17 s longer
     than one out of memory in loading says nothing of a step's cost at 10,000 tokens, so one probe alone is not
-    scaled.
-    A measurement with none of its kind yet: its row's search probes with their trained part times ``scale`` (the
-    scenario's steps over a shortened probe's). With nothing to go by, a probe starts while time is left. The
-    invocation's first probe always starts: one expected to take longer than the whole limit would otherwise never
-    run."""
+    scaled. Under both, ``floor`` (a search probe's steps at the least, :func:`fastest_steps`; a measurement's, times
+    ``scale``) after the fixed part, with or without probes to go by.
+    A measurement with none of its kind yet: its row's search probes with their trained part times ``scale`` (a
+    measurement's steps over a search probe's). With no probe to go by, the floor alone is the estimate (0 without a
+    GPU: a probe starts while time is left). The invocation's first probe always starts: one expected to take longer
+    than the whole limit would otherwise never run."""
 
     limit_s: float | None = None
     scale: float = 1.0
     work: Callable[[int], float] = float
+    floor: Callable[[int], float] = field(default=lambda v: 0.0)
     t0: float = field(default_factory=time.monotonic)
     seen: dict[tuple[str, bool], list[_Timed]] = field(default_factory=dict)  # (row, alone) -> probes with a time
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -304,10 +320,12 @@ class Clock:
         probes, scale = self.seen.get((row, alone)), 1.0
         if not probes and alone:
             probes, scale = self.seen.get((row, False)), self.scale
+        least = self.floor(value) * (self.scale if alone else 1.0)
         if not probes:
-            return 0.0
+            return least
         fixed = min(p.wall_s for p in probes)
-        out = max(fixed + (p.wall_s - fixed) * (scale if p.trained else 1.0) for p in probes)
+        out = max(fixed + least,
+                  *(fixed + (p.wall_s - fixed) * (scale if p.trained else 1.0) for p in probes))
         longest: dict[int, float] = {}  # value -> the longest probe that trained there, at values below the next
         for p in probes:
             if p.trained and 0 < p.value < value:

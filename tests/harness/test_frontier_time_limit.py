@@ -13,6 +13,7 @@ from harness.running import frontier, frontier_grid, runner
 from harness.running.frontier_grid import Clock, TimeUp
 from harness.spec.scenario import load_scenario
 from tests.harness.test_frontier import _frontier, _scenario
+from tests.harness.test_frontier_measure_steps import _long_scenario, _run
 
 
 def test_a_probe_starts_only_where_its_rows_probes_of_that_kind_say_it_ends_in_time(monkeypatch):
@@ -71,6 +72,40 @@ def test_a_probe_at_a_few_tokens_is_not_scaled_to_thousands(monkeypatch, tmp_pat
     assert 41.8 < line < 1000
     clock.saw("a", False, 31.0, 9216, trained=True)  # faster than at 2,048: noise, not a negative slope
     assert clock.expected("a", False, 13312) == pytest.approx(41.8)
+
+
+def test_no_probe_is_expected_to_run_its_steps_faster_than_the_floor(monkeypatch, tmp_path):
+    """The floor: a probe's steps at no more than 60 % of the GPU's datasheet peak (the best row here runs ~54 %),
+    after the fixed part, also where a row has no probe to go by or one probe that trained at a few tokens."""
+    monkeypatch.setattr(time, "monotonic", lambda: 0.0)
+    sc = load_scenario(_scenario(tmp_path))
+    work = frontier_grid.step_work(sc, "seq_len")
+    floor = frontier_grid.fastest_steps(sc, "seq_len", 3, "NVIDIA H100 80GB HBM3")
+    assert floor(4096) == pytest.approx(3 * work(4096) / (0.6 * 989.4e12)) and floor(4096) > floor(2048) > 0
+    assert frontier_grid.fastest_steps(sc, "seq_len", 3, None)(4096) == 0  # no GPU: no floor
+    assert frontier_grid.fastest_steps(sc, "seq_len", 3, "a card the table lacks")(4096) == 0
+    clock = Clock(limit_s=1000, t0=0.0, scale=2.0, work=work, floor=lambda v: v / 100)
+    assert clock.expected("a", False, 8000) == pytest.approx(80)  # nothing to go by: the floor
+    assert clock.expected("a", True, 8000) == pytest.approx(160)  # a measurement: its steps, twice the search's
+    clock.saw("a", False, 17.4, 8, trained=False)
+    clock.saw("a", False, 34.2, 8, trained=True)
+    assert clock.expected("a", False, 8000) == pytest.approx(17.4 + 80)
+    assert clock.expected("a", False, 800) == pytest.approx(34.2)  # the probe's own time is the longer
+
+
+def test_a_measurement_is_expected_to_take_its_own_steps(tmp_path, env, monkeypatch):
+    """``--jobs 2 --measure-steps 3`` on a 6-step scenario: the search probes run the scenario's 6 steps and a
+    measurement 3, so a measurement is expected at half a search probe's steps."""
+    made: list[Clock] = []
+
+    def clock(*a, **k) -> Clock:  # noqa: ANN002, ANN003
+        made.append(c := Clock(*a, **k))
+        return c
+
+    monkeypatch.setattr(frontier, "Clock", clock)
+    assert _run(_long_scenario(tmp_path), tmp_path, "--jobs", "2", "--measure-steps", "3", "--time-limit-s",
+                "600") == 0
+    assert [c.scale for c in made] == [0.5]
 
 
 def test_a_steps_work_grows_faster_than_seq_len_and_in_proportion_to_micro_batch(tmp_path):
