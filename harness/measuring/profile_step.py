@@ -36,6 +36,7 @@ import argparse
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -133,6 +134,37 @@ def _profile_table(prof, device: str) -> tuple[str, list[dict]]:  # noqa: ANN001
     top = [{"name": e.key, "count": int(e.count), "device_time_total_us": dev_time(e),
             "cpu_time_total_us": float(e.cpu_time_total)} for e in rows[:20]]
     return table, top
+
+
+def self_times(prof, device: str) -> list[dict]:  # noqa: ANN001
+    """Every op or kernel with time of its own (self device time on CUDA, self CPU time otherwise; nested ops' time
+    is their children's, so these add up to the profile's total), longest first."""
+    def own(e) -> float:  # noqa: ANN001
+        if device != "cuda":
+            return float(e.self_cpu_time_total)
+        return float(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0) or 0.0)
+
+    ops = [{"name": e.key, "count": int(e.count), "self_us": own(e)} for e in prof.key_averages()]
+    return sorted((o for o in ops if o["self_us"] > 0), key=lambda o: -o["self_us"])
+
+
+# kinds of kernel by name, the first that matches (cuDNN's attention kernels name sm90 GEMM-like tiles: first)
+KINDS = (("attention", r"fmha|flash|sdpa|attention|attn|dot_do_o"),
+         ("GEMM", r"nvjet|gemm|cutlass|xmma|cublas|aten::(mm|addmm|bmm|matmul|baddbmm)$"),
+         ("RMSNorm", r"rms_norm"), ("SwiGLU / GeGLU", r"gated|swiglu|geglu"), ("RoPE", r"rope"),
+         ("cross-entropy", r"cross_entropy|logprob|_ce_"), ("NF4 dequantisation", r"nf4|dequant"),
+         ("optimizer", r"adam|multi_tensor|foreach"), ("copies", r"memcpy|memset|copy"),
+         ("other elementwise / reductions", r"elementwise|reduce|vectorized|unrolled|aten::"))
+
+
+def breakdown(ops: list[dict], steps: int) -> list[tuple[str, float]]:
+    """Milliseconds a step by kind of kernel (:data:`KINDS`, then ``other``), longest first, from
+    :func:`self_times` of ``steps`` profiled steps."""
+    total: dict[str, float] = {}
+    for o in ops:
+        kind = next((k for k, pat in KINDS if re.search(pat, o["name"], re.IGNORECASE)), "other")
+        total[kind] = total.get(kind, 0.0) + o["self_us"] / 1000 / max(steps, 1)
+    return sorted(total.items(), key=lambda kv: -kv[1])
 
 
 def _tunebench_model(args, method: str, knobs: dict):  # noqa: ANN001, ANN202
@@ -289,6 +321,7 @@ def run_single(args) -> dict[str, Any]:  # noqa: ANN001
                 if cuda:
                     torch.cuda.synchronize()
             out["profile_table"], out["profile_top20"] = _profile_table(prof, args.device)
+            out["profile_ops"] = self_times(prof, args.device)
     except BaseException as e:  # report it, with what was measured so far
         out["error"] = f"{type(e).__name__}: {e}"[:2000]
         out["traceback"] = traceback.format_exc()[-6000:]
@@ -404,6 +437,10 @@ def main(argv: list[str] | None = None) -> int:
                      ", ".join(f"{k} {v:.2f}" for k, v in r["phase_memory"].items()), ""]
         if r.get("profile_table"):
             text += [f"## {r['run']}: top 20 ops by device time ({args.profile_steps} steps)", r["profile_table"], ""]
+        if r.get("profile_ops"):
+            kinds = breakdown(r["profile_ops"], args.profile_steps)
+            text += [f"## {r['run']}: time of its own a step by kind of op, ms (all {len(r['profile_ops'])} ops)",
+                     ", ".join(f"{k} {v:.1f}" for k, v in kinds) + f"; total {sum(v for _, v in kinds):.1f}", ""]
         if r.get("traceback"):
             text += [f"## {r['run']}: error", r["traceback"], ""]
     out_path.with_suffix(".txt").write_text("\n".join(text))
