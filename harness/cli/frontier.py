@@ -160,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     except (FrontierError, ScenarioError) as e:
         print(f"{args.scenario}: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    if sc.hardware.device == "cuda" and capacity is None:  # every probe would be stored as unavailable
+        print(f"{args.scenario}: hardware.device is cuda and this machine has no GPU that NVML sees: a frontier "
+              "searches GPU memory budgets (run it on the GPU machine)", file=sys.stderr)
+        return EXIT_BAD_INPUT
 
     def show(p: dict) -> None:
         if not args.quiet:

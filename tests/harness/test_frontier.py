@@ -284,6 +284,16 @@ def test_frontier_refuses_a_budget_a_row_cannot_honour(tmp_path, env, capsys):
     assert not (tmp_path / "results").exists()
 
 
+def test_frontier_refuses_a_cuda_scenario_where_no_gpu_is_seen(tmp_path, env, capsys, monkeypatch):
+    """Every probe would be stored as unavailable, in a folder the GPU machine would then resume."""
+    path = tmp_path / "gpu.yaml"
+    path.write_text(_scenario(tmp_path).read_text().replace("device: cpu", "device: cuda"))
+    monkeypatch.setattr(frontier_cli, "gpu_info", lambda: {"gpu_memory_gib": None})
+    assert _frontier(path, tmp_path) == 2
+    assert "hardware.device is cuda and this machine has no GPU that NVML sees" in capsys.readouterr().err
+    assert not (tmp_path / "results").exists()
+
+
 @pytest.mark.parametrize(("extra", "said"), [
     (["--max", "100000"], "--max 100000: beyond the largest micro_batch a scenario takes (65536)"),
     (["--jobs", "1000000"], "--jobs must be between 1 and 256"),
