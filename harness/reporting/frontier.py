@@ -192,8 +192,12 @@ def _ours_against_peers(doc: Doc, cells: list[FrontierCell], vary: str) -> None:
                                                 (f"{OURS} searches not closed", open_ours),
                                                 ("not yet run alone", unmeasured))
                             if names)
+        bound = _peer_ceiling(peers) if ours is not None and ours.measured and not open_ours else None
         if ours is None and peer is None:
             verdict: str | Cell = Cell(f"no row trains yet ({pending})", "warn") if pending else "no row trains"
+        elif pending and bound is not None and ours.value / bound[0] >= CONTEXT_TARGET:
+            verdict = Cell(f"at least {ours.value / bound[0]:.2f}x, whatever the open peer searches close at "
+                           f"({bound[1]})", "good")
         elif ours is not None and peer is not None:
             verdict = _ratio_verdict(ours, peer, pending, rising)
         elif pending:
@@ -205,6 +209,23 @@ def _ours_against_peers(doc: Doc, cells: list[FrontierCell], vary: str) -> None:
         rows.append([f"{b:g}", *_side(ours), *_side(peer), verdict])
     doc.table(["budget (GiB)", f"{OURS} row", vary, "tokens/s", "best peer row", vary, "tokens/s",
                f"{OURS} / peer ({vary})"], rows)
+
+
+def _peer_ceiling(peers: list[FrontierCell]) -> tuple[int, str] | None:
+    """What no peer row can pass, however its open search closes: the first value out of memory of each open search
+    (its answer lies below it), the answer of each closed one (a run alone can only step it down); with what bounds
+    the open ones, for the report. None where an open search has no value out of memory yet (not begun, or every
+    probe trained): it could still reach the grid's top."""
+    top, why = 0, []
+    for c in peers:
+        if c.state in OPEN:
+            if c.next_oom_value is None:
+                return None
+            top = max(top, c.next_oom_value)
+            why.append(f"{c.framework} out of memory at {c.next_oom_value:,}")
+        elif c.state in REACHED and c.value is not None:
+            top = max(top, c.value)
+    return (top, "; ".join(why)) if top and why else None
 
 
 def _at_top(c: FrontierCell) -> bool:
