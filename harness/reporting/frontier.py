@@ -216,16 +216,20 @@ def _peer_ceiling(peers: list[FrontierCell]) -> tuple[int, str] | None:
     (its answer lies below it), the answer of each closed one (a run alone can only step it down); with what bounds
     the open ones, for the report. None where an open search has no value out of memory yet (not begun, or every
     probe trained): it could still reach the grid's top."""
-    top, why = 0, []
+    top, ooms = 0, []
     for c in peers:
         if c.state in OPEN:
             if c.next_oom_value is None:
                 return None
             top = max(top, c.next_oom_value)
-            why.append(f"{c.framework} out of memory at {c.next_oom_value:,}")
+            ooms.append((c.framework, c.next_oom_value))
         elif c.state in REACHED and c.value is not None:
             top = max(top, c.value)
-    return (top, "; ".join(why)) if top and why else None
+    if not ooms:
+        return None
+    why = "; ".join(f"{fw} out of memory at {v:,}" for fw, v in ooms) if len(ooms) <= 3 else \
+        f"{len(ooms)} rows, each out of memory at {max(v for _, v in ooms):,} or less"
+    return top, why
 
 
 def _at_top(c: FrontierCell) -> bool:

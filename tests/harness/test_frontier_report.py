@@ -81,6 +81,23 @@ def test_tunebench_against_the_best_peer_per_budget_marks_the_target():
     assert by["16"][-1].text == "1.25x, not final (tunebench searches not closed: tunebench)"
 
 
+def test_many_open_peer_searches_bound_the_ratio_by_their_largest_value_out_of_memory():
+    cells = [_cell("tunebench-planned", "tunebench", 24, 131072)] + \
+        [_cell(fw, fw, 24, v, "incomplete") for fw, v in (("hf", 4096), ("trl", 10240), ("unsloth", 37888),
+                                                         ("axolotl", 2048))]
+    cells[3].next_oom_value = 51200
+    doc = Doc("t")
+    _ours_against_peers(doc, cells, "seq_len")
+    (_, (_, rows)), = [b for b in doc.blocks if b[0] == "table"]
+    assert rows[0][-1].text == "at least 2.56x, whatever the open peer searches close at (4 rows, each out of " \
+        "memory at 51,200 or less)"
+    cells[4].next_oom_value = None  # axolotl: nothing out of memory yet, so nothing bounds it
+    doc = Doc("t")
+    _ours_against_peers(doc, cells, "seq_len")
+    (_, (_, rows)), = [b for b in doc.blocks if b[0] == "table"]
+    assert rows[0][-1].text.startswith("3.46x, not final (peer searches not closed: 4 rows")
+
+
 @pytest.mark.parametrize("ours, peer, text, mark", [
     (131072, 65536, "at least 2.00x (tunebench trains the grid's top)", "good"),
     (131072, 98304, "at least 1.33x (tunebench trains the grid's top)", "warn"),  # below the target: a bound only
