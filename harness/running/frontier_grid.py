@@ -23,9 +23,10 @@ from harness.inputs import models
 from harness.measuring import flops
 from harness.running.derive import derive
 from harness.running.runner import RETRYABLE, StopStarting, newest_sweep, run_sweep, set_aside_failed
-from harness.spec.scenario import MAX_BATCH, MAX_NAME, MAX_SEQ_LEN, Scenario
+from harness.spec.scenario import MAX_BATCH, MAX_NAME, MAX_SEQ_LEN, Scenario, settings_hash_of
 from harness.storing import results
 from harness.storing.schema import RunResult
+from harness.storing.sweep import StoredFileError, read_stored_mapping
 
 VARIES = ("seq_len", "micro_batch")
 MIN_VALUE = {"seq_len": 8, "micro_batch": 1}  # the schema's smallest valid values
@@ -133,9 +134,22 @@ def find_frontier(sc: Scenario, grid: Grid, results_root: Path) -> Path | None:
             plan = read_plan(d)
         except FrontierError:
             continue
-        if plan.get("scenario_hash") == sc.content_hash() and plan.get("grid") == _grid_dict(grid):
+        if plan.get("grid") == _grid_dict(grid) and (plan.get("scenario_hash") == sc.content_hash()
+                                                      or _same_rows(d / "scenario.yaml", sc)):
             cands.append((plan.get("created", ""), d))
     return max(cands)[1] if cands else None
+
+
+def _same_rows(stored: Path, sc: Scenario) -> bool:
+    """``sc`` measures what the frontier's stored scenario measured for every row the two share, and they share
+    one: rows added to the scenario (or left out) leave the other rows' probes valid, as budgets added do."""
+    try:
+        d = read_stored_mapping(stored)
+        names = [f.get("label") or f.get("name") for f in d["frameworks"]]
+        shared = [k for k in sc.framework_names() if k in names]
+        return bool(shared) and all(settings_hash_of(d, k) == sc.settings_hash(k) for k in shared)
+    except (StoredFileError, KeyError, TypeError, AttributeError):  # a damaged copy: never filled in
+        return False
 
 
 def _grid_dict(grid: Grid) -> dict[str, Any]:
@@ -369,10 +383,21 @@ def set_aside_older(folder: Path, rows: list[str], code: dict[str, Any]) -> int:
 
 
 def stored_probe(probe_sc: Scenario, k: str, folder: Path) -> RunResult | None:
-    """Row ``k``'s stored run of the probe scenario ``probe_sc`` in ``folder`` (its newest sweep), or None."""
+    """Row ``k``'s stored run of the probe scenario ``probe_sc`` in ``folder`` (its newest sweep), or None. A probe
+    stored while the scenario had other rows counts where ``k``'s own settings are the same (its run's
+    ``settings_hash``): a row added to a frontier's scenario does not make the others' probes run again."""
+    key = f"{results.run_key(k, 0)}.json"
     d = newest_sweep(probe_sc, folder)
-    p = d / "runs" / f"{results.run_key(k, 0)}.json" if d is not None else None
-    return results.read_result(p) if p is not None and p.exists() else None
+    if d is not None and (d / "runs" / key).exists():
+        return results.read_result(d / "runs" / key)
+    want, found = probe_sc.settings_hash(k), []
+    for c in Path(folder).glob(f"{probe_sc.name}-*"):
+        meta = results.read_json(c / "sweep.json")
+        if meta and (c / "runs" / key).exists():
+            run = results.read_result(c / "runs" / key)
+            if run is not None and run.settings_hash == want:
+                found.append((str(meta.get("created", "")), run))
+    return max(found, key=lambda x: x[0])[1] if found else None
 
 
 def run_probe(sc: Scenario, k: str, budget: float, vary: str, value: int, folder: Path, retry_failed: bool,

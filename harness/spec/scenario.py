@@ -296,6 +296,15 @@ def row_settings(d: dict[str, Any], framework: str) -> dict[str, Any]:
     return d
 
 
+def settings_hash_of(d: dict[str, Any], framework: str) -> str:
+    """:meth:`Scenario.settings_hash` of a resolved scenario dict (a stored ``scenario.yaml``).
+
+    Raises:
+        KeyError: ``framework`` is not a row of the scenario.
+    """
+    return _hash(row_settings(d, framework))
+
+
 class Scenario(_Strict):
     version: int
     name: ScenarioName
@@ -347,7 +356,7 @@ class Scenario(_Strict):
         the description is edited or the report's baseline is switched, so ``compare`` can tell which rows of two
         sweeps still measured the same thing after a scenario was edited.
         """
-        return _hash(row_settings(self.to_dict(), framework))
+        return settings_hash_of(self.to_dict(), framework)
 
     def for_repeat(self, repeat: int) -> Scenario:
         """The scenario repeat ``repeat`` trains: itself, or with ``measure.seed_per_repeat`` its seeds moved by

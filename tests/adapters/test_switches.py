@@ -442,3 +442,29 @@ def test_missing_liger_says_how_to_install_it(monkeypatch):
     with pytest.raises(RuntimeError, match=r"unavailable: liger-kernel not installed in the hf environment.*"
                                            r"env create base.*liger-kernel==0\.8\.5"):
         switches.require_liger("hf")
+
+
+@pytest.mark.parametrize("scenario", ["llama8b_lora_frontier.yaml", "llama8b_qlora_frontier.yaml"])
+def test_the_frontiers_peer_offload_rows_carry_their_settings_into_each_tools_config(scenario, tmp_path):
+    """hf, TRL and Axolotl each have a row at their documented long-context setting (Liger plus host offload of
+    activations), beside Unsloth's and LLaMA-Factory's offloading rows: the settings reach each tool's config as the
+    adapters build it (the typed switch, then the row's pass-through)."""
+    from adapters_for_tools.axolotl.config import native_config as axolotl_config
+    from adapters_for_tools.hf.config import training_args
+    from adapters_for_tools.trl.config import native_config as trl_config
+
+    sc = load_scenario(REPO / "scenarios" / scenario)
+    rows = {f.label: f for f in sc.frameworks}
+    hf = rows["hf-liger-offload-ckpt"]
+    args = training_args(sc, tmp_path, _options(hf.name, hf.overrides))
+    assert args["use_liger_kernel"] is True and args["gradient_checkpointing"] is True
+    assert args["gradient_checkpointing_kwargs"] == {"use_reentrant": False, "offload": True}
+    trl = rows["trl-liger-offload"]
+    options = _options(trl.name, trl.overrides)
+    cfg = trl_config(sc, tmp_path, "/ckpt", tmp_path / "d.jsonl", "text", liger=options.liger) | options.sft
+    assert cfg["use_liger_kernel"] is True and cfg["activation_offloading"] is True
+    ax = rows["axolotl-liger-offload"]
+    options = _options(ax.name, ax.overrides)
+    cfg = axolotl_config(sc, tmp_path, "/ckpt", tmp_path / "d.jsonl", "text", liger=options.liger) | options.axolotl
+    assert cfg["activation_offloading"] is True and cfg["gradient_checkpointing"]
+    assert "axolotl.integrations.liger.LigerPlugin" in cfg["plugins"]

@@ -312,6 +312,29 @@ def test_frontier_budgets_are_few_finite_numbers(tmp_path, capsys, budgets):
     assert e.value.code == 2 and "--budgets" in capsys.readouterr().err
 
 
+def test_a_row_added_to_the_scenario_resumes_its_frontier_and_probes_the_new_row_only(tmp_path, env, capsys):
+    """A peer's new row (its best documented setting, say) joins the frontier already measured: the other rows'
+    probes stand (their own settings are the same), the new row is searched, both are in the table. A shared row
+    whose settings changed is another frontier."""
+    path = _scenario(tmp_path)
+    assert _frontier(path, tmp_path) == 0
+    (folder,) = (tmp_path / "results").glob("fr-frontier-*")
+    before = sorted(d.name for d in folder.glob("fr.d-sim.*"))
+    assert before
+    added = "  - {name: dummy, label: d-sim2, overrides: {sim_gib_per_token: 0.03125}}"
+    path.write_text(SCENARIO.format(frameworks=f"{SIM}\n{added}", lengths="fixed"))
+    capsys.readouterr()
+    assert _frontier(path, tmp_path) == 0
+    assert [d.name for d in (tmp_path / "results").glob("fr-frontier-*")] == [folder.name]
+    assert sorted(d.name for d in folder.glob("fr.d-sim.*")) == before  # no probe of d-sim ran again
+    assert list(folder.glob("fr.d-sim2.*"))
+    t = _table(tmp_path)
+    assert t.loc[("d-sim", 1.0), "value"] == 4 and t.loc[("d-sim2", 1.0), "value"] == 2
+    changed = parse_scenario(SCENARIO.format(frameworks=SIM.replace("0.015625", "0.0078125"), lengths="fixed"))
+    assert frontier.find_frontier(changed, frontier.make_grid(changed, "micro_batch", 4), tmp_path / "results") \
+        is None
+
+
 @pytest.mark.parametrize("plan", ['{"grid": {"vary": "lr", "lo": 1, "hi": 4, "step": 1}, "budgets": [1]}',
                                   '{"grid": {"vary": "micro_batch", "lo": 1, "hi": 4, "step": 0}}',
                                   '{"grid": {"vary": "micro_batch", "lo": 1, "hi": 4, "step": 1}, "budgets": "x"}',
