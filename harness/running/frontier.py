@@ -409,10 +409,10 @@ def run_frontier(sc: Scenario, grid: Grid, budgets: list[float], results_root: P
         TimeUp: the time limit came before the frontier's end (the probes going on finished first).
     """
     probing, values = probing or Probing(), grid.values()
-    measured = probing.measure_steps or sc.train.steps
+    measured, searched = probing.measure_steps or sc.train.steps, probing.steps or sc.train.steps
     gpu = environment.gpu_info()["gpu_name"] if time_limit_s is not None and sc.hardware.device == "cuda" else None
-    clock = Clock(time_limit_s, measured / (probing.steps or sc.train.steps), step_work(sc, grid.vary),
-                  fastest_steps(sc, grid.vary, probing.steps or sc.train.steps, gpu))
+    work = step_work(sc, grid.vary)
+    clock = Clock(time_limit_s, measured / searched, work, fastest_steps(work, searched, gpu))
     rows = [k for k in sc.framework_names() if not only or k in only]
     folder = open_frontier(sc, grid, budgets, Path(results_root), new=new)
     runner.refuse_other_machine(folder, "frontier")

@@ -276,12 +276,12 @@ def step_work(sc: Scenario, vary: str) -> Callable[[int], float]:
 FASTEST_MFU = 0.6  # above every row's MFU measured here (the best, ~54 %): a floor under a probe's steps
 
 
-def fastest_steps(sc: Scenario, vary: str, steps: int, gpu_name: str | None) -> Callable[[int], float]:
-    """Seconds ``steps`` training steps at a value take at the least: their model FLOPs (:func:`step_work`) at
-    :data:`FASTEST_MFU` of the GPU's datasheet bf16 peak; 0 where the GPU has no table entry or the model's config
-    cannot be read. The :class:`Clock`'s floor where a row's own probes say too little."""
+def fastest_steps(work: Callable[[int], float], steps: int, gpu_name: str | None) -> Callable[[int], float]:
+    """Seconds ``steps`` training steps at a value take at the least: their model FLOPs (``work``, from
+    :func:`step_work`) at :data:`FASTEST_MFU` of the GPU's datasheet bf16 peak; 0 where the GPU has no table entry
+    or the model's config could not be read (``work`` is then ``float``). The :class:`Clock`'s floor where a row's
+    own probes say too little."""
     peak, _ = flops.peak_tflops_for(gpu_name)
-    work = step_work(sc, vary)
     if peak is None or work is float:
         return lambda v: 0.0
     return lambda v: steps * work(v) / (FASTEST_MFU * peak * 1e12)

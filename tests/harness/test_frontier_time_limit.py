@@ -78,12 +78,12 @@ def test_no_probe_is_expected_to_run_its_steps_faster_than_the_floor(monkeypatch
     """The floor: a probe's steps at no more than 60 % of the GPU's datasheet peak (the best row here runs ~54 %),
     after the fixed part, also where a row has no probe to go by or one probe that trained at a few tokens."""
     monkeypatch.setattr(time, "monotonic", lambda: 0.0)
-    sc = load_scenario(_scenario(tmp_path))
-    work = frontier_grid.step_work(sc, "seq_len")
-    floor = frontier_grid.fastest_steps(sc, "seq_len", 3, "NVIDIA H100 80GB HBM3")
+    work = frontier_grid.step_work(load_scenario(_scenario(tmp_path)), "seq_len")
+    floor = frontier_grid.fastest_steps(work, 3, "NVIDIA H100 80GB HBM3")
     assert floor(4096) == pytest.approx(3 * work(4096) / (0.6 * 989.4e12)) and floor(4096) > floor(2048) > 0
-    assert frontier_grid.fastest_steps(sc, "seq_len", 3, None)(4096) == 0  # no GPU: no floor
-    assert frontier_grid.fastest_steps(sc, "seq_len", 3, "a card the table lacks")(4096) == 0
+    assert frontier_grid.fastest_steps(work, 3, None)(4096) == 0  # no GPU: no floor
+    assert frontier_grid.fastest_steps(work, 3, "a card the table lacks")(4096) == 0
+    assert frontier_grid.fastest_steps(float, 3, "NVIDIA H100 80GB HBM3")(4096) == 0  # no model config
     clock = Clock(limit_s=1000, t0=0.0, scale=2.0, work=work, floor=lambda v: v / 100)
     assert clock.expected("a", False, 8000) == pytest.approx(80)  # nothing to go by: the floor
     assert clock.expected("a", True, 8000) == pytest.approx(160)  # a measurement: its steps, twice the search's
