@@ -9,7 +9,8 @@ default under another name, so every switch is checked where it matters, on the 
    :func:`expect` (``extra["switches"]``, the row's variant for the report).
 2. At the first optimizer step, before the step's clock starts, :func:`read_back_callback` reads the same keys
    from the live model (:func:`read_liger`, :func:`read_checkpointing`, :func:`read_unsloth_checkpointing`,
-   :func:`read_unsloth_block_compile`, :func:`read_axolotl_lora_kernels`) into ``ctx.effective``.
+   :func:`read_unsloth_block_compile`, :func:`read_axolotl_lora_kernels`) into ``ctx.effective``; what lives on
+   the trainer rather than the model is read from it after training (:func:`read_activation_offloading`).
 3. After training, :func:`settle` reports each difference with ``ctx.cannot_honour``: the run is marked invalid.
 
 Keys (in ``effective``; those a row asks for also in ``extra["switches"]``):
@@ -24,6 +25,10 @@ unsloth_gradient_checkpointing  Unsloth's mode as it ran: ``"unsloth"`` (offload
                                 what Unsloth recorded on the model beside it (``..._recorded``)
 unsloth_block_compile           bool: a decoder-layer class runs Unsloth's compiled forward (one region per layer);
                                 those classes in ``unsloth_block_compiled_classes``
+activation_offloading           bool: the trainer's step ran inside an activation-offloading context (TRL's and
+                                Axolotl's ``OffloadActivations``: every saved tensor over 1 KiB to host memory) that
+                                took the step's saved tensors; its class in ``activation_offload_context``, how many
+                                tensors the last step gave it in ``activation_offload_tensors``
 axolotl_lora_kernels            the kinds of Axolotl's fused LoRA kernels in use (``["mlp", "o", "qkv"]``); on how
                                 many modules each in ``axolotl_lora_kernel_modules``; the kinds this model has
                                 LoRA-adapted projections for in ``axolotl_lora_kernel_places``
@@ -45,6 +50,7 @@ from typing import Any
 
 LIGER = "liger_kernel"
 OFFLOAD = "gradient_checkpointing_offload"
+ACT_OFFLOAD = "activation_offloading"
 UNSLOTH_GC = "unsloth_gradient_checkpointing"
 UNSLOTH_BLOCK_COMPILE = "unsloth_block_compile"
 AXOLOTL_KERNELS = "axolotl_lora_kernels"
@@ -274,6 +280,29 @@ def read_trainer_model(model: Any) -> dict[str, Any]:
     """What every HF-Trainer-based row reads back: Liger-Kernel (:func:`read_liger`) and the checkpoint function
     (:func:`read_checkpointing`)."""
     return read_liger(model) | read_checkpointing(model)
+
+
+# where the trainers keep the context their training step runs in: TRL's SFTTrainer (``maybe_activation_offload_
+# context``), Axolotl's ActivationOffloadingMixin (``activation_offload_context``); a nullcontext when off
+_OFFLOAD_CONTEXT_ATTRS = ("maybe_activation_offload_context", "activation_offload_context")
+_OFFLOAD_HOOKS = "OffloadActivations"  # trl.models.activation_offloading, which Axolotl uses too
+
+
+def read_activation_offloading(trainer: Any) -> dict[str, Any]:
+    """Whether a trainer's steps ran inside an activation-offloading context, read after training.
+
+    TRL and Axolotl build the context in the trainer's constructor (``OffloadActivations``, a
+    ``saved_tensors_hooks``) and enter it around each training step. Its class alone shows it was built; the number
+    it gave the last step's saved tensors (``tensor_id``: reset when the step enters it, one more per tensor the
+    step saved) shows that the step ran inside it.
+    """
+    hooks = next((h for a in _OFFLOAD_CONTEXT_ATTRS if (h := getattr(trainer, a, None)) is not None), None)
+    if hooks is None:
+        return {ACT_OFFLOAD: False}
+    offloads = any(c.__name__ == _OFFLOAD_HOOKS for c in type(hooks).__mro__)
+    tensors = getattr(hooks, "tensor_id", None) if offloads else None
+    return {ACT_OFFLOAD: offloads and isinstance(tensors, int) and tensors > 0,
+            "activation_offload_context": _origin(type(hooks)), "activation_offload_tensors": tensors}
 
 
 def read_axolotl_lora_kernels(model: Any) -> dict[str, Any]:

@@ -91,7 +91,7 @@ def run(ctx) -> None:
     from adapters_for_tools.axolotl import plugin  # imports axolotl: only inside the worker, after the toolkit
 
     om = None if kind == "sft" else ObjectiveMeter(ctx.meter, sc.hardware.device)
-    plugin.CTX, plugin.READ_BACK, plugin.OBJECTIVE = ctx, _read_back, om
+    plugin.CTX, plugin.READ_BACK, plugin.OBJECTIVE, plugin.TRAINER = ctx, _read_back, om, None
     t0 = time.time()
     parsed = load_cfg(DictDefault(dict(cfg, plugins=[*(cfg.get("plugins") or []), plugin.PLUGIN_NAME])))
     (ctx.work_dir / "axolotl_resolved.json").write_text(json.dumps(dict(parsed), indent=1, default=str))
@@ -105,6 +105,8 @@ def run(ctx) -> None:
     ctx.extra["kernels_module"] = getattr(_kernels_pkg, "__file__", None)
     with _precompute_counted(om, kind):
         train(cfg=parsed, dataset_meta=dataset_meta)
+    if plugin.TRAINER is not None:  # what lives on the trainer, not the model: its step's offloading context
+        ctx.set_effective(**switches.read_activation_offloading(plugin.TRAINER))
     switches.narrow_axolotl_kernels(ctx)
     switches.settle(ctx)
     ctx.extra["saved"] = "peft adapter" if sc.method.is_peft else "hf checkpoint"

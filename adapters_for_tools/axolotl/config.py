@@ -113,16 +113,24 @@ def native_config(sc, work_dir: Path, checkpoint: str, dataset_path: Path, fmt: 
     return cfg
 
 
+# the activation_offloading modes whose trainer steps run inside TRL's OffloadActivations (Axolotl's
+# ActivationOffloadingMixin: "legacy" without CUDA streams); "hidden_states" offloads inside the checkpoint instead
+OFFLOADING_MODES = (True, "legacy", "disk")
+
+
 def switches(cfg: dict[str, Any]) -> dict[str, Any]:
     """The speed switches a config asks for, under the read-back keys of :mod:`adapters_for_tools.switches`.
 
     Liger-Kernel: the plugin listed and one of its switches on. Axolotl's fused LoRA kernels only where the config
     sets them: left unset, Axolotl decides (on for LoRA/QLoRA), and the live model shows what it decided.
+    Activation offloading for the modes that run the step inside ``OffloadActivations`` (:data:`OFFLOADING_MODES`).
     """
     out: dict[str, Any] = {"liger_kernel": LIGER_PLUGIN in (cfg.get("plugins") or [])
                            and any(cfg.get(f) for f in (*LIGER_FLAGS, "liger_swiglu", "liger_cross_entropy"))}
     if any(cfg.get(k) is not None for k in LORA_KERNELS):
         out["axolotl_lora_kernels"] = sorted(kind for k, kind in LORA_KERNELS.items() if cfg.get(k))
+    if cfg.get("activation_offloading") in OFFLOADING_MODES:
+        out["activation_offloading"] = True
     return out
 
 

@@ -22,6 +22,7 @@ from adapters_for_tools.switches import read_back_callback
 CTX = None  # the worker's RunContext, set by the adapter
 READ_BACK = None  # model -> effective speed switches, set by the adapter
 OBJECTIVE = None  # the ObjectiveMeter of a dpo/orpo/kto run, set by the adapter (None: sft)
+TRAINER = None  # the trainer Axolotl built, kept here for what the adapter reads from it after training
 PLUGIN_NAME = "adapters_for_tools.axolotl.plugin.MeasurePlugin"
 
 
@@ -29,9 +30,11 @@ class MeasurePlugin(BasePlugin):
     """Attaches ``CTX.meter`` (or :data:`OBJECTIVE`) to the trainer's model and adds the measuring callbacks."""
 
     def add_callbacks_post_trainer(self, cfg, trainer):
+        global TRAINER
         ctx = CTX
         if ctx is None:
             return []
+        TRAINER = trainer
         # the switch read-back (before the step clock starts), the measuring callback, then the intermediate saves
         # of eval.every_steps (time-to-target), as for the other HF-Trainer-based tools
         first = [read_back_callback(ctx, READ_BACK)] if READ_BACK is not None else []

@@ -18,6 +18,7 @@ import json
 import time
 
 from adapters_for_tools import distributed, switches
+from adapters_for_tools.hf.config import switches as hf_switches
 from adapters_for_tools.hf.config import training_args
 from harness.inputs.data import collate, load_tokenised
 
@@ -69,7 +70,7 @@ def run(ctx) -> None:
     ctx.load_s = time.time() - t0
     data = load_tokenised(sc, ctx.dataset_path, tok)
     args = TrainingArguments(**args_kw)
-    switches.expect(ctx, **{switches.LIGER: bool(args.use_liger_kernel)})
+    switches.expect(ctx, **hf_switches(args.to_dict()))
     ctx.save_native_config("training_args.json", json.dumps(args.to_dict(), indent=1, default=str))
     ctx.meter.attach(model)
 

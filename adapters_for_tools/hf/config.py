@@ -50,3 +50,13 @@ def training_args(sc, work_dir: Path, options) -> dict[str, Any]:  # noqa: ANN00
     }
     args.update(options.training_args)
     return args
+
+
+def switches(args: dict[str, Any]) -> dict[str, bool]:
+    """The speed switches final ``TrainingArguments`` ask for, under the read-back keys of
+    :mod:`adapters_for_tools.switches`: Liger-Kernel, and the checkpointed layers' saved inputs in host memory where
+    ``gradient_checkpointing_kwargs`` asks for it (transformers' ``offload``)."""
+    out = {"liger_kernel": bool(args.get("use_liger_kernel"))}
+    if args.get("gradient_checkpointing") and (args.get("gradient_checkpointing_kwargs") or {}).get("offload"):
+        out["gradient_checkpointing_offload"] = True
+    return out

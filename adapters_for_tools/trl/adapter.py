@@ -64,7 +64,7 @@ def run(ctx) -> None:
         ctx.cannot_honour(setting, why)
     cfg = trl_config.native_config(sc, ctx.work_dir, ctx.checkpoint, data_file, fmt, liger=ctx.options.liger)
     cfg.update(ctx.options.sft)
-    switches.expect(ctx, **{switches.LIGER: bool(cfg["use_liger_kernel"])})
+    switches.expect(ctx, **trl_config.switches(cfg))
     if cfg["use_liger_kernel"]:
         switches.require_liger("trl")
     cfg_path = ctx.save_native_config("trl_sft.yaml", yaml.safe_dump(cfg, sort_keys=False))
@@ -96,6 +96,7 @@ def run(ctx) -> None:
     ctx.load_s = time.time() - t0  # model load + TRL's tokenisation (both before the first step)
     ctx.meter.attach(trainer.model)
     ctx.train_reading_packed_rows(trainer)
+    ctx.set_effective(**switches.read_activation_offloading(trainer))
     switches.settle(ctx)
     ctx.output_dir.mkdir(parents=True, exist_ok=True)
     trainer.save_model(str(ctx.output_dir))

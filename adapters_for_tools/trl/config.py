@@ -107,6 +107,16 @@ def method_args(sc) -> dict[str, Any]:  # noqa: ANN001
     return out
 
 
+def switches(cfg: dict[str, Any]) -> dict[str, bool]:
+    """The speed switches an SFT configuration asks for, under the read-back keys of
+    :mod:`adapters_for_tools.switches`: Liger-Kernel, and activation offloading where it is on (the trainer's step
+    inside TRL's ``OffloadActivations``)."""
+    out = {"liger_kernel": bool(cfg.get("use_liger_kernel"))}
+    if cfg.get("activation_offloading"):
+        out["activation_offloading"] = True
+    return out
+
+
 def cannot_honour(sc) -> list[tuple[str, str]]:
     """Scenario settings this TRL configuration cannot reproduce exactly: (setting, why)."""
     out = []

@@ -450,8 +450,11 @@ def test_the_frontiers_peer_offload_rows_carry_their_settings_into_each_tools_co
     activations), beside Unsloth's and LLaMA-Factory's offloading rows: the settings reach each tool's config as the
     adapters build it (the typed switch, then the row's pass-through)."""
     from adapters_for_tools.axolotl.config import native_config as axolotl_config
+    from adapters_for_tools.axolotl.config import switches as axolotl_switches
+    from adapters_for_tools.hf.config import switches as hf_switches
     from adapters_for_tools.hf.config import training_args
     from adapters_for_tools.trl.config import native_config as trl_config
+    from adapters_for_tools.trl.config import switches as trl_switches
 
     sc = load_scenario(REPO / "scenarios" / scenario)
     rows = {f.label: f for f in sc.frameworks}
@@ -459,12 +462,60 @@ def test_the_frontiers_peer_offload_rows_carry_their_settings_into_each_tools_co
     args = training_args(sc, tmp_path, _options(hf.name, hf.overrides))
     assert args["use_liger_kernel"] is True and args["gradient_checkpointing"] is True
     assert args["gradient_checkpointing_kwargs"] == {"use_reentrant": False, "offload": True}
+    # each offload is then expected back from the live run, like the Liger switch; the plain rows expect none
+    assert hf_switches(args) == {switches.LIGER: True, switches.OFFLOAD: True}
+    plain = rows["hf-liger"]
+    assert hf_switches(training_args(sc, tmp_path, _options(plain.name, plain.overrides))) == {switches.LIGER: True}
     trl = rows["trl-liger-offload"]
     options = _options(trl.name, trl.overrides)
     cfg = trl_config(sc, tmp_path, "/ckpt", tmp_path / "d.jsonl", "text", liger=options.liger) | options.sft
     assert cfg["use_liger_kernel"] is True and cfg["activation_offloading"] is True
+    assert trl_switches(cfg) == {switches.LIGER: True, switches.ACT_OFFLOAD: True}
+    assert trl_switches(trl_config(sc, tmp_path, "/ckpt", tmp_path / "d.jsonl", "text")) == {switches.LIGER: False}
     ax = rows["axolotl-liger-offload"]
     options = _options(ax.name, ax.overrides)
     cfg = axolotl_config(sc, tmp_path, "/ckpt", tmp_path / "d.jsonl", "text", liger=options.liger) | options.axolotl
     assert cfg["activation_offloading"] is True and cfg["gradient_checkpointing"]
     assert "axolotl.integrations.liger.LigerPlugin" in cfg["plugins"]
+    assert axolotl_switches(cfg) == {switches.LIGER: True, switches.ACT_OFFLOAD: True}
+    assert switches.ACT_OFFLOAD not in axolotl_switches(axolotl_config(sc, tmp_path, "/ckpt", tmp_path / "d.jsonl",
+                                                                       "text"))
+    # Axolotl's hidden_states mode offloads inside the checkpoint, not in the step's context: nothing to read there
+    assert switches.ACT_OFFLOAD not in axolotl_switches(cfg | {"activation_offloading": "hidden_states"})
+
+
+def test_activation_offloading_is_read_from_the_trainer_after_its_steps():
+    """TRL's and Axolotl's offloading: the trainer keeps an ``OffloadActivations`` (saved-tensor hooks) and enters it
+    around each step. Built but never entered reads as off; a step inside it as on, with its tensor count; a
+    trainer with a null context, or none, as off."""
+    import contextlib
+
+    import torch
+
+    class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):  # TRL's counter, its packing left out
+        def __init__(self) -> None:
+            self.tensor_id = 0
+
+            def pack(t):
+                self.tensor_id += 1
+                return t
+
+            super().__init__(pack, lambda t: t)
+
+        def __enter__(self):
+            self.tensor_id = 0
+            return super().__enter__()
+
+    trainer = types.SimpleNamespace(maybe_activation_offload_context=OffloadActivations())
+    assert switches.read_activation_offloading(trainer)[switches.ACT_OFFLOAD] is False
+    x = torch.randn(4, 4, requires_grad=True)
+    with trainer.maybe_activation_offload_context:
+        (x.sin() * x).sum().backward()
+    eff = switches.read_activation_offloading(trainer)
+    assert eff[switches.ACT_OFFLOAD] is True and eff["activation_offload_tensors"] >= 2
+    assert eff["activation_offload_context"].endswith("OffloadActivations")
+    axolotl = types.SimpleNamespace(activation_offload_context=contextlib.nullcontext())
+    assert switches.read_activation_offloading(axolotl) == {
+        switches.ACT_OFFLOAD: False, "activation_offload_context": "contextlib.nullcontext",
+        "activation_offload_tensors": None}
+    assert switches.read_activation_offloading(types.SimpleNamespace()) == {switches.ACT_OFFLOAD: False}
