@@ -274,6 +274,9 @@ def step_work(sc: Scenario, vary: str) -> Callable[[int], float]:
 
 
 FASTEST_MFU = 0.6  # above every row's MFU measured here (the best, ~54 %): a floor under a probe's steps
+# under every long row's MFU measured here (hf at 4,096 tokens ~21 %, host-offloading rows 25-35 %): the slowest
+# rate a line between two probes may extend at (a slope steeper than that is the probes' fixed costs and noise)
+SLOWEST_MFU = 0.1
 
 
 def fastest_steps(work: Callable[[int], float], steps: int, gpu_name: str | None) -> Callable[[int], float]:
@@ -303,11 +306,14 @@ class Clock:
     invocation ran or read, and is the longest of two things. Each probe at its own time (where it trained, its part
     beyond the shortest probe, the fixed part of starting the tool and loading the model, times ``scale``). And the
     line in ``work`` (a step's FLOPs at a value) through the row's two largest values below the next one where a
-    probe trained, extended to it (its slope never below 0). The difference of two probes leaves out what does not
+    probe trained, extended to it (its slope never below 0, and never steeper than the steps at :data:`SLOWEST_MFU`
+    of the peak: ``floor`` times FASTEST_MFU / SLOWEST_MFU). The difference of two probes leaves out what does not
     grow with the value, which at small values is nearly all of a probe: a probe of 8 tokens that took 17 s longer
     than one out of memory in loading says nothing of a step's cost at 10,000 tokens, so one probe alone is not
-    scaled. Under both, ``floor`` (a search probe's steps at the least, :func:`fastest_steps`; a measurement's, times
-    ``scale``) after the fixed part, with or without probes to go by.
+    scaled; and two probes at a few thousand tokens, 10 s apart from side-by-side load, would extend to 900 s at
+    66,560 (Axolotl, 8B LoRA under 24 GiB): the ceiling keeps such a row searchable within a call. Under both,
+    ``floor`` (a search probe's steps at the least, :func:`fastest_steps`; a measurement's, times ``scale``) after
+    the fixed part, with or without probes to go by.
     A measurement with none of its kind yet: its row's search probes with their trained part times ``scale`` (a
     measurement's steps over a search probe's). With no probe to go by, the floor alone is the estimate (0 without a
     GPU: a probe starts while time is left). The invocation's first probe always starts: one expected to take longer
@@ -331,9 +337,9 @@ class Clock:
 
     def expected(self, row: str, alone: bool, value: int = 0) -> float:
         """Seconds the next probe of ``row`` at ``value`` is expected to take (0: nothing to go by)."""
-        probes, scale = self.seen.get((row, alone)), 1.0
+        probes, scale, steps = self.seen.get((row, alone)), 1.0, self.scale if alone else 1.0
         if not probes and alone:
-            probes, scale = self.seen.get((row, False)), self.scale
+            probes, scale, steps = self.seen.get((row, False)), self.scale, 1.0
         least = self.floor(value) * (self.scale if alone else 1.0)
         if not probes:
             return least
@@ -348,6 +354,8 @@ class Clock:
             (va, ta), (vb, tb) = sorted(longest.items())[-2:]
             if (dw := self.work(vb) - self.work(va)) > 0:
                 slope = max(tb - ta, 0.0) / dw  # seconds per unit of a step's work
+                if (w := self.work(value)) > 0 and (f := self.floor(value)) > 0:  # the probes' steps at the slowest
+                    slope = min(slope, steps * f / w * FASTEST_MFU / SLOWEST_MFU)
                 out = max(out, tb + slope * (self.work(value) * scale - self.work(vb)))
         return out
 

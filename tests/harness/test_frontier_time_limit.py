@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -14,6 +15,8 @@ from harness.running.frontier_grid import Clock, TimeUp
 from harness.spec.scenario import load_scenario
 from tests.harness.test_frontier import _frontier, _scenario
 from tests.harness.test_frontier_measure_steps import _long_scenario, _run
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_a_probe_starts_only_where_its_rows_probes_of_that_kind_say_it_ends_in_time(monkeypatch):
@@ -91,6 +94,36 @@ def test_no_probe_is_expected_to_run_its_steps_faster_than_the_floor(monkeypatch
     clock.saw("a", False, 34.2, 8, trained=True)
     assert clock.expected("a", False, 8000) == pytest.approx(17.4 + 80)
     assert clock.expected("a", False, 800) == pytest.approx(34.2)  # the probe's own time is the longer
+
+
+def test_a_line_through_two_short_probes_extends_no_slower_than_the_slowest_rate(monkeypatch):
+    """Axolotl's probes on the 8B LoRA frontier (H100, 24 GiB, side by side): trained at 8 tokens in 51.8 s and at
+    2,048 in 62.1 s. Their line made the next probe (66,560 tokens) ~928 s, past any call, and the row never ran
+    again. The line extends at no slower than 10 % of the peak: the 3 steps' floor times 6."""
+    monkeypatch.setattr(time, "monotonic", lambda: 0.0)
+    work = frontier_grid.step_work(load_scenario(REPO / "scenarios" / "llama8b_lora_frontier.yaml"), "seq_len")
+    floor = frontier_grid.fastest_steps(work, 3, "NVIDIA H100 80GB HBM3")
+    clock = Clock(limit_s=1000, t0=0.0, scale=5 / 3, work=work, floor=floor)
+    clock.saw("a", False, 25.4, 8, trained=False)
+    clock.saw("a", False, 51.8, 8, trained=True)
+    clock.saw("a", False, 62.1, 2048, trained=True)
+    unbounded = 62.1 + 10.3 * (work(66560) - work(2048)) / (work(2048) - work(8))
+    steepest = floor(66560) / work(66560) * 6  # seconds per unit of a step's work at 10 % of the peak
+    line = 62.1 + steepest * (work(66560) - work(2048))
+    assert unbounded > 900 and line < 250
+    assert clock.expected("a", False, 66560) == pytest.approx(line)
+    # a measurement of the row, from the search probes' line: the scenario's steps, 5/3 of the search's
+    assert clock.expected("a", True, 66560) == pytest.approx(62.1 + steepest * (work(66560) * 5 / 3 - work(2048)))
+    # its own measurements alone: their steps are 5/3 of the floor's, and so is the ceiling
+    clock.saw("a", True, 80.0, 8, trained=True)
+    clock.saw("a", True, 95.0, 2048, trained=True)
+    assert clock.expected("a", True, 66560) == pytest.approx(95.0 + 5 / 3 * steepest * (work(66560) - work(2048)))
+    # a line under the ceiling is kept as it is: 3 steps at 16,384 tokens took 5 s more than at 8,192 (~24 %)
+    clock.saw("b", False, 60.0, 8192, trained=True)
+    clock.saw("b", False, 65.0, 16384, trained=True)
+    kept = 65.0 + 5 * (work(32768) - work(16384)) / (work(16384) - work(8192))
+    assert kept < 65.0 + steepest * (work(32768) - work(16384))
+    assert clock.expected("b", False, 32768) == pytest.approx(kept)
 
 
 def test_a_measurement_is_expected_to_take_its_own_steps(tmp_path, env, monkeypatch):
