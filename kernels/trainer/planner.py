@@ -4,7 +4,8 @@
 the device's matmul rate and host link (:func:`measure_speed`), and picks the plan (:func:`kernels.trainer.plan.
 choose`) before the model loads, so what the plan puts in host memory never touches the device. After the second
 optimizer step (the first compiles) it compares the measured peak and step time with the prediction, corrects the
-cost model, and re-plans once: when the peak was above the prediction, or when the corrected model finds a plan
+cost model, and re-plans once: when the peak was above the prediction, or above what the budget leaves once the
+allocator's slack it measured is held back (:meth:`Planner._room`), or when the corrected model finds a plan
 5 % faster. A step before the probe that runs out of memory re-plans too (:meth:`Planner.after_oom`, once): the
 model under-predicted, and the step is done again under a leaner plan. :func:`reconfigure` moves the live model to
 the new plan between steps. Everything it decided is in :attr:`Planner.record`: ``predicted_*`` entries are
@@ -83,7 +84,8 @@ def usable_bytes(setting: float | str, device: torch.device) -> tuple[int, dict[
 
     A budget loses ``MARGIN_GIB`` + ``MARGIN_FRACTION`` of itself (the CUDA context and allocator slack, which
     torch's allocated count does not show and a per-process cap does); free memory (which already excludes this
-    process's context) loses the fraction only. On CUDA the result is never above what is free now.
+    process's context) loses the fraction only. On CUDA the result is never above what is free now. The fraction's
+    bytes (``slack_allowance_gib``) are what :meth:`Planner.after_step` trades for the slack its probe measures.
 
     Returns:
         ``(usable bytes, record)``, the record naming the setting, the free memory and the usable bytes in GiB.
@@ -104,6 +106,10 @@ def usable_bytes(setting: float | str, device: torch.device) -> tuple[int, dict[
         if free is not None:
             usable = min(usable, free * (1 - MARGIN_FRACTION))
     rec["usable_gib"] = round(usable / GIB, 3)
+    # the part of the margin held for the allocator's slack (the rest is for the CUDA context): the probe replaces it
+    # with the slack it measures
+    rec["slack_allowance_gib"] = round(MARGIN_FRACTION * (free if setting == "auto" else
+                                                          min(budget, free or budget)) / GIB, 3)
     return int(usable), rec
 
 
@@ -265,10 +271,11 @@ class Planner:
         probed = replace(plan, cuda_graph=False) if plan.cuda_graph and step <= GRAPH_WARMUP_STEPS else plan
         if probed is not plan:
             probe["measured_eagerly"] = True
-        peak = None
+        peak, room = None, self.usable
         # after an out-of-memory step the device's peak is that step's, not this plan's: the probe corrects time only
         if self._static is not None and not self.record.get("replanned_after_oom"):
             peak = torch.cuda.max_memory_allocated(self.model.device_of_compute)  # loading included
+            room = self._room(peak, probe)
             costs = costs.corrected(static_offset=self._static - (self.prediction.static_bytes - costs.static_offset))
             act = _solve(lambda a: predict(costs.corrected(act_factor=a), probed).peak_bytes, peak, 0.5, 4.0)
             costs = costs.corrected(act_factor=act)
@@ -279,18 +286,34 @@ class Planner:
         probe["time_factor"] = round(tf, 3)
         self.record["probe"] = probe
         over = peak is not None and peak > predict(self.costs, probed).peak_bytes
+        # the plan's own peak over what the budget leaves once the measured slack is held back
+        short = peak is not None and peak > room
         current = predict(costs, plan)
         # the step graph, if any, is already made: it keeps its graph, and where its inputs come from
         fixed = {"cuda_graph": plan.cuda_graph, "embeddings": plan.offload_embeddings if plan.cuda_graph else None}
-        best = choose(costs, self.usable, **fixed)
-        if best is None and over:
+        best = choose(costs, min(self.usable, room), **fixed)
+        if best is None and (over or short):
             best = lean_plan(costs, **fixed)
         faster = best is not None and predict(costs, best).step_s < (1 - SWITCH_GAIN) * current.step_s
-        if best is None or best == plan or not (over or faster):
+        if best is None or best == plan or not (over or short or faster):
             return False
         self._move(best, costs, "replanned", after_step=step,
-                   why="peak above the prediction" if over else "faster")
+                   why="peak above the prediction" if over else "slack above the margin" if short else "faster")
         return True
+
+    def _room(self, peak: int, probe: dict[str, Any]) -> int:
+        """The bytes the budget leaves allocations once the probe has measured the caching allocator's slack
+        (reserved over allocated, at the peak so far): the budget's margin held ``slack_allowance_gib`` for it, and
+        the slack measured takes its place. The plan in use must fit it; another plan is chosen within the smaller
+        of it and :attr:`usable` (the graph's pool, made after the probe, has slack of its own). A budget record
+        without the allowance (a plan made by hand) leaves :attr:`usable`."""
+        allowance = self.record["budget"].get("slack_allowance_gib")
+        if allowance is None:
+            return self.usable
+        slack = max(0, torch.cuda.max_memory_reserved(self.model.device_of_compute) - peak)
+        room = int(self.usable + allowance * GIB - slack)
+        probe |= {"measured_slack_gib": round(slack / GIB, 3), "room_after_probe_gib": round(room / GIB, 3)}
+        return room
 
     def _move(self, best: Plan, costs: CostModel, key: str, **why: Any) -> None:
         """Move the live model to plan ``best`` under the corrected ``costs``, recorded under ``key`` (``why``
