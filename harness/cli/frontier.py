@@ -9,12 +9,12 @@ error/crashed/timeout/unavailable. A probe that fails otherwise than by memory s
 ``--jobs N`` runs N rows' search probes side by side (their budgets within the GPU's memory) and ``--probe-steps K``
 shortens them: both only answer "does it fit", so each cell's largest value is then run once more alone with the
 scenario's steps (or ``--measure-steps M``), the figure its cell reports (a budget's cells before the next budget's
-search). The table is written as ``frontier.csv`` and ``frontier.md`` in that folder, also when the frontier stops
-early: at an interrupt, or at ``--time-limit-s S``, after which no probe starts that would end past S seconds (a
-machine lent for a limited time: the probes going on finish, and the same command goes on). ``--redo-older ROW
-...`` searches rows again whose probes other code made (a fix in that tool), the others' cells kept; their old
-probes stay under ``runs/attempts/``. Exit codes: 0 done or out of time (failed probes are cells, not errors), 2 bad
-input, 3 another sweep holds the machine, 130 interrupted.
+search; ``--search-first``: every budget's search, then the cells). The table is written as ``frontier.csv`` and
+``frontier.md`` in that folder, also when the frontier stops early: at an interrupt, or at ``--time-limit-s S``, after
+which no probe starts that would end past S seconds (a machine lent for a limited time: the probes going on finish,
+and the same command goes on). ``--redo-older ROW ...`` searches rows again whose probes other code made (a fix in
+that tool), the others' cells kept; their old probes stay under ``runs/attempts/``. Exit codes: 0 done or out of time
+(failed probes are cells, not errors), 2 bad input, 3 another sweep holds the machine, 130 interrupted.
 
 Examples::
 
@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --jobs or --probe-steps: each answer measured alone with M optimizer steps instead of "
                         "the scenario's (when fewer; at least its warmup steps and two timed), for cells whose whole "
                         "run outlasts the time a machine is lent for; the table marks such cells")
+    p.add_argument("--search-first", action="store_true",
+                   help="with --jobs or --probe-steps: every budget's search before any answer is measured alone "
+                        "(the longest value at every budget first, on a machine lent for little time; the same "
+                        "command measures them after)")
     p.add_argument("--redo-older", nargs="+", metavar="FRAMEWORK",
                    help="search these rows again where their probes were made by other code than this checkout's "
                         "(a fix of that tool): those probes are set aside, kept under each probe's runs/attempts/; "
@@ -148,9 +152,13 @@ def main(argv: list[str] | None = None) -> int:
               f"shortens the measurement that follows a search) and at least the scenario's warmup_steps "
               f"({sc.train.warmup_steps}) + 2 steps, so that two are timed", file=sys.stderr)
         return EXIT_BAD_INPUT
+    if args.search_first and args.jobs <= 1 and short is None:
+        print(f"{args.scenario}: --search-first: needs --jobs above 1 or --probe-steps (without them each search "
+              "probe is its cell's measurement)", file=sys.stderr)
+        return EXIT_BAD_INPUT
     capacity = gpu_info()["gpu_memory_gib"] if sc.hardware.device == "cuda" else None
     probing = Probing(jobs=args.jobs, steps=short, capacity_gib=capacity and capacity - CAPACITY_MARGIN_GIB,
-                      measure_steps=measure)
+                      measure_steps=measure, search_first=args.search_first)
     try:
         grid = make_grid(sc, args.vary, args.hi, args.step)
         # a budget on a cpu, shortened probes with too few steps, a value beyond the schema's bounds: refused before

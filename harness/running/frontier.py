@@ -361,13 +361,16 @@ class Probing:
     answers before the next budget's search), the measurement its cell reports; when that run does not fit, the value
     below it is measured. ``measure_steps``: those measurements shortened to that many steps (fewer than the
     scenario's, at least its warmup steps and two timed), for cells whose whole run outlasts what a lent machine
-    gives one command (the planned 8B row at 131,072 tokens: ~70 s a step); the table says so.
+    gives one command (the planned 8B row at 131,072 tokens: ~70 s a step); the table says so. ``search_first``:
+    every budget's search before any measurement, so a machine lent for little time gives the longest-context
+    answers at every budget first (the measurements follow, budget by budget, on the same or a later call).
     """
 
     jobs: int = 1
     steps: int | None = None
     capacity_gib: float | None = None
     measure_steps: int | None = None
+    search_first: bool = False
 
     @property
     def exact(self) -> bool:
@@ -462,6 +465,9 @@ def run_frontier(sc: Scenario, grid: Grid, budgets: list[float], results_root: P
         with machine_lock(runner.machine_lock_dir(), folder, f"memory frontier {folder.name}, {probing.jobs} "
                           f"{SIDE_BY_SIDE}") if probing.jobs > 1 else contextlib.nullcontext():
             ran = _search_together(searches, probing, probe, budget, ran) or ran
+        if not probing.search_first:
+            _measure_budget(budget, searches, tools, same, fitted, probe)
+    for budget in sorted(set(budgets)) if probing.search_first else ():
         _measure_budget(budget, searches, tools, same, fitted, probe)
     return folder, log
 

@@ -64,3 +64,26 @@ def test_the_command_that_finds_the_probes_again():
         " --jobs 4 --probe-steps 3 --measure-steps 5"
     assert probing_flags(set(), [], frozenset({6})) == " --probe-steps 6"  # alone and short: the search itself
     assert probing_flags(set(), [], frozenset()) == ""
+
+
+def test_search_first_searches_every_budget_before_any_cell_is_measured(tmp_path, env, capsys):
+    """``--search-first``: the longest value at every budget before any measurement alone (a machine lent for
+    little time gives the frontier's answers first); the cells are then measured as without it."""
+    from tests.harness.test_frontier import _scenario
+
+    assert frontier_cli.main([str(_scenario(tmp_path)), "--vary", "micro_batch", "--budgets", "0.5,1", "--max", "4",
+                              "--results", str(tmp_path / "results"), "--jobs", "2", "--search-first"]) == 0
+    phases = [ln.split(":")[0] for ln in capsys.readouterr().out.splitlines() if ln.startswith(("search:",
+                                                                                                "measure:"))]
+    assert "search" in phases and "measure" in phases
+    assert phases.index("measure") > max(i for i, p in enumerate(phases) if p == "search")
+    t = _table(tmp_path)
+    for budget, value in ((0.5, 2), (1.0, 4)):
+        cell = t.loc[("d-sim", budget)]
+        assert cell["value"] == value and cell["state"] == "found" and bool(cell["measured"])
+
+
+def test_search_first_without_a_search_to_put_first_is_refused(tmp_path, env, capsys):
+    assert _run(_long_scenario(tmp_path), tmp_path, "--search-first") == 2
+    assert "--search-first: needs --jobs above 1 or --probe-steps" in capsys.readouterr().err
+    assert not (tmp_path / "results").exists()
