@@ -467,8 +467,9 @@ def run_frontier(sc: Scenario, grid: Grid, budgets: list[float], results_root: P
             ran = _search_together(searches, probing, probe, budget, ran) or ran
         if not probing.search_first:
             _measure_budget(budget, searches, tools, same, fitted, probe)
-    for budget in sorted(set(budgets)) if probing.search_first else ():
-        _measure_budget(budget, searches, tools, same, fitted, probe)
+    if probing.search_first:
+        for budget in sorted(set(budgets)):
+            _measure_budget(budget, searches, tools, same, fitted, probe)
     return folder, log
 
 
