@@ -370,7 +370,7 @@ def test_packed_varlen_flash_matches_block_mask_on_gpu(checkpoints):  # noqa: AN
 
 
 def test_allocator_configuration(monkeypatch):  # noqa: ANN001
-    """Expandable segments by default; a user's allocator setting and cuda_graph runs are left alone."""
+    """Expandable segments by default, graphed runs included; a user's allocator setting is left alone."""
 
     calls = []
     monkeypatch.setattr(torch.cuda.memory, "_set_allocator_settings", calls.append)
@@ -378,8 +378,8 @@ def test_allocator_configuration(monkeypatch):  # noqa: ANN001
     monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
     assert configure_allocator(MethodOptions()) == "expandable_segments:True"
     assert calls == ["expandable_segments:True"]
-    assert configure_allocator(MethodOptions(cuda_graph=True)) == "default"
+    assert configure_allocator(MethodOptions(cuda_graph=True)) == "expandable_segments:True"
     assert configure_allocator(MethodOptions(expandable_segments=False)) == "default"
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:64")
     assert configure_allocator(MethodOptions()) == "user: max_split_size_mb:64"
-    assert len(calls) == 1
+    assert len(calls) == 2
