@@ -97,13 +97,14 @@ def read_probes(folder: Path) -> tuple[dict[str, Any], list[_Probe]]:
 
 
 def frontier_cells(folder: Path) -> list[Cell]:
-    """Every (framework, budget) cell of a frontier folder, frameworks in the scenario's order, budgets ascending."""
+    """Every (framework, budget) cell of a frontier folder, budgets ascending: every row the frontier's scenario
+    names, in its order (a row left out of every invocation, ``--only``, is ``not probed`` at every budget: a table or
+    verdict over the scenario's rows must not read as if it had been tried), then any other row that has probes."""
     plan, probes = read_probes(folder)
     g = plan["grid"]
     values = Grid(g["vary"], g["lo"], g["hi"], g["step"]).values()
-    frameworks = list(dict.fromkeys(p.run.framework for p in probes))
-    order = _scenario_order(Path(folder))
-    frameworks.sort(key=lambda f: order.index(f) if f in order else len(order))
+    named = _scenario_rows(Path(folder))
+    frameworks = list(dict.fromkeys([*named, *(p.run.framework for p in probes)]))
     budgets = sorted({float(b) for b in plan.get("budgets", [])} | {p.budget for p in probes})
     out = []
     for fw in frameworks:
@@ -116,6 +117,7 @@ def frontier_cells(folder: Path) -> list[Cell]:
             earlier = [p for p in row if p.budget < budget and p.exact and outcome(p.run) == FITS] \
                 if same_under_every_cap else []
             cell = _cell(fw, budget, g["vary"], mine, values, stopped, floor, earlier)
+            cell.tool = cell.tool or named.get(fw)
             stopped = stopped or (cell.reason if cell.state == "stopped" else None)
             if cell.state in ("found", "incomplete") and cell.value is not None:
                 floor = max(floor or 0, cell.value)
@@ -131,9 +133,16 @@ def _frontier_scenario(folder: Path) -> dict[str, Any]:
     return sc if isinstance(sc, dict) else {}
 
 
-def _scenario_order(folder: Path) -> list[str]:
+def _scenario_rows(folder: Path) -> dict[str, str | None]:
+    """The rows the frontier's stored scenario names, in its order: label (or name) -> the tool it runs."""
     rows = _frontier_scenario(folder).get("frameworks")
-    return [f.get("label") or f.get("name") for f in rows if isinstance(f, dict)] if isinstance(rows, list) else []
+    out: dict[str, str | None] = {}
+    for f in rows if isinstance(rows, list) else []:
+        if isinstance(f, str):
+            out.setdefault(f, f)
+        elif isinstance(f, dict) and isinstance(key := f.get("label") or f.get("name"), str):
+            out.setdefault(key, f.get("name") if isinstance(f.get("name"), str) else None)
+    return out
 
 
 def _cell(fw: str, budget: float, vary: str, probes: list[_Probe], values: list[int], stopped: str | None,

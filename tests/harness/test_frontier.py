@@ -99,7 +99,7 @@ def test_a_budget_whose_search_was_cut_short_keeps_what_fitted_under_a_smaller_o
               table._Probe(12.0, 131072, _run("oom")), table._Probe(16.0, 2048, _run("oom"))]
     plan = {"grid": {"vary": "seq_len", "lo": 8, "hi": 131072, "step": 1024}, "budgets": [8, 12, 16]}
     monkeypatch.setattr(table, "read_probes", lambda folder: (plan, probes))
-    monkeypatch.setattr(table, "_scenario_order", lambda folder: ["d"])
+    monkeypatch.setattr(table, "_scenario_rows", lambda folder: {"d": "dummy"})
     cells = {c.budget_gib: c for c in table.frontier_cells(".")}
     assert (cells[8.0].state, cells[8.0].value, cells[8.0].next_oom_value) == ("found", 2048, 3072)
     assert (cells[12.0].state, cells[12.0].value, cells[12.0].measured) == ("incomplete", 2048, False)

@@ -154,17 +154,18 @@ def test_a_long_context_claim_is_not_measured_without_a_closed_cell_under_its_bu
         Claim(**{**CLAIM, "metric": "tokens_per_s"})
 
 
-def _dummy_frontier(tmp_path):  # noqa: ANN001, ANN202
-    """A frontier of the dummy tool over micro-batch 1-4 under 0.5 and 1 GiB (its need: 1/64 GiB a token); its
-    folder."""
+def _dummy_frontier(tmp_path, rows="", only=()):  # noqa: ANN001, ANN202
+    """A frontier of the dummy tool over micro-batch 1-4 under 0.5 and 1 GiB (its need: 1/64 GiB a token), with the
+    scenario's other ``rows`` (YAML list items) and ``--only``; its folder."""
     scenario = tmp_path / "fr.yaml"
     scenario.write_text(
         "version: 1\nname: fr\nmodel: {preset: tiny-llama, dtype: float32}\nmethod: {kind: lora, lora_r: 4}\n"
         "data: {seq_len: 16, lengths: fixed}\ntrain: {micro_batch: 1, steps: 2, warmup_steps: 1}\n"
         "hardware: {device: cpu}\nmeasure: {timeout_s: 120, baseline: d-sim}\nframeworks:\n"
-        "  - {name: dummy, label: d-sim, overrides: {sim_gib_per_token: 0.015625}}\n")
+        "  - {name: dummy, label: d-sim, overrides: {sim_gib_per_token: 0.015625}}\n" + rows)
     assert frontier_cli.main([str(scenario), "--vary", "micro_batch", "--budgets", "0.5,1", "--max", "4",
-                              "--results", str(tmp_path / "results"), "--quiet"]) == 0
+                              "--results", str(tmp_path / "results"), "--quiet",
+                              *(["--only", *only] if only else [])]) == 0
     (folder,) = (tmp_path / "results").glob("fr-frontier-*")
     return folder
 
@@ -181,6 +182,22 @@ def test_a_frontier_writes_its_report_beside_the_results_and_report_rebuilds_it(
     assert report_cli.main([str(folder), "--out", str(report)]) == 0
     assert (report / "report.md").read_text() == md
     assert (folder / "frontier.md").read_text() == table
+
+
+def test_a_row_of_the_scenario_left_out_of_the_frontier_is_not_probed_at_every_budget(tmp_path, env):
+    """A frontier run with ``--only`` has tried some of its scenario's rows: the others are in its table as not
+    probed, under their own tool, so a verdict against the best peer stays open until they are searched."""
+    from harness.analysis.frontier import frontier_cells
+
+    folder = _dummy_frontier(tmp_path, "  - {name: dummy, label: d-other, overrides: {sim_gib_per_token: 0.01}}\n",
+                             only=("d-sim",))
+    cells = {(c.framework, c.budget_gib): c for c in frontier_cells(folder)}
+    assert [fw for fw, b in cells if b == 0.5] == ["d-sim", "d-other"]
+    assert cells[("d-sim", 1.0)].state == "found" and cells[("d-sim", 1.0)].value == 4
+    for b in (0.5, 1.0):
+        assert (cells[("d-other", b)].state, cells[("d-other", b)].tool, cells[("d-other", b)].probes) == \
+            ("not probed", "dummy", 0)
+    assert "| d-other | not probed | not probed |" in (folder / "frontier.md").read_text()
 
 
 def test_a_budget_beyond_the_gpu_is_said_to_cap_nothing():
