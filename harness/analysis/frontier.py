@@ -98,12 +98,14 @@ def read_probes(folder: Path) -> tuple[dict[str, Any], list[_Probe]]:
 
 def frontier_cells(folder: Path) -> list[Cell]:
     """Every (framework, budget) cell of a frontier folder, budgets ascending: every row the frontier's scenario
-    names, in its order (a row left out of every invocation, ``--only``, is ``not probed`` at every budget: a table or
-    verdict over the scenario's rows must not read as if it had been tried), then any other row that has probes."""
+    names, in its order, then the rows a later scenario added (the plan's ``rows``), then any other row that has
+    probes. A row left out of every invocation (``--only``) is ``not probed`` at every budget: a table or verdict over
+    the scenario's rows must not read as if it had been tried."""
     plan, probes = read_probes(folder)
     g = plan["grid"]
     values = Grid(g["vary"], g["lo"], g["hi"], g["step"]).values()
     named = _scenario_rows(Path(folder))
+    named |= {k: v for k, v in plan.get("rows", {}).items() if k not in named}
     frameworks = list(dict.fromkeys([*named, *(p.run.framework for p in probes)]))
     budgets = sorted({float(b) for b in plan.get("budgets", [])} | {p.budget for p in probes})
     out = []

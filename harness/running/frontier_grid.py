@@ -118,6 +118,9 @@ def read_plan(folder: Path) -> dict[str, Any]:
         wrong.append("budgets")
     wrong += [k for k in ("scenario", "scenario_hash", "scenario_source", "created")
               if plan.get(k) is not None and not isinstance(plan[k], str)]
+    rows = plan.get("rows", {})
+    if not (isinstance(rows, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in rows.items())):
+        wrong.append("rows")
     if wrong:
         raise FrontierError(f"{path}: not a frontier plan ({', '.join(wrong)}: not of the shape "
                             "`python -m harness frontier` writes)")
@@ -171,6 +174,9 @@ def open_frontier(sc: Scenario, grid: Grid, budgets: list[float], results_root: 
     else:
         plan = read_plan(d)
     plan["budgets"] = sorted({*plan.get("budgets", []), *budgets})
+    # every row a scenario that opened the folder names (row -> tool), grown as budgets are: a row added to the
+    # scenario since the folder began is in its table, not probed, before its first probe
+    plan["rows"] = {f.key: f.name for f in sc.frameworks} | plan.get("rows", {})
     results.atomic_write_text(d / PLAN_FILE, json.dumps(plan, indent=1))
     return d
 

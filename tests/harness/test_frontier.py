@@ -338,6 +338,7 @@ def test_a_row_added_to_the_scenario_resumes_its_frontier_and_probes_the_new_row
 @pytest.mark.parametrize("plan", ['{"grid": {"vary": "lr", "lo": 1, "hi": 4, "step": 1}, "budgets": [1]}',
                                   '{"grid": {"vary": "micro_batch", "lo": 1, "hi": 4, "step": 0}}',
                                   '{"grid": {"vary": "micro_batch", "lo": 1, "hi": 4, "step": 1}, "budgets": "x"}',
+                                  '{"grid": {"vary": "micro_batch", "lo": 1, "hi": 4, "step": 1}, "rows": ["d"]}',
                                   '{"budgets": [1]}', "[1]", "{"])
 def test_a_damaged_frontier_plan_is_refused_by_name_and_never_resumed(tmp_path, capsys, plan):
     from harness.cli import report as report_cli

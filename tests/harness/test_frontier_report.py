@@ -198,6 +198,15 @@ def test_a_row_of_the_scenario_left_out_of_the_frontier_is_not_probed_at_every_b
         assert (cells[("d-other", b)].state, cells[("d-other", b)].tool, cells[("d-other", b)].probes) == \
             ("not probed", "dummy", 0)
     assert "| d-other | not probed | not probed |" in (folder / "frontier.md").read_text()
+    # a row added to the scenario since: the same frontier resumes (the probes are done) and names it too
+    scenario = tmp_path / "fr.yaml"
+    new_row = "  - {name: dummy, label: d-new, overrides: {sim_gib_per_token: 0.02}}\n"
+    scenario.write_text(scenario.read_text() + new_row)
+    assert frontier_cli.main([str(scenario), "--vary", "micro_batch", "--budgets", "0.5,1", "--max", "4",
+                              "--results", str(tmp_path / "results"), "--quiet", "--only", "d-sim"]) == 0
+    assert list((tmp_path / "results").glob("fr-frontier-*")) == [folder]
+    assert [c.framework for c in frontier_cells(folder) if c.budget_gib == 1.0] == ["d-sim", "d-other", "d-new"]
+    assert "| d-new | not probed | not probed |" in (folder / "frontier.md").read_text()
 
 
 def test_a_budget_beyond_the_gpu_is_said_to_cap_nothing():
