@@ -138,13 +138,8 @@ def _frontier_scenario(folder: Path) -> dict[str, Any]:
 def _scenario_rows(folder: Path) -> dict[str, str | None]:
     """The rows the frontier's stored scenario names, in its order: label (or name) -> the tool it runs."""
     rows = _frontier_scenario(folder).get("frameworks")
-    out: dict[str, str | None] = {}
-    for f in rows if isinstance(rows, list) else []:
-        if isinstance(f, str):
-            out.setdefault(f, f)
-        elif isinstance(f, dict) and isinstance(key := f.get("label") or f.get("name"), str):
-            out.setdefault(key, f.get("name") if isinstance(f.get("name"), str) else None)
-    return out
+    return {f.get("label") or f.get("name"): f.get("name") for f in rows if isinstance(f, dict)} \
+        if isinstance(rows, list) else {}
 
 
 def _cell(fw: str, budget: float, vary: str, probes: list[_Probe], values: list[int], stopped: str | None,
