@@ -215,10 +215,12 @@ def predict(m: CostModel, p: Plan) -> Prediction:
     """Peak allocated bytes and step time of plan ``p`` under cost model ``m``.
 
     Memory: what stays after loading (fixed bytes, resident layers, embeddings and head unless offloaded), then
-    gradients and optimizer state, at most two streamed layers, checkpoints (on the host: the one in flight and
-    the one fetched back), kept activations (less gate and up where remade), and the larger of the forward's end
-    (loss chunk, plus the LM head's device copy when it lives on the host) and one layer's recompute + backward (a
-    recomputing layer's with the dense weights it keeps for its backward, :attr:`LayerCost.reuse_bytes`).
+    gradients and optimizer state, at most two streamed layers, and the larger of two moments. The forward's end:
+    every checkpoint (on the host: the one in flight and the one fetched back), every kept layer's activations (less
+    gate and up where remade), the loss chunk, and the LM head's device copy when it lives on the host. Each layer's
+    backward, going down: its recompute + backward (a recomputing layer's with the dense weights it keeps for its
+    backward, :attr:`LayerCost.reuse_bytes`) beside what the layers under it still hold, the layers above having
+    freed theirs.
 
     Time per micro-batch: every layer's forward and backward, the recomputed layers' forward again (less what their
     backward saves by reusing the recompute's dequantised weights, :attr:`LayerCost.reuse_saving_s`), the gate / up
@@ -237,13 +239,21 @@ def predict(m: CostModel, p: Plan) -> Prediction:
     static = (m.fixed_bytes + m.static_offset + sum(c.weight_bytes for i, c in enumerate(lay) if i not in in_stream)
               + (0 if p.offload_embeddings else m.embed_bytes) + (0 if p.offload_lm_head else m.head_bytes))
     ckpts = [lay[i].checkpoint_bytes for i in rec]
-    ckpt = 2 * max(ckpts, default=0) if p.offload_checkpoints else sum(ckpts)
     remade = _remade(n, rec, m.checkpointing, p.remake_mlp_layers)
-    keep = sum(c.keep_bytes - (c.mlp_remake_bytes if i in remade else 0) for i, c in enumerate(lay) if i not in rec)
-    forward_end = a * m.loss_bytes + (m.head_bytes if p.offload_lm_head else 0)
-    backward = max(a * c.transient_bytes + (c.reuse_bytes if i in rec else 0) for i, c in enumerate(lay))
+    # what each layer holds from its forward until its own backward: a recomputing layer its checkpoint (one on the
+    # host holds nothing here: the device has the one in flight and the one fetched back, ``in_flight``), a kept one
+    # its activations (less gate and up where remade)
+    held = [(0 if p.offload_checkpoints else c.checkpoint_bytes) if i in rec
+            else c.keep_bytes - (c.mlp_remake_bytes if i in remade else 0) for i, c in enumerate(lay)]
+    in_flight = 2 * max(ckpts, default=0) if p.offload_checkpoints else 0
+    below = _prefix(held)  # below[i]: held by the layers under layer i
+    forward_end = a * (below[n] + in_flight + m.loss_bytes) + (m.head_bytes if p.offload_lm_head else 0)
+    # backward goes down the layers, each freeing what it held: layer i's recompute + backward runs beside what the
+    # layers under it hold (and a recomputing layer's own checkpoint; a kept layer's activations are in its transient)
+    backward = max(a * ((below[i + 1] if i in rec else below[i]) + in_flight + c.transient_bytes)
+                   + (c.reuse_bytes if i in rec else 0) for i, c in enumerate(lay))
     dynamic = (m.trainable_state_bytes + sum(sorted((lay[i].weight_bytes for i in streamed), reverse=True)[:2])
-               + a * (ckpt + keep) + max(forward_end, backward) + (GRAPH_EXTRA_BYTES if p.cuda_graph else 0))
+               + max(forward_end, backward) + (GRAPH_EXTRA_BYTES if p.cuda_graph else 0))
 
     h2d, d2h = sp.h2d_gbps * 1e9, sp.d2h_gbps * 1e9
     fwd = [c.forward_s * f for c in lay]
