@@ -207,6 +207,14 @@ def _remade(n: int, rec: frozenset[int], checkpointing: bool, count: int) -> fro
     return remade_mlp_layer_ids(n, None if checkpointing and len(rec) == n else rec, checkpointing, count)
 
 
+def _streamed_on_device(lay: tuple[LayerCost, ...], streamed: tuple[int, ...], i: int) -> int:
+    """Streamed weight bytes on the device during layer ``i``'s backward (:class:`~.offload.WeightStreamer`): its own
+    if it streams, and the next streamed layer under it, copied in ahead (by the streamed layer above, or kept from the
+    forward's end)."""
+    below = [j for j in streamed if j < i]
+    return (lay[i].weight_bytes if i in streamed else 0) + (lay[below[-1]].weight_bytes if below else 0)
+
+
 def _prefix(xs: list[float]) -> list[float]:
     return [0.0, *accumulate(xs)]
 
@@ -215,12 +223,13 @@ def predict(m: CostModel, p: Plan) -> Prediction:
     """Peak allocated bytes and step time of plan ``p`` under cost model ``m``.
 
     Memory: what stays after loading (fixed bytes, resident layers, embeddings and head unless offloaded), then
-    gradients and optimizer state, at most two streamed layers, and the larger of two moments. The forward's end:
-    every checkpoint (on the host: the one in flight and the one fetched back), every kept layer's activations (less
-    gate and up where remade), the loss chunk, and the LM head's device copy when it lives on the host. Each layer's
-    backward, going down: its recompute + backward (a recomputing layer's with the dense weights it keeps for its
-    backward, :attr:`LayerCost.reuse_bytes`) beside what the layers under it still hold, the layers above having
-    freed theirs.
+    gradients and optimizer state, and the larger of two moments. The forward's end: every checkpoint (on the host:
+    the one in flight and the one fetched back), every kept layer's activations (less gate and up where remade), the
+    loss chunk, the LM head's device copy when it lives on the host, and the last streamed layer's weights (kept for
+    backward). Each layer's backward, going down: its recompute + backward (a recomputing layer's with the dense
+    weights it keeps for its backward, :attr:`LayerCost.reuse_bytes`) beside what the layers under it still hold,
+    the layers above having freed theirs, and the streamed weights then on the device (its own, and the next
+    streamed layer's under it, copied in ahead).
 
     Time per micro-batch: every layer's forward and backward, the recomputed layers' forward again (less what their
     backward saves by reusing the recompute's dequantised weights, :attr:`LayerCost.reuse_saving_s`), the gate / up
@@ -251,9 +260,11 @@ def predict(m: CostModel, p: Plan) -> Prediction:
     # backward goes down the layers, each freeing what it held: layer i's recompute + backward runs beside what the
     # layers under it hold (and a recomputing layer's own checkpoint; a kept layer's activations are in its transient)
     backward = max(a * ((below[i + 1] if i in rec else below[i]) + in_flight + c.transient_bytes)
-                   + (c.reuse_bytes if i in rec else 0) for i, c in enumerate(lay))
-    dynamic = (m.trainable_state_bytes + sum(sorted((lay[i].weight_bytes for i in streamed), reverse=True)[:2])
-               + max(forward_end, backward) + (GRAPH_EXTRA_BYTES if p.cuda_graph else 0))
+                   + (c.reuse_bytes if i in rec else 0) + _streamed_on_device(lay, streamed, i)
+                   for i, c in enumerate(lay))
+    # the forward's last streamed layer stays on the device for backward, which needs it first
+    forward_end += lay[streamed[-1]].weight_bytes if streamed else 0
+    dynamic = m.trainable_state_bytes + max(forward_end, backward) + (GRAPH_EXTRA_BYTES if p.cuda_graph else 0)
 
     h2d, d2h = sp.h2d_gbps * 1e9, sp.d2h_gbps * 1e9
     fwd = [c.forward_s * f for c in lay]

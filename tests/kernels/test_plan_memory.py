@@ -45,3 +45,18 @@ def test_the_12gib_qlora_probe_is_predicted_within_a_few_percent():
     plan = Plan(recompute_layers=8, offload_embeddings=True, remake_mlp_layers=-1)
     m = m.corrected(static_offset=int(4.52 * GIB) - predict(m, plan).static_bytes)
     assert predict(m, plan).peak_bytes / GIB == pytest.approx(9.249, rel=0.02)
+
+
+def test_two_streamed_layers_are_on_the_device_together_only_in_the_upper_ones_backward():
+    """Layers 0 and 4 of 8 stream their 100 MiB of weights (every layer recomputes, 4 MiB checkpoints, a 100 MiB
+    transient): the forward's end holds layer 4's weights (kept for backward), layer 7's backward the same copy,
+    layer 4's backward itself and layer 0's, copied in ahead: 20 + 100 + 200, the peak. Counting two streamed layers
+    at every moment would add layer 0's to the others: 332."""
+    m = synthetic()
+    plan = Plan(offload_weights=2)
+    assert plan_mod._layout(8, -1, 2, True)[0] == (0, 4)
+    pr = predict(m, plan)
+    assert pr.peak_bytes - pr.static_bytes - m.trainable_state_bytes == (5 * 4 + 100 + 200) * MIB
+    # one streamed layer: on the device from the forward's end to its own backward, beside every layer's
+    one = predict(m, Plan(offload_weights=1))
+    assert one.peak_bytes - one.static_bytes - m.trainable_state_bytes == (8 * 4 + 100 + 100) * MIB
