@@ -17,6 +17,7 @@ A run plans through :class:`kernels.trainer.planner.Planner` (budget, device rat
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
@@ -211,8 +212,9 @@ def _streamed_on_device(lay: tuple[LayerCost, ...], streamed: tuple[int, ...], i
     """Streamed weight bytes on the device during layer ``i``'s backward (:class:`~.offload.WeightStreamer`): its own
     if it streams, and the next streamed layer under it, copied in ahead (by the streamed layer above, or kept from the
     forward's end)."""
-    below = [j for j in streamed if j < i]
-    return (lay[i].weight_bytes if i in streamed else 0) + (lay[below[-1]].weight_bytes if below else 0)
+    k = bisect_left(streamed, i)  # streamed[:k] are under layer i
+    own = k < len(streamed) and streamed[k] == i
+    return (lay[i].weight_bytes if own else 0) + (lay[streamed[k - 1]].weight_bytes if k else 0)
 
 
 def _prefix(xs: list[float]) -> list[float]:
@@ -256,14 +258,14 @@ def predict(m: CostModel, p: Plan) -> Prediction:
             else c.keep_bytes - (c.mlp_remake_bytes if i in remade else 0) for i, c in enumerate(lay)]
     in_flight = 2 * max(ckpts, default=0) if p.offload_checkpoints else 0
     below = _prefix(held)  # below[i]: held by the layers under layer i
-    forward_end = a * (below[n] + in_flight + m.loss_bytes) + (m.head_bytes if p.offload_lm_head else 0)
+    # the forward's last streamed layer stays on the device for backward, which needs it first
+    forward_end = (a * (below[n] + in_flight + m.loss_bytes) + (m.head_bytes if p.offload_lm_head else 0)
+                   + (lay[streamed[-1]].weight_bytes if streamed else 0))
     # backward goes down the layers, each freeing what it held: layer i's recompute + backward runs beside what the
     # layers under it hold (and a recomputing layer's own checkpoint; a kept layer's activations are in its transient)
     backward = max(a * ((below[i + 1] if i in rec else below[i]) + in_flight + c.transient_bytes)
                    + (c.reuse_bytes if i in rec else 0) + _streamed_on_device(lay, streamed, i)
                    for i, c in enumerate(lay))
-    # the forward's last streamed layer stays on the device for backward, which needs it first
-    forward_end += lay[streamed[-1]].weight_bytes if streamed else 0
     dynamic = m.trainable_state_bytes + max(forward_end, backward) + (GRAPH_EXTRA_BYTES if p.cuda_graph else 0)
 
     h2d, d2h = sp.h2d_gbps * 1e9, sp.d2h_gbps * 1e9
