@@ -70,7 +70,7 @@ pack() {
     && mv "$OUT/.res.tgz.$BASHPID" "$OUT/res.tgz"
   return 0
 }
-(while sleep 45; do pack; done) &
+(while sleep 45; do pack; done) >/dev/null 2>&1 &
 packer=$!
 # the clean copy of archive $1, the current directory from here on; the files of results/ it lacks copied in first
 # (a warm machine's copy gets what another copy wrote since, e.g. a selfcheck.json, so a later check numbers past it)
@@ -88,6 +88,12 @@ enter() {
     # on every call and want --update=none, which older ones reject
     cp -rp --update=none "$d" "$C/results/" 2>/dev/null || cp -rpn "$d" "$C/results/"
   done
+  # a row that a step here set aside (byte for byte under runs/attempts/) stays aside: the copy brought it back
+  while IFS= read -r -d '' a; do
+    an=$(basename "$a" .json); k=${an%.*}; r=${a%/attempts/*}; s=${r%/runs}
+    if cmp -s "$a" "$r/$k.json"; then rm -f "$r/$k.json"; fi
+    if cmp -s "$s/logs/attempts/$an.log" "$s/logs/$k.log"; then rm -f "$s/logs/$k.log"; fi
+  done < <(find "$C/results" -path '*/runs/attempts/*.json' -print0)
   grep -qxF "$C" "$used" || echo "$C" >> "$used"
   cd "$C" || return 1
 }

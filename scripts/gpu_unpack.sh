@@ -13,7 +13,10 @@
 #   gains the names the call's plan adds;
 # - the row of a run that `--retry-failed` (or a matrix's `--retry-invalid`) redid there: the row stored here is
 #   then byte for byte the attempt that the call brings back under runs/attempts/: the new row and log replace it,
-#   its log moves to logs/attempts/ (the machine's copy had moved it there too).
+#   its log moves to logs/attempts/ (the machine's copy had moved it there too);
+# - the row of a probe that `frontier --redo-older` set aside there without redoing it: it moves under
+#   runs/attempts/ here too, as the same attempt (an attempt stored here already under another number is not added
+#   a second time).
 # Every sweep is handled where it stands: a matrix or frontier folder holds one sweep per row. Prints each top
 # folder it touched.
 set -eu
@@ -40,16 +43,30 @@ for d in "$t"/results/*/; do
   while IFS= read -r -d '' rd; do
     s=${rd%/runs}
     here=${s#"$t"/}  # results/<n>[/<row's sweep>]
-    # a retried run: the row stored here is byte for byte an attempt the call set aside, so its new row replaces it
     for a in "$rd"/attempts/*.json; do
       [ -f "$a" ] || continue
       an=$(basename "$a" .json); k=${an%.*}
-      cmp -s "$a" "$here/runs/$k.json" && [ -f "$rd/$k.json" ] || continue
+      # an attempt stored here under another number (an earlier call brought it back) is not copied twice
+      dup=
+      for l in "$here"/runs/attempts/"$k".*.json; do
+        [ -f "$l" ] && [ "${l##*/}" != "$an.json" ] && cmp -s "$a" "$l" && dup=1
+      done
+      if [ -n "$dup" ]; then rm -f "$a" "$s/logs/attempts/$an.log"; continue; fi
+      # the row stored here is byte for byte an attempt the call set aside: its log goes beside the attempt, and
+      # the call's new row replaces it (a retried run), or, where the call set it aside without one (`frontier
+      # --redo-older`), the row goes under attempts/ as it did there
+      cmp -s "$a" "$here/runs/$k.json" || continue
       if [ -f "$here/logs/$k.log" ] && [ ! -f "$here/logs/attempts/$an.log" ]; then
         mkdir -p "$here/logs/attempts" && mv "$here/logs/$k.log" "$here/logs/attempts/$an.log"
       fi
-      cp -p "$rd/$k.json" "$here/runs/$k.json"
-      if [ -f "$s/logs/$k.log" ]; then cp -p "$s/logs/$k.log" "$here/logs/$k.log"; fi
+      if [ -f "$rd/$k.json" ]; then
+        cp -p "$rd/$k.json" "$here/runs/$k.json"
+        if [ -f "$s/logs/$k.log" ]; then cp -p "$s/logs/$k.log" "$here/logs/$k.log"; fi
+      elif [ -f "$here/runs/attempts/$an.json" ]; then
+        rm "$here/runs/$k.json"
+      else
+        mkdir -p "$here/runs/attempts" && mv "$here/runs/$k.json" "$here/runs/attempts/$an.json"
+      fi
     done
   done < <(find "$d" -type d -name runs -not -path '*/attempts/*' -print0)
   while IFS= read -r -d '' f; do

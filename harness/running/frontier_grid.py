@@ -22,7 +22,14 @@ import yaml
 from harness.inputs import models
 from harness.measuring import flops
 from harness.running.derive import derive
-from harness.running.runner import RETRYABLE, StopStarting, newest_sweep, run_sweep, set_aside_failed
+from harness.running.runner import (
+    RETRYABLE,
+    StopStarting,
+    measured_elsewhere,
+    newest_sweep,
+    run_sweep,
+    set_aside_failed,
+)
 from harness.spec.scenario import MAX_BATCH, MAX_NAME, MAX_SEQ_LEN, Scenario, settings_hash_of
 from harness.storing import results
 from harness.storing.schema import RunResult
@@ -129,8 +136,9 @@ def read_plan(folder: Path) -> dict[str, Any]:
 
 
 def find_frontier(sc: Scenario, grid: Grid, results_root: Path) -> Path | None:
-    """The newest frontier folder of this scenario (same hash) over the same grid, or None (a damaged plan is never
-    filled in: a new folder is started beside it)."""
+    """The newest frontier folder of this scenario (same hash) over the same grid measured on this kind of machine,
+    or None (a damaged plan, or a folder of another kind of GPU, is never filled in here: a new folder is started
+    beside it)."""
     cands = []
     for d in Path(results_root).glob(f"{sc.name}-frontier-*"):
         try:
@@ -138,7 +146,8 @@ def find_frontier(sc: Scenario, grid: Grid, results_root: Path) -> Path | None:
         except FrontierError:
             continue
         if plan.get("grid") == _grid_dict(grid) and (plan.get("scenario_hash") == sc.content_hash()
-                                                      or _same_rows(d / "scenario.yaml", sc)):
+                                                      or _same_rows(d / "scenario.yaml", sc)) \
+                and measured_elsewhere(d) is None:
             cands.append((plan.get("created", ""), d))
     return max(cands)[1] if cands else None
 

@@ -88,11 +88,17 @@ def _refusal(folder: Path, why: str, what: str) -> OtherMachine:
                         f"fill that one in on its own kind of machine")
 
 
+def measured_elsewhere(folder: Path) -> str | None:
+    """Why this machine may not add to a matrix's or a frontier's ``folder`` (:func:`other_machine` of its first
+    sweep, as every sweep of one folder ran on one kind of machine), or None."""
+    found = sorted(p.parent for p in Path(folder).glob("*/environment.json"))
+    return other_machine(found[0]) if found else None
+
+
 def refuse_other_machine(folder: Path, what: str) -> None:
     """Raise :class:`OtherMachine` where the runs of a matrix's or a frontier's ``folder`` (``what``) ran on another
-    kind of GPU: those of its first sweep, as every sweep of one folder ran on one kind of machine."""
-    found = sorted(p.parent for p in Path(folder).glob("*/environment.json"))
-    if found and (why := other_machine(found[0])):
+    kind of GPU."""
+    if why := measured_elsewhere(folder):
         raise _refusal(folder, why, what)
 
 

@@ -120,3 +120,29 @@ def test_a_new_sweep_comes_in_whole_and_a_retried_row_without_a_log(tmp_path):
     assert (new / "sweep.json").read_text() == '{"planned": ["hf-r0"]}'
     assert (new / "runs" / "hf-r0.json").read_text() == '{"status": "ok"}'
     assert out.stdout.split() == ["results/new-1", "results/s-1"]
+
+
+def test_a_probe_set_aside_without_a_new_row_moves_aside_here_once(tmp_path):
+    """`frontier --redo-older` set a probe's row aside and searched elsewhere: the row stored here moves under
+    runs/attempts/ as it did there, and the same attempt brought back again under other numbers (three calls that
+    each set the re-copied row aside) is stored once."""
+    here, dev = tmp_path / "here" / "results" / "f-1" / "p-1", tmp_path / "dev" / "results" / "f-1" / "p-1"
+    write(here / "runs" / "tb-r0.json", '{"sha": "old"}')
+    write(here / "logs" / "tb-r0.log", "old log")
+    write(here / "runs.csv", "table")
+    for n in (1, 2, 3):
+        write(dev / "runs" / "attempts" / f"tb-r0.{n}.json", '{"sha": "old"}')
+        write(dev / "logs" / "attempts" / f"tb-r0.{n}.log", "old log")
+    write(dev / "runs.csv", "table")
+
+    out = unpack(tmp_path, tmp_path / "dev")
+
+    assert out.returncode == 0, out.stderr
+    assert not (here / "runs" / "tb-r0.json").exists()
+    assert not (here / "logs" / "tb-r0.log").exists()
+    assert sorted(p.name for p in (here / "runs" / "attempts").iterdir()) == ["tb-r0.1.json"]
+    assert (here / "runs" / "attempts" / "tb-r0.1.json").read_text() == '{"sha": "old"}'
+    assert sorted(p.name for p in (here / "logs" / "attempts").iterdir()) == ["tb-r0.1.log"]
+    before = {p: p.read_text() for p in here.rglob("*") if p.is_file()}
+    assert unpack(tmp_path, tmp_path / "dev").returncode == 0
+    assert {p: p.read_text() for p in here.rglob("*") if p.is_file()} == before
