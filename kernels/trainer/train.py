@@ -170,6 +170,11 @@ class StepGraph:
         else:
             model.__dict__.pop("_staged_embeddings", None)
         self.stream = torch.cuda.Stream(device=device) if capture else None
+        if capture:
+            # the caching allocator reuses a free block only on the stream it was allocated on: what loading left
+            # cached on the current stream (a layer's bf16 weights before NF4, an embedding table moved to the
+            # host) would stay reserved beside the eager steps' own blocks on the side stream
+            torch.cuda.empty_cache()
         self.graph: Any = None
         self.total: torch.Tensor | None = None
 
