@@ -418,7 +418,6 @@ def run_frontier(sc: Scenario, grid: Grid, budgets: list[float], results_root: P
     clock = Clock(time_limit_s, measured / searched, work, fastest_steps(work, searched, gpu))
     rows = [k for k in sc.framework_names() if not only or k in only]
     folder = open_frontier(sc, grid, budgets, Path(results_root), new=new)
-    runner.refuse_other_machine(folder, "frontier")
     if redo_older and (n := set_aside_older(folder, redo_older, environment.git_info())):
         print(f"frontier: {n} probes of {', '.join(redo_older)} made by other code set aside", file=sys.stderr)
     log = ProbeLog()

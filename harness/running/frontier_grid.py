@@ -27,6 +27,7 @@ from harness.running.runner import (
     StopStarting,
     measured_elsewhere,
     newest_sweep,
+    refuse_other_machine,
     run_sweep,
     set_aside_failed,
 )
@@ -136,20 +137,20 @@ def read_plan(folder: Path) -> dict[str, Any]:
 
 
 def find_frontier(sc: Scenario, grid: Grid, results_root: Path) -> Path | None:
-    """The newest frontier folder of this scenario (same hash) over the same grid measured on this kind of machine,
-    or None (a damaged plan, or a folder of another kind of GPU, is never filled in here: a new folder is started
-    beside it)."""
-    cands = []
+    """The newest frontier folder of this scenario (same hash) over the same grid whose probes ran on this kind of
+    machine; failing that, the newest one of another kind of GPU, which :func:`open_frontier` refuses (a frontier of
+    this machine then takes ``--new``); or None. A damaged plan is never filled in: a new folder starts beside it."""
+    here, elsewhere = [], []
     for d in Path(results_root).glob(f"{sc.name}-frontier-*"):
         try:
             plan = read_plan(d)
         except FrontierError:
             continue
         if plan.get("grid") == _grid_dict(grid) and (plan.get("scenario_hash") == sc.content_hash()
-                                                      or _same_rows(d / "scenario.yaml", sc)) \
-                and measured_elsewhere(d) is None:
-            cands.append((plan.get("created", ""), d))
-    return max(cands)[1] if cands else None
+                                                      or _same_rows(d / "scenario.yaml", sc)):
+            (elsewhere if measured_elsewhere(d) else here).append((plan.get("created", ""), d))
+    found = here or elsewhere
+    return max(found)[1] if found else None
 
 
 def _same_rows(stored: Path, sc: Scenario) -> bool:
@@ -169,7 +170,10 @@ def _grid_dict(grid: Grid) -> dict[str, Any]:
 
 
 def open_frontier(sc: Scenario, grid: Grid, budgets: list[float], results_root: Path, new: bool = False) -> Path:
-    """The frontier folder to fill: the newest one of this scenario and grid (its budgets extended), or a new one."""
+    """The frontier folder to fill: the newest one of this scenario and grid (its budgets extended), or a new one.
+
+    Raises:
+        harness.running.runner.OtherMachine: the folder found ran on another kind of GPU (nothing written)."""
     d = None if new else find_frontier(sc, grid, results_root)
     if d is None:
         results_root.mkdir(parents=True, exist_ok=True)
@@ -181,6 +185,7 @@ def open_frontier(sc: Scenario, grid: Grid, budgets: list[float], results_root: 
         plan = {"scenario": sc.name, "scenario_hash": sc.content_hash(), "scenario_source": sc.source_path,
                 "created": now, "grid": _grid_dict(grid), "budgets": []}
     else:
+        refuse_other_machine(d, "frontier")  # before its plan is touched
         plan = read_plan(d)
     plan["budgets"] = sorted({*plan.get("budgets", []), *budgets})
     # every row a scenario that opened the folder names (row -> tool), grown as budgets are: a row added to the

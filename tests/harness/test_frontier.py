@@ -271,10 +271,11 @@ def test_a_frontier_of_another_gpu_is_not_filled_in_here(tmp_path, env, monkeypa
     monkeypatch.setattr(environment, "capture",
                         lambda **kw: real_capture(**kw) | {"gpu_name": "NVIDIA H200", "gpu_count": 1})
     capsys.readouterr()
+    plan = (folder / "frontier.json").read_bytes()
     assert _frontier(path, tmp_path) == 2
     why = "its runs were measured on NVIDIA H100 80GB HBM3 x1, this machine is NVIDIA H200 x1"
     assert why in capsys.readouterr().err
-    assert not list(folder.glob("*/runs/*.json"))
+    assert not list(folder.glob("*/runs/*.json")) and (folder / "frontier.json").read_bytes() == plan
 
 
 def test_frontier_refuses_a_budget_a_row_cannot_honour(tmp_path, env, capsys):

@@ -1,5 +1,6 @@
-"""A frontier folder measured on one kind of GPU is never filled in on another: rerunning the command there starts a
-frontier of that machine beside it (its plan untouched), and the first machine's command still resumes its own."""
+"""Each kind of GPU fills in its own frontier folder: with folders of two kinds beside each other, the command
+resumes the newest of this machine's kind, though another kind's is newer; with only another kind's, it refuses
+(exit 2, that folder untouched) until ``--new`` starts one here."""
 
 from __future__ import annotations
 
@@ -10,29 +11,42 @@ from harness.measuring import environment
 from tests.harness.test_frontier import SIM, _scenario
 
 
-def _frontier(path, tmp_path) -> int:  # noqa: ANN001
+def _frontier(path, tmp_path, *extra: str) -> int:  # noqa: ANN001
     return frontier_cli.main([str(path), "--vary", "micro_batch", "--budgets", "0.5", "--max", "3",
-                              "--results", str(tmp_path / "results"), "--quiet"])
+                              "--results", str(tmp_path / "results"), "--quiet", *extra])
+
+
+def _files(folder) -> dict:  # noqa: ANN001
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
 def test_each_kind_of_gpu_fills_in_its_own_frontier(tmp_path, env, monkeypatch, capsys):
     path = _scenario(tmp_path, SIM)
     real = environment.capture
-    monkeypatch.setattr(environment, "capture", lambda **kw: real(**kw) | {"gpu_name": "NVIDIA H100", "gpu_count": 1})
+
+    def on(gpu: str) -> None:
+        monkeypatch.setattr(environment, "capture", lambda **kw: real(**kw) | {"gpu_name": gpu, "gpu_count": 1})
+
+    on("NVIDIA H100")
     assert _frontier(path, tmp_path) == 0
     (h100,) = (tmp_path / "results").glob("fr-frontier-*")
-    first = sorted(p.parent for p in h100.glob("*/environment.json"))[0]
-    assert json.loads((first / "environment.json").read_text())["gpu_name"] == "NVIDIA H100"
-    kept = {p: p.read_bytes() for p in h100.rglob("*") if p.is_file()}
+    kept = _files(h100)
 
-    monkeypatch.setattr(environment, "capture", lambda **kw: real(**kw) | {"gpu_name": "NVIDIA H200", "gpu_count": 1})
-    assert _frontier(path, tmp_path) == 0
-    assert "cannot be filled in here" not in capsys.readouterr().err
+    on("NVIDIA H200")
+    capsys.readouterr()
+    assert _frontier(path, tmp_path) == 2
+    assert "its runs were measured on NVIDIA H100 x1, this machine is NVIDIA H200 x1" in capsys.readouterr().err
+    assert _files(h100) == kept
+    assert _frontier(path, tmp_path, "--new") == 0
     folders = sorted((tmp_path / "results").glob("fr-frontier-*"))
-    assert len(folders) == 2 and {p: p.read_bytes() for p in h100.rglob("*") if p.is_file()} == kept
     (h200,) = [f for f in folders if f != h100]
     assert all(json.loads(p.read_text())["gpu_name"] == "NVIDIA H200" for p in h200.glob("*/environment.json"))
+    assert _files(h100) == kept
 
-    monkeypatch.setattr(environment, "capture", lambda **kw: real(**kw) | {"gpu_name": "NVIDIA H100", "gpu_count": 1})
-    assert _frontier(path, tmp_path) == 0  # the H100's own folder, finished: nothing new starts
+    on("NVIDIA H100")  # the H200's folder is the newer: the H100 still resumes its own
+    assert _frontier(path, tmp_path) == 0
+    assert "cannot be filled in here" not in capsys.readouterr().err
+    assert sorted((tmp_path / "results").glob("fr-frontier-*")) == folders
+    on("NVIDIA H200")
+    assert _frontier(path, tmp_path) == 0
     assert sorted((tmp_path / "results").glob("fr-frontier-*")) == folders
