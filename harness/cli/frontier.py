@@ -13,7 +13,9 @@ search; ``--search-first``: every budget's search, then the cells). The table is
 ``frontier.md`` in that folder, also when the frontier stops early: at an interrupt, or at ``--time-limit-s S``, after
 which no probe starts that would end past S seconds (a machine lent for a limited time: the probes going on finish,
 and the same command goes on). ``--redo-older ROW ...`` searches rows again whose probes other code made (a fix in
-that tool), the others' cells kept; their old probes stay under ``runs/attempts/``. Exit codes: 0 done or out of time
+that tool), the others' cells kept; their old probes stay under ``runs/attempts/``. ``--seed-from FOLDER`` probes
+each row's answer in another frontier (another machine's) first, then the step past it: a cell that holds here closes
+in two probes. Exit codes: 0 done or out of time
 (failed probes are cells, not errors), 2 bad input, 3 another sweep holds the machine, 130 interrupted.
 
 Examples::
@@ -32,7 +34,7 @@ import math
 import sys
 from pathlib import Path
 
-from harness.analysis.frontier import write_frontier_table
+from harness.analysis.frontier import frontier_cells, write_frontier_table
 from harness.cli.guard import EXIT_BAD_INPUT, guarded, output_dir_problems
 from harness.cli.validate import load_or_report
 from harness.common.paths import REPO_ROOT
@@ -47,9 +49,11 @@ from harness.running.frontier import (
     find_frontier,
     make_grid,
     probe_scenario,
+    read_plan,
     run_frontier,
 )
 from harness.spec.scenario import MAX_MEMORY_BUDGET_GIB, ScenarioError
+from harness.storing.sweep import StoredFileError
 
 CAPACITY_MARGIN_GIB = 4.0  # GPU memory left outside the side-by-side probes' budgets (CUDA contexts, NVML's view)
 MAX_BUDGETS = 64  # budgets of one frontier: each is a search of every row (the published frontiers use six)
@@ -94,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="search these rows again where their probes were made by other code than this checkout's "
                         "(a fix of that tool): those probes are set aside, kept under each probe's runs/attempts/; "
                         "rerunning at the same commit sets nothing more aside")
+    p.add_argument("--seed-from", metavar="FOLDER",
+                   help="another frontier folder of the same --vary (e.g. another machine's): each row's closed "
+                        "answer there is probed first at that budget here, then the step past it (two probes where "
+                        "it holds here; a bisection of the narrowed bracket where not); every answer is this "
+                        "machine's own probes")
     p.add_argument("--time-limit-s", type=_seconds, metavar="S",
                    help="start no probe that would end past S seconds (its expected time: the row's probes of that "
                         "kind so far, their steps scaled to the value; the first one always starts); the probes going "
@@ -123,6 +132,22 @@ def _budgets(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"{len(set(out))} budgets: at most {MAX_BUDGETS} (each is a search of "
                                          "every row)")
     return sorted(set(out))
+
+
+def _seeds(folder: str, vary: str, rows: list[str]) -> dict[str, dict[float, int]] | str:
+    """``--seed-from``: per row of this scenario, the budgets where ``folder``'s frontier closed (its largest fitting
+    value known, the next out of memory or the grid's top) and that value; or why the folder cannot seed this one."""
+    try:
+        if (theirs := read_plan(Path(folder))["grid"]["vary"]) != vary:
+            return f"a frontier of {theirs}, not of {vary}"
+        cells = frontier_cells(Path(folder))
+    except (FrontierError, StoredFileError, OSError) as e:
+        return str(e)
+    out: dict[str, dict[float, int]] = {}
+    for c in cells:
+        if c.framework in rows and c.state == "found" and c.value is not None:
+            out.setdefault(c.framework, {})[c.budget_gib] = c.value
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,6 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     except (FrontierError, ScenarioError) as e:
         print(f"{args.scenario}: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    seeds = _seeds(args.seed_from, args.vary, sc.framework_names()) if args.seed_from else {}
+    if isinstance(seeds, str):
+        print(f"{args.scenario}: --seed-from {args.seed_from}: {seeds}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if seeds and not args.quiet:
+        print(f"frontier: {sum(map(len, seeds.values()))} cells seeded from {args.seed_from}")
     if sc.hardware.device == "cuda" and capacity is None:  # every probe would be stored as unavailable
         print(f"{args.scenario}: hardware.device is cuda and this machine has no GPU that NVML sees: a frontier "
               "searches GPU memory budgets (run it on the GPU machine)", file=sys.stderr)
@@ -186,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             folder, log = run_frontier(sc, grid, args.budgets, Path(args.results), only=args.only, new=args.new,
                                        retry_failed=args.retry_failed, quiet=args.quiet, on_probe=show,
                                        probing=probing, time_limit_s=args.time_limit_s,
-                                       redo_older=args.redo_older)
+                                       redo_older=args.redo_older, seeds=seeds)
             print(f"{log.distinct} probes ({log.ran} run now)")
         except TimeUp as e:  # a stop, not a failure: the table and report so far, as at the end; rerun to go on
             print(f"time limit: {e}; finished probes are stored; rerun the same command to go on", file=sys.stderr)

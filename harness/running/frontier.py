@@ -18,7 +18,8 @@ row over six budgets takes ~15 probes instead of ~55. A row that plans itself to
 is bisected: it fills the budget whatever the value, so what its probes needed draws no line (on the H100 a
 line through tunebench's planned LoRA row crept up a step at a time, ten probes where a bisection takes seven). Its
 tool's own prediction of the answer (its adapter's ``predicts_fit``, :func:`predicted_indices`) is probed first,
-then the step past it; a right one closes the budget in two probes.
+then the step past it; a right one closes the budget in two probes. Any row can be seeded so with another frontier's
+answers (``seeds``: another machine's, where the cap makes the same answer likely): still two probes here per cell.
 
 Each probe is an ordinary run of a derived scenario (:func:`probe_scenario`: the budget and the value set,
 one repeat) stored by the sweep runner under the frontier's folder, ``results/<scenario>-frontier-<time>/``: one
@@ -385,7 +386,8 @@ def run_frontier(sc: Scenario, grid: Grid, budgets: list[float], results_root: P
                  new: bool = False, retry_failed: bool = False, quiet: bool = False,
                  on_probe: Callable[[dict[str, Any]], None] | None = None,
                  probing: Probing | None = None, time_limit_s: float | None = None,
-                 redo_older: list[str] | None = None) -> tuple[Path, ProbeLog]:
+                 redo_older: list[str] | None = None,
+                 seeds: dict[str, dict[float, int]] | None = None) -> tuple[Path, ProbeLog]:
     """Find every row's frontier; each probe is a stored run (see the module docstring).
 
     Args:
@@ -401,6 +403,8 @@ def run_frontier(sc: Scenario, grid: Grid, budgets: list[float], results_root: P
         probing: concurrency and shortened search probes (:class:`Probing`; default: one exact probe at a time).
         time_limit_s: start no probe that would end past this many seconds (:class:`Clock`).
         redo_older: rows whose probes made by other code are set aside first (:func:`set_aside_older`).
+        seeds: per row and budget, a value to probe first, then the step past it (another machine's answer there,
+            ``--seed-from``; it overrides the tool's own prediction): it orders the probes, never answers a cell.
 
     Returns:
         The frontier folder and the log of probes.
@@ -447,7 +451,9 @@ def run_frontier(sc: Scenario, grid: Grid, budgets: list[float], results_root: P
     known = _known(sc, folder, rows, sorted(set(budgets)), grid.vary, values, kinds, log, clock,
                    probing.measure_steps)
     planned = {f.key for f in sc.frameworks if follows_budget(f.name, f.overrides)}
-    hints = {k: _hints(sc, k, grid, sorted(set(budgets)), quiet) for k in rows if k in planned}
+    hints = {k: (_hints(sc, k, grid, sorted(set(budgets)), quiet) if k in planned else {})
+             | {b: max(i for i, x in enumerate(values) if x <= max(v, grid.lo))
+                for b, v in (seeds or {}).get(k, {}).items()} for k in rows}
     searches = {k: _RowSearch(k, sorted(set(budgets)), values, verify=probing.exact, known=known.get(k),
                               guided=k not in planned, hints=hints.get(k)) for k in rows}
     if probing.exact:
