@@ -45,6 +45,7 @@ import math
 import re
 import sys
 import threading
+from bisect import bisect_right
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -451,9 +452,9 @@ def run_frontier(sc: Scenario, grid: Grid, budgets: list[float], results_root: P
     known = _known(sc, folder, rows, sorted(set(budgets)), grid.vary, values, kinds, log, clock,
                    probing.measure_steps)
     planned = {f.key for f in sc.frameworks if follows_budget(f.name, f.overrides)}
-    hints = {k: (_hints(sc, k, grid, sorted(set(budgets)), quiet) if k in planned else {})
-             | {b: max(i for i, x in enumerate(values) if x <= max(v, grid.lo))
-                for b, v in (seeds or {}).get(k, {}).items()} for k in rows}
+    seeded = {k: {b: max(bisect_right(values, v) - 1, 0) for b, v in s.items()} for k, s in (seeds or {}).items()}
+    hints = {k: (_hints(sc, k, grid, sorted(set(budgets)), quiet) if k in planned else {}) | seeded.get(k, {})
+             for k in rows}
     searches = {k: _RowSearch(k, sorted(set(budgets)), values, verify=probing.exact, known=known.get(k),
                               guided=k not in planned, hints=hints.get(k)) for k in rows}
     if probing.exact:
