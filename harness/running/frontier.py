@@ -35,7 +35,7 @@ and loading the model, so :class:`Probing` can run the search cheaper: rows' pro
 the GPU's memory) and shortened (``steps``); each cell's largest fitting value is then measured alone, once per row
 and value: a row that runs the same under every cap (:func:`follows_budget`) and found the same value under a
 smaller budget keeps that budget's measurement (at the grid's top, the larger budgets then cost nothing). Such a
-frontier goes a budget at a time: every row's search under it, then its answers measured (:func:`_measure_budget`).
+frontier goes a budget at a time: every row's search under it, then its answers measured (:func:`_measure_budgets`).
 """
 
 from __future__ import annotations
@@ -472,10 +472,9 @@ def run_frontier(sc: Scenario, grid: Grid, budgets: list[float], results_root: P
                           f"{SIDE_BY_SIDE}") if probing.jobs > 1 else contextlib.nullcontext():
             ran = _search_together(searches, probing, probe, budget, ran) or ran
         if not probing.search_first:
-            _measure_budget(budget, searches, tools, same, fitted, probe)
+            _measure_budgets([budget], searches, tools, same, fitted, probe)
     if probing.search_first:
-        for budget in sorted(set(budgets)):
-            _measure_budget(budget, searches, tools, same, fitted, probe)
+        _measure_budgets(sorted(set(budgets)), searches, tools, same, fitted, probe)
     return folder, log
 
 
@@ -496,26 +495,28 @@ def _hints(sc: Scenario, row: str, grid: Grid, budgets: list[float], quiet: bool
     return found
 
 
-def _measure_budget(budget: float, searches: dict[str, _RowSearch], tools: dict[str, str], same: dict[str, bool],
-                    fitted: dict[str, set[int]], probe: Callable[[str, float, int, str], dict[str, Any]]) -> None:
-    """Every answer under ``budget`` measured alone, once its search has closed for every row (the frontier does its
-    budgets one at a time, search then measurement: one cut short has whole budgets final). First each tool's row
-    with the longest answer, tools from the longest (the cells that the comparison of tools reads), then the other
-    rows in the scenario's order. A row that runs the same under every cap (``same``) skips a value its measurement
-    under a smaller budget fitted at (``fitted``, updated here): that run is within this budget."""
-    found = {k: i for k, s in searches.items() if (i := s.found.get(budget)) is not None}
-    # each tool's row with the longest answer (the first such row in the scenario's order), the longest first
-    first = sorted({t: max((k for k in found if tools[k] == t), key=lambda k: found[k]) for t in
-                    dict.fromkeys(tools[k] for k in found)}.values(), key=lambda k: -found[k])
+def _measure_budgets(budgets: list[float], searches: dict[str, _RowSearch], tools: dict[str, str],
+                     same: dict[str, bool], fitted: dict[str, set[int]],
+                     probe: Callable[[str, float, int, str], dict[str, Any]]) -> None:
+    """Every answer under each of ``budgets`` in turn measured alone, once every row's search has closed there.
+    Under a budget, each tool's row with the longest answer first, tools from the longest (the cells that the
+    comparison of tools reads), then the other rows in the scenario's order. A row that runs the same under every
+    cap (``same``) skips a value its measurement under a smaller budget fitted at (``fitted``, updated here). One
+    out of time lets the others that fit run, under this and later budgets (each alone), then :class:`TimeUp`."""
     late: TimeUp | None = None
-    for k in first + [k for k in found if k not in first]:
-        if same[k] and found[k] in fitted[k]:
-            continue
-        try:
-            if (j := _measure(k, budget, found[k], probe)) is not None:
-                fitted[k].add(j)
-        except TimeUp as e:  # a shorter measurement of another row may still fit
-            late = e
+    for budget in budgets:
+        found = {k: i for k, s in searches.items() if (i := s.found.get(budget)) is not None}
+        # each tool's row with the longest answer (the first such row in the scenario's order), the longest first
+        first = sorted({t: max((k for k in found if tools[k] == t), key=lambda k: found[k]) for t in
+                        dict.fromkeys(tools[k] for k in found)}.values(), key=lambda k: -found[k])
+        for k in first + [k for k in found if k not in first]:
+            if same[k] and found[k] in fitted[k]:
+                continue
+            try:
+                if (j := _measure(k, budget, found[k], probe)) is not None:
+                    fitted[k].add(j)
+            except TimeUp as e:  # a shorter measurement of another row or budget may still fit
+                late = e
     if late is not None:
         raise late
 

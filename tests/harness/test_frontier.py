@@ -515,7 +515,7 @@ def test_a_budgets_measurements_start_with_each_tools_longest_answer():
         order.append((k, budget, i, phase))
         return {"outcome": frontier.FITS}
 
-    frontier._measure_budget(2.0, searches, tools, {k: k != "a" for k in searches}, fitted, probe)
+    frontier._measure_budgets([2.0], searches, tools, {k: k != "a" for k in searches}, fitted, probe)
     assert order == [("a-long", 2.0, 6, "measure"), ("b", 2.0, 5, "measure"), ("c", 2.0, 2, "measure"),
                      ("a", 2.0, 3, "measure"), ("b-short", 2.0, 1, "measure")]
     assert fitted["a-long"] == {6} and fitted["d"] == {4}

@@ -198,9 +198,27 @@ def test_a_row_out_of_time_stops_while_the_others_probes_that_fit_go_on():
     ran.clear()
     found = {"b": SimpleNamespace(found={1.0: 4}), "a": SimpleNamespace(found={1.0: 2})}
     with pytest.raises(TimeUp):
-        frontier._measure_budget(1.0, found, {"a": "x", "b": "y"}, {"a": True, "b": True}, {"a": set(), "b": set()},
+        frontier._measure_budgets([1.0], found, {"a": "x", "b": "y"}, {"a": True, "b": True}, {"a": set(), "b": set()},
                                  probe)
     assert ran == [("a", 2)]  # b's measurement (the longest answer, first) was out of time; a's ran
+
+
+def test_a_measurement_out_of_time_under_one_budget_lets_a_later_budgets_that_fits_run():
+    """--search-first measures every budget after the searches: the long answer under 8 GiB that would outlast the
+    limit does not keep a short one under 24 GiB (another row's) from being measured before the TimeUp."""
+    ran: list[tuple[str, float]] = []
+
+    def probe(k, budget, i, phase):  # noqa: ANN001, ANN202
+        if (k, budget) == ("planned", 8.0):
+            raise TimeUp("planned's next probe would end past the limit")
+        ran.append((k, budget))
+        return {"ran": True, "outcome": frontier.FITS, "status": "ok", "reason": None, "need_gib": 1.0}
+
+    found = {"planned": SimpleNamespace(found={8.0: 50, 24.0: 128}), "peer": SimpleNamespace(found={24.0: 4})}
+    with pytest.raises(TimeUp, match="planned's next probe"):
+        frontier._measure_budgets([8.0, 24.0], found, {"planned": "x", "peer": "y"},
+                                  {"planned": False, "peer": True}, {"planned": set(), "peer": set()}, probe)
+    assert ran == [("planned", 24.0), ("peer", 24.0)]
 
 
 def test_a_frontier_out_of_time_writes_its_table_and_the_same_command_goes_on(tmp_path, env, capsys):
