@@ -47,16 +47,34 @@ def test_a_probe_starts_only_where_its_rows_probes_of_that_kind_say_it_ends_in_t
 
 def test_a_probe_at_a_larger_value_is_expected_to_take_its_steps_longer(monkeypatch):
     """The line through the two largest values that trained, in the step's work, extended to the next value; a
-    probe that ran out of memory, or one at a larger value, counts at its own time."""
+    probe that ran out of memory counts at its own time, one that trained at a larger value with its steps scaled
+    down to this value's work."""
     monkeypatch.setattr(time, "monotonic", lambda: 0.0)
     clock = Clock(limit_s=1000, t0=0.0, work=lambda v: float(v))
     clock.saw("a", False, 30.0, 8, trained=True)
     clock.saw("a", False, 40.0, 2048, trained=True)
     assert clock.expected("a", False, 16384) == pytest.approx(40 + 10 * (16384 - 2048) / (2048 - 8))
-    assert clock.expected("a", False, 1024) == pytest.approx(40)  # a larger value's probe: its own time
+    assert clock.expected("a", False, 1024) == pytest.approx(35)  # 2,048's 10 s of steps, at half the work
     clock.saw("a", False, 300.0, 65536, trained=False)  # out of memory late, in a step
     assert clock.expected("a", False, 16384) == pytest.approx(300)
     assert clock.expected("a", True, 16384) == pytest.approx(300)  # no measurement alone yet: scale 1 here
+
+
+def test_a_measurement_below_the_rows_longest_probe_is_not_expected_at_that_probes_time(monkeypatch):
+    """tunebench-planned on the H100's 8B LoRA frontier: its search probes (3 steps, side by side) ran out of memory
+    in 40.6 s, trained at 51,200 tokens in 65.6 s and at 131,072 in 189.2 s. Its measurement alone at 51,200 (5 steps)
+    was expected at 288 s, the longest probe's steps times 5/3, and the call stopped with 274 s left; it took 94 s."""
+    monkeypatch.setattr(time, "monotonic", lambda: 0.0)
+    work = frontier_grid.step_work(load_scenario(REPO / "scenarios" / "llama8b_lora_frontier.yaml"), "seq_len")
+    clock = Clock(limit_s=1000, t0=0.0, scale=5 / 3, work=work)
+    clock.saw("p", False, 40.6, 109568, trained=False)
+    clock.saw("p", False, 65.6, 51200, trained=True)
+    clock.saw("p", False, 189.2, 131072, trained=True)
+    expected = clock.expected("p", True, 51200)
+    scaled = 40.6 + (189.2 - 40.6) * 5 / 3 * work(51200) / work(131072)
+    assert expected == pytest.approx(max(scaled, 40.6 + 25.0 * 5 / 3))
+    assert 80 < expected < 110  # within the 25 s a call keeps beyond its time limit of the 94 s it took
+    assert clock.expected("p", True, 131072) == pytest.approx(40.6 + 148.6 * 5 / 3)  # at its own value: unscaled
 
 
 def test_a_probe_at_a_few_tokens_is_not_scaled_to_thousands(monkeypatch, tmp_path):
