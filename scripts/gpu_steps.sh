@@ -23,7 +23,12 @@
 #   annotated-types, typing-inspection) into /tmp/site, from .whl/*.whl where carried, else taken out of the base
 #   bundle, which holds the same wheels; and every .bundles/*.tar.xz (`python -m harness env pack all`) into
 #   /tmp/envs. The device call names .bundles and .work in its carry: with results/ they must stay within the
-#   64 MiB that travels (leave out the bundles a call's steps do not use, e.g. litgpt and lmeval).
+#   64 MiB that travels (leave out the bundles a call's steps do not use, e.g. litgpt and lmeval). In practice the
+#   check refuses far less than 64 MiB of tracked files plus carry: with this repository, base + trl + unsloth +
+#   .work (12 MB) and axolotl + .work (14 MB) travelled, base + llamafactory + trl + unsloth + .work (19 MB) and
+#   base + axolotl + .work (20 MB) did not. A warm machine keeps /tmp/site and /tmp/envs between calls, and a bundle
+#   installed there is not installed again: a call that carries base, then one within its 30 s idle that carries
+#   axolotl alone, has both.
 set -u
 t0=$(date +%s)
 B=${B:-560}
