@@ -15,8 +15,9 @@ which no probe starts that would end past S seconds (a machine lent for a limite
 and the same command goes on). ``--redo-older ROW ...`` searches rows again whose probes other code made (a fix in
 that tool), the others' cells kept; their old probes stay under ``runs/attempts/``. ``--seed-from FOLDER`` probes
 each row's answer in another frontier (another machine's) first, then the step past it: a cell that holds here closes
-in two probes. Exit codes: 0 done or out of time
-(failed probes are cells, not errors), 2 bad input, 3 another sweep holds the machine, 130 interrupted.
+in two probes (with ``--jobs``/``--probe-steps``, the seed's run alone is also the cell's measurement). Exit codes:
+0 done or out of time (failed probes are cells, not errors), 2 bad input, 3 another sweep holds the machine,
+130 interrupted.
 
 Examples::
 
