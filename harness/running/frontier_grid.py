@@ -324,9 +324,9 @@ class Clock:
 
     A probe's expected time comes from its row's probes of the same kind (search, or measured alone) that this
     invocation ran or read, and is the longest of two things. Each probe at its own time (where it trained, its part
-    beyond the shortest probe, the fixed part of starting the tool and loading the model, times ``scale``, and times
-    the step's work here over there where it trained at a larger value: 8B LoRA under 8 GiB, a measurement at 51,200
-    tokens was expected at 288 s from a probe at 131,072, and took 94 s). And the
+    beyond the shortest probe, the fixed part of starting the tool and loading the model, times ``scale``; where it
+    trained at a larger value, also times the step's work here over there: a run at 131,072 tokens says little of
+    one at 51,200, whose steps cost a fifth of its). And the
     line in ``work`` (a step's FLOPs at a value) through the row's two largest values below the next one where a
     probe trained, extended to it (its slope never below 0, and never steeper than the steps at :data:`SLOWEST_MFU`
     of the peak: ``floor`` times FASTEST_MFU / SLOWEST_MFU). The difference of two probes leaves out what does not
