@@ -6,8 +6,9 @@ runner never holds GPU memory or heavy imports while it measures others.
 
 A dataset is cached too (``<cache>/datasets/<key>/``), keyed by everything it is made from: the scenario less its
 name, description, framework rows and memory budget, the data file's bytes (JSONL), the checkpoint's files other than
-its weights (the tokenizer), and the code that builds it. The probes of a memory frontier (one sweep each, a row
-under a budget at a value) then share one build per value instead of importing a tokenizer each, seconds a probe.
+its weights (the tokenizer), and the code that builds it (ours, and transformers' version). The probes of a memory
+frontier (one sweep each, a row under a budget at a value) then share one build per value instead of importing a
+tokenizer each, seconds a probe.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import os
 import shutil
 import sys
 import tempfile
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from harness.inputs import data, models, preference, warmstart
@@ -33,6 +35,13 @@ def _digest(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _version(dist: str) -> str:
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "absent"
 
 
 def dataset_key(sc, ckpt: Path | str) -> str | None:  # noqa: ANN001
@@ -51,6 +60,7 @@ def dataset_key(sc, ckpt: Path | str) -> str | None:  # noqa: ANN001
     parts += [f"{f.name}:{_digest(f)}" for f in sorted(folder.iterdir())
               if f.is_file() and f.suffix not in WEIGHT_SUFFIXES]
     parts += [_digest(Path(m.__file__)) for m in (data, preference, sys.modules[__name__])]
+    parts.append(f"transformers {_version('transformers')}")  # the tokenizer's code: rows kept, the widest row
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
 
 
