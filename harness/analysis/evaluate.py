@@ -57,6 +57,7 @@ from typing import Any
 
 from adapters_for_tools.contract import INTERMEDIATE_DIRNAME
 from harness.analysis.entry import spec_main
+from harness.common.digest import files_digest
 from harness.inputs.tasks.local import LOCAL_TASK_DIR, local_task_names
 from harness.running.runner import work_root
 from harness.spec.scenario import scenario_from_dict
@@ -126,14 +127,6 @@ def run_lm_eval(sc, margs: dict[str, Any], tm, limit: int | None = None) -> dict
     return {"metrics": metrics, "stderr": stderr, "wall_s": wall}
 
 
-def _files_digest(paths: list[Path]) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        h.update(p.name.encode())
-        h.update(p.read_bytes())
-    return h.hexdigest()[:16]
-
-
 def baseline_key(sc, checkpoint: str, task_dir: Path = LOCAL_TASK_DIR) -> str:
     """Cache key of the untrained model's evaluation: everything that changes its numbers."""
     import lm_eval
@@ -144,7 +137,7 @@ def baseline_key(sc, checkpoint: str, task_dir: Path = LOCAL_TASK_DIR) -> str:
             "weights": [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in weights],
             "tasks": sorted(sc.eval.tasks), "limit": sc.eval.limit, "batch_size": sc.eval.batch_size,
             "dtype": sc.model.dtype, "device": sc.hardware.device, "lm_eval": lm_eval.__version__,
-            "task_files": _files_digest(sorted(task_dir.glob("*"))) if task_dir.exists() else None}
+            "task_files": files_digest(sorted(task_dir.glob("*"))) if task_dir.exists() else None}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -22,19 +22,12 @@ import tempfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from harness.common.digest import files_digest
 from harness.inputs import data, models, preference, warmstart
 from harness.spec.scenario import scenario_from_dict
 
 DATA_FILES = ("dataset.meta.json", "dataset.jsonl")  # the JSONL last: a data folder holding it is whole
 WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt"}
-
-
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _version(dist: str) -> str:
@@ -56,10 +49,9 @@ def dataset_key(sc, ckpt: Path | str) -> str | None:  # noqa: ANN001
     d.get("hardware", {}).pop("memory_budget_gib", None)
     parts = [json.dumps(d, sort_keys=True, default=str)]
     if sc.data.source == "jsonl":
-        parts.append(_digest(data.resolve_path(sc.data.path, sc.source_path)))
-    parts += [f"{f.name}:{_digest(f)}" for f in sorted(folder.iterdir())
-              if f.is_file() and f.suffix not in WEIGHT_SUFFIXES]
-    parts += [_digest(Path(m.__file__)) for m in (data, preference, sys.modules[__name__])]
+        parts.append(files_digest([data.resolve_path(sc.data.path, sc.source_path)]))
+    parts.append(files_digest(f for f in sorted(folder.iterdir()) if f.is_file() and f.suffix not in WEIGHT_SUFFIXES))
+    parts.append(files_digest(Path(m.__file__) for m in (data, preference, sys.modules[__name__])))
     parts.append(f"transformers {_version('transformers')}")  # the tokenizer's code: rows kept, the widest row
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
 
