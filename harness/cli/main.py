@@ -15,6 +15,7 @@ Examples::
     python -m harness matrix --device cpu --frameworks hf,trl        # which framework trains which family
     python -m harness nightly scenarios/suites/nightly_cpu.yaml  # nightly gate against the recent past
     python -m harness history rebuild | --scenario S --csv F    # the run history database
+    python -m harness advise --budget 24 --gpu H100              # fastest and longest within 24 GiB, stored runs
 
 ``python -m harness <command> --help`` shows a command's options and exit codes.
 """
@@ -40,6 +41,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "nightly": ("nightly", "run a suite, add it to the history, gate tonight against the recent nights"),
     "history": ("history", "list/filter/export the run history database, or rebuild it from the run files"),
     "matrix": ("matrix", "each model family's tiny model through every framework x method: ok or the tool's error"),
+    "advise": ("advise", "what to use within a memory budget, from every stored GPU sweep and frontier"),
 }
 
 
