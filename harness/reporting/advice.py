@@ -6,9 +6,10 @@ A report answers for one sweep; a team with a 24 GiB card asks across them: for 
 reaches the longest context (or biggest micro-batch) within it (:func:`harness.analysis.frontier.frontier_cells`).
 
 One answer per scenario and GPU: the newest sweep of that scenario on that GPU (a ratio is only ever read inside one
-sweep), and the newest frontier folder. A frontier answers at the largest budget it probed that is not above the
-asked one (a value that trains under 16 GiB also trains under 20), and says which budget that was. Nothing here
-measures: every figure is a stored run's, named by its folder.
+sweep), and the newest frontier folder. A frontier's answer is each side's longest value over every budget it probed
+that is not above the asked one (a run capped at 12 GiB fits a 16 GiB card too), with the cap it ran under; its ratio
+says when a search within the budget had not closed, or rows were not probed under the largest budget within it
+(either side could still reach further). Nothing here measures: every figure is a stored run's, named by its folder.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ REACHED = ("found", "incomplete")  # frontier cell states that hold a value that
 NOT_PROBED = "not probed"
 SWEEP_HEADER = ["scenario", "GPU", "sweep", "rows run", "fastest row", "tool", "tokens/s", "NVML peak (GiB)",
                 "its settings", "fastest peer row", "peer tokens/s", "tunebench best / peer best"]
-FRONTIER_HEADER = ["scenario", "GPU", "frontier", "budget read (GiB)", "longest row", "tool", "longest",
-                   "tokens/s there", "longest peer row", "peer longest", "tunebench longest / peer longest"]
+FRONTIER_HEADER = ["scenario", "GPU", "frontier", "longest row", "tool", "longest", "under (GiB)", "tokens/s there",
+                   "longest peer row", "peer longest", "peer under (GiB)", "tunebench longest / peer longest"]
 
 
 @dataclass(frozen=True)
@@ -45,16 +46,18 @@ class SweepAnswer:
 
 @dataclass(frozen=True)
 class FrontierAnswer:
-    """One frontier scenario on one GPU: its newest folder's cells at the largest probed budget within the asked."""
+    """One frontier scenario on one GPU: the longest tunebench and peer cells of its newest folder within the asked
+    budget."""
 
     folder: Path
     scenario: str
     gpu: str
     vary: str
-    budget_read: float | None  # None: the folder probed no budget at or below the asked one
     ours: FrontierCell | None
     peer: FrontierCell | None
-    probed: tuple[bool, bool]  # whether any tunebench row / any peer row was probed at budget_read
+    probed: tuple[bool, bool]  # whether any tunebench row / any peer row was probed under a budget within the asked
+    open_search: bool = False  # a cell within the budget whose search had not closed: the ratio may still move
+    unprobed: tuple[float, int] | None = None  # (the largest budget within the asked, rows not probed there) if any
 
     @property
     def ratio(self) -> float | None:
@@ -83,7 +86,7 @@ def sweep_answers(results_root: Path, budget_gib: float, scenarios: list[str] | 
         if not d.is_dir() or not is_results_dir(d):
             continue
         sweep = load_sweep(d)
-        gpu = sweep.environment.gpu_name or ""
+        gpu = _gpu_of(sweep)
         if not sweep.runs or not pareto.is_gpu_sweep(sweep) or not _matches(sweep.name, scenarios) \
                 or not _matches(gpu, gpus):
             continue
@@ -96,24 +99,39 @@ def sweep_answers(results_root: Path, budget_gib: float, scenarios: list[str] | 
     return out
 
 
+def _gpu_of(sweep: Sweep) -> str:
+    """The sweep's GPU: its environment.json's, else the first run's own record of its machine ("" when neither)."""
+    names = [sweep.environment.gpu_name] + [r.environment.gpu_name for r in sweep.runs if r.environment]
+    return next((n for n in names if isinstance(n, str) and n), "")
+
+
 def _frontier_gpu(folder: Path) -> str:
     """The GPU of a frontier folder: its first probe's (every probe of one folder ran on one kind of machine)."""
     for d in sorted(p for p in folder.iterdir() if p.is_dir() and is_results_dir(p)):
-        name = load_sweep(d).environment.gpu_name
-        if name:
+        if name := _gpu_of(load_sweep(d)):
             return name
     return ""
 
 
+def _shown(path: Path) -> str:
+    """A stored folder as a reader finds it: relative to the working directory when under it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def _longest(cells: list[FrontierCell]) -> FrontierCell | None:
+    """The cell with the largest value that trained (a closed search before an open one, then a measured one, then
+    the one under the smaller budget)."""
     reached = [c for c in cells if c.state in REACHED and c.value is not None]
-    return max(reached, key=lambda c: (c.value, c.tokens_per_s or 0.0)) if reached else None
+    return max(reached, key=lambda c: (c.value, c.state == "found", c.measured, -c.budget_gib)) if reached else None
 
 
 def frontier_answers(results_root: Path, budget_gib: float, scenarios: list[str] | None = None,
                      gpus: list[str] | None = None) -> list[FrontierAnswer]:
-    """The newest frontier folder per (scenario, GPU) under ``results_root``, read at the largest budget it probed
-    that is at most ``budget_gib``: tunebench's longest row and the longest peer row there."""
+    """The newest frontier folder per (scenario, GPU) under ``results_root``: tunebench's longest row and the longest
+    peer row over every budget it probed that is at most ``budget_gib``."""
     newest: dict[tuple[str, str], tuple] = {}
     for d in sorted(Path(results_root).glob("*-frontier-*")):
         try:
@@ -125,20 +143,21 @@ def frontier_answers(results_root: Path, budget_gib: float, scenarios: list[str]
             _newest(newest, (scenario, gpu), (str(plan.get("created") or ""), d.name, d, plan))
     out = []
     for (scenario, gpu), (_, _, d, plan) in sorted(newest.items()):
-        cells = frontier_cells(d)
-        under = [c.budget_gib for c in cells if c.budget_gib <= budget_gib and c.state != NOT_PROBED]
-        read = max(under) if under else None
-        ours = [c for c in cells if c.budget_gib == read and c.tool == pareto.OURS]
-        peers = [c for c in cells if c.budget_gib == read and c.tool != pareto.OURS]
-        probed = (any(c.state != NOT_PROBED for c in ours), any(c.state != NOT_PROBED for c in peers))
-        out.append(FrontierAnswer(d, scenario, gpu, plan["grid"]["vary"], read, _longest(ours), _longest(peers),
-                                  probed))
+        cells = [c for c in frontier_cells(d) if c.budget_gib <= budget_gib]
+        top = max((c.budget_gib for c in cells), default=None)
+        gaps = sum(1 for c in cells if c.budget_gib == top and c.state == NOT_PROBED)
+        within = [c for c in cells if c.state != NOT_PROBED]
+        ours = [c for c in within if c.tool == pareto.OURS]
+        peers = [c for c in within if c.tool != pareto.OURS]
+        out.append(FrontierAnswer(d, scenario, gpu, plan["grid"]["vary"], _longest(ours), _longest(peers),
+                                  (bool(ours), bool(peers)), any(c.state == "incomplete" for c in within),
+                                  (top, gaps) if gaps else None))
     return out
 
 
 def _sweep_row(a: SweepAnswer) -> list[str | Cell]:
     ran = sum(1 for row in a.sweep.framework_order() if a.sweep.runs_of(row))
-    head = [a.sweep.name, a.gpu or EMPTY, f"`results/{a.sweep.path.name}`",
+    head = [a.sweep.name, a.gpu or EMPTY, f"`{_shown(a.sweep.path)}`",
             f"{ran} of {len(a.sweep.framework_order())}"]
     f, peer = a.pick.fastest, a.pick.peer
     if f is None:
@@ -154,27 +173,28 @@ def _sweep_row(a: SweepAnswer) -> list[str | Cell]:
         + peer_cells + [ratio]
 
 
-def _value(c: FrontierCell | None, probed: bool) -> str:
-    if c is None:
-        return "none trains" if probed else NOT_PROBED
+def _value(c: FrontierCell) -> str:
     return ("≥ " if c.state == "incomplete" else "") + fmt(c.value, thousands=True)
 
 
 def _frontier_row(a: FrontierAnswer) -> list[str | Cell]:
-    head = [a.scenario, a.gpu, f"`results/{a.folder.name}`"]
-    if a.budget_read is None:
+    head = [a.scenario, a.gpu, f"`{_shown(a.folder)}`"]
+    if not any(a.probed):
         return head + [Cell("no budget this low probed", "warn")] + [EMPTY] * (len(FRONTIER_HEADER) - len(head) - 1)
     best = max((c for c in (a.ours, a.peer) if c is not None), key=lambda c: c.value, default=None)
-    best_probed = a.probed[0] if best is a.ours else a.probed[1] if best is a.peer else any(a.probed)
-    tps = fmt(best.tokens_per_s, thousands=True) if best and best.measured and best.tokens_per_s else \
-        ("not measured" if best else EMPTY)
+    if best is None:
+        best_cells = [EMPTY, EMPTY, "none trains", EMPTY, EMPTY]
+    else:
+        tps = fmt(best.tokens_per_s, thousands=True) if best.measured and best.tokens_per_s else "not measured"
+        best_cells = [best.framework, best.tool or EMPTY, _value(best), f"{best.budget_gib:g}", tps]
+    peer = [a.peer.framework, _value(a.peer), f"{a.peer.budget_gib:g}"] if a.peer else \
+        ["no peer row trains" if a.probed[1] else "no peer row probed", EMPTY, EMPTY]
+    notes = ["a search within the budget not closed"] if a.open_search else []
+    if a.unprobed:
+        n = a.unprobed[1]
+        notes.append(f"{n} row{'s' if n > 1 else ''} not probed under {a.unprobed[0]:g} GiB")
     ratio = f"{a.ratio:.2f}x" if a.ratio is not None else EMPTY
-    if a.ratio is not None and "incomplete" in (a.ours.state, a.peer.state):
-        ratio += " (a search not closed)"
-    return head + [fmt(a.budget_read, 0), best.framework if best else EMPTY, (best.tool or EMPTY) if best else EMPTY,
-                   _value(best, best_probed), tps,
-                   a.peer.framework if a.peer else ("no peer row trains" if a.probed[1] else "no peer row probed"),
-                   _value(a.peer, a.probed[1]), ratio]
+    return head + best_cells + peer + [ratio + (f" ({'; '.join(notes)})" if notes else "")]
 
 
 def advice_doc(results_root: Path, budget_gib: float, scenarios: list[str] | None = None,
@@ -185,8 +205,9 @@ def advice_doc(results_root: Path, budget_gib: float, scenarios: list[str] | Non
     doc = Doc(f"tunebench: what to use within {budget_gib:g} GiB")
     doc.p(f"From the runs stored under `{results_root}`: per scenario and GPU, the newest sweep's fastest row whose "
           f"NVML per-process peak is at most {budget_gib:g} GiB (the rules of each report's \"Fastest at your memory "
-          "budget\" table), and the newest memory frontier's longest row at the largest budget it probed that is "
-          f"not above {budget_gib:g} GiB. Each ratio is read inside one sweep or one frontier, on one machine; "
+          "budget\" table), and the newest memory frontier's longest row under any budget it probed that is "
+          f"not above {budget_gib:g} GiB (with the cap it ran under). Each ratio is read inside one sweep or one "
+          "frontier, on one machine; "
           "`rows run`: the scenario's rows that the sweep ran (a sweep run with `--only` answers for those alone).")
     doc.h(1, "Fastest within the budget")
     if sweeps:

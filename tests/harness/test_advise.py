@@ -72,7 +72,9 @@ def results(tmp_path) -> Path:
         ("tunebench-long", "tunebench", 16, 3072, "ok"), ("tunebench-long", "tunebench", 16, 4096, "oom"),
         ("hf", "hf", 16, 1024, "ok"), ("hf", "hf", 16, 2048, "oom"),
         ("hf", "hf", 8, 256, "oom"), ("tunebench-long", "tunebench", 8, 1024, "ok"),
-        ("tunebench-long", "tunebench", 8, 2048, "oom")], budgets=[8, 12, 16, 24])
+        ("tunebench-long", "tunebench", 8, 2048, "oom"), ("tunebench-planned", "tunebench", 12, 4096, "ok"),
+        ("hf", "hf", 24, 2048, "ok")],
+        budgets=[8, 12, 16, 24])
     return root
 
 
@@ -89,25 +91,33 @@ def test_the_newest_sweep_of_each_scenario_and_gpu_answers_with_its_fastest_row_
     assert wide[H100].pick.ratio == pytest.approx(2000 / 1300)
 
 
-def test_a_frontier_answers_at_the_largest_budget_it_probed_within_the_asked_one(results):
+def test_a_frontier_answers_with_each_sides_longest_value_under_any_budget_within_the_asked_one(results):
     (a,) = advice.frontier_answers(results, 20.0)
-    assert (a.scenario, a.gpu, a.budget_read) == ("fr", H100, 16.0)
-    assert (a.ours.framework, a.ours.value, a.peer.framework, a.peer.value) == ("tunebench-long", 3072, "hf", 1024)
-    assert a.ratio == pytest.approx(3.0)
-    (low,) = advice.frontier_answers(results, 14.0)  # 12 GiB is in the plan, never probed: 8 answers
-    assert low.budget_read == 8.0 and low.ours.value == 1024 and low.peer is None and low.probed == (True, True)
+    assert (a.scenario, a.gpu) == ("fr", H100)
+    # the planned row's 4,096 under 12 GiB beats the long row's 3,072 under 16: both fit a 20 GiB card
+    assert (a.ours.framework, a.ours.value, a.ours.budget_gib) == ("tunebench-planned", 4096, 12.0)
+    assert (a.peer.framework, a.peer.value, a.peer.budget_gib) == ("hf", 1024, 16.0)
+    assert a.ratio == pytest.approx(4.0) and not a.open_search
+    assert a.unprobed is None  # every row has a cell under 16 GiB (the planned row's 4,096 under 12 carries up)
+    assert advice.frontier_answers(results, 14.0)[0].unprobed == (12.0, 2)  # 12 GiB: the planned row's alone
+    (low,) = advice.frontier_answers(results, 10.0)
+    assert (low.ours.framework, low.ours.value) == ("tunebench-long", 1024)
+    assert low.peer is None and low.probed == (True, True)  # hf ran out of memory at the grid's first value
+    (grid,) = advice.frontier_answers(results, 30.0)  # hf's 24 GiB search stopped at 2,048 fitting, nothing above
+    assert grid.peer.value == 2048 and grid.peer.state == "incomplete" and grid.open_search
     (none,) = advice.frontier_answers(results, 6.0)
-    assert none.budget_read is None
+    assert none.probed == (False, False) and none.ours is None
 
 
 def test_the_command_prints_both_tables_and_says_what_it_could_not_answer(results, capsys):
     assert advise_cli.main(["--budget", "10", "--results", str(results)]) == 0
     md = capsys.readouterr().out
-    assert ("| sc | NVIDIA H100 80GB HBM3 | `results/sc-20260105-000000` | 4 of 4 | tunebench-lean | tunebench "
-            "| 1,690 |") in md
-    assert "| sc | NVIDIA H200 | `results/sc-20260102-000000` | 2 of 2 | ⚠ none fits |" in md
-    assert "| fr | NVIDIA H100 80GB HBM3 | `results/fr-frontier-20260102-000000` | 8 | tunebench-long | tunebench | " \
-           "1,024 |" in md and "| no peer row trains | none trains |" in md
+    assert (f"| sc | NVIDIA H100 80GB HBM3 | `{results}/sc-20260105-000000` | 4 of 4 | tunebench-lean | tunebench "
+            "| 1,690") in md
+    assert f"| sc | NVIDIA H200 | `{results}/sc-20260102-000000` | 2 of 2 | ⚠ none fits |" in md
+    assert "| fr | NVIDIA H100 80GB HBM3 | `" in md
+    assert ("fr-frontier-20260102-000000` | tunebench-long | tunebench | 1,024 | 8 | 2,024 | no peer row trains "
+            "| — | — | — (1 row not probed under 8 GiB) |") in md
     assert "cpu_only" not in md
     assert advise_cli.main(["--budget", "10", "--results", str(results), "--gpu", "A100"]) == 1
     assert "matches" in capsys.readouterr().err
