@@ -21,12 +21,12 @@ from harness.analysis.frontier import Cell as FrontierCell
 from harness.analysis.frontier import frontier_cells
 from harness.reporting import pareto, quality, tables
 from harness.reporting.document import EMPTY, Cell, Doc, fmt
+from harness.reporting.frontier import REACHED
 from harness.reporting.tool_best import switches_text
 from harness.running.frontier_grid import FrontierError, read_plan
 from harness.storing.history import sweep_created
 from harness.storing.sweep import Sweep, is_results_dir, load_sweep
 
-REACHED = ("found", "incomplete")  # frontier cell states that hold a value that trained
 NOT_PROBED = "not probed"
 SWEEP_HEADER = ["scenario", "GPU", "sweep", "rows run", "fastest row", "tool", "tokens/s", "NVML peak (GiB)",
                 "its settings", "fastest peer row", "peer tokens/s", "tunebench best / peer best"]
@@ -163,14 +163,8 @@ def _sweep_row(a: SweepAnswer) -> list[str | Cell]:
     if f is None:
         return head + [Cell(pareto.NONE_FITS, "warn")] + [EMPTY] * (len(SWEEP_HEADER) - len(head) - 1)
     peer_cells = [peer.row, fmt(peer.tps, thousands=True)] if peer else ["no peer row fits", EMPTY]
-    if a.pick.ours is None:
-        ratio = "no tunebench row fits"
-    elif a.pick.ratio is None:
-        ratio = EMPTY
-    else:
-        ratio = f"{a.pick.ratio:.2f}x" + (f" ({a.pick.ours.row})" if a.pick.ours.row != f.row else "")
     return head + [f.row, f.tool, fmt(f.tps, thousands=True), fmt(f.gib), switches_text(a.sweep, f.row)] \
-        + peer_cells + [ratio]
+        + peer_cells + [pareto.ratio_cell(a.pick)]
 
 
 def _value(c: FrontierCell) -> str:

@@ -130,7 +130,9 @@ def budget_picks(pts: list[Point], budgets: tuple[float, ...] = BUDGETS_GIB) -> 
             for b in budgets]
 
 
-def _ratio_cell(pick: BudgetPick) -> str:
+def ratio_cell(pick: BudgetPick) -> str:
+    """The budget table's last cell: tunebench's best over the best peer's, naming tunebench's row when it is not the
+    fastest row."""
     if pick.ours is None:
         return "no tunebench row fits"
     if pick.peer is None:
@@ -153,7 +155,7 @@ def budget_rows(sweep: Sweep, picks: list[BudgetPick]) -> list[list[str | Cell]]
         peer = ([pick.peer.row, fmt(pick.peer.tps, thousands=True), fmt(pick.peer.gib)] if pick.peer
                 else ["no peer row fits", EMPTY, EMPTY])
         rows.append([budget, f.row, f.tool, fmt(f.tps, thousands=True), fmt(f.gib), switches_text(sweep, f.row)]
-                    + peer + [_ratio_cell(pick)])
+                    + peer + [ratio_cell(pick)])
     return rows
 
 

@@ -131,7 +131,7 @@ def test_a_peer_only_budget_and_a_missing_tunebench_row():
     pick = pareto.budget_picks([Point("uns", "unsloth", 11.0, 1300), Point("tb", "tunebench", 30.0, 2000)],
                                (12,))[0]
     assert (pick.fastest.row, pick.ours, pick.peer.row, pick.ratio) == ("uns", None, "uns", None)
-    assert pareto._ratio_cell(pick) == "no tunebench row fits"
+    assert pareto.ratio_cell(pick) == "no tunebench row fits"
 
 
 def test_cpu_sweep_gets_neither(tmp_path):
