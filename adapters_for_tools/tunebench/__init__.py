@@ -91,8 +91,8 @@ def row_problems(sc, o: TunebenchOverrides) -> list[tuple[tuple[str, ...], str]]
                              kind not in ("lora", "dora")),
                             ("train.gradient_checkpointing (streamed layers are fetched again for backward)",
                              not sc.train.gradient_checkpointing),
-                            ("no dpo objective (its reference pass runs without the checkpointed passes that "
-                             "stream)", objective == "dpo"),
+                            (f"no {objective} objective (its reference pass runs without the checkpointed passes "
+                             "that stream)", objective in ("dpo", "kto")),
                             one_process],
         "offload_embeddings": [("frozen weights (method lora, dora or qlora)", kind == "full"), one_process],
         "offload_lm_head": [("frozen weights (method lora, dora or qlora)", kind == "full"), one_process],
@@ -117,7 +117,19 @@ def row_problems(sc, o: TunebenchOverrides) -> list[tuple[tuple[str, ...], str]]
         why = [w for w, lacking in reqs if lacking]
         if getattr(o, knob) and why:  # set: a plan, a count other than 0, a flag on
             out.append(((knob,), f"needs {' and '.join(why)}"))
+    if o.pair_layout != "packed" and objective not in ("dpo", "orpo"):
+        out.append((("pair_layout",), f"needs a dpo or orpo objective (it arranges pairs; {objective} has none)"))
     return out
+
+
+def reference_refusal(sc) -> str | None:  # noqa: ANN001
+    """DPO's and KTO's reference here is the policy with its adapters switched off, computed in the same step: a
+    reference copy, a precomputed one, or full fine-tuning (which has no adapters to switch off) is refused."""
+    ob = sc.objective
+    if ob.kind in ("dpo", "kto") and (ref := ob.reference_for(sc.method.is_peft)) != "adapter_disabled":
+        return (f"{ob.kind} reference {ref!r}: tunebench's reference is the policy with its adapters switched off, "
+                "in the same step (method lora, dora or qlora; objective.reference auto or adapter_disabled)")
+    return None
 
 
 INFO = AdapterInfo(
@@ -135,7 +147,9 @@ INFO = AdapterInfo(
     check_row=row_problems,
     # kernels/trainer/distributed.py: DDP of the adapters; FSDP2 of every weight, a 4-bit base included
     strategies={"ddp": frozenset({"lora", "dora", "qlora"}), "fsdp": frozenset({"full", "lora", "qlora"})},
-    objectives=frozenset({"sft", "dpo", "orpo"}),  # kernels/trainer/preference.py: TRL's DPO and ORPO losses
-    objectives_note="kto and grpo are not built in tunebench's trainer",
+    # kernels/trainer/preference.py and kto.py: TRL's DPO, ORPO and KTO losses
+    objectives=frozenset({"sft", "dpo", "orpo", "kto"}),
+    objectives_note="grpo is not built in tunebench's trainer (it has no sampling loop)",
+    refuse=reference_refusal,
     budget_overrides=frozenset({"plan"}),  # plan: auto plans to hardware.memory_budget_gib (adapter.predicts_fit)
 )

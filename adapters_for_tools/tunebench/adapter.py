@@ -13,11 +13,12 @@ Devices: on CUDA the ops launch their Triton kernels (bf16); on CPU without ``TR
 its PyTorch reference (same maths; the fused cross-entropy then materialises the logits), which is how the CPU
 scenarios and CI exercise this adapter.
 
-Objectives (``objective.kind``): sft as above; dpo and orpo read the sweep's prompt/chosen/rejected rows,
-tokenised as TRL tokenises them for that objective (:mod:`adapters_for_tools.tunebench.pairs`), and train through
-:func:`kernels.trainer.preference.train_preference` (TRL 1.16's losses; DPO's reference is the model with its
-adapters switched off). The ``pair_layout`` knob says how a micro-batch's sequences enter the model; the run stores
-the training batches' reward statistics (``extra["train_rewards"]``) and, for DPO, the reference pass's forwards
+Objectives (``objective.kind``): sft as above; dpo and orpo read the sweep's prompt/chosen/rejected rows, kto its
+prompt/completion/label rows, tokenised as TRL tokenises them for that objective
+(:mod:`adapters_for_tools.tunebench.pairs`), and train through :func:`kernels.trainer.preference.train_preference`
+(TRL 1.16's losses; DPO's and KTO's reference is the model with its adapters switched off). The ``pair_layout`` knob
+says how a DPO or ORPO micro-batch's sequences enter the model; the run stores the training batches' reward
+statistics (``extra["train_rewards"]``) and, for DPO and KTO, the forwards without gradient
 (``extra["reference_pass"]``) under the trl adapter's keys. Preference runs are one process, with the knobs given.
 
 Several GPUs (``hardware.strategy``): every rank loads the model whole, then :class:`kernels.trainer.distributed.
@@ -34,13 +35,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import sys
 import time
 
 import torch
 
+from adapters_for_tools.objective_meter import REWARD_LOGS
 from adapters_for_tools.tunebench import TunebenchOverrides
-from adapters_for_tools.tunebench.pairs import dpo_pairs, orpo_pairs
+from adapters_for_tools.tunebench.pairs import dpo_pairs, kto_rows, orpo_pairs
 from harness.inputs.data import load_tokenised, read_jsonl
 from harness.inputs.models import get_preset
 from harness.measuring.effective import read_back_optimizer
@@ -110,21 +113,24 @@ def train_settings(sc, pad_id: int):  # noqa: ANN001, ANN201
 
 
 def objective_options(sc, overrides: dict):  # noqa: ANN001, ANN201
-    """The scenario's ``objective`` (sft, dpo, orpo) and the ``pair_layout`` knob as :class:`ObjectiveOptions`."""
+    """The scenario's ``objective`` (sft, dpo, orpo, kto) and the ``pair_layout`` knob as :class:`ObjectiveOptions`
+    (KTO's sequences cut at ``data.seq_len``, TRL's ``max_length``)."""
     ob = sc.objective
     if ob.is_sft:
         return ObjectiveOptions()
-    return ObjectiveOptions(kind=ob.kind, beta=ob.beta, loss_type=ob.loss_type or "sigmoid",
-                            pair_layout=TunebenchOverrides.model_validate(overrides).pair_layout)
+    kto = {"desirable_weight": ob.desirable_weight, "undesirable_weight": ob.undesirable_weight,
+           "max_length": sc.data.seq_len} if ob.kind == "kto" else {}
+    return ObjectiveOptions(kind=ob.kind, beta=ob.beta, loss_type=ob.loss_type,
+                            pair_layout=TunebenchOverrides.model_validate(overrides).pair_layout, **kto)
 
 
 def preference_pairs(sc, dataset_path, tok):  # noqa: ANN001, ANN201
-    """The sweep's prompt/chosen/rejected rows as token-id pairs, tokenised and cut at ``data.seq_len`` as TRL
-    does for the objective (:mod:`adapters_for_tools.tunebench.pairs`)."""
+    """The sweep's rows as token ids, tokenised (and for DPO and ORPO cut at ``data.seq_len``) as TRL does for the
+    objective (:mod:`adapters_for_tools.tunebench.pairs`): prompt/chosen/rejected pairs, KTO's labelled rows."""
     rows = read_jsonl(dataset_path)
-    pairs = (dpo_pairs if sc.objective.kind == "dpo" else orpo_pairs)(rows, tok, sc.data.seq_len)
+    pairs = {"dpo": dpo_pairs, "orpo": orpo_pairs, "kto": kto_rows}[sc.objective.kind](rows, tok, sc.data.seq_len)
     if not pairs:
-        raise ValueError(f"{dataset_path}: no pair leaves a completion token within seq_len {sc.data.seq_len}")
+        raise ValueError(f"{dataset_path}: no row leaves a completion token within seq_len {sc.data.seq_len}")
     return pairs
 
 
@@ -251,17 +257,17 @@ def run(ctx) -> None:  # noqa: ANN001
 
 def preference_extra(history: list[dict], steps: list[dict], objective: ObjectiveOptions) -> dict:
     """What a preference run stores beside the common metrics, under the trl adapter's keys: the training batches'
-    reward statistics per step (``train_rewards``) and, for DPO, the reference pass's forwards (no gradient, not in
-    tokens/s: one per micro-batch over the same sequences, counted as the meter counts them)."""
-    names = {"accuracy": "rewards/accuracies", "margin": "rewards/margins", "chosen": "rewards/chosen",
-             "rejected": "rewards/rejected"}
-    out: dict = {"train_rewards": [{"step": i, **{k: h[v] for k, v in names.items()}}
+    reward statistics per step (``train_rewards``: those the step has; KTO logs no accuracy, and a step without
+    good or bad rows has no reward for them) and, for DPO and KTO, the forwards without gradient (the reference
+    pass, KTO's KL estimate: not in tokens/s), counted as the meter counts the sequences."""
+    out: dict = {"train_rewards": [{"step": i, **{k: h[v] for k, v in REWARD_LOGS.items()
+                                                  if v in h and math.isfinite(h[v])}}
                                    for i, h in enumerate(history, 1)]}
-    if objective.kind == "dpo" and steps:
-        out["reference_pass"] = {"what": "forwards without gradient (reference log-probs, adapters disabled): not "
-                                         "in tokens/s",
-                                 "tokens_per_step_mean": sum(s["tokens"] for s in steps) / len(steps),
-                                 "tokens_before_training": 0, "forwards": sum(s["micro_batches"] for s in steps)}
+    if objective.kind in ("dpo", "kto") and steps:
+        out["reference_pass"] = {"what": "forwards without gradient (reference log-probs, adapters disabled; KTO's "
+                                         "KL estimate): not in tokens/s",
+                                 "tokens_per_step_mean": sum(h["reference_tokens"] for h in history) / len(history),
+                                 "tokens_before_training": 0, "forwards": sum(h["reference_forwards"] for h in history)}
     return out
 
 

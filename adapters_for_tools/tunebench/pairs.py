@@ -1,5 +1,6 @@
-"""Preference rows (``prompt`` / ``chosen`` / ``rejected`` text) as the trainer's pairs of token lists, tokenised
-the way TRL 1.16 tokenises them, so that tunebench and TRL train on the same token ids.
+"""Preference rows (``prompt`` / ``chosen`` / ``rejected`` text; KTO's ``prompt`` / ``completion`` / ``label``) as
+the trainer's token lists, tokenised the way TRL 1.16 tokenises them, so that tunebench and TRL train on the same
+token ids.
 
 - DPO (``trl/trainer/dpo_trainer.py`` ``_prepare_dataset`` + ``DataCollatorForPreference``): EOS appended to each
   completion's text unless it ends with it; ``prompt``, ``prompt + chosen`` and ``prompt + rejected`` tokenised with
@@ -13,6 +14,10 @@ the way TRL 1.16 tokenises them, so that tunebench and TRL train on the same tok
   trainer's pairs share one prompt, so with a tokenizer that merges across the boundary on one side only, the
   shorter prompt is used and the other side's extra token counts as completion (never with the byte-level
   tokenizer of the generated checkpoints).
+- KTO (``trl/trainer/kto_trainer.py`` ``_prepare_dataset``): each completion as DPO's (EOS appended, the split where
+  the tokenised prompt stops being a prefix of ``prompt + completion``, a row whose prompt alone fills
+  ``max_length`` dropped), not cut here: the trainer cuts each sequence, and each KL sequence built from the rows of
+  one micro-batch, to ``max_length`` as TRL's collator does (:mod:`kernels.trainer.kto`).
 """
 
 from __future__ import annotations
@@ -30,19 +35,23 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+def _with_eos(tok: Any, prompt: str, completion: str) -> tuple[list[int], list[int], int]:
+    """DPO's and KTO's tokenisation of one completion: ``(prompt ids, prompt + completion + EOS ids, where the
+    prompt's tokens stop being a prefix of the whole)``, special tokens (BOS) included."""
+    eos = tok.eos_token
+    completion = completion if completion.endswith(eos) else completion + eos
+    prompt_ids, whole = tok(prompt)["input_ids"], tok(prompt + completion)["input_ids"]
+    return prompt_ids, whole, _common_prefix(prompt_ids, whole)
+
+
 def dpo_pairs(rows: Iterable[dict[str, str]], tok: Any, max_length: int | None) -> list[dict[str, list[int]]]:
     """TRL's DPO tokenisation of text rows (module docstring); returns ``prompt_ids``, ``chosen_ids``,
     ``rejected_ids`` per kept row."""
-    eos = tok.eos_token
     pairs = []
     for row in rows:
-        chosen, rejected = row["chosen"], row["rejected"]
-        chosen = chosen if chosen.endswith(eos) else chosen + eos
-        rejected = rejected if rejected.endswith(eos) else rejected + eos
-        prompt_ids = tok(row["prompt"])["input_ids"]
-        with_chosen = tok(row["prompt"] + chosen)["input_ids"]
-        with_rejected = tok(row["prompt"] + rejected)["input_ids"]
-        n = min(_common_prefix(prompt_ids, with_chosen), _common_prefix(prompt_ids, with_rejected))
+        prompt_ids, with_chosen, nc = _with_eos(tok, row["prompt"], row["chosen"])
+        _, with_rejected, nr = _with_eos(tok, row["prompt"], row["rejected"])
+        n = min(nc, nr)
         if max_length is not None and n >= max_length:
             continue  # TRL drops it: keep_start truncation would leave no completion token
         keep = None if max_length is None else max_length - n
@@ -78,3 +87,15 @@ def orpo_pairs(rows: Iterable[dict[str, str]], tok: Any, max_length: int) -> lis
         keep = max(0, max_length - len(prompt))  # the completion is cut, never the prompt
         pairs.append({"prompt_ids": prompt, "chosen_ids": chosen[:keep], "rejected_ids": rejected[:keep]})
     return pairs
+
+
+def kto_rows(rows: Iterable[dict[str, Any]], tok: Any, max_length: int | None) -> list[dict[str, Any]]:
+    """TRL's KTO tokenisation of labelled text rows (module docstring); returns ``prompt_ids``, ``completion_ids``
+    and ``label`` per kept row, in order."""
+    out = []
+    for row in rows:
+        prompt_ids, whole, n = _with_eos(tok, row["prompt"], row["completion"])
+        if max_length is not None and n >= max_length:
+            continue  # TRL drops it: the collator's cut would leave no completion token
+        out.append({"prompt_ids": prompt_ids[:n], "completion_ids": whole[n:], "label": bool(row["label"])})
+    return out

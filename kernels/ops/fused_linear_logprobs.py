@@ -1,5 +1,5 @@
 """Fused linear + label log-probabilities (LM head + ``log p(label)`` per row) without the full ``[rows, vocab]``
-logits, and their per-sequence sums: what preference losses (DPO, ORPO) are built on.
+logits, and their per-sequence sums: what preference losses (DPO, ORPO, KTO) are built on.
 
 Forward, per chunk of rows: ``logits = h_chunk @ W^T (+ b)`` (cuBLAS), then one Triton program per row computes
 ``log p(label) = logits[label] - logsumexp(logits)`` online in fp32 (the forward half of the fused cross-entropy

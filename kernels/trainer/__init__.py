@@ -13,7 +13,8 @@ A library: it knows nothing of the benchmark harness (``adapters_for_tools/tuneb
 - :mod:`kernels.trainer.plan` and :mod:`kernels.trainer.planner`: the knobs above chosen to a memory budget.
 - :mod:`kernels.trainer.loading`: the model from a transformers checkpoint, with the method applied.
 - :mod:`kernels.trainer.batches` and :mod:`kernels.trainer.train`: data order, collation and the loop.
-- :mod:`kernels.trainer.preference`: DPO and ORPO (pairs, their collation, TRL's losses, the step and its loop).
+- :mod:`kernels.trainer.preference`: DPO and ORPO (pairs, their collation, TRL's losses), the preference step and
+  its loop; :mod:`kernels.trainer.kto`: KTO's labelled rows, KL sequences and loss.
 - :mod:`kernels.trainer.save`: PEFT adapters / HF checkpoints that transformers and PEFT load.
 - NF4 storage for QLoRA is :mod:`kernels.ops.nf4` (the trainer also reads bitsandbytes 4-bit checkpoints).
 

@@ -344,8 +344,9 @@ class TrainSettings:
     pad_id: int = 0
 
 
-OBJECTIVES = ("sft", "dpo", "orpo")
+OBJECTIVES = ("sft", "dpo", "orpo", "kto")
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "apo_zero", "apo_down")
+LOSS_TYPES = {"dpo": DPO_LOSS_TYPES, "kto": ("kto", "apo_zero_unpaired")}  # the kinds with a choice of loss
 PAIR_LAYOUTS = ("packed", "shared_prompt", "padded")
 
 
@@ -356,30 +357,47 @@ class ObjectiveOptions:
     Attributes:
         kind: ``sft`` (next-token cross-entropy on the rows' labels), ``dpo`` (pairs of chosen / rejected
             completions against the frozen base as reference: LoRA / DoRA / QLoRA only) or ``orpo`` (odds-ratio
-            term + NLL of the chosen sequences, no reference).
-        beta: DPO's temperature of the log-ratio margin (IPO's regularisation tau); ORPO's weight of the
-            odds-ratio term (TRL's default 0.1 for both).
+            term + NLL of the chosen sequences, no reference) or ``kto`` (single completions labelled good or bad
+            against the frozen base as reference, with a KL estimate: :mod:`kernels.trainer.kto`).
+        beta: DPO's and KTO's temperature of the log-ratio (IPO's regularisation tau); ORPO's weight of the
+            odds-ratio term (TRL's default 0.1 for all three).
         loss_type: DPO's loss of the margin: ``sigmoid`` (the DPO paper), ``hinge`` (SLiC), ``ipo``, ``robust``
-            (label-smoothed), ``apo_zero`` or ``apo_down`` (APO).
+            (label-smoothed), ``apo_zero`` or ``apo_down`` (APO); KTO's ``kto`` (the paper's, with its KL
+            estimate) or ``apo_zero_unpaired``. None: the kind's first.
         label_smoothing: ``robust`` DPO's assumed share of flipped labels (TRL's default 0: then it is ``sigmoid``).
         pair_layout: how a preference micro-batch enters the model, the same function each way
             (:func:`kernels.trainer.preference.collate_pairs`): ``packed`` (one row, every ``prompt + chosen`` and
             ``prompt + rejected`` sequence back to back, position ids restarting per sequence: no padding),
             ``shared_prompt`` (one row of ``[prompt, chosen, rejected]`` per pair: each prompt computed once for
-            both completions) or ``padded`` (``2 x pairs`` right-padded rows, TRL's layout).
+            both completions) or ``padded`` (``2 x pairs`` right-padded rows, TRL's layout); KTO packs.
+        desirable_weight: KTO's weight of a good completion's loss (TRL's default 1).
+        undesirable_weight: KTO's weight of a bad completion's loss.
+        max_length: KTO: each ``prompt + completion`` sequence (and each KL sequence) cut to this many tokens
+            from the start, as TRL's collator cuts them (None: not cut).
     """
 
     kind: str = "sft"
     beta: float = 0.1
-    loss_type: str = "sigmoid"
+    loss_type: str | None = None
     label_smoothing: float = 0.0
     pair_layout: str = "packed"
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+    max_length: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in OBJECTIVES:
             raise ValueError(f"objective {self.kind!r}: tunebench trains {', '.join(OBJECTIVES)}")
-        if self.loss_type not in DPO_LOSS_TYPES:
-            raise ValueError(f"loss_type {self.loss_type!r}: DPO here has {', '.join(DPO_LOSS_TYPES)}")
+        choices = LOSS_TYPES.get(self.kind, DPO_LOSS_TYPES)
+        if self.loss_type is None:
+            self.loss_type = choices[0]
+        if self.loss_type not in choices:
+            raise ValueError(f"loss_type {self.loss_type!r}: {self.kind} here has {', '.join(choices)}")
+        if self.desirable_weight <= 0 or self.undesirable_weight <= 0:
+            raise ValueError(f"kto's weights must be > 0, got {self.desirable_weight}, {self.undesirable_weight}")
+        if self.max_length is not None and self.max_length < 2:
+            raise ValueError(f"max_length must be at least 2 (a prompt token and a completion token), got "
+                             f"{self.max_length}")
         if self.beta <= 0:
             raise ValueError(f"beta must be > 0, got {self.beta}")
         if not 0 <= self.label_smoothing < 0.5:
@@ -389,7 +407,7 @@ class ObjectiveOptions:
 
     @property
     def is_preference(self) -> bool:
-        return self.kind in ("dpo", "orpo")
+        return self.kind in ("dpo", "orpo", "kto")
 
 
 @dataclass

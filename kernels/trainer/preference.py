@@ -1,4 +1,5 @@
-"""Preference objectives on the trainer: DPO and ORPO, as TRL 1.16 defines them, on the fused LM head.
+"""Preference objectives on the trainer: DPO and ORPO, as TRL 1.16 defines them, on the fused LM head; the loop
+that trains them and KTO (whose rows and loss are :mod:`kernels.trainer.kto`'s).
 
 Data: a *pair* is a dict of token lists ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` (completions with their EOS,
 already truncated: the caller tokenises as the tool it is compared with does). Pairs are read in the HF Trainer's
@@ -54,6 +55,7 @@ from kernels.ops.fused_linear_logprobs import sequence_logprobs
 from kernels.trainer.attention import SharedPrompts
 from kernels.trainer.batches import IGNORE_INDEX, step_rows
 from kernels.trainer.config import DPO_LOSS_TYPES, ObjectiveOptions, TrainSettings
+from kernels.trainer.kto import LabelledBatch, collate_labelled, kto_check, kto_micro_batch_loss
 from kernels.trainer.linear import Linear, adapters_disabled
 from kernels.trainer.train import StepHook, begin_step, prepare_training
 
@@ -77,6 +79,7 @@ class PairBatch:
             the length only when the prompt is empty: the first token of a sequence has nothing to predict it).
         pairs: how many pairs.
         counted: what a step meter counts (:meth:`meter_view`), on the CPU.
+        reference_forwards: forwards without gradient over the same sequences (DPO's reference: 1; ORPO: 0).
     """
 
     input_ids: torch.Tensor
@@ -90,6 +93,7 @@ class PairBatch:
     scored_completion: torch.Tensor
     pairs: int
     counted: dict[str, torch.Tensor]
+    reference_forwards: int
 
     def to(self, device: torch.device | str) -> PairBatch:
         """The model's tensors on ``device`` (``counted`` stays on the CPU: counting it needs no device sync)."""
@@ -103,6 +107,11 @@ class PairBatch:
         prompt still counts for both of its sequences, as every other framework feeds it twice), and as
         ``labels`` the scored tokens at their own positions (the usual unshifted-labels convention)."""
         return self.counted
+
+    @property
+    def reference_tokens(self) -> int:
+        """Tokens of the forwards without gradient (the reference pass, not in tokens/s)."""
+        return self.reference_forwards * int(self.counted["attention_mask"].sum())
 
 
 def _sequences(pairs: Sequence[dict]) -> list[tuple[list[int], list[int]]]:
@@ -221,7 +230,7 @@ def _batch(ids: torch.Tensor, pos: torch.Tensor | None, shared: SharedPrompts | 
         targets=torch.tensor(targets, dtype=torch.long), sequence=sequence_t, completion=completion_t,
         completion_tokens=torch.tensor([float(len(b)) for _, b in seqs]),
         scored_completion=torch.zeros(len(seqs)).index_add_(0, sequence_t, completion_t.float()),
-        pairs=n_pairs, counted=_counted(seqs, n_pairs, objective),
+        pairs=n_pairs, counted=_counted(seqs, n_pairs, objective), reference_forwards=int(objective == "dpo"),
     )
 
 
@@ -287,12 +296,15 @@ def orpo_odds_ratio(mean_logps: torch.Tensor, beta: float) -> tuple[torch.Tensor
 
 
 def effective_objective(o: ObjectiveOptions) -> dict[str, Any]:
-    """What the preference step runs: the objective, ``beta``, DPO's ``loss_type`` and where the reference
-    log-probs come from (``adapter_disabled``: this model with its adapters switched off; ORPO has ``none``)."""
+    """What the preference step runs: the objective, ``beta``, DPO's and KTO's ``loss_type``, KTO's weights and
+    where the reference log-probs come from (``adapter_disabled``: this model with its adapters switched off; ORPO
+    has ``none``)."""
     out: dict[str, Any] = {"objective": o.kind, "beta": o.beta,
-                           "reference": "adapter_disabled" if o.kind == "dpo" else "none"}
-    if o.kind == "dpo":
+                           "reference": "none" if o.kind == "orpo" else "adapter_disabled"}
+    if o.kind in ("dpo", "kto"):
         out["loss_type"] = o.loss_type
+    if o.kind == "kto":
+        out |= {"desirable_weight": o.desirable_weight, "undesirable_weight": o.undesirable_weight}
     return out
 
 
@@ -301,13 +313,13 @@ def _check_model(model: torch.nn.Module, objective: ObjectiveOptions) -> None:
     options = getattr(model, "options", None)
     if getattr(options, "cuda_graph", False):
         raise ValueError(f"{objective.kind}: cuda_graph captures the SFT step only")
-    if objective.kind == "dpo":
+    if objective.kind in ("dpo", "kto"):
         if not any(isinstance(m, Linear) and m.lora_A is not None for m in model.modules()):
-            raise ValueError("dpo: the reference is the frozen base with the adapters switched off, so the method "
-                             "must be lora, dora or qlora (full fine-tuning would need a second model)")
+            raise ValueError(f"{objective.kind}: the reference is the frozen base with the adapters switched off, so "
+                             "the method must be lora, dora or qlora (full fine-tuning would need a second model)")
         if getattr(model, "streamer", None) is not None:
-            raise ValueError("dpo: offload_weights streams layers in checkpointed passes only; the reference pass "
-                             "runs without gradients")
+            raise ValueError(f"{objective.kind}: offload_weights streams layers in checkpointed passes only; the "
+                             "reference pass runs without gradients")
 
 
 def micro_batch_loss(model: torch.nn.Module, b: PairBatch,
@@ -351,27 +363,31 @@ def micro_batch_loss(model: torch.nn.Module, b: PairBatch,
     return loss, stats
 
 
-def preference_step(model: torch.nn.Module, batches: list[PairBatch], o: ObjectiveOptions,
+def preference_step(model: torch.nn.Module, batches: list[PairBatch | LabelledBatch], o: ObjectiveOptions,
                     params: list[torch.Tensor], s: TrainSettings,
                     opt: torch.optim.Optimizer) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Forward + backward of each micro-batch (its loss / the step's micro-batches), clipping, optimizer step.
 
     Returns:
-        The step loss and the step's statistics (means over the micro-batches), as device scalars.
+        The step loss and the step's statistics, as device scalars: each the mean over the micro-batches that have
+        it (a KTO micro-batch without good rows has no ``rewards/chosen``: NaN there, as TRL logs nothing).
     """
     n = len(batches)
     total = torch.zeros((), dtype=torch.float32, device=batches[0].input_ids.device)
     sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, torch.Tensor] = {}
     for b in batches:
-        loss, stats = micro_batch_loss(model, b, o)
+        loss, stats = (kto_micro_batch_loss if o.kind == "kto" else micro_batch_loss)(model, b, o)
         (loss / n).backward()
         total += loss.detach() / n
         for k, v in stats.items():
-            sums[k] = sums.get(k, 0) + v.float() / n
+            has = ~torch.isnan(v)
+            sums[k] = sums.get(k, 0) + torch.where(has, v.float(), 0.0)
+            counts[k] = counts.get(k, 0) + has.float()
     if s.max_grad_norm:
         torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
     opt.step()
-    return total, sums
+    return total, {k: sums[k] / counts[k] for k in sums}
 
 
 def train_preference(model: torch.nn.Module, pairs: Sequence[dict], s: TrainSettings, objective: ObjectiveOptions,
@@ -379,17 +395,18 @@ def train_preference(model: torch.nn.Module, pairs: Sequence[dict], s: TrainSett
                      on_first_step: Callable[[torch.optim.Optimizer], None] | None = None,
                      optimizer: torch.optim.Optimizer | None = None,
                      on_step_end: Callable[[int], None] | None = None) -> list[dict[str, float]]:
-    """Train ``model`` on preference ``pairs`` for ``s.steps`` optimizer steps (DPO or ORPO).
+    """Train ``model`` on preference ``pairs`` (KTO: labelled rows) for ``s.steps`` optimizer steps.
 
     The loop of :func:`kernels.trainer.train.train` (same optimizer, scheduler, clipping, data order and hooks)
     with :func:`preference_step` for the step.
 
     Args:
-        model: a :class:`kernels.trainer.model.DecoderModel` (LoRA / DoRA / QLoRA for DPO).
-        pairs: dicts of token lists ``prompt_ids``, ``chosen_ids``, ``rejected_ids``.
-        s: loop settings; ``micro_batch`` counts pairs.
-        objective: ``dpo`` or ``orpo`` with its settings.
-        meter: a :class:`~kernels.trainer.train.StepHook`, fed :meth:`PairBatch.meter_view` per micro-batch.
+        model: a :class:`kernels.trainer.model.DecoderModel` (LoRA / DoRA / QLoRA for DPO and KTO).
+        pairs: dicts of token lists ``prompt_ids``, ``chosen_ids``, ``rejected_ids``; for KTO ``prompt_ids``,
+            ``completion_ids`` and a boolean ``label`` (:mod:`kernels.trainer.kto`).
+        s: loop settings; ``micro_batch`` counts pairs (KTO: rows).
+        objective: ``dpo``, ``orpo`` or ``kto`` with its settings.
+        meter: a :class:`~kernels.trainer.train.StepHook`, fed each micro-batch's ``meter_view()``.
         device: where batches go (default: the model's device).
         on_first_step: called with the optimizer inside the first timed step, before any compute.
         optimizer: use this optimizer instead of :func:`~kernels.trainer.train.make_optimizer`.
@@ -397,17 +414,22 @@ def train_preference(model: torch.nn.Module, pairs: Sequence[dict], s: TrainSett
 
     Returns:
         Per step: ``loss`` and TRL's logged statistics (``rewards/chosen``, ``rewards/rejected``,
-        ``rewards/accuracies``, ``rewards/margins``, ``logps/chosen``, ``logps/rejected``; ORPO adds
-        ``nll_loss``, ``log_odds_ratio``, ``log_odds_chosen``), and ``pairs``: the most pairs in one of its
-        micro-batches.
+        ``rewards/margins``, ``logps/chosen``, ``logps/rejected``; DPO and ORPO add ``rewards/accuracies``, ORPO
+        ``nll_loss``, ``log_odds_ratio``, ``log_odds_chosen``, KTO ``kl``), ``pairs``: the most pairs (KTO: rows) in
+        one of its micro-batches, and ``reference_tokens`` / ``reference_forwards``: the step's forwards without
+        gradient (DPO's and KTO's reference, KTO's KL estimate) and their tokens.
     """
     if not objective.is_preference:
-        raise ValueError(f"train_preference trains dpo or orpo, not {objective.kind!r} (sft: kernels.trainer.train)")
+        raise ValueError(f"train_preference trains dpo, orpo or kto, not {objective.kind!r} (sft: "
+                         "kernels.trainer.train)")
     _check_model(model, objective)
+    if objective.kind == "kto":
+        kto_check(objective, s.micro_batch)
     device, opt, sched, params = prepare_training(model, s, device, optimizer)
     history: list[dict[str, float]] = []
     for step in range(s.steps):
-        batches = [collate_pairs([pairs[i] for i in idx], s.pad_id, objective.kind, objective.pair_layout).to(device)
+        batches = [(collate_labelled([pairs[i] for i in idx], objective) if objective.kind == "kto" else
+                    collate_pairs([pairs[i] for i in idx], s.pad_id, objective.kind, objective.pair_layout)).to(device)
                    for idx in step_rows(len(pairs), s, step)]
         begin_step(meter, step, on_first_step, opt, [b.meter_view() for b in batches])
         total, stats = preference_step(model, batches, objective, params, s, opt)
@@ -415,7 +437,10 @@ def train_preference(model: torch.nn.Module, pairs: Sequence[dict], s: TrainSett
         sched.step()
         names = ["loss", *stats]
         values = torch.stack([total, *stats.values()]).tolist()  # the only sync inside the step besides step_end's
-        record = dict(zip(names, values, strict=True)) | {"pairs": max(b.pairs for b in batches)}
+        record = dict(zip(names, values, strict=True)) | {
+            "pairs": max(b.n if isinstance(b, LabelledBatch) else b.pairs for b in batches),
+            "reference_tokens": sum(b.reference_tokens for b in batches),
+            "reference_forwards": sum(b.reference_forwards for b in batches)}
         if meter is not None:
             meter.step_end(record["loss"])
         history.append(record)

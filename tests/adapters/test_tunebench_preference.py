@@ -1,4 +1,4 @@
-"""The tunebench adapter's DPO and ORPO: TRL's tokenisation of the pairs, and runs through the harness worker
+"""The tunebench adapter's DPO, ORPO and KTO: TRL's tokenisation of the rows, and runs through the harness worker
 (in process, CPU, tiny model)."""
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ import subprocess
 
 import pytest
 
-from adapters_for_tools.tunebench.pairs import dpo_pairs, orpo_pairs
+from adapters_for_tools.tunebench.pairs import dpo_pairs, kto_rows, orpo_pairs
 from harness.inputs.models import build_tokenizer
+from harness.inputs.preference import convert
 from harness.running import envs
 from harness.spec.scenario import parse_scenario
 from tests.worker_run import run_first_row
@@ -51,16 +52,29 @@ def test_truncation_follows_each_trl_trainer(tok):  # noqa: ANN001
     assert len(orpo) == 3 and orpo[0]["chosen_ids"] == _bytes("cd") and orpo[2]["chosen_ids"] == []
 
 
+def test_kto_rows_keep_order_labels_and_whole_completions(tok):  # noqa: ANN001
+    """KTO's rows as DPO tokenises a completion (BOS + prompt, completion + EOS), in order, labels kept; a row whose
+    prompt fills max_length is dropped, the others stay whole (the trainer cuts each sequence, KL ones too)."""
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    rows = [{"prompt": "ab", "completion": "cdefgh", "label": True},
+            {"prompt": "a long prompt", "completion": "x", "label": False},
+            {"prompt": "hi", "completion": "yo", "label": False}]
+    assert kto_rows(rows, tok, 5) == [
+        {"prompt_ids": [bos, *_bytes("ab")], "completion_ids": [*_bytes("cdefgh"), eos], "label": True},
+        {"prompt_ids": [bos, *_bytes("hi")], "completion_ids": [*_bytes("yo"), eos], "label": False}]
+    assert len(kto_rows(rows, tok, None)) == 3
+
+
 SCENARIO = """
 version: 1
 name: tb_pref_test
 model: {{preset: tiny-llama, weights: random, dtype: float32, seed: 0}}
 method: {{kind: lora, lora_r: 4, lora_alpha: 8, target_modules: all-linear}}
-objective: {{kind: {kind}, beta: 0.2}}
+objective: {{kind: {kind}, beta: 0.2{objective}}}
 data: {{source: synthetic, seq_len: 48, lengths: uniform, min_len: 12}}
 train: {{micro_batch: 2, grad_accum: 2, steps: 3, warmup_steps: 1, lr: 1.0e-3, gradient_checkpointing: true}}
 hardware: {{device: cpu}}
-frameworks: [{{name: tunebench, overrides: {{fused_ce_chunk: 16, pair_layout: {layout}}}}}]
+frameworks: [{{name: tunebench, overrides: {{fused_ce_chunk: 16{layout}}}}}]
 """
 
 
@@ -81,7 +95,7 @@ def cpu_references(monkeypatch):  # noqa: ANN001, ANN201
 @pytest.mark.parametrize(("kind", "layout"), [("dpo", "packed"), ("dpo", "shared_prompt"), ("orpo", "padded")])
 def test_worker_trains_the_objective(tmp_path, monkeypatch, kind, layout):  # noqa: ANN001
     monkeypatch.setenv("TUNEBENCH_CACHE", str(tmp_path / "cache"))
-    sc = parse_scenario(SCENARIO.format(kind=kind, layout=layout))
+    sc = parse_scenario(SCENARIO.format(kind=kind, layout=f", pair_layout: {layout}", objective=""))
     res = run_first_row(sc, tmp_path)
     work = tmp_path / "work"
     eff = res["effective"]
@@ -116,11 +130,12 @@ import tempfile
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trl import DPOConfig, DPOTrainer
+from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
 ckpt, rows_path, max_length, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-rows = json.loads(open(rows_path).read())
+given = json.loads(open(rows_path).read())
+rows = given["pairs"]
 tok = AutoTokenizer.from_pretrained(ckpt)
 model = AutoModelForCausalLM.from_pretrained(ckpt)
 work = tempfile.mkdtemp()
@@ -140,6 +155,12 @@ orpo = ORPOTrainer(model=AutoModelForCausalLM.from_pretrained(ckpt),
                    train_dataset=Dataset.from_list(rows), processing_class=tok)
 result["orpo"] = [[(ex[f"{side}_input_ids"], sum(1 for x in ex[f"{side}_labels"] if x == -100))
                    for side in ("chosen", "rejected")] for ex in orpo.train_dataset]
+kto = KTOTrainer(model=AutoModelForCausalLM.from_pretrained(ckpt),
+                 args=KTOConfig(output_dir=work, report_to=[], use_cpu=True, max_length=max_length,
+                                per_device_train_batch_size=2),
+                 train_dataset=Dataset.from_list(given["labelled"]), processing_class=tok)
+result["kto"] = [{k: ex[k] for k in ("prompt_ids", "completion_ids", "KL_completion_ids", "label")}
+                 for ex in kto.train_dataset]
 open(out, "w").write(json.dumps(result))
 '''
 
@@ -148,14 +169,15 @@ open(out, "w").write(json.dumps(result))
 @pytest.mark.skipif(not envs.resolve("trl").ready,
                     reason="trl environment not created: run `python -m harness env create trl`")
 def test_pairs_equal_trls_own_tokenisation(tmp_path, monkeypatch, tok):  # noqa: ANN001
-    """dpo_pairs / orpo_pairs give the token ids and prompt/completion split TRL 1.16's trainers build from the
-    same rows and max_length (run in the trl environment)."""
+    """dpo_pairs / orpo_pairs / kto_rows give the token ids and prompt/completion split TRL 1.16's trainers build
+    from the same rows and max_length (run in the trl environment)."""
     from harness.inputs.models import get_preset, prepare_random_checkpoint
 
     monkeypatch.setenv("TUNEBENCH_CACHE", str(tmp_path / "cache"))
     ckpt = prepare_random_checkpoint(get_preset("tiny-llama"), "float32", 0)
     rows = [*ROWS, {"prompt": "Q: 2+2?\n### Response:\n", "chosen": "4", "rejected": "five"}]
-    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    labelled = convert(rows, "pairs", "kto")
+    (tmp_path / "rows.json").write_text(json.dumps({"pairs": rows, "labelled": labelled}))
     (tmp_path / "trl_tokens.py").write_text(TRL_TOKENS)
     env = envs.resolve("trl")
     done = subprocess.run([env.python, str(tmp_path / "trl_tokens.py"), str(ckpt), str(tmp_path / "rows.json"), "12",
@@ -167,3 +189,55 @@ def test_pairs_equal_trls_own_tokenisation(tmp_path, monkeypatch, tok):  # noqa:
         ours = [[(p["prompt_ids"] + p[f"{side}_ids"], len(p["prompt_ids"])) for side in ("chosen", "rejected")]
                 for p in tokenise(rows, tok, 12)]
         assert ours == [[tuple(s) for s in pair] for pair in theirs[name]], name
+    kto = kto_rows(labelled, tok, 12)
+    assert [{k: r[k] for k in ("prompt_ids", "completion_ids", "label")} for r in theirs["kto"]] == kto
+    # the KL completions TRL adds (batches of 2: each row's partner's) are the ones the trainer builds per micro-batch
+    assert [r["KL_completion_ids"] for r in theirs["kto"]] == [
+        kto[j]["completion_ids"] for i in range(0, len(kto), 2) for j in ((i + 1, i) if i + 1 < len(kto) else (i,))]
+
+
+@pytest.mark.usefixtures("cpu_references")
+def test_worker_trains_kto(tmp_path, monkeypatch):  # noqa: ANN001
+    """KTO through the worker: TRL's settings read back, tokens/s over the labelled rows alone (the KL estimate and
+    the reference counted apart: each micro-batch's rows once, its KL rows twice), rewards kept per step."""
+    monkeypatch.setenv("TUNEBENCH_CACHE", str(tmp_path / "cache"))
+    sc = parse_scenario(SCENARIO.format(kind="kto", layout="", objective=", desirable_weight: 1.5"))
+    res = run_first_row(sc, tmp_path)
+    assert res["status"] == "ok", res.get("reason")
+    eff = res["effective"]
+    assert {k: eff[k] for k in ("objective", "beta", "reference", "loss_type", "desirable_weight",
+                                "undesirable_weight", "micro_batch")} == {
+        "objective": "kto", "beta": 0.2, "reference": "adapter_disabled", "loss_type": "kto",
+        "desirable_weight": 1.5, "undesirable_weight": 1.0, "micro_batch": 2}
+    rows = kto_rows([json.loads(line) for line in open(tmp_path / "data" / "dataset.jsonl")], build_tokenizer(320),
+                    48)
+    assert [r["label"] for r in rows[:4]] == [True, False, True, False]  # good and bad in every micro-batch
+    # micro_batch 2 x grad_accum 2, in file order; synthetic rows fit seq_len whole. The KL rows of a micro-batch
+    # of two: each prompt with the other row's completion
+    trained, nograd = [], []
+    for step in range(3):
+        mbs = [rows[4 * step:4 * step + 2], rows[4 * step + 2:4 * step + 4]]
+        trained.append(sum(len(r["prompt_ids"]) + len(r["completion_ids"]) for mb in mbs for r in mb))
+        kl = sum(len(a["prompt_ids"]) + len(b["completion_ids"]) for mb in mbs for a, b in zip(mb, mb[::-1],
+                                                                                               strict=True))
+        nograd.append(trained[-1] + 2 * kl)
+    assert [s["tokens"] for s in res["steps"]] == trained
+    ref = res["extra"]["reference_pass"]
+    assert ref["forwards"] == 18  # 3 steps x 2 micro-batches x (KL policy, KL reference, reference)
+    assert ref["tokens_per_step_mean"] == pytest.approx(sum(nograd) / 3)
+    rewards = res["extra"]["train_rewards"]
+    assert [r["step"] for r in rewards] == [1, 2, 3] and "accuracy" not in rewards[0]
+    assert rewards[0]["margin"] == 0  # the policy starts as the reference
+    assert res["steps"][0]["loss"] == pytest.approx(0.5 * (1.5 + 1.0) / 2, abs=1e-6)
+
+
+def test_kto_row_refusals():
+    """What the trainer cannot run is refused at validation: a reference other than its adapters switched off, and
+    a pair layout (KTO has no pairs)."""
+    from harness.spec.scenario import ScenarioError
+
+    assert parse_scenario(SCENARIO.format(kind="kto", layout="", objective="")).objective.kind == "kto"
+    with pytest.raises(ScenarioError, match="tunebench cannot run this scenario: kto reference 'copy'"):
+        parse_scenario(SCENARIO.format(kind="kto", layout="", objective=", reference: copy"))
+    with pytest.raises(ScenarioError, match=r"pair_layout: needs a dpo or orpo objective \(it arranges pairs; kto"):
+        parse_scenario(SCENARIO.format(kind="kto", layout=", pair_layout: padded", objective=""))

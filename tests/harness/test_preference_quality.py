@@ -8,7 +8,7 @@ otherwise). Measured on 2 CPU cores (45 s): reward and likelihood accuracy 1.00 
 likelihood accuracy 0.49; lm-eval multiple choice 1.00 against 0.21 (chance 0.25).
 
 scenarios/quality_dpo_lora_small.yaml the same way with LoRA, TRL beside tunebench: what tunebench's DPO trained
-scores as TRL's does (2.5 minutes on 2 cores).
+scores as TRL's does (2.5 minutes on 2 cores); scenarios/quality_kto_lora_small.yaml the same for KTO (2 minutes).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ needs_trl = pytest.mark.skipif(not envs.resolve("trl").ready,
 
 def _sweep(tmp_path, monkeypatch, name: str, frameworks: tuple[str, ...]) -> tuple[Path, dict[str, dict]]:
     """The shipped scenario ``name`` run as a user runs it; each framework's stored result, checked: ok, valid, and
-    DPO's gain on the held-out pairs and in lm-eval over the untrained (warm-started) model."""
+    the objective's gain on the held-out pairs and in lm-eval over the untrained (warm-started) model."""
     from harness.running import runner
 
     monkeypatch.setenv("TUNEBENCH_WORK", str(tmp_path / "work"))
@@ -58,13 +58,17 @@ def test_dpo_gains_reward_and_lm_eval_accuracy(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 @needs_trl
-def test_tunebench_dpo_trains_what_trls_does(tmp_path, monkeypatch):
+@pytest.mark.parametrize("name", ["quality_dpo_lora_small", "quality_kto_lora_small"])
+def test_tunebench_trains_what_trls_does(tmp_path, monkeypatch, name):  # noqa: ANN001
     from harness.analysis import parity
     from harness.storing.sweep import load_sweep
 
-    sweep, res = _sweep(tmp_path, monkeypatch, "quality_dpo_lora_small", ("trl", "tunebench"))
+    sweep, res = _sweep(tmp_path, monkeypatch, name, ("trl", "tunebench"))
     ours, trl = res["tunebench"]["reward_eval"], res["trl"]["reward_eval"]
     assert abs(ours["reward_accuracy"] - trl["reward_accuracy"]) <= 0.05, (ours, trl)
     assert ours["reward_margin"] == pytest.approx(trl["reward_margin"], rel=0.05), (ours, trl)
     table = parity.parity_table(load_sweep(sweep).runs, "trl")
     assert table.set_index("framework").loc["tunebench", "parity_status"] == "ok", table
+    # the forwards without gradient (the reference pass; KTO's KL estimate) counted alike by the two meters
+    ref = {fw: r["extra"]["reference_pass"]["tokens_per_step_mean"] for fw, r in res.items()}
+    assert ref["tunebench"] == pytest.approx(ref["trl"]), ref
