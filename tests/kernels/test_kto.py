@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from test_preference_trainer import ATOL, _compare_grads, _peft, _per_token_logps, lora_model
+from test_preference_trainer import ATOL, _compare_grads, _peft, _per_token_logps, grads_by_peft_name, lora_model
 
 from kernels.trainer.config import MethodOptions, ObjectiveOptions, TrainSettings
 from kernels.trainer.kto import collate_labelled, kto_micro_batch_loss
@@ -163,3 +163,31 @@ def test_train_kto_refuses_what_it_cannot_run(tiny_llama_fp32):  # noqa: ANN001
         train_preference(full, rows, TrainSettings(micro_batch=2, grad_accum=1, steps=1), ObjectiveOptions(kind="kto"))
     with pytest.raises(ValueError, match="kto here has kto, apo_zero_unpaired"):
         ObjectiveOptions(kind="kto", loss_type="sigmoid")
+
+
+@pytest.mark.gpu
+def test_kto_on_the_gpu_follows_the_cpu(tiny_llama_fp32):  # noqa: ANN001
+    """bf16 on CUDA (flash varlen attention over the packed rows, the rows' and the KL sequences' slices of it, the
+    Triton LM head): the loss, the KL estimate and the LoRA gradients of the fp32 CPU step with the same adapter
+    weights, within bf16's error."""
+    rows, o = toy_rows(), ObjectiveOptions(kind="kto", beta=0.5, max_length=10)
+    cpu = lora_model(tiny_llama_fp32, seed=2)
+    gpu = load_model(tiny_llama_fp32, MethodOptions(kind="lora", lora_r=4, lora_alpha=8), dtype=torch.bfloat16,
+                     device="cuda", seed=2)
+    adapters = dict(cpu.linears())
+    with torch.no_grad():
+        for name, m in gpu.linears():
+            m.lora_A.copy_(adapters[name].lora_A)
+            m.lora_B.copy_(adapters[name].lora_B)
+    out = {}
+    for device, model in (("cpu", cpu), ("cuda", gpu)):
+        loss, stats = kto_micro_batch_loss(model, collate_labelled(rows, o).to(device), o)
+        loss.backward()
+        out[device] = (float(loss), float(stats["kl"]),
+                       {n: g.float().cpu() for n, g in grads_by_peft_name(model).items()})
+    (loss, kl, grads), (gpu_loss, gpu_kl, gpu_grads) = out["cpu"], out["cuda"]
+    assert kl > 0  # the KL term is in play
+    # bf16 activations (rel. 2^-8) summed over ~10 tokens of log-probs of ~-6 each, through a sigmoid of beta 0.5
+    assert gpu_loss == pytest.approx(loss, abs=2e-2) and gpu_kl == pytest.approx(kl, abs=0.15)
+    for name, want in grads.items():
+        torch.testing.assert_close(gpu_grads[name], want, atol=1e-2, rtol=5e-2, msg=name)
