@@ -123,12 +123,13 @@ def row_problems(sc, o: TunebenchOverrides) -> list[tuple[tuple[str, ...], str]]
 
 
 def reference_refusal(sc) -> str | None:  # noqa: ANN001
-    """DPO's and KTO's reference here is the policy with its adapters switched off, computed in the same step: a
-    reference copy, a precomputed one, or full fine-tuning (which has no adapters to switch off) is refused."""
+    """DPO's and KTO's reference here is the policy with its adapters switched off, in every step or once before
+    training: a reference copy, or full fine-tuning (which has no adapters to switch off), is refused."""
     ob = sc.objective
-    if ob.kind in ("dpo", "kto") and (ref := ob.reference_for(sc.method.is_peft)) != "adapter_disabled":
-        return (f"{ob.kind} reference {ref!r}: tunebench's reference is the policy with its adapters switched off, "
-                "in the same step (method lora, dora or qlora; objective.reference auto or adapter_disabled)")
+    if ob.kind in ("dpo", "kto") and (ob.reference_for(sc.method.is_peft) == "copy" or not sc.method.is_peft):
+        return (f"{ob.kind} reference {ob.reference_for(sc.method.is_peft)!r} with method {sc.method.kind}: "
+                "tunebench's reference is the policy with its adapters switched off (method lora, dora or qlora; "
+                "objective.reference auto, adapter_disabled or precomputed)")
     return None
 
 

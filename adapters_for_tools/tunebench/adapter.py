@@ -53,7 +53,7 @@ from kernels.trainer.config import DecoderConfig, MethodOptions, ObjectiveOption
 from kernels.trainer.distributed import DataParallel
 from kernels.trainer.loading import load_model
 from kernels.trainer.planner import Planner
-from kernels.trainer.preference import effective_objective, train_preference
+from kernels.trainer.preference import Precomputed, effective_objective, precompute_reference, train_preference
 from kernels.trainer.save import save_trained
 from kernels.trainer.train import train
 
@@ -120,8 +120,9 @@ def objective_options(sc, overrides: dict):  # noqa: ANN001, ANN201
         return ObjectiveOptions()
     kto = {"desirable_weight": ob.desirable_weight, "undesirable_weight": ob.undesirable_weight,
            "max_length": sc.data.seq_len} if ob.kind == "kto" else {}
+    ref = {"reference": ob.reference_for(sc.method.is_peft)} if ob.kind in ("dpo", "kto") else {}
     return ObjectiveOptions(kind=ob.kind, beta=ob.beta, loss_type=ob.loss_type,
-                            pair_layout=TunebenchOverrides.model_validate(overrides).pair_layout, **kto)
+                            pair_layout=TunebenchOverrides.model_validate(overrides).pair_layout, **kto, **ref)
 
 
 def preference_pairs(sc, dataset_path, tok):  # noqa: ANN001, ANN201
@@ -240,12 +241,15 @@ def run(ctx) -> None:  # noqa: ANN001
         return True
 
     if objective.is_preference:
+        # TRL's precompute_ref_log_probs: the reference of every micro-batch before the first step
+        pre = (precompute_reference(model, rows, cfg.train, objective, device)
+               if objective.kind != "orpo" and objective.reference == "precomputed" else None)
         # per step, under TRL's names: rewards/chosen, rewards/accuracies, rewards/margins, logps/*, ...
         history = train_preference(model, rows, cfg.train, objective, meter=ctx.meter, device=device,
-                                   on_first_step=on_first_step, on_step_end=step_done)
+                                   on_first_step=on_first_step, on_step_end=step_done, precomputed=pre)
         # pairs per micro-batch, the scenario's unit (the meter sees two sequences per pair)
         ctx.set_effective(micro_batch=max(h["pairs"] for h in history))
-        ctx.extra.update(preference_extra(history, ctx.meter.steps, objective))
+        ctx.extra.update(preference_extra(history, ctx.meter.steps, objective, pre))
     else:
         train(model, rows, cfg.train, meter=ctx.meter, device=device, on_first_step=on_first_step,
               on_step_end=step_done, dist=dp, on_oom=on_oom)
@@ -255,19 +259,26 @@ def run(ctx) -> None:  # noqa: ANN001
         tok.save_pretrained(ctx.output_dir)
 
 
-def preference_extra(history: list[dict], steps: list[dict], objective: ObjectiveOptions) -> dict:
+def preference_extra(history: list[dict], steps: list[dict], objective: ObjectiveOptions,
+                     pre: Precomputed | None = None) -> dict:
     """What a preference run stores beside the common metrics, under the trl adapter's keys: the training batches'
     reward statistics per step (``train_rewards``: those the step has; KTO logs no accuracy, and a step without
     good or bad rows has no reward for them) and, for DPO and KTO, the forwards without gradient (the reference
-    pass, KTO's KL estimate: not in tokens/s), counted as the meter counts the sequences."""
+    pass, KTO's KL estimate: not in tokens/s), counted as the meter counts the sequences; a reference precomputed
+    before the first step (``pre``) as ``tokens_before_training`` and ``precompute_s``, as the trl adapter stores
+    TRL's."""
     out: dict = {"train_rewards": [{"step": i, **{k: h[v] for k, v in REWARD_LOGS.items()
                                                   if v in h and math.isfinite(h[v])}}
                                    for i, h in enumerate(history, 1)]}
     if objective.kind in ("dpo", "kto") and steps:
-        out["reference_pass"] = {"what": "forwards without gradient (reference log-probs, adapters disabled; KTO's "
-                                         "KL estimate): not in tokens/s",
-                                 "tokens_per_step_mean": sum(h["reference_tokens"] for h in history) / len(history),
-                                 "tokens_before_training": 0, "forwards": sum(h["reference_forwards"] for h in history)}
+        ref = out["reference_pass"] = {
+            "what": "forwards without gradient (reference log-probs, adapters disabled; KTO's KL estimate): not in "
+                    "tokens/s",
+            "tokens_per_step_mean": sum(h["reference_tokens"] for h in history) / len(history),
+            "tokens_before_training": 0, "forwards": sum(h["reference_forwards"] for h in history)}
+        if pre:
+            ref |= {"tokens_before_training": pre.tokens, "forwards": ref["forwards"] + pre.forwards,
+                    "precompute_s": pre.seconds}  # before the first step
     return out
 
 

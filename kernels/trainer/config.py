@@ -348,6 +348,7 @@ OBJECTIVES = ("sft", "dpo", "orpo", "kto")
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "apo_zero", "apo_down")
 LOSS_TYPES = {"dpo": DPO_LOSS_TYPES, "kto": ("kto", "apo_zero_unpaired")}  # the kinds with a choice of loss
 PAIR_LAYOUTS = ("packed", "shared_prompt", "padded")
+REFERENCES = ("adapter_disabled", "precomputed")  # DPO's and KTO's: in the step, or once before training
 
 
 @dataclass
@@ -374,6 +375,10 @@ class ObjectiveOptions:
         undesirable_weight: KTO's weight of a bad completion's loss.
         max_length: KTO: each ``prompt + completion`` sequence (and each KL sequence) cut to this many tokens
             from the start, as TRL's collator cuts them (None: not cut).
+        reference: DPO's and KTO's reference log-probs, both from the model with its adapters switched off:
+            ``adapter_disabled`` (a forward without gradient in every step) or ``precomputed`` (once per
+            micro-batch before training, TRL's ``precompute_ref_log_probs``; KTO's policy KL forward still runs
+            in every step).
     """
 
     kind: str = "sft"
@@ -384,6 +389,7 @@ class ObjectiveOptions:
     desirable_weight: float = 1.0
     undesirable_weight: float = 1.0
     max_length: int | None = None
+    reference: str = "adapter_disabled"
 
     def __post_init__(self) -> None:
         if self.kind not in OBJECTIVES:
@@ -395,6 +401,8 @@ class ObjectiveOptions:
             raise ValueError(f"loss_type {self.loss_type!r}: {self.kind} here has {', '.join(choices)}")
         if self.desirable_weight <= 0 or self.undesirable_weight <= 0:
             raise ValueError(f"kto's weights must be > 0, got {self.desirable_weight}, {self.undesirable_weight}")
+        if self.reference not in REFERENCES:
+            raise ValueError(f"reference {self.reference!r}: one of {', '.join(REFERENCES)}")
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"max_length must be at least 2 (a prompt token and a completion token), got "
                              f"{self.max_length}")

@@ -76,15 +76,16 @@ class LabelledBatch:
         return self.counted
 
     @property
-    def reference_tokens(self) -> int:
-        """Tokens of the forwards without gradient: the KL sequences under the policy, then every sequence under
-        the reference."""
-        return self.split + 2 * self.kl_tokens
+    def tokens(self) -> int:
+        """Tokens of one forward over every sequence of the micro-batch, the KL sequences included."""
+        return self.split + self.kl_tokens
 
-    @property
-    def reference_forwards(self) -> int:
-        """Forwards without gradient, as TRL runs them: KL under the policy, KL and rows under the reference."""
-        return 3 if self.kl_tokens else 1
+    def no_grad_work(self, precomputed: bool) -> tuple[int, int]:
+        """``(tokens, forwards)`` of the step's forwards without gradient, as TRL runs them: the KL sequences under
+        the policy, then (unless the reference was computed before training) the KL sequences and the rows under
+        the reference."""
+        kl = (self.kl_tokens, 1) if self.kl_tokens else (0, 0)
+        return kl if precomputed else (kl[0] + self.tokens, kl[1] + 2 if self.kl_tokens else 1)
 
 
 def _cut(prompt: list[int], completion: list[int], max_length: int | None) -> tuple[list[int], int]:
@@ -160,29 +161,36 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum()
 
 
-def kto_micro_batch_loss(model: torch.nn.Module, b: LabelledBatch,
-                         o: ObjectiveOptions) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One micro-batch's KTO loss: the reference and KL forwards without gradient, the policy's with it.
+def kto_reference(model: torch.nn.Module, b: LabelledBatch) -> torch.Tensor:
+    """Summed completion log-probs of every sequence of the micro-batch (the rows, then their KL sequences) under
+    the reference: the model with its adapters switched off, without gradient, one forward."""
+    with torch.no_grad(), adapters_disabled(model.modules()):
+        return sequence_logprobs(model.token_logprobs(b.input_ids, b.rows, b.targets, b.position_ids), b.sequence,
+                                 b.n + (b.n if b.kl_tokens else 0))
+
+
+def kto_micro_batch_loss(model: torch.nn.Module, b: LabelledBatch, o: ObjectiveOptions,
+                         reference: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One micro-batch's KTO loss: the reference and KL forwards without gradient, the policy's with it;
+    ``reference``: :func:`kto_reference` computed before training, or None (computed here).
 
     Returns:
         The loss (mean over the rows; differentiable) and TRL's statistics (detached device scalars; NaN where the
         micro-batch has no row of that label).
     """
-    n, n_seq = b.n, b.n + (b.n if b.kl_tokens else 0)
+    n = b.n
     mine = b.sequence < n
     rows, targets, sequence = b.rows[mine], b.targets[mine], b.sequence[mine]
     kl = None
-    with torch.no_grad():
-        if b.kl_tokens:
-            theirs = ~mine
+    if b.kl_tokens:
+        theirs = ~mine
+        with torch.no_grad():
             kl_policy = sequence_logprobs(
                 model.token_logprobs(b.input_ids[:, b.split:], b.rows[theirs] - b.split, b.targets[theirs],
                                      b.position_ids[:, b.split:]), b.sequence[theirs] - n, n)
-        with adapters_disabled(model.modules()):
-            reference = sequence_logprobs(model.token_logprobs(b.input_ids, b.rows, b.targets, b.position_ids),
-                                          b.sequence, n_seq)
-        if b.kl_tokens:
-            kl = (kl_policy - reference[n:]).mean().clamp(min=0)
+    reference = kto_reference(model, b) if reference is None else reference
+    if b.kl_tokens:
+        kl = (kl_policy - reference[n:]).mean().clamp(min=0)
     policy = sequence_logprobs(model.token_logprobs(b.input_ids[:, :b.split], rows, targets,
                                                     b.position_ids[:, :b.split]), sequence, n)
     losses, rewards = kto_loss(policy, reference[:n], b.label, kl, o)

@@ -44,6 +44,7 @@ Formulas (TRL 1.16, ``trl/trainer/dpo_trainer.py`` ``_compute_loss`` and ``trl/e
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -55,7 +56,7 @@ from kernels.ops.fused_linear_logprobs import sequence_logprobs
 from kernels.trainer.attention import SharedPrompts
 from kernels.trainer.batches import IGNORE_INDEX, step_rows
 from kernels.trainer.config import DPO_LOSS_TYPES, ObjectiveOptions, TrainSettings
-from kernels.trainer.kto import LabelledBatch, collate_labelled, kto_check, kto_micro_batch_loss
+from kernels.trainer.kto import LabelledBatch, collate_labelled, kto_check, kto_micro_batch_loss, kto_reference
 from kernels.trainer.linear import Linear, adapters_disabled
 from kernels.trainer.train import StepHook, begin_step, prepare_training
 
@@ -79,7 +80,8 @@ class PairBatch:
             the length only when the prompt is empty: the first token of a sequence has nothing to predict it).
         pairs: how many pairs.
         counted: what a step meter counts (:meth:`meter_view`), on the CPU.
-        reference_forwards: forwards without gradient over the same sequences (DPO's reference: 1; ORPO: 0).
+        reference_forwards: forwards without gradient over the same sequences in a step (DPO's reference: 1;
+            ORPO: 0).
     """
 
     input_ids: torch.Tensor
@@ -108,10 +110,16 @@ class PairBatch:
         ``labels`` the scored tokens at their own positions (the usual unshifted-labels convention)."""
         return self.counted
 
+    def no_grad_work(self, precomputed: bool) -> tuple[int, int]:
+        """``(tokens, forwards)`` of the step's forwards without gradient (the reference pass, not in tokens/s):
+        none where the reference was computed before training."""
+        forwards = 0 if precomputed else self.reference_forwards
+        return forwards * int(self.counted["attention_mask"].sum()), forwards
+
     @property
-    def reference_tokens(self) -> int:
-        """Tokens of the forwards without gradient (the reference pass, not in tokens/s)."""
-        return self.reference_forwards * int(self.counted["attention_mask"].sum())
+    def tokens(self) -> int:
+        """Tokens of one forward over the micro-batch's sequences (as the meter counts them)."""
+        return int(self.counted["attention_mask"].sum())
 
 
 def _sequences(pairs: Sequence[dict]) -> list[tuple[list[int], list[int]]]:
@@ -300,7 +308,7 @@ def effective_objective(o: ObjectiveOptions) -> dict[str, Any]:
     where the reference log-probs come from (``adapter_disabled``: this model with its adapters switched off; ORPO
     has ``none``)."""
     out: dict[str, Any] = {"objective": o.kind, "beta": o.beta,
-                           "reference": "none" if o.kind == "orpo" else "adapter_disabled"}
+                           "reference": "none" if o.kind == "orpo" else o.reference}
     if o.kind in ("dpo", "kto"):
         out["loss_type"] = o.loss_type
     if o.kind == "kto":
@@ -322,8 +330,16 @@ def _check_model(model: torch.nn.Module, objective: ObjectiveOptions) -> None:
                              "reference pass runs without gradients")
 
 
-def micro_batch_loss(model: torch.nn.Module, b: PairBatch,
-                     o: ObjectiveOptions) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def dpo_reference(model: torch.nn.Module, b: PairBatch) -> torch.Tensor:
+    """``[2 x pairs]`` summed completion log-probs of the micro-batch's sequences under the reference: the model
+    with its adapters switched off, without gradient."""
+    with torch.no_grad(), adapters_disabled(model.modules()):
+        ref_tokens = model.token_logprobs(b.input_ids, b.rows, b.targets, b.position_ids, b.shared)
+        return sequence_logprobs(ref_tokens, b.sequence, 2 * b.pairs)
+
+
+def micro_batch_loss(model: torch.nn.Module, b: PairBatch, o: ObjectiveOptions,
+                     reference: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One micro-batch's preference loss: DPO's reference pass (no gradient, adapters off) and policy pass, or
     ORPO's single pass, through the chunked LM head on the scored positions.
 
@@ -331,6 +347,8 @@ def micro_batch_loss(model: torch.nn.Module, b: PairBatch,
         model: a :class:`kernels.trainer.model.DecoderModel`.
         b: the collated micro-batch, on the model's device.
         o: the objective.
+        reference: DPO's reference log-probs computed before training (:func:`precompute_reference`), or None:
+            computed here.
 
     Returns:
         The loss (mean over the micro-batch's pairs; differentiable) and its statistics under TRL's names
@@ -338,9 +356,7 @@ def micro_batch_loss(model: torch.nn.Module, b: PairBatch,
     """
     n_seq = 2 * b.pairs
     if o.kind == "dpo":
-        with torch.no_grad(), adapters_disabled(model.modules()):
-            ref_tokens = model.token_logprobs(b.input_ids, b.rows, b.targets, b.position_ids, b.shared)
-        reference = sequence_logprobs(ref_tokens, b.sequence, n_seq)
+        reference = dpo_reference(model, b) if reference is None else reference
         policy = sequence_logprobs(model.token_logprobs(b.input_ids, b.rows, b.targets, b.position_ids, b.shared),
                                    b.sequence, n_seq)
         losses, chosen, rejected = dpo_loss(policy, reference, o.beta, o.loss_type, b.completion_tokens,
@@ -364,9 +380,10 @@ def micro_batch_loss(model: torch.nn.Module, b: PairBatch,
 
 
 def preference_step(model: torch.nn.Module, batches: list[PairBatch | LabelledBatch], o: ObjectiveOptions,
-                    params: list[torch.Tensor], s: TrainSettings,
-                    opt: torch.optim.Optimizer) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Forward + backward of each micro-batch (its loss / the step's micro-batches), clipping, optimizer step.
+                    params: list[torch.Tensor], s: TrainSettings, opt: torch.optim.Optimizer,
+                    references: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Forward + backward of each micro-batch (its loss / the step's micro-batches), clipping, optimizer step;
+    ``references``: each micro-batch's precomputed reference log-probs, or None.
 
     Returns:
         The step loss and the step's statistics, as device scalars: each the mean over the micro-batches that have
@@ -376,8 +393,9 @@ def preference_step(model: torch.nn.Module, batches: list[PairBatch | LabelledBa
     total = torch.zeros((), dtype=torch.float32, device=batches[0].input_ids.device)
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, torch.Tensor] = {}
-    for b in batches:
-        loss, stats = (kto_micro_batch_loss if o.kind == "kto" else micro_batch_loss)(model, b, o)
+    for i, b in enumerate(batches):
+        ref = references[i] if references is not None else None
+        loss, stats = (kto_micro_batch_loss if o.kind == "kto" else micro_batch_loss)(model, b, o, ref)
         (loss / n).backward()
         total += loss.detach() / n
         for k, v in stats.items():
@@ -390,11 +408,54 @@ def preference_step(model: torch.nn.Module, batches: list[PairBatch | LabelledBa
     return total, {k: sums[k] / counts[k] for k in sums}
 
 
+def _collate(pairs: Sequence[dict], idx: range, s: TrainSettings, o: ObjectiveOptions) -> PairBatch | LabelledBatch:
+    rows = [pairs[i] for i in idx]
+    return collate_labelled(rows, o) if o.kind == "kto" else collate_pairs(rows, s.pad_id, o.kind, o.pair_layout)
+
+
+@dataclass
+class Precomputed:
+    """DPO's or KTO's reference log-probs of every micro-batch the steps read, computed before training.
+
+    Attributes:
+        logps: per micro-batch (its ``(first, end)`` row indices) the reference log-probs, on the device.
+        tokens: tokens of the forwards that computed them.
+        forwards: how many forwards (one per distinct micro-batch).
+        seconds: how long it took (the device synchronised).
+    """
+
+    logps: dict[tuple[int, int], torch.Tensor]
+    tokens: int
+    forwards: int
+    seconds: float
+
+
+def precompute_reference(model: torch.nn.Module, pairs: Sequence[dict], s: TrainSettings, o: ObjectiveOptions,
+                         device: torch.device | str | None = None) -> Precomputed:
+    """The reference log-probs of each micro-batch the ``s.steps`` steps read (an epoch's micro-batches, each once),
+    from the model with its adapters switched off, before training (TRL's ``precompute_ref_log_probs``): then a
+    step runs no reference forward (KTO's KL sequences still go through the policy in every step)."""
+    device = device if device is not None else model.device_of_compute
+    t0 = time.perf_counter()
+    logps: dict[tuple[int, int], torch.Tensor] = {}
+    tokens = 0
+    for step in range(s.steps):
+        for idx in step_rows(len(pairs), s, step):
+            if (idx.start, idx.stop) not in logps:
+                b = _collate(pairs, idx, s, o).to(device)
+                logps[idx.start, idx.stop] = kto_reference(model, b) if o.kind == "kto" else dpo_reference(model, b)
+                tokens += b.tokens
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return Precomputed(logps, tokens, len(logps), time.perf_counter() - t0)
+
+
 def train_preference(model: torch.nn.Module, pairs: Sequence[dict], s: TrainSettings, objective: ObjectiveOptions,
                      meter: StepHook | None = None, device: torch.device | str | None = None,
                      on_first_step: Callable[[torch.optim.Optimizer], None] | None = None,
                      optimizer: torch.optim.Optimizer | None = None,
-                     on_step_end: Callable[[int], None] | None = None) -> list[dict[str, float]]:
+                     on_step_end: Callable[[int], None] | None = None,
+                     precomputed: Precomputed | None = None) -> list[dict[str, float]]:
     """Train ``model`` on preference ``pairs`` (KTO: labelled rows) for ``s.steps`` optimizer steps.
 
     The loop of :func:`kernels.trainer.train.train` (same optimizer, scheduler, clipping, data order and hooks)
@@ -411,6 +472,8 @@ def train_preference(model: torch.nn.Module, pairs: Sequence[dict], s: TrainSett
         on_first_step: called with the optimizer inside the first timed step, before any compute.
         optimizer: use this optimizer instead of :func:`~kernels.trainer.train.make_optimizer`.
         on_step_end: called with the number of finished optimizer steps after the step's clock stopped.
+        precomputed: the reference log-probs (:func:`precompute_reference`) where ``objective.reference`` is
+            ``precomputed``; computed here when not given.
 
     Returns:
         Per step: ``loss`` and TRL's logged statistics (``rewards/chosen``, ``rewards/rejected``,
@@ -426,21 +489,24 @@ def train_preference(model: torch.nn.Module, pairs: Sequence[dict], s: TrainSett
     if objective.kind == "kto":
         kto_check(objective, s.micro_batch)
     device, opt, sched, params = prepare_training(model, s, device, optimizer)
+    pre = objective.kind != "orpo" and objective.reference == "precomputed"
+    if pre and precomputed is None:
+        precomputed = precompute_reference(model, pairs, s, objective, device)
     history: list[dict[str, float]] = []
     for step in range(s.steps):
-        batches = [(collate_labelled([pairs[i] for i in idx], objective) if objective.kind == "kto" else
-                    collate_pairs([pairs[i] for i in idx], s.pad_id, objective.kind, objective.pair_layout)).to(device)
-                   for idx in step_rows(len(pairs), s, step)]
+        ranges = step_rows(len(pairs), s, step)
+        batches = [_collate(pairs, idx, s, objective).to(device) for idx in ranges]
         begin_step(meter, step, on_first_step, opt, [b.meter_view() for b in batches])
-        total, stats = preference_step(model, batches, objective, params, s, opt)
+        refs = [precomputed.logps[idx.start, idx.stop] for idx in ranges] if pre else None
+        total, stats = preference_step(model, batches, objective, params, s, opt, refs)
         opt.zero_grad(set_to_none=True)
         sched.step()
         names = ["loss", *stats]
         values = torch.stack([total, *stats.values()]).tolist()  # the only sync inside the step besides step_end's
         record = dict(zip(names, values, strict=True)) | {
             "pairs": max(b.n if isinstance(b, LabelledBatch) else b.pairs for b in batches),
-            "reference_tokens": sum(b.reference_tokens for b in batches),
-            "reference_forwards": sum(b.reference_forwards for b in batches)}
+            "reference_tokens": sum(b.no_grad_work(pre)[0] for b in batches),
+            "reference_forwards": sum(b.no_grad_work(pre)[1] for b in batches)}
         if meter is not None:
             meter.step_end(record["loss"])
         history.append(record)

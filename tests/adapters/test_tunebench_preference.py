@@ -197,34 +197,41 @@ def test_pairs_equal_trls_own_tokenisation(tmp_path, monkeypatch, tok):  # noqa:
 
 
 @pytest.mark.usefixtures("cpu_references")
-def test_worker_trains_kto(tmp_path, monkeypatch):  # noqa: ANN001
+@pytest.mark.parametrize("reference", ["auto", "precomputed"])
+def test_worker_trains_kto(tmp_path, monkeypatch, reference):  # noqa: ANN001
     """KTO through the worker: TRL's settings read back, tokens/s over the labelled rows alone (the KL estimate and
-    the reference counted apart: each micro-batch's rows once, its KL rows twice), rewards kept per step."""
+    the reference counted apart: each micro-batch's rows once, its KL rows twice; with the reference precomputed,
+    the KL rows once in every step, and rows and KL rows once before the first), rewards kept per step."""
     monkeypatch.setenv("TUNEBENCH_CACHE", str(tmp_path / "cache"))
-    sc = parse_scenario(SCENARIO.format(kind="kto", layout="", objective=", desirable_weight: 1.5"))
+    sc = parse_scenario(SCENARIO.format(kind="kto", layout="",
+                                        objective=f", desirable_weight: 1.5, reference: {reference}"))
     res = run_first_row(sc, tmp_path)
     assert res["status"] == "ok", res.get("reason")
     eff = res["effective"]
     assert {k: eff[k] for k in ("objective", "beta", "reference", "loss_type", "desirable_weight",
                                 "undesirable_weight", "micro_batch")} == {
-        "objective": "kto", "beta": 0.2, "reference": "adapter_disabled", "loss_type": "kto",
+        "objective": "kto", "beta": 0.2, "reference": "adapter_disabled" if reference == "auto" else reference,
+        "loss_type": "kto",
         "desirable_weight": 1.5, "undesirable_weight": 1.0, "micro_batch": 2}
     rows = kto_rows([json.loads(line) for line in open(tmp_path / "data" / "dataset.jsonl")], build_tokenizer(320),
                     48)
     assert [r["label"] for r in rows[:4]] == [True, False, True, False]  # good and bad in every micro-batch
     # micro_batch 2 x grad_accum 2, in file order; synthetic rows fit seq_len whole. The KL rows of a micro-batch
     # of two: each prompt with the other row's completion
-    trained, nograd = [], []
+    trained, kl = [], []
     for step in range(3):
         mbs = [rows[4 * step:4 * step + 2], rows[4 * step + 2:4 * step + 4]]
         trained.append(sum(len(r["prompt_ids"]) + len(r["completion_ids"]) for mb in mbs for r in mb))
-        kl = sum(len(a["prompt_ids"]) + len(b["completion_ids"]) for mb in mbs for a, b in zip(mb, mb[::-1],
-                                                                                               strict=True))
-        nograd.append(trained[-1] + 2 * kl)
+        kl.append(sum(len(a["prompt_ids"]) + len(b["completion_ids"]) for mb in mbs for a, b in zip(mb, mb[::-1],
+                                                                                                    strict=True)))
     assert [s["tokens"] for s in res["steps"]] == trained
     ref = res["extra"]["reference_pass"]
-    assert ref["forwards"] == 18  # 3 steps x 2 micro-batches x (KL policy, KL reference, reference)
-    assert ref["tokens_per_step_mean"] == pytest.approx(sum(nograd) / 3)
+    if reference == "auto":  # 3 steps x 2 micro-batches x (KL policy, KL reference, reference)
+        assert (ref["forwards"], ref["tokens_before_training"]) == (18, 0)
+        assert ref["tokens_per_step_mean"] == pytest.approx((sum(trained) + 2 * sum(kl)) / 3)
+    else:  # 6 micro-batches once before training, then the KL policy forward of each in its step
+        assert (ref["forwards"], ref["tokens_before_training"]) == (12, sum(trained) + sum(kl))
+        assert ref["tokens_per_step_mean"] == pytest.approx(sum(kl) / 3) and ref["precompute_s"] > 0
     rewards = res["extra"]["train_rewards"]
     assert [r["step"] for r in rewards] == [1, 2, 3] and "accuracy" not in rewards[0]
     assert rewards[0]["margin"] == 0  # the policy starts as the reference
@@ -241,3 +248,41 @@ def test_kto_row_refusals():
         parse_scenario(SCENARIO.format(kind="kto", layout="", objective=", reference: copy"))
     with pytest.raises(ScenarioError, match=r"pair_layout: needs a dpo or orpo objective \(it arranges pairs; kto"):
         parse_scenario(SCENARIO.format(kind="kto", layout=", pair_layout: padded", objective=""))
+
+
+BESIDE_TRL = """
+version: 1
+name: tb_beside_trl
+model: {{preset: tiny-llama, weights: random, dtype: float32, seed: 0}}
+method: {{kind: lora, lora_r: 4, lora_alpha: 8, target_modules: all-linear}}
+objective: {{kind: {kind}, beta: 0.3, reference: {reference}}}
+data: {{source: synthetic, seq_len: 24, lengths: uniform, min_len: 10}}
+train: {{micro_batch: 3, grad_accum: 2, steps: 4, warmup_steps: 1, lr: 1.0e-3, gradient_checkpointing: true}}
+hardware: {{device: cpu}}
+frameworks: [trl, tunebench]
+measure: {{repeats: 1, baseline: trl}}
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not envs.resolve("trl").ready,
+                    reason="trl environment not created: run `python -m harness env create trl`")
+@pytest.mark.usefixtures("cpu_references")
+@pytest.mark.parametrize(("kind", "reference"), [("kto", "auto"), ("kto", "precomputed"), ("dpo", "precomputed")])
+def test_beside_trl_the_same_steps_and_counts(tmp_path, monkeypatch, kind, reference):  # noqa: ANN001
+    """One sweep of trl and tunebench (micro-batches of 3, so some KTO micro-batches hold one label only): the
+    same per-step losses and trained tokens, and the same tokens without gradient per step and before the first."""
+    from harness.running import runner
+
+    monkeypatch.setenv("TUNEBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TUNEBENCH_WORK", str(tmp_path / "work"))
+    sweep = runner.run_sweep(parse_scenario(BESIDE_TRL.format(kind=kind, reference=reference)),
+                             tmp_path / "results", new=True, quiet=True)
+    res = {fw: runner.load_result(sweep, fw, 0) for fw in ("trl", "tunebench")}
+    for fw, r in res.items():
+        assert r["status"] == "ok" and r["valid"], (fw, r.get("reason"), r["invalid_reasons"])
+    trl, ours = res["trl"], res["tunebench"]
+    assert [s["tokens"] for s in ours["steps"]] == [s["tokens"] for s in trl["steps"]]
+    assert [s["loss"] for s in ours["steps"]] == pytest.approx([s["loss"] for s in trl["steps"]], abs=1e-5)
+    for key in ("tokens_per_step_mean", "tokens_before_training"):
+        assert ours["extra"]["reference_pass"][key] == pytest.approx(trl["extra"]["reference_pass"][key]), key

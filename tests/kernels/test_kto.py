@@ -13,12 +13,20 @@ import math
 
 import pytest
 import torch
-from test_preference_trainer import ATOL, _compare_grads, _peft, _per_token_logps, grads_by_peft_name, lora_model
+from test_preference_trainer import (
+    ATOL,
+    _compare_grads,
+    _peft,
+    _per_token_logps,
+    grads_by_peft_name,
+    lora_model,
+    toy_pairs,
+)
 
 from kernels.trainer.config import MethodOptions, ObjectiveOptions, TrainSettings
 from kernels.trainer.kto import collate_labelled, kto_micro_batch_loss
 from kernels.trainer.loading import load_model
-from kernels.trainer.preference import effective_objective, train_preference
+from kernels.trainer.preference import effective_objective, precompute_reference, train_preference
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -123,9 +131,9 @@ def test_collate_rotates_completions_cuts_and_counts(tiny_llama_fp32):  # noqa: 
     assert (b.input_ids[0, b.rows + 1] == b.targets).all()  # each scored position predicts the next token
     assert (b.n, b.split, b.kl_tokens, b.label.tolist()) == (3, 10, 12, [True, False, True])
     assert b.meter_view()["labels"].tolist() == [[-100, -100, 3, 4, -100, 7, -100, -100, -100, 11]]
-    assert (b.reference_tokens, b.reference_forwards) == (34, 3)
+    assert (b.no_grad_work(False), b.no_grad_work(True), b.tokens) == ((34, 3), (12, 1), 22)
     unpaired = collate_labelled(rows, ObjectiveOptions(kind="kto", loss_type="apo_zero_unpaired"))
-    assert (unpaired.kl_tokens, unpaired.reference_forwards, unpaired.reference_tokens) == (0, 1, 12)
+    assert (unpaired.kl_tokens, unpaired.no_grad_work(False), unpaired.no_grad_work(True)) == (0, (12, 1), (0, 0))
     with pytest.raises(ValueError, match="prompt fills max_length"):
         collate_labelled(rows, ObjectiveOptions(kind="kto", max_length=3))
 
@@ -148,6 +156,34 @@ def test_train_kto_starts_at_half_and_averages_what_each_micro_batch_has(tiny_ll
     assert [h["reference_forwards"] for h in history] == [6, 3, 6]
     assert effective_objective(o) == {"objective": "kto", "beta": 0.5, "reference": "adapter_disabled",
                                       "loss_type": "kto", "desirable_weight": 1.0, "undesirable_weight": 1.0}
+
+
+@pytest.mark.parametrize("kind", ["dpo", "kto"])
+def test_a_precomputed_reference_trains_the_same(tiny_llama_fp32, kind):  # noqa: ANN001
+    """The reference computed once per micro-batch before training (TRL's precompute_ref_log_probs) is the frozen
+    base's, as the one computed in every step: the same steps, with fewer forwards without gradient (KTO's policy KL
+    forward stays in the step). An epoch's micro-batches are computed once however many epochs the steps read."""
+    rows = toy_rows(6, labels=(True, False)) if kind == "kto" else toy_pairs(4)
+    s = TrainSettings(micro_batch=2, grad_accum=2, steps=4, lr=1e-2)
+    runs = {}
+    for reference in ("adapter_disabled", "precomputed"):
+        o = ObjectiveOptions(kind=kind, beta=0.5, reference=reference)
+        model = load_model(tiny_llama_fp32, MethodOptions(kind="lora", lora_r=4, lora_alpha=8), dtype=torch.float32,
+                           device="cpu", seed=0)
+        pre = precompute_reference(model, rows, s, o) if reference == "precomputed" else None
+        runs[reference] = train_preference(model, rows, s, o, precomputed=pre), pre
+    (in_step, _), (ahead, pre) = runs["adapter_disabled"], runs["precomputed"]
+    work = ("reference_tokens", "reference_forwards")
+    for a, b in zip(in_step, ahead, strict=True):
+        same = {k: v for k, v in b.items() if k not in work}
+        assert {k: v for k, v in a.items() if k not in work} == pytest.approx(same, abs=1e-6, nan_ok=True)
+    assert pre.forwards == len(pre.logps) == (3 if kind == "kto" else 2)  # the epoch's micro-batches, once each
+    if kind == "dpo":
+        assert [h["reference_forwards"] for h in ahead] == [0, 0, 0, 0]
+        assert [h["reference_forwards"] for h in in_step] == [2, 2, 2, 2]
+    else:
+        assert [h["reference_forwards"] for h in ahead] == [2, 1, 2, 1]  # the KL sequences under the policy
+        assert [h["reference_forwards"] for h in in_step] == [6, 3, 6, 3]
 
 
 def test_train_kto_refuses_what_it_cannot_run(tiny_llama_fp32):  # noqa: ANN001
