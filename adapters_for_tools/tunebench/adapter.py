@@ -243,7 +243,7 @@ def run(ctx) -> None:  # noqa: ANN001
     if objective.is_preference:
         # TRL's precompute_ref_log_probs: the reference of every micro-batch before the first step
         pre = (precompute_reference(model, rows, cfg.train, objective, device)
-               if objective.kind != "orpo" and objective.reference == "precomputed" else None)
+               if objective.precomputes_reference else None)
         # per step, under TRL's names: rewards/chosen, rewards/accuracies, rewards/margins, logps/*, ...
         history = train_preference(model, rows, cfg.train, objective, meter=ctx.meter, device=device,
                                    on_first_step=on_first_step, on_step_end=step_done, precomputed=pre)

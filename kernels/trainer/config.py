@@ -417,6 +417,11 @@ class ObjectiveOptions:
     def is_preference(self) -> bool:
         return self.kind in ("dpo", "orpo", "kto")
 
+    @property
+    def precomputes_reference(self) -> bool:
+        """DPO's or KTO's reference computed once before training (ORPO has none)."""
+        return self.kind in ("dpo", "kto") and self.reference == "precomputed"
+
 
 @dataclass
 class TrainerConfig:

@@ -84,8 +84,9 @@ class LabelledBatch:
         """``(tokens, forwards)`` of the step's forwards without gradient, as TRL runs them: the KL sequences under
         the policy, then (unless the reference was computed before training) the KL sequences and the rows under
         the reference."""
-        kl = (self.kl_tokens, 1) if self.kl_tokens else (0, 0)
-        return kl if precomputed else (kl[0] + self.tokens, kl[1] + 2 if self.kl_tokens else 1)
+        if precomputed:
+            return (self.kl_tokens, 1) if self.kl_tokens else (0, 0)
+        return self.kl_tokens + self.tokens, 3 if self.kl_tokens else 1
 
 
 def _cut(prompt: list[int], completion: list[int], max_length: int | None) -> tuple[list[int], int]:

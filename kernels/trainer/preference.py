@@ -489,7 +489,7 @@ def train_preference(model: torch.nn.Module, pairs: Sequence[dict], s: TrainSett
     if objective.kind == "kto":
         kto_check(objective, s.micro_batch)
     device, opt, sched, params = prepare_training(model, s, device, optimizer)
-    pre = objective.kind != "orpo" and objective.reference == "precomputed"
+    pre = objective.precomputes_reference
     if pre and precomputed is None:
         precomputed = precompute_reference(model, pairs, s, objective, device)
     history: list[dict[str, float]] = []
