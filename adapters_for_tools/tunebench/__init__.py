@@ -106,8 +106,6 @@ def row_problems(sc, o: TunebenchOverrides) -> list[tuple[tuple[str, ...], str]]
         "attention_backend": [("a CUDA device (hardware.device: cuda): cuDNN's attention is a CUDA kernel",
                                o.attention_backend != "auto" and sc.hardware.device != "cuda")],
         "plan": [(f"{one_process[0]}: what it plans (host offload, CUDA graphs) runs in one", bool(strategy)),
-                 (f"the sft objective (not {objective}: the cost model plans one sequence per row; preference "
-                  "pairs train with the knobs as given)", objective != "sft"),
                  ("for auto, a CUDA device (hardware.device: cuda): auto plans to hardware.memory_budget_gib or "
                   "the GPU's free memory; on a cpu give a budget in GiB",
                   o.plan == "auto" and sc.hardware.device != "cuda")],

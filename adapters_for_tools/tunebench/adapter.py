@@ -194,9 +194,9 @@ def run(ctx) -> None:  # noqa: ANN001
         model = dp.prepare(model)
     ctx.load_s = time.time() - t0
     objective = cfg.objective
-    if objective.is_preference and (dp is not None or planner is not None):
-        raise ValueError(f"{objective.kind}: tunebench trains preference objectives in one process, with the "
-                         "knobs as given (not with hardware.strategy or plan)")
+    if objective.is_preference and dp is not None:
+        raise ValueError(f"{objective.kind}: tunebench trains preference objectives in one process (not with "
+                         "hardware.strategy)")
     rows = (preference_pairs(sc, ctx.dataset_path, tok) if objective.is_preference
             else load_tokenised(sc, ctx.dataset_path, tok).rows)
     ops = ops_in_use(device.type, options.reference_ops, str(dtype).removeprefix("torch."), options.varlen_attention,
@@ -246,7 +246,8 @@ def run(ctx) -> None:  # noqa: ANN001
                if objective.precomputes_reference else None)
         # per step, under TRL's names: rewards/chosen, rewards/accuracies, rewards/margins, logps/*, ...
         history = train_preference(model, rows, cfg.train, objective, meter=ctx.meter, device=device,
-                                   on_first_step=on_first_step, on_step_end=step_done, precomputed=pre)
+                                   on_first_step=on_first_step, on_step_end=step_done, precomputed=pre,
+                                   on_oom=on_oom)
         # pairs per micro-batch, the scenario's unit (the meter sees two sequences per pair)
         ctx.set_effective(micro_batch=max(h["pairs"] for h in history))
         ctx.extra.update(preference_extra(history, ctx.meter.steps, objective, pre))

@@ -422,6 +422,19 @@ class ObjectiveOptions:
         """DPO's or KTO's reference computed once before training (ORPO has none)."""
         return self.kind in ("dpo", "kto") and self.reference == "precomputed"
 
+    @property
+    def rows_per_micro_batch_row(self) -> int:
+        """Sequences with gradient per row of ``micro_batch`` (a pair's chosen and rejected: 2)."""
+        return 2 if self.kind in ("dpo", "orpo") else 1
+
+    @property
+    def nograd_forwards(self) -> tuple[float, ...]:
+        """A step's forwards without gradient per micro-batch, each in multiples of the tokens it trains on: DPO's
+        reference over the pairs; KTO's KL sequences under the policy, then the rows and KL sequences under the
+        reference (each KL sequence as long as a row, on average); none where the reference was precomputed."""
+        reference = () if self.precomputes_reference else {"dpo": (1.0,), "kto": (2.0,)}.get(self.kind, ())
+        return ((1.0,) if self.kind == "kto" else ()) + reference
+
 
 @dataclass
 class TrainerConfig:

@@ -120,6 +120,10 @@ class CostModel:
             that recomputes (host launches).
         tiled_layers: the layers with the dense MLP over chunks of :data:`MLP_CHUNK_TOKENS` (what a plan with
             ``mlp_chunk_tokens`` costs); empty where a plan may not tile it.
+        nograd_forwards: the forwards without gradient in each micro-batch (a preference step's reference and KL
+            passes, run before its forward with gradient), each as a multiple of the micro-batch's tokens: every
+            layer's forward and the LM head's (half of ``loss_s``: the head's gradient GEMM is not run), nothing
+            kept, the offloaded embeddings and LM head fetched again.
         act_factor / time_factor / static_offset: measured corrections (activation bytes, compute time, bytes on
             the device after loading beyond the model's count).
     """
@@ -145,6 +149,7 @@ class CostModel:
     time_factor: float = 1.0
     static_offset: int = 0
     tiled_layers: tuple[LayerCost, ...] = ()
+    nograd_forwards: tuple[float, ...] = ()
 
     def corrected(self, **factors: float) -> CostModel:
         """This model with measured corrections (``act_factor``, ``time_factor``, ``static_offset``)."""
@@ -241,7 +246,9 @@ def predict(m: CostModel, p: Plan) -> Prediction:
     in forward and fetched back on the compute stream in backward; an offloaded embedding is gathered on the host
     and shipped; the LM head's copy overlaps the whole forward. A CUDA graph saves
     host launches in every layer (:attr:`CostModel.graph_saving_s`). A tiled MLP changes the layers' costs
-    (:attr:`CostModel.tiled_layers`).
+    (:attr:`CostModel.tiled_layers`). A preference step's forwards without gradient
+    (:attr:`CostModel.nograd_forwards`) add their time, and a third moment: one layer's activations, or the head's
+    chunk, at their tokens, beside the gradients and optimizer state only.
     """
     lay = m.tiled_layers if p.mlp_chunk_tokens and m.tiled_layers else m.layers  # else the method tiles already
     n, a, f, sp = len(lay), m.act_factor, m.time_factor, m.speed
@@ -266,7 +273,11 @@ def predict(m: CostModel, p: Plan) -> Prediction:
     backward = max(a * ((below[i + 1] if i in rec else below[i]) + in_flight + c.transient_bytes)
                    + (c.reuse_bytes if i in rec else 0) + _streamed_on_device(lay, streamed, i)
                    for i, c in enumerate(lay))
-    dynamic = m.trainable_state_bytes + max(forward_end, backward) + (GRAPH_EXTRA_BYTES if p.cuda_graph else 0)
+    # a forward without gradient holds one layer's activations, then the head's chunk, and nothing of them after
+    nograd = max((a * r * max(max(c.keep_bytes for c in lay), m.loss_bytes) + (m.head_bytes if p.offload_lm_head else 0)
+                  for r in m.nograd_forwards), default=0)
+    dynamic = (m.trainable_state_bytes + max(forward_end, backward, nograd)
+               + (GRAPH_EXTRA_BYTES if p.cuda_graph else 0))
 
     h2d, d2h = sp.h2d_gbps * 1e9, sp.d2h_gbps * 1e9
     fwd = [c.forward_s * f for c in lay]
@@ -289,6 +300,12 @@ def predict(m: CostModel, p: Plan) -> Prediction:
     if p.offload_lm_head:
         exposed += max(0.0, m.head_bytes / h2d - pf[n])
     compute = pf[n] + pb[n] + m.loss_s * f
+    for r in m.nograd_forwards:
+        compute += r * (pf[n] + m.loss_s * f / 2)
+        if p.offload_embeddings:
+            exposed += r * (m.hidden_bytes / h2d + m.hidden_bytes / (sp.host_gbps * 1e9))
+        if p.offload_lm_head:
+            exposed += max(0.0, m.head_bytes / h2d - r * pf[n])
     kept_s, recomputed_s = m.graph_saving_s
     saving = kept_s * (n - len(rec)) + recomputed_s * len(rec) if p.cuda_graph else 0.0
     step = m.grad_accum * (compute + exposed - saving) + m.optimizer_s

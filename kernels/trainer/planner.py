@@ -72,11 +72,17 @@ def measure_speed(device: torch.device) -> DeviceSpeed:
 
 
 def _costs(cfg: TrainerConfig, decoder: DecoderConfig, seq_len: int, packed: bool, speed: DeviceSpeed) -> CostModel:
-    t = cfg.train
-    pairs = cfg.objective.is_preference  # chosen + rejected: twice the rows, packed together by default
+    """The cost model of ``cfg``: a preference objective's pairs are two sequences each, packed by default, with
+    its forwards without gradient (:attr:`ObjectiveOptions.nograd_forwards`); DPO's and KTO's stream no weights
+    (the trainer streams in checkpointed passes only, and their reference passes are not)."""
+    t, o = cfg.train, cfg.objective
     untiled = replace(cfg.method, mlp_chunk_tokens=None)  # the plan decides the MLP's tiling, as its other knobs
-    return costs_for(decoder, untiled, t.micro_batch * (2 if pairs else 1), t.grad_accum, seq_len, cfg.dtype,
-                     cfg.device, t.optimizer, packed or pairs, speed)
+    costs = costs_for(decoder, untiled, t.micro_batch * o.rows_per_micro_batch_row, t.grad_accum, seq_len,
+                      cfg.dtype, cfg.device, t.optimizer, packed or o.is_preference, speed)
+    if not o.is_preference:
+        return costs
+    return replace(costs, nograd_forwards=o.nograd_forwards,
+                   can_stream=costs.can_stream and o.kind not in ("dpo", "kto"))
 
 
 def usable_bytes(setting: float | str, device: torch.device) -> tuple[int, dict[str, Any]]:

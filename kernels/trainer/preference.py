@@ -47,6 +47,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -58,7 +59,7 @@ from kernels.trainer.batches import IGNORE_INDEX, step_rows
 from kernels.trainer.config import DPO_LOSS_TYPES, ObjectiveOptions, TrainSettings
 from kernels.trainer.kto import LabelledBatch, collate_labelled, kto_check, kto_micro_batch_loss, kto_reference
 from kernels.trainer.linear import Linear, adapters_disabled
-from kernels.trainer.train import StepHook, begin_step, prepare_training
+from kernels.trainer.train import StepHook, begin_step, prepare_training, retrying
 
 
 @dataclass
@@ -381,14 +382,25 @@ def micro_batch_loss(model: torch.nn.Module, b: PairBatch, o: ObjectiveOptions,
 
 def preference_step(model: torch.nn.Module, batches: list[PairBatch | LabelledBatch], o: ObjectiveOptions,
                     params: list[torch.Tensor], s: TrainSettings, opt: torch.optim.Optimizer,
-                    references: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                    references: list[torch.Tensor] | None = None,
+                    retry: Callable[[], bool] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Forward + backward of each micro-batch (its loss / the step's micro-batches), clipping, optimizer step;
-    ``references``: each micro-batch's precomputed reference log-probs, or None.
+    ``references``: each micro-batch's precomputed reference log-probs, or None; ``retry``: as
+    :func:`kernels.trainer.train.optimizer_step`'s (a planner's leaner plan after running out of memory).
 
     Returns:
         The step loss and the step's statistics, as device scalars: each the mean over the micro-batches that have
         it (a KTO micro-batch without good rows has no ``rewards/chosen``: NaN there, as TRL logs nothing).
     """
+    total, sums, counts = retrying(lambda: _pair_forwards_backwards(model, batches, o, references), opt, retry)
+    if s.max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
+    opt.step()
+    return total, {k: sums[k] / counts[k] for k in sums}
+
+
+def _pair_forwards_backwards(model: torch.nn.Module, batches: list[PairBatch | LabelledBatch], o: ObjectiveOptions,
+                             references: list[torch.Tensor] | None) -> tuple[torch.Tensor, dict, dict]:
     n = len(batches)
     total = torch.zeros((), dtype=torch.float32, device=batches[0].input_ids.device)
     sums: dict[str, torch.Tensor] = {}
@@ -402,10 +414,7 @@ def preference_step(model: torch.nn.Module, batches: list[PairBatch | LabelledBa
             has = ~torch.isnan(v)
             sums[k] = sums.get(k, 0) + torch.where(has, v.float(), 0.0)
             counts[k] = counts.get(k, 0) + has.float()
-    if s.max_grad_norm:
-        torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
-    opt.step()
-    return total, {k: sums[k] / counts[k] for k in sums}
+    return total, sums, counts
 
 
 def _collate(pairs: Sequence[dict], idx: range, s: TrainSettings, o: ObjectiveOptions) -> PairBatch | LabelledBatch:
@@ -455,7 +464,8 @@ def train_preference(model: torch.nn.Module, pairs: Sequence[dict], s: TrainSett
                      on_first_step: Callable[[torch.optim.Optimizer], None] | None = None,
                      optimizer: torch.optim.Optimizer | None = None,
                      on_step_end: Callable[[int], None] | None = None,
-                     precomputed: Precomputed | None = None) -> list[dict[str, float]]:
+                     precomputed: Precomputed | None = None,
+                     on_oom: Callable[[int], bool] | None = None) -> list[dict[str, float]]:
     """Train ``model`` on preference ``pairs`` (KTO: labelled rows) for ``s.steps`` optimizer steps.
 
     The loop of :func:`kernels.trainer.train.train` (same optimizer, scheduler, clipping, data order and hooks)
@@ -474,6 +484,8 @@ def train_preference(model: torch.nn.Module, pairs: Sequence[dict], s: TrainSett
         on_step_end: called with the number of finished optimizer steps after the step's clock stopped.
         precomputed: the reference log-probs (:func:`precompute_reference`) where ``objective.reference`` is
             ``precomputed``; computed here when not given.
+        on_oom: called with the step (0-based) whose forwards and backwards ran out of memory; True: the step is
+            done again (a planner moved the model to a leaner plan).
 
     Returns:
         Per step: ``loss`` and TRL's logged statistics (``rewards/chosen``, ``rewards/rejected``,
@@ -498,7 +510,8 @@ def train_preference(model: torch.nn.Module, pairs: Sequence[dict], s: TrainSett
         batches = [_collate(pairs, idx, s, objective).to(device) for idx in ranges]
         begin_step(meter, step, on_first_step, opt, [b.meter_view() for b in batches])
         refs = [precomputed.logps[idx.start, idx.stop] for idx in ranges] if pre else None
-        total, stats = preference_step(model, batches, objective, params, s, opt, refs)
+        total, stats = preference_step(model, batches, objective, params, s, opt, refs,
+                                       retry=partial(on_oom, step) if on_oom else None)
         opt.zero_grad(set_to_none=True)
         sched.step()
         names = ["loss", *stats]

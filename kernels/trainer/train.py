@@ -25,7 +25,7 @@ import math
 import re
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import torch
 
@@ -34,6 +34,8 @@ from kernels.trainer.config import TrainSettings
 
 if TYPE_CHECKING:  # only a type here: one-process training never imports torch.distributed's FSDP
     from kernels.trainer.distributed import DataParallel
+
+T = TypeVar("T")
 
 
 class StepHook(Protocol):
@@ -249,25 +251,29 @@ def optimizer_step(model: torch.nn.Module, batches: list[dict], n_loss: int | to
     ``retry``: called when the forwards and backwards run out of memory (nothing stepped yet), once the failed
     attempt's tensors are freed and its gradients dropped; True: they are done again (a planner moved the model to
     a leaner plan), else the error stands."""
-    while True:
-        try:
-            total = _forwards_backwards(model, batches, n_loss)
-        except torch.OutOfMemoryError as e:
-            if retry is None:
-                raise
-            why = str(e)
-        else:
-            break
-        # out of the except block: the failed attempt's activations went with its traceback
-        opt.zero_grad(set_to_none=True)
-        if not retry():
-            raise torch.OutOfMemoryError(f"{why} (and no leaner plan to do the step again with)")
+    total = retrying(lambda: _forwards_backwards(model, batches, n_loss), opt, retry)
     if sync is not None:
         sync(params)
     if s.max_grad_norm:
         torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)  # foreach where torch picks it, as accelerate
     opt.step()
     return total
+
+
+def retrying(work: Callable[[], T], opt: torch.optim.Optimizer, retry: Callable[[], bool] | None) -> T:
+    """``work()`` (a step's forwards and backwards), done again while it runs out of memory and ``retry()`` (called
+    once the failed attempt's tensors are freed and its gradients dropped) says a leaner plan is in place."""
+    while True:
+        try:
+            return work()
+        except torch.OutOfMemoryError as e:
+            if retry is None:
+                raise
+            why = str(e)
+        # out of the except block: the failed attempt's activations went with its traceback
+        opt.zero_grad(set_to_none=True)
+        if not retry():
+            raise torch.OutOfMemoryError(f"{why} (and no leaner plan to do the step again with)")
 
 
 def _forwards_backwards(model: torch.nn.Module, batches: list[dict], n_loss: int | torch.Tensor) -> torch.Tensor:

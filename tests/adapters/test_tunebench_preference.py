@@ -286,3 +286,21 @@ def test_beside_trl_the_same_steps_and_counts(tmp_path, monkeypatch, kind, refer
     assert [s["loss"] for s in ours["steps"]] == pytest.approx([s["loss"] for s in trl["steps"]], abs=1e-5)
     for key in ("tokens_per_step_mean", "tokens_before_training"):
         assert ours["extra"]["reference_pass"][key] == pytest.approx(trl["extra"]["reference_pass"][key]), key
+
+
+@pytest.mark.usefixtures("cpu_references")
+@pytest.mark.parametrize("kind", ["dpo", "kto"])
+def test_worker_plans_a_preference_run_to_its_budget(tmp_path, monkeypatch, kind):  # noqa: ANN001
+    """`plan` on a preference row: the plan and its probe are recorded, and the steps are the unplanned row's."""
+    monkeypatch.setenv("TUNEBENCH_CACHE", str(tmp_path / "cache"))
+    runs = {}
+    for plan in ("", ", plan: 2"):
+        sc = parse_scenario(SCENARIO.format(kind=kind, layout=plan, objective=""))
+        runs[plan] = run_first_row(sc, tmp_path / (plan and "planned"))
+        assert runs[plan]["status"] == "ok", runs[plan].get("reason")
+    planned, plain = runs[", plan: 2"], runs[""]
+    rec = planned["extra"]["trainer"]["plan"]
+    assert rec["budget"]["setting"] == 2.0 and rec["fits"] and rec["probe"]["after_step"] == 2
+    assert "plan" not in plain["extra"]["trainer"]
+    assert [s["tokens"] for s in planned["steps"]] == [s["tokens"] for s in plain["steps"]]
+    assert [s["loss"] for s in planned["steps"]] == pytest.approx([s["loss"] for s in plain["steps"]], abs=1e-6)

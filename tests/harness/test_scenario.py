@@ -236,7 +236,6 @@ def test_cli_validate_names_the_override_and_the_framework(tmp_path):
     ("ddp", "plan: 12.0", "plan", ["one process (not hardware.strategy ddp)"]),
     ("ddp", "offload_embeddings: true", "offload_embeddings", ["one process (not hardware.strategy ddp)"]),
     ("ddp", "mlp_chunk_tokens: 16", "mlp_chunk_tokens", ["one process (not hardware.strategy ddp)"]),
-    ("dpo", "plan: 12.0", "plan", ["the sft objective (not dpo"]),
     ("dpo", "offload_weights: 1", "offload_weights", ["no dpo objective"]),
     ("dpo", "cuda_graph: true", "cuda_graph", ["a CUDA device", "the sft objective"]),
     ("", "plan: auto", "plan", ["for auto, a CUDA device", "give a budget in GiB"]),
