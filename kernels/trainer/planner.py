@@ -8,8 +8,9 @@ cost model, and re-plans once: when the peak was above the prediction, or above 
 allocator's slack it measured is held back (:meth:`Planner._room`), or when the corrected model finds a plan
 5 % faster. A step before the probe that runs out of memory re-plans too (:meth:`Planner.after_oom`, once): the
 model under-predicted, and the step is done again under a leaner plan. :func:`reconfigure` moves the live model to
-the new plan between steps. Everything it decided is in :attr:`Planner.record`: ``predicted_*`` entries are
-predictions, ``probe.measured_*`` measurements.
+the new plan between steps. A graphed plan's first step that only replays is timed against the probe's eager step:
+the graph's measured saving beside the predicted one. Everything it decided is in :attr:`Planner.record`:
+``predicted_*`` entries are predictions, ``measured_*`` measurements.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ MARGIN_FRACTION = 0.04
 PROBE_STEP = 2  # the first step compiles and autotunes; the second is the first that shows the plan's cost
 OOM_HEADROOM = 1.05  # after an out-of-memory step: the plan's peak taken as this much over what the device allowed
 SWITCH_GAIN = 0.05  # re-plan for speed only for a plan predicted at least this much faster
+# a graphed plan's first step that only replays (after the eager warm-up steps and the one that captures): its time
+# against the probe's eager step is the graph's measured saving
+GRAPH_CHECK_STEP = GRAPH_WARMUP_STEPS + 2
 
 
 def _timed(fn: Callable[[], object], reps: int = 3) -> float:
@@ -204,7 +208,7 @@ class Planner:
             # nothing fits the prediction: run the leanest plan anyway and let the allocator decide
             "fits": chosen is not None, **self.prediction.as_record(),
             "predicted_lean_peak_alloc_gib": round(predict(costs, lean_plan(costs)).peak_bytes / GIB, 3),
-            "probe": None, "replanned": None, "replanned_after_oom": None}
+            "probe": None, "replanned": None, "replanned_after_oom": None, "graph": None}
 
     @classmethod
     def start(cls, cfg: TrainerConfig, decoder: DecoderConfig, seq_len: int, packed: bool = False,
@@ -265,8 +269,11 @@ class Planner:
             step_s: that step's time where the caller measured it (a step meter); else the time since the call
                 for the step before.
         """
-        if step == PROBE_STEP - 1:
+        if step == PROBE_STEP - 1 or step == GRAPH_CHECK_STEP - 1:
             self._t = time.perf_counter()
+        if (step == GRAPH_CHECK_STEP and self.plan.cuda_graph and not self.record["replanned"]
+                and (self.record["probe"] or {}).get("measured_eagerly")):
+            self._graph_check(time.perf_counter() - self._t if step_s is None else step_s)
         if step != PROBE_STEP or self.model is None or (self._t is None and step_s is None):
             return False
         step_s = time.perf_counter() - self._t if step_s is None else step_s
@@ -306,6 +313,16 @@ class Planner:
         self._move(best, costs, "replanned", after_step=step,
                    why="peak above the prediction" if over else "slack above the margin" if short else "faster")
         return True
+
+    def _graph_check(self, step_s: float) -> None:
+        """The step graph's saving as measured: the probe's eager step (the graph's warm-up) against the first step
+        that only replays, beside the saving the cost model predicted (``record["graph"]``)."""
+        eager = self.record["probe"]["measured_step_s"]
+        predicted = (predict(self.costs, replace(self.plan, cuda_graph=False)).step_s
+                     - predict(self.costs, self.plan).step_s)
+        self.record["graph"] = {"after_step": GRAPH_CHECK_STEP, "measured_step_s": round(step_s, 4),
+                                "measured_saving_s": round(eager - step_s, 4),
+                                "predicted_saving_s": round(predicted, 4)}
 
     def _room(self, peak: int, probe: dict[str, Any]) -> int:
         """The bytes the budget leaves allocations once the probe has measured the caching allocator's slack

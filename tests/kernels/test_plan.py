@@ -207,7 +207,8 @@ def test_the_probe_holds_back_the_allocator_slack_it_measured(monkeypatch, slack
 def test_a_graphed_plans_probe_is_read_as_the_eager_step_it_measured(monkeypatch):
     """A graphed plan's probe step is one of the step graph's eager warm-up steps: a run exactly as predicted for
     the plan without its graph (slower by the graph's saving, without the graph pool) gets no correction and no
-    re-plan; read against the graphed prediction it would have looked slower (a time factor above 1)."""
+    re-plan; read against the graphed prediction it would have looked slower (a time factor above 1). Its first
+    step that only replays is the graph's measured saving."""
     m = synthetic()
     options = MethodOptions(kind="lora")
     planner = Planner(m, predict(m, Plan(recompute_layers=-1)).peak_bytes * 3, {"setting": "test"}, options)
@@ -224,6 +225,13 @@ def test_a_graphed_plans_probe_is_read_as_the_eager_step_it_measured(monkeypatch
     assert probe["measured_eagerly"] is True
     assert probe["time_factor"] == pytest.approx(1.0, abs=2e-3) and probe["act_factor"] == pytest.approx(1.0, abs=2e-3)
     assert planner.plan == graphed and planner.record["replanned"] is None
+    # the first step that only replays (step 3 captures) against the eager probe: the graph's saving, measured
+    planner.after_step(3, 9.0)
+    assert planner.record["graph"] is None
+    planner.after_step(4, eager.step_s - 0.004)
+    assert planner.record["graph"] == {"after_step": 4, "measured_step_s": round(eager.step_s - 0.004, 4),
+                                       "measured_saving_s": 0.004,
+                                       "predicted_saving_s": round(eager.step_s - planner.prediction.step_s, 4)}
 
 
 # -- the analytic model on real shapes ----------------------------------------------------------------------------
