@@ -423,7 +423,7 @@ class ObjectiveOptions:
         return self.kind in ("dpo", "kto") and self.reference == "precomputed"
 
     @property
-    def rows_per_micro_batch_row(self) -> int:
+    def trained_sequences_per_row(self) -> int:
         """Sequences with gradient per row of ``micro_batch`` (a pair's chosen and rejected: 2)."""
         return 2 if self.kind in ("dpo", "orpo") else 1
 

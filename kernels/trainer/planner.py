@@ -81,7 +81,7 @@ def _costs(cfg: TrainerConfig, decoder: DecoderConfig, seq_len: int, packed: boo
     (the trainer streams in checkpointed passes only, and their reference passes are not)."""
     t, o = cfg.train, cfg.objective
     untiled = replace(cfg.method, mlp_chunk_tokens=None)  # the plan decides the MLP's tiling, as its other knobs
-    costs = costs_for(decoder, untiled, t.micro_batch * o.rows_per_micro_batch_row, t.grad_accum, seq_len,
+    costs = costs_for(decoder, untiled, t.micro_batch * o.trained_sequences_per_row, t.grad_accum, seq_len,
                       cfg.dtype, cfg.device, t.optimizer, packed or o.is_preference, speed)
     if not o.is_preference:
         return costs
