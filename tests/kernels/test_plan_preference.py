@@ -12,11 +12,11 @@ import torch
 from kernels.trainer import planner as planner_mod
 from kernels.trainer.config import DecoderConfig, MethodOptions, ObjectiveOptions, TrainerConfig, TrainSettings
 from kernels.trainer.loading import load_model
-from kernels.trainer.plan import DeviceSpeed, Plan, choose, lean_plan, predict
+from kernels.trainer.plan import GIB, DeviceSpeed, Plan, choose, lean_plan, predict
 from kernels.trainer.planner import Planner, plan_of
 from kernels.trainer.preference import train_preference
 from tests.kernels.test_kto import toy_rows
-from tests.kernels.test_plan import _preset, synthetic
+from tests.kernels.test_plan import _preset, llama_1b_bf16, synthetic  # noqa: F401 (a fixture)
 from tests.kernels.test_preference_trainer import toy_pairs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -155,3 +155,42 @@ def test_every_knob_a_plan_sets_keeps_the_preference_steps(tiny_llama_fp32, kind
     runs = [train_preference(load_model(tiny_llama_fp32, MethodOptions(kind="lora", lora_r=4, lora_alpha=8, **k),
                                         dtype=torch.float32, device="cpu", seed=0), rows, s, o) for k in ({}, knobs)]
     _same_steps(runs[1], runs[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["dpo", "kto"])
+def test_planned_preference_run_stays_under_its_cap_on_gpu(llama_1b_bf16, kind):  # noqa: ANN001, F811
+    """Llama-3.2-1B shapes (bf16 LoRA; DPO 2 pairs, KTO 4 rows, of 1,024-token sequences) under a per-process cap of
+    5 GiB: the planned run trains, its reference and KL passes included, and torch's reserved peak stays under the
+    cap. Prints the plan record (predicted vs measured)."""
+    import random
+
+    dev = torch.device("cuda", torch.cuda.current_device())
+    budget = 5.0
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(dev)
+    torch.cuda.set_per_process_memory_fraction(budget * GIB / torch.cuda.get_device_properties(dev).total_memory, dev)
+    try:
+        rng = random.Random(0)
+        ids = lambda k: [rng.randrange(3, 128000) for _ in range(k)]  # noqa: E731
+        rows = ([{"prompt_ids": ids(512), "completion_ids": ids(512), "label": i % 2 == 0} for i in range(16)]
+                if kind == "kto" else
+                [{"prompt_ids": ids(512), "chosen_ids": ids(512), "rejected_ids": ids(512)} for _ in range(8)])
+        s = TrainSettings(micro_batch=4 if kind == "kto" else 2, grad_accum=1, steps=4, lr=1e-4,
+                          optimizer="adamw_torch_fused")
+        cfg = TrainerConfig(method=MethodOptions(kind="lora", plan=budget), train=s, dtype=torch.bfloat16, device=dev,
+                            objective=ObjectiveOptions(kind=kind))
+        planner = Planner.start(cfg, DecoderConfig.from_checkpoint(llama_1b_bf16), seq_len=1024)
+        model = load_model(llama_1b_bf16, cfg.method, dtype=torch.bfloat16, device=dev, seed=0)
+        planner.attach(model)
+        history = train_preference(model, rows, s, cfg.objective, device=dev, on_step_end=planner.after_step,
+                                   on_oom=planner.after_oom)
+        peak = torch.cuda.max_memory_reserved(dev)
+        print(json.dumps({"kind": kind, "peak_reserved_gib": peak / GIB,
+                          "peak_alloc_gib": torch.cuda.max_memory_allocated(dev) / GIB,
+                          "losses": [h["loss"] for h in history], "record": planner.record}))
+        assert planner.record["fits"] and planner.record["probe"]["after_step"] == 2
+        assert all(0 < h["loss"] < 5 for h in history) and all(h["reference_forwards"] > 0 for h in history)
+        assert peak <= budget * GIB
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, dev)
