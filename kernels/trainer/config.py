@@ -418,9 +418,14 @@ class ObjectiveOptions:
         return self.kind in ("dpo", "orpo", "kto")
 
     @property
+    def has_reference(self) -> bool:
+        """DPO and KTO score against a reference (the model with its adapters off, in passes without gradient)."""
+        return self.kind in ("dpo", "kto")
+
+    @property
     def precomputes_reference(self) -> bool:
         """DPO's or KTO's reference computed once before training (ORPO has none)."""
-        return self.kind in ("dpo", "kto") and self.reference == "precomputed"
+        return self.has_reference and self.reference == "precomputed"
 
     @property
     def trained_sequences_per_row(self) -> int:

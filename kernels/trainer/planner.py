@@ -86,7 +86,7 @@ def _costs(cfg: TrainerConfig, decoder: DecoderConfig, seq_len: int, packed: boo
     if not o.is_preference:
         return costs
     return replace(costs, nograd_forwards=o.nograd_forwards,
-                   can_stream=costs.can_stream and o.kind not in ("dpo", "kto"))
+                   can_stream=costs.can_stream and not o.has_reference)
 
 
 def usable_bytes(setting: float | str, device: torch.device) -> tuple[int, dict[str, Any]]:

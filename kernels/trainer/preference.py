@@ -310,7 +310,7 @@ def effective_objective(o: ObjectiveOptions) -> dict[str, Any]:
     has ``none``)."""
     out: dict[str, Any] = {"objective": o.kind, "beta": o.beta,
                            "reference": "none" if o.kind == "orpo" else o.reference}
-    if o.kind in ("dpo", "kto"):
+    if o.has_reference:
         out["loss_type"] = o.loss_type
     if o.kind == "kto":
         out |= {"desirable_weight": o.desirable_weight, "undesirable_weight": o.undesirable_weight}
@@ -322,7 +322,7 @@ def _check_model(model: torch.nn.Module, objective: ObjectiveOptions) -> None:
     options = getattr(model, "options", None)
     if getattr(options, "cuda_graph", False):
         raise ValueError(f"{objective.kind}: cuda_graph captures the SFT step only")
-    if objective.kind in ("dpo", "kto"):
+    if objective.has_reference:
         if not any(isinstance(m, Linear) and m.lora_A is not None for m in model.modules()):
             raise ValueError(f"{objective.kind}: the reference is the frozen base with the adapters switched off, so "
                              "the method must be lora, dora or qlora (full fine-tuning would need a second model)")
